@@ -1,0 +1,3 @@
+from shiplane.cli import main
+
+main()
