@@ -1,0 +1,365 @@
+"""Verbs only: parse, call one function, render its result, pick the exit code."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from shiplane import __version__
+from shiplane.errors import ShiplaneError, UsageError
+from shiplane.secret import Masker
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class Context:
+    """What every verb gets: options common to all, and the masker that guards all output."""
+
+    def __init__(self, file: str | None, verbose: bool) -> None:
+        self.file = Path(file) if file else None
+        self.verbose = verbose
+        self.masker = Masker()
+
+
+def stage_option(func: F) -> F:
+    return click.option("--stage", "-s", envvar="SHIPLANE_STAGE", help="Stage to act on (or $SHIPLANE_STAGE).")(func)
+
+
+def json_option(func: F) -> F:
+    return click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")(func)
+
+
+def override_options(func: F) -> F:
+    func = click.option("--hosts", help="Override the stage's hosts for this run: a,b,c.")(func)
+    return click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override a stage key for this run.")(func)
+
+
+class ShiplaneGroup(click.Group):
+    """Turns ShiplaneError into one clear paragraph and the right exit code; click's usage errors exit 2."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except ShiplaneError as exc:
+            masker = ctx.obj.masker if isinstance(ctx.obj, Context) else Masker()
+            click.echo(masker(f"error: {exc}"), err=True)
+            if isinstance(ctx.obj, Context) and ctx.obj.verbose:
+                click.echo(masker(traceback.format_exc()), err=True)
+            ctx.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            ctx.exit(130)
+
+
+@click.group(cls=ShiplaneGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="shiplane")
+@click.option("--file", "-f", type=click.Path(dir_okay=False), help="The deploy file (default: ./shiplane.toml or a parent's).")
+@click.option("--verbose", "-v", is_flag=True, help="More detail (hook output, tracebacks of bugs).")
+@click.pass_context
+def main(ctx: click.Context, file: str | None, verbose: bool) -> None:
+    """shiplane ships Python web apps from a checkout to servers, stage by stage."""
+    ctx.obj = Context(file, verbose)
+
+
+def emit_json(data: Any, masker: Masker) -> None:
+    click.echo(masker(json.dumps(data, indent=2, default=str)))
+
+
+# -- foundation verbs ---------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("directory", default=".", type=click.Path(file_okay=False))
+@click.option("--name", help="Package name (default: from the directory name).")
+@click.option("--force", is_flag=True, help="Overwrite an existing project's files.")
+def init(directory: str, name: str | None, force: bool) -> None:
+    """Scaffold a working example app (Flask + SQLAlchemy + Alembic) with a shiplane.toml."""
+    from shiplane.scaffold import write_project
+
+    target = Path(directory)
+    written = write_project(target, name=name, force=force)
+    click.echo(f"wrote {len(written)} files into {target.resolve()}")
+    click.echo(f"next: cd {directory} && shiplane deploy --stage local")
+
+
+@main.command()
+@json_option
+@click.pass_obj
+def check(obj: Context, as_json: bool) -> None:
+    """Validate shiplane.toml and every stage's config, offline."""
+    from shiplane.commands.check import check_project
+
+    result = check_project(obj.file)
+    if as_json:
+        emit_json(result, obj.masker)
+        return
+    for line in result["lines"]:
+        click.echo(obj.masker(line))
+
+
+@main.group("config")
+def config_group() -> None:
+    """The app's layered config."""
+
+
+@config_group.command("show")
+@stage_option
+@click.option("--explain", is_flag=True, help="Show which layer set each key and which it overrode.")
+@json_option
+@override_options
+@click.pass_obj
+def config_show(obj: Context, stage: str | None, explain: bool, as_json: bool, hosts: str | None, sets: tuple[str, ...]) -> None:
+    """The merged config of a stage; secrets masked."""
+    from shiplane.commands.check import show_config
+
+    result = show_config(obj.file, stage, obj.masker, hosts=hosts, sets=sets)
+    if as_json:
+        emit_json(result.explain() if explain else result.to_json(), obj.masker)
+        return
+    if explain:
+        for row in result.explain():
+            click.echo(obj.masker(f"{row['kind']:6} {row['key']} = {row['value']}    <- {row['layer']}"))
+            for old in row["overrides"]:  # type: ignore[attr-defined]
+                click.echo(obj.masker(f"{'':6}   overrode {old['value']!s} from {old['layer']}"))
+        return
+    from shiplane.config.formats import dump
+
+    click.echo(obj.masker(dump(result.config, "ini")))
+    if result.env:
+        click.echo("# environment of services, hooks and tasks")
+        click.echo(obj.masker(dump({"": result.env}, "env")))
+
+
+@main.command()
+@json_option
+@click.pass_obj
+def tasks(obj: Context, as_json: bool) -> None:
+    """Show the task graph: pipeline steps and user tasks, with their dependencies."""
+    from shiplane.commands.run import task_graph
+
+    graph = task_graph(obj.file)
+    if as_json:
+        emit_json(graph.to_json(), obj.masker)
+    else:
+        click.echo(graph.render())
+
+
+@main.command("run")
+@click.argument("task")
+@stage_option
+@click.option("--force", is_flag=True, help="Rerun a once-only task (setup) deliberately.")
+@override_options
+@click.pass_obj
+def run_task(obj: Context, task: str, stage: str | None, force: bool, hosts: str | None, sets: tuple[str, ...]) -> None:
+    """Run a user task with its dependencies (independent ones in parallel)."""
+    from shiplane.commands.run import run_user_task
+
+    run_user_task(obj.file, task, stage, obj.masker, verbose=obj.verbose, force=force, hosts=hosts, sets=sets)
+
+
+# -- build verbs --------------------------------------------------------------------------------
+
+
+@main.command("test")
+@click.pass_obj
+def test_gate(obj: Context) -> None:
+    """Run the test gate (build.test) in a venv made from the lock."""
+    from shiplane.commands.build import run_test_gate
+
+    run_test_gate(obj.file, obj.masker, obj.verbose)
+    click.echo("test gate passed")
+
+
+def _build_verb(name: str, doc: str, step: str) -> None:
+    @main.command(name, help=doc)
+    @json_option
+    @click.pass_obj
+    def verb(obj: Context, as_json: bool) -> None:
+        from shiplane.commands.build import build_artifact
+
+        result = build_artifact(obj.file, obj.masker, step=step, as_json=as_json, verbose=obj.verbose)
+        if as_json:
+            emit_json(result, obj.masker)
+        else:
+            click.echo(result["digest"] if step != "compile" else result.get("summary", ""))
+
+
+_build_verb("build", "Build the artifact (app + wheelhouse + manifest); prints its digest.", "build")
+_build_verb("compile", "The first half of build: the app's wheel or source tree.", "compile")
+_build_verb("pack", "The second half of build: wheelhouse and manifest.", "pack")
+
+
+@main.command()
+@click.pass_obj
+def clean(obj: Context) -> None:
+    """Remove build output (.shiplane/build)."""
+    from shiplane.commands.build import clean_build
+
+    for path in clean_build(obj.file):
+        click.echo(f"removed {path}")
+
+
+# -- deploy verbs -------------------------------------------------------------------------------
+
+
+def _deploy_options(func: F) -> F:
+    func = click.option("--artifact", help="Deploy this artifact digest (or unique prefix) instead of building.")(func)
+    func = click.option("--skip-tests", is_flag=True, help="Skip the test gate (recorded in the ledger).")(func)
+    func = click.option("--parallel", type=click.IntRange(1, 256), default=16, show_default=True, help="Hosts worked on at once.")(func)
+    func = click.option("--lock-wait", type=click.FloatRange(0), default=0.0, help="Wait this many seconds for a held deploy lock.")(func)
+    return func
+
+
+@main.command()
+@stage_option
+@_deploy_options
+@override_options
+@json_option
+@click.pass_obj
+def deploy(obj: Context, stage: str | None, artifact: str | None, skip_tests: bool, parallel: int, lock_wait: float,
+           hosts: str | None, sets: tuple[str, ...], as_json: bool) -> None:
+    """The whole pipeline: gate, build, lock, copy, install, release, switch, verify, finalize."""
+    from shiplane.commands.deploy import DeployOptions, run_deploy
+
+    options = DeployOptions(stage=stage, artifact=artifact, skip_tests=skip_tests, parallel=parallel,
+                            lock_wait=lock_wait, hosts=hosts, sets=sets, as_json=as_json, verbose=obj.verbose)
+    result = run_deploy(obj.file, options, obj.masker)
+    _finish(obj, result, as_json)
+
+
+@main.command()
+@stage_option
+@click.option("--to", "to_release", help="Release id to go back to (default: the previous good one).")
+@click.option("--yes", is_flag=True, help="Confirm a rollback across releases that ran migrations.")
+@override_options
+@json_option
+@click.pass_obj
+def rollback(obj: Context, stage: str | None, to_release: str | None, yes: bool, hosts: str | None,
+             sets: tuple[str, ...], as_json: bool) -> None:
+    """Switch back to an earlier release: no reinstall, health-checked, zero-downtime."""
+    from shiplane.commands.operate import run_rollback
+
+    result = run_rollback(obj.file, stage, to_release, yes, obj.masker, hosts=hosts, sets=sets, as_json=as_json, verbose=obj.verbose)
+    _finish(obj, result, as_json)
+
+
+def _finish(obj: Context, result: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        click.echo(obj.masker(json.dumps({"result": result}, default=str)))
+    else:
+        for line in result.get("lines", []):
+            click.echo(obj.masker(line))
+    if not result.get("ok", True):
+        sys.exit(1)
+
+
+def _read_verb(name: str, doc: str) -> None:
+    @main.command(name, help=doc)
+    @stage_option
+    @override_options
+    @json_option
+    @click.option("--limit", type=int, default=20, show_default=True, hidden=name != "history")
+    @click.pass_obj
+    def verb(obj: Context, stage: str | None, hosts: str | None, sets: tuple[str, ...], as_json: bool, limit: int) -> None:
+        from shiplane.commands.operate import read_verb
+
+        result = read_verb(name, obj.file, stage, obj.masker, hosts=hosts, sets=sets, limit=limit)
+        if as_json:
+            emit_json(result, obj.masker)
+        else:
+            for line in result["lines"]:
+                click.echo(obj.masker(line))
+        if not result.get("ok", True):
+            sys.exit(1)
+
+
+_read_verb("status", "Services on every host of a stage: pid, state, uptime, release; drift flagged.")
+_read_verb("releases", "Releases on each host, with their state (live, previous, good, bad).")
+_read_verb("history", "The deploy ledger: release, artifact, commit, who, when, outcome, duration.")
+
+
+def _service_verb(name: str, doc: str) -> None:
+    @main.command(name, help=doc)
+    @stage_option
+    @click.option("--service", "services", multiple=True, help="Only this service (repeatable).")
+    @click.option("--all", "everything", is_flag=True, hidden=name != "stop", help="Also stop the supervisor and the front.")
+    @override_options
+    @json_option
+    @click.pass_obj
+    def verb(obj: Context, stage: str | None, services: tuple[str, ...], everything: bool, hosts: str | None,
+             sets: tuple[str, ...], as_json: bool) -> None:
+        from shiplane.commands.operate import service_verb
+
+        result = service_verb(name, obj.file, stage, list(services), obj.masker, everything=everything, hosts=hosts, sets=sets)
+        _finish(obj, result, as_json)
+
+
+_service_verb("start", "Start the services of the live release on every host.")
+_service_verb("stop", "Stop the services on every host (--all: also the supervisor and front).")
+_service_verb("restart", "Restart the services on every host (the web service zero-downtime).")
+_service_verb("reload", "Reload the services on every host.")
+
+
+@main.command()
+@stage_option
+@click.option("--keep", type=click.IntRange(2), help="Releases to keep (default: app.keep_releases).")
+@override_options
+@json_option
+@click.pass_obj
+def prune(obj: Context, stage: str | None, keep: int | None, hosts: str | None, sets: tuple[str, ...], as_json: bool) -> None:
+    """Remove old releases (never the live, previous or newest good one)."""
+    from shiplane.commands.operate import run_prune
+
+    _finish(obj, run_prune(obj.file, stage, keep, obj.masker, hosts=hosts, sets=sets), as_json)
+
+
+@main.command()
+@stage_option
+@click.option("--service", default=None, help="Only this service's log (web, front, or a worker).")
+@click.option("--lines", "-n", type=int, default=50, show_default=True)
+@click.option("--follow", is_flag=True, help="Keep printing new lines.")
+@override_options
+@click.pass_obj
+def logs(obj: Context, stage: str | None, service: str | None, lines: int, follow: bool, hosts: str | None, sets: tuple[str, ...]) -> None:
+    """Service logs from every host, each line prefixed by its host."""
+    from shiplane.commands.operate import show_logs
+
+    show_logs(obj.file, stage, service, lines, follow, obj.masker, lambda line: click.echo(line), hosts=hosts, sets=sets)
+
+
+@main.command()
+@stage_option
+@override_options
+@click.pass_obj
+def lock(obj: Context, stage: str | None, hosts: str | None, sets: tuple[str, ...]) -> None:
+    """Take the deploy lock on every host of a stage (e.g. for maintenance)."""
+    from shiplane.commands.operate import lock_stage
+
+    _finish(obj, lock_stage(obj.file, stage, obj.masker, hosts=hosts, sets=sets), False)
+
+
+@main.command()
+@stage_option
+@click.option("--force", is_flag=True, help="Break a lock held by someone else (recorded in the ledger).")
+@override_options
+@click.pass_obj
+def unlock(obj: Context, stage: str | None, force: bool, hosts: str | None, sets: tuple[str, ...]) -> None:
+    """Release the deploy lock on every host of a stage."""
+    from shiplane.commands.operate import unlock_stage
+
+    _finish(obj, unlock_stage(obj.file, stage, force, obj.masker, hosts=hosts, sets=sets), False)
+
+
+def run() -> None:  # pragma: no cover - console entry for `python -m shiplane`
+    main(prog_name="shiplane")
+
+
+if os.environ.get("SHIPLANE_NO_COLOR"):
+    os.environ.setdefault("NO_COLOR", "1")

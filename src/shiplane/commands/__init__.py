@@ -1,0 +1,1 @@
+"""One module per group of verbs: each returns a result the CLI renders."""

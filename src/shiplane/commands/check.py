@@ -1,0 +1,64 @@
+"""``shiplane check`` and ``shiplane config show``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from shiplane.commands.common import open_stage
+from shiplane.config import Layered, build_layers, load_project
+from shiplane.config.layers import layer_files, render_files
+from shiplane.errors import ConfigError
+from shiplane.secret import Masker
+from shiplane.tasks import Task, TaskGraph
+
+
+def check_project(file: Path | None) -> dict[str, Any]:
+    """Validate the deploy file, the task graph and every stage's config layers, offline.
+
+    Secrets are not required here (they may live only in CI); their absence is reported as a note.
+    """
+    project = load_project(file)
+    deploy = project.deploy
+    lines = [f"{project.path}: ok (app {deploy.app.name}, stages: {', '.join(deploy.stages)})"]
+    graph_from_project(project)
+    source, reason = _source(project)
+    lines.append(f"app source: {source} ({reason})")
+    stages: dict[str, Any] = {}
+    for name, stage in deploy.stages.items():
+        layered = build_layers(project, name, {})
+        render_files(project, layered) if not deploy.config.secrets else None
+        files = [str(p.relative_to(project.root)) for p in layer_files(project, name)]
+        where = "this machine" if stage.is_local else f"{len(stage.hosts)} host{'s' if len(stage.hosts) > 1 else ''}"
+        lines.append(f"stage {name}: {where}, deploy_to {stage.deploy_to}, config from {', '.join(files) or 'no files'}")
+        stages[name] = {"hosts": stage.hosts, "config_files": files}
+    return {"ok": True, "file": str(project.path), "source": source, "source_reason": reason, "stages": stages, "lines": lines}
+
+
+def _source(project: Any) -> tuple[str, str]:
+    if project.deploy.app.source:
+        return project.deploy.app.source, "set in shiplane.toml"
+    try:
+        from shiplane.artifact import detect_source
+    except ImportError:  # pragma: no cover - during bootstrap of the package
+        return "package", "default"
+    return detect_source(project.root)
+
+
+def graph_from_project(project: Any) -> TaskGraph:
+    """The task graph of the deploy file; GraphError (exit 2) when names are unknown or cyclic."""
+    user = {
+        name: Task(name=name, run=spec.run, on=spec.on, needs=tuple(spec.needs), before=tuple(spec.before), after=tuple(spec.after))
+        for name, spec in project.deploy.tasks.items()
+    }
+    try:
+        return TaskGraph.build(user)
+    except ConfigError as exc:
+        raise type(exc)(f"{project.path}: {exc.message}", hint=exc.hint) from None
+
+
+def show_config(file: Path | None, stage: str | None, masker: Masker, *, hosts: str | None = None,
+                sets: Sequence[str] = ()) -> Layered:
+    """The merged config and environment of one stage (secrets resolved, and masked on output)."""
+    return open_stage(file, stage, masker, hosts=hosts, sets=sets).layered

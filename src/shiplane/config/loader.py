@@ -1,0 +1,270 @@
+"""Load ``shiplane.toml``: parse, validate, and turn every failure into one human message that
+names the file, the line, the key path, what was expected and what was found."""
+
+from __future__ import annotations
+
+import difflib
+import re
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from shiplane.config.schema import DeployFile
+from shiplane.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+DEPLOY_FILE = "shiplane.toml"
+
+
+@dataclass(frozen=True)
+class Project:
+    """A loaded project: where it is and its validated deploy file."""
+
+    root: Path
+    path: Path
+    deploy: DeployFile
+    text: str
+
+    def stage_names(self) -> list[str]:
+        return list(self.deploy.stages)
+
+
+def find_deploy_file(start: Path) -> Path:
+    """The deploy file in ``start`` or its nearest parent (as git finds its repository)."""
+    start = start.resolve()
+    for folder in (start, *start.parents):
+        candidate = folder / DEPLOY_FILE
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(
+        f"no {DEPLOY_FILE} in {start} or any parent folder",
+        hint="Run shiplane in your app's checkout, or create one with `shiplane init`.",
+    )
+
+
+def load_project(path: Path | None = None, *, cwd: Path | None = None) -> Project:
+    """Read and validate the deploy file; raises ConfigError (exit 2) with file:line on any problem."""
+    file = path if path is not None else find_deploy_file(cwd or Path.cwd())
+    try:
+        text = file.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{file}: cannot read the deploy file: {exc.strerror}") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{file}: not valid TOML: {exc}") from None
+    try:
+        deploy = DeployFile.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(describe_validation_error(exc, file, text, DeployFile)) from None
+    project = Project(root=file.parent.resolve(), path=file, deploy=deploy, text=text)
+    check_semantics(project)
+    return project
+
+
+def describe_validation_error(
+    exc: ValidationError, file: Path, text: str, model: type[BaseModel], prefix: Sequence[str | int] = ()
+) -> str:
+    """All of pydantic's errors, each as ``file:line: key.path: message``, first the earliest line."""
+    lines = []
+    for error in exc.errors(include_url=False):
+        loc = [*prefix, *(part for part in error["loc"] if not _is_union_tag(part))]
+        message = _message(error, model, loc[len(prefix):])
+        lines.append((locate(text, loc), _dotted(loc), message))
+    lines.sort(key=lambda item: item[0])
+    seen: set[tuple[str, str]] = set()
+    out = []
+    for line, key, message in lines:
+        if (key, message) in seen:
+            continue
+        seen.add((key, message))
+        where = f"{file}:{line}" if line else f"{file}"
+        out.append(f"{where}: {key or '(top level)'}: {message}")
+    return "\n".join(out)
+
+
+def _is_union_tag(part: str | int) -> bool:
+    # pydantic inserts the member type name ("str", "list[RenderedFile]", "int") into locations
+    return isinstance(part, str) and (part in {"str", "int", "float", "bool"} or "[" in part or "constrained" in part)
+
+
+def _message(error: Any, model: type[BaseModel], loc: Sequence[str | int]) -> str:
+    kind = error["type"]
+    found = error.get("input")
+    if kind == "extra_forbidden":
+        key = str(loc[-1]) if loc else "?"
+        known = _known_keys(model, loc[:-1])
+        close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]!r}?" if close else (f"; expected one of: {', '.join(sorted(known))}" if known else "")
+        return f"unknown key {key!r}{hint}"
+    if kind == "missing":
+        return "required key is missing"
+    message = str(error["msg"]).removeprefix("Value error, ")
+    if found is not None and not isinstance(found, (dict, list)):
+        return f"{message} (found {found!r})"
+    return message
+
+
+def _known_keys(model: type[BaseModel], loc: Sequence[str | int]) -> list[str]:
+    """The keys the table at ``loc`` accepts, for "did you mean"."""
+    current: Any = model
+    for part in loc:
+        if isinstance(current, _DictOf):
+            current = current.model  # the free name of a stage or service
+        elif isinstance(current, type) and issubclass(current, BaseModel):
+            field = current.model_fields.get(str(part))
+            current = _model_in(field.annotation) if field is not None else None
+        if current is None:
+            return []
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        return list(current.model_fields)
+    return []
+
+
+def _model_in(annotation: Any) -> Any:
+    """The model inside an annotation such as ``dict[str, Stage]`` or ``Stage | None``."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        found = _model_in(arg)
+        if found is not None:
+            return _DictOf(found) if getattr(annotation, "__origin__", None) is dict else found
+    metadata_origin = getattr(annotation, "__origin__", None)
+    if metadata_origin is not None and metadata_origin is not dict:
+        return _model_in(metadata_origin)
+    return None
+
+
+class _DictOf:
+    """Marks a ``dict[str, Model]`` level, so the free name in the path is skipped."""
+
+    def __init__(self, model: type[BaseModel]) -> None:
+        self.model = model
+
+
+def _dotted(loc: Sequence[str | int]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+_HEADER = re.compile(r"^\s*\[\[?\s*([^\]]+?)\s*\]\]?\s*(#.*)?$")
+_KEY = re.compile(r"^\s*([A-Za-z0-9_\-\"'.]+)\s*=")
+
+
+def locate(text: str, loc: Sequence[str | int]) -> int:
+    """Best line number for a key path in TOML text (0 when unknown).
+
+    tomllib keeps no positions, so this walks the text tracking table headers and picks the line
+    whose key path (a header, or a ``key =`` inside its table, or an inline table holding the rest)
+    is the longest prefix of ``loc``; the first such line wins.
+    """
+    path = [str(p) for p in loc if not isinstance(p, int)]
+    best, best_depth = 0, 0
+    table: list[str] = []
+    for number, raw in enumerate(text.splitlines(), start=1):
+        header = _HEADER.match(raw)
+        if header:
+            table = [_unquote(p) for p in header.group(1).split(".")]
+            full = table
+        else:
+            key = _KEY.match(raw)
+            if not key:
+                continue
+            full = table + [_unquote(p) for p in key.group(1).split(".")]
+        if full == path[: len(full)] and len(full) > best_depth:
+            best, best_depth = number, len(full)
+    return best
+
+
+def _common(a: Sequence[str], b: Sequence[str]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _unquote(part: str) -> str:
+    return part.strip().strip('"').strip("'")
+
+
+def check_semantics(project: Project) -> None:
+    """Checks that need more than one key: port clashes, roles, stage references."""
+    deploy = project.deploy
+    problems: list[tuple[int, str, str]] = []
+    claimed: dict[tuple[str, int], str] = {}
+    for name, stage in deploy.stages.items():
+        port = deploy.web_port(name)
+        if port is None:
+            continue
+        for host in stage.hosts:
+            key = (host.split(":")[0], port)
+            other = claimed.get(key)
+            if other is not None and deploy.stages[other].deploy_to != stage.deploy_to:
+                problems.append((
+                    locate(project.text, ["stages", name, "port"]) or locate(project.text, ["stages", name]),
+                    f"stages.{name}.port",
+                    f"port {port} on host {host!r} is already used by stage {other!r}; give each stage on a host its own port",
+                ))
+            claimed.setdefault(key, name)
+    if problems:
+        raise ConfigError("\n".join(f"{project.path}:{line}: {key}: {msg}" for line, key, msg in problems))
+
+
+def stage_of(project: Project, name: str | None) -> str:
+    """The stage to act on: validated against the deploy file, with "did you mean"."""
+    stages = project.stage_names()
+    if not name:
+        raise ConfigError(
+            "no stage given: pass --stage NAME or set SHIPLANE_STAGE",
+            hint=f"Stages in {project.path.name}: {', '.join(stages)}.",
+        )
+    if name not in project.deploy.stages:
+        close = difflib.get_close_matches(name, stages, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ConfigError(f"{project.path}: unknown stage {name!r}; {hint}stages are: {', '.join(stages)}")
+    return name
+
+
+def with_overrides(project: Project, stage: str, hosts: str | None, sets: Sequence[str]) -> Project:
+    """The project with one stage's keys overridden for this run (``--hosts``, ``--set k=v``),
+    validated like the file; a bad value is a ConfigError naming the option and the key."""
+    if not hosts and not sets:
+        return project
+    data = tomllib.loads(project.text)
+    table = data.setdefault("stages", {}).setdefault(stage, {})
+    if hosts:
+        table["hosts"] = [h.strip() for h in hosts.split(",") if h.strip()]
+    for item in sets:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set port=5000")
+        try:
+            value = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw
+        node = table
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    try:
+        deploy = DeployFile.model_validate(data)
+    except ValidationError as exc:
+        message = describe_validation_error(exc, Path("--set/--hosts"), "", DeployFile)
+        raise ConfigError(f"bad override for stage {stage!r}:\n{message}") from None
+    overridden = Project(root=project.root, path=project.path, deploy=deploy, text=project.text)
+    check_semantics(overridden)
+    return overridden

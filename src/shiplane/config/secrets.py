@@ -1,0 +1,81 @@
+"""Where secrets come from: the deploying environment, a stage secrets file outside version
+control (refused when others may read it), or ``secrets_command``. Values become ``Secret``."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+from collections.abc import Mapping
+from pathlib import Path
+
+from shiplane.config.formats import parse_env
+from shiplane.config.schema import DeployFile
+from shiplane.errors import ConfigError
+from shiplane.secret import Secret
+
+
+def secrets_file_of(deploy: DeployFile, stage: str, root: Path) -> Path | None:
+    pattern = deploy.stages[stage].secrets_file or deploy.config.secrets_file
+    return (root / pattern.format(stage=stage)) if pattern else None
+
+
+def resolve_secrets(
+    deploy: DeployFile, stage: str, root: Path, environ: Mapping[str, str] | None = None
+) -> dict[str, Secret]:
+    """Every secret the deploy file names, for one stage; all missing ones listed in one error.
+
+    Order of precedence: the environment (CI sets them there), then the stage's secrets file,
+    then ``secrets_command``. The file and the command are only read when something is missing.
+    """
+    environ = os.environ if environ is None else environ
+    wanted = list(deploy.config.secrets)
+    found: dict[str, Secret] = {name: Secret(environ[name], name) for name in wanted if environ.get(name)}
+    if len(found) < len(wanted):
+        path = secrets_file_of(deploy, stage, root)
+        if path is not None and path.exists():
+            for name, value in _read_secrets_file(path).items():
+                if name in wanted and name not in found and value:
+                    found[name] = Secret(value, name)
+    command = deploy.stages[stage].secrets_command or deploy.config.secrets_command
+    if len(found) < len(wanted) and command:
+        for name, value in _run_secrets_command(command, stage, root).items():
+            if name in wanted and name not in found and value:
+                found[name] = Secret(value, name)
+    missing = [name for name in wanted if name not in found]
+    if missing:
+        sources = ["the environment"]
+        path = secrets_file_of(deploy, stage, root)
+        if path is not None:
+            sources.append(str(path))
+        if command:
+            sources.append("secrets_command")
+        raise ConfigError(
+            f"stage {stage!r} is missing secret{'s' if len(missing) > 1 else ''}: {', '.join(missing)}",
+            hint=f"Looked in {', '.join(sources)}. Set them there; nothing was sent to any host.",
+        )
+    return {name: found[name] for name in wanted}
+
+
+def _read_secrets_file(path: Path) -> dict[str, str]:
+    mode = path.stat().st_mode
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise ConfigError(
+            f"{path}: secrets file is readable by others (mode {stat.S_IMODE(mode):04o})",
+            hint=f"Make it private first: chmod 600 {path}",
+        )
+    return parse_env(path.read_text(encoding="utf-8"), path)
+
+
+def _run_secrets_command(command: str, stage: str, root: Path) -> dict[str, str]:
+    env = {**os.environ, "SHIPLANE_STAGE": stage}
+    try:
+        done = subprocess.run(
+            command, shell=True, cwd=root, env=env, capture_output=True, text=True, timeout=60, check=False
+        )
+    except subprocess.TimeoutExpired:
+        raise ConfigError(f"secrets_command did not finish within 60 s: {command}") from None
+    if done.returncode != 0:
+        # its stderr may hold secrets, so only its exit code is reported
+        raise ConfigError(f"secrets_command failed with exit code {done.returncode}: {command}")
+    return parse_env(done.stdout, "secrets_command output")

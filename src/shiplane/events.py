@@ -1,0 +1,33 @@
+"""Events, not prints: every phase reports through an ``Event``; the terminal UI, the ledger and
+``--json`` are three readers of the same stream."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Event:
+    phase: str
+    status: str  # start | progress | ok | failed | skipped | info | output
+    host: str = ""
+    detail: str = ""
+    seconds: float | None = None
+    bytes: int | None = None
+    data: dict[str, Any] = field(default_factory=dict)
+    at: float = field(default_factory=time.time)
+
+    def to_json(self) -> dict[str, Any]:
+        out = {k: v for k, v in asdict(self).items() if v not in (None, "", {})}
+        out["at"] = round(self.at, 3)
+        return out
+
+
+Emit = Callable[[Event], None]
+
+
+def discard(event: Event) -> None:
+    """An event sink that drops everything (library calls without a UI)."""
