@@ -1,0 +1,76 @@
+"""``shiplane build|compile|pack|clean|test``: the artifact and the test gate."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from shiplane.artifact import BuildResult, BuildSpec, build, clean, compile_app, pack, run_gate
+from shiplane.config import Project, load_project
+from shiplane.events import Emit, Event
+from shiplane.secret import Masker
+from shiplane.ui import Reporter
+
+
+def build_spec(project: Project) -> BuildSpec:
+    deploy = project.deploy
+    servers: tuple[str, ...] = ()
+    if "web" in deploy.services:
+        servers = ("gunicorn", "uvicorn") if deploy.app.asgi else ("gunicorn",)
+    return BuildSpec(
+        project=project.root,
+        app_name=deploy.app.name,
+        source=deploy.app.source,
+        requirements=deploy.build.requirements,
+        include=tuple(deploy.build.include),
+        exclude=tuple(deploy.build.exclude),
+        config_files=tuple(deploy.config.files),
+        server_packages=servers,
+        python_version=deploy.build.python_version,
+        platform=deploy.build.platform,
+    )
+
+
+def build_for_deploy(project: Project, emit: Emit) -> BuildResult:
+    """Build (or reuse) the artifact for these inputs."""
+    return build(build_spec(project), on_event=lambda step, detail: emit(Event("build", "progress", detail=f"{step}: {detail}")))
+
+
+def gate(project: Project, verbose: bool, emit: Emit) -> None:
+    deploy = project.deploy
+    assert deploy.build.test
+    run_gate(project.root, deploy.build.test, deploy.build.requirements, extra=tuple(deploy.build.test_requirements),
+             output=lambda line: emit(Event("gate", "output", detail=line)))
+
+
+def run_test_gate(file: Path | None, masker: Masker, verbose: bool) -> None:
+    project = load_project(file)
+    if not project.deploy.build.test:
+        from shiplane.errors import UsageError
+
+        raise UsageError(f"{project.path}: build.test is not set, so there is no test gate to run")
+    with Reporter.for_terminal(False, masker, verbose=True) as reporter:
+        gate(project, verbose, reporter)
+
+
+def build_artifact(file: Path | None, masker: Masker, *, step: str, as_json: bool, verbose: bool) -> dict[str, Any]:
+    project = load_project(file)
+    spec = build_spec(project)
+    with Reporter.for_terminal(as_json, masker, verbose) as reporter:
+        def on_event(name: str, detail: str) -> None:
+            reporter(Event("build", "progress", detail=f"{name}: {detail}"))
+
+        if step == "compile":
+            result: Any = compile_app(spec, on_event=on_event)
+            return {"ok": True, "summary": str(result), "result": str(result)}
+        runner = pack if step == "pack" else build
+        done = runner(spec, on_event=on_event)
+    manifest = done.manifest.to_json()
+    return {"ok": True, "digest": done.digest, "reused": done.reused, "seconds": round(done.seconds, 3),
+            "dependency_digest": manifest.get("dependency_digest"), "git_commit": manifest.get("git_commit"),
+            "files": len(manifest.get("app_files", [])) + len(manifest.get("dependencies", []))}
+
+
+def clean_build(file: Path | None) -> list[Path]:
+    project = load_project(file)
+    return clean(project.root)

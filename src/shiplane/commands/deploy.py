@@ -1,0 +1,356 @@
+"""``shiplane deploy``: gate, build, lock, copy, install, release, switch, verify, finalize.
+
+Two phases: every host is prepared fully (artifact, venv, config, hooks) before any switch; the
+switch goes in rolling batches and a failed batch returns every switched host to its previous
+release. Locks are always released, on success, failure and Ctrl-C alike.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from shiplane.commands.build import build_for_deploy
+from shiplane.commands.check import graph_from_project
+from shiplane.commands.common import StageContext, open_stage
+from shiplane.config.layers import render_files
+from shiplane.errors import OperationError, UsageError
+from shiplane.events import Event
+from shiplane.fleet import Fleet, Outcome, failures, local_ledger
+from shiplane.plan import (
+    batches,
+    holder,
+    install_request,
+    manifest_blobs,
+    max_failures,
+    primary_host,
+    release_id,
+    services_spec,
+)
+from shiplane.secret import Masker
+from shiplane.transport.session import AgentSession
+from shiplane.ui import Reporter, human_bytes
+
+CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class DeployOptions:
+    stage: str | None
+    artifact: str | None = None
+    skip_tests: bool = False
+    parallel: int = 16
+    lock_wait: float = 0.0
+    hosts: str | None = None
+    sets: Sequence[str] = ()
+    as_json: bool = False
+    verbose: bool = False
+
+
+@dataclass
+class HostState:
+    phase: str = "pending"
+    outcome: str = "pending"
+    release: str | None = None
+    previous: str | None = None
+    bytes_sent: int = 0
+    error: str | None = None
+    switched: bool = False
+
+
+@dataclass
+class Deployment:
+    ctx: StageContext
+    fleet: Fleet
+    options: DeployOptions
+    manifest: dict[str, Any] = field(default_factory=dict)
+    digest: str = ""
+    rid: str = ""
+    hosts: dict[str, HostState] = field(default_factory=dict)
+    locked: list[str] = field(default_factory=list)
+    ran_release_hook: bool = False
+    ran_setup: bool = False
+    started: float = field(default_factory=time.time)
+
+
+def run_deploy(file: Path | None, options: DeployOptions, masker: Masker) -> dict[str, Any]:
+    """The whole pipeline on one stage. Returns a summary; ``ok`` False means exit 1."""
+    ctx = open_stage(file, options.stage, masker, hosts=options.hosts, sets=options.sets)
+    graph_from_project(ctx.project)  # a bad task graph stops us before anything runs
+    rendered = render_files(ctx.project, ctx.layered)
+    with Reporter.for_terminal(options.as_json, masker, options.verbose) as reporter:
+        fleet = Fleet(ctx.project, ctx.stage, reporter, parallel=options.parallel)
+        deployment = Deployment(ctx, fleet, options)
+        for host in fleet.hosts:
+            deployment.hosts[host] = HostState()
+        try:
+            _gate_and_build(deployment, reporter)
+            _check_promotion(deployment)
+            deployment.rid = release_id(deployment.digest)
+            _connect_and_lock(deployment)
+            _prepare(deployment, rendered)
+            _release(deployment)
+            _switch(deployment)
+            _after_deploy(deployment)
+            outcome = "ok"
+        except OperationError as exc:
+            outcome = "failed"
+            reporter(Event("deploy", "failed", detail=exc.message))
+            deployment_error = exc.message
+        except KeyboardInterrupt:
+            outcome = "interrupted"
+            deployment_error = "interrupted (SIGINT)"
+            reporter(Event("deploy", "failed", detail=deployment_error))
+        else:
+            deployment_error = None
+        finally:
+            summary = _finalize(deployment, locals().get("outcome", "interrupted"), locals().get("deployment_error"))
+            fleet.close()
+    return summary
+
+
+def _gate_and_build(d: Deployment, emit: Any) -> None:
+    deploy = d.ctx.project.deploy
+    if d.options.artifact:
+        from shiplane.artifact import load_manifest
+
+        manifest = load_manifest(d.ctx.project.root, d.options.artifact)
+        d.manifest, d.digest = manifest.to_json(), manifest.digest
+        return
+    started = time.monotonic()
+    if deploy.build.test and not d.options.skip_tests:
+        from shiplane.commands.build import gate
+
+        emit(Event("gate", "start"))
+        gate(d.ctx.project, d.options.verbose, emit)
+        emit(Event("gate", "ok", seconds=time.monotonic() - started))
+    started = time.monotonic()
+    emit(Event("build", "start"))
+    result = build_for_deploy(d.ctx.project, emit)
+    d.manifest, d.digest = result.manifest.to_json(), result.digest
+    emit(Event("build", "ok", detail=f"artifact {d.digest[:12]}{' (reused)' if result.reused else ''}",
+               seconds=time.monotonic() - started))
+
+
+def _check_promotion(d: Deployment) -> None:
+    """A stage with ``promote_from`` takes only artifacts that went live, healthy, there first."""
+    source = d.ctx.project.deploy.stages[d.ctx.stage].promote_from
+    if not source:
+        return
+    ledger = local_ledger(d.ctx.project, source)
+    entries = [json.loads(line) for line in ledger.read_text().splitlines() if line.strip()] if ledger.exists() else []
+    if not any(e.get("artifact") == d.digest and e.get("outcome") == "ok" for e in entries):
+        raise UsageError(
+            f"stage {d.ctx.stage!r} takes only artifacts deployed healthy on {source!r} first; "
+            f"artifact {d.digest[:12]} never was",
+            hint=f"Deploy it to {source} first, or run: shiplane promote --from {source} --to {d.ctx.stage}",
+        )
+
+
+def _require_all(d: Deployment, phase: str, outcomes: dict[str, Outcome]) -> None:
+    for host, outcome in outcomes.items():
+        state = d.hosts[host]
+        state.phase = phase
+        if not outcome.ok:
+            state.outcome, state.error = "failed", outcome.error.reason if outcome.error else "failed"
+    bad = failures(outcomes)
+    if bad:
+        listing = "; ".join(f"{h}: {e.reason}" for h, e in bad.items())
+        raise OperationError(f"{phase} failed on {len(bad)} of {len(d.hosts)} host(s), nothing was switched: {listing}")
+
+
+def _connect_and_lock(d: Deployment) -> None:
+    _require_all(d, "connect", d.fleet.connect())
+    who = holder(" ".join(["shiplane", *sys.argv[1:]]), os.getpid()).to_json()
+
+    def lock(host: str, session: AgentSession) -> Any:
+        result = session.call("lock", {"holder": who, "wait": d.options.lock_wait}, timeout=d.options.lock_wait + 60)
+        d.locked.append(host)
+        return result
+
+    _require_all(d, "lock", d.fleet.each("lock", lock))
+    threading.Thread(target=_heartbeat, args=(d,), daemon=True).start()
+
+
+def _heartbeat(d: Deployment) -> None:
+    """Keeps the locks fresh so another controller can tell a live deploy from a dead one."""
+    while d.locked:
+        time.sleep(20)
+        for host in list(d.locked):
+            session = d.fleet.sessions.get(host)
+            if session is not None:
+                try:
+                    session.call("heartbeat", {}, timeout=30)
+                except OperationError:
+                    pass
+
+
+def _prepare(d: Deployment, rendered: Any) -> None:
+    blobs = manifest_blobs(d.manifest)
+    sizes = dict(blobs)
+    store = _blob_store(d)
+
+    def copy(host: str, session: AgentSession) -> Any:
+        inventory = session.call("inventory", {"blobs": [sha for sha, _ in blobs]}, timeout=120)
+        d.hosts[host].previous = inventory.get("current")
+        missing = inventory.get("missing", [])
+        total = sum(sizes[sha] for sha in missing)
+        if missing:
+            payload = _stream_blobs(store, missing)
+            session.call("receive", {"blobs": [{"sha256": sha, "size": sizes[sha]} for sha in missing]},
+                         payload=payload, on_event=d.fleet.forward(host, "copy"), timeout=300)
+        d.hosts[host].bytes_sent = total
+        d.fleet.emit(Event("copy", "progress", host=host, detail=f"sent {len(missing)} blob(s), {human_bytes(total)}",
+                           bytes=total))
+        return {"blobs": len(missing), "bytes": total}
+
+    _require_all(d, "copy", d.fleet.each("copy", copy))
+    request = install_request(d.ctx.project.deploy, d.ctx.stage, d.rid, d.manifest, d.ctx.layered, rendered)
+
+    def install(host: str, session: AgentSession) -> Any:
+        return session.call("install", request, on_event=d.fleet.forward(host, "install"), timeout=900)
+
+    _require_all(d, "install", d.fleet.each("install", install))
+
+
+def _blob_store(d: Deployment) -> Any:
+    from shiplane.artifact import BlobStore
+
+    return BlobStore(d.ctx.project.root / ".shiplane" / "build" / "blobs")
+
+
+def _stream_blobs(store: Any, shas: list[str]) -> Any:
+    for sha in shas:
+        with store.open(sha) as handle:
+            while chunk := handle.read(CHUNK):
+                yield chunk
+
+
+def _release(d: Deployment) -> None:
+    """The setup hook on a stage's first deploy, then the release hook: once, on the primary host,
+    with the new code, config and environment, before any host switches."""
+    deploy = d.ctx.project.deploy
+    primary = primary_host(deploy, d.ctx.stage, d.fleet.hosts)
+    session = d.fleet.sessions[primary]
+    commands: list[tuple[str, str]] = []
+    if deploy.hooks.setup:
+        inventory = session.call("inventory", {"blobs": []}, timeout=60)
+        if not inventory.get("setup_done"):
+            commands.append(("setup", deploy.hooks.setup))
+    commands += [("release", cmd) for cmd in deploy.hooks.release_commands()]
+    for kind, command in commands:
+        started = time.monotonic()
+        d.fleet.emit(Event(kind, "start", host=primary, detail=command))
+        try:
+            session.call("hook", {"release_id": d.rid, "command": command, "timeout": deploy.hooks.timeout},
+                         on_event=d.fleet.forward(primary, kind), timeout=deploy.hooks.timeout + 30)
+        except OperationError as exc:
+            d.hosts[primary].outcome, d.hosts[primary].error = "failed", str(exc)
+            raise OperationError(f"{kind} hook `{command}` failed on {primary}, nothing was switched: {exc}") from None
+        d.fleet.timings.setdefault(primary, {})[kind] = round(time.monotonic() - started, 3)
+        d.fleet.emit(Event(kind, "ok", host=primary, seconds=time.monotonic() - started))
+        if kind == "setup":
+            d.ran_setup = True
+        else:
+            d.ran_release_hook = True
+
+
+def _switch(d: Deployment) -> None:
+    deploy = d.ctx.project.deploy
+    stage = deploy.stages[d.ctx.stage]
+    spec = services_spec(deploy, d.ctx.stage)
+    switched: list[str] = []
+    for batch in batches(d.fleet.hosts, stage.rolling.batch):
+        outcomes = d.fleet.each("switch", lambda host, s: s.call(
+            "switch", {"release_id": d.rid, "services": spec}, on_event=d.fleet.forward(host, "switch"),
+            timeout=600), hosts=batch)
+        for host, outcome in outcomes.items():
+            state = d.hosts[host]
+            state.phase = "switch"
+            if outcome.ok:
+                state.switched, state.release, state.outcome = True, d.rid, "switched"
+                switched.append(host)
+            else:
+                state.outcome, state.error = "failed", outcome.error.reason if outcome.error else "failed"
+        bad = failures(outcomes)
+        if len(bad) > max_failures(stage.rolling.max_fail, len(batch)):
+            _undo(d, switched, spec)
+            listing = "; ".join(f"{h}: {e.reason}" for h, e in bad.items())
+            raise OperationError(f"switch failed on {len(bad)} host(s) ({listing}); "
+                                 f"every switched host is back on its previous release")
+
+
+def _undo(d: Deployment, switched: list[str], spec: dict[str, Any]) -> None:
+    """Return every host this deploy switched to the release it served before."""
+    back = [h for h in switched if d.hosts[h].previous]
+    outcomes = d.fleet.each("undo", lambda host, s: s.call(
+        "switch", {"release_id": d.hosts[host].previous, "services": spec}, timeout=600), hosts=back)
+    for host, outcome in outcomes.items():
+        state = d.hosts[host]
+        state.outcome = "undone" if outcome.ok else "undo-failed"
+        state.release = state.previous if outcome.ok else state.release
+
+
+def _after_deploy(d: Deployment) -> None:
+    deploy = d.ctx.project.deploy
+    for command in deploy.hooks.after_deploy:
+        _require_all(d, "after_deploy", d.fleet.each("after_deploy", lambda host, s: s.call(
+            "hook", {"release_id": d.rid, "command": command, "timeout": deploy.hooks.timeout},
+            on_event=d.fleet.forward(host, "after_deploy"), timeout=deploy.hooks.timeout + 30)))
+    for state in d.hosts.values():
+        state.outcome = "ok"
+
+
+def _finalize(d: Deployment, outcome: str, error: str | None) -> dict[str, Any]:
+    """Unlock, mark releases, record the ledger on every host and locally, prune. Always runs."""
+    fleet = d.fleet
+    deploy = d.ctx.project.deploy
+    duration = round(time.time() - d.started, 3)
+    entry = {
+        "event": "deploy", "stage": d.ctx.stage, "release": d.rid or None, "artifact": d.digest or None,
+        "git_commit": d.manifest.get("git_commit"), "outcome": outcome, "error": error,
+        "user": holder("", os.getpid()).user, "controller": holder("", os.getpid()).host,
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(d.started)), "duration": duration,
+        "release_hook": d.ran_release_hook, "setup": d.ran_setup, "skip_tests": d.options.skip_tests,
+        "overrides": {"hosts": d.options.hosts, "set": list(d.options.sets)} if (d.options.hosts or d.options.sets) else None,
+        "hosts": {h: {"outcome": s.outcome, "release": s.release, "bytes": s.bytes_sent, "error": s.error,
+                      "phases": fleet.timings.get(h, {})} for h, s in d.hosts.items()},
+    }
+    connected = list(fleet.sessions)
+    if d.rid and connected:
+        state = "good" if outcome == "ok" else "bad"
+        fleet.each("finalize", lambda host, s: (
+            s.call("mark", {"release_id": d.rid, "state": state}, timeout=60) if d.hosts[host].phase in ("install", "switch", "release") or d.hosts[host].switched else None,
+            s.call("record", {"entry": entry}, timeout=60),
+            s.call("prune", {"keep": deploy.app.keep_releases}, timeout=300) if outcome == "ok" else None,
+        ), hosts=connected, quiet=True)
+    locked, d.locked = list(d.locked), []
+    fleet.each("unlock", lambda host, s: s.call("unlock", {"force": False}, timeout=60), hosts=locked, quiet=True)
+    ledger = local_ledger(d.ctx.project, d.ctx.stage)
+    ledger.parent.mkdir(parents=True, exist_ok=True)
+    with ledger.open("a", encoding="utf-8") as handle:
+        handle.write(json.dumps(entry) + "\n")
+    return _summary(d, entry)
+
+
+def _summary(d: Deployment, entry: dict[str, Any]) -> dict[str, Any]:
+    ok = entry["outcome"] == "ok"
+    lines = [f"{'deployed' if ok else 'deploy FAILED:'} {d.ctx.project.deploy.app.name} release {d.rid or '-'} "
+             f"(artifact {d.digest[:12] or '-'}) to stage {d.ctx.stage} in {entry['duration']:.1f}s"]
+    if entry.get("error"):
+        lines.append(f"  reason: {entry['error']}")
+    for host, state in d.hosts.items():
+        phases = ", ".join(f"{p} {s:.2f}s" for p, s in d.fleet.timings.get(host, {}).items())
+        lines.append(f"  {host:24} {state.outcome:10} release {state.release or state.previous or '-'}  "
+                     f"sent {human_bytes(state.bytes_sent)}  [{phases}]")
+    port = d.ctx.project.deploy.web_port(d.ctx.stage)
+    if ok and port and d.ctx.project.deploy.stages[d.ctx.stage].is_local:
+        lines.append(f"serving at http://127.0.0.1:{port}/")
+    return {**entry, "ok": ok, "lines": lines}

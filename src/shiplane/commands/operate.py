@@ -1,0 +1,227 @@
+"""Day-to-day verbs on a deployed stage: status, releases, history, start/stop/restart/reload,
+rollback, prune, logs, lock/unlock. Each opens one agent session per host."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from shiplane.commands.common import StageContext, open_stage
+from shiplane.errors import OperationError, UsageError
+from shiplane.events import Event
+from shiplane.fleet import Fleet, failures, local_ledger
+from shiplane.plan import holder, services_spec
+from shiplane.secret import Masker
+from shiplane.transport.session import AgentSession
+from shiplane.ui import Reporter
+
+
+@contextmanager
+def connected(file: Path | None, stage: str | None, masker: Masker, *, hosts: str | None, sets: Sequence[str],
+              quiet: bool = True, need_secrets: bool = False) -> Iterator[tuple[StageContext, Fleet]]:
+    """A stage's hosts, connected; raises when a host cannot be reached."""
+    ctx = open_stage(file, stage, masker, hosts=hosts, sets=sets, need_secrets=need_secrets)
+    reporter = Reporter.for_terminal(False, masker) if not quiet else (lambda event: None)
+    fleet = Fleet(ctx.project, ctx.stage, reporter)  # type: ignore[arg-type]
+    try:
+        bad = failures(fleet.connect())
+        if bad:
+            raise OperationError("; ".join(e.message for e in bad.values()))
+        yield ctx, fleet
+    finally:
+        fleet.close()
+
+
+def _all(fleet: Fleet, phase: str, work: Callable[[str, AgentSession], Any]) -> dict[str, Any]:
+    outcomes = fleet.each(phase, work, quiet=True)
+    bad = failures(outcomes)
+    if bad:
+        raise OperationError("; ".join(e.message for e in bad.values()))
+    return {host: o.result for host, o in outcomes.items()}
+
+
+def read_verb(name: str, file: Path | None, stage: str | None, masker: Masker, *, hosts: str | None,
+              sets: Sequence[str], limit: int = 20) -> dict[str, Any]:
+    with connected(file, stage, masker, hosts=hosts, sets=sets) as (ctx, fleet):
+        if name == "status":
+            return _status(ctx, fleet)
+        if name == "releases":
+            per_host = _all(fleet, "releases", lambda h, s: s.call("releases", {}))
+            lines = []
+            for host, result in per_host.items():
+                for release in result.get("releases", []):
+                    lines.append(f"{host:24} {release['release_id']}  {release.get('state', '?'):9} "
+                                 f"artifact {str(release.get('artifact', ''))[:12]}  {release.get('created_at', '')}")
+            return {"hosts": per_host, "lines": lines or ["no releases"]}
+        per_host = _all(fleet, "history", lambda h, s: s.call("history", {"limit": limit}))
+        lines = []
+        for host, result in per_host.items():
+            for entry in result.get("entries", []):
+                lines.append(f"{host:24} {entry.get('started_at', entry.get('at', ''))}  {entry.get('event', ''):9} "
+                             f"{entry.get('release') or '-':28} {entry.get('outcome', ''):8} "
+                             f"{entry.get('duration', '')}s  by {entry.get('user', '?')}")
+        return {"hosts": per_host, "lines": lines or ["no history"]}
+
+
+def _status(ctx: StageContext, fleet: Fleet) -> dict[str, Any]:
+    per_host = _all(fleet, "status", lambda h, s: s.call("status", {}))
+    live = {host: result.get("live_release") for host, result in per_host.items()}
+    drift = []
+    if len(set(live.values())) > 1:
+        drift.append("hosts run different releases: " + ", ".join(f"{h}={r}" for h, r in live.items()))
+    ledger = local_ledger(ctx.project, ctx.stage)
+    if ledger.exists():
+        entries = [json.loads(line) for line in ledger.read_text().splitlines() if line.strip()]
+        good = [e for e in entries if e.get("outcome") == "ok" and e.get("release")]
+        if good:
+            expected = good[-1]["release"]
+            for host, release in live.items():
+                if release != expected:
+                    drift.append(f"{host} runs {release}, the local ledger's last deploy is {expected}")
+    lines = []
+    for host, result in per_host.items():
+        lines.append(f"{host}: live release {result.get('live_release') or '-'}")
+        for service in result.get("services", []):
+            lines.append(f"  {service.get('name', '?'):12} {service.get('state', '?'):9} pid {service.get('pid') or '-':>7}  "
+                         f"up {service.get('uptime', 0) or 0:>6.0f}s  release {service.get('release') or '-'}")
+            if service.get("release") and result.get("live_release") and service.get("kind") != "front" \
+                    and service["release"] != result["live_release"] and service.get("state") == "RUNNING":
+                drift.append(f"{host}: service {service.get('name')} runs {service['release']}, not the live release")
+    lines += [f"DRIFT: {d}" for d in drift]
+    return {"hosts": per_host, "drift": drift, "ok": True, "lines": lines}
+
+
+def service_verb(name: str, file: Path | None, stage: str | None, services: list[str], masker: Masker, *,
+                 everything: bool, hosts: str | None, sets: Sequence[str]) -> dict[str, Any]:
+    with connected(file, stage, masker, hosts=hosts, sets=sets) as (ctx, fleet):
+        spec = services_spec(ctx.project.deploy, ctx.stage)
+        names = services or None
+        if name == "stop" and everything:
+            per_host = _all(fleet, name, lambda h, s: s.call("shutdown", {}))
+        elif name in ("start", "restart"):
+            per_host = _all(fleet, name, lambda h, s: s.call(name, {"services": names, "spec": spec}, timeout=300))
+        else:
+            per_host = _all(fleet, name, lambda h, s: s.call(name, {"services": names}, timeout=300))
+        return {"ok": True, "hosts": per_host, "lines": [f"{host}: {name} ok" for host in per_host]}
+
+
+def run_rollback(file: Path | None, stage: str | None, to_release: str | None, yes: bool, masker: Masker, *,
+                 hosts: str | None, sets: Sequence[str], as_json: bool, verbose: bool) -> dict[str, Any]:
+    """Switch every host back to an earlier release present on all of them, health-checked."""
+    started = time.time()
+    with connected(file, stage, masker, hosts=hosts, sets=sets) as (ctx, fleet):
+        per_host = _all(fleet, "releases", lambda h, s: s.call("releases", {}))
+        target, current, skipped = _pick_target(per_host, to_release)
+        migrated = [r for r in _releases_between(per_host, target, current) if r.get("release_hook")]
+        if migrated and not yes:
+            names = ", ".join(r["release_id"] for r in migrated)
+            raise UsageError(f"rolling back to {target} crosses release(s) that ran the release hook (migrations): {names}",
+                             hint="The database stays migrated. If the old code works with it, confirm with --yes.")
+        spec = services_spec(ctx.project.deploy, ctx.stage)
+        who = holder(" ".join(["shiplane", *sys.argv[1:]]), os.getpid()).to_json()
+        with Reporter.for_terminal(as_json, masker, verbose) as reporter:
+            fleet.emit = reporter
+            _all(fleet, "lock", lambda h, s: s.call("lock", {"holder": who, "wait": 0}))
+            try:
+                outcomes = fleet.each("rollback", lambda h, s: s.call("switch", {"release_id": target, "services": spec},
+                                                                      on_event=fleet.forward(h, "rollback"), timeout=600))
+            finally:
+                fleet.each("unlock", lambda h, s: s.call("unlock", {"force": False}), quiet=True)
+        bad = failures(outcomes)
+        entry = {"event": "rollback", "stage": ctx.stage, "release": target, "from": current,
+                 "outcome": "ok" if not bad else "failed", "user": who["user"], "controller": who["host"],
+                 "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+                 "duration": round(time.time() - started, 3)}
+        fleet.each("record", lambda h, s: s.call("record", {"entry": entry}), quiet=True)
+        ledger = local_ledger(ctx.project, ctx.stage)
+        ledger.parent.mkdir(parents=True, exist_ok=True)
+        with ledger.open("a") as handle:
+            handle.write(json.dumps({**entry, "artifact": _artifact_of(per_host, target)}) + "\n")
+        lines = [f"rolled back stage {ctx.stage} to {target} in {entry['duration']:.1f}s" if not bad
+                 else f"rollback FAILED: {'; '.join(e.message for e in bad.values())}"]
+        lines += [f"  skipped {rid}: {why}" for rid, why in skipped]
+        return {**entry, "ok": not bad, "skipped": skipped, "lines": lines}
+
+
+def _pick_target(per_host: dict[str, Any], to_release: str | None) -> tuple[str, str | None, list[tuple[str, str]]]:
+    """The newest known-good release present on every host, older than the live one."""
+    sets = [{r["release_id"]: r for r in result.get("releases", [])} for result in per_host.values()]
+    currents = {result.get("current") for result in per_host.values()}
+    current = sorted(c for c in currents if c)[-1] if any(currents) else None
+    if to_release:
+        if not all(to_release in s for s in sets):
+            raise UsageError(f"release {to_release!r} is not present on every host of the stage")
+        return to_release, current, []
+    skipped: list[tuple[str, str]] = []
+    common = sorted(set.intersection(*(set(s) for s in sets)) if sets else set(), reverse=True)
+    for rid in common:
+        if current and rid >= current:
+            continue
+        states = {s[rid].get("state") for s in sets}
+        if "bad" in states:
+            skipped.append((rid, "marked bad (its deploy failed or was undone)"))
+            continue
+        return rid, current, skipped
+    raise UsageError("no earlier good release is present on every host to roll back to")
+
+
+def _releases_between(per_host: dict[str, Any], target: str, current: str | None) -> list[dict[str, Any]]:
+    first = next(iter(per_host.values()), {})
+    return [r for r in first.get("releases", []) if target < r["release_id"] <= (current or "")]
+
+
+def _artifact_of(per_host: dict[str, Any], release: str) -> str | None:
+    for result in per_host.values():
+        for r in result.get("releases", []):
+            if r["release_id"] == release:
+                return str(r.get("artifact"))
+    return None
+
+
+def run_prune(file: Path | None, stage: str | None, keep: int | None, masker: Masker, *, hosts: str | None,
+              sets: Sequence[str]) -> dict[str, Any]:
+    with connected(file, stage, masker, hosts=hosts, sets=sets) as (ctx, fleet):
+        count = keep or ctx.project.deploy.app.keep_releases
+        per_host = _all(fleet, "prune", lambda h, s: s.call("prune", {"keep": count}))
+        return {"ok": True, "hosts": per_host,
+                "lines": [f"{h}: removed {', '.join(r.get('removed', [])) or 'nothing'}" for h, r in per_host.items()]}
+
+
+def show_logs(file: Path | None, stage: str | None, service: str | None, lines: int, follow: bool, masker: Masker,
+              out: Callable[[str], None], *, hosts: str | None, sets: Sequence[str]) -> None:
+    with connected(file, stage, masker, hosts=hosts, sets=sets) as (ctx, fleet):
+        def one(host: str, session: AgentSession) -> None:
+            def line(event: dict[str, Any]) -> None:
+                out(masker(f"[{host}] {event.get('detail', '')}"))
+
+            result = session.call("logs", {"service": service, "lines": lines, "follow": follow}, on_event=line,
+                                  timeout=10**9 if follow else 120)
+            for text in result.get("lines", []):
+                out(masker(f"[{host}] {text}"))
+
+        _all(fleet, "logs", one)
+
+
+def lock_stage(file: Path | None, stage: str | None, masker: Masker, *, hosts: str | None, sets: Sequence[str]) -> dict[str, Any]:
+    with connected(file, stage, masker, hosts=hosts, sets=sets) as (ctx, fleet):
+        who = holder(" ".join(["shiplane", *sys.argv[1:]]), os.getpid()).to_json()
+        _all(fleet, "lock", lambda h, s: s.call("lock", {"holder": who, "wait": 0}))
+        return {"ok": True, "lines": [f"locked {h}" for h in fleet.hosts]}
+
+
+def unlock_stage(file: Path | None, stage: str | None, force: bool, masker: Masker, *, hosts: str | None,
+                 sets: Sequence[str]) -> dict[str, Any]:
+    with connected(file, stage, masker, hosts=hosts, sets=sets) as (ctx, fleet):
+        who = holder(" ".join(["shiplane", *sys.argv[1:]]), os.getpid()).to_json()
+        per_host = _all(fleet, "unlock", lambda h, s: s.call("unlock", {"force": True, "by": who} if force else {"force": False}))
+        if force:
+            entry = {"event": "unlock", "forced": True, "user": who["user"], "controller": who["host"],
+                     "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            _all(fleet, "record", lambda h, s: s.call("record", {"entry": entry}))
+        return {"ok": True, "hosts": per_host, "lines": [f"unlocked {h}" for h in per_host]}

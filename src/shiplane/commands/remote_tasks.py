@@ -1,0 +1,63 @@
+"""``shiplane run`` for tasks that run on the stage's hosts (scopes all, primary, role:NAME):
+each in the live release's directory, with its venv and environment, through the agent."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from shiplane.commands.operate import connected
+from shiplane.errors import OperationError, UsageError
+from shiplane.events import Event
+from shiplane.fleet import failures
+from shiplane.plan import role_hosts
+from shiplane.secret import Masker
+from shiplane.tasks import Task, TaskGraph, run_graph, run_local_command
+from shiplane.ui import Reporter
+
+
+def run_remote_tasks(file: Path | None, graph: TaskGraph, names: list[str], stage: str | None, masker: Masker, *,
+                     verbose: bool, force: bool, hosts: str | None, sets: Sequence[str]) -> None:
+    builtin = [n for n in names if graph.task(n).builtin]
+    if builtin:
+        raise UsageError(f"task {names[-1]!r} needs pipeline step(s) {', '.join(builtin)}, which run only as part of "
+                         f"`shiplane deploy`; hook it into the pipeline with before/after instead")
+    with connected(file, stage, masker, hosts=hosts, sets=sets, need_secrets=True) as (ctx, fleet):
+        reporter = Reporter.for_terminal(False, masker, verbose=True)
+        fleet.emit = reporter
+        deploy = ctx.project.deploy
+
+        def runner(task: Task) -> None:
+            assert task.run is not None
+            timeout = deploy.tasks[task.name].timeout or deploy.hooks.timeout
+            if task.on == "local":
+                import os
+
+                from shiplane.config import env_file_values
+
+                run_local_command(task.run, cwd=ctx.project.root, env={**os.environ, **env_file_values(ctx.layered)},
+                                  timeout=timeout, output=lambda line: reporter(Event(task.name, "output", detail=line)))
+                return
+            targets = role_hosts(deploy, ctx.stage, fleet.hosts, task.on)
+            if not targets:
+                raise OperationError(f"scope {task.on!r} names no host of stage {ctx.stage!r}")
+            outcomes = fleet.each(task.name, lambda h, s: _hook_in_current(s, task.run or "", timeout, fleet.forward(h, task.name)),
+                                  hosts=targets)
+            bad = failures(outcomes)
+            if bad:
+                raise OperationError("; ".join(e.message for e in bad.values()))
+
+        result = run_graph(graph, names, runner, on_event=lambda n, st, sec: reporter(Event(n, st, seconds=sec if st != "start" else None)))
+        if not result.ok:
+            failed = result.failed[0]
+            raise OperationError(f"task {failed!r} failed: {result.outcomes[failed].error}")
+
+
+def _hook_in_current(session: Any, command: str, timeout: float, on_event: Any) -> Any:
+    inventory = session.call("inventory", {"blobs": []})
+    current = inventory.get("current")
+    if not current:
+        raise OperationError("nothing is deployed on this host yet")
+    return session.call("hook", {"release_id": current, "command": command, "timeout": timeout}, on_event=on_event,
+                        timeout=timeout + 30)

@@ -1,0 +1,140 @@
+"""Runs phases on many hosts: one agent session per host, bounded concurrency, per-host outcomes.
+
+A phase is a function ``(host, session) -> result``; ``each`` runs it on every host in parallel and
+returns what every host answered, or the HostError it raised. It never stops other hosts halfway.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from shiplane.config import Project
+from shiplane.errors import OperationError
+from shiplane.events import Emit, Event
+from shiplane.transport.local import LocalTransport
+from shiplane.transport.session import AgentSession, HostError
+from shiplane.transport.ssh import SSHTransport
+
+T = TypeVar("T")
+
+
+@dataclass
+class Outcome:
+    """What one host did in one phase."""
+
+    ok: bool
+    seconds: float
+    result: Any = None
+    error: HostError | None = None
+
+
+@dataclass
+class Fleet:
+    """The connected hosts of one stage for one command."""
+
+    project: Project
+    stage: str
+    emit: Emit
+    parallel: int = 16
+    sessions: dict[str, AgentSession] = field(default_factory=dict)
+    timings: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    @property
+    def hosts(self) -> list[str]:
+        return list(self.project.deploy.stages[self.stage].hosts)
+
+    def root_for(self, host: str) -> str:
+        """The deploy root on a host: a relative ``deploy_to`` is relative to the project (local)
+        or the login directory (SSH)."""
+        deploy_to = self.project.deploy.stages[self.stage].deploy_to
+        if host == "local" and not os.path.isabs(os.path.expanduser(deploy_to)):
+            return str((self.project.root / deploy_to).resolve())
+        return deploy_to
+
+    def _transport(self, host: str) -> Any:
+        stage = self.project.deploy.stages[self.stage]
+        if host == "local":
+            return LocalTransport()
+        ssh_config = str(self.project.root / stage.ssh_config) if stage.ssh_config else None
+        return SSHTransport(host, ssh_config=ssh_config, identity_file=stage.identity_file,
+                            options=stage.ssh_options, connect_timeout=stage.connect_timeout)
+
+    def python_for(self, host: str) -> str:
+        stage = self.project.deploy.stages[self.stage]
+        if host == "local" and (stage.python or self.project.deploy.app.python) == "python3":
+            import sys
+
+            return sys.executable  # the controller's own interpreter: the local host's python
+        return stage.python or self.project.deploy.app.python
+
+    def connect(self, hosts: Iterable[str] | None = None) -> dict[str, Outcome]:
+        """Start (and bootstrap) an agent on every host, in parallel; failures are per host."""
+        stage = self.project.deploy.stages[self.stage]
+
+        def one(host: str) -> AgentSession:
+            session = AgentSession(self._transport(host), self.root_for(host), self.python_for(host),
+                                   connect_timeout=stage.connect_timeout + 20)
+            self.sessions[host] = session
+            return session
+
+        return self.each("connect", lambda host, _: one(host), hosts=hosts, need_session=False)
+
+    def each(self, phase: str, work: Callable[[str, AgentSession], T], *, hosts: Iterable[str] | None = None,
+             need_session: bool = True, quiet: bool = False) -> dict[str, Outcome]:
+        """Run ``work`` on every host (at most ``parallel`` at once); never raises for a host."""
+        targets = [h for h in (hosts if hosts is not None else self.hosts) if not need_session or h in self.sessions]
+
+        def run(host: str) -> tuple[str, Outcome]:
+            started = time.monotonic()
+            if not quiet:
+                self.emit(Event(phase, "start", host=host))
+            try:
+                result = work(host, self.sessions.get(host))  # type: ignore[arg-type]
+            except HostError as exc:
+                seconds = time.monotonic() - started
+                self.emit(Event(phase, "failed", host=host, detail=exc.reason, seconds=seconds))
+                return host, Outcome(False, seconds, error=exc)
+            except OperationError as exc:
+                seconds = time.monotonic() - started
+                self.emit(Event(phase, "failed", host=host, detail=exc.message, seconds=seconds))
+                return host, Outcome(False, seconds, error=HostError(host, exc.message))
+            seconds = time.monotonic() - started
+            self.timings.setdefault(host, {})[phase] = round(self.timings.get(host, {}).get(phase, 0) + seconds, 3)
+            if not quiet:
+                self.emit(Event(phase, "ok", host=host, seconds=seconds))
+            return host, Outcome(True, seconds, result=result)
+
+        if not targets:
+            return {}
+        with ThreadPoolExecutor(max_workers=max(1, min(self.parallel, len(targets)))) as pool:
+            return dict(pool.map(run, targets))
+
+    def forward(self, host: str, phase: str) -> Callable[[dict[str, Any]], None]:
+        """Agent events of one host, into our event stream."""
+
+        def handler(event: dict[str, Any]) -> None:
+            self.emit(Event(event.get("phase", phase), event.get("status", "progress"), host=host,
+                            detail=str(event.get("detail", "")), bytes=event.get("bytes"),
+                            data={k: v for k, v in event.items() if k == "total"}))
+
+        return handler
+
+    def close(self) -> None:
+        for host, session in list(self.sessions.items()):
+            session.close()
+            session.transport.close()
+            del self.sessions[host]
+
+
+def failures(outcomes: dict[str, Outcome]) -> dict[str, HostError]:
+    return {host: o.error for host, o in outcomes.items() if not o.ok and o.error is not None}
+
+
+def local_ledger(project: Project, stage: str) -> Path:
+    return project.root / ".shiplane" / "history" / f"{stage}.jsonl"

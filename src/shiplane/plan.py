@@ -1,0 +1,132 @@
+"""Pure planning: config + artifact manifest + host inventories -> what to send each host.
+
+Nothing here does I/O; the deploy command sends what this module decides, and `shiplane plan`
+prints it.
+"""
+
+from __future__ import annotations
+
+import getpass
+import math
+import socket
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from shiplane.config import DeployFile, Layered, Rendered, env_file_values
+
+Blob = tuple[str, int]  # (sha256, size)
+
+
+def release_id(digest: str, now: float | None = None) -> str:
+    """Sortable: UTC time then the artifact digest's head, e.g. ``20261125T101500Z-1a2b3c4d``."""
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now if now is not None else time.time())) + "-" + digest[:8]
+
+
+def manifest_blobs(manifest: dict[str, Any]) -> list[Blob]:
+    """Every blob a host needs for this artifact, without duplicates, in a stable order."""
+    seen: dict[str, int] = {}
+    for group in ("tools", "dependencies", "app_files"):
+        for entry in manifest.get(group, []):
+            seen.setdefault(entry["sha256"], int(entry["size"]))
+    return list(seen.items())
+
+
+def services_spec(deploy: DeployFile, stage: str) -> dict[str, Any]:
+    """The services part of a switch/start request (see docs/DESIGN.md, "Services")."""
+    stage_cfg = deploy.stages[stage]
+    web = deploy.services.get("web")
+    spec: dict[str, Any] = {"app": deploy.app.name, "stage": stage, "front": stage_cfg.front, "web": None, "workers": {}}
+    if web is not None:
+        spec["web"] = {
+            "kind": "asgi" if deploy.app.asgi else "wsgi",
+            "target": deploy.app.asgi or deploy.app.wsgi,
+            "workers": web.workers or 2,
+            "worker_class": web.worker_class,
+            "bind": stage_cfg.bind or ("127.0.0.1" if stage_cfg.is_local else "0.0.0.0"),
+            "port": deploy.web_port(stage),
+            "timeout": web.timeout,
+            "graceful_timeout": web.graceful_timeout,
+            "health": {"path": web.healthcheck.path, "timeout": web.healthcheck.timeout},
+            "smoke": [check.model_dump() for check in web.smoke],
+        }
+    for name, service in deploy.services.items():
+        if name != "web":
+            spec["workers"][name] = {"command": service.command, "stop_signal": service.stop_signal,
+                                     "stop_timeout": service.stop_timeout}
+    return spec
+
+
+def install_request(deploy: DeployFile, stage: str, rid: str, manifest: dict[str, Any], layered: Layered,
+                    rendered: list[Rendered]) -> dict[str, Any]:
+    """The ``install`` op's arguments for every host of the stage (they are all the same)."""
+    return {
+        "release_id": rid,
+        "stage": stage,
+        "manifest": manifest,
+        "python": deploy.stages[stage].python or deploy.app.python,
+        "rendered": [{"path": r.path, "content": r.content, "mode": r.mode, "shared": r.shared} for r in rendered],
+        "env": env_file_values(layered),
+        "shared": {"dirs": list(deploy.shared.dirs), "files": list(deploy.shared.files)},
+        "hooks": list(deploy.hooks.after_install),
+        "hook_timeout": deploy.hooks.timeout,
+    }
+
+
+def primary_host(deploy: DeployFile, stage: str, hosts: list[str]) -> str:
+    """The host that runs once-only work (release hook, primary tasks): roles.primary's first, else the first host."""
+    members = deploy.stages[stage].roles.get("primary", [])
+    for member in members:
+        for host in hosts:
+            if host == member or host.split("@")[-1].split(":")[0] == member:
+                return host
+    return hosts[0]
+
+
+def role_hosts(deploy: DeployFile, stage: str, hosts: list[str], scope: str) -> list[str]:
+    """The hosts a task scope names: all, primary, role:NAME."""
+    if scope == "all":
+        return hosts
+    if scope == "primary":
+        return [primary_host(deploy, stage, hosts)]
+    role = scope.split(":", 1)[1]
+    members = deploy.stages[stage].roles.get(role, [])
+    return [h for h in hosts if h in members or h.split("@")[-1].split(":")[0] in members]
+
+
+def _count(value: int | str, total: int, *, minimum: int) -> int:
+    if isinstance(value, str):
+        return max(minimum, math.floor(total * int(value.rstrip("%")) / 100))
+    return max(minimum, value)
+
+
+def batches(hosts: list[str], batch: int | str) -> list[list[str]]:
+    """Rolling batches: a count or a percentage of the hosts (at least one host per batch)."""
+    size = _count(batch, len(hosts), minimum=1)
+    return [hosts[i:i + size] for i in range(0, len(hosts), size)]
+
+
+def max_failures(max_fail: int | str, batch_size: int) -> int:
+    """Failures a batch may have and the rollout still go on; reaching more than this aborts."""
+    return _count(max_fail, batch_size, minimum=0)
+
+
+@dataclass(frozen=True)
+class Holder:
+    user: str
+    host: str
+    pid: int
+    command: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"user": self.user, "host": self.host, "pid": self.pid, "command": self.command,
+                "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def holder(command: str, pid: int) -> Holder:
+    """Who is deploying: recorded in locks and the ledger."""
+    try:
+        user = getpass.getuser()
+    except Exception:  # noqa: BLE001 - no passwd entry in some containers
+        user = "unknown"
+    return Holder(user=user, host=socket.gethostname(), pid=pid, command=command)

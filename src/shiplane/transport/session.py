@@ -1,0 +1,146 @@
+"""One agent session per host for a whole command: the agent is started once (bootstrapped if the
+host lacks it), then serves phase after phase over its stdin/stdout as JSON lines."""
+
+from __future__ import annotations
+
+import json
+import queue
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from shiplane.agent_bundle import agent_zip, bootstrap_argv
+from shiplane.errors import OperationError
+from shiplane.transport.base import Transport
+
+EventHandler = Callable[[dict[str, Any]], None]
+
+
+class HostError(OperationError):
+    """A phase failed on one host; ``kind`` says how (connect, timeout, health, hook, lock, ...)."""
+
+    def __init__(self, host: str, message: str, kind: str = "error", data: dict[str, Any] | None = None) -> None:
+        super().__init__(f"{host}: {message}")
+        self.host = host
+        self.kind = kind
+        self.reason = message
+        self.data = data or {}
+
+
+_EOF = object()
+
+
+class AgentSession:
+    """A live agent on one host. ``call`` is one round trip: a request, its events, its result."""
+
+    def __init__(self, transport: Transport, root: str, python: str, *, connect_timeout: float = 30) -> None:
+        self.transport = transport
+        self.host = transport.host
+        self.root = root
+        payload, sha = agent_zip()
+        self._process = transport.spawn(bootstrap_argv(python, root, sha))
+        self._lines: queue.Queue[object] = queue.Queue()
+        self._stderr: list[str] = []
+        self._next_id = 0
+        self._lock = threading.Lock()
+        threading.Thread(target=self._read_stdout, daemon=True).start()
+        threading.Thread(target=self._read_stderr, daemon=True).start()
+        first = self._next_line(connect_timeout, "connect")
+        if first == {"need": True}:
+            self._write(f"{len(payload)}\n".encode() + payload)
+            first = self._next_line(connect_timeout, "connect")
+        if not isinstance(first, dict) or "hello" not in first:
+            raise HostError(self.host, f"unexpected greeting from the agent: {str(first)[:200]}", "protocol")
+        self.hello: dict[str, Any] = first["hello"]
+
+    def _read_stdout(self) -> None:
+        assert self._process.stdout is not None
+        for raw in self._process.stdout:
+            if raw == b"NEED\n":
+                self._lines.put({"need": True})
+                continue
+            try:
+                self._lines.put(json.loads(raw))
+            except ValueError:
+                self._stderr.append(raw.decode(errors="replace"))
+        self._lines.put(_EOF)
+
+    def _read_stderr(self) -> None:
+        assert self._process.stderr is not None
+        for raw in self._process.stderr:
+            self._stderr.append(raw.decode(errors="replace"))
+            del self._stderr[:-50]
+
+    def _died(self, what: str) -> HostError:
+        try:
+            code = self._process.wait(timeout=2)
+        except subprocess.TimeoutExpired:
+            code = None
+        reason = self.transport.explain_failure(code, "".join(self._stderr))
+        return HostError(self.host, reason, "connect" if what == "connect" else "lost")
+
+    def _next_line(self, timeout: float, what: str) -> Any:
+        try:
+            item = self._lines.get(timeout=timeout)
+        except queue.Empty:
+            self.kill()
+            raise HostError(self.host, f"no answer within {timeout:.0f} s during {what}", "timeout") from None
+        if item is _EOF:
+            raise self._died(what)
+        return item
+
+    def _write(self, data: bytes) -> None:
+        assert self._process.stdin is not None
+        try:
+            self._process.stdin.write(data)
+            self._process.stdin.flush()
+        except (BrokenPipeError, OSError):
+            raise self._died("write") from None
+
+    def call(self, op: str, args: dict[str, Any] | None = None, *, payload: Iterable[bytes] = (),
+             on_event: EventHandler | None = None, timeout: float = 600) -> dict[str, Any]:
+        """Send one request (and its binary payload), stream its events, return its result.
+
+        ``timeout`` bounds the wait for each next line, so a host that stops answering becomes a
+        HostError within it, never a hang.
+        """
+        with self._lock:
+            self._next_id += 1
+            request_id = self._next_id
+            self._write((json.dumps({"id": request_id, "op": op, "args": args or {}}) + "\n").encode())
+            for chunk in payload:
+                self._write(chunk)
+            while True:
+                message = self._next_line(timeout, op)
+                if message.get("id") != request_id:
+                    continue
+                if "event" in message:
+                    if on_event is not None:
+                        on_event(message["event"])
+                    continue
+                if message.get("ok"):
+                    return dict(message.get("result") or {})
+                error = message.get("error") or {}
+                raise HostError(self.host, str(error.get("message", "failed")), str(error.get("kind", "error")), error)
+
+    def close(self) -> None:
+        """End the session: EOF on the agent's stdin, then wait briefly for it to exit."""
+        if self._process.poll() is None:
+            try:
+                assert self._process.stdin is not None
+                self._process.stdin.close()
+            except OSError:
+                pass
+            try:
+                self._process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def kill(self) -> None:
+        if self._process.poll() is None:
+            self._process.kill()
+            deadline = time.monotonic() + 5
+            while self._process.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.01)

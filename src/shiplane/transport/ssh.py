@@ -1,0 +1,85 @@
+"""SSH through the system's OpenSSH client, so ~/.ssh/config, agents, ProxyJump and known_hosts
+work as everywhere else. One multiplexed connection per host (ControlMaster), sockets in a private
+0700 directory, strict host-key checking always."""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from shiplane.errors import ConfigError
+
+HOST = re.compile(r"^(?:(?P<user>[^@]+)@)?(?P<host>\[[^\]]+\]|[^:]+)(?::(?P<port>[0-9]+))?$")
+_FORBIDDEN = ("stricthostkeychecking", "userknownhostsfile=/dev/null", "globalknownhostsfile=/dev/null")
+
+
+def _control_dir() -> Path:
+    """A private directory for control sockets, one per controller process."""
+    path = Path(tempfile.gettempdir()) / f"shiplane-ssh-{os.getuid()}-{os.getpid()}"
+    path.mkdir(mode=0o700, exist_ok=True)
+    os.chmod(path, 0o700)
+    return path
+
+
+class SSHTransport:
+    def __init__(self, host: str, *, ssh_config: str | None = None, identity_file: str | None = None,
+                 options: Sequence[str] = (), connect_timeout: float = 10) -> None:
+        match = HOST.match(host)
+        if not match:
+            raise ConfigError(f"host {host!r}: expected [user@]host[:port]")
+        for option in options:
+            if any(bad in option.lower().replace(" ", "") for bad in _FORBIDDEN):
+                raise ConfigError(
+                    f"ssh_options {option!r}: host keys are always checked strictly by shiplane",
+                    hint="Trust a host by adding its key to known_hosts (ssh-keyscan, after checking the fingerprint).",
+                )
+        self.host = host
+        self._target = f"{match['user']}@{match['host']}" if match["user"] else str(match["host"])
+        self._address = str(match["host"]).strip("[]")
+        self._port = match["port"]
+        base = ["ssh"]
+        if ssh_config:
+            base += ["-F", ssh_config]
+        if identity_file:
+            base += ["-i", os.path.expanduser(identity_file), "-o", "IdentitiesOnly=yes"]
+        if self._port:
+            base += ["-p", self._port]
+        base += [
+            "-o", "BatchMode=yes",
+            "-o", "StrictHostKeyChecking=yes",
+            "-o", f"ConnectTimeout={int(max(1, connect_timeout))}",
+            "-o", "ServerAliveInterval=5",
+            "-o", "ServerAliveCountMax=3",
+            "-o", "ControlMaster=auto",
+            "-o", f"ControlPath={_control_dir()}/%C",
+            "-o", "ControlPersist=60",
+            *options,
+        ]
+        self._base = base
+
+    def spawn(self, argv: list[str]) -> subprocess.Popen[bytes]:
+        # the remote side gets one string for its shell: every word quoted
+        command = " ".join(shlex.quote(word) for word in argv)
+        return subprocess.Popen([*self._base, self._target, "--", command], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+
+    def explain_failure(self, returncode: int | None, stderr: str) -> str:
+        text = stderr.strip()
+        if "Host key verification failed" in text or "REMOTE HOST IDENTIFICATION HAS CHANGED" in text:
+            port = f"-p {self._port} " if self._port else ""
+            changed = "has CHANGED" if "CHANGED" in text else "is not known"
+            return (f"the SSH host key of {self.host} {changed}; shiplane checks host keys strictly. "
+                    f"If you trust this host, check its fingerprint and add it: "
+                    f"ssh-keyscan {port}{self._address} >> ~/.ssh/known_hosts")
+        lines = [line for line in text.splitlines() if line.strip()]
+        if returncode == 255:
+            return f"cannot reach {self.host} over SSH: {lines[-1] if lines else 'connection failed'}"
+        return f"the agent on {self.host} exited with code {returncode}" + (f": {' / '.join(lines[-3:])}" if lines else "")
+
+    def close(self) -> None:
+        subprocess.run([*self._base, "-O", "exit", self._target], capture_output=True, timeout=10, check=False)
