@@ -60,7 +60,7 @@ def load_project(path: Path | None = None, *, cwd: Path | None = None) -> Projec
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{file}: not valid TOML: {exc}") from None
+        raise ConfigError(toml_error(file, exc)) from None
     try:
         deploy = DeployFile.model_validate(data)
     except ValidationError as exc:
@@ -68,6 +68,16 @@ def load_project(path: Path | None = None, *, cwd: Path | None = None) -> Projec
     project = Project(root=file.parent.resolve(), path=file, deploy=deploy, text=text)
     check_semantics(project)
     return project
+
+
+def toml_error(file: Path, exc: Exception) -> str:
+    """``file:LINE: not valid TOML: <what>`` from tomllib's "(at line L, column C)" message."""
+    text = str(exc)
+    match = re.search(r"\(at line (\d+), column (\d+)\)", text)
+    if not match:
+        return f"{file}: not valid TOML: {text}"
+    what = text[: match.start()].strip()
+    return f"{file}:{match[1]}: not valid TOML (column {match[2]}): {what}"
 
 
 def describe_validation_error(
