@@ -1,0 +1,49 @@
+"""``python -m shiplane.agent <cmd>`` (or ``python3 agent.pyz <cmd>`` on a host).
+
+    serve <root>                              the session loop (JSON lines on stdin/stdout)
+    exec-env <root> <release_id> -- cmd ...   exec cmd in the release dir with its runtime env
+    proxy ...                                 the builtin front proxy
+"""
+
+from __future__ import annotations
+
+import sys
+
+USAGE = ("usage: agent serve <root> | agent exec-env <root> <release_id> -- cmd... "
+         "| agent proxy ...\n")
+
+
+def main(argv: list[str]) -> int:
+    """Dispatch a sub-command; returns the exit code (``exec-env`` does not return)."""
+    if not argv:
+        sys.stderr.write(USAGE)
+        return 2
+    cmd, rest = argv[0], argv[1:]
+    if cmd == "serve" and len(rest) == 1:
+        from .server import serve
+
+        return serve(rest[0])
+    if cmd == "exec-env" and len(rest) >= 4 and rest[2] == "--":
+        from . import AgentError
+        from .paths import Layout
+        from .releases import exec_in_release
+
+        try:
+            exec_in_release(Layout(rest[0]), rest[1], rest[3:])
+        except AgentError as exc:
+            sys.stderr.write(f"shiplane agent exec-env: {exc.message}\n")
+            return 2
+        except OSError as exc:
+            sys.stderr.write(f"shiplane agent exec-env: cannot run {rest[3]!r}: {exc}\n")
+            return 127
+        return 0  # not reached: exec replaced this process
+    if cmd == "proxy":
+        from . import proxy
+
+        return int(proxy.main(rest) or 0)
+    sys.stderr.write(USAGE)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

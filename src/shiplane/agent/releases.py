@@ -1,0 +1,463 @@
+"""Releases: install (unpack, render, link, venv, hooks), metadata, order, prune, runtime env.
+
+A release directory is complete when its ``release.json`` exists (written last). Order comes
+from release ids / recorded metadata, never from file mtimes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from . import AgentError, atomic_write, fsync_dir, ledger, utc_now
+from .hooks import run_hook
+from .paths import Layout
+from .store import require, safe_relpath, unpack_wheel, valid_sha
+from .venvs import ensure_venv, list_venvs, remove_venv, valid_digest
+
+Emit = Callable[[dict[str, Any]], None]
+
+RELEASE_ID_RE = re.compile(r"^[0-9]{8}T[0-9]{6}Z-[0-9a-f]{8}$")
+ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+STATES = ("prepared", "live", "previous", "good", "bad")
+PARTIAL_META = ".release.partial.json"
+RESERVED = {"release.json", "shiplane.env", PARTIAL_META}
+
+
+def valid_release_id(release_id: object) -> str:
+    """Return ``release_id`` if it is ``YYYYmmddTHHMMSSZ-<8 hex>``; fail kind ``usage`` otherwise."""
+    if not isinstance(release_id, str) or not RELEASE_ID_RE.match(release_id):
+        raise AgentError(f"not a release id: {release_id!r}", kind="usage")
+    return release_id
+
+
+def artifact_digest(manifest: dict[str, Any]) -> str:
+    """sha256 of the manifest's canonical JSON (the artifact's identity)."""
+    canonical = json.dumps(manifest, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+# --- metadata -------------------------------------------------------------------------------
+
+def read_meta(layout: Layout, release_id: str) -> dict[str, Any] | None:
+    """``release.json`` of a complete release (or the partial one during install), else None."""
+    for path in (layout.release_meta(release_id), layout.release(release_id) / PARTIAL_META):
+        try:
+            meta = json.loads(path.read_text(encoding="utf-8"))
+        except (FileNotFoundError, NotADirectoryError, ValueError):
+            continue
+        if isinstance(meta, dict):
+            return meta
+    return None
+
+
+def _write_meta(layout: Layout, release_id: str, meta: dict[str, Any]) -> None:
+    atomic_write(layout.release_meta(release_id), json.dumps(meta, indent=1, sort_keys=True))
+
+
+def update_meta(layout: Layout, release_id: str, **fields: Any) -> dict[str, Any]:
+    """Merge ``fields`` into a complete release's ``release.json`` (atomically)."""
+    valid_release_id(release_id)
+    if not layout.release_meta(release_id).is_file():
+        raise AgentError(f"release {release_id} is not installed", kind="missing")
+    meta = read_meta(layout, release_id) or {}
+    meta.update(fields)
+    _write_meta(layout, release_id, meta)
+    return meta
+
+
+def list_releases(layout: Layout) -> list[dict[str, Any]]:
+    """``release.json`` of every complete release, oldest first (ordered by release id)."""
+    if not layout.releases.is_dir():
+        return []
+    out = []
+    for entry in sorted(layout.releases.iterdir(), key=lambda p: p.name):
+        if RELEASE_ID_RE.match(entry.name) and layout.release_meta(entry.name).is_file():
+            meta = read_meta(layout, entry.name)
+            if meta is not None:
+                out.append(meta)
+    return out
+
+
+def current_release(layout: Layout) -> str | None:
+    """The live release id (where ``current`` points), or None."""
+    try:
+        target = os.readlink(layout.current)
+    except OSError:
+        return None
+    name = PurePosixPath(target).name
+    if RELEASE_ID_RE.match(name) and layout.release(name).is_dir():
+        return name
+    return None
+
+
+def previous_release(layout: Layout) -> str | None:
+    """The release that was live before the current one: from the ledger, else the states."""
+    current = current_release(layout)
+    present = {m["release_id"]: m for m in list_releases(layout) if "release_id" in m}
+    for entry in reversed(ledger.read(layout)):
+        rid = entry.get("release_id") or entry.get("release")
+        prev = entry.get("previous")
+        if current and rid == current and isinstance(prev, str) and prev != current:
+            if prev in present:
+                return str(prev)
+            break
+    for wanted in ("previous", "good", "live"):
+        ids = [rid for rid, m in present.items() if m.get("state") == wanted and rid != current]
+        if ids:
+            return str(max(ids))
+    return None
+
+
+def mark(layout: Layout, release_id: str, state: str) -> dict[str, Any]:
+    """Set a release's state. Marking one ``live`` demotes the old live to ``previous`` and the
+    old previous to ``good``, so the states always say which release was live before."""
+    if state not in STATES:
+        raise AgentError(f"unknown release state {state!r} (one of {', '.join(STATES)})",
+                         kind="usage")
+    if state == "live":
+        for meta in list_releases(layout):
+            rid = meta.get("release_id")
+            if rid == release_id or not isinstance(rid, str):
+                continue
+            if meta.get("state") == "previous":
+                update_meta(layout, rid, state="good")
+        for meta in list_releases(layout):
+            rid = meta.get("release_id")
+            if rid != release_id and isinstance(rid, str) and meta.get("state") == "live":
+                update_meta(layout, rid, state="previous")
+    stamp = {f"{state}_at": utc_now()}
+    return update_meta(layout, release_id, state=state, **stamp)
+
+
+def prune(layout: Layout, keep: int, emit: Emit) -> dict[str, Any]:
+    """Remove the oldest releases beyond ``keep``; never the live, the previous, nor the newest
+    ``good`` one. Then drop venvs no remaining release uses and leftovers of crashed installs."""
+    keep = max(1, int(keep))
+    metas = list_releases(layout)
+    current, previous = current_release(layout), previous_release(layout)
+    good = [m["release_id"] for m in metas if m.get("state") == "good"]
+    protected = {current, previous, good[-1] if good else None}
+    ids = [m["release_id"] for m in metas]
+    excess = len(ids) - keep
+    removed: list[str] = []
+    for rid in ids:
+        if excess <= 0:
+            break
+        if rid in protected:
+            continue
+        emit({"phase": "prune", "status": "remove", "detail": rid})
+        _remove_tree(layout.release(rid))
+        removed.append(rid)
+        excess -= 1
+    _remove_leftovers(layout)
+    used = {m.get("dependency_digest") for m in list_releases(layout)}
+    venvs_removed = [d for d in list_venvs(layout) if d not in used]
+    for digest in venvs_removed:
+        emit({"phase": "prune", "status": "remove-venv", "detail": digest})
+        remove_venv(layout, digest)
+    return {"removed": removed, "venvs_removed": venvs_removed}
+
+
+def _remove_leftovers(layout: Layout) -> None:
+    """Temp dirs of installs that crashed (never our own live work: prune runs under the lock)."""
+    if not layout.releases.is_dir():
+        return
+    live = current_release(layout)
+    for entry in layout.releases.iterdir():
+        name = entry.name
+        crashed_tmp = name.startswith((".tmp-", ".trash-")) and not name.endswith(f"-{os.getpid()}")
+        # A release dir without release.json is an install that died after its rename.
+        incomplete = bool(RELEASE_ID_RE.match(name)) and name != live \
+            and not layout.release_meta(name).exists()
+        if crashed_tmp or incomplete:
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def _remove_tree(path: Path) -> None:
+    """Rename aside first: a half-deleted release must never look like a release."""
+    if not path.exists():
+        return
+    trash = path.parent / f".trash-{path.name}-{os.getpid()}"
+    os.rename(path, trash)
+    fsync_dir(path.parent)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+# --- runtime environment -----------------------------------------------------------------------
+
+def read_env_file(path: Path) -> dict[str, str]:
+    """Parse a ``shiplane.env`` (KEY=<json string> per line)."""
+    out: dict[str, str] = {}
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return out
+    for line in text.splitlines():
+        if not line.strip() or line.lstrip().startswith("#") or "=" not in line:
+            continue
+        key, _, raw = line.partition("=")
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            value = raw
+        out[key.strip()] = value if isinstance(value, str) else json.dumps(value)
+    return out
+
+
+def runtime_env(layout: Layout, release_id: str) -> dict[str, str]:
+    """The environment services, hooks and tasks of a release run with.
+
+    ``os.environ``, then the release's env file, then the venv's ``bin`` first on ``PATH``, the
+    release code on ``PYTHONPATH`` and ``SHIPLANE_*``/``VIRTUAL_ENV``.
+    """
+    valid_release_id(release_id)
+    meta = read_meta(layout, release_id)
+    if meta is None:
+        raise AgentError(f"release {release_id} is not installed", kind="missing")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONHOME", "VIRTUAL_ENV")}
+    env.pop("PYTHONPATH", None)
+    env.pop("SHIPLANE_AGENT_PYZ", None)
+    env.update(read_env_file(layout.env_file(release_id)))
+    release_dir = layout.release(release_id)
+    digest = meta.get("dependency_digest")
+    if isinstance(digest, str) and valid_digest(digest):
+        venv = layout.venv(digest)
+        env["VIRTUAL_ENV"] = str(venv)
+        env["PATH"] = str(venv / "bin") + os.pathsep + env.get("PATH", os.defpath)
+    code = release_dir / "lib" if meta.get("source") == "package" else release_dir
+    extra = env.get("PYTHONPATH")
+    env["PYTHONPATH"] = str(code) + (os.pathsep + extra if extra else "")
+    env["SHIPLANE_RELEASE"] = release_id
+    env["SHIPLANE_STAGE"] = str(meta.get("stage") or "")
+    env["SHIPLANE_ROOT"] = str(layout.root)
+    return env
+
+
+def exec_in_release(layout: Layout, release_id: str, argv: list[str]) -> None:
+    """Replace this process with ``argv`` run in the release dir with its runtime env."""
+    if not argv:
+        raise AgentError("exec-env: no command given", kind="usage")
+    env = runtime_env(layout, release_id)
+    os.chdir(layout.release(release_id))
+    os.execvpe(argv[0], argv, env)
+
+
+# --- install -----------------------------------------------------------------------------------
+
+def _install_tools(layout: Layout, tools: list[dict[str, Any]], emit: Emit) -> None:
+    """Unpack the artifact's tool wheels (supervisor) into ``tools/<wheel name>/``, once each.
+
+    They are pure-Python wheels run with ``PYTHONPATH`` set to that dir, so they need no venv and
+    outlive every release.
+    """
+    require(layout, [t.get("sha256") for t in tools])
+    for tool in tools:
+        name = str(tool.get("path") or "")
+        if "/" in name or not name.endswith(".whl"):
+            raise AgentError(f"tool {name!r}: not a wheel file name", kind="usage")
+        dest = layout.tools / name[: -len(".whl")]
+        if (dest / ".complete").exists():
+            continue
+        emit({"phase": "install", "status": "tools", "detail": name})
+        tmp = layout.tools / f".tmp-{name}-{os.getpid()}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        unpack_wheel(layout.blob(str(tool["sha256"])), tmp, name)
+        (tmp / ".complete").write_text("")
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.rename(tmp, dest)
+
+
+def install(layout: Layout, args: dict[str, Any], emit: Emit) -> dict[str, Any]:
+    """The ``install`` op: build ``releases/<id>`` completely or not at all.
+
+    Reuses an existing complete release of the same artifact. Everything is built in
+    ``releases/.tmp-<id>-<pid>`` and renamed into place; the ``after_install`` hooks then run in
+    it and ``release.json`` is written last. Any failure removes the release dir; ``current`` is
+    never touched.
+    """
+    started = time.monotonic()
+    release_id = valid_release_id(args.get("release_id"))
+    manifest = args.get("manifest")
+    if not isinstance(manifest, dict):
+        raise AgentError("install: manifest missing", kind="usage")
+    artifact = str(args.get("artifact") or artifact_digest(manifest))
+    digest = manifest.get("dependency_digest") or None
+    deps = list(manifest.get("dependencies") or [])
+    python = str(args.get("python") or sys.executable)
+    final = layout.release(release_id)
+
+    existing = read_meta(layout, release_id) if layout.release_meta(release_id).is_file() else None
+    if existing is not None:
+        if existing.get("artifact") != artifact:
+            raise AgentError(f"release {release_id} exists with another artifact "
+                             f"({existing.get('artifact')})", kind="conflict")
+        venv = ensure_venv(layout, digest, deps, python, emit) if digest else {"reused": True}
+        return {"release_id": release_id, "reused": True, "venv_reused": venv["reused"],
+                "venv_seconds": venv.get("seconds", 0.0), "seconds": 0.0}
+    if final.exists() or final.is_symlink():
+        if current_release(layout) == release_id:
+            raise AgentError(f"release {release_id} is live but incomplete", kind="conflict")
+        emit({"phase": "install", "status": "cleanup", "detail": f"removing incomplete {final}"})
+        _remove_tree(final)
+
+    app_files = list(manifest.get("app_files") or [])
+    require(layout, [f.get("sha256") for f in app_files + deps])
+    _install_tools(layout, list(manifest.get("tools") or []), emit)
+    source = (manifest.get("app") or {}).get("source") or "package"
+    meta: dict[str, Any] = {
+        "release_id": release_id, "artifact": artifact, "dependency_digest": digest,
+        "git_commit": manifest.get("git_commit"), "created_at": utc_now(),
+        "stage": args.get("stage"), "state": "prepared", "source": source,
+        "app": manifest.get("app"), "blobs": sorted({str(f["sha256"]) for f in app_files + deps}),
+    }
+    if args.get("services") is not None:
+        meta["services"] = args["services"]
+
+    layout.releases.mkdir(parents=True, exist_ok=True)
+    tmp = layout.releases / f".tmp-{release_id}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    placed = False
+    try:
+        tmp.mkdir()
+        emit({"phase": "install", "status": "unpack", "detail": release_id})
+        _place_app_files(layout, tmp, app_files)
+        shared_rendered = _write_rendered(layout, tmp, list(args.get("rendered") or []))
+        _write_env(tmp, args.get("env") or {})
+        _link_shared(layout, tmp, final, args.get("shared") or {}, shared_rendered)
+        atomic_write(tmp / PARTIAL_META, json.dumps(meta, sort_keys=True))
+        venv = {"reused": True, "seconds": 0.0}
+        if digest:
+            emit({"phase": "install", "status": "venv", "detail": str(digest)})
+            venv = ensure_venv(layout, digest, deps, python, emit)
+        fsync_dir(tmp)
+        os.rename(tmp, final)
+        fsync_dir(layout.releases)
+        placed = True
+        hook_timeout = float(args.get("hook_timeout") or 600)
+        for hook in args.get("hooks") or []:
+            command = hook.get("command") if isinstance(hook, dict) else hook
+            timeout = hook.get("timeout", hook_timeout) if isinstance(hook, dict) else hook_timeout
+            run_hook(layout, release_id, str(command), float(timeout), emit)
+        _write_meta(layout, release_id, meta)
+        (final / PARTIAL_META).unlink()
+    except BaseException:
+        if placed:
+            _remove_tree(final)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {"release_id": release_id, "reused": False, "venv_reused": venv["reused"],
+            "venv_seconds": venv.get("seconds", 0.0),
+            "seconds": round(time.monotonic() - started, 3)}
+
+
+def _place_app_files(layout: Layout, base: Path, app_files: list[dict[str, Any]]) -> None:
+    for item in app_files:
+        sha = item.get("sha256")
+        if not valid_sha(sha):
+            raise AgentError(f"app file {item.get('path')!r} has no valid sha256", kind="usage")
+        blob = layout.blob(str(sha))
+        if item.get("kind") == "wheel":
+            unpack_wheel(blob, base / "lib", str(item.get("path")))
+            continue
+        rel = safe_relpath(item.get("path"), "app file")
+        has_wheel = any(f.get("kind") == "wheel" for f in app_files)
+        if rel in RESERVED or (has_wheel and (rel == "lib" or rel.startswith("lib/"))):
+            raise AgentError(f"app file path {rel!r} is reserved", kind="usage")
+        dest = base / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        # A copy, not a hard link: the app (or a hook) editing its file must not corrupt the store.
+        shutil.copyfile(blob, dest)
+        mode = item.get("mode")
+        os.chmod(dest, _mode(mode, 0o644))
+
+
+def _mode(value: object, default: int) -> int:
+    if value is None or value == "":
+        return default
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value & 0o7777
+    try:
+        return int(str(value), 8) & 0o7777
+    except ValueError as exc:
+        raise AgentError(f"invalid file mode {value!r}", kind="usage") from exc
+
+
+def _write_rendered(layout: Layout, base: Path, rendered: list[dict[str, Any]]) -> list[str]:
+    """Write rendered config files; returns the paths of those placed under ``shared/``."""
+    shared_paths = []
+    for item in rendered:
+        rel = safe_relpath(item.get("path"), "rendered file")
+        content = item.get("content")
+        if not isinstance(content, str):
+            raise AgentError(f"rendered file {rel}: content must be text", kind="usage")
+        mode = _mode(item.get("mode"), 0o644)
+        if item.get("shared"):
+            atomic_write(layout.shared / rel, content, mode)
+            shared_paths.append(rel)
+        else:
+            if rel in RESERVED:
+                raise AgentError(f"rendered file path {rel!r} is reserved", kind="usage")
+            atomic_write(base / rel, content, mode)
+    return shared_paths
+
+
+def _write_env(base: Path, env: dict[str, Any]) -> None:
+    if not isinstance(env, dict):
+        raise AgentError("install: env must be an object", kind="usage")
+    lines = []
+    for key in sorted(env):
+        if not ENV_KEY_RE.match(str(key)):
+            raise AgentError(f"invalid environment variable name {key!r}", kind="usage")
+        lines.append(f"{key}={json.dumps(str(env[key]))}")
+    atomic_write(base / "shiplane.env", "".join(line + "\n" for line in lines), 0o600)
+
+
+def _link_shared(layout: Layout, base: Path, final: Path, shared: dict[str, Any],
+                 rendered: list[str]) -> None:
+    """Link shared dirs and files into the release with relative symlinks.
+
+    Links are computed from the final ``releases/<id>`` location (same depth as the temp dir).
+    A missing shared file is left for the app to create through the link.
+    """
+    dirs = [safe_relpath(d, "shared dir") for d in shared.get("dirs") or []]
+    files = [safe_relpath(f, "shared file") for f in shared.get("files") or []]
+    covered = dirs + files
+    # Rendered shared files get a link too, unless a shared dir or file entry already covers them.
+    files += [r for r in rendered
+              if not any(r == c or r.startswith(c + "/") for c in covered)]
+    for rel in dirs + files:
+        if rel in RESERVED:
+            raise AgentError(f"shared path {rel!r} is reserved", kind="usage")
+        outer = [d for d in dirs if rel.startswith(d + "/")]
+        if outer:
+            # Linking through another link would replace a file inside shared/ itself.
+            raise AgentError(f"shared path {rel!r} lies inside shared dir {outer[0]!r}",
+                             kind="usage")
+        target = layout.shared / rel
+        if rel in dirs:
+            target.mkdir(parents=True, exist_ok=True)
+        else:
+            target.parent.mkdir(parents=True, exist_ok=True)
+        link = base / rel
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if not os.path.realpath(link.parent).startswith(os.path.realpath(base) + os.sep) \
+                and link.parent != base:
+            raise AgentError(f"shared path {rel!r} leads outside the release", kind="usage")
+        if link.is_symlink() or link.is_file():
+            link.unlink()
+        elif link.is_dir():
+            shutil.rmtree(link)  # the artifact's copy (e.g. an empty logs/) yields to the shared one
+        final_parent = final / PurePosixPath(rel).parent
+        os.symlink(os.path.relpath(target, final_parent), link)

@@ -1,0 +1,314 @@
+"""The agent session: JSON lines in, events and one result per request out (DESIGN "Agent protocol").
+
+One session serves many requests. An op that fails answers with an error line; nothing an op
+does can end the session except EOF on stdin (or a signal, which releases our deploy lock).
+"""
+
+from __future__ import annotations
+
+import getpass
+import importlib
+import json
+import os
+import platform
+import signal
+import socket
+import sys
+import sysconfig
+import threading
+import traceback
+from collections.abc import Callable
+from typing import Any, BinaryIO
+
+from . import AgentError, __version__, ledger, lock, releases, store
+from .hooks import run_hook
+from .paths import Layout
+from .venvs import find_uv, list_venvs
+
+Emit = Callable[[dict[str, Any]], None]
+HEARTBEAT_EVERY = 20.0
+
+
+def _services() -> Any:
+    """The services module (supervisord backend), imported only when an op needs it."""
+    return importlib.import_module(".services", __package__)
+
+
+def hello(layout: Layout) -> dict[str, Any]:
+    """Facts about this host the controller plans with."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry (containers with arbitrary uids)
+        user = str(os.getuid())
+    return {
+        "agent": __version__,
+        "python": platform.python_version(),
+        "python_version": "{}.{}".format(*sys.version_info[:2]),
+        "platform": sysconfig.get_platform().replace("-", "_").replace(".", "_"),
+        "executable": sys.executable,
+        "uv": find_uv(),
+        "systemd": os.path.isdir("/run/systemd/system"),
+        "user": user,
+        "hostname": socket.gethostname(),
+        "root": str(layout.root),
+        "pid": os.getpid(),
+    }
+
+
+class Session:
+    """One controller connection: the request loop, plus the deploy lock it holds, if any."""
+
+    def __init__(self, layout: Layout, stdin: BinaryIO, stdout: BinaryIO) -> None:
+        self.layout = layout
+        self.stdin = stdin
+        self.stdout = stdout
+        self.holder: dict[str, Any] | None = None
+        self._write_lock = threading.Lock()
+        self._beat_stop = threading.Event()
+        self._beat_thread: threading.Thread | None = None
+        # Serialises lock-file changes of this session: the heartbeat thread must never recreate
+        # a lock the main thread has just removed. Reentrant: the signal handler runs on the main
+        # thread, possibly inside such a section.
+        self.lock_ops = threading.RLock()
+
+    # --- wire ---------------------------------------------------------------------------------
+
+    def send(self, obj: dict[str, Any]) -> None:
+        line = json.dumps(obj, separators=(",", ":"), default=str) + "\n"
+        with self._write_lock:
+            self.stdout.write(line.encode("utf-8"))
+            self.stdout.flush()
+
+    def serve(self) -> None:
+        """Send ``hello``, then answer requests until EOF on stdin."""
+        self.layout.root.mkdir(parents=True, exist_ok=True)
+        self.send({"hello": hello(self.layout)})
+        while True:
+            line = self.stdin.readline()
+            if not line:
+                break
+            if not line.strip():
+                continue
+            self.handle_line(line)
+        self._stop_heartbeat()
+
+    def handle_line(self, line: bytes) -> None:
+        """Parse and run one request; every outcome is a result or an error line for its id."""
+        req_id: Any = None
+        try:
+            req = json.loads(line)
+            if not isinstance(req, dict):
+                raise TypeError("a request must be a JSON object")
+            req_id = req.get("id")
+            op = req.get("op")
+            args = req.get("args") or {}
+            if not isinstance(args, dict):
+                raise TypeError("args must be an object")
+        except (ValueError, TypeError) as exc:
+            self.send({"id": req_id, "ok": False,
+                       "error": {"message": f"bad request line: {exc}", "kind": "protocol"}})
+            return
+
+        def emit(event: dict[str, Any]) -> None:
+            self.send({"id": req_id, "event": event})
+
+        handler = HANDLERS.get(str(op))
+        try:
+            if handler is None:
+                raise AgentError(f"unknown op {op!r}", kind="usage")
+            result = handler(self, args, emit)
+        except Exception as exc:  # noqa: BLE001 - any failure of an op is an answer, never a crash
+            self.send({"id": req_id, "ok": False, "error": error_object(exc)})
+            return
+        self.send({"id": req_id, "ok": True, "result": result if result is not None else {}})
+
+    # --- lock -----------------------------------------------------------------------------------
+
+    def _start_heartbeat(self) -> None:
+        """While this session holds the lock, keep its heartbeat fresh (long installs included)."""
+        if self._beat_thread is not None and self._beat_thread.is_alive():
+            if not self._beat_stop.is_set():
+                return
+            self._beat_thread.join()  # a stopped beat is on its way out: wait, then start afresh
+        self._beat_stop.clear()
+
+        def beat() -> None:
+            while not self._beat_stop.wait(HEARTBEAT_EVERY):
+                with self.lock_ops:
+                    if self._beat_stop.is_set() or self.holder is None:
+                        return
+                    try:
+                        lock.heartbeat(self.layout, self.holder)
+                    except Exception:  # noqa: BLE001
+                        return  # lost or released: the next op that needs the lock will say so
+
+        self._beat_thread = threading.Thread(target=beat, name="lock-heartbeat", daemon=True)
+        self._beat_thread.start()
+
+    def _stop_heartbeat(self) -> None:
+        self._beat_stop.set()
+
+    def release_on_signal(self, signum: int, _frame: Any) -> None:
+        """SIGTERM/SIGINT: give back the deploy lock we took, then exit."""
+        self._stop_heartbeat()
+        with self.lock_ops:
+            if self.holder is not None:
+                try:
+                    lock.release(self.layout, self.holder, force=False)
+                except Exception:  # noqa: BLE001, S110 - exiting anyway; a kept lock goes stale
+                    pass
+                self.holder = None
+        raise SystemExit(128 + signum)
+
+
+def error_object(exc: BaseException) -> dict[str, Any]:
+    """The protocol error for an exception: expected ones carry ``kind``; others are ``internal``."""
+    kind = getattr(exc, "kind", None)
+    if isinstance(kind, str):
+        out: dict[str, Any] = {}
+        extra = getattr(exc, "extra", None)
+        if isinstance(extra, dict):
+            out.update(extra)
+        out["message"] = str(getattr(exc, "message", None) or exc)
+        out["kind"] = kind
+        return out
+    return {"message": f"{type(exc).__name__}: {exc}", "kind": "internal",
+            "detail": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))}
+
+
+# --- handlers: (session, args, emit) -> result ---------------------------------------------------
+
+Handler = Callable[[Session, dict[str, Any], Emit], Any]
+
+
+def inventory(layout: Layout, shas: list[str]) -> dict[str, Any]:
+    """What the controller needs to plan a deploy on this host."""
+    info = lock.read(layout)
+    try:
+        services: Any = _services().status(layout)
+    except ImportError:
+        services = {}
+    except Exception as exc:  # noqa: BLE001 - inventory must answer even if services are broken
+        services = {"error": f"{type(exc).__name__}: {exc}"}
+    return {
+        "missing": store.missing(layout, shas),
+        "current": releases.current_release(layout),
+        "previous": releases.previous_release(layout),
+        "releases": releases.list_releases(layout),
+        "venvs": list_venvs(layout),
+        "lock": lock.describe(info) if info else None,
+        "setup_done": ledger.setup_done(layout),
+        "services": services,
+    }
+
+
+def _op_inventory(s: Session, args: dict[str, Any], emit: Emit) -> Any:
+    return inventory(s.layout, list(args.get("blobs") or []))
+
+
+def _op_receive(s: Session, args: dict[str, Any], emit: Emit) -> Any:
+    blobs = args.get("blobs") or []
+    if not isinstance(blobs, list):
+        raise AgentError("receive: blobs must be a list", kind="protocol")
+    return store.receive(s.layout, blobs, s.stdin, emit)
+
+
+def _op_hook(s: Session, args: dict[str, Any], emit: Emit) -> Any:
+    rid = releases.valid_release_id(args.get("release_id"))
+    command = args.get("command")
+    if not isinstance(command, str) or not command.strip():
+        raise AgentError("hook: command missing", kind="usage")
+    return run_hook(s.layout, rid, command, float(args.get("timeout") or 600), emit)
+
+
+def _names(args: dict[str, Any]) -> list[str] | None:
+    names = args.get("services")
+    return list(names) if isinstance(names, list) else None
+
+
+def _op_switch(s: Session, args: dict[str, Any], emit: Emit) -> Any:
+    rid = releases.valid_release_id(args.get("release_id"))
+    return _services().switch(s.layout, rid, args, emit)
+
+
+def _op_lock(s: Session, args: dict[str, Any], emit: Emit) -> Any:
+    holder = args.get("holder")
+    if not isinstance(holder, dict):
+        raise AgentError("lock: holder missing", kind="usage")
+    record = lock.acquire(s.layout, holder, float(args.get("wait") or 0), emit)
+    with s.lock_ops:
+        s.holder = holder
+    s._start_heartbeat()
+    return record
+
+
+def _op_heartbeat(s: Session, args: dict[str, Any], emit: Emit) -> Any:
+    holder = args.get("holder") if isinstance(args.get("holder"), dict) else s.holder
+    with s.lock_ops:
+        return lock.heartbeat(s.layout, holder)
+
+
+def _op_unlock(s: Session, args: dict[str, Any], emit: Emit) -> Any:
+    holder = args.get("holder") if isinstance(args.get("holder"), dict) else s.holder
+    with s.lock_ops:
+        result = lock.release(s.layout, holder, force=bool(args.get("force")))
+        if s.holder is not None and not lock.is_ours(lock.read(s.layout) or {}, s.holder):
+            s._stop_heartbeat()
+            s.holder = None
+    return result
+
+
+def _op_releases(s: Session, args: dict[str, Any], emit: Emit) -> Any:
+    return {"releases": releases.list_releases(s.layout),
+            "current": releases.current_release(s.layout),
+            "previous": releases.previous_release(s.layout)}
+
+
+def _op_record(s: Session, args: dict[str, Any], emit: Emit) -> Any:
+    entry = args.get("entry")
+    if not isinstance(entry, dict):
+        raise AgentError("record: entry must be an object", kind="usage")
+    return ledger.append(s.layout, entry)
+
+
+def _op_history(s: Session, args: dict[str, Any], emit: Emit) -> Any:
+    limit = args.get("limit")
+    return {"entries": ledger.read(s.layout, int(limit) if limit is not None else None)}
+
+
+HANDLERS: dict[str, Handler] = {
+    "inventory": _op_inventory,
+    "receive": _op_receive,
+    "install": lambda s, a, e: releases.install(s.layout, a, e),
+    "hook": _op_hook,
+    "switch": _op_switch,
+    "start": lambda s, a, e: _services().start(s.layout, _names(a), a.get("spec"), e),
+    "stop": lambda s, a, e: _services().stop(s.layout, _names(a), e),
+    "restart": lambda s, a, e: _services().restart(s.layout, _names(a), a.get("spec"), e),
+    "reload": lambda s, a, e: _services().reload(s.layout, _names(a), e),
+    "status": lambda s, a, e: _services().status(s.layout),
+    "shutdown": lambda s, a, e: _services().shutdown(s.layout, e),
+    "logs": lambda s, a, e: _services().logs(s.layout, a.get("service"),
+                                             int(a.get("lines") or 100), bool(a.get("follow")), e),
+    "releases": _op_releases,
+    "history": _op_history,
+    "record": _op_record,
+    "mark": lambda s, a, e: releases.mark(s.layout, releases.valid_release_id(a.get("release_id")),
+                                          str(a.get("state"))),
+    "prune": lambda s, a, e: releases.prune(s.layout, int(a.get("keep") or 5), e),
+    "lock": _op_lock,
+    "heartbeat": _op_heartbeat,
+    "unlock": _op_unlock,
+}
+
+
+def serve(root: str, stdin: BinaryIO | None = None, stdout: BinaryIO | None = None) -> int:
+    """Run a session on stdin/stdout for the deploy root ``root``; returns the exit code."""
+    session = Session(Layout(root), stdin or sys.stdin.buffer, stdout or sys.stdout.buffer)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, session.release_on_signal)
+    try:
+        session.serve()
+    except BrokenPipeError:
+        return 0  # the controller went away; its lock (if any) goes stale without heartbeats
+    return 0

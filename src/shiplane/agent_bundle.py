@@ -1,0 +1,71 @@
+"""The agent as shipped to hosts: a deterministic zipapp plus the bootstrap that installs it.
+
+The controller starts ``python3 -c BOOTSTRAP <root> <sha>`` on a host (through ssh, or as a local
+subprocess). The bootstrap asks for the zipapp only when ``<root>/.shiplane/agent-<sha>.pyz`` is
+missing, so the agent crosses the wire once per version.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import io
+import zipfile
+from pathlib import Path
+
+PACKAGE = "shiplane_agent"
+# Any fixed date works; 1980-01-01 is the earliest a zip can record.
+_EPOCH = (1980, 1, 1, 0, 0, 0)
+
+_ZIP_MAIN = (
+    "import runpy\n"
+    f"runpy.run_module({PACKAGE!r}, run_name='__main__', alter_sys=True)\n"
+)
+
+
+@functools.lru_cache(maxsize=1)
+def agent_zip() -> tuple[bytes, str]:
+    """The agent zipapp's bytes and their sha256 (hex); identical bytes for identical sources."""
+    source_dir = Path(__file__).resolve().parent / "agent"
+    entries = [("__main__.py", _ZIP_MAIN.encode("utf-8"))]
+    for path in sorted(source_dir.glob("*.py")):
+        entries.append((f"{PACKAGE}/{path.name}", path.read_bytes()))
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for name, data in sorted(entries):
+            info = zipfile.ZipInfo(name, date_time=_EPOCH)
+            info.compress_type = zipfile.ZIP_DEFLATED
+            info.create_system = 3  # unix, so external_attr means the same everywhere
+            info.external_attr = 0o644 << 16
+            zf.writestr(info, data)
+    data = buf.getvalue()
+    return data, hashlib.sha256(data).hexdigest()
+
+
+# Kept compact (it travels on every ssh command line) and valid on any Python 3.
+BOOTSTRAP = r"""import hashlib,os,sys,runpy
+r=os.path.abspath(os.path.expanduser(sys.argv[1]));s=sys.argv[2]
+if len(s)!=64 or s.strip("0123456789abcdef"):sys.stderr.write("shiplane: bad agent sha\n");sys.exit(2)
+d=os.path.join(r,".shiplane")
+if not os.path.isdir(d):os.makedirs(d)
+p=os.path.join(d,"agent-%s.pyz"%s)
+if not os.path.isfile(p):
+ sys.stdout.write("NEED\n");sys.stdout.flush()
+ i=sys.stdin.buffer;n=int(i.readline());c=[];g=0
+ while g<n:
+  b=i.read(min(n-g,1<<20))
+  if not b:break
+  c.append(b);g+=len(b)
+ b=b"".join(c)
+ if hashlib.sha256(b).hexdigest()!=s:sys.stderr.write("shiplane: agent upload corrupted (sha256 mismatch, %d of %d bytes)\n"%(len(b),n));sys.exit(3)
+ t="%s.tmp-%d"%(p,os.getpid())
+ with open(t,"wb") as f:f.write(b);f.flush();os.fsync(f.fileno())
+ os.rename(t,p)
+os.environ["SHIPLANE_AGENT_PYZ"]=p;sys.path.insert(0,p);sys.argv=[p,"serve",r]
+runpy.run_module("shiplane_agent",run_name="__main__",alter_sys=True)
+"""
+
+
+def bootstrap_argv(python: str, root: str, sha: str) -> list[str]:
+    """The argv that starts an agent session for ``root`` (send the zip if it answers ``NEED``)."""
+    return [python, "-c", BOOTSTRAP, root, sha]
