@@ -228,7 +228,12 @@ def _names(args: dict[str, Any]) -> list[str] | None:
 
 def _op_switch(s: Session, args: dict[str, Any], emit: Emit) -> Any:
     rid = releases.valid_release_id(args.get("release_id"))
-    return _services().switch(s.layout, rid, args, emit)
+    spec = args.get("services")
+    if not isinstance(spec, dict):
+        raise AgentError("switch: services spec missing", kind="usage")
+    result = _services().switch(s.layout, rid, spec, emit)
+    releases.mark(s.layout, rid, "live")  # the one that was live becomes "previous"
+    return result
 
 
 def _op_lock(s: Session, args: dict[str, Any], emit: Emit) -> Any:

@@ -1,0 +1,44 @@
+"""Build the content-addressed artifact (SPEC §5) and run the test gate.
+
+``build(spec)`` turns a checkout into one immutable artifact: the app (a wheel, a source tree,
+or nothing), a wheelhouse of its locked dependencies for the hosts' target, the supervisor tool
+wheel and the config templates, every file stored by sha256 in ``.shiplane/build/blobs`` and
+listed in a manifest whose sha256 is the artifact's digest (docs/DESIGN.md, "Artifact").
+"""
+
+from ._build import (
+    BuildResult,
+    BuildSpec,
+    CompiledApp,
+    build,
+    clean,
+    compile_app,
+    load_manifest,
+    pack,
+)
+from ._gate import gate_env, run_gate
+from ._manifest import FileEntry, Manifest, canonical_json, dependency_digest
+from ._source import detect_source
+from ._store import BlobStore
+from ._wheelhouse import Target, resolve_target
+
+__all__ = [
+    "BlobStore",
+    "BuildResult",
+    "BuildSpec",
+    "CompiledApp",
+    "FileEntry",
+    "Manifest",
+    "Target",
+    "build",
+    "canonical_json",
+    "clean",
+    "compile_app",
+    "dependency_digest",
+    "detect_source",
+    "gate_env",
+    "load_manifest",
+    "pack",
+    "resolve_target",
+    "run_gate",
+]

@@ -65,7 +65,7 @@ def build_artifact(file: Path | None, masker: Masker, *, step: str, as_json: boo
             return {"ok": True, "summary": str(result), "result": str(result)}
         runner = pack if step == "pack" else build
         done = runner(spec, on_event=on_event)
-    manifest = done.manifest.to_json()
+    manifest = done.manifest.to_dict()
     return {"ok": True, "digest": done.digest, "reused": done.reused, "seconds": round(done.seconds, 3),
             "dependency_digest": manifest.get("dependency_digest"), "git_commit": manifest.get("git_commit"),
             "files": len(manifest.get("app_files", [])) + len(manifest.get("dependencies", []))}

@@ -122,7 +122,7 @@ def _gate_and_build(d: Deployment, emit: Any) -> None:
         from shiplane.artifact import load_manifest
 
         manifest = load_manifest(d.ctx.project.root, d.options.artifact)
-        d.manifest, d.digest = manifest.to_json(), manifest.digest
+        d.manifest, d.digest = manifest.to_dict(), manifest.digest
         return
     started = time.monotonic()
     if deploy.build.test and not d.options.skip_tests:
@@ -134,7 +134,7 @@ def _gate_and_build(d: Deployment, emit: Any) -> None:
     started = time.monotonic()
     emit(Event("build", "start"))
     result = build_for_deploy(d.ctx.project, emit)
-    d.manifest, d.digest = result.manifest.to_json(), result.digest
+    d.manifest, d.digest = result.manifest.to_dict(), result.digest
     emit(Event("build", "ok", detail=f"artifact {d.digest[:12]}{' (reused)' if result.reused else ''}",
                seconds=time.monotonic() - started))
 

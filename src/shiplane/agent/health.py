@@ -1,0 +1,153 @@
+"""Health and smoke checks of a candidate web server, over its own unix socket.
+
+The candidate is checked on ``run/web-<id>.sock`` before it takes traffic, so a failing release
+is never reachable through the front. Errors carry what a human needs to fix it: the last status,
+the head of the body and the last lines of the web log.
+"""
+
+from __future__ import annotations
+
+import http.client
+import socket
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any, Callable
+
+from .errors import AgentError
+
+Emit = Callable[[dict[str, Any]], None]
+
+BODY_HEAD = 300
+LOG_TAIL_LINES = 20
+
+
+class UnixHTTPConnection(http.client.HTTPConnection):
+    """An ``http.client`` connection to a unix socket (``Host: localhost``)."""
+
+    def __init__(self, sock_path: str, timeout: float = 10.0) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self.sock_path = sock_path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self.sock_path)
+        except BaseException:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+def http_get_unix(sock_path: str | Path, path: str, timeout: float) -> tuple[int, dict[str, str], bytes]:
+    """GET ``path`` from the HTTP server on ``sock_path``; returns (status, headers, body).
+
+    Connection errors (missing socket, refused, timeout) propagate as ``OSError``.
+    """
+    conn = UnixHTTPConnection(str(sock_path), timeout=timeout)
+    try:
+        conn.request("GET", path, headers={"Host": "localhost", "Connection": "close"})
+        resp = conn.getresponse()
+        body = resp.read()
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, body
+    finally:
+        conn.close()
+
+
+def tail_lines(path: str | Path, lines: int = LOG_TAIL_LINES) -> list[str]:
+    """The last ``lines`` lines of a text file (empty when it does not exist)."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, 2)
+            size = fh.tell()
+            # Reading the last 64 KiB is enough for 20 log lines and bounded on a huge log.
+            fh.seek(max(0, size - 65536))
+            data = fh.read()
+    except OSError:
+        return []
+    keep: deque[str] = deque(data.decode("utf-8", "replace").splitlines(), maxlen=lines)
+    return list(keep)
+
+
+def _body_head(body: bytes) -> str:
+    return body[:BODY_HEAD].decode("utf-8", "replace")
+
+
+def _with_log(message: str, log_path: str | Path | None) -> str:
+    if log_path is None:
+        return message
+    tail = tail_lines(log_path)
+    if not tail:
+        return message + f"\n(no output in {log_path})"
+    return message + f"\nlast lines of {log_path}:\n" + "\n".join(tail)
+
+
+def wait_healthy(sock: str | Path, path: str | None, timeout: float, log_path: str | Path | None,
+                 emit: Emit, alive: Callable[[], str | None] | None = None) -> dict[str, Any]:
+    """Poll ``GET path`` on ``sock`` until it answers 2xx; raise ``AgentError(kind="health")``.
+
+    With ``path`` None (no health check configured) any answer below 500 counts as healthy: the
+    server is up and serving. ``alive`` is asked between attempts and returns a reason when the
+    server process has died for good (so a crashing release fails fast instead of waiting out
+    the timeout). Returns ``{status, seconds, attempts}``.
+    """
+    started = time.monotonic()
+    deadline = started + max(timeout, 0.1)
+    check_path = path or "/"
+    delay = 0.05
+    attempts = 0
+    last = "no attempt made"
+    emit({"phase": "switch", "status": "health", "detail": f"GET {check_path} on {sock}"})
+    while True:
+        attempts += 1
+        remaining = deadline - time.monotonic()
+        try:
+            status, _headers, body = http_get_unix(sock, check_path, max(0.5, min(remaining, 10.0)))
+        except (OSError, http.client.HTTPException) as exc:
+            last = f"cannot connect: {exc.__class__.__name__}: {exc}"
+        else:
+            ok = 200 <= status < 300 if path else status < 500
+            if ok:
+                seconds = round(time.monotonic() - started, 3)
+                emit({"phase": "switch", "status": "healthy",
+                      "detail": f"GET {check_path} -> {status} after {seconds}s"})
+                return {"status": status, "seconds": seconds, "attempts": attempts}
+            last = f"last status {status}, body: {_body_head(body)!r}"
+        dead = alive() if alive is not None else None
+        if dead:
+            raise AgentError(_with_log(f"health check failed: the server is not running ({dead}); "
+                                       f"{last}", log_path), kind="health")
+        if time.monotonic() + delay >= deadline:
+            raise AgentError(_with_log(f"health check GET {check_path} did not answer 2xx within "
+                                       f"{timeout:g}s: {last}", log_path), kind="health")
+        time.sleep(delay)  # polling backoff between attempts, bounded by the deadline
+        delay = min(delay * 1.5, 0.5)
+
+
+def run_smoke(sock: str | Path, checks: list[dict[str, Any]] | None, timeout: float = 10.0,
+              log_path: str | Path | None = None) -> list[dict[str, Any]]:
+    """Run each smoke check ``{path, expect?, status=200}`` once against ``sock``.
+
+    The first failing check raises ``AgentError(kind="smoke")`` naming the check, the status and
+    the head of the body. Returns one ``{path, status}`` per passed check.
+    """
+    passed: list[dict[str, Any]] = []
+    for check in checks or []:
+        path = str(check.get("path") or "/")
+        want_status = int(check.get("status") or 200)
+        expect = check.get("expect")
+        name = f"GET {path}" + (f" expecting {expect!r}" if expect else "") + f" (status {want_status})"
+        try:
+            status, _headers, body = http_get_unix(sock, path, timeout)
+        except (OSError, http.client.HTTPException) as exc:
+            raise AgentError(_with_log(f"smoke check {name} failed: cannot connect: {exc}",
+                                       log_path), kind="smoke") from None
+        text = body.decode("utf-8", "replace")
+        if status != want_status or (expect and str(expect) not in text):
+            problem = (f"got status {status}" if status != want_status
+                       else f"the body does not contain {expect!r}")
+            raise AgentError(_with_log(f"smoke check {name} failed: {problem}; body starts: "
+                                       f"{_body_head(body)!r}", log_path), kind="smoke")
+        passed.append({"path": path, "status": status})
+    return passed

@@ -1,0 +1,243 @@
+"""The builtin front: a small asyncio TCP proxy from the public port to ``run/web.sock``.
+
+Each accepted connection is connected to whatever ``web.sock`` points at *at that moment* (the
+kernel follows the symlink in ``connect``), so renaming the symlink moves new connections to the
+new release while open ones finish on the old one. A connect that is refused or finds no socket
+is retried for a short while, re-resolving the path: nothing has been sent yet, so that is safe,
+and it covers the instant a server closes its listener or is restarted by supervisord.
+
+Bytes are moved with asyncio protocols (no coroutine per chunk), with flow control in both
+directions and half-close: one side's EOF is passed on and the other direction keeps flowing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import socket
+import sys
+from typing import Any
+
+CONNECT_RETRY_SECONDS = 2.0
+CONNECT_RETRY_DELAY = 0.02
+SHUTDOWN_GRACE = 10.0
+REFUSED_LINGER = 2.0
+BACKLOG = 1024
+BAD_GATEWAY = (b"HTTP/1.1 502 Bad Gateway\r\nContent-Type: text/plain\r\nContent-Length: 36\r\n"
+               b"Connection: close\r\n\r\nshiplane front: no upstream server\r\n")
+
+
+class _Pipe(asyncio.Protocol):
+    """One side of a proxied connection; writes what it reads to ``peer``."""
+
+    def __init__(self, conn: "_Connection") -> None:
+        self.conn = conn
+        self.transport: asyncio.Transport | None = None
+        self.peer: asyncio.Transport | None = None
+        self.eof = False
+        self.pending: list[bytes] = []  # read before the peer existed (a server speaking first)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        if self.peer is not None:
+            self.peer.write(data)
+        elif not self.conn.refused:
+            self.pending.append(data)
+
+    def set_peer(self, peer: asyncio.Transport) -> None:
+        self.peer = peer
+        for data in self.pending:
+            peer.write(data)
+        self.pending.clear()
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        if self.peer is not None and not self.peer.is_closing() and self.peer.can_write_eof():
+            self.peer.write_eof()
+        self.conn.maybe_close()
+        return True  # keep our write side open: the other direction may still be flowing
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.eof = True
+        self.conn.lost(self)
+
+    # Our transport's write buffer is full (the peer sends faster than we can deliver):
+    # stop reading from the peer until it drains.
+    def pause_writing(self) -> None:
+        if self.peer is not None:
+            self.peer.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.peer is not None and not self.peer.is_closing():
+            self.peer.resume_reading()
+
+
+class _Connection:
+    """A client connection and its upstream connection."""
+
+    def __init__(self, proxy: "Proxy") -> None:
+        self.proxy = proxy
+        self.client: _Pipe = _AcceptedPipe(self)
+        self.upstream: _Pipe | None = None
+        self.closed = False
+        self.refused = False  # answered 502: the client's bytes are read and dropped
+
+    def maybe_close(self) -> None:
+        if self.client.eof and (self.refused or self.upstream is not None and self.upstream.eof):
+            self.close()
+
+    def lost(self, side: _Pipe) -> None:
+        # Either side gone for good: close the other after it flushes what it already has.
+        self.close()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        for side in (self.client, self.upstream):
+            if side is not None and side.transport is not None:
+                side.transport.close()
+        self.proxy.connections.discard(self)
+
+    async def connect_upstream(self) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + CONNECT_RETRY_SECONDS
+        upstream = _Pipe(self)
+        while True:
+            if self.closed:
+                return
+            try:
+                await loop.create_unix_connection(lambda: upstream, self.proxy.upstream_path)
+                break
+            except (ConnectionRefusedError, FileNotFoundError, ConnectionResetError) as exc:
+                if loop.time() >= deadline:
+                    self._bad_gateway(exc)
+                    return
+                await asyncio.sleep(CONNECT_RETRY_DELAY)
+            except OSError as exc:
+                self._bad_gateway(exc)
+                return
+        assert upstream.transport is not None and self.client.transport is not None
+        if self.closed:  # the client went away while we connected
+            upstream.transport.close()
+            return
+        self.upstream = upstream
+        upstream.set_peer(self.client.transport)
+        self.client.set_peer(upstream.transport)
+        if upstream.eof and self.client.transport.can_write_eof():
+            self.client.transport.write_eof()
+        self.client.transport.resume_reading()
+
+    def _bad_gateway(self, exc: Exception) -> None:
+        transport = self.client.transport
+        if transport is None or transport.is_closing():
+            self.close()
+            return
+        # Answer, then read (and drop) what the client sent until it closes: closing a socket
+        # with unread input would reset the connection before the client reads the answer.
+        self.refused = True
+        self.client.pending.clear()
+        transport.write(BAD_GATEWAY)
+        if transport.can_write_eof():
+            transport.write_eof()
+        transport.resume_reading()
+        asyncio.get_running_loop().call_later(REFUSED_LINGER, self.close)
+        self.maybe_close()
+
+
+class Proxy:
+    """Listen on ``host:port``; forward each connection to the unix socket ``upstream_path``."""
+
+    def __init__(self, host: str, port: int, upstream_path: str) -> None:
+        self.host = host
+        self.port = port
+        self.upstream_path = upstream_path
+        self.connections: set[_Connection] = set()
+        self.server: asyncio.AbstractServer | None = None
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    def _accept(self) -> _Pipe:
+        conn = _Connection(self)
+        self.connections.add(conn)
+        return conn.client
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.server = await loop.create_server(self._accept, self.host, self.port,
+                                               reuse_address=True, backlog=BACKLOG)
+
+    async def serve(self) -> None:
+        """Serve until SIGTERM/SIGINT, then stop listening and let open connections finish."""
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await self.start()
+        await stop.wait()
+        await self.close(SHUTDOWN_GRACE)
+
+    async def close(self, grace: float) -> None:
+        assert self.server is not None
+        self.server.close()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        while self.connections and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        for conn in list(self.connections):
+            conn.close()
+
+    @property
+    def bound_port(self) -> int:
+        assert self.server is not None
+        return int(self.server.sockets[0].getsockname()[1])
+
+
+class _AcceptedPipe(_Pipe):
+    """The client side: holds the client's bytes (reading paused) until upstream is connected."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        assert self.transport is not None
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+        self.transport.pause_reading()
+        proxy = self.conn.proxy
+        task = asyncio.get_running_loop().create_task(self.conn.connect_upstream())
+        proxy.tasks.add(task)
+        task.add_done_callback(proxy.tasks.discard)
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[v6]:PORT`` too) -> (host, port)."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit():
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {value!r}")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``proxy --listen HOST:PORT --upstream PATH``: run the front until SIGTERM."""
+    parser = argparse.ArgumentParser(prog="shiplane-agent proxy", description=__doc__)
+    parser.add_argument("--listen", required=True, type=parse_listen, help="HOST:PORT to listen on")
+    parser.add_argument("--upstream", required=True, help="unix socket path (a symlink is fine)")
+    args: Any = parser.parse_args(argv)
+    host, port = args.listen
+    proxy = Proxy(host, port, args.upstream)
+    try:
+        asyncio.run(proxy.serve())
+    except OSError as exc:
+        print(f"shiplane front: cannot listen on {host}:{port}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,434 @@
+"""The daemon backend: one supervisord per deploy root, driven over XML-RPC on its unix socket.
+
+supervisord (Supervisor 4.x, pure Python) comes from ``root/tools/supervisor-<version>/`` (the
+wheel the controller ships, unpacked) or, failing that, from this interpreter. Programs are one
+file each in ``run/programs/<name>.conf``; :meth:`Supervisor.update` applies them the way
+``supervisorctl update`` does. Nothing here kills by process name: supervisord is stopped through
+its socket, or by the pid it recorded in ``run/supervisord.pid``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+import xmlrpc.client
+from pathlib import Path
+from typing import Any, Callable
+
+from . import atomic_write
+from .errors import AgentError
+from .health import UnixHTTPConnection, tail_lines
+from .paths import Layout
+
+Emit = Callable[[dict[str, Any]], None]
+
+START_TIMEOUT = 20.0
+# stopProcess waits for the program's own stopwaitsecs; the RPC must outwait it.
+RPC_TIMEOUT = 120.0
+NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
+META_PREFIX = "; shiplane: "
+
+# supervisor's xmlrpc fault codes (supervisor/xmlrpc.py, class Faults)
+BAD_NAME = 10
+ALREADY_STARTED = 60
+NOT_RUNNING = 70
+ALREADY_ADDED = 90
+
+
+def conf_path(layout: Layout) -> Path:
+    return layout.run / "supervisord.conf"
+
+
+def sock_path(layout: Layout) -> Path:
+    return layout.run / "supervisord.sock"
+
+
+def pid_path(layout: Layout) -> Path:
+    return layout.run / "supervisord.pid"
+
+
+def programs_dir(layout: Layout) -> Path:
+    return layout.run / "programs"
+
+
+def program_conf_path(layout: Layout, name: str) -> Path:
+    return programs_dir(layout) / f"{check_name(name)}.conf"
+
+
+def check_name(name: str) -> str:
+    """A program name safe as a supervisord section and a file name, or AgentError."""
+    if not NAME_RE.match(name or ""):
+        raise AgentError(f"invalid service name {name!r} (letters, digits, '_', '.', '-')",
+                         kind="usage")
+    return name
+
+
+# --- conf text -------------------------------------------------------------------------------
+
+def conf_value(value: object) -> str:
+    """One value for supervisord's ini files: ``%`` doubled (it expands ``%(x)s``), no newlines,
+    and no whitespace before ``;``/``#`` (configparser would cut an inline comment there)."""
+    text = str(value)
+    if any(ch in text for ch in "\r\n\0"):
+        raise AgentError(f"value not allowed in a supervisord conf: {text!r}", kind="usage")
+    if re.search(r"\s[;#]", text) or text != text.strip():
+        raise AgentError(f"value not allowed in a supervisord conf (whitespace before ';'/'#' "
+                         f"or at an end): {text!r}", kind="usage")
+    return text.replace("%", "%%")
+
+
+def conf_command(argv: list[str]) -> str:
+    """A ``command =`` value that supervisord's ``shlex.split`` turns back into exactly ``argv``."""
+    joined = " ".join(shlex.quote(str(arg)) for arg in argv)
+    if any(ch in joined for ch in "\r\n\0"):
+        raise AgentError(f"command not allowed in a supervisord conf: {argv!r}", kind="usage")
+    # Whitespace then ';'/'#' can only occur inside a single-quoted word here: close the quote
+    # around that character so configparser sees no inline comment and shlex sees the same word.
+    joined = re.sub(r"(\s)([;#])", r"\1'\2'", joined)
+    return joined.replace("%", "%%")
+
+
+def program_conf(name: str, argv: list[str], options: dict[str, object],
+                 meta: dict[str, Any] | None = None) -> str:
+    """The text of ``run/programs/<name>.conf``; ``meta`` is kept in a comment for ``status``."""
+    lines = []
+    if meta is not None:
+        lines.append(META_PREFIX + json.dumps(meta, sort_keys=True))
+    lines += [f"[program:{check_name(name)}]", f"command = {conf_command(argv)}"]
+    for key, value in options.items():
+        if isinstance(value, bool):
+            value = "true" if value else "false"
+        lines.append(f"{key} = {conf_value(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def main_conf(layout: Layout) -> str:
+    """``run/supervisord.conf``: private socket, pid file, log, programs from ``run/programs``."""
+    v = conf_value
+    return "\n".join([
+        "; written by shiplane; programs are in programs/*.conf",
+        "[unix_http_server]",
+        f"file = {v(sock_path(layout))}",
+        "chmod = 0700",
+        "",
+        "[supervisord]",
+        f"logfile = {v(layout.log / 'supervisord.log')}",
+        "logfile_maxbytes = 10MB",
+        "logfile_backups = 3",
+        "loglevel = info",
+        f"pidfile = {v(pid_path(layout))}",
+        f"childlogdir = {v(layout.log)}",
+        f"directory = {v(layout.root)}",
+        "nodaemon = false",
+        "",
+        "[rpcinterface:supervisor]",
+        "supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface",
+        "",
+        "[supervisorctl]",
+        f"serverurl = unix://{v(sock_path(layout))}",
+        "",
+        "[include]",
+        # Relative to this file: the include list is split on whitespace, the root may hold some.
+        "files = programs/*.conf",
+        "",
+    ])
+
+
+def write_if_changed(path: Path, text: str, mode: int = 0o644) -> bool:
+    """Write ``text`` atomically unless the file already holds it; True when it was written."""
+    try:
+        if path.read_text(encoding="utf-8") == text:
+            return False
+    except OSError:
+        pass
+    atomic_write(path, text, mode)
+    return True
+
+
+def write_program(layout: Layout, name: str, text: str) -> bool:
+    """Install a program conf (not applied until :meth:`Supervisor.update`)."""
+    return write_if_changed(program_conf_path(layout, name), text)
+
+
+def remove_program_conf(layout: Layout, name: str) -> bool:
+    try:
+        program_conf_path(layout, name).unlink()
+        return True
+    except FileNotFoundError:
+        return False
+
+
+def configured_programs(layout: Layout) -> list[str]:
+    """Program names with a conf file in ``run/programs``."""
+    try:
+        return sorted(p.name[:-5] for p in programs_dir(layout).glob("*.conf"))
+    except OSError:
+        return []
+
+
+def program_meta(layout: Layout, name: str) -> dict[str, Any]:
+    """The ``; shiplane: {...}`` metadata of a program conf ({} when absent)."""
+    try:
+        first = program_conf_path(layout, name).read_text(encoding="utf-8").split("\n", 1)[0]
+        if first.startswith(META_PREFIX):
+            meta = json.loads(first[len(META_PREFIX):])
+            return meta if isinstance(meta, dict) else {}
+    except (OSError, ValueError, AgentError):
+        pass
+    return {}
+
+
+# --- the RPC client --------------------------------------------------------------------------
+
+class _UnixTransport(xmlrpc.client.Transport):
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__()
+        self._path = path
+        self._timeout = timeout
+
+    def make_connection(self, host: Any) -> UnixHTTPConnection:
+        # One connection per call: supervisord's medusa server is fine with that, and a broken
+        # connection can never be reused.
+        return UnixHTTPConnection(self._path, timeout=self._timeout)
+
+
+class Supervisor:
+    """A client of one root's supervisord."""
+
+    def __init__(self, layout: Layout, timeout: float = RPC_TIMEOUT) -> None:
+        self.layout = layout
+        transport = _UnixTransport(str(sock_path(layout)), timeout)
+        self.rpc: Any = xmlrpc.client.ServerProxy("http://localhost/RPC2", transport=transport,
+                                                  allow_none=True)
+
+    def ping(self) -> bool:
+        """True when supervisord answers and is RUNNING (not shutting down)."""
+        try:
+            state = self.rpc.supervisor.getState()
+        except (OSError, xmlrpc.client.Error):
+            return False
+        return bool(state.get("statename") == "RUNNING")
+
+    def update(self) -> dict[str, list[str]]:
+        """Re-read ``programs/*.conf`` and apply it (as ``supervisorctl update``): removed groups
+        are stopped and removed, changed ones restarted with the new conf, added ones added
+        (``autostart`` then starts them)."""
+        [[added, changed, removed]] = self.rpc.supervisor.reloadConfig()
+        for name in removed:
+            self._stop_group(name)
+            self.rpc.supervisor.removeProcessGroup(name)
+        for name in changed:
+            self._stop_group(name)
+            self.rpc.supervisor.removeProcessGroup(name)
+            self._add(name)
+        for name in added:
+            self._add(name)
+        return {"added": list(added), "changed": list(changed), "removed": list(removed)}
+
+    def _add(self, name: str) -> None:
+        try:
+            self.rpc.supervisor.addProcessGroup(name)
+        except xmlrpc.client.Fault as fault:
+            if fault.faultCode != ALREADY_ADDED:
+                raise
+
+    def _stop_group(self, name: str) -> None:
+        try:
+            self.rpc.supervisor.stopProcessGroup(name, True)
+        except xmlrpc.client.Fault as fault:
+            if fault.faultCode not in (BAD_NAME, NOT_RUNNING):
+                raise
+
+    def info(self, name: str) -> dict[str, Any] | None:
+        """supervisord's process info for ``name``, None when it has no such program."""
+        try:
+            return dict(self.rpc.supervisor.getProcessInfo(name))
+        except xmlrpc.client.Fault as fault:
+            if fault.faultCode == BAD_NAME:
+                return None
+            raise
+
+    def all_info(self) -> list[dict[str, Any]]:
+        return [dict(i) for i in self.rpc.supervisor.getAllProcessInfo()]
+
+    def start(self, name: str, wait: bool = True) -> None:
+        """Start ``name`` (no error when it is already running)."""
+        try:
+            self.rpc.supervisor.startProcess(name, wait)
+        except xmlrpc.client.Fault as fault:
+            if fault.faultCode != ALREADY_STARTED:
+                raise AgentError(f"cannot start {name}: {fault.faultString}",
+                                 kind="service") from None
+
+    def stop(self, name: str) -> None:
+        """Stop ``name`` and wait (stop signal, then KILL after its stop timeout)."""
+        try:
+            self.rpc.supervisor.stopProcess(name, True)
+        except xmlrpc.client.Fault as fault:
+            if fault.faultCode not in (BAD_NAME, NOT_RUNNING):
+                raise
+
+    def signal(self, name: str, signame: str) -> None:
+        try:
+            self.rpc.supervisor.signalProcess(name, signame)
+        except xmlrpc.client.Fault as fault:
+            raise AgentError(f"cannot signal {name}: {fault.faultString}", kind="service") from None
+
+    def remove(self, name: str) -> None:
+        """Stop ``name``, drop it from supervisord and delete its conf (idempotent)."""
+        remove_program_conf(self.layout, name)
+        if self.info(name) is None:
+            return
+        self._stop_group(name)
+        try:
+            self.rpc.supervisor.removeProcessGroup(name)
+        except xmlrpc.client.Fault as fault:
+            if fault.faultCode != BAD_NAME:
+                raise
+
+
+# --- starting and stopping supervisord --------------------------------------------------------
+
+def find_supervisor(layout: Layout) -> str | None:
+    """The newest ``tools/supervisor-*`` dir (to put on sys.path), None to use our own import."""
+    def version_key(path: Path) -> tuple[int, ...]:
+        parts = re.findall(r"\d+", path.name.split("-", 1)[-1])
+        return tuple(int(p) for p in parts)
+
+    try:
+        found = [p for p in layout.tools.glob("supervisor-*")
+                 if (p / "supervisor" / "supervisord.py").is_file()]
+    except OSError:
+        found = []
+    if found:
+        return str(max(found, key=version_key))
+    try:
+        import supervisor  # type: ignore[import-not-found]  # noqa: F401
+    except ImportError:
+        raise AgentError(f"supervisor is not available: no {layout.tools}/supervisor-* and no "
+                         f"importable supervisor in {sys.executable}", kind="service") from None
+    return None
+
+
+# Run supervisord without PYTHONPATH in its environment: its programs inherit that environment,
+# and the app must not see supervisor's package on its path.
+_BOOT = ("import sys; p = sys.argv.pop(1); p and sys.path.insert(0, p); "
+         "from supervisor.supervisord import main; main()")
+
+
+def ensure_running(layout: Layout, emit: Emit | None = None) -> Supervisor:
+    """Return a client of this root's supervisord, starting it first when it is not answering.
+
+    It is started detached (own session, no inherited stdio) so it never holds an SSH session
+    open, and daemonizes itself; we poll its socket until it answers.
+    """
+    for d in (layout.run, programs_dir(layout), layout.log):
+        d.mkdir(parents=True, exist_ok=True)
+    write_if_changed(conf_path(layout), main_conf(layout))
+    sup = Supervisor(layout)
+    if sup.ping():
+        return sup
+    old = read_pid(layout)
+    if old is not None and pid_alive(old) and _is_our_supervisord(layout, old):
+        # Still there but not answering (starting up or shutting down): wait for one or the other.
+        _wait(lambda: sup.ping() or not pid_alive(old), START_TIMEOUT)
+        if sup.ping():
+            return sup
+    tools = find_supervisor(layout) or ""
+    if emit:
+        emit({"phase": "services", "status": "supervisord", "detail": "starting supervisord"})
+    start_log = layout.log / "supervisord.start.log"
+    with open(os.devnull, "rb") as devnull, open(start_log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _BOOT, tools, "-c", str(conf_path(layout))],
+            stdin=devnull, stdout=out, stderr=subprocess.STDOUT, cwd=str(layout.root),
+            env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
+            start_new_session=True, close_fds=True,
+        )
+    try:
+        code = proc.wait(timeout=START_TIMEOUT)  # the parent exits once the daemon has forked
+    except subprocess.TimeoutExpired:
+        code = None
+    if code not in (0, None) or not _wait(sup.ping, START_TIMEOUT):
+        output = "\n".join(tail_lines(start_log) + tail_lines(layout.log / "supervisord.log"))
+        raise AgentError(f"supervisord did not start (exit {code}):\n{output}", kind="service")
+    return sup
+
+
+def connect(layout: Layout) -> Supervisor | None:
+    """A client when supervisord is answering, else None (never starts it)."""
+    if not sock_path(layout).exists():
+        return None
+    sup = Supervisor(layout)
+    return sup if sup.ping() else None
+
+
+def shutdown(layout: Layout, timeout: float = 90.0) -> dict[str, Any]:
+    """Stop every program and supervisord itself; wait until its recorded pid is gone."""
+    pid = read_pid(layout)
+    sup = connect(layout)
+    if sup is not None:
+        try:
+            sup.rpc.supervisor.shutdown()
+        except (OSError, xmlrpc.client.Error):
+            pass
+    elif pid is not None and pid_alive(pid) and _is_our_supervisord(layout, pid):
+        os.kill(pid, signal.SIGTERM)
+    if pid is not None and not _wait(lambda: not pid_alive(pid), timeout):
+        raise AgentError(f"supervisord (pid {pid}) did not exit within {timeout:g}s",
+                         kind="service")
+    return {"supervisord_pid": pid, "stopped": pid is not None}
+
+
+def read_pid(layout: Layout) -> int | None:
+    try:
+        return int(pid_path(layout).read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def pid_alive(pid: int) -> bool:
+    """True when ``pid`` exists and is not a zombie (an exited process awaiting its reaper)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            stat = fh.read()
+    except FileNotFoundError:
+        return False
+    except OSError:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+    # state is the field after the parenthesised command name, which may itself hold spaces
+    state = stat[stat.rfind(b")") + 2:][:1]
+    return state not in (b"Z", b"X", b"")
+
+
+def _is_our_supervisord(layout: Layout, pid: int) -> bool:
+    """The recorded pid still runs this root's supervisord (pid files can outlive a reboot)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return True  # no /proc: trust the pid file supervisord itself wrote
+    return str(conf_path(layout)).encode() in cmdline
+
+
+def _wait(predicate: Callable[[], bool], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    delay = 0.02
+    while True:
+        if predicate():
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(delay)
+        delay = min(delay * 1.5, 0.25)

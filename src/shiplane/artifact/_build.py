@@ -1,0 +1,366 @@
+"""`shiplane build`: the app (wheel or tree) + wheelhouse + tools + config -> one manifest.
+
+Everything is content-addressed: files go into the BlobStore by sha256, the manifest is named
+by the sha256 of its canonical JSON, and the inputs (source files, lock, settings, target) are
+digested first so an unchanged project reuses its artifact without doing any other work.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Literal
+
+from packaging.utils import canonicalize_name, parse_wheel_filename
+
+from ..errors import OperationError
+from ._manifest import FileEntry, Manifest, dependency_digest, read_manifest_file, write_manifest
+from ._source import detect_source, git_info, is_forbidden, list_source_files, matches
+from ._store import BlobStore, sha256_file
+from ._wheelhouse import (
+    TOOLS,
+    Lock,
+    Target,
+    build_wheelhouse,
+    read_lock,
+    resolve_target,
+    tool_wheels,
+)
+
+# Bumped when what an artifact contains changes, so old input digests stop matching.
+BUILD_FORMAT = 1
+# Wheels are zip files with timestamps: a fixed one (1980-01-01, zip's epoch) makes the same
+# code give the same bytes whatever the commit, so a redeploy sends only what really changed.
+SOURCE_DATE_EPOCH = "315532800"
+# Never shipped nor handed to a build backend, whatever git tracks: conventional secret files.
+SECRET_FILES = (".env", ".env.*")
+
+EventSink = Callable[[str, str], None]
+
+
+@dataclass(frozen=True)
+class BuildSpec:
+    """What to build. Paths in the globs and lists are relative to ``project``."""
+
+    project: Path
+    app_name: str
+    source: Literal["package", "tree", "none"] | None  # None: detect_source()
+    requirements: str  # pip-style lock ("requirements.txt"), hashes honoured; "" for none
+    include: tuple[str, ...] = ()  # extra files shipped beside the app (globs)
+    exclude: tuple[str, ...] = ()  # removed from a tree app (and from include matches)
+    config_files: tuple[str, ...] = ()  # config templates; "{stage}" expands to every stage
+    server_packages: tuple[str, ...] = ("gunicorn",)
+    python_version: str | None = None  # the hosts' "3.11"; None = the controller's
+    platform: str | None = None  # the hosts' platform tag; None = the controller's
+
+
+@dataclass
+class BuildResult:
+    """A built (or reused) artifact."""
+
+    manifest: Manifest
+    digest: str
+    reused: bool
+    seconds: float
+    store: BlobStore
+
+
+@dataclass(frozen=True)
+class CompiledApp:
+    """The app half of an artifact: its wheel or tree files, already in the store."""
+
+    source: str
+    reason: str
+    version: str | None
+    files: tuple[FileEntry, ...]
+
+
+@dataclass(frozen=True)
+class _Layout:
+    root: Path  # .shiplane/build
+
+    @property
+    def store(self) -> BlobStore:
+        return BlobStore(self.root / "blobs")
+
+
+@dataclass
+class _Plan:
+    """Every decision about which files go in, made before anything is built."""
+
+    project: Path
+    source: str
+    reason: str
+    files: list[str]  # the project's source files (git-aware)
+    app_files: list[str]  # tree: the files shipped; package/none: []
+    includes: list[str]
+    config: list[str]
+    lock: Lock | None
+    git_commit: str | None
+    target: Target
+    inputs_digest: str = field(default="")
+
+
+def _noop(step: str, detail: str) -> None:
+    pass
+
+
+def _layout(spec: BuildSpec, build_dir: Path | None) -> _Layout:
+    root = Path(build_dir) if build_dir else Path(spec.project) / ".shiplane" / "build"
+    return _Layout(root.resolve())
+
+
+def _relative(project: Path, path: Path, what: str) -> str:
+    """``path`` relative to the project, refusing anything outside it."""
+    rel = os.path.relpath(path, project).replace(os.sep, "/")
+    if rel == ".." or rel.startswith("../"):
+        raise OperationError(f"{what} {rel} is outside the project {project}")
+    return rel
+
+
+def _select_includes(project: Path, files: list[str], spec: BuildSpec) -> list[str]:
+    chosen: set[str] = set()
+    for pattern in spec.include:
+        found = {f for f in files if matches(pattern, f)}
+        if not found:
+            # Generated files (built assets) are often git-ignored: look on disk too.
+            for p in project.glob(pattern.strip("/")):
+                for f in [p] if p.is_file() else (x for x in p.rglob("*") if x.is_file()):
+                    rel = _relative(project, f, "build include")
+                    if not is_forbidden(rel):
+                        found.add(rel)
+        if not found:
+            raise OperationError(f"build include {pattern!r} matches no file in {project}",
+                                 hint="fix the pattern or remove it from [build] include")
+        chosen |= found
+    return sorted(f for f in chosen if not any(matches(x, f) for x in spec.exclude))
+
+
+def _select_config(project: Path, spec: BuildSpec) -> list[str]:
+    chosen: set[str] = set()
+    for name in spec.config_files:
+        if "{stage}" in name:
+            found = [p for p in project.glob(name.replace("{stage}", "*")) if p.is_file()]
+        else:
+            found = [project / name] if (project / name).is_file() else []
+            if not found:
+                raise OperationError(f"config file {name} does not exist in {project}",
+                                     hint="create it or remove it from [config] files")
+        for p in found:
+            rel = _relative(project, p, "config file")
+            if is_forbidden(rel):
+                raise OperationError(f"config file {rel} is inside {rel.split('/')[0]}/, "
+                                     "which never ships (secrets live outside the artifact)")
+            chosen.add(rel)
+    return sorted(chosen)
+
+
+def _plan(spec: BuildSpec) -> _Plan:
+    project = Path(spec.project).resolve()
+    if not project.is_dir():
+        raise OperationError(f"project directory {project} does not exist")
+    if spec.source is None:
+        source, reason = detect_source(project)
+    else:
+        source, reason = spec.source, "set in the deploy file"
+    files = list_source_files(project)
+    app_files: list[str] = []
+    if source == "tree":
+        drop = (*SECRET_FILES, *spec.exclude)
+        app_files = [f for f in files if not any(matches(x, f) for x in drop)]
+    lock = read_lock(project / spec.requirements) if spec.requirements else None
+    plan = _Plan(project, source, reason, files, app_files, _select_includes(project, files, spec),
+                 _select_config(project, spec), lock, git_info(project).commit,
+                 resolve_target(spec.python_version, spec.platform))
+    plan.inputs_digest = _inputs_digest(spec, plan)
+    return plan
+
+
+def _inputs_digest(spec: BuildSpec, plan: _Plan) -> str:
+    h = hashlib.sha256()
+    settings = {
+        "format": BUILD_FORMAT, "app": spec.app_name, "source": plan.source,
+        "requirements": spec.requirements, "include": list(spec.include),
+        "exclude": list(spec.exclude), "config_files": list(spec.config_files),
+        "server_packages": list(spec.server_packages), "target": plan.target.to_dict(),
+        "tools": [list(t) for t in TOOLS], "git_commit": plan.git_commit,
+    }
+    h.update(json.dumps(settings, sort_keys=True).encode() + b"\0")
+    h.update(plan.lock.data if plan.lock else b"")
+    for rel in sorted({*plan.files, *plan.includes, *plan.config}):
+        h.update(f"\0{rel}\0{sha256_file(plan.project / rel)[0]}".encode())
+    return h.hexdigest()
+
+
+def _uv() -> str:
+    try:
+        import uv  # type: ignore[import-not-found,import-untyped,unused-ignore]
+
+        return str(uv.find_uv_bin())
+    except (ImportError, FileNotFoundError):
+        found = shutil.which("uv")
+        if found is None:
+            raise OperationError("uv is needed to build the app wheel and was not found",
+                                 hint="install it: `pip install uv`") from None
+        return found
+
+
+def _build_wheel(plan: _Plan, work: Path, emit: EventSink) -> Path:
+    """The app wheel, built by uv from a copy of exactly the source files that were digested."""
+    src, out = work / "src", work / "dist"
+    for rel in plan.files:
+        if any(matches(x, rel) for x in SECRET_FILES):
+            continue
+        dest = src / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(plan.project / rel, dest)
+    emit("wheel", "uv build --wheel")
+    env = dict(os.environ, SOURCE_DATE_EPOCH=SOURCE_DATE_EPOCH, PYTHONHASHSEED="0",
+               UV_PYTHON_DOWNLOADS="never")
+    cmd = [_uv(), "build", "--wheel", "--out-dir", str(out), "--python", sys.executable, str(src)]
+    result = subprocess.run(cmd, cwd=src, env=env, text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, check=False)
+    wheels = sorted(out.glob("*.whl")) if out.is_dir() else []
+    if result.returncode != 0 or len(wheels) != 1:
+        tail = "\n".join(result.stdout.splitlines()[-15:])
+        raise OperationError(f"building the app wheel failed (uv build exit {result.returncode})"
+                             f"\n{tail}", hint="run `uv build --wheel` in the project to see why")
+    wheel = wheels[0]
+    tags = parse_wheel_filename(wheel.name)[3]
+    if not plan.target.native and any(t.platform != "any" for t in tags):
+        raise OperationError(f"the app wheel {wheel.name} is platform-specific and cannot be "
+                             f"built here for {plan.target.platform} / Python "
+                             f"{plan.target.python_version}",
+                             hint="build on a machine like the hosts")
+    emit("wheel", wheel.name)
+    return wheel
+
+
+def _compile(plan: _Plan, store: BlobStore, emit: EventSink) -> CompiledApp:
+    entries: list[FileEntry] = []
+    version: str | None = None
+    if plan.source == "package":
+        with tempfile.TemporaryDirectory(prefix="shiplane-wheel-") as tmp:
+            wheel = _build_wheel(plan, Path(tmp), emit)
+            version = str(parse_wheel_filename(wheel.name)[1])
+            sha, size = store.put_file(wheel)
+            entries.append(FileEntry(wheel.name, sha, size, "wheel"))
+    elif plan.source == "tree":
+        emit("tree", f"{len(plan.app_files)} files")
+    elif plan.source != "none":
+        raise OperationError(f"unknown app source {plan.source!r}",
+                             hint="use one of: package, tree, none")
+    for rel in sorted({*plan.app_files, *plan.includes}):
+        sha, size = store.put_file(plan.project / rel)
+        entries.append(FileEntry(rel, sha, size, "file"))
+    return CompiledApp(plan.source, plan.reason, version, tuple(entries))
+
+
+def compile_app(spec: BuildSpec, *, build_dir: Path | None = None,
+                on_event: EventSink | None = None) -> CompiledApp:
+    """The article's `make compile`: the app's wheel (package) or its tree files, stored."""
+    return _compile(_plan(spec), _layout(spec, build_dir).store, on_event or _noop)
+
+
+def _pack(spec: BuildSpec, plan: _Plan, layout: _Layout, emit: EventSink,
+          started: float) -> BuildResult:
+    store = layout.store
+    app = _compile(plan, store, emit)
+    wheels = build_wheelhouse(plan.lock, plan.target, spec.server_packages,
+                              layout.root / "wheelhouse", emit)
+    have = {parse_wheel_filename(w.name)[0] for w in wheels}
+    for pkg in spec.server_packages:
+        if canonicalize_name(pkg) not in have:
+            raise OperationError(f"the wheelhouse has no {pkg} wheel, which the app's server needs")
+    deps = [FileEntry(w.name, *store.put_file(w, link=True)) for w in wheels]
+    tools = [FileEntry(w.name, *store.put_file(w, link=True))
+             for w in tool_wheels(layout.root / "tools", emit)]
+    config = [FileEntry(rel, *store.put_file(plan.project / rel)) for rel in plan.config]
+    manifest = Manifest(
+        app_name=spec.app_name, app_version=app.version, source=app.source,
+        app_files=app.files, dependencies=tuple(deps), dependency_digest=dependency_digest(deps),
+        tools=tuple(tools), config_files=tuple(config), git_commit=plan.git_commit,
+        built_at=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        target=plan.target.to_dict())
+    write_manifest(layout.root / "artifacts", manifest)
+    _record_inputs(layout, plan.inputs_digest, manifest.digest)
+    emit("manifest", manifest.digest)
+    return BuildResult(manifest, manifest.digest, False, time.monotonic() - started, store)
+
+
+def _record_inputs(layout: _Layout, inputs_digest: str, digest: str) -> None:
+    inputs = layout.root / "inputs"
+    inputs.mkdir(parents=True, exist_ok=True)
+    tmp = inputs / f".{inputs_digest}.tmp-{os.getpid()}"
+    tmp.write_text(digest + "\n")
+    os.replace(tmp, inputs / inputs_digest)
+
+
+def pack(spec: BuildSpec, *, build_dir: Path | None = None,
+         on_event: EventSink | None = None) -> BuildResult:
+    """The article's `make pack`: compile the app, then wheelhouse + tools + manifest.
+
+    Always builds (caches still apply to the wheelhouse and tools); see :func:`build`.
+    """
+    started = time.monotonic()
+    return _pack(spec, _plan(spec), _layout(spec, build_dir), on_event or _noop, started)
+
+
+def _reuse(layout: _Layout, inputs_digest: str) -> Manifest | None:
+    try:
+        digest = (layout.root / "inputs" / inputs_digest).read_text().strip()
+        manifest = read_manifest_file(layout.root / "artifacts" / f"{digest}.json")
+    except (OSError, OperationError):
+        return None
+    store = layout.store
+    if not all(store.has(sha) for sha, _, _ in manifest.blobs()):
+        return None
+    return manifest
+
+
+def build(spec: BuildSpec, *, build_dir: Path | None = None,
+          on_event: EventSink | None = None) -> BuildResult:
+    """Build the artifact, or reuse the one built from the same inputs (``reused=True``).
+
+    Inputs are the source files (git-tracked, or a walk outside git), the lock's bytes, the
+    include/exclude/config lists, the server packages, the target and the git commit.
+    ``on_event(step, detail)`` reports progress; steps are "wheel", "tree", "wheelhouse",
+    "tools" and "manifest" (detail "reused <digest>" when nothing was built).
+    """
+    started = time.monotonic()
+    emit = on_event or _noop
+    layout = _layout(spec, build_dir)
+    plan = _plan(spec)
+    manifest = _reuse(layout, plan.inputs_digest)
+    if manifest is not None:
+        emit("manifest", f"reused {manifest.digest}")
+        return BuildResult(manifest, manifest.digest, True, time.monotonic() - started,
+                           layout.store)
+    return _pack(spec, plan, layout, emit, started)
+
+
+def clean(project: Path) -> list[Path]:
+    """The article's `make clean`: remove ``.shiplane/build``; return what was removed."""
+    root = Path(project) / ".shiplane" / "build"
+    if not root.exists():
+        return []
+    shutil.rmtree(root)
+    return [root]
+
+
+def load_manifest(project: Path, digest: str) -> Manifest:
+    """The manifest of a built artifact; ``digest`` may be a unique prefix."""
+    from ._manifest import find_manifest
+
+    return read_manifest_file(find_manifest(Path(project) / ".shiplane" / "build" / "artifacts",
+                                            digest))

@@ -1,0 +1,106 @@
+"""The test gate: the project's tests, run in a cached venv made from the lock (`shiplane test`)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+from collections import deque
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from ..errors import OperationError
+from ._build import _uv
+from ._wheelhouse import read_lock
+
+_TAIL = 30
+
+
+def _run(cmd: list[str], cwd: Path, what: str) -> None:
+    result = subprocess.run(cmd, cwd=cwd, text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, check=False,
+                            env=dict(os.environ, UV_PYTHON_DOWNLOADS="never"))
+    if result.returncode != 0:
+        tail = "\n".join(result.stdout.splitlines()[-_TAIL:])
+        raise OperationError(f"{what} failed (exit {result.returncode})\n{tail}")
+
+
+def gate_env(project: Path, requirements: str, extra: Sequence[str]) -> Path:
+    """The venv for the gate, made with uv once per (lock bytes + extra packages) and reused."""
+    lock_path = project / requirements if requirements else None
+    lock = read_lock(lock_path) if lock_path else None
+    key = hashlib.sha256((lock.data if lock else b"") + b"\0"
+                         + "\0".join(sorted(extra)).encode()
+                         + f"\0{sys.version_info[:2]}".encode()).hexdigest()
+    venv = project / ".shiplane" / "build" / f"testenv-{key[:16]}"
+    if (venv / ".complete").is_file():
+        return venv
+    # Venvs are not relocatable: build in place; a half-made one (crash) is made anew.
+    shutil.rmtree(venv, ignore_errors=True)
+    venv.parent.mkdir(parents=True, exist_ok=True)
+    uv = _uv()
+    _run([uv, "venv", "--quiet", "--python", sys.executable, str(venv)], project,
+         "creating the test environment")
+    reqs = ["-r", str(lock_path)] if lock is not None and lock.lines else []
+    if reqs or extra:
+        _run([uv, "pip", "install", "--quiet", "--python", str(venv / "bin" / "python"),
+              *reqs, *extra], project, "installing the test environment")
+    (venv / ".complete").write_text("")
+    return venv
+
+
+def run_gate(project: Path, command: str, requirements: str, *,
+             extra: Sequence[str] = ("pytest",), timeout: float = 600,
+             output: Callable[[str], None]) -> None:
+    """Run the test gate ``command`` (a shell command) in the project; raise unless it passes.
+
+    The venv (``.shiplane/build/testenv-<digest of lock+extra>``) comes first on PATH;
+    ``PYTHONPATH`` is ``src`` when the project has one (else the project), so the app imports
+    without being installed. Each output line goes to ``output``. A non-zero exit raises
+    OperationError "test gate failed (exit N)" with the output's tail; so does the timeout.
+    """
+    project = Path(project).resolve()
+    venv = gate_env(project, requirements, extra)
+    env = dict(os.environ)
+    env["VIRTUAL_ENV"] = str(venv)
+    env["PATH"] = f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}"
+    src = project / "src"
+    paths = [str(src if src.is_dir() else project)]
+    if env.get("PYTHONPATH"):
+        paths.append(env["PYTHONPATH"])
+    env["PYTHONPATH"] = os.pathsep.join(paths)
+    env.pop("PYTHONHOME", None)
+    tail: deque[str] = deque(maxlen=_TAIL)
+    proc = subprocess.Popen(command, shell=True, cwd=project, env=env, text=True,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True, errors="replace")
+
+    def pump() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            line = line.rstrip("\n")
+            tail.append(line)
+            output(line)
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    try:
+        code = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        # The command may have started children (pytest-xdist, servers): end its whole group.
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+        reader.join(timeout=5)
+        raise OperationError(f"test gate timed out after {timeout:g} s: {command}\n"
+                             + "\n".join(tail)) from None
+    reader.join(timeout=5)
+    if code != 0:
+        raise OperationError(f"test gate failed (exit {code}): {command}\n" + "\n".join(tail),
+                             hint="fix the tests; deploy refuses to ship a red build")

@@ -1,0 +1,327 @@
+"""The wheelhouse: every locked dependency as a wheel for the hosts' Python and platform.
+
+Built with pip (``pip wheel`` for the controller's own target, ``pip download --only-binary``
+for another one) and cached by the digest of the lock, the target and the server packages, so a
+second build with the same lock never runs pip.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform as _platform
+import re
+import shutil
+import subprocess
+import sys
+import sysconfig
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from packaging.requirements import InvalidRequirement, Requirement
+from packaging.utils import canonicalize_name, parse_wheel_filename
+
+from ..errors import OperationError
+
+# The process supervisor shipped to every host (DESIGN.md, "Services").
+TOOLS: tuple[tuple[str, str], ...] = (("supervisor", "4.3.0"),)
+
+Emit = Callable[[str, str], None]
+
+
+@dataclass(frozen=True)
+class Target:
+    """The hosts' interpreter: "3.11" and a platform tag such as "linux_x86_64"."""
+
+    python_version: str
+    platform: str
+    native: bool  # the controller's own target: wheels can be built here with `pip wheel`
+
+    def to_dict(self) -> dict[str, str]:
+        return {"python_version": self.python_version, "platform": self.platform}
+
+
+def controller_platform() -> str:
+    """This machine's platform tag, e.g. ``linux_x86_64``."""
+    return sysconfig.get_platform().replace("-", "_").replace(".", "_")
+
+
+def resolve_target(python_version: str | None, platform: str | None) -> Target:
+    """The build target; a missing value means the controller's own."""
+    here_py = f"{sys.version_info.major}.{sys.version_info.minor}"
+    here_plat = controller_platform()
+    py = python_version or here_py
+    plat = platform or here_plat
+    return Target(py, plat, native=(py == here_py and plat == here_plat))
+
+
+def _pip_platforms(plat: str) -> list[str]:
+    """pip ``--platform`` values for a target: ``linux_<arch>`` also accepts manylinux wheels
+    up to this controller's glibc (or 2.17), ``manylinux_2_N_<arch>`` those up to 2.N."""
+    m = re.fullmatch(r"manylinux_2_(\d+)_(\w+)", plat)
+    if m:
+        top, arch = int(m.group(1)), m.group(2)
+    elif plat.startswith("linux_"):
+        arch = plat[len("linux_"):]
+        libc, ver = _platform.libc_ver()
+        top = int(ver.split(".")[1]) if libc == "glibc" and ver.count(".") >= 1 else 17
+    else:
+        return [plat]
+    tags = [f"manylinux_2_{n}_{arch}" for n in range(top, 4, -1)]
+    legacy = {17: "manylinux2014", 12: "manylinux2010", 5: "manylinux1"}
+    tags += [f"{name}_{arch}" for n, name in legacy.items() if n <= top]
+    return [*tags, f"linux_{arch}"]
+
+
+def _logical_lines(text: str) -> list[str]:
+    """Requirement-file lines with continuations joined and comments removed."""
+    joined = re.sub(r"\\\r?\n", " ", text)
+    out = []
+    for line in joined.splitlines():
+        line = re.sub(r"(^|\s)#.*$", "", line).strip()
+        if line:
+            out.append(line)
+    return out
+
+
+@dataclass
+class Lock:
+    """A pip-style lock read for building: its bytes (with included files), pins and options."""
+
+    path: Path
+    data: bytes  # the lock's bytes and those of every `-r`/`-c` file it includes
+    lines: list[str]  # normalised lines pip gets (editables dropped, included paths absolute)
+    names: set[str]  # canonical names of the requirements
+    pins: dict[str, str]  # canonical name -> "name==version" for exact pins
+    hashed: bool
+
+
+def read_lock(path: Path, *, _seen: set[Path] | None = None) -> Lock:
+    """Read a requirements-style lock; ``-r``/``-c`` includes are read too (they are inputs)."""
+    seen = _seen if _seen is not None else set()
+    path = path.resolve()
+    if path in seen:
+        return Lock(path, b"", [], set(), {}, False)
+    seen.add(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise OperationError(f"cannot read the lock {path}: {exc.strerror}",
+                             hint="set [build] requirements to your requirements file") from exc
+    lock = Lock(path, raw, [], set(), {}, False)
+    for line in _logical_lines(raw.decode("utf-8", errors="replace")):
+        m = re.match(r"^(-r|--requirement|-c|--constraint)[\s=]+(\S+)$", line)
+        if m:
+            included = read_lock(path.parent / m.group(2), _seen=seen)
+            lock.data += b"\0" + included.data
+            lock.lines.append(f"{m.group(1)} {included.path}")
+            if m.group(1) in ("-r", "--requirement"):
+                lock.names |= included.names
+                lock.pins.update(included.pins)
+                lock.hashed |= included.hashed
+            continue
+        if re.match(r"^(-e|--editable)\b", line) or line.startswith((".", "/", "file:")):
+            continue  # the app itself: it ships as the app wheel, never in the dependencies' venv
+        lock.lines.append(line)
+        if line.startswith("-"):
+            continue
+        lock.hashed |= "--hash" in line
+        try:
+            req = Requirement(line.split(" --")[0].strip())
+        except InvalidRequirement:
+            continue
+        name = canonicalize_name(req.name)
+        lock.names.add(name)
+        spec = list(req.specifier)
+        if len(spec) == 1 and spec[0].operator in ("==", "==="):
+            lock.pins[name] = f"{req.name}=={spec[0].version}"
+    return lock
+
+
+def _pip(args: Sequence[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    try:
+        import pip  # noqa: F401
+    except ModuleNotFoundError as exc:
+        raise OperationError(
+            f"pip is not installed in shiplane's environment ({sys.executable})",
+            hint="install it there (`python -m ensurepip` or `uv pip install pip`)") from exc
+    env = dict(os.environ, PIP_DISABLE_PIP_VERSION_CHECK="1", PIP_NO_INPUT="1")
+    return subprocess.run([sys.executable, "-m", "pip", *args], cwd=cwd, env=env, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, check=False)
+
+
+def _failed_requirement(output: str) -> str | None:
+    for pattern in (r"No matching distribution found for ([^\s;]+)",
+                    r"Could not find a version that satisfies the requirement ([^\s;]+)",
+                    r"Failed to build ([^\s]+)",
+                    r"ERROR: Cannot install ([^\s]+)"):
+        m = re.search(pattern, output)
+        if m:
+            return m.group(1).rstrip(",.")
+    return None
+
+
+def _tail(output: str, n: int = 12) -> str:
+    noise = ("is ignored: it is neither", "Looking in ", "━", "Downloading ", "Collecting ")
+    lines = [ln for ln in output.splitlines() if ln.strip() and not any(x in ln for x in noise)]
+    return "\n".join(lines[-n:])
+
+
+def _fail(what: str, output: str) -> OperationError:
+    req = _failed_requirement(output)
+    bad_hash = re.search(r"DO NOT MATCH THE HASHES.*?\n\s+(\S+) from", output, re.DOTALL)
+    if bad_hash:
+        head = f"{what}: {bad_hash.group(1)} does not match the hash in the lock"
+    elif req:
+        head = f"{what}: {req} cannot be resolved"
+    else:
+        head = f"{what} failed"
+    return OperationError(f"{head}\n{_tail(output)}",
+                          hint="check the pins in the lock (name, version, target Python)")
+
+
+def _wheels(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.glob("*.whl") if p.is_file())
+
+
+def _cached(cache: Path, key: str, fill: Callable[[Path], None]) -> list[Path]:
+    """The wheels in ``cache/key``; made once by ``fill(tmpdir)`` and renamed into place."""
+    final = cache / key
+    if (final / ".complete").is_file():
+        return _wheels(final)
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = cache / f".{key}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        fill(tmp)
+        (tmp / ".complete").write_text("\n".join(p.name for p in _wheels(tmp)) + "\n")
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return _wheels(final)
+
+
+def wheelhouse_key(lock: Lock | None, target: Target, server_packages: Sequence[str]) -> str:
+    """The cache key of a wheelhouse: lock bytes + target + server packages."""
+    h = hashlib.sha256(b"shiplane-wheelhouse-v1\0")
+    h.update(lock.data if lock else b"")
+    h.update(f"\0{target.python_version}\0{target.platform}\0".encode())
+    h.update("\0".join(sorted(server_packages)).encode())
+    return h.hexdigest()
+
+
+def build_wheelhouse(lock: Lock | None, target: Target, server_packages: Sequence[str],
+                     cache: Path, emit: Emit) -> list[Path]:
+    """Every dependency wheel for ``target`` (the lock plus missing server packages), cached."""
+    names = lock.names if lock else set()
+    missing = [p for p in server_packages if canonicalize_name(p) not in names]
+    key = wheelhouse_key(lock, target, server_packages)
+    if (cache / key / ".complete").is_file():
+        emit("wheelhouse", f"reused {key[:12]}")
+        return _wheels(cache / key)
+
+    def fill(out: Path) -> None:
+        work = out / ".work"
+        work.mkdir()
+        req_args: list[str] = []
+        if lock and lock.lines:
+            normalised = work / "requirements.txt"
+            normalised.write_text("\n".join(lock.lines) + "\n")
+            req_args = ["-r", str(normalised)]
+        # Server packages resolve against the lock's pins; with hashes in the lock pip demands
+        # hashes for everything, so they get a second run constrained by the pins.
+        if lock and lock.hashed and missing:
+            constraints = work / "constraints.txt"
+            constraints.write_text("".join(p + "\n" for p in lock.pins.values()))
+            runs = [req_args, ["-c", str(constraints), *missing]]
+        else:
+            # In one run the lock's pins already constrain what the server packages may pull.
+            runs = [req_args + missing]
+        verb = "pip wheel" if target.native else "pip download"
+        for args in (a for a in runs if a):
+            what = ([f"{len(lock.names)} locked"] if lock and "-r" in args else []) + \
+                [a for a in args if a in missing]
+            emit("wheelhouse", f"{verb} ({' + '.join(what)}) for Python "
+                 f"{target.python_version} on {target.platform}")
+            try:
+                if target.native:
+                    _native(args, out, work)
+                else:
+                    _foreign(args, out, work, target, emit)
+            except OperationError as exc:
+                if lock is None:
+                    raise
+                # pip names our normalised copy of the lock; the user knows the original.
+                shown = exc.message.replace(str(work / "requirements.txt"), str(lock.path))
+                raise OperationError(shown, hint=exc.hint) from None
+        shutil.rmtree(work)
+
+    wheels = _cached(cache, key, fill)
+    emit("wheelhouse", f"{len(wheels)} wheels")
+    return wheels
+
+
+def _native(args: list[str], out: Path, work: Path) -> None:
+    result = _pip(["wheel", "--wheel-dir", str(out), *args], work)
+    if result.returncode != 0:
+        raise _fail("building the wheelhouse", result.stdout)
+
+
+def _foreign(args: list[str], out: Path, work: Path, target: Target, emit: Emit) -> None:
+    """``pip download`` wheels for another target; pure-Python sdists are built here once."""
+    local = work / "built"
+    local.mkdir(exist_ok=True)
+    plat_args = [a for p in _pip_platforms(target.platform) for a in ("--platform", p)]
+    tried: set[str] = set()
+    while True:
+        result = _pip(["download", "--only-binary=:all:", "--implementation", "cp",
+                       "--python-version", target.python_version, *plat_args,
+                       "--find-links", str(local), "--dest", str(out), *args], work)
+        if result.returncode == 0:
+            return
+        req = _failed_requirement(result.stdout)
+        if req is None or req in tried:
+            raise _fail(f"resolving the wheelhouse for Python {target.python_version} "
+                        f"on {target.platform}", result.stdout)
+        tried.add(req)
+        emit("wheelhouse", f"{req}: no wheel for the target, building it from source")
+        built = work / "sdist-build"
+        shutil.rmtree(built, ignore_errors=True)
+        res = _pip(["wheel", "--no-deps", "--no-binary=:all:", "--wheel-dir", str(built), req],
+                   work)
+        if res.returncode != 0:
+            raise OperationError(
+                f"{req} cannot be resolved: no wheel for Python {target.python_version} on "
+                f"{target.platform}, and no source distribution that builds\n{_tail(res.stdout)}",
+                hint="check the pin, or pick a version that has wheels for the hosts")
+        for whl in _wheels(built):
+            tags = parse_wheel_filename(whl.name)[3]
+            if any(t.abi != "none" or t.platform != "any" for t in tags):
+                raise OperationError(
+                    f"{req} has no wheel for Python {target.python_version} on "
+                    f"{target.platform} and is not pure Python, so it cannot be built here",
+                    hint="build on a machine like the hosts, or pick a version with wheels")
+            shutil.move(str(whl), local / whl.name)
+
+
+def tool_wheels(cache: Path, emit: Emit) -> list[Path]:
+    """The host tools' wheels (supervisor), downloaded once and cached."""
+    wheels: list[Path] = []
+    for name, version in TOOLS:
+        key = f"{name}-{version}"
+        if (cache / key / ".complete").is_file():
+            wheels += _wheels(cache / key)
+            continue
+        emit("tools", f"pip download {name}=={version}")
+
+        def fill(out: Path, name: str = name, version: str = version) -> None:
+            result = _pip(["download", "--no-deps", "--only-binary=:all:", "--dest", str(out),
+                           f"{name}=={version}"], out)
+            if result.returncode != 0:
+                raise _fail(f"downloading {name}=={version}", result.stdout)
+
+        wheels += _cached(cache, key, fill)
+    return wheels
