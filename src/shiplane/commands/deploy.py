@@ -325,12 +325,16 @@ def _finalize(d: Deployment, outcome: str, error: str | None) -> dict[str, Any]:
     }
     connected = list(fleet.sessions)
     if d.rid and connected:
-        state = "good" if outcome == "ok" else "bad"
-        fleet.each("finalize", lambda host, s: (
-            s.call("mark", {"release_id": d.rid, "state": state}, timeout=60) if d.hosts[host].phase in ("install", "switch", "release") or d.hosts[host].switched else None,
-            s.call("record", {"entry": entry}, timeout=60),
-            s.call("prune", {"keep": deploy.app.keep_releases}, timeout=300) if outcome == "ok" else None,
-        ), hosts=connected, quiet=True)
+        # a successful switch marked the release live on the host; a failed deploy marks it bad
+        # wherever it was installed, so `rollback` never picks it
+        installed = [h for h, s in d.hosts.items() if h in connected and (s.phase not in ("pending", "connect", "lock", "copy") or s.switched)]
+        if outcome != "ok":
+            fleet.each("finalize", lambda host, s: s.call("mark", {"release_id": d.rid, "state": "bad"}, timeout=60),
+                       hosts=installed, quiet=True)
+        fleet.each("finalize", lambda host, s: s.call("record", {"entry": entry}, timeout=60), hosts=connected, quiet=True)
+        if outcome == "ok":
+            fleet.each("prune", lambda host, s: s.call("prune", {"keep": deploy.app.keep_releases}, timeout=300),
+                       hosts=connected, quiet=True)
     locked, d.locked = list(d.locked), []
     fleet.each("unlock", lambda host, s: s.call("unlock", {"force": False}, timeout=60), hosts=locked, quiet=True)
     ledger = local_ledger(d.ctx.project, d.ctx.stage)
