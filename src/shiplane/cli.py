@@ -236,6 +236,43 @@ def deploy(obj: Context, stage: str | None, artifact: str | None, skip_tests: bo
 
 @main.command()
 @stage_option
+@override_options
+@json_option
+@click.pass_obj
+def plan(obj: Context, stage: str | None, hosts: str | None, sets: tuple[str, ...], as_json: bool) -> None:
+    """Dry run: per host, what a deploy would change. Changes nothing anywhere."""
+    from shiplane.commands.plan import run_plan
+
+    result = run_plan(obj.file, stage, obj.masker, hosts=hosts, sets=sets, as_json=as_json, verbose=obj.verbose)
+    if as_json:
+        emit_json(result, obj.masker)
+    else:
+        for line in result["lines"]:
+            click.echo(obj.masker(line))
+
+
+@main.command()
+@click.option("--from", "from_stage", required=True, help="The stage whose live artifact is promoted.")
+@click.option("--to", "to_stage", required=True, help="The stage to deploy it to.")
+@_deploy_options
+@override_options
+@json_option
+@click.pass_obj
+def promote(obj: Context, from_stage: str, to_stage: str, artifact: str | None, skip_tests: bool, parallel: int,
+            lock_wait: float, hosts: str | None, sets: tuple[str, ...], as_json: bool) -> None:
+    """Deploy to a stage the exact artifact that is live and healthy on another."""
+    from shiplane.commands.deploy import DeployOptions
+    from shiplane.commands.promote import run_promote
+
+    if artifact:
+        raise UsageError("promote takes the artifact live on --from; use `deploy --artifact` to pick one")
+    options = DeployOptions(stage=to_stage, skip_tests=True, parallel=parallel, lock_wait=lock_wait, hosts=hosts,
+                            sets=sets, as_json=as_json, verbose=obj.verbose)
+    _finish(obj, run_promote(obj.file, from_stage, options, obj.masker), as_json)
+
+
+@main.command()
+@stage_option
 @click.option("--to", "to_release", help="Release id to go back to (default: the previous good one).")
 @click.option("--yes", is_flag=True, help="Confirm a rollback across releases that ran migrations.")
 @override_options
