@@ -186,7 +186,7 @@ def _build_verb(name: str, doc: str, step: str) -> None:
 
         result = build_artifact(obj.file, obj.masker, step=step, as_json=as_json, verbose=obj.verbose)
         if as_json:
-            emit_json(result, obj.masker)
+            _finish(obj, result, as_json)
         else:
             click.echo(result["digest"] if step != "compile" else result.get("summary", ""))
 

@@ -144,8 +144,9 @@ def prune(layout: Layout, keep: int, emit: Emit) -> dict[str, Any]:
     keep = max(1, int(keep))
     metas = list_releases(layout)
     current, previous = current_release(layout), previous_release(layout)
-    good = [m["release_id"] for m in metas if m.get("state") == "good"]
-    protected = {current, previous, good[-1] if good else None}
+    # the newest known-good release other than the live one: `previous` when there is one
+    good = [m["release_id"] for m in metas if m.get("state") in ("good", "previous") and m["release_id"] != current]
+    protected = {current, previous if previous else (good[-1] if good else None)}
     ids = [m["release_id"] for m in metas]
     excess = len(ids) - keep
     removed: list[str] = []

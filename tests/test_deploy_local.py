@@ -1,0 +1,174 @@
+"""The core deploy on the `local` stage, as a user runs it: real supervisord, gunicorn, front."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from deployhelp import Project, scaffold, wait_for
+
+pytestmark = pytest.mark.slow
+
+VIEWS = "src/demo/views.py"
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Project]:
+    project = scaffold(tmp_path_factory.mktemp("core"))
+    try:
+        yield project
+    finally:
+        project.stop()
+
+
+def edit(project: Project, path: str, old: str, new: str) -> None:
+    file = project.root / path
+    text = file.read_text()
+    assert old in text, f"{old!r} not in {path}"
+    file.write_text(text.replace(old, new, 1))
+    project.commit(f"edit {path}")
+
+
+def test_deploy_serves_the_release_and_stage(app: Project) -> None:
+    result = app.deploy()
+    status, body = app.get("/")
+    assert status == 200
+    assert f"release {result['release']}" in body
+    assert "stage local" in body
+    assert app.current() == result["release"]
+    assert f"serving at http://127.0.0.1:{app.port}/" in app.shiplane("deploy", "--stage", "local", "--skip-tests").stdout
+
+
+def test_code_change_redeploys_without_installing_dependencies(app: Project) -> None:
+    before = app.deploy()
+    venvs_before = set(os.listdir(app.deploy_root / "venvs"))
+    edit(app, VIEWS, "visit number", "visitor number")
+    after = app.deploy()
+    assert after["release"] != before["release"]
+    assert "visitor number" in app.get("/")[1]
+    assert set(os.listdir(app.deploy_root / "venvs")) == venvs_before
+    sent = after["hosts"]["local"]["bytes"]
+    wheel = [f for f in json.loads(_manifest(app, after["artifact"]))["app_files"] if f["path"].endswith(".whl")][0]
+    assert sent <= 1.2 * wheel["size"], (sent, wheel["size"])
+
+
+def _manifest(project: Project, digest: str) -> str:
+    return (project.root / ".shiplane/build/artifacts" / f"{digest}.json").read_text()
+
+
+def test_dependency_change_builds_a_new_venv(app: Project) -> None:
+    app.deploy()
+    venvs_before = {v for v in os.listdir(app.deploy_root / "venvs") if not v.startswith(".")}
+    requirements = app.root / "requirements.txt"
+    requirements.write_text(requirements.read_text() + "six==1.16.0\n")
+    app.commit("add six")
+    result = app.deploy()
+    venvs_after = {v for v in os.listdir(app.deploy_root / "venvs") if not v.startswith(".")}
+    new = venvs_after - venvs_before
+    assert len(new) == 1
+    assert list((app.deploy_root / "venvs" / new.pop()).glob("lib/python*/site-packages/six.py"))
+    assert app.get("/up")[0] == 200
+    release = json.loads((app.deploy_root / "releases" / result["release"] / "release.json").read_text())
+    assert release["dependency_digest"] in venvs_after
+
+
+def test_rollback_serves_the_previous_code_without_reinstalling(app: Project) -> None:
+    edit(app, VIEWS, "<footer>", "<footer>version-A ")
+    first = app.deploy()
+    edit(app, VIEWS, "version-A", "version-B")
+    app.deploy()
+    assert "version-B" in app.get("/")[1]
+    done = app.shiplane("rollback", "--stage", "local")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "version-A" in app.get("/")[1]
+    assert app.current() == first["release"]
+
+
+@pytest.mark.parametrize(
+    ("breakage", "expected"),
+    [
+        (("src/demo/views.py", 'return Response("ok\\n", 200', 'return Response("sick\\n", 500'), "500"),
+        (("src/demo/views.py", "from __future__ import annotations", "from __future__ import annotations\nimport no_such_module"), "no_such_module"),
+        (("shiplane.toml", 'release = "alembic upgrade head"', 'release = "alembic upgrade head && exit 7"'), "exit code 7"),
+    ],
+    ids=["health-fails", "import-error", "hook-fails"],
+)
+def test_broken_release_leaves_the_previous_one_serving(app: Project, breakage: tuple[str, str, str], expected: str) -> None:
+    good = app.deploy()
+    edit(app, *breakage)
+    try:
+        bad = app.deploy(check=False)
+        assert bad["exit"] == 1
+        assert expected in bad["output"]
+        assert app.current() == good["release"]
+        status, body = app.get("/")
+        assert status == 200 and f"release {good['release']}" in body
+        releases = app.shiplane("releases", "--stage", "local", "--json", check=True)
+        states = {r["release_id"]: r["state"] for r in json.loads(releases.stdout)["hosts"]["local"]["releases"]}
+        assert states[bad["release"]] == "bad"
+    finally:
+        edit(app, breakage[0], breakage[2], breakage[1])
+
+
+def test_a_killed_server_is_restarted(app: Project) -> None:
+    app.deploy()
+    status = json.loads(app.shiplane("status", "--stage", "local", "--json", check=True).stdout)
+    web = [s for s in status["hosts"]["local"]["services"] if s["name"] == "web"][0]
+    os.kill(web["pid"], signal.SIGKILL)
+
+    def restarted() -> bool:
+        now = json.loads(app.shiplane("status", "--stage", "local", "--json", check=True).stdout)
+        pids = [s["pid"] for s in now["hosts"]["local"]["services"] if s["name"] == "web" and s["state"] == "RUNNING"]
+        return bool(pids) and pids[0] != web["pid"] and app.get("/up")[0] == 200
+
+    wait_for(restarted, 30, "supervisord to restart the killed gunicorn")
+
+
+def test_a_held_lock_refuses_a_second_deploy_naming_its_holder(app: Project) -> None:
+    app.shiplane("lock", "--stage", "local", check=True)
+    try:
+        refused = app.deploy(check=False)
+        assert refused["exit"] == 1
+        assert "deploy lock held by" in refused["output"]
+        assert "shiplane lock --stage local" in refused["output"]
+    finally:
+        app.shiplane("unlock", "--stage", "local", "--force", check=True)
+    assert app.deploy()["exit"] == 0
+
+
+def test_a_tampered_blob_is_rejected_and_nothing_switches(app: Project, tmp_path: Path) -> None:
+    good = app.deploy()
+    edit(app, VIEWS, "<footer>", "<footer>tamper-test ")
+    built = json.loads(app.shiplane("build", "--json", check=True).stdout.splitlines()[-1])["result"]
+    manifest = json.loads(_manifest(app, built["digest"]))
+    wheel = [f for f in manifest["app_files"] if f["path"].endswith(".whl")][0]
+    blob = app.root / ".shiplane/build/blobs" / wheel["sha256"]
+    blob.chmod(0o644)
+    blob.write_bytes(blob.read_bytes()[:-10] + b"0123456789")
+    try:
+        bad = app.deploy("--artifact", built["digest"], check=False)
+        assert bad["exit"] == 1
+        assert wheel["sha256"][:12] in bad["output"]
+        assert app.current() == good["release"]
+        assert not (app.deploy_root / "store" / wheel["sha256"]).exists()
+    finally:
+        blob.unlink()
+        app.shiplane("clean")
+
+
+def test_prune_keeps_the_live_and_previous_releases(app: Project) -> None:
+    toml = app.root / "shiplane.toml"
+    toml.write_text(toml.read_text().replace("keep_releases = 5", "keep_releases = 2"))
+    app.commit("keep 2")
+    ids = []
+    for n in range(3):
+        edit(app, VIEWS, "<footer>", f"<footer>prune-{n} ")
+        ids.append(app.deploy()["release"])
+    left = sorted(p.name for p in (app.deploy_root / "releases").iterdir() if not p.name.startswith("."))
+    assert ids[-1] in left and ids[-2] in left
+    assert len(left) == 2
