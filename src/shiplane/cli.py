@@ -217,19 +217,26 @@ def _deploy_options(func: F) -> F:
     return func
 
 
+def _retry_option(func: F) -> F:
+    return click.option("--retry-failed", is_flag=True,
+                        help="Finish the last failed deploy (same artifact, same release id) on the hosts that failed.")(func)
+
+
 @main.command()
 @stage_option
 @_deploy_options
+@_retry_option
 @override_options
 @json_option
 @click.pass_obj
 def deploy(obj: Context, stage: str | None, artifact: str | None, skip_tests: bool, parallel: int, lock_wait: float,
-           hosts: str | None, sets: tuple[str, ...], as_json: bool) -> None:
+           retry_failed: bool, hosts: str | None, sets: tuple[str, ...], as_json: bool) -> None:
     """The whole pipeline: gate, build, lock, copy, install, release, switch, verify, finalize."""
     from shiplane.commands.deploy import DeployOptions, run_deploy
 
     options = DeployOptions(stage=stage, artifact=artifact, skip_tests=skip_tests, parallel=parallel,
-                            lock_wait=lock_wait, hosts=hosts, sets=sets, as_json=as_json, verbose=obj.verbose)
+                            lock_wait=lock_wait, hosts=hosts, sets=sets, as_json=as_json, verbose=obj.verbose,
+                            retry_failed=retry_failed)
     result = run_deploy(obj.file, options, obj.masker)
     _finish(obj, result, as_json)
 

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +38,7 @@ from shiplane.plan import (
 )
 from shiplane.secret import Masker
 from shiplane.transport.session import AgentSession
+from shiplane.transport.tools import ship_uv
 from shiplane.ui import Reporter, human_bytes
 
 CHUNK = 1 << 20
@@ -52,6 +55,7 @@ class DeployOptions:
     sets: Sequence[str] = ()
     as_json: bool = False
     verbose: bool = False
+    retry_failed: bool = False
 
 
 @dataclass
@@ -77,6 +81,7 @@ class Deployment:
     locked: list[str] = field(default_factory=list)
     ran_release_hook: bool = False
     ran_setup: bool = False
+    resumed_release_hook: bool = False
     started: float = field(default_factory=time.time)
 
 
@@ -85,35 +90,90 @@ def run_deploy(file: Path | None, options: DeployOptions, masker: Masker) -> dic
     ctx = open_stage(file, options.stage, masker, hosts=options.hosts, sets=options.sets)
     graph_from_project(ctx.project)  # a bad task graph stops us before anything runs
     rendered = render_files(ctx.project, ctx.layered)
-    with Reporter.for_terminal(options.as_json, masker, options.verbose) as reporter:
+    with Reporter.for_terminal(options.as_json, masker, options.verbose) as reporter, interrupts_as_keyboard():
         fleet = Fleet(ctx.project, ctx.stage, reporter, parallel=options.parallel)
         deployment = Deployment(ctx, fleet, options)
         for host in fleet.hosts:
             deployment.hosts[host] = HostState()
+        outcome, error = "interrupted", "interrupted"
         try:
-            _gate_and_build(deployment, reporter)
-            _check_promotion(deployment)
-            deployment.rid = release_id(deployment.digest)
+            if options.retry_failed:
+                _resume_failed(deployment)
+            else:
+                _gate_and_build(deployment, reporter)
+                _check_promotion(deployment)
+                deployment.rid = release_id(deployment.digest)
             _connect_and_lock(deployment)
             _prepare(deployment, rendered)
             _release(deployment)
             _switch(deployment)
             _after_deploy(deployment)
-            outcome = "ok"
+            outcome, error = "ok", None
         except OperationError as exc:
-            outcome = "failed"
+            outcome, error = "failed", exc.message
             reporter(Event("deploy", "failed", detail=exc.message))
-            deployment_error = exc.message
         except KeyboardInterrupt:
-            outcome = "interrupted"
-            deployment_error = "interrupted (SIGINT)"
-            reporter(Event("deploy", "failed", detail=deployment_error))
-        else:
-            deployment_error = None
+            # Ctrl-C or SIGTERM: phases already running on hosts finished (the pool waits for
+            # them); hosts this deploy switched go back, so the stage serves one release
+            outcome, error = "interrupted", "interrupted by a signal; every host serves the release it served before"
+            reporter(Event("deploy", "failed", detail=error))
+            with signals_ignored():
+                _undo(deployment, [h for h, st in deployment.hosts.items() if st.switched],
+                      services_spec(ctx.project.deploy, ctx.stage))
         finally:
-            summary = _finalize(deployment, locals().get("outcome", "interrupted"), locals().get("deployment_error"))
-            fleet.close()
+            with signals_ignored():  # a second Ctrl-C must not leave the locks behind
+                summary = _finalize(deployment, outcome, error)
+                fleet.close()
     return summary
+
+
+@contextmanager
+def interrupts_as_keyboard() -> Iterator[None]:
+    """SIGTERM (a CI job cancelled) takes the same clean path as Ctrl-C."""
+    def raise_interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, raise_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextmanager
+def signals_ignored() -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    saved = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
+def _resume_failed(d: Deployment) -> None:
+    """``--retry-failed``: the same deploy again (same artifact, same release id). Hosts that were
+    prepared answer copy/install from what they have (both are idempotent), so only the hosts
+    that failed do real work; a release hook that already ran is not run twice."""
+    ledger = local_ledger(d.ctx.project, d.ctx.stage)
+    entries = [json.loads(line) for line in ledger.read_text().splitlines() if line.strip()] if ledger.exists() else []
+    deploys = [e for e in entries if e.get("event") == "deploy"]
+    if not deploys or deploys[-1].get("outcome") == "ok" or not deploys[-1].get("release"):
+        raise UsageError(f"--retry-failed: the last deploy of stage {d.ctx.stage!r} did not fail; nothing to retry")
+    last = deploys[-1]
+    from shiplane.artifact import load_manifest
+
+    manifest = load_manifest(d.ctx.project.root, str(last["artifact"]))
+    d.manifest, d.digest, d.rid = manifest.to_dict(), manifest.digest, str(last["release"])
+    d.resumed_release_hook = bool(last.get("release_hook"))
+    failed = [h for h, info in (last.get("hosts") or {}).items() if info.get("outcome") not in ("ok", "switched")]
+    d.fleet.emit(Event("deploy", "info", detail=f"retrying release {d.rid} (artifact {d.digest[:12]}); "
+                                              f"hosts that failed: {', '.join(failed) or 'none'}"))
 
 
 def _gate_and_build(d: Deployment, emit: Any) -> None:
@@ -206,6 +266,8 @@ def _prepare(d: Deployment, rendered: Any) -> None:
             payload = _stream_blobs(store, missing)
             session.call("receive", {"blobs": [{"sha256": sha, "size": sizes[sha]} for sha in missing]},
                          payload=payload, on_event=d.fleet.forward(host, "copy"), timeout=300)
+        # the controller's uv, to a host without one: its venv builds in a second instead of many
+        total += ship_uv(session, lambda text: d.fleet.emit(Event("copy", "info", host=host, detail=text)))
         d.hosts[host].bytes_sent = total
         d.fleet.emit(Event("copy", "progress", host=host, detail=f"sent {len(missing)} blob(s), {human_bytes(total)}",
                            bytes=total))
@@ -244,7 +306,10 @@ def _release(d: Deployment) -> None:
         inventory = session.call("inventory", {"blobs": []}, timeout=60)
         if not inventory.get("setup_done"):
             commands.append(("setup", deploy.hooks.setup))
-    commands += [("release", cmd) for cmd in deploy.hooks.release_commands()]
+    if not d.resumed_release_hook:
+        commands += [("release", cmd) for cmd in deploy.hooks.release_commands()]
+    else:
+        d.ran_release_hook = True
     for kind, command in commands:
         started = time.monotonic()
         d.fleet.emit(Event(kind, "start", host=primary, detail=command))
@@ -313,6 +378,10 @@ def _finalize(d: Deployment, outcome: str, error: str | None) -> dict[str, Any]:
     fleet = d.fleet
     deploy = d.ctx.project.deploy
     duration = round(time.time() - d.started, 3)
+    if outcome != "ok":
+        for state in d.hosts.values():  # hosts the failed deploy never switched: say so, not "pending"
+            if state.outcome == "pending":
+                state.outcome = "not switched"
     entry = {
         "event": "deploy", "stage": d.ctx.stage, "release": d.rid or None, "artifact": d.digest or None,
         "git_commit": d.manifest.get("git_commit"), "outcome": outcome, "error": error,
