@@ -11,8 +11,9 @@ import http.client
 import socket
 import time
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from .errors import AgentError
 
@@ -40,7 +41,8 @@ class UnixHTTPConnection(http.client.HTTPConnection):
         self.sock = sock
 
 
-def http_get_unix(sock_path: str | Path, path: str, timeout: float) -> tuple[int, dict[str, str], bytes]:
+def http_get_unix(sock_path: str | Path, path: str,
+                  timeout: float) -> tuple[int, dict[str, str], bytes]:
     """GET ``path`` from the HTTP server on ``sock_path``; returns (status, headers, body).
 
     Connection errors (missing socket, refused, timeout) propagate as ``OSError``.
@@ -137,7 +139,8 @@ def run_smoke(sock: str | Path, checks: list[dict[str, Any]] | None, timeout: fl
         path = str(check.get("path") or "/")
         want_status = int(check.get("status") or 200)
         expect = check.get("expect")
-        name = f"GET {path}" + (f" expecting {expect!r}" if expect else "") + f" (status {want_status})"
+        name = (f"GET {path}" + (f" expecting {expect!r}" if expect else "")
+                + f" (status {want_status})")
         try:
             status, _headers, body = http_get_unix(sock, path, timeout)
         except (OSError, http.client.HTTPException) as exc:

@@ -31,7 +31,7 @@ BAD_GATEWAY = (b"HTTP/1.1 502 Bad Gateway\r\nContent-Type: text/plain\r\nContent
 class _Pipe(asyncio.Protocol):
     """One side of a proxied connection; writes what it reads to ``peer``."""
 
-    def __init__(self, conn: "_Connection") -> None:
+    def __init__(self, conn: _Connection) -> None:
         self.conn = conn
         self.transport: asyncio.Transport | None = None
         self.peer: asyncio.Transport | None = None
@@ -79,7 +79,7 @@ class _Pipe(asyncio.Protocol):
 class _Connection:
     """A client connection and its upstream connection."""
 
-    def __init__(self, proxy: "Proxy") -> None:
+    def __init__(self, proxy: Proxy) -> None:
         self.proxy = proxy
         self.client: _Pipe = _AcceptedPipe(self)
         self.upstream: _Pipe | None = None
@@ -141,10 +141,14 @@ class _Connection:
         # with unread input would reset the connection before the client reads the answer.
         self.refused = True
         self.client.pending.clear()
-        transport.write(BAD_GATEWAY)
-        if transport.can_write_eof():
-            transport.write_eof()
-        transport.resume_reading()
+        try:
+            transport.write(BAD_GATEWAY)
+            if transport.can_write_eof():
+                transport.write_eof()
+            transport.resume_reading()
+        except OSError:  # the client is already gone
+            self.close()
+            return
         asyncio.get_running_loop().call_later(REFUSED_LINGER, self.close)
         self.maybe_close()
 
@@ -157,7 +161,7 @@ class Proxy:
         self.port = port
         self.upstream_path = upstream_path
         self.connections: set[_Connection] = set()
-        self.server: asyncio.AbstractServer | None = None
+        self.server: asyncio.Server | None = None
         self.tasks: set[asyncio.Task[None]] = set()
 
     def _accept(self) -> _Pipe:
@@ -185,6 +189,9 @@ class Proxy:
         self.server.close()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
+        for conn in list(self.connections):
+            if conn.upstream is None:  # not connected yet, or refused: nothing in flight
+                conn.close()
         while self.connections and loop.time() < deadline:
             await asyncio.sleep(0.05)
         for conn in list(self.connections):
@@ -234,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         asyncio.run(proxy.serve())
     except OSError as exc:
-        print(f"shiplane front: cannot listen on {host}:{port}: {exc}", file=sys.stderr)
+        sys.stderr.write(f"shiplane front: cannot listen on {host}:{port}: {exc}\n")
         return 1
     return 0
 

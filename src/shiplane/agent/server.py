@@ -23,7 +23,7 @@ from typing import Any, BinaryIO
 from . import AgentError, __version__, ledger, lock, releases, store
 from .hooks import run_hook
 from .paths import Layout
-from .venvs import find_uv, list_venvs
+from .venvs import find_uv, install_uv, list_venvs
 
 Emit = Callable[[dict[str, Any]], None]
 HEARTBEAT_EVERY = 20.0
@@ -46,7 +46,7 @@ def hello(layout: Layout) -> dict[str, Any]:
         "python_version": "{}.{}".format(*sys.version_info[:2]),
         "platform": sysconfig.get_platform().replace("-", "_").replace(".", "_"),
         "executable": sys.executable,
-        "uv": find_uv(),
+        "uv": find_uv(layout),
         "systemd": os.path.isdir("/run/systemd/system"),
         "user": user,
         "hostname": socket.gethostname(),
@@ -148,8 +148,8 @@ class Session:
     def _stop_heartbeat(self) -> None:
         self._beat_stop.set()
 
-    def release_on_signal(self, signum: int, _frame: Any) -> None:
-        """SIGTERM/SIGINT: give back the deploy lock we took, then exit."""
+    def release_lock(self) -> None:
+        """Give back the deploy lock this session took, if it still holds it (session ending)."""
         self._stop_heartbeat()
         with self.lock_ops:
             if self.holder is not None:
@@ -158,6 +158,10 @@ class Session:
                 except Exception:  # noqa: BLE001, S110 - exiting anyway; a kept lock goes stale
                     pass
                 self.holder = None
+
+    def release_on_signal(self, signum: int, _frame: Any) -> None:
+        """SIGTERM/SIGINT: give back the deploy lock we took, then exit."""
+        self.release_lock()
         raise SystemExit(128 + signum)
 
 
@@ -281,6 +285,29 @@ def _op_history(s: Session, args: dict[str, Any], emit: Emit) -> Any:
     return {"entries": ledger.read(s.layout, int(limit) if limit is not None else None)}
 
 
+MAX_READ = 1 << 20
+
+
+def _op_read_release_file(s: Session, args: dict[str, Any], emit: Emit) -> Any:
+    """Read-only: one text file of a release (``shiplane plan`` diffs rendered config with it).
+
+    The path is relative to the release dir; links (shared files) are followed but must stay
+    under the deploy root. Missing file -> ``exists: false``."""
+    rid = releases.valid_release_id(args.get("release_id"))
+    rel = store.safe_relpath(args.get("path"), "read_release_file")
+    path = s.layout.release(rid) / rel
+    real = os.path.realpath(path)
+    if not real.startswith(os.path.realpath(s.layout.root) + os.sep):
+        raise AgentError(f"read_release_file: {rel} leaves the deploy root", kind="usage")
+    if not os.path.isfile(real):
+        return {"exists": False}
+    with open(real, "rb") as handle:
+        data = handle.read(MAX_READ + 1)
+    if len(data) > MAX_READ:
+        raise AgentError(f"read_release_file: {rel} is larger than {MAX_READ} bytes", kind="usage")
+    return {"exists": True, "content": data.decode("utf-8", "replace")}
+
+
 HANDLERS: dict[str, Handler] = {
     "inventory": _op_inventory,
     "receive": _op_receive,
@@ -297,6 +324,8 @@ HANDLERS: dict[str, Handler] = {
                                              int(a.get("lines") or 100), bool(a.get("follow")), e),
     "releases": _op_releases,
     "history": _op_history,
+    "read_release_file": _op_read_release_file,
+    "install_uv": lambda s, a, e: install_uv(s.layout, a.get("sha256")),
     "record": _op_record,
     "mark": lambda s, a, e: releases.mark(s.layout, releases.valid_release_id(a.get("release_id")),
                                           str(a.get("state"))),
@@ -315,5 +344,6 @@ def serve(root: str, stdin: BinaryIO | None = None, stdout: BinaryIO | None = No
     try:
         session.serve()
     except BrokenPipeError:
-        return 0  # the controller went away; its lock (if any) goes stale without heartbeats
+        session.release_lock()  # the controller went away mid-op: nobody is deploying through us
+        return 0
     return 0

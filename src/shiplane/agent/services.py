@@ -8,20 +8,30 @@ supervisord (see supervisor.py); the web switch itself is in switch.py.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from . import supervisor as sv
 from .errors import AgentError
 from .health import tail_lines, wait_healthy
 from .paths import Layout
-from .switch import (current_release, ensure_front, ensure_workers, live_release, load_spec,
-                     save_spec, web_conf, web_program, web_programs)
+from .switch import (
+    current_release,
+    ensure_front,
+    ensure_workers,
+    live_release,
+    load_spec,
+    save_spec,
+    web_conf,
+    web_program,
+    web_programs,
+)
 from .switch import switch as _switch
 
 Emit = Callable[[dict[str, Any]], None]
 
-__all__ = ["switch", "start", "stop", "restart", "reload", "status", "shutdown", "logs"]
+__all__ = ["logs", "reload", "restart", "shutdown", "start", "status", "stop", "switch"]
 
 
 def switch(layout: Layout, release_id: str, spec: dict[str, Any], emit: Emit) -> dict[str, Any]:
@@ -41,7 +51,7 @@ def _spec(layout: Layout, spec: dict[str, Any] | None) -> dict[str, Any]:
 
 def _targets(layout: Layout, names: list[str] | None, spec: dict[str, Any] | None) -> list[str]:
     """User service names in start order (front, web, workers); validates given names."""
-    known = ["front"] if (spec or {}).get("front", "builtin") == "builtin" else []
+    known = ["front"] if ((spec or {}).get("front") or "builtin") == "builtin" else []
     known.append("web")
     known += sorted((spec or {}).get("workers") or {})
     if spec is None:  # no spec: whatever is configured on disk
@@ -190,12 +200,13 @@ def log_path(layout: Layout, service: str) -> Path:
     return layout.log / f"{sv.check_name(service)}.log"
 
 
-def logs(layout: Layout, service: str, lines: int, follow: bool | float, emit: Emit
+def logs(layout: Layout, service: str | None, lines: int, follow: bool | float, emit: Emit
          ) -> dict[str, Any]:
     """The last ``lines`` lines of a service's log; with ``follow`` new lines are then emitted as
     events (``status: "line"``) until ``follow`` seconds passed (``True``: until the reader goes
     away, i.e. ``emit`` raises)."""
-    path = log_path(layout, service or "web")
+    service = service or "web"
+    path = log_path(layout, service)
     head = tail_lines(path, max(0, int(lines)))
     result: dict[str, Any] = {"service": service, "path": str(path), "lines": head}
     if not follow:

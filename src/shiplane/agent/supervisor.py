@@ -18,8 +18,9 @@ import subprocess
 import sys
 import time
 import xmlrpc.client
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from . import atomic_write
 from .errors import AgentError
@@ -30,7 +31,9 @@ Emit = Callable[[dict[str, Any]], None]
 
 START_TIMEOUT = 20.0
 # stopProcess waits for the program's own stopwaitsecs; the RPC must outwait it.
-RPC_TIMEOUT = 120.0
+RPC_TIMEOUT = 600.0
+PING_TIMEOUT = 5.0
+SHUTDOWN_TIMEOUT = 300.0
 NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 META_PREFIX = "; shiplane: "
 
@@ -198,19 +201,22 @@ class _UnixTransport(xmlrpc.client.Transport):
         return UnixHTTPConnection(self._path, timeout=self._timeout)
 
 
+def _proxy(layout: Layout, timeout: float) -> Any:
+    transport = _UnixTransport(str(sock_path(layout)), timeout)
+    return xmlrpc.client.ServerProxy("http://localhost/RPC2", transport=transport)
+
+
 class Supervisor:
     """A client of one root's supervisord."""
 
     def __init__(self, layout: Layout, timeout: float = RPC_TIMEOUT) -> None:
         self.layout = layout
-        transport = _UnixTransport(str(sock_path(layout)), timeout)
-        self.rpc: Any = xmlrpc.client.ServerProxy("http://localhost/RPC2", transport=transport,
-                                                  allow_none=True)
+        self.rpc: Any = _proxy(layout, timeout)
 
     def ping(self) -> bool:
-        """True when supervisord answers and is RUNNING (not shutting down)."""
+        """True when supervisord answers (within seconds) and is RUNNING (not shutting down)."""
         try:
-            state = self.rpc.supervisor.getState()
+            state = _proxy(self.layout, PING_TIMEOUT).supervisor.getState()
         except (OSError, xmlrpc.client.Error):
             return False
         return bool(state.get("statename") == "RUNNING")
@@ -219,7 +225,11 @@ class Supervisor:
         """Re-read ``programs/*.conf`` and apply it (as ``supervisorctl update``): removed groups
         are stopped and removed, changed ones restarted with the new conf, added ones added
         (``autostart`` then starts them)."""
-        [[added, changed, removed]] = self.rpc.supervisor.reloadConfig()
+        try:
+            [[added, changed, removed]] = self.rpc.supervisor.reloadConfig()
+        except xmlrpc.client.Fault as fault:  # a conf supervisord cannot read
+            raise AgentError(f"supervisord rejected run/programs: {fault.faultString}",
+                             kind="service") from None
         for name in removed:
             self._stop_group(name)
             self.rpc.supervisor.removeProcessGroup(name)
@@ -295,8 +305,9 @@ class Supervisor:
 
 # --- starting and stopping supervisord --------------------------------------------------------
 
-def find_supervisor(layout: Layout) -> str | None:
-    """The newest ``tools/supervisor-*`` dir (to put on sys.path), None to use our own import."""
+def find_supervisor(layout: Layout) -> str:
+    """The dir to put on sys.path for supervisord: the newest ``tools/supervisor-*``, else the
+    one this interpreter imports ``supervisor`` from."""
     def version_key(path: Path) -> tuple[int, ...]:
         parts = re.findall(r"\d+", path.name.split("-", 1)[-1])
         return tuple(int(p) for p in parts)
@@ -309,16 +320,16 @@ def find_supervisor(layout: Layout) -> str | None:
     if found:
         return str(max(found, key=version_key))
     try:
-        import supervisor  # type: ignore[import-not-found]  # noqa: F401
+        import supervisor  # type: ignore[import-not-found]
     except ImportError:
         raise AgentError(f"supervisor is not available: no {layout.tools}/supervisor-* and no "
                          f"importable supervisor in {sys.executable}", kind="service") from None
-    return None
+    return os.path.dirname(os.path.dirname(os.path.abspath(str(supervisor.__file__))))
 
 
 # Run supervisord without PYTHONPATH in its environment: its programs inherit that environment,
 # and the app must not see supervisor's package on its path.
-_BOOT = ("import sys; p = sys.argv.pop(1); p and sys.path.insert(0, p); "
+_BOOT = ("import sys; sys.path.insert(0, sys.argv.pop(1)); "
          "from supervisor.supervisord import main; main()")
 
 
@@ -340,7 +351,7 @@ def ensure_running(layout: Layout, emit: Emit | None = None) -> Supervisor:
         _wait(lambda: sup.ping() or not pid_alive(old), START_TIMEOUT)
         if sup.ping():
             return sup
-    tools = find_supervisor(layout) or ""
+    tools = find_supervisor(layout)
     if emit:
         emit({"phase": "services", "status": "supervisord", "detail": "starting supervisord"})
     start_log = layout.log / "supervisord.start.log"
@@ -369,12 +380,13 @@ def connect(layout: Layout) -> Supervisor | None:
     return sup if sup.ping() else None
 
 
-def shutdown(layout: Layout, timeout: float = 90.0) -> dict[str, Any]:
-    """Stop every program and supervisord itself; wait until its recorded pid is gone."""
+def shutdown(layout: Layout, timeout: float = SHUTDOWN_TIMEOUT) -> dict[str, Any]:
+    """Stop every program and supervisord itself; wait until its pid is gone (or a zombie)."""
     pid = read_pid(layout)
     sup = connect(layout)
     if sup is not None:
         try:
+            pid = int(sup.rpc.supervisor.getPID())
             sup.rpc.supervisor.shutdown()
         except (OSError, xmlrpc.client.Error):
             pass

@@ -13,15 +13,23 @@ import json
 import os
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from . import atomic_write, fsync_dir
 from .errors import AgentError
 from .health import run_smoke, wait_healthy
 from .paths import Layout, agent_command
-from .supervisor import (Supervisor, check_name, configured_programs, ensure_running,
-                         program_conf, program_meta, write_program)
+from .supervisor import (
+    Supervisor,
+    check_name,
+    configured_programs,
+    ensure_running,
+    program_conf,
+    program_meta,
+    write_program,
+)
 
 Emit = Callable[[dict[str, Any]], None]
 
@@ -105,6 +113,10 @@ def web_conf(layout: Layout, release_id: str, web: dict[str, Any]) -> str:
             "--workers", str(int(web.get("workers") or 2)),
             "--timeout", str(int(web.get("timeout") or 30)),
             "--graceful-timeout", str(graceful)]
+    if _gunicorn_major(layout, release_id) >= 27:
+        # gunicorn 27 opens a control socket in ~/.gunicorn by default; blue and green would fight
+        # over that one path, so each release gets its own next to its web socket
+        argv += ["--control-socket", str(layout.run / f"web-{release_id}.ctl")]
     worker_class = web.get("worker_class")
     if not worker_class and web.get("kind") == "asgi":
         worker_class = "uvicorn.workers.UvicornWorker"
@@ -120,6 +132,21 @@ def web_conf(layout: Layout, release_id: str, web: dict[str, Any]) -> str:
         "killasgroup": True, **_log_options(layout.log / "web.log")}
     meta = {"service": "web", "release_id": release_id}
     return program_conf(web_program(release_id), argv, options, meta)
+
+
+def _gunicorn_major(layout: Layout, release_id: str) -> int:
+    """The major version of gunicorn in the release's venv (0 when unknown)."""
+    try:
+        meta = json.loads(layout.release_meta(release_id).read_text())
+    except (OSError, ValueError):
+        return 0
+    venv = layout.venv(str(meta.get("dependency_digest") or "none"))
+    for info in venv.glob("lib/python*/site-packages/gunicorn-*.dist-info"):
+        version = info.name[len("gunicorn-"):-len(".dist-info")]
+        head = version.split(".")[0]
+        if head.isdigit():
+            return int(head)
+    return 0
 
 
 def worker_conf(layout: Layout, name: str, worker: dict[str, Any], release_id: str) -> str:
@@ -265,7 +292,6 @@ def switch(layout: Layout, release_id: str, spec: dict[str, Any], emit: Emit) ->
         raise AgentError("switch: the services spec has no web service", kind="usage")
     candidate = web_program(release_id)
     text = web_conf(layout, release_id, web)
-    save_spec(layout, spec)
     sup = ensure_running(layout, emit)
     live = live_release(layout)
     keep = {candidate, web_program(live)} if live else {candidate}
@@ -278,6 +304,7 @@ def switch(layout: Layout, release_id: str, spec: dict[str, Any], emit: Emit) ->
     if live == release_id and info is not None and info["statename"] == "RUNNING":
         check_web(layout, sup, release_id, web, emit)
         flip(layout, release_id)
+        save_spec(layout, spec)
         workers = ensure_workers(layout, sup, spec, release_id, emit)
         return {"previous": live, "current": release_id, "unchanged": True, "stopped": [],
                 "workers": workers, "seconds": round(time.monotonic() - started, 3)}
@@ -294,11 +321,13 @@ def switch(layout: Layout, release_id: str, spec: dict[str, Any], emit: Emit) ->
         raise
 
     flip(layout, release_id)
+    save_spec(layout, spec)  # what start/restart use from now on (not a failed candidate's)
     emit({"phase": "switch", "status": "live", "detail": f"{release_id} takes new connections"})
     old = sorted(web_programs(layout, sup) - {candidate})
     if old:
         # Connections the front routed to the old socket just before the flip finish there.
-        time.sleep(float(spec.get("drain", web.get("drain", DEFAULT_DRAIN))))
+        drain = spec.get("drain", web.get("drain"))
+        time.sleep(DEFAULT_DRAIN if drain is None else float(drain))
     for name in old:
         retire(layout, sup, name, emit)
     workers = ensure_workers(layout, sup, spec, release_id, emit)

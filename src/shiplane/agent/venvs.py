@@ -32,8 +32,9 @@ def valid_digest(digest: object) -> bool:
     return isinstance(digest, str) and bool(DIGEST_RE.match(digest))
 
 
-def find_uv() -> str | None:
-    """uv on PATH or in its usual install places; None when absent or disabled.
+def find_uv(layout: Layout | None = None) -> str | None:
+    """uv on PATH, in its usual install places, or shipped by the controller into ``tools/``;
+    None when absent or disabled.
 
     ``SHIPLANE_INSTALLER=pip`` forces the pip fallback (operators, and the tests of that path).
     """
@@ -46,7 +47,41 @@ def find_uv() -> str | None:
         path = os.path.expanduser(candidate)
         if os.path.isfile(path) and os.access(path, os.X_OK):
             return path
+    if layout is not None and layout.tools.is_dir():
+        for shipped in sorted(layout.tools.glob("uv-*/uv"), reverse=True):
+            if os.access(shipped, os.X_OK):
+                return str(shipped)
     return None
+
+
+def install_uv(layout: Layout, sha256: object) -> dict[str, Any]:
+    """Make the uv binary received as blob ``sha256`` runnable as ``tools/uv-<sha>/uv``.
+
+    The controller ships its own uv to hosts of the same platform that lack one; a binary that
+    does not run here (other libc) is refused (kind ``install``) and pip stays the installer.
+    """
+    if not valid_sha(sha256):
+        raise AgentError(f"install_uv: not a sha256: {sha256!r}", kind="usage")
+    require(layout, [str(sha256)])
+    target = layout.tools / f"uv-{str(sha256)[:16]}" / "uv"
+    if not (os.access(target, os.X_OK) and _runs(target)):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".uv.tmp-{os.getpid()}")
+        shutil.copyfile(layout.blob(str(sha256)), tmp)
+        os.chmod(tmp, 0o755)
+        if not _runs(tmp):
+            tmp.unlink()
+            raise AgentError("the shipped uv does not run on this host; using pip", kind="install")
+        os.replace(tmp, target)
+    return {"path": str(target)}
+
+
+def _runs(binary: Path) -> bool:
+    try:
+        return subprocess.run([str(binary), "--version"], stdin=subprocess.DEVNULL, capture_output=True,
+                              timeout=30, check=False).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
 
 
 def list_venvs(layout: Layout) -> list[str]:
@@ -78,7 +113,7 @@ def ensure_venv(layout: Layout, dependency_digest: str, wheels: list[dict[str, A
         _remove(target)
     layout.venvs.mkdir(parents=True, exist_ok=True)
     layout.tmp.mkdir(parents=True, exist_ok=True)
-    uv = find_uv()
+    uv = find_uv(layout)
     installer = "uv" if uv else "pip"
     emit({"phase": "venv", "status": "building", "detail": f"{len(wheels)} wheels with {installer}"})
     wheeldir = Path(tempfile.mkdtemp(prefix="wheels-", dir=layout.tmp))
