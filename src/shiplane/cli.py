@@ -278,6 +278,27 @@ def promote(obj: Context, from_stage: str, to_stage: str, artifact: str | None, 
     _finish(obj, run_promote(obj.file, from_stage, options, obj.masker), as_json)
 
 
+def _first_steps_verb(name: str, doc: str) -> None:
+    @main.command(name, help=doc)
+    @stage_option
+    @_deploy_options
+    @override_options
+    @json_option
+    @click.pass_obj
+    def verb(obj: Context, stage: str | None, artifact: str | None, skip_tests: bool, parallel: int, lock_wait: float,
+             hosts: str | None, sets: tuple[str, ...], as_json: bool) -> None:
+        from shiplane.commands.deploy import DeployOptions, run_deploy
+
+        options = DeployOptions(stage=stage, artifact=artifact, skip_tests=skip_tests, parallel=parallel,
+                                lock_wait=lock_wait, hosts=hosts, sets=sets, as_json=as_json, verbose=obj.verbose,
+                                until=name)
+        _finish(obj, run_deploy(obj.file, options, obj.masker), as_json)
+
+
+_first_steps_verb("copy", "The first pipeline steps alone: gate, build, lock, send each host the blobs it lacks.")
+_first_steps_verb("install", "Up to install: copy, then build the venv and unpack the release on every host (no switch).")
+
+
 @main.command()
 @stage_option
 @click.option("--to", "to_release", help="Release id to go back to (default: the previous good one).")

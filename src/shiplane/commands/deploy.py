@@ -56,6 +56,7 @@ class DeployOptions:
     as_json: bool = False
     verbose: bool = False
     retry_failed: bool = False
+    until: str | None = None  # "copy" | "install": the first pipeline steps alone
 
 
 @dataclass
@@ -105,9 +106,13 @@ def run_deploy(file: Path | None, options: DeployOptions, masker: Masker) -> dic
                 deployment.rid = release_id(deployment.digest)
             _connect_and_lock(deployment)
             _prepare(deployment, rendered)
-            _release(deployment)
-            _switch(deployment)
-            _after_deploy(deployment)
+            if options.until is None:
+                _release(deployment)
+                _switch(deployment)
+                _after_deploy(deployment)
+            else:
+                for state in deployment.hosts.values():
+                    state.outcome = {"copy": "copied", "install": "installed"}[options.until]
             outcome, error = "ok", None
         except OperationError as exc:
             outcome, error = "failed", exc.message
@@ -206,7 +211,8 @@ def _check_promotion(d: Deployment) -> None:
         return
     ledger = local_ledger(d.ctx.project, source)
     entries = [json.loads(line) for line in ledger.read_text().splitlines() if line.strip()] if ledger.exists() else []
-    if not any(e.get("artifact") == d.digest and e.get("outcome") == "ok" for e in entries):
+    if not any(e.get("artifact") == d.digest and e.get("outcome") == "ok" and e.get("event") in ("deploy", "rollback")
+               for e in entries):
         raise UsageError(
             f"stage {d.ctx.stage!r} takes only artifacts deployed healthy on {source!r} first; "
             f"artifact {d.digest[:12]} never was",
@@ -274,6 +280,8 @@ def _prepare(d: Deployment, rendered: Any) -> None:
         return {"blobs": len(missing), "bytes": total}
 
     _require_all(d, "copy", d.fleet.each("copy", copy))
+    if d.options.until == "copy":
+        return
     request = install_request(d.ctx.project.deploy, d.ctx.stage, d.rid, d.manifest, d.ctx.layered, rendered)
 
     def install(host: str, session: AgentSession) -> Any:
@@ -333,9 +341,13 @@ def _switch(d: Deployment) -> None:
     spec = services_spec(deploy, d.ctx.stage)
     switched: list[str] = []
     for batch in batches(d.fleet.hosts, stage.rolling.batch):
-        outcomes = d.fleet.each("switch", lambda host, s: s.call(
-            "switch", {"release_id": d.rid, "services": spec}, on_event=d.fleet.forward(host, "switch"),
-            timeout=600), hosts=batch)
+        def switch(host: str, session: AgentSession) -> Any:
+            result = session.call("switch", {"release_id": d.rid, "services": spec},
+                                  on_event=d.fleet.forward(host, "switch"), timeout=600)
+            d.hosts[host].switched = True  # recorded in the worker: an interrupt may come any time
+            return result
+
+        outcomes = d.fleet.each("switch", switch, hosts=batch)
         for host, outcome in outcomes.items():
             state = d.hosts[host]
             state.phase = "switch"
@@ -383,7 +395,7 @@ def _finalize(d: Deployment, outcome: str, error: str | None) -> dict[str, Any]:
             if state.outcome == "pending":
                 state.outcome = "not switched"
     entry = {
-        "event": "deploy", "stage": d.ctx.stage, "release": d.rid or None, "artifact": d.digest or None,
+        "event": d.options.until or "deploy", "stage": d.ctx.stage, "release": d.rid or None, "artifact": d.digest or None,
         "git_commit": d.manifest.get("git_commit"), "outcome": outcome, "error": error,
         "user": holder("", os.getpid()).user, "controller": holder("", os.getpid()).host,
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(d.started)), "duration": duration,
@@ -415,7 +427,8 @@ def _finalize(d: Deployment, outcome: str, error: str | None) -> dict[str, Any]:
 
 def _summary(d: Deployment, entry: dict[str, Any]) -> dict[str, Any]:
     ok = entry["outcome"] == "ok"
-    lines = [f"{'deployed' if ok else 'deploy FAILED:'} {d.ctx.project.deploy.app.name} release {d.rid or '-'} "
+    verb = {"copy": "copied", "install": "installed"}.get(d.options.until or "", "deployed")
+    lines = [f"{verb if ok else (d.options.until or 'deploy') + ' FAILED:'} {d.ctx.project.deploy.app.name} release {d.rid or '-'} "
              f"(artifact {d.digest[:12] or '-'}) to stage {d.ctx.stage} in {entry['duration']:.1f}s"]
     if entry.get("error"):
         lines.append(f"  reason: {entry['error']}")
@@ -424,6 +437,6 @@ def _summary(d: Deployment, entry: dict[str, Any]) -> dict[str, Any]:
         lines.append(f"  {host:24} {state.outcome:10} release {state.release or state.previous or '-'}  "
                      f"sent {human_bytes(state.bytes_sent)}  [{phases}]")
     port = d.ctx.project.deploy.web_port(d.ctx.stage)
-    if ok and port and d.ctx.project.deploy.stages[d.ctx.stage].is_local:
+    if ok and port and d.ctx.project.deploy.stages[d.ctx.stage].is_local and not d.options.until:
         lines.append(f"serving at http://127.0.0.1:{port}/")
     return {**entry, "ok": ok, "lines": lines}

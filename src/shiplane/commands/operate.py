@@ -84,6 +84,10 @@ def _status(ctx: StageContext, fleet: Fleet) -> dict[str, Any]:
             for host, release in live.items():
                 if release != expected:
                     drift.append(f"{host} runs {release}, the local ledger's last deploy is {expected}")
+    for host, result in per_host.items():
+        current = result.get("current")
+        if current and result.get("live_release") and current != result["live_release"]:
+            drift.append(f"{host}: `current` points at {current} but the web service serves {result['live_release']}")
     lines = []
     for host, result in per_host.items():
         lines.append(f"{host}: live release {result.get('live_release') or '-'}")
@@ -118,7 +122,12 @@ def run_rollback(file: Path | None, stage: str | None, to_release: str | None, y
     with connected(file, stage, masker, hosts=hosts, sets=sets) as (ctx, fleet):
         per_host = _all(fleet, "releases", lambda h, s: s.call("releases", {}))
         target, current, skipped = _pick_target(per_host, to_release)
-        migrated = [r for r in _releases_between(per_host, target, current) if r.get("release_hook")]
+        # release.json does not say whether its deploy ran the release hook; the hosts' ledgers do
+        ledgers = _all(fleet, "history", lambda h, s: s.call("history", {}))
+        hooked = {e.get("release") for result in ledgers.values() for e in result.get("entries", [])
+                  if e.get("event") == "deploy" and e.get("release_hook")}
+        migrated = [r for r in _releases_between(per_host, target, current)
+                    if r.get("release_hook") or r["release_id"] in hooked]
         if migrated and not yes:
             names = ", ".join(r["release_id"] for r in migrated)
             raise UsageError(f"rolling back to {target} crosses release(s) that ran the release hook (migrations): {names}",
