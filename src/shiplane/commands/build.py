@@ -25,6 +25,7 @@ def build_spec(project: Project) -> BuildSpec:
         include=tuple(deploy.build.include),
         exclude=tuple(deploy.build.exclude),
         config_files=tuple(deploy.config.files),
+        shared=(*deploy.shared.dirs, *deploy.shared.files),
         server_packages=servers,
         python_version=deploy.build.python_version,
         platform=deploy.build.platform,

@@ -114,6 +114,9 @@ def run_deploy(file: Path | None, options: DeployOptions, masker: Masker) -> dic
                 for state in deployment.hosts.values():
                     state.outcome = {"copy": "copied", "install": "installed"}[options.until]
             outcome, error = "ok", None
+        except UsageError:
+            outcome = "refused"  # refused before any host was touched: no ledger entry, exit 2
+            raise
         except OperationError as exc:
             outcome, error = "failed", exc.message
             reporter(Event("deploy", "failed", detail=exc.message))
@@ -127,7 +130,8 @@ def run_deploy(file: Path | None, options: DeployOptions, masker: Masker) -> dic
                       services_spec(ctx.project.deploy, ctx.stage))
         finally:
             with signals_ignored():  # a second Ctrl-C must not leave the locks behind
-                summary = _finalize(deployment, outcome, error)
+                if outcome != "refused":
+                    summary = _finalize(deployment, outcome, error)
                 fleet.close()
     return summary
 

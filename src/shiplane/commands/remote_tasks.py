@@ -61,3 +61,57 @@ def _hook_in_current(session: Any, command: str, timeout: float, on_event: Any) 
         raise OperationError("nothing is deployed on this host yet")
     return session.call("hook", {"release_id": current, "command": command, "timeout": timeout}, on_event=on_event,
                         timeout=timeout + 30)
+
+
+def run_setup_hook(file: Path | None, stage: str | None, masker: Masker, *, verbose: bool, force: bool,
+                   hosts: str | None, sets: Sequence[str]) -> None:
+    """``shiplane run setup``: the ``hooks.setup`` command, once, on the primary host, in the live
+    release, under the deploy lock. It ran on the stage's first deploy and is destructive, so a
+    rerun needs ``--force``; the rerun is recorded in the ledgers like a deploy."""
+    import json
+    import os
+    import sys
+    import time
+
+    from shiplane.fleet import local_ledger
+    from shiplane.plan import holder, primary_host
+
+    with connected(file, stage, masker, hosts=hosts, sets=sets, need_secrets=True) as (ctx, fleet):
+        deploy = ctx.project.deploy
+        command = deploy.hooks.setup or ""
+        primary = primary_host(deploy, ctx.stage, fleet.hosts)
+        session = fleet.sessions[primary]
+        inventory = session.call("inventory", {"blobs": []})
+        current = inventory.get("current")
+        if not current:
+            raise OperationError(f"nothing is deployed on {primary} yet",
+                                 hint="the first `shiplane deploy` runs the setup hook")
+        if inventory.get("setup_done") and not force:
+            raise UsageError(f"the setup hook `{command}` already ran on stage {ctx.stage!r} (first deploy); "
+                             "it may destroy data", hint="rerun it deliberately with --force")
+        reporter = Reporter.for_terminal(False, masker, verbose=True)
+        fleet.emit = reporter
+        who = holder(" ".join(["shiplane", *sys.argv[1:]]), os.getpid()).to_json()
+        started = time.time()
+        session.call("lock", {"holder": who, "wait": 0})
+        error: str | None = None
+        try:
+            reporter(Event("setup", "start", host=primary, detail=command))
+            _hook_in_current(session, command, deploy.hooks.timeout, fleet.forward(primary, "setup"))
+        except OperationError as exc:
+            error = exc.message
+        finally:
+            entry = {"event": "setup", "stage": ctx.stage, "release": current, "setup": error is None,
+                     "forced": force, "command": command, "outcome": "ok" if error is None else "failed",
+                     "error": error, "user": who["user"], "controller": who["host"],
+                     "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+                     "duration": round(time.time() - started, 3)}
+            fleet.each("record", lambda h, s: s.call("record", {"entry": entry}), quiet=True)
+            session.call("unlock", {"force": False})
+            ledger = local_ledger(ctx.project, ctx.stage)
+            ledger.parent.mkdir(parents=True, exist_ok=True)
+            with ledger.open("a", encoding="utf-8") as handle:
+                handle.write(json.dumps(entry) + "\n")
+        if error is not None:
+            raise OperationError(f"setup hook `{command}` failed on {primary}: {error}")
+        reporter(Event("setup", "ok", host=primary, seconds=time.time() - started))

@@ -24,6 +24,11 @@ def run_user_task(file: Path | None, name: str, stage: str | None, masker: Maske
                   force: bool = False, hosts: str | None = None, sets: Sequence[str] = ()) -> None:
     """Run a task and what it needs; independent tasks in parallel; exit 1 naming the failed task."""
     project = load_project(file)
+    if name == "setup" and project.deploy.hooks.setup and "setup" not in project.deploy.tasks:
+        from shiplane.commands.remote_tasks import run_setup_hook
+
+        run_setup_hook(file, stage, masker, verbose=verbose, force=force, hosts=hosts, sets=sets)
+        return
     graph = graph_from_project(project)
     graph.task(name)  # unknown name -> exit 2 with "did you mean"
     names = graph.closure([name])

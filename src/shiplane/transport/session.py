@@ -47,12 +47,18 @@ class AgentSession:
         self._lock = threading.Lock()
         threading.Thread(target=self._read_stdout, daemon=True).start()
         threading.Thread(target=self._read_stderr, daemon=True).start()
-        first = self._next_line(connect_timeout, "connect")
-        if first == {"need": True}:
-            self._write(f"{len(payload)}\n".encode() + payload)
+        try:
             first = self._next_line(connect_timeout, "connect")
-        if not isinstance(first, dict) or "hello" not in first:
-            raise HostError(self.host, f"unexpected greeting from the agent: {str(first)[:200]}", "protocol")
+            if first == {"need": True}:
+                self._write(f"{len(payload)}\n".encode() + payload)
+                first = self._next_line(connect_timeout, "connect")
+            if not isinstance(first, dict) or "hello" not in first:
+                raise HostError(self.host, f"unexpected greeting from the agent: {str(first)[:200]}", "protocol")
+        except BaseException:
+            # nobody will hold this session: end its process and its connection (control master) now
+            self.kill()
+            transport.close()
+            raise
         self.hello: dict[str, Any] = first["hello"]
 
     def _read_stdout(self) -> None:

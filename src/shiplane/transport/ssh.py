@@ -42,6 +42,7 @@ class SSHTransport:
         self._target = f"{match['user']}@{match['host']}" if match["user"] else str(match["host"])
         self._address = str(match["host"]).strip("[]")
         self._port = match["port"]
+        self._control = _control_dir()
         base = ["ssh"]
         if ssh_config:
             base += ["-F", ssh_config]
@@ -56,7 +57,7 @@ class SSHTransport:
             "-o", "ServerAliveInterval=5",
             "-o", "ServerAliveCountMax=3",
             "-o", "ControlMaster=auto",
-            "-o", f"ControlPath={_control_dir()}/%C",
+            "-o", f"ControlPath={self._control}/%C",
             "-o", "ControlPersist=60",
             *options,
         ]
@@ -71,15 +72,47 @@ class SSHTransport:
     def explain_failure(self, returncode: int | None, stderr: str) -> str:
         text = stderr.strip()
         if "Host key verification failed" in text or "REMOTE HOST IDENTIFICATION HAS CHANGED" in text:
-            port = f"-p {self._port} " if self._port else ""
-            changed = "has CHANGED" if "CHANGED" in text else "is not known"
-            return (f"the SSH host key of {self.host} {changed}; shiplane checks host keys strictly. "
-                    f"If you trust this host, check its fingerprint and add it: "
-                    f"ssh-keyscan {port}{self._address} >> ~/.ssh/known_hosts")
+            changed = "REMOTE HOST IDENTIFICATION HAS CHANGED" in text
+            address, port, known_hosts = self._resolved()
+            scan = f"ssh-keyscan {'-p ' + port + ' ' if port != '22' else ''}{address} >> {known_hosts}"
+            if changed:
+                return (f"the SSH host key of {self.host} has CHANGED since it was trusted; shiplane checks host "
+                        f"keys strictly. If the host was really reinstalled, check its new fingerprint, remove the "
+                        f"old key (ssh-keygen -R {address} -f {known_hosts}) and add the new one: {scan}")
+            return (f"the SSH host key of {self.host} is not known; shiplane checks host keys strictly and never "
+                    f"accepts an unknown one. To trust this host, check its fingerprint (ssh-keyscan {address} | "
+                    f"ssh-keygen -lf -) and add it: {scan}")
         lines = [line for line in text.splitlines() if line.strip()]
         if returncode == 255:
             return f"cannot reach {self.host} over SSH: {lines[-1] if lines else 'connection failed'}"
         return f"the agent on {self.host} exited with code {returncode}" + (f": {' / '.join(lines[-3:])}" if lines else "")
 
+    def _resolved(self) -> tuple[str, str, str]:
+        """(address, port, known_hosts file) as OpenSSH resolves this host (aliases, -F config)."""
+        address, port, known_hosts = self._address, self._port or "22", "~/.ssh/known_hosts"
+        try:
+            done = subprocess.run([*self._base, "-G", self._target], capture_output=True, text=True, timeout=10,
+                                  check=False, stdin=subprocess.DEVNULL)
+        except (OSError, subprocess.TimeoutExpired):
+            return address, port, known_hosts
+        for line in done.stdout.splitlines():
+            key, _, value = line.partition(" ")
+            if key == "hostname" and value:
+                address = value
+            elif key == "port" and value:
+                port = value
+            elif key == "userknownhostsfile" and value:
+                known_hosts = value.split()[0]
+        return address, port, known_hosts
+
     def close(self) -> None:
-        subprocess.run([*self._base, "-O", "exit", self._target], capture_output=True, timeout=10, check=False)
+        """Stop this host's control master; remove the private socket dir once it is empty."""
+        try:
+            subprocess.run([*self._base, "-O", "exit", self._target], capture_output=True, timeout=10, check=False,
+                           stdin=subprocess.DEVNULL)
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            os.rmdir(self._control)
+        except OSError:
+            pass  # other hosts' sockets still there (they close next), or already gone

@@ -1,0 +1,98 @@
+"""Shipping the controller's uv to hosts that lack it (SPEC §13: uv builds a venv in well under a
+second where pip takes seconds per host).
+
+Only to hosts of the controller's own platform, and only a real binary (not a shell shim); the
+host runs ``uv --version`` before using it, so a binary that cannot run there (other libc) leaves
+pip as the installer. ``SHIPLANE_SHIP_UV=0`` turns this off.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import shutil
+import sysconfig
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from shiplane.transport.session import AgentSession, HostError
+
+CHUNK = 1 << 20
+
+
+def controller_platform() -> str:
+    """This machine's platform in the agent's spelling (``linux_x86_64``)."""
+    return sysconfig.get_platform().replace("-", "_").replace(".", "_")
+
+
+def local_uv() -> Path | None:
+    """The controller's uv binary (the ``uv`` package's, else on PATH), if it is an ELF executable."""
+    candidates: list[str] = []
+    try:
+        import uv  # the PyPI package that ships the binary
+
+        candidates.append(str(uv.find_uv_bin()))
+    except (ImportError, FileNotFoundError):
+        pass
+    found = shutil.which("uv")
+    if found:
+        candidates.append(found)
+    for candidate in candidates:
+        path = Path(candidate).resolve()
+        try:
+            with path.open("rb") as handle:
+                if handle.read(4) == b"\x7fELF":
+                    return path
+        except OSError:
+            continue
+    return None
+
+
+@functools.lru_cache(maxsize=4)
+def _digest(path: Path, size: int, mtime: float) -> str:
+    sha = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(CHUNK):
+            sha.update(chunk)
+    return sha.hexdigest()
+
+
+def would_ship_uv(hello: dict[str, object]) -> bool:
+    """True when a deploy to the host that said ``hello`` would send it the controller's uv."""
+    if os.environ.get("SHIPLANE_SHIP_UV", "1") == "0" or hello.get("uv"):
+        return False
+    return hello.get("platform") == controller_platform() and local_uv() is not None
+
+
+def ship_uv(session: AgentSession, note: Callable[[str], None]) -> int:
+    """Send the controller's uv to the host if it lacks one; returns the bytes sent (0 if none).
+
+    Never fails the deploy: a host where it cannot be placed keeps using pip (``note`` says why).
+    """
+    if session.host == "local" or not would_ship_uv(session.hello):
+        return 0  # the local host is the controller: it has our uv already, or is meant to use pip
+    binary = local_uv()
+    assert binary is not None
+    stat = binary.stat()
+    sha = _digest(binary, stat.st_size, stat.st_mtime)
+    try:
+        missing = session.call("inventory", {"blobs": [sha]}, timeout=120).get("missing", [])
+        if missing:
+            session.call("receive", {"blobs": [{"sha256": sha, "size": stat.st_size}]}, payload=_chunks(binary),
+                         timeout=300)
+        result = session.call("install_uv", {"sha256": sha}, timeout=120)
+    except HostError as exc:
+        if exc.kind in ("lost", "timeout", "connect"):
+            raise
+        note(f"uv not shipped ({exc.reason}); installing with pip")
+        return 0
+    session.hello["uv"] = result.get("path")
+    note(f"shipped uv ({stat.st_size >> 20} MiB) to {result.get('path')}")
+    return stat.st_size if missing else 0
+
+
+def _chunks(path: Path) -> Iterator[bytes]:
+    with path.open("rb") as handle:
+        while chunk := handle.read(CHUNK):
+            yield chunk

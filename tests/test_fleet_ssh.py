@@ -1,0 +1,270 @@
+"""The fleet over SSH: the scaffold app deployed to three real OpenSSH hosts, as a user runs it.
+
+Stages of the one project: ``fleet`` (all three hosts), ``staging`` (shl-h1) and ``prod``
+(shl-h2, shl-h3; ``promote_from = "staging"``). Each host serves at http://<its address>:<port>/.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from deployhelp import Project, http_get, scaffold, wait_for
+from sshhosts import TestHost, TestHosts
+
+pytestmark = [pytest.mark.ssh, pytest.mark.slow]
+
+PORTS = {"fleet": 8100, "staging": 8200, "prod": 8300}
+ROOTS = {"fleet": "demo", "staging": "demo-staging", "prod": "demo-prod"}
+VIEWS = "src/demo/views.py"
+MIGRATE = 'after_install = ["alembic upgrade head"]'
+
+
+def _stages(config: Path) -> str:
+    common = f'bind = "0.0.0.0"\nssh_config = "{config}"\n'
+    return (
+        f'[stages.fleet]\nhosts = ["shl-h1", "shl-h2", "shl-h3"]\ndeploy_to = "/srv/demo"\nport = {PORTS["fleet"]}\n'
+        f'{common}\n'
+        f'[stages.staging]\nhosts = ["shl-h1"]\ndeploy_to = "/srv/demo-staging"\nport = {PORTS["staging"]}\n{common}\n'
+        f'[stages.prod]\nhosts = ["shl-h2", "shl-h3"]\ndeploy_to = "/srv/demo-prod"\nport = {PORTS["prod"]}\n{common}'
+        'roles = { primary = ["shl-h2"] }\npromote_from = "staging"\n'
+    )
+
+
+@pytest.fixture(scope="module")
+def app(ssh_hosts: TestHosts, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Project]:
+    """The scaffold app, its stages on the test hosts; every stage deployed is stopped at the end."""
+    project = scaffold(tmp_path_factory.mktemp("fleet"))
+    toml = project.root / "shiplane.toml"
+    text = toml.read_text()
+    # each host has its own sqlite database: migrate it on every host, not only on the primary
+    text = text.replace('release = "alembic upgrade head"', f'release = "alembic upgrade head"\n{MIGRATE}')
+    text = text.replace("healthcheck = { path = \"/up\", timeout = 15 }", "healthcheck = { path = \"/up\", timeout = 6 }")
+    text = text[:text.index("[stages.staging]")] + _stages(ssh_hosts.ssh_config)
+    toml.write_text(text)
+    secrets = project.root / ".secrets"
+    for stage in ("fleet", "staging", "prod"):
+        (secrets / f"{stage}.env").write_text("SECRET_KEY=fleet-test-secret-value\n")
+        os.chmod(secrets / f"{stage}.env", 0o600)
+    project.commit("stages on the test hosts")
+    try:
+        yield project
+    finally:
+        for stage in ("fleet", "staging", "prod"):
+            project.shiplane("stop", "--all", "--stage", stage, timeout=120)
+
+
+def deploy(project: Project, stage: str, *extra: str, check: bool = True) -> dict[str, Any]:
+    done = project.shiplane("deploy", "--stage", stage, "--skip-tests", "--json", *extra)
+    result: dict[str, Any] = {}
+    for line in done.stdout.splitlines():
+        if line.startswith('{"result"'):
+            result = json.loads(line)["result"]
+    result["exit"], result["output"] = done.returncode, done.stdout + done.stderr
+    if check and done.returncode != 0:
+        raise AssertionError(f"deploy failed ({done.returncode}):\n{result['output'][-4000:]}")
+    return result
+
+
+def edit(project: Project, old: str, new: str) -> None:
+    file = project.root / VIEWS
+    text = file.read_text()
+    assert old in text
+    file.write_text(text.replace(old, new, 1))
+    project.commit("edit views")
+
+
+def current(host: TestHost, stage: str = "fleet") -> str:
+    return os.readlink(host.root / ROOTS[stage] / "current").split("/")[-1]
+
+
+def page(host: TestHost, stage: str = "fleet") -> str:
+    status, body = http_get(host.url(PORTS[stage], "/"))
+    assert status == 200, body
+    return body
+
+
+def ssh_processes(config: Path) -> list[int]:
+    """Our ssh clients and control masters still alive (they name the fixture's ssh_config)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                argv = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if argv and argv[0].endswith(b"ssh") and str(config).encode() in argv and b"ControlMaster=auto" in argv:
+                pids.append(int(entry.name))
+    return pids
+
+
+def snapshot(root: Path) -> dict[str, Any]:
+    """Every path under a host's /srv: symlink target, file size, or directory."""
+    tree: dict[str, Any] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = Path(dirpath) / name
+            rel = str(path.relative_to(root))
+            if path.is_symlink():
+                tree[rel] = ("link", os.readlink(path))
+            elif path.is_file():
+                tree[rel] = ("file", path.stat().st_size, path.stat().st_mtime_ns)
+            else:
+                tree[rel] = ("dir",)
+    return tree
+
+
+def test_deploy_to_three_hosts_serves_the_release_on_each(app: Project, ssh_hosts: TestHosts) -> None:
+    result = deploy(app, "fleet")
+    release = result["release"]
+    for host in ssh_hosts.hosts:
+        body = page(host)
+        assert f"release {release}" in body and "stage fleet" in body
+        assert current(host) == release
+        assert result["hosts"][host.name]["outcome"] == "ok"
+    assert ssh_processes(ssh_hosts.ssh_config) == [], "control masters left running after the deploy"
+
+
+def test_code_only_redeploy_sends_one_wheel_and_installs_nothing(app: Project, ssh_hosts: TestHosts) -> None:
+    deploy(app, "fleet")
+    venvs = {h.name: sorted(os.listdir(h.root / "demo" / "venvs")) for h in ssh_hosts.hosts}
+    edit(app, "deployed with shiplane", "shipped over ssh")
+    result = deploy(app, "fleet")
+    manifest = json.loads((app.root / ".shiplane/build/artifacts" / f"{result['artifact']}.json").read_text())
+    wheel = next(f for f in manifest["app_files"] if f["kind"] == "wheel")
+    for host in ssh_hosts.hosts:
+        assert 0 < result["hosts"][host.name]["bytes"] <= 1.2 * wheel["size"], (host.name, result["hosts"])
+        assert sorted(os.listdir(host.root / "demo" / "venvs")) == venvs[host.name]
+        assert "shipped over ssh" in page(host)
+    assert not [e for e in events(result) if e.get("phase") == "venv" and e.get("status") in ("building", "built")]
+
+
+def events(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """The JSON event lines a ``deploy --json`` printed before its result."""
+    return [json.loads(line) for line in result["output"].splitlines()
+            if line.startswith("{") and not line.startswith('{"result"')]
+
+
+def test_rolling_failure_on_second_host_returns_every_host_to_the_old_release(app: Project, ssh_hosts: TestHosts) -> None:
+    old = deploy(app, "fleet")["release"]
+    edit(app, 'def up() -> Response:\n    """', 'def up() -> Response:\n    if __import__("os").path.exists("/srv/fail-health"):\n'
+              '        return Response("failing on purpose\\n", 500)\n    """')
+    marker = ssh_hosts.hosts[1].root / "fail-health"
+    marker.write_text("")
+    try:
+        result = deploy(app, "fleet", "--set", "rolling.batch=1", check=False)
+    finally:
+        marker.unlink()
+    assert result["exit"] == 1
+    for host in ssh_hosts.hosts:
+        assert current(host) == old
+        assert f"release {old}" in page(host)
+    states = {h: s["outcome"] for h, s in result["hosts"].items()}
+    assert states == {"shl-h1": "undone", "shl-h2": "failed", "shl-h3": "not switched"}, states
+    summary = "\n".join(result["lines"])
+    for host, state in states.items():
+        assert host in summary and state in summary
+
+
+def test_host_lost_during_prepare_aborts_with_nothing_switched(app: Project, ssh_hosts: TestHosts) -> None:
+    before = deploy(app, "fleet")["release"]
+    toml = app.root / "shiplane.toml"
+    original = toml.read_text()
+    # every host's after_install waits for /srv/go; shl-h2 never gets it: we cut it off meanwhile
+    hold = "touch /srv/waiting; while [ ! -e /srv/go ]; do sleep 0.1; done"
+    toml.write_text(original.replace(MIGRATE, f'after_install = ["alembic upgrade head", "{hold}"]'))
+    lost = ssh_hosts.hosts[1]
+    for host in ssh_hosts.hosts:
+        if host is not lost:
+            (host.root / "go").write_text("")
+    run = subprocess.Popen([sys.executable, "-m", "shiplane", "deploy", "--stage", "fleet", "--skip-tests"],
+                           cwd=app.root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for(lambda: (lost.root / "waiting").exists(), 60, "shl-h2 to reach after_install")
+        lost.stop_sshd()
+        _kill_sshd_sessions(lost)
+        output, _ = run.communicate(timeout=60)
+    finally:
+        if run.poll() is None:
+            run.kill()
+        toml.write_text(original)
+        (lost.root / "go").write_text("")  # the orphaned hook ends; its agent gives the lock back
+    assert run.returncode == 1, output
+    assert "nothing was switched" in output and "shl-h2" in output
+    for host in ssh_hosts.hosts:
+        if host is not lost:
+            assert current(host) == before
+            assert f"release {before}" in page(host)
+    lost.start_sshd()
+    wait_for(lambda: not (lost.root / "demo" / ".lock").exists(), 30, "shl-h2's lock to be released")
+    assert current(lost) == before
+    for host in ssh_hosts.hosts:
+        for name in ("go", "waiting"):
+            (host.root / name).unlink(missing_ok=True)
+
+
+def _kill_sshd_sessions(host: TestHost) -> None:
+    """What a crashed server does to open connections: every sshd of that host dies (by pid)."""
+    listed = subprocess.run(["ip", "netns", "pids", host.netns], capture_output=True, text=True, check=True)
+    for pid in map(int, listed.stdout.split()):
+        try:
+            if os.path.realpath(f"/proc/{pid}/exe") == "/usr/sbin/sshd":
+                os.kill(pid, signal.SIGKILL)
+        except (OSError, ProcessLookupError):
+            pass
+
+
+def test_unknown_host_key_is_refused_with_how_to_trust_it(app: Project, ssh_hosts: TestHosts, tmp_path: Path) -> None:
+    known = tmp_path / "known_hosts"
+    known.write_text("")
+    config = tmp_path / "ssh_config"
+    config.write_text(ssh_hosts.ssh_config.read_text().replace(str(ssh_hosts.known_hosts), str(known)))
+    done = app.shiplane("deploy", "--stage", "fleet", "--skip-tests", "--set", f'ssh_config="{config}"')
+    assert done.returncode == 1
+    host = ssh_hosts.hosts[0]
+    assert "host key of shl-h1 is not known" in done.stdout + done.stderr
+    assert f"ssh-keyscan {host.address} >> {known}" in done.stdout + done.stderr
+    assert known.read_text() == ""  # nothing was accepted silently
+
+
+def test_plan_changes_nothing_on_any_host(app: Project, ssh_hosts: TestHosts) -> None:
+    deploy(app, "fleet")
+    edit(app, "<h1>", "<h1 class=plan>")
+    before = {h.name: snapshot(h.root) for h in ssh_hosts.hosts}
+    done = app.shiplane("plan", "--stage", "fleet", "--set", 'config.app.title="Planned"')
+    after = {h.name: snapshot(h.root) for h in ssh_hosts.hosts}
+    assert done.returncode == 0, done.stderr
+    assert before == after
+    out = done.stdout
+    for host in ssh_hosts.hosts:
+        assert f"{host.name}:" in out
+    assert "venv      reused" in out
+    assert "config/app.ini: changed app.title" in out
+    assert "fleet-test-secret-value" not in out + done.stderr
+
+
+def test_promote_moves_the_exact_artifact_and_unpromoted_is_refused(app: Project, ssh_hosts: TestHosts) -> None:
+    staged = deploy(app, "staging")
+    h1, h2, h3 = ssh_hosts.hosts
+    assert f"release {staged['release']}" in page(h1, "staging")
+    edit(app, "<footer>", "<footer class=unpromoted>")
+    refused = app.shiplane("deploy", "--stage", "prod", "--skip-tests")
+    assert refused.returncode == 2
+    assert "never was" in refused.stderr and "shiplane promote --from staging --to prod" in refused.stderr
+    assert not (h2.root / "demo-prod" / "current").exists()
+    promoted = app.shiplane("promote", "--from", "staging", "--to", "prod", "--json")
+    assert promoted.returncode == 0, promoted.stdout + promoted.stderr
+    result = json.loads(next(line for line in promoted.stdout.splitlines() if line.startswith('{"result"')))["result"]
+    assert result["artifact"] == staged["artifact"]
+    for host in (h2, h3):
+        release = json.loads((host.root / "demo-prod" / "releases" / current(host, "prod") / "release.json").read_text())
+        assert release["artifact"] == staged["artifact"]
+        assert "class=unpromoted" not in page(host, "prod")
