@@ -513,9 +513,10 @@ def test_prune_never_removes_live_previous_or_newest_good(client: AgentClient, r
     assert listing["current"] == release_id(5) and listing["previous"] == release_id(4)
     reply = client.request("prune", {"keep": 1})
     assert reply.ok
-    assert reply.result["removed"] == [release_id(n) for n in (1, 2, 6)]
+    # keep=1 still keeps two: the live one and the previous one (the newest known-good)
+    assert reply.result["removed"] == [release_id(n) for n in (1, 2, 3, 6)]
     left = sorted(p.name for p in (root / "releases").iterdir())
-    assert left == [release_id(n) for n in (3, 4, 5)]
+    assert left == [release_id(n) for n in (4, 5)]
 
 
 def test_previous_comes_from_the_ledger_when_recorded(client: AgentClient, root: Path) -> None:
