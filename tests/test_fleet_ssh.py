@@ -268,3 +268,27 @@ def test_promote_moves_the_exact_artifact_and_unpromoted_is_refused(app: Project
         release = json.loads((host.root / "demo-prod" / "releases" / current(host, "prod") / "release.json").read_text())
         assert release["artifact"] == staged["artifact"]
         assert "class=unpromoted" not in page(host, "prod")
+
+
+def test_retry_failed_finishes_the_same_deploy_on_the_host_that_was_down(app: Project, ssh_hosts: TestHosts) -> None:
+    """capistrano#1498, deployer#3172: one host down must not mean redoing (or half-doing) all."""
+    before = deploy(app, "fleet")["release"]
+    edit(app, "<footer>", "<footer>retried ")
+    lost = ssh_hosts.hosts[2]
+    lost.stop_sshd()
+    try:
+        failed = deploy(app, "fleet", check=False)
+    finally:
+        lost.start_sshd()
+    assert failed["exit"] == 1
+    assert "nothing was switched" in failed["output"] and "shl-h3" in failed["output"]
+    assert all(current(host) == before for host in ssh_hosts.hosts)
+    retried = deploy(app, "fleet", "--retry-failed")
+    assert retried["release"] == failed["release"] and retried["artifact"] == failed["artifact"]
+    for host in ssh_hosts.hosts:
+        assert current(host) == failed["release"]
+        assert "retried" in page(host)
+    # the hosts that were prepared were not prepared again: nothing sent, nothing installed
+    for host in ssh_hosts.hosts[:2]:
+        assert retried["hosts"][host.name]["bytes"] == 0
+    assert retried["hosts"][lost.name]["bytes"] > 0

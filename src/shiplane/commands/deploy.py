@@ -83,6 +83,7 @@ class Deployment:
     ran_release_hook: bool = False
     ran_setup: bool = False
     resumed_release_hook: bool = False
+    failed_hosts: dict[str, str] = field(default_factory=dict)
     started: float = field(default_factory=time.time)
 
 
@@ -225,19 +226,35 @@ def _check_promotion(d: Deployment) -> None:
 
 
 def _require_all(d: Deployment, phase: str, outcomes: dict[str, Outcome]) -> None:
+    """After a phase every host must have succeeded, else the deploy stops here."""
+    _note(d, phase, outcomes)
+    _stop_if_any_failed(d, phase)
+
+
+def _note(d: Deployment, phase: str, outcomes: dict[str, Outcome]) -> None:
+    """Record each host's outcome of a prepare phase; a failed host takes no further part, but
+    the others go on preparing, so a later ``--retry-failed`` only has the failed hosts to do."""
     for host, outcome in outcomes.items():
         state = d.hosts[host]
         state.phase = phase
         if not outcome.ok:
             state.outcome, state.error = "failed", outcome.error.reason if outcome.error else "failed"
-    bad = failures(outcomes)
-    if bad:
-        listing = "; ".join(f"{h}: {e.reason}" for h, e in bad.items())
-        raise OperationError(f"{phase} failed on {len(bad)} of {len(d.hosts)} host(s), nothing was switched: {listing}")
+            d.failed_hosts[host] = f"{phase}: {state.error}"
+
+
+def _stop_if_any_failed(d: Deployment, phase: str) -> None:
+    if d.failed_hosts:
+        listing = "; ".join(f"{h}: {why}" for h, why in d.failed_hosts.items())
+        raise OperationError(f"{phase} failed on {len(d.failed_hosts)} of {len(d.hosts)} host(s), "
+                             f"nothing was switched: {listing}")
+
+
+def _healthy(d: Deployment) -> list[str]:
+    return [h for h in d.fleet.hosts if h not in d.failed_hosts and h in d.fleet.sessions]
 
 
 def _connect_and_lock(d: Deployment) -> None:
-    _require_all(d, "connect", d.fleet.connect())
+    _note(d, "connect", d.fleet.connect())
     who = holder(" ".join(["shiplane", *sys.argv[1:]]), os.getpid()).to_json()
 
     def lock(host: str, session: AgentSession) -> Any:
@@ -245,7 +262,7 @@ def _connect_and_lock(d: Deployment) -> None:
         d.locked.append(host)
         return result
 
-    _require_all(d, "lock", d.fleet.each("lock", lock))
+    _note(d, "lock", d.fleet.each("lock", lock, hosts=_healthy(d)))
     threading.Thread(target=_heartbeat, args=(d,), daemon=True).start()
 
 
@@ -283,15 +300,17 @@ def _prepare(d: Deployment, rendered: Any) -> None:
                            bytes=total))
         return {"blobs": len(missing), "bytes": total}
 
-    _require_all(d, "copy", d.fleet.each("copy", copy))
+    _note(d, "copy", d.fleet.each("copy", copy, hosts=_healthy(d)))
     if d.options.until == "copy":
+        _stop_if_any_failed(d, "copy")
         return
     request = install_request(d.ctx.project.deploy, d.ctx.stage, d.rid, d.manifest, d.ctx.layered, rendered)
 
     def install(host: str, session: AgentSession) -> Any:
         return session.call("install", request, on_event=d.fleet.forward(host, "install"), timeout=900)
 
-    _require_all(d, "install", d.fleet.each("install", install))
+    _note(d, "install", d.fleet.each("install", install, hosts=_healthy(d)))
+    _stop_if_any_failed(d, "prepare")
 
 
 def _blob_store(d: Deployment) -> Any:
