@@ -260,7 +260,7 @@ def _install_tools(layout: Layout, tools: list[dict[str, Any]], emit: Emit) -> N
     They are pure-Python wheels run with ``PYTHONPATH`` set to that dir, so they need no venv and
     outlive every release.
     """
-    require(layout, [t.get("sha256") for t in tools])
+    require(layout, [str(t.get("sha256")) for t in tools])
     for tool in tools:
         name = str(tool.get("path") or "")
         if "/" in name or not name.endswith(".whl"):

@@ -114,7 +114,7 @@ def run_deploy(file: Path | None, options: DeployOptions, masker: Masker) -> dic
             else:
                 for state in deployment.hosts.values():
                     state.outcome = {"copy": "copied", "install": "installed"}[options.until]
-            outcome, error = "ok", None
+            outcome, error = "ok", ""
         except UsageError:
             outcome = "refused"  # refused before any host was touched: no ledger entry, exit 2
             raise
@@ -419,7 +419,7 @@ def _finalize(d: Deployment, outcome: str, error: str | None) -> dict[str, Any]:
                 state.outcome = "not switched"
     entry = {
         "event": d.options.until or "deploy", "stage": d.ctx.stage, "release": d.rid or None, "artifact": d.digest or None,
-        "git_commit": d.manifest.get("git_commit"), "outcome": outcome, "error": error,
+        "git_commit": d.manifest.get("git_commit"), "outcome": outcome, "error": error or None,
         "user": holder("", os.getpid()).user, "controller": holder("", os.getpid()).host,
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(d.started)), "duration": duration,
         "release_hook": d.ran_release_hook, "setup": d.ran_setup, "skip_tests": d.options.skip_tests,

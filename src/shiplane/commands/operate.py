@@ -28,7 +28,7 @@ def connected(file: Path | None, stage: str | None, masker: Masker, *, hosts: st
     """A stage's hosts, connected; raises when a host cannot be reached."""
     ctx = open_stage(file, stage, masker, hosts=hosts, sets=sets, need_secrets=need_secrets)
     reporter = Reporter.for_terminal(False, masker) if not quiet else (lambda event: None)
-    fleet = Fleet(ctx.project, ctx.stage, reporter)  # type: ignore[arg-type]
+    fleet = Fleet(ctx.project, ctx.stage, reporter)
     try:
         bad = failures(fleet.connect())
         if bad:
@@ -181,7 +181,7 @@ def _pick_target(per_host: dict[str, Any], to_release: str | None) -> tuple[str,
 
 
 def _releases_between(per_host: dict[str, Any], target: str, current: str | None) -> list[dict[str, Any]]:
-    first = next(iter(per_host.values()), {})
+    first: dict[str, Any] = next(iter(per_host.values()), {})
     return [r for r in first.get("releases", []) if target < r["release_id"] <= (current or "")]
 
 

@@ -101,8 +101,8 @@ def build_layers(
         for section, items in read_sections(path).items():
             for key, value in items.items():
                 out.set(section, key, value, name)
-    for section, items in deploy.stages[stage].config.items():
-        for key, value in items.items():
+    for section, table in deploy.stages[stage].config.items():
+        for key, value in table.items():
             out.set(section, key, value, f"shiplane.toml [stages.{stage}.config]")
     prefix = deploy.config.env_prefix
     if prefix:
