@@ -6,11 +6,8 @@ prints it.
 
 from __future__ import annotations
 
-import getpass
 import math
-import socket
 import time
-from dataclasses import dataclass
 from typing import Any
 
 from shiplane.config import DeployFile, Layered, Rendered, env_file_values
@@ -36,7 +33,10 @@ def services_spec(deploy: DeployFile, stage: str) -> dict[str, Any]:
     """The services part of a switch/start request (see docs/DESIGN.md, "Services")."""
     stage_cfg = deploy.stages[stage]
     web = deploy.services.get("web")
-    spec: dict[str, Any] = {"app": deploy.app.name, "stage": stage, "front": stage_cfg.front, "web": None, "workers": {}}
+    spec: dict[str, Any] = {"app": deploy.app.name, "stage": stage, "front": stage_cfg.front, "web": None, "workers": {},
+                            # the local stage runs under the daemon backend even on a systemd laptop
+                            "backend": "daemon" if stage_cfg.backend == "auto" and stage_cfg.is_local else stage_cfg.backend,
+                            "nginx": stage_cfg.nginx.model_dump() if stage_cfg.front == "nginx" else None}
     if web is not None:
         spec["web"] = {
             "kind": "asgi" if deploy.app.asgi else "wsgi",
@@ -109,24 +109,3 @@ def batches(hosts: list[str], batch: int | str) -> list[list[str]]:
 def max_failures(max_fail: int | str, batch_size: int) -> int:
     """Failures a batch may have and the rollout still go on; reaching more than this aborts."""
     return _count(max_fail, batch_size, minimum=0)
-
-
-@dataclass(frozen=True)
-class Holder:
-    user: str
-    host: str
-    pid: int
-    command: str
-
-    def to_json(self) -> dict[str, Any]:
-        return {"user": self.user, "host": self.host, "pid": self.pid, "command": self.command,
-                "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-
-
-def holder(command: str, pid: int) -> Holder:
-    """Who is deploying: recorded in locks and the ledger."""
-    try:
-        user = getpass.getuser()
-    except Exception:  # noqa: BLE001 - no passwd entry in some containers
-        user = "unknown"
-    return Holder(user=user, host=socket.gethostname(), pid=pid, command=command)

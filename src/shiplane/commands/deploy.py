@@ -28,7 +28,6 @@ from shiplane.events import Event
 from shiplane.fleet import Fleet, Outcome, failures, local_ledger
 from shiplane.plan import (
     batches,
-    holder,
     install_request,
     manifest_blobs,
     max_failures,
@@ -39,6 +38,7 @@ from shiplane.plan import (
 from shiplane.secret import Masker
 from shiplane.transport.session import AgentSession
 from shiplane.transport.tools import ship_uv
+from shiplane.whoami import holder
 from shiplane.ui import Reporter, human_bytes
 
 CHUNK = 1 << 20

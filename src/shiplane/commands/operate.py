@@ -14,9 +14,9 @@ from typing import Any
 
 from shiplane.commands.common import StageContext, open_stage
 from shiplane.errors import OperationError, UsageError
-from shiplane.events import Event
 from shiplane.fleet import Fleet, failures, local_ledger
-from shiplane.plan import holder, services_spec
+from shiplane.plan import services_spec
+from shiplane.whoami import holder
 from shiplane.secret import Masker
 from shiplane.transport.session import AgentSession
 from shiplane.ui import Reporter

@@ -74,7 +74,8 @@ def run_setup_hook(file: Path | None, stage: str | None, masker: Masker, *, verb
     import time
 
     from shiplane.fleet import local_ledger
-    from shiplane.plan import holder, primary_host
+    from shiplane.plan import primary_host
+    from shiplane.whoami import holder
 
     with connected(file, stage, masker, hosts=hosts, sets=sets, need_secrets=True) as (ctx, fleet):
         deploy = ctx.project.deploy
