@@ -59,6 +59,9 @@ class BuildSpec:
     include: tuple[str, ...] = ()  # extra files shipped beside the app (globs)
     exclude: tuple[str, ...] = ()  # removed from a tree app (and from include matches)
     config_files: tuple[str, ...] = ()  # config templates; "{stage}" expands to every stage
+    # [shared] dirs/files: they live on the hosts and replace any shipped copy, so the checkout's
+    # own (a developer's db.sqlite3, uploads) never ships
+    shared: tuple[str, ...] = ()
     server_packages: tuple[str, ...] = ("gunicorn",)
     python_version: str | None = None  # the hosts' "3.11"; None = the controller's
     platform: str | None = None  # the hosts' platform tag; None = the controller's
@@ -128,6 +131,11 @@ def _relative(project: Path, path: Path, what: str) -> str:
     return rel
 
 
+def _is_shared(spec: BuildSpec, rel: str) -> bool:
+    """True for a path at or below a shared dir/file (exact paths, not globs)."""
+    return any(rel == s or rel.startswith(s.rstrip("/") + "/") for s in spec.shared)
+
+
 def _select_includes(project: Path, files: list[str], spec: BuildSpec) -> list[str]:
     chosen: set[str] = set()
     for pattern in spec.include:
@@ -143,7 +151,8 @@ def _select_includes(project: Path, files: list[str], spec: BuildSpec) -> list[s
             raise OperationError(f"build include {pattern!r} matches no file in {project}",
                                  hint="fix the pattern or remove it from [build] include")
         chosen |= found
-    return sorted(f for f in chosen if not any(matches(x, f) for x in spec.exclude))
+    return sorted(f for f in chosen
+                  if not any(matches(x, f) for x in spec.exclude) and not _is_shared(spec, f))
 
 
 def _select_config(project: Path, spec: BuildSpec) -> list[str]:
@@ -173,7 +182,8 @@ def _plan(spec: BuildSpec) -> _Plan:
         source, reason = detect_source(project)
     else:
         source, reason = spec.source, "set in the deploy file"
-    files = list_source_files(project)
+    # shared paths are neither shipped, digested nor handed to a build backend
+    files = [f for f in list_source_files(project) if not _is_shared(spec, f)]
     app_files: list[str] = []
     if source == "tree":
         drop = (*SECRET_FILES, *spec.exclude)
@@ -191,7 +201,8 @@ def _inputs_digest(spec: BuildSpec, plan: _Plan) -> str:
     settings = {
         "format": BUILD_FORMAT, "app": spec.app_name, "source": plan.source,
         "requirements": spec.requirements, "include": list(spec.include),
-        "exclude": list(spec.exclude), "config_files": list(spec.config_files),
+        "exclude": list(spec.exclude), "shared": list(spec.shared),
+        "config_files": list(spec.config_files),
         "server_packages": list(spec.server_packages), "target": plan.target.to_dict(),
         "tools": [list(t) for t in TOOLS], "git_commit": plan.git_commit,
     }
