@@ -70,7 +70,9 @@ class Fleet:
         if host == "local" and (stage.python or self.project.deploy.app.python) == "python3":
             import sys
 
-            return sys.executable  # the controller's own interpreter: the local host's python
+            # the controller's own interpreter, by its real path: `shiplane` and `python -m shiplane`
+            # must give the same program lines, or supervisord would restart the front
+            return os.path.realpath(sys.executable)
         return stage.python or self.project.deploy.app.python
 
     def connect(self, hosts: Iterable[str] | None = None) -> dict[str, Outcome]:

@@ -127,7 +127,9 @@ def ensure_venv(layout: Layout, dependency_digest: str, wheels: list[dict[str, A
             env = _uv_env(layout)
             _run([uv, "venv", "--python", python, str(target)], env)
             if wheels:
-                _run([uv, "pip", "install", "--python", venv_python, "--offline", "--no-index",
+                # bytecode now, once per dependency set: services may not write to the venv,
+                # and every start would compile everything again (seconds per boot)
+                _run([uv, "pip", "install", "--python", venv_python, "--offline", "--no-index", "--compile-bytecode",
                       "--find-links", str(wheeldir), "--require-hashes", "-r", str(reqs)], env)
         else:
             env = _clean_env()
