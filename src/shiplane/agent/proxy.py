@@ -6,6 +6,16 @@ new release while open ones finish on the old one. A connect that is refused or 
 is retried for a short while, re-resolving the path: nothing has been sent yet, so that is safe,
 and it covers the instant a server closes its listener or is restarted by supervisord.
 
+A connection can also be accepted into the old server's listen queue just before the switch and
+then be dropped when that server closes its listener (the kernel resets queued unix-socket
+connections): the client's bytes are kept until the upstream answers its first byte, and an
+upstream that resets (the request was never read) -- or, for idempotent methods, closes -- before
+answering anything is replaced by a new connection to ``web.sock`` and the bytes replayed, as
+nginx's ``proxy_next_upstream error`` does. Nothing is replayed once the upstream has answered.
+
+Under systemd socket activation (``LISTEN_PID``/``LISTEN_FDS``) the listening socket is fd 3,
+owned by the ``.socket`` unit, so it outlives every restart of the proxy.
+
 Bytes are moved with asyncio protocols (no coroutine per chunk), with flow control in both
 directions and half-close: one side's EOF is passed on and the other direction keeps flowing.
 """
@@ -14,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import signal
 import socket
 import sys
@@ -21,6 +32,11 @@ from typing import Any
 
 CONNECT_RETRY_SECONDS = 2.0
 CONNECT_RETRY_DELAY = 0.02
+REPLAY_LIMIT = 64 * 1024  # client bytes kept for a replay; a larger request is never replayed
+MAX_REPLAYS = 3  # new upstream connections after failures, per client connection
+# What nginx will not resend after the upstream saw the request (ngx_http_upstream, 1.9.13+)
+NON_IDEMPOTENT = (b"POST", b"PATCH", b"LOCK")
+SD_LISTEN_FDS_START = 3
 SHUTDOWN_GRACE = 10.0
 REFUSED_LINGER = 2.0
 BACKLOG = 1024
@@ -36,6 +52,7 @@ class _Pipe(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.peer: asyncio.Transport | None = None
         self.eof = False
+        self.stale = False  # an upstream given up for a replay: its events no longer matter
         self.pending: list[bytes] = []  # read before the peer existed (a server speaking first)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -43,10 +60,14 @@ class _Pipe(asyncio.Protocol):
         self.transport = transport
 
     def data_received(self, data: bytes) -> None:
+        if self.stale:
+            return
         if self.peer is not None:
             self.peer.write(data)
         elif not self.conn.refused:
             self.pending.append(data)
+        if self is not self.conn.client:
+            self.conn.answered()
 
     def set_peer(self, peer: asyncio.Transport) -> None:
         self.peer = peer
@@ -55,6 +76,8 @@ class _Pipe(asyncio.Protocol):
         self.pending.clear()
 
     def eof_received(self) -> bool:
+        if self.stale or self.conn.upstream_failed(self, None):
+            return False  # replaced by a new upstream connection: close this one
         self.eof = True
         if self.peer is not None and not self.peer.is_closing() and self.peer.can_write_eof():
             self.peer.write_eof()
@@ -62,6 +85,8 @@ class _Pipe(asyncio.Protocol):
         return True  # keep our write side open: the other direction may still be flowing
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.stale or self.conn.upstream_failed(self, exc):
+            return
         self.eof = True
         self.conn.lost(self)
 
@@ -85,6 +110,49 @@ class _Connection:
         self.upstream: _Pipe | None = None
         self.closed = False
         self.refused = False  # answered 502: the client's bytes are read and dropped
+        self.replay: bytearray | None = bytearray()  # client bytes so far; None: too many
+        self.has_answer = False  # the upstream sent a byte: never replay from now on
+        self.retries = 0
+
+    def client_bytes(self, data: bytes) -> None:
+        """Keep what the client sent until the upstream answers (for a replay)."""
+        if self.replay is None or self.has_answer:
+            return
+        self.replay += data
+        if len(self.replay) > REPLAY_LIMIT:
+            self.replay = None
+
+    def answered(self) -> None:
+        if not self.has_answer:
+            self.has_answer = True
+            self.replay = None
+
+    def upstream_failed(self, side: _Pipe, exc: Exception | None) -> bool:
+        """The upstream ``side`` closed (``exc`` None: EOF) or broke: replay on a new upstream
+        connection when that is safe; True when a replay was started."""
+        if (side is self.client or side is not self.upstream or self.closed or self.has_answer
+                or self.replay is None or self.retries >= MAX_REPLAYS):
+            return False
+        reset = isinstance(exc, (ConnectionResetError, BrokenPipeError))
+        # A clean close without an answer: the server may have run the request.
+        if not reset and (not self.replay or self.replay.split(b" ", 1)[0] in NON_IDEMPOTENT):
+            return False
+        self.retries += 1
+        self.proxy.replays += 1
+        sys.stderr.write(f"shiplane front: upstream {'reset' if reset else 'closed'} before "
+                         f"answering; replaying {len(self.replay)} bytes on {self.proxy.upstream_path}"
+                         f"\n")
+        side.stale = True
+        self.upstream = None
+        self.client.peer = None
+        self.client.pending = [bytes(self.replay)]
+        if side.transport is not None:
+            side.transport.close()
+        client = self.client.transport
+        if client is not None and not client.is_closing():
+            client.pause_reading()
+        self.proxy.spawn(self.connect_upstream())
+        return True
 
     def maybe_close(self) -> None:
         if self.client.eof and (self.refused or self.upstream is not None and self.upstream.eof):
@@ -128,9 +196,12 @@ class _Connection:
         self.upstream = upstream
         upstream.set_peer(self.client.transport)
         self.client.set_peer(upstream.transport)
+        if self.client.eof and upstream.transport.can_write_eof():
+            upstream.transport.write_eof()  # the client half-closed before this (re)connect
         if upstream.eof and self.client.transport.can_write_eof():
             self.client.transport.write_eof()
-        self.client.transport.resume_reading()
+        if not self.client.eof:
+            self.client.transport.resume_reading()
 
     def _bad_gateway(self, exc: Exception) -> None:
         transport = self.client.transport
@@ -163,6 +234,13 @@ class Proxy:
         self.connections: set[_Connection] = set()
         self.server: asyncio.Server | None = None
         self.tasks: set[asyncio.Task[None]] = set()
+        self.replays = 0
+
+    def spawn(self, coro: Any) -> None:
+        """Run ``coro`` as a task that is kept referenced until it is done."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
 
     def _accept(self) -> _Pipe:
         conn = _Connection(self)
@@ -171,6 +249,10 @@ class Proxy:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
+        inherited = activated_socket()
+        if inherited is not None:
+            self.server = await loop.create_server(self._accept, sock=inherited, backlog=BACKLOG)
+            return
         self.server = await loop.create_server(self._accept, self.host, self.port,
                                                reuse_address=True, backlog=BACKLOG)
 
@@ -216,10 +298,28 @@ class _AcceptedPipe(_Pipe):
             except OSError:
                 pass
         self.transport.pause_reading()
-        proxy = self.conn.proxy
-        task = asyncio.get_running_loop().create_task(self.conn.connect_upstream())
-        proxy.tasks.add(task)
-        task.add_done_callback(proxy.tasks.discard)
+        self.conn.proxy.spawn(self.conn.connect_upstream())
+
+    def data_received(self, data: bytes) -> None:
+        self.conn.client_bytes(data)
+        super().data_received(data)
+
+
+def activated_socket() -> socket.socket | None:
+    """The listening socket systemd passed (``LISTEN_FDS``, fd 3) for this very process, if any."""
+    if os.environ.get("LISTEN_PID") != str(os.getpid()):
+        return None
+    try:
+        count = int(os.environ.get("LISTEN_FDS") or "0")
+    except ValueError:
+        return None
+    if count < 1:
+        return None
+    for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(name, None)  # not for our children
+    sock = socket.socket(fileno=SD_LISTEN_FDS_START)
+    sock.setblocking(False)
+    return sock
 
 
 def parse_listen(value: str) -> tuple[str, int]:
@@ -233,7 +333,8 @@ def parse_listen(value: str) -> tuple[str, int]:
 def main(argv: list[str] | None = None) -> int:
     """``proxy --listen HOST:PORT --upstream PATH``: run the front until SIGTERM."""
     parser = argparse.ArgumentParser(prog="shiplane-agent proxy", description=__doc__)
-    parser.add_argument("--listen", required=True, type=parse_listen, help="HOST:PORT to listen on")
+    parser.add_argument("--listen", required=True, type=parse_listen,
+                        help="HOST:PORT to listen on (unless systemd passes a socket: LISTEN_FDS)")
     parser.add_argument("--upstream", required=True, help="unix socket path (a symlink is fine)")
     args: Any = parser.parse_args(argv)
     host, port = args.listen

@@ -1,42 +1,88 @@
 """The services ops the agent server calls: switch, start/stop/restart/reload, status, logs.
 
-Service names as users see them: ``web`` (the live release's ``web-<id>`` program), ``front``
-(the builtin proxy) and each worker service by its name. Everything runs under this root's
-supervisord (see supervisor.py); the web switch itself is in switch.py.
+Service names as users see them: ``web`` (the live release's server), ``front`` (the builtin
+proxy) and each worker service by its name. Processes are run by a backend (backend.py): the
+daemon backend (one supervisord per root, daemon.py) or systemd units (systemd.py). The stage's
+``backend`` picks one; ``auto`` means systemd when this host runs it, else the daemon. The web
+switch itself is in switch.py, the same for both.
 """
 
 from __future__ import annotations
 
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from . import atomic_write
 from . import supervisor as sv
+from .backend import Backend, builtin_front
+from .daemon import DaemonBackend
 from .errors import AgentError
 from .health import tail_lines, wait_healthy
 from .paths import Layout
-from .switch import (
-    current_release,
-    ensure_front,
-    ensure_workers,
-    live_release,
-    load_spec,
-    save_spec,
-    web_conf,
-    web_program,
-    web_programs,
-)
+from .switch import current_release, ensure_front, live_release, load_spec, save_spec
 from .switch import switch as _switch
+from .systemd import SystemdBackend, systemd_running
 
 Emit = Callable[[dict[str, Any]], None]
 
-__all__ = ["logs", "reload", "restart", "shutdown", "start", "status", "stop", "switch"]
+__all__ = ["backend_for", "choose_backend", "logs", "reload", "restart", "shutdown", "start",
+           "status", "stop", "switch"]
+
+
+# --- which backend ---------------------------------------------------------------------------
+
+def _backend_file(layout: Layout) -> Path:
+    return layout.run / "backend"
+
+
+def choose_backend(spec: dict[str, Any] | None) -> str:
+    """``daemon`` or ``systemd`` for a spec (``auto``: systemd when PID 1 is systemd)."""
+    wanted = str((spec or {}).get("backend") or "auto")
+    if wanted not in ("auto", "daemon", "systemd"):
+        raise AgentError(f"unknown backend {wanted!r} (auto, daemon or systemd)", kind="usage")
+    if wanted == "auto":
+        return "systemd" if systemd_running() else "daemon"
+    return wanted
+
+
+def recorded_backend(layout: Layout) -> str | None:
+    """The backend the last switch on this root used."""
+    try:
+        name = _backend_file(layout).read_text().strip()
+    except OSError:
+        return None
+    return name if name in ("daemon", "systemd") else None
+
+
+def backend_for(layout: Layout, spec: dict[str, Any] | None, switching: bool = False) -> Backend:
+    """The backend for ``spec``, or the one this root's services run under when ``spec`` is
+    None. A switch to another backend than the running one is refused: the old one holds the
+    port, so that change needs ``shiplane stop --all`` first."""
+    saved = load_spec(layout) or {}
+    recorded = recorded_backend(layout)
+    name = choose_backend(spec) if spec else (recorded or "daemon")
+    if switching and recorded and recorded != name:
+        old = backend_for(layout, None)
+        if any(e.get("pid") for e in old.status()):
+            raise AgentError(f"this host's services run under the {recorded} backend, the stage "
+                             f"now asks for {name}: run `shiplane stop --all` for this stage "
+                             f"first (the port moves, which cannot be done without a gap)",
+                             kind="usage")
+    if name == "systemd":
+        return SystemdBackend(layout, spec or saved)
+    return DaemonBackend(layout)
 
 
 def switch(layout: Layout, release_id: str, spec: dict[str, Any], emit: Emit) -> dict[str, Any]:
     """Blue/green switch of the web service to ``release_id`` (see :func:`switch.switch`)."""
-    return _switch(layout, release_id, spec, emit)
+    backend = backend_for(layout, spec, switching=True)
+    layout.run.mkdir(parents=True, exist_ok=True)
+    if recorded_backend(layout) != backend.name:
+        atomic_write(_backend_file(layout), backend.name + "\n")
+    return _switch(layout, release_id, spec, emit, backend)
 
 
 def _spec(layout: Layout, spec: dict[str, Any] | None) -> dict[str, Any]:
@@ -51,7 +97,7 @@ def _spec(layout: Layout, spec: dict[str, Any] | None) -> dict[str, Any]:
 
 def _targets(layout: Layout, names: list[str] | None, spec: dict[str, Any] | None) -> list[str]:
     """User service names in start order (front, web, workers); validates given names."""
-    known = ["front"] if ((spec or {}).get("front") or "builtin") == "builtin" else []
+    known = ["front"] if builtin_front(spec or {}) else []
     known.append("web")
     known += sorted((spec or {}).get("workers") or {})
     if spec is None:  # no spec: whatever is configured on disk
@@ -75,15 +121,13 @@ def _require_live(layout: Layout) -> str:
     return live
 
 
-def _start_web(layout: Layout, sup: sv.Supervisor, spec: dict[str, Any], emit: Emit) -> None:
+def _start_web(layout: Layout, backend: Backend, spec: dict[str, Any], emit: Emit) -> None:
     live = _require_live(layout)
-    name = web_program(live)
-    if sv.write_program(layout, name, web_conf(layout, live, spec.get("web") or {})):
-        sup.update()
-    sup.start(name, wait=False)
+    backend.start_web(live, spec.get("web") or {}, emit)
     health = (spec.get("web") or {}).get("health") or {}
     wait_healthy(layout.release_socket(live), health.get("path"),
-                 float(health.get("timeout") or 30), layout.log / "web.log", emit)
+                 float(health.get("timeout") or 30), layout.log / "web.log", emit,
+                 lambda: backend.web_state(live)[1])
 
 
 def start(layout: Layout, names: list[str] | None, spec: dict[str, Any] | None,
@@ -91,37 +135,26 @@ def start(layout: Layout, names: list[str] | None, spec: dict[str, Any] | None,
     """Start services (all when ``names`` is empty) on the live release; returns the status."""
     spec = _spec(layout, spec)
     targets = _targets(layout, names, spec)
-    sup = sv.ensure_running(layout, emit)
+    backend = backend_for(layout, None)
+    backend.prepare(spec, emit)
     for name in targets:
         emit({"phase": "services", "status": "start", "detail": name})
         if name == "front":
-            ensure_front(layout, sup, spec, emit)
+            ensure_front(layout, backend, spec, emit)
         elif name == "web":
-            _start_web(layout, sup, spec, emit)
+            _start_web(layout, backend, spec, emit)
     workers = [n for n in targets if n not in ("front", "web")]
     if workers:
-        ensure_workers(layout, sup, spec, _require_live(layout), emit, only=set(workers))
+        backend.restart_workers(spec, _require_live(layout), emit, only=set(workers))
     return status(layout)
 
 
-def _programs_for(layout: Layout, sup: sv.Supervisor, name: str) -> list[str]:
-    if name == "web":
-        return sorted(web_programs(layout, sup))
-    return [name]
-
-
 def stop(layout: Layout, names: list[str] | None, emit: Emit) -> dict[str, Any]:
-    """Stop services (all when ``names`` is empty); supervisord itself keeps running."""
-    sup = sv.connect(layout)
-    if sup is None:
-        return {"stopped": []}
-    stopped = []
+    """Stop services (all when ``names`` is empty); the manager itself keeps running."""
+    backend = backend_for(layout, None)
+    stopped: list[str] = []
     for name in _targets(layout, names, load_spec(layout)):
-        for program in _programs_for(layout, sup, name):
-            if sup.info(program) is not None:
-                emit({"phase": "services", "status": "stop", "detail": program})
-                sup.stop(program)
-                stopped.append(program)
+        stopped += backend.stop(name, emit)
     return {"stopped": stopped}
 
 
@@ -137,16 +170,17 @@ def restart(layout: Layout, names: list[str] | None, spec: dict[str, Any] | None
 
 def reload(layout: Layout, names: list[str] | None, emit: Emit) -> dict[str, Any]:
     """Reload services: ``web`` gets HUP (gunicorn replaces its workers gracefully, same
-    release — the program runs from its own release directory); others are restarted."""
+    release -- the server runs from its own release directory); others are restarted."""
     spec = load_spec(layout)
     targets = _targets(layout, names, spec)
-    sup = sv.ensure_running(layout, emit)
+    backend = backend_for(layout, None)
+    backend.prepare(spec, emit)
     others = []
     for name in targets:
         if name == "web":
-            program = web_program(_require_live(layout))
-            emit({"phase": "services", "status": "reload", "detail": program})
-            sup.signal(program, "HUP")
+            live = _require_live(layout)
+            emit({"phase": "services", "status": "reload", "detail": f"web-{live}"})
+            backend.signal_web(live, "HUP")
         else:
             others.append(name)
     if others:
@@ -157,38 +191,27 @@ def reload(layout: Layout, names: list[str] | None, emit: Emit) -> dict[str, Any
 def status(layout: Layout) -> dict[str, Any]:
     """Per service: name, program, pid, state, uptime, release, live; plus the live release.
 
-    Works on a host where nothing was ever started (no services, supervisord not running).
+    Works on a host where nothing was ever started (no services, no manager running).
     """
     live = live_release(layout)
-    sup = sv.connect(layout)
-    services: list[dict[str, Any]] = []
-    if sup is not None:
-        for info in sup.all_info():
-            program = str(info["name"])
-            meta = sv.program_meta(layout, program)
-            running = info["statename"] == "RUNNING"
-            entry: dict[str, Any] = {
-                "name": meta.get("service") or ("web" if program.startswith("web-") else program),
-                "program": program, "pid": info["pid"] or None, "state": info["statename"],
-                "uptime": max(0, int(info["now"]) - int(info["start"])) if running else 0,
-                "release": meta.get("release_id"),
-            }
-            if entry["name"] == "web":
-                entry["live"] = entry["release"] is not None and entry["release"] == live
-            services.append(entry)
+    backend = backend_for(layout, None)
+    services = backend.status()
+    for entry in services:
+        if entry["name"] == "web":
+            entry["live"] = entry["release"] is not None and entry["release"] == live
     order = {"front": 0, "web": 1}
     services.sort(key=lambda s: (order.get(s["name"], 2), s["name"], s["program"]))
-    return {"live_release": live, "current": current_release(layout),
-            "supervisord": {"running": sup is not None,
-                            "pid": sv.read_pid(layout) if sup is not None else None},
+    manager = backend.running()
+    return {"live_release": live, "current": current_release(layout), "backend": backend.name,
+            "supervisord" if backend.name == "daemon" else "manager": manager,
             "services": services}
 
 
 def shutdown(layout: Layout, emit: Emit) -> dict[str, Any]:
-    """Stop every program and supervisord itself; returns once its pid is gone (or a zombie)."""
+    """Stop every service (and supervisord); returns once its pid is gone (or a zombie)."""
     before = status(layout)
-    emit({"phase": "services", "status": "shutdown", "detail": "stopping supervisord"})
-    result = sv.shutdown(layout)
+    emit({"phase": "services", "status": "shutdown", "detail": "stopping every service"})
+    result = backend_for(layout, None).shutdown()
     result["stopped"] = [s["program"] for s in before["services"] if s["pid"]]
     return result
 
@@ -206,6 +229,11 @@ def logs(layout: Layout, service: str | None, lines: int, follow: bool | float, 
     events (``status: "line"``) until ``follow`` seconds passed (``True``: until the reader goes
     away, i.e. ``emit`` raises)."""
     service = service or "web"
+    command = backend_for(layout, None).log_command(service)
+    if command is not None:  # the journal: its own reader
+        done = subprocess.run([*command, "-n", str(max(0, int(lines)))], capture_output=True,
+                              text=True, timeout=60, stdin=subprocess.DEVNULL, check=False)
+        return {"service": service, "path": " ".join(command), "lines": done.stdout.splitlines()}
     path = log_path(layout, service)
     head = tail_lines(path, max(0, int(lines)))
     result: dict[str, Any] = {"service": service, "path": str(path), "lines": head}

@@ -153,6 +153,29 @@ class TaskSpec(Model):
         return value
 
 
+class Nginx(Model):
+    """``[stages.X.nginx]`` with ``front = "nginx"``: the site shiplane writes (agent/nginx.py)."""
+
+    server_name: str = "_"
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    static: dict[Annotated[str, Field(pattern=r"^/")], str] = {}  # URL prefix -> release dir
+    site_dir: str = "/etc/nginx/sites-enabled"
+    conf: str | None = None  # a private nginx's main conf (nginx -c), started if not running
+    pid_file: str | None = None
+
+    @field_validator("static")
+    @classmethod
+    def _static_inside(cls, values: dict[str, str]) -> dict[str, str]:
+        return {k: _relative_path(v, "static dir") for k, v in values.items()}
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> Nginx:
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("tls_cert and tls_key go together")
+        return self
+
+
 class Rolling(Model):
     batch: int | Annotated[str, Field(pattern=r"^[0-9]{1,3}%$")] = "100%"
     max_fail: int | Annotated[str, Field(pattern=r"^[0-9]{1,3}%$")] = 0
@@ -169,6 +192,7 @@ class Stage(Model):
     python: str | None = None
     front: Literal["builtin", "nginx"] = "builtin"
     backend: Literal["auto", "daemon", "systemd"] = "auto"
+    nginx: Nginx = Nginx()
     ssh_config: str | None = None
     ssh_options: list[str] = []
     identity_file: str | None = None

@@ -1,0 +1,171 @@
+"""The process-management backend interface, and the commands every backend runs.
+
+A backend runs one web server per release (``web-<release_id>`` on ``run/web-<id>.sock``), the
+front (the builtin proxy on the public port, unless nginx fronts the stage) and the worker
+services. The daemon backend is one supervisord per deploy root (daemon.py); the systemd backend
+generates units (systemd.py). switch.py drives either through :class:`Backend`, so a deploy, a
+rollback and a restart do the same thing whichever backend runs the processes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+from .errors import AgentError
+from .paths import Layout, agent_command
+
+Emit = Callable[[dict[str, Any]], None]
+
+SIGNALS = {"TERM", "HUP", "INT", "QUIT", "KILL", "USR1", "USR2"}
+RESERVED = {"web", "front", "supervisord"}
+# sun_path is 108 bytes on Linux, NUL included
+MAX_SOCKET_PATH = 107
+
+
+class Backend(Protocol):
+    """What switch.py and services.py need from a process manager."""
+
+    name: str
+
+    def prepare(self, spec: dict[str, Any] | None, emit: Emit) -> None:
+        """Make the manager ready (supervisord running, units dir and daemon-reload)."""
+
+    def web_releases(self) -> set[str]:
+        """Release ids that have a web server configured or running."""
+
+    def web_state(self, release_id: str) -> tuple[bool, str | None]:
+        """(running, why it died for good or None) for the release's web server."""
+
+    def start_web(self, release_id: str, web: dict[str, Any], emit: Emit) -> None:
+        """Configure and start the release's web server; does not wait for it to answer."""
+
+    def stop_web(self, release_id: str, emit: Emit) -> None:
+        """Stop the release's web server gracefully (TERM, then KILL after its grace) and
+        forget it."""
+
+    def ensure_front(self, spec: dict[str, Any], emit: Emit) -> None:
+        """The builtin front runs as the spec says (or is removed when another front is used)."""
+
+    def restart_workers(self, spec: dict[str, Any], release_id: str, emit: Emit,
+                        only: set[str] | None = None) -> dict[str, Any]:
+        """Worker services run ``release_id``; returns ``{workers: [names], killed: [...]}``,
+        ``killed`` naming each worker that outlived its grace period and was killed."""
+
+    def stop(self, service: str, emit: Emit) -> list[str]:
+        """Stop a user-facing service (``front``, ``web``, a worker); returns what stopped."""
+
+    def signal_web(self, release_id: str, signame: str) -> None:
+        """Send a signal to the release's web server (``HUP``: gunicorn replaces its workers)."""
+
+    def status(self) -> list[dict[str, Any]]:
+        """One entry per process: name, program, pid, state, uptime, release."""
+
+    def running(self) -> dict[str, Any]:
+        """The manager itself: ``{running, pid}`` (supervisord) or ``{running: True}``."""
+
+    def shutdown(self) -> dict[str, Any]:
+        """Stop every service of this root (and the manager, when it is ours)."""
+
+    def log_command(self, service: str) -> list[str] | None:
+        """The command that prints a service's log, when it is not a file under ``log/``."""
+
+
+# --- the commands (the same under every backend) -----------------------------------------------
+
+def web_argv(layout: Layout, release_id: str, web: dict[str, Any],
+             version_of: str | None = None) -> list[str]:
+    """The release's gunicorn on ``run/web-<id>.sock``, through ``exec-env`` (its env file).
+
+    ``version_of``: the release whose gunicorn version decides the options (a systemd template
+    is rendered for a placeholder release id)."""
+    sock = layout.release_socket(release_id)
+    if len(str(sock).encode()) > MAX_SOCKET_PATH:
+        raise AgentError(f"the socket path {sock} is longer than {MAX_SOCKET_PATH} bytes "
+                         f"(a unix socket limit): use a shorter deploy_to", kind="usage")
+    argv = [*agent_command(), "exec-env", str(layout.root), release_id, "--",
+            "gunicorn", "--bind", f"unix:{sock}",
+            "--workers", str(int(web.get("workers") or 2)),
+            "--timeout", str(int(web.get("timeout") or 30)),
+            "--graceful-timeout", str(graceful_timeout(web))]
+    if gunicorn_major(layout, version_of or release_id) >= 27:
+        # gunicorn 27 opens a control socket in ~/.gunicorn by default; blue and green would fight
+        # over that one path, so each release gets its own next to its web socket
+        argv += ["--control-socket", str(layout.run / f"web-{release_id}.ctl")]
+    worker_class = web.get("worker_class")
+    if not worker_class and web.get("kind") == "asgi":
+        worker_class = "uvicorn.workers.UvicornWorker"
+    if worker_class:
+        argv += ["-k", str(worker_class)]
+    target = web.get("target")
+    if not target:
+        raise AgentError("services.web has no target (wsgi/asgi app)", kind="usage")
+    argv.append(str(target))
+    return argv
+
+
+def graceful_timeout(web: dict[str, Any]) -> int:
+    """Seconds gunicorn gives in-flight requests after TERM; the manager KILLs 5 s later."""
+    return int(web.get("graceful_timeout") or 20)
+
+
+def gunicorn_major(layout: Layout, release_id: str) -> int:
+    """The major version of gunicorn in the release's venv (0 when unknown)."""
+    try:
+        meta = json.loads(layout.release_meta(release_id).read_text())
+    except (OSError, ValueError):
+        return 0
+    venv = layout.venv(str(meta.get("dependency_digest") or "none"))
+    for info in venv.glob("lib/python*/site-packages/gunicorn-*.dist-info"):
+        version = info.name[len("gunicorn-"):-len(".dist-info")]
+        head = version.split(".")[0]
+        if head.isdigit():
+            return int(head)
+    return 0
+
+
+def check_worker(name: str, worker: dict[str, Any]) -> tuple[str, float]:
+    """A worker's (stop signal without ``SIG``, stop timeout) after checking name and command."""
+    if name in RESERVED or name.startswith("web-"):
+        raise AgentError(f"service name {name!r} is reserved", kind="usage")
+    if not worker.get("command"):
+        raise AgentError(f"service {name!r} has no command", kind="usage")
+    stop_signal = str(worker.get("stop_signal") or "TERM").upper().removeprefix("SIG")
+    if stop_signal not in SIGNALS:
+        raise AgentError(f"service {name!r}: unknown stop_signal {stop_signal!r}", kind="usage")
+    return stop_signal, float(worker.get("stop_timeout") or 10)
+
+
+def worker_argv(layout: Layout, name: str, worker: dict[str, Any], release_id: str) -> list[str]:
+    """``sh -c <command>`` in the release dir with its env."""
+    check_worker(name, worker)
+    return [*agent_command(), "exec-env", str(layout.root), release_id, "--",
+            "/bin/sh", "-c", str(worker["command"])]
+
+
+def front_listen(spec: dict[str, Any]) -> str:
+    """``HOST:PORT`` (``[v6]:PORT``) the front listens on."""
+    web = spec.get("web") or {}
+    bind = str(web.get("bind") or "127.0.0.1")
+    port = int(web.get("port") or 8000)
+    return f"[{bind}]:{port}" if ":" in bind else f"{bind}:{port}"
+
+
+def front_argv(layout: Layout, spec: dict[str, Any]) -> list[str]:
+    """The builtin proxy from the public port to ``run/web.sock``."""
+    return [*agent_command(), "proxy", "--listen", front_listen(spec),
+            "--upstream", str(layout.web_socket)]
+
+
+def builtin_front(spec: dict[str, Any]) -> bool:
+    return (spec.get("front") or "builtin") == "builtin"
+
+
+def unlink_quiet(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass

@@ -1,0 +1,226 @@
+"""The daemon backend: every service is a program of this root's supervisord (supervisor.py).
+
+Programs: ``web-<release_id>`` per release, ``front`` (the builtin proxy) and one per worker, each
+a conf file in ``run/programs``; the ``; shiplane: {...}`` comment on its first line tells
+``status`` which service and release it is.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from . import supervisor as sv
+from .backend import (
+    Emit,
+    builtin_front,
+    check_worker,
+    front_argv,
+    graceful_timeout,
+    web_argv,
+    worker_argv,
+)
+from .health import tail_lines
+from .paths import Layout
+
+# EXITED is not dead: autorestart starts it again (a crash, a kill -9)
+DEAD_STATES = {"FATAL", "STOPPED", "UNKNOWN"}
+
+
+def web_program(release_id: str) -> str:
+    return f"web-{release_id}"
+
+
+def _log_options(layout: Layout, name: str) -> dict[str, object]:
+    return {"redirect_stderr": True, "stdout_logfile": layout.log / f"{name}.log",
+            "stdout_logfile_maxbytes": "50MB", "stdout_logfile_backups": 5}
+
+
+def web_conf(layout: Layout, release_id: str, web: dict[str, Any]) -> str:
+    """``web-<id>``: the release's gunicorn; supervisord restarts it if it crashes."""
+    options: dict[str, object] = {
+        "autostart": True, "autorestart": True, "startsecs": 1, "startretries": 3,
+        "stopsignal": "TERM", "stopwaitsecs": graceful_timeout(web) + 5, "stopasgroup": True,
+        "killasgroup": True, **_log_options(layout, "web")}
+    meta = {"service": "web", "release_id": release_id}
+    return sv.program_conf(web_program(release_id), web_argv(layout, release_id, web), options,
+                           meta)
+
+
+def worker_conf(layout: Layout, name: str, worker: dict[str, Any], release_id: str) -> str:
+    """A worker program with its stop signal and grace period (then supervisord KILLs it)."""
+    stop_signal, stop_timeout = check_worker(name, worker)
+    options: dict[str, object] = {
+        "autostart": True, "autorestart": True, "startsecs": 1, "startretries": 3,
+        "stopsignal": stop_signal, "stopwaitsecs": max(1, round(stop_timeout)),
+        "stopasgroup": True, "killasgroup": True, **_log_options(layout, name)}
+    meta = {"service": name, "kind": "worker", "release_id": release_id}
+    return sv.program_conf(sv.check_name(name), worker_argv(layout, name, worker, release_id),
+                           options, meta)
+
+
+def front_conf(layout: Layout, spec: dict[str, Any]) -> str | None:
+    """The builtin front proxy program, or None when the spec asks for another front."""
+    if not builtin_front(spec):
+        return None
+    options: dict[str, object] = {
+        "autostart": True, "autorestart": True, "startsecs": 1, "startretries": 3,
+        "stopsignal": "TERM", "stopwaitsecs": 15, **_log_options(layout, "front")}
+    return sv.program_conf("front", front_argv(layout, spec), options,
+                           {"service": "front", "kind": "front"})
+
+
+class DaemonBackend:
+    """supervisord, started on demand (``prepare``) and driven over its socket."""
+
+    name = "daemon"
+
+    def __init__(self, layout: Layout) -> None:
+        self.layout = layout
+        self._sup: sv.Supervisor | None = None
+
+    @property
+    def sup(self) -> sv.Supervisor:
+        if self._sup is None:
+            self._sup = sv.ensure_running(self.layout)
+        return self._sup
+
+    def connected(self) -> sv.Supervisor | None:
+        """A client when supervisord answers, without starting it."""
+        if self._sup is None:
+            self._sup = sv.connect(self.layout)
+        return self._sup
+
+    def prepare(self, spec: dict[str, Any] | None, emit: Emit) -> None:
+        self._sup = sv.ensure_running(self.layout, emit)
+
+    def web_releases(self) -> set[str]:
+        names = {n for n in sv.configured_programs(self.layout) if n.startswith("web-")}
+        sup = self.connected()
+        if sup is not None:
+            names |= {str(i["name"]) for i in sup.all_info() if str(i["name"]).startswith("web-")}
+        return {n[len("web-"):] for n in names}
+
+    def web_state(self, release_id: str) -> tuple[bool, str | None]:
+        info = self.sup.info(web_program(release_id))
+        if info is None:
+            return False, "not configured"
+        if info["statename"] in DEAD_STATES:
+            why = info.get("spawnerr") or f"exit status {info.get('exitstatus')}"
+            return False, f"{info['statename']}: {why}"
+        return info["statename"] == "RUNNING", None
+
+    def start_web(self, release_id: str, web: dict[str, Any], emit: Emit) -> None:
+        name = web_program(release_id)
+        if sv.write_program(self.layout, name, web_conf(self.layout, release_id, web)):
+            self.sup.update()
+        self.sup.start(name, wait=False)
+
+    def stop_web(self, release_id: str, emit: Emit) -> None:
+        # removing the program stops it first: TERM, gunicorn's graceful shutdown, KILL after
+        # stopwaitsecs
+        self.sup.remove(web_program(release_id))
+
+    def ensure_front(self, spec: dict[str, Any], emit: Emit) -> None:
+        text = front_conf(self.layout, spec)
+        if text is None:
+            self.sup.remove("front")
+            return
+        if sv.write_program(self.layout, "front", text):
+            self.sup.update()
+        info = self.sup.info("front")
+        if info is None or info["statename"] not in ("RUNNING", "STARTING"):
+            emit({"phase": "switch", "status": "front", "detail": "starting the front proxy"})
+            self.sup.start("front", wait=False)
+
+    def _stop_worker(self, name: str, emit: Emit) -> dict[str, Any] | None:
+        """Stop a running worker; a dict describing the kill when it outlived its grace."""
+        info = self.sup.info(name)
+        if info is None or not info.get("pid"):
+            return None
+        pid = int(info["pid"])
+        started = time.monotonic()
+        self.sup.stop(name)
+        seconds = round(time.monotonic() - started, 3)
+        # supervisord logs exactly this line when stopwaitsecs ran out (supervisor/process.py)
+        mark = f"killing '{name}' ({pid}) with SIGKILL"
+        if any(mark in line for line in tail_lines(self.layout.log / "supervisord.log", 200)):
+            emit({"phase": "switch", "status": "killed",
+                  "detail": f"{name} (pid {pid}) did not stop within its grace period: killed"})
+            return {"service": name, "pid": pid, "seconds": seconds}
+        return None
+
+    def restart_workers(self, spec: dict[str, Any], release_id: str, emit: Emit,
+                        only: set[str] | None = None) -> dict[str, Any]:
+        workers: dict[str, Any] = spec.get("workers") or {}
+        killed: list[dict[str, Any]] = []
+        confs = {name: worker_conf(self.layout, name, w or {}, release_id)
+                 for name, w in workers.items()}
+        for name in sv.configured_programs(self.layout):
+            if sv.program_meta(self.layout, name).get("kind") == "worker" and name not in workers:
+                emit({"phase": "switch", "status": "worker", "detail": f"removing {name}"})
+                gone = self._stop_worker(name, emit)
+                killed += [gone] if gone else []
+                self.sup.remove(name)
+        for name, text in confs.items():
+            if sv.write_program(self.layout, name, text):
+                # stopped here, not inside update(), so a kill after the grace period is seen
+                emit({"phase": "switch", "status": "worker", "detail": f"{name} on {release_id}"})
+                gone = self._stop_worker(name, emit)
+                killed += [gone] if gone else []
+        self.sup.update()
+        for name in workers:
+            if only is not None and name not in only:
+                continue
+            info = self.sup.info(name)
+            if info is not None and info["statename"] not in ("RUNNING", "STARTING", "BACKOFF"):
+                self.sup.start(name, wait=False)
+        return {"workers": sorted(workers), "killed": killed}
+
+    def stop(self, service: str, emit: Emit) -> list[str]:
+        sup = self.connected()
+        if sup is None:
+            return []
+        if service == "web":
+            programs = sorted(web_program(r) for r in self.web_releases())
+        else:
+            programs = [service]
+        stopped = []
+        for program in programs:
+            if sup.info(program) is not None:
+                emit({"phase": "services", "status": "stop", "detail": program})
+                sup.stop(program)
+                stopped.append(program)
+        return stopped
+
+    def signal_web(self, release_id: str, signame: str) -> None:
+        self.sup.signal(web_program(release_id), signame)
+
+    def status(self) -> list[dict[str, Any]]:
+        sup = self.connected()
+        if sup is None:
+            return []
+        services: list[dict[str, Any]] = []
+        for info in sup.all_info():
+            program = str(info["name"])
+            meta = sv.program_meta(self.layout, program)
+            running = info["statename"] == "RUNNING"
+            services.append({
+                "name": meta.get("service") or ("web" if program.startswith("web-") else program),
+                "program": program, "pid": info["pid"] or None, "state": info["statename"],
+                "uptime": max(0, int(info["now"]) - int(info["start"])) if running else 0,
+                "release": meta.get("release_id") or (program[4:] if program.startswith("web-")
+                                                      else None),
+            })
+        return services
+
+    def running(self) -> dict[str, Any]:
+        sup = self.connected()
+        return {"running": sup is not None,
+                "pid": sv.read_pid(self.layout) if sup is not None else None}
+
+    def shutdown(self) -> dict[str, Any]:
+        return sv.shutdown(self.layout)
+
+    def log_command(self, service: str) -> list[str] | None:
+        return None

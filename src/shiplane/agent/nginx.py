@@ -1,0 +1,158 @@
+"""The nginx front (``front = "nginx"``): the stage's site file, checked and reloaded.
+
+The site proxies to ``run/web.sock``, the symlink a switch renames: nginx connects to that path
+per request, so a switch needs no reload at all. A reload happens only when the site text changes
+(first deploy, a changed server name, TLS paths, static dirs, port). The upstream lists the same
+socket three times so that ``proxy_next_upstream error`` has somewhere to go: a connection the old
+server's listener reset when it shut down is retried, on the new server's socket, once the
+symlink moved. ``nginx -t`` checks the new file first; when it fails the previous file is put
+back and nothing is reloaded.
+
+``nginx = { conf = ..., pid_file = ... }`` drives a private nginx (its own ``-c`` conf, started
+here when it is not running); without ``conf`` the host's nginx is used (``nginx -s reload``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from . import atomic_write
+from .backend import Emit, front_listen
+from .errors import AgentError
+from .paths import Layout
+from .supervisor import pid_alive
+
+NGINX_TIMEOUT = 60.0
+DEFAULT_SITE_DIR = "/etc/nginx/sites-enabled"
+DEFAULT_PID_FILE = "/run/nginx.pid"
+UPSTREAM_COPIES = 3
+NAME_RE = re.compile(r"[^A-Za-z0-9_]")
+
+
+def settings(spec: dict[str, Any]) -> dict[str, Any]:
+    nginx = spec.get("nginx")
+    return nginx if isinstance(nginx, dict) else {}
+
+
+def site_path(spec: dict[str, Any]) -> Path:
+    """``<site_dir>/shiplane-<app>-<stage>.conf``."""
+    name = f"shiplane-{spec.get('app') or 'app'}-{spec.get('stage') or 'stage'}.conf"
+    return Path(settings(spec).get("site_dir") or DEFAULT_SITE_DIR) / re.sub(r"[^\w.-]", "-", name)
+
+
+def _q(value: object) -> str:
+    """A double-quoted nginx string (no variables expanded: ``$`` cannot start one here)."""
+    text = str(value)
+    if any(ch in text for ch in "\n\r\0"):
+        raise AgentError(f"value not allowed in an nginx conf: {text!r}", kind="usage")
+    if "$" in text:
+        raise AgentError(f"'$' is not allowed in an nginx path or name: {text!r}", kind="usage")
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def site_conf(layout: Layout, spec: dict[str, Any]) -> str:
+    """The text of the stage's nginx site."""
+    cfg = settings(spec)
+    upstream = NAME_RE.sub("_", f"shiplane_{spec.get('app')}_{spec.get('stage')}")
+    listen = front_listen(spec)
+    tls = bool(cfg.get("tls_cert"))
+    lines = [
+        f"# written by shiplane for {spec.get('app')} ({spec.get('stage')}); replaced at deploys",
+        f"upstream {upstream} {{",
+        "    # one socket, listed again so that a reset or refused connect is retried on it",
+    ]
+    lines += [f"    server {_q('unix:' + str(layout.web_socket))} max_fails=0;"] * UPSTREAM_COPIES
+    lines += ["}", "", "server {", f"    listen {listen}{' ssl' if tls else ''};",
+              f"    server_name {cfg.get('server_name') or '_'};"]
+    if tls:
+        lines += [f"    ssl_certificate {_q(cfg['tls_cert'])};",
+                  f"    ssl_certificate_key {_q(cfg.get('tls_key') or cfg['tls_cert'])};"]
+    for prefix, rel in sorted((cfg.get("static") or {}).items()):
+        location = "/" + str(prefix).strip("/") + "/"
+        target = str(layout.current / str(rel).strip("/")) + "/"
+        lines += [f"    location {_q(location)} {{", f"        alias {_q(target)};",
+                  "        expires 1h;", "    }"]
+    lines += [
+        "    location / {",
+        f"        proxy_pass http://{upstream};",
+        "        proxy_http_version 1.1;",
+        '        proxy_set_header Connection "";',
+        "        proxy_set_header Host $host;",
+        "        proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;",
+        "        proxy_set_header X-Forwarded-Proto $scheme;",
+        "        proxy_next_upstream error timeout;",
+        f"        proxy_next_upstream_tries {UPSTREAM_COPIES};",
+        "        proxy_connect_timeout 5s;",
+        "    }",
+        "}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def nginx_argv(spec: dict[str, Any], *args: str) -> list[str]:
+    """``nginx`` with the private conf (and its dir as prefix) when one is configured."""
+    cfg = settings(spec)
+    argv = [str(cfg.get("binary") or "nginx")]
+    if cfg.get("conf"):
+        conf = os.path.abspath(str(cfg["conf"]))
+        argv += ["-p", os.path.dirname(conf) + "/", "-c", conf, "-e", "stderr"]
+    return argv + list(args)
+
+
+def _run(argv: list[str]) -> subprocess.CompletedProcess[str]:
+    try:
+        return subprocess.run(argv, capture_output=True, text=True, timeout=NGINX_TIMEOUT,
+                              stdin=subprocess.DEVNULL, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise AgentError(f"{argv[0]}: {exc}", kind="front") from None
+
+
+def master_pid(spec: dict[str, Any]) -> int | None:
+    """The running nginx master's pid from its pid file, or None."""
+    path = settings(spec).get("pid_file") or DEFAULT_PID_FILE
+    try:
+        pid = int(Path(path).read_text().strip())
+    except (OSError, ValueError):
+        return None
+    return pid if pid_alive(pid) else None
+
+
+def ensure_site(layout: Layout, spec: dict[str, Any], emit: Emit) -> dict[str, Any]:
+    """Write the site, ``nginx -t``, reload (or start a private nginx). Unchanged text: nothing
+    to do. A failed check puts the previous file back and raises ``AgentError(kind="front")``."""
+    path = site_path(spec)
+    text = site_conf(layout, spec)
+    try:
+        previous: str | None = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        previous = None
+    running = master_pid(spec)
+    if previous == text and running is not None:
+        return {"site": str(path), "changed": False}
+    atomic_write(path, text)
+    test = _run(nginx_argv(spec, "-t"))
+    if test.returncode != 0:
+        if previous is None:
+            path.unlink()
+        else:
+            atomic_write(path, previous)
+        raise AgentError(f"nginx -t rejected the site {path}; the previous site is back:\n"
+                         f"{(test.stderr or test.stdout).strip()}", kind="front")
+    if running is None and settings(spec).get("conf"):
+        emit({"phase": "switch", "status": "front", "detail": "starting nginx"})
+        done = _run(nginx_argv(spec))
+    elif running is None:
+        raise AgentError(f"nginx is not running (no live pid in "
+                         f"{settings(spec).get('pid_file') or DEFAULT_PID_FILE}): start it, or "
+                         f"set nginx.conf for a private nginx", kind="front")
+    else:
+        emit({"phase": "switch", "status": "front", "detail": f"reloading nginx for {path}"})
+        done = _run(nginx_argv(spec, "-s", "reload"))
+    if done.returncode != 0:
+        raise AgentError(f"nginx did not take the site {path}: "
+                         f"{(done.stderr or done.stdout).strip()}", kind="front")
+    return {"site": str(path), "changed": True}

@@ -1,0 +1,239 @@
+"""The systemd backend's units: generated, checked by ``systemd-analyze verify``, and the front's
+socket activation run for real.
+
+These machines do not run systemd as PID 1, so nothing here starts a unit: the units are written
+to a temp dir and verified (which also checks that each ExecStart binary exists), and the builtin
+proxy is run the way ``<app>-front.socket`` would start it, with the listening socket as fd 3.
+"""
+
+from __future__ import annotations
+
+import http.client
+import os
+import re
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from shiplane.agent import services
+from shiplane.agent.errors import AgentError
+from shiplane.agent.paths import Layout
+from shiplane.agent.systemd import SystemdBackend, render_units, systemd_running
+
+RID = "20260101T000001Z-aaaaaaa1"
+WORKER = 'echo "100% done; $HOME" \\ # not a comment'
+
+
+def spec(front: str = "builtin", backend: str = "systemd") -> dict[str, Any]:
+    return {"app": "demo", "stage": "prod", "front": front, "backend": backend,
+            "web": {"kind": "wsgi", "target": "demo:create_app()", "workers": 3, "bind": "0.0.0.0",
+                    "port": 8123, "timeout": 30, "graceful_timeout": 12,
+                    "health": {"path": "/up", "timeout": 5}, "smoke": []},
+            "workers": {"jobs": {"command": WORKER, "stop_signal": "INT", "stop_timeout": 7}}}
+
+
+def exec_argv(unit_text: str) -> list[str]:
+    """The ExecStart argv as systemd reads it (our quoting only uses what shlex also reads)."""
+    [line] = [ln for ln in unit_text.splitlines() if ln.startswith("ExecStart=")]
+    return shlex.split(line[len("ExecStart="):].replace("%%", "%").replace("$$", "$"))
+
+
+def option(unit_text: str, key: str) -> str:
+    [value] = re.findall(rf"^{key}=(.*)$", unit_text, re.MULTILINE)
+    return value
+
+
+@pytest.fixture
+def short_root() -> Iterator[Path]:
+    """A deploy root short enough for unix socket paths (pytest's tmp_path is not)."""
+    path = Path(tempfile.mkdtemp(prefix="shl-u-", dir="/tmp")) / "srv 100%"
+    yield path
+    shutil.rmtree(path.parent)
+
+
+@pytest.fixture
+def units(tmp_path: Path, short_root: Path) -> dict[str, str]:
+    layout = Layout(short_root)
+    written = render_units(layout, spec(), RID)
+    unit_dir = tmp_path / "units"
+    unit_dir.mkdir()
+    for name, text in written.items():
+        (unit_dir / name).write_text(text)
+    return written
+
+
+def verify(unit_dir: Path, *names: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["systemd-analyze", "verify", *[str(unit_dir / n) for n in names]],
+                          capture_output=True, text=True, timeout=60, check=False)
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="needs systemd-analyze")
+def test_generated_units_pass_systemd_analyze_verify(units: dict[str, str],
+                                                     tmp_path: Path) -> None:
+    assert sorted(units) == ["demo-front.service", "demo-front.socket", "demo-jobs.service",
+                             "demo-web@.service"]
+    done = verify(tmp_path / "units", f"demo-web@{RID}.service", "demo-front.socket",
+                  "demo-front.service", "demo-jobs.service")
+    assert done.returncode == 0, done.stdout + done.stderr
+    # and verify does catch a unit systemd would refuse
+    broken = units["demo-jobs.service"].replace(sys.executable, "/nonexistent/python3")
+    (tmp_path / "units" / "demo-broken.service").write_text(broken)
+    assert verify(tmp_path / "units", "demo-broken.service").returncode != 0
+
+
+def test_web_template_runs_each_release_from_its_own_dir_through_exec_env(
+        units: dict[str, str], short_root: Path) -> None:
+    web = units["demo-web@.service"]
+    root = str(short_root)
+    argv = exec_argv(web)
+    assert argv[:2] == [sys.executable, "-m"] and argv[3:7] == ["exec-env", root, "%i", "--"]
+    assert argv[7:10] == ["gunicorn", "--bind", f"unix:{root}/run/web-%i.sock"]
+    assert argv[-1] == "demo:create_app()" and "3" == argv[argv.index("--workers") + 1]
+    assert option(web, "Restart") == "on-failure"
+    assert option(web, "KillMode") == "mixed"  # TERM to the master only: gunicorn drains
+    assert option(web, "TimeoutStopSec") == "17"  # graceful_timeout + 5, then SIGKILL
+    assert option(web, "StandardOutput") == "journal"
+    assert option(web, "WantedBy") == "multi-user.target"
+
+
+def test_worker_unit_keeps_its_command_and_stop_signal(units: dict[str, str]) -> None:
+    jobs = units["demo-jobs.service"]
+    argv = exec_argv(jobs)
+    assert argv[5] == RID and argv[-3:] == ["/bin/sh", "-c", WORKER]
+    assert option(jobs, "KillSignal") == "SIGINT"
+    assert option(jobs, "TimeoutStopSec") == "7"
+    assert option(jobs, "SendSIGKILL") == "yes"
+
+
+def test_front_socket_owns_the_port_and_user_units_want_default_target(tmp_path: Path) -> None:
+    layout = Layout(tmp_path / "srv")
+    written = render_units(layout, spec(), None, user=True)
+    assert "demo-jobs.service" not in written  # workers need a release
+    assert option(written["demo-front.socket"], "ListenStream") == "0.0.0.0:8123"
+    front = written["demo-front.service"]
+    assert option(front, "Requires") == "demo-front.socket"
+    assert exec_argv(front)[3:] == ["proxy", "--listen", "0.0.0.0:8123", "--upstream",
+                                    str(layout.web_socket)]
+    assert option(front, "WantedBy") == "default.target"
+    nginx_fronted = render_units(layout, spec(front="nginx"), None)
+    assert sorted(nginx_fronted) == ["demo-web@.service"]
+
+
+def test_systemctl_commands_use_user_mode_for_a_non_root_user(tmp_path: Path) -> None:
+    backend = SystemdBackend(Layout(tmp_path), spec(), unit_dir=tmp_path, user=True)
+    assert backend.systemctl_argv("start", backend.web_unit_name(RID)) == \
+        ["systemctl", "--user", "start", f"demo-web@{RID}.service"]
+    assert SystemdBackend(Layout(tmp_path), spec(), unit_dir=tmp_path,
+                          user=False).systemctl_argv("daemon-reload") == \
+        ["systemctl", "daemon-reload"]
+
+
+@pytest.mark.skipif(systemd_running(), reason="this host runs systemd")
+def test_backend_auto_is_the_daemon_here_and_forcing_systemd_says_why_not(tmp_path: Path) -> None:
+    assert services.choose_backend({"backend": "auto"}) == "daemon"
+    assert services.choose_backend({"backend": "systemd"}) == "systemd"
+    layout = Layout(tmp_path / "root")
+    release = layout.release(RID)
+    release.mkdir(parents=True)
+    (release / "release.json").write_text("{}")
+    with pytest.raises(AgentError) as err:
+        services.switch(layout, RID, spec(), lambda e: None)
+    assert err.value.kind == "usage" and "systemd is not running" in err.value.message
+    assert not layout.current.exists()
+
+
+# --- socket activation: the port outlives the proxy -------------------------------------------
+
+@pytest.fixture
+def upstream(tmp_path: Path) -> Iterator[Path]:
+    """A tiny HTTP server on a unix socket answering ``hello``."""
+    path = tmp_path / "web.sock"
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(path))
+    server.listen(64)
+    stop = threading.Event()
+
+    def serve() -> None:
+        server.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                continue
+            with conn:
+                conn.settimeout(5)
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    chunk = conn.recv(4096)
+                    if not chunk:
+                        break
+                    data += chunk
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: close\r\n"
+                             b"\r\nhello")
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield path
+    stop.set()
+    thread.join(5)
+    server.close()
+
+
+def _activated_proxy(listener: socket.socket, upstream: Path) -> subprocess.Popen[bytes]:
+    """Start the proxy as systemd would: the socket as fd 3, LISTEN_PID/LISTEN_FDS set."""
+    fd = listener.fileno()
+
+    def child() -> None:
+        os.dup2(fd, 3)  # dup2 leaves fd 3 inheritable
+
+    script = ('LISTEN_PID=$$ LISTEN_FDS=1 exec "$0" -m shiplane.agent proxy '
+              '--listen 127.0.0.1:1 --upstream "$1"')
+    return subprocess.Popen(["/bin/sh", "-c", script, sys.executable, str(upstream)],
+                            preexec_fn=child, close_fds=False)  # noqa: PLW1509 - fd 3 only
+
+
+def _get(port: int) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request("GET", "/")
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+def test_socket_activated_front_serves_and_no_connection_is_refused_across_its_restart(
+        upstream: Path) -> None:
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(128)
+    port = listener.getsockname()[1]
+    procs = [_activated_proxy(listener, upstream)]
+    try:
+        assert _get(port) == (200, b"hello")  # queued until the proxy accepts: never refused
+        procs[0].send_signal(signal.SIGTERM)
+        assert procs[0].wait(timeout=15) == 0
+        # No proxy runs now; the port is still held (by us, as by the .socket unit): a client
+        # connecting now waits in the listen queue and is served by the next proxy.
+        waiting = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        waiting.connect()
+        waiting.request("GET", "/")
+        procs.append(_activated_proxy(listener, upstream))
+        resp = waiting.getresponse()
+        assert (resp.status, resp.read()) == (200, b"hello")
+        waiting.close()
+    finally:
+        listener.close()
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(timeout=15)
