@@ -83,7 +83,7 @@ def test_rollback_serves_the_previous_code_without_reinstalling(app: Project) ->
     edit(app, VIEWS, "version-A", "version-B")
     app.deploy()
     assert "version-B" in app.get("/")[1]
-    done = app.shiplane("rollback", "--stage", "local")
+    done = app.shiplane("rollback", "--stage", "local", "--yes")  # every release ran its migration
     assert done.returncode == 0, done.stdout + done.stderr
     assert "version-A" in app.get("/")[1]
     assert app.current() == first["release"]

@@ -273,7 +273,7 @@ def test_promote_moves_the_exact_artifact_and_unpromoted_is_refused(app: Project
 def test_retry_failed_finishes_the_same_deploy_on_the_host_that_was_down(app: Project, ssh_hosts: TestHosts) -> None:
     """capistrano#1498, deployer#3172: one host down must not mean redoing (or half-doing) all."""
     before = deploy(app, "fleet")["release"]
-    edit(app, "<footer>", "<footer>retried ")
+    edit(app, "</footer>", " retried</footer>")
     lost = ssh_hosts.hosts[2]
     lost.stop_sshd()
     try:
