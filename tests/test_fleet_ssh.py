@@ -292,3 +292,62 @@ def test_retry_failed_finishes_the_same_deploy_on_the_host_that_was_down(app: Pr
     for host in ssh_hosts.hosts[:2]:
         assert retried["hosts"][host.name]["bytes"] == 0
     assert retried["hosts"][lost.name]["bytes"] > 0
+
+
+def _agent_pids(host: TestHost) -> list[int]:
+    """The shiplane agents serving sessions on a host (python running the agent's serve loop)."""
+    listed = subprocess.run(["ip", "netns", "pids", host.netns], capture_output=True, text=True, check=True)
+    pids = []
+    for pid in map(int, listed.stdout.split()):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        words = [a for a in argv if a]
+        # `python3 -c <bootstrap> <root> <agent sha>`: the agent's session process
+        if len(words) >= 4 and words[1] == b"-c" and len(words[-1]) == 64 and b"shiplane_agent" in words[2]:
+            pids.append(pid)
+    return pids
+
+
+def test_a_host_that_stops_answering_is_an_error_within_the_timeout(app: Project, ssh_hosts: TestHosts) -> None:
+    """kamal#326, deployer#1430: one frozen host must not hang the whole deploy."""
+    before = deploy(app, "fleet")["release"]
+    toml = app.root / "shiplane.toml"
+    original = toml.read_text()
+    hold = "touch /srv/waiting; while [ ! -e /srv/go ]; do sleep 0.1; done"
+    toml.write_text(original.replace(MIGRATE, f'after_install = ["alembic upgrade head", "{hold}"]'))
+    edit(app, "</footer>", " frozen</footer>")
+    frozen = ssh_hosts.hosts[0]
+    for host in ssh_hosts.hosts[1:]:
+        (host.root / "go").write_text("")
+    run = subprocess.Popen([sys.executable, "-m", "shiplane", "deploy", "--stage", "fleet", "--skip-tests",
+                            "--set", "command_timeout=5"],
+                           cwd=app.root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    stopped: list[int] = []
+    try:
+        wait_for(lambda: (frozen.root / "waiting").exists(), 60, "shl-h1 to reach after_install")
+        stopped = _agent_pids(frozen)
+        assert stopped, "found no agent process on shl-h1"
+        for pid in stopped:
+            os.kill(pid, signal.SIGSTOP)
+        output, _ = run.communicate(timeout=60)
+    finally:
+        if run.poll() is None:
+            run.kill()
+        for pid in stopped:
+            for sig in (signal.SIGCONT, signal.SIGKILL):
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+        toml.write_text(original)
+        app.commit("restore")
+        for host in ssh_hosts.hosts:
+            for name in ("go", "waiting"):
+                (host.root / name).unlink(missing_ok=True)
+    assert run.returncode == 1, output
+    assert "shl-h1" in output and "no answer within 5 s" in output and "nothing was switched" in output
+    for host in ssh_hosts.hosts:
+        assert current(host) == before
+    app.shiplane("unlock", "--stage", "fleet", "--force", check=True)  # the killed agent could not give it back

@@ -27,6 +27,7 @@ from .venvs import find_uv, install_uv, list_venvs
 
 Emit = Callable[[dict[str, Any]], None]
 HEARTBEAT_EVERY = 20.0
+ALIVE_EVERY = 5.0
 
 
 def _services() -> Any:
@@ -113,14 +114,27 @@ class Session:
             self.send({"id": req_id, "event": event})
 
         handler = HANDLERS.get(str(op))
+        done = threading.Event()
+        threading.Thread(target=self._alive, args=(req_id, done), daemon=True).start()
         try:
             if handler is None:
                 raise AgentError(f"unknown op {op!r}", kind="usage")
             result = handler(self, args, emit)
         except Exception as exc:  # noqa: BLE001 - any failure of an op is an answer, never a crash
+            done.set()
             self.send({"id": req_id, "ok": False, "error": error_object(exc)})
             return
+        done.set()
         self.send({"id": req_id, "ok": True, "result": result if result is not None else {}})
+
+    def _alive(self, req_id: Any, done: threading.Event) -> None:
+        """While an op runs, say so every few seconds: the controller then tells a busy host (a
+        long venv build, a quiet hook) from one that stopped answering, within its timeout."""
+        while not done.wait(ALIVE_EVERY):
+            try:
+                self.send({"id": req_id, "event": {"status": "alive"}})
+            except OSError:
+                return
 
     # --- lock -----------------------------------------------------------------------------------
 

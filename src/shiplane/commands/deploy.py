@@ -253,6 +253,12 @@ def _healthy(d: Deployment) -> list[str]:
     return [h for h in d.fleet.hosts if h not in d.failed_hosts and h in d.fleet.sessions]
 
 
+def _timeout(d: Deployment) -> float:
+    """How long a host may stay silent during a phase before it is a per-host error (never a
+    hang): the stage's ``command_timeout``. The agent streams progress, so this bounds silence."""
+    return d.ctx.project.deploy.stages[d.ctx.stage].command_timeout
+
+
 def _connect_and_lock(d: Deployment) -> None:
     _note(d, "connect", d.fleet.connect())
     who = holder(" ".join(["shiplane", *sys.argv[1:]]), os.getpid()).to_json()
@@ -285,14 +291,14 @@ def _prepare(d: Deployment, rendered: Any) -> None:
     store = _blob_store(d)
 
     def copy(host: str, session: AgentSession) -> Any:
-        inventory = session.call("inventory", {"blobs": [sha for sha, _ in blobs]}, timeout=120)
+        inventory = session.call("inventory", {"blobs": [sha for sha, _ in blobs]}, timeout=_timeout(d))
         d.hosts[host].previous = inventory.get("current")
         missing = inventory.get("missing", [])
         total = sum(sizes[sha] for sha in missing)
         if missing:
             payload = _stream_blobs(store, missing)
             session.call("receive", {"blobs": [{"sha256": sha, "size": sizes[sha]} for sha in missing]},
-                         payload=payload, on_event=d.fleet.forward(host, "copy"), timeout=300)
+                         payload=payload, on_event=d.fleet.forward(host, "copy"), timeout=_timeout(d))
         # the controller's uv, to a host without one: its venv builds in a second instead of many
         total += ship_uv(session, lambda text: d.fleet.emit(Event("copy", "info", host=host, detail=text)))
         d.hosts[host].bytes_sent = total
@@ -307,7 +313,7 @@ def _prepare(d: Deployment, rendered: Any) -> None:
     request = install_request(d.ctx.project.deploy, d.ctx.stage, d.rid, d.manifest, d.ctx.layered, rendered)
 
     def install(host: str, session: AgentSession) -> Any:
-        return session.call("install", request, on_event=d.fleet.forward(host, "install"), timeout=900)
+        return session.call("install", request, on_event=d.fleet.forward(host, "install"), timeout=_timeout(d))
 
     _note(d, "install", d.fleet.each("install", install, hosts=_healthy(d)))
     _stop_if_any_failed(d, "prepare")
@@ -334,7 +340,7 @@ def _release(d: Deployment) -> None:
     session = d.fleet.sessions[primary]
     commands: list[tuple[str, str]] = []
     if deploy.hooks.setup:
-        inventory = session.call("inventory", {"blobs": []}, timeout=60)
+        inventory = session.call("inventory", {"blobs": []}, timeout=_timeout(d))
         if not inventory.get("setup_done"):
             commands.append(("setup", deploy.hooks.setup))
     if not d.resumed_release_hook:
@@ -366,7 +372,7 @@ def _switch(d: Deployment) -> None:
     for batch in batches(d.fleet.hosts, stage.rolling.batch):
         def switch(host: str, session: AgentSession) -> Any:
             result = session.call("switch", {"release_id": d.rid, "services": spec},
-                                  on_event=d.fleet.forward(host, "switch"), timeout=600)
+                                  on_event=d.fleet.forward(host, "switch"), timeout=_timeout(d))
             d.hosts[host].switched = True  # recorded in the worker: an interrupt may come any time
             return result
 
@@ -391,7 +397,7 @@ def _undo(d: Deployment, switched: list[str], spec: dict[str, Any]) -> None:
     """Return every host this deploy switched to the release it served before."""
     back = [h for h in switched if d.hosts[h].previous]
     outcomes = d.fleet.each("undo", lambda host, s: s.call(
-        "switch", {"release_id": d.hosts[host].previous, "services": spec}, timeout=600), hosts=back)
+        "switch", {"release_id": d.hosts[host].previous, "services": spec}, timeout=_timeout(d)), hosts=back)
     for host, outcome in outcomes.items():
         state = d.hosts[host]
         state.outcome = "undone" if outcome.ok else "undo-failed"

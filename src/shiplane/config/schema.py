@@ -197,6 +197,7 @@ class Stage(Model):
     ssh_options: list[str] = []
     identity_file: str | None = None
     connect_timeout: Annotated[float, Field(gt=0)] = 10
+    command_timeout: Annotated[float, Field(gt=0)] = 60  # silence (no event, no "alive") that makes a host an error
     env: dict[Annotated[str, Field(pattern=ENV_NAME)], str] = {}
     config: dict[str, dict[str, str | int | float | bool]] = {}
     secrets_file: str | None = None

@@ -123,7 +123,8 @@ class AgentSession:
                 if message.get("id") != request_id:
                     continue
                 if "event" in message:
-                    if on_event is not None:
+                    # "alive" only resets the silence timer: the host is busy, not gone
+                    if on_event is not None and message["event"].get("status") != "alive":
                         on_event(message["event"])
                     continue
                 if message.get("ok"):
