@@ -47,7 +47,7 @@ def app(ssh_hosts: TestHosts, tmp_path_factory: pytest.TempPathFactory) -> Itera
     text = toml.read_text()
     # each host has its own sqlite database: migrate it on every host, not only on the primary
     text = text.replace('release = "alembic upgrade head"', f'release = "alembic upgrade head"\n{MIGRATE}')
-    text = text.replace("healthcheck = { path = \"/up\", timeout = 15 }", "healthcheck = { path = \"/up\", timeout = 6 }")
+    text = text.replace("healthcheck = { path = \"/up\", timeout = 15 }", "healthcheck = { path = \"/up\", timeout = 12 }")
     text = text[:text.index("[stages.staging]")] + _stages(ssh_hosts.ssh_config)
     toml.write_text(text)
     secrets = project.root / ".secrets"
@@ -280,7 +280,7 @@ def test_retry_failed_finishes_the_same_deploy_on_the_host_that_was_down(app: Pr
         failed = deploy(app, "fleet", check=False)
     finally:
         lost.start_sshd()
-    assert failed["exit"] == 1
+    assert failed["exit"] == 1, failed["output"]
     assert "nothing was switched" in failed["output"] and "shl-h3" in failed["output"]
     assert all(current(host) == before for host in ssh_hosts.hosts)
     retried = deploy(app, "fleet", "--retry-failed")

@@ -19,7 +19,7 @@ from shiplane.errors import OperationError
 from shiplane.events import Emit, Event
 from shiplane.transport.local import LocalTransport
 from shiplane.transport.session import AgentSession, HostError
-from shiplane.transport.ssh import SSHTransport
+from shiplane.transport.ssh import SSHTransport, remove_control_dir
 
 T = TypeVar("T")
 
@@ -132,6 +132,7 @@ class Fleet:
             session.close()
             session.transport.close()
             del self.sessions[host]
+        remove_control_dir()
 
 
 def failures(outcomes: dict[str, Outcome]) -> dict[str, HostError]:

@@ -18,6 +18,14 @@ HOST = re.compile(r"^(?:(?P<user>[^@]+)@)?(?P<host>\[[^\]]+\]|[^:]+)(?::(?P<port
 _FORBIDDEN = ("stricthostkeychecking", "userknownhostsfile=/dev/null", "globalknownhostsfile=/dev/null")
 
 
+def remove_control_dir() -> None:
+    """Remove this process's control-socket dir once every connection is closed (if empty)."""
+    try:
+        os.rmdir(Path(tempfile.gettempdir()) / f"shiplane-ssh-{os.getuid()}-{os.getpid()}")
+    except OSError:
+        pass
+
+
 def _control_dir() -> Path:
     """A private directory for control sockets, one per controller process."""
     path = Path(tempfile.gettempdir()) / f"shiplane-ssh-{os.getuid()}-{os.getpid()}"
@@ -106,13 +114,10 @@ class SSHTransport:
         return address, port, known_hosts
 
     def close(self) -> None:
-        """Stop this host's control master; remove the private socket dir once it is empty."""
+        """Stop this host's control master (the private dir goes with ``remove_control_dir``,
+        once every host is closed: removing it here would race other hosts still connecting)."""
         try:
             subprocess.run([*self._base, "-O", "exit", self._target], capture_output=True, timeout=10, check=False,
                            stdin=subprocess.DEVNULL)
         except subprocess.TimeoutExpired:
             pass
-        try:
-            os.rmdir(self._control)
-        except OSError:
-            pass  # other hosts' sockets still there (they close next), or already gone
