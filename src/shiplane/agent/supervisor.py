@@ -206,6 +206,9 @@ def _proxy(layout: Layout, timeout: float) -> Any:
     return xmlrpc.client.ServerProxy("http://localhost/RPC2", transport=transport)
 
 
+STOP_DEADLINE = 120.0  # beyond any stopwaitsecs we write; supervisord KILLs before this
+
+
 class Supervisor:
     """A client of one root's supervisord."""
 
@@ -249,11 +252,22 @@ class Supervisor:
                 raise
 
     def _stop_group(self, name: str) -> None:
+        """Stop a program and return once supervisord has seen it stop. supervisord's own
+        ``wait=True`` answers only on its next one-second tick; polling its state answers as
+        soon as the process is gone (gunicorn's graceful exit takes a few hundred ms)."""
         try:
-            self.rpc.supervisor.stopProcessGroup(name, True)
+            self.rpc.supervisor.stopProcessGroup(name, False)
         except xmlrpc.client.Fault as fault:
             if fault.faultCode not in (BAD_NAME, NOT_RUNNING):
                 raise
+            return
+        deadline = time.monotonic() + STOP_DEADLINE
+        while time.monotonic() < deadline:
+            info = self.info(name)
+            if info is None or info["statename"] not in ("STOPPING", "RUNNING", "STARTING"):
+                return
+            time.sleep(0.05)
+        self.rpc.supervisor.stopProcessGroup(name, True)  # past its grace: supervisord KILLs it
 
     def info(self, name: str) -> dict[str, Any] | None:
         """supervisord's process info for ``name``, None when it has no such program."""
