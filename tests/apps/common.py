@@ -230,3 +230,15 @@ def write(root: Path, rel: str, text: str) -> None:
     path = root / rel
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
+
+
+def share_build_caches(root: Path) -> None:
+    """Point the project's wheelhouse and tool-wheel caches (``.shiplane/build/{wheelhouse,tools}``)
+    at CACHE/build, shared by every test project: a wheelhouse resolved for another target (a
+    ``pip download`` per lock and target) is made once across runs, not once per tmp project."""
+    build = root / ".shiplane" / "build"
+    build.mkdir(parents=True, exist_ok=True)
+    for name in ("wheelhouse", "tools"):
+        shared = CACHE / "build" / name
+        shared.mkdir(parents=True, exist_ok=True)
+        (build / name).symlink_to(shared, target_is_directory=True)

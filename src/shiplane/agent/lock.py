@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from . import AgentError, atomic_write, parse_utc, utc_now
+from . import AgentError, atomic_write, parse_utc, pid_alive, utc_now
 from .paths import Layout
 
 Emit = Callable[[dict[str, Any]], None]
@@ -56,23 +56,12 @@ def describe(record: dict[str, Any], now: float | None = None) -> dict[str, Any]
     stale = beat is None or (now - beat) > STALE_AFTER
     if not stale and record.get("host") == socket.gethostname():
         # Same machine (the `local` stage): a dead holder pid settles it without waiting.
-        stale = not _pid_alive(record.get("pid"))
+        pid = record.get("pid")
+        stale = not (isinstance(pid, int) and pid > 0 and pid_alive(pid))
     out = dict(record)
     out["age"] = round(age, 1) if age is not None else None
     out["stale"] = stale
     return out
-
-
-def _pid_alive(pid: object) -> bool:
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def held_message(info: dict[str, Any]) -> str:

@@ -24,7 +24,7 @@ from . import atomic_write
 from .backend import Emit, front_listen
 from .errors import AgentError
 from .paths import Layout
-from .supervisor import pid_alive
+from . import pid_alive
 
 NGINX_TIMEOUT = 60.0
 DEFAULT_SITE_DIR = "/etc/nginx/sites-enabled"

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import atomic_write
+from . import atomic_write, pid_alive
 from .errors import AgentError
 from .health import UnixHTTPConnection, tail_lines
 from .paths import Layout
@@ -417,26 +417,6 @@ def read_pid(layout: Layout) -> int | None:
         return int(pid_path(layout).read_text().strip())
     except (OSError, ValueError):
         return None
-
-
-def pid_alive(pid: int) -> bool:
-    """True when ``pid`` exists and is not a zombie (an exited process awaiting its reaper)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            stat = fh.read()
-    except FileNotFoundError:
-        return False
-    except OSError:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
-    # state is the field after the parenthesised command name, which may itself hold spaces
-    state = stat[stat.rfind(b")") + 2:][:1]
-    return state not in (b"Z", b"X", b"")
 
 
 def _is_our_supervisord(layout: Layout, pid: int) -> bool:

@@ -17,6 +17,7 @@ from ._build import (
     pack,
 )
 from ._gate import gate_env, run_gate
+from ._hostfit import host_misfit, platform_fits
 from ._manifest import FileEntry, Manifest, canonical_json, dependency_digest
 from ._source import detect_source
 from ._store import BlobStore
@@ -37,8 +38,10 @@ __all__ = [
     "dependency_digest",
     "detect_source",
     "gate_env",
+    "host_misfit",
     "load_manifest",
     "pack",
+    "platform_fits",
     "resolve_target",
     "run_gate",
 ]

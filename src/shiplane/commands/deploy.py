@@ -259,8 +259,38 @@ def _timeout(d: Deployment) -> float:
     return d.ctx.project.deploy.stages[d.ctx.stage].command_timeout
 
 
+def _check_platform(d: Deployment) -> None:
+    """Every connected host must run the Python and platform the wheelhouse was resolved for
+    (the manifest's ``target``), else the deploy stops before any host is locked or sent a byte:
+    a venv for another Python would fail to install, or install wheels that cannot load."""
+    from shiplane.artifact import host_misfit
+
+    target = d.manifest.get("target") or {}
+    misfits = {h: s.hello for h, s in d.fleet.sessions.items() if h in d.hosts and host_misfit(target, s.hello)}
+    if not misfits:
+        return
+    for host, hello in misfits.items():
+        d.hosts[host].phase, d.hosts[host].outcome, d.hosts[host].error = "connect", "failed", host_misfit(target, hello)
+    facts = {(str(h.get("python_version")), str(h.get("platform"))) for h in misfits.values()}
+    if len(facts) == 1:
+        (py, plat), fix, hello = next(iter(facts)), [], next(iter(misfits.values()))
+        if host_misfit({"python_version": target.get("python_version", "")}, hello):
+            fix.append(f'python_version = "{py}"')
+        if host_misfit({"platform": target.get("platform", "")}, hello):
+            fix.append(f'platform = "{plat}"')
+        keys = ", ".join(f"build.{f.split(' ')[0]}" for f in fix)
+        how = f"set {' and '.join(fix)} in the [build] table of the deploy file ({keys})"
+    else:
+        how = "the hosts of one stage must share one Python version and platform: give each kind its own stage"
+    listing = "; ".join(f"{h} runs Python {s.get('python_version')} on {s.get('platform')}" for h, s in misfits.items())
+    raise OperationError(f"{listing}, but artifact {d.digest[:12]} was built for Python {target.get('python_version')} "
+                         f"on {target.get('platform')}: its wheels do not fit there; nothing was sent. To fix: {how}, "
+                         "then deploy again")
+
+
 def _connect_and_lock(d: Deployment) -> None:
     _note(d, "connect", d.fleet.connect())
+    _check_platform(d)
     who = holder(" ".join(["shiplane", *sys.argv[1:]]), os.getpid()).to_json()
 
     def lock(host: str, session: AgentSession) -> Any:
