@@ -433,3 +433,23 @@ def test_hashes_in_the_lock_are_enforced(
     with pytest.raises(OperationError) as err:
         build(BuildSpec(tmp_path, "served", "none", "requirements.txt"))
     assert "itsdangerous" in err.value.message and "hash" in err.value.message.lower()
+
+
+@pytest.mark.slow
+def test_wheelhouse_for_another_python_follows_the_targets_markers(tmp_path: Path) -> None:
+    """A lock compiled for several Pythons: a 3.10 target gets the 3.10 lines and cp310 wheels,
+    although the controller runs another Python (pip alone would judge markers by the controller)."""
+    project = tmp_path / "app"
+    project.mkdir()
+    (project / "app.py").write_text("def app(environ, start_response):\n    return []\n")
+    (project / "requirements.txt").write_text(
+        'markupsafe==3.0.2\n'
+        'tomli==2.0.1 ; python_version < "3.11"\n'
+        'six==1.16.0 ; python_version >= "3.11"\n'
+    )
+    spec = BuildSpec(project=project, app_name="app", source="tree", requirements="requirements.txt",
+                     server_packages=(), python_version="3.10", platform="linux_x86_64")
+    names = [d["path"] for d in build(spec).manifest.to_dict()["dependencies"]]
+    assert any(n.startswith("tomli-2.0.1") for n in names)
+    assert not any(n.startswith("six-") for n in names)
+    assert any(n.lower().startswith("markupsafe-3.0.2-cp310-cp310") for n in names), names

@@ -240,6 +240,15 @@ def build_wheelhouse(lock: Lock | None, target: Target, server_packages: Sequenc
         else:
             # In one run the lock's pins already constrain what the server packages may pull.
             runs = [req_args + missing]
+        if not target.native and lock and lock.lines:
+            # pip evaluates markers against the controller's Python, not the target's: pick the
+            # lock's lines for the target ourselves; a lock is complete, so no resolving is needed
+            normalised.write_text("\n".join(_for_target(lock.lines, target)) + "\n")
+            runs = [["--no-deps", *req_args]]
+            if missing:
+                constraints = work / "constraints.txt"
+                constraints.write_text("".join(p + "\n" for p in lock.pins.values()))
+                runs.append(["-c", str(constraints), *missing])
         verb = "pip wheel" if target.native else "pip download"
         for args in (a for a in runs if a):
             what = ([f"{len(lock.names)} locked"] if lock and "-r" in args else []) + \
@@ -270,6 +279,42 @@ def _native(args: list[str], out: Path, work: Path) -> None:
         raise _fail("building the wheelhouse", result.stdout)
 
 
+def _for_target(lines: Sequence[str], target: Target) -> list[str]:
+    """The lock's lines whose environment markers hold on the target, without the markers."""
+    from packaging.markers import default_environment
+    from packaging.requirements import InvalidRequirement, Requirement
+
+    os_name, arch = _target_os_arch(target.platform)
+    env = {**default_environment(), "python_version": target.python_version,
+           "python_full_version": f"{target.python_version}.0", "implementation_name": "cpython",
+           "platform_python_implementation": "CPython", "sys_platform": os_name,
+           "platform_system": {"linux": "Linux", "darwin": "Darwin"}.get(os_name, os_name),
+           "platform_machine": arch, "os_name": "posix"}
+    out = []
+    for line in lines:
+        spec, sep, options = line.partition(" --")
+        try:
+            req = Requirement(spec.strip())
+        except InvalidRequirement:
+            out.append(line)
+            continue
+        if req.marker is not None and not req.marker.evaluate(env):
+            continue
+        req.marker = None
+        out.append(str(req) + (f" --{options}" if sep else ""))
+    return out
+
+
+def _target_os_arch(platform: str) -> tuple[str, str]:
+    """("linux", "x86_64") from "linux_x86_64" / "manylinux_2_17_x86_64"; ("darwin", ...) for macOS."""
+    if platform.startswith("macosx"):
+        return "darwin", platform.rsplit("_", 1)[-1] if not platform.endswith("universal2") else "arm64"
+    for arch in ("x86_64", "aarch64", "i686", "armv7l", "ppc64le", "s390x"):
+        if platform.endswith(arch):
+            return "linux", arch
+    return "linux", platform.rsplit("_", 1)[-1]
+
+
 def _foreign(args: list[str], out: Path, work: Path, target: Target, emit: Emit) -> None:
     """``pip download`` wheels for another target; pure-Python sdists are built here once."""
     local = work / "built"
@@ -283,6 +328,9 @@ def _foreign(args: list[str], out: Path, work: Path, target: Target, emit: Emit)
         if result.returncode == 0:
             return
         req = _failed_requirement(result.stdout)
+        if "requires a different python" in result.stdout.lower() or "requires-python" in result.stdout.lower():
+            raise _fail(f"resolving the wheelhouse for Python {target.python_version} on {target.platform} "
+                        "(a pin does not support that Python)", result.stdout)
         if req is None or req in tried:
             raise _fail(f"resolving the wheelhouse for Python {target.python_version} "
                         f"on {target.platform}", result.stdout)
