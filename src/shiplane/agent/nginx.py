@@ -20,11 +20,10 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from . import atomic_write
+from . import atomic_write, pid_alive
 from .backend import Emit, front_listen
 from .errors import AgentError
 from .paths import Layout
-from . import pid_alive
 
 NGINX_TIMEOUT = 60.0
 DEFAULT_SITE_DIR = "/etc/nginx/sites-enabled"

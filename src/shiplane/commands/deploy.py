@@ -38,8 +38,8 @@ from shiplane.plan import (
 from shiplane.secret import Masker
 from shiplane.transport.session import AgentSession
 from shiplane.transport.tools import ship_uv
-from shiplane.whoami import holder
 from shiplane.ui import Reporter, human_bytes
+from shiplane.whoami import holder
 
 CHUNK = 1 << 20
 
@@ -437,7 +437,7 @@ def _undo(d: Deployment, switched: list[str], spec: dict[str, Any]) -> None:
 def _after_deploy(d: Deployment) -> None:
     deploy = d.ctx.project.deploy
     for command in deploy.hooks.after_deploy:
-        _require_all(d, "after_deploy", d.fleet.each("after_deploy", lambda host, s: s.call(
+        _require_all(d, "after_deploy", d.fleet.each("after_deploy", lambda host, s, command=command: s.call(
             "hook", {"release_id": d.rid, "command": command, "timeout": deploy.hooks.timeout},
             on_event=d.fleet.forward(host, "after_deploy"), timeout=deploy.hooks.timeout + 30)))
     for state in d.hosts.values():
@@ -487,8 +487,9 @@ def _finalize(d: Deployment, outcome: str, error: str | None) -> dict[str, Any]:
 def _summary(d: Deployment, entry: dict[str, Any]) -> dict[str, Any]:
     ok = entry["outcome"] == "ok"
     verb = {"copy": "copied", "install": "installed"}.get(d.options.until or "", "deployed")
-    lines = [f"{verb if ok else (d.options.until or 'deploy') + ' FAILED:'} {d.ctx.project.deploy.app.name} release {d.rid or '-'} "
-             f"(artifact {d.digest[:12] or '-'}) to stage {d.ctx.stage} in {entry['duration']:.1f}s"]
+    head = verb if ok else (d.options.until or "deploy") + " FAILED:"
+    lines = [(f"{head} {d.ctx.project.deploy.app.name} release {d.rid or '-'} "
+              f"(artifact {d.digest[:12] or '-'}) to stage {d.ctx.stage} in {entry['duration']:.1f}s")]
     if entry.get("error"):
         lines.append(f"  reason: {entry['error']}")
     for host, state in d.hosts.items():

@@ -16,10 +16,10 @@ from shiplane.commands.common import StageContext, open_stage
 from shiplane.errors import OperationError, UsageError
 from shiplane.fleet import Fleet, failures, local_ledger
 from shiplane.plan import services_spec
-from shiplane.whoami import holder
 from shiplane.secret import Masker
 from shiplane.transport.session import AgentSession
 from shiplane.ui import Reporter
+from shiplane.whoami import holder
 
 
 @contextmanager
@@ -162,7 +162,7 @@ def _pick_target(per_host: dict[str, Any], to_release: str | None) -> tuple[str,
     """The newest known-good release present on every host, older than the live one."""
     sets = [{r["release_id"]: r for r in result.get("releases", [])} for result in per_host.values()]
     currents = {result.get("current") for result in per_host.values()}
-    current = sorted(c for c in currents if c)[-1] if any(currents) else None
+    current = max((c for c in currents if c), default=None)
     if to_release:
         if not all(to_release in s for s in sets):
             raise UsageError(f"release {to_release!r} is not present on every host of the stage")
