@@ -44,6 +44,7 @@ class Fleet:
     parallel: int = 16
     sessions: dict[str, AgentSession] = field(default_factory=dict)
     timings: dict[str, dict[str, float]] = field(default_factory=dict)
+    _pools: list[ThreadPoolExecutor] = field(default_factory=list)
 
     @property
     def hosts(self) -> list[str]:
@@ -114,8 +115,19 @@ class Fleet:
 
         if not targets:
             return {}
-        with ThreadPoolExecutor(max_workers=max(1, min(self.parallel, len(targets)))) as pool:
+        pool = ThreadPoolExecutor(max_workers=max(1, min(self.parallel, len(targets))))
+        self._pools.append(pool)
+        try:
             return dict(pool.map(run, targets))
+        finally:
+            pool.shutdown(wait=True)
+            self._pools.remove(pool)
+
+    def settle(self) -> None:
+        """Wait until every phase already running on a host has answered (after an interrupt:
+        what a host did must be known before deciding what to undo)."""
+        for pool in list(self._pools):
+            pool.shutdown(wait=True)
 
     def forward(self, host: str, phase: str) -> Callable[[dict[str, Any]], None]:
         """Agent events of one host, into our event stream."""

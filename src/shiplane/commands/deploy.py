@@ -127,6 +127,7 @@ def run_deploy(file: Path | None, options: DeployOptions, masker: Masker) -> dic
             outcome, error = "interrupted", "interrupted by a signal; every host serves the release it served before"
             reporter(Event("deploy", "failed", detail=error))
             with signals_ignored():
+                fleet.settle()  # a switch still running on a host finishes (and counts) first
                 _undo(deployment, [h for h, st in deployment.hosts.items() if st.switched],
                       services_spec(ctx.project.deploy, ctx.stage))
         finally:
