@@ -8,6 +8,7 @@ the head of the body and the last lines of the web log.
 from __future__ import annotations
 
 import http.client
+import re
 import socket
 import time
 from collections import deque
@@ -82,7 +83,13 @@ def _with_log(message: str, log_path: str | Path | None) -> str:
     tail = tail_lines(log_path)
     if not tail:
         return message + f"\n(no output in {log_path})"
-    return message + f"\nlast lines of {log_path}:\n" + "\n".join(tail)
+    # the app's own error first: with several workers, their tracebacks interleave in the tail
+    errors = [line for line in tail_lines(log_path, 200) if _EXCEPTION.match(line)]
+    cause = f"\nthe server's log says: {errors[-1].strip()}" if errors else ""
+    return message + cause + f"\nlast lines of {log_path}:\n" + "\n".join(tail)
+
+
+_EXCEPTION = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt)\b.*:")
 
 
 def wait_healthy(sock: str | Path, path: str | None, timeout: float, log_path: str | Path | None,
