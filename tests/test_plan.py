@@ -118,7 +118,7 @@ def test_services_spec_for_a_wsgi_app() -> None:
     assert (spec["app"], spec["stage"], spec["front"]) == ("shop", "prod", "builtin")
     assert (web["kind"], web["target"], web["workers"]) == ("wsgi", "shop:create_app()", 3)
     assert (web["bind"], web["port"]) == ("0.0.0.0", 8000)  # a server listens on its interfaces
-    assert web["health"] == {"path": "/health", "timeout": 7}
+    assert web["health"] == {"path": "/health", "timeout": 7, "host": "localhost"}
     assert web["smoke"][0]["path"] == "/" and web["smoke"][0]["expect"] == "shop"
     assert spec["workers"]["worker"]["command"] == "python -m shop.worker"
 

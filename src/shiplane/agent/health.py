@@ -43,14 +43,14 @@ class UnixHTTPConnection(http.client.HTTPConnection):
 
 
 def http_get_unix(sock_path: str | Path, path: str,
-                  timeout: float) -> tuple[int, dict[str, str], bytes]:
+                  timeout: float, host: str = "localhost") -> tuple[int, dict[str, str], bytes]:
     """GET ``path`` from the HTTP server on ``sock_path``; returns (status, headers, body).
 
     Connection errors (missing socket, refused, timeout) propagate as ``OSError``.
     """
     conn = UnixHTTPConnection(str(sock_path), timeout=timeout)
     try:
-        conn.request("GET", path, headers={"Host": "localhost", "Connection": "close"})
+        conn.request("GET", path, headers={"Host": host, "Connection": "close"})
         resp = conn.getresponse()
         body = resp.read()
         return resp.status, {k.lower(): v for k, v in resp.getheaders()}, body
@@ -93,7 +93,8 @@ _EXCEPTION = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt)\b.*:"
 
 
 def wait_healthy(sock: str | Path, path: str | None, timeout: float, log_path: str | Path | None,
-                 emit: Emit, alive: Callable[[], str | None] | None = None) -> dict[str, Any]:
+                 emit: Emit, alive: Callable[[], str | None] | None = None,
+                 host: str = "localhost") -> dict[str, Any]:
     """Poll ``GET path`` on ``sock`` until it answers 2xx; raise ``AgentError(kind="health")``.
 
     With ``path`` None (no health check configured) any answer below 500 counts as healthy: the
@@ -112,7 +113,7 @@ def wait_healthy(sock: str | Path, path: str | None, timeout: float, log_path: s
         attempts += 1
         remaining = deadline - time.monotonic()
         try:
-            status, _headers, body = http_get_unix(sock, check_path, max(0.5, min(remaining, 10.0)))
+            status, _headers, body = http_get_unix(sock, check_path, max(0.5, min(remaining, 10.0)), host)
         except (OSError, http.client.HTTPException) as exc:
             last = f"cannot connect: {exc.__class__.__name__}: {exc}"
         else:
@@ -135,7 +136,7 @@ def wait_healthy(sock: str | Path, path: str | None, timeout: float, log_path: s
 
 
 def run_smoke(sock: str | Path, checks: list[dict[str, Any]] | None, timeout: float = 10.0,
-              log_path: str | Path | None = None) -> list[dict[str, Any]]:
+              log_path: str | Path | None = None, host: str = "localhost") -> list[dict[str, Any]]:
     """Run each smoke check ``{path, expect?, status=200}`` once against ``sock``.
 
     The first failing check raises ``AgentError(kind="smoke")`` naming the check, the status and
@@ -149,7 +150,7 @@ def run_smoke(sock: str | Path, checks: list[dict[str, Any]] | None, timeout: fl
         name = (f"GET {path}" + (f" expecting {expect!r}" if expect else "")
                 + f" (status {want_status})")
         try:
-            status, _headers, body = http_get_unix(sock, path, timeout)
+            status, _headers, body = http_get_unix(sock, path, timeout, host)
         except (OSError, http.client.HTTPException) as exc:
             raise AgentError(_with_log(f"smoke check {name} failed: cannot connect: {exc}",
                                        log_path), kind="smoke") from None

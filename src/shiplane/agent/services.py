@@ -127,7 +127,7 @@ def _start_web(layout: Layout, backend: Backend, spec: dict[str, Any], emit: Emi
     health = (spec.get("web") or {}).get("health") or {}
     wait_healthy(layout.release_socket(live), health.get("path"),
                  float(health.get("timeout") or 30), layout.log / "web.log", emit,
-                 lambda: backend.web_state(live)[1])
+                 lambda: backend.web_state(live)[1], host=str(health.get("host") or "localhost"))
 
 
 def start(layout: Layout, names: list[str] | None, spec: dict[str, Any] | None,

@@ -123,12 +123,13 @@ def check_web(layout: Layout, backend: Backend, release_id: str, web: dict[str, 
 
     sock = layout.release_socket(release_id)
     log = layout.log / "web.log"
+    host = str(health.get("host") or "localhost")  # the Host header: apps check it (ALLOWED_HOSTS)
     result = wait_healthy(sock, health.get("path"), float(health.get("timeout") or 30), log,
-                          emit, dead)
+                          emit, dead, host=host)
     checks = web.get("smoke") or []
     if checks and smoke:
         emit({"phase": "switch", "status": "smoke", "detail": f"{len(checks)} check(s)"})
-        run_smoke(sock, checks, log_path=log)
+        run_smoke(sock, checks, log_path=log, host=host)
     return result
 
 

@@ -285,7 +285,7 @@ def _for_target(lines: Sequence[str], target: Target) -> list[str]:
     from packaging.requirements import InvalidRequirement, Requirement
 
     os_name, arch = _target_os_arch(target.platform)
-    env = {**default_environment(), "python_version": target.python_version,
+    env: dict[str, str] = {**{k: str(v) for k, v in default_environment().items()}, "python_version": target.python_version,
            "python_full_version": f"{target.python_version}.0", "implementation_name": "cpython",
            "platform_python_implementation": "CPython", "sys_platform": os_name,
            "platform_system": {"linux": "Linux", "darwin": "Darwin"}.get(os_name, os_name),

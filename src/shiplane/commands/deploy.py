@@ -438,9 +438,11 @@ def _undo(d: Deployment, switched: list[str], spec: dict[str, Any]) -> None:
 def _after_deploy(d: Deployment) -> None:
     deploy = d.ctx.project.deploy
     for command in deploy.hooks.after_deploy:
-        _require_all(d, "after_deploy", d.fleet.each("after_deploy", lambda host, s, command=command: s.call(
-            "hook", {"release_id": d.rid, "command": command, "timeout": deploy.hooks.timeout},
-            on_event=d.fleet.forward(host, "after_deploy"), timeout=deploy.hooks.timeout + 30)))
+        def hook(host: str, session: AgentSession, command: str = command) -> Any:
+            return session.call("hook", {"release_id": d.rid, "command": command, "timeout": deploy.hooks.timeout},
+                                on_event=d.fleet.forward(host, "after_deploy"), timeout=deploy.hooks.timeout + 30)
+
+        _require_all(d, "after_deploy", d.fleet.each("after_deploy", hook))
     for state in d.hosts.values():
         state.outcome = "ok"
 

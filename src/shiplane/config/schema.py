@@ -90,6 +90,7 @@ class Config(Model):
 class HealthCheck(Model):
     path: Annotated[str, Field(pattern=r"^/")] = "/up"
     timeout: Annotated[float, Field(gt=0, le=600)] = 15
+    host: Annotated[str, Field(pattern=r"^[A-Za-z0-9.:\[\]-]+$")] = "localhost"  # Host header of health and smoke checks
 
 
 class SmokeCheck(Model):
