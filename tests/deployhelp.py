@@ -42,7 +42,7 @@ def wait_for(predicate: Any, deadline: float = 20, what: str = "condition") -> A
         else:
             if last:
                 return last
-        time.sleep(0.05)
+        time.sleep(0.05)  # poll interval inside the deadline loop
     raise AssertionError(f"timed out after {deadline}s waiting for {what}; last: {last!r}")
 
 
@@ -104,3 +104,12 @@ def scaffold(tmp: Path, name: str = "demo") -> Project:
     project = Project(root, port)
     project.commit("init")
     return project
+
+
+def edit(project: Project, path: str, old: str, new: str) -> None:
+    """Replace ``old`` by ``new`` in one file of the project and commit it."""
+    file = project.root / path
+    text = file.read_text()
+    assert old in text, f"{old!r} not in {path}"
+    file.write_text(text.replace(old, new, 1))
+    project.commit(f"edit {path}")

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from deployhelp import wait_for
 from shiplane.agent import ledger
 from shiplane.agent.paths import Layout
 from shiplane.agent_bundle import BOOTSTRAP, agent_zip, bootstrap_argv
@@ -122,15 +123,6 @@ def install_tree(client: AgentClient, n: int, files: dict[str, bytes] | None = N
     assert client.send_blobs(list(files.values())).ok
     return client.request("install", {"release_id": release_id(n), "manifest": tree_manifest(files),
                                       "stage": "test", **args})
-
-
-def wait_for(predicate: Any, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
 
 
 def files_under(path: Path) -> set[str]:
@@ -409,7 +401,7 @@ def test_hook_timeout_kills_the_whole_process_group(client: AgentClient, root: P
             return True
         return Path(f"/proc/{bg_pid}/stat").read_text().split()[2] == "Z"
 
-    assert wait_for(gone)
+    wait_for(gone, 10, "the process to be gone")
 
 
 # --- lock ---------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from typing import Any
 
 import pytest
 
+from deployhelp import wait_for
 from shiplane.agent import services
 from shiplane.agent.errors import AgentError
 from shiplane.agent.paths import Layout
@@ -55,18 +56,6 @@ def app(environ, start_response):
 # The worker's command holds '%', '#' and quotes: it must reach sh unchanged through the conf.
 WORKER = ('echo "$SHIPLANE_RELEASE 100% # up" >> "$SHIPLANE_ROOT/log/worker-seen.txt"; '
           "exec sleep 600")
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-    """Poll ``predicate`` until it returns something truthy, or fail naming ``what``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
 
 
 def free_port() -> int:

@@ -202,7 +202,7 @@ def test_run_executes_dependencies_and_names_the_failed_task(tmp_path: Path) -> 
         needs = ["second"]
     """)
     path = project(tmp_path, toml)
-    code, out = CliRunner().invoke(main, ["--file", str(path / "shiplane.toml"), "run", "third"]).exit_code, ""
+    code = CliRunner().invoke(main, ["--file", str(path / "shiplane.toml"), "run", "third"]).exit_code
     assert code == 1
     assert (path / "first.txt").exists()
     assert not (path / "third.txt").exists()

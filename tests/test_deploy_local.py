@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from deployhelp import Project, scaffold, wait_for
+from deployhelp import Project, edit, scaffold, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -24,14 +24,6 @@ def app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Project]:
         yield project
     finally:
         project.stop()
-
-
-def edit(project: Project, path: str, old: str, new: str) -> None:
-    file = project.root / path
-    text = file.read_text()
-    assert old in text, f"{old!r} not in {path}"
-    file.write_text(text.replace(old, new, 1))
-    project.commit(f"edit {path}")
 
 
 def test_deploy_serves_the_release_and_stage(app: Project) -> None:

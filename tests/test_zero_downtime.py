@@ -22,7 +22,7 @@ import tempfile
 import threading
 import time
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,21 +35,7 @@ from shiplane.agent.paths import Layout
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import bench_zero_downtime as zd
 
-
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = predicate()
-        except OSError as exc:
-            last = exc
-        else:
-            if last:
-                return last
-        time.sleep(0.05)
-    pytest.fail(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
-
+from deployhelp import wait_for
 
 # --- fast: the front replays what a closing server dropped ------------------------------------
 

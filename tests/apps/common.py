@@ -12,13 +12,14 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from deployhelp import wait_for  # noqa: F401 - re-exported for the app helpers
 
 CACHE = Path(os.environ.get("SHIPLANE_TESTS_CACHE", Path.home() / ".cache" / "shiplane-tests"))
 PY_VERSION = f"{sys.version_info.major}.{sys.version_info.minor}"
@@ -102,22 +103,6 @@ def http_get(url: str, timeout: float = 5) -> tuple[int, bytes]:
             return response.status, response.read()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read()
-
-
-def wait_for(predicate: Callable[[], Any], deadline: float = 20, what: str = "condition") -> Any:
-    """Poll ``predicate()`` until truthy; fail naming ``what`` after ``deadline`` seconds."""
-    end = time.monotonic() + deadline
-    last: Any = None
-    while time.monotonic() < end:
-        try:
-            last = predicate()
-        except (OSError, urllib.error.URLError) as exc:
-            last = exc
-        else:
-            if last:
-                return last
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {deadline}s waiting for {what}; last: {last!r}")
 
 
 def run(cmd: Sequence[str], cwd: Path, env: dict[str, str] | None = None) -> str:
