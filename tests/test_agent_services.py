@@ -33,6 +33,7 @@ from shiplane.agent.supervisor import pid_alive, program_conf
 
 ID1 = "20260101T000001Z-aaaaaaa1"
 ID2 = "20260101T000002Z-aaaaaaa2"
+ID3 = "20260101T000005Z-aaaaaaa5"
 ID_UNHEALTHY = "20260101T000003Z-bbbbbbb3"
 ID_NO_SMOKE = "20260101T000004Z-ccccccc4"
 DIGEST = hashlib.sha256(b"gunicorn").hexdigest()
@@ -200,7 +201,7 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Layout]:
     subprocess.run(["uv", "venv", "-q", "--python", sys.executable, str(venv)], check=True)
     subprocess.run(["uv", "pip", "install", "-q", "--python", str(venv / "bin" / "python"),
                     "gunicorn"], check=True)
-    for release_id, mode in [(ID1, "ok"), (ID2, "ok"), (ID_UNHEALTHY, "unhealthy"),
+    for release_id, mode in [(ID1, "ok"), (ID2, "ok"), (ID3, "ok"), (ID_UNHEALTHY, "unhealthy"),
                              (ID_NO_SMOKE, "no-smoke")]:
         make_release(layout, release_id, mode)
     yield layout
@@ -219,7 +220,8 @@ def spec() -> dict[str, Any]:
 
 
 def web_entry(layout: Layout) -> dict[str, Any]:
-    [web] = [s for s in services.status(layout)["services"] if s["name"] == "web"]
+    """The live release's web server (a standby may run beside it)."""
+    [web] = [s for s in services.status(layout)["services"] if s["name"] == "web" and s["live"]]
     return web
 
 
@@ -255,17 +257,53 @@ def test_first_switch_serves_the_release_and_points_current_at_it(
 
 
 @pytest.mark.slow
-def test_switch_to_the_next_release_retires_the_old_server(
+def test_switch_keeps_the_old_server_as_standby_and_switching_back_starts_nothing(
         root: Layout, spec: dict[str, Any]) -> None:
+    first_pid = web_entry(root)["pid"]
     result = services.switch(root, ID2, spec, lambda e: None)
-    assert result == {**result, "previous": ID1, "current": ID2, "stopped": [f"web-{ID1}"]}
+    assert result == {**result, "previous": ID1, "current": ID2, "standby": ID1, "stopped": []}
     assert try_get(spec["web"]["port"]) == f"release {ID2}"
     assert os.readlink(root.current) == f"releases/{ID2}"
+    webs = {s["release"]: s for s in services.status(root)["services"] if s["name"] == "web"}
+    assert webs[ID1]["standby"] and webs[ID1]["pid"] == first_pid and not webs[ID1]["live"]
+    assert webs[ID2]["live"] and not webs[ID2]["standby"]
+    worker = next(s for s in services.status(root)["services"] if s["name"] == "worker")
+    assert worker["release"] == ID2
+
+    events: list[dict[str, Any]] = []
+    back = services.switch(root, ID1, spec, events.append)  # what a rollback does
+    assert not any(e.get("status") == "start" and "web-" in str(e.get("detail")) for e in events)
+    assert back["standby"] == ID2 and back["seconds"] < 2
+    assert web_entry(root)["pid"] == first_pid  # the very process that served before
+    assert try_get(spec["web"]["port"]) == f"release {ID1}"
+    services.switch(root, ID2, spec, lambda e: None)
+
+
+@pytest.mark.slow
+def test_without_standby_the_old_server_is_retired_after_the_switch(
+        root: Layout, spec: dict[str, Any]) -> None:
+    cold = {**spec, "web": {**spec["web"], "standby": False, "drain": 0.2}}
+    result = services.switch(root, ID1, cold, lambda e: None)
+    assert result == {**result, "previous": ID2, "current": ID1, "standby": None}
+    assert result["stopped"] == [f"web-{ID2}"]
+    result = services.switch(root, ID2, cold, lambda e: None)
+    assert result["stopped"] == [f"web-{ID1}"]
+    assert try_get(spec["web"]["port"]) == f"release {ID2}"
     programs = [s["program"] for s in services.status(root)["services"]]
     assert f"web-{ID1}" not in programs and f"web-{ID2}" in programs
     assert not root.release_socket(ID1).exists()
-    worker = next(s for s in services.status(root)["services"] if s["name"] == "worker")
-    assert worker["release"] == ID2
+
+
+@pytest.mark.slow
+def test_a_third_release_retires_the_oldest_standby(root: Layout, spec: dict[str, Any]) -> None:
+    services.switch(root, ID1, spec, lambda e: None)  # ID2 becomes the standby
+    services.switch(root, ID2, spec, lambda e: None)  # ID1 the standby
+    result = services.switch(root, ID3, spec, lambda e: None)
+    assert result == {**result, "previous": ID2, "standby": ID2, "stopped": [f"web-{ID1}"]}
+    webs = {s["release"] for s in services.status(root)["services"] if s["name"] == "web"}
+    assert webs == {ID2, ID3}
+    assert not root.release_socket(ID1).exists()
+    services.switch(root, ID2, spec, lambda e: None)
 
 
 @pytest.mark.slow
@@ -336,7 +374,9 @@ def test_switching_under_load_loses_no_request(root: Layout, spec: dict[str, Any
     for t in threads:
         t.start()
     try:
-        for release_id in (ID1, ID2, ID1, ID2):
+        for n, release_id in enumerate((ID1, ID2, ID1, ID2)):
+            # load runs before and between all four switches (a switch to the standby is quick)
+            wait_for(lambda n=n: sum(seen.values()) >= 75 * (n + 1), 20, "requests to go through")
             services.switch(root, release_id, spec, lambda e: None)
     finally:
         stop.set()
@@ -351,7 +391,8 @@ def test_switching_under_load_loses_no_request(root: Layout, spec: dict[str, Any
 @pytest.mark.slow
 def test_stop_then_start_brings_the_live_release_back(root: Layout, spec: dict[str, Any]) -> None:
     port = spec["web"]["port"]
-    assert services.stop(root, ["web"], lambda e: None)["stopped"] == [f"web-{ID2}"]
+    stopped = services.stop(root, ["web"], lambda e: None)["stopped"]
+    assert sorted(stopped) == [f"web-{ID1}", f"web-{ID2}"]  # the live server and the standby
     assert web_entry(root)["state"] == "STOPPED"
     assert get(port)[0] == 502  # the front is still up and says so, after its retry window
     services.start(root, None, None, lambda e: None)  # the spec saved by the last switch

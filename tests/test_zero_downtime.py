@@ -247,8 +247,9 @@ def _web_pid(layout: Layout, rid: str) -> int | None:
 def _serving(layout: Layout, port: int) -> str | None:
     """The one release this host serves, when everything agrees; else None."""
     status = services.status(layout)
-    running = [s for s in status["services"] if s["name"] == "web" and s["state"] == "RUNNING"]
-    if len(running) != 1 or not running[0]["live"]:
+    running = [s for s in status["services"] if s["name"] == "web" and s["state"] == "RUNNING"
+               and s["live"]]  # beside it, at most the idle standby
+    if len(running) != 1:
         return None
     try:
         code, body = zd_get(port)
@@ -270,23 +271,30 @@ def zd_get(port: int) -> tuple[int, str]:
         conn.close()
 
 
-MOMENTS = [  # (the event the switch emits, whose server is killed then)
-    ("health", "new"),  # the candidate is starting, before its health check passed
-    ("health", "old"),
-    ("live", "new"),  # right after the flip, before the old one is stopped
-    ("live", "old"),
-    ("drain", "new"),  # while the old one drains
-    ("drain", "old"),
-    ("stop", "new"),  # while the old one is being stopped (TERM sent)
-    ("stop", "old"),
+MOMENTS = [  # (the event the switch emits, whose server is killed then, standby on)
+    ("health", "new", False),  # the candidate is starting, before its health check passed
+    ("health", "old", False),
+    ("live", "new", False),  # right after the flip, before the old one is stopped
+    ("live", "old", False),
+    ("drain", "new", False),  # while the old one drains
+    ("drain", "old", False),
+    ("stop", "new", False),  # while the old one is being stopped (TERM sent)
+    ("stop", "old", False),
+    ("health", "new", True),  # with a standby: the old server stays up, idle
+    ("health", "old", True),
+    ("live", "new", True),
+    ("live", "old", True),  # the fresh standby dies: its manager restarts it
 ]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("moment", "victim"), MOMENTS, ids=[f"{m}-{v}" for m, v in MOMENTS])
+@pytest.mark.parametrize(("moment", "victim", "standby"), MOMENTS,
+                         ids=[f"{m}-{v}{'-standby' if s else ''}" for m, v, s in MOMENTS])
 def test_kill_9_at_each_moment_of_a_switch_ends_with_one_healthy_release(
-        crash_root: tuple[Layout, dict[str, Any]], moment: str, victim: str) -> None:
+        crash_root: tuple[Layout, dict[str, Any]], moment: str, victim: str,
+        standby: bool) -> None:
     layout, spec = crash_root
+    spec = {**spec, "web": {**spec["web"], "standby": standby}}
     port = spec["web"]["port"]
     old = wait_for(lambda: _serving(layout, port), 60, "one release serving before the switch")
     new = ID_B if old == ID_A else ID_A

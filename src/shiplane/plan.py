@@ -47,6 +47,7 @@ def services_spec(deploy: DeployFile, stage: str) -> dict[str, Any]:
             "port": deploy.web_port(stage),
             "timeout": web.timeout,
             "graceful_timeout": web.graceful_timeout,
+            "standby": web.standby,
             "health": {"path": web.healthcheck.path, "timeout": web.healthcheck.timeout,
                        "host": web.healthcheck.host},
             "smoke": [check.model_dump() for check in web.smoke],

@@ -43,9 +43,9 @@ class Backend(Protocol):
     def start_web(self, release_id: str, web: dict[str, Any], emit: Emit) -> None:
         """Configure and start the release's web server; does not wait for it to answer."""
 
-    def stop_web(self, release_id: str, emit: Emit) -> None:
+    def stop_web(self, release_id: str, emit: Emit, wait: bool = True) -> None:
         """Stop the release's web server gracefully (TERM, then KILL after its grace) and
-        forget it."""
+        forget it; ``wait=False`` only sends the stop (a later call with ``wait`` finishes)."""
 
     def ensure_front(self, spec: dict[str, Any], emit: Emit) -> None:
         """The builtin front runs as the spec says (or is removed when another front is used)."""

@@ -116,7 +116,10 @@ class DaemonBackend:
             self.sup.update()
         self.sup.start(name, wait=False)
 
-    def stop_web(self, release_id: str, emit: Emit) -> None:
+    def stop_web(self, release_id: str, emit: Emit, wait: bool = True) -> None:
+        if not wait:
+            self.sup.stop_nowait(web_program(release_id))
+            return
         # removing the program stops it first: TERM, gunicorn's graceful shutdown, KILL after
         # stopwaitsecs
         self.sup.remove(web_program(release_id))

@@ -199,6 +199,8 @@ def status(layout: Layout) -> dict[str, Any]:
     for entry in services:
         if entry["name"] == "web":
             entry["live"] = entry["release"] is not None and entry["release"] == live
+            # the previous release's server, idle, kept for an instant rollback (switch.py)
+            entry["standby"] = not entry["live"] and entry["state"] == "RUNNING"
     order = {"front": 0, "web": 1}
     services.sort(key=lambda s: (order.get(s["name"], 2), s["name"], s["program"]))
     manager = backend.running()

@@ -251,15 +251,18 @@ class Supervisor:
             if fault.faultCode != ALREADY_ADDED:
                 raise
 
-    def _stop_group(self, name: str) -> None:
-        """Stop a program and return once supervisord has seen it stop. supervisord's own
-        ``wait=True`` answers only on its next one-second tick; polling its state answers as
-        soon as the process is gone (gunicorn's graceful exit takes a few hundred ms)."""
+    def _stop_group(self, name: str, wait: bool = True) -> None:
+        """Stop a program and return once supervisord has seen it stop (or at once, with
+        ``wait=False``). supervisord's own ``wait=True`` answers only on its next one-second
+        tick; polling its state answers as soon as the process is gone (gunicorn's graceful
+        exit takes a few hundred ms)."""
         try:
             self.rpc.supervisor.stopProcessGroup(name, False)
         except xmlrpc.client.Fault as fault:
             if fault.faultCode not in (BAD_NAME, NOT_RUNNING):
                 raise
+            return
+        if not wait:
             return
         deadline = time.monotonic() + STOP_DEADLINE
         while time.monotonic() < deadline:
@@ -303,6 +306,11 @@ class Supervisor:
             self.rpc.supervisor.signalProcess(name, signame)
         except xmlrpc.client.Fault as fault:
             raise AgentError(f"cannot signal {name}: {fault.faultString}", kind="service") from None
+
+    def stop_nowait(self, name: str) -> None:
+        """Send ``name`` its stop signal and return; ``remove`` later waits for its exit."""
+        if self.info(name) is not None:
+            self._stop_group(name, wait=False)
 
     def remove(self, name: str) -> None:
         """Stop ``name``, drop it from supervisord and delete its conf (idempotent)."""

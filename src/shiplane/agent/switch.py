@@ -2,12 +2,22 @@
 
 Each release's gunicorn runs on its own unix socket ``run/web-<id>.sock``. A switch starts the
 candidate from its own release directory, checks it (health, smoke) on that socket, then renames
-``run/web.sock`` (what the front connects to) and ``current``, drains, checks the new server once
-more, and retires the old one with TERM (gunicorn's graceful shutdown: in-flight requests finish;
-connections still queued on its socket are reset, and the builtin front and nginx replay those
-on the new socket). Reloading in place is never used: it would keep serving the old release
-(SPEC §13). Every step can be re-run after a crash, and a server killed at any moment is
-restarted by its manager, so a host ends up serving exactly one healthy release.
+``run/web.sock`` (what the front connects to) and ``current``. Reloading in place is never used:
+it would keep serving the old release (SPEC §13). Every step can be re-run after a crash, and a
+server killed at any moment is restarted by its manager, so a host ends up serving exactly one
+healthy release.
+
+What happens to the server that served until the flip depends on ``web.standby``:
+
+- standby (the default): it keeps running, idle, as the *standby*. Its in-flight requests finish
+  on their own; a rollback to it is a health check and a rename, no process start (SPEC §2:
+  "rollback goes back in about a second"). The standby before it, which has had no traffic
+  since the last switch, gets TERM as soon as the candidate starts booting, so its exit overlaps
+  the candidate's boot. Costs one idle server's memory.
+- no standby: after the flip the old server drains (``drain`` seconds), the new one is checked
+  once more, and the old one is retired with TERM (gunicorn's graceful shutdown: in-flight
+  requests finish; connections still queued on its socket are reset, and the builtin front and
+  nginx replay those on the new socket).
 """
 
 from __future__ import annotations
@@ -99,7 +109,11 @@ def flip(layout: Layout, release_id: str) -> None:
 def retire(layout: Layout, backend: Backend, release_id: str, emit: Emit) -> None:
     """Stop a release's web server (TERM: gunicorn finishes in-flight requests) and forget it."""
     emit({"phase": "switch", "status": "stop", "detail": f"stopping {web_program(release_id)}"})
-    backend.stop_web(release_id, emit)
+    _forget(layout, backend, release_id, emit)
+
+
+def _forget(layout: Layout, backend: Backend, release_id: str, emit: Emit) -> None:
+    backend.stop_web(release_id, emit)  # waits for the exit when the stop was only sent
     unlink_quiet(layout.release_socket(release_id))
 
 
@@ -139,8 +153,8 @@ def switch(layout: Layout, release_id: str, spec: dict[str, Any], emit: Emit,
 
     A candidate failing its checks is stopped and removed and the error (kind ``health`` or
     ``smoke``) raised; ``current`` and ``web.sock`` are then untouched. Returns
-    ``{previous, current, seconds, stopped, workers, killed, backend}``; ``killed`` lists the
-    workers that outlived their grace period and were killed.
+    ``{previous, current, seconds, stopped, standby, workers, killed, backend}``; ``killed``
+    lists the workers that outlived their grace period and were killed.
     """
     started = time.monotonic()
     if not layout.release_meta(release_id).is_file():
@@ -148,17 +162,27 @@ def switch(layout: Layout, release_id: str, spec: dict[str, Any], emit: Emit,
     web = spec.get("web")
     if not isinstance(web, dict):
         raise AgentError("switch: the services spec has no web service", kind="usage")
+    standby = web.get("standby", True) is not False
     backend.prepare(spec, emit)
     live = live_release(layout)
+    servers = backend.web_releases()
     keep = {release_id, live} if live else {release_id}
-    for rid in sorted(backend.web_releases() - keep):  # leftovers of an interrupted switch
-        retire(layout, backend, rid, emit)
-    _remove_stray_sockets(layout, {web_program(r) for r in keep})
+    # Not needed after this switch: the old standby (idle since the last switch) and leftovers
+    # of an interrupted one. They stop while the candidate boots.
+    going = sorted(servers - keep)
+    for rid in going:
+        emit({"phase": "switch", "status": "stop", "detail": f"stopping {web_program(rid)}"})
+        backend.stop_web(rid, emit, wait=False)
+    _remove_stray_sockets(layout, {web_program(r) for r in keep | set(going)})
     ensure_front(layout, backend, spec, emit)
 
     def done(previous: str | None, stopped: list[str], **extra: Any) -> dict[str, Any]:
+        for rid in going:
+            _forget(layout, backend, rid, emit)
         workers = backend.restart_workers(spec, release_id, emit)
-        return {"previous": previous, "current": release_id, "stopped": stopped, **extra,
+        return {"previous": previous, "current": release_id,
+                "stopped": sorted(stopped + [web_program(r) for r in going]), **extra,
+                "standby": previous if standby and previous else None,
                 "workers": workers["workers"], "killed": workers["killed"],
                 "backend": backend.name, "seconds": round(time.monotonic() - started, 3)}
 
@@ -166,30 +190,37 @@ def switch(layout: Layout, release_id: str, spec: dict[str, Any], emit: Emit,
         check_web(layout, backend, release_id, web, emit)
         flip(layout, release_id)
         save_spec(layout, spec)
-        return done(live, [], unchanged=True)
+        return done(None, [], unchanged=True)
 
-    emit({"phase": "switch", "status": "start", "detail": f"starting {web_program(release_id)}"})
-    backend.start_web(release_id, web, emit)
+    warm = release_id in servers and backend.web_state(release_id)[0]
+    if warm:  # the standby (a rollback): already booted, only checked
+        emit({"phase": "switch", "status": "standby", "detail": f"{web_program(release_id)} "
+              "is running as the standby"})
+    else:
+        emit({"phase": "switch", "status": "start", "detail": f"starting {web_program(release_id)}"})
+        backend.start_web(release_id, web, emit)
     try:
         check_web(layout, backend, release_id, web, emit)
     except AgentError:
         if live != release_id:
             retire(layout, backend, release_id, emit)
+        for rid in going:
+            _forget(layout, backend, rid, emit)
         raise
 
     flip(layout, release_id)
     save_spec(layout, spec)  # what start/restart use from now on (not a failed candidate's)
     emit({"phase": "switch", "status": "live", "detail": f"{release_id} takes new connections"})
-    old = sorted(backend.web_releases() - {release_id})
-    if old:
-        # Connections the front routed to the old socket just before the flip finish there.
-        drain = spec.get("drain", web.get("drain"))
-        emit({"phase": "switch", "status": "drain", "detail": f"draining {', '.join(old)}"})
-        time.sleep(DEFAULT_DRAIN if drain is None else float(drain))
-        _recheck(layout, backend, release_id, live if live in old else None, web, emit)
-    for rid in old:
-        retire(layout, backend, rid, emit)
-    return done(live if live != release_id else None, [web_program(r) for r in old])
+    old = live if live and live != release_id and live in servers else None
+    if old is None or standby:
+        return done(live if live != release_id else None, [])
+    # Connections the front routed to the old socket just before the flip finish there.
+    drain = spec.get("drain", web.get("drain"))
+    emit({"phase": "switch", "status": "drain", "detail": f"draining {old}"})
+    time.sleep(DEFAULT_DRAIN if drain is None else float(drain))
+    _recheck(layout, backend, release_id, old, web, emit)
+    retire(layout, backend, old, emit)
+    return done(old, [web_program(old)])
 
 
 def _recheck(layout: Layout, backend: Backend, release_id: str, live: str | None,

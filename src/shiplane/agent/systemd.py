@@ -282,10 +282,12 @@ class SystemdBackend:
         self.systemctl("enable", unit, check=False)  # comes back after a reboot
         self.systemctl("start", "--no-block", unit)
 
-    def stop_web(self, release_id: str, emit: Emit) -> None:
+    def stop_web(self, release_id: str, emit: Emit, wait: bool = True) -> None:
         unit = self.web_unit_name(release_id)
         self.systemctl("disable", unit, check=False)
-        self.systemctl("stop", unit)  # waits: TERM, graceful drain, KILL after TimeoutStopSec
+        # waits: TERM, graceful drain, KILL after TimeoutStopSec (a job already queued by a
+        # --no-block stop is waited for the same way)
+        self.systemctl("stop", *([] if wait else ["--no-block"]), unit)
 
     def ensure_front(self, spec: dict[str, Any], emit: Emit) -> None:
         sock, service = f"{self.prefix}-front.socket", f"{self.prefix}-front.service"

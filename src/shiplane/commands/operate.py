@@ -91,12 +91,18 @@ def _status(ctx: StageContext, fleet: Fleet) -> dict[str, Any]:
     lines = []
     for host, result in per_host.items():
         lines.append(f"{host}: live release {result.get('live_release') or '-'}")
-        for service in result.get("services", []):
-            lines.append(f"  {service.get('name', '?'):12} {service.get('state', '?'):9} pid {service.get('pid') or '-':>7}  "
+        services = result.get("services", [])
+        for service in services:
+            name = "web standby" if service.get("standby") else service.get("name", "?")
+            lines.append(f"  {name:12} {service.get('state', '?'):9} pid {service.get('pid') or '-':>7}  "
                          f"up {service.get('uptime', 0) or 0:>6.0f}s  release {service.get('release') or '-'}")
             if service.get("release") and result.get("live_release") and service.get("kind") != "front" \
+                    and not service.get("standby") \
                     and service["release"] != result["live_release"] and service.get("state") == "RUNNING":
                 drift.append(f"{host}: service {service.get('name')} runs {service['release']}, not the live release")
+        standbys = [s["release"] for s in services if s.get("standby")]
+        if len(standbys) > 1:
+            drift.append(f"{host}: {len(standbys)} idle web servers ({', '.join(standbys)}); the next deploy stops all but one")
     lines += [f"DRIFT: {d}" for d in drift]
     return {"hosts": per_host, "drift": drift, "ok": True, "lines": lines}
 
