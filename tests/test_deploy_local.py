@@ -164,3 +164,19 @@ def test_prune_keeps_the_live_and_previous_releases(app: Project) -> None:
     left = sorted(p.name for p in (app.deploy_root / "releases").iterdir() if not p.name.startswith("."))
     assert ids[-1] in left and ids[-2] in left
     assert len(left) == 2
+
+
+def test_release_hook_runs_only_when_what_it_depends_on_changed(app: Project) -> None:
+    app.deploy()
+    edit(app, VIEWS, "<footer>", "<footer>hook-skip ")
+    code_only = app.deploy()
+    assert code_only["release_hook"] is False and "release_inputs" in code_only
+    assert "nothing the release hook depends on" in code_only["output"]
+    # nothing was migrated since: a rollback needs no --yes
+    done = app.shiplane("rollback", "--stage", "local")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "hook-skip" not in app.get("/")[1]
+    edit(app, "alembic.ini", "[alembic]", "[alembic]\n# touched")
+    migrated = app.deploy()
+    assert migrated["release_hook"] is True
+    assert migrated["release_inputs"] != code_only["release_inputs"]

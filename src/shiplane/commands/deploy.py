@@ -35,6 +35,7 @@ from shiplane.plan import (
     release_id,
     services_spec,
 )
+from shiplane.release_inputs import inputs_digest, last_inputs
 from shiplane.secret import Masker
 from shiplane.transport.session import AgentSession
 from shiplane.transport.tools import ship_uv
@@ -81,6 +82,9 @@ class Deployment:
     hosts: dict[str, HostState] = field(default_factory=dict)
     locked: list[str] = field(default_factory=list)
     ran_release_hook: bool = False
+    # what the release hook ran with (release_inputs.py); the ledger key is set only once tried
+    release_inputs: str | None = None
+    tried_release_hook: bool = False
     ran_setup: bool = False
     resumed_release_hook: bool = False
     failed_hosts: dict[str, str] = field(default_factory=dict)
@@ -374,10 +378,11 @@ def _release(d: Deployment) -> None:
         inventory = session.call("inventory", {"blobs": []}, timeout=_timeout(d))
         if not inventory.get("setup_done"):
             commands.append(("setup", deploy.hooks.setup))
-    if not d.resumed_release_hook:
-        commands += [("release", cmd) for cmd in deploy.hooks.release_commands()]
-    else:
+    if d.resumed_release_hook:
         d.ran_release_hook = True
+    elif deploy.hooks.release_commands() and not _release_unchanged(d, session, primary):
+        commands += [("release", cmd) for cmd in deploy.hooks.release_commands()]
+        d.tried_release_hook = True
     for kind, command in commands:
         started = time.monotonic()
         d.fleet.emit(Event(kind, "start", host=primary, detail=command))
@@ -393,6 +398,32 @@ def _release(d: Deployment) -> None:
             d.ran_setup = True
         else:
             d.ran_release_hook = True
+    if d.ran_release_hook and d.tried_release_hook:
+        d.release_inputs = _inputs(d)  # every command succeeded: the database is at these inputs
+
+
+def _inputs(d: Deployment) -> str | None:
+    """The release hook's inputs digest when this deploy built its artifact from the checkout
+    and the deploy file names them (``hooks.release_if_changed``); else None."""
+    hooks = d.ctx.project.deploy.hooks
+    if not hooks.release_if_changed or d.options.artifact or d.options.retry_failed:
+        return None
+    return inputs_digest(d.ctx.project.root, hooks.release_if_changed, hooks.release_commands(), d.ctx.layered)
+
+
+def _release_unchanged(d: Deployment, session: AgentSession, primary: str) -> bool:
+    """True (and said) when the release hook's inputs are those it last ran with on the primary."""
+    inputs = _inputs(d)
+    if inputs is None:
+        return False
+    entries = session.call("history", {}, timeout=_timeout(d)).get("entries", [])
+    if last_inputs(entries) != inputs:
+        return False
+    d.release_inputs, d.tried_release_hook = inputs, True
+    patterns = ", ".join(d.ctx.project.deploy.hooks.release_if_changed)
+    d.fleet.emit(Event("release", "skipped", host=primary,
+                       detail=f"nothing the release hook depends on ({patterns}, config) changed since it last ran"))
+    return True
 
 
 def _switch(d: Deployment) -> None:
@@ -462,6 +493,7 @@ def _finalize(d: Deployment, outcome: str, error: str | None) -> dict[str, Any]:
         "user": holder("", os.getpid()).user, "controller": holder("", os.getpid()).host,
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(d.started)), "duration": duration,
         "release_hook": d.ran_release_hook, "setup": d.ran_setup, "skip_tests": d.options.skip_tests,
+        **({"release_inputs": d.release_inputs} if d.tried_release_hook else {}),
         "overrides": {"hosts": d.options.hosts, "set": list(d.options.sets)} if (d.options.hosts or d.options.sets) else None,
         "hosts": {h: {"outcome": s.outcome, "release": s.release, "bytes": s.bytes_sent, "error": s.error,
                       "phases": fleet.timings.get(h, {})} for h, s in d.hosts.items()},

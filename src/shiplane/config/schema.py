@@ -109,6 +109,8 @@ class Service(Model):
     port: Annotated[int, Field(ge=1, le=65535)] | None = None
     timeout: Annotated[float, Field(gt=0)] = 30
     graceful_timeout: Annotated[float, Field(gt=0)] = 20
+    # web: the previous release's server stays up, idle, so a rollback starts nothing
+    standby: bool = True
     healthcheck: HealthCheck = HealthCheck()
     smoke: list[SmokeCheck] = []
     stop_signal: Literal["TERM", "INT", "QUIT", "HUP", "USR1", "USR2", "KILL"] = "TERM"
@@ -128,9 +130,17 @@ class Shared(Model):
 class Hooks(Model):
     setup: str | None = None
     release: str | list[str] | None = None
+    # globs (relative to the project) the release hook depends on: unchanged, with the same
+    # config, since the hook last ran on the primary -> the hook is skipped (release_inputs.py)
+    release_if_changed: list[str] = []
     after_install: list[str] = []
     after_deploy: list[str] = []
     timeout: Annotated[float, Field(gt=0)] = 600
+
+    @field_validator("release_if_changed")
+    @classmethod
+    def _patterns_inside(cls, values: list[str]) -> list[str]:
+        return [_relative_path(v, "release_if_changed pattern") for v in values]
 
     def release_commands(self) -> list[str]:
         if self.release is None:
