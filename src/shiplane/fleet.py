@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,33 +92,58 @@ class Fleet:
              need_session: bool = True, quiet: bool = False) -> dict[str, Outcome]:
         """Run ``work`` on every host (at most ``parallel`` at once); never raises for a host."""
         targets = [h for h in (hosts if hosts is not None else self.hosts) if not need_session or h in self.sessions]
+        return dict(self._map(lambda host: (host, self._run(phase, work, host, quiet)), targets))
 
-        def run(host: str) -> tuple[str, Outcome]:
-            started = time.monotonic()
-            if not quiet:
-                self.emit(Event(phase, "start", host=host))
-            try:
-                result = work(host, self.sessions.get(host))  # type: ignore[arg-type]
-            except HostError as exc:
-                seconds = time.monotonic() - started
-                self.emit(Event(phase, "failed", host=host, detail=exc.reason, seconds=seconds))
-                return host, Outcome(False, seconds, error=exc)
-            except OperationError as exc:
-                seconds = time.monotonic() - started
-                self.emit(Event(phase, "failed", host=host, detail=exc.message, seconds=seconds))
-                return host, Outcome(False, seconds, error=HostError(host, exc.message))
+    def chain(self, steps: Sequence[tuple[str, Callable[[str, AgentSession], Any]]], *,
+              hosts: Iterable[str] | None = None) -> dict[str, dict[str, Outcome]]:
+        """Run the ``(phase, work)`` steps in order on every host, each host at its own pace (no
+        host waits for another between steps); a host that fails a step skips the rest. Returns
+        the outcomes per phase, of the hosts that ran it."""
+        targets = [h for h in (hosts if hosts is not None else self.hosts) if h in self.sessions]
+
+        def run_steps(host: str) -> dict[str, Outcome]:
+            done: dict[str, Outcome] = {}
+            for phase, work in steps:
+                done[phase] = self._run(phase, work, host, quiet=False)
+                if not done[phase].ok:
+                    break
+            return done
+
+        per_phase: dict[str, dict[str, Outcome]] = {phase: {} for phase, _ in steps}
+        for host, done in self._map(lambda host: (host, run_steps(host)), targets):
+            for phase, outcome in done.items():
+                per_phase[phase][host] = outcome
+        return per_phase
+
+    def _run(self, phase: str, work: Callable[[str, AgentSession], Any], host: str, quiet: bool) -> Outcome:
+        """One phase on one host: events, timing, and any failure as the host's outcome."""
+        started = time.monotonic()
+        if not quiet:
+            self.emit(Event(phase, "start", host=host))
+        try:
+            result = work(host, self.sessions.get(host))  # type: ignore[arg-type]
+        except HostError as exc:
             seconds = time.monotonic() - started
-            self.timings.setdefault(host, {})[phase] = round(self.timings.get(host, {}).get(phase, 0) + seconds, 3)
-            if not quiet:
-                self.emit(Event(phase, "ok", host=host, seconds=seconds))
-            return host, Outcome(True, seconds, result=result)
+            self.emit(Event(phase, "failed", host=host, detail=exc.reason, seconds=seconds))
+            return Outcome(False, seconds, error=exc)
+        except OperationError as exc:
+            seconds = time.monotonic() - started
+            self.emit(Event(phase, "failed", host=host, detail=exc.message, seconds=seconds))
+            return Outcome(False, seconds, error=HostError(host, exc.message))
+        seconds = time.monotonic() - started
+        self.timings.setdefault(host, {})[phase] = round(self.timings.get(host, {}).get(phase, 0) + seconds, 3)
+        if not quiet:
+            self.emit(Event(phase, "ok", host=host, seconds=seconds))
+        return Outcome(True, seconds, result=result)
 
+    def _map(self, fn: Callable[[str], T], targets: list[str]) -> list[T]:
+        """``fn`` over ``targets`` on a pool of at most ``parallel`` threads (``settle`` waits for it)."""
         if not targets:
-            return {}
+            return []
         pool = ThreadPoolExecutor(max_workers=max(1, min(self.parallel, len(targets))))
         self._pools.append(pool)
         try:
-            return dict(pool.map(run, targets))
+            return list(pool.map(fn, targets))
         finally:
             pool.shutdown(wait=True)
             self._pools.remove(pool)

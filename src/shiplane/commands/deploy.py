@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -102,6 +103,11 @@ def run_deploy(file: Path | None, options: DeployOptions, masker: Masker) -> dic
         for host in fleet.hosts:
             deployment.hosts[host] = HostState()
         outcome, error = "interrupted", "interrupted"
+        # Hosts are connected while the gate and the build run: neither needs the other. Not
+        # when a promotion check may still refuse the artifact: a refusal touches no host.
+        connecting = ThreadPoolExecutor(max_workers=1)
+        early = not ctx.project.deploy.stages[ctx.stage].promote_from
+        connected = connecting.submit(fleet.connect) if early else None
         try:
             if options.retry_failed:
                 _resume_failed(deployment)
@@ -109,7 +115,8 @@ def run_deploy(file: Path | None, options: DeployOptions, masker: Masker) -> dic
                 _gate_and_build(deployment, reporter)
                 _check_promotion(deployment)
                 deployment.rid = release_id(deployment.digest)
-            _connect_and_lock(deployment)
+            _note(deployment, "connect", connected.result() if connected else fleet.connect())
+            _check_platform(deployment)
             _prepare(deployment, rendered)
             if options.until is None:
                 _release(deployment)
@@ -136,6 +143,7 @@ def run_deploy(file: Path | None, options: DeployOptions, masker: Masker) -> dic
                       services_spec(ctx.project.deploy, ctx.stage))
         finally:
             with signals_ignored():  # a second Ctrl-C must not leave the locks behind
+                connecting.shutdown(wait=True)  # every session it opened is closed below
                 if outcome != "refused":
                     summary = _finalize(deployment, outcome, error)
                 fleet.close()
@@ -293,18 +301,18 @@ def _check_platform(d: Deployment) -> None:
                          "then deploy again")
 
 
-def _connect_and_lock(d: Deployment) -> None:
-    _note(d, "connect", d.fleet.connect())
-    _check_platform(d)
+def _lock(d: Deployment) -> Any:
+    """The deploy lock on a host; the step before copy (see ``_prepare``)."""
     who = holder(" ".join(["shiplane", *sys.argv[1:]]), os.getpid()).to_json()
 
     def lock(host: str, session: AgentSession) -> Any:
         result = session.call("lock", {"holder": who, "wait": d.options.lock_wait}, timeout=d.options.lock_wait + 60)
+        if not d.locked:
+            threading.Thread(target=_heartbeat, args=(d,), daemon=True).start()
         d.locked.append(host)
         return result
 
-    _note(d, "lock", d.fleet.each("lock", lock, hosts=_healthy(d)))
-    threading.Thread(target=_heartbeat, args=(d,), daemon=True).start()
+    return lock
 
 
 def _heartbeat(d: Deployment) -> None:
@@ -341,17 +349,16 @@ def _prepare(d: Deployment, rendered: Any) -> None:
                            bytes=total))
         return {"blobs": len(missing), "bytes": total}
 
-    _note(d, "copy", d.fleet.each("copy", copy, hosts=_healthy(d)))
-    if d.options.until == "copy":
-        _stop_if_any_failed(d, "copy")
-        return
     request = install_request(d.ctx.project.deploy, d.ctx.stage, d.rid, d.manifest, d.ctx.layered, rendered)
 
     def install(host: str, session: AgentSession) -> Any:
         return session.call("install", request, on_event=d.fleet.forward(host, "install"), timeout=_timeout(d))
 
-    _note(d, "install", d.fleet.each("install", install, hosts=_healthy(d)))
-    _stop_if_any_failed(d, "prepare")
+    # each host goes lock -> copy -> install at its own pace: a slow host delays no other
+    steps = [("lock", _lock(d)), ("copy", copy)] + ([] if d.options.until == "copy" else [("install", install)])
+    for phase, outcomes in d.fleet.chain(steps, hosts=_healthy(d)).items():
+        _note(d, phase, outcomes)
+    _stop_if_any_failed(d, d.options.until or "prepare")
 
 
 def _blob_store(d: Deployment) -> Any:
