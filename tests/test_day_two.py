@@ -36,10 +36,19 @@ def bump(project: Project, label: str) -> None:
     project.commit(label)
 
 
+def touch_migrations(project: Project) -> None:
+    """A change the release hook depends on (``release_if_changed``), so that the next deploy
+    runs it; committed by the next ``bump``."""
+    ini = project.root / "alembic.ini"
+    ini.write_text(ini.read_text() + f"# touched {time.time()}\n")
+
+
 @pytest.mark.parametrize("moment", ["install", "release", "switch"])
 def test_interrupt_at_any_moment_leaves_one_healthy_release_and_no_lock(app: Project, moment: str) -> None:
     """deployer#899 and friends: Ctrl-C mid-deploy used to leave the lock (and half a deploy)."""
     good = app.deploy()
+    if moment == "release":
+        touch_migrations(app)
     bump(app, f"interrupted-{moment}")
     process = subprocess.Popen([sys.executable, "-m", "shiplane", "deploy", "--stage", "local", "--skip-tests", "--json"],
                                cwd=app.root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -129,9 +138,10 @@ def test_rollback_skips_a_bad_release_and_says_why(app: Project) -> None:
 
 def test_rollback_across_a_migration_asks_for_yes(app: Project) -> None:
     app.deploy()
+    touch_migrations(app)
     bump(app, "migrated")
-    app.deploy()
-    refused = app.shiplane("rollback", "--stage", "local", stdin=None) if False else app.shiplane("rollback", "--stage", "local")
+    assert app.deploy()["release_hook"] is True
+    refused = app.shiplane("rollback", "--stage", "local")
     assert refused.returncode == 2
     assert "ran the release hook" in refused.stdout + refused.stderr and "--yes" in refused.stdout + refused.stderr
     assert app.shiplane("rollback", "--stage", "local", "--yes").returncode == 0

@@ -423,10 +423,12 @@ def _release_unchanged(d: Deployment, session: AgentSession, primary: str) -> bo
     inputs = _inputs(d)
     if inputs is None:
         return False
+    started = time.monotonic()
     entries = session.call("history", {}, timeout=_timeout(d)).get("entries", [])
     if last_inputs(entries) != inputs:
         return False
     d.release_inputs, d.tried_release_hook = inputs, True
+    d.fleet.timings.setdefault(primary, {})["release"] = round(time.monotonic() - started, 3)
     patterns = ", ".join(d.ctx.project.deploy.hooks.release_if_changed)
     d.fleet.emit(Event("release", "skipped", host=primary,
                        detail=f"nothing the release hook depends on ({patterns}, config) changed since it last ran"))
