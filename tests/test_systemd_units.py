@@ -80,20 +80,20 @@ def verify(unit_dir: Path, *names: str) -> subprocess.CompletedProcess[str]:
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="needs systemd-analyze")
 def test_generated_units_pass_systemd_analyze_verify(units: dict[str, str],
                                                      tmp_path: Path) -> None:
-    assert sorted(units) == ["demo-front.service", "demo-front.socket", "demo-jobs.service",
-                             "demo-web@.service"]
-    done = verify(tmp_path / "units", f"demo-web@{RID}.service", "demo-front.socket",
-                  "demo-front.service", "demo-jobs.service")
+    assert sorted(units) == ["demo-prod-front.service", "demo-prod-front.socket", "demo-prod-jobs.service",
+                             "demo-prod-web@.service"]
+    done = verify(tmp_path / "units", f"demo-prod-web@{RID}.service", "demo-prod-front.socket",
+                  "demo-prod-front.service", "demo-prod-jobs.service")
     assert done.returncode == 0, done.stdout + done.stderr
     # and verify does catch a unit systemd would refuse
-    broken = units["demo-jobs.service"].replace(sys.executable, "/nonexistent/python3")
-    (tmp_path / "units" / "demo-broken.service").write_text(broken)
-    assert verify(tmp_path / "units", "demo-broken.service").returncode != 0
+    broken = units["demo-prod-jobs.service"].replace(sys.executable, "/nonexistent/python3")
+    (tmp_path / "units" / "demo-prod-broken.service").write_text(broken)
+    assert verify(tmp_path / "units", "demo-prod-broken.service").returncode != 0
 
 
 def test_web_template_runs_each_release_from_its_own_dir_through_exec_env(
         units: dict[str, str], short_root: Path) -> None:
-    web = units["demo-web@.service"]
+    web = units["demo-prod-web@.service"]
     root = str(short_root)
     argv = exec_argv(web)
     assert argv[:2] == [sys.executable, "-m"] and argv[3:7] == ["exec-env", root, "%i", "--"]
@@ -107,7 +107,7 @@ def test_web_template_runs_each_release_from_its_own_dir_through_exec_env(
 
 
 def test_worker_unit_keeps_its_command_and_stop_signal(units: dict[str, str]) -> None:
-    jobs = units["demo-jobs.service"]
+    jobs = units["demo-prod-jobs.service"]
     argv = exec_argv(jobs)
     assert argv[5] == RID and argv[-3:] == ["/bin/sh", "-c", WORKER]
     assert option(jobs, "KillSignal") == "SIGINT"
@@ -118,21 +118,21 @@ def test_worker_unit_keeps_its_command_and_stop_signal(units: dict[str, str]) ->
 def test_front_socket_owns_the_port_and_user_units_want_default_target(tmp_path: Path) -> None:
     layout = Layout(tmp_path / "srv")
     written = render_units(layout, spec(), None, user=True)
-    assert "demo-jobs.service" not in written  # workers need a release
-    assert option(written["demo-front.socket"], "ListenStream") == "0.0.0.0:8123"
-    front = written["demo-front.service"]
-    assert option(front, "Requires") == "demo-front.socket"
+    assert "demo-prod-jobs.service" not in written  # workers need a release
+    assert option(written["demo-prod-front.socket"], "ListenStream") == "0.0.0.0:8123"
+    front = written["demo-prod-front.service"]
+    assert option(front, "Requires") == "demo-prod-front.socket"
     assert exec_argv(front)[3:] == ["proxy", "--listen", "0.0.0.0:8123", "--upstream",
                                     str(layout.web_socket)]
     assert option(front, "WantedBy") == "default.target"
     nginx_fronted = render_units(layout, spec(front="nginx"), None)
-    assert sorted(nginx_fronted) == ["demo-web@.service"]
+    assert sorted(nginx_fronted) == ["demo-prod-web@.service"]
 
 
 def test_systemctl_commands_use_user_mode_for_a_non_root_user(tmp_path: Path) -> None:
     backend = SystemdBackend(Layout(tmp_path), spec(), unit_dir=tmp_path, user=True)
     assert backend.systemctl_argv("start", backend.web_unit_name(RID)) == \
-        ["systemctl", "--user", "start", f"demo-web@{RID}.service"]
+        ["systemctl", "--user", "start", f"demo-prod-web@{RID}.service"]
     assert SystemdBackend(Layout(tmp_path), spec(), unit_dir=tmp_path,
                           user=False).systemctl_argv("daemon-reload") == \
         ["systemctl", "daemon-reload"]

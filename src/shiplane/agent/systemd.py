@@ -52,8 +52,10 @@ def systemd_running() -> bool:
 
 
 def unit_prefix(spec: dict[str, Any]) -> str:
-    """``<app>``, made safe for a unit name."""
-    return UNIT_PREFIX_RE.sub("-", str(spec.get("app") or "app")) or "app"
+    """``<app>-<stage>``, made safe for a unit name: two stages of one app on one host (staging
+    beside prod on a small VM) get their own units."""
+    name = "-".join(str(spec[k]) for k in ("app", "stage") if spec.get(k)) or "app"
+    return UNIT_PREFIX_RE.sub("-", name) or "app"
 
 
 # --- unit text -------------------------------------------------------------------------------
@@ -89,7 +91,7 @@ def _unit(sections: list[tuple[str, list[tuple[str, object]]]]) -> str:
 
 def web_unit(layout: Layout, spec: dict[str, Any], user: bool = False,
              version_of: str | None = None) -> str:
-    """``<app>-web@.service``: one release's gunicorn, the instance being the release id
+    """``<app>-<stage>-web@.service``: one release's gunicorn, the instance being the release id
     (gunicorn's options as ``version_of``'s gunicorn takes them)."""
     web = spec.get("web") or {}
     argv = web_argv(layout, INSTANCE, web, version_of)
@@ -115,7 +117,7 @@ def web_unit(layout: Layout, spec: dict[str, Any], user: bool = False,
 
 
 def front_socket_unit(spec: dict[str, Any], user: bool = False) -> str:
-    """``<app>-front.socket``: holds the public port for the front proxy."""
+    """``<app>-<stage>-front.socket``: holds the public port for the front proxy."""
     return _unit([
         ("Unit", [("Description", f"{unit_prefix(spec)} public port")]),
         ("Socket", [("ListenStream", front_listen(spec)), ("Backlog", "1024"),
@@ -125,7 +127,7 @@ def front_socket_unit(spec: dict[str, Any], user: bool = False) -> str:
 
 
 def front_service_unit(layout: Layout, spec: dict[str, Any], user: bool = False) -> str:
-    """``<app>-front.service``: the builtin proxy, reading its socket from ``LISTEN_FDS``."""
+    """``<app>-<stage>-front.service``: the builtin proxy, reading its socket from ``LISTEN_FDS``."""
     prefix = unit_prefix(spec)
     return _unit([
         ("Unit", [("Description", f"{prefix} front proxy"),
