@@ -21,9 +21,10 @@ from typing import Any
 import pytest
 
 from deployhelp import wait_for
-from shiplane.agent import nginx
+from shiplane.agent import nginx, pid_alive, services
 from shiplane.agent.errors import AgentError
 from shiplane.agent.paths import Layout
+from shiplane.agent.switch import save_spec
 from shiplane.config.schema import Nginx, Stage
 
 pytestmark = pytest.mark.skipif(shutil.which("nginx") is None, reason="needs nginx")
@@ -166,6 +167,10 @@ def test_private_nginx_serves_the_live_release_and_follows_a_switch_without_relo
         green.close()
         os.unlink(layout.run / "web-r2.sock")
         assert get(port)[0] == 502
+        # `shiplane stop --all` (the agent's shutdown) stops the private nginx too
+        save_spec(layout, spec)
+        assert "nginx" in services.shutdown(layout, events.append)["stopped"]
+        assert not pid_alive(master) and nginx.master_pid(spec) is None
     finally:
         blue.close()
         green.close()

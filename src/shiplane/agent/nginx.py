@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -155,3 +156,17 @@ def ensure_site(layout: Layout, spec: dict[str, Any], emit: Emit) -> dict[str, A
         raise AgentError(f"nginx did not take the site {path}: "
                          f"{(done.stderr or done.stdout).strip()}", kind="front")
     return {"site": str(path), "changed": True}
+
+
+def stop_private(spec: dict[str, Any], emit: Emit, timeout: float = 30.0) -> int | None:
+    """Stop the private nginx (``nginx.conf`` set) gracefully: ``-s quit``, then wait for its
+    master to exit. The host's own nginx is never stopped. Returns the stopped master's pid."""
+    pid = master_pid(spec)
+    if pid is None or not settings(spec).get("conf"):
+        return None
+    emit({"phase": "services", "status": "stop", "detail": f"nginx (pid {pid})"})
+    _run(nginx_argv(spec, "-s", "quit"))
+    deadline = time.monotonic() + timeout
+    while pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)  # poll interval while nginx finishes its connections
+    return pid

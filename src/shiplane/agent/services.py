@@ -215,6 +215,12 @@ def shutdown(layout: Layout, emit: Emit) -> dict[str, Any]:
     emit({"phase": "services", "status": "shutdown", "detail": "stopping every service"})
     result = backend_for(layout, None).shutdown()
     result["stopped"] = [s["program"] for s in before["services"] if s["pid"]]
+    spec = load_spec(layout)
+    if spec and not builtin_front(spec):  # a private nginx this stage started goes too
+        from . import nginx
+
+        if nginx.stop_private(spec, emit):
+            result["stopped"].append("nginx")
     return result
 
 
