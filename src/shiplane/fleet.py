@@ -165,10 +165,17 @@ class Fleet:
         return handler
 
     def close(self) -> None:
-        for host, session in list(self.sessions.items()):
+        """End every host's session and SSH master, all hosts at once (one at a time, closing
+        grew with the host count: ~30 ms each)."""
+        def close_one(host: str) -> None:
+            session = self.sessions.pop(host)
             session.close()
             session.transport.close()
-            del self.sessions[host]
+
+        hosts = list(self.sessions)
+        if hosts:
+            with ThreadPoolExecutor(max_workers=max(1, min(self.parallel, len(hosts)))) as pool:
+                list(pool.map(close_one, hosts))
         remove_control_dir()
 
 
