@@ -441,6 +441,42 @@ def _descendants(pids: set[int]) -> set[int]:
 
 
 @pytest.mark.slow
+def test_a_keep_alive_client_moves_to_the_new_release_while_the_old_one_stands_by(
+        root: Layout, spec: dict[str, Any]) -> None:
+    """gthread (like uvicorn) keeps connections open: a busy client's connection through the
+    front is pinned to the server it reached. The standby must not keep serving it old code."""
+    threaded = {**spec, "web": {**spec["web"], "worker_class": "gthread"}}
+    for release in (ID2, ID1):  # both run gthread now (a changed program is restarted)
+        services.switch(root, release, threaded, lambda e: None)
+    port = spec["web"]["port"]
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+
+    def ask() -> str:
+        for _ in range(2):  # a closed keep-alive connection is reopened once, as clients do
+            try:
+                conn.request("GET", "/")
+                resp = conn.getresponse()
+                return resp.read().decode()
+            except (http.client.RemoteDisconnected, ConnectionError):
+                conn.close()
+        raise AssertionError("the front refused a reconnect")
+
+    try:
+        assert ask() == f"release {ID1}"
+        services.switch(root, ID2, threaded, lambda e: None)
+        deadline = time.monotonic() + 10
+        bodies = [ask()]
+        while bodies[-1] != f"release {ID2}" and time.monotonic() < deadline:
+            bodies.append(ask())  # one connection, kept busy: it never idles out
+        assert bodies[-1] == f"release {ID2}", bodies[-5:]
+        standby = [s for s in services.status(root)["services"] if s.get("standby")]
+        assert [s["release"] for s in standby] == [ID1]
+    finally:
+        conn.close()
+        services.switch(root, ID2, spec, lambda e: None)
+
+
+@pytest.mark.slow
 def test_shutdown_leaves_no_process_behind(root: Layout, spec: dict[str, Any]) -> None:
     status = services.status(root)
     sup_pid = status["supervisord"]["pid"]

@@ -200,7 +200,7 @@ def status(layout: Layout) -> dict[str, Any]:
         if entry["name"] == "web":
             entry["live"] = entry["release"] is not None and entry["release"] == live
             # the previous release's server, idle, kept for an instant rollback (switch.py)
-            entry["standby"] = not entry["live"] and entry["state"] == "RUNNING"
+            entry["standby"] = not entry["live"] and entry["state"] in ("RUNNING", "STARTING")
     order = {"front": 0, "web": 1}
     services.sort(key=lambda s: (order.get(s["name"], 2), s["name"], s["program"]))
     manager = backend.running()

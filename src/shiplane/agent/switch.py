@@ -198,7 +198,9 @@ def switch(layout: Layout, release_id: str, spec: dict[str, Any], emit: Emit,
               "is running as the standby"})
     else:
         emit({"phase": "switch", "status": "start", "detail": f"starting {web_program(release_id)}"})
-        backend.start_web(release_id, web, emit)
+    # a standby whose program is unchanged keeps running; one started with other web settings
+    # (workers, worker class, timeouts) is restarted with these
+    backend.start_web(release_id, web, emit)
     try:
         check_web(layout, backend, release_id, web, emit)
     except AgentError:
@@ -212,6 +214,14 @@ def switch(layout: Layout, release_id: str, spec: dict[str, Any], emit: Emit,
     save_spec(layout, spec)  # what start/restart use from now on (not a failed candidate's)
     emit({"phase": "switch", "status": "live", "detail": f"{release_id} takes new connections"})
     old = live if live and live != release_id and live in servers else None
+    if old is not None and standby and _keeps_connections(web):
+        # Its workers would go on answering clients that hold a keep-alive connection through
+        # the front (pinned to the old socket): HUP gives the standby fresh workers, and the
+        # old ones finish their request and close those connections, so clients reconnect
+        # to the new release.
+        emit({"phase": "switch", "status": "standby", "detail": f"{web_program(old)} stays up, "
+              "idle, with fresh workers"})
+        backend.signal_web(old, "HUP")
     if old is None or standby:
         return done(live if live != release_id else None, [])
     # Connections the front routed to the old socket just before the flip finish there.
@@ -221,6 +231,13 @@ def switch(layout: Layout, release_id: str, spec: dict[str, Any], emit: Emit,
     _recheck(layout, backend, release_id, old, web, emit)
     retire(layout, backend, old, emit)
     return done(old, [web_program(old)])
+
+
+def _keeps_connections(web: dict[str, Any]) -> bool:
+    """Whether the web server's workers keep client connections open between requests
+    (gunicorn's sync worker closes after every response; gthread, gevent, uvicorn... do not)."""
+    worker_class = str(web.get("worker_class") or ("uvicorn" if web.get("kind") == "asgi" else "sync"))
+    return worker_class.rsplit(".", 1)[-1].lower() not in ("sync", "syncworker")
 
 
 def _recheck(layout: Layout, backend: Backend, release_id: str, live: str | None,
