@@ -349,6 +349,94 @@ def test_a_broken_dependency_fails_the_install_with_the_installers_words(
     assert list((root / "venvs").iterdir()) == []
 
 
+# --- the dependencies' bytecode, compiled by the controller -------------------------------------
+
+def pyc_flags(venv: Path, module: str) -> int:
+    """PEP 552 flags of a module's pyc in the venv: 0 timestamp-based, 3 checked hash."""
+    (pyc,) = venv.glob(f"lib/python3.*/site-packages/{module}/__pycache__/__init__.*.pyc")
+    return int.from_bytes(pyc.read_bytes()[4:8], "little")
+
+
+def bundled_manifest(wheels: dict[str, tuple[str, bytes]], bundle: bytes) -> dict[str, Any]:
+    manifest = package_manifest(wheels)
+    manifest["dependencies"].append({"path": "bytecode-cpython-311.zip", "sha256": sha(bundle),
+                                     "size": len(bundle), "kind": "bytecode"})
+    return manifest
+
+
+def controller_bundle(wheels: dict[str, tuple[str, bytes]], tmp_path: Path,
+                      monkeypatch: pytest.MonkeyPatch) -> bytes:
+    """The bytecode bundle `shiplane build` makes for the dependency wheel."""
+    from shiplane.artifact._bytecode import bytecode_bundle
+
+    monkeypatch.setenv("SHIPLANE_CACHE_DIR", str(tmp_path / "cache"))
+    name, data = wheels["dep"]
+    (tmp_path / name).write_bytes(data)
+    return bytecode_bundle([(tmp_path / name, sha(data))], lambda step, detail: None).read_bytes()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("installer", ["uv", "pip"])
+def test_the_controllers_bytecode_is_placed_in_the_venv_instead_of_compiling_there(
+        root: Path, tmp_path: Path, wheels: dict[str, tuple[str, bytes]],
+        monkeypatch: pytest.MonkeyPatch, installer: str) -> None:
+    bundle = controller_bundle(wheels, tmp_path, monkeypatch)
+    env = {**os.environ, "SHIPLANE_INSTALLER": installer}
+    client = AgentClient(root, env=env)
+    try:
+        manifest = bundled_manifest(wheels, bundle)
+        assert client.send_blobs([wheels["app"][1], wheels["dep"][1], b"[alembic]\n", bundle]).ok
+        reply = client.request("install", {"release_id": release_id(1), "manifest": manifest})
+        assert reply.ok, reply.error
+    finally:
+        client.close()
+    venv = root / "venvs" / manifest["dependency_digest"]
+    assert pyc_flags(venv, "itsdangerous") == 3  # the shipped, hash-checked pyc
+    out = subprocess.run([str(venv / "bin/python"), "-c", "import itsdangerous; print(itsdangerous.Signer)"],
+                         capture_output=True, text=True, check=True, env={"PATH": os.defpath})
+    assert "itsdangerous.signer.Signer" in out.stdout
+
+
+@pytest.mark.slow
+def test_bytecode_for_another_python_or_not_matching_the_source_never_runs(
+        client: AgentClient, root: Path, wheels: dict[str, tuple[str, bytes]]) -> None:
+    """A pyc that does not belong to the installed source (hash mismatch) is recompiled by
+    Python; a bundle for another Python version is ignored and the host compiles; entries
+    outside site-packages' __pycache__ dirs are never written."""
+    import importlib.util
+    import marshal
+
+    lying = compile("Signer = 'from a stale pyc'\n", "itsdangerous/__init__.py", "exec")
+    pyc = (importlib.util.MAGIC_NUMBER + (3).to_bytes(4, "little")
+           + importlib.util.source_hash(b"not the installed source") + marshal.dumps(lying))
+    tag = sys.implementation.cache_tag
+    py = f"{sys.version_info.major}.{sys.version_info.minor}"
+
+    def bundle(python_version: str, cache_tag: str) -> bytes:
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w") as zf:
+            zf.writestr("SHIPLANE-BYTECODE.json", json.dumps(
+                {"magic": importlib.util.MAGIC_NUMBER.hex(), "cache_tag": cache_tag,
+                 "python_version": python_version}))
+            zf.writestr(f"itsdangerous/__pycache__/__init__.{cache_tag}.pyc", pyc)
+            zf.writestr(f"../../../escaped/__pycache__/x.{cache_tag}.pyc", pyc)
+        return buf.getvalue()
+
+    stale, foreign = bundle(py, tag), bundle("2.7", "cpython-27")
+    for n, blob in ((1, stale), (2, foreign)):
+        manifest = bundled_manifest(wheels, blob)
+        manifest["dependency_digest"] = f"{n}" * 64  # one venv per case
+        assert client.send_blobs([wheels["app"][1], wheels["dep"][1], b"[alembic]\n", blob]).ok
+        reply = client.request("install", {"release_id": release_id(n), "manifest": manifest})
+        assert reply.ok, reply.error
+        venv = root / "venvs" / manifest["dependency_digest"]
+        out = subprocess.run([str(venv / "bin/python"), "-c", "import itsdangerous; print(itsdangerous.Signer)"],
+                             capture_output=True, text=True, check=True, env={"PATH": os.defpath})
+        assert "stale" not in out.stdout and "itsdangerous.signer.Signer" in out.stdout
+    assert pyc_flags(root / "venvs" / ("2" * 64), "itsdangerous") == 0  # compiled on the host
+    assert not list(root.parent.rglob("escaped"))
+
+
 def test_install_refuses_path_traversal_and_writes_nothing_outside(
         client: AgentClient, root: Path, tmp_path: Path) -> None:
     before = files_under(tmp_path)
@@ -509,6 +597,11 @@ def test_prune_never_removes_live_previous_or_newest_good(client: AgentClient, r
     assert reply.result["removed"] == [release_id(n) for n in (1, 2, 3, 6)]
     left = sorted(p.name for p in (root / "releases").iterdir())
     assert left == [release_id(n) for n in (4, 5)]
+    # the store keeps exactly the blobs the remaining releases list: a host's disk stays bounded
+    kept = {sha for n in (4, 5)
+            for sha in json.loads((root / "releases" / release_id(n) / "release.json").read_text())["blobs"]}
+    assert {p.name for p in (root / "store").iterdir() if len(p.name) == 64} == kept
+    assert reply.result["blobs_removed"] >= 4
 
 
 def test_previous_comes_from_the_ledger_when_recorded(client: AgentClient, root: Path) -> None:

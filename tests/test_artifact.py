@@ -8,9 +8,14 @@ along, so only the change itself costs a build step.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
+import os
 import shutil
 import subprocess
+import sys
+import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -29,6 +34,7 @@ from shiplane.artifact import (
     load_manifest,
     run_gate,
 )
+from shiplane.artifact._wheelhouse import pinned, read_lock
 from shiplane.errors import OperationError, UsageError
 
 LOCK = "itsdangerous==2.2.0\n"
@@ -96,6 +102,11 @@ def package_spec(root: Path) -> BuildSpec:
                      config_files=("config/base.ini", "config/{stage}.ini"))
 
 
+def events_into(seen: list[tuple[str, str]]) -> Callable[[str, str], None]:
+    """A build's ``on_event`` that records (step, detail) pairs into ``seen``."""
+    return lambda step, detail: seen.append((step, detail))
+
+
 def blob_set(manifest: Manifest) -> set[str]:
     return {sha for sha, _, _ in manifest.blobs()}
 
@@ -107,10 +118,12 @@ def all_paths(manifest: Manifest) -> list[str]:
 
 
 def seed_caches(src_project: Path, dest_project: Path) -> None:
-    """Give another project the wheelhouse/tools caches: they are keyed by content alone."""
-    for part in ("wheelhouse", "tools"):
-        shutil.copytree(src_project / ".shiplane/build" / part,
-                        dest_project / ".shiplane/build" / part)
+    """Give another project the project-local wheelhouse cache: it is keyed by content alone
+    (tools and fully pinned wheelhouses are cached per user anyway)."""
+    for part in ("wheelhouse",):
+        if (src_project / ".shiplane/build" / part).is_dir():
+            shutil.copytree(src_project / ".shiplane/build" / part,
+                            dest_project / ".shiplane/build" / part)
 
 
 # --------------------------------------------------------------------------- fast tests
@@ -224,6 +237,19 @@ def test_a_missing_lock_or_include_is_an_error_naming_it(tmp_path: Path) -> None
                         config_files=("config/missing.ini",)))
 
 
+@pytest.mark.parametrize(("lock", "servers", "shared"), [
+    ("flask==3.1.3\ngunicorn==27.0.1\n", ("gunicorn",), True),
+    ("flask==3.1.3\n", ("gunicorn",), False),  # gunicorn resolves to whatever is newest
+    ("flask>=3\ngunicorn==27.0.1\n", ("gunicorn",), False),
+    ("flask==3.1.3 --hash=sha256:" + "0" * 64 + "\n", (), True),
+    ("", (), False),
+])
+def test_only_a_wheelhouse_the_lock_decides_is_cached_beyond_the_project(
+        tmp_path: Path, lock: str, servers: tuple[str, ...], shared: bool) -> None:
+    """`shiplane clean` must still re-resolve a loose lock; a pinned one need not."""
+    assert pinned(read_lock(write(tmp_path, "requirements.txt", lock)), servers) is shared
+
+
 # --------------------------------------------------------------------------- builds (slow)
 
 
@@ -271,9 +297,16 @@ def test_manifest_lists_every_file_as_stored(built_package: tuple[Path, Manifest
     wheel = next(p for p, k in kinds.items() if k == "wheel")
     assert wheel.startswith("tinyapp-0.1.0-")
     assert kinds == {wheel: "wheel", "alembic.ini": "file", "db/001_init.sql": "file"}
-    deps = {e.path.split("-")[0].lower() for e in m.dependencies}
+    deps = {e.path.split("-")[0].lower() for e in m.dependencies if e.kind is None}
     assert {"itsdangerous", "gunicorn"} <= deps
     assert m.dependency_digest == dependency_digest(list(m.dependencies))
+    # The wheels' bytecode ships beside them, compiled here once; it does not name the venv.
+    (bundle,) = [e for e in m.dependencies if e.kind == "bytecode"]
+    assert m.dependency_digest == dependency_digest([e for e in m.dependencies if e.kind is None])
+    with zipfile.ZipFile(store.path(bundle.sha256)) as zf:
+        pyc = zf.read(f"itsdangerous/__pycache__/__init__.{sys.implementation.cache_tag}.pyc")
+    assert pyc[:4] == importlib.util.MAGIC_NUMBER
+    assert int.from_bytes(pyc[4:8], "little") == 3  # checked against the source on import
     assert [e.path.split("-")[:2] for e in m.tools] == [["supervisor", "4.3.0"]]
     assert sorted(e.path for e in m.config_files) == [
         "config/base.ini", "config/prod.ini", "config/staging.ini"]
@@ -312,6 +345,53 @@ def test_rebuilding_unchanged_code_gives_the_same_wheel_bytes(
     app = compile_app(package_spec(root))
     assert [e for e in app.files if e.kind == "wheel"] == \
         [e for e in before.app_files if e.kind == "wheel"]
+
+
+@pytest.mark.slow
+def test_the_cached_build_backend_makes_the_wheel_uv_build_makes(
+        package_copy: tuple[Path, Manifest], tmp_path: Path) -> None:
+    root, before = package_copy
+    (wheel,) = [e for e in before.app_files if e.kind == "wheel"]
+    out = tmp_path / "uv-dist"
+    subprocess.run(["uv", "build", "--wheel", "--quiet", "--out-dir", str(out), "--python",
+                    sys.executable, str(root)], check=True, capture_output=True,
+                   env={**os.environ, "SOURCE_DATE_EPOCH": "315532800"})
+    (built,) = out.glob("*.whl")
+    assert (built.name, hashlib.sha256(built.read_bytes()).hexdigest()) == (wheel.path, wheel.sha256)
+
+
+@pytest.mark.slow
+def test_committing_what_was_built_dirty_builds_no_wheel(
+        package_copy: tuple[Path, Manifest]) -> None:
+    root, _ = package_copy
+    write(root, "src/tinyapp/views.py", 'GREETING = "committed later"\n')
+    dirty = build(package_spec(root)).manifest
+    commit_all(root, "the change deployed dirty")
+    events: list[tuple[str, str]] = []
+    clean_one = build(package_spec(root), on_event=lambda step, detail: events.append((step, detail)))
+    assert clean_one.manifest.git_commit == git(root, "rev-parse", "HEAD")
+    assert clean_one.manifest.app_files == dirty.app_files
+    assert any(step == "wheel" and "reused" in detail for step, detail in events)
+
+
+@pytest.mark.slow
+def test_a_pinned_wheelhouse_outlives_clean_and_serves_other_projects(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SHIPLANE_CACHE_DIR", str(tmp_path / "user-cache"))
+    lock = "itsdangerous==2.2.0\ngunicorn==27.0.1\n"
+    manifests = []
+    for name in ("one", "two"):
+        write(tmp_path / name, "requirements.txt", lock)
+        events: list[tuple[str, str]] = []  # the last project's: `again` adds to them
+        spec = BuildSpec(tmp_path / name, name, "none", "requirements.txt")
+        manifests.append(build(spec, on_event=events_into(events)))
+        clean(tmp_path / name)
+    again = build(spec, on_event=events_into(events)).manifest
+    assert not any("pip" in detail for _, detail in events)  # the second project ran no pip
+    assert {step: detail for step, detail in events}["wheelhouse"] == "2 wheels"
+    assert any(step == "wheelhouse" and detail.startswith("reused") for step, detail in events)
+    assert again.dependency_digest == manifests[0].manifest.dependency_digest
+    assert again.dependencies == manifests[0].manifest.dependencies  # the same bytecode bundle too
 
 
 @pytest.mark.slow

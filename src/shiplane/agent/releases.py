@@ -31,6 +31,7 @@ ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 STATES = ("prepared", "live", "previous", "good", "bad")
 PARTIAL_META = ".release.partial.json"
 RESERVED = {"release.json", "shiplane.env", PARTIAL_META}
+PARALLEL_COMPILE = 300  # .py files from which compileall gets a worker per core
 
 
 def valid_release_id(release_id: object) -> str:
@@ -148,6 +149,8 @@ def prune(layout: Layout, keep: int, emit: Emit) -> dict[str, Any]:
     # the newest known-good release other than the live one: `previous` when there is one
     good = [m["release_id"] for m in metas if m.get("state") in ("good", "previous") and m["release_id"] != current]
     protected = {current, previous if previous else (good[-1] if good else None)}
+    # a release whose server still runs (the standby, an interrupted switch's candidate)
+    protected |= {m["release_id"] for m in metas if layout.release_socket(m["release_id"]).exists()}
     ids = [m["release_id"] for m in metas]
     excess = len(ids) - keep
     removed: list[str] = []
@@ -166,7 +169,27 @@ def prune(layout: Layout, keep: int, emit: Emit) -> dict[str, Any]:
     for digest in venvs_removed:
         emit({"phase": "prune", "status": "remove-venv", "detail": digest})
         remove_venv(layout, digest)
-    return {"removed": removed, "venvs_removed": venvs_removed}
+    return {"removed": removed, "venvs_removed": venvs_removed, "blobs_removed": _prune_store(layout)}
+
+
+def _prune_store(layout: Layout) -> int:
+    """Drop the store's blobs that no remaining release lists (prune runs under the deploy
+    lock, so no copy is in flight); returns how many. Nothing goes while any release does not
+    list its blobs (written by an older agent): what it needs is unknown."""
+    metas = list_releases(layout)
+    if any(not isinstance(m.get("blobs"), list) for m in metas):
+        return 0
+    wanted = {str(sha) for m in metas for sha in m["blobs"]}
+    removed = 0
+    try:
+        entries = list(layout.store.iterdir())
+    except OSError:
+        return 0
+    for entry in entries:
+        if re.fullmatch(r"[0-9a-f]{64}", entry.name) and entry.name not in wanted:
+            entry.unlink(missing_ok=True)
+            removed += 1
+    return removed
 
 
 def _remove_leftovers(layout: Layout) -> None:
@@ -260,7 +283,10 @@ def _compile(layout: Layout, release: Path, digest: str | None, python: str) -> 
     so the candidate server and the hooks do not compile it on every start. Best effort: a file
     that does not compile is the app's to report when it is imported."""
     interpreter = str(layout.venv(digest) / "bin" / "python") if digest else python
-    subprocess.run([interpreter, "-m", "compileall", "-q", "-j", "0", str(release)], stdin=subprocess.DEVNULL,
+    # A worker pool costs more than it saves for an app of a few hundred modules or less.
+    sources = sum(1 for _ in zip(range(PARALLEL_COMPILE), release.rglob("*.py")))
+    jobs = ["-j", "0"] if sources >= PARALLEL_COMPILE else []
+    subprocess.run([interpreter, "-m", "compileall", "-q", *jobs, str(release)], stdin=subprocess.DEVNULL,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=300, check=False,
                    env={k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"})
 
@@ -325,13 +351,14 @@ def install(layout: Layout, args: dict[str, Any], emit: Emit) -> dict[str, Any]:
 
     app_files = list(manifest.get("app_files") or [])
     require(layout, [f.get("sha256") for f in app_files + deps])
-    _install_tools(layout, list(manifest.get("tools") or []), emit)
+    tools = list(manifest.get("tools") or [])
+    _install_tools(layout, tools, emit)
     source = (manifest.get("app") or {}).get("source") or "package"
     meta: dict[str, Any] = {
         "release_id": release_id, "artifact": artifact, "dependency_digest": digest,
         "git_commit": manifest.get("git_commit"), "created_at": utc_now(),
         "stage": args.get("stage"), "state": "prepared", "source": source,
-        "app": manifest.get("app"), "blobs": sorted({str(f["sha256"]) for f in app_files + deps}),
+        "app": manifest.get("app"), "blobs": sorted({str(f.get("sha256")) for f in app_files + deps + tools}),
     }
     if args.get("services") is not None:
         meta["services"] = args["services"]

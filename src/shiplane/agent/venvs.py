@@ -6,13 +6,16 @@ directory without it is a crashed build that is removed and redone.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,6 +28,9 @@ Emit = Callable[[dict[str, Any]], None]
 
 DIGEST_RE = re.compile(r"^[0-9a-f]{8,64}$")
 OUTPUT_TAIL = 30
+# A dependency entry of this kind is the controller's compiled bytecode of the wheels, not a wheel.
+BYTECODE = "bytecode"
+BYTECODE_META = "SHIPLANE-BYTECODE.json"
 
 
 def valid_digest(digest: object) -> bool:
@@ -106,8 +112,13 @@ def ensure_venv(layout: Layout, dependency_digest: str, wheels: list[dict[str, A
     if (target / ".complete").is_file() and (target / "bin" / "python").exists():
         return {"reused": True, "seconds": 0.0, "installer": None}
     started = time.monotonic()
+    bundles = [w for w in wheels if isinstance(w, dict) and w.get("kind") == BYTECODE]
+    wheels = [w for w in wheels if not (isinstance(w, dict) and w.get("kind") == BYTECODE)]
     names = _validate_wheels(wheels)
     require(layout, [w["sha256"] for w in wheels])
+    # The bytecode is an optimisation: without its blob the host compiles, as it always could.
+    bundle = next((layout.blob(str(b["sha256"])) for b in bundles if valid_sha(b.get("sha256"))
+                   and layout.blob(str(b["sha256"])).is_file()), None)
     if target.exists() or target.is_symlink():
         emit({"phase": "venv", "status": "cleanup", "detail": f"removing partial venv {target}"})
         _remove(target)
@@ -117,36 +128,122 @@ def ensure_venv(layout: Layout, dependency_digest: str, wheels: list[dict[str, A
     installer = "uv" if uv else "pip"
     emit({"phase": "venv", "status": "building", "detail": f"{len(wheels)} wheels with {installer}"})
     wheeldir = Path(tempfile.mkdtemp(prefix="wheels-", dir=layout.tmp))
+    placing: _Unpack | None = None
     try:
         for wheel, name in zip(wheels, names):
             _link_or_copy(layout.blob(wheel["sha256"]), wheeldir / name)
         reqs = wheeldir / "requirements.txt"
         reqs.write_text(_requirements(wheels, names), encoding="utf-8")
         venv_python = str(target / "bin" / "python")
+        env = _uv_env(layout) if uv else _clean_env()
         if uv:
-            env = _uv_env(layout)
             _run([uv, "venv", "--python", python, str(target)], env)
-            if wheels:
-                # bytecode now, once per dependency set: services may not write to the venv,
-                # and every start would compile everything again (seconds per boot)
-                _run([uv, "pip", "install", "--python", venv_python, "--offline", "--no-index", "--compile-bytecode",
-                      "--find-links", str(wheeldir), "--require-hashes", "-r", str(reqs)], env)
         else:
-            env = _clean_env()
             _run([python, "-m", "venv", str(target)], env)
-            if wheels:
-                _run([venv_python, "-m", "pip", "install", "--no-index", "--no-input",
-                      "--disable-pip-version-check", "--find-links", str(wheeldir),
-                      "--require-hashes", "-r", str(reqs)], env)
+        # Bytecode now, once per dependency set: services may not write to the venv, and every
+        # start would compile everything again (seconds per boot). The controller's compiled
+        # bundle saves the host that work when it suits this interpreter.
+        site = _bundle_target(target, bundle) if bundle and wheels else None
+        compiled = site is not None
+        # The pycs go in while the installer places the sources (two processes, two cores):
+        # each is a new file in a __pycache__ dir, which no installer writes to.
+        placing = _Unpack(bundle, site) if site is not None and bundle is not None else None
+        if wheels and uv:
+            _run([uv, "pip", "install", "--python", venv_python, "--offline", "--no-index",
+                  *([] if compiled else ["--compile-bytecode"]),
+                  "--find-links", str(wheeldir), "--require-hashes", "-r", str(reqs)], env)
+        elif wheels:
+            _run([venv_python, "-m", "pip", "install", "--no-index", "--no-input",
+                  "--disable-pip-version-check", *(["--no-compile"] if compiled else []),
+                  "--find-links", str(wheeldir), "--require-hashes", "-r", str(reqs)], env)
+        if placing is not None and site is not None and not placing.join():
+            emit({"phase": "venv", "status": "compile", "detail": "bytecode bundle unusable"})
+            _run([venv_python, "-m", "compileall", "-q", "-j", "0", str(site)],
+                 {k: v for k, v in env.items() if k != "PYTHONDONTWRITEBYTECODE"})
+            compiled = False
         atomic_write(target / ".complete", "\n".join(sorted(names)) + "\n")
     except BaseException:
+        if placing is not None:
+            placing.join()  # never remove the venv under a thread still writing into it
         _remove(target)
         raise
     finally:
         shutil.rmtree(wheeldir, ignore_errors=True)
     seconds = round(time.monotonic() - started, 3)
     emit({"phase": "venv", "status": "built", "detail": dependency_digest, "seconds": seconds})
-    return {"reused": False, "seconds": seconds, "installer": installer}
+    return {"reused": False, "seconds": seconds, "installer": installer,
+            "bytecode": "shipped" if compiled else "compiled"}
+
+
+def _bundle_target(venv: Path, bundle: Path) -> Path | None:
+    """The venv's site-packages if the bundle was compiled for its Python version, else None
+    (the installer then compiles on this host).
+
+    The version comes from ``pyvenv.cfg``, not from running the interpreter: a pyc whose magic
+    number does not match is ignored by Python anyway, so this only decides who compiles.
+    """
+    try:
+        with zipfile.ZipFile(bundle) as zf:
+            meta = json.loads(zf.read(BYTECODE_META))
+        cfg = (venv / "pyvenv.cfg").read_text(encoding="utf-8")
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+        return None
+    found = re.search(r"^\s*(?:version|version_info)\s*=\s*(\d+)\.(\d+)", cfg, re.MULTILINE)
+    if not found or not isinstance(meta, dict) or \
+            meta.get("python_version") != f"{found.group(1)}.{found.group(2)}" or \
+            meta.get("cache_tag") != f"cpython-{found.group(1)}{found.group(2)}" or \
+            "pypy" in cfg.lower():
+        return None
+    # Where posix venvs keep their packages (venv and uv alike).
+    return venv / "lib" / f"python{found.group(1)}.{found.group(2)}" / "site-packages"
+
+
+class _Unpack:
+    """``_unpack_bytecode`` in a thread; ``join()`` returns its result."""
+
+    def __init__(self, bundle: Path, site: Path) -> None:
+        self.ok = False
+        self.thread = threading.Thread(target=self._run, args=(bundle, site), daemon=True)
+        self.thread.start()
+
+    def _run(self, bundle: Path, site: Path) -> None:
+        self.ok = _unpack_bytecode(bundle, site)
+
+    def join(self) -> bool:
+        self.thread.join()
+        return self.ok
+
+
+def _unpack_bytecode(bundle: Path, site: Path) -> bool:
+    """Place the bundle's ``.pyc`` files in ``site`` (site-packages), where the wheels' modules
+    are (being) installed.
+
+    Only ``<dir>/__pycache__/<module>.<tag>.pyc`` entries are written, each as a new file
+    (never through an existing one: installers hard-link their cache into venvs). They are
+    checked-hash pycs: Python verifies each against its source's hash on import, so one
+    without a source, or for another source, is never run. False when the bundle is
+    unreadable (the caller then compiles here).
+    """
+    try:
+        with zipfile.ZipFile(bundle) as zf:
+            for info in zf.infolist():
+                parts = info.filename.split("/")
+                if (len(parts) < 2 or parts[-2] != "__pycache__" or not parts[-1].endswith(".pyc")
+                        or any(p in ("", ".", "..") for p in parts) or info.filename.startswith("/")):
+                    continue
+                pycache = site.joinpath(*parts[:-1])
+                pycache.mkdir(parents=True, exist_ok=True)
+                try:
+                    # O_EXCL: a new file, never written through a link into uv's cache; no temp
+                    # file needed, since a crash leaves the venv without .complete (rebuilt)
+                    fd = os.open(pycache / parts[-1], os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                except FileExistsError:
+                    continue
+                with os.fdopen(fd, "wb") as f:
+                    f.write(zf.read(info))
+    except (OSError, zipfile.BadZipFile, ValueError):
+        return False
+    return True
 
 
 def _validate_wheels(wheels: list[dict[str, Any]]) -> list[str]:

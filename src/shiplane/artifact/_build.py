@@ -11,11 +11,9 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -24,6 +22,9 @@ from typing import Literal
 from packaging.utils import canonicalize_name, parse_wheel_filename
 
 from ..errors import OperationError
+from . import _bytecode as bytecode
+from ._backend import app_wheel
+from ._cache import cache_root
 from ._manifest import FileEntry, Manifest, dependency_digest, read_manifest_file, write_manifest
 from ._source import detect_source, git_info, is_forbidden, list_source_files, matches
 from ._store import BlobStore, sha256_file
@@ -32,6 +33,7 @@ from ._wheelhouse import (
     Lock,
     Target,
     build_wheelhouse,
+    pinned,
     read_lock,
     resolve_target,
     tool_wheels,
@@ -39,9 +41,6 @@ from ._wheelhouse import (
 
 # Bumped when what an artifact contains changes, so old input digests stop matching.
 BUILD_FORMAT = 1
-# Wheels are zip files with timestamps: a fixed one (1980-01-01, zip's epoch) makes the same
-# code give the same bytes whatever the commit, so a redeploy sends only what really changed.
-SOURCE_DATE_EPOCH = "315532800"
 # Never shipped nor handed to a build backend, whatever git tracks: conventional secret files.
 SECRET_FILES = (".env", ".env.*")
 
@@ -112,6 +111,7 @@ class _Plan:
     git_commit: str | None
     target: Target
     inputs_digest: str = field(default="")
+    file_shas: dict[str, str] = field(default_factory=dict)  # rel -> sha256, hashed once
 
 
 def _noop(step: str, detail: str) -> None:
@@ -205,67 +205,35 @@ def _inputs_digest(spec: BuildSpec, plan: _Plan) -> str:
         "config_files": list(spec.config_files),
         "server_packages": list(spec.server_packages), "target": plan.target.to_dict(),
         "tools": [list(t) for t in TOOLS], "git_commit": plan.git_commit,
+        "bytecode": bytecode.wanted(plan.target),
     }
     h.update(json.dumps(settings, sort_keys=True).encode() + b"\0")
     h.update(plan.lock.data if plan.lock else b"")
     for rel in sorted({*plan.files, *plan.includes, *plan.config}):
-        h.update(f"\0{rel}\0{sha256_file(plan.project / rel)[0]}".encode())
+        plan.file_shas[rel] = sha256_file(plan.project / rel)[0]
+        h.update(f"\0{rel}\0{plan.file_shas[rel]}".encode())
     return h.hexdigest()
 
 
-def _uv() -> str:
-    try:
-        import uv  # type: ignore[import-not-found,import-untyped,unused-ignore]
-
-        return str(uv.find_uv_bin())
-    except (ImportError, FileNotFoundError):
-        found = shutil.which("uv")
-        if found is None:
-            raise OperationError("uv is needed to build the app wheel and was not found",
-                                 hint="install it: `pip install uv`") from None
-        return found
-
-
-def _build_wheel(plan: _Plan, work: Path, emit: EventSink) -> Path:
-    """The app wheel, built by uv from a copy of exactly the source files that were digested."""
-    src, out = work / "src", work / "dist"
-    for rel in plan.files:
-        if any(matches(x, rel) for x in SECRET_FILES):
-            continue
-        dest = src / rel
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(plan.project / rel, dest)
-    emit("wheel", "uv build --wheel")
-    env = dict(os.environ, SOURCE_DATE_EPOCH=SOURCE_DATE_EPOCH, PYTHONHASHSEED="0",
-               UV_PYTHON_DOWNLOADS="never")
-    cmd = [_uv(), "build", "--wheel", "--out-dir", str(out), "--python", sys.executable, str(src)]
-    result = subprocess.run(cmd, cwd=src, env=env, text=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, check=False)
-    wheels = sorted(out.glob("*.whl")) if out.is_dir() else []
-    if result.returncode != 0 or len(wheels) != 1:
-        tail = "\n".join(result.stdout.splitlines()[-15:])
-        raise OperationError(f"building the app wheel failed (uv build exit {result.returncode})"
-                             f"\n{tail}", hint="run `uv build --wheel` in the project to see why")
-    wheel = wheels[0]
-    tags = parse_wheel_filename(wheel.name)[3]
+def _app_wheel(plan: _Plan, store: BlobStore, emit: EventSink) -> FileEntry:
+    sources = [rel for rel in plan.files if not any(matches(x, rel) for x in SECRET_FILES)]
+    entry = app_wheel(plan.project, sources, plan.file_shas, store, emit)
+    tags = parse_wheel_filename(entry.path)[3]
     if not plan.target.native and any(t.platform != "any" for t in tags):
-        raise OperationError(f"the app wheel {wheel.name} is platform-specific and cannot be "
+        raise OperationError(f"the app wheel {entry.path} is platform-specific and cannot be "
                              f"built here for {plan.target.platform} / Python "
                              f"{plan.target.python_version}",
                              hint="build on a machine like the hosts")
-    emit("wheel", wheel.name)
-    return wheel
+    return entry
 
 
 def _compile(plan: _Plan, store: BlobStore, emit: EventSink) -> CompiledApp:
     entries: list[FileEntry] = []
     version: str | None = None
     if plan.source == "package":
-        with tempfile.TemporaryDirectory(prefix="shiplane-wheel-") as tmp:
-            wheel = _build_wheel(plan, Path(tmp), emit)
-            version = str(parse_wheel_filename(wheel.name)[1])
-            sha, size = store.put_file(wheel)
-            entries.append(FileEntry(wheel.name, sha, size, "wheel"))
+        wheel = _app_wheel(plan, store, emit)
+        version = str(parse_wheel_filename(wheel.path)[1])
+        entries.append(wheel)
     elif plan.source == "tree":
         emit("tree", f"{len(plan.app_files)} files")
     elif plan.source != "none":
@@ -286,16 +254,25 @@ def compile_app(spec: BuildSpec, *, build_dir: Path | None = None,
 def _pack(spec: BuildSpec, plan: _Plan, layout: _Layout, emit: EventSink,
           started: float) -> BuildResult:
     store = layout.store
-    app = _compile(plan, store, emit)
-    wheels = build_wheelhouse(plan.lock, plan.target, spec.server_packages,
-                              layout.root / "wheelhouse", emit)
+    shared = cache_root()
+    house = shared / "wheelhouse" if pinned(plan.lock, spec.server_packages) \
+        else layout.root / "wheelhouse"
+    # The app wheel and the tools do not wait for pip: on a cold cache each takes a core.
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="shiplane-build") as pool:
+        app_job = pool.submit(_compile, plan, store, emit)
+        tools_job = pool.submit(tool_wheels, shared / "tools", emit)
+        wheels = build_wheelhouse(plan.lock, plan.target, spec.server_packages, house, emit)
+        app, tool_files = app_job.result(), tools_job.result()
     have = {parse_wheel_filename(w.name)[0] for w in wheels}
     for pkg in spec.server_packages:
         if canonicalize_name(pkg) not in have:
             raise OperationError(f"the wheelhouse has no {pkg} wheel, which the app's server needs")
     deps = [FileEntry(w.name, *store.put_file(w, link=True)) for w in wheels]
-    tools = [FileEntry(w.name, *store.put_file(w, link=True))
-             for w in tool_wheels(layout.root / "tools", emit)]
+    if deps and bytecode.wanted(plan.target):
+        bundle = bytecode.bytecode_bundle([(w, e.sha256) for w, e in zip(wheels, deps)], emit)
+        deps.append(FileEntry(bytecode.bundle_name(), *store.put_file(bundle, link=True),
+                              bytecode.KIND))
+    tools = [FileEntry(w.name, *store.put_file(w, link=True)) for w in tool_files]
     config = [FileEntry(rel, *store.put_file(plan.project / rel)) for rel in plan.config]
     manifest = Manifest(
         app_name=spec.app_name, app_version=app.version, source=app.source,
@@ -346,7 +323,8 @@ def build(spec: BuildSpec, *, build_dir: Path | None = None,
     Inputs are the source files (git-tracked, or a walk outside git), the lock's bytes, the
     include/exclude/config lists, the server packages, the target and the git commit.
     ``on_event(step, detail)`` reports progress; steps are "wheel", "tree", "wheelhouse",
-    "tools" and "manifest" (detail "reused <digest>" when nothing was built).
+    "bytecode", "tools" and "manifest" (detail "reused <digest>" when nothing was built).
+    Events may come from two threads: the app wheel and the tools are made while pip runs.
     """
     started = time.monotonic()
     emit = on_event or _noop

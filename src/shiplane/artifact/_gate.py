@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from ..errors import OperationError
-from ._build import _uv
+from ._backend import _uv
 from ._wheelhouse import read_lock
 
 _TAIL = 30

@@ -30,7 +30,8 @@ def sha256_text(text: str) -> str:
 
 @dataclass(frozen=True)
 class FileEntry:
-    """One file of the artifact. ``kind`` ("wheel" or "file") is set for app files only."""
+    """One file of the artifact. ``kind`` is "wheel" or "file" for app files, "bytecode" for the
+    dependencies' bytecode bundle, None for dependency wheels, tools and config files."""
 
     path: str
     sha256: str
@@ -50,8 +51,12 @@ class FileEntry:
 
 
 def dependency_digest(dependencies: list[FileEntry]) -> str:
-    """sha256 over the sorted "path sha256" lines of the dependency wheels: names the venv."""
-    lines = sorted(f"{e.path} {e.sha256}" for e in dependencies)
+    """sha256 over the sorted "path sha256" lines of the dependency wheels: names the venv.
+
+    The wheels' bytecode bundle (kind ``bytecode``) is left out: it is derived from the wheels,
+    and the same wheels make the same venv whoever compiled their bytecode.
+    """
+    lines = sorted(f"{e.path} {e.sha256}" for e in dependencies if e.kind != "bytecode")
     return sha256_text("".join(line + "\n" for line in lines))
 
 

@@ -10,6 +10,7 @@ import hashlib
 import os
 import re
 import shutil
+import threading
 from pathlib import Path
 from typing import BinaryIO
 
@@ -63,7 +64,8 @@ class BlobStore:
         if dest.is_file():
             return sha, size
         self.root.mkdir(parents=True, exist_ok=True)
-        tmp = self.root / f".{sha}.tmp-{os.getpid()}"
+        # per thread too: a build stores the app and the dependencies at the same time
+        tmp = self.root / f".{sha}.tmp-{os.getpid()}-{threading.get_ident()}"
         try:
             linked = False
             if link:

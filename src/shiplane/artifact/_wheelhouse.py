@@ -2,7 +2,8 @@
 
 Built with pip (``pip wheel`` for the controller's own target, ``pip download --only-binary``
 for another one) and cached by the digest of the lock, the target and the server packages, so a
-second build with the same lock never runs pip.
+second build with the same lock never runs pip. A fully pinned lock's wheelhouse is cached per
+user (``_cache.cache_root()``), so it also outlives ``shiplane clean`` and serves every project.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from packaging.requirements import InvalidRequirement, Requirement
 from packaging.utils import canonicalize_name, parse_wheel_filename
 
 from ..errors import OperationError
+from ._cache import cached_files
 
 # The process supervisor shipped to every host (DESIGN.md, "Services").
 TOOLS: tuple[tuple[str, str], ...] = (("supervisor", "4.3.0"),)
@@ -185,23 +187,15 @@ def _wheels(directory: Path) -> list[Path]:
     return sorted(p for p in directory.glob("*.whl") if p.is_file())
 
 
-def _cached(cache: Path, key: str, fill: Callable[[Path], None]) -> list[Path]:
-    """The wheels in ``cache/key``; made once by ``fill(tmpdir)`` and renamed into place."""
-    final = cache / key
-    if (final / ".complete").is_file():
-        return _wheels(final)
-    cache.mkdir(parents=True, exist_ok=True)
-    tmp = cache / f".{key}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        fill(tmp)
-        (tmp / ".complete").write_text("\n".join(p.name for p in _wheels(tmp)) + "\n")
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return _wheels(final)
+def pinned(lock: Lock | None, server_packages: Sequence[str]) -> bool:
+    """True when the lock alone decides the wheelhouse: every requirement an exact pin (or
+    hashed) and every server package in it. Such a wheelhouse may be cached beyond the project
+    (``shiplane clean`` need not re-resolve it); a looser one is resolved again after a clean."""
+    if lock is None or not lock.names:
+        return False
+    loose = lock.names - set(lock.pins)
+    return (not loose or lock.hashed) and all(canonicalize_name(p) in lock.names
+                                              for p in server_packages)
 
 
 def wheelhouse_key(lock: Lock | None, target: Target, server_packages: Sequence[str]) -> str:
@@ -221,7 +215,6 @@ def build_wheelhouse(lock: Lock | None, target: Target, server_packages: Sequenc
     key = wheelhouse_key(lock, target, server_packages)
     if (cache / key / ".complete").is_file():
         emit("wheelhouse", f"reused {key[:12]}")
-        return _wheels(cache / key)
 
     def fill(out: Path) -> None:
         work = out / ".work"
@@ -268,7 +261,7 @@ def build_wheelhouse(lock: Lock | None, target: Target, server_packages: Sequenc
                 raise OperationError(shown, hint=exc.hint) from None
         shutil.rmtree(work)
 
-    wheels = _cached(cache, key, fill)
+    wheels = cached_files(cache, key, fill)
     emit("wheelhouse", f"{len(wheels)} wheels")
     return wheels
 
@@ -361,9 +354,9 @@ def tool_wheels(cache: Path, emit: Emit) -> list[Path]:
     for name, version in TOOLS:
         key = f"{name}-{version}"
         if (cache / key / ".complete").is_file():
-            wheels += _wheels(cache / key)
-            continue
-        emit("tools", f"pip download {name}=={version}")
+            emit("tools", f"reused {key}")
+        else:
+            emit("tools", f"pip download {name}=={version}")
 
         def fill(out: Path, name: str = name, version: str = version) -> None:
             result = _pip(["download", "--no-deps", "--only-binary=:all:", "--dest", str(out),
@@ -371,5 +364,5 @@ def tool_wheels(cache: Path, emit: Emit) -> list[Path]:
             if result.returncode != 0:
                 raise _fail(f"downloading {name}=={version}", result.stdout)
 
-        wheels += _cached(cache, key, fill)
+        wheels += cached_files(cache, key, fill)
     return wheels
