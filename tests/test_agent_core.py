@@ -337,6 +337,23 @@ def test_install_with_pip_when_uv_is_absent(root: Path, wheels: dict[str, tuple[
 
 
 @pytest.mark.slow
+def test_a_gzipped_uv_is_unpacked_checked_and_run(client: AgentClient, root: Path) -> None:
+    """The controller ships its uv gzipped (about half the bytes); the host unpacks it and runs
+    only the exact binary the controller named."""
+    import gzip
+
+    fake_uv = b"#!/bin/sh\necho 'uv 0.0.0 (fake)'\n"
+    packed = gzip.compress(fake_uv, mtime=0)
+    assert client.send_blobs([packed]).ok
+    wrong = client.request("install_uv", {"sha256": sha(packed), "binary_sha256": sha(b"other")})
+    assert not wrong.ok and wrong.error["kind"] == "install"
+    assert not list((root / "tools").glob("uv-*/uv"))
+    done = client.request("install_uv", {"sha256": sha(packed), "binary_sha256": sha(fake_uv)})
+    assert done.ok, done.error
+    binary = Path(done.result["path"])
+    assert binary.read_bytes() == fake_uv and os.access(binary, os.X_OK)
+
+
 def test_a_broken_dependency_fails_the_install_with_the_installers_words(
         client: AgentClient, root: Path) -> None:
     garbage = b"this is not a zip file"

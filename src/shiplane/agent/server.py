@@ -339,7 +339,7 @@ HANDLERS: dict[str, Handler] = {
     "releases": _op_releases,
     "history": _op_history,
     "read_release_file": _op_read_release_file,
-    "install_uv": lambda s, a, e: install_uv(s.layout, a.get("sha256")),
+    "install_uv": lambda s, a, e: install_uv(s.layout, a.get("sha256"), a.get("binary_sha256")),
     "record": _op_record,
     "mark": lambda s, a, e: releases.mark(s.layout, releases.valid_release_id(a.get("release_id")),
                                           str(a.get("state"))),

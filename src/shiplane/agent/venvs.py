@@ -6,6 +6,8 @@ directory without it is a crashed build that is removed and redone.
 
 from __future__ import annotations
 
+import gzip
+import hashlib
 import json
 import os
 import re
@@ -60,26 +62,43 @@ def find_uv(layout: Layout | None = None) -> str | None:
     return None
 
 
-def install_uv(layout: Layout, sha256: object) -> dict[str, Any]:
+def install_uv(layout: Layout, sha256: object, binary_sha256: object = None) -> dict[str, Any]:
     """Make the uv binary received as blob ``sha256`` runnable as ``tools/uv-<sha>/uv``.
 
-    The controller ships its own uv to hosts of the same platform that lack one; a binary that
-    does not run here (other libc) is refused (kind ``install``) and pip stays the installer.
+    The controller ships its own uv to hosts of the same platform that lack one, gzipped (half
+    the bytes) when ``binary_sha256`` names the binary inside: the unpacked binary must have
+    that sha256. A binary that does not run here (other libc) is refused (kind ``install``) and
+    pip stays the installer.
     """
-    if not valid_sha(sha256):
+    if not valid_sha(sha256) or (binary_sha256 is not None and not valid_sha(binary_sha256)):
         raise AgentError(f"install_uv: not a sha256: {sha256!r}", kind="usage")
     require(layout, [str(sha256)])
-    target = layout.tools / f"uv-{str(sha256)[:16]}" / "uv"
+    target = layout.tools / f"uv-{str(binary_sha256 or sha256)[:16]}" / "uv"
     if not (os.access(target, os.X_OK) and _runs(target)):
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f".uv.tmp-{os.getpid()}")
-        shutil.copyfile(layout.blob(str(sha256)), tmp)
+        if binary_sha256 is None:
+            shutil.copyfile(layout.blob(str(sha256)), tmp)
+        else:
+            _gunzip_checked(layout.blob(str(sha256)), tmp, str(binary_sha256))
         os.chmod(tmp, 0o755)
         if not _runs(tmp):
             tmp.unlink()
             raise AgentError("the shipped uv does not run on this host; using pip", kind="install")
         os.replace(tmp, target)
     return {"path": str(target)}
+
+
+def _gunzip_checked(source: Path, target: Path, sha256: str) -> None:
+    digest = hashlib.sha256()
+    with gzip.open(source, "rb") as src, open(target, "wb") as out:
+        while chunk := src.read(1 << 20):
+            digest.update(chunk)
+            out.write(chunk)
+    if digest.hexdigest() != sha256:
+        target.unlink()
+        raise AgentError("the shipped uv unpacked to other bytes than the controller's; using pip",
+                         kind="install")
 
 
 def _runs(binary: Path) -> bool:

@@ -9,10 +9,12 @@ pip as the installer. ``SHIPLANE_SHIP_UV=0`` turns this off.
 from __future__ import annotations
 
 import functools
+import gzip
 import hashlib
 import os
 import shutil
 import sysconfig
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -75,21 +77,41 @@ def ship_uv(session: AgentSession, note: Callable[[str], None]) -> int:
     binary = local_uv()
     assert binary is not None
     stat = binary.stat()
-    sha = _digest(binary, stat.st_size, stat.st_mtime)
+    binary_sha = _digest(binary, stat.st_size, stat.st_mtime)
+    packed = _gzipped(binary, binary_sha)
+    sha, size = _digest(packed, packed.stat().st_size, packed.stat().st_mtime), packed.stat().st_size
     try:
         missing = session.call("inventory", {"blobs": [sha]}, timeout=120).get("missing", [])
         if missing:
-            session.call("receive", {"blobs": [{"sha256": sha, "size": stat.st_size}]}, payload=_chunks(binary),
+            session.call("receive", {"blobs": [{"sha256": sha, "size": size}]}, payload=_chunks(packed),
                          timeout=300)
-        result = session.call("install_uv", {"sha256": sha}, timeout=120)
+        result = session.call("install_uv", {"sha256": sha, "binary_sha256": binary_sha}, timeout=120)
     except HostError as exc:
         if exc.kind in ("lost", "timeout", "connect"):
             raise
         note(f"uv not shipped ({exc.reason}); installing with pip")
         return 0
     session.hello["uv"] = result.get("path")
-    note(f"shipped uv ({stat.st_size >> 20} MiB) to {result.get('path')}")
-    return stat.st_size if missing else 0
+    note(f"shipped uv ({size >> 20} MiB gzipped, {stat.st_size >> 20} MiB unpacked) to {result.get('path')}")
+    return size if missing else 0
+
+
+@functools.lru_cache(maxsize=4)
+def _gzipped(binary: Path, sha: str) -> Path:
+    """The binary gzipped once per controller (about half its size on the wire), in the user's
+    cache; written to a temp name and renamed, so a concurrent deploy never reads half a file."""
+    from shiplane.artifact._cache import cache_root
+
+    target = cache_root() / "uv" / f"{sha}.gz"
+    if not target.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+        # mtime 0: the same binary always gives the same bytes, so hosts keep what they have
+        with binary.open("rb") as src, open(tmp, "wb") as raw, gzip.GzipFile(
+                filename="", mode="wb", fileobj=raw, compresslevel=1, mtime=0) as out:
+            shutil.copyfileobj(src, out, CHUNK)
+        os.replace(tmp, target)
+    return target
 
 
 def _chunks(path: Path) -> Iterator[bytes]:
