@@ -87,7 +87,7 @@ class DeployRun:
 
     def switch_split(self) -> dict[str, float]:
         """The switch phase cut at the ``live`` event: before (start candidate, health, smoke,
-        flip) and after (drain, stop the old server, other services)."""
+        flip) and after (the old standby's exit, other services)."""
         marks: dict[str, float] = {}
         for ev in self.events:
             if ev.get("phase") != "switch" or "at" not in ev:
@@ -100,7 +100,7 @@ class DeployRun:
         if not {"start", "live", "ok"} <= set(marks):
             return {}
         return {"switch ▸ until live": marks["live"] - marks["start"],
-                "switch ▸ drain + stop old": marks["ok"] - marks["live"]}
+                "switch ▸ after live": marks["ok"] - marks["live"]}
 
     def venv_builds(self) -> list[dict[str, Any]]:
         """Events showing a dependency venv being built (a warm redeploy must have none)."""

@@ -4,8 +4,9 @@
 
 In one session, on a scaffolded app (``shiplane init`` into a temp dir, ``git init`` + commit):
 
-(a) cold deploy: fresh deploy root and fresh ``.shiplane/build`` (uv's and pip's global caches
-    stay warm), ``deploy --stage local --skip-tests``; plus one cold run with the test gate;
+(a) cold deploy: fresh deploy root and fresh ``.shiplane/build`` (uv's, pip's and shiplane's
+    per-user caches stay warm, as pip's does for (d)), ``deploy --stage local --skip-tests``;
+    plus one cold run with the test gate and one with an empty shiplane cache;
 (b) warm redeploy of a one-line template change (edit, commit, deploy) — checked to install no
     dependency (no venv built, the host's venvs unchanged, only a few KiB sent);
 (c) ``rollback --stage local`` right after each warm redeploy;
@@ -120,6 +121,17 @@ def warm_up(project: Project, manual: Manual, res: dict[str, Any]) -> None:
     gated = project.deploy(gate=True)
     res["cold_gate"] = {"wall": gated.wall, "controller": gated.controller_phases(),
                         "phases": gated.host_phases()}
+    _say("(a) cold deploy with an empty per-user cache (this controller's first deploy), once")
+    project.wipe()
+    saved = dict(project.env)
+    project.env["SHIPLANE_CACHE_DIR"] = tempfile.mkdtemp(prefix="shl-bench-cache-")
+    try:
+        first = project.deploy()
+    finally:
+        shutil.rmtree(project.env["SHIPLANE_CACHE_DIR"], ignore_errors=True)
+        project.env.clear()
+        project.env.update(saved)
+    res["cold_first"] = {"wall": first.wall, "controller": first.controller_phases()}
     _say("(d) manual flow: first install, migration, first start (not counted)")
     manual.setup()
 
