@@ -68,4 +68,4 @@ runpy.run_module("shiplane_agent",run_name="__main__",alter_sys=True)
 
 def bootstrap_argv(python: str, root: str, sha: str) -> list[str]:
     """The argv that starts an agent session for ``root`` (send the zip if it answers ``NEED``)."""
-    return [python, "-c", BOOTSTRAP, root, sha]
+    return [python, "-S", "-c", BOOTSTRAP, root, sha]  # -S: stdlib only, no site to load
