@@ -34,6 +34,17 @@ def test_deploy_serves_the_release_and_stage(app: Project) -> None:
     assert "stage local" in body
     assert app.current() == result["release"]
     assert f"serving at http://127.0.0.1:{app.port}/" in app.shiplane("deploy", "--stage", "local", "--skip-tests").stdout
+    # supervisord, started early by the install while the venv builds, exists once per root
+    conf = str(app.deploy_root / "run" / "supervisord.conf")
+    managers = [pid for pid in os.listdir("/proc") if pid.isdigit() and _cmdline(pid).count(conf)]
+    assert managers == [(app.deploy_root / "run" / "supervisord.pid").read_text().strip()]
+
+
+def _cmdline(pid: str) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
 
 
 def test_code_change_redeploys_without_installing_dependencies(app: Project) -> None:

@@ -304,8 +304,9 @@ def _agent_pids(host: TestHost) -> list[int]:
         except OSError:
             continue
         words = [a for a in argv if a]
-        # `python3 -c <bootstrap> <root> <agent sha>`: the agent's session process
-        if len(words) >= 4 and words[1] == b"-c" and len(words[-1]) == 64 and b"shiplane_agent" in words[2]:
+        # `python3 -S -c <bootstrap> <root> <agent sha>`: the agent's session process
+        if len(words) >= 5 and words[1:3] == [b"-S", b"-c"] and len(words[-1]) == 64 \
+                and b"shiplane_agent" in words[3]:
             pids.append(pid)
     return pids
 

@@ -72,6 +72,8 @@ def install_request(deploy: DeployFile, stage: str, rid: str, manifest: dict[str
         "shared": {"dirs": list(deploy.shared.dirs), "files": list(deploy.shared.files)},
         "hooks": list(deploy.hooks.after_install),
         "hook_timeout": deploy.hooks.timeout,
+        # the process manager the switch will use: the agent starts supervisord while installing
+        "backend": services_spec(deploy, stage)["backend"] if deploy.services.get("web") else None,
     }
 
 

@@ -316,13 +316,15 @@ def _install_tools(layout: Layout, tools: list[dict[str, Any]], emit: Emit) -> N
         os.rename(tmp, dest)
 
 
-def install(layout: Layout, args: dict[str, Any], emit: Emit) -> dict[str, Any]:
+def install(layout: Layout, args: dict[str, Any], emit: Emit,
+            on_tools: Callable[[], None] | None = None) -> dict[str, Any]:
     """The ``install`` op: build ``releases/<id>`` completely or not at all.
 
     Reuses an existing complete release of the same artifact. Everything is built in
     ``releases/.tmp-<id>-<pid>`` and renamed into place; the ``after_install`` hooks then run in
     it and ``release.json`` is written last. Any failure removes the release dir; ``current`` is
-    never touched.
+    never touched. ``on_tools`` is called once the tools are in place (the server starts the
+    process manager then, while the venv builds).
     """
     started = time.monotonic()
     release_id = valid_release_id(args.get("release_id"))
@@ -353,6 +355,8 @@ def install(layout: Layout, args: dict[str, Any], emit: Emit) -> dict[str, Any]:
     require(layout, [f.get("sha256") for f in app_files + deps])
     tools = list(manifest.get("tools") or [])
     _install_tools(layout, tools, emit)
+    if on_tools is not None:
+        on_tools()
     source = (manifest.get("app") or {}).get("source") or "package"
     meta: dict[str, Any] = {
         "release_id": release_id, "artifact": artifact, "dependency_digest": digest,

@@ -244,6 +244,27 @@ def _names(args: dict[str, Any]) -> list[str] | None:
     return list(names) if isinstance(names, list) else None
 
 
+def _op_install(s: Session, args: dict[str, Any], emit: Emit) -> Any:
+    """Install a release; on a host whose services run under the daemon backend, supervisord is
+    started in the background as soon as its tool is in place, so a first deploy's switch does
+    not wait for it (the switch then finds it answering, or waits for the same start)."""
+    backend = args.get("backend")
+
+    def start_manager() -> None:
+        services = _services()
+        try:
+            if services.choose_backend({"backend": backend}) == "daemon":
+                services.sv.ensure_running(s.layout)
+        except Exception:  # noqa: BLE001 - the switch starts it again and reports why not
+            pass
+
+    def on_tools() -> None:
+        if backend:
+            threading.Thread(target=start_manager, name="start-supervisord", daemon=True).start()
+
+    return releases.install(s.layout, args, emit, on_tools)
+
+
 def _op_switch(s: Session, args: dict[str, Any], emit: Emit) -> Any:
     rid = releases.valid_release_id(args.get("release_id"))
     spec = args.get("services")
@@ -325,7 +346,7 @@ def _op_read_release_file(s: Session, args: dict[str, Any], emit: Emit) -> Any:
 HANDLERS: dict[str, Handler] = {
     "inventory": _op_inventory,
     "receive": _op_receive,
-    "install": lambda s, a, e: releases.install(s.layout, a, e),
+    "install": _op_install,
     "hook": _op_hook,
     "switch": _op_switch,
     "start": lambda s, a, e: _services().start(s.layout, _names(a), a.get("spec"), e),

@@ -16,6 +16,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
 import xmlrpc.client
 from collections.abc import Callable
@@ -355,12 +356,20 @@ _BOOT = ("import sys; sys.path.insert(0, sys.argv.pop(1)); "
          "from supervisor.supervisord import main; main()")
 
 
+_STARTING = threading.Lock()  # one start at a time in this agent (install starts it early)
+
+
 def ensure_running(layout: Layout, emit: Emit | None = None) -> Supervisor:
     """Return a client of this root's supervisord, starting it first when it is not answering.
 
     It is started detached (own session, no inherited stdio) so it never holds an SSH session
     open, and daemonizes itself; we poll its socket until it answers.
     """
+    with _STARTING:
+        return _ensure_running(layout, emit)
+
+
+def _ensure_running(layout: Layout, emit: Emit | None) -> Supervisor:
     for d in (layout.run, programs_dir(layout), layout.log):
         d.mkdir(parents=True, exist_ok=True)
     write_if_changed(conf_path(layout), main_conf(layout))
