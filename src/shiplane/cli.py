@@ -232,7 +232,8 @@ def _retry_option(func: F) -> F:
 def deploy(obj: Context, stage: str | None, artifact: str | None, skip_tests: bool, parallel: int, lock_wait: float,
            retry_failed: bool, hosts: str | None, sets: tuple[str, ...], as_json: bool) -> None:
     """The whole pipeline: gate, build, lock, copy, install, release, switch, verify, finalize."""
-    from shiplane.commands.deploy import DeployOptions, run_deploy
+    from shiplane.commands.deploy import run_deploy
+    from shiplane.commands.deployment import DeployOptions
 
     options = DeployOptions(stage=stage, artifact=artifact, skip_tests=skip_tests, parallel=parallel,
                             lock_wait=lock_wait, hosts=hosts, sets=sets, as_json=as_json, verbose=obj.verbose,
@@ -268,7 +269,7 @@ def plan(obj: Context, stage: str | None, hosts: str | None, sets: tuple[str, ..
 def promote(obj: Context, from_stage: str, to_stage: str, artifact: str | None, skip_tests: bool, parallel: int,
             lock_wait: float, hosts: str | None, sets: tuple[str, ...], as_json: bool) -> None:
     """Deploy to a stage the exact artifact that is live and healthy on another."""
-    from shiplane.commands.deploy import DeployOptions
+    from shiplane.commands.deployment import DeployOptions
     from shiplane.commands.promote import run_promote
 
     if artifact:
@@ -287,7 +288,8 @@ def _first_steps_verb(name: str, doc: str) -> None:
     @click.pass_obj
     def verb(obj: Context, stage: str | None, artifact: str | None, skip_tests: bool, parallel: int, lock_wait: float,
              hosts: str | None, sets: tuple[str, ...], as_json: bool) -> None:
-        from shiplane.commands.deploy import DeployOptions, run_deploy
+        from shiplane.commands.deploy import run_deploy
+        from shiplane.commands.deployment import DeployOptions
 
         options = DeployOptions(stage=stage, artifact=artifact, skip_tests=skip_tests, parallel=parallel,
                                 lock_wait=lock_wait, hosts=hosts, sets=sets, as_json=as_json, verbose=obj.verbose,

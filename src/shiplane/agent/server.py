@@ -20,7 +20,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any, BinaryIO
 
-from . import AgentError, __version__, ledger, lock, releases, store
+from . import AgentError, __version__, ledger, lock, prune, releases, store
 from .hooks import run_hook
 from .paths import Layout
 from .venvs import find_uv, install_uv, list_venvs
@@ -255,7 +255,7 @@ def _op_install(s: Session, args: dict[str, Any], emit: Emit) -> Any:
         try:
             if services.choose_backend({"backend": backend}) == "daemon":
                 services.sv.ensure_running(s.layout)
-        except Exception:  # noqa: BLE001 - the switch starts it again and reports why not
+        except Exception:  # noqa: BLE001, S110 - the switch starts it again and reports why not
             pass
 
     def on_tools() -> None:
@@ -364,7 +364,7 @@ HANDLERS: dict[str, Handler] = {
     "record": _op_record,
     "mark": lambda s, a, e: releases.mark(s.layout, releases.valid_release_id(a.get("release_id")),
                                           str(a.get("state"))),
-    "prune": lambda s, a, e: releases.prune(s.layout, int(a.get("keep") or 5), e),
+    "prune": lambda s, a, e: prune.prune(s.layout, int(a.get("keep") or 5), e),
     "lock": _op_lock,
     "heartbeat": _op_heartbeat,
     "unlock": _op_unlock,

@@ -13,30 +13,38 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from shiplane.commands.build import build_for_deploy
 from shiplane.commands.check import graph_from_project
-from shiplane.commands.common import StageContext, open_stage
+from shiplane.commands.common import open_stage
+from shiplane.commands.deployment import (
+    Deployment,
+    DeployOptions,
+    HostState,
+    healthy,
+    note,
+    require_all,
+    stop_if_any_failed,
+    timeout,
+)
+from shiplane.commands.release_phase import run_release
 from shiplane.config.layers import render_files
 from shiplane.errors import OperationError, UsageError
 from shiplane.events import Event
-from shiplane.fleet import Fleet, Outcome, failures, local_ledger
+from shiplane.fleet import Fleet, failures, local_ledger
 from shiplane.plan import (
     batches,
     install_request,
     manifest_blobs,
     max_failures,
-    primary_host,
     release_id,
     services_spec,
 )
-from shiplane.release_inputs import inputs_digest, last_inputs
 from shiplane.secret import Masker
 from shiplane.transport.session import AgentSession
 from shiplane.transport.tools import ship_uv
@@ -44,52 +52,6 @@ from shiplane.ui import Reporter, human_bytes
 from shiplane.whoami import holder
 
 CHUNK = 1 << 20
-
-
-@dataclass(frozen=True)
-class DeployOptions:
-    stage: str | None
-    artifact: str | None = None
-    skip_tests: bool = False
-    parallel: int = 16
-    lock_wait: float = 0.0
-    hosts: str | None = None
-    sets: Sequence[str] = ()
-    as_json: bool = False
-    verbose: bool = False
-    retry_failed: bool = False
-    until: str | None = None  # "copy" | "install": the first pipeline steps alone
-
-
-@dataclass
-class HostState:
-    phase: str = "pending"
-    outcome: str = "pending"
-    release: str | None = None
-    previous: str | None = None
-    bytes_sent: int = 0
-    error: str | None = None
-    switched: bool = False
-
-
-@dataclass
-class Deployment:
-    ctx: StageContext
-    fleet: Fleet
-    options: DeployOptions
-    manifest: dict[str, Any] = field(default_factory=dict)
-    digest: str = ""
-    rid: str = ""
-    hosts: dict[str, HostState] = field(default_factory=dict)
-    locked: list[str] = field(default_factory=list)
-    ran_release_hook: bool = False
-    # what the release hook ran with (release_inputs.py); the ledger key is set only once tried
-    release_inputs: str | None = None
-    tried_release_hook: bool = False
-    ran_setup: bool = False
-    resumed_release_hook: bool = False
-    failed_hosts: dict[str, str] = field(default_factory=dict)
-    started: float = field(default_factory=time.time)
 
 
 def run_deploy(file: Path | None, options: DeployOptions, masker: Masker) -> dict[str, Any]:
@@ -115,11 +77,11 @@ def run_deploy(file: Path | None, options: DeployOptions, masker: Masker) -> dic
                 _gate_and_build(deployment, reporter)
                 _check_promotion(deployment)
                 deployment.rid = release_id(deployment.digest)
-            _note(deployment, "connect", connected.result() if connected else fleet.connect())
+            note(deployment, "connect", connected.result() if connected else fleet.connect())
             _check_platform(deployment)
             _prepare(deployment, rendered)
             if options.until is None:
-                _release(deployment)
+                run_release(deployment)
                 _switch(deployment)
                 _after_deploy(deployment)
             else:
@@ -238,40 +200,6 @@ def _check_promotion(d: Deployment) -> None:
         )
 
 
-def _require_all(d: Deployment, phase: str, outcomes: dict[str, Outcome]) -> None:
-    """After a phase every host must have succeeded, else the deploy stops here."""
-    _note(d, phase, outcomes)
-    _stop_if_any_failed(d, phase)
-
-
-def _note(d: Deployment, phase: str, outcomes: dict[str, Outcome]) -> None:
-    """Record each host's outcome of a prepare phase; a failed host takes no further part, but
-    the others go on preparing, so a later ``--retry-failed`` only has the failed hosts to do."""
-    for host, outcome in outcomes.items():
-        state = d.hosts[host]
-        state.phase = phase
-        if not outcome.ok:
-            state.outcome, state.error = "failed", outcome.error.reason if outcome.error else "failed"
-            d.failed_hosts[host] = f"{phase}: {state.error}"
-
-
-def _stop_if_any_failed(d: Deployment, phase: str) -> None:
-    if d.failed_hosts:
-        listing = "; ".join(f"{h}: {why}" for h, why in d.failed_hosts.items())
-        raise OperationError(f"{phase} failed on {len(d.failed_hosts)} of {len(d.hosts)} host(s), "
-                             f"nothing was switched: {listing}")
-
-
-def _healthy(d: Deployment) -> list[str]:
-    return [h for h in d.fleet.hosts if h not in d.failed_hosts and h in d.fleet.sessions]
-
-
-def _timeout(d: Deployment) -> float:
-    """How long a host may stay silent during a phase before it is a per-host error (never a
-    hang): the stage's ``command_timeout``. The agent streams progress, so this bounds silence."""
-    return d.ctx.project.deploy.stages[d.ctx.stage].command_timeout
-
-
 def _check_platform(d: Deployment) -> None:
     """Every connected host must run the Python and platform the wheelhouse was resolved for
     (the manifest's ``target``), else the deploy stops before any host is locked or sent a byte:
@@ -334,14 +262,14 @@ def _prepare(d: Deployment, rendered: Any) -> None:
     store = _blob_store(d)
 
     def copy(host: str, session: AgentSession) -> Any:
-        inventory = session.call("inventory", {"blobs": [sha for sha, _ in blobs]}, timeout=_timeout(d))
+        inventory = session.call("inventory", {"blobs": [sha for sha, _ in blobs]}, timeout=timeout(d))
         d.hosts[host].previous = inventory.get("current")
         missing = inventory.get("missing", [])
         total = sum(sizes[sha] for sha in missing)
         if missing:
             payload = _stream_blobs(store, missing)
             session.call("receive", {"blobs": [{"sha256": sha, "size": sizes[sha]} for sha in missing]},
-                         payload=payload, on_event=d.fleet.forward(host, "copy"), timeout=_timeout(d))
+                         payload=payload, on_event=d.fleet.forward(host, "copy"), timeout=timeout(d))
         # the controller's uv, to a host without one: its venv builds in a second instead of many
         total += ship_uv(session, lambda text: d.fleet.emit(Event("copy", "info", host=host, detail=text)))
         d.hosts[host].bytes_sent = total
@@ -352,13 +280,13 @@ def _prepare(d: Deployment, rendered: Any) -> None:
     request = install_request(d.ctx.project.deploy, d.ctx.stage, d.rid, d.manifest, d.ctx.layered, rendered)
 
     def install(host: str, session: AgentSession) -> Any:
-        return session.call("install", request, on_event=d.fleet.forward(host, "install"), timeout=_timeout(d))
+        return session.call("install", request, on_event=d.fleet.forward(host, "install"), timeout=timeout(d))
 
     # each host goes lock -> copy -> install at its own pace: a slow host delays no other
     steps = [("lock", _lock(d)), ("copy", copy)] + ([] if d.options.until == "copy" else [("install", install)])
-    for phase, outcomes in d.fleet.chain(steps, hosts=_healthy(d)).items():
-        _note(d, phase, outcomes)
-    _stop_if_any_failed(d, d.options.until or "prepare")
+    for phase, outcomes in d.fleet.chain(steps, hosts=healthy(d)).items():
+        note(d, phase, outcomes)
+    stop_if_any_failed(d, d.options.until or "prepare")
 
 
 def _blob_store(d: Deployment) -> Any:
@@ -374,67 +302,6 @@ def _stream_blobs(store: Any, shas: list[str]) -> Any:
                 yield chunk
 
 
-def _release(d: Deployment) -> None:
-    """The setup hook on a stage's first deploy, then the release hook: once, on the primary host,
-    with the new code, config and environment, before any host switches."""
-    deploy = d.ctx.project.deploy
-    primary = primary_host(deploy, d.ctx.stage, d.fleet.hosts)
-    session = d.fleet.sessions[primary]
-    commands: list[tuple[str, str]] = []
-    if deploy.hooks.setup:
-        inventory = session.call("inventory", {"blobs": []}, timeout=_timeout(d))
-        if not inventory.get("setup_done"):
-            commands.append(("setup", deploy.hooks.setup))
-    if d.resumed_release_hook:
-        d.ran_release_hook = True
-    elif deploy.hooks.release_commands() and not _release_unchanged(d, session, primary):
-        commands += [("release", cmd) for cmd in deploy.hooks.release_commands()]
-        d.tried_release_hook = True
-    for kind, command in commands:
-        started = time.monotonic()
-        d.fleet.emit(Event(kind, "start", host=primary, detail=command))
-        try:
-            session.call("hook", {"release_id": d.rid, "command": command, "timeout": deploy.hooks.timeout},
-                         on_event=d.fleet.forward(primary, kind), timeout=deploy.hooks.timeout + 30)
-        except OperationError as exc:
-            d.hosts[primary].outcome, d.hosts[primary].error = "failed", str(exc)
-            raise OperationError(f"{kind} hook `{command}` failed on {primary}, nothing was switched: {exc}") from None
-        d.fleet.timings.setdefault(primary, {})[kind] = round(time.monotonic() - started, 3)
-        d.fleet.emit(Event(kind, "ok", host=primary, seconds=time.monotonic() - started))
-        if kind == "setup":
-            d.ran_setup = True
-        else:
-            d.ran_release_hook = True
-    if d.ran_release_hook and d.tried_release_hook:
-        d.release_inputs = _inputs(d)  # every command succeeded: the database is at these inputs
-
-
-def _inputs(d: Deployment) -> str | None:
-    """The release hook's inputs digest when this deploy built its artifact from the checkout
-    and the deploy file names them (``hooks.release_if_changed``); else None."""
-    hooks = d.ctx.project.deploy.hooks
-    if not hooks.release_if_changed or d.options.artifact or d.options.retry_failed:
-        return None
-    return inputs_digest(d.ctx.project.root, hooks.release_if_changed, hooks.release_commands(), d.ctx.layered)
-
-
-def _release_unchanged(d: Deployment, session: AgentSession, primary: str) -> bool:
-    """True (and said) when the release hook's inputs are those it last ran with on the primary."""
-    inputs = _inputs(d)
-    if inputs is None:
-        return False
-    started = time.monotonic()
-    entries = session.call("history", {}, timeout=_timeout(d)).get("entries", [])
-    if last_inputs(entries) != inputs:
-        return False
-    d.release_inputs, d.tried_release_hook = inputs, True
-    d.fleet.timings.setdefault(primary, {})["release"] = round(time.monotonic() - started, 3)
-    patterns = ", ".join(d.ctx.project.deploy.hooks.release_if_changed)
-    d.fleet.emit(Event("release", "skipped", host=primary,
-                       detail=f"nothing the release hook depends on ({patterns}, config) changed since it last ran"))
-    return True
-
-
 def _switch(d: Deployment) -> None:
     deploy = d.ctx.project.deploy
     stage = deploy.stages[d.ctx.stage]
@@ -443,7 +310,7 @@ def _switch(d: Deployment) -> None:
     for batch in batches(d.fleet.hosts, stage.rolling.batch):
         def switch(host: str, session: AgentSession) -> Any:
             result = session.call("switch", {"release_id": d.rid, "services": spec},
-                                  on_event=d.fleet.forward(host, "switch"), timeout=_timeout(d))
+                                  on_event=d.fleet.forward(host, "switch"), timeout=timeout(d))
             d.hosts[host].switched = True  # recorded in the worker: an interrupt may come any time
             return result
 
@@ -468,7 +335,7 @@ def _undo(d: Deployment, switched: list[str], spec: dict[str, Any]) -> None:
     """Return every host this deploy switched to the release it served before."""
     back = [h for h in switched if d.hosts[h].previous]
     outcomes = d.fleet.each("undo", lambda host, s: s.call(
-        "switch", {"release_id": d.hosts[host].previous, "services": spec}, timeout=_timeout(d)), hosts=back)
+        "switch", {"release_id": d.hosts[host].previous, "services": spec}, timeout=timeout(d)), hosts=back)
     for host, outcome in outcomes.items():
         state = d.hosts[host]
         state.outcome = "undone" if outcome.ok else "undo-failed"
@@ -482,7 +349,7 @@ def _after_deploy(d: Deployment) -> None:
             return session.call("hook", {"release_id": d.rid, "command": command, "timeout": deploy.hooks.timeout},
                                 on_event=d.fleet.forward(host, "after_deploy"), timeout=deploy.hooks.timeout + 30)
 
-        _require_all(d, "after_deploy", d.fleet.each("after_deploy", hook))
+        require_all(d, "after_deploy", d.fleet.each("after_deploy", hook))
     for state in d.hosts.values():
         state.outcome = "ok"
 

@@ -210,7 +210,7 @@ def run_prune(file: Path | None, stage: str | None, keep: int | None, masker: Ma
 
 def show_logs(file: Path | None, stage: str | None, service: str | None, lines: int, follow: bool, masker: Masker,
               out: Callable[[str], None], *, hosts: str | None, sets: Sequence[str]) -> None:
-    with connected(file, stage, masker, hosts=hosts, sets=sets) as (ctx, fleet):
+    with connected(file, stage, masker, hosts=hosts, sets=sets) as (_ctx, fleet):
         def one(host: str, session: AgentSession) -> None:
             def line(event: dict[str, Any]) -> None:
                 out(masker(f"[{host}] {event.get('detail', '')}"))
@@ -224,7 +224,7 @@ def show_logs(file: Path | None, stage: str | None, service: str | None, lines: 
 
 
 def lock_stage(file: Path | None, stage: str | None, masker: Masker, *, hosts: str | None, sets: Sequence[str]) -> dict[str, Any]:
-    with connected(file, stage, masker, hosts=hosts, sets=sets) as (ctx, fleet):
+    with connected(file, stage, masker, hosts=hosts, sets=sets) as (_ctx, fleet):
         who = holder(" ".join(["shiplane", *sys.argv[1:]]), os.getpid()).to_json()
         _all(fleet, "lock", lambda h, s: s.call("lock", {"holder": who, "wait": 0}))
         return {"ok": True, "lines": [f"locked {h}" for h in fleet.hosts]}
@@ -232,7 +232,7 @@ def lock_stage(file: Path | None, stage: str | None, masker: Masker, *, hosts: s
 
 def unlock_stage(file: Path | None, stage: str | None, force: bool, masker: Masker, *, hosts: str | None,
                  sets: Sequence[str]) -> dict[str, Any]:
-    with connected(file, stage, masker, hosts=hosts, sets=sets) as (ctx, fleet):
+    with connected(file, stage, masker, hosts=hosts, sets=sets) as (_ctx, fleet):
         who = holder(" ".join(["shiplane", *sys.argv[1:]]), os.getpid()).to_json()
         per_host = _all(fleet, "unlock", lambda h, s: s.call("unlock", {"force": True, "by": who} if force else {"force": False}))
         if force:

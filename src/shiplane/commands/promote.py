@@ -12,7 +12,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from shiplane.commands.deploy import DeployOptions, run_deploy
+from shiplane.commands.deploy import run_deploy
+from shiplane.commands.deployment import DeployOptions
 from shiplane.commands.operate import connected
 from shiplane.errors import OperationError, UsageError
 from shiplane.fleet import failures
