@@ -25,6 +25,9 @@ from .paths import Layout
 
 # EXITED is not dead: autorestart starts it again (a crash, a kill -9)
 DEAD_STATES = {"FATAL", "STOPPED", "UNKNOWN"}
+# gunicorn's own exit codes for a release that cannot serve (gunicorn/arbiter.py): retrying
+# the same code cannot help, so the switch fails now instead of after the health timeout
+GUNICORN_GAVE_UP = {3: "a worker failed to boot", 4: "the app failed to load"}
 
 
 def web_program(release_id: str) -> str:
@@ -108,6 +111,9 @@ class DaemonBackend:
         if info["statename"] in DEAD_STATES:
             why = info.get("spawnerr") or f"exit status {info.get('exitstatus')}"
             return False, f"{info['statename']}: {why}"
+        gave_up = GUNICORN_GAVE_UP.get(int(info.get("exitstatus") or 0))
+        if info["statename"] in ("BACKOFF", "EXITED") and gave_up:
+            return False, f"gunicorn exited with status {info['exitstatus']}: {gave_up}"
         return info["statename"] == "RUNNING", None
 
     def start_web(self, release_id: str, web: dict[str, Any], emit: Emit) -> None:
