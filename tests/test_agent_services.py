@@ -477,6 +477,30 @@ def test_a_keep_alive_client_moves_to_the_new_release_while_the_old_one_stands_b
 
 
 @pytest.mark.slow
+def test_a_port_held_by_another_program_fails_the_switch_and_changes_nothing(
+        root: Layout, spec: dict[str, Any]) -> None:
+    """The front's port taken by someone else: the front cannot listen, so nothing of ours
+    would answer there. The switch says so instead of reporting success."""
+    live = services.status(root)["live_release"]
+    squatter = socket.socket()
+    squatter.bind(("127.0.0.1", 0))
+    squatter.listen()
+    taken = {**spec, "web": {**spec["web"], "port": squatter.getsockname()[1]}}
+    other = ID1 if live == ID2 else ID2
+    try:
+        with pytest.raises(AgentError) as err:
+            services.switch(root, other, taken, lambda e: None)
+        assert err.value.kind == "front"
+        assert f"127.0.0.1:{taken['web']['port']}" in err.value.message
+        assert "in use" in err.value.message
+        assert services.status(root)["live_release"] == live
+    finally:
+        squatter.close()
+        services.switch(root, live, spec, lambda e: None)  # the front back on its own port
+    assert try_get(spec["web"]["port"]) == f"release {live}"
+
+
+@pytest.mark.slow
 def test_shutdown_leaves_no_process_behind(root: Layout, spec: dict[str, Any]) -> None:
     status = services.status(root)
     sup_pid = status["supervisord"]["pid"]

@@ -157,7 +157,12 @@ def front_listen(spec: dict[str, Any]) -> str:
 def front_argv(layout: Layout, spec: dict[str, Any]) -> list[str]:
     """The builtin proxy from the public port to ``run/web.sock``."""
     return [*agent_command(), "proxy", "--listen", front_listen(spec),
-            "--upstream", str(layout.web_socket)]
+            "--upstream", str(layout.web_socket), "--ready", str(front_ready(layout))]
+
+
+def front_ready(layout: Layout) -> Path:
+    """Where the builtin proxy writes its pid once it listens (the port may be someone else's)."""
+    return layout.run / "front.ready"
 
 
 def builtin_front(spec: dict[str, Any]) -> bool:

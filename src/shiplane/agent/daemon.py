@@ -16,10 +16,13 @@ from .backend import (
     builtin_front,
     check_worker,
     front_argv,
+    front_listen,
+    front_ready,
     graceful_timeout,
     web_argv,
     worker_argv,
 )
+from .errors import AgentError
 from .health import tail_lines
 from .paths import Layout
 
@@ -27,6 +30,7 @@ from .paths import Layout
 DEAD_STATES = {"FATAL", "STOPPED", "UNKNOWN"}
 # gunicorn's own exit codes for a release that cannot serve (gunicorn/arbiter.py): retrying
 # the same code cannot help, so the switch fails now instead of after the health timeout
+FRONT_START_TIMEOUT = 15.0
 GUNICORN_GAVE_UP = {3: "a worker failed to boot", 4: "the app failed to load"}
 
 
@@ -135,12 +139,35 @@ class DaemonBackend:
         if text is None:
             self.sup.remove("front")
             return
-        if sv.write_program(self.layout, "front", text):
-            self.sup.update()
+        changed = sv.write_program(self.layout, "front", text)
+        if changed:
+            self.sup.update()  # restarts it with the new conf
         info = self.sup.info("front")
         if info is None or info["statename"] not in ("RUNNING", "STARTING"):
             emit({"phase": "switch", "status": "front", "detail": "starting the front proxy"})
             self.sup.start("front", wait=False)
+        elif not changed:
+            return
+        self._wait_front_listening(spec)
+
+    def _wait_front_listening(self, spec: dict[str, Any]) -> None:
+        """Return once the front just started listens; its port may be held by another program
+        (which would then answer in its place), so that is an error naming the port."""
+        deadline = time.monotonic() + FRONT_START_TIMEOUT
+        while True:
+            info = self.sup.info("front") or {}
+            try:
+                listening = int(front_ready(self.layout).read_text())
+            except (OSError, ValueError):
+                listening = None
+            if info.get("pid") and listening == info["pid"]:
+                return
+            gone = info.get("statename") not in ("RUNNING", "STARTING")
+            if gone or time.monotonic() > deadline:
+                why = (tail_lines(self.layout.log / "front.log", 1) or ["no output"])[-1]
+                raise AgentError(f"the front proxy cannot serve {front_listen(spec)}: {why}",
+                                 kind="front")
+            time.sleep(0.02)  # poll interval while the proxy starts
 
     def _stop_worker(self, name: str, emit: Emit) -> dict[str, Any] | None:
         """Stop a running worker; a dict describing the kill when it outlived its grace."""

@@ -256,13 +256,16 @@ class Proxy:
         self.server = await loop.create_server(self._accept, self.host, self.port,
                                                reuse_address=True, backlog=BACKLOG)
 
-    async def serve(self) -> None:
-        """Serve until SIGTERM/SIGINT, then stop listening and let open connections finish."""
+    async def serve(self, ready: str | None = None) -> None:
+        """Serve until SIGTERM/SIGINT, then stop listening and let open connections finish.
+        Once listening, the pid goes to ``ready`` (the agent waits for it)."""
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         await self.start()
+        if ready:
+            _write_pid(ready)  # a few bytes on local disk: not worth a thread
         await stop.wait()
         await self.close(SHUTDOWN_GRACE)
 
@@ -322,6 +325,13 @@ def activated_socket() -> socket.socket | None:
     return sock
 
 
+def _write_pid(path: str) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as handle:
+        handle.write(f"{os.getpid()}\n")
+    os.replace(tmp, path)
+
+
 def parse_listen(value: str) -> tuple[str, int]:
     """``HOST:PORT`` (``[v6]:PORT`` too) -> (host, port)."""
     host, sep, port = value.rpartition(":")
@@ -336,11 +346,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--listen", required=True, type=parse_listen,
                         help="HOST:PORT to listen on (unless systemd passes a socket: LISTEN_FDS)")
     parser.add_argument("--upstream", required=True, help="unix socket path (a symlink is fine)")
+    parser.add_argument("--ready", help="write the pid to this file once listening")
     args: Any = parser.parse_args(argv)
     host, port = args.listen
     proxy = Proxy(host, port, args.upstream)
     try:
-        asyncio.run(proxy.serve())
+        asyncio.run(proxy.serve(args.ready))
     except OSError as exc:
         sys.stderr.write(f"shiplane front: cannot listen on {host}:{port}: {exc}\n")
         return 1

@@ -174,7 +174,6 @@ def switch(layout: Layout, release_id: str, spec: dict[str, Any], emit: Emit,
         emit({"phase": "switch", "status": "stop", "detail": f"stopping {web_program(rid)}"})
         backend.stop_web(rid, emit, wait=False)
     _remove_stray_sockets(layout, {web_program(r) for r in keep | set(going)})
-    ensure_front(layout, backend, spec, emit)
 
     def done(previous: str | None, stopped: list[str], **extra: Any) -> dict[str, Any]:
         for rid in going:
@@ -187,6 +186,7 @@ def switch(layout: Layout, release_id: str, spec: dict[str, Any], emit: Emit,
                 "backend": backend.name, "seconds": round(time.monotonic() - started, 3)}
 
     if live == release_id and backend.web_state(release_id)[0]:
+        ensure_front(layout, backend, spec, emit)
         check_web(layout, backend, release_id, web, emit)
         flip(layout, release_id)
         save_spec(layout, spec)
@@ -202,6 +202,7 @@ def switch(layout: Layout, release_id: str, spec: dict[str, Any], emit: Emit,
     # (workers, worker class, timeouts) is restarted with these
     backend.start_web(release_id, web, emit)
     try:
+        ensure_front(layout, backend, spec, emit)  # a front starting up does so while it boots
         check_web(layout, backend, release_id, web, emit)
     except AgentError:
         if live != release_id:
