@@ -121,6 +121,16 @@ def test_services_spec_for_a_wsgi_app() -> None:
     assert web["health"] == {"path": "/health", "timeout": 7, "host": "localhost"}
     assert web["smoke"][0]["path"] == "/" and web["smoke"][0]["expect"] == "shop"
     assert spec["workers"]["worker"]["command"] == "python -m shop.worker"
+    assert web["standby"] is True  # rollback is instant unless the stage gives the memory back
+
+
+def test_standby_can_be_turned_off_and_the_install_knows_the_process_manager() -> None:
+    raw = tomllib.loads(BASE.format(target='wsgi = "shop:create_app()"'))
+    raw["services"]["web"]["standby"] = False
+    deploy = DeployFile.model_validate(raw)
+    assert services_spec(deploy, "prod")["web"]["standby"] is False
+    # the local stage runs under the daemon backend: the install starts supervisord early
+    assert services_spec(deploy, "local")["backend"] == "daemon"
 
 
 def test_services_spec_for_an_asgi_app_and_bind_defaults() -> None:
