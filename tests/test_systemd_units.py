@@ -123,7 +123,7 @@ def test_front_socket_owns_the_port_and_user_units_want_default_target(tmp_path:
     front = written["demo-prod-front.service"]
     assert option(front, "Requires") == "demo-prod-front.socket"
     assert exec_argv(front)[3:] == ["proxy", "--listen", "0.0.0.0:8123", "--upstream",
-                                    str(layout.web_socket)]
+                                    str(layout.web_socket), "--ready", str(layout.run / "front.ready")]
     assert option(front, "WantedBy") == "default.target"
     nginx_fronted = render_units(layout, spec(front="nginx"), None)
     assert sorted(nginx_fronted) == ["demo-prod-web@.service"]
