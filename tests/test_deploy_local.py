@@ -7,6 +7,7 @@ import os
 import signal
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -182,6 +183,7 @@ def test_prune_keeps_the_live_and_previous_releases(app: Project) -> None:
 def test_release_hook_runs_only_when_what_it_depends_on_changed(app: Project) -> None:
     app.deploy()
     edit(app, VIEWS, "<footer>", "<footer>hook-skip ")
+    assert _plan(app)["release_hook"] == "skip"  # plan says it first, read-only
     code_only = app.deploy()
     assert code_only["release_hook"] is False and "release_inputs" in code_only
     assert "nothing the release hook depends on" in code_only["output"]
@@ -190,6 +192,12 @@ def test_release_hook_runs_only_when_what_it_depends_on_changed(app: Project) ->
     assert done.returncode == 0, done.stdout + done.stderr
     assert "hook-skip" not in app.get("/")[1]
     edit(app, "alembic.ini", "[alembic]", "[alembic]\n# touched")
+    assert _plan(app)["release_hook"] == "run"
     migrated = app.deploy()
     assert migrated["release_hook"] is True
     assert migrated["release_inputs"] != code_only["release_inputs"]
+
+
+def _plan(project: Project) -> dict[str, Any]:
+    done = project.shiplane("plan", "--stage", "local", "--json", check=True)
+    return dict(json.loads(done.stdout))

@@ -3,7 +3,7 @@ come, whether its dependency venv is reused, the blobs and bytes to send, the co
 would change, and the services a switch restarts.
 
 Read-only on every host: it takes no lock and calls only read ops (``inventory``,
-``read_release_file``). The one write anywhere is the controller's own build cache (it builds or
+``read_release_file``, ``history``). The one write anywhere is the controller's own build cache (it builds or
 reuses the artifact, as ``deploy`` would); a host contacted for the very first time also receives
 the agent itself (``.shiplane/agent-<sha>.pyz``), as any shiplane command does.
 """
@@ -25,6 +25,7 @@ from shiplane.config.layers import env_file_values, render_files
 from shiplane.errors import ConfigError, OperationError
 from shiplane.fleet import failures
 from shiplane.plan import manifest_blobs, primary_host, release_id, services_spec
+from shiplane.release_inputs import inputs_digest, last_inputs
 from shiplane.secret import Masker
 from shiplane.transport.session import AgentSession
 from shiplane.ui import Reporter, human_bytes
@@ -86,14 +87,32 @@ def run_plan(file: Path | None, stage: str | None, masker: Masker, *, hosts: str
         lines = [head]
         for host, info in per_host.items():
             lines += _host_lines(host, info, services)
-        hooks = [f"release hook `{c}` once on {primary}" for c in deploy.hooks.release_commands()]
+        hook_runs = _release_hook_runs(ctx, fleet.sessions[primary])
+        if hook_runs:
+            hooks = [f"release hook `{c}` once on {primary}" for c in deploy.hooks.release_commands()]
+        else:
+            watched = ", ".join(deploy.hooks.release_if_changed)
+            hooks = [(f"no release hook: nothing it depends on ({watched}, config) changed since it "
+                      f"last ran on {primary}")] if deploy.hooks.release_commands() else []
         if any(info["setup_pending"] for info in per_host.values()) and deploy.hooks.setup:
             hooks.insert(0, f"setup hook `{deploy.hooks.setup}` on {primary} (first deploy of the stage)")
         lines += [f"then: {h}" for h in hooks]
         rolling = deploy.stages[ctx.stage].rolling
         lines.append(f"switch in batches of {rolling.batch}, max_fail {rolling.max_fail}")
         return {"ok": True, "stage": ctx.stage, "artifact": digest, "release": rid, "primary": primary,
+                "release_hook": "run" if hook_runs and deploy.hooks.release_commands() else "skip",
                 "services": services, "hosts": per_host, "lines": lines}
+
+
+def _release_hook_runs(ctx: Any, session: AgentSession) -> bool:
+    """Whether a deploy now would run the release hook (``hooks.release_if_changed``): read-only,
+    the primary's ledger against the digest of what the hook depends on in this checkout."""
+    hooks = ctx.project.deploy.hooks
+    if not hooks.release_if_changed:
+        return True
+    inputs = inputs_digest(ctx.project.root, hooks.release_if_changed, hooks.release_commands(), ctx.layered)
+    entries = session.call("history", {"limit": 500}, timeout=120).get("entries", [])
+    return last_inputs(entries) != inputs
 
 
 def _services(spec: dict[str, Any]) -> list[str]:
