@@ -7,6 +7,7 @@ returns what every host answered, or the HostError it raised. It never stops oth
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -45,6 +46,10 @@ class Fleet:
     sessions: dict[str, AgentSession] = field(default_factory=dict)
     timings: dict[str, dict[str, float]] = field(default_factory=dict)
     _pools: list[ThreadPoolExecutor] = field(default_factory=list)
+    # phases running on hosts right now: settle() waits for none (pool bookkeeping alone can
+    # miss one, when the interrupt lands while a pool is being set up or taken down)
+    _busy: int = 0
+    _idle: threading.Condition = field(default_factory=threading.Condition)
 
     @property
     def hosts(self) -> list[str]:
@@ -117,6 +122,17 @@ class Fleet:
 
     def _run(self, phase: str, work: Callable[[str, AgentSession], Any], host: str, quiet: bool) -> Outcome:
         """One phase on one host: events, timing, and any failure as the host's outcome."""
+        with self._idle:
+            self._busy += 1
+        try:
+            return self._run_counted(phase, work, host, quiet)
+        finally:
+            with self._idle:
+                self._busy -= 1
+                self._idle.notify_all()
+
+    def _run_counted(self, phase: str, work: Callable[[str, AgentSession], Any], host: str,
+                     quiet: bool) -> Outcome:
         started = time.monotonic()
         if not quiet:
             self.emit(Event(phase, "start", host=host))
@@ -153,6 +169,8 @@ class Fleet:
         what a host did must be known before deciding what to undo)."""
         for pool in list(self._pools):
             pool.shutdown(wait=True)
+        with self._idle:  # each phase is bounded by its own timeouts
+            self._idle.wait_for(lambda: self._busy == 0)
 
     def forward(self, host: str, phase: str) -> Callable[[dict[str, Any]], None]:
         """Agent events of one host, into our event stream."""
