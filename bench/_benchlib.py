@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import statistics
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -204,3 +206,18 @@ class Series:
     def as_dict(self) -> dict[str, Any]:
         return {"name": self.name, "n": len(self.values), "median": self.median,
                 "min": self.low, "max": self.high, "values": self.values}
+
+
+def clean_up(cleanups: Sequence[Any], work: Path, keep: bool, say: Any) -> None:
+    """Run every cleanup (a failing one does not stop the others), then drop the temp dir."""
+    for cleanup in cleanups:
+        if cleanup is None:
+            continue
+        try:
+            cleanup()
+        except Exception as exc:  # noqa: BLE001 - keep cleaning up whatever else runs
+            print(f"cleanup: {exc}", file=sys.stderr)
+    if keep:
+        say(f"kept {work}")
+    else:
+        shutil.rmtree(work, ignore_errors=True)

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import signal
 import sys
 import tempfile
@@ -50,7 +49,7 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 sys.path.insert(0, str(BENCH.parent / "tests"))
 
-from _benchlib import BenchError
+from _benchlib import BenchError, clean_up
 from _fleet_apps import WORKLOADS, Fleet, make_fleet
 from _fleet_report import HEADING, render, write_section
 from bench_local import load, machine, wait_idle
@@ -193,15 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     except (BenchError, KeyboardInterrupt) as exc:
         failed = str(exc) or type(exc).__name__
     finally:
-        for cleanup in [f.stop_all for f in fleets] + ([testhosts.stop] if testhosts else []):
-            try:
-                cleanup()
-            except Exception as exc:  # noqa: BLE001 - keep cleaning up whatever else runs
-                print(f"cleanup: {exc}", file=sys.stderr)
-        if args.keep:
-            _say(f"kept {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
+        clean_up([f.stop_all for f in fleets] + [testhosts.stop if testhosts else None], work,
+                 args.keep, _say)
     if failed:
         print(f"bench failed: {failed}", file=sys.stderr)
         return 1

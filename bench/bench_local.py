@@ -35,7 +35,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _benchlib import BenchError, Series, Started, free_port
+from _benchlib import BenchError, Series, Started, clean_up, free_port
 from _report import render_markdown, render_text
 from _scenarios import DeployRun, Manual, Project
 
@@ -258,18 +258,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench failed: {exc}", file=sys.stderr)
         return 1
     finally:
-        for cleanup in (manual.close if manual else None, project.stop_all if project else None,
-                        started.stop_all):
-            if cleanup is None:
-                continue
-            try:
-                cleanup()
-            except Exception as exc:  # noqa: BLE001 - keep cleaning up whatever else runs
-                print(f"cleanup: {exc}", file=sys.stderr)
-        if args.keep:
-            _say(f"kept {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
+        clean_up([manual.close if manual else None, project.stop_all if project else None,
+                  started.stop_all], work, args.keep, _say)
     res["bench_seconds"] = time.perf_counter() - t0
     print(render_text(res))
     if args.out:

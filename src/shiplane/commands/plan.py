@@ -20,12 +20,12 @@ from typing import Any
 
 from shiplane.commands.build import build_for_deploy
 from shiplane.commands.operate import connected
+from shiplane.commands.release_phase import checkout_inputs, last_run_inputs
 from shiplane.config.formats import format_of, parse_env
 from shiplane.config.layers import env_file_values, render_files
 from shiplane.errors import ConfigError, OperationError
 from shiplane.fleet import failures
 from shiplane.plan import manifest_blobs, primary_host, release_id, services_spec
-from shiplane.release_inputs import inputs_digest, last_inputs
 from shiplane.secret import Masker
 from shiplane.transport.session import AgentSession
 from shiplane.ui import Reporter, human_bytes
@@ -107,12 +107,8 @@ def run_plan(file: Path | None, stage: str | None, masker: Masker, *, hosts: str
 def _release_hook_runs(ctx: Any, session: AgentSession) -> bool:
     """Whether a deploy now would run the release hook (``hooks.release_if_changed``): read-only,
     the primary's ledger against the digest of what the hook depends on in this checkout."""
-    hooks = ctx.project.deploy.hooks
-    if not hooks.release_if_changed:
-        return True
-    inputs = inputs_digest(ctx.project.root, hooks.release_if_changed, hooks.release_commands(), ctx.layered)
-    entries = session.call("history", {"limit": 500}, timeout=120).get("entries", [])
-    return last_inputs(entries) != inputs
+    inputs = checkout_inputs(ctx.project, ctx.layered)
+    return inputs is None or last_run_inputs(session, 120) != inputs
 
 
 def _services(spec: dict[str, Any]) -> list[str]:

@@ -7,6 +7,8 @@ from __future__ import annotations
 import time
 
 from shiplane.commands.deployment import Deployment, timeout
+from shiplane.config import Project
+from shiplane.config.layers import Layered
 from shiplane.errors import OperationError
 from shiplane.events import Event
 from shiplane.plan import primary_host
@@ -25,9 +27,11 @@ def run_release(d: Deployment) -> None:
         inventory = session.call("inventory", {"blobs": []}, timeout=timeout(d))
         if not inventory.get("setup_done"):
             commands.append(("setup", deploy.hooks.setup))
+    # what the hook depends on, digested once (None: an artifact not built from this checkout)
+    inputs = None if d.options.artifact or d.options.retry_failed else checkout_inputs(d.ctx.project, d.ctx.layered)
     if d.resumed_release_hook:
         d.ran_release_hook = True
-    elif deploy.hooks.release_commands() and not _release_unchanged(d, session, primary):
+    elif deploy.hooks.release_commands() and not _release_unchanged(d, session, primary, inputs):
         commands += [("release", cmd) for cmd in deploy.hooks.release_commands()]
         d.tried_release_hook = True
     for kind, command in commands:
@@ -46,27 +50,30 @@ def run_release(d: Deployment) -> None:
         else:
             d.ran_release_hook = True
     if d.ran_release_hook and d.tried_release_hook:
-        d.release_inputs = _inputs(d)  # every command succeeded: the database is at these inputs
+        d.release_inputs = inputs  # every command succeeded: the database is at these inputs
 
 
-def _inputs(d: Deployment) -> str | None:
-    """The release hook's inputs digest when this deploy built its artifact from the checkout
-    and the deploy file names them (``hooks.release_if_changed``); else None."""
-    hooks = d.ctx.project.deploy.hooks
-    if not hooks.release_if_changed or d.options.artifact or d.options.retry_failed:
+def checkout_inputs(project: Project, layered: Layered) -> str | None:
+    """The digest of what the release hook depends on in this checkout, when the deploy file
+    names it (``hooks.release_if_changed``); else None."""
+    hooks = project.deploy.hooks
+    if not hooks.release_if_changed:
         return None
-    return inputs_digest(d.ctx.project.root, hooks.release_if_changed, hooks.release_commands(), d.ctx.layered)
+    return inputs_digest(project.root, hooks.release_if_changed, hooks.release_commands(), layered)
 
 
-def _release_unchanged(d: Deployment, session: AgentSession, primary: str) -> bool:
+def last_run_inputs(session: AgentSession, wait: float) -> str | None:
+    """The digest the release hook last ran with on this host (its ledger), or None."""
+    # the newest entries suffice: a digest older than that only means the hook runs once more
+    return last_inputs(session.call("history", {"limit": 500}, timeout=wait).get("entries", []))
+
+
+def _release_unchanged(d: Deployment, session: AgentSession, primary: str, inputs: str | None) -> bool:
     """True (and said) when the release hook's inputs are those it last ran with on the primary."""
-    inputs = _inputs(d)
     if inputs is None:
         return False
     started = time.monotonic()
-    # the newest entries suffice: a digest older than that only means the hook runs once more
-    entries = session.call("history", {"limit": 500}, timeout=timeout(d)).get("entries", [])
-    if last_inputs(entries) != inputs:
+    if last_run_inputs(session, timeout(d)) != inputs:
         return False
     d.release_inputs, d.tried_release_hook = inputs, True
     d.fleet.timings.setdefault(primary, {})["release"] = round(time.monotonic() - started, 3)
