@@ -100,6 +100,14 @@ def test_port_clash_between_stages_on_one_host(tmp_path: Path) -> None:
     assert "shiplane.toml:32" in out
 
 
+def test_release_hook_inputs_must_stay_inside_the_project(tmp_path: Path) -> None:
+    toml = BASE + '\n[hooks]\nrelease = "alembic upgrade head"\nrelease_if_changed = ["../db/**"]\n'
+    code, out = run(project(tmp_path, toml), "check")
+    assert code == 2
+    assert "hooks.release_if_changed" in out and "inside the project" in out and "'../db/**'" in out
+    assert "Traceback" not in out
+
+
 def test_unknown_stage_suggests_the_close_one(tmp_path: Path) -> None:
     code, out = run(project(tmp_path), "config", "show", "--stage", "prdo", env=secrets_env())
     assert code == 2
