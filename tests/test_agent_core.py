@@ -172,7 +172,10 @@ def test_bootstrap_sends_the_agent_once(root: Path) -> None:
     assert first.hello["python_version"] == "{}.{}".format(*sys.version_info[:2])
     first.close()
     _, agent_sha = agent_zip()
-    assert (root / ".shiplane" / f"agent-{agent_sha}.pyz").is_file()
+    shipped = root / ".shiplane" / f"agent-{agent_sha}"
+    # unpacked and byte-compiled by the host's Python, so agent processes do not compile it
+    assert list(shipped.glob("shiplane_agent/__pycache__/releases.*.pyc"))
+    assert [p.name for p in (root / ".shiplane").iterdir()] == [shipped.name]
     second = AgentClient(root)
     assert not second.needed
     assert second.request("inventory").ok

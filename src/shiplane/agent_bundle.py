@@ -1,8 +1,8 @@
 """The agent as shipped to hosts: a deterministic zipapp plus the bootstrap that installs it.
 
 The controller starts ``python3 -c BOOTSTRAP <root> <sha>`` on a host (through ssh, or as a local
-subprocess). The bootstrap asks for the zipapp only when ``<root>/.shiplane/agent-<sha>.pyz`` is
-missing, so the agent crosses the wire once per version.
+subprocess). The bootstrap asks for the zipapp only when ``<root>/.shiplane/agent-<sha>/`` is
+missing, so the agent crosses the wire once per version; the host unpacks and byte-compiles it.
 """
 
 from __future__ import annotations
@@ -42,14 +42,18 @@ def agent_zip() -> tuple[bytes, str]:
     return data, hashlib.sha256(data).hexdigest()
 
 
-# Kept compact (it travels on every ssh command line) and valid on any Python 3.
+# Kept compact (it travels on every ssh command line) and valid on any Python 3. The zipapp is
+# unpacked into ``agent-<sha>/`` and byte-compiled by the host's own Python, once: run from a zip,
+# every agent process (the session, exec-env before each gunicorn, the front proxy) compiled its
+# modules again, ~0.1 s of CPU each. The directory appears by one rename, so it is complete.
 BOOTSTRAP = r"""import hashlib,os,sys,runpy
 r=os.path.abspath(os.path.expanduser(sys.argv[1]));s=sys.argv[2]
 if len(s)!=64 or s.strip("0123456789abcdef"):sys.stderr.write("shiplane: bad agent sha\n");sys.exit(2)
 d=os.path.join(r,".shiplane")
 if not os.path.isdir(d):os.makedirs(d)
-p=os.path.join(d,"agent-%s.pyz"%s)
-if not os.path.isfile(p):
+p=os.path.join(d,"agent-%s"%s)
+if not os.path.isdir(p):
+ import io,shutil,zipfile,compileall
  sys.stdout.write("NEED\n");sys.stdout.flush()
  i=sys.stdin.buffer;n=int(i.readline());c=[];g=0
  while g<n:
@@ -58,10 +62,14 @@ if not os.path.isfile(p):
   c.append(b);g+=len(b)
  b=b"".join(c)
  if hashlib.sha256(b).hexdigest()!=s:sys.stderr.write("shiplane: agent upload corrupted (sha256 mismatch, %d of %d bytes)\n"%(len(b),n));sys.exit(3)
- t="%s.tmp-%d"%(p,os.getpid())
- with open(t,"wb") as f:f.write(b);f.flush();os.fsync(f.fileno())
- os.rename(t,p)
-os.environ["SHIPLANE_AGENT_PYZ"]=p;sys.path.insert(0,p);sys.argv=[p,"serve",r]
+ t="%s.tmp-%d"%(p,os.getpid());z=zipfile.ZipFile(io.BytesIO(b))
+ if any(m.startswith("/") or ".." in m.split("/") for m in z.namelist()):sys.stderr.write("shiplane: bad agent member\n");sys.exit(3)
+ z.extractall(t);compileall.compile_dir(t,quiet=2)
+ try:os.rename(t,p)
+ except OSError:
+  if not os.path.isdir(p):raise
+  shutil.rmtree(t)
+os.environ["SHIPLANE_AGENT_DIR"]=p;sys.path.insert(0,p);sys.argv=[p,"serve",r]
 runpy.run_module("shiplane_agent",run_name="__main__",alter_sys=True)
 """
 

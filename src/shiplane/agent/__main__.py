@@ -1,4 +1,4 @@
-"""``python -m shiplane.agent <cmd>`` (or ``python3 agent.pyz <cmd>`` on a host).
+"""``python -m shiplane.agent <cmd>`` (or ``python3 -S agent-<sha> <cmd>`` on a host).
 
     serve <root>                              the session loop (JSON lines on stdin/stdout)
     exec-env <root> <release_id> -- cmd ...   exec cmd in the release dir with its runtime env
@@ -26,7 +26,7 @@ def main(argv: list[str]) -> int:
     if cmd == "exec-env" and len(rest) >= 4 and rest[2] == "--":
         from . import AgentError
         from .paths import Layout
-        from .releases import exec_in_release
+        from .runtime import exec_in_release
 
         try:
             exec_in_release(Layout(rest[0]), rest[1], rest[3:])

@@ -13,6 +13,7 @@ from typing import Any
 
 from . import AgentError
 from .paths import Layout
+from .runtime import runtime_env
 
 Emit = Callable[[dict[str, Any]], None]
 
@@ -30,7 +31,6 @@ def run_hook(layout: Layout, release_id: str, command: str, timeout: float | Non
     stderr are merged. A non-zero exit fails with kind ``hook`` and the last lines of output.
     Returns ``{exit_code, output, output_tail, seconds}``.
     """
-    from .releases import runtime_env  # releases imports hooks: import here, not at the top
 
     cwd = layout.release(release_id)
     if not cwd.is_dir():

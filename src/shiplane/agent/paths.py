@@ -83,7 +83,7 @@ class Layout:
 
     @property
     def agent_dir(self) -> Path:
-        """Where the agent zipapps live (``.shiplane/agent-<sha>.pyz``)."""
+        """Where the agent versions live (``.shiplane/agent-<sha>/``, unpacked and compiled)."""
         return self.root / ".shiplane"
 
     @property
@@ -100,17 +100,15 @@ class Layout:
 def agent_command() -> list[str]:
     """The argv prefix that runs this very agent again (for supervisord programs, exec-env, proxy).
 
-    From the shipped zipapp that is ``python3 /root/.shiplane/agent-<sha>.pyz``; from a source
-    checkout (tests) it is ``python -m shiplane.agent``.
+    On a host that is ``python3 -S /root/.shiplane/agent-<sha>`` (the unpacked zipapp, run as a
+    directory); from a source checkout (tests) it is ``python -m shiplane.agent``.
     """
-    main = sys.modules.get("__main__")
-    main_file = getattr(main, "__file__", "") or ""
     package = __package__ or "shiplane.agent"
-    zip_path = os.environ.get("SHIPLANE_AGENT_PYZ")
+    shipped = os.environ.get("SHIPLANE_AGENT_DIR")  # set by the bootstrap
     # -S: the agent is stdlib-only, and skipping site (and whatever .pth files a host's Python
     # runs at start) takes tens of ms off every process it starts, gunicorn's boot included
-    if zip_path:
-        return [sys.executable, "-S", zip_path]
-    if ".pyz" in main_file:
-        return [sys.executable, "-S", main_file.split(".pyz")[0] + ".pyz"]
+    if shipped:
+        return [sys.executable, "-S", shipped]
+    if package != "shiplane.agent":  # shipped, but started without the bootstrap's environment
+        return [sys.executable, "-S", str(Path(__file__).resolve().parent.parent)]
     return [sys.executable, "-m", package]

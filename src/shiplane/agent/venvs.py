@@ -24,20 +24,15 @@ from typing import Any
 
 from . import AgentError, atomic_write
 from .paths import Layout
+from .runtime import valid_digest
 from .store import require, valid_sha
 
 Emit = Callable[[dict[str, Any]], None]
 
-DIGEST_RE = re.compile(r"^[0-9a-f]{8,64}$")
 OUTPUT_TAIL = 30
 # A dependency entry of this kind is the controller's compiled bytecode of the wheels, not a wheel.
 BYTECODE = "bytecode"
 BYTECODE_META = "SHIPLANE-BYTECODE.json"
-
-
-def valid_digest(digest: object) -> bool:
-    """A dependency digest is hex (it becomes a directory name)."""
-    return isinstance(digest, str) and bool(DIGEST_RE.match(digest))
 
 
 def find_uv(layout: Layout | None = None) -> str | None:
