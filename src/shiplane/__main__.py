@@ -1,3 +1,3 @@
-from shiplane.cli import main
+from shiplane.cli import entry
 
-main()
+entry()

@@ -58,6 +58,30 @@ class ShiplaneGroup(click.Group):
             ctx.exit(130)
 
 
+def entry() -> None:
+    """The console entry point: the CLI, then an exit that skips the interpreter's teardown.
+
+    Tearing down the modules (pydantic's, rich's) costs ~0.08 s of CPU after the last line is
+    printed, on every command. Nothing needs it: each command closes its own processes,
+    connections and temp dirs before it returns.
+    """
+    try:
+        main.main(prog_name="shiplane")  # click's standalone mode always ends in SystemExit
+        code = 0
+    except SystemExit as exc:
+        if exc.code is None or isinstance(exc.code, int):
+            code = exc.code or 0
+        else:
+            print(exc.code, file=sys.stderr)
+            code = 1
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except OSError:  # a closed pipe (`shiplane releases | head`)
+        code = code or 1
+    os._exit(code)
+
+
 @click.group(cls=ShiplaneGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="shiplane")
 @click.option("--file", "-f", type=click.Path(dir_okay=False), help="The deploy file (default: ./shiplane.toml or a parent's).")
