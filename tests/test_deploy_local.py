@@ -41,6 +41,53 @@ def test_deploy_serves_the_release_and_stage(app: Project) -> None:
     assert managers == [(app.deploy_root / "run" / "supervisord.pid").read_text().strip()]
 
 
+PROBE = """\
+import json, os, sys, time
+
+release, root = os.environ["SHIPLANE_RELEASE"], os.environ["SHIPLANE_ROOT"]
+found, deadline = [], time.monotonic() + 20
+while not any(s["markupsafe"] for s in found) and time.monotonic() < deadline:
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            argv = open(f"/proc/{pid}/cmdline", "rb").read().decode().split("\\0")
+            maps = open(f"/proc/{pid}/maps").read()
+        except OSError:
+            continue
+        if any(a.endswith("preboot.py") for a in argv) and release in argv:
+            found.append({"pid": int(pid), "markupsafe": "markupsafe" in maps})
+    time.sleep(0.05)  # polling the preboot's imports, bounded by the deadline
+socket = os.path.exists(os.path.join(root, "run", f"web-{release}.sock"))
+with open(os.path.join(root, "probe.json"), "w") as out:
+    json.dump({"servers": found, "socket": socket}, out)
+"""
+
+
+def test_the_next_server_loads_its_libraries_during_the_install_and_the_app_at_the_switch(
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    project = scaffold(tmp_path_factory.mktemp("pb"))  # short: unix socket paths are limited
+    try:
+        (project.root / "src" / "demo" / "probe.py").write_text(PROBE)
+        edit(project, "shiplane.toml", 'release = "alembic upgrade head"',
+             'release = "alembic upgrade head && python -m demo.probe"')
+        result = project.deploy()
+        probe = json.loads((project.deploy_root / "probe.json").read_text())
+        # while the release hook ran: one server of the release, flask's C speedups loaded...
+        assert [s["markupsafe"] for s in probe["servers"]] == [True]
+        # ...and the app not loaded: nothing listened before the migration was done
+        assert probe["socket"] is False
+        live = [s for s in _web_servers(project) if s["live"]]
+        assert [s["pid"] for s in live] == [probe["servers"][0]["pid"]]  # that very process serves
+        assert f"release {result['release']}" in project.get("/")[1]
+    finally:
+        project.stop()
+
+
+def _web_servers(project: Project) -> list[dict[str, Any]]:
+    done = project.shiplane("status", "--stage", "local", "--json", check=True)
+    return [s for s in json.loads(done.stdout)["hosts"]["local"]["services"] if s["name"] == "web"]
+
+
 def _cmdline(pid: str) -> str:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
@@ -117,6 +164,8 @@ def test_broken_release_leaves_the_previous_one_serving(app: Project, breakage: 
         releases = app.shiplane("releases", "--stage", "local", "--json", check=True)
         states = {r["release_id"]: r["state"] for r in json.loads(releases.stdout)["hosts"]["local"]["releases"]}
         assert states[bad["release"]] == "bad"
+        # its server, started during the install (preboot), is gone with the failed deploy
+        assert bad["release"] not in {s["release"] for s in _web_servers(app)}
     finally:
         edit(app, breakage[0], breakage[2], breakage[1])
 

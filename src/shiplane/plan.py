@@ -48,6 +48,7 @@ def services_spec(deploy: DeployFile, stage: str) -> dict[str, Any]:
             "timeout": web.timeout,
             "graceful_timeout": web.graceful_timeout,
             "standby": web.standby,
+            "preboot": web.preboot,
             "health": {"path": web.healthcheck.path, "timeout": web.healthcheck.timeout,
                        "host": web.healthcheck.host},
             "smoke": [check.model_dump() for check in web.smoke],
@@ -62,6 +63,7 @@ def services_spec(deploy: DeployFile, stage: str) -> dict[str, Any]:
 def install_request(deploy: DeployFile, stage: str, rid: str, manifest: dict[str, Any], layered: Layered,
                     rendered: list[Rendered]) -> dict[str, Any]:
     """The ``install`` op's arguments for every host of the stage (they are all the same)."""
+    services = services_spec(deploy, stage)
     return {
         "release_id": rid,
         "stage": stage,
@@ -73,7 +75,9 @@ def install_request(deploy: DeployFile, stage: str, rid: str, manifest: dict[str
         "hooks": list(deploy.hooks.after_install),
         "hook_timeout": deploy.hooks.timeout,
         # the process manager the switch will use: the agent starts supervisord while installing
-        "backend": services_spec(deploy, stage)["backend"] if deploy.services.get("web") else None,
+        "backend": services["backend"] if services["web"] else None,
+        # and the web server, with only its libraries, once the release and its venv are there
+        "preboot_web": services["web"] if services["web"] and services["web"]["preboot"] else None,
     }
 
 

@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 from .errors import AgentError
 from .paths import Layout, agent_command
+from .runtime import read_meta
 
 Emit = Callable[[dict[str, Any]], None]
 
@@ -43,12 +44,23 @@ class Backend(Protocol):
     def start_web(self, release_id: str, web: dict[str, Any], emit: Emit) -> None:
         """Configure and start the release's web server; does not wait for it to answer."""
 
+    def preboot_web(self, release_id: str, web: dict[str, Any], emit: Emit) -> None:
+        """Start the release's web server early, loading its libraries but not the app
+        (``start_web`` lets it go on); a no-op where the backend cannot."""
+
+    def web_booted(self, release_id: str) -> bool:
+        """False while the release's server is a preboot waiting for its switch."""
+
     def stop_web(self, release_id: str, emit: Emit, wait: bool = True) -> None:
         """Stop the release's web server gracefully (TERM, then KILL after its grace) and
         forget it; ``wait=False`` only sends the stop (a later call with ``wait`` finishes)."""
 
-    def ensure_front(self, spec: dict[str, Any], emit: Emit) -> None:
-        """The builtin front runs as the spec says (or is removed when another front is used)."""
+    def ensure_front(self, spec: dict[str, Any], emit: Emit, wait: bool = True) -> None:
+        """The builtin front runs as the spec says (or is removed when another front is used);
+        ``wait=False`` returns before a front just started listens (``wait_front`` waits)."""
+
+    def wait_front(self, spec: dict[str, Any]) -> None:
+        """Return once a front started by ``ensure_front(wait=False)`` listens (AgentError)."""
 
     def restart_workers(self, spec: dict[str, Any], release_id: str, emit: Emit,
                         only: set[str] | None = None) -> dict[str, Any]:
@@ -82,12 +94,41 @@ def web_argv(layout: Layout, release_id: str, web: dict[str, Any],
 
     ``version_of``: the release whose gunicorn version decides the options (a systemd template
     is rendered for a placeholder release id)."""
+    return [*agent_command(), "exec-env", str(layout.root), release_id, "--",
+            *gunicorn_argv(layout, release_id, web, version_of)]
+
+
+def preboot_argv(layout: Layout, release_id: str, web: dict[str, Any]) -> list[str] | None:
+    """The same gunicorn through ``preboot.py`` (libraries first, the app once ``run/web-<id>.go``
+    exists), run by the release venv's Python; None when ``preboot`` is off or there is no venv."""
+    if web.get("preboot") is False:
+        return None
+    meta = read_meta(layout, release_id) or {}
+    digest = str(meta.get("dependency_digest") or "")
+    python = layout.venv(digest) / "bin" / "python" if digest else None
+    if python is None or not python.exists():
+        return None
+    return [str(python), str(Path(__file__).with_name("preboot.py")), str(layout.root), release_id,
+            "--", *gunicorn_argv(layout, release_id, web)]
+
+
+def web_go(layout: Layout, release_id: str) -> Path:
+    """The switch's go-ahead to a preboot server (preboot.py's ``go_path``: the same path)."""
+    return layout.run / f"web-{release_id}.go"
+
+
+def web_gave_up(layout: Layout, release_id: str) -> Path:
+    """Written by preboot.py when gunicorn gave up (exit 3 or 4; its ``gave_up_path``)."""
+    return layout.run / f"web-{release_id}.gaveup"
+
+
+def gunicorn_argv(layout: Layout, release_id: str, web: dict[str, Any],
+                  version_of: str | None = None) -> list[str]:
     sock = layout.release_socket(release_id)
     if len(str(sock).encode()) > MAX_SOCKET_PATH:
         raise AgentError(f"the socket path {sock} is longer than {MAX_SOCKET_PATH} bytes "
                          f"(a unix socket limit): use a shorter deploy_to", kind="usage")
-    argv = [*agent_command(), "exec-env", str(layout.root), release_id, "--",
-            "gunicorn", "--bind", f"unix:{sock}",
+    argv = ["gunicorn", "--bind", f"unix:{sock}",
             "--workers", str(int(web.get("workers") or 2)),
             "--timeout", str(int(web.get("timeout") or 30)),
             "--graceful-timeout", str(graceful_timeout(web))]
@@ -114,9 +155,8 @@ def graceful_timeout(web: dict[str, Any]) -> int:
 
 def gunicorn_major(layout: Layout, release_id: str) -> int:
     """The major version of gunicorn in the release's venv (0 when unknown)."""
-    try:
-        meta = json.loads(layout.release_meta(release_id).read_text())
-    except (OSError, ValueError):
+    meta = read_meta(layout, release_id) or {}
+    if not meta:
         return 0
     venv = layout.venv(str(meta.get("dependency_digest") or "none"))
     for info in venv.glob("lib/python*/site-packages/gunicorn-*.dist-info"):

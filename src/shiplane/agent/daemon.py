@@ -19,7 +19,11 @@ from .backend import (
     front_listen,
     front_ready,
     graceful_timeout,
+    preboot_argv,
+    unlink_quiet,
     web_argv,
+    web_gave_up,
+    web_go,
     worker_argv,
 )
 from .errors import AgentError
@@ -44,14 +48,16 @@ def _log_options(layout: Layout, name: str) -> dict[str, object]:
 
 
 def web_conf(layout: Layout, release_id: str, web: dict[str, Any]) -> str:
-    """``web-<id>``: the release's gunicorn; supervisord restarts it if it crashes."""
+    """``web-<id>``: the release's gunicorn (through preboot.py unless ``preboot`` is off);
+    supervisord restarts it if it crashes."""
     options: dict[str, object] = {
         "autostart": True, "autorestart": True, "startsecs": 1, "startretries": 3,
         "stopsignal": "TERM", "stopwaitsecs": graceful_timeout(web) + 5, "stopasgroup": True,
         "killasgroup": True, **_log_options(layout, "web")}
-    meta = {"service": "web", "release_id": release_id}
-    return sv.program_conf(web_program(release_id), web_argv(layout, release_id, web), options,
-                           meta)
+    argv = preboot_argv(layout, release_id, web)
+    meta = {"service": "web", "release_id": release_id, **({"preboot": True} if argv else {})}
+    return sv.program_conf(web_program(release_id), argv or web_argv(layout, release_id, web),
+                           options, meta)
 
 
 def worker_conf(layout: Layout, name: str, worker: dict[str, Any], release_id: str) -> str:
@@ -85,6 +91,7 @@ class DaemonBackend:
     def __init__(self, layout: Layout) -> None:
         self.layout = layout
         self._sup: sv.Supervisor | None = None
+        self._front_starting = False  # started by ensure_front(wait=False), not yet listening
 
     @property
     def sup(self) -> sv.Supervisor:
@@ -115,16 +122,38 @@ class DaemonBackend:
         if info["statename"] in DEAD_STATES:
             why = info.get("spawnerr") or f"exit status {info.get('exitstatus')}"
             return False, f"{info['statename']}: {why}"
-        gave_up = GUNICORN_GAVE_UP.get(int(info.get("exitstatus") or 0))
-        if info["statename"] in ("BACKOFF", "EXITED") and gave_up:
-            return False, f"gunicorn exited with status {info['exitstatus']}: {gave_up}"
+        status = int(info.get("exitstatus") or 0)
+        try:  # supervisord forgets the status of an exit before startsecs; preboot.py does not
+            status = int(web_gave_up(self.layout, release_id).read_text())
+        except (OSError, ValueError):
+            pass
+        gave_up = GUNICORN_GAVE_UP.get(status)
+        if info["statename"] in ("BACKOFF", "EXITED", "STARTING") and gave_up:
+            return False, f"gunicorn exited with status {status}: {gave_up}"
         return info["statename"] == "RUNNING", None
 
     def start_web(self, release_id: str, web: dict[str, Any], emit: Emit) -> None:
+        go = web_go(self.layout, release_id)
+        unlink_quiet(web_gave_up(self.layout, release_id))  # a verdict on an earlier start
+        if not go.exists():
+            go.parent.mkdir(parents=True, exist_ok=True)
+            go.write_bytes(b"")
+        self.preboot_web(release_id, web, emit)
+
+    def preboot_web(self, release_id: str, web: dict[str, Any], emit: Emit) -> None:
+        """Start the release's server; without its go file it loads only its libraries."""
         name = web_program(release_id)
         if sv.write_program(self.layout, name, web_conf(self.layout, release_id, web)):
             self.sup.update()
         self.sup.start(name, wait=False)
+
+    def web_booted(self, release_id: str) -> bool:
+        """Whether the server was let load the app (not a preboot still waiting for the switch)."""
+        return self._booted(web_program(release_id))
+
+    def _booted(self, program: str) -> bool:
+        return not sv.program_meta(self.layout, program).get("preboot") \
+            or web_go(self.layout, program[len("web-"):]).exists()
 
     def stop_web(self, release_id: str, emit: Emit, wait: bool = True) -> None:
         if not wait:
@@ -133,8 +162,11 @@ class DaemonBackend:
         # removing the program stops it first: TERM, gunicorn's graceful shutdown, KILL after
         # stopwaitsecs
         self.sup.remove(web_program(release_id))
+        unlink_quiet(web_go(self.layout, release_id))
+        unlink_quiet(web_gave_up(self.layout, release_id))
 
-    def ensure_front(self, spec: dict[str, Any], emit: Emit) -> None:
+    def ensure_front(self, spec: dict[str, Any], emit: Emit, wait: bool = True) -> None:
+        self._front_starting = False
         text = front_conf(self.layout, spec)
         if text is None:
             self.sup.remove("front")
@@ -148,7 +180,14 @@ class DaemonBackend:
             self.sup.start("front", wait=False)
         elif not changed:
             return
-        self._wait_front_listening(spec)
+        self._front_starting = True
+        if wait:
+            self.wait_front(spec)
+
+    def wait_front(self, spec: dict[str, Any]) -> None:
+        if self._front_starting:
+            self._wait_front_listening(spec)
+            self._front_starting = False
 
     def _wait_front_listening(self, spec: dict[str, Any]) -> None:
         """Return once the front just started listens; its port may be held by another program
@@ -248,6 +287,8 @@ class DaemonBackend:
                 "release": meta.get("release_id") or (program[4:] if program.startswith("web-")
                                                       else None),
             })
+            if program.startswith("web-"):  # started during an install, waiting for its switch?
+                services[-1]["preboot"] = not self._booted(program)
         return services
 
     def running(self) -> dict[str, Any]:

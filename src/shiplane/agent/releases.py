@@ -171,14 +171,16 @@ def _install_tools(layout: Layout, tools: list[dict[str, Any]], emit: Emit) -> N
 
 
 def install(layout: Layout, args: dict[str, Any], emit: Emit,
-            on_tools: Callable[[], None] | None = None) -> dict[str, Any]:
+            on_tools: Callable[[], None] | None = None,
+            on_placed: Callable[[], None] | None = None) -> dict[str, Any]:
     """The ``install`` op: build ``releases/<id>`` completely or not at all.
 
     Reuses an existing complete release of the same artifact. Everything is built in
     ``releases/.tmp-<id>-<pid>`` and renamed into place; the ``after_install`` hooks then run in
     it and ``release.json`` is written last. Any failure removes the release dir; ``current`` is
     never touched. ``on_tools`` is called once the tools are in place (the server starts the
-    process manager then, while the venv builds).
+    process manager then, while the venv builds); ``on_placed`` once the release dir and its
+    venv are (the server preboots the web server then, while the code compiles and hooks run).
     """
     started = time.monotonic()
     release_id = valid_release_id(args.get("release_id"))
@@ -197,6 +199,8 @@ def install(layout: Layout, args: dict[str, Any], emit: Emit,
             raise AgentError(f"release {release_id} exists with another artifact "
                              f"({existing.get('artifact')})", kind="conflict")
         venv = ensure_venv(layout, digest, deps, python, emit) if digest else {"reused": True}
+        if on_placed is not None:
+            on_placed()
         return {"release_id": release_id, "reused": True, "venv_reused": venv["reused"],
                 "venv_seconds": venv.get("seconds", 0.0), "seconds": 0.0}
     if final.exists() or final.is_symlink():
@@ -242,6 +246,8 @@ def install(layout: Layout, args: dict[str, Any], emit: Emit,
         os.rename(tmp, final)
         fsync_dir(layout.releases)
         placed = True
+        if on_placed is not None:
+            on_placed()
         _compile(layout, final, digest, python)
         hook_timeout = float(args.get("hook_timeout") or 600)
         for hook in args.get("hooks") or []:

@@ -247,8 +247,14 @@ def _names(args: dict[str, Any]) -> list[str] | None:
 def _op_install(s: Session, args: dict[str, Any], emit: Emit) -> Any:
     """Install a release; on a host whose services run under the daemon backend, supervisord is
     started in the background as soon as its tool is in place, so a first deploy's switch does
-    not wait for it (the switch then finds it answering, or waits for the same start)."""
+    not wait for it (the switch then finds it answering, or waits for the same start). With
+    ``preboot_web`` (the web service's spec), the release's web server starts as soon as the
+    release dir and its venv are in place, loading its libraries while the rest installs and the
+    release hook runs (preboot.py); a failed install stops it again."""
     backend = args.get("backend")
+    web = args.get("preboot_web")
+    rid = releases.valid_release_id(args.get("release_id"))
+    background: list[threading.Thread] = []
 
     def start_manager() -> None:
         services = _services()
@@ -258,11 +264,54 @@ def _op_install(s: Session, args: dict[str, Any], emit: Emit) -> Any:
         except Exception:  # noqa: BLE001, S110 - the switch starts it again and reports why not
             pass
 
+    def preboot() -> None:
+        try:
+            _services().preboot(s.layout, rid, web, backend, emit)
+        except Exception:  # noqa: BLE001, S110 - an optimisation: the switch starts it anyway
+            pass
+
+    def start(target: Callable[[], None], name: str) -> None:
+        thread = threading.Thread(target=target, name=name, daemon=True)
+        thread.start()
+        background.append(thread)
+
     def on_tools() -> None:
         if backend:
-            threading.Thread(target=start_manager, name="start-supervisord", daemon=True).start()
+            start(start_manager, "start-supervisord")
 
-    return releases.install(s.layout, args, emit, on_tools)
+    def on_placed() -> None:
+        if backend and isinstance(web, dict) and web.get("preboot") is not False:
+            for thread in background:  # supervisord first
+                thread.join()
+            start(preboot, "preboot-web")
+
+    try:
+        result = releases.install(s.layout, args, emit, on_tools, on_placed)
+    except BaseException:
+        for thread in background:
+            thread.join()
+        if isinstance(web, dict):
+            _discard(s, rid, emit)
+        raise
+    for thread in background:
+        thread.join()
+    return result
+
+
+def _discard(s: Session, rid: str, emit: Emit) -> None:
+    """Stop a release's web server if it is not live (the preboot of a failed deploy)."""
+    try:
+        _services().discard(s.layout, rid, emit)
+    except Exception:  # noqa: BLE001, S110 - the next switch stops leftovers
+        pass
+
+
+def _op_mark(s: Session, args: dict[str, Any], emit: Emit) -> Any:
+    rid = releases.valid_release_id(args.get("release_id"))
+    result = releases.mark(s.layout, rid, str(args.get("state")))
+    if args.get("state") == "bad":  # a failed deploy: its early-started server must not linger
+        _discard(s, rid, emit)
+    return result
 
 
 def _op_switch(s: Session, args: dict[str, Any], emit: Emit) -> Any:
@@ -362,8 +411,7 @@ HANDLERS: dict[str, Handler] = {
     "read_release_file": _op_read_release_file,
     "install_uv": lambda s, a, e: install_uv(s.layout, a.get("sha256"), a.get("binary_sha256")),
     "record": _op_record,
-    "mark": lambda s, a, e: releases.mark(s.layout, releases.valid_release_id(a.get("release_id")),
-                                          str(a.get("state"))),
+    "mark": _op_mark,
     "prune": lambda s, a, e: prune.prune(s.layout, int(a.get("keep") or 5), e),
     "lock": _op_lock,
     "heartbeat": _op_heartbeat,

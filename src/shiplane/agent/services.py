@@ -85,6 +85,23 @@ def switch(layout: Layout, release_id: str, spec: dict[str, Any], emit: Emit) ->
     return _switch(layout, release_id, spec, emit, backend)
 
 
+def preboot(layout: Layout, release_id: str, web: dict[str, Any], backend: str | None,
+            emit: Emit) -> None:
+    """Start the release's web server before its switch, with only its libraries loaded."""
+    backend_for(layout, {"backend": backend}).preboot_web(release_id, web, emit)
+
+
+def discard(layout: Layout, release_id: str, emit: Emit) -> bool:
+    """Stop the web server of a release that is not live (a failed deploy's preboot)."""
+    if live_release(layout) == release_id:
+        return False
+    backend = backend_for(layout, None)
+    if release_id not in backend.web_releases():
+        return False
+    backend.stop_web(release_id, emit)
+    return True
+
+
 def _spec(layout: Layout, spec: dict[str, Any] | None) -> dict[str, Any]:
     if spec:
         save_spec(layout, spec)
@@ -200,7 +217,8 @@ def status(layout: Layout) -> dict[str, Any]:
         if entry["name"] == "web":
             entry["live"] = entry["release"] is not None and entry["release"] == live
             # the previous release's server, idle, kept for an instant rollback (switch.py)
-            entry["standby"] = not entry["live"] and entry["state"] in ("RUNNING", "STARTING")
+            entry["standby"] = not entry["live"] and entry["state"] in ("RUNNING", "STARTING") \
+                and not entry.get("preboot")
     order = {"front": 0, "web": 1}
     services.sort(key=lambda s: (order.get(s["name"], 2), s["name"], s["program"]))
     manager = backend.running()

@@ -117,10 +117,12 @@ def _forget(layout: Layout, backend: Backend, release_id: str, emit: Emit) -> No
     unlink_quiet(layout.release_socket(release_id))
 
 
-def ensure_front(layout: Layout, backend: Backend, spec: dict[str, Any], emit: Emit) -> None:
+def ensure_front(layout: Layout, backend: Backend, spec: dict[str, Any], emit: Emit,
+                 wait: bool = True) -> None:
     """The front is as the spec says: the builtin proxy under the backend, or nginx's site
-    (written, checked with ``nginx -t`` and reloaded; a failed check changes nothing)."""
-    backend.ensure_front(spec, emit)
+    (written, checked with ``nginx -t`` and reloaded; a failed check changes nothing).
+    ``wait=False``: a builtin front just started may not listen yet (``backend.wait_front``)."""
+    backend.ensure_front(spec, emit, wait=wait)
     if not builtin_front(spec):
         from . import nginx  # only stages fronted by nginx need it
 
@@ -192,18 +194,23 @@ def switch(layout: Layout, release_id: str, spec: dict[str, Any], emit: Emit,
         save_spec(layout, spec)
         return done(None, [], unchanged=True)
 
-    warm = release_id in servers and backend.web_state(release_id)[0]
-    if warm:  # the standby (a rollback): already booted, only checked
+    running = release_id in servers and backend.web_state(release_id)[0]
+    if running and backend.web_booted(release_id):  # the standby (a rollback): only checked
         emit({"phase": "switch", "status": "standby", "detail": f"{web_program(release_id)} "
               "is running as the standby"})
+    elif running:  # started during the install with its libraries: it loads the app now
+        emit({"phase": "switch", "status": "start", "detail": f"letting {web_program(release_id)} "
+              "load the app (its libraries are loaded)"})
     else:
         emit({"phase": "switch", "status": "start", "detail": f"starting {web_program(release_id)}"})
     # a standby whose program is unchanged keeps running; one started with other web settings
     # (workers, worker class, timeouts) is restarted with these
     backend.start_web(release_id, web, emit)
     try:
-        ensure_front(layout, backend, spec, emit)  # a front starting up does so while it boots
+        # a front starting up (a first deploy) does so while the candidate boots
+        ensure_front(layout, backend, spec, emit, wait=False)
         check_web(layout, backend, release_id, web, emit)
+        backend.wait_front(spec)
     except AgentError:
         if live != release_id:
             retire(layout, backend, release_id, emit)

@@ -284,6 +284,13 @@ class SystemdBackend:
         self.systemctl("enable", unit, check=False)  # comes back after a reboot
         self.systemctl("start", "--no-block", unit)
 
+    def preboot_web(self, release_id: str, web: dict[str, Any], emit: Emit) -> None:
+        """Not under systemd: a unit's ExecStart is one command, and its server starts at the
+        switch (the daemon backend's preboot.py would need a go-ahead per instance)."""
+
+    def web_booted(self, release_id: str) -> bool:
+        return True
+
     def stop_web(self, release_id: str, emit: Emit, wait: bool = True) -> None:
         unit = self.web_unit_name(release_id)
         self.systemctl("disable", unit, check=False)
@@ -291,7 +298,10 @@ class SystemdBackend:
         # --no-block stop is waited for the same way)
         self.systemctl("stop", *([] if wait else ["--no-block"]), unit)
 
-    def ensure_front(self, spec: dict[str, Any], emit: Emit) -> None:
+    def wait_front(self, spec: dict[str, Any]) -> None:
+        """Nothing to wait for: systemd holds the front's socket from the start."""
+
+    def ensure_front(self, spec: dict[str, Any], emit: Emit, wait: bool = True) -> None:
         sock, service = f"{self.prefix}-front.socket", f"{self.prefix}-front.service"
         if not builtin_front(spec):
             self.systemctl("disable", "--now", sock, service, check=False)

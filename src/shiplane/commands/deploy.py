@@ -278,6 +278,8 @@ def _prepare(d: Deployment, rendered: Any) -> None:
         return {"blobs": len(missing), "bytes": total}
 
     request = install_request(d.ctx.project.deploy, d.ctx.stage, d.rid, d.manifest, d.ctx.layered, rendered)
+    if d.options.until:  # no switch follows: a server started early would only idle
+        request["preboot_web"] = None
 
     def install(host: str, session: AgentSession) -> Any:
         return session.call("install", request, on_event=d.fleet.forward(host, "install"), timeout=timeout(d))

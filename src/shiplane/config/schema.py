@@ -111,6 +111,10 @@ class Service(Model):
     graceful_timeout: Annotated[float, Field(gt=0)] = 20
     # web: the previous release's server stays up, idle, so a rollback starts nothing
     standby: bool = True
+    # web: the next release's server starts during its install with its libraries imported, and
+    # loads the app at the switch (daemon backend; off for apps whose libraries must not be
+    # imported before the app sets its environment up)
+    preboot: bool = True
     healthcheck: HealthCheck = HealthCheck()
     smoke: list[SmokeCheck] = []
     stop_signal: Literal["TERM", "INT", "QUIT", "HUP", "USR1", "USR2", "KILL"] = "TERM"

@@ -1,0 +1,214 @@
+"""A release's gunicorn started in two steps: its libraries during the install, its app at the switch.
+
+Run by the release venv's own Python, as the supervisor's program (so its pid is gunicorn's
+master, signals and restarts work as for a plain gunicorn):
+
+    <venv>/bin/python preboot.py <root> <release_id> -- gunicorn <args...>
+
+1. It imports gunicorn and the libraries that this venv's last server imported (``run/preload-
+   <venv>.txt``, written by that server's workers once they had loaded the app; for a new venv,
+   another venv's list or the app's own requirements). Nothing of the
+   app is imported and nothing listens yet, so this can run while the release is installed and
+   while the release hook migrates the database.
+2. It waits for ``run/web-<release_id>.go``, which the switch writes.
+3. It takes the release's runtime env (as ``exec-env`` does), changes into the release dir and
+   runs gunicorn in this process. The workers fork with the libraries already imported: the
+   candidate answers its health check in the time it takes to import the app's own code.
+
+Libraries that patch the standard library (gevent, eventlet) must come first, so their worker
+classes get no preload. ``[services.web] preboot = false`` turns all of this off.
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib
+import os
+import re
+import sys
+import time
+
+GO_POLL = 0.005  # a stat every 5 ms while idle: negligible, and the switch waits no longer
+NO_PRELOAD_WORKERS = ("gevent", "eventlet")
+GAVE_UP = (3, 4)  # gunicorn's exit codes for a worker that failed to boot, an app that failed to load
+
+
+def go_path(root: str, release_id: str) -> str:
+    return os.path.join(root, "run", f"web-{release_id}.go")
+
+
+def gave_up_path(root: str, release_id: str) -> str:
+    return os.path.join(root, "run", f"web-{release_id}.gaveup")
+
+
+def preload_path(root: str, venv: str) -> str:
+    return os.path.join(root, "run", f"preload-{os.path.basename(venv)[:16]}.txt")
+
+
+def _worker_class(argv: list[str]) -> str:
+    for flag in ("-k", "--worker-class"):
+        if flag in argv[:-1]:
+            return argv[argv.index(flag) + 1]
+    return next((a.split("=", 1)[1] for a in argv if a.startswith("--worker-class=")), "sync")
+
+
+def _site_dirs() -> list[str]:
+    import site
+
+    return [d.rstrip(os.sep) + os.sep for d in site.getsitepackages() if d.startswith(sys.prefix)]
+
+
+def _read_lines(path: str) -> list[str]:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return [line.strip() for line in handle if line.strip()]
+    except OSError:
+        return []
+
+
+def _normal(name: str) -> str:
+    return re.sub(r"[-_.]+", "_", name).lower()
+
+
+def required_modules(release: str, site_dirs: list[str]) -> list[str]:
+    """The top-level modules of the app's own requirements (its wheel's ``Requires-Dist``, extras
+    left out), for a venv no server has recorded yet (``RECORD`` says what each one installed)."""
+    wanted: set[str] = set()
+    for meta in glob.glob(os.path.join(release, "lib", "*.dist-info", "METADATA")):
+        for line in _read_lines(meta):
+            if line.startswith("Requires-Dist:") and "extra ==" not in line:
+                wanted.add(_normal(re.split(r"[\s;<>=!~\[(]", line.split(":", 1)[1].strip())[0]))
+    modules: list[str] = []
+    for site_dir in site_dirs:
+        for info in glob.glob(os.path.join(site_dir, "*.dist-info")):
+            if _normal(os.path.basename(info)[:-len(".dist-info")].rsplit("-", 1)[0]) not in wanted:
+                continue
+            for line in _read_lines(os.path.join(info, "RECORD")):
+                top = line.split(",", 1)[0].split("/", 1)[0]
+                name = top[:-3] if top.endswith(".py") else top
+                if name.isidentifier() and name not in modules and ("/" in line.split(",", 1)[0]
+                                                                    or top.endswith(".py")):
+                    modules.append(name)
+    return modules
+
+
+def preload_names(record: str, release: str) -> list[str]:
+    """What to import: this venv's record, else the newest record of another venv (a dependency
+    change: most modules are the same; missing ones fail harmlessly), else the app's
+    requirements (a first deploy)."""
+    names = _read_lines(record)
+    if names:
+        return names
+    others = sorted(glob.glob(os.path.join(os.path.dirname(record), "preload-*.txt")),
+                    key=lambda p: os.stat(p).st_mtime, reverse=True)
+    for other in others:
+        names = _read_lines(other)
+        if names:
+            return names
+    return required_modules(release, _site_dirs())
+
+
+def preload(names: list[str]) -> int:
+    """Import the named modules (best effort: one that fails is the app's to import later)."""
+    done = 0
+    for name in ["gunicorn.app.wsgiapp", "gunicorn.arbiter", *names]:
+        try:
+            importlib.import_module(name)
+            done += 1
+        except Exception:  # noqa: BLE001, S112 - preloading is an optimisation only
+            continue
+    return done
+
+
+def record_imports(path: str, site_dirs: list[str]) -> None:
+    """Write the venv modules this process has imported (a worker, after loading the app)."""
+    names = [name for name, module in list(sys.modules.items())
+             if any(str(getattr(module, "__file__", None) or "").startswith(d) for d in site_dirs)]
+    text = "\n".join(names) + "\n"
+    try:
+        with open(path, encoding="utf-8") as handle:
+            if handle.read() == text:
+                return
+    except OSError:
+        pass
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only run dir: the next boot preloads less, nothing else changes
+
+
+def _record_after_load(path: str) -> None:
+    """Have each worker record its imports once it has loaded the app."""
+    from gunicorn.app import wsgiapp
+
+    site_dirs = _site_dirs()
+    load = wsgiapp.WSGIApplication.load
+
+    def load_and_record(self: object) -> object:
+        app = load(self)
+        record_imports(path, site_dirs)
+        return app
+
+    wsgiapp.WSGIApplication.load = load_and_record
+
+
+def _runtime_env(root: str, release_id: str) -> dict[str, str]:
+    """The release's env, computed by the agent's own ``runtime`` module, which is then dropped
+    from ``sys.modules`` and ``sys.path`` so it can shadow none of the app's modules."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    package = os.path.basename(here)
+    sys.path.insert(0, os.path.dirname(here))
+    try:
+        runtime = importlib.import_module(f"{package}.runtime")
+        paths = importlib.import_module(f"{package}.paths")
+        return runtime.runtime_env(paths.Layout(root), release_id)
+    finally:
+        sys.path.pop(0)
+        for name in [n for n in sys.modules if n == package or n.startswith(package + ".")]:
+            del sys.modules[name]
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) < 4 or argv[2] != "--" or argv[3] != "gunicorn":
+        sys.stderr.write("usage: preboot.py <root> <release_id> -- gunicorn <args...>\n")
+        return 2
+    root, release_id, args = argv[0], argv[1], argv[4:]
+    # Python put this script's dir first on sys.path: the agent's modules must not shadow the
+    # app's (a module named health or store), so it goes before anything is imported.
+    script_dir = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != script_dir]
+    record = preload_path(root, sys.prefix)
+    if not any(w in _worker_class(args).lower() for w in NO_PRELOAD_WORKERS):
+        preload(preload_names(record, os.path.join(root, "releases", release_id)))
+    go = go_path(root, release_id)
+    while not os.path.exists(go):
+        time.sleep(GO_POLL)
+    env = _runtime_env(root, release_id)
+    os.environ.clear()
+    os.environ.update(env)
+    release = os.path.join(root, "releases", release_id)
+    os.chdir(release)
+    # gunicorn took the cwd as its --chdir default when the preload imported its config module
+    args = ["--chdir", release, *args]
+    # what PYTHONPATH would have put first, had gunicorn been started with this env
+    code = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    sys.path[:0] = [p for p in code if p not in sys.path]
+    _record_after_load(record)
+    # a USR2 re-exec runs sys.executable with these: the venv's own gunicorn script
+    sys.argv = [os.path.join(sys.prefix, "bin", "gunicorn"), *args]
+    from gunicorn.app.wsgiapp import run
+
+    try:
+        return int(run() or 0)
+    except SystemExit as exc:
+        if exc.code in GAVE_UP:  # the switch fails now: the supervisor's restarts cannot help
+            with open(gave_up_path(root, release_id), "w", encoding="utf-8") as out:
+                out.write(f"{exc.code}\n")
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
