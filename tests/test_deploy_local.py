@@ -83,6 +83,26 @@ def test_the_next_server_loads_its_libraries_during_the_install_and_the_app_at_t
         project.stop()
 
 
+def test_a_warm_redeploy_is_served_by_the_spare_that_had_its_libraries_loaded(app: Project) -> None:
+    app.deploy()
+
+    def idle_spare() -> dict[str, Any] | None:
+        return next((s for s in _web_servers(app) if s.get("preboot") and not s["release"]
+                     and s["state"] == "RUNNING"), None)
+
+    spare = wait_for(idle_spare, 20, "a spare web server after the deploy")
+    edit(app, VIEWS, "<footer>", "<footer>from-the-spare ")
+    result = app.deploy()
+    assert "becomes web-" in result["output"]  # the install adopted it
+    live = [s for s in _web_servers(app) if s["live"]]
+    assert [(s["pid"], s["release"]) for s in live] == [(spare["pid"], result["release"])]
+    assert "from-the-spare" in app.get("/")[1]
+    # afterwards: the live server, one standby and a new spare; the old standby is gone
+    servers = wait_for(lambda: (lambda w: w if len(w) == 3 and idle_spare() else None)(_web_servers(app)),
+                       20, "the old standby to go and a new spare to start")
+    assert sorted((s["live"], s["standby"]) for s in servers) == [(False, False), (False, True), (True, False)]
+
+
 def _web_servers(project: Project) -> list[dict[str, Any]]:
     done = project.shiplane("status", "--stage", "local", "--json", check=True)
     return [s for s in json.loads(done.stdout)["hosts"]["local"]["services"] if s["name"] == "web"]

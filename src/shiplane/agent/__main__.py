@@ -2,6 +2,7 @@
 
     serve <root>                              the session loop (JSON lines on stdin/stdout)
     exec-env <root> <release_id> -- cmd ...   exec cmd in the release dir with its runtime env
+    after-switch <root> <release_id> [old...] after a switch: forget old servers, keep a spare
     proxy ...                                 the builtin front proxy
 """
 
@@ -37,6 +38,14 @@ def main(argv: list[str]) -> int:
             sys.stderr.write(f"shiplane agent exec-env: cannot run {rest[3]!r}: {exc}\n")
             return 127
         return 0  # not reached: exec replaced this process
+    if cmd == "after-switch" and len(rest) >= 2:
+        from .paths import Layout
+        from .runtime import valid_release_id
+        from .services import after_switch
+
+        after_switch(Layout(rest[0]), valid_release_id(rest[1]),
+                     [valid_release_id(r) for r in rest[2:]], lambda event: None)
+        return 0
     if cmd == "proxy":
         from . import proxy
 

@@ -9,7 +9,6 @@ rollback and a restart do the same thing whichever backend runs the processes.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -47,6 +46,10 @@ class Backend(Protocol):
     def preboot_web(self, release_id: str, web: dict[str, Any], emit: Emit) -> None:
         """Start the release's web server early, loading its libraries but not the app
         (``start_web`` lets it go on); a no-op where the backend cannot."""
+
+    def keep_spare(self, release_id: str, web: dict[str, Any], emit: Emit) -> None:
+        """After a switch to ``release_id``: keep a spare server for the next release (spare.py);
+        a no-op where the backend has none."""
 
     def web_booted(self, release_id: str) -> bool:
         """False while the release's server is a preboot waiting for its switch."""

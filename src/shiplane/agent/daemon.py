@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from . import spare
 from . import supervisor as sv
 from .backend import (
     Emit,
@@ -19,6 +20,7 @@ from .backend import (
     front_listen,
     front_ready,
     graceful_timeout,
+    gunicorn_argv,
     preboot_argv,
     unlink_quiet,
     web_argv,
@@ -29,6 +31,7 @@ from .backend import (
 from .errors import AgentError
 from .health import tail_lines
 from .paths import Layout
+from .runtime import read_meta
 
 # EXITED is not dead: autorestart starts it again (a crash, a kill -9)
 DEAD_STATES = {"FATAL", "STOPPED", "UNKNOWN"}
@@ -47,17 +50,19 @@ def _log_options(layout: Layout, name: str) -> dict[str, object]:
             "stdout_logfile_maxbytes": "50MB", "stdout_logfile_backups": 5}
 
 
+def web_options(layout: Layout, web: dict[str, Any]) -> dict[str, object]:
+    return {"autostart": True, "autorestart": True, "startsecs": 1, "startretries": 3,
+            "stopsignal": "TERM", "stopwaitsecs": graceful_timeout(web) + 5, "stopasgroup": True,
+            "killasgroup": True, **_log_options(layout, "web")}
+
+
 def web_conf(layout: Layout, release_id: str, web: dict[str, Any]) -> str:
     """``web-<id>``: the release's gunicorn (through preboot.py unless ``preboot`` is off);
     supervisord restarts it if it crashes."""
-    options: dict[str, object] = {
-        "autostart": True, "autorestart": True, "startsecs": 1, "startretries": 3,
-        "stopsignal": "TERM", "stopwaitsecs": graceful_timeout(web) + 5, "stopasgroup": True,
-        "killasgroup": True, **_log_options(layout, "web")}
     argv = preboot_argv(layout, release_id, web)
     meta = {"service": "web", "release_id": release_id, **({"preboot": True} if argv else {})}
     return sv.program_conf(web_program(release_id), argv or web_argv(layout, release_id, web),
-                           options, meta)
+                           web_options(layout, web), meta)
 
 
 def worker_conf(layout: Layout, name: str, worker: dict[str, Any], release_id: str) -> str:
@@ -113,10 +118,27 @@ class DaemonBackend:
         sup = self.connected()
         if sup is not None:
             names |= {str(i["name"]) for i in sup.all_info() if str(i["name"]).startswith("web-")}
-        return {n[len("web-"):] for n in names}
+        releases = {self._release_of(n) for n in names}
+        return {r for r in releases if r}
+
+    def _release_of(self, program: str) -> str | None:
+        """The release a web program serves (None: a spare nobody adopted yet)."""
+        if spare.is_spare(program):
+            return sv.program_meta(self.layout, program).get("release_id") or None
+        return program[len("web-"):]
+
+    def _program(self, release_id: str) -> str:
+        """The program serving ``release_id``: ``web-<id>``, or the spare it adopted."""
+        own = web_program(release_id)
+        if sv.program_conf_path(self.layout, own).exists():
+            return own
+        for name in sv.configured_programs(self.layout):
+            if spare.is_spare(name) and self._release_of(name) == release_id:
+                return name
+        return own
 
     def web_state(self, release_id: str) -> tuple[bool, str | None]:
-        info = self.sup.info(web_program(release_id))
+        info = self.sup.info(self._program(release_id))
         if info is None:
             return False, "not configured"
         if info["statename"] in DEAD_STATES:
@@ -141,29 +163,81 @@ class DaemonBackend:
         self.preboot_web(release_id, web, emit)
 
     def preboot_web(self, release_id: str, web: dict[str, Any], emit: Emit) -> None:
-        """Start the release's server; without its go file it loads only its libraries."""
-        name = web_program(release_id)
-        if sv.write_program(self.layout, name, web_conf(self.layout, release_id, web)):
+        """Start the release's server (or have it adopt the spare); without its go file it
+        loads only its libraries."""
+        name = self._program(release_id)
+        if name == web_program(release_id) and not sv.program_conf_path(self.layout, name).exists():
+            name = self._adopt(release_id, web, emit) or name
+        if spare.is_spare(name):
+            text = spare.conf(self.layout, name, str(sv.program_meta(self.layout, name).get("venv")),
+                              web_options(self.layout, web), release_id)
+        else:
+            text = web_conf(self.layout, release_id, web)
+        if sv.write_program(self.layout, name, text):  # web settings changed since: restart it
             self.sup.update()
         self.sup.start(name, wait=False)
 
+    def _adopt(self, release_id: str, web: dict[str, Any], emit: Emit) -> str | None:
+        """Hand the spare of the release's venv to the release (None: there is none)."""
+        digest = (read_meta(self.layout, release_id) or {}).get("dependency_digest")
+        if not digest or not spare.wanted(web):
+            return None
+        for name in sv.configured_programs(self.layout):
+            meta = sv.program_meta(self.layout, name)
+            if not spare.is_spare(name) or meta.get("release_id") or meta.get("venv") != digest:
+                continue
+            info = self.sup.info(name)
+            if info is None or info["statename"] not in ("RUNNING", "STARTING"):
+                continue
+            spare.claim(self.layout, name, release_id, gunicorn_argv(self.layout, release_id, web))
+            sv.write_program(self.layout, name, spare.conf(
+                self.layout, name, digest, web_options(self.layout, web), release_id))
+            emit({"phase": "install", "status": "spare",
+                  "detail": f"{name} (libraries loaded) becomes {web_program(release_id)}"})
+            return name
+        return None
+
+    def keep_spare(self, release_id: str, web: dict[str, Any], emit: Emit) -> None:
+        """After a switch: one spare nobody adopted, from the live release's venv (or none)."""
+        digest = str((read_meta(self.layout, release_id) or {}).get("dependency_digest") or "")
+        want = spare.wanted(web) and bool(digest) and (self.layout.venv(digest) / "bin" / "python").exists()
+        kept = None
+        for name in sv.configured_programs(self.layout):
+            meta = sv.program_meta(self.layout, name)
+            if not spare.is_spare(name) or meta.get("release_id"):
+                continue
+            if want and kept is None and meta.get("venv") == digest:
+                kept = name
+            else:  # another venv's (a dependency change), or preboot turned off
+                self.sup.remove(name)
+        if want and kept is None:
+            name = spare.new_name()
+            sv.write_program(self.layout, name, spare.conf(self.layout, name, digest,
+                                                             web_options(self.layout, web)))
+            self.sup.update()
+            self.sup.start(name, wait=False)
+
     def web_booted(self, release_id: str) -> bool:
         """Whether the server was let load the app (not a preboot still waiting for the switch)."""
-        return self._booted(web_program(release_id))
+        return self._booted(self._program(release_id))
 
     def _booted(self, program: str) -> bool:
-        return not sv.program_meta(self.layout, program).get("preboot") \
-            or web_go(self.layout, program[len("web-"):]).exists()
+        if not sv.program_meta(self.layout, program).get("preboot"):
+            return True
+        release = self._release_of(program)
+        return bool(release) and web_go(self.layout, release).exists()
 
     def stop_web(self, release_id: str, emit: Emit, wait: bool = True) -> None:
+        name = self._program(release_id)
         if not wait:
-            self.sup.stop_nowait(web_program(release_id))
+            self.sup.stop_nowait(name)
             return
         # removing the program stops it first: TERM, gunicorn's graceful shutdown, KILL after
         # stopwaitsecs
-        self.sup.remove(web_program(release_id))
+        self.sup.remove(name)
         unlink_quiet(web_go(self.layout, release_id))
         unlink_quiet(web_gave_up(self.layout, release_id))
+        unlink_quiet(spare.claim_path(self.layout, name))
 
     def ensure_front(self, spec: dict[str, Any], emit: Emit, wait: bool = True) -> None:
         self._front_starting = False
@@ -257,7 +331,8 @@ class DaemonBackend:
         if sup is None:
             return []
         if service == "web":
-            programs = sorted(web_program(r) for r in self.web_releases())
+            programs = sorted({self._program(r) for r in self.web_releases()}
+                              | {n for n in sv.configured_programs(self.layout) if spare.is_spare(n)})
         else:
             programs = [service]
         stopped = []
@@ -269,7 +344,7 @@ class DaemonBackend:
         return stopped
 
     def signal_web(self, release_id: str, signame: str) -> None:
-        self.sup.signal(web_program(release_id), signame)
+        self.sup.signal(self._program(release_id), signame)
 
     def status(self) -> list[dict[str, Any]]:
         sup = self.connected()
@@ -284,8 +359,8 @@ class DaemonBackend:
                 "name": meta.get("service") or ("web" if program.startswith("web-") else program),
                 "program": program, "pid": info["pid"] or None, "state": info["statename"],
                 "uptime": max(0, int(info["now"]) - int(info["start"])) if running else 0,
-                "release": meta.get("release_id") or (program[4:] if program.startswith("web-")
-                                                      else None),
+                "release": meta.get("release_id") or (self._release_of(program)
+                                                      if program.startswith("web-") else None),
             })
             if program.startswith("web-"):  # started during an install, waiting for its switch?
                 services[-1]["preboot"] = not self._booted(program)

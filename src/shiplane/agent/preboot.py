@@ -4,6 +4,7 @@ Run by the release venv's own Python, as the supervisor's program (so its pid is
 master, signals and restarts work as for a plain gunicorn):
 
     <venv>/bin/python preboot.py <root> <release_id> -- gunicorn <args...>
+    <venv>/bin/python preboot.py <root> --spare <program>     (spare.py: the release comes later)
 
 1. It imports gunicorn and the libraries that this venv's last server imported (``run/preload-
    <venv>.txt``, written by that server's workers once they had loaded the app; for a new venv,
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import glob
 import importlib
+import json
 import os
 import re
 import sys
@@ -85,7 +87,7 @@ def required_modules(release: str, site_dirs: list[str]) -> list[str]:
                 continue
             for line in _read_lines(os.path.join(info, "RECORD")):
                 top = line.split(",", 1)[0].split("/", 1)[0]
-                name = top[:-3] if top.endswith(".py") else top
+                name = top.removesuffix(".py")
                 if name.isidentifier() and name not in modules and ("/" in line.split(",", 1)[0]
                                                                     or top.endswith(".py")):
                     modules.append(name)
@@ -171,18 +173,37 @@ def _runtime_env(root: str, release_id: str) -> dict[str, str]:
             del sys.modules[name]
 
 
+def _wait_claim(root: str, program: str) -> tuple[str, list[str]]:
+    """A spare's release and gunicorn arguments, once an install has adopted it (spare.py)."""
+    path = os.path.join(root, "run", f"{program}.claim")
+    while True:
+        try:
+            with open(path, encoding="utf-8") as handle:
+                claim = json.load(handle)
+            return str(claim["release_id"]), [str(a) for a in claim["argv"]][1:]
+        except (OSError, ValueError, KeyError, TypeError):
+            time.sleep(GO_POLL)
+
+
 def main(argv: list[str]) -> int:
-    if len(argv) < 4 or argv[2] != "--" or argv[3] != "gunicorn":
-        sys.stderr.write("usage: preboot.py <root> <release_id> -- gunicorn <args...>\n")
+    spare = len(argv) == 3 and argv[1] == "--spare"
+    if not spare and (len(argv) < 4 or argv[2] != "--" or argv[3] != "gunicorn"):
+        sys.stderr.write("usage: preboot.py <root> <release_id> -- gunicorn <args...> | "
+                         "preboot.py <root> --spare <program>\n")
         return 2
-    root, release_id, args = argv[0], argv[1], argv[4:]
+    root = argv[0]
     # Python put this script's dir first on sys.path: the agent's modules must not shadow the
     # app's (a module named health or store), so it goes before anything is imported.
     script_dir = os.path.dirname(os.path.abspath(__file__))
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != script_dir]
     record = preload_path(root, sys.prefix)
-    if not any(w in _worker_class(args).lower() for w in NO_PRELOAD_WORKERS):
-        preload(preload_names(record, os.path.join(root, "releases", release_id)))
+    if spare:  # spare.py only makes spares for workers that need no stdlib patching
+        preload(preload_names(record, ""))
+        release_id, args = _wait_claim(root, argv[2])
+    else:
+        release_id, args = argv[1], argv[4:]
+        if not any(w in _worker_class(args).lower() for w in NO_PRELOAD_WORKERS):
+            preload(preload_names(record, os.path.join(root, "releases", release_id)))
     go = go_path(root, release_id)
     while not os.path.exists(go):
         time.sleep(GO_POLL)

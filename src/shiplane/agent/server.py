@@ -13,6 +13,7 @@ import os
 import platform
 import signal
 import socket
+import subprocess
 import sys
 import sysconfig
 import threading
@@ -22,7 +23,7 @@ from typing import Any, BinaryIO
 
 from . import AgentError, __version__, ledger, lock, prune, releases, store
 from .hooks import run_hook
-from .paths import Layout
+from .paths import Layout, agent_command
 from .venvs import find_uv, install_uv, list_venvs
 
 Emit = Callable[[dict[str, Any]], None]
@@ -319,8 +320,14 @@ def _op_switch(s: Session, args: dict[str, Any], emit: Emit) -> Any:
     spec = args.get("services")
     if not isinstance(spec, dict):
         raise AgentError("switch: services spec missing", kind="usage")
-    result = _services().switch(s.layout, rid, spec, emit)
+    result = _services().switch(s.layout, rid, spec, emit, forget_later=True)
     releases.mark(s.layout, rid, "live")  # the one that was live becomes "previous"
+    # in a process of its own, detached: no deploy waits for an old server's exit or a spare's
+    # start (the next switch finishes what a lost one left)
+    subprocess.Popen([*agent_command(), "after-switch", str(s.layout.root), rid,
+                      *result.get("stopping", [])],
+                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                     stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True)
     return result
 
 

@@ -22,7 +22,7 @@ from .daemon import DaemonBackend
 from .errors import AgentError
 from .health import tail_lines, wait_healthy
 from .paths import Layout
-from .switch import current_release, ensure_front, live_release, load_spec, save_spec
+from .switch import current_release, ensure_front, forget, live_release, load_spec, save_spec
 from .switch import switch as _switch
 from .systemd import SystemdBackend, systemd_running
 
@@ -76,19 +76,34 @@ def backend_for(layout: Layout, spec: dict[str, Any] | None, switching: bool = F
     return DaemonBackend(layout)
 
 
-def switch(layout: Layout, release_id: str, spec: dict[str, Any], emit: Emit) -> dict[str, Any]:
+def switch(layout: Layout, release_id: str, spec: dict[str, Any], emit: Emit,
+           forget_later: bool = False) -> dict[str, Any]:
     """Blue/green switch of the web service to ``release_id`` (see :func:`switch.switch`)."""
     backend = backend_for(layout, spec, switching=True)
     layout.run.mkdir(parents=True, exist_ok=True)
     if recorded_backend(layout) != backend.name:
         atomic_write(_backend_file(layout), backend.name + "\n")
-    return _switch(layout, release_id, spec, emit, backend)
+    return _switch(layout, release_id, spec, emit, backend, forget_later)
 
 
 def preboot(layout: Layout, release_id: str, web: dict[str, Any], backend: str | None,
             emit: Emit) -> None:
     """Start the release's web server before its switch, with only its libraries loaded."""
     backend_for(layout, {"backend": backend}).preboot_web(release_id, web, emit)
+
+
+def after_switch(layout: Layout, release_id: str, stopping: list[str], emit: Emit) -> None:
+    """What a switch leaves for later (agent ``after-switch``, detached, so no deploy waits):
+    forget the old standbys it TERMed once they have exited, then keep a spare web server for
+    the next release, where the backend has one."""
+    spec = load_spec(layout) or {}
+    backend = backend_for(layout, spec or None)
+    for rid in stopping:
+        if rid != live_release(layout):  # a rollback may have brought it back meanwhile
+            forget(layout, backend, rid, emit)
+    web = spec.get("web")
+    if isinstance(web, dict) and live_release(layout) == release_id:
+        backend.keep_spare(release_id, web, emit)
 
 
 def discard(layout: Layout, release_id: str, emit: Emit) -> bool:

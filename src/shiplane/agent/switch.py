@@ -112,6 +112,11 @@ def retire(layout: Layout, backend: Backend, release_id: str, emit: Emit) -> Non
     _forget(layout, backend, release_id, emit)
 
 
+def forget(layout: Layout, backend: Backend, release_id: str, emit: Emit) -> None:
+    """Wait for a stopped release server's exit, then remove its program and socket."""
+    _forget(layout, backend, release_id, emit)
+
+
 def _forget(layout: Layout, backend: Backend, release_id: str, emit: Emit) -> None:
     backend.stop_web(release_id, emit)  # waits for the exit when the stop was only sent
     unlink_quiet(layout.release_socket(release_id))
@@ -150,13 +155,15 @@ def check_web(layout: Layout, backend: Backend, release_id: str, web: dict[str, 
 
 
 def switch(layout: Layout, release_id: str, spec: dict[str, Any], emit: Emit,
-           backend: Backend) -> dict[str, Any]:
+           backend: Backend, forget_later: bool = False) -> dict[str, Any]:
     """Blue/green switch of the web service to ``release_id`` (see the module docstring).
 
     A candidate failing its checks is stopped and removed and the error (kind ``health`` or
     ``smoke``) raised; ``current`` and ``web.sock`` are then untouched. Returns
-    ``{previous, current, seconds, stopped, standby, workers, killed, backend}``; ``killed``
-    lists the workers that outlived their grace period and were killed.
+    ``{previous, current, seconds, stopped, standby, workers, killed, backend, stopping}``;
+    ``killed`` lists the workers that outlived their grace period and were killed.
+    ``forget_later``: the old standby (TERMed when the switch began) is not waited for; its ids
+    are returned as ``stopping``, for the caller to :func:`forget` once it has exited.
     """
     started = time.monotonic()
     if not layout.release_meta(release_id).is_file():
@@ -178,14 +185,15 @@ def switch(layout: Layout, release_id: str, spec: dict[str, Any], emit: Emit,
     _remove_stray_sockets(layout, {web_program(r) for r in keep | set(going)})
 
     def done(previous: str | None, stopped: list[str], **extra: Any) -> dict[str, Any]:
-        for rid in going:
+        for rid in [] if forget_later else going:
             _forget(layout, backend, rid, emit)
         workers = backend.restart_workers(spec, release_id, emit)
         return {"previous": previous, "current": release_id,
                 "stopped": sorted(stopped + [web_program(r) for r in going]), **extra,
                 "standby": previous if standby and previous else None,
                 "workers": workers["workers"], "killed": workers["killed"],
-                "backend": backend.name, "seconds": round(time.monotonic() - started, 3)}
+                "backend": backend.name, "seconds": round(time.monotonic() - started, 3),
+                "stopping": going if forget_later else []}
 
     if live == release_id and backend.web_state(release_id)[0]:
         ensure_front(layout, backend, spec, emit)

@@ -291,6 +291,9 @@ class SystemdBackend:
     def web_booted(self, release_id: str) -> bool:
         return True
 
+    def keep_spare(self, release_id: str, web: dict[str, Any], emit: Emit) -> None:
+        """None under systemd (see preboot_web)."""
+
     def stop_web(self, release_id: str, emit: Emit, wait: bool = True) -> None:
         unit = self.web_unit_name(release_id)
         self.systemctl("disable", unit, check=False)

@@ -94,6 +94,8 @@ def _status(ctx: StageContext, fleet: Fleet) -> dict[str, Any]:
         services = result.get("services", [])
         for service in services:
             name = "web standby" if service.get("standby") else service.get("name", "?")
+            if service.get("preboot"):  # libraries loaded: waiting for a release, or its switch
+                name = "web preboot" if service.get("release") else "web spare"
             lines.append(f"  {name:12} {service.get('state', '?'):9} pid {service.get('pid') or '-':>7}  "
                          f"up {service.get('uptime', 0) or 0:>6.0f}s  release {service.get('release') or '-'}")
             if service.get("release") and result.get("live_release") and service.get("kind") != "front" \
