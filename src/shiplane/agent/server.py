@@ -320,14 +320,21 @@ def _op_switch(s: Session, args: dict[str, Any], emit: Emit) -> Any:
     spec = args.get("services")
     if not isinstance(spec, dict):
         raise AgentError("switch: services spec missing", kind="usage")
-    result = _services().switch(s.layout, rid, spec, emit, forget_later=True)
-    releases.mark(s.layout, rid, "live")  # the one that was live becomes "previous"
-    # in a process of its own, detached: no deploy waits for an old server's exit or a spare's
-    # start (the next switch finishes what a lost one left)
-    subprocess.Popen([*agent_command(), "after-switch", str(s.layout.root), rid,
-                      *result.get("stopping", [])],
-                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                     stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True)
+    services = _services()
+    # Waits while the previous switch's after-switch still runs: a switch right after another
+    # (a second rollback) may target the server that one is stopping.
+    held = services.hold_switch_lock(s.layout)
+    try:
+        result = services.switch(s.layout, rid, spec, emit, forget_later=True)
+        releases.mark(s.layout, rid, "live")  # the one that was live becomes "previous"
+        # A process of its own, detached, so no deploy waits for an old server's exit or a
+        # spare's start; it inherits the lock and holds it until it is done.
+        subprocess.Popen([*agent_command(), "after-switch", str(s.layout.root), rid,
+                          *result.get("stopping", [])],
+                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL, start_new_session=True, pass_fds=(held,))
+    finally:
+        os.close(held)
     return result
 
 

@@ -9,6 +9,8 @@ switch itself is in switch.py, the same for both.
 
 from __future__ import annotations
 
+import fcntl
+import os
 import subprocess
 import time
 from collections.abc import Callable
@@ -92,14 +94,22 @@ def preboot(layout: Layout, release_id: str, web: dict[str, Any], backend: str |
     backend_for(layout, {"backend": backend}).preboot_web(release_id, web, emit)
 
 
+def hold_switch_lock(layout: Layout) -> int:
+    """An fd holding ``run/.switch.lock`` (flock), once no switch or after-switch holds it."""
+    layout.run.mkdir(parents=True, exist_ok=True)
+    fd = os.open(layout.run / ".switch.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
+
+
 def after_switch(layout: Layout, release_id: str, stopping: list[str], emit: Emit) -> None:
     """What a switch leaves for later (agent ``after-switch``, detached, so no deploy waits):
     forget the old standbys it TERMed once they have exited, then keep a spare web server for
-    the next release, where the backend has one."""
+    the next release, where the backend has one. Runs holding the switch lock it inherited."""
     spec = load_spec(layout) or {}
     backend = backend_for(layout, spec or None)
     for rid in stopping:
-        if rid != live_release(layout):  # a rollback may have brought it back meanwhile
+        if rid != live_release(layout) and not backend.web_state(rid)[0]:
             forget(layout, backend, rid, emit)
     web = spec.get("web")
     if isinstance(web, dict) and live_release(layout) == release_id:
