@@ -77,7 +77,9 @@ def _host_pids(inodes: set[str]) -> list[int]:
 
 # What runs on a host, by its command line (the first match wins); unmatched processes count
 # as their parent's (compileall's workers, a hook's shell).
-PROGRAMS = [(b"gunicorn", "gunicorn (the app's server)"), (b"alembic", "alembic (the hooks)"),
+PROGRAMS = [(b"gunicorn", "gunicorn (the app's server)"),
+            # a release's server started early, or the spare for the next deploy (preboot.py)
+            (b"preboot.py", "gunicorn (the app's server)"), (b"alembic", "alembic (the hooks)"),
             (b"compileall", "byte-compiling (compileall)"), (b"/uv", "uv"), (b"pip", "pip"),
             (b"venv", "python -m venv"), (b"supervisord", "supervisord"),
             (b"proxy", "the front proxy"), (b"shiplane", "the agent"), (b"sshd", "sshd")]
