@@ -120,6 +120,25 @@ def web_go(layout: Layout, release_id: str) -> Path:
     return layout.run / f"web-{release_id}.go"
 
 
+def web_wake(layout: Layout, program: str) -> Path:
+    """The FIFO a waiting preboot or spare sleeps on (preboot.py's ``wake_path``)."""
+    return layout.run / f"{program}.wake"
+
+
+def poke(fifo: Path) -> None:
+    """Wake the server waiting on ``fifo``; nothing when none waits (it checks before it sleeps)."""
+    try:
+        fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+    except OSError:  # no FIFO, or no reader yet
+        return
+    try:
+        os.write(fd, b"!")
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def web_gave_up(layout: Layout, release_id: str) -> Path:
     """Written by preboot.py when gunicorn gave up (exit 3 or 4; its ``gave_up_path``)."""
     return layout.run / f"web-{release_id}.gaveup"

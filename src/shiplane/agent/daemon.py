@@ -21,11 +21,13 @@ from .backend import (
     front_ready,
     graceful_timeout,
     gunicorn_argv,
+    poke,
     preboot_argv,
     unlink_quiet,
     web_argv,
     web_gave_up,
     web_go,
+    web_wake,
     worker_argv,
 )
 from .errors import AgentError
@@ -161,6 +163,7 @@ class DaemonBackend:
             go.parent.mkdir(parents=True, exist_ok=True)
             go.write_bytes(b"")
         self.preboot_web(release_id, web, emit)
+        poke(web_wake(self.layout, self._program(release_id)))
 
     def preboot_web(self, release_id: str, web: dict[str, Any], emit: Emit) -> None:
         """Start the release's server (or have it adopt the spare); without its go file it
@@ -192,6 +195,7 @@ class DaemonBackend:
             spare.claim(self.layout, name, release_id, gunicorn_argv(self.layout, release_id, web))
             sv.write_program(self.layout, name, spare.conf(
                 self.layout, name, digest, web_options(self.layout, web), release_id))
+            poke(web_wake(self.layout, name))
             emit({"phase": "install", "status": "spare",
                   "detail": f"{name} (libraries loaded) becomes {web_program(release_id)}"})
             return name
@@ -210,6 +214,7 @@ class DaemonBackend:
                 kept = name
             else:  # another venv's (a dependency change), or preboot turned off
                 self.sup.remove(name)
+                unlink_quiet(web_wake(self.layout, name))
         if want and kept is None:
             name = spare.new_name()
             sv.write_program(self.layout, name, spare.conf(self.layout, name, digest,
@@ -238,6 +243,7 @@ class DaemonBackend:
         unlink_quiet(web_go(self.layout, release_id))
         unlink_quiet(web_gave_up(self.layout, release_id))
         unlink_quiet(spare.claim_path(self.layout, name))
+        unlink_quiet(web_wake(self.layout, name))
 
     def ensure_front(self, spec: dict[str, Any], emit: Emit, wait: bool = True) -> None:
         self._front_starting = False

@@ -27,10 +27,14 @@ import importlib
 import json
 import os
 import re
+import select
 import sys
-import time
+from collections.abc import Callable
+from typing import TypeVar
 
-GO_POLL = 0.005  # a stat every 5 ms while idle: negligible, and the switch waits no longer
+T = TypeVar("T")
+
+WAKE_CHECK = 1.0  # seconds between checks when no poke came (a safety net: pokes are instant)
 NO_PRELOAD_WORKERS = ("gevent", "eventlet")
 GAVE_UP = (3, 4)  # gunicorn's exit codes for a worker that failed to boot, an app that failed to load
 
@@ -173,16 +177,41 @@ def _runtime_env(root: str, release_id: str) -> dict[str, str]:
             del sys.modules[name]
 
 
-def _wait_claim(root: str, program: str) -> tuple[str, list[str]]:
+def wake_path(root: str, program: str) -> str:
+    """The FIFO a waiting server sleeps on; the agent pokes it after writing a claim or go file."""
+    return os.path.join(root, "run", f"{program}.wake")
+
+
+def wait_for(check: Callable[[], T | None], fifo: str) -> T:
+    """Sleep until ``check()`` returns something, woken by a write to ``fifo`` (no CPU while
+    idle: a spare may wait for days). Opened read-write, so it never reads as closed."""
+    try:
+        os.mkfifo(fifo, 0o600)
+    except FileExistsError:
+        pass
+    fd = os.open(fifo, os.O_RDWR | os.O_NONBLOCK)
+    try:
+        while True:
+            found = check()
+            if found is not None:
+                return found
+            select.select([fd], [], [], WAKE_CHECK)
+            try:
+                os.read(fd, 4096)
+            except BlockingIOError:
+                pass
+    finally:
+        os.close(fd)
+
+
+def _read_claim(path: str) -> tuple[str, list[str]] | None:
     """A spare's release and gunicorn arguments, once an install has adopted it (spare.py)."""
-    path = os.path.join(root, "run", f"{program}.claim")
-    while True:
-        try:
-            with open(path, encoding="utf-8") as handle:
-                claim = json.load(handle)
-            return str(claim["release_id"]), [str(a) for a in claim["argv"]][1:]
-        except (OSError, ValueError, KeyError, TypeError):
-            time.sleep(GO_POLL)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            claim = json.load(handle)
+        return str(claim["release_id"]), [str(a) for a in claim["argv"]][1:]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def main(argv: list[str]) -> int:
@@ -198,15 +227,17 @@ def main(argv: list[str]) -> int:
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != script_dir]
     record = preload_path(root, sys.prefix)
     if spare:  # spare.py only makes spares for workers that need no stdlib patching
+        program = argv[2]
         preload(preload_names(record, ""))
-        release_id, args = _wait_claim(root, argv[2])
+        claim = os.path.join(root, "run", f"{program}.claim")
+        release_id, args = wait_for(lambda: _read_claim(claim), wake_path(root, program))
     else:
         release_id, args = argv[1], argv[4:]
+        program = f"web-{release_id}"
         if not any(w in _worker_class(args).lower() for w in NO_PRELOAD_WORKERS):
             preload(preload_names(record, os.path.join(root, "releases", release_id)))
     go = go_path(root, release_id)
-    while not os.path.exists(go):
-        time.sleep(GO_POLL)
+    wait_for(lambda: True if os.path.exists(go) else None, wake_path(root, program))
     env = _runtime_env(root, release_id)
     os.environ.clear()
     os.environ.update(env)
