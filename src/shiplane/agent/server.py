@@ -24,7 +24,7 @@ from typing import Any, BinaryIO
 from . import AgentError, __version__, ledger, lock, prune, releases, store
 from .hooks import run_hook
 from .paths import Layout, agent_command
-from .venvs import find_uv, install_uv, list_venvs
+from .venvs import find_uv, install_uv, list_venvs, start_shell
 
 Emit = Callable[[dict[str, Any]], None]
 HEARTBEAT_EVERY = 20.0
@@ -222,6 +222,11 @@ def inventory(layout: Layout, shas: list[str]) -> dict[str, Any]:
 
 
 def _op_inventory(s: Session, args: dict[str, Any], emit: Emit) -> Any:
+    """What the host has; with ``venv`` ({digest, python}: a deploy's hint, never plan's), the
+    venv it will need starts being made while the blobs are sent."""
+    hint = args.get("venv")
+    if isinstance(hint, dict):
+        start_shell(s.layout, hint.get("digest"), hint.get("python") or sys.executable)
     return inventory(s.layout, list(args.get("blobs") or []))
 
 

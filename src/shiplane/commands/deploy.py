@@ -261,8 +261,16 @@ def _prepare(d: Deployment, rendered: Any) -> None:
     sizes = dict(blobs)
     store = _blob_store(d)
 
+    request = install_request(d.ctx.project.deploy, d.ctx.stage, d.rid, d.manifest, d.ctx.layered, rendered)
+    if d.options.until:  # no switch follows: a server started early would only idle
+        request["preboot_web"] = None
+    # the host starts making the venv it lacks (uv's interpreter query) while the blobs arrive
+    venv_hint = None if d.options.until == "copy" else \
+        {"digest": request["manifest"].get("dependency_digest"), "python": request["python"]}
+
     def copy(host: str, session: AgentSession) -> Any:
-        inventory = session.call("inventory", {"blobs": [sha for sha, _ in blobs]}, timeout=timeout(d))
+        inventory = session.call("inventory", {"blobs": [sha for sha, _ in blobs], "venv": venv_hint},
+                                 timeout=timeout(d))
         d.hosts[host].previous = inventory.get("current")
         missing = inventory.get("missing", [])
         total = sum(sizes[sha] for sha in missing)
@@ -276,10 +284,6 @@ def _prepare(d: Deployment, rendered: Any) -> None:
         d.fleet.emit(Event("copy", "progress", host=host, detail=f"sent {len(missing)} blob(s), {human_bytes(total)}",
                            bytes=total))
         return {"blobs": len(missing), "bytes": total}
-
-    request = install_request(d.ctx.project.deploy, d.ctx.stage, d.rid, d.manifest, d.ctx.layered, rendered)
-    if d.options.until:  # no switch follows: a server started early would only idle
-        request["preboot_web"] = None
 
     def install(host: str, session: AgentSession) -> Any:
         return session.call("install", request, on_event=d.fleet.forward(host, "install"), timeout=timeout(d))
