@@ -67,6 +67,12 @@ def _phase_table(phases: dict[str, Series], title: str, total: float,
     return out
 
 
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
 def render_markdown(res: dict[str, Any]) -> str:
     """The whole BENCHMARKS.md."""
     m, s, runs = res["machine"], res["series"], res["runs"]
@@ -143,6 +149,13 @@ def render_markdown(res: dict[str, Any]) -> str:
         "  redeploy's install adopts it, so its server loads only the app's own code at the",
         "  switch. The spare's imports (~0.4 CPU-s) run in the background after the previous",
         "  deploy, between two runs here as between any two deploys; they are not in (b).",
+        "  Before each (b) the bench waits until `status` shows the spare running (median",
+        (f"  {_median(res.get('settle') or [0.0]):.1f} s after the cold deploy, `status` calls "
+         "included), as any pause of a second"),
+        "  or two between two deploys allows; a redeploy fired within about a second of the",
+        "  previous one adopts a spare still importing and takes ~0.2 s longer.",
+        "- Between scenarios the bench runs `sync` after deleting a deploy root or the manual",
+        "  flow's old venv, so their writeback does not land inside the next timed run.",
         "- (d) runs the article's steps literally with this machine's pip configuration and",
         "  warm pip cache: `pip wheel --no-deps .` (isolated build, as `python -m build`),",
         "  `cp` of the wheel and `config/*.ini`, `python -m venv`, `pip install -r",

@@ -7,6 +7,7 @@ again, poll ``/up``); (e) the floor: gunicorn from an existing venv until ``/up`
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -168,6 +169,20 @@ class Project:
         """A fresh deploy root and a fresh ``.shiplane/build`` (global uv/pip caches stay)."""
         self.stop_all()
         shutil.rmtree(self.root / ".shiplane", ignore_errors=True)
+        os.sync()  # the deletion's writeback must not land inside the next timed deploy
+
+    def settle(self, deadline: float = 15.0) -> float:
+        """Wait (bounded) for what the last deploy left running in the background to finish:
+        the old standby's exit and the spare's start (`web spare` RUNNING in `status`), as any
+        pause of a second or two between two deploys does. Returns the seconds waited."""
+        started = time.perf_counter()
+        while time.perf_counter() - started < deadline:
+            done = self.shiplane("status", "--stage", "local", "--json")
+            services = json.loads(done.stdout)["hosts"]["local"]["services"]
+            if any(s.get("preboot") and not s.get("release") and s.get("state") == "RUNNING"
+                   for s in services):
+                return time.perf_counter() - started
+        raise BenchError(f"no spare web server was running {deadline:g}s after the deploy")
 
     def commit_edit(self) -> str:
         """A one-line change of a template string in the app, committed; returns the marker."""
@@ -268,6 +283,7 @@ class Manual:
         previous, self.venv = self.venv, venv
         if previous is not None:  # not part of the article's flow: keeps the disk bounded
             shutil.rmtree(previous, ignore_errors=True)
+            os.sync()  # its writeback must not land inside the next timed scenario
         return {**times, "stop": t4 - t3, "start+up": up - t4, "total": up - t0,
                 "downtime": up - t3}
 

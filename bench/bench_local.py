@@ -150,6 +150,7 @@ def one_round(project: Project, manual: Manual, res: dict[str, Any]) -> None:
                              "phases": cold.host_phases(), "bytes": cold.bytes_sent(),
                              "timeline": timeline(cold)})
 
+    res["settle"].append(project.settle())
     marker = project.commit_edit()
     before = project.venvs()
     warm = project.deploy()
@@ -193,7 +194,7 @@ def new_results() -> dict[str, Any]:
              "manual_downtime", "floor"]
     return {"series": {n: Series(n) for n in names}, "warm_phases": {}, "manual_steps": {},
             "cold_runs": [], "warm_runs": [], "rollback_runs": [], "cold_gate": None,
-            "load": []}
+            "load": [], "settle": []}
 
 
 def to_json(res: dict[str, Any]) -> dict[str, Any]:

@@ -325,6 +325,27 @@ def test_install_package_release_builds_and_then_reuses_the_venv(
 
 
 @pytest.mark.slow
+def test_a_venv_made_while_the_blobs_arrive_is_the_one_the_install_fills(
+        client: AgentClient, root: Path, wheels: dict[str, tuple[str, bytes]]) -> None:
+    assert client.hello["uv"], "uv is a test dependency"  # only uv makes the venv early
+    manifest = package_manifest(wheels)
+    digest = manifest["dependency_digest"]
+    hinted = client.request("inventory", {"blobs": [], "venv": {"digest": digest, "python": sys.executable}})
+    assert hinted.ok
+    venv = root / "venvs" / digest
+    python = wait_for(lambda: (venv / "bin" / "python").exists() and (venv / ".shell").exists(), 30,
+                      "the empty venv")
+    made = (venv / "pyvenv.cfg").stat().st_ino
+    assert client.send_blobs([wheels["app"][1], wheels["dep"][1], b"[alembic]\n"]).ok
+    done = client.request("install", {"release_id": release_id(1), "manifest": manifest, "stage": "test"})
+    assert done.ok, done.error
+    assert python and (venv / "pyvenv.cfg").stat().st_ino == made  # filled, not made again
+    assert not any(e.get("status") == "cleanup" for e in done.events)
+    run = subprocess.run([str(venv / "bin" / "python"), "-c", "import itsdangerous"], check=False)
+    assert run.returncode == 0 and (venv / ".complete").is_file()
+
+
+@pytest.mark.slow
 def test_install_with_pip_when_uv_is_absent(root: Path, wheels: dict[str, tuple[str, bytes]]) -> None:
     client = AgentClient(root, env={**os.environ, "SHIPLANE_INSTALLER": "pip"})
     try:
