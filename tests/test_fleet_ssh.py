@@ -257,7 +257,7 @@ def test_plan_changes_nothing_on_any_host(app: Project, ssh_hosts: TestHosts) ->
     done = app.shiplane("plan", "--stage", "fleet", "--set", 'config.app.title="Planned"')
     after = {h.name: snapshot(h.root) for h in ssh_hosts.hosts}
     assert done.returncode == 0, done.stderr
-    changed = {h: sorted(k for k in before[h].keys() | after[h].keys()
+    changed = {h: sorted((k, before[h].get(k), after[h].get(k)) for k in before[h].keys() | after[h].keys()
                          if before[h].get(k) != after[h].get(k)) for h in before}
     assert before == after, changed
     out = done.stdout

@@ -125,6 +125,14 @@ def web_wake(layout: Layout, program: str) -> Path:
     return layout.run / f"{program}.wake"
 
 
+def make_wake(fifo: Path) -> None:
+    """The FIFO, made by the agent before the server starts (the server makes it too, if gone)."""
+    try:
+        os.mkfifo(fifo, 0o600)
+    except FileExistsError:
+        pass
+
+
 def poke(fifo: Path) -> None:
     """Wake the server waiting on ``fifo``; nothing when none waits (it checks before it sleeps)."""
     try:

@@ -21,6 +21,7 @@ from .backend import (
     front_ready,
     graceful_timeout,
     gunicorn_argv,
+    make_wake,
     poke,
     preboot_argv,
     unlink_quiet,
@@ -176,6 +177,7 @@ class DaemonBackend:
                               web_options(self.layout, web), release_id)
         else:
             text = web_conf(self.layout, release_id, web)
+        make_wake(web_wake(self.layout, name))
         if sv.write_program(self.layout, name, text):  # web settings changed since: restart it
             self.sup.update()
         self.sup.start(name, wait=False)
@@ -217,6 +219,7 @@ class DaemonBackend:
                 unlink_quiet(web_wake(self.layout, name))
         if want and kept is None:
             name = spare.new_name()
+            make_wake(web_wake(self.layout, name))  # before it starts: its files are all there
             sv.write_program(self.layout, name, spare.conf(self.layout, name, digest,
                                                              web_options(self.layout, web)))
             self.sup.update()
