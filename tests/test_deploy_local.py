@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -103,6 +104,25 @@ def test_a_warm_redeploy_is_served_by_the_spare_that_had_its_libraries_loaded(ap
     assert sorted((s["live"], s["standby"]) for s in servers) == [(False, False), (False, True), (True, False)]
 
 
+def test_a_first_deploy_to_a_port_someone_holds_fails_and_leaves_nothing_running(
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    project = scaffold(tmp_path_factory.mktemp("port"))
+    squatter = socket.socket()
+    squatter.bind(("127.0.0.1", project.port))
+    squatter.listen()
+    try:
+        failed = project.deploy(check=False)
+        assert failed["exit"] == 1 and "address already in use" in failed["output"]
+        status = json.loads(project.shiplane("status", "--stage", "local", "--json", check=True).stdout)
+        # neither its server nor a front that supervisord would retry until it takes the port
+        live = {s["name"]: s["state"] for s in status["hosts"]["local"]["services"]
+                if s["state"] in ("RUNNING", "STARTING", "BACKOFF")}
+        assert live == {}
+    finally:
+        squatter.close()
+        project.stop()
+
+
 def _web_servers(project: Project) -> list[dict[str, Any]]:
     done = project.shiplane("status", "--stage", "local", "--json", check=True)
     return [s for s in json.loads(done.stdout)["hosts"]["local"]["services"] if s["name"] == "web"]
@@ -192,13 +212,12 @@ def test_broken_release_leaves_the_previous_one_serving(app: Project, breakage: 
 
 def test_a_killed_server_is_restarted(app: Project) -> None:
     app.deploy()
-    status = json.loads(app.shiplane("status", "--stage", "local", "--json", check=True).stdout)
-    web = [s for s in status["hosts"]["local"]["services"] if s["name"] == "web"][0]
+    # the live one (a standby, a spare and an old standby on its way out may run beside it)
+    web = next(s for s in _web_servers(app) if s["live"])
     os.kill(web["pid"], signal.SIGKILL)
 
     def restarted() -> bool:
-        now = json.loads(app.shiplane("status", "--stage", "local", "--json", check=True).stdout)
-        pids = [s["pid"] for s in now["hosts"]["local"]["services"] if s["name"] == "web" and s["state"] == "RUNNING"]
+        pids = [s["pid"] for s in _web_servers(app) if s["live"] and s["state"] == "RUNNING"]
         return bool(pids) and pids[0] != web["pid"] and app.get("/up")[0] == 200
 
     wait_for(restarted, 30, "supervisord to restart the killed gunicorn")

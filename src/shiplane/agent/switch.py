@@ -224,6 +224,8 @@ def switch(layout: Layout, release_id: str, spec: dict[str, Any], emit: Emit,
             retire(layout, backend, release_id, emit)
         for rid in going:
             _forget(layout, backend, rid, emit)
+        if live is None:  # a first deploy: nothing served before, so no front may stay up either
+            backend.stop("front", emit)
         raise
 
     flip(layout, release_id)
