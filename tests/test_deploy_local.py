@@ -38,7 +38,9 @@ def test_deploy_serves_the_release_and_stage(app: Project) -> None:
     assert f"serving at http://127.0.0.1:{app.port}/" in app.shiplane("deploy", "--stage", "local", "--skip-tests").stdout
     # supervisord, started early by the install while the venv builds, exists once per root
     conf = str(app.deploy_root / "run" / "supervisord.conf")
-    managers = [pid for pid in os.listdir("/proc") if pid.isdigit() and _cmdline(pid).count(conf)]
+    named = {pid for pid in os.listdir("/proc") if pid.isdigit() and _cmdline(pid).count(conf)}
+    # a child supervisord has forked but not yet exec'd (the spare starting) carries its name too
+    managers = [pid for pid in named if _parent(pid) not in named]
     assert managers == [(app.deploy_root / "run" / "supervisord.pid").read_text().strip()]
 
 
@@ -126,6 +128,13 @@ def test_a_first_deploy_to_a_port_someone_holds_fails_and_leaves_nothing_running
 def _web_servers(project: Project) -> list[dict[str, Any]]:
     done = project.shiplane("status", "--stage", "local", "--json", check=True)
     return [s for s in json.loads(done.stdout)["hosts"]["local"]["services"] if s["name"] == "web"]
+
+
+def _parent(pid: str) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1]
+    except (OSError, IndexError):
+        return ""
 
 
 def _cmdline(pid: str) -> str:

@@ -46,7 +46,8 @@ class AgentSession:
         self._next_id = 0
         self._lock = threading.Lock()
         threading.Thread(target=self._read_stdout, daemon=True).start()
-        threading.Thread(target=self._read_stderr, daemon=True).start()
+        self._stderr_reader = threading.Thread(target=self._read_stderr, daemon=True)
+        self._stderr_reader.start()
         try:
             first = self._next_line(connect_timeout, "connect")
             if first == {"need": True}:
@@ -84,6 +85,8 @@ class AgentSession:
             code = self._process.wait(timeout=2)
         except subprocess.TimeoutExpired:
             code = None
+        # its last words (ssh's "Host key verification failed.") may still be in the pipe
+        self._stderr_reader.join(timeout=2)
         reason = self.transport.explain_failure(code, "".join(self._stderr))
         return HostError(self.host, reason, "connect" if what == "connect" else "lost")
 
