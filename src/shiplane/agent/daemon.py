@@ -163,12 +163,15 @@ class DaemonBackend:
         if not go.exists():
             go.parent.mkdir(parents=True, exist_ok=True)
             go.write_bytes(b"")
-        self.preboot_web(release_id, web, emit)
-        poke(web_wake(self.layout, self._program(release_id)))
+        poke(web_wake(self.layout, self._start(release_id, web, emit)))
 
     def preboot_web(self, release_id: str, web: dict[str, Any], emit: Emit) -> None:
         """Start the release's server (or have it adopt the spare); without its go file it
         loads only its libraries."""
+        self._start(release_id, web, emit)
+
+    def _start(self, release_id: str, web: dict[str, Any], emit: Emit) -> str:
+        """Configure and start the release's program; returns its name."""
         name = self._program(release_id)
         if name == web_program(release_id) and not sv.program_conf_path(self.layout, name).exists():
             name = self._adopt(release_id, web, emit) or name
@@ -181,6 +184,7 @@ class DaemonBackend:
         if sv.write_program(self.layout, name, text):  # web settings changed since: restart it
             self.sup.update()
         self.sup.start(name, wait=False)
+        return name
 
     def _adopt(self, release_id: str, web: dict[str, Any], emit: Emit) -> str | None:
         """Hand the spare of the release's venv to the release (None: there is none)."""

@@ -25,9 +25,9 @@ from typing import Any
 from . import atomic_write
 from . import supervisor as sv
 from .paths import Layout
+from .preboot import NO_PRELOAD_WORKERS  # they patch the stdlib before any import
 
 PREFIX = "web-next-"
-PATCHING_WORKERS = ("gevent", "eventlet")  # must patch the stdlib before anything is imported
 
 
 def is_spare(program: str) -> bool:
@@ -45,7 +45,7 @@ def claim_path(layout: Layout, program: str) -> Path:
 def wanted(web: dict[str, Any]) -> bool:
     """Whether this web service may have a spare (preboot on, no stdlib-patching workers)."""
     worker_class = str(web.get("worker_class") or "").lower()
-    return web.get("preboot") is not False and not any(w in worker_class for w in PATCHING_WORKERS)
+    return web.get("preboot") is not False and not any(w in worker_class for w in NO_PRELOAD_WORKERS)
 
 
 def conf(layout: Layout, program: str, digest: str, options: dict[str, object],
