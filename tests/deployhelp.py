@@ -60,9 +60,9 @@ class Project:
             raise AssertionError(f"shiplane {' '.join(args)} exited {done.returncode}:\n{done.stdout}\n{done.stderr}")
         return done
 
-    def deploy(self, *extra: str, check: bool = True) -> dict[str, Any]:
+    def deploy(self, *extra: str, check: bool = True, env: dict[str, str] | None = None) -> dict[str, Any]:
         """Deploy with --json; return the final result object (exit code under "exit")."""
-        done = self.shiplane("deploy", "--stage", self.stage, "--skip-tests", "--json", *extra)
+        done = self.shiplane("deploy", "--stage", self.stage, "--skip-tests", "--json", *extra, env=env)
         result: dict[str, Any] = {}
         for line in done.stdout.splitlines():
             if line.startswith('{"result"'):

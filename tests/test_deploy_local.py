@@ -161,13 +161,18 @@ def _manifest(project: Project, digest: str) -> str:
     return (project.root / ".shiplane/build/artifacts" / f"{digest}.json").read_text()
 
 
-def test_dependency_change_builds_a_new_venv(app: Project) -> None:
+def test_dependency_change_builds_a_new_venv(app: Project, tmp_path: Path) -> None:
     app.deploy()
     venvs_before = {v for v in os.listdir(app.deploy_root / "venvs") if not v.startswith(".")}
     requirements = app.root / "requirements.txt"
     requirements.write_text(requirements.read_text() + "six==1.16.0\n")
     app.commit("add six")
-    result = app.deploy()
+    user_cache = tmp_path / "uv-cache"
+    result = app.deploy(env={"UV_CACHE_DIR": str(user_cache)})
+    # the local stage installs through the user's own uv cache (where the gate's venv put the
+    # wheels already), not a second cache in the deploy root
+    assert list(user_cache.glob("**/six.py"))
+    assert not list((app.deploy_root / ".cache").glob("**/six.py"))
     venvs_after = {v for v in os.listdir(app.deploy_root / "venvs") if not v.startswith(".")}
     new = venvs_after - venvs_before
     assert len(new) == 1

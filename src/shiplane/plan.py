@@ -69,6 +69,8 @@ def install_request(deploy: DeployFile, stage: str, rid: str, manifest: dict[str
         "stage": stage,
         "manifest": manifest,
         "python": deploy.stages[stage].python or deploy.app.python,
+        # the local stage installs from the user's uv cache, which the build already filled
+        "uv_cache": "user" if deploy.stages[stage].is_local else "root",
         "rendered": [{"path": r.path, "content": r.content, "mode": r.mode, "shared": r.shared} for r in rendered],
         "env": env_file_values(layered),
         "shared": {"dirs": list(deploy.shared.dirs), "files": list(deploy.shared.files)},

@@ -212,6 +212,7 @@ def install(layout: Layout, args: dict[str, Any], emit: Emit,
     digest = manifest.get("dependency_digest") or None
     deps = list(manifest.get("dependencies") or [])
     python = str(args.get("python") or sys.executable)
+    user_cache = args.get("uv_cache") == "user"
     final = layout.release(release_id)
 
     existing = read_meta(layout, release_id) if layout.release_meta(release_id).is_file() else None
@@ -219,7 +220,7 @@ def install(layout: Layout, args: dict[str, Any], emit: Emit,
         if existing.get("artifact") != artifact:
             raise AgentError(f"release {release_id} exists with another artifact "
                              f"({existing.get('artifact')})", kind="conflict")
-        venv = ensure_venv(layout, digest, deps, python, emit) if digest else {"reused": True}
+        venv = ensure_venv(layout, digest, deps, python, emit, user_cache) if digest else {"reused": True}
         if on_placed is not None:
             on_placed()
         return {"release_id": release_id, "reused": True, "venv_reused": venv["reused"],
@@ -262,7 +263,7 @@ def install(layout: Layout, args: dict[str, Any], emit: Emit,
         venv = {"reused": True, "seconds": 0.0}
         if digest:
             emit({"phase": "install", "status": "venv", "detail": str(digest)})
-            venv = ensure_venv(layout, digest, deps, python, emit)
+            venv = ensure_venv(layout, digest, deps, python, emit, user_cache)
         fsync_dir(tmp)
         os.rename(tmp, final)
         fsync_dir(layout.releases)

@@ -222,11 +222,12 @@ def inventory(layout: Layout, shas: list[str]) -> dict[str, Any]:
 
 
 def _op_inventory(s: Session, args: dict[str, Any], emit: Emit) -> Any:
-    """What the host has; with ``venv`` ({digest, python}: a deploy's hint, never plan's), the
-    venv it will need starts being made while the blobs are sent."""
+    """What the host has; with ``venv`` ({digest, python, uv_cache}: a deploy's hint, never
+    plan's), the venv it will need starts being made while the blobs are sent."""
     hint = args.get("venv")
     if isinstance(hint, dict):
-        start_shell(s.layout, hint.get("digest"), hint.get("python") or sys.executable)
+        start_shell(s.layout, hint.get("digest"), hint.get("python") or sys.executable,
+                    user_cache=hint.get("uv_cache") == "user")
     return inventory(s.layout, list(args.get("blobs") or []))
 
 

@@ -117,7 +117,7 @@ _SHELLS: dict[str, threading.Thread] = {}
 SHELL_MARK = ".shell"  # an empty venv made by start_shell; .complete comes with the packages
 
 
-def start_shell(layout: Layout, dependency_digest: object, python: object) -> None:
+def start_shell(layout: Layout, dependency_digest: object, python: object, user_cache: bool = False) -> None:
     """Create ``venvs/<digest>`` empty (``uv venv``) in the background, while the blobs still
     arrive: its interpreter query takes ~0.2 s, paid by a first deploy only. ``ensure_venv``
     waits for it and installs into it; without uv (it may arrive with the blobs) nothing starts."""
@@ -131,7 +131,7 @@ def start_shell(layout: Layout, dependency_digest: object, python: object) -> No
     def make() -> None:
         try:
             layout.venvs.mkdir(parents=True, exist_ok=True)
-            _run([uv, "venv", "--python", python, str(target)], _uv_env(layout))
+            _run([uv, "venv", "--python", python, str(target)], _uv_env(layout, user_cache))
             (target / SHELL_MARK).write_text(python + "\n", encoding="utf-8")
         except Exception:  # noqa: BLE001, S110 - ensure_venv removes a partial one and starts over
             pass
@@ -142,8 +142,9 @@ def start_shell(layout: Layout, dependency_digest: object, python: object) -> No
 
 
 def ensure_venv(layout: Layout, dependency_digest: str, wheels: list[dict[str, Any]],
-                python: str, emit: Emit) -> dict[str, Any]:
+                python: str, emit: Emit, user_cache: bool = False) -> dict[str, Any]:
     """Make ``venvs/<digest>`` hold exactly ``wheels`` ({path, sha256}); reuse a complete one.
+    ``user_cache``: uv uses the user's own cache instead of the deploy root's (see ``_uv_env``).
 
     Returns ``{reused, seconds, installer}``. Failures raise kind ``install`` with the
     installer's last output lines; the half-built venv is removed.
@@ -186,7 +187,7 @@ def ensure_venv(layout: Layout, dependency_digest: str, wheels: list[dict[str, A
         reqs = wheeldir / "requirements.txt"
         reqs.write_text(_requirements(wheels, names), encoding="utf-8")
         venv_python = str(target / "bin" / "python")
-        env = _uv_env(layout) if uv else _clean_env()
+        env = _uv_env(layout, user_cache) if uv else _clean_env()
         if reuse_shell and uv:
             pass  # made while the blobs arrived
         elif uv:
@@ -340,9 +341,15 @@ def _clean_env() -> dict[str, str]:
     return env
 
 
-def _uv_env(layout: Layout) -> dict[str, str]:
+def _uv_env(layout: Layout, user_cache: bool = False) -> dict[str, str]:
+    """uv's environment. Its cache is the deploy root's, on the venvs' filesystem (installs
+    hard-link from it) and gone with the deploy root; with ``user_cache`` (the ``local`` stage:
+    the controller's own machine and user) it is the user's own, where the test gate's venv and
+    earlier deploys have already unpacked these very wheels: a first deploy then installs in a
+    third of the time."""
     env = _clean_env()
-    env["UV_CACHE_DIR"] = str(layout.uv_cache)
+    if not user_cache:
+        env["UV_CACHE_DIR"] = str(layout.uv_cache)
     env["UV_NO_CONFIG"] = "1"
     env["UV_PYTHON_DOWNLOADS"] = "never"
     env.pop("UV_SYSTEM_PYTHON", None)

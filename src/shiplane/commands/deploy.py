@@ -266,7 +266,8 @@ def _prepare(d: Deployment, rendered: Any) -> None:
         request["preboot_web"] = None
     # the host starts making the venv it lacks (uv's interpreter query) while the blobs arrive
     venv_hint = None if d.options.until == "copy" else \
-        {"digest": request["manifest"].get("dependency_digest"), "python": request["python"]}
+        {"digest": request["manifest"].get("dependency_digest"), "python": request["python"],
+         "uv_cache": request["uv_cache"]}
 
     def copy(host: str, session: AgentSession) -> Any:
         inventory = session.call("inventory", {"blobs": [sha for sha, _ in blobs], "venv": venv_hint},
