@@ -106,6 +106,43 @@ def test_a_warm_redeploy_is_served_by_the_spare_that_had_its_libraries_loaded(ap
     assert sorted((s["live"], s["standby"]) for s in servers) == [(False, False), (False, True), (True, False)]
 
 
+SPARE_PROBE = """\
+import json, os, time
+
+root, found, deadline = os.environ["SHIPLANE_ROOT"], None, time.monotonic() + 20
+while found is None and time.monotonic() < deadline:
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            argv = open(f"/proc/{pid}/cmdline", "rb").read().decode().split("\\0")
+            fds = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+            maps = open(f"/proc/{pid}/maps").read()
+        except OSError:
+            continue
+        if "--spare" in argv and any(f.endswith(".wake") for f in fds):  # asleep on its FIFO
+            found = {"pid": int(pid), "markupsafe": "markupsafe" in maps}
+    time.sleep(0.05)  # polling for the spare, bounded by the deadline
+with open(os.path.join(root, "spare-probe.json"), "w") as out:
+    json.dump(found, out)
+"""
+
+
+def test_the_spare_imports_its_libraries_only_once_the_deploy_has_released_its_lock(
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    project = scaffold(tmp_path_factory.mktemp("sp"))
+    try:
+        (project.root / "src" / "demo" / "spareprobe.py").write_text(SPARE_PROBE)
+        edit(project, "shiplane.toml", "[hooks]\n", '[hooks]\nafter_deploy = ["python -m demo.spareprobe"]\n')
+        project.deploy()
+        # after the switch, while the deploy still held the lock: the spare asleep, nothing imported
+        probe = json.loads((project.deploy_root / "spare-probe.json").read_text())
+        assert probe is not None and probe["markupsafe"] is False
+        # the deploy over, the same process imports the libraries (the unlock woke it)
+        maps = Path(f"/proc/{probe['pid']}/maps")
+        wait_for(lambda: "markupsafe" in maps.read_text(), 20, "the spare to import its libraries")
+    finally:
+        project.stop()
+
+
 def test_a_first_deploy_to_a_port_someone_holds_fails_and_leaves_nothing_running(
         tmp_path_factory: pytest.TempPathFactory) -> None:
     project = scaffold(tmp_path_factory.mktemp("port"))

@@ -125,6 +125,14 @@ def web_wake(layout: Layout, program: str) -> Path:
     return layout.run / f"{program}.wake"
 
 
+def wake_fifos(layout: Layout) -> list[Path]:
+    """Every waiting server's FIFO (``web_wake``) in the deploy root."""
+    try:
+        return sorted(layout.run.glob("*.wake"))
+    except OSError:
+        return []
+
+
 def make_wake(fifo: Path) -> None:
     """The FIFO, made by the agent before the server starts (the server makes it too, if gone)."""
     try:

@@ -171,4 +171,15 @@ def release(layout: Layout, holder: dict[str, Any] | None, force: bool = False) 
         layout.lock.unlink()
     except FileNotFoundError:
         pass
+    _wake_waiters(layout)
     return {"released": True, "holder": _holder_only(current)}
+
+
+def _wake_waiters(layout: Layout) -> None:
+    """Poke every server sleeping on a ``run/*.wake`` FIFO: a spare waits for the deploy to end
+    (its lock released) before it imports anything. Each re-checks what it waits for, so a poke
+    for another reason costs it one check."""
+    from .backend import poke, wake_fifos
+
+    for fifo in wake_fifos(layout):
+        poke(fifo)

@@ -47,6 +47,11 @@ def gave_up_path(root: str, release_id: str) -> str:
     return os.path.join(root, "run", f"web-{release_id}.gaveup")
 
 
+def lock_path(root: str) -> str:
+    """The deploy lock (``Layout.lock``): a deploy, rollback or restart holds it while it runs."""
+    return os.path.join(root, ".lock")
+
+
 def preload_path(root: str, venv: str) -> str:
     return os.path.join(root, "run", f"preload-{os.path.basename(venv)[:16]}.txt")
 
@@ -228,9 +233,14 @@ def main(argv: list[str]) -> int:
     record = preload_path(root, sys.prefix)
     if spare:  # spare.py only makes spares for workers that need no stdlib patching
         program = argv[2]
-        preload(preload_names(record, ""))
         claim = os.path.join(root, "run", f"{program}.claim")
-        release_id, args = wait_for(lambda: _read_claim(claim), wake_path(root, program))
+        fifo = wake_path(root, program)
+        # The deploy that made this spare comes first: its imports (the spare's whole cost, ~0.5
+        # CPU-s for a Flask + SQLAlchemy app) wait until the deploy lock is released, unless the
+        # next deploy claims it sooner (they are needed then). The release wakes this FIFO.
+        wait_for(lambda: True if _read_claim(claim) or not os.path.exists(lock_path(root)) else None, fifo)
+        preload(preload_names(record, ""))
+        release_id, args = wait_for(lambda: _read_claim(claim), fifo)
     else:
         release_id, args = argv[1], argv[4:]
         program = f"web-{release_id}"

@@ -2,8 +2,9 @@
 imported, ready to become the next release's server.
 
 After a switch the agent keeps one program ``web-next-<hex>`` running from the live release's
-venv, through preboot.py in spare mode: it imports gunicorn and the libraries that venv's servers
-import, then waits. The next install of a release with the same venv *adopts* it:
+venv, through preboot.py in spare mode: once the deploy has released its lock (so the imports
+never compete with it) it imports gunicorn and the libraries that venv's servers import, then
+waits. The next install of a release with the same venv *adopts* it:
 ``run/<name>.claim`` names the release and holds its gunicorn arguments, and the program's conf
 now records that release. supervisord's command line stays the same, so nothing restarts, and
 from then on the program is that release's web server (``DaemonBackend`` finds a release's
