@@ -645,6 +645,30 @@ def test_prune_never_removes_live_previous_or_newest_good(client: AgentClient, r
     assert reply.result["blobs_removed"] >= 4
 
 
+def test_prune_removes_agent_versions_that_nothing_runs(client: AgentClient, root: Path) -> None:
+    agents = root / ".shiplane"
+    running = sorted(p.name for p in agents.iterdir())  # this session's version
+    unused = agents / ("agent-" + "0" * 64)  # an earlier shiplane's, nothing uses it any more
+    (unused / "shiplane_agent").mkdir(parents=True)
+    old_zip = agents / ("agent-" + "2" * 64 + ".pyz")  # older still: agents shipped as zipapps
+    old_zip.write_bytes(b"PK")
+    configured = agents / ("agent-" + "1" * 64)  # a supervised program is started through it
+    configured.mkdir()
+    (root / "run" / "programs").mkdir(parents=True)
+    (root / "run" / "programs" / "worker.conf").write_text(f"command = python3 -S {configured} exec-env x\n")
+    busy = agents / ("agent-" + "3" * 64)  # a process still runs from it (a detached after-switch)
+    busy.mkdir()
+    proc = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()", str(busy)],
+                            stdin=subprocess.PIPE)
+    try:
+        reply = client.request("prune", {"keep": 5})
+    finally:
+        proc.communicate(timeout=30)
+    assert reply.ok
+    assert sorted(reply.result["agents_removed"]) == sorted([unused.name, old_zip.name])
+    assert sorted(p.name for p in agents.iterdir()) == sorted([*running, configured.name, busy.name])
+
+
 def test_previous_comes_from_the_ledger_when_recorded(client: AgentClient, root: Path) -> None:
     for n in (1, 2, 3):
         assert install_tree(client, n, {"app.py": f"v{n}\n".encode()}).ok

@@ -1,12 +1,14 @@
 """``prune``: old releases beyond ``keep_releases``, venvs no release uses, the store's blobs no
-release lists, and leftovers of crashed installs. Never the live release, the previous one
-(the standby), the newest known-good one, nor one whose server still runs."""
+release lists, agent versions nothing runs, and leftovers of crashed installs. Never the live
+release, the previous one (the standby), the newest known-good one, nor one whose server still
+runs."""
 
 from __future__ import annotations
 
 import os
 import re
 import shutil
+from pathlib import Path
 from typing import Any
 
 from .paths import Layout
@@ -50,7 +52,8 @@ def prune(layout: Layout, keep: int, emit: Emit) -> dict[str, Any]:
     for digest in venvs_removed:
         emit({"phase": "prune", "status": "remove-venv", "detail": digest})
         remove_venv(layout, digest)
-    return {"removed": removed, "venvs_removed": venvs_removed, "blobs_removed": _prune_store(layout)}
+    return {"removed": removed, "venvs_removed": venvs_removed, "blobs_removed": _prune_store(layout),
+            "agents_removed": _prune_agents(layout)}
 
 
 def _prune_store(layout: Layout) -> int:
@@ -71,6 +74,65 @@ def _prune_store(layout: Layout) -> int:
             entry.unlink(missing_ok=True)
             removed += 1
     return removed
+
+
+AGENT_VERSION = re.compile(r"agent-[0-9a-f]{64}")
+# Where a program that runs an agent version is written down: the daemon backend's confs under
+# run/, the systemd backend's units (system or user)
+UNIT_DIRS = (Path("/etc/systemd/system"), Path.home() / ".config" / "systemd" / "user")
+
+
+def _prune_agents(layout: Layout) -> list[str]:
+    """Remove ``.shiplane/agent-<sha>/`` versions (left by earlier shiplane releases) that no
+    program config and no running process names; never the one running this prune. Cheap when
+    there is nothing to do: the configs and processes are read only if an old version exists."""
+    running = os.path.basename(os.environ.get("SHIPLANE_AGENT_DIR", "").rstrip("/"))
+    try:
+        old = [p for p in layout.agent_dir.iterdir()
+               if AGENT_VERSION.fullmatch(p.name.removesuffix(".pyz")) and p.name != running]
+    except OSError:
+        return []
+    if not old:
+        return []
+    used = _named_agent_versions(layout)
+    removed = []
+    for path in old:
+        if path.name.removesuffix(".pyz") in used:
+            continue
+        if path.is_dir() and not path.is_symlink():
+            remove_tree(path)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path.name)
+    return removed
+
+
+def _named_agent_versions(layout: Layout) -> set[str]:
+    """Every ``agent-<sha>`` that a config under ``run/``, a systemd unit or a process's command
+    line mentions (a supervised program, the front proxy, a detached after-switch, a session)."""
+    texts: list[bytes] = []
+    files = [p for p in layout.run.rglob("*") if p.is_file()] if layout.run.is_dir() else []
+    for directory in UNIT_DIRS:
+        try:
+            files += [p for p in directory.iterdir() if p.is_file()]
+        except OSError:
+            continue
+    for path in files:
+        try:
+            texts.append(path.read_bytes()[:1 << 20])
+        except OSError:
+            continue
+    try:
+        pids = [p for p in os.listdir("/proc") if p.isdigit()]
+    except OSError:
+        pids = []
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as handle:
+                texts.append(handle.read())
+        except OSError:
+            continue
+    return {m.decode() for text in texts for m in re.findall(rb"agent-[0-9a-f]{64}", text)}
 
 
 def _remove_leftovers(layout: Layout) -> None:
