@@ -394,6 +394,25 @@ def test_a_pinned_wheelhouse_outlives_clean_and_serves_other_projects(
     assert again.dependencies == manifests[0].manifest.dependencies  # the same bytecode bundle too
 
 
+def test_a_cached_wheel_rewritten_in_place_is_noticed_and_made_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # the cache remembers its files' hashes by their stat; a rewrite must not slip through
+    monkeypatch.setenv("SHIPLANE_CACHE_DIR", str(tmp_path / "user-cache"))
+    write(tmp_path / "app", "requirements.txt", "itsdangerous==2.2.0\ngunicorn==27.0.1\n")
+    spec = BuildSpec(tmp_path / "app", "app", "none", "requirements.txt")
+    first = build(spec).manifest
+    wheel = next((tmp_path / "user-cache" / "wheelhouse").glob("*/itsdangerous-*.whl"))
+    data = bytearray(wheel.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, other bytes
+    os.chmod(wheel, 0o644)
+    wheel.write_bytes(bytes(data))
+    clean(tmp_path / "app")
+    events: list[tuple[str, str]] = []
+    again = build(spec, on_event=events_into(events)).manifest
+    assert any(step == "wheelhouse" and detail.startswith("pip") for step, detail in events)
+    assert again.dependencies == first.dependencies
+
+
 @pytest.mark.slow
 def test_dependency_change_changes_the_dependency_digest(
         package_copy: tuple[Path, Manifest]) -> None:

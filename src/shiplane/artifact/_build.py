@@ -24,7 +24,7 @@ from packaging.utils import canonicalize_name, parse_wheel_filename
 from ..errors import OperationError
 from . import _bytecode as bytecode
 from ._backend import app_wheel
-from ._cache import cache_root
+from ._cache import cache_root, cached_sha256
 from ._manifest import FileEntry, Manifest, dependency_digest, read_manifest_file, write_manifest
 from ._source import detect_source, git_info, is_forbidden, list_source_files, matches
 from ._store import BlobStore, sha256_file
@@ -267,12 +267,13 @@ def _pack(spec: BuildSpec, plan: _Plan, layout: _Layout, emit: EventSink,
     for pkg in spec.server_packages:
         if canonicalize_name(pkg) not in have:
             raise OperationError(f"the wheelhouse has no {pkg} wheel, which the app's server needs")
-    deps = [FileEntry(w.name, *store.put_file(w, link=True)) for w in wheels]
+    # the per-user cache's files: their hashes are remembered, not recomputed per build
+    deps = [FileEntry(w.name, *store.put_file(w, link=True, digest=cached_sha256)) for w in wheels]
     if deps and bytecode.wanted(plan.target):
         bundle = bytecode.bytecode_bundle([(w, e.sha256) for w, e in zip(wheels, deps)], emit)
-        deps.append(FileEntry(bytecode.bundle_name(), *store.put_file(bundle, link=True),
-                              bytecode.KIND))
-    tools = [FileEntry(w.name, *store.put_file(w, link=True)) for w in tool_files]
+        deps.append(FileEntry(bytecode.bundle_name(),
+                              *store.put_file(bundle, link=True, digest=cached_sha256), bytecode.KIND))
+    tools = [FileEntry(w.name, *store.put_file(w, link=True, digest=cached_sha256)) for w in tool_files]
     config = [FileEntry(rel, *store.put_file(plan.project / rel)) for rel in plan.config]
     manifest = Manifest(
         app_name=spec.app_name, app_version=app.version, source=app.source,

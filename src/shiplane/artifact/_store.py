@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
@@ -53,13 +54,16 @@ class BlobStore:
         """True when the blob is present."""
         return self.path(sha256).is_file()
 
-    def put_file(self, src: Path, *, link: bool = False) -> tuple[str, int]:
+    def put_file(self, src: Path, *, link: bool = False,
+                 digest: Callable[[Path], tuple[str, int]] = sha256_file) -> tuple[str, int]:
         """Store a copy of ``src``; return its (sha256, size). A present blob is not rewritten.
 
         ``link=True`` hard-links instead of copying when possible: only for files nobody will
-        modify afterwards (the build's own caches), never for the user's source files.
+        modify afterwards (the build's own caches), never for the user's source files; those
+        may pass a ``digest`` that remembers their hashes (``cached_sha256``). A new blob's
+        bytes are hashed again once stored, whatever ``digest`` said.
         """
-        sha, size = sha256_file(src)
+        sha, size = digest(src)
         dest = self.path(sha)
         if dest.is_file():
             return sha, size
