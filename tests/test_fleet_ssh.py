@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -144,6 +145,28 @@ def test_deploy_to_three_hosts_serves_the_release_on_each(app: Project, ssh_host
         assert current(host) == release
         assert result["hosts"][host.name]["outcome"] == "ok"
     assert ssh_processes(ssh_hosts.ssh_config) == [], "control masters left running after the deploy"
+
+
+def test_logs_follow_prints_every_hosts_new_lines_prefixed_by_host(app: Project, ssh_hosts: TestHosts) -> None:
+    deploy(app, "fleet")
+    follow = subprocess.Popen([sys.executable, "-m", "shiplane", "logs", "--stage", "fleet", "--service", "web",
+                               "--lines", "0", "--follow"], cwd=app.root, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env={**os.environ, "NO_COLOR": "1"})
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(follow.stdout.readline, "")), daemon=True)
+    reader.start()
+    try:
+        edit(app, "<footer>", "<footer>followed ")
+        release = deploy(app, "fleet")["release"]
+        # each new server logs its control socket, named after its release, on its own host
+        wanted = {f"[{h.name}]" for h in ssh_hosts.hosts}
+        seen = wait_for(lambda: (lambda got: got if got == wanted else None)(
+            {line.split(" ", 1)[0] for line in list(lines) if release in line}), 30, "every host's new log lines")
+        assert seen == wanted
+    finally:
+        follow.send_signal(signal.SIGINT)
+        follow.wait(timeout=30)
+    assert ssh_processes(ssh_hosts.ssh_config) == [], "logs --follow left ssh connections behind"
 
 
 def test_code_only_redeploy_sends_one_wheel_and_installs_nothing(app: Project, ssh_hosts: TestHosts) -> None:
