@@ -645,6 +645,21 @@ def test_prune_never_removes_live_previous_or_newest_good(client: AgentClient, r
     assert reply.result["blobs_removed"] >= 4
 
 
+@pytest.mark.slow
+def test_a_log_follower_whose_controller_is_gone_ends(root: Path) -> None:
+    client = AgentClient(root)
+    (root / "log").mkdir(parents=True)
+    (root / "log" / "web.log").write_text("one line\n")
+    request = {"id": 1, "op": "logs", "args": {"service": "web", "lines": 1, "follow": True}}
+    client.stdin.write(json.dumps(request).encode() + b"\n")
+    client.stdin.flush()
+    assert b"one line" in client.stdout.readline()  # following, the log quiet from now on
+    # the controller dies (a kill -9, a dropped connection): nobody reads what the agent writes
+    client.stdout.close()
+    client.stdin.close()
+    wait_for(lambda: client.proc.poll() is not None, 20, "the orphaned follower to exit")
+
+
 def test_prune_removes_agent_versions_that_nothing_runs(client: AgentClient, root: Path) -> None:
     agents = root / ".shiplane"
     running = sorted(p.name for p in agents.iterdir())  # this session's version

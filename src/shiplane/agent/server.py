@@ -66,6 +66,7 @@ class Session:
         self.stdout = stdout
         self.holder: dict[str, Any] | None = None
         self._write_lock = threading.Lock()
+        self.reader_gone = threading.Event()  # a write to the controller failed: nobody listens
         self._beat_stop = threading.Event()
         self._beat_thread: threading.Thread | None = None
         # Serialises lock-file changes of this session: the heartbeat thread must never recreate
@@ -134,7 +135,8 @@ class Session:
         while not done.wait(ALIVE_EVERY):
             try:
                 self.send({"id": req_id, "event": {"status": "alive"}})
-            except OSError:
+            except OSError:  # the controller is gone: an op that only reports (logs) may stop
+                self.reader_gone.set()
                 return
 
     # --- lock -----------------------------------------------------------------------------------
@@ -424,8 +426,8 @@ HANDLERS: dict[str, Handler] = {
     "reload": lambda s, a, e: _services().reload(s.layout, _names(a), e),
     "status": lambda s, a, e: _services().status(s.layout),
     "shutdown": lambda s, a, e: _services().shutdown(s.layout, e),
-    "logs": lambda s, a, e: _services().logs(s.layout, a.get("service"),
-                                             int(a.get("lines") or 100), bool(a.get("follow")), e),
+    "logs": lambda s, a, e: _services().logs(s.layout, a.get("service"), int(a.get("lines") or 100),
+                                             bool(a.get("follow")), e, gone=s.reader_gone.is_set),
     "releases": _op_releases,
     "history": _op_history,
     "read_release_file": _op_read_release_file,

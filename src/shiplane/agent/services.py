@@ -274,11 +274,11 @@ def log_path(layout: Layout, service: str) -> Path:
     return layout.log / f"{sv.check_name(service)}.log"
 
 
-def logs(layout: Layout, service: str | None, lines: int, follow: bool | float, emit: Emit
-         ) -> dict[str, Any]:
+def logs(layout: Layout, service: str | None, lines: int, follow: bool | float, emit: Emit,
+         gone: Callable[[], bool] = lambda: False) -> dict[str, Any]:
     """The last ``lines`` lines of a service's log; with ``follow`` new lines are then emitted as
     events (``status: "line"``) until ``follow`` seconds passed (``True``: until the reader goes
-    away, i.e. ``emit`` raises)."""
+    away: ``emit`` raises, or ``gone()`` says so while the log is quiet)."""
     service = service or "web"
     command = backend_for(layout, None).log_command(service)
     if command is not None:  # the journal: its own reader
@@ -294,18 +294,18 @@ def logs(layout: Layout, service: str | None, lines: int, follow: bool | float, 
         emit({"phase": "logs", "status": "line", "service": service, "detail": line})
     deadline = None if follow is True else time.monotonic() + float(follow)
     try:
-        result["followed"] = _follow(path, service, deadline, emit)
+        result["followed"] = _follow(path, service, deadline, emit, gone)
     except (OSError, ValueError):  # the reader is gone (broken pipe): following ends
         pass
     return result
 
 
-def _follow(path: Path, service: str, deadline: float | None, emit: Emit) -> int:
+def _follow(path: Path, service: str, deadline: float | None, emit: Emit, gone: Callable[[], bool]) -> int:
     count = 0
     pos = path.stat().st_size if path.exists() else 0
     inode = path.stat().st_ino if path.exists() else None
     partial = b""
-    while deadline is None or time.monotonic() < deadline:
+    while (deadline is None or time.monotonic() < deadline) and not gone():
         try:
             st = path.stat()
         except FileNotFoundError:

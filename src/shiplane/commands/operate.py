@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -222,7 +223,31 @@ def show_logs(file: Path | None, stage: str | None, service: str | None, lines: 
             for text in result.get("lines", []):
                 out(masker(f"[{host}] {text}"))
 
-        _all(fleet, "logs", one)
+        if not follow:
+            _all(fleet, "logs", one)
+            return
+        # Following ends with Ctrl-C: the hosts' calls never return by themselves, so they run
+        # beside the main thread, which cuts every session when interrupted (a pool would wait
+        # for them forever on the way out).
+        failed: list[BaseException] = []
+        follower = threading.Thread(target=_catching, args=(lambda: _all(fleet, "logs", one), failed), daemon=True)
+        follower.start()
+        try:
+            follower.join()
+        except KeyboardInterrupt:
+            for session in list(fleet.sessions.values()):
+                session.kill()
+            follower.join(timeout=30)
+            raise
+        if failed:
+            raise failed[0]
+
+
+def _catching(work: Callable[[], Any], failed: list[BaseException]) -> None:
+    try:
+        work()
+    except Exception as exc:  # noqa: BLE001 - handed to the main thread, which raises it
+        failed.append(exc)
 
 
 def lock_stage(file: Path | None, stage: str | None, masker: Masker, *, hosts: str | None, sets: Sequence[str]) -> dict[str, Any]:
