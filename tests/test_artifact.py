@@ -225,6 +225,32 @@ def test_clean_removes_build_output_only(tmp_path: Path) -> None:
     assert clean(tmp_path) == []
 
 
+def test_clean_cache_empties_the_per_user_cache_and_only_it(tmp_path: Path) -> None:
+    cache = tmp_path / "user-cache"
+    write(cache, "wheelhouse/k/flask-3.1.3-py3-none-any.whl", "x" * 1000)
+    write(cache, "bytecode/b.zip", "pyc")
+    project = tmp_path / "app"
+    subprocess.run([sys.executable, "-m", "shiplane", "init", str(project)], check=True, capture_output=True)
+    write(project, ".shiplane/build/blobs/x", "x")
+    write(project, ".shiplane/local/keep", "a local stage's host")
+    env = {**os.environ, "SHIPLANE_CACHE_DIR": str(cache)}
+    plain = subprocess.run([sys.executable, "-m", "shiplane", "clean"], cwd=project, env=env,
+                           capture_output=True, text=True)
+    assert plain.returncode == 0 and cache.is_dir()  # without --cache the shared cache stays
+    write(project, ".shiplane/build/blobs/x", "x")
+    done = subprocess.run([sys.executable, "-m", "shiplane", "clean", "--cache"], cwd=project, env=env,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert not cache.exists() and not (project / ".shiplane/build").exists()
+    assert (project / ".shiplane/local/keep").exists()
+    assert str(cache) in done.stdout and str(project / ".shiplane/build") in done.stdout
+    # outside any project, --cache still works (there is nothing else to clean)
+    write(cache, "tools/t.whl", "t")
+    away = subprocess.run([sys.executable, "-m", "shiplane", "clean", "--cache"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True)
+    assert away.returncode == 0 and not cache.exists()
+
+
 def test_a_missing_lock_or_include_is_an_error_naming_it(tmp_path: Path) -> None:
     write(tmp_path, "app.py", "")
     with pytest.raises(OperationError, match="requirements.txt"):

@@ -221,12 +221,13 @@ _build_verb("pack", "The second half of build: wheelhouse and manifest.", "pack"
 
 
 @main.command()
+@click.option("--cache", is_flag=True, help="Also empty the per-user cache that every project shares.")
 @click.pass_obj
-def clean(obj: Context) -> None:
-    """Remove build output (.shiplane/build)."""
+def clean(obj: Context, cache: bool) -> None:
+    """Remove build output (.shiplane/build); with --cache also the per-user cache."""
     from shiplane.commands.build import clean_build
 
-    for path in clean_build(obj.file):
+    for path in clean_build(obj.file, cache):
         click.echo(f"removed {path}")
 
 

@@ -16,6 +16,7 @@ from ._build import (
     load_manifest,
     pack,
 )
+from ._cache import remove_cache
 from ._gate import gate_env, run_gate
 from ._hostfit import host_misfit, platform_fits
 from ._manifest import FileEntry, Manifest, canonical_json, dependency_digest
@@ -34,6 +35,7 @@ __all__ = [
     "build",
     "canonical_json",
     "clean",
+    "remove_cache",
     "compile_app",
     "dependency_digest",
     "detect_source",

@@ -29,6 +29,20 @@ def cache_root() -> Path:
     return (base / "shiplane").resolve()
 
 
+def remove_cache() -> tuple[Path, int] | None:
+    """``shiplane clean --cache``: the whole per-user cache goes (renamed aside first, so no
+    reader ever sees half of it); returns it and the bytes freed, or None if there was none."""
+    root = cache_root()
+    if not root.is_dir():
+        return None
+    size = sum(p.stat().st_size for p in root.rglob("*") if p.is_file() and not p.is_symlink())
+    trash = root.with_name(f".{root.name}.trash-{os.getpid()}")
+    os.replace(root, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+    _digests.cache_clear()
+    return root, size
+
+
 _DIGESTS_LOCK = threading.Lock()
 
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from shiplane.artifact import BuildResult, BuildSpec, build, clean, compile_app, pack, run_gate
+from shiplane.artifact import BuildResult, BuildSpec, build, clean, compile_app, pack, remove_cache, run_gate
 from shiplane.config import Project, load_project
+from shiplane.config.loader import find_deploy_file
+from shiplane.errors import ConfigError
 from shiplane.events import Emit, Event
 from shiplane.secret import Masker
 from shiplane.ui import Reporter
@@ -72,6 +74,20 @@ def build_artifact(file: Path | None, masker: Masker, *, step: str, as_json: boo
             "files": len(manifest.get("app_files", [])) + len(manifest.get("dependencies", []))}
 
 
-def clean_build(file: Path | None) -> list[Path]:
-    project = load_project(file)
-    return clean(project.root)
+def clean_build(file: Path | None, cache: bool = False) -> list[str]:
+    """What ``shiplane clean`` removed: the project's build output; with ``cache`` also the
+    per-user cache (wheelhouses, bytecode, tools, build envs shared by every project), which
+    may be cleaned from anywhere, in a project or not."""
+    removed: list[str] = []
+    if file is None:
+        try:
+            file = find_deploy_file(Path.cwd())
+        except ConfigError:  # not in a project: only the cache, if that was asked
+            if not cache:
+                raise
+    if file is not None:
+        removed += [str(path) for path in clean(load_project(file).root)]
+    if cache and (gone := remove_cache()) is not None:
+        path, size = gone
+        removed.append(f"{path} ({size / (1 << 20):.1f} MiB)")
+    return removed
