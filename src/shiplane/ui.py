@@ -8,14 +8,14 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, TextIO
-
-from rich.console import Console
-from rich.live import Live
-from rich.table import Table
+from typing import TYPE_CHECKING, Any, TextIO
 
 from shiplane.events import Event
 from shiplane.secret import Masker
+
+if TYPE_CHECKING:  # rich is imported only for a terminal: ~25 ms a --json or CI run does not pay
+    from rich.live import Live
+    from rich.table import Table
 
 
 class Reporter:
@@ -39,6 +39,9 @@ class Reporter:
 
     def __enter__(self) -> Reporter:
         if self.mode == "live":
+            from rich.console import Console
+            from rich.live import Live
+
             self._live = Live(self._table(), console=Console(file=self.stream), refresh_per_second=8, transient=True)
             self._live.__enter__()
         return self
@@ -80,6 +83,8 @@ class Reporter:
         return " ".join(p for p in parts if p)
 
     def _table(self) -> Table:
+        from rich.table import Table
+
         table = Table.grid(padding=(0, 2))
         for host, event in sorted(self._hosts.items()):
             detail = event.detail
@@ -102,6 +107,9 @@ def human_bytes(n: int) -> str:
 
 def print_table(rows: list[dict[str, Any]], columns: list[str], masker: Masker, out: Callable[[str], None] | None = None) -> None:
     """A plain table on stdout (read verbs' text output)."""
+    from rich.console import Console
+    from rich.table import Table
+
     console = Console(file=sys.stdout, highlight=False, soft_wrap=True)
     table = Table(show_header=True, header_style="bold", box=None, pad_edge=False)
     for column in columns:
