@@ -28,8 +28,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
 
-from _fleet_cpu import children_cpu, hosts_cpu  # noqa: E402
-from sshhosts import TestHosts, ssh_available, start_hosts  # noqa: E402
+from _fleet_cpu import children_cpu, hosts_cpu
+
+from sshhosts import TestHosts, ssh_available, start_hosts
 
 CHOICES = {"OpenSSH's default": [], "curve25519-sha256": ["-o", "KexAlgorithms=curve25519-sha256"]}
 
@@ -69,8 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     hosts = start_hosts(1, work / "hosts")
     try:
         version = subprocess.run(["ssh", "-V"], capture_output=True, text=True, check=False).stderr.strip()
-        lines = [f"`python bench/bench_ssh_kex.py --connections {args.connections}`; {version}; "
-                 f"medians of {args.connections} connections (host CPU: the mean)", "",
+        lines = [(f"`python bench/bench_ssh_kex.py --connections {args.connections}`; {version}; "
+                  f"medians of {args.connections} connections (host CPU: the mean)"), "",
                  "| key exchange | negotiated | wall per connection | client CPU | host CPU |",
                  "|---|---|---|---|---|"]
         for label, options in CHOICES.items():

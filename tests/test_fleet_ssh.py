@@ -160,9 +160,12 @@ def test_logs_follow_prints_every_hosts_new_lines_prefixed_by_host(app: Project,
         release = deploy(app, "fleet")["release"]
         # each new server logs its control socket, named after its release, on its own host
         wanted = {f"[{h.name}]" for h in ssh_hosts.hosts}
-        seen = wait_for(lambda: (lambda got: got if got == wanted else None)(
-            {line.split(" ", 1)[0] for line in list(lines) if release in line}), 30, "every host's new log lines")
-        assert seen == wanted
+
+        def hosts_seen() -> set[str] | None:
+            got = {line.split(" ", 1)[0] for line in list(lines) if release in line}
+            return got if got == wanted else None
+
+        assert wait_for(hosts_seen, 30, "every host's new log lines") == wanted
     finally:
         follow.send_signal(signal.SIGINT)
         follow.wait(timeout=30)

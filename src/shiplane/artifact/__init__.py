@@ -35,7 +35,6 @@ __all__ = [
     "build",
     "canonical_json",
     "clean",
-    "remove_cache",
     "compile_app",
     "dependency_digest",
     "detect_source",
@@ -44,6 +43,7 @@ __all__ = [
     "load_manifest",
     "pack",
     "platform_fits",
+    "remove_cache",
     "resolve_target",
     "run_gate",
 ]

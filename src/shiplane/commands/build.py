@@ -5,7 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from shiplane.artifact import BuildResult, BuildSpec, build, clean, compile_app, pack, remove_cache, run_gate
+from shiplane.artifact import (
+    BuildResult,
+    BuildSpec,
+    build,
+    clean,
+    compile_app,
+    pack,
+    remove_cache,
+    run_gate,
+)
 from shiplane.config import Project, load_project
 from shiplane.config.loader import find_deploy_file
 from shiplane.errors import ConfigError
