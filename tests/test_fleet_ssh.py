@@ -103,7 +103,8 @@ def ssh_processes(config: Path) -> list[int]:
                 argv = (entry / "cmdline").read_bytes().split(b"\0")
             except OSError:
                 continue
-            if argv and argv[0].endswith(b"ssh") and str(config).encode() in argv and b"ControlMaster=auto" in argv:
+            masters = (b"ControlMaster=auto", b"ControlMaster=yes")  # a session's, a pre-warmed one
+            if argv and argv[0].endswith(b"ssh") and str(config).encode() in argv and any(m in argv for m in masters):
                 pids.append(int(entry.name))
     return pids
 
@@ -170,6 +171,21 @@ def test_logs_follow_prints_every_hosts_new_lines_prefixed_by_host(app: Project,
         follow.send_signal(signal.SIGINT)
         follow.wait(timeout=30)
     assert ssh_processes(ssh_hosts.ssh_config) == [], "logs --follow left ssh connections behind"
+
+
+def test_a_command_refused_after_its_hosts_were_prewarmed_exits_2_and_leaves_no_ssh(
+        app: Project, ssh_hosts: TestHosts) -> None:
+    # valid TOML (so the CLI pre-warms the stage's hosts) that the schema refuses
+    bad = app.root / "bad.toml"
+    bad.write_text((app.root / "shiplane.toml").read_text().replace("[app]\n", "[app]\nnot_a_key = 1\n", 1))
+    logins = [h.sshd_log().count("Accepted publickey") for h in ssh_hosts.hosts]
+    done = app.shiplane("-f", str(bad), "status", "--stage", "fleet")
+    assert done.returncode == 2 and "not_a_key" in done.stderr
+    # the hosts were reached early (the handshakes overlap the CLI's start-up)...
+    assert all(wait_for(lambda h=h, n=n: h.sshd_log().count("Accepted publickey") > n, 10, "a login")
+               for h, n in zip(ssh_hosts.hosts, logins))
+    # ...and nothing stays connected once the command is refused
+    assert wait_for(lambda: ssh_processes(ssh_hosts.ssh_config) == [], 10, "no ssh left")
 
 
 def test_code_only_redeploy_sends_one_wheel_and_installs_nothing(app: Project, ssh_hosts: TestHosts) -> None:

@@ -65,6 +65,10 @@ def entry() -> None:
     printed, on every command. Nothing needs it: each command closes its own processes,
     connections and temp dirs before it returns.
     """
+    from shiplane.transport import prewarm
+
+    if prewarm.enabled(os.environ):  # the hosts' SSH handshakes overlap the imports below
+        prewarm.start(sys.argv[1:], os.environ, Path.cwd())
     try:
         main.main(prog_name="shiplane")  # click's standalone mode always ends in SystemExit
         code = 0
@@ -74,6 +78,8 @@ def entry() -> None:
         else:
             print(exc.code, file=sys.stderr)
             code = 1
+    finally:
+        prewarm.stop_unused()
     try:
         sys.stdout.flush()
         sys.stderr.flush()

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 from shiplane.config import Project
 from shiplane.errors import OperationError
 from shiplane.events import Emit, Event
+from shiplane.transport import prewarm
 from shiplane.transport.local import LocalTransport
 from shiplane.transport.session import AgentSession, HostError
 from shiplane.transport.ssh import SSHTransport, remove_control_dir
@@ -86,6 +87,7 @@ class Fleet:
         stage = self.project.deploy.stages[self.stage]
 
         def one(host: str) -> AgentSession:
+            prewarm.wait(host, stage.connect_timeout + 5)  # its SSH master, if the CLI started one
             session = AgentSession(self._transport(host), self.root_for(host), self.python_for(host),
                                    connect_timeout=stage.connect_timeout + 20)
             self.sessions[host] = session

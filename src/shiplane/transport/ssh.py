@@ -77,6 +77,13 @@ class SSHTransport:
         return subprocess.Popen([*self._base, self._target, "--", command], stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
 
+    def prewarm(self) -> subprocess.Popen[bytes]:
+        """Start this host's control master now, running nothing on the host (``-N``); with
+        ControlPersist it goes to the background once connected, so the process exits then."""
+        argv = ["ControlMaster=yes" if word == "ControlMaster=auto" else word for word in self._base]
+        return subprocess.Popen([*argv, "-N", self._target], stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
     def explain_failure(self, returncode: int | None, stderr: str) -> str:
         text = stderr.strip()
         if "Host key verification failed" in text or "REMOTE HOST IDENTIFICATION HAS CHANGED" in text:

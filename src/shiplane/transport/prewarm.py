@@ -1,0 +1,141 @@
+"""Open a command's SSH connections while the CLI is still starting: each host's handshake
+(~0.25 s with OpenSSH 9.2's default key exchange) then overlaps the ~0.3 s of imports and deploy
+file validation that come before any session, instead of following them.
+
+Best effort, and it changes nothing on a host: it starts only control masters that run no remote
+command (``ssh -N``), with the same options, control path and strict host-key checking as the
+session that follows (which multiplexes over the master, or connects on its own and reports any
+error if the master failed). Whatever this cannot work out from the command line and the raw deploy
+file (``--set`` overrides, a promotion check first, no deploy file) is simply not pre-warmed; the
+masters of a command that ends before its sessions (a config error) are stopped on the way out.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import tomllib
+
+from .ssh import HOST, SSHTransport, remove_control_dir
+
+# Verbs that connect to the stage's hosts right after loading the deploy file.
+VERBS = {"deploy", "rollback", "status", "releases", "history", "logs", "start", "stop", "restart",
+         "reload", "plan", "lock", "unlock", "copy", "install", "prune"}
+MOST = 16  # hosts pre-warmed at once: deploy's default --parallel
+
+_started: dict[str, tuple[SSHTransport, subprocess.Popen[bytes]]] = {}
+_taken: set[str] = set()  # hosts whose session took the master over (its close stops it)
+
+
+def start(argv: Sequence[str], env: Mapping[str, str], cwd: Path) -> None:
+    """Pre-warm the hosts the command ``argv`` (without the program name) will connect to."""
+    for host, transport in targets(argv, env, cwd).items():
+        try:
+            _started[host] = (transport, transport.prewarm())
+        except OSError:  # no ssh client: the session says so
+            return
+
+
+def wait(host: str, seconds: float) -> None:
+    """Before a host's session starts: let its master finish the handshake (or fail), so the
+    session multiplexes over it rather than racing it with a second connection."""
+    started = _started.get(host)
+    if started is not None:
+        _taken.add(host)
+        try:
+            started[1].wait(timeout=seconds)
+        except subprocess.TimeoutExpired:
+            started[1].kill()
+
+
+def stop_unused() -> None:
+    """At the command's end: stop the masters no session took over (a command refused before
+    connecting); a session's own close has already stopped the others."""
+    untaken = [started for host, started in _started.items() if host not in _taken]
+    for transport, process in untaken:
+        if process.poll() is None:
+            process.kill()
+        transport.close()
+    if untaken:
+        remove_control_dir()
+    _started.clear()
+    _taken.clear()
+
+
+def targets(argv: Sequence[str], env: Mapping[str, str], cwd: Path) -> dict[str, SSHTransport]:
+    """host -> its transport, for the hosts ``argv`` will certainly connect to; empty when in doubt."""
+    parsed = _parse(list(argv))
+    if parsed is None:
+        return {}
+    file, stage_name, hosts_override, parallel = parsed
+    stage_name = stage_name or env.get("SHIPLANE_STAGE")
+    deploy_file = Path(file) if file else _find(cwd)
+    if not stage_name or deploy_file is None:
+        return {}
+    try:
+        stage = tomllib.loads(deploy_file.read_text(encoding="utf-8"))["stages"][stage_name]
+        hosts = hosts_override.split(",") if hosts_override else stage["hosts"]
+        if stage.get("promote_from") or not isinstance(hosts, list):
+            return {}  # a promotion check may refuse the artifact before any host is reached
+        remote = [h for h in hosts if isinstance(h, str) and h != "local"]
+        if len(remote) != len(hosts) or not all(HOST.match(h) for h in remote):
+            return {}
+        ssh_config = stage.get("ssh_config")
+        options = {"ssh_config": str(deploy_file.parent / ssh_config) if ssh_config else None,
+                   "identity_file": stage.get("identity_file"), "options": list(stage.get("ssh_options", [])),
+                   "connect_timeout": float(stage.get("connect_timeout", 10))}
+        return {h: SSHTransport(h, **options) for h in remote[:min(MOST, parallel)]}
+    except Exception:  # noqa: BLE001 - anything unexpected here is the real load's to report
+        return {}
+
+
+def _parse(argv: list[str]) -> tuple[str | None, str | None, str | None, int] | None:
+    """(deploy file, stage, --hosts, --parallel) of a connecting verb, or None."""
+    verb = None
+    values: dict[str, str] = {}
+    i = 0
+    while i < len(argv):
+        word = argv[i]
+        name, eq, inline = word.partition("=")
+        if word in ("-h", "--help", "--version") or name == "--set":
+            return None
+        if name in ("-f", "--file", "-s", "--stage", "--hosts", "--parallel"):
+            if not eq:
+                i += 1
+                if i >= len(argv):
+                    return None
+                inline = argv[i]
+            values[name] = inline
+        elif word.startswith("-s") and len(word) > 2 and not word.startswith("--"):
+            values["-s"] = word[2:]
+        elif not word.startswith("-") and verb is None:
+            verb = word
+        i += 1
+    if verb not in VERBS:
+        return None
+    file = values.get("-f") or values.get("--file")
+    stage = values.get("-s") or values.get("--stage")
+    hosts = values.get("--hosts")
+    try:
+        parallel = max(1, int(values.get("--parallel", MOST)))
+    except ValueError:
+        return None
+    return file, stage, hosts, parallel
+
+
+def _find(cwd: Path) -> Path | None:
+    """The deploy file as the loader finds it (``find_deploy_file``, which this light module
+    must not import: the config package brings pydantic)."""
+    for folder in (cwd.resolve(), *cwd.resolve().parents):
+        if (folder / "shiplane.toml").is_file():
+            return folder / "shiplane.toml"
+    return None
+
+
+def enabled(env: Mapping[str, str]) -> bool:
+    """``SHIPLANE_PREWARM=0`` turns pre-warming off."""
+    return env.get("SHIPLANE_PREWARM", "1") != "0"
+
+
