@@ -1,0 +1,84 @@
+"""What pre-warming the SSH connections saves: the same commands with and without it, interleaved.
+
+    python bench/bench_prewarm.py [--runs N] [--out FILE]
+
+Needs root (one host of ``tests/sshhosts.py``). For the scaffolded app and the minimal app of
+``bench_fleet.py`` on one SSH host, it alternates ``SHIPLANE_PREWARM=1`` (the default: the CLI
+starts the host's SSH master before its imports and config load) and ``SHIPLANE_PREWARM=0``
+(the session connects once the command has loaded everything), ``N`` times each: a warm
+redeploy of a one-line change (``deploy --json``, checked to serve the edit) and a ``status``.
+It prints medians and writes them as a Markdown table with ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
+
+from _benchlib import clean_up
+from _fleet_apps import make_fleet
+
+from sshhosts import ssh_available, start_hosts
+
+MODES = {"pre-warmed (default)": "1", "not pre-warmed": "0"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=7, help="runs per mode and command (default 7)")
+    parser.add_argument("--out", type=Path, help="also write the table to this file")
+    args = parser.parse_args(argv)
+    why = ssh_available()
+    if why is not None:
+        print(f"bench_prewarm: cannot start a test host: {why}", file=sys.stderr)
+        return 2
+    work = Path(tempfile.mkdtemp(prefix="shiplane-prewarm-bench-"))
+    hosts = start_hosts(1, work / "hosts")
+    fleets = []
+    lines = [(f"`python bench/bench_prewarm.py --runs {args.runs}`: medians of {args.runs} interleaved runs "
+              "on one SSH host"), "",
+             "| app | command | " + " | ".join(MODES) + " | saved |", "|---|---|---|---|---|"]
+    try:
+        for workload in ("scaffold", "minimal"):
+            fleet = make_fleet(workload, work, hosts, (1,))
+            fleets.append(fleet)
+            fleet.shiplane("build")
+            fleet.wipe(1)
+            fleet.commit_edit()
+            fleet.deploy(1)
+            times: dict[str, dict[str, list[float]]] = {cmd: {m: [] for m in MODES} for cmd in ("deploy", "status")}
+            for _ in range(args.runs):
+                for mode, flag in MODES.items():
+                    env = {"SHIPLANE_PREWARM": flag}
+                    marker = fleet.commit_edit()
+                    done = fleet.deploy(1, env=env)
+                    fleet.check_serves(1, marker, done)
+                    times["deploy"][mode].append(done.run.wall)
+                    started = time.perf_counter()
+                    subprocess.run([sys.executable, "-m", "shiplane", "status", "--stage", fleet.stage(1)],
+                                   cwd=fleet.root, capture_output=True, check=True, timeout=120,
+                                   env={**os.environ, **env})
+                    times["status"][mode].append(time.perf_counter() - started)
+            for cmd, label in (("deploy", "warm redeploy"), ("status", "`status`")):
+                on, off = (statistics.median(times[cmd][m]) for m in MODES)
+                lines.append(f"| {workload} | {label} | {on:.2f} s | {off:.2f} s | {off - on:.2f} s |")
+    finally:
+        clean_up([f.stop_all for f in fleets] + [hosts.stop], work, False, lambda msg: None)
+    table = "\n".join(lines)
+    print(table)
+    if args.out:
+        args.out.write_text(table + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
