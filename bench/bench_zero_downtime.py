@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-RELEASE_RE = re.compile(r"release (\d{8}T\d{6}Z-[0-9a-f]{8})")
+RELEASE_RE = re.compile(r"release (\d{8}T\d{6}(?:\d{3})?Z-[0-9a-f]{8})")
 
 
 def free_port() -> int:

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from shiplane.agent.runtime import valid_release_id
 from shiplane.config import DeployFile
 from shiplane.plan import (
     batches,
@@ -145,5 +146,11 @@ def test_services_spec_for_an_asgi_app_and_bind_defaults() -> None:
 def test_release_ids_sort_by_time_and_name_the_artifact() -> None:
     digest = "1a2b3c4d" + "0" * 56
     first, later = release_id(digest, now=1_800_000_000), release_id(digest, now=1_800_000_061)
-    assert first == "20270115T080000Z-1a2b3c4d"
+    assert first == "20270115T080000000Z-1a2b3c4d"
     assert sorted([later, first]) == [first, later]
+    # two deploys in one second (a failed one, then its fix) still sort by time, not by digest
+    failed, fix = release_id("f" * 64, now=1_800_000_000.2), release_id("0" * 64, now=1_800_000_000.7)
+    assert sorted([fix, failed]) == [failed, fix]
+    # ids of whole seconds, from older controllers, sort among them by time
+    assert sorted([later, "20270115T080030Z-aaaaaaaa", first]) == [first, "20270115T080030Z-aaaaaaaa", later]
+    assert all(valid_release_id(r) for r in (first, fix, "20270115T080030Z-aaaaaaaa"))

@@ -16,8 +16,13 @@ Blob = tuple[str, int]  # (sha256, size)
 
 
 def release_id(digest: str, now: float | None = None) -> str:
-    """Sortable: UTC time then the artifact digest's head, e.g. ``20261125T101500Z-1a2b3c4d``."""
-    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now if now is not None else time.time())) + "-" + digest[:8]
+    """Sortable: UTC time to the millisecond, then the artifact digest's head, e.g.
+    ``20261125T101500123Z-1a2b3c4d``. Milliseconds, because two deploys may now land in one
+    second (a failed one and its fix): ids of one second would sort by digest, not by time, and
+    rollback and prune go by that order. Ids of whole seconds (older releases) sort among them."""
+    at = now if now is not None else time.time()
+    millis = int((at % 1) * 1000)
+    return f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime(at))}{millis:03d}Z-{digest[:8]}"
 
 
 def manifest_blobs(manifest: dict[str, Any]) -> list[Blob]:

@@ -15,13 +15,14 @@ from typing import Any
 from . import AgentError
 from .paths import Layout
 
-RELEASE_ID_RE = re.compile(r"^[0-9]{8}T[0-9]{6}Z-[0-9a-f]{8}$")
+# UTC time (to the millisecond; whole seconds from older controllers) and the artifact's digest
+RELEASE_ID_RE = re.compile(r"^[0-9]{8}T[0-9]{6}(?:[0-9]{3})?Z-[0-9a-f]{8}$")
 DIGEST_RE = re.compile(r"^[0-9a-f]{8,64}$")
 PARTIAL_META = ".release.partial.json"
 
 
 def valid_release_id(release_id: object) -> str:
-    """Return ``release_id`` if it is ``YYYYmmddTHHMMSSZ-<8 hex>``; fail kind ``usage`` otherwise."""
+    """Return ``release_id`` if it is ``YYYYmmddTHHMMSS[mmm]Z-<8 hex>``; fail kind ``usage`` otherwise."""
     if not isinstance(release_id, str) or not RELEASE_ID_RE.match(release_id):
         raise AgentError(f"not a release id: {release_id!r}", kind="usage")
     return release_id
