@@ -87,8 +87,11 @@ class Fleet:
         stage = self.project.deploy.stages[self.stage]
 
         def one(host: str) -> AgentSession:
-            prewarm.wait(host, stage.connect_timeout + 5)  # its SSH master, if the CLI started one
-            session = AgentSession(self._transport(host), self.root_for(host), self.python_for(host),
+            transport = self._transport(host)
+            failed = prewarm.wait(host, stage.connect_timeout + 5)  # its SSH master, if the CLI started one
+            if failed is not None:
+                raise HostError(host, transport.explain_failure(*failed), "connect")
+            session = AgentSession(transport, self.root_for(host), self.python_for(host),
                                    connect_timeout=stage.connect_timeout + 20)
             self.sessions[host] = session
             return session

@@ -12,7 +12,9 @@ masters of a command that ends before its sessions (a config error) are stopped 
 
 from __future__ import annotations
 
+import os
 import subprocess
+import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -25,7 +27,7 @@ VERBS = {"deploy", "rollback", "status", "releases", "history", "logs", "start",
          "reload", "plan", "lock", "unlock", "copy", "install", "prune"}
 MOST = 16  # hosts pre-warmed at once: deploy's default --parallel
 
-_started: dict[str, tuple[SSHTransport, subprocess.Popen[bytes]]] = {}
+_started: dict[str, tuple[SSHTransport, subprocess.Popen[bytes], int]] = {}  # + its stderr
 _taken: set[str] = set()  # hosts whose session took the master over (its close stops it)
 
 
@@ -33,33 +35,45 @@ def start(argv: Sequence[str], env: Mapping[str, str], cwd: Path) -> None:
     """Pre-warm the hosts the command ``argv`` (without the program name) will connect to."""
     for host, transport in targets(argv, env, cwd).items():
         try:
-            _started[host] = (transport, transport.prewarm())
+            with tempfile.TemporaryFile() as stderr:  # the process keeps its own descriptor
+                _started[host] = (transport, transport.prewarm(stderr), os.dup(stderr.fileno()))
         except OSError:  # no ssh client: the session says so
             return
 
 
-def wait(host: str, seconds: float) -> None:
-    """Before a host's session starts: let its master finish the handshake (or fail), so the
-    session multiplexes over it rather than racing it with a second connection."""
+def wait(host: str, seconds: float) -> tuple[int, str] | None:
+    """Before a host's session starts: let its master finish the handshake, so the session
+    multiplexes over it rather than racing it with a second connection. Returns ssh's exit code
+    and stderr when it could not connect: trying again would only fail the same way, as late
+    (an unreachable host would cost its connect timeout twice)."""
     started = _started.get(host)
-    if started is not None:
-        _taken.add(host)
-        try:
-            started[1].wait(timeout=seconds)
-        except subprocess.TimeoutExpired:
-            started[1].kill()
+    if started is None:
+        return None
+    _taken.add(host)
+    _, process, err = started
+    try:
+        code = process.wait(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        return None
+    if code == 0:
+        return None
+    os.lseek(err, 0, os.SEEK_SET)
+    return code, os.read(err, 1 << 16).decode(errors="replace")
 
 
 def stop_unused() -> None:
     """At the command's end: stop the masters no session took over (a command refused before
     connecting); a session's own close has already stopped the others."""
     untaken = [started for host, started in _started.items() if host not in _taken]
-    for transport, process in untaken:
+    for transport, process, _ in untaken:
         if process.poll() is None:
             process.kill()
         transport.close()
     if untaken:
         remove_control_dir()
+    for _, _, err in _started.values():
+        os.close(err)
     _started.clear()
     _taken.clear()
 

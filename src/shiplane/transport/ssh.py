@@ -11,6 +11,7 @@ import subprocess
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 from shiplane.errors import ConfigError
 
@@ -77,12 +78,13 @@ class SSHTransport:
         return subprocess.Popen([*self._base, self._target, "--", command], stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
 
-    def prewarm(self) -> subprocess.Popen[bytes]:
+    def prewarm(self, stderr: BinaryIO) -> subprocess.Popen[bytes]:
         """Start this host's control master now, running nothing on the host (``-N``); with
-        ControlPersist it goes to the background once connected, so the process exits then."""
+        ControlPersist it goes to the background once connected, so the process exits then
+        (0, or ssh's 255 and its reason in ``stderr``: a file, as the background master keeps it)."""
         argv = ["ControlMaster=yes" if word == "ControlMaster=auto" else word for word in self._base]
         return subprocess.Popen([*argv, "-N", self._target], stdin=subprocess.DEVNULL,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                                stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True)
 
     def explain_failure(self, returncode: int | None, stderr: str) -> str:
         text = stderr.strip()
