@@ -17,7 +17,6 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -26,8 +25,7 @@ sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
 
 from _benchlib import clean_up
 from _fleet_apps import make_fleet
-
-from sshhosts import ssh_available, start_hosts
+from _onehost import one_host, publish
 
 MODES = {"pre-warmed (default)": "1", "not pre-warmed": "0"}
 
@@ -37,12 +35,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=7, help="runs per mode and command (default 7)")
     parser.add_argument("--out", type=Path, help="also write the table to this file")
     args = parser.parse_args(argv)
-    why = ssh_available()
-    if why is not None:
-        print(f"bench_prewarm: cannot start a test host: {why}", file=sys.stderr)
+    started = one_host("bench_prewarm")
+    if started is None:
         return 2
-    work = Path(tempfile.mkdtemp(prefix="shiplane-prewarm-bench-"))
-    hosts = start_hosts(1, work / "hosts")
+    work, hosts = started
     fleets = []
     lines = [(f"`python bench/bench_prewarm.py --runs {args.runs}`: medians of {args.runs} interleaved runs "
               "on one SSH host"), "",
@@ -73,10 +69,7 @@ def main(argv: list[str] | None = None) -> int:
                 lines.append(f"| {workload} | {label} | {on:.2f} s | {off:.2f} s | {off - on:.2f} s |")
     finally:
         clean_up([f.stop_all for f in fleets] + [hosts.stop], work, False, lambda msg: None)
-    table = "\n".join(lines)
-    print(table)
-    if args.out:
-        args.out.write_text(table + "\n", encoding="utf-8")
+    publish(lines, args.out)
     return 0
 
 

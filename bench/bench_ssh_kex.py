@@ -21,7 +21,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -29,8 +28,9 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
 
 from _fleet_cpu import children_cpu, hosts_cpu
+from _onehost import one_host, publish
 
-from sshhosts import TestHosts, ssh_available, start_hosts
+from sshhosts import TestHosts
 
 CHOICES = {"OpenSSH's default": [], "curve25519-sha256": ["-o", "KexAlgorithms=curve25519-sha256"]}
 
@@ -62,12 +62,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--connections", type=int, default=20, help="connections per choice (default 20)")
     parser.add_argument("--out", type=Path, help="also write the table to this file")
     args = parser.parse_args(argv)
-    why = ssh_available()
-    if why is not None:
-        print(f"bench_ssh_kex: cannot start a test host: {why}", file=sys.stderr)
+    started = one_host("bench_ssh_kex")
+    if started is None:
         return 2
-    work = Path(tempfile.mkdtemp(prefix="shiplane-kex-bench-"))
-    hosts = start_hosts(1, work / "hosts")
+    work, hosts = started
     try:
         version = subprocess.run(["ssh", "-V"], capture_output=True, text=True, check=False).stderr.strip()
         lines = [(f"`python bench/bench_ssh_kex.py --connections {args.connections}`; {version}; "
@@ -81,10 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         hosts.stop()
         shutil.rmtree(work, ignore_errors=True)
-    table = "\n".join(lines)
-    print(table)
-    if args.out:
-        args.out.write_text(table + "\n", encoding="utf-8")
+    publish(lines, args.out)
     return 0
 
 
