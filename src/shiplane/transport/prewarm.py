@@ -4,8 +4,8 @@ file validation that come before any session, instead of following them.
 
 Best effort, and it changes nothing on a host: it starts only control masters that run no remote
 command (``ssh -N``), with the same options, control path and strict host-key checking as the
-session that follows (which multiplexes over the master, or connects on its own and reports any
-error if the master failed). Whatever this cannot work out from the command line and the raw deploy
+session that follows, which multiplexes over the master (a master that could not connect is that
+host's connect error, explained as ssh's). Whatever this cannot work out from the command line and the raw deploy
 file (``--set`` overrides, a promotion check first, no deploy file) is simply not pre-warmed; the
 masters of a command that ends before its sessions (a config error) are stopped on the way out.
 """
