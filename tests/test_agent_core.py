@@ -645,6 +645,22 @@ def test_prune_never_removes_live_previous_or_newest_good(client: AgentClient, r
     assert reply.result["blobs_removed"] >= 4
 
 
+def test_prune_empties_uvs_cache_once_a_venv_goes(client: AgentClient, root: Path) -> None:
+    assert install_tree(client, 1, {"app.py": b"v1\n"}).ok
+    cached = root / ".cache" / "uv" / "wheels-v5" / "flask.whl"  # what uv unpacked here so far
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"unpacked")
+    assert client.request("prune", {"keep": 5}).result["venvs_removed"] == []
+    assert cached.exists()  # no venv went: the cache stays warm for the next install
+    old = root / "venvs" / ("ab" * 32)  # a dependency set no release uses any more
+    old.mkdir(parents=True)
+    (old / ".complete").write_text("flask.whl\n")
+    reply = client.request("prune", {"keep": 5})
+    assert reply.result["venvs_removed"] == ["ab" * 32] and not old.exists()
+    # uv's cache would otherwise keep every dependency set's wheels, growing with each change
+    assert not (root / ".cache" / "uv").exists()
+
+
 @pytest.mark.slow
 def test_a_log_follower_whose_controller_is_gone_ends(root: Path) -> None:
     client = AgentClient(root)

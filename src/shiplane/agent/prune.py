@@ -1,5 +1,5 @@
-"""``prune``: old releases beyond ``keep_releases``, venvs no release uses, the store's blobs no
-release lists, agent versions nothing runs, and leftovers of crashed installs. Never the live
+"""``prune``: old releases beyond ``keep_releases``, venvs no release uses (and then uv's cache),
+the store's blobs no release lists, agent versions nothing runs, and leftovers of crashed installs. Never the live
 release, the previous one (the standby), the newest known-good one, nor one whose server still
 runs."""
 
@@ -52,6 +52,10 @@ def prune(layout: Layout, keep: int, emit: Emit) -> dict[str, Any]:
     for digest in venvs_removed:
         emit({"phase": "prune", "status": "remove-venv", "detail": digest})
         remove_venv(layout, digest)
+    if venvs_removed:
+        # uv's cache holds every wheel ever unpacked here, the gone venvs' too, and would grow
+        # with each dependency change; the venvs hard-link their files, so they keep them
+        remove_tree(layout.uv_cache)
     return {"removed": removed, "venvs_removed": venvs_removed, "blobs_removed": _prune_store(layout),
             "agents_removed": _prune_agents(layout)}
 
