@@ -186,6 +186,7 @@ def test_logs_follow_prints_every_hosts_new_lines_prefixed_by_host(app: Project,
     finally:
         follow.send_signal(signal.SIGINT)
         follow.wait(timeout=30)
+    assert follow.returncode == 130 and "interrupted" in follow.stderr.read()  # Ctrl-C, as tail -f
     assert ssh_processes(ssh_hosts.ssh_config) == [], "logs --follow left ssh connections behind"
 
 
