@@ -47,7 +47,7 @@ def wait(host: str, seconds: float) -> tuple[int, str] | None:
     and stderr when it could not connect: trying again would only fail the same way, as late
     (an unreachable host would cost its connect timeout twice)."""
     started = _started.get(host)
-    if started is None:
+    if started is None or host in _taken:  # a second connect (a retry) is the session's own
         return None
     _taken.add(host)
     _, process, err = started
