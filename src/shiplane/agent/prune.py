@@ -136,7 +136,8 @@ def _named_agent_versions(layout: Layout) -> set[str]:
                 texts.append(handle.read())
         except OSError:
             continue
-    return {m.decode() for text in texts for m in re.findall(rb"agent-[0-9a-f]{64}", text)}
+    named = re.compile(AGENT_VERSION.pattern.encode())  # the same name, in bytes
+    return {m.decode() for text in texts for m in named.findall(text)}
 
 
 def _remove_leftovers(layout: Layout) -> None:
