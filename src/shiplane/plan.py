@@ -98,6 +98,11 @@ def primary_host(deploy: DeployFile, stage: str, hosts: list[str]) -> str:
     return hosts[0]
 
 
+def hook_hosts(deploy: DeployFile, stage: str, hosts: list[str]) -> list[str]:
+    """Where the setup and release hooks run (``hooks.run_on``): the primary, or every host."""
+    return list(hosts) if deploy.hooks.run_on == "all" else [primary_host(deploy, stage, hosts)]
+
+
 def role_hosts(deploy: DeployFile, stage: str, hosts: list[str], scope: str) -> list[str]:
     """The hosts a task scope names: all, primary, role:NAME."""
     if scope == "all":

@@ -80,13 +80,32 @@ def _body_head(body: bytes) -> str:
 def _with_log(message: str, log_path: str | Path | None) -> str:
     if log_path is None:
         return message
-    tail = tail_lines(log_path)
-    if not tail:
+    recent = tail_lines(log_path, 400)
+    if not recent:
         return message + f"\n(no output in {log_path})"
     # the app's own error first: with several workers, their tracebacks interleave in the tail
-    errors = [line for line in tail_lines(log_path, 200) if _EXCEPTION.match(line)]
+    errors = [line for line in recent if _EXCEPTION.match(line)]
     cause = f"\nthe server's log says: {errors[-1].strip()}" if errors else ""
-    return message + cause + f"\nlast lines of {log_path}:\n" + "\n".join(tail)
+    return message + cause + f"\nlast lines of {log_path} (each once):\n" + "\n".join(distinct_lines(recent))
+
+
+# a log line's own stamp: "[2026-12-04 10:00:00 +0000] [1234] " (gunicorn), "2026-12-04T10:00:00 "
+_STAMP = re.compile(r"^(\[[0-9T:., +-]+\]\s*|[0-9]{4}-[0-9]{2}-[0-9]{2}[T ][0-9:.,]+\S*\s*)(\[\d+\]\s*)?")
+
+
+def distinct_lines(lines: list[str], keep: int = LOG_TAIL_LINES) -> list[str]:
+    """The last ``keep`` distinct lines, each once, in the order they last appeared, with
+    ``(xN)`` when a line came N times: a server failing every health poll writes the same
+    warning (or traceback) each time, and one copy says it all. Lines differing only in their
+    time stamp and pid are the same line."""
+    counts: dict[str, int] = {}
+    last: dict[str, tuple[int, str]] = {}
+    for index, line in enumerate(lines):
+        key = _STAMP.sub("", line).rstrip()
+        counts[key] = counts.get(key, 0) + 1
+        last[key] = (index, line)
+    newest = sorted(last.items(), key=lambda item: item[1][0])[-keep:]
+    return [line + (f"  (x{counts[key]})" if counts[key] > 1 else "") for key, (_, line) in newest]
 
 
 _EXCEPTION = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt)\b.*:")

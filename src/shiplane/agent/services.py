@@ -24,14 +24,22 @@ from .daemon import DaemonBackend
 from .errors import AgentError
 from .health import tail_lines, wait_healthy
 from .paths import Layout
-from .switch import current_release, ensure_front, forget, live_release, load_spec, save_spec
+from .switch import (
+    current_release,
+    ensure_front,
+    forget,
+    live_release,
+    load_spec,
+    save_spec,
+    spec_path,
+)
 from .switch import switch as _switch
 from .systemd import SystemdBackend, systemd_running
 
 Emit = Callable[[dict[str, Any]], None]
 
 __all__ = ["backend_for", "choose_backend", "logs", "reload", "restart", "shutdown", "start",
-           "status", "stop", "switch"]
+           "status", "stop", "switch", "withdraw"]
 
 
 # --- which backend ---------------------------------------------------------------------------
@@ -125,6 +133,24 @@ def discard(layout: Layout, release_id: str, emit: Emit) -> bool:
         return False
     backend.stop_web(release_id, emit)
     return True
+
+
+def withdraw(layout: Layout, release_id: str, emit: Emit) -> dict[str, Any]:
+    """Take a host back to serving nothing: the undo of a failed *first* deploy, where there is
+    no earlier release to return to. Every service stops (the manager too, as before the deploy),
+    and ``web.sock``, ``current`` and the saved spec go, so the host holds the release installed
+    (marked bad by the deploy) but runs and serves nothing. A host serving another release is
+    refused: that one is undone by a switch back, never by this."""
+    live = live_release(layout)
+    if live not in (None, release_id):
+        raise AgentError(f"withdraw: this host serves {live}, not {release_id}", kind="usage")
+    stopped = shutdown(layout, emit)["stopped"]
+    for link in (layout.web_socket, layout.current):
+        if os.path.islink(link):
+            link.unlink()
+    spec_path(layout).unlink(missing_ok=True)
+    emit({"phase": "undo", "status": "withdrawn", "detail": f"{release_id} no longer serves; nothing runs here"})
+    return {"withdrawn": release_id, "stopped": stopped}
 
 
 def _spec(layout: Layout, spec: dict[str, Any] | None) -> dict[str, Any]:

@@ -334,12 +334,13 @@ def _switch(d: Deployment) -> None:
         if len(bad) > max_failures(stage.rolling.max_fail, len(batch)):
             _undo(d, switched, spec)
             listing = "; ".join(f"{h}: {e.reason}" for h, e in bad.items())
-            raise OperationError(f"switch failed on {len(bad)} host(s) ({listing}); "
-                                 f"every switched host is back on its previous release")
+            raise OperationError(f"switch failed on {len(bad)} host(s) ({listing}); {_left_with(d)}")
 
 
 def _undo(d: Deployment, switched: list[str], spec: dict[str, Any]) -> None:
-    """Return every host this deploy switched to the release it served before."""
+    """Return every host this deploy switched to the release it served before; a host that served
+    nothing before (a first deploy) is withdrawn: it serves nothing again, so no host is left
+    serving a release the stage rejected (all or nothing, first deploys included)."""
     back = [h for h in switched if d.hosts[h].previous]
     outcomes = d.fleet.each("undo", lambda host, s: s.call(
         "switch", {"release_id": d.hosts[host].previous, "services": spec}, timeout=timeout(d)), hosts=back)
@@ -347,6 +348,30 @@ def _undo(d: Deployment, switched: list[str], spec: dict[str, Any]) -> None:
         state = d.hosts[host]
         state.outcome = "undone" if outcome.ok else "undo-failed"
         state.release = state.previous if outcome.ok else state.release
+    _withdraw(d, [h for h in switched if not d.hosts[h].previous])
+
+
+def _withdraw(d: Deployment, hosts: list[str]) -> None:
+    """Hosts that served nothing before this deploy serve nothing after it, and run nothing."""
+    outcomes = d.fleet.each("undo", lambda host, s: s.call("withdraw", {"release_id": d.rid}, timeout=timeout(d)),
+                            hosts=hosts, quiet=True)
+    for host, outcome in outcomes.items():
+        state = d.hosts[host]
+        if state.switched:
+            state.outcome = "withdrawn" if outcome.ok else "undo-failed"
+        state.switched = state.switched and not outcome.ok
+        state.release = None if outcome.ok else state.release
+
+
+def _left_with(d: Deployment) -> str:
+    """What each host serves now, in a few words (the summary lists it host by host)."""
+    undone = [h for h, s in d.hosts.items() if s.outcome == "undone"]
+    withdrawn = [h for h, s in d.hosts.items() if s.outcome == "withdrawn"]
+    stuck = [h for h, s in d.hosts.items() if s.outcome == "undo-failed"]
+    parts = [f"{', '.join(undone)} back on the release served before"] if undone else []
+    parts += [f"{', '.join(withdrawn)} serve nothing again (there was no earlier release)"] if withdrawn else []
+    parts += [f"{', '.join(stuck)} could not be undone and still serve {d.rid}"] if stuck else []
+    return "; ".join(parts) or "no host had switched"
 
 
 def _after_deploy(d: Deployment) -> None:
@@ -387,6 +412,9 @@ def _finalize(d: Deployment, outcome: str, error: str | None) -> dict[str, Any]:
         # wherever it was installed, so `rollback` never picks it
         installed = [h for h, s in d.hosts.items() if h in connected and (s.phase not in ("pending", "connect", "lock", "copy") or s.switched)]
         if outcome != "ok":
+            # a host this deploy would have been the first to serve runs nothing after it either
+            _withdraw(d, [h for h in installed if not d.hosts[h].previous and not d.hosts[h].switched
+                          and d.hosts[h].outcome != "withdrawn"])
             fleet.each("finalize", lambda host, s: s.call("mark", {"release_id": d.rid, "state": "bad"}, timeout=60),
                        hosts=installed, quiet=True)
         fleet.each("finalize", lambda host, s: s.call("record", {"entry": entry}, timeout=60), hosts=connected, quiet=True)
@@ -412,8 +440,11 @@ def _summary(d: Deployment, entry: dict[str, Any]) -> dict[str, Any]:
         lines.append(f"  reason: {entry['error']}")
     for host, state in d.hosts.items():
         phases = ", ".join(f"{p} {s:.2f}s" for p, s in d.fleet.timings.get(host, {}).items())
-        lines.append(f"  {host:24} {state.outcome:10} release {state.release or state.previous or '-'}  "
-                     f"sent {human_bytes(state.bytes_sent)}  [{phases}]")
+        if ok:
+            left = f"release {state.release or state.previous or '-'}"
+        else:  # what the host serves now, which a failed deploy may have changed back
+            left = f"serves {(state.release if state.switched else state.previous) or 'nothing'}"
+        lines.append(f"  {host:24} {state.outcome:10} {left}  sent {human_bytes(state.bytes_sent)}  [{phases}]")
     port = d.ctx.project.deploy.web_port(d.ctx.stage)
     if ok and port and d.ctx.project.deploy.stages[d.ctx.stage].is_local and not d.options.until:
         lines.append(f"serving at http://127.0.0.1:{port}/")

@@ -25,7 +25,7 @@ from shiplane.config.formats import format_of, parse_env
 from shiplane.config.layers import env_file_values, render_files
 from shiplane.errors import ConfigError, OperationError
 from shiplane.fleet import failures
-from shiplane.plan import manifest_blobs, primary_host, release_id, services_spec
+from shiplane.plan import hook_hosts, manifest_blobs, primary_host, release_id, services_spec
 from shiplane.secret import Masker
 from shiplane.transport.session import AgentSession
 from shiplane.ui import Reporter, human_bytes
@@ -87,15 +87,19 @@ def run_plan(file: Path | None, stage: str | None, masker: Masker, *, hosts: str
         lines = [head]
         for host, info in per_host.items():
             lines += _host_lines(host, info, services)
-        hook_runs = _release_hook_runs(ctx, fleet.sessions[primary])
-        if hook_runs:
-            hooks = [f"release hook `{c}` once on {primary}" for c in deploy.hooks.release_commands()]
-        else:
+        where = hook_hosts(deploy, ctx.stage, list(per_host))
+        runs_on = [h for h in where if _release_hook_runs(ctx, fleet.sessions[h])]
+        hook_runs = bool(runs_on)
+        hooks = [f"release hook `{c}` once on {', '.join(runs_on)}" for c in deploy.hooks.release_commands()] \
+            if runs_on else []
+        skips = [h for h in where if h not in runs_on]
+        if skips and deploy.hooks.release_commands():
             watched = ", ".join(deploy.hooks.release_if_changed)
-            hooks = [(f"no release hook: nothing it depends on ({watched}, config) changed since it "
-                      f"last ran on {primary}")] if deploy.hooks.release_commands() else []
-        if any(info["setup_pending"] for info in per_host.values()) and deploy.hooks.setup:
-            hooks.insert(0, f"setup hook `{deploy.hooks.setup}` on {primary} (first deploy of the stage)")
+            hooks.append(f"no release hook on {', '.join(skips)}: nothing it depends on ({watched}, config) "
+                         "changed since it last ran there")
+        pending = [h for h in where if per_host[h]["setup_pending"]]
+        if pending and deploy.hooks.setup:
+            hooks.insert(0, f"setup hook `{deploy.hooks.setup}` on {', '.join(pending)} (its first deploy there)")
         lines += [f"then: {h}" for h in hooks]
         rolling = deploy.stages[ctx.stage].rolling
         lines.append(f"switch in batches of {rolling.batch}, max_fail {rolling.max_fail}")

@@ -140,6 +140,9 @@ class Hooks(Model):
     after_install: list[str] = []
     after_deploy: list[str] = []
     timeout: Annotated[float, Field(gt=0)] = 600
+    # where the setup and release hooks run: once on the primary (a database every host shares)
+    # or on every host (state each host keeps, e.g. its own SQLite); see README, "The deploy file"
+    run_on: Literal["primary", "all"] = "primary"
 
     @field_validator("release_if_changed")
     @classmethod
