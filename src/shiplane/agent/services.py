@@ -144,11 +144,19 @@ def withdraw(layout: Layout, release_id: str, emit: Emit) -> dict[str, Any]:
     live = live_release(layout)
     if live not in (None, release_id):
         raise AgentError(f"withdraw: this host serves {live}, not {release_id}", kind="usage")
-    stopped = shutdown(layout, emit)["stopped"]
-    for link in (layout.web_socket, layout.current):
-        if os.path.islink(link):
-            link.unlink()
-    spec_path(layout).unlink(missing_ok=True)
+    held = hold_switch_lock(layout)  # the switch's after-switch (its spare) has finished first
+    try:
+        stopped = shutdown(layout, emit)["stopped"]
+        if isinstance(backend_for(layout, None), DaemonBackend):
+            # a supervisord started later (to ask it anything) would start these programs again
+            for program in sv.configured_programs(layout):
+                sv.remove_program_conf(layout, program)
+        for link in (layout.web_socket, layout.current):
+            if os.path.islink(link):
+                link.unlink()
+        spec_path(layout).unlink(missing_ok=True)
+    finally:
+        os.close(held)
     emit({"phase": "undo", "status": "withdrawn", "detail": f"{release_id} no longer serves; nothing runs here"})
     return {"withdrawn": release_id, "stopped": stopped}
 
