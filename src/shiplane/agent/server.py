@@ -1,7 +1,9 @@
 """The agent session: JSON lines in, events and one result per request out (DESIGN "Agent protocol").
 
 One session serves many requests. An op that fails answers with an error line; nothing an op
-does can end the session except EOF on stdin (or a signal, which releases our deploy lock).
+does can end the session except EOF on stdin (or a signal, which releases our deploy lock). A
+deploy lock this session took is held by this process (agent/lock.py): when the session ends
+without unlocking (its controller died), the next lock finds it abandoned and breaks it.
 """
 
 from __future__ import annotations
@@ -11,12 +13,14 @@ import importlib
 import json
 import os
 import platform
+import select
 import signal
 import socket
 import subprocess
 import sys
 import sysconfig
 import threading
+import time
 import traceback
 from collections.abc import Callable
 from typing import Any, BinaryIO
@@ -27,7 +31,6 @@ from .paths import Layout, agent_command
 from .venvs import find_uv, install_uv, list_venvs, start_shell
 
 Emit = Callable[[dict[str, Any]], None]
-HEARTBEAT_EVERY = 20.0
 ALIVE_EVERY = 5.0
 
 
@@ -65,12 +68,10 @@ class Session:
         self.stdin = stdin
         self.stdout = stdout
         self.holder: dict[str, Any] | None = None
+        self.lock_fd: int | None = None  # holds the flock of our deploy lock (agent/lock.py)
         self._write_lock = threading.Lock()
         self.reader_gone = threading.Event()  # a write to the controller failed: nobody listens
-        self._beat_stop = threading.Event()
-        self._beat_thread: threading.Thread | None = None
-        # Serialises lock-file changes of this session: the heartbeat thread must never recreate
-        # a lock the main thread has just removed. Reentrant: the signal handler runs on the main
+        # Serialises lock changes of this session. Reentrant: the signal handler runs on the main
         # thread, possibly inside such a section.
         self.lock_ops = threading.RLock()
 
@@ -93,7 +94,6 @@ class Session:
             if not line.strip():
                 continue
             self.handle_line(line)
-        self._stop_heartbeat()
 
     def handle_line(self, line: bytes) -> None:
         """Parse and run one request; every outcome is a result or an error line for its id."""
@@ -141,40 +141,40 @@ class Session:
 
     # --- lock -----------------------------------------------------------------------------------
 
-    def _start_heartbeat(self) -> None:
-        """While this session holds the lock, keep its heartbeat fresh (long installs included)."""
-        if self._beat_thread is not None and self._beat_thread.is_alive():
-            if not self._beat_stop.is_set():
-                return
-            self._beat_thread.join()  # a stopped beat is on its way out: wait, then start afresh
-        self._beat_stop.clear()
+    def controller_here(self, seconds: float) -> bool:
+        """Sleep up to ``seconds`` (an op's wait); False as soon as the controller has gone: EOF
+        on stdin, which it closes when it ends or is interrupted, and which its death causes."""
+        try:
+            fd = self.stdin.fileno()
+        except (AttributeError, OSError, ValueError):  # not a real stream (tests): just sleep
+            time.sleep(seconds)
+            return True
+        readable, _, _ = select.select([fd], [], [], seconds)
+        if not readable:
+            return True
+        peek = getattr(self.stdin, "peek", None)
+        if peek is None or peek(1):
+            # a next request already (none is sent during a call): left for the request loop,
+            # and slept on so that a readable stdin does not spin this wait
+            time.sleep(seconds)
+            return True
+        return False
 
-        def beat() -> None:
-            while not self._beat_stop.wait(HEARTBEAT_EVERY):
-                with self.lock_ops:
-                    if self._beat_stop.is_set() or self.holder is None:
-                        return
-                    try:
-                        lock.heartbeat(self.layout, self.holder)
-                    except Exception:  # noqa: BLE001
-                        return  # lost or released: the next op that needs the lock will say so
-
-        self._beat_thread = threading.Thread(target=beat, name="lock-heartbeat", daemon=True)
-        self._beat_thread.start()
-
-    def _stop_heartbeat(self) -> None:
-        self._beat_stop.set()
+    def drop_lock(self) -> None:
+        """Forget the lock this session took (its record already gone): close its flock."""
+        lock.drop(self.lock_fd)
+        self.lock_fd = None
+        self.holder = None
 
     def release_lock(self) -> None:
         """Give back the deploy lock this session took, if it still holds it (session ending)."""
-        self._stop_heartbeat()
         with self.lock_ops:
             if self.holder is not None:
                 try:
                     lock.release(self.layout, self.holder, force=False)
-                except Exception:  # noqa: BLE001, S110 - exiting anyway; a kept lock goes stale
+                except Exception:  # noqa: BLE001, S110 - exiting anyway; a kept lock is abandoned
                     pass
-                self.holder = None
+                self.drop_lock()
 
     def release_on_signal(self, signum: int, _frame: Any) -> None:
         """SIGTERM/SIGINT: give back the deploy lock we took, then exit."""
@@ -204,7 +204,6 @@ Handler = Callable[[Session, dict[str, Any], Emit], Any]
 
 def inventory(layout: Layout, shas: list[str]) -> dict[str, Any]:
     """What the controller needs to plan a deploy on this host."""
-    info = lock.read(layout)
     try:
         services: Any = _services().status(layout)
     except ImportError:
@@ -217,7 +216,7 @@ def inventory(layout: Layout, shas: list[str]) -> dict[str, Any]:
         "previous": releases.previous_release(layout),
         "releases": releases.list_releases(layout),
         "venvs": list_venvs(layout),
-        "lock": lock.describe(info) if info else None,
+        "lock": lock.inspect(layout),
         "setup_done": ledger.setup_done(layout),
         "services": services,
     }
@@ -350,11 +349,20 @@ def _op_lock(s: Session, args: dict[str, Any], emit: Emit) -> Any:
     holder = args.get("holder")
     if not isinstance(holder, dict):
         raise AgentError("lock: holder missing", kind="usage")
-    record = lock.acquire(s.layout, holder, float(args.get("wait") or 0), emit)
+    keep = bool(args.get("keep"))  # `shiplane lock`: held until unlock, by no process
+    held = lock.acquire(s.layout, holder, float(args.get("wait") or 0), emit, keep=keep, pause=s.controller_here)
     with s.lock_ops:
+        if held.fd is not None or keep:
+            lock.drop(s.lock_fd)  # a lock we held before is gone: its old flock means nothing
+            s.lock_fd = held.fd
         s.holder = holder
-    s._start_heartbeat()
-    return record
+    result = dict(held.record)
+    if held.broke is not None:
+        result["broke"] = held.broke
+        # the ledger keeps it: the abandoned deploy left no entry of its own
+        ledger.append(s.layout, {"event": "lock-broken", "holder": held.broke,
+                                 "user": holder.get("user"), "controller": holder.get("host")})
+    return result
 
 
 def _op_heartbeat(s: Session, args: dict[str, Any], emit: Emit) -> Any:
@@ -368,8 +376,7 @@ def _op_unlock(s: Session, args: dict[str, Any], emit: Emit) -> Any:
     with s.lock_ops:
         result = lock.release(s.layout, holder, force=bool(args.get("force")))
         if s.holder is not None and not lock.is_ours(lock.read(s.layout) or {}, s.holder):
-            s._stop_heartbeat()
-            s.holder = None
+            s.drop_lock()
     return result
 
 

@@ -253,7 +253,8 @@ def _catching(work: Callable[[], Any], failed: list[BaseException]) -> None:
 def lock_stage(file: Path | None, stage: str | None, masker: Masker, *, hosts: str | None, sets: Sequence[str]) -> dict[str, Any]:
     with connected(file, stage, masker, hosts=hosts, sets=sets) as (_ctx, fleet):
         who = holder(" ".join(["shiplane", *sys.argv[1:]]), os.getpid()).to_json()
-        _all(fleet, "lock", lambda h, s: s.call("lock", {"holder": who, "wait": 0}))
+        # kept: held until `shiplane unlock`, not bound to this command's agent sessions
+        _all(fleet, "lock", lambda h, s: s.call("lock", {"holder": who, "wait": 0, "keep": True}))
         return {"ok": True, "lines": [f"locked {h}" for h in fleet.hosts]}
 
 

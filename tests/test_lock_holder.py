@@ -1,0 +1,202 @@
+"""The deploy lock is held by a live agent session (a flock on ``.lock``): a lock whose holder is
+gone (controller killed, its session ended) is broken by the next lock, saying whose it was; a
+live holder's lock is never broken and is refused with its real age."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from shiplane.agent import lock
+from shiplane.agent.paths import Layout
+from test_agent_core import AgentClient, install_tree, release_id
+
+
+def holder(pid: int, host: str = "laptop", user: str = "alice") -> dict[str, Any]:
+    return {"user": user, "host": host, "pid": pid, "command": "shiplane deploy prod",
+            "started_at": "2026-01-01T10:00:00Z"}
+
+
+def history(root: Path) -> list[dict[str, Any]]:
+    path = root / "history.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    return tmp_path / "deploy"
+
+
+def test_a_live_lock_is_refused_with_its_real_age_and_broken_once_its_holder_is_killed(root: Path) -> None:
+    first, second = AgentClient(root), AgentClient(root)
+    try:
+        assert first.request("lock", {"holder": holder(111)}).ok
+        refused = second.request("lock", {"holder": holder(222, "ci", "bob")})
+        assert not refused.ok and refused.error["kind"] == "lock" and refused.error["state"] == "live"
+        message = refused.error["message"]
+        assert "deploy lock held by alice@laptop (pid 111, `shiplane deploy prod`), taken " in message
+        age = int(re.search(r"\((\d+)s ago\)", message).group(1))  # type: ignore[union-attr]
+        assert age < 30, message  # its real age: taken moments ago, not "over 120s"
+        assert "stale" not in message and "heartbeat" not in message
+        assert refused.error["stale"] is False
+
+        first.proc.kill()  # the holder's agent dies: the kernel drops its flock
+        first.proc.wait(timeout=10)
+        assert second.request("inventory").result["lock"]["state"] == "abandoned"
+        taken = second.request("lock", {"holder": holder(222, "ci", "bob")})
+        assert taken.ok, taken.error
+        assert taken.result["pid"] == 222 and taken.result["broke"]["pid"] == 111
+        said = [e["detail"] for e in taken.events if e.get("status") == "broke"]
+        assert len(said) == 1
+        assert re.fullmatch(r"broke the deploy lock left by alice@laptop \(pid 111, `shiplane deploy prod`\), "
+                            r"taken \S+ \(\d+s ago\): its holder is gone", said[0]), said
+        entry = history(root)[-1]
+        assert entry["event"] == "lock-broken" and entry["holder"]["user"] == "alice" and entry["user"] == "bob"
+        assert second.request("unlock").result["released"] is True
+    finally:
+        first.proc.kill()
+        second.close()
+
+
+def test_a_session_ended_by_eof_exits_at_once_and_its_lock_is_abandoned(root: Path) -> None:
+    """What a controller killed with kill -9 does to its agent: the pipe or SSH channel closes."""
+    first = AgentClient(root)
+    assert first.request("lock", {"holder": holder(111)}).ok
+    first.stdin.close()
+    assert first.proc.wait(timeout=5) == 0
+    second = AgentClient(root)
+    try:
+        taken = second.request("lock", {"holder": holder(222, "ci")})
+        assert taken.ok and taken.result["broke"]["user"] == "alice"
+    finally:
+        second.close()
+
+
+def test_processes_started_under_the_lock_do_not_keep_it_alive(root: Path) -> None:
+    """Hooks, servers and supervisord are started by the agent: none of them holds its flock."""
+    first = AgentClient(root)
+    bg_pid = 0
+    try:
+        assert install_tree(first, 1).ok
+        assert first.request("lock", {"holder": holder(111)}).ok
+        reply = first.request("hook", {"release_id": release_id(1), "timeout": 30,
+                                       "command": "setsid sleep 300 >/dev/null 2>&1 < /dev/null & echo $! > bg.pid"})
+        assert reply.ok, reply.error
+        bg_pid = int((root / "releases" / release_id(1) / "bg.pid").read_text())
+        lock_file = os.stat(root / ".lock")
+        for fd in os.listdir(f"/proc/{bg_pid}/fd"):
+            try:
+                opened = os.stat(f"/proc/{bg_pid}/fd/{fd}")
+            except FileNotFoundError:
+                continue
+            assert not os.path.samestat(opened, lock_file), "the hook's child holds the lock file open"
+        first.proc.kill()
+        first.proc.wait(timeout=10)
+        assert not gone(bg_pid)  # still running, and yet:
+        second = AgentClient(root)
+        try:
+            assert second.request("lock", {"holder": holder(222, "ci")}).result["broke"]["pid"] == 111
+        finally:
+            second.close()
+    finally:
+        first.proc.kill()
+        if bg_pid:
+            os.kill(bg_pid, signal.SIGKILL)
+
+
+HOLD_AND_FORK = textwrap.dedent("""
+    import os, signal, sys, time
+    from shiplane.agent import lock
+    from shiplane.agent.paths import Layout
+    held = lock.acquire(Layout(sys.argv[1]), {"user": "carol", "host": "box", "pid": 7, "command": "c"}, 0,
+                        lambda e: None)
+    child = os.fork()
+    if child == 0:
+        time.sleep(300)  # a child forked without exec, still alive when its parent is killed
+        os._exit(0)
+    print(child, flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+""")
+
+
+def test_a_child_forked_without_exec_does_not_share_the_flock(root: Path) -> None:
+    run = subprocess.Popen([sys.executable, "-c", HOLD_AND_FORK, str(root)], stdout=subprocess.PIPE, text=True)
+    assert run.stdout is not None
+    child = int(run.stdout.readline())  # the child keeps the pipe open: read its pid, not to EOF
+    run.stdout.close()
+    assert run.wait(timeout=30) == -signal.SIGKILL
+    try:
+        assert not gone(child)
+        held = lock.acquire(Layout(str(root)), holder(222, "ci"), 0, lambda e: None)
+        try:
+            assert held.broke is not None and held.broke["user"] == "carol"
+        finally:
+            lock.release(Layout(str(root)), holder(222, "ci"))
+            lock.drop(held.fd)
+    finally:
+        os.kill(child, signal.SIGKILL)
+
+
+def test_lock_wait_ends_as_soon_as_the_controller_goes(root: Path) -> None:
+    first, second = AgentClient(root), AgentClient(root)
+    try:
+        assert first.request("lock", {"holder": holder(111)}).ok
+        line = json.dumps({"id": 9, "op": "lock", "args": {"holder": holder(222, "ci"), "wait": 120}})
+        second.stdin.write(line.encode() + b"\n")
+        second.stdin.flush()
+        assert json.loads(second.stdout.readline())["event"]["status"] == "waiting"
+        started = time.monotonic()
+        second.stdin.close()  # Ctrl-C or death of the controller: the agent's stdin closes
+        assert second.proc.wait(timeout=10) == 0
+        assert time.monotonic() - started < 1.5
+        assert json.loads((root / ".lock").read_text())["pid"] == 111  # never taken on the way out
+    finally:
+        second.proc.kill()
+        first.close()
+
+
+def test_a_kept_lock_outlives_its_session_and_is_never_broken(root: Path) -> None:
+    """``shiplane lock``: held until ``shiplane unlock``, by no process."""
+    first = AgentClient(root)
+    assert first.request("lock", {"holder": holder(111), "keep": True}).ok
+    assert first.close() == 0
+    second = AgentClient(root)
+    try:
+        refused = second.request("lock", {"holder": holder(222, "ci")})
+        assert not refused.ok and refused.error["state"] == "kept"
+        assert "alice@laptop" in refused.error["message"] and "`shiplane unlock`" in refused.error["message"]
+        assert second.request("unlock", {"force": True}).result["released"] is True
+    finally:
+        second.close()
+
+
+def test_an_older_agents_lock_is_judged_by_its_heartbeat_and_never_broken(root: Path) -> None:
+    root.mkdir(parents=True)
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - 30))
+    (root / ".lock").write_text(json.dumps({**holder(333, "old-laptop"), "acquired_at": now, "heartbeat": now}))
+    client = AgentClient(root)
+    try:
+        refused = client.request("lock", {"holder": holder(444)})
+        assert not refused.ok and refused.error["state"] == "legacy" and refused.error["stale"] is False
+        assert re.search(r"taken \S+ \((29|3\d)s ago\)", refused.error["message"]), refused.error["message"]
+        assert json.loads((root / ".lock").read_text())["pid"] == 333
+    finally:
+        client.close()
