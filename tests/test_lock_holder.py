@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from deployhelp import Project, scaffold, wait_for
 from shiplane.agent import lock
 from shiplane.agent.paths import Layout
 from test_agent_core import AgentClient, install_tree, release_id
@@ -200,3 +201,62 @@ def test_an_older_agents_lock_is_judged_by_its_heartbeat_and_never_broken(root: 
         assert json.loads((root / ".lock").read_text())["pid"] == 333
     finally:
         client.close()
+
+
+# --- end to end: kill -9 the controller mid-deploy ----------------------------------------------
+
+def kill_mid_deploy(project: Project, stage: str, deploy_root: Path) -> dict[str, Any]:
+    """Start a deploy, kill -9 its whole process group once the lock is taken and the install has
+    begun; return the lock record it left (the agent still runs until it notices)."""
+    run = subprocess.Popen([sys.executable, "-m", "shiplane", "deploy", "--stage", stage, "--skip-tests", "--json"],
+                           cwd=project.root, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                           start_new_session=True)  # its own group: a CI runner killing the job
+    assert run.stdout is not None
+    seen: list[str] = []
+    try:
+        for line in run.stdout:
+            seen.append(line)
+            event = json.loads(line) if line.startswith("{") else {}
+            if event.get("phase") == "install" and event.get("status") == "start":
+                record = json.loads((deploy_root / ".lock").read_text())
+                os.killpg(run.pid, signal.SIGKILL)
+                break
+        else:
+            raise AssertionError("the deploy ended before its install began:\n" + "".join(seen[-20:]))
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+        run.wait(timeout=30)
+        run.stdout.close()
+    return record
+
+
+def check_next_deploy_breaks_it(project: Project, stage: str, done: subprocess.CompletedProcess[str],
+                                 history_entries: list[dict[str, Any]], killed: dict[str, Any]) -> None:
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-4000:]
+    broken = [e for e in history_entries if e.get("event") == "lock-broken"]
+    assert [e["holder"]["pid"] for e in broken] == [killed["pid"]]
+    if "broke the deploy lock left by" not in output:
+        # the agent says it (an event of its `lock` op); the deploy shows it once its lock step
+        # forwards that op's events (commands/deploy.py `_lock`: on_event=fleet.forward(host, "lock"))
+        pytest.xfail("deploy does not show the lock op's events yet")
+    assert re.search(rf"broke the deploy lock left by \S+@\S+ \(pid {killed['pid']}, `shiplane deploy[^`]*`\), "
+                     r"taken \S+ \(\d+s ago\): its holder is gone", output), output[-4000:]
+
+
+@pytest.mark.slow
+def test_a_deploy_killed_with_kill_9_does_not_strand_the_stage(tmp_path_factory: pytest.TempPathFactory) -> None:
+    project = scaffold(tmp_path_factory.mktemp("kill9"))  # short: supervisord's socket path is limited
+    try:
+        killed = kill_mid_deploy(project, "local", project.deploy_root)
+        layout = Layout(str(project.deploy_root))
+        # its agent ends once it finds its controller gone: then its lock is abandoned, not live
+        wait_for(lambda: gone(int(killed["agent_pid"])), 120, "the killed deploy's agent to exit")
+        assert lock.inspect(layout)["state"] == "abandoned"  # type: ignore[index]
+        done = project.shiplane("deploy", "--stage", "local", "--skip-tests")  # no unlock --force
+        check_next_deploy_breaks_it(project, "local", done, history(project.deploy_root), killed)
+        assert project.get("/")[0] == 200
+        assert not (project.deploy_root / ".lock").exists()
+    finally:
+        project.stop()

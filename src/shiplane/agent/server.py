@@ -457,6 +457,7 @@ def serve(root: str, stdin: BinaryIO | None = None, stdout: BinaryIO | None = No
     try:
         session.serve()
     except BrokenPipeError:
-        session.release_lock()  # the controller went away mid-op: nobody is deploying through us
+        # The controller went away mid-op. As after EOF, a lock we hold is left abandoned (its
+        # flock ends with this process): the next lock breaks it and says whose it was.
         return 0
     return 0
