@@ -10,7 +10,7 @@ import configparser
 import json
 import sys
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 from shiplane.errors import ConfigError
 from shiplane.secret import Secret
@@ -20,7 +20,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-Value = Union[str, int, float, bool, Secret]
+Value = str | int | float | bool | Secret
 Sections = dict[str, dict[str, Value]]
 
 FORMATS = ("ini", "toml", "env", "json")
@@ -45,9 +45,30 @@ def read_sections(path: Path) -> Sections:
     """Parse one config layer file into sections; errors name the file (and line when known)."""
     fmt = format_of(str(path))
     try:
-        text = path.read_text(encoding="utf-8")
+        raw = path.read_bytes()
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config file: {exc.strerror}") from None
+    text = utf8_text(raw, path, "config file")
+    try:
+        return _parse_sections(text, fmt, path)
+    except RecursionError:
+        raise ConfigError(f"{path}: config file nests tables or arrays too deeply") from None
+    except ValueError as exc:  # e.g. an integer longer than Python converts (4300 digits)
+        raise ConfigError(f"{path}: not a valid {fmt} file: {exc}") from None
+
+
+def utf8_text(raw: bytes, path: Path | str, what: str) -> str:
+    """``raw`` as UTF-8 text; otherwise a ConfigError naming the line and column of the first bad byte."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise ConfigError(f"{path}:{line}: {what} is not UTF-8 text (byte 0x{raw[exc.start]:02x} at column {column})",
+                          hint="Save it as UTF-8.") from None
+
+
+def _parse_sections(text: str, fmt: str, path: Path) -> Sections:
     if fmt == "ini":
         parser = configparser.ConfigParser(interpolation=None)
         parser.optionxform = str  # type: ignore[assignment,method-assign]  # keep keys' case
@@ -74,8 +95,9 @@ def read_sections(path: Path) -> Sections:
     return {"": dict(parse_env(text, path))}
 
 
-def parse_env(text: str, path: Path | str) -> dict[str, str]:
-    """``KEY=VALUE`` lines (``export`` and quotes allowed, ``#`` comments); errors name the line."""
+def parse_env(text: str, path: Path | str, *, echo: bool = True) -> dict[str, str]:
+    """``KEY=VALUE`` lines (``export`` and quotes allowed, ``#`` comments); errors name the line
+    (and quote its start unless ``echo`` is False: a secrets file's lines are secrets)."""
     out: dict[str, str] = {}
     for number, raw in enumerate(text.splitlines(), start=1):
         line = raw.strip()
@@ -85,16 +107,24 @@ def parse_env(text: str, path: Path | str) -> dict[str, str]:
             line = line[len("export "):].lstrip()
         key, sep, value = line.partition("=")
         key = key.strip()
-        if not sep or not key.replace("_", "a").isalnum() or key[0].isdigit():
-            raise ConfigError(f"{path}:{number}: expected KEY=VALUE, found {raw.strip()[:40]!r}")
+        if not sep or not key.replace("_", "a").isalnum() or not key.isascii() or key[0].isdigit():
+            found = f", found {raw.strip()[:40]!r}" if echo else ""
+            raise ConfigError(f"{path}:{number}: expected KEY=VALUE{found}")
         value = value.strip()
         if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
-            value = json.loads(value) if value[0] == '"' else value[1:-1]
+            try:
+                value = json.loads(value) if value[0] == '"' else value[1:-1]
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"{path}:{number}: {key}: a double-quoted value is not valid: {exc.msg}") from None
+        if not isinstance(value, str):  # json.loads of a quoted string is a string; kept for mypy
+            value = str(value)
         out[key] = value
     return out
 
 
-def _from_tree(tree: dict[str, Any], path: Path, prefix: str = "") -> Sections:
+def _from_tree(tree: Any, path: Path, prefix: str = "") -> Sections:
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: expected a table of sections at the top, found {type(tree).__name__}")
     sections: Sections = {}
     for key, value in tree.items():
         if isinstance(value, dict):

@@ -1,4 +1,4 @@
-"""Layered app config (SPEC §10), lowest first: the config files (base, then stage), the stage's
+"""Layered app config (README, "Config layers"), lowest first: the config files (base, then stage), the stage's
 ``config`` table in shiplane.toml, prefixed environment variables, secrets. Later wins; every
 value remembers which layer set it and which ones it overrode (``config show --explain``).
 
@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shiplane.config.formats import Sections, Value, dump, format_of, read_sections
+from shiplane.config.formats import Sections, Value, dump, format_of, read_sections, utf8_text
 from shiplane.config.loader import Project
 from shiplane.config.schema import RenderedFile
 from shiplane.errors import ConfigError
@@ -80,7 +80,7 @@ def layer_files(project: Project, stage: str) -> list[Path]:
     """The config files of a stage, in order; a ``{stage}`` file may be absent, others may not."""
     files = []
     for pattern in project.deploy.config.files:
-        path = project.root / pattern.format(stage=stage)
+        path = project.root / pattern.replace("{stage}", stage)  # the schema allows no other placeholder
         if not path.exists():
             if "{stage}" in pattern:
                 continue
@@ -168,7 +168,7 @@ def _from_template(project: Project, spec: RenderedFile, layered: Layered, secti
     assert spec.template is not None
     path = project.root / spec.template
     try:
-        source = path.read_text(encoding="utf-8")
+        source = utf8_text(path.read_bytes(), path, "config.render template")
     except OSError as exc:
         raise ConfigError(f"{project.path}: config.render template {spec.template!r}: {exc.strerror}") from None
     revealed = {s: {k: (v.reveal() if isinstance(v, Secret) else v) for k, v in items.items()} for s, items in sections.items()}
@@ -179,6 +179,8 @@ def _from_template(project: Project, spec: RenderedFile, layered: Layered, secti
     except jinja2.TemplateError as exc:
         line = getattr(exc, "lineno", None)
         raise ConfigError(f"{path}{':' + str(line) if line else ''}: template error: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: template error: nested too deeply") from None
     has_secret = any(s.reveal() in content for s in layered.secrets.values())
     return content, has_secret
 

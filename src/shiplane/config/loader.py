@@ -4,6 +4,8 @@ names the file, the line, the key path, what was expected and what was found."""
 from __future__ import annotations
 
 import difflib
+import math
+import os
 import re
 import sys
 from collections.abc import Sequence
@@ -13,7 +15,9 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from shiplane.config.schema import DeployFile
+from shiplane.config.formats import utf8_text
+from shiplane.config.paths import PLACEHOLDERS, normalized, system_dir
+from shiplane.config.schema import SECONDS, DeployFile
 from shiplane.errors import ConfigError
 
 if sys.version_info >= (3, 11):
@@ -22,6 +26,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 DEPLOY_FILE = "shiplane.toml"
+MAX_DEPTH = 16  # tables and arrays nested deeper than this are no deploy file's (its own nest 5)
 
 
 @dataclass(frozen=True)
@@ -54,20 +59,75 @@ def load_project(path: Path | None = None, *, cwd: Path | None = None) -> Projec
     """Read and validate the deploy file; raises ConfigError (exit 2) with file:line on any problem."""
     file = path if path is not None else find_deploy_file(cwd or Path.cwd())
     try:
-        text = file.read_text(encoding="utf-8")
+        raw = file.read_bytes()
     except OSError as exc:
         raise ConfigError(f"{file}: cannot read the deploy file: {exc.strerror}") from None
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(toml_error(file, exc)) from None
+    text = utf8_text(raw, file, "the deploy file")
+    data = parse_toml(text, file)
+    check_values(data, file, text)
     try:
         deploy = DeployFile.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(describe_validation_error(exc, file, text, DeployFile)) from None
+    except RecursionError:  # check_values bounds the nesting; this is a last line of defence
+        raise ConfigError(f"{file}: the deploy file nests tables or arrays too deeply") from None
     project = Project(root=file.parent.resolve(), path=file, deploy=deploy, text=text)
     check_semantics(project)
     return project
+
+
+def parse_toml(text: str, file: Path) -> dict[str, Any]:
+    """tomllib's parse, every failure a ConfigError with file:line."""
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(toml_error(file, exc)) from None
+    except RecursionError:
+        line = _too_deep_line(text)
+        raise ConfigError(f"{file}{':' + str(line) if line else ''}: not valid TOML: arrays or inline tables "
+                          f"nested too deeply (a deploy file nests at most {MAX_DEPTH} levels)") from None
+    except ValueError as exc:  # e.g. an integer longer than Python converts (4300 digits)
+        raise ConfigError(f"{file}: not valid TOML: {exc}") from None
+
+
+def _too_deep_line(text: str) -> int:
+    """The line where brackets first nest deeper than MAX_DEPTH (strings skipped roughly), or 0."""
+    depth = 0
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = re.sub(r'"(?:[^"\\]|\\.)*"|\'[^\']*\'', "", raw)
+        for char in line.split("#")[0]:
+            depth += char in "[{"
+            depth -= char in "]}"
+            if depth > MAX_DEPTH:
+                return number
+    return 0
+
+
+def check_values(data: Any, file: Path, text: str) -> None:
+    """Checks every value of the parsed file needs, whatever its key: nesting at most MAX_DEPTH,
+    numbers finite (TOML's inf and nan are never a timeout, a port or a count), no NUL characters
+    (no path or command can hold one). A ConfigError names the first offender's key and line."""
+    stack: list[tuple[Any, list[str | int]]] = [(data, [])]
+    while stack:
+        value, loc = stack.pop()
+        problem = None
+        if len(loc) > MAX_DEPTH:
+            problem = f"nested {len(loc)} levels deep; a deploy file nests at most {MAX_DEPTH}"
+        elif isinstance(value, float) and not math.isfinite(value):
+            problem = f"expected a finite number, found {value!r}"
+        elif isinstance(value, str) and "\0" in value:
+            problem = f"a NUL character is not allowed in a value, found {value!r}"
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                if "\0" in key:
+                    problem = f"a NUL character is not allowed in a key, found {key!r}"
+                    break
+                stack.append((item, [*loc, key]))
+        elif isinstance(value, list):
+            stack.extend((item, [*loc, i]) for i, item in enumerate(value))
+        if problem is not None:
+            line = locate(text, loc)
+            raise ConfigError(f"{file}{':' + str(line) if line else ''}: {_dotted(loc[:MAX_DEPTH]) or '(top level)'}: {problem}")
 
 
 def toml_error(file: Path, exc: Exception) -> str:
@@ -84,9 +144,12 @@ def describe_validation_error(
     exc: ValidationError, file: Path, text: str, model: type[BaseModel], prefix: Sequence[str | int] = ()
 ) -> str:
     """All of pydantic's errors, each as ``file:line: key.path: message``, first the earliest line."""
+    errors = [(error, [*prefix, *(part for part in error["loc"] if not _is_union_tag(part))])
+              for error in exc.errors(include_url=False)]
     lines = []
-    for error in exc.errors(include_url=False):
-        loc = [*prefix, *(part for part in error["loc"] if not _is_union_tag(part))]
+    for error, loc in errors:
+        if str(error["type"]).endswith("_type") and any(len(other) > len(loc) and other[:len(loc)] == loc for _, other in errors):
+            continue  # a union's "not a string" beside the real problem inside its other member
         message = _message(error, model, loc[len(prefix):])
         lines.append((locate(text, loc), _dotted(loc), message))
     lines.sort(key=lambda item: item[0])
@@ -118,7 +181,7 @@ def _message(error: Any, model: type[BaseModel], loc: Sequence[str | int]) -> st
     if kind == "missing":
         return "required key is missing"
     message = str(error["msg"]).removeprefix("Value error, ")
-    if found is not None and not isinstance(found, (dict, list)):
+    if found is not None and not isinstance(found, (dict, list)) and repr(found) not in message:
         return f"{message} (found {found!r})"
     return message
 
@@ -210,9 +273,13 @@ def _unquote(part: str) -> str:
 
 
 def check_semantics(project: Project) -> None:
-    """Checks that need more than one key: port clashes, roles, stage references."""
+    """Checks that need more than one key or the disk: port clashes, where each stage's deploy_to
+    lies against the checkout, project files that are symlinks out of the project, hooks.timeout."""
     deploy = project.deploy
-    problems: list[tuple[int, str, str]] = []
+    problems: list[tuple[int, str, str]] = [*_deploy_to_problems(project), *_escaping_files(project)]
+    if deploy.hooks.timeout > SECONDS:
+        problems.append((locate(project.text, ["hooks", "timeout"]), "hooks.timeout",
+                         f"expected at most {SECONDS:.0f} seconds, found {deploy.hooks.timeout!r}"))
     claimed: dict[tuple[str, int], str] = {}
     for name, stage in deploy.stages.items():
         port = deploy.web_port(name)
@@ -230,6 +297,94 @@ def check_semantics(project: Project) -> None:
             claimed.setdefault(key, name)
     if problems:
         raise ConfigError("\n".join(f"{project.path}:{line}: {key}: {msg}" for line, key, msg in problems))
+
+
+def _deploy_to_problems(project: Project) -> list[tuple[int, str, str]]:
+    """A local stage deploys into a folder of the project (or elsewhere on this machine), never
+    into the project itself nor a folder holding it; a remote stage never into this checkout."""
+    problems = []
+    root = project.root
+    for name, stage in project.deploy.stages.items():
+        value = stage.deploy_to
+        target = Path(os.path.expanduser(value)) if stage.is_local else Path(normalized(value))
+        if not target.is_absolute():
+            target = root / target
+        try:
+            resolved = target.resolve()
+        except (OSError, RuntimeError) as exc:  # a symlink loop
+            problem: str | None = f"deploy_to {value!r} cannot be resolved: {exc}"
+        else:
+            problem = _deploy_to_problem(value, resolved, root, local=stage.is_local)
+        if problem:
+            line = locate(project.text, ["stages", name, "deploy_to"]) or locate(project.text, ["stages", name])
+            problems.append((line, f"stages.{name}.deploy_to", problem))
+    return problems
+
+
+def _deploy_to_problem(value: str, resolved: Path, root: Path, *, local: bool) -> str | None:
+    if not local:
+        if resolved == root or resolved.is_relative_to(root):
+            return (f"deploy_to {value!r} is inside this checkout ({root}); a stage with SSH hosts deploys into "
+                    "a directory of its own, e.g. /srv/<app>")
+        return None
+    if resolved == root or resolved in root.parents:
+        what = "the project itself" if resolved == root else "a folder holding the project"
+        return f"deploy_to {value!r} is {what} ({resolved}); use a folder of its own, e.g. .shiplane/local"
+    if not value.startswith(("/", "~")) and not resolved.is_relative_to(root):
+        return (f"deploy_to {value!r} leads out of the project (to {resolved}, through a symlink); "
+                "a relative deploy_to is a folder inside the project")
+    hit = system_dir(str(resolved))
+    if hit is not None and normalized(value) != str(resolved):
+        return (f"deploy_to {value!r} leads to {resolved}, {'a system directory' if hit == str(resolved) else 'inside ' + hit}; "
+                "use a directory of the app's own")
+    return None
+
+
+def _escaping_files(project: Project) -> list[tuple[int, str, str]]:
+    """Files of the project named in the deploy file that are (or lie below) a symlink leading out
+    of the project: shiplane would read, render or ship a file of this machine instead."""
+    deploy = project.deploy
+    named: list[tuple[list[str | int], str]] = [(["build", "requirements"], deploy.build.requirements)]
+    named += [(["build", "include", i], _literal_prefix(g)) for i, g in enumerate(deploy.build.include)]
+    named += [(["hooks", "release_if_changed", i], _literal_prefix(g)) for i, g in enumerate(deploy.hooks.release_if_changed)]
+    named += [(["config", "files", i], f) for i, f in enumerate(deploy.config.files)]
+    if deploy.config.secrets_file:
+        named.append((["config", "secrets_file"], deploy.config.secrets_file))
+    if isinstance(deploy.config.render, list):
+        named += [(["config", "render", i, "template"], spec.template)
+                  for i, spec in enumerate(deploy.config.render) if spec.template]
+    for name, stage in deploy.stages.items():
+        if stage.secrets_file:
+            named.append((["stages", name, "secrets_file"], stage.secrets_file))
+    problems = []
+    root = project.root
+    for loc, pattern in named:
+        stage_names = list(deploy.stages) if any(f"{{{p}}}" in pattern for p in PLACEHOLDERS) else [""]
+        for stage_name in stage_names:
+            rel = pattern.replace("{stage}", stage_name)
+            if not rel:
+                continue
+            try:
+                resolved = (root / rel).resolve()
+            except (OSError, RuntimeError) as exc:  # a symlink loop
+                problems.append((locate(project.text, loc), _dotted(loc), f"{rel!r} cannot be resolved: {exc}"))
+                break
+            if resolved != root and not resolved.is_relative_to(root):
+                problems.append((locate(project.text, loc), _dotted(loc),
+                                 (f"{rel!r} leads out of the project (to {resolved}, through a symlink); the "
+                                  "deploy file names only files of the project: copy the file into it instead")))
+                break
+    return problems
+
+
+def _literal_prefix(glob: str) -> str:
+    """The folders of a glob before its first wildcard (``static/**/*.css`` -> ``static``)."""
+    parts = []
+    for part in glob.strip().removeprefix("./").strip("/").split("/"):
+        if any(c in part for c in "*?["):
+            break
+        parts.append(part)
+    return "/".join(parts)
 
 
 def stage_of(project: Project, name: str | None) -> str:

@@ -9,11 +9,22 @@ from __future__ import annotations
 import re
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+from shiplane.config.paths import PLACEHOLDERS, deploy_root, project_path
 
 NAME = r"^[A-Za-z_][A-Za-z0-9_-]*$"
 ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
-HOST = re.compile(r"^(?:(?P<user>[A-Za-z0-9._-]+)@)?(?P<host>[A-Za-z0-9._-]+|\[[0-9a-fA-F:]+\])(?::(?P<port>[0-9]{1,5}))?$")
+# [user@]host[:port] as it reaches ssh's command line: user and host start with a letter, digit or
+# "_" (never "-", which ssh would read as an option); transport/ssh.py parses the same shape
+HOST = re.compile(r"^(?:(?P<user>[A-Za-z0-9_][A-Za-z0-9._-]{0,63})@)?"
+                  r"(?P<host>[A-Za-z0-9_][A-Za-z0-9._-]{0,252}|\[[0-9a-fA-F:.]+\])(?::(?P<port>[0-9]{1,5}))?$")
+# an OpenSSH option as ssh_options takes it: Key=Value (given to ssh as -o Key=Value)
+SSH_OPTION = re.compile(r"^[A-Za-z][A-Za-z0-9]*(?:=|\s+)[^\x00-\x1f\x7f]+$")
+SSH_OPTIONS_FORBIDDEN = ("stricthostkeychecking", "userknownhostsfile=/dev/null", "globalknownhostsfile=/dev/null")
+# an interpreter on the hosts: a command name or path, one word, not an option
+PYTHON = r"^[A-Za-z0-9_./~+][A-Za-z0-9_./~+-]*$"
+SECONDS = 86400.0  # the longest timeout a deploy file may set (one day)
 SCOPE = re.compile(r"^(local|all|primary|role:[A-Za-z0-9_-]+)$")
 
 
@@ -23,8 +34,18 @@ class Model(BaseModel):
 
 def _relative_path(value: str, what: str) -> str:
     """Paths in the deploy file are relative to the project and may not climb out of it."""
-    if value.startswith("/") or ".." in value.split("/"):
-        raise ValueError(f"{what} must be a relative path inside the project, found {value!r}")
+    return project_path(value, what)
+
+
+def _stage_path(value: str | None, what: str) -> str | None:
+    """A project file per stage: relative, inside, ``{stage}`` the only placeholder."""
+    return None if value is None else project_path(value, what, placeholders=PLACEHOLDERS)
+
+
+def _local_file(value: str | None, what: str) -> str | None:
+    """A file of the deploying machine given to ssh (``-F``, ``-i``): one plain word."""
+    if value is not None and (not value.strip() or value.startswith("-") or any(ord(c) < 32 or ord(c) == 127 for c in value)):
+        raise ValueError(f"{what} must be a file path (not empty, no leading '-', no control characters), found {value!r}")
     return value
 
 
@@ -32,7 +53,7 @@ class App(Model):
     name: Annotated[str, Field(pattern=NAME)]
     wsgi: str | None = None
     asgi: str | None = None
-    python: str = "python3"
+    python: Annotated[str, Field(pattern=PYTHON)] = "python3"
     keep_releases: Annotated[int, Field(ge=2, le=100)] = 5
     source: Literal["package", "tree", "none"] | None = None
 
@@ -57,6 +78,11 @@ class Build(Model):
     def _inside(cls, value: str) -> str:
         return _relative_path(value, "build.requirements")
 
+    @field_validator("include", "exclude")
+    @classmethod
+    def _globs_inside(cls, values: list[str], info: ValidationInfo) -> list[str]:
+        return [_relative_path(v, f"build.{info.field_name} pattern") for v in values]
+
 
 class RenderedFile(Model):
     path: str
@@ -70,6 +96,11 @@ class RenderedFile(Model):
     def _inside(cls, value: str) -> str:
         return _relative_path(value, "config.render path")
 
+    @field_validator("template")
+    @classmethod
+    def _template_inside(cls, value: str | None) -> str | None:
+        return None if value is None else _relative_path(value, "config.render template")
+
 
 class Config(Model):
     files: list[str] = []
@@ -79,11 +110,26 @@ class Config(Model):
     secrets_file: str | None = None
     secrets_command: str | None = None
 
+    @field_validator("files")
+    @classmethod
+    def _files_inside(cls, values: list[str]) -> list[str]:
+        return [project_path(v, "config.files entry", placeholders=PLACEHOLDERS) for v in values]
+
+    @field_validator("render")
+    @classmethod
+    def _render_inside(cls, value: str | list[RenderedFile] | None) -> str | list[RenderedFile] | None:
+        return _relative_path(value, "config.render") if isinstance(value, str) else value
+
+    @field_validator("secrets_file")
+    @classmethod
+    def _secrets_file_inside(cls, value: str | None) -> str | None:
+        return _stage_path(value, "config.secrets_file")
+
     def rendered_files(self) -> list[RenderedFile]:
         if self.render is None:
             return []
         if isinstance(self.render, str):
-            return [RenderedFile(path=_relative_path(self.render, "config.render"))]
+            return [RenderedFile(path=self.render)]
         return list(self.render)
 
 
@@ -107,8 +153,8 @@ class Service(Model):
     workers: Annotated[int, Field(ge=1, le=256)] | None = None
     worker_class: str | None = None
     port: Annotated[int, Field(ge=1, le=65535)] | None = None
-    timeout: Annotated[float, Field(gt=0)] = 30
-    graceful_timeout: Annotated[float, Field(gt=0)] = 20
+    timeout: Annotated[float, Field(gt=0, le=SECONDS)] = 30
+    graceful_timeout: Annotated[float, Field(gt=0, le=SECONDS)] = 20
     # web: the previous release's server stays up, idle, so a rollback starts nothing
     standby: bool = True
     # web: the next release's server starts during its install with its libraries imported, and
@@ -161,7 +207,7 @@ class TaskSpec(Model):
     needs: list[str] = []
     before: list[str] = []
     after: list[str] = []
-    timeout: Annotated[float, Field(gt=0)] | None = None
+    timeout: Annotated[float, Field(gt=0, le=SECONDS)] | None = None
 
     @field_validator("on")
     @classmethod
@@ -207,15 +253,15 @@ class Stage(Model):
     roles: dict[Annotated[str, Field(pattern=NAME)], list[str]] = {}
     rolling: Rolling = Rolling()
     promote_from: str | None = None
-    python: str | None = None
+    python: Annotated[str, Field(pattern=PYTHON)] | None = None
     front: Literal["builtin", "nginx"] = "builtin"
     backend: Literal["auto", "daemon", "systemd"] = "auto"
     nginx: Nginx = Nginx()
     ssh_config: str | None = None
     ssh_options: list[str] = []
     identity_file: str | None = None
-    connect_timeout: Annotated[float, Field(gt=0)] = 10
-    command_timeout: Annotated[float, Field(gt=0)] = 60  # silence (no event, no "alive") that makes a host an error
+    connect_timeout: Annotated[float, Field(gt=0, le=600)] = 10
+    command_timeout: Annotated[float, Field(gt=0, le=SECONDS)] = 60  # silence (no event, no "alive") that makes a host an error
     env: dict[Annotated[str, Field(pattern=ENV_NAME)], str] = {}
     config: dict[str, dict[str, str | int | float | bool]] = {}
     secrets_file: str | None = None
@@ -225,11 +271,45 @@ class Stage(Model):
     @classmethod
     def _hosts(cls, hosts: list[str]) -> list[str]:
         for host in hosts:
-            if host != "local" and not HOST.match(host):
-                raise ValueError(f"expected a host as [user@]host[:port] or 'local', found {host!r}")
+            match = HOST.match(host)
+            if host != "local" and not match:
+                raise ValueError(f"expected a host as [user@]host[:port] (letters, digits, '.', '_', '-'; "
+                                 f"not starting with '-') or 'local', found {host!r}")
+            if match and match["port"] and not 1 <= int(match["port"]) <= 65535:
+                raise ValueError(f"host {host!r}: the port must be between 1 and 65535")
         if len(set(hosts)) != len(hosts):
             raise ValueError("a host is listed twice")
+        if "local" in hosts and len(hosts) > 1:
+            raise ValueError("'local' is a stage of its own: it cannot be listed with other hosts")
         return hosts
+
+    @field_validator("deploy_to")
+    @classmethod
+    def _deploy_to(cls, value: str, info: ValidationInfo) -> str:
+        hosts = info.data.get("hosts")  # absent when the hosts were invalid: they say so themselves
+        return deploy_root(value, local=None if hosts is None else hosts == ["local"])
+
+    @field_validator("secrets_file")
+    @classmethod
+    def _secrets_file_inside(cls, value: str | None) -> str | None:
+        return _stage_path(value, "secrets_file")
+
+    @field_validator("ssh_config", "identity_file")
+    @classmethod
+    def _ssh_files(cls, value: str | None, info: ValidationInfo) -> str | None:
+        return _local_file(value, str(info.field_name))
+
+    @field_validator("ssh_options")
+    @classmethod
+    def _ssh_options(cls, options: list[str]) -> list[str]:
+        for option in options:
+            if not SSH_OPTION.match(option):
+                raise ValueError(f"expected an OpenSSH option as Key=Value (shiplane passes it as -o Key=Value), "
+                                 f"e.g. 'KexAlgorithms=curve25519-sha256'; found {option!r}")
+            if any(bad in option.lower().replace(" ", "") for bad in SSH_OPTIONS_FORBIDDEN):
+                raise ValueError(f"{option!r}: host keys are always checked strictly by shiplane; trust a host by "
+                                 "adding its key to known_hosts (ssh-keyscan, after checking the fingerprint)")
+        return options
 
     @model_validator(mode="after")
     def _roles_name_hosts(self) -> Stage:

@@ -9,7 +9,7 @@ import subprocess
 from collections.abc import Mapping
 from pathlib import Path
 
-from shiplane.config.formats import parse_env
+from shiplane.config.formats import parse_env, utf8_text
 from shiplane.config.schema import DeployFile
 from shiplane.errors import ConfigError
 from shiplane.secret import Secret
@@ -17,7 +17,7 @@ from shiplane.secret import Secret
 
 def secrets_file_of(deploy: DeployFile, stage: str, root: Path) -> Path | None:
     pattern = deploy.stages[stage].secrets_file or deploy.config.secrets_file
-    return (root / pattern.format(stage=stage)) if pattern else None
+    return (root / pattern.replace("{stage}", stage)) if pattern else None  # the schema allows no other placeholder
 
 
 def resolve_secrets(
@@ -58,24 +58,29 @@ def resolve_secrets(
 
 
 def _read_secrets_file(path: Path) -> dict[str, str]:
-    mode = path.stat().st_mode
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise ConfigError(
-            f"{path}: secrets file is readable by others (mode {stat.S_IMODE(mode):04o})",
-            hint=f"Make it private first: chmod 600 {path}",
-        )
-    return parse_env(path.read_text(encoding="utf-8"), path)
+    try:
+        mode = path.stat().st_mode
+        if mode & (stat.S_IRWXG | stat.S_IRWXO):
+            raise ConfigError(
+                f"{path}: secrets file is readable by others (mode {stat.S_IMODE(mode):04o})",
+                hint=f"Make it private first: chmod 600 {path}",
+            )
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the secrets file: {exc.strerror}") from None
+    return parse_env(utf8_text(raw, path, "secrets file"), path, echo=False)
 
 
 def _run_secrets_command(command: str, stage: str, root: Path) -> dict[str, str]:
     env = {**os.environ, "SHIPLANE_STAGE": stage}
     try:
         done = subprocess.run(
-            command, shell=True, cwd=root, env=env, capture_output=True, text=True, timeout=60, check=False
+            command, shell=True, cwd=root, env=env, capture_output=True, text=True, errors="replace", timeout=60,
+            check=False
         )
     except subprocess.TimeoutExpired:
         raise ConfigError(f"secrets_command did not finish within 60 s: {command}") from None
     if done.returncode != 0:
         # its stderr may hold secrets, so only its exit code is reported
         raise ConfigError(f"secrets_command failed with exit code {done.returncode}: {command}")
-    return parse_env(done.stdout, "secrets_command output")
+    return parse_env(done.stdout, "secrets_command output", echo=False)

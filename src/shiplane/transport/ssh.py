@@ -4,6 +4,7 @@ work as everywhere else. One multiplexed connection per host (ControlMaster), so
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import shlex
@@ -15,7 +16,11 @@ from typing import BinaryIO
 
 from shiplane.errors import ConfigError
 
-HOST = re.compile(r"^(?:(?P<user>[^@]+)@)?(?P<host>\[[^\]]+\]|[^:]+)(?::(?P<port>[0-9]+))?$")
+# [user@]host[:port], the shape config/schema.py's HOST validates (repeated here: this module is
+# imported before the config package, to pre-warm): nothing ssh could read as an option
+HOST = re.compile(r"^(?:(?P<user>[A-Za-z0-9_][A-Za-z0-9._-]{0,63})@)?"
+                  r"(?P<host>[A-Za-z0-9_][A-Za-z0-9._-]{0,252}|\[[0-9a-fA-F:.]+\])(?::(?P<port>[0-9]{1,5}))?$")
+_OPTION = re.compile(r"^[A-Za-z][A-Za-z0-9]*(?:=|\s+)[^\x00-\x1f\x7f]+$")  # Key=Value, given as -o Key=Value
 _FORBIDDEN = ("stricthostkeychecking", "userknownhostsfile=/dev/null", "globalknownhostsfile=/dev/null")
 
 
@@ -39,9 +44,13 @@ class SSHTransport:
     def __init__(self, host: str, *, ssh_config: str | None = None, identity_file: str | None = None,
                  options: Sequence[str] = (), connect_timeout: float = 10) -> None:
         match = HOST.match(host)
-        if not match:
-            raise ConfigError(f"host {host!r}: expected [user@]host[:port]")
+        if not match or (match["port"] and not 1 <= int(match["port"]) <= 65535):
+            raise ConfigError(f"host {host!r}: expected [user@]host[:port] (not starting with '-')")
+        if not math.isfinite(connect_timeout) or not 0 < connect_timeout <= 600:
+            raise ConfigError(f"connect_timeout {connect_timeout!r}: expected seconds between 0 and 600")
         for option in options:
+            if not _OPTION.match(option):
+                raise ConfigError(f"ssh_options {option!r}: expected an OpenSSH option as Key=Value")
             if any(bad in option.lower().replace(" ", "") for bad in _FORBIDDEN):
                 raise ConfigError(
                     f"ssh_options {option!r}: host keys are always checked strictly by shiplane",
@@ -68,14 +77,15 @@ class SSHTransport:
             "-o", "ControlMaster=auto",
             "-o", f"ControlPath={self._control}/%C",
             "-o", "ControlPersist=60",
-            *options,
+            *(word for option in options for word in ("-o", option)),
         ]
         self._base = base
 
     def spawn(self, argv: list[str]) -> subprocess.Popen[bytes]:
         # the remote side gets one string for its shell: every word quoted
         command = " ".join(shlex.quote(word) for word in argv)
-        return subprocess.Popen([*self._base, self._target, "--", command], stdin=subprocess.PIPE,
+        # "--" before the destination: nothing after it is read as an option of ssh's
+        return subprocess.Popen([*self._base, "--", self._target, command], stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
 
     def prewarm(self, stderr: BinaryIO) -> subprocess.Popen[bytes]:
@@ -83,7 +93,7 @@ class SSHTransport:
         ControlPersist it goes to the background once connected, so the process exits then
         (0, or ssh's 255 and its reason in ``stderr``: a file, as the background master keeps it)."""
         argv = ["ControlMaster=yes" if word == "ControlMaster=auto" else word for word in self._base]
-        return subprocess.Popen([*argv, "-N", self._target], stdin=subprocess.DEVNULL,
+        return subprocess.Popen([*argv, "-N", "--", self._target], stdin=subprocess.DEVNULL,
                                 stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True)
 
     def explain_failure(self, returncode: int | None, stderr: str) -> str:
@@ -108,7 +118,7 @@ class SSHTransport:
         """(address, port, known_hosts file) as OpenSSH resolves this host (aliases, -F config)."""
         address, port, known_hosts = self._address, self._port or "22", "~/.ssh/known_hosts"
         try:
-            done = subprocess.run([*self._base, "-G", self._target], capture_output=True, text=True, timeout=10,
+            done = subprocess.run([*self._base, "-G", "--", self._target], capture_output=True, text=True, timeout=10,
                                   check=False, stdin=subprocess.DEVNULL)
         except (OSError, subprocess.TimeoutExpired):
             return address, port, known_hosts
@@ -126,7 +136,7 @@ class SSHTransport:
         """Stop this host's control master (the private dir goes with ``remove_control_dir``,
         once every host is closed: removing it here would race other hosts still connecting)."""
         try:
-            subprocess.run([*self._base, "-O", "exit", self._target], capture_output=True, timeout=10, check=False,
+            subprocess.run([*self._base, "-O", "exit", "--", self._target], capture_output=True, timeout=10, check=False,
                            stdin=subprocess.DEVNULL)
         except subprocess.TimeoutExpired:
             pass
