@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from deployhelp import Project, scaffold, wait_for
+from deployhelp import Project, http_get, scaffold, wait_for
 from shiplane.agent import lock
 from shiplane.agent.paths import Layout
 from test_agent_core import AgentClient, install_tree, release_id
@@ -260,3 +260,32 @@ def test_a_deploy_killed_with_kill_9_does_not_strand_the_stage(tmp_path_factory:
         assert not (project.deploy_root / ".lock").exists()
     finally:
         project.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.ssh
+def test_a_deploy_over_ssh_killed_with_kill_9_does_not_strand_the_host(
+        make_ssh_hosts: Any, tmp_path_factory: pytest.TempPathFactory) -> None:
+    host = make_ssh_hosts(1).hosts[0]
+    project = scaffold(tmp_path_factory.mktemp("kill9ssh"))
+    toml = project.root / "shiplane.toml"
+    text = toml.read_text()
+    port = 8400
+    toml.write_text(text[:text.index("[stages.staging]")] +
+                    f'[stages.box]\nhosts = ["{host.name}"]\ndeploy_to = "/srv/demo"\nport = {port}\n'
+                    f'bind = "0.0.0.0"\nssh_config = "{host.ssh_config}"\n')
+    (project.root / ".secrets" / "box.env").write_text("SECRET_KEY=kill9-test-secret-value\n")
+    os.chmod(project.root / ".secrets" / "box.env", 0o600)
+    project.commit("a stage on the test host")
+    deploy_root = host.root / "demo"
+    try:
+        killed = kill_mid_deploy(project, "box", deploy_root)
+        # the host's agent ends once its SSH channel says the controller is gone
+        wait_for(lambda: gone(int(killed["agent_pid"])), 120, "the killed deploy's agent on the host to exit")
+        assert lock.inspect(Layout(str(deploy_root)))["state"] == "abandoned"  # type: ignore[index]
+        done = project.shiplane("deploy", "--stage", "box", "--skip-tests")  # no unlock --force
+        check_next_deploy_breaks_it(project, "box", done, history(deploy_root), killed)
+        assert http_get(host.url(port, "/"))[0] == 200
+        assert not (deploy_root / ".lock").exists()
+    finally:
+        project.shiplane("stop", "--all", "--stage", "box", timeout=120)
