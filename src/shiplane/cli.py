@@ -383,6 +383,18 @@ _read_verb("releases", "Releases on each host, with their state (live, previous,
 _read_verb("history", "The deploy ledger: release, artifact, commit, who, when, outcome, duration.")
 
 
+@main.command()
+@stage_option
+@override_options
+@json_option
+@click.pass_obj
+def verify(obj: Context, stage: str | None, hosts: str | None, sets: tuple[str, ...], as_json: bool) -> None:
+    """Re-hash every blob in each host's store; quarantine any that no longer match (exit 1)."""
+    from shiplane.commands.verify import run_verify
+
+    _finish(obj, run_verify(obj.file, stage, obj.masker, hosts=hosts, sets=sets), as_json)
+
+
 def _service_verb(name: str, doc: str) -> None:
     @main.command(name, help=doc)
     @stage_option

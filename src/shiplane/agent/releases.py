@@ -22,7 +22,7 @@ from . import AgentError, atomic_write, fsync_dir, ledger, utc_now
 from .hooks import run_hook
 from .paths import Layout
 from .runtime import PARTIAL_META, RELEASE_ID_RE, read_meta, valid_release_id
-from .store import require, safe_relpath, unpack_wheel, valid_sha
+from .store import require, safe_relpath, unpack_wheel, valid_sha, verify
 from .venvs import ensure_venv
 
 Emit = Callable[[dict[str, Any]], None]
@@ -184,6 +184,7 @@ def _install_tools(layout: Layout, tools: list[dict[str, Any]], emit: Emit) -> N
         tmp = layout.tools / f".tmp-{name}-{os.getpid()}"
         if tmp.exists():
             shutil.rmtree(tmp)
+        verify(layout, [str(tool["sha256"])])
         unpack_wheel(layout.blob(str(tool["sha256"])), tmp, name)
         (tmp / ".complete").write_text("")
         if dest.exists():
@@ -290,10 +291,11 @@ def install(layout: Layout, args: dict[str, Any], emit: Emit,
 
 def _place_app_files(layout: Layout, base: Path, app_files: list[dict[str, Any]]) -> None:
     for item in app_files:
-        sha = item.get("sha256")
-        if not valid_sha(sha):
+        if not valid_sha(item.get("sha256")):
             raise AgentError(f"app file {item.get('path')!r} has no valid sha256", kind="usage")
-        blob = layout.blob(str(sha))
+    verify(layout, [str(item["sha256"]) for item in app_files])  # what reaches the release is what was built
+    for item in app_files:
+        blob = layout.blob(str(item["sha256"]))
         if item.get("kind") == "wheel":
             unpack_wheel(blob, base / "lib", str(item.get("path")))
             continue

@@ -434,6 +434,7 @@ HANDLERS: dict[str, Handler] = {
     "status": lambda s, a, e: _services().status(s.layout),
     "shutdown": lambda s, a, e: _services().shutdown(s.layout, e),
     "withdraw": lambda s, a, e: _services().withdraw(s.layout, releases.valid_release_id(a.get("release_id")), e),
+    "verify": lambda s, a, e: store.check_store(s.layout, e),
     "logs": lambda s, a, e: _services().logs(s.layout, a.get("service"), int(a.get("lines") or 100),
                                              bool(a.get("follow")), e, gone=s.reader_gone.is_set),
     "releases": _op_releases,

@@ -8,6 +8,7 @@ object store instead of having the controller push them.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import re
@@ -67,14 +68,19 @@ def receive(layout: Layout, blobs: list[dict[str, Any]], stream: BinaryIO, emit:
     last_report = 0
     received = 0
     bad: list[str] = []
-    for blob, size in zip(blobs, sizes):
+    for index, (blob, size) in enumerate(zip(blobs, sizes)):
         sha = blob.get("sha256")
         if not valid_sha(sha):
             _skip(stream, size)
             done += size
             bad.append(str(sha))
             continue
-        ok = _receive_one(layout, str(sha), size, stream)
+        try:
+            ok = _receive_one(layout, str(sha), size, stream)
+        except AgentError as exc:
+            if exc.kind == "disk":  # the bytes still on their way are read and dropped: the session stays in step
+                _skip(stream, sum(sizes[index + 1:]))
+            raise
         done += size
         if ok:
             received += 1
@@ -94,31 +100,50 @@ def receive(layout: Layout, blobs: list[dict[str, Any]], stream: BinaryIO, emit:
 
 
 def _receive_one(layout: Layout, sha: str, size: int, stream: BinaryIO) -> bool:
-    """Stream one blob to a temp file, rename it into place only if the hash matches."""
+    """Stream one blob to a temp file, rename it into place only if the hash matches. A write
+    that fails (a full disk) removes the temp file, reads the rest of the blob's bytes, and
+    fails kind ``disk`` naming the path and the free space."""
     tmp = layout.store / f".tmp-{sha}-{os.getpid()}"
     digest = hashlib.sha256()
     remaining = size
-    with open(tmp, "wb") as out:
-        while remaining:
-            chunk = stream.read(min(CHUNK, remaining))
-            if not chunk:
-                out.close()
-                tmp.unlink()
-                raise AgentError(
-                    f"receive: stream ended {remaining} bytes before the end of blob {sha}",
-                    kind="protocol",
-                )
-            digest.update(chunk)
-            out.write(chunk)
-            remaining -= len(chunk)
-        out.flush()
-        os.fsync(out.fileno())
+    try:
+        with open(tmp, "wb") as out:
+            while remaining:
+                chunk = stream.read(min(CHUNK, remaining))
+                if not chunk:
+                    raise AgentError(f"receive: stream ended {remaining} bytes before the end of blob {sha}",
+                                     kind="protocol")
+                remaining -= len(chunk)
+                digest.update(chunk)
+                out.write(chunk)
+            out.flush()
+            os.fsync(out.fileno())
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        _skip(stream, remaining)
+        raise _write_error(layout, tmp, exc, size) from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     if digest.hexdigest() != sha:
         tmp.unlink()
         return False
     os.chmod(tmp, 0o644)
     os.replace(tmp, layout.blob(sha))
     return True
+
+
+def _write_error(layout: Layout, path: Path, exc: OSError, size: int) -> AgentError:
+    try:
+        free = shutil.disk_usage(layout.store).free
+    except OSError:
+        free = -1
+    room = f"{free / (1 << 20):.1f} MiB free there" if free >= 0 else "free space unknown"
+    if exc.errno == errno.ENOSPC:
+        return AgentError(f"no space left on the disk of {layout.store} ({room}; a blob of "
+                          f"{size / (1 << 20):.1f} MiB was arriving); nothing was kept. Free some space "
+                          "(`shiplane prune` removes old releases) and deploy again", kind="disk")
+    return AgentError(f"cannot write {path}: {exc.strerror or exc} ({room}); nothing was kept", kind="disk")
 
 
 def _skip(stream: BinaryIO, size: int) -> None:
@@ -139,6 +164,57 @@ def require(layout: Layout, shas: Iterable[str]) -> None:
             kind="missing",
             blobs=lacking,
         )
+
+
+def verify(layout: Layout, shas: Iterable[str]) -> None:
+    """Check that each stored blob still hashes to its name before it is used (linked, copied or
+    unpacked into a release or venv): a blob changed on disk since it arrived must never reach a
+    release. Bad blobs are moved to ``store/.quarantine/`` and the op fails kind ``integrity``
+    naming them, so the controller sends them again (``blobs``) and retries."""
+    bad = [sha for sha in dict.fromkeys(shas) if file_sha256(layout.blob(sha)) != sha]
+    if not bad:
+        return
+    for sha in bad:
+        quarantine(layout, sha)
+    raise AgentError(f"{len(bad)} stored blob(s) no longer match their sha256 (quarantined): "
+                     + ", ".join(sha[:12] for sha in bad[:5]), kind="integrity", blobs=bad)
+
+
+def file_sha256(path: Path) -> str | None:
+    """The sha256 of a file, or None when it cannot be read."""
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(CHUNK):
+                digest.update(chunk)
+    except OSError:
+        return None
+    return digest.hexdigest()
+
+
+def quarantine(layout: Layout, sha: str) -> None:
+    """Move a bad blob out of the store (kept for a look, never used again)."""
+    place = layout.store / ".quarantine"
+    place.mkdir(exist_ok=True)
+    try:
+        os.replace(layout.blob(sha), place / f"{sha}-{os.getpid()}")
+    except FileNotFoundError:
+        pass
+
+
+def check_store(layout: Layout, emit: Emit) -> dict[str, Any]:
+    """Re-hash every stored blob (``shiplane verify``); bad ones are quarantined and listed."""
+    try:
+        names = sorted(p.name for p in layout.store.iterdir() if valid_sha(p.name))
+    except FileNotFoundError:
+        names = []
+    bad = []
+    for sha in names:
+        if file_sha256(layout.blob(sha)) != sha:
+            quarantine(layout, sha)
+            bad.append(sha)
+            emit({"phase": "verify", "status": "bad", "detail": f"blob {sha[:12]} does not match its sha256: quarantined"})
+    return {"blobs": len(names), "bad": bad}
 
 
 # --- out of the store, into a release tree ------------------------------------------------------

@@ -25,7 +25,7 @@ from typing import Any
 from . import AgentError, atomic_write
 from .paths import Layout
 from .runtime import valid_digest
-from .store import require, valid_sha
+from .store import file_sha256, quarantine, require, valid_sha, verify
 
 Emit = Callable[[dict[str, Any]], None]
 
@@ -70,6 +70,7 @@ def install_uv(layout: Layout, sha256: object, binary_sha256: object = None) -> 
     require(layout, [str(sha256)])
     target = layout.tools / f"uv-{str(binary_sha256 or sha256)[:16]}" / "uv"
     if not (os.access(target, os.X_OK) and _runs(target)):
+        verify(layout, [str(sha256)])
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f".uv.tmp-{os.getpid()}")
         if binary_sha256 is None:
@@ -160,9 +161,16 @@ def ensure_venv(layout: Layout, dependency_digest: str, wheels: list[dict[str, A
     wheels = [w for w in wheels if not (isinstance(w, dict) and w.get("kind") == BYTECODE)]
     names = _validate_wheels(wheels)
     require(layout, [w["sha256"] for w in wheels])
-    # The bytecode is an optimisation: without its blob the host compiles, as it always could.
-    bundle = next((layout.blob(str(b["sha256"])) for b in bundles if valid_sha(b.get("sha256"))
-                   and layout.blob(str(b["sha256"])).is_file()), None)
+    verify(layout, [w["sha256"] for w in wheels])
+    # The bytecode is an optimisation: without its blob (or with one changed on disk, which is
+    # quarantined) the host compiles, as it always could.
+    bundle = None
+    for sha in (str(b.get("sha256")) for b in bundles):
+        if valid_sha(sha) and layout.blob(sha).is_file():
+            if file_sha256(layout.blob(sha)) == sha:
+                bundle = layout.blob(sha)
+                break
+            quarantine(layout, sha)
     shell = _SHELLS.pop(dependency_digest, None)
     if shell is not None:
         shell.join()

@@ -46,7 +46,7 @@ from shiplane.plan import (
     services_spec,
 )
 from shiplane.secret import Masker
-from shiplane.transport.session import AgentSession
+from shiplane.transport.session import AgentSession, HostError
 from shiplane.transport.tools import ship_uv
 from shiplane.ui import Reporter, human_bytes
 from shiplane.whoami import holder
@@ -269,16 +269,18 @@ def _prepare(d: Deployment, rendered: Any) -> None:
         {"digest": request["manifest"].get("dependency_digest"), "python": request["python"],
          "uv_cache": request["uv_cache"]}
 
+    def send(host: str, session: AgentSession, shas: list[str]) -> int:
+        if shas:
+            session.call("receive", {"blobs": [{"sha256": sha, "size": sizes[sha]} for sha in shas]},
+                         payload=_stream_blobs(store, shas), on_event=d.fleet.forward(host, "copy"), timeout=timeout(d))
+        return sum(sizes[sha] for sha in shas)
+
     def copy(host: str, session: AgentSession) -> Any:
         inventory = session.call("inventory", {"blobs": [sha for sha, _ in blobs], "venv": venv_hint},
                                  timeout=timeout(d))
         d.hosts[host].previous = inventory.get("current")
         missing = inventory.get("missing", [])
-        total = sum(sizes[sha] for sha in missing)
-        if missing:
-            payload = _stream_blobs(store, missing)
-            session.call("receive", {"blobs": [{"sha256": sha, "size": sizes[sha]} for sha in missing]},
-                         payload=payload, on_event=d.fleet.forward(host, "copy"), timeout=timeout(d))
+        total = send(host, session, missing)
         # the controller's uv, to a host without one: its venv builds in a second instead of many
         total += ship_uv(session, lambda text: d.fleet.emit(Event("copy", "info", host=host, detail=text)))
         d.hosts[host].bytes_sent = total
@@ -287,7 +289,20 @@ def _prepare(d: Deployment, rendered: Any) -> None:
         return {"blobs": len(missing), "bytes": total}
 
     def install(host: str, session: AgentSession) -> Any:
-        return session.call("install", request, on_event=d.fleet.forward(host, "install"), timeout=timeout(d))
+        resent = 0
+        while True:
+            try:
+                return session.call("install", request, on_event=d.fleet.forward(host, "install"), timeout=timeout(d))
+            except HostError as exc:
+                # stored blobs changed on the host's disk since they arrived: the agent checks each
+                # one it uses and quarantines those that no longer match; they are sent again
+                bad = [sha for sha in exc.data.get("blobs") or [] if sha in sizes] if exc.kind == "integrity" else []
+                resent += 1
+                if not bad or resent > 3:
+                    raise
+            d.fleet.emit(Event("install", "info", host=host, detail=f"{len(bad)} stored blob(s) did not match their "
+                                                                   "sha256 (quarantined there): sending them again"))
+            d.hosts[host].bytes_sent += send(host, session, bad)
 
     # each host goes lock -> copy -> install at its own pace: a slow host delays no other
     steps = [("lock", _lock(d)), ("copy", copy)] + ([] if d.options.until == "copy" else [("install", install)])

@@ -1,0 +1,31 @@
+"""``shiplane verify``: re-hash every blob in each host's store, as a deploy does for the blobs it
+uses; a blob that no longer matches its sha256 is quarantined there (the next deploy that needs
+it sends it again)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from shiplane.commands.operate import connected
+from shiplane.fleet import failures
+from shiplane.secret import Masker
+
+
+def run_verify(file: Path | None, stage: str | None, masker: Masker, *, hosts: str | None,
+               sets: Sequence[str]) -> dict[str, Any]:
+    """Per host: how many blobs were checked and which were bad. ``ok`` False when any was."""
+    with connected(file, stage, masker, hosts=hosts, sets=sets) as (ctx, fleet):
+        outcomes = fleet.each("verify", lambda host, s: s.call("verify", {}, timeout=3600), quiet=True)
+    per_host = {host: outcome.result for host, outcome in outcomes.items() if outcome.ok}
+    lines = []
+    for host, result in per_host.items():
+        bad = result.get("bad") or []
+        verdict = f"{len(bad)} did not match their sha256 and were quarantined: {', '.join(b[:12] for b in bad)}" \
+            if bad else "all match their sha256"
+        lines.append(f"{host}: {result.get('blobs', 0)} stored blob(s), {verdict}")
+    for host, error in failures(outcomes).items():
+        lines.append(f"{host}: verify failed: {error.reason}")
+    ok = not failures(outcomes) and not any(r.get("bad") for r in per_host.values())
+    return {"ok": ok, "stage": ctx.stage, "hosts": per_host, "lines": lines}
