@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+from ..errors import UsageError
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python 3.10
@@ -88,6 +90,8 @@ def list_source_files(project: Path) -> list[str]:
         for rel in out.stdout.decode().split("\0"):
             if rel and not is_forbidden(rel) and (project / rel).is_file():
                 files.add(rel)
+        if not files:
+            _refuse_ignored(project)
     else:
         for dirpath, dirnames, filenames in os.walk(project):
             dirnames[:] = [d for d in dirnames if d not in SKIP_DIRS and not d.endswith(".egg-info")]
@@ -97,6 +101,29 @@ def list_source_files(project: Path) -> list[str]:
                 if not is_forbidden(rel) and os.path.isfile(os.path.join(dirpath, name)):
                     files.add(rel)
     return sorted(files)
+
+
+def _refuse_ignored(project: Path) -> None:
+    """A project git lists no file of because its folder is ignored: say so (UsageError), rather
+    than build from nothing (a package build would fail on its missing files)."""
+    ignored = _git(project, "check-ignore", "-v", ".")
+    if ignored is None or ignored.returncode != 0:
+        return  # not ignored: the project has no files git would list (an empty project)
+    tracked = _git(project, "ls-files", "-c", "-z", "--", ".")
+    if tracked is not None and tracked.stdout.strip(b"\0"):
+        return  # its files were added despite the rule (git add -f): git lists those
+    rule, _, _ = ignored.stdout.decode(errors="replace").partition("\t")
+    top = _git(project, "rev-parse", "--show-toplevel")
+    where = top.stdout.decode(errors="replace").strip() if top is not None and top.returncode == 0 else ""
+    source, _, pattern = rule.rpartition(":")
+    if where and source and not source.startswith("/"):
+        source = f"{where}/{source}"
+    raise UsageError(
+        f"{project}: git tracks none of this project's files: the git repository {where or '(unknown)'} "
+        f"ignores its folder ({source} pattern {pattern.strip()!r}), so shiplane finds no source to ship",
+        hint=("Change that rule so it no longer covers the project and `git add` its files (the project's "
+              ".gitignore keeps its own secrets and output out), or move the project out of the ignored folder."),
+    )
 
 
 @lru_cache(maxsize=256)
@@ -153,6 +180,7 @@ def detect_source(project: Path) -> tuple[str, str]:
     makes a package; otherwise Python files (``manage.py``, modules) make a source tree; a project
     with neither is only a lock (it serves an app from an installed package).
     """
+    _refuse_ignored(project)  # before "package": its build would find none of its files
     pyproject = project / "pyproject.toml"
     note = ""
     if pyproject.is_file():
