@@ -20,6 +20,8 @@ from typing import Any
 import pytest
 
 from deployhelp import Project, http_get, scaffold, wait_for
+from shiplane.agent import lock as deploy_lock
+from shiplane.agent.paths import Layout
 from sshhosts import TestHost, TestHosts
 
 pytestmark = [pytest.mark.ssh, pytest.mark.slow]
@@ -272,7 +274,9 @@ def test_host_lost_during_prepare_aborts_with_nothing_switched(app: Project, ssh
             assert current(host) == before
             assert f"release {before}" in page(host)
     lost.start_sshd()
-    wait_for(lambda: not (lost.root / "demo" / ".lock").exists(), 30, "shl-h2's lock to be released")
+    # its agent exits, leaving its lock abandoned (the next deploy breaks it): no longer held
+    wait_for(lambda: (deploy_lock.inspect(Layout(str(lost.root / "demo"))) or {}).get("state") in (None, "abandoned"), 30,
+             "shl-h2's lock holder to be gone")
     assert current(lost) == before
     for host in ssh_hosts.hosts:
         for name in ("go", "waiting"):

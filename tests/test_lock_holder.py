@@ -174,6 +174,29 @@ def test_lock_wait_ends_as_soon_as_the_controller_goes(root: Path) -> None:
         first.close()
 
 
+def test_lock_wait_ends_at_once_on_a_cancel_line(root: Path) -> None:
+    """Ctrl-C on the controller: it sends a cancel line to the op in flight."""
+    first, second = AgentClient(root), AgentClient(root)
+    try:
+        assert first.request("lock", {"holder": holder(111)}).ok
+        line = json.dumps({"id": 9, "op": "lock", "args": {"holder": holder(222, "ci"), "wait": 120}})
+        second.stdin.write(line.encode() + b"\n")
+        second.stdin.flush()
+        assert json.loads(second.stdout.readline())["event"]["status"] == "waiting"
+        started = time.monotonic()
+        second.stdin.write(b'{"cancel":true}\n')
+        second.stdin.flush()
+        answer = json.loads(second.stdout.readline())
+        assert time.monotonic() - started < 1.5
+        assert answer["id"] == 9 and not answer["ok"] and answer["error"]["kind"] == "interrupted"
+        assert answer["error"]["holder"]["pid"] == 111 and "alice@laptop" in answer["error"]["message"]
+        second.next_id = 9
+        assert second.request("inventory").result["lock"]["pid"] == 111  # the session goes on
+    finally:
+        second.close()
+        first.close()
+
+
 def test_a_kept_lock_outlives_its_session_and_is_never_broken(root: Path) -> None:
     """``shiplane lock``: held until ``shiplane unlock``, by no process."""
     first = AgentClient(root)

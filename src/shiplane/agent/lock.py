@@ -122,7 +122,8 @@ def _kind(record: dict[str, Any]) -> str:
 
 
 def inspect(layout: Layout) -> dict[str, Any] | None:
-    """The described lock (see ``describe``), its holder's liveness checked, or None when free."""
+    """The described lock (see ``describe``), its holder's liveness checked, plus ``message``
+    (``held_message``), or None when free."""
     opened = _open_current(layout)
     if opened is None:
         return None
@@ -132,7 +133,9 @@ def inspect(layout: Layout) -> dict[str, Any] | None:
         alive = not _try_flock(fd, fcntl.LOCK_SH) if _kind(record) == "bound" else None
     finally:
         os.close(fd)
-    return describe(record, alive=alive)
+    info = describe(record, alive=alive)
+    info["message"] = held_message(info)
+    return info
 
 
 def describe(record: dict[str, Any], now: float | None = None, alive: bool | None = None) -> dict[str, Any]:
@@ -317,7 +320,8 @@ def acquire(layout: Layout, holder: dict[str, Any], wait: float, emit: Emit, *, 
             announced = True
         step = min(POLL, max(0.0, deadline - time.monotonic()))
         if pause is not None and not pause(step):
-            raise AgentError("stopped waiting for the deploy lock: the controller went away", kind="lock",
+            raise AgentError("stopped waiting (cancelled, or the controller went away): " + held_message(info),
+                             kind="interrupted",
                              holder=_holder_only(info), stale=bool(info["stale"]), state=info["state"],
                              age=info["age"])
         if pause is None:

@@ -142,8 +142,8 @@ class Session:
     # --- lock -----------------------------------------------------------------------------------
 
     def controller_here(self, seconds: float) -> bool:
-        """Sleep up to ``seconds`` (an op's wait); False as soon as the controller has gone: EOF
-        on stdin, which it closes when it ends or is interrupted, and which its death causes."""
+        """Sleep up to ``seconds`` (an op's wait); False as soon as the controller has gone (EOF
+        on stdin: its death closes it) or cancels the op (a ``{"cancel": ...}`` line)."""
         try:
             fd = self.stdin.fileno()
         except (AttributeError, OSError, ValueError):  # not a real stream (tests): just sleep
@@ -152,13 +152,16 @@ class Session:
         readable, _, _ = select.select([fd], [], [], seconds)
         if not readable:
             return True
-        peek = getattr(self.stdin, "peek", None)
-        if peek is None or peek(1):
-            # a next request already (none is sent during a call): left for the request loop,
-            # and slept on so that a readable stdin does not spin this wait
-            time.sleep(seconds)
+        # No request comes during a call: what arrives is EOF or a cancel line (the controller
+        # was interrupted: transport/session.py ``cancel``), read here as agent/hooks.py does.
+        line = self.stdin.readline()
+        if not line:
+            return False
+        try:
+            message = json.loads(line)
+        except ValueError:
             return True
-        return False
+        return not (isinstance(message, dict) and "cancel" in message)
 
     def drop_lock(self) -> None:
         """Forget the lock this session took (its record already gone): close its flock."""
