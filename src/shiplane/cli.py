@@ -354,6 +354,8 @@ def _finish(obj: Context, result: dict[str, Any], as_json: bool) -> None:
     else:
         for line in result.get("lines", []):
             click.echo(obj.masker(line))
+    if result.get("outcome") == "interrupted":
+        sys.exit(130)  # Ctrl-C or SIGTERM, handled: as any interrupted command
     if not result.get("ok", True):
         sys.exit(1)
 

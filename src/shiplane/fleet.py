@@ -165,9 +165,18 @@ class Fleet:
         self._pools.append(pool)
         try:
             return list(pool.map(fn, targets))
+        except KeyboardInterrupt:
+            self.cancel()  # the shutdown below waits for what runs: hooks end now, not at their timeout
+            raise
         finally:
             pool.shutdown(wait=True)
             self._pools.remove(pool)
+
+    def cancel(self) -> None:
+        """Ask every host's op in flight to end now where it can (a running hook); see
+        ``AgentSession.cancel``."""
+        for session in list(self.sessions.values()):
+            session.cancel()
 
     def settle(self) -> None:
         """Wait until every phase already running on a host has answered (after an interrupt:

@@ -81,6 +81,7 @@ def install_request(deploy: DeployFile, stage: str, rid: str, manifest: dict[str
         "shared": {"dirs": list(deploy.shared.dirs), "files": list(deploy.shared.files)},
         "hooks": list(deploy.hooks.after_install),
         "hook_timeout": deploy.hooks.timeout,
+        "hook_silence": deploy.hooks.silence_timeout,
         # the process manager the switch will use: the agent starts supervisord while installing
         "backend": services["backend"] if services["web"] else None,
         # and the web server, with only its libraries, once the release and its venv are there

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import selectors
 import signal
@@ -9,7 +10,7 @@ import subprocess
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import Any, BinaryIO
 
 from . import AgentError
 from .paths import Layout
@@ -23,12 +24,26 @@ KILL_GRACE = 5.0
 DRAIN_AFTER_EXIT = 1.0
 
 
-def run_hook(layout: Layout, release_id: str, command: str, timeout: float | None,
+class Limits:
+    """When a running hook is ended: ``timeout`` seconds in all, ``silence`` seconds without a
+    line of its own output (the agent's "alive" pings are not its output), or the controller
+    cancelling (a ``{"cancel": ...}`` line, or EOF, on ``watch``: the session's stdin, on which
+    nothing else arrives while an op runs)."""
+
+    def __init__(self, timeout: float | None, silence: float | None = None,
+                 watch: BinaryIO | None = None) -> None:
+        self.timeout = timeout if timeout and timeout > 0 else None
+        self.silence = silence if silence and silence > 0 else None
+        self.watch = watch
+
+
+def run_hook(layout: Layout, release_id: str, command: str, limits: Limits,
              emit: Emit) -> dict[str, Any]:
     """Run ``/bin/sh -c command`` in ``releases/<id>`` and stream its output as events.
 
-    The hook gets its own process group (killed whole on timeout: kind ``timeout``); stdout and
-    stderr are merged. A non-zero exit fails with kind ``hook`` and the last lines of output.
+    The hook gets its own process group, killed whole when a limit is reached (kind ``timeout``)
+    or the controller cancels (kind ``interrupted``); stdout and stderr are merged. A non-zero
+    exit fails with kind ``hook`` and the last lines of output.
     Returns ``{exit_code, output, output_tail, seconds}``.
     """
 
@@ -43,18 +58,22 @@ def run_hook(layout: Layout, release_id: str, command: str, timeout: float | Non
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
     )
     tail: deque[str] = deque(maxlen=TAIL_LINES)
-    deadline = started + timeout if timeout and timeout > 0 else None
-    timed_out = False
     try:
-        timed_out = _pump(proc, deadline, tail, command, emit)
+        ended = _pump(proc, started, limits, tail, command, emit)
     except BaseException:
         _kill_group(proc)
         raise
     seconds = round(time.monotonic() - started, 3)
     output = "\n".join(tail)
-    if timed_out:
-        raise AgentError(f"hook `{command}` timed out after {timeout:g}s (process group killed)",
-                         kind="timeout", output_tail=output, seconds=seconds)
+    if ended == "cancel":
+        raise AgentError(f"hook `{command}` interrupted: the deploy was cancelled (process group killed)",
+                         kind="interrupted", output_tail=output, seconds=seconds)
+    if ended == "silence":
+        raise AgentError(f"hook `{command}` printed nothing for {limits.silence:g}s (hooks.silence_timeout; "
+                         "process group killed)", kind="timeout", output_tail=output, seconds=seconds)
+    if ended == "timeout":
+        raise AgentError(f"hook `{command}` timed out after {limits.timeout:g}s (hooks.timeout; process "
+                         "group killed)", kind="timeout", output_tail=output, seconds=seconds)
     code = proc.returncode
     if code != 0:
         raise AgentError(f"hook `{command}` failed with exit code {code}:\n{output}", kind="hook",
@@ -63,36 +82,54 @@ def run_hook(layout: Layout, release_id: str, command: str, timeout: float | Non
     return {"exit_code": code, "output": output, "output_tail": output, "seconds": seconds}
 
 
-def _pump(proc: subprocess.Popen[bytes], deadline: float | None, tail: deque[str],
-          command: str, emit: Emit) -> bool:
-    """Forward output lines until EOF; True if the deadline passed (the group is then killed)."""
+def _pump(proc: subprocess.Popen[bytes], started: float, limits: Limits, tail: deque[str],
+          command: str, emit: Emit) -> str | None:
+    """Forward output lines until EOF; on a limit or a cancel, kill the group and say which
+    (``timeout``, ``silence``, ``cancel``); None when the hook ended by itself."""
     assert proc.stdout is not None
     fd = proc.stdout.fileno()
     os.set_blocking(fd, False)
     sel = selectors.DefaultSelector()
-    sel.register(fd, selectors.EVENT_READ)
+    sel.register(fd, selectors.EVENT_READ, "output")
+    if limits.watch is not None:
+        try:
+            sel.register(limits.watch.fileno(), selectors.EVENT_READ, "watch")
+        except (AttributeError, OSError, ValueError):  # not a real stream (tests): not watched
+            pass
+    deadline = started + limits.timeout if limits.timeout else None
     pending = b""
     exited_at: float | None = None
+    heard = started
 
     def flush_line(raw: bytes) -> None:
         text = raw.decode("utf-8", "replace").rstrip("\r")
         tail.append(text)
         emit({"phase": "hook", "status": "output", "detail": text, "command": command})
 
+    def ending() -> str | None:
+        now = time.monotonic()
+        if deadline is not None and now >= deadline:
+            return "timeout"
+        if limits.silence is not None and exited_at is None and now - heard >= limits.silence:
+            return "silence"
+        return None
+
     try:
         while True:
-            now = time.monotonic()
-            if deadline is not None and now >= deadline:
+            why = ending()
+            if why:
                 _kill_group(proc)
-                return True
+                return why
+            now = time.monotonic()
             if exited_at is None and proc.poll() is not None:
                 exited_at = now
             if exited_at is not None and now - exited_at > DRAIN_AFTER_EXIT:
                 break
-            wait = 0.2
-            if deadline is not None:
-                wait = min(wait, max(0.0, deadline - now))
-            if not sel.select(wait):
+            ready = sel.select(0.2)
+            if any(key.data == "watch" for key, _ in ready) and _cancelled(limits.watch):
+                _kill_group(proc)
+                return "cancel"
+            if not any(key.data == "output" for key, _ in ready):
                 continue
             try:
                 chunk = os.read(fd, 65536)
@@ -100,6 +137,7 @@ def _pump(proc: subprocess.Popen[bytes], deadline: float | None, tail: deque[str
                 continue
             if not chunk:
                 break
+            heard = time.monotonic()
             pending += chunk
             *lines, pending = pending.split(b"\n")
             for raw in lines:
@@ -114,8 +152,23 @@ def _pump(proc: subprocess.Popen[bytes], deadline: float | None, tail: deque[str
         proc.wait(timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
     except subprocess.TimeoutExpired:
         _kill_group(proc)
+        return "timeout"
+    return None
+
+
+def _cancelled(watch: BinaryIO | None) -> bool:
+    """Whether what arrived on the session's stdin ends the hook: EOF (the controller is gone)
+    or a cancel line (the controller was interrupted)."""
+    if watch is None:
+        return False
+    line = watch.readline()
+    if not line:
         return True
-    return False
+    try:
+        message = json.loads(line)
+    except ValueError:
+        return False
+    return isinstance(message, dict) and "cancel" in message
 
 
 def _kill_group(proc: subprocess.Popen[bytes]) -> None:

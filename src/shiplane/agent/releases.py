@@ -19,7 +19,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from . import AgentError, atomic_write, fsync_dir, ledger, utc_now
-from .hooks import run_hook
+from .hooks import Limits, run_hook
 from .paths import Layout
 from .runtime import PARTIAL_META, RELEASE_ID_RE, read_meta, valid_release_id
 from .store import require, safe_relpath, unpack_wheel, valid_sha, verify
@@ -276,7 +276,7 @@ def install(layout: Layout, args: dict[str, Any], emit: Emit,
         for hook in args.get("hooks") or []:
             command = hook.get("command") if isinstance(hook, dict) else hook
             timeout = hook.get("timeout", hook_timeout) if isinstance(hook, dict) else hook_timeout
-            run_hook(layout, release_id, str(command), float(timeout), emit)
+            run_hook(layout, release_id, str(command), Limits(float(timeout), float(args.get("hook_silence") or 0)), emit)
         _write_meta(layout, release_id, meta)
         (final / PARTIAL_META).unlink()
     except BaseException:

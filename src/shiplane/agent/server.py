@@ -26,7 +26,7 @@ from collections.abc import Callable
 from typing import Any, BinaryIO
 
 from . import AgentError, __version__, ledger, lock, prune, releases, store
-from .hooks import run_hook
+from .hooks import Limits, run_hook
 from .paths import Layout, agent_command
 from .venvs import find_uv, install_uv, list_venvs, start_shell
 
@@ -103,6 +103,8 @@ class Session:
             if not isinstance(req, dict):
                 raise TypeError("a request must be a JSON object")
             req_id = req.get("id")
+            if "cancel" in req and "op" not in req:
+                return  # a cancel for an op that has already ended (hooks read their own)
             op = req.get("op")
             args = req.get("args") or {}
             if not isinstance(args, dict):
@@ -247,7 +249,8 @@ def _op_hook(s: Session, args: dict[str, Any], emit: Emit) -> Any:
     command = args.get("command")
     if not isinstance(command, str) or not command.strip():
         raise AgentError("hook: command missing", kind="usage")
-    return run_hook(s.layout, rid, command, float(args.get("timeout") or 600), emit)
+    limits = Limits(float(args.get("timeout") or 600), float(args.get("silence_timeout") or 0), watch=s.stdin)
+    return run_hook(s.layout, rid, command, limits, emit)
 
 
 def _names(args: dict[str, Any]) -> list[str] | None:

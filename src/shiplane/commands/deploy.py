@@ -100,7 +100,8 @@ def run_deploy(file: Path | None, options: DeployOptions, masker: Masker) -> dic
             outcome, error = "interrupted", "interrupted by a signal; every host serves the release it served before"
             reporter(Event("deploy", "failed", detail=error))
             with signals_ignored():
-                fleet.settle()  # a switch still running on a host finishes (and counts) first
+                fleet.cancel()  # a running hook ends now; a switch still running finishes (and counts)
+                fleet.settle()
                 _undo(deployment, [h for h, st in deployment.hosts.items() if st.switched],
                       services_spec(ctx.project.deploy, ctx.stage))
         finally:
@@ -393,7 +394,8 @@ def _after_deploy(d: Deployment) -> None:
     deploy = d.ctx.project.deploy
     for command in deploy.hooks.after_deploy:
         def hook(host: str, session: AgentSession, command: str = command) -> Any:
-            return session.call("hook", {"release_id": d.rid, "command": command, "timeout": deploy.hooks.timeout},
+            return session.call("hook", {"release_id": d.rid, "command": command, "timeout": deploy.hooks.timeout,
+                                                "silence_timeout": deploy.hooks.silence_timeout},
                                 on_event=d.fleet.forward(host, "after_deploy"), timeout=deploy.hooks.timeout + 30)
 
         require_all(d, "after_deploy", d.fleet.each("after_deploy", hook))

@@ -63,7 +63,8 @@ def _run_hook(d: Deployment, host: str, session: AgentSession, kind: str, comman
     hooks = d.ctx.project.deploy.hooks
     d.fleet.emit(Event(kind, "start", host=host, detail=command))
     try:
-        result: Any = session.call("hook", {"release_id": d.rid, "command": command, "timeout": hooks.timeout},
+        result: Any = session.call("hook", {"release_id": d.rid, "command": command, "timeout": hooks.timeout,
+                                              "silence_timeout": hooks.silence_timeout},
                                    on_event=d.fleet.forward(host, kind), timeout=hooks.timeout + 30)
     except HostError as exc:
         raise OperationError(f"{kind} hook `{command}` failed: {exc.reason}") from None

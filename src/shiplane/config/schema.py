@@ -185,7 +185,10 @@ class Hooks(Model):
     release_if_changed: list[str] = []
     after_install: list[str] = []
     after_deploy: list[str] = []
-    timeout: Annotated[float, Field(gt=0)] = 600
+    timeout: Annotated[float, Field(gt=0, le=SECONDS)] = 600
+    # seconds a running hook may print nothing before it is ended (a hung hook must not hold the
+    # deploy lock for the whole timeout); 0 turns the check off, for hooks quiet for long
+    silence_timeout: Annotated[float, Field(ge=0, le=SECONDS)] = 300
     # where the setup and release hooks run: once on the primary (a database every host shares)
     # or on every host (state each host keeps, e.g. its own SQLite); see README, "The deploy file"
     run_on: Literal["primary", "all"] = "primary"

@@ -30,6 +30,8 @@ class HostError(OperationError):
 
 
 _EOF = object()
+# ops that end early on a cancel line (agent/hooks.py reads it while the hook runs)
+CANCELLABLE = frozenset({"hook"})
 
 
 class AgentSession:
@@ -44,7 +46,9 @@ class AgentSession:
         self._lines: queue.Queue[object] = queue.Queue()
         self._stderr: list[str] = []
         self._next_id = 0
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # one call at a time
+        self._write_lock = threading.Lock()  # a cancel may be written while a call waits
+        self._op: str | None = None  # the op in flight, once its request is fully written
         threading.Thread(target=self._read_stdout, daemon=True).start()
         self._stderr_reader = threading.Thread(target=self._read_stderr, daemon=True)
         self._stderr_reader.start()
@@ -103,10 +107,21 @@ class AgentSession:
     def _write(self, data: bytes) -> None:
         assert self._process.stdin is not None
         try:
-            self._process.stdin.write(data)
-            self._process.stdin.flush()
+            with self._write_lock:
+                self._process.stdin.write(data)
+                self._process.stdin.flush()
         except (BrokenPipeError, OSError):
             raise self._died("write") from None
+
+    def cancel(self) -> None:
+        """Ask the op in flight to end now, when it can (a hook: its process group is killed and
+        the op fails kind ``interrupted``); any other op finishes as it would have. Called from
+        another thread than the one waiting in ``call``."""
+        if self._op in CANCELLABLE:
+            try:
+                self._write(b'{"cancel":true}\n')
+            except HostError:
+                pass  # the agent is gone already: the call ends on its own
 
     def call(self, op: str, args: dict[str, Any] | None = None, *, payload: Iterable[bytes] = (),
              on_event: EventHandler | None = None, timeout: float = 600) -> dict[str, Any]:
@@ -121,19 +136,27 @@ class AgentSession:
             self._write((json.dumps({"id": request_id, "op": op, "args": args or {}}) + "\n").encode())
             for chunk in payload:
                 self._write(chunk)
-            while True:
-                message = self._next_line(timeout, op)
-                if message.get("id") != request_id:
-                    continue
-                if "event" in message:
-                    # "alive" only resets the silence timer: the host is busy, not gone
-                    if on_event is not None and message["event"].get("status") != "alive":
-                        on_event(message["event"])
-                    continue
-                if message.get("ok"):
-                    return dict(message.get("result") or {})
-                error = message.get("error") or {}
-                raise HostError(self.host, str(error.get("message", "failed")), str(error.get("kind", "error")), error)
+            self._op = op
+            try:
+                return self._answer(op, request_id, timeout, on_event)
+            finally:
+                self._op = None
+
+    def _answer(self, op: str, request_id: int, timeout: float, on_event: EventHandler | None) -> dict[str, Any]:
+        """The events, then the result, of request ``request_id``."""
+        while True:
+            message = self._next_line(timeout, op)
+            if message.get("id") != request_id:
+                continue
+            if "event" in message:
+                # "alive" only resets the silence timer: the host is busy, not gone
+                if on_event is not None and message["event"].get("status") != "alive":
+                    on_event(message["event"])
+                continue
+            if message.get("ok"):
+                return dict(message.get("result") or {})
+            error = message.get("error") or {}
+            raise HostError(self.host, str(error.get("message", "failed")), str(error.get("kind", "error")), error)
 
     def close(self) -> None:
         """End the session: EOF on the agent's stdin, then wait briefly for it to exit."""
