@@ -276,7 +276,8 @@ def _new_record(holder: dict[str, Any], keep: bool) -> dict[str, Any]:
 
 def acquire(layout: Layout, holder: dict[str, Any], wait: float, emit: Emit, *, keep: bool = False,
             pause: Pause | None = None) -> Held:
-    """Take the lock for ``holder`` ({user, host, pid, command, started_at}) or fail kind ``lock``.
+    """Take the lock for ``holder`` ({user, host, pid, command, started_at}) or fail kind ``lock``
+    (``interrupted`` when ``pause`` ends the wait).
 
     The lock is bound to this process (its flock, see the module doc) unless ``keep``. An
     abandoned lock is broken on the way (said in one event, and in ``Held.broke``). With
@@ -304,7 +305,7 @@ def acquire(layout: Layout, holder: dict[str, Any], wait: float, emit: Emit, *, 
             free = _try_flock(fd, fcntl.LOCK_EX) if kind == "bound" else None
             info = describe(current, alive=None if free is None else not free)
             if free and _still_current(layout, fd):
-                layout.lock.unlink()
+                layout.lock.unlink(missing_ok=True)  # missing: an `unlock --force` meanwhile
                 broke = _holder_only(info)
                 emit({"phase": "lock", "status": "broke", "detail": broke_message(info)})
                 continue
