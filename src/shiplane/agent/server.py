@@ -115,7 +115,15 @@ class Session:
             return
 
         def emit(event: dict[str, Any]) -> None:
-            self.send({"id": req_id, "event": event})
+            if self.reader_gone.is_set():
+                return
+            try:
+                self.send({"id": req_id, "event": event})
+            except OSError:
+                # The controller is gone (killed, connection cut). The op still runs to its end:
+                # a switch stopped half-way would leave the host serving one release with
+                # `current` at another; the session then ends at EOF and frees its lock.
+                self.reader_gone.set()
 
         handler = HANDLERS.get(str(op))
         done = threading.Event()
