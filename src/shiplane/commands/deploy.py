@@ -231,30 +231,18 @@ def _check_platform(d: Deployment) -> None:
 
 
 def _lock(d: Deployment) -> Any:
-    """The deploy lock on a host; the step before copy (see ``_prepare``)."""
+    """The deploy lock on a host; the step before copy (see ``_prepare``). The agent session
+    holds it (a flock) for as long as it lives: no heartbeat is needed, and a lock whose session
+    died with its controller is broken by the next deploy, which says so (the op's events)."""
     who = holder(" ".join(["shiplane", *sys.argv[1:]]), os.getpid()).to_json()
 
     def lock(host: str, session: AgentSession) -> Any:
-        result = session.call("lock", {"holder": who, "wait": d.options.lock_wait}, timeout=d.options.lock_wait + 60)
-        if not d.locked:
-            threading.Thread(target=_heartbeat, args=(d,), daemon=True).start()
+        result = session.call("lock", {"holder": who, "wait": d.options.lock_wait},
+                              on_event=d.fleet.forward(host, "lock"), timeout=d.options.lock_wait + 60)
         d.locked.append(host)
         return result
 
     return lock
-
-
-def _heartbeat(d: Deployment) -> None:
-    """Keeps the locks fresh so another controller can tell a live deploy from a dead one."""
-    while d.locked:
-        time.sleep(20)
-        for host in list(d.locked):
-            session = d.fleet.sessions.get(host)
-            if session is not None:
-                try:
-                    session.call("heartbeat", {}, timeout=30)
-                except OperationError:
-                    pass
 
 
 def _prepare(d: Deployment, rendered: Any) -> None:

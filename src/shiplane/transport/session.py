@@ -30,8 +30,9 @@ class HostError(OperationError):
 
 
 _EOF = object()
-# ops that end early on a cancel line (agent/hooks.py reads it while the hook runs)
-CANCELLABLE = frozenset({"hook"})
+# ops that end early on a cancel line (agent/hooks.py reads it while a hook runs, agent/lock.py
+# while it waits for a held lock)
+CANCELLABLE = frozenset({"hook", "lock"})
 
 
 class AgentSession:
