@@ -28,7 +28,8 @@ from .venvs import ensure_venv
 Emit = Callable[[dict[str, Any]], None]
 
 ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-STATES = ("prepared", "live", "previous", "good", "bad")
+# "rolled-back": a rollback left it for an older release; a plain rollback skips it from then on
+STATES = ("prepared", "live", "previous", "good", "bad", "rolled-back")
 RESERVED = {"release.json", "shiplane.env", PARTIAL_META}
 PARALLEL_COMPILE = 300  # .py files from which compileall gets a worker per core
 
@@ -100,8 +101,11 @@ def previous_release(layout: Layout) -> str | None:
 
 
 def mark(layout: Layout, release_id: str, state: str) -> dict[str, Any]:
-    """Set a release's state. Marking one ``live`` demotes the old live to ``previous`` and the
-    old previous to ``good``, so the states always say which release was live before."""
+    """Set a release's state, stamped ``<state>_at`` (``rolled_back_at`` for ``rolled-back``).
+
+    Marking one ``live`` demotes the old live to ``previous`` and the old previous to ``good``,
+    so the states always say which release was live before; ``bad`` and ``rolled-back`` marks
+    stay until that release is live again."""
     if state not in STATES:
         raise AgentError(f"unknown release state {state!r} (one of {', '.join(STATES)})",
                          kind="usage")
@@ -116,7 +120,7 @@ def mark(layout: Layout, release_id: str, state: str) -> dict[str, Any]:
             rid = meta.get("release_id")
             if rid != release_id and isinstance(rid, str) and meta.get("state") == "live":
                 update_meta(layout, rid, state="previous")
-    stamp = {f"{state}_at": utc_now()}
+    stamp = {f"{state.replace('-', '_')}_at": utc_now()}
     return update_meta(layout, release_id, state=state, **stamp)
 
 

@@ -57,7 +57,7 @@ def read_verb(name: str, file: Path | None, stage: str | None, masker: Masker, *
             lines = []
             for host, result in per_host.items():
                 for release in result.get("releases", []):
-                    lines.append(f"{host:24} {release['release_id']}  {release.get('state', '?'):9} "
+                    lines.append(f"{host:24} {release['release_id']}  {release.get('state', '?'):11} "
                                  f"artifact {str(release.get('artifact', ''))[:12]}  {release.get('created_at', '')}")
             return {"hosts": per_host, "lines": lines or ["no releases"]}
         per_host = _all(fleet, "history", lambda h, s: s.call("history", {"limit": limit}))
@@ -126,16 +126,22 @@ def service_verb(name: str, file: Path | None, stage: str | None, services: list
 
 def run_rollback(file: Path | None, stage: str | None, to_release: str | None, yes: bool, masker: Masker, *,
                  hosts: str | None, sets: Sequence[str], as_json: bool, verbose: bool) -> dict[str, Any]:
-    """Switch every host back to an earlier release present on all of them, health-checked."""
+    """Switch every host back to an earlier release present on all of them, health-checked.
+
+    Each host that switched marks the release it left ``rolled-back`` when the target is older
+    than it, so repeated plain rollbacks walk back in time and never forth; ``--to`` may pick any
+    release present on every host, a marked one too (going forward marks nothing).
+    """
     started = time.time()
     with connected(file, stage, masker, hosts=hosts, sets=sets) as (ctx, fleet):
         per_host = _all(fleet, "releases", lambda h, s: s.call("releases", {}))
-        target, current, skipped = _pick_target(per_host, to_release)
+        target, live, skipped = _pick_target(per_host, to_release)
+        newest_live = max((rid for rid in live.values() if rid), default=None)
         # release.json does not say whether its deploy ran the release hook; the hosts' ledgers do
         ledgers = _all(fleet, "history", lambda h, s: s.call("history", {}))
         hooked = {e.get("release") for result in ledgers.values() for e in result.get("entries", [])
                   if e.get("event") == "deploy" and e.get("release_hook")}
-        migrated = [r for r in _releases_between(per_host, target, current)
+        migrated = [r for r in _releases_between(per_host, target, newest_live)
                     if r.get("release_hook") or r["release_id"] in hooked]
         if migrated and not yes:
             names = ", ".join(r["release_id"] for r in migrated)
@@ -149,14 +155,19 @@ def run_rollback(file: Path | None, stage: str | None, to_release: str | None, y
             try:
                 outcomes = fleet.each("rollback", lambda h, s: s.call("switch", {"release_id": target, "services": spec},
                                                                       on_event=fleet.forward(h, "rollback"), timeout=600))
+                unmarked = _mark_left(fleet, per_host, live, target, set(failures(outcomes)))
             finally:
                 fleet.each("unlock", lambda h, s: s.call("unlock", {"force": False}), quiet=True)
         bad = failures(outcomes)
-        entry = {"event": "rollback", "stage": ctx.stage, "release": target, "from": current,
+        same = len(set(live.values())) == 1
+        entry = {"event": "rollback", "stage": ctx.stage, "release": target, "from": newest_live if same else None,
                  "outcome": "ok" if not bad else "failed", "user": who["user"], "controller": who["host"],
                  "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
                  "duration": round(time.time() - started, 3)}
-        fleet.each("record", lambda h, s: s.call("record", {"entry": entry}), quiet=True)
+        if not same:
+            entry["from_hosts"] = live
+        # each host's own ledger says what that host left
+        fleet.each("record", lambda h, s: s.call("record", {"entry": {**entry, "from": live.get(h)}}), quiet=True)
         ledger = local_ledger(ctx.project, ctx.stage)
         ledger.parent.mkdir(parents=True, exist_ok=True)
         with ledger.open("a") as handle:
@@ -164,29 +175,73 @@ def run_rollback(file: Path | None, stage: str | None, to_release: str | None, y
         lines = [f"rolled back stage {ctx.stage} to {target} in {entry['duration']:.1f}s" if not bad
                  else f"rollback FAILED: {'; '.join(e.message for e in bad.values())}"]
         lines += [f"  skipped {rid}: {why}" for rid, why in skipped]
+        lines += [f"  {host}: {why}" for host, why in unmarked.items()]
         return {**entry, "ok": not bad, "skipped": skipped, "lines": lines}
 
 
-def _pick_target(per_host: dict[str, Any], to_release: str | None) -> tuple[str, str | None, list[tuple[str, str]]]:
-    """The newest known-good release present on every host, older than the live one."""
+def _mark_left(fleet: Fleet, per_host: dict[str, Any], live: dict[str, str | None], target: str,
+               failed: set[str]) -> dict[str, str]:
+    """Mark ``rolled-back`` the release each switched host left for the older ``target``.
+
+    A release already marked bad keeps that mark. Returns, per host, why its mark could not be
+    written (the rollback itself stands: a mark on any host makes a later rollback skip it).
+    """
+    def state_of(host: str, rid: str) -> str | None:
+        found = [r.get("state") for r in per_host[host].get("releases", []) if r["release_id"] == rid]
+        return found[0] if found else None
+
+    left = {host: rid for host, rid in live.items()
+            if host not in failed and rid and rid > target and state_of(host, rid) != "bad"}
+    if not left:
+        return {}
+    outcomes = fleet.each("mark", lambda h, s: s.call("mark", {"release_id": left[h], "state": "rolled-back"}),
+                          hosts=list(left), quiet=True)
+    return {host: f"could not mark {left[host]} rolled-back: {error.message}"
+            for host, error in failures(outcomes).items()}
+
+
+def _pick_target(per_host: dict[str, Any], to_release: str | None) -> tuple[str, dict[str, str | None], list[tuple[str, str]]]:
+    """The release to roll back to, each host's live release, and the newer ones skipped (why).
+
+    Without ``to_release``: the newest release present on every host that is older than the
+    live release and neither marked bad nor rolled back from. The live release is the one every
+    host serves: when the hosts serve different ones (a rollback that failed on some), a plain
+    rollback would walk some hosts forward, so it is refused and ``--to`` names the release.
+    """
     sets = [{r["release_id"]: r for r in result.get("releases", [])} for result in per_host.values()]
-    currents = {result.get("current") for result in per_host.values()}
-    current = max((c for c in currents if c), default=None)
+    live: dict[str, str | None] = {host: result.get("current") for host, result in per_host.items()}
     if to_release:
         if not all(to_release in s for s in sets):
             raise UsageError(f"release {to_release!r} is not present on every host of the stage")
-        return to_release, current, []
+        return to_release, live, []
+    serving = set(live.values())
+    if len(serving) > 1:
+        which = ", ".join(f"{host} {rid or 'nothing'}" for host, rid in live.items())
+        raise UsageError(f"the hosts serve different releases ({which}), so there is no one release to roll back from",
+                         hint="Name the release every host should serve: shiplane rollback --to ID "
+                              "(shiplane releases lists them). No host was changed.")
+    current = serving.pop() if serving else None
+    if current is None:
+        raise UsageError("no release is live on the stage's hosts, so there is nothing to roll back from",
+                         hint="Deploy first, or name a release with --to ID.")
     skipped: list[tuple[str, str]] = []
     common = sorted(set.intersection(*(set(s) for s in sets)) if sets else set(), reverse=True)
     for rid in common:
-        if current and rid >= current:
-            continue
+        if rid >= current:
+            continue  # newer than the live one: rolling back never goes forward
         states = {s[rid].get("state") for s in sets}
         if "bad" in states:
             skipped.append((rid, "marked bad (its deploy failed or was undone)"))
             continue
-        return rid, current, skipped
-    raise UsageError("no earlier good release is present on every host to roll back to")
+        if "rolled-back" in states:
+            when = max((str(s[rid].get("rolled_back_at")) for s in sets if s[rid].get("rolled_back_at")), default="")
+            skipped.append((rid, f"rolled back from at {when}" if when else "rolled back from"))
+            continue
+        return rid, live, skipped
+    reasons = "; ".join(f"{rid} {why}" for rid, why in skipped)
+    raise UsageError(f"no earlier good release is present on every host to roll back to (live: {current})"
+                     + (f"; skipped {reasons}" if reasons else ""),
+                     hint="An explicit --to ID may still choose a release skipped here.")
 
 
 def _releases_between(per_host: dict[str, Any], target: str, current: str | None) -> list[dict[str, Any]]:
