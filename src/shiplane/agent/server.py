@@ -25,7 +25,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any, BinaryIO
 
-from . import AgentError, __version__, ledger, lock, prune, releases, store
+from . import AgentError, __version__, ledger, lock, prune, releases, store, utc_now
 from .hooks import Limits, run_hook
 from .paths import Layout, agent_command
 from .venvs import find_uv, install_uv, list_venvs, start_shell
@@ -69,6 +69,8 @@ class Session:
         self.stdout = stdout
         self.holder: dict[str, Any] | None = None
         self.lock_fd: int | None = None  # holds the flock of our deploy lock (agent/lock.py)
+        # a switch this session made that no ledger entry records yet (its ``record`` follows)
+        self.unrecorded: dict[str, Any] | None = None
         self._write_lock = threading.Lock()
         self.reader_gone = threading.Event()  # a write to the controller failed: nobody listens
         # Serialises lock changes of this session. Reentrant: the signal handler runs on the main
@@ -348,6 +350,8 @@ def _op_switch(s: Session, args: dict[str, Any], emit: Emit) -> Any:
     try:
         result = services.switch(s.layout, rid, spec, emit, forget_later=True)
         releases.mark(s.layout, rid, "live")  # the one that was live becomes "previous"
+        if not result.get("unchanged"):
+            s.unrecorded = {"release": rid, "from": result.get("previous"), "at": utc_now()}
         # A process of its own, detached, so no deploy waits for an old server's exit or a
         # spare's start; it inherits the lock and holds it until it is done.
         subprocess.Popen([*agent_command(), "after-switch", str(s.layout.root), rid,
@@ -404,7 +408,18 @@ def _op_record(s: Session, args: dict[str, Any], emit: Emit) -> Any:
     entry = args.get("entry")
     if not isinstance(entry, dict):
         raise AgentError("record: entry must be an object", kind="usage")
+    s.unrecorded = None
     return ledger.append(s.layout, entry)
+
+
+def record_orphan_switch(s: Session) -> None:
+    """At the session's end: a release this session made live that its command never recorded
+    (the controller was killed or cut off after the switch) gets a ledger entry of its own, so
+    every release that went live is in the host's history."""
+    if s.unrecorded is not None:
+        ledger.append(s.layout, {"event": "switch", "outcome": "ok", **s.unrecorded,
+                                 "note": "made live by a command that ended before recording it"})
+        s.unrecorded = None
 
 
 def _op_history(s: Session, args: dict[str, Any], emit: Emit) -> Any:
@@ -475,4 +490,6 @@ def serve(root: str, stdin: BinaryIO | None = None, stdout: BinaryIO | None = No
         # The controller went away mid-op. As after EOF, a lock we hold is left abandoned (its
         # flock ends with this process): the next lock breaks it and says whose it was.
         return 0
+    finally:
+        record_orphan_switch(session)
     return 0
