@@ -14,6 +14,7 @@ import os
 import re
 import shlex
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -37,6 +38,11 @@ PING_TIMEOUT = 5.0
 SHUTDOWN_TIMEOUT = 300.0
 NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 META_PREFIX = "; shiplane: "
+# The services' logs may hold what an app printed (a secret, a user's data): log/ is 0750 and
+# each file in it 0640 at most. supervisord creates them (its own log, each program's, their
+# rotations) under its umask, 027 (main_conf); its programs get 022 back (_BOOT), as before.
+LOG_DIR_MODE = 0o750
+LOG_FILE_MODE = 0o640
 
 # supervisor's xmlrpc fault codes (supervisor/xmlrpc.py, class Faults)
 BAD_NAME = 10
@@ -126,6 +132,7 @@ def main_conf(layout: Layout) -> str:
         "logfile_maxbytes = 10MB",
         "logfile_backups = 3",
         "loglevel = info",
+        "umask = 027",
         f"pidfile = {v(pid_path(layout))}",
         f"childlogdir = {v(layout.log)}",
         f"directory = {v(layout.root)}",
@@ -352,7 +359,16 @@ def find_supervisor(layout: Layout) -> str:
 
 # Run supervisord without PYTHONPATH in its environment: its programs inherit that environment,
 # and the app must not see supervisor's package on its path.
-_BOOT = ("import sys; sys.path.insert(0, sys.argv.pop(1)); "
+# supervisord, with one change: a program without its own ``umask`` gets 022 (supervisord's
+# default), not supervisord's own 027, so the app's files keep the modes they always had.
+_BOOT = ("import sys; sys.path.insert(0, sys.argv.pop(1))\n"
+         "from supervisor import options\n"
+         "configure = options.ProcessConfig.__init__\n"
+         "def configure_umask(self, *args, **kwargs):\n"
+         "    configure(self, *args, **kwargs)\n"
+         "    if self.umask is None:\n"
+         "        self.umask = 0o022\n"
+         "options.ProcessConfig.__init__ = configure_umask\n"
          "from supervisor.supervisord import main; main()")
 
 
@@ -372,6 +388,7 @@ def ensure_running(layout: Layout, emit: Emit | None = None) -> Supervisor:
 def _ensure_running(layout: Layout, emit: Emit | None) -> Supervisor:
     for d in (layout.run, programs_dir(layout), layout.log):
         d.mkdir(parents=True, exist_ok=True)
+    restrict_logs(layout)
     write_if_changed(conf_path(layout), main_conf(layout))
     sup = Supervisor(layout)
     if sup.ping():
@@ -386,7 +403,8 @@ def _ensure_running(layout: Layout, emit: Emit | None) -> Supervisor:
     if emit:
         emit({"phase": "services", "status": "supervisord", "detail": "starting supervisord"})
     start_log = layout.log / "supervisord.start.log"
-    with open(os.devnull, "rb") as devnull, open(start_log, "wb") as out:
+    with open(os.devnull, "rb") as devnull, \
+            open(os.open(start_log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, LOG_FILE_MODE), "wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-c", _BOOT, tools, "-c", str(conf_path(layout))],
             stdin=devnull, stdout=out, stderr=subprocess.STDOUT, cwd=str(layout.root),
@@ -401,6 +419,19 @@ def _ensure_running(layout: Layout, emit: Emit | None) -> Supervisor:
         output = "\n".join(tail_lines(start_log) + tail_lines(layout.log / "supervisord.log"))
         raise AgentError(f"supervisord did not start (exit {code}):\n{output}", kind="service")
     return sup
+
+
+def restrict_logs(layout: Layout) -> None:
+    """``log/`` 0750 and every file in it 0640 at most, also those an older agent (or a
+    supervisord started by one, under umask 022) left readable by everyone."""
+    os.chmod(layout.log, LOG_DIR_MODE)
+    for entry in os.scandir(layout.log):
+        try:
+            mode = stat.S_IMODE(entry.stat(follow_symlinks=False).st_mode)
+            if entry.is_file(follow_symlinks=False) and mode & ~LOG_FILE_MODE:
+                os.chmod(entry.path, mode & LOG_FILE_MODE)
+        except FileNotFoundError:  # rotated away meanwhile
+            continue
 
 
 def connect(layout: Layout) -> Supervisor | None:

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from shiplane.commands.common import StageContext, open_stage
-from shiplane.errors import OperationError, UsageError
+from shiplane.config import Project, resolve_secrets
+from shiplane.errors import ConfigError, OperationError, UsageError
 from shiplane.fleet import Fleet, failures, local_ledger
 from shiplane.plan import services_spec
 from shiplane.secret import Masker
@@ -25,9 +26,13 @@ from shiplane.whoami import holder
 
 @contextmanager
 def connected(file: Path | None, stage: str | None, masker: Masker, *, hosts: str | None, sets: Sequence[str],
-              quiet: bool = True, need_secrets: bool = False) -> Iterator[tuple[StageContext, Fleet]]:
-    """A stage's hosts, connected; raises when a host cannot be reached."""
+              quiet: bool = True, need_secrets: bool = False,
+              mask_secrets: bool = False) -> Iterator[tuple[StageContext, Fleet]]:
+    """A stage's hosts, connected; raises when a host cannot be reached. ``mask_secrets``: the
+    stage's secrets that can be found are masked in all output (none is required)."""
     ctx = open_stage(file, stage, masker, hosts=hosts, sets=sets, need_secrets=need_secrets)
+    if mask_secrets and not need_secrets:
+        _mask_known_secrets(ctx.project, ctx.stage, masker)
     reporter = Reporter.for_terminal(False, masker) if not quiet else (lambda event: None)
     fleet = Fleet(ctx.project, ctx.stage, reporter)
     try:
@@ -37,6 +42,27 @@ def connected(file: Path | None, stage: str | None, masker: Masker, *, hosts: st
         yield ctx, fleet
     finally:
         fleet.close()
+
+
+def _mask_known_secrets(project: Project, stage: str, masker: Masker) -> None:
+    """Register with ``masker`` every secret of the stage that its sources hold.
+
+    A verb that only reads (logs) must mask what the app may have printed, but must not fail
+    for a secret it cannot find: when not all are there, each is looked for on its own.
+    """
+    deploy = project.deploy
+    try:
+        found = resolve_secrets(deploy, stage, project.root)
+    except ConfigError:
+        found = {}
+        for name in deploy.config.secrets:
+            alone = deploy.model_copy(update={"config": deploy.config.model_copy(update={"secrets": [name]})})
+            try:
+                found.update(resolve_secrets(alone, stage, project.root))
+            except ConfigError:
+                continue  # not found (or its source refused): nothing to mask for it
+    for secret in found.values():
+        masker.add(secret.reveal())
 
 
 def _all(fleet: Fleet, phase: str, work: Callable[[str, AgentSession], Any]) -> dict[str, Any]:
@@ -268,7 +294,10 @@ def run_prune(file: Path | None, stage: str | None, keep: int | None, masker: Ma
 
 def show_logs(file: Path | None, stage: str | None, service: str | None, lines: int, follow: bool, masker: Masker,
               out: Callable[[str], None], *, hosts: str | None, sets: Sequence[str]) -> None:
-    with connected(file, stage, masker, hosts=hosts, sets=sets) as (_ctx, fleet):
+    """Print the last ``lines`` lines of a service's log on every host (then new ones with
+    ``follow``), each prefixed by its host, with every secret of the stage that can be found
+    masked: the app may have logged one."""
+    with connected(file, stage, masker, hosts=hosts, sets=sets, mask_secrets=True) as (_ctx, fleet):
         def one(host: str, session: AgentSession) -> None:
             def line(event: dict[str, Any]) -> None:
                 out(masker(f"[{host}] {event.get('detail', '')}"))
