@@ -83,7 +83,7 @@ def read_verb(name: str, file: Path | None, stage: str | None, masker: Masker, *
             lines = []
             for host, result in per_host.items():
                 for release in result.get("releases", []):
-                    lines.append(f"{host:24} {release['release_id']}  {release.get('state', '?'):11} "
+                    lines.append(f"{host:24} {release['release_id']}  {release.get('state', '?'):12} "
                                  f"artifact {str(release.get('artifact', ''))[:12]}  {release.get('created_at', '')}")
             return {"hosts": per_host, "lines": lines or ["no releases"]}
         per_host = _all(fleet, "history", lambda h, s: s.call("history", {"limit": limit}))
@@ -267,7 +267,8 @@ def _pick_target(per_host: dict[str, Any], to_release: str | None) -> tuple[str,
     reasons = "; ".join(f"{rid} {why}" for rid, why in skipped)
     raise UsageError(f"no earlier good release is present on every host to roll back to (live: {current})"
                      + (f"; skipped {reasons}" if reasons else ""),
-                     hint="An explicit --to ID may still choose a release skipped here.")
+                     hint="rollback --to ID picks any release present on every host, one skipped here or a newer "
+                          "one too (shiplane releases lists them).")
 
 
 def _releases_between(per_host: dict[str, Any], target: str, current: str | None) -> list[dict[str, Any]]:
