@@ -259,6 +259,9 @@ def _pick_target(per_host: dict[str, Any], to_release: str | None) -> tuple[str,
         if "bad" in states:
             skipped.append((rid, "marked bad (its deploy failed or was undone)"))
             continue
+        if "prepared" in states:  # installed by a deploy killed or stopped before its switch
+            skipped.append((rid, "never went live (its deploy ended before the switch)"))
+            continue
         if "rolled-back" in states:
             when = max((str(s[rid].get("rolled_back_at")) for s in sets if s[rid].get("rolled_back_at")), default="")
             skipped.append((rid, f"rolled back from at {when}" if when else "rolled back from"))
