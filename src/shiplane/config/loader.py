@@ -106,7 +106,8 @@ def _too_deep_line(text: str) -> int:
 def check_values(data: Any, file: Path, text: str) -> None:
     """Checks every value of the parsed file needs, whatever its key: nesting at most MAX_DEPTH,
     numbers finite (TOML's inf and nan are never a timeout, a port or a count), no NUL characters
-    (no path or command can hold one). A ConfigError names the first offender's key and line."""
+    or undecodable text (no path or command can hold them). A ConfigError names the first
+    offender's key and line."""
     stack: list[tuple[Any, list[str | int]]] = [(data, [])]
     while stack:
         value, loc = stack.pop()
@@ -115,12 +116,12 @@ def check_values(data: Any, file: Path, text: str) -> None:
             problem = f"nested {len(loc)} levels deep; a deploy file nests at most {MAX_DEPTH}"
         elif isinstance(value, float) and not math.isfinite(value):
             problem = f"expected a finite number, found {value!r}"
-        elif isinstance(value, str) and "\0" in value:
-            problem = f"a NUL character is not allowed in a value, found {value!r}"
+        elif isinstance(value, str) and _bad_text(value):
+            problem = f"{_bad_text(value)} is not allowed in a value, found {value!r}"
         elif isinstance(value, dict):
             for key, item in value.items():
-                if "\0" in key:
-                    problem = f"a NUL character is not allowed in a key, found {key!r}"
+                if _bad_text(key):
+                    problem = f"{_bad_text(key)} is not allowed in a key, found {key!r}"
                     break
                 stack.append((item, [*loc, key]))
         elif isinstance(value, list):
@@ -221,6 +222,18 @@ class _DictOf:
 
     def __init__(self, model: type[BaseModel]) -> None:
         self.model = model
+
+
+def _bad_text(text: str) -> str | None:
+    """What no value may hold: a NUL (no path or command can), or a lone surrogate (a command
+    line's undecodable bytes, which no file name or UTF-8 file can take)."""
+    if "\0" in text:
+        return "a NUL character"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return "text that is not valid UTF-8"
+    return None
 
 
 def _dotted(loc: Sequence[str | int]) -> str:
@@ -424,7 +437,10 @@ def with_overrides(project: Project, stage: str, hosts: str | None, sets: Sequen
         parts = key.split(".")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: stages.{stage}.{part} is not a table, so it has no key {parts[-1]!r}")
         node[parts[-1]] = value
+    check_values(data, Path("--set/--hosts"), "")
     try:
         deploy = DeployFile.model_validate(data)
     except ValidationError as exc:
