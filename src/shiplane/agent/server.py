@@ -28,6 +28,7 @@ from typing import Any, BinaryIO
 from . import AgentError, __version__, ledger, lock, prune, releases, store, utc_now
 from .hooks import Limits, run_hook
 from .paths import Layout, agent_command
+from .runtime import valid_release_id
 from .venvs import find_uv, install_uv, list_venvs, start_shell
 
 Emit = Callable[[dict[str, Any]], None]
@@ -71,6 +72,9 @@ class Session:
         self.lock_fd: int | None = None  # holds the flock of our deploy lock (agent/lock.py)
         # a switch this session made that no ledger entry records yet (its ``record`` follows)
         self.unrecorded: dict[str, Any] | None = None
+        # a release this session installed with its web server started early, not yet switched
+        # to or marked: its server is stopped if the session ends first (the controller is gone)
+        self.prebooted: str | None = None
         self._write_lock = threading.Lock()
         self.reader_gone = threading.Event()  # a write to the controller failed: nobody listens
         # Serialises lock changes of this session. Reentrant: the signal handler runs on the main
@@ -255,7 +259,7 @@ def _op_receive(s: Session, args: dict[str, Any], emit: Emit) -> Any:
 
 
 def _op_hook(s: Session, args: dict[str, Any], emit: Emit) -> Any:
-    rid = releases.valid_release_id(args.get("release_id"))
+    rid = valid_release_id(args.get("release_id"))
     command = args.get("command")
     if not isinstance(command, str) or not command.strip():
         raise AgentError("hook: command missing", kind="usage")
@@ -277,8 +281,10 @@ def _op_install(s: Session, args: dict[str, Any], emit: Emit) -> Any:
     release hook runs (preboot.py); a failed install stops it again."""
     backend = args.get("backend")
     web = args.get("preboot_web")
-    rid = releases.valid_release_id(args.get("release_id"))
+    rid = valid_release_id(args.get("release_id"))
     background: list[threading.Thread] = []
+    if isinstance(web, dict):
+        s.prebooted = rid
 
     def start_manager() -> None:
         services = _services()
@@ -331,15 +337,16 @@ def _discard(s: Session, rid: str, emit: Emit) -> None:
 
 
 def _op_mark(s: Session, args: dict[str, Any], emit: Emit) -> Any:
-    rid = releases.valid_release_id(args.get("release_id"))
+    rid = valid_release_id(args.get("release_id"))
     result = releases.mark(s.layout, rid, str(args.get("state")))
+    s.prebooted = None if s.prebooted == rid else s.prebooted
     if args.get("state") == "bad":  # a failed deploy: its early-started server must not linger
         _discard(s, rid, emit)
     return result
 
 
 def _op_switch(s: Session, args: dict[str, Any], emit: Emit) -> Any:
-    rid = releases.valid_release_id(args.get("release_id"))
+    rid = valid_release_id(args.get("release_id"))
     spec = args.get("services")
     if not isinstance(spec, dict):
         raise AgentError("switch: services spec missing", kind="usage")
@@ -352,6 +359,7 @@ def _op_switch(s: Session, args: dict[str, Any], emit: Emit) -> Any:
         releases.mark(s.layout, rid, "live")  # the one that was live becomes "previous"
         if not result.get("unchanged"):
             s.unrecorded = {"release": rid, "from": result.get("previous"), "at": utc_now()}
+        s.prebooted = None if s.prebooted == rid else s.prebooted
         # A process of its own, detached, so no deploy waits for an old server's exit or a
         # spare's start; it inherits the lock and holds it until it is done.
         subprocess.Popen([*agent_command(), "after-switch", str(s.layout.root), rid,
@@ -412,14 +420,18 @@ def _op_record(s: Session, args: dict[str, Any], emit: Emit) -> Any:
     return ledger.append(s.layout, entry)
 
 
-def record_orphan_switch(s: Session) -> None:
-    """At the session's end: a release this session made live that its command never recorded
-    (the controller was killed or cut off after the switch) gets a ledger entry of its own, so
-    every release that went live is in the host's history."""
+def settle_orphans(s: Session) -> None:
+    """At the session's end, what its command left half-told (the controller was killed or cut
+    off): a release it made live but never recorded gets a ledger entry of its own, so every
+    release that went live is in the host's history; a release it installed with an early web
+    server, but never switched to, has that server stopped (it would idle, shown as drift)."""
     if s.unrecorded is not None:
         ledger.append(s.layout, {"event": "switch", "outcome": "ok", **s.unrecorded,
                                  "note": "made live by a command that ended before recording it"})
         s.unrecorded = None
+    if s.prebooted is not None:
+        _discard(s, s.prebooted, lambda event: None)
+        s.prebooted = None
 
 
 def _op_history(s: Session, args: dict[str, Any], emit: Emit) -> Any:
@@ -435,7 +447,7 @@ def _op_read_release_file(s: Session, args: dict[str, Any], emit: Emit) -> Any:
 
     The path is relative to the release dir; links (shared files) are followed but must stay
     under the deploy root. Missing file -> ``exists: false``."""
-    rid = releases.valid_release_id(args.get("release_id"))
+    rid = valid_release_id(args.get("release_id"))
     rel = store.safe_relpath(args.get("path"), "read_release_file")
     path = s.layout.release(rid) / rel
     real = os.path.realpath(path)
@@ -462,7 +474,7 @@ HANDLERS: dict[str, Handler] = {
     "reload": lambda s, a, e: _services().reload(s.layout, _names(a), e),
     "status": lambda s, a, e: _services().status(s.layout),
     "shutdown": lambda s, a, e: _services().shutdown(s.layout, e),
-    "withdraw": lambda s, a, e: _services().withdraw(s.layout, releases.valid_release_id(a.get("release_id")), e),
+    "withdraw": lambda s, a, e: _services().withdraw(s.layout, valid_release_id(a.get("release_id")), e),
     "verify": lambda s, a, e: store.check_store(s.layout, e),
     "logs": lambda s, a, e: _services().logs(s.layout, a.get("service"), int(a.get("lines") or 100),
                                              bool(a.get("follow")), e, gone=s.reader_gone.is_set),
@@ -491,5 +503,5 @@ def serve(root: str, stdin: BinaryIO | None = None, stdout: BinaryIO | None = No
         # flock ends with this process): the next lock breaks it and says whose it was.
         return 0
     finally:
-        record_orphan_switch(session)
+        settle_orphans(session)
     return 0

@@ -293,8 +293,18 @@ def _prepare(d: Deployment, rendered: Any) -> None:
                                                                    "sha256 (quarantined there): sending them again"))
             d.hosts[host].bytes_sent += send(host, session, bad)
 
+    def reached(phase: str, work: Any) -> Any:
+        def step(host: str, session: AgentSession) -> Any:
+            # recorded in the worker: after Ctrl-C the steps under way still finish, and what a
+            # host reached must be known to clean up after it (finalize marks what it installed)
+            d.hosts[host].phase = phase
+            return work(host, session)
+
+        return step
+
     # each host goes lock -> copy -> install at its own pace: a slow host delays no other
-    steps = [("lock", _lock(d)), ("copy", copy)] + ([] if d.options.until == "copy" else [("install", install)])
+    steps = [(name, reached(name, work)) for name, work in
+             [("lock", _lock(d)), ("copy", copy)] + ([] if d.options.until == "copy" else [("install", install)])]
     for phase, outcomes in d.fleet.chain(steps, hosts=healthy(d)).items():
         note(d, phase, outcomes)
     stop_if_any_failed(d, d.options.until or "prepare")
