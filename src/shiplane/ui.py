@@ -8,7 +8,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO, final
 
 from shiplane.events import Event
 from shiplane.secret import Masker
@@ -18,6 +18,7 @@ if TYPE_CHECKING:  # rich is imported only for a terminal: ~25 ms a --json or CI
     from rich.table import Table
 
 
+@final
 class Reporter:
     """Consumes events. ``mode`` is "live" (a terminal), "plain" or "json"."""
 

@@ -237,7 +237,9 @@ class DaemonBackend:
         if not sv.program_meta(self.layout, program).get("preboot"):
             return True
         release = self._release_of(program)
-        return bool(release) and web_go(self.layout, release).exists()
+        if not release:
+            return False
+        return web_go(self.layout, release).exists()
 
     def stop_web(self, release_id: str, emit: Emit, wait: bool = True) -> None:
         name = self._program(release_id)

@@ -175,7 +175,8 @@ def _runtime_env(root: str, release_id: str) -> dict[str, str]:
     try:
         runtime = importlib.import_module(f"{package}.runtime")
         paths = importlib.import_module(f"{package}.paths")
-        return runtime.runtime_env(paths.Layout(root), release_id)
+        env: dict[str, str] = runtime.runtime_env(paths.Layout(root), release_id)
+        return env
     finally:
         sys.path.pop(0)
         for name in [n for n in sys.modules if n == package or n.startswith(package + ".")]:

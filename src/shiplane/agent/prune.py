@@ -13,13 +13,13 @@ from typing import Any
 
 from .paths import Layout
 from .releases import (
-    RELEASE_ID_RE,
     Emit,
     current_release,
     list_releases,
     previous_release,
     remove_tree,
 )
+from .runtime import RELEASE_ID_RE
 from .venvs import list_venvs, remove_venv
 
 

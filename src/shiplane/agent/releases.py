@@ -166,7 +166,7 @@ def _same_python(venv: Path) -> bool:
     except OSError:
         return False
     found = re.search(r"^version(?:_info)?\s*=\s*(\d+)\.(\d+)", cfg, re.MULTILINE)
-    return bool(found) and sys.implementation.name == "cpython" \
+    return found is not None and sys.implementation.name == "cpython" \
         and (int(found[1]), int(found[2])) == sys.version_info[:2]
 
 

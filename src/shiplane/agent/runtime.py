@@ -80,7 +80,7 @@ def runtime_env(layout: Layout, release_id: str) -> dict[str, str]:
     env.update(read_env_file(layout.env_file(release_id)))
     release_dir = layout.release(release_id)
     digest = meta.get("dependency_digest")
-    if valid_digest(digest):
+    if isinstance(digest, str) and valid_digest(digest):
         venv = layout.venv(digest)
         env["VIRTUAL_ENV"] = str(venv)
         env["PATH"] = str(venv / "bin") + os.pathsep + env.get("PATH", os.defpath)
