@@ -55,7 +55,7 @@ class Project:
     def shiplane(self, *args: str, check: bool = False, env: dict[str, str] | None = None,
                  timeout: float = 300) -> subprocess.CompletedProcess[str]:
         done = subprocess.run([sys.executable, "-m", "shiplane", *args], cwd=self.root, capture_output=True, text=True,
-                              timeout=timeout, env={**os.environ, **(env or {}), "NO_COLOR": "1"})
+                              check=False, timeout=timeout, env={**os.environ, **(env or {}), "NO_COLOR": "1"})
         if check and done.returncode != 0:
             raise AssertionError(f"shiplane {' '.join(args)} exited {done.returncode}:\n{done.stdout}\n{done.stderr}")
         return done

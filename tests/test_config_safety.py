@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import tomllib
 from click.testing import CliRunner
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
@@ -26,6 +25,11 @@ from shiplane.config.loader import with_overrides
 from shiplane.errors import UsageError
 from shiplane.transport import prewarm
 from shiplane.transport.ssh import SSHTransport, remove_control_dir
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
 
 BASE = """\
 [app]

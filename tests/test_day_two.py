@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -107,8 +108,8 @@ def test_stale_lock_is_reported_with_its_holder_and_broken_with_force(app: Proje
 def test_lock_wait_waits_for_a_held_lock(app: Project) -> None:
     app.shiplane("lock", "--stage", "local", check=True)
     started = time.monotonic()
-    releaser = subprocess.Popen([sys.executable, "-c", "import time,subprocess,sys; time.sleep(3); "
-                                 "subprocess.run([sys.executable,'-m','shiplane','unlock','--stage','local','--force'])"],
+    releaser = subprocess.Popen([sys.executable, "-c", ("import time,subprocess,sys; time.sleep(3); "
+                                 "subprocess.run([sys.executable,'-m','shiplane','unlock','--stage','local','--force'])")],
                                 cwd=app.root)
     try:
         result = app.deploy("--lock-wait", "60")
@@ -131,7 +132,7 @@ def test_rollback_skips_a_bad_release_and_says_why(app: Project) -> None:
     result = json.loads(done.stdout.splitlines()[-1])["result"]
     assert result["release"] == good["release"]
     assert app.current() == good["release"]
-    skipped = dict((rid, why) for rid, why in result["skipped"])
+    skipped = {rid: why for rid, why in result["skipped"]}
     assert bad["release"] in skipped and "bad" in skipped[bad["release"]]
     assert third["release"] not in skipped  # it was live: rolled back from, not skipped
 
@@ -177,8 +178,8 @@ def test_a_hung_hook_is_killed_with_its_process_group(app: Project) -> None:
         result = app.deploy(check=False)
         assert result["exit"] == 1
         assert "timed out" in result["output"] or "timeout" in result["output"]
-        pid = int(open("/tmp/shiplane-hung-hook.pid").read())
-        wait_for(lambda: not os.path.exists(f"/proc/{pid}") or "Z" in open(f"/proc/{pid}/stat").read().split()[2],
+        pid = int(Path("/tmp/shiplane-hung-hook.pid").read_text())
+        wait_for(lambda: not os.path.exists(f"/proc/{pid}") or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2],
                  10, "the hook's background child to be killed")
     finally:
         toml.write_text(original)

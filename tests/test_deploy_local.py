@@ -101,8 +101,11 @@ def test_a_warm_redeploy_is_served_by_the_spare_that_had_its_libraries_loaded(ap
     assert [(s["pid"], s["release"]) for s in live] == [(spare["pid"], result["release"])]
     assert "from-the-spare" in app.get("/")[1]
     # afterwards: the live server, one standby and a new spare; the old standby is gone
-    servers = wait_for(lambda: (lambda w: w if len(w) == 3 and idle_spare() else None)(_web_servers(app)),
-                       20, "the old standby to go and a new spare to start")
+    def three_with_a_spare() -> list[dict[str, Any]] | None:
+        servers = _web_servers(app)
+        return servers if len(servers) == 3 and idle_spare() else None
+
+    servers = wait_for(three_with_a_spare, 20, "the old standby to go and a new spare to start")
     assert sorted((s["live"], s["standby"]) for s in servers) == [(False, False), (False, True), (True, False)]
 
 
@@ -190,7 +193,7 @@ def test_code_change_redeploys_without_installing_dependencies(app: Project) -> 
     assert "visitor number" in app.get("/")[1]
     assert set(os.listdir(app.deploy_root / "venvs")) == venvs_before
     sent = after["hosts"]["local"]["bytes"]
-    wheel = [f for f in json.loads(_manifest(app, after["artifact"]))["app_files"] if f["path"].endswith(".whl")][0]
+    wheel = next(f for f in json.loads(_manifest(app, after["artifact"]))["app_files"] if f["path"].endswith(".whl"))
     assert sent <= 1.2 * wheel["size"], (sent, wheel["size"])
 
 
@@ -291,7 +294,7 @@ def test_a_tampered_blob_is_rejected_and_nothing_switches(app: Project, tmp_path
     edit(app, VIEWS, "<footer>", "<footer>tamper-test ")
     built = json.loads(app.shiplane("build", "--json", check=True).stdout.splitlines()[-1])["result"]
     manifest = json.loads(_manifest(app, built["digest"]))
-    wheel = [f for f in manifest["app_files"] if f["path"].endswith(".whl")][0]
+    wheel = next(f for f in manifest["app_files"] if f["path"].endswith(".whl"))
     blob = app.root / ".shiplane/build/blobs" / wheel["sha256"]
     blob.chmod(0o644)
     blob.write_bytes(blob.read_bytes()[:-10] + b"0123456789")

@@ -29,7 +29,7 @@ def point_at(project: Project, hosts: TestHosts, staging: list[TestHost], prod: 
     """Only the stages' host names change (and where ssh finds the test hosts); secrets given."""
     toml = project.root / "shiplane.toml"
     text = toml.read_text()
-    names = lambda hs: json.dumps([h.name for h in hs])  # noqa: E731
+    names = lambda hs: json.dumps([h.name for h in hs])
     for old, new in (('["deploy@staging1"]', names(staging)),
                      ('["deploy@web1", "deploy@web2"]', names(prod)),
                      ('primary = ["deploy@web1"]', f'primary = ["{prod[0].name}"]')):
