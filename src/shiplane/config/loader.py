@@ -382,6 +382,9 @@ def _escaping_files(project: Project) -> list[tuple[int, str, str]]:
             except (OSError, RuntimeError) as exc:  # a symlink loop
                 problems.append((locate(project.text, loc), _dotted(loc), f"{rel!r} cannot be resolved: {exc}"))
                 break
+            if loc[-1] == "template" and not resolved.is_file():
+                problems.append((locate(project.text, loc), _dotted(loc), f"template {rel!r} is not a file of the project"))
+                break
             if resolved != root and not resolved.is_relative_to(root):
                 problems.append((locate(project.text, loc), _dotted(loc),
                                  (f"{rel!r} leads out of the project (to {resolved}, through a symlink); the "

@@ -101,6 +101,19 @@ class RenderedFile(Model):
     def _template_inside(cls, value: str | None) -> str | None:
         return None if value is None else _relative_path(value, "config.render template")
 
+    @model_validator(mode="after")
+    def _format_known(self) -> RenderedFile:
+        if self.format is None and not self.template and not _format_from_name(self.path):
+            raise ValueError(f"cannot tell the format of {self.path!r} from its name: name it .ini, .toml, .env "
+                             "or .json, or give format = \"ini\" (or a template)")
+        return self
+
+
+def _format_from_name(path: str) -> bool:
+    """True when formats.format_of can tell a rendered file's format from its name."""
+    name = path.rsplit("/", 1)[-1]
+    return name == ".env" or name.endswith((".env", ".ini", ".cfg", ".conf", ".toml", ".json"))
+
 
 class Config(Model):
     files: list[str] = []
@@ -131,6 +144,14 @@ class Config(Model):
         if isinstance(self.render, str):
             return [RenderedFile(path=self.render)]
         return list(self.render)
+
+    @field_validator("render")
+    @classmethod
+    def _render_format(cls, value: str | list[RenderedFile] | None) -> str | list[RenderedFile] | None:
+        if isinstance(value, str) and not _format_from_name(value):
+            raise ValueError(f"cannot tell the format of {value!r} from its name: name it .ini, .toml, .env or "
+                             ".json, or use render = [{ path = ..., format = \"ini\" }]")
+        return value
 
 
 class HealthCheck(Model):
@@ -243,9 +264,12 @@ class Nginx(Model):
         return self
 
 
+PERCENT = r"^(100|[1-9]?[0-9])%$"
+
+
 class Rolling(Model):
-    batch: int | Annotated[str, Field(pattern=r"^[0-9]{1,3}%$")] = "100%"
-    max_fail: int | Annotated[str, Field(pattern=r"^[0-9]{1,3}%$")] = 0
+    batch: Annotated[int, Field(ge=1)] | Annotated[str, Field(pattern=PERCENT)] = "100%"
+    max_fail: Annotated[int, Field(ge=0)] | Annotated[str, Field(pattern=PERCENT)] = 0
 
 
 class Stage(Model):
