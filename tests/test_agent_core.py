@@ -37,10 +37,10 @@ class Reply:
 class AgentClient:
     """Speaks the agent protocol to a real bootstrap subprocess."""
 
-    def __init__(self, root: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(self, root: Path, env: dict[str, str] | None = None, python: str = sys.executable) -> None:
         data, sha = agent_zip()
         self.proc = subprocess.Popen(
-            bootstrap_argv(sys.executable, str(root), sha),
+            bootstrap_argv(python, str(root), sha),
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
         )
         assert self.proc.stdin and self.proc.stdout
