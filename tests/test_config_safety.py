@@ -266,6 +266,7 @@ def test_a_project_in_a_folder_git_ignores_says_so(tmp_path: Path) -> None:
 # -- the bad host never reaches ssh --------------------------------------------------------------
 
 
+@pytest.mark.slow  # starts the CLI as a process (~0.4 s): the pre-warm runs only in its entry point
 @pytest.mark.parametrize("case", ["file", "hosts-option", "ssh-option"])
 def test_a_deploy_with_a_hostile_host_exits_2_and_never_runs_ssh(tmp_path: Path, case: str) -> None:
     """The real CLI (pre-warm included) with an ``ssh`` on PATH that records any call."""
