@@ -43,7 +43,12 @@ class AgentSession:
         self.host = transport.host
         self.root = root
         payload, sha = agent_zip()
-        self._process = transport.spawn(bootstrap_argv(python, root, sha))
+        try:
+            self._process = transport.spawn(bootstrap_argv(python, root, sha))
+        except OSError as exc:  # the local stage runs the interpreter itself
+            raise HostError(self.host, f"cannot start the agent with the host's Python `{python}`: "
+                                       f"{exc.strerror or exc}; set `python` (app or stage) to an "
+                                       "interpreter this host has", "connect") from None
         self._lines: queue.Queue[object] = queue.Queue()
         self._stderr: list[str] = []
         self._next_id = 0
