@@ -16,7 +16,7 @@ from ._build import (
     load_manifest,
     pack,
 )
-from ._cache import remove_cache
+from ._cache import cache_root, remove_cache
 from ._gate import gate_env, run_gate
 from ._hostfit import host_misfit, platform_fits
 from ._manifest import FileEntry, Manifest, canonical_json, dependency_digest
@@ -33,6 +33,7 @@ __all__ = [
     "Manifest",
     "Target",
     "build",
+    "cache_root",
     "canonical_json",
     "clean",
     "compile_app",

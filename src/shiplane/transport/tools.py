@@ -100,7 +100,7 @@ def ship_uv(session: AgentSession, note: Callable[[str], None]) -> int:
 def _gzipped(binary: Path, sha: str) -> Path:
     """The binary gzipped once per controller (about half its size on the wire), in the user's
     cache; written to a temp name and renamed, so a concurrent deploy never reads half a file."""
-    from shiplane.artifact._cache import cache_root
+    from shiplane.artifact import cache_root
 
     target = cache_root() / "uv" / f"{sha}.gz"
     if not target.is_file():
