@@ -447,26 +447,38 @@ def logs(obj: Context, stage: str | None, service: str | None, lines: int, follo
 
 
 @main.command()
+@click.argument("action", required=False, type=click.Choice(["status"]))
 @stage_option
+@click.option("--reason", help="Why the stage is held (shown to whoever tries to deploy).")
 @override_options
+@json_option
 @click.pass_obj
-def lock(obj: Context, stage: str | None, hosts: str | None, sets: tuple[str, ...]) -> None:
-    """Take the deploy lock on every host of a stage (e.g. for maintenance)."""
-    from shiplane.commands.operate import lock_stage
+def lock(obj: Context, action: str | None, stage: str | None, reason: str | None, hosts: str | None,
+         sets: tuple[str, ...], as_json: bool) -> None:
+    """Hold a stage for maintenance: every host's deploy lock, until `shiplane unlock`.
+    `shiplane lock status` shows each host's lock: who, since when, why."""
+    from shiplane.commands.operate import lock_stage, lock_status
 
-    _finish(obj, lock_stage(obj.file, stage, obj.masker, hosts=hosts, sets=sets), False)
+    if action == "status":
+        if reason:
+            raise click.UsageError("--reason is for taking the lock, not for `lock status`")
+        _finish(obj, lock_status(obj.file, stage, obj.masker, hosts=hosts, sets=sets), as_json)
+        return
+    _finish(obj, lock_stage(obj.file, stage, obj.masker, hosts=hosts, sets=sets, reason=reason), as_json)
 
 
 @main.command()
 @stage_option
 @click.option("--force", is_flag=True, help="Break a lock held by someone else (recorded in the ledger).")
 @override_options
+@json_option
 @click.pass_obj
-def unlock(obj: Context, stage: str | None, force: bool, hosts: str | None, sets: tuple[str, ...]) -> None:
-    """Release the deploy lock on every host of a stage."""
+def unlock(obj: Context, stage: str | None, force: bool, hosts: str | None, sets: tuple[str, ...],
+           as_json: bool) -> None:
+    """Release your own `shiplane lock` on every host of a stage (--force: anyone's)."""
     from shiplane.commands.operate import unlock_stage
 
-    _finish(obj, unlock_stage(obj.file, stage, force, obj.masker, hosts=hosts, sets=sets), False)
+    _finish(obj, unlock_stage(obj.file, stage, force, obj.masker, hosts=hosts, sets=sets), as_json)
 
 
 def run() -> None:  # pragma: no cover - console entry for `python -m shiplane`

@@ -189,6 +189,8 @@ def _taken(info: dict[str, Any]) -> str:
 def held_message(info: dict[str, Any]) -> str:
     """``deploy lock held by USER@HOST (pid N, `command`), taken T (Ns ago)`` and what it is."""
     msg = f"deploy lock held by {_who(info)}, taken {_taken(info)}"
+    if info.get("reason"):
+        msg += f", for: {info['reason']}"
     state = info.get("state")
     if state == "live":
         msg += (f"; its holder is alive (agent pid {info.get('agent_pid', '?')} on "
@@ -271,6 +273,8 @@ def _new_record(holder: dict[str, Any], keep: bool) -> dict[str, Any]:
         record["kept"] = True
     else:
         record["holder_lock"] = BOUND
+    if isinstance(holder.get("reason"), str) and holder["reason"].strip():
+        record["reason"] = holder["reason"].strip()[:500]
     return record
 
 
@@ -338,7 +342,7 @@ def _still_current(layout: Layout, fd: int) -> bool:
 
 
 def _holder_only(info: dict[str, Any]) -> dict[str, Any]:
-    keys = ("user", "host", "pid", "command", "started_at", "acquired_at", "agent_pid", "age", "state")
+    keys = ("user", "host", "pid", "command", "started_at", "acquired_at", "agent_pid", "age", "state", "reason")
     return {k: info.get(k) for k in keys if k in info}
 
 
@@ -347,6 +351,14 @@ def is_ours(record: dict[str, Any], holder: dict[str, Any] | None) -> bool:
     if not holder:
         return False
     return record.get("host") == holder.get("host") and record.get("pid") == holder.get("pid")
+
+
+def _owns_kept(record: dict[str, Any], holder: dict[str, Any] | None) -> bool:
+    """A lock taken with ``shiplane lock`` belongs to the user who took it, on the machine they
+    took it from: any later command of theirs may release it (no process holds it)."""
+    if not holder or not record.get("kept"):
+        return False
+    return record.get("user") == holder.get("user") and record.get("host") == holder.get("host")
 
 
 def heartbeat(layout: Layout, holder: dict[str, Any] | None) -> dict[str, Any]:
@@ -372,7 +384,7 @@ def release(layout: Layout, holder: dict[str, Any] | None, force: bool = False) 
     current = inspect(layout)
     if current is None:
         return {"released": False, "holder": None}
-    if not force and not is_ours(current, holder):
+    if not force and not is_ours(current, holder) and not _owns_kept(current, holder):
         raise AgentError(held_message(current) + "; not ours to unlock (use force)", kind="lock",
                          holder=_holder_only(current), stale=bool(current["stale"]), state=current["state"],
                          age=current["age"])

@@ -338,19 +338,39 @@ def _catching(work: Callable[[], Any], failed: list[BaseException]) -> None:
         failed.append(exc)
 
 
-def lock_stage(file: Path | None, stage: str | None, masker: Masker, *, hosts: str | None, sets: Sequence[str]) -> dict[str, Any]:
+def lock_stage(file: Path | None, stage: str | None, masker: Masker, *, hosts: str | None, sets: Sequence[str],
+               reason: str | None = None) -> dict[str, Any]:
+    """Hold the stage for maintenance: every host's deploy lock, kept until ``shiplane unlock``
+    (by the same user from the same machine, or ``--force``); deploys are refused naming who,
+    since when and ``reason``."""
     with connected(file, stage, masker, hosts=hosts, sets=sets) as (_ctx, fleet):
         who = holder(" ".join(["shiplane", *sys.argv[1:]]), os.getpid()).to_json()
+        if reason:
+            who["reason"] = reason
         # kept: held until `shiplane unlock`, not bound to this command's agent sessions
-        _all(fleet, "lock", lambda h, s: s.call("lock", {"holder": who, "wait": 0, "keep": True}))
-        return {"ok": True, "lines": [f"locked {h}" for h in fleet.hosts]}
+        per_host = _all(fleet, "lock", lambda h, s: s.call("lock", {"holder": who, "wait": 0, "keep": True},
+                                                            on_event=fleet.forward(h, "lock")))
+        why = f" ({reason})" if reason else ""
+        return {"ok": True, "hosts": per_host, "lines": [f"locked {h}{why}" for h in fleet.hosts]}
+
+
+def lock_status(file: Path | None, stage: str | None, masker: Masker, *, hosts: str | None,
+                sets: Sequence[str]) -> dict[str, Any]:
+    """Each host's deploy lock: who holds it, since when, why, and whether its holder lives."""
+    with connected(file, stage, masker, hosts=hosts, sets=sets) as (_ctx, fleet):
+        per_host = _all(fleet, "inventory", lambda h, s: s.call("inventory", {"blobs": []}))
+        locks = {host: result.get("lock") for host, result in per_host.items()}
+        lines = [f"{host}: {(lock or {}).get('message') or 'not locked'}" for host, lock in locks.items()]
+        return {"ok": True, "hosts": locks, "lines": lines}
 
 
 def unlock_stage(file: Path | None, stage: str | None, force: bool, masker: Masker, *, hosts: str | None,
                  sets: Sequence[str]) -> dict[str, Any]:
     with connected(file, stage, masker, hosts=hosts, sets=sets) as (_ctx, fleet):
         who = holder(" ".join(["shiplane", *sys.argv[1:]]), os.getpid()).to_json()
-        per_host = _all(fleet, "unlock", lambda h, s: s.call("unlock", {"force": True, "by": who} if force else {"force": False}))
+        # without --force: our own lock (this user, from this machine, taken with `shiplane lock`)
+        per_host = _all(fleet, "unlock", lambda h, s: s.call("unlock", {"force": True, "by": who} if force
+                                                               else {"force": False, "holder": who}))
         if force:
             entry = {"event": "unlock", "forced": True, "user": who["user"], "controller": who["host"],
                      "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
