@@ -262,7 +262,7 @@ def _retry_option(func: F) -> F:
 @click.pass_obj
 def deploy(obj: Context, stage: str | None, artifact: str | None, skip_tests: bool, parallel: int, lock_wait: float,
            retry_failed: bool, hosts: str | None, sets: tuple[str, ...], as_json: bool) -> None:
-    """The whole pipeline: gate, build, lock, copy, install, release, switch, verify, finalize."""
+    """The whole pipeline: gate, build, lock, copy, install, release, switch (each candidate verified), finalize."""
     from shiplane.commands.deploy import run_deploy
     from shiplane.commands.deployment import DeployOptions
 

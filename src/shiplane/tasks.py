@@ -30,9 +30,12 @@ from shiplane.errors import ConfigError, OperationError, ShiplaneError
 Scope = str  # "local" | "all" | "primary" | "role:NAME"
 Status = Literal["ok", "failed", "skipped"]
 
-PIPELINE: tuple[str, ...] = (
-    "gate", "build", "lock", "copy", "install", "release", "switch", "verify", "finalize",
-)
+# The deploy's steps, in the order `shiplane deploy` runs them (commands/deploy.py, README "The
+# deploy pipeline"); each candidate is verified (health, smoke) inside `switch`.
+PIPELINE: tuple[str, ...] = ("gate", "build", "lock", "copy", "install", "release", "switch", "finalize")
+# lock, copy and install run on each host as one chain (a slow host delays no other): user tasks
+# hook around the chain as a whole, before `lock` or after `install`, never inside it.
+CHAIN: tuple[str, ...] = ("lock", "copy", "install")
 # Where each pipeline step acts: shown by `shiplane tasks`; the deploy code implements them.
 PIPELINE_SCOPES: dict[str, Scope] = {
     "gate": "local", "build": "local", "release": "primary",
@@ -140,6 +143,24 @@ class TaskGraph:
             if not hooked:
                 return self.order(selected)
             selected.update(self.closure(hooked))
+
+    def deploy_points(self) -> dict[str, list[str]]:
+        """The user tasks a deploy runs before each pipeline step (key: the step; ``""`` after the
+        last), in order: the deploy runs them at those points. GraphError when one would have to
+        run inside the lock/copy/install chain."""
+        points: dict[str, list[str]] = {step: [] for step in (*self.pipeline, "")}
+        pending: list[str] = []
+        for name in self.deploy_tasks():
+            if not self.tasks[name].builtin:
+                pending.append(name)
+                continue
+            if pending and name in CHAIN[1:]:
+                raise GraphError(f"task {pending[0]!r} would run between {CHAIN[CHAIN.index(name) - 1]!r} and "
+                                 f"{name!r}, which run on each host as one chain",
+                                 hint='hook it before = ["lock"] or after = ["install"] instead')
+            points[name], pending = pending, []
+        points[""] = pending
+        return {step: tasks for step, tasks in points.items() if tasks}
 
     def order(self, names: Iterable[str]) -> list[str]:
         """`names` in a topological order (edges outside `names` ignored); ties keep the

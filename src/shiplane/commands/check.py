@@ -53,7 +53,9 @@ def graph_from_project(project: Any) -> TaskGraph:
         for name, spec in project.deploy.tasks.items()
     }
     try:
-        return TaskGraph.build(user)
+        graph = TaskGraph.build(user)
+        graph.deploy_points()  # a task hooked inside the lock/copy/install chain is refused here
+        return graph
     except ConfigError as exc:
         raise type(exc)(f"{project.path}: {exc.message}", hint=exc.hint) from None
 

@@ -1,4 +1,4 @@
-"""``shiplane deploy``: gate, build, lock, copy, install, release, switch, verify, finalize.
+"""``shiplane deploy``: gate, build, lock, copy, install, release, switch (each candidate verified), finalize.
 
 Two phases: every host is prepared fully (artifact, venv, config, hooks) before any switch; the
 switch goes in rolling batches and a failed batch returns every switched host to its previous
@@ -33,6 +33,7 @@ from shiplane.commands.deployment import (
     timeout,
 )
 from shiplane.commands.release_phase import run_release
+from shiplane.commands.user_tasks import run_point
 from shiplane.config.layers import render_files
 from shiplane.errors import OperationError, UsageError
 from shiplane.events import Event
@@ -57,7 +58,12 @@ CHUNK = 1 << 20
 def run_deploy(file: Path | None, options: DeployOptions, masker: Masker) -> dict[str, Any]:
     """The whole pipeline on one stage. Returns a summary; ``ok`` False means exit 1."""
     ctx = open_stage(file, options.stage, masker, hosts=options.hosts, sets=options.sets)
-    graph_from_project(ctx.project)  # a bad task graph stops us before anything runs
+    graph = graph_from_project(ctx.project)  # a bad task graph stops us before anything runs
+    # user tasks hooked into the deploy, by the step they run before ("": after the last)
+    points = graph.deploy_points()
+
+    def tasks_before(step: str, installed: bool = False) -> None:
+        run_point(deployment, graph, points.get(step, []), installed=installed)
     rendered = render_files(ctx.project, ctx.layered)
     with Reporter.for_terminal(options.as_json, masker, options.verbose) as reporter, interrupts_as_keyboard():
         fleet = Fleet(ctx.project, ctx.stage, reporter, parallel=options.parallel)
@@ -74,16 +80,24 @@ def run_deploy(file: Path | None, options: DeployOptions, masker: Masker) -> dic
             if options.retry_failed:
                 _resume_failed(deployment)
             else:
-                _gate_and_build(deployment, reporter)
+                tasks_before("gate")
+                _gate(deployment, reporter)
+                tasks_before("build")
+                _build(deployment, reporter)
                 _check_promotion(deployment)
                 deployment.rid = release_id(deployment.digest)
             note(deployment, "connect", connected.result() if connected else fleet.connect())
             _check_platform(deployment)
+            tasks_before("lock")
             _prepare(deployment, rendered)
             if options.until is None:
+                tasks_before("release", installed=True)
                 run_release(deployment)
+                tasks_before("switch", installed=True)
                 _switch(deployment)
                 _after_deploy(deployment)
+                tasks_before("finalize", installed=True)
+                tasks_before("", installed=True)
             else:
                 for state in deployment.hosts.values():
                     state.outcome = {"copy": "copied", "install": "installed"}[options.until]
@@ -162,21 +176,25 @@ def _resume_failed(d: Deployment) -> None:
                                               f"hosts that failed: {', '.join(failed) or 'none'}"))
 
 
-def _gate_and_build(d: Deployment, emit: Any) -> None:
-    deploy = d.ctx.project.deploy
+def _gate(d: Deployment, emit: Any) -> None:
+    """The test gate, unless skipped (recorded) or the artifact is given (it was built before)."""
+    started = time.monotonic()
+    if d.ctx.project.deploy.build.test and not d.options.skip_tests and not d.options.artifact:
+        from shiplane.commands.build import gate
+
+        emit(Event("gate", "start"))
+        gate(d.ctx.project, d.options.verbose, emit)
+        emit(Event("gate", "ok", seconds=time.monotonic() - started))
+
+
+def _build(d: Deployment, emit: Any) -> None:
+    """The artifact: built (or reused) from the checkout, or the one ``--artifact`` names."""
     if d.options.artifact:
         from shiplane.artifact import load_manifest
 
         manifest = load_manifest(d.ctx.project.root, d.options.artifact)
         d.manifest, d.digest = manifest.to_dict(), manifest.digest
         return
-    started = time.monotonic()
-    if deploy.build.test and not d.options.skip_tests:
-        from shiplane.commands.build import gate
-
-        emit(Event("gate", "start"))
-        gate(d.ctx.project, d.options.verbose, emit)
-        emit(Event("gate", "ok", seconds=time.monotonic() - started))
     started = time.monotonic()
     emit(Event("build", "start"))
     result = build_for_deploy(d.ctx.project, emit)
