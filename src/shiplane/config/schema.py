@@ -50,12 +50,22 @@ def _local_file(value: str | None, what: str) -> str | None:
 
 
 class App(Model):
-    name: Annotated[str, Field(pattern=NAME)]
-    wsgi: str | None = None
-    asgi: str | None = None
-    python: Annotated[str, Field(pattern=PYTHON)] = "python3"
-    keep_releases: Annotated[int, Field(ge=2, le=100)] = 5
-    source: Literal["package", "tree", "none"] | None = None
+    """``[app]``: what the app is and which entry point serves it."""
+
+    name: Annotated[str, Field(pattern=NAME, description="The app's name; it names the app's services, units and "
+                                                         "nginx site on the hosts.")]
+    wsgi: str | None = Field(default=None, description="The WSGI entry point gunicorn serves: ``module:variable`` or "
+                                                       "``module:factory()``.")
+    asgi: str | None = Field(default=None, description="The ASGI entry point (``module:app``), served by gunicorn "
+                                                       "with uvicorn workers; give ``wsgi`` or ``asgi``, not both.")
+    python: Annotated[str, Field(pattern=PYTHON, description="The hosts' Python (3.9 or later), which runs shiplane's "
+                                                             "agent and the app's venvs.")] = "python3"
+    keep_releases: Annotated[int, Field(ge=2, le=100, description="Releases kept on each host for rollback; older "
+                                                                  "ones are pruned after a deploy.")] = 5
+    source: Literal["package", "tree", "none"] | None = Field(
+        default=None, description="How the app ships: ``package`` (a wheel built from pyproject.toml or setup.py), "
+                                  "``tree`` (the source files as they are), ``none`` (only the locked dependencies); "
+                                  "unset: detected, and ``shiplane check`` says which and why.")
 
     @model_validator(mode="after")
     def _one_entry_point(self) -> App:
@@ -65,13 +75,24 @@ class App(Model):
 
 
 class Build(Model):
-    requirements: str = "requirements.txt"
-    test: str | None = None
-    test_requirements: list[str] = ["pytest"]
-    include: list[str] = []
-    exclude: list[str] = []
-    python_version: Annotated[str, Field(pattern=r"^3\.[0-9]{1,2}$")] | None = None
-    platform: str | None = None
+    """``[build]``: what goes into the artifact, and the test gate before it is built."""
+
+    requirements: str = Field(default="requirements.txt", description="The lock: pinned requirements (hashes "
+                                                                      "optional) the hosts install offline from the "
+                                                                      "artifact's wheelhouse.")
+    test: str | None = Field(default=None, description="The test gate: a command run in a venv made from the lock "
+                                                       "before a deploy builds; a failure stops the deploy.")
+    test_requirements: list[str] = Field(default=["pytest"], description="Packages added to the test gate's venv "
+                                                                         "beside the lock.")
+    include: list[str] = Field(default=[], description="Globs of extra files shipped beside the app (e.g. "
+                                                       "``alembic.ini``); each must match a file.")
+    exclude: list[str] = Field(default=[], description="Globs of files left out of the artifact (a ``tree`` app's "
+                                                       "files and ``include``'s matches).")
+    python_version: Annotated[str, Field(pattern=r"^3\.[0-9]{1,2}$")] | None = Field(
+        default=None, description="The hosts' Python version (``3.N``) the wheelhouse is resolved for; unset: this "
+                                  "machine's.")
+    platform: str | None = Field(default=None, description="The hosts' platform tag (e.g. ``manylinux_2_28_x86_64``) "
+                                                           "the wheelhouse is resolved for; unset: this machine's.")
 
     @field_validator("requirements")
     @classmethod
@@ -85,11 +106,20 @@ class Build(Model):
 
 
 class RenderedFile(Model):
-    path: str
-    format: Literal["ini", "toml", "env", "json"] | None = None
-    template: str | None = None
-    shared: bool = False
-    sections: list[str] | None = None
+    """``[[config.render]]``: one file written on each host from the stage's merged config."""
+
+    path: str = Field(description="Where the file is written, relative to the release (or to ``shared/`` with "
+                                  "``shared = true``).")
+    format: Literal["ini", "toml", "env", "json"] | None = Field(
+        default=None, description="The file's format; unset: told by its name (``.ini``, ``.cfg``, ``.conf``, "
+                                  "``.toml``, ``.env``, ``.json``).")
+    template: str | None = Field(default=None, description="A Jinja2 template in the project, rendered with "
+                                                           "``config``, ``env`` and ``stage``, instead of a plain "
+                                                           "dump.")
+    shared: bool = Field(default=False, description="Write the file into ``shared/`` (list its directory in "
+                                                    "``[shared] dirs``) rather than into the release.")
+    sections: list[str] | None = Field(default=None, description="Only these sections of the merged config; unset: "
+                                                                 "all.")
 
     @field_validator("path")
     @classmethod
@@ -116,12 +146,26 @@ def _format_from_name(path: str) -> bool:
 
 
 class Config(Model):
-    files: list[str] = []
-    render: str | list[RenderedFile] | None = None
-    env_prefix: Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")] | None = None
-    secrets: list[Annotated[str, Field(pattern=ENV_NAME)]] = []
-    secrets_file: str | None = None
-    secrets_command: str | None = None
+    """``[config]``: the app's layered config, the files rendered from it, and its secrets."""
+
+    files: list[str] = Field(default=[], description="Config files (ini, toml, .env, json) merged in order, later "
+                                                     "wins; ``{stage}`` is the stage's name, and such a file may be "
+                                                     "absent.")
+    render: str | list[RenderedFile] | None = Field(
+        default=None, description="The merged config written on each host: a path (its format told by its name) or a "
+                                  "list of tables (``[[config.render]]``).")
+    env_prefix: Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")] | None = Field(
+        default=None, description="A deploying environment's variable ``<env_prefix>SECTION__KEY`` overrides that "
+                                  "config value.")
+    secrets: list[Annotated[str, Field(pattern=ENV_NAME)]] = Field(
+        default=[], description="Names of the secrets every stage needs: given to the app as environment variables "
+                                "(and to rendered files), never put in the artifact, masked in every output.")
+    secrets_file: str | None = Field(default=None, description="A ``NAME=value`` file of secrets per stage "
+                                                               "(``{stage}`` placeholder), refused unless mode 0600; "
+                                                               "read for the secrets the environment lacks.")
+    secrets_command: str | None = Field(default=None, description="A shell command printing ``NAME=value`` lines (run "
+                                                                  "with ``SHIPLANE_STAGE`` set) for secrets still "
+                                                                  "missing.")
 
     @field_validator("files")
     @classmethod
@@ -155,42 +199,65 @@ class Config(Model):
 
 
 class HealthCheck(Model):
-    path: Annotated[str, Field(pattern=r"^/")] = "/up"
-    timeout: Annotated[float, Field(gt=0, le=600)] = 15
-    host: Annotated[str, Field(pattern=r"^[A-Za-z0-9.:\[\]-]+$")] = "localhost"  # Host header of health and smoke checks
+    """``healthcheck``: the request a new release's server must answer with a 2xx before it gets traffic."""
+
+    path: Annotated[str, Field(pattern=r"^/", description="The path requested.")] = "/up"
+    timeout: Annotated[float, Field(gt=0, le=600, description="Seconds the new server has to answer it.")] = 15
+    host: Annotated[str, Field(pattern=r"^[A-Za-z0-9.:\[\]-]+$",
+                               description="The Host header of health and smoke checks, for apps that check it "
+                                           "(Django's ``ALLOWED_HOSTS``).")] = "localhost"
 
 
 class SmokeCheck(Model):
-    path: Annotated[str, Field(pattern=r"^/")]
-    expect: str | None = None
-    status: Annotated[int, Field(ge=100, le=599)] = 200
+    """``smoke``: a request a new release must pass, after its health check, before it gets traffic."""
+
+    path: Annotated[str, Field(pattern=r"^/", description="The path requested.")]
+    expect: str | None = Field(default=None, description="Text the response body must contain.")
+    status: Annotated[int, Field(ge=100, le=599, description="The status the response must have.")] = 200
 
 
 class Service(Model):
     """``[services.web]`` is the HTTP server; any other name is a long-running command."""
 
-    server: Literal["gunicorn"] | None = None
-    command: str | None = None
-    workers: Annotated[int, Field(ge=1, le=256)] | None = None
-    worker_class: str | None = None
-    port: Annotated[int, Field(ge=1, le=65535)] | None = None
-    timeout: Annotated[float, Field(gt=0, le=SECONDS)] = 30
-    graceful_timeout: Annotated[float, Field(gt=0, le=SECONDS)] = 20
+    server: Literal["gunicorn"] | None = Field(default=None, description="web: the HTTP server; gunicorn, the only "
+                                                                         "one, is also the default.")
+    command: str | None = Field(default=None, description="Not web: the command the service runs from the live "
+                                                          "release, kept running by the hosts' supervisor.")
+    workers: Annotated[int, Field(ge=1, le=256)] | None = Field(
+        default=None, description="web: gunicorn's worker processes; unset: 2.")
+    worker_class: str | None = Field(default=None, description="web: gunicorn's worker class; unset: ``sync``, or "
+                                                               "``uvicorn.workers.UvicornWorker`` for ``app.asgi``.")
+    port: Annotated[int, Field(ge=1, le=65535)] | None = Field(
+        default=None, description="web: the public port when the stage sets none; unset: 8000.")
+    timeout: Annotated[float, Field(gt=0, le=SECONDS, description="web: gunicorn's ``--timeout``, seconds a worker "
+                                                                  "may be silent before it is restarted.")] = 30
+    graceful_timeout: Annotated[float, Field(gt=0, le=SECONDS, description="web: gunicorn's ``--graceful-timeout``, "
+                                                                           "seconds workers get to finish requests "
+                                                                           "when a server stops.")] = 20
     # web: the previous release's server stays up, idle, so a rollback starts nothing
-    standby: bool = True
+    standby: bool = Field(default=True, description="web: the previous release's server stays up, idle, so a rollback "
+                                                    "starts nothing; false: it is retired after a drain.")
     # web: the next release's server starts during its install with its libraries imported, and
     # loads the app at the switch (daemon backend; off for apps whose libraries must not be
     # imported before the app sets its environment up)
-    preboot: bool = True
-    healthcheck: HealthCheck = HealthCheck()
-    smoke: list[SmokeCheck] = []
-    stop_signal: Literal["TERM", "INT", "QUIT", "HUP", "USR1", "USR2", "KILL"] = "TERM"
-    stop_timeout: Annotated[float, Field(gt=0, le=3600)] = 10
+    preboot: bool = Field(default=True, description="web: the next release's server starts during its install with "
+                                                    "its libraries imported, and loads the app at the switch (daemon "
+                                                    "backend).")
+    healthcheck: HealthCheck = Field(default=HealthCheck(), description="web: the health check of a new release.")
+    smoke: list[SmokeCheck] = Field(default=[], description="web: smoke checks a new release must pass.")
+    stop_signal: Literal["TERM", "INT", "QUIT", "HUP", "USR1", "USR2", "KILL"] = Field(
+        default="TERM", description="Not web: the signal that stops the service.")
+    stop_timeout: Annotated[float, Field(gt=0, le=3600, description="Not web: seconds the service has to exit after "
+                                                                    "its stop signal before it is killed.")] = 10
 
 
 class Shared(Model):
-    dirs: list[str] = []
-    files: list[str] = []
+    """``[shared]``: paths that outlive releases, in ``<deploy_to>/shared`` and linked into each release."""
+
+    dirs: list[str] = Field(default=[], description="Directories linked into each release; never shipped from the "
+                                                    "checkout.")
+    files: list[str] = Field(default=[], description="Files linked into each release (e.g. a SQLite database); never "
+                                                     "shipped from the checkout.")
 
     @field_validator("dirs", "files")
     @classmethod
@@ -199,20 +266,34 @@ class Shared(Model):
 
 
 class Hooks(Model):
-    setup: str | None = None
-    release: str | list[str] | None = None
+    """``[hooks]``: commands run on the hosts during a deploy, in the release's directory, with its venv
+    and environment."""
+
+    setup: str | None = Field(default=None, description="Run on a stage's first deploy only (per host with ``run_on = "
+                                                        "\"all\"``), before the release hook; ``shiplane run setup "
+                                                        "--force`` reruns it.")
+    release: str | list[str] | None = Field(default=None, description="Run before any host switches (migrations): on "
+                                                                      "the primary host, or on every host with "
+                                                                      "``run_on = \"all\"``.")
     # globs (relative to the project) the release hook depends on: unchanged, with the same
     # config, since the hook last ran on the primary -> the hook is skipped (release_inputs.py)
-    release_if_changed: list[str] = []
-    after_install: list[str] = []
-    after_deploy: list[str] = []
-    timeout: Annotated[float, Field(gt=0, le=SECONDS)] = 600
+    release_if_changed: list[str] = Field(default=[], description="Globs the release hook depends on: when they, its "
+                                                                  "commands and the stage's config are unchanged "
+                                                                  "since it last ran, it is skipped.")
+    after_install: list[str] = Field(default=[], description="Run on every host once its release is installed, before "
+                                                             "any switch (e.g. ``collectstatic``).")
+    after_deploy: list[str] = Field(default=[], description="Run on every host after every host has switched.")
+    timeout: Annotated[float, Field(gt=0, le=SECONDS, description="Seconds each hook may run before it is ended.")] = 600
     # seconds a running hook may print nothing before it is ended (a hung hook must not hold the
     # deploy lock for the whole timeout); 0 turns the check off, for hooks quiet for long
-    silence_timeout: Annotated[float, Field(ge=0, le=SECONDS)] = 300
+    silence_timeout: Annotated[float, Field(ge=0, le=SECONDS, description="Seconds a running hook may print nothing "
+                                                                          "before it is ended; 0 turns this off.")] = 300
     # where the setup and release hooks run: once on the primary (a database every host shares)
     # or on every host (state each host keeps, e.g. its own SQLite); see README, "The deploy file"
-    run_on: Literal["primary", "all"] = "primary"
+    run_on: Literal["primary", "all"] = Field(default="primary", description="Where the setup and release hooks run: "
+                                                                             "once on the primary (a database every "
+                                                                             "host shares) or on every host (a "
+                                                                             "database per host).")
 
     @field_validator("release_if_changed")
     @classmethod
@@ -226,12 +307,17 @@ class Hooks(Model):
 
 
 class TaskSpec(Model):
-    run: str
-    on: str = "local"
-    needs: list[str] = []
-    before: list[str] = []
-    after: list[str] = []
-    timeout: Annotated[float, Field(gt=0, le=SECONDS)] | None = None
+    """``[tasks.NAME]``: a user task, run by ``shiplane run NAME`` or hooked into the deploy's steps."""
+
+    run: str = Field(description="The shell command (on hosts: in the live release, with its environment).")
+    on: str = Field(default="local", description="Where it runs: ``local`` (this machine), ``all`` hosts, the "
+                                                 "``primary`` host, or ``role:NAME``'s hosts.")
+    needs: list[str] = Field(default=[], description="Tasks or pipeline steps run first whenever this one runs.")
+    before: list[str] = Field(default=[], description="Tasks or pipeline steps (e.g. ``switch``) this one runs "
+                                                      "before.")
+    after: list[str] = Field(default=[], description="Tasks or pipeline steps (e.g. ``release``) this one runs after.")
+    timeout: Annotated[float, Field(gt=0, le=SECONDS)] | None = Field(
+        default=None, description="Seconds it may run; unset: no limit on this machine, ``hooks.timeout`` on hosts.")
 
     @field_validator("on")
     @classmethod
@@ -244,13 +330,18 @@ class TaskSpec(Model):
 class Nginx(Model):
     """``[stages.X.nginx]`` with ``front = "nginx"``: the site shiplane writes (agent/nginx.py)."""
 
-    server_name: str = "_"
-    tls_cert: str | None = None
-    tls_key: str | None = None
-    static: dict[Annotated[str, Field(pattern=r"^/")], str] = {}  # URL prefix -> release dir
-    site_dir: str = "/etc/nginx/sites-enabled"
-    conf: str | None = None  # a private nginx's main conf (nginx -c), started if not running
-    pid_file: str | None = None
+    server_name: str = Field(default="_", description="The site's ``server_name``.")
+    tls_cert: str | None = Field(default=None, description="A certificate file on the hosts: the site listens with "
+                                                           "TLS.")
+    tls_key: str | None = Field(default=None, description="The certificate's key file on the hosts (with "
+                                                          "``tls_cert``).")
+    static: dict[Annotated[str, Field(pattern=r"^/")], str] = Field(
+        default={}, description="URL prefix -> directory of the release nginx serves it from (e.g. ``\"/static\" = "
+                                "\"staticfiles\"``).")
+    site_dir: str = Field(default="/etc/nginx/sites-enabled", description="Where the site file is written.")
+    conf: str | None = Field(default=None, description="A private nginx's main conf (``nginx -c``), started if not "
+                                                       "running; unset: the host's nginx, reloaded.")
+    pid_file: str | None = Field(default=None, description="That nginx's pid file; unset: ``/run/nginx.pid``.")
 
     @field_validator("static")
     @classmethod
@@ -268,31 +359,58 @@ PERCENT = r"^(100|[1-9]?[0-9])%$"
 
 
 class Rolling(Model):
-    batch: Annotated[int, Field(ge=1)] | Annotated[str, Field(pattern=PERCENT)] = "100%"
-    max_fail: Annotated[int, Field(ge=0)] | Annotated[str, Field(pattern=PERCENT)] = 0
+    """``rolling``: the stage's hosts switch batch after batch."""
+
+    batch: Annotated[int, Field(ge=1)] | Annotated[str, Field(pattern=PERCENT)] = Field(
+        default="100%", description="Hosts per batch: a count, or a percentage of the stage's hosts.")
+    max_fail: Annotated[int, Field(ge=0)] | Annotated[str, Field(pattern=PERCENT)] = Field(
+        default=0, description="Failures a batch may have (a count, or a percentage of the batch); more stop the "
+                               "rollout and return every host it switched.")
 
 
 class Stage(Model):
-    hosts: Annotated[list[str], Field(min_length=1)]
-    deploy_to: str
-    port: Annotated[int, Field(ge=1, le=65535)] | None = None
-    bind: str | None = None
-    roles: dict[Annotated[str, Field(pattern=NAME)], list[str]] = {}
-    rolling: Rolling = Rolling()
-    promote_from: str | None = None
-    python: Annotated[str, Field(pattern=PYTHON)] | None = None
-    front: Literal["builtin", "nginx"] = "builtin"
-    backend: Literal["auto", "daemon", "systemd"] = "auto"
-    nginx: Nginx = Nginx()
-    ssh_config: str | None = None
-    ssh_options: list[str] = []
-    identity_file: str | None = None
-    connect_timeout: Annotated[float, Field(gt=0, le=600)] = 10
-    command_timeout: Annotated[float, Field(gt=0, le=SECONDS)] = 60  # silence (no event, no "alive") that makes a host an error
-    env: dict[Annotated[str, Field(pattern=ENV_NAME)], str] = {}
-    config: dict[str, dict[str, str | int | float | bool]] = {}
-    secrets_file: str | None = None
-    secrets_command: str | None = None
+    """``[stages.NAME]``: one stage's hosts, where the app lives on them, and how they are reached."""
+
+    hosts: Annotated[list[str], Field(min_length=1, description="``[user@]host[:port]`` as ssh reaches them "
+                                                                "(``~/.ssh/config`` applies), or ``local`` alone: "
+                                                                "this machine, without SSH.")]
+    deploy_to: str = Field(description="The app's directory on each host (releases, venvs, shared, logs): absolute, "
+                                       "or relative to the project on the ``local`` stage.")
+    port: Annotated[int, Field(ge=1, le=65535)] | None = Field(
+        default=None, description="The public port; unset: ``services.web.port``, else 8000.")
+    bind: str | None = Field(default=None, description="The address the public port listens on; unset: ``127.0.0.1`` "
+                                                       "on ``local``, ``0.0.0.0`` elsewhere.")
+    roles: dict[Annotated[str, Field(pattern=NAME)], list[str]] = Field(
+        default={}, description="Named groups of this stage's hosts; ``primary``'s first host runs once-only work "
+                                "(else the first host does).")
+    rolling: Rolling = Field(default=Rolling(), description="How the hosts switch, batch after batch.")
+    promote_from: str | None = Field(default=None, description="A stage whose healthy deploys this one takes: only "
+                                                               "artifacts that went live there first (``shiplane "
+                                                               "promote``).")
+    python: Annotated[str, Field(pattern=PYTHON)] | None = Field(
+        default=None, description="This stage's hosts' Python, over ``app.python``.")
+    front: Literal["builtin", "nginx"] = Field(default="builtin", description="What holds the public port: shiplane's "
+                                                                              "own proxy, or nginx "
+                                                                              "(``[stages.NAME.nginx]``).")
+    backend: Literal["auto", "daemon", "systemd"] = Field(
+        default="auto", description="The hosts' process supervisor: ``daemon`` (supervisord), ``systemd``, or "
+                                    "``auto`` (systemd when it is PID 1; ``local`` uses daemon).")
+    nginx: Nginx = Field(default=Nginx(), description="The nginx site, with ``front = \"nginx\"``.")
+    ssh_config: str | None = Field(default=None, description="An ssh config file, given to ssh as ``-F``.")
+    ssh_options: list[str] = Field(default=[], description="OpenSSH options, each ``Key=Value``, given to ssh as ``-o "
+                                                           "Key=Value``; host key checking cannot be turned off.")
+    identity_file: str | None = Field(default=None, description="A private key, given to ssh as ``-i``.")
+    connect_timeout: Annotated[float, Field(gt=0, le=600, description="Seconds to connect to a host.")] = 10
+    command_timeout: Annotated[float, Field(gt=0, le=SECONDS, description="Seconds a host may stay silent (no event, "
+                                                                          "no keep-alive) before it is an error.")] = 60
+    env: dict[Annotated[str, Field(pattern=ENV_NAME)], str] = Field(
+        default={}, description="Environment variables of this stage's services and hooks, over ``[env]``.")
+    config: dict[str, dict[str, str | int | float | bool]] = Field(
+        default={}, description="Config values, section -> key -> value, over the config files.")
+    secrets_file: str | None = Field(default=None, description="This stage's secrets file, over "
+                                                               "``config.secrets_file``.")
+    secrets_command: str | None = Field(default=None, description="This stage's secrets command, over "
+                                                                  "``config.secrets_command``.")
 
     @field_validator("hosts")
     @classmethod
@@ -352,12 +470,15 @@ class Stage(Model):
 
 
 class DeployFile(Model):
+    """The whole of ``shiplane.toml``."""
+
     app: App
     build: Build = Build()
     config: Config = Config()
     services: dict[Annotated[str, Field(pattern=NAME)], Service] = {}
     shared: Shared = Shared()
-    env: dict[Annotated[str, Field(pattern=ENV_NAME)], str] = {}
+    env: dict[Annotated[str, Field(pattern=ENV_NAME)], str] = Field(
+        default={}, description="Environment variables of every stage's services and hooks.")
     hooks: Hooks = Hooks()
     tasks: dict[Annotated[str, Field(pattern=NAME)], TaskSpec] = {}
     stages: Annotated[dict[Annotated[str, Field(pattern=NAME)], Stage], Field(min_length=1)]
