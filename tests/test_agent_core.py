@@ -237,9 +237,21 @@ def test_receive_refuses_a_path_as_sha(client: AgentClient, root: Path) -> None:
 
 
 def test_unexpected_errors_are_reported_and_the_session_survives(client: AgentClient) -> None:
-    reply = client.request("prune", {"keep": "many"})
+    # the manifest's inside is the install's to read: a wrong shape there is a bug, reported whole
+    reply = client.request("install", {"release_id": "20260101T000000Z-abcdef12", "manifest": {"app": 5}})
     assert not reply.ok and reply.error["kind"] == "internal"
     assert "Traceback" in reply.error["detail"]
+    assert client.request("releases").ok
+
+
+def test_requests_outside_the_protocol_are_refused_naming_the_field(client: AgentClient) -> None:
+    reply = client.request("prune", {"keep": "many"})
+    assert not reply.ok and reply.error["kind"] == "protocol"
+    assert "prune: field keep must be integer, found str" in reply.error["message"]
+    misspelt = client.request("hook", {"release_id": "20260101T000000Z-abcdef12", "comand": "true"})
+    assert not misspelt.ok and "unknown field(s) comand" in misspelt.error["message"]
+    missing = client.request("switch", {"release_id": "20260101T000000Z-abcdef12"})
+    assert not missing.ok and "field services is required" in missing.error["message"]
     assert client.request("releases").ok
 
 

@@ -25,7 +25,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any, BinaryIO
 
-from . import AgentError, __version__, ledger, lock, prune, releases, store, utc_now
+from . import AgentError, __version__, ledger, lock, protocol, prune, releases, store, utc_now
 from .hooks import Limits, run_hook
 from .paths import Layout, agent_command
 from .runtime import valid_release_id
@@ -112,12 +112,13 @@ class Session:
             if "cancel" in req and "op" not in req:
                 return  # a cancel for an op that has already ended (hooks read their own)
             op = req.get("op")
-            args = req.get("args") or {}
-            if not isinstance(args, dict):
-                raise TypeError("args must be an object")
+            args = protocol.decode(op, req.get("args") or {})  # agent/protocol.py: the contract
         except (ValueError, TypeError) as exc:
             self.send({"id": req_id, "ok": False,
                        "error": {"message": f"bad request line: {exc}", "kind": "protocol"}})
+            return
+        except AgentError as exc:
+            self.send({"id": req_id, "ok": False, "error": error_object(exc)})
             return
 
         def emit(event: dict[str, Any]) -> None:

@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from shiplane.agent.protocol import decode
 from shiplane.agent_bundle import agent_zip, bootstrap_argv
 from shiplane.errors import OperationError
 from shiplane.transport.base import Transport
@@ -136,6 +137,7 @@ class AgentSession:
         ``timeout`` bounds the wait for each next line, so a host that stops answering becomes a
         HostError within it, never a hang.
         """
+        decode(op, args or {})  # the agent checks the same contract: a misspelt key is a bug, caught here
         with self._lock:
             self._next_id += 1
             request_id = self._next_id
