@@ -189,3 +189,7 @@ def _json(value: Any) -> str:
 
     return json.dumps(list(value) if isinstance(value, tuple) else value)
 
+
+
+if __name__ == "__main__":  # the op table of docs/DESIGN.md
+    print(markdown(), end="")
