@@ -64,7 +64,7 @@ def test_the_agent_refuses_what_the_protocol_does_not_know() -> None:
 
 def test_design_doc_op_table_is_current() -> None:
     text = DESIGN.read_text()
-    found = re.search(r"<!-- ops:begin -->\n(.*?)<!-- ops:end -->", text, re.S)
+    found = re.search(r"<!-- ops:begin -->\n(.*?)<!-- ops:end -->", text, re.DOTALL)
     assert found, "docs/DESIGN.md lacks the <!-- ops:begin --> ... <!-- ops:end --> table"
     assert found.group(1) == protocol.markdown(), \
         "docs/DESIGN.md's op table is stale: paste `python -m shiplane.agent.protocol` between its markers"
