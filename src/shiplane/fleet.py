@@ -19,11 +19,15 @@ from shiplane.config import Project
 from shiplane.errors import OperationError
 from shiplane.events import Emit, Event
 from shiplane.transport import prewarm
+from shiplane.transport.base import Transport
 from shiplane.transport.local import LocalTransport
 from shiplane.transport.session import AgentSession, HostError
 from shiplane.transport.ssh import SSHTransport, remove_control_dir
 
 T = TypeVar("T")
+
+# How a Fleet reaches a host: its transport, by host name (tests give fake hosts, tests/fakehosts.py)
+TransportFactory = Callable[[str], Transport]
 
 
 @dataclass
@@ -38,12 +42,14 @@ class Outcome:
 
 @dataclass
 class Fleet:
-    """The connected hosts of one stage for one command."""
+    """The connected hosts of one stage for one command. ``transports`` gives each host's
+    transport; by default ``local`` is a subprocess and any other host is reached over SSH."""
 
     project: Project
     stage: str
     emit: Emit
     parallel: int = 16
+    transports: TransportFactory | None = None
     sessions: dict[str, AgentSession] = field(default_factory=dict)
     timings: dict[str, dict[str, float]] = field(default_factory=dict)
     _pools: list[ThreadPoolExecutor] = field(default_factory=list)
@@ -65,6 +71,8 @@ class Fleet:
         return deploy_to
 
     def _transport(self, host: str) -> Any:
+        if self.transports is not None:
+            return self.transports(host)
         stage = self.project.deploy.stages[self.stage]
         if host == "local":
             return LocalTransport()

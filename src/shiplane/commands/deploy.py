@@ -37,7 +37,7 @@ from shiplane.commands.user_tasks import run_point
 from shiplane.config.layers import render_files
 from shiplane.errors import OperationError, UsageError
 from shiplane.events import Event
-from shiplane.fleet import Fleet, failures, local_ledger
+from shiplane.fleet import Fleet, TransportFactory, failures, local_ledger
 from shiplane.plan import (
     batches,
     install_request,
@@ -55,8 +55,10 @@ from shiplane.whoami import holder
 CHUNK = 1 << 20
 
 
-def run_deploy(file: Path | None, options: DeployOptions, masker: Masker) -> dict[str, Any]:
-    """The whole pipeline on one stage. Returns a summary; ``ok`` False means exit 1."""
+def run_deploy(file: Path | None, options: DeployOptions, masker: Masker, *,
+               transports: TransportFactory | None = None) -> dict[str, Any]:
+    """The whole pipeline on one stage. Returns a summary; ``ok`` False means exit 1.
+    ``transports``: how to reach each host (default: local or SSH; tests give fake hosts)."""
     ctx = open_stage(file, options.stage, masker, hosts=options.hosts, sets=options.sets)
     graph = graph_from_project(ctx.project)  # a bad task graph stops us before anything runs
     # user tasks hooked into the deploy, by the step they run before ("": after the last)
@@ -66,7 +68,7 @@ def run_deploy(file: Path | None, options: DeployOptions, masker: Masker) -> dic
         run_point(deployment, graph, points.get(step, []), installed=installed)
     rendered = render_files(ctx.project, ctx.layered)
     with Reporter.for_terminal(options.as_json, masker, options.verbose) as reporter, interrupts_as_keyboard():
-        fleet = Fleet(ctx.project, ctx.stage, reporter, parallel=options.parallel)
+        fleet = Fleet(ctx.project, ctx.stage, reporter, parallel=options.parallel, transports=transports)
         deployment = Deployment(ctx, fleet, options)
         for host in fleet.hosts:
             deployment.hosts[host] = HostState()

@@ -16,7 +16,7 @@ from typing import Any
 from shiplane.commands.common import StageContext, open_stage
 from shiplane.config import Project, resolve_secrets
 from shiplane.errors import ConfigError, OperationError, UsageError
-from shiplane.fleet import Fleet, failures, local_ledger
+from shiplane.fleet import Fleet, TransportFactory, failures, local_ledger
 from shiplane.plan import services_spec
 from shiplane.secret import Masker
 from shiplane.transport.session import AgentSession
@@ -26,15 +26,16 @@ from shiplane.whoami import holder
 
 @contextmanager
 def connected(file: Path | None, stage: str | None, masker: Masker, *, hosts: str | None, sets: Sequence[str],
-              quiet: bool = True, need_secrets: bool = False,
-              mask_secrets: bool = False) -> Iterator[tuple[StageContext, Fleet]]:
+              quiet: bool = True, need_secrets: bool = False, mask_secrets: bool = False,
+              transports: TransportFactory | None = None) -> Iterator[tuple[StageContext, Fleet]]:
     """A stage's hosts, connected; raises when a host cannot be reached. ``mask_secrets``: the
-    stage's secrets that can be found are masked in all output (none is required)."""
+    stage's secrets that can be found are masked in all output (none is required);
+    ``transports``: how to reach each host (see ``Fleet``)."""
     ctx = open_stage(file, stage, masker, hosts=hosts, sets=sets, need_secrets=need_secrets)
     if mask_secrets and not need_secrets:
         _mask_known_secrets(ctx.project, ctx.stage, masker)
     reporter = Reporter.for_terminal(False, masker) if not quiet else (lambda event: None)
-    fleet = Fleet(ctx.project, ctx.stage, reporter)
+    fleet = Fleet(ctx.project, ctx.stage, reporter, transports=transports)
     try:
         bad = failures(fleet.connect())
         if bad:
@@ -151,7 +152,8 @@ def service_verb(name: str, file: Path | None, stage: str | None, services: list
 
 
 def run_rollback(file: Path | None, stage: str | None, to_release: str | None, yes: bool, masker: Masker, *,
-                 hosts: str | None, sets: Sequence[str], as_json: bool, verbose: bool) -> dict[str, Any]:
+                 hosts: str | None, sets: Sequence[str], as_json: bool, verbose: bool,
+                 transports: TransportFactory | None = None) -> dict[str, Any]:
     """Switch every host back to an earlier release present on all of them, health-checked.
 
     Each host that switched marks the release it left ``rolled-back`` when the target is older
@@ -159,7 +161,7 @@ def run_rollback(file: Path | None, stage: str | None, to_release: str | None, y
     release present on every host, a marked one too (going forward marks nothing).
     """
     started = time.time()
-    with connected(file, stage, masker, hosts=hosts, sets=sets) as (ctx, fleet):
+    with connected(file, stage, masker, hosts=hosts, sets=sets, transports=transports) as (ctx, fleet):
         per_host = _all(fleet, "releases", lambda h, s: s.call("releases", {}))
         target, live, skipped = _pick_target(per_host, to_release)
         newest_live = max((rid for rid in live.values() if rid), default=None)

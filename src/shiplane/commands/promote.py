@@ -16,26 +16,28 @@ from shiplane.commands.deploy import run_deploy
 from shiplane.commands.deployment import DeployOptions
 from shiplane.commands.operate import connected
 from shiplane.errors import OperationError, UsageError
-from shiplane.fleet import failures
+from shiplane.fleet import TransportFactory, failures
 from shiplane.secret import Masker
 from shiplane.transport.session import AgentSession
 
 
-def run_promote(file: Path | None, from_stage: str, options: DeployOptions, masker: Masker) -> dict[str, Any]:
-    """Deploy ``from_stage``'s live artifact to ``options.stage``; the deploy's summary (``ok`` False: exit 1)."""
+def run_promote(file: Path | None, from_stage: str, options: DeployOptions, masker: Masker, *,
+                transports: TransportFactory | None = None) -> dict[str, Any]:
+    """Deploy ``from_stage``'s live artifact to ``options.stage``; the deploy's summary (``ok`` False: exit 1).
+    ``transports``: how to reach each host (see ``Fleet``)."""
     if options.stage == from_stage:
         raise UsageError(f"promote --from and --to both name stage {from_stage!r}")
-    digest = live_artifact(file, from_stage, masker)
-    result = run_deploy(file, replace(options, artifact=digest, skip_tests=True), masker)
+    digest = live_artifact(file, from_stage, masker, transports=transports)
+    result = run_deploy(file, replace(options, artifact=digest, skip_tests=True), masker, transports=transports)
     result["promoted_from"] = from_stage
     if result.get("lines"):
         result["lines"].insert(0, f"promoting artifact {digest[:12]} from stage {from_stage} to {options.stage}")
     return result
 
 
-def live_artifact(file: Path | None, stage: str, masker: Masker) -> str:
+def live_artifact(file: Path | None, stage: str, masker: Masker, *, transports: TransportFactory | None = None) -> str:
     """The artifact digest every host of ``stage`` serves, healthy; OperationError otherwise."""
-    with connected(file, stage, masker, hosts=None, sets=()) as (_ctx, fleet):
+    with connected(file, stage, masker, hosts=None, sets=(), transports=transports) as (_ctx, fleet):
         def facts(host: str, session: AgentSession) -> dict[str, Any]:
             return {"releases": session.call("releases", {}, timeout=60), "status": session.call("status", {}, timeout=60)}
 
