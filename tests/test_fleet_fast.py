@@ -197,9 +197,6 @@ def test_failures_up_to_max_fail_let_the_rollout_go_on(app: Path, hosts: FakeHos
     assert all(host.lock is None for host in hosts)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: the after_deploy step sets every host's outcome to ok, so a host whose "
-                                       "switch failed within max_fail is reported (and recorded) ok, and "
-                                       "--retry-failed refuses to finish it")
 def test_a_host_that_failed_within_max_fail_is_reported_failed(app: Path, hosts: FakeHosts, artifact: str) -> None:
     old = deploy(app, hosts, artifact=artifact)["release"]
     hosts["h3"].fail("switch", "health", "GET /up answered 500")

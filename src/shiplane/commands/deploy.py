@@ -410,15 +410,17 @@ def _left_with(d: Deployment) -> str:
 
 def _after_deploy(d: Deployment) -> None:
     deploy = d.ctx.project.deploy
+    switched = [h for h, state in d.hosts.items() if state.switched]
     for command in deploy.hooks.after_deploy:
         def hook(host: str, session: AgentSession, command: str = command) -> Any:
             return session.call("hook", {"release_id": d.rid, "command": command, "timeout": deploy.hooks.timeout,
                                                 "silence_timeout": deploy.hooks.silence_timeout},
                                 on_event=d.fleet.forward(host, "after_deploy"), timeout=deploy.hooks.timeout + 30)
 
-        require_all(d, "after_deploy", d.fleet.each("after_deploy", hook))
-    for state in d.hosts.values():
-        state.outcome = "ok"
+        # on the hosts this deploy switched: one that failed within max_fail serves the old release
+        require_all(d, "after_deploy", d.fleet.each("after_deploy", hook, hosts=switched))
+    for host in switched:
+        d.hosts[host].outcome = "ok"
 
 
 def _finalize(d: Deployment, outcome: str, error: str | None) -> dict[str, Any]:
