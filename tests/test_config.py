@@ -118,7 +118,7 @@ def test_layers_explain_who_set_each_key_and_what_it_overrode(tmp_path: Path) ->
     env = {**secrets_env(), "DEMO_APP__DEBUG": "maybe"}
     code, out = run(project(tmp_path), "config", "show", "--stage", "local", "--explain", "--json", env=env)
     assert code == 0, out
-    rows = {row["key"]: row for row in json.loads(out)}
+    rows = {row["key"]: row for row in json.loads(out)["result"]}
     assert rows["app.title"]["value"] == "Local"
     assert rows["app.title"]["layer"] == "shiplane.toml [stages.local.config]"
     assert [o["layer"] for o in rows["app.title"]["overrides"]] == ["config/base.ini"]
@@ -156,7 +156,7 @@ def test_secrets_command_supplies_what_is_missing(tmp_path: Path) -> None:
                         f"secrets_command = \"printf 'SECRET_KEY={SECRET_VALUES[0]}\\\\nDEMO_DATABASE__PASSWORD=$SHIPLANE_STAGE-{SECRET_VALUES[1]}\\\\n'\"")
     code, out = run(project(tmp_path, toml), "config", "show", "--stage", "local", "--json")
     assert code == 0, out
-    shown = json.loads(out)
+    shown = json.loads(out)["result"]
     assert shown["env"]["SECRET_KEY"] == "***"
 
 

@@ -100,7 +100,7 @@ def test_stale_lock_is_reported_with_its_holder_and_broken_with_force(app: Proje
     assert refused["exit"] == 1
     assert "alice@" in refused["output"] and "stale" in refused["output"]
     app.shiplane("unlock", "--stage", "local", "--force", check=True)
-    history = json.loads(app.shiplane("history", "--stage", "local", "--json", check=True).stdout)
+    history = json.loads(app.shiplane("history", "--stage", "local", "--json", check=True).stdout)["result"]
     assert any(e.get("event") == "unlock" and e.get("forced") for e in history["hosts"]["local"]["entries"])
     assert app.deploy()["exit"] == 0
 
@@ -195,7 +195,7 @@ def test_status_flags_drift_from_the_ledger(app: Project) -> None:
     tmp = app.deploy_root / "current.tmp"
     tmp.symlink_to(f"releases/{first['release']}")
     os.replace(tmp, current)
-    status = json.loads(app.shiplane("status", "--stage", "local", "--json", check=True).stdout)
+    status = json.loads(app.shiplane("status", "--stage", "local", "--json", check=True).stdout)["result"]
     assert status["drift"], status
     text = app.shiplane("status", "--stage", "local").stdout
     assert "DRIFT" in text

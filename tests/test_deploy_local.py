@@ -155,7 +155,7 @@ def test_a_first_deploy_to_a_port_someone_holds_fails_and_leaves_nothing_running
     try:
         failed = project.deploy(check=False)
         assert failed["exit"] == 1 and "address already in use" in failed["output"]
-        status = json.loads(project.shiplane("status", "--stage", "local", "--json", check=True).stdout)
+        status = json.loads(project.shiplane("status", "--stage", "local", "--json", check=True).stdout)["result"]
         # neither its server nor a front that supervisord would retry until it takes the port
         live = {s["name"]: s["state"] for s in status["hosts"]["local"]["services"]
                 if s["state"] in ("RUNNING", "STARTING", "BACKOFF")}
@@ -167,7 +167,7 @@ def test_a_first_deploy_to_a_port_someone_holds_fails_and_leaves_nothing_running
 
 def _web_servers(project: Project) -> list[dict[str, Any]]:
     done = project.shiplane("status", "--stage", "local", "--json", check=True)
-    return [s for s in json.loads(done.stdout)["hosts"]["local"]["services"] if s["name"] == "web"]
+    return [s for s in json.loads(done.stdout)["result"]["hosts"]["local"]["services"] if s["name"] == "web"]
 
 
 def _parent(pid: str) -> str:
@@ -256,7 +256,7 @@ def test_broken_release_leaves_the_previous_one_serving(app: Project, breakage: 
         status, body = app.get("/")
         assert status == 200 and f"release {good['release']}" in body
         releases = app.shiplane("releases", "--stage", "local", "--json", check=True)
-        states = {r["release_id"]: r["state"] for r in json.loads(releases.stdout)["hosts"]["local"]["releases"]}
+        states = {r["release_id"]: r["state"] for r in json.loads(releases.stdout)["result"]["hosts"]["local"]["releases"]}
         assert states[bad["release"]] == "bad"
         # its server, started during the install (preboot), is gone with the failed deploy
         assert bad["release"] not in {s["release"] for s in _web_servers(app)}
@@ -342,4 +342,4 @@ def test_release_hook_runs_only_when_what_it_depends_on_changed(app: Project) ->
 
 def _plan(project: Project) -> dict[str, Any]:
     done = project.shiplane("plan", "--stage", "local", "--json", check=True)
-    return dict(json.loads(done.stdout))
+    return dict(json.loads(done.stdout)["result"])

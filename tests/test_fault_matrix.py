@@ -168,11 +168,11 @@ def assert_consistent(target: Target) -> None:
     status = target.shiplane("status")
     assert status.returncode == 0 and "DRIFT" not in status.stdout, status.stdout + status.stderr
     current = os.readlink(target.root / "current").split("/")[-1]
-    releases = json.loads(target.shiplane("releases", "--json").stdout)["hosts"]
+    releases = json.loads(target.shiplane("releases", "--json").stdout)["result"]["hosts"]
     states = {r["release_id"]: r.get("state") for per in releases.values() for r in per.get("releases", [])}
     assert states.get(current) == "live", states
     assert list(states.values()).count("live") == 1, states
-    history = json.loads(target.shiplane("history", "--json", "--limit", "200").stdout)["hosts"]
+    history = json.loads(target.shiplane("history", "--json", "--limit", "200").stdout)["result"]["hosts"]
     recorded = {e.get("release") for per in history.values() for e in per.get("entries", [])
                 if e.get("outcome") == "ok" and e.get("event") in ("deploy", "switch", "rollback")}
     went_live = {rid for rid, state in states.items() if state in ("live", "previous", "good")}

@@ -102,7 +102,7 @@ def test_log_files_are_private_to_owner_and_group(app: Project) -> None:
     for path in files:
         assert mode(path) & ~0o640 == 0, (path.name, oct(mode(path)))
     # supervisord creates them under umask 027; the app's own files keep the umask it always had
-    services = json.loads(app.shiplane("status", "--stage", "local", "--json", check=True).stdout)["hosts"]["local"]
+    services = json.loads(app.shiplane("status", "--stage", "local", "--json", check=True).stdout)["result"]["hosts"]["local"]
     web = next(s for s in services["services"] if s["name"] == "web" and s["state"] == "RUNNING")
     assert "Umask:\t0022" in Path(f"/proc/{web['pid']}/status").read_text()
     # left readable by everyone (an older version): the next deploy takes that back

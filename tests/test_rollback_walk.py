@@ -65,7 +65,7 @@ def rollback(project: Project, stage: str, *extra: str) -> dict[str, Any]:
 
 def read(project: Project, verb: str, stage: str) -> dict[str, Any]:
     done = project.shiplane(verb, "--stage", stage, "--json", check=True)
-    result: dict[str, Any] = json.loads(done.stdout)
+    result: dict[str, Any] = json.loads(done.stdout)["result"]
     return result
 
 

@@ -59,12 +59,9 @@ def run(project: Project, *args: str, check: bool = True) -> dict[str, Any]:
     """A shiplane verb with --json: its result object, exit code and output."""
     done = project.shiplane(*args, "--json", timeout=600)
     result: dict[str, Any] = {}
-    try:  # a read verb prints one object; deploy, promote and rollback print events, then the result
-        result = json.loads(done.stdout)
-    except ValueError:
-        for line in done.stdout.splitlines():
-            if line.startswith('{"result"'):
-                result = json.loads(line)["result"]
+    for line in done.stdout.splitlines():  # events, then the result (or the error): docs/json.md
+        message = json.loads(line)
+        result = message.get("result", message.get("error", result))
     result["exit"], result["output"] = done.returncode, done.stdout + done.stderr
     if check and done.returncode != 0:
         raise AssertionError(f"shiplane {' '.join(args)} exited {done.returncode}:\n{result['output'][-4000:]}")

@@ -16,6 +16,8 @@ from shiplane import __version__
 from shiplane.errors import ShiplaneError, UsageError
 from shiplane.secret import Masker
 
+JSON_VERSION = 1  # of every --json line: docs/json.md
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -26,6 +28,7 @@ class Context:
         self.file = Path(file) if file else None
         self.verbose = verbose
         self.masker = Masker()
+        self.as_json = False  # set as soon as a verb's --json is parsed: errors are JSON too
 
 
 def stage_option(func: F) -> F:
@@ -33,7 +36,15 @@ def stage_option(func: F) -> F:
 
 
 def json_option(func: F) -> F:
-    return click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")(func)
+    return click.option("--json", "as_json", is_flag=True, callback=_json_flag, is_eager=True,
+                        help="Machine-readable output: one JSON object per line (docs/json.md).")(func)
+
+
+def _json_flag(ctx: click.Context, param: click.Parameter, value: bool) -> bool:
+    root = ctx.find_root().obj
+    if value and isinstance(root, Context):
+        root.as_json = True
+    return value
 
 
 def override_options(func: F) -> F:
@@ -52,10 +63,19 @@ class ShiplaneGroup(click.Group):
             click.echo(masker(f"error: {exc}"), err=True)
             if isinstance(ctx.obj, Context) and ctx.obj.verbose:
                 click.echo(masker(traceback.format_exc()), err=True)
+            _json_error(ctx, masker, exc.kind, str(exc), exc.exit_code)
             ctx.exit(exc.exit_code)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
+            _json_error(ctx, Masker(), "interrupted", "interrupted", 130)
             ctx.exit(130)
+
+
+def _json_error(ctx: click.Context, masker: Masker, kind: str, message: str, code: int) -> None:
+    """With --json, the error is also the last line on stdout (docs/json.md)."""
+    if isinstance(ctx.obj, Context) and ctx.obj.as_json:
+        error = {"kind": kind, "message": message, "exit_code": code}
+        click.echo(masker(json.dumps({"error": error, "v": JSON_VERSION})))
 
 
 def entry() -> None:
@@ -99,7 +119,8 @@ def main(ctx: click.Context, file: str | None, verbose: bool) -> None:
 
 
 def emit_json(data: Any, masker: Masker) -> None:
-    click.echo(masker(json.dumps(data, indent=2, default=str)))
+    """A verb's result with --json: one line, ``{"result": ..., "v": 1}`` (docs/json.md)."""
+    click.echo(masker(json.dumps({"result": data, "v": JSON_VERSION}, default=str)))
 
 
 # -- foundation verbs ---------------------------------------------------------------------------
@@ -109,14 +130,17 @@ def emit_json(data: Any, masker: Masker) -> None:
 @click.argument("directory", default=".", type=click.Path(file_okay=False))
 @click.option("--name", help="Package name (default: from the directory name).")
 @click.option("--force", is_flag=True, help="Overwrite an existing project's files.")
-def init(directory: str, name: str | None, force: bool) -> None:
+@json_option
+@click.pass_obj
+def init(obj: Context, directory: str, name: str | None, force: bool, as_json: bool) -> None:
     """Scaffold a working example app (Flask + SQLAlchemy + Alembic) with a shiplane.toml."""
     from shiplane.scaffold import write_project
 
     target = Path(directory)
     written = write_project(target, name=name, force=force)
-    click.echo(f"wrote {len(written)} files into {target.resolve()}")
-    click.echo(f"next: cd {directory} && shiplane deploy --stage local")
+    _finish(obj, {"ok": True, "directory": str(target.resolve()), "files": [str(p) for p in written],
+                  "lines": [f"wrote {len(written)} files into {target.resolve()}",
+                            f"next: cd {directory} && shiplane deploy --stage local"]}, as_json)
 
 
 @main.command()
@@ -186,25 +210,30 @@ def tasks(obj: Context, as_json: bool) -> None:
 @stage_option
 @click.option("--force", is_flag=True, help="Rerun a once-only task (setup) deliberately.")
 @override_options
+@json_option
 @click.pass_obj
-def run_task(obj: Context, task: str, stage: str | None, force: bool, hosts: str | None, sets: tuple[str, ...]) -> None:
+def run_task(obj: Context, task: str, stage: str | None, force: bool, hosts: str | None, sets: tuple[str, ...],
+             as_json: bool) -> None:
     """Run a user task with its dependencies (independent ones in parallel)."""
     from shiplane.commands.run import run_user_task
 
     run_user_task(obj.file, task, stage, obj.masker, verbose=obj.verbose, force=force, hosts=hosts, sets=sets)
+    if as_json:
+        emit_json({"ok": True, "task": task}, obj.masker)
 
 
 # -- build verbs --------------------------------------------------------------------------------
 
 
 @main.command("test")
+@json_option
 @click.pass_obj
-def test_gate(obj: Context) -> None:
+def test_gate(obj: Context, as_json: bool) -> None:
     """Run the test gate (build.test) in a venv made from the lock."""
     from shiplane.commands.build import run_test_gate
 
     run_test_gate(obj.file, obj.masker, obj.verbose)
-    click.echo("test gate passed")
+    _finish(obj, {"ok": True, "lines": ["test gate passed"]}, as_json)
 
 
 def _build_verb(name: str, doc: str, step: str) -> None:
@@ -228,13 +257,14 @@ _build_verb("pack", "The second half of build: wheelhouse and manifest.", "pack"
 
 @main.command()
 @click.option("--cache", is_flag=True, help="Also empty the per-user cache that every project shares.")
+@json_option
 @click.pass_obj
-def clean(obj: Context, cache: bool) -> None:
+def clean(obj: Context, cache: bool, as_json: bool) -> None:
     """Remove build output (.shiplane/build); with --cache also the per-user cache."""
     from shiplane.commands.build import clean_build
 
-    for path in clean_build(obj.file, cache):
-        click.echo(f"removed {path}")
+    removed = [str(path) for path in clean_build(obj.file, cache)]
+    _finish(obj, {"ok": True, "removed": removed, "lines": [f"removed {path}" for path in removed]}, as_json)
 
 
 # -- deploy verbs -------------------------------------------------------------------------------
@@ -350,7 +380,7 @@ def rollback(obj: Context, stage: str | None, to_release: str | None, yes: bool,
 
 def _finish(obj: Context, result: dict[str, Any], as_json: bool) -> None:
     if as_json:
-        click.echo(obj.masker(json.dumps({"result": result}, default=str)))
+        emit_json(result, obj.masker)
     else:
         for line in result.get("lines", []):
             click.echo(obj.masker(line))
@@ -438,12 +468,22 @@ def prune(obj: Context, stage: str | None, keep: int | None, hosts: str | None, 
 @click.option("--lines", "-n", type=int, default=50, show_default=True)
 @click.option("--follow", is_flag=True, help="Keep printing new lines.")
 @override_options
+@json_option
 @click.pass_obj
-def logs(obj: Context, stage: str | None, service: str | None, lines: int, follow: bool, hosts: str | None, sets: tuple[str, ...]) -> None:
+def logs(obj: Context, stage: str | None, service: str | None, lines: int, follow: bool, hosts: str | None,
+         sets: tuple[str, ...], as_json: bool) -> None:
     """Service logs from every host, each line prefixed by its host."""
     from shiplane.commands.operate import show_logs
 
-    show_logs(obj.file, stage, service, lines, follow, obj.masker, lambda line: click.echo(line), hosts=hosts, sets=sets)
+    def line(host: str, text: str) -> None:  # already masked
+        if as_json:
+            click.echo(json.dumps({"phase": "logs", "status": "line", "host": host, "detail": text, "v": JSON_VERSION}))
+        else:
+            click.echo(f"[{host}] {text}")
+
+    show_logs(obj.file, stage, service, lines, follow, obj.masker, line, hosts=hosts, sets=sets)
+    if as_json:
+        emit_json({"ok": True, "service": service or "web"}, obj.masker)
 
 
 @main.command()

@@ -55,7 +55,8 @@ class Reporter:
     def __call__(self, event: Event) -> None:
         with self._lock:
             if self.mode == "json":
-                self.stream.write(self.mask(json.dumps(event.to_json())) + "\n")
+                # an event line of the --json contract (docs/json.md); the version as on every line
+                self.stream.write(self.mask(json.dumps({**event.to_json(), "v": 1})) + "\n")
                 self.stream.flush()
                 return
             if event.host:

@@ -170,7 +170,7 @@ class App:
         if done.returncode != 0:
             raise AssertionError(f"shiplane {' '.join(args)} exited {done.returncode}:\n"
                                  f"{done.stdout}\n{done.stderr}")
-        return json.loads(done.stdout)
+        return json.loads(done.stdout)["result"]
 
     def get(self, path: str = "/") -> tuple[int, bytes]:
         return http_get(f"http://127.0.0.1:{self.port}{path}")

@@ -299,19 +299,19 @@ def run_prune(file: Path | None, stage: str | None, keep: int | None, masker: Ma
 
 
 def show_logs(file: Path | None, stage: str | None, service: str | None, lines: int, follow: bool, masker: Masker,
-              out: Callable[[str], None], *, hosts: str | None, sets: Sequence[str]) -> None:
-    """Print the last ``lines`` lines of a service's log on every host (then new ones with
-    ``follow``), each prefixed by its host, with every secret of the stage that can be found
+              out: Callable[[str, str], None], *, hosts: str | None, sets: Sequence[str]) -> None:
+    """Give ``out(host, line)`` the last ``lines`` lines of a service's log on every host (then
+    new ones with ``follow``), with every secret of the stage that can be found
     masked: the app may have logged one."""
     with connected(file, stage, masker, hosts=hosts, sets=sets, mask_secrets=True) as (_ctx, fleet):
         def one(host: str, session: AgentSession) -> None:
             def line(event: dict[str, Any]) -> None:
-                out(masker(f"[{host}] {event.get('detail', '')}"))
+                out(host, masker(str(event.get('detail', ''))))
 
             result = session.call("logs", {"service": service, "lines": lines, "follow": follow}, on_event=line,
                                   timeout=10**9 if follow else 120)
             for text in result.get("lines", []):
-                out(masker(f"[{host}] {text}"))
+                out(host, masker(text))
 
         if not follow:
             _all(fleet, "logs", one)
