@@ -479,6 +479,8 @@ def _summary(d: Deployment, entry: dict[str, Any]) -> dict[str, Any]:
         phases = ", ".join(f"{p} {s:.2f}s" for p, s in d.fleet.timings.get(host, {}).items())
         if ok:
             left = f"release {state.release or state.previous or '-'}"
+        elif state.phase in ("pending", "connect", "lock"):  # it never got a byte: as it was
+            left = "left as it was"
         else:  # what the host serves now, which a failed deploy may have changed back
             left = f"serves {(state.release if state.switched else state.previous) or 'nothing'}"
         lines.append(f"  {host:24} {state.outcome:10} {left}  sent {human_bytes(state.bytes_sent)}  [{phases}]")
