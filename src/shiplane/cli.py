@@ -55,6 +55,13 @@ def override_options(func: F) -> F:
 class ShiplaneGroup(click.Group):
     """Turns ShiplaneError into one clear paragraph and the right exit code; click's usage errors exit 2."""
 
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        # -v/--verbose is the group's, but people type it after the verb too (`deploy -v`)
+        end = args.index("--") if "--" in args else len(args)
+        verbose = [a for a in args[:end] if a in ("-v", "--verbose")]
+        rest = [a for a in args[:end] if a not in ("-v", "--verbose")] + args[end:]
+        return super().parse_args(ctx, verbose[:1] + rest)
+
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
@@ -335,6 +342,8 @@ def promote(obj: Context, from_stage: str, to_stage: str, artifact: str | None, 
 
     if artifact:
         raise UsageError("promote takes the artifact live on --from; use `deploy --artifact` to pick one")
+    if skip_tests:
+        raise UsageError("promote runs no test gate (the artifact passed it where it was built): drop --skip-tests")
     options = DeployOptions(stage=to_stage, skip_tests=True, parallel=parallel, lock_wait=lock_wait, hosts=hosts,
                             sets=sets, as_json=as_json, verbose=obj.verbose)
     _finish(obj, run_promote(obj.file, from_stage, options, obj.masker), as_json)
@@ -444,7 +453,8 @@ def _service_verb(name: str, doc: str) -> None:
 
 
 _service_verb("start", "Start the services of the live release on every host.")
-_service_verb("stop", "Stop the services on every host (--all: also the supervisor and front).")
+_service_verb("stop", "Stop the app's services on every host: the front, web and workers (--all: also the "
+                      "supervisor, and a private nginx).")
 _service_verb("restart", "Restart the services on every host (the web service zero-downtime).")
 _service_verb("reload", "Reload the services on every host.")
 
