@@ -81,7 +81,11 @@ class Reporter:
         if event.bytes:
             parts.append(human_bytes(event.bytes))
         if event.detail:
-            parts.append(event.detail)
+            # a failure's whole story (cause, log tail) is told once, by the summary at the end
+            first, *more = event.detail.splitlines() or [""]
+            parts.append(first + (" (more below)" if more and event.status == "failed" else ""))
+            if more and event.status != "failed":
+                parts.append("\n" + "\n".join(more))
         return " ".join(p for p in parts if p)
 
     def _table(self) -> Table:

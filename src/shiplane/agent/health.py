@@ -58,14 +58,15 @@ def http_get_unix(sock_path: str | Path, path: str,
         conn.close()
 
 
-def tail_lines(path: str | Path, lines: int = LOG_TAIL_LINES) -> list[str]:
-    """The last ``lines`` lines of a text file (empty when it does not exist)."""
+def tail_lines(path: str | Path, lines: int = LOG_TAIL_LINES, since: int = 0) -> list[str]:
+    """The last ``lines`` lines of a text file (empty when it does not exist), written after
+    byte ``since`` (a file shorter than that was rotated: then all of it)."""
     try:
         with open(path, "rb") as fh:
             fh.seek(0, 2)
             size = fh.tell()
             # Reading the last 64 KiB is enough for 20 log lines and bounded on a huge log.
-            fh.seek(max(0, size - 65536))
+            fh.seek(max(since if since <= size else 0, size - 65536))
             data = fh.read()
     except OSError:
         return []
@@ -77,10 +78,10 @@ def _body_head(body: bytes) -> str:
     return body[:BODY_HEAD].decode("utf-8", "replace")
 
 
-def _with_log(message: str, log_path: str | Path | None) -> str:
+def _with_log(message: str, log_path: str | Path | None, since: int = 0) -> str:
     if log_path is None:
         return message
-    recent = tail_lines(log_path, 400)
+    recent = tail_lines(log_path, 400, since)  # this server's lines: written since it started
     if not recent:
         return message + f"\n(no output in {log_path})"
     # the app's own error first: with several workers, their tracebacks interleave in the tail
@@ -113,7 +114,7 @@ _EXCEPTION = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt)\b.*:"
 
 def wait_healthy(sock: str | Path, path: str | None, timeout: float, log_path: str | Path | None,
                  emit: Emit, alive: Callable[[], str | None] | None = None,
-                 host: str = "localhost") -> dict[str, Any]:
+                 host: str = "localhost", log_since: int = 0) -> dict[str, Any]:
     """Poll ``GET path`` on ``sock`` until it answers 2xx; raise ``AgentError(kind="health")``.
 
     With ``path`` None (no health check configured) any answer below 500 counts as healthy: the
@@ -150,18 +151,21 @@ def wait_healthy(sock: str | Path, path: str | None, timeout: float, log_path: s
         if alive is not None and time.monotonic() - asked >= 0.25:
             dead, asked = alive(), time.monotonic()
         if dead:
-            raise AgentError(_with_log(f"health check failed: the server is not running ({dead}); "
-                                       f"{last}", log_path), kind="health")
+            # its log says why; that nothing answered on its socket is only the consequence
+            answered = "" if last.startswith("cannot connect") else f"; {last}"
+            raise AgentError(_with_log(f"health check failed: the server is not running ({dead}){answered}",
+                                       log_path, log_since), kind="health")
         if time.monotonic() + delay >= deadline:
             raise AgentError(_with_log(f"health check GET {check_path} did not answer 2xx within "
-                                       f"{timeout:g}s: {last}", log_path), kind="health")
+                                       f"{timeout:g}s: {last}", log_path, log_since), kind="health")
         time.sleep(delay)  # polling backoff between attempts, bounded by the deadline
         if time.monotonic() - started > 2:
             delay = min(delay * 1.5, 0.25)
 
 
 def run_smoke(sock: str | Path, checks: list[dict[str, Any]] | None, timeout: float = 10.0,
-              log_path: str | Path | None = None, host: str = "localhost") -> list[dict[str, Any]]:
+              log_path: str | Path | None = None, host: str = "localhost",
+              log_since: int = 0) -> list[dict[str, Any]]:
     """Run each smoke check ``{path, expect?, status=200}`` once against ``sock``.
 
     The first failing check raises ``AgentError(kind="smoke")`` naming the check, the status and
@@ -178,12 +182,12 @@ def run_smoke(sock: str | Path, checks: list[dict[str, Any]] | None, timeout: fl
             status, _headers, body = http_get_unix(sock, path, timeout, host)
         except (OSError, http.client.HTTPException) as exc:
             raise AgentError(_with_log(f"smoke check {name} failed: cannot connect: {exc}",
-                                       log_path), kind="smoke") from None
+                                       log_path, log_since), kind="smoke") from None
         text = body.decode("utf-8", "replace")
         if status != want_status or (expect and str(expect) not in text):
             problem = (f"got status {status}" if status != want_status
                        else f"the body does not contain {expect!r}")
             raise AgentError(_with_log(f"smoke check {name} failed: {problem}; body starts: "
-                                       f"{_body_head(body)!r}", log_path), kind="smoke")
+                                       f"{_body_head(body)!r}", log_path, log_since), kind="smoke")
         passed.append({"path": path, "status": status})
     return passed

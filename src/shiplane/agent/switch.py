@@ -135,8 +135,10 @@ def ensure_front(layout: Layout, backend: Backend, spec: dict[str, Any], emit: E
 
 
 def check_web(layout: Layout, backend: Backend, release_id: str, web: dict[str, Any],
-              emit: Emit, smoke: bool = True) -> dict[str, Any]:
-    """Health (then smoke) checks of the release's server on its own socket (AgentError)."""
+              emit: Emit, smoke: bool = True, log_since: int = 0) -> dict[str, Any]:
+    """Health (then smoke) checks of the release's server on its own socket (AgentError). A
+    failure quotes ``log/web.log`` from byte ``log_since`` on: what this server wrote, not the
+    lines an earlier release left in the shared log."""
     health = web.get("health") or {}
 
     def dead() -> str | None:
@@ -146,11 +148,11 @@ def check_web(layout: Layout, backend: Backend, release_id: str, web: dict[str, 
     log = layout.log / "web.log"
     host = str(health.get("host") or "localhost")  # the Host header: apps check it (ALLOWED_HOSTS)
     result = wait_healthy(sock, health.get("path"), float(health.get("timeout") or 30), log,
-                          emit, dead, host=host)
+                          emit, dead, host=host, log_since=log_since)
     checks = web.get("smoke") or []
     if checks and smoke:
         emit({"phase": "switch", "status": "smoke", "detail": f"{len(checks)} check(s)"})
-        run_smoke(sock, checks, log_path=log, host=host)
+        run_smoke(sock, checks, log_path=log, host=host, log_since=log_since)
     return result
 
 
@@ -213,11 +215,12 @@ def switch(layout: Layout, release_id: str, spec: dict[str, Any], emit: Emit,
         emit({"phase": "switch", "status": "start", "detail": f"starting {web_program(release_id)}"})
     # a standby whose program is unchanged keeps running; one started with other web settings
     # (workers, worker class, timeouts) is restarted with these
+    log_since = _size(layout.log / "web.log")  # a failure quotes only what this candidate wrote
     backend.start_web(release_id, web, emit)
     try:
         # a front starting up (a first deploy) does so while the candidate boots
         ensure_front(layout, backend, spec, emit, wait=False)
-        check_web(layout, backend, release_id, web, emit)
+        check_web(layout, backend, release_id, web, emit, log_since=log_since)
         backend.wait_front(spec)
     except AgentError:
         if live != release_id:
@@ -249,6 +252,13 @@ def switch(layout: Layout, release_id: str, spec: dict[str, Any], emit: Emit,
     _recheck(layout, backend, release_id, old, web, emit)
     retire(layout, backend, old, emit)
     return done(old, [web_program(old)])
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
 
 
 def _keeps_connections(web: dict[str, Any]) -> bool:
