@@ -129,10 +129,13 @@ HOLD_AND_FORK = textwrap.dedent("""
     from shiplane.agent.paths import Layout
     held = lock.acquire(Layout(sys.argv[1]), {"user": "carol", "host": "box", "pid": 7, "command": "c"}, 0,
                         lambda e: None)
+    ready_r, ready_w = os.pipe()
     child = os.fork()
     if child == 0:
+        os.write(ready_w, b"x")  # its at-fork hooks have run: it is the child a server would fork
         time.sleep(300)  # a child forked without exec, still alive when its parent is killed
         os._exit(0)
+    os.read(ready_r, 1)
     print(child, flush=True)
     os.kill(os.getpid(), signal.SIGKILL)
 """)
