@@ -179,11 +179,26 @@ def gunicorn_argv(layout: Layout, release_id: str, web: dict[str, Any],
         worker_class = "uvicorn.workers.UvicornWorker"
     if worker_class:
         argv += ["-k", str(worker_class)]
+    argv += server_options(web)
     target = web.get("target")
     if not target:
         raise AgentError("services.web has no target (wsgi/asgi app)", kind="usage")
     argv.append(str(target))
     return argv
+
+
+def server_options(web: dict[str, Any]) -> list[str]:
+    """gunicorn's options from ``[services.web]``'s own keys, then its pass-through ``options``
+    (checked against gunicorn's names when the deploy file was loaded)."""
+    argv: list[str] = []
+    for key, flag in (("threads", "--threads"), ("max_requests", "--max-requests"),
+                      ("max_requests_jitter", "--max-requests-jitter"), ("keepalive", "--keep-alive"),
+                      ("forwarded_allow_ips", "--forwarded-allow-ips")):
+        if web.get(key) is not None:
+            argv.append(f"{flag}={web[key]}")
+    if web.get("access_log"):
+        argv.append("--access-logfile=-")  # to stdout: the service's log
+    return argv + [str(option) for option in web.get("options") or []]
 
 
 def graceful_timeout(web: dict[str, Any]) -> int:

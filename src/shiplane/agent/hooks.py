@@ -14,7 +14,7 @@ from typing import Any, BinaryIO
 
 from . import AgentError
 from .paths import Layout
-from .runtime import runtime_env
+from .runtime import expand, placeholders, runtime_env
 
 Emit = Callable[[dict[str, Any]], None]
 
@@ -51,6 +51,7 @@ def run_hook(layout: Layout, release_id: str, command: str, limits: Limits,
     if not cwd.is_dir():
         raise AgentError(f"hook: release {release_id} is not installed", kind="missing")
     env = runtime_env(layout, release_id)
+    command = expand(command, placeholders(layout, release_id))
     emit({"phase": "hook", "status": "start", "detail": command, "release_id": release_id})
     started = time.monotonic()
     proc = subprocess.Popen(

@@ -21,7 +21,7 @@ from typing import Any
 from . import AgentError, atomic_write, fsync_dir, ledger, utc_now
 from .hooks import Limits, run_hook
 from .paths import Layout
-from .runtime import PARTIAL_META, RELEASE_ID_RE, read_meta, valid_release_id
+from .runtime import PARTIAL_META, RELEASE_ID_RE, expand, placeholders, read_meta, valid_release_id
 from .store import require, safe_relpath, unpack_wheel, valid_sha, verify
 from .venvs import ensure_venv
 
@@ -261,8 +261,9 @@ def install(layout: Layout, args: dict[str, Any], emit: Emit,
         tmp.mkdir()
         emit({"phase": "install", "status": "unpack", "detail": release_id})
         _place_app_files(layout, tmp, app_files)
-        shared_rendered = _write_rendered(layout, tmp, list(args.get("rendered") or []))
-        _write_env(tmp, args.get("env") or {})
+        values = placeholders(layout, release_id)  # {deploy_to}, {shared}, {release} on this host
+        shared_rendered = _write_rendered(layout, tmp, list(args.get("rendered") or []), values)
+        _write_env(tmp, args.get("env") or {}, values)
         _link_shared(layout, tmp, final, args.get("shared") or {}, shared_rendered)
         atomic_write(tmp / PARTIAL_META, json.dumps(meta, sort_keys=True))
         venv = {"reused": True, "seconds": 0.0}
@@ -326,14 +327,17 @@ def _mode(value: object, default: int) -> int:
         raise AgentError(f"invalid file mode {value!r}", kind="usage") from exc
 
 
-def _write_rendered(layout: Layout, base: Path, rendered: list[dict[str, Any]]) -> list[str]:
-    """Write rendered config files; returns the paths of those placed under ``shared/``."""
+def _write_rendered(layout: Layout, base: Path, rendered: list[dict[str, Any]],
+                    values: dict[str, str]) -> list[str]:
+    """Write rendered config files (placeholders expanded); returns the paths of those placed
+    under ``shared/``."""
     shared_paths = []
     for item in rendered:
         rel = safe_relpath(item.get("path"), "rendered file")
         content = item.get("content")
         if not isinstance(content, str):
             raise AgentError(f"rendered file {rel}: content must be text", kind="usage")
+        content = expand(content, values)
         mode = _mode(item.get("mode"), 0o644)
         if item.get("shared"):
             atomic_write(layout.shared / rel, content, mode)
@@ -345,14 +349,14 @@ def _write_rendered(layout: Layout, base: Path, rendered: list[dict[str, Any]]) 
     return shared_paths
 
 
-def _write_env(base: Path, env: dict[str, Any]) -> None:
+def _write_env(base: Path, env: dict[str, Any], values: dict[str, str]) -> None:
     if not isinstance(env, dict):
         raise AgentError("install: env must be an object", kind="usage")
     lines = []
     for key in sorted(env):
         if not ENV_KEY_RE.match(str(key)):
             raise AgentError(f"invalid environment variable name {key!r}", kind="usage")
-        lines.append(f"{key}={json.dumps(str(env[key]))}")
+        lines.append(f"{key}={json.dumps(expand(str(env[key]), values))}")
     atomic_write(base / "shiplane.env", "".join(line + "\n" for line in lines), 0o600)
 
 

@@ -33,6 +33,21 @@ def valid_digest(digest: object) -> bool:
     return isinstance(digest, str) and bool(DIGEST_RE.match(digest))
 
 
+def placeholders(layout: Layout, release_id: str) -> dict[str, str]:
+    """What ``{deploy_to}``, ``{shared}`` and ``{release}`` stand for on this host, in env values,
+    rendered files and hook commands (``DATABASE_URL = "sqlite:///{shared}/db.sqlite3"``): each
+    stage's paths without repeating them in the deploy file."""
+    return {"{deploy_to}": str(layout.root), "{shared}": str(layout.shared),
+            "{release}": str(layout.release(release_id))}
+
+
+def expand(text: str, values: dict[str, str]) -> str:
+    """``text`` with each placeholder of :func:`placeholders` replaced; other braces untouched."""
+    for token, value in values.items():
+        text = text.replace(token, value)
+    return text
+
+
 def read_meta(layout: Layout, release_id: str) -> dict[str, Any] | None:
     """``release.json`` of a complete release (or the partial one during install), else None."""
     for path in (layout.release_meta(release_id), layout.release(release_id) / PARTIAL_META):

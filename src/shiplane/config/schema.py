@@ -6,6 +6,7 @@ layered app config in ``layers.py``. Unknown keys are errors everywhere (``extra
 
 from __future__ import annotations
 
+import difflib
 import re
 from typing import Annotated, Literal
 
@@ -26,6 +27,38 @@ SSH_OPTIONS_FORBIDDEN = ("stricthostkeychecking", "userknownhostsfile=/dev/null"
 PYTHON = r"^[A-Za-z0-9_./~+][A-Za-z0-9_./~+-]*$"
 SECONDS = 86400.0  # the longest timeout a deploy file may set (one day)
 SCOPE = re.compile(r"^(local|all|primary|role:[A-Za-z0-9_-]+)$")
+
+
+# gunicorn's long options (23 and 27, from its KNOWN_SETTINGS): [services.web] options are checked against them
+GUNICORN_OPTIONS = frozenset((
+    "--access-logfile", "--access-logformat", "--asgi-disconnect-grace-period", "--asgi-lifespan",
+    "--asgi-loop", "--backlog", "--bind", "--ca-certs", "--capture-output", "--casefold-http-method",
+    "--cert-reqs", "--certfile", "--chdir", "--check-config", "--ciphers", "--config",
+    "--control-socket", "--control-socket-mode", "--daemon", "--dirty-app", "--dirty-graceful-timeout",
+    "--dirty-threads", "--dirty-timeout", "--dirty-workers", "--disable-redirect-access-to-syslog",
+    "--do-handshake-on-connect", "--dogstatsd-tags", "--enable-backlog-metric",
+    "--enable-stdio-inheritance", "--env", "--error-logfile", "--forwarded-allow-ips",
+    "--forwarder-headers", "--graceful-timeout", "--group", "--header-map", "--http-parser",
+    "--http-protocols", "--http2-cleartext", "--http2-initial-window-size",
+    "--http2-max-concurrent-streams", "--http2-max-frame-size", "--http2-max-header-list-size",
+    "--initgroups", "--keep-alive", "--keyfile", "--limit-request-field_size", "--limit-request-fields",
+    "--limit-request-line", "--log-config", "--log-config-json", "--log-file", "--log-level",
+    "--log-syslog", "--log-syslog-facility", "--log-syslog-prefix", "--log-syslog-to", "--logger-class",
+    "--max-requests", "--max-requests-jitter", "--name", "--no-control-socket", "--no-sendfile",
+    "--paste", "--paste-global", "--paster", "--permit-obsolete-folding",
+    "--permit-unconventional-http-method", "--permit-unconventional-http-version", "--pid", "--preload",
+    "--print-config", "--protocol", "--proxy-allow-from", "--proxy-protocol", "--pythonpath",
+    "--reload", "--reload-engine", "--reload-extra-file", "--reuse-port", "--root-path", "--spew",
+    "--ssl-version", "--statsd-host", "--statsd-prefix", "--strip-header-spaces",
+    "--suppress-ragged-eofs", "--threads", "--timeout", "--umask", "--user", "--uwsgi-allow-from",
+    "--websocket-max-message-size", "--worker-class", "--worker-connections", "--worker-tmp-dir",
+    "--workers",
+))
+# set by shiplane itself (agent/backend.py gunicorn_argv) or contrary to its switch
+GUNICORN_OWNED = frozenset({"--bind", "--workers", "--worker-class", "--threads", "--timeout", "--graceful-timeout",
+                            "--control-socket", "--daemon", "--pid", "--reload", "--chdir", "--max-requests",
+                            "--max-requests-jitter", "--keep-alive", "--access-logfile", "--forwarded-allow-ips",
+                            "--config", "--paste", "--check-config", "--print-config"})
 
 
 class Model(BaseModel):
@@ -219,6 +252,21 @@ class SmokeCheck(Model):
 class Service(Model):
     """``[services.web]`` is the HTTP server; any other name is a long-running command."""
 
+    @field_validator("options")
+    @classmethod
+    def _gunicorn_options(cls, values: list[str]) -> list[str]:
+        for value in values:
+            name = value.split("=", 1)[0]
+            if not re.fullmatch(r"--[a-z][a-z0-9-]*", name) or name not in GUNICORN_OPTIONS:
+                near = difflib.get_close_matches(name, sorted(GUNICORN_OPTIONS), n=1)
+                raise ValueError(f"{value!r} is not a gunicorn option" + (f" (did you mean {near[0]}?)" if near else ""))
+            if name in GUNICORN_OWNED:
+                raise ValueError(f"{name} is set by shiplane (bind, workers, timeouts, worker class have their "
+                                 "own keys, or are the switch's own)")
+            if any(c in value for c in "\n\r\x00"):
+                raise ValueError(f"{value!r}: no line breaks or NUL in an option")
+        return values
+
     server: Literal["gunicorn"] | None = Field(default=None, description="web: the HTTP server; gunicorn, the only "
                                                                          "one, is also the default.")
     command: str | None = Field(default=None, description="Not web: the command the service runs from the live "
@@ -227,6 +275,22 @@ class Service(Model):
         default=None, description="web: gunicorn's worker processes; unset: 2.")
     worker_class: str | None = Field(default=None, description="web: gunicorn's worker class; unset: ``sync``, or "
                                                                "``uvicorn.workers.UvicornWorker`` for ``app.asgi``.")
+    threads: Annotated[int, Field(ge=1, le=1024)] | None = Field(
+        default=None, description="web: gunicorn's ``--threads`` per worker (more than 1 with the sync class: gthread).")
+    max_requests: Annotated[int, Field(ge=0, le=10**9)] | None = Field(
+        default=None, description="web: gunicorn's ``--max-requests``: a worker is restarted after this many requests.")
+    max_requests_jitter: Annotated[int, Field(ge=0, le=10**9)] | None = Field(
+        default=None, description="web: gunicorn's ``--max-requests-jitter``, spreading those restarts.")
+    keepalive: Annotated[int, Field(ge=0, le=3600)] | None = Field(
+        default=None, description="web: gunicorn's ``--keep-alive``, seconds an idle connection is kept.")
+    access_log: bool = Field(default=False, description="web: log every request to the service's log "
+                                                        "(gunicorn's ``--access-logfile -``).")
+    forwarded_allow_ips: str | None = Field(
+        default=None, description="web: gunicorn's ``--forwarded-allow-ips``: front addresses whose "
+                                  "X-Forwarded-* headers are trusted (default 127.0.0.1).")
+    options: list[str] = Field(default=[], description="web: more gunicorn options, each ``--name`` or "
+                                                       "``--name=value`` (checked against gunicorn's option "
+                                                       "names; those shiplane sets itself are refused).")
     port: Annotated[int, Field(ge=1, le=65535)] | None = Field(
         default=None, description="web: the public port when the stage sets none; unset: 8000.")
     timeout: Annotated[float, Field(gt=0, le=SECONDS, description="web: gunicorn's ``--timeout``, seconds a worker "
