@@ -200,7 +200,7 @@ def pinned(lock: Lock | None, server_packages: Sequence[str]) -> bool:
 
 def wheelhouse_key(lock: Lock | None, target: Target, server_packages: Sequence[str]) -> str:
     """The cache key of a wheelhouse: lock bytes + target + server packages."""
-    h = hashlib.sha256(b"shiplane-wheelhouse-v1\0")
+    h = hashlib.sha256(b"shiplane-wheelhouse-v2\0")  # v2: markers for any patch release
     h.update(lock.data if lock else b"")
     h.update(f"\0{target.python_version}\0{target.platform}\0".encode())
     h.update("\0".join(sorted(server_packages)).encode())
@@ -233,9 +233,11 @@ def build_wheelhouse(lock: Lock | None, target: Target, server_packages: Sequenc
         else:
             # In one run the lock's pins already constrain what the server packages may pull.
             runs = [req_args + missing]
-        if not target.native and lock and lock.lines:
-            # pip evaluates markers against the controller's Python, not the target's: pick the
-            # lock's lines for the target ourselves; a lock is complete, so no resolving is needed
+        if lock and lock.lines and (not target.native or pinned(lock, [])):
+            # pip evaluates markers against the controller's own Python, its patch release too
+            # (3.11.7), not the hosts' (3.11.2: `python_full_version <= "3.11.2"`): pick the lock's
+            # lines for the target ourselves, any patch release of it; a lock is complete, so no
+            # resolving is needed
             normalised.write_text("\n".join(_for_target(lock.lines, target)) + "\n")
             runs = [["--no-deps", *req_args]]
             if missing:
@@ -272,8 +274,12 @@ def _native(args: list[str], out: Path, work: Path) -> None:
         raise _fail("building the wheelhouse", result.stdout)
 
 
+PATCH_RELEASES = 40  # patch releases of a Python minor version a host may run (3.X.0 .. 3.X.39)
+
+
 def _for_target(lines: Sequence[str], target: Target) -> list[str]:
-    """The lock's lines whose environment markers hold on the target, without the markers."""
+    """The lock's lines whose environment markers hold on the target, on any of its patch
+    releases, without the markers."""
     from packaging.markers import default_environment
     from packaging.requirements import InvalidRequirement, Requirement
 
@@ -283,6 +289,8 @@ def _for_target(lines: Sequence[str], target: Target) -> list[str]:
            "platform_python_implementation": "CPython", "sys_platform": os_name,
            "platform_system": {"linux": "Linux", "darwin": "Darwin"}.get(os_name, os_name),
            "platform_machine": arch, "os_name": "posix"}
+    # the hosts' patch release is known only at install: a line wanted on any of them ships
+    patches = [{**env, "python_full_version": f"{target.python_version}.{n}"} for n in range(PATCH_RELEASES)]
     out = []
     for line in lines:
         spec, sep, options = line.partition(" --")
@@ -291,7 +299,7 @@ def _for_target(lines: Sequence[str], target: Target) -> list[str]:
         except InvalidRequirement:
             out.append(line)
             continue
-        if req.marker is not None and not req.marker.evaluate(env):
+        if req.marker is not None and not any(req.marker.evaluate(patch) for patch in patches):
             continue
         req.marker = None
         out.append(str(req) + (f" --{options}" if sep else ""))
