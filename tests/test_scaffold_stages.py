@@ -125,8 +125,10 @@ def test_a_first_deploy_failing_on_one_host_leaves_no_host_serving_it(make_ssh_h
     point_at(project, hosts, hosts.hosts, hosts.hosts[:2])
     toml = project.root / "shiplane.toml"
     # one host at a time, as the scaffold's prod: the first two switch before the third fails
-    toml.write_text(toml.read_text().replace('[stages.staging]\n', '[stages.staging]\nrolling = { batch = 1 }\n'))
-    project.commit("rolling staging")
+    text = toml.read_text().replace('[stages.staging]\n', '[stages.staging]\nrolling = { batch = 1 }\n')
+    # a first-deploy-only init on every host (run_on = "all"), recorded per host
+    toml.write_text(text.replace('[hooks]\n', '[hooks]\nsetup = "echo init >> {shared}/setup-ran"\n'))
+    project.commit("rolling staging, a setup hook")
     h1, h2, h3 = hosts.hosts
     # something that is not ours holds the port on the third host, so its front cannot listen
     squatter = h3.ssh(f"setsid python3 -m http.server {PORT} >/dev/null 2>&1 </dev/null & echo $!").stdout.strip()
@@ -159,6 +161,9 @@ def test_a_first_deploy_failing_on_one_host_leaves_no_host_serving_it(make_ssh_h
         fixed = run(project, "deploy", "--stage", "staging", "--skip-tests")
         assert all(serves(h, fixed["release"], "staging") for h in hosts.hosts)
         no_drift(project, "staging")
+        # the setup ran once on each host, in the failed deploy; the fix did not run it again
+        for host in hosts.hosts:
+            assert (host.root / ROOT / "shared" / "setup-ran").read_text() == "init\n", host.name
     finally:
         project.shiplane("stop", "--all", "--stage", "staging", timeout=120)
 
