@@ -19,3 +19,24 @@ def test_a_missing_host_python_is_named(tmp_path_factory: pytest.TempPathFactory
     assert "cannot start the agent with the host's Python `python9`" in failed["output"]
     assert "Traceback" not in failed["output"]
     assert not (project.deploy_root / "current").exists()
+
+
+def test_a_port_held_by_another_program_stops_the_deploy_before_anything_is_sent(
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    import socket
+
+    project = scaffold(tmp_path_factory.mktemp("pp"))
+    with socket.socket() as squatter:
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        squatter.bind(("127.0.0.1", project.port))
+        squatter.listen(1)
+        failed = project.deploy(check=False)
+    assert failed["exit"] == 1
+    assert f"port is taken by another program (127.0.0.1:{project.port}" in failed["output"]
+    assert not any((project.deploy_root / "releases").glob("*"))  # nothing installed,
+    assert not any((project.deploy_root / "store").glob("*"))  # nothing sent
+    done = project.deploy()  # once the port is free, the same deploy goes on
+    try:
+        assert project.get("/")[0] == 200 and done["exit"] == 0
+    finally:
+        project.stop()

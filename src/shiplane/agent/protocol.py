@@ -70,9 +70,10 @@ _SERVICES = Field("services", "array|null", "service names (default: all)")
 
 OPS: dict[str, Op] = {op.name: op for op in (
     Op("inventory", "what the host has: missing blobs, releases, venvs, lock, services, setup done",
-       "{missing, current, previous, releases, venvs, lock, services, setup_done}",
+       "{missing, current, previous, releases, venvs, lock, services, setup_done, port_taken?}",
        (Field("blobs", "array", "sha256 of the blobs the deploy needs", default=()),
-        Field("venv", "object|null", "{digest, python, uv_cache}: start making this venv while blobs arrive"))),
+        Field("venv", "object|null", "{digest, python, uv_cache}: start making this venv while blobs arrive"),
+        Field("port", "object|null", "{bind, port}: say in port_taken if another program holds it"))),
     Op("receive", "store blobs whose bytes follow the request line, each verified by its sha256",
        "{received, bytes}", (Field("blobs", "array", "[{sha256, size}] in the order of the bytes", required=True),),
        payload=True),

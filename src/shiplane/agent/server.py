@@ -249,7 +249,28 @@ def _op_inventory(s: Session, args: dict[str, Any], emit: Emit) -> Any:
     if isinstance(hint, dict):
         start_shell(s.layout, hint.get("digest"), hint.get("python") or sys.executable,
                     user_cache=hint.get("uv_cache") == "user")
-    return inventory(s.layout, list(args.get("blobs") or []))
+    result = inventory(s.layout, list(args.get("blobs") or []))
+    port = args.get("port")
+    if isinstance(port, dict):
+        result["port_taken"] = port_taken(str(port.get("bind")), int(port.get("port") or 0), result["services"])
+    return result
+
+
+def port_taken(bind: str, port: int, services: Any) -> str | None:
+    """Why the stage's public port cannot be ours (another program listens on it), or None: it is
+    free, or this stage's own front holds it. Asked before anything is sent, so a deploy that
+    would fail at its switch fails at its start."""
+    running = services.get("services", []) if isinstance(services, dict) else []
+    if any(svc.get("name") == "front" and svc.get("state") in ("RUNNING", "STARTING") for svc in running):
+        return None
+    family = socket.AF_INET6 if ":" in bind else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the front binds
+        try:
+            probe.bind((bind, port))
+        except OSError as exc:
+            return f"{bind}:{port}: {exc.strerror or exc}"
+    return None
 
 
 def _op_receive(s: Session, args: dict[str, Any], emit: Emit) -> Any:

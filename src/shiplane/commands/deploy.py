@@ -278,6 +278,10 @@ def _prepare(d: Deployment, rendered: Any) -> None:
         {"digest": request["manifest"].get("dependency_digest"), "python": request["python"],
          "uv_cache": request["uv_cache"]}
 
+    web = services_spec(d.ctx.project.deploy, d.ctx.stage)["web"]
+    builtin_front = d.ctx.project.deploy.stages[d.ctx.stage].front == "builtin"
+    front_port = {"bind": web["bind"], "port": web["port"]} if web and builtin_front and web.get("port") else None
+
     def send(host: str, session: AgentSession, shas: list[str]) -> int:
         if shas:
             session.call("receive", {"blobs": [{"sha256": sha, "size": sizes[sha]} for sha in shas]},
@@ -285,9 +289,13 @@ def _prepare(d: Deployment, rendered: Any) -> None:
         return sum(sizes[sha] for sha in shas)
 
     def copy(host: str, session: AgentSession) -> Any:
-        inventory = session.call("inventory", {"blobs": [sha for sha, _ in blobs], "venv": venv_hint},
-                                 timeout=timeout(d))
+        inventory = session.call("inventory", {"blobs": [sha for sha, _ in blobs], "venv": venv_hint,
+                                               "port": front_port}, timeout=timeout(d))
         d.hosts[host].previous = inventory.get("current")
+        if inventory.get("port_taken"):  # the switch would fail there: say so before sending a byte
+            raise OperationError(f"the stage's port is taken by another program ({inventory['port_taken']}), "
+                                 "not by this stage's front; nothing was sent. Free it, or give the stage "
+                                 "another `port`")
         missing = inventory.get("missing", [])
         total = send(host, session, missing)
         # the controller's uv, to a host without one: its venv builds in a second instead of many
