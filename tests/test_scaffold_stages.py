@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +67,24 @@ def run(project: Project, *args: str, check: bool = True) -> dict[str, Any]:
     result["exit"], result["output"] = done.returncode, done.stdout + done.stderr
     if check and done.returncode != 0:
         raise AssertionError(f"shiplane {' '.join(args)} exited {done.returncode}:\n{result['output'][-4000:]}")
+    return result
+
+
+def deploy_until(project: Project, stage: str, trigger: tuple[str, str, str], act: Any) -> dict[str, Any]:
+    """A deploy with --json that calls ``act()`` when its event (phase, status, host) comes."""
+    proc = subprocess.Popen([sys.executable, "-m", "shiplane", "deploy", "--stage", stage, "--skip-tests", "--json"],
+                            cwd=project.root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    result: dict[str, Any] = {}
+    output = []
+    for line in proc.stdout:
+        output.append(line)
+        message = json.loads(line)
+        if (message.get("phase"), message.get("status"), message.get("host")) == trigger:
+            act()
+        result = message.get("result", message.get("error", result))
+    proc.wait(timeout=300)
+    result["exit"], result["output"] = proc.returncode, "".join(output) + (proc.stderr.read() if proc.stderr else "")
     return result
 
 
@@ -130,12 +150,19 @@ def test_a_first_deploy_failing_on_one_host_leaves_no_host_serving_it(make_ssh_h
     toml.write_text(text.replace('[hooks]\n', '[hooks]\nsetup = "echo init >> {shared}/setup-ran"\n'))
     project.commit("rolling staging, a setup hook")
     h1, h2, h3 = hosts.hosts
-    # something that is not ours holds the port on the third host, so its front cannot listen
-    squatter = h3.ssh(f"setsid python3 -m http.server {PORT} >/dev/null 2>&1 </dev/null & echo $!").stdout.strip()
-    wait_for(lambda: h3.ssh(f"curl -s -o /dev/null --max-time 2 http://127.0.0.1:{PORT}/").returncode == 0,
-             what="the squatter to listen")
+    squatter: list[str] = []
+
+    def squat() -> None:
+        """Once the first host has switched, something that is not ours takes the third host's
+        port, so its front cannot listen at its switch (taken earlier, the deploy's preflight
+        would refuse it before anything is sent)."""
+        squatter.append(h3.ssh(f"setsid python3 -m http.server {PORT} >/dev/null 2>&1 </dev/null & echo $!")
+                        .stdout.strip())
+        wait_for(lambda: h3.ssh(f"curl -s -o /dev/null --max-time 2 http://127.0.0.1:{PORT}/").returncode == 0,
+                 what="the squatter to listen")
+
     try:
-        failed = run(project, "deploy", "--stage", "staging", "--skip-tests", check=False)
+        failed = deploy_until(project, "staging", ("switch", "ok", h1.name), squat)
         assert failed["exit"] == 1, failed["output"][-3000:]
         outcomes = {h: info["outcome"] for h, info in failed["hosts"].items()}
         assert outcomes[h1.name] == outcomes[h2.name] == "withdrawn", outcomes
@@ -156,7 +183,7 @@ def test_a_first_deploy_failing_on_one_host_leaves_no_host_serving_it(make_ssh_h
         assert not status["drift"], status["drift"]
         assert all(not info.get("services") for info in status["hosts"].values()), json.dumps(status["hosts"])
 
-        h3.ssh(f"kill {squatter}")
+        h3.ssh(f"kill {squatter[0]}")
         wait_for(lambda: page(h3) is None, what="the port to be free")
         fixed = run(project, "deploy", "--stage", "staging", "--skip-tests")
         assert all(serves(h, fixed["release"], "staging") for h in hosts.hosts)
