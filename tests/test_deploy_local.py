@@ -154,7 +154,7 @@ def test_a_first_deploy_to_a_port_someone_holds_fails_and_leaves_nothing_running
     squatter.listen()
     try:
         failed = project.deploy(check=False)
-        assert failed["exit"] == 1 and "address already in use" in failed["output"]
+        assert failed["exit"] == 1 and "address already in use" in failed["output"].lower()
         status = json.loads(project.shiplane("status", "--stage", "local", "--json", check=True).stdout)["result"]
         # neither its server nor a front that supervisord would retry until it takes the port
         live = {s["name"]: s["state"] for s in status["hosts"]["local"]["services"]
