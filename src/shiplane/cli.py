@@ -531,6 +531,71 @@ def unlock(obj: Context, stage: str | None, force: bool, hosts: str | None, sets
     _finish(obj, unlock_stage(obj.file, stage, force, obj.masker, hosts=hosts, sets=sets), as_json)
 
 
+# -- exec verbs ---------------------------------------------------------------------------------
+
+
+def _exec_output(as_json: bool) -> Callable[[str, str, str], None]:
+    """Where a captured command's lines go: prefixed by their host, or as --json events."""
+
+    def out(host: str, stream: str, text: str) -> None:
+        if as_json:
+            click.echo(json.dumps({"phase": "exec", "status": "line", "host": host, "stream": stream, "detail": text,
+                                   "v": JSON_VERSION}))
+        else:
+            click.echo(f"{host}: {text}", err=stream == "stderr")
+
+    return out
+
+
+def _exec_finish(obj: Context, result: dict[str, Any], as_json: bool) -> None:
+    """The command's exit code is ours; what exec itself says goes to stderr."""
+    if as_json:
+        emit_json(result, obj.masker)
+    for line in result.get("lines", []):
+        click.echo(obj.masker(line), err=True)
+    sys.exit(int(result["exit_code"]))
+
+
+def _has_terminal() -> bool:
+    return sys.stdin.isatty() and sys.stdout.isatty()
+
+
+@main.command("exec", context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@stage_option
+@click.option("--host", "names", multiple=True, metavar="NAME", help="This host of the stage (repeatable; default: the primary).")
+@click.option("--all", "every", is_flag=True, help="Every host of the stage, at once (output prefixed by host).")
+@override_options
+@json_option
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+@click.pass_obj
+def exec_verb(obj: Context, stage: str | None, names: tuple[str, ...], every: bool, hosts: str | None,
+              sets: tuple[str, ...], as_json: bool, command: tuple[str, ...]) -> None:
+    """Run `-- COMMAND ARGS...` in the live release, as hooks run: its venv first on PATH, the stage's
+    env and secrets, the release as working directory; interactive on a terminal; its exit code is
+    shiplane's. Recorded in each host's ledger."""
+    from shiplane.commands.exec import run_exec
+
+    result = run_exec(obj.file, stage, command, obj.masker, out=_exec_output(as_json), names=names, every=every,
+                      tty=_has_terminal(), capture=as_json, hosts=hosts, sets=sets)
+    _exec_finish(obj, result, as_json)
+
+
+@main.command()
+@stage_option
+@click.option("--host", "name", metavar="NAME", help="This host of the stage (default: the primary).")
+@override_options
+@json_option
+@click.pass_obj
+def console(obj: Context, stage: str | None, name: str | None, hosts: str | None, sets: tuple[str, ...],
+            as_json: bool) -> None:
+    """The app's framework shell in the live release (Django's manage.py shell, Flask's flask shell), as exec runs it."""
+    from shiplane.commands.exec import run_console
+
+    result = run_console(obj.file, stage, obj.masker, out=_exec_output(as_json), names=(name,) if name else (),
+                         tty=_has_terminal(), capture=as_json, hosts=hosts, sets=sets)
+    _exec_finish(obj, result, as_json)
+
+
 def run() -> None:  # pragma: no cover - console entry for `python -m shiplane`
     main(prog_name="shiplane")
 

@@ -82,11 +82,20 @@ class SSHTransport:
         self._base = base
 
     def spawn(self, argv: list[str]) -> subprocess.Popen[bytes]:
-        # the remote side gets one string for its shell: every word quoted
-        command = " ".join(shlex.quote(word) for word in argv)
-        # "--" before the destination: nothing after it is read as an option of ssh's
-        return subprocess.Popen([*self._base, "--", self._target, command], stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+        return subprocess.Popen(self._command(argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, start_new_session=True)
+
+    def command_argv(self, argv: list[str], *, tty: bool) -> list[str]:
+        """The local argv that runs ``argv`` on the host for a caller who starts it with its own
+        stdin/stdout/stderr (``shiplane exec``): ``tty`` asks for a terminal there (``ssh -t``, so
+        shells and REPLs are interactive), else ``-T``. Same options, control master and strict
+        host-key checking as every session."""
+        return self._command(argv, ["-t" if tty else "-T"])
+
+    def _command(self, argv: list[str], flags: Sequence[str] = ()) -> list[str]:
+        # the remote side gets one string for its shell: every word quoted; "--" before the
+        # destination: nothing after it is read as an option of ssh's
+        return [*self._base, *flags, "--", self._target, shlex.join(argv)]
 
     def prewarm(self, stderr: BinaryIO) -> subprocess.Popen[bytes]:
         """Start this host's control master now, running nothing on the host (``-N``); with
