@@ -391,8 +391,15 @@ def _finish(obj: Context, result: dict[str, Any], as_json: bool) -> None:
     if as_json:
         emit_json(result, obj.masker)
     else:
-        for line in result.get("lines", []):
-            click.echo(obj.masker(line))
+        lines = [obj.masker(line) for line in result.get("lines", [])]
+        if sys.stdout.isatty():  # folded to the terminal's width: a wrapped line would break mid-word
+            import shutil
+
+            from shiplane.ui import fit_lines
+
+            lines = fit_lines(lines, shutil.get_terminal_size().columns)
+        for line in lines:
+            click.echo(line)
     if result.get("outcome") == "interrupted":
         sys.exit(130)  # Ctrl-C or SIGTERM, handled: as any interrupted command
     if not result.get("ok", True):

@@ -1,21 +1,32 @@
-"""Renders the event stream: live per-host lines on a terminal, timestamped plain lines otherwise,
+"""Renders the event stream: a live list of steps on a terminal, timestamped plain lines otherwise,
 JSON lines with ``--json``. Every text passes the secret masker on its way out."""
 
 from __future__ import annotations
 
 import json
+import re
 import sys
+import textwrap
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TextIO, final
 
 from shiplane.events import Event
 from shiplane.secret import Masker
 
 if TYPE_CHECKING:  # rich is imported only for a terminal: ~25 ms a --json or CI run does not pay
+    from rich.console import Console, ConsoleOptions
     from rich.live import Live
-    from rich.table import Table
+    from rich.text import Text
+
+# past this many hosts the host rows fold into one row of counts per step (a screen is ~24 rows)
+MAX_HOST_ROWS = 10
+SPINNER = "⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏"
+BAR = 16
+# an ANSI escape or any other control character in a detail would move the cursor and break the rows
+_CONTROL = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b[@-_]|[\x00-\x1f\x7f]")
 
 
 @final
@@ -28,9 +39,8 @@ class Reporter:
         self.stream = stream or sys.stderr
         self.verbose = verbose
         self._lock = threading.Lock()
-        self._hosts: dict[str, Event] = {}
+        self._board = Board()
         self._live: Live | None = None
-        self._started = time.monotonic()
 
     @classmethod
     def for_terminal(cls, json_mode: bool, masker: Masker, verbose: bool = False) -> Reporter:
@@ -43,33 +53,35 @@ class Reporter:
             from rich.console import Console
             from rich.live import Live
 
-            self._live = Live(self._table(), console=Console(file=self.stream), refresh_per_second=8, transient=True)
+            # not transient: the finished list of steps (with their times) stays above the summary
+            self._live = Live(_View(self), console=Console(file=self.stream), refresh_per_second=8)
             self._live.__enter__()
         return self
 
     def __exit__(self, *exc: object) -> None:
         if self._live is not None:
-            self._live.__exit__(None, None, None)
+            with self._lock:
+                self._board.close(time.time())
+            self._live.__exit__(None, None, None)  # its last refresh draws the closed board
             self._live = None
 
     def __call__(self, event: Event) -> None:
-        with self._lock:
-            if self.mode == "json":
+        if self.mode == "json":
+            with self._lock:
                 # an event line of the --json contract (docs/json.md); the version as on every line
                 self.stream.write(self.mask(json.dumps({**event.to_json(), "v": 1})) + "\n")
                 self.stream.flush()
-                return
-            if event.host:
-                self._hosts[event.host] = event
-            if self._live is not None:
-                self._live.update(self._table())
-                if event.status in ("failed",) or (event.status == "output" and self.verbose):
-                    self._live.console.print(self.mask(self._line(event)), highlight=False, markup=False)
-                return
-            if event.status == "progress" and not self.verbose:
-                return
-            if event.status == "output" and not self.verbose:
-                return
+            return
+        if self._live is not None:
+            with self._lock:
+                loose = self._board.feed(event)
+            # printed outside our lock: the live display's refresh holds its own lock, then takes ours
+            if loose or event.status == "failed" or (event.status == "output" and self.verbose):
+                self._live.console.print(self.mask(self._line(event)), highlight=False, markup=False)
+            return
+        if event.status in ("progress", "output") and not self.verbose:
+            return
+        with self._lock:
             self.stream.write(self.mask(self._line(event)) + "\n")
             self.stream.flush()
 
@@ -88,18 +100,290 @@ class Reporter:
                 parts.append("\n" + "\n".join(more))
         return " ".join(p for p in parts if p)
 
-    def _table(self) -> Table:
-        from rich.table import Table
+    def rows(self, width: int, now: float | None = None) -> list[Row]:
+        """The board's rows as drawn now, each fitted to ``width`` cells, texts masked."""
+        with self._lock:
+            return self._board.rows(width, time.time() if now is None else now, self.mask)
 
-        table = Table.grid(padding=(0, 2))
-        for host, event in sorted(self._hosts.items()):
-            detail = event.detail
-            if event.bytes and event.data.get("total"):
-                done = min(1.0, event.bytes / max(1, event.data["total"]))
-                bar = "█" * int(done * 20) + "░" * (20 - int(done * 20))
-                detail = f"{bar} {human_bytes(event.bytes)}"
-            table.add_row(host, event.phase, event.status, self.mask(detail))
-        return table
+
+@final
+class _View:
+    """The live display's renderable: drawn again on every refresh, at the console's width then."""
+
+    def __init__(self, reporter: Reporter) -> None:
+        self.reporter = reporter
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> Iterator[Text]:
+        for row in self.reporter.rows(options.max_width):
+            yield row.text()
+
+
+STYLES = {"running": "cyan", "ok": "green", "failed": "bold red", "waiting": "dim", "stopped": "yellow"}
+ICONS = {"ok": "✓", "failed": "✗", "waiting": "·", "stopped": "-"}
+
+
+@dataclass(frozen=True)
+class Row:
+    """One drawn row: its state (running, ok, failed, waiting, stopped) and its columns, already
+    padded so that ``plain`` is never wider than the width it was made for."""
+
+    state: str
+    icon: str
+    head: str
+    clock: str
+    detail: str
+
+    @property
+    def plain(self) -> str:
+        return f"{self.icon} {self.head}{self.clock}{self.detail}".rstrip()
+
+    def text(self) -> Text:
+        from rich.text import Text
+
+        text = Text(no_wrap=True, overflow="ellipsis")
+        text.append(self.icon, STYLES[self.state])
+        text.append(" " + self.head, "bold" if self.state == "running" else "")
+        text.append(self.clock, "dim")
+        text.append(self.detail.rstrip(), STYLES["failed"] if self.state == "failed" else "")
+        return text
+
+
+@dataclass
+class Track:
+    """What one row knows: the step running (a host's steps nest: a hook inside release, the
+    venv inside install), the last finished one, its time, the latest detail."""
+
+    label: str
+    stack: list[str] = field(default_factory=list)
+    step: str = ""
+    started: float = 0.0
+    seconds: float | None = None
+    done: list[str] = field(default_factory=list)
+    total_seconds: float = 0.0
+    detail: str = ""
+    sent: int = 0
+    total: int = 0
+    failed: bool = False
+
+    @property
+    def running(self) -> bool:
+        return bool(self.stack)
+
+
+@final
+class Board:
+    """The live view's state, fed one event at a time: a row per step the controller runs (gate,
+    build, a local task) in the order they start, then a row per host with its current step.
+    Drawing is a pure function of this state, a width and the time."""
+
+    def __init__(self) -> None:
+        self.controller: dict[str, Track] = {}
+        self.hosts: dict[str, Track] = {}
+        self.order: list[str] = []  # host steps in the order first seen: the counts' order
+        self.closed_at: float | None = None
+
+    def feed(self, event: Event) -> bool:
+        """Take one event; True when it has no row and should be printed as a line instead
+        (a hostless note or failure such as "deploy failed")."""
+        if event.host:
+            self._host(self.hosts.setdefault(event.host, Track(event.host)), event)
+            return False
+        track = self.controller.get(event.phase)
+        if track is None:
+            if event.status == "failed":  # the deploy failed: a step still running is where
+                for other in self.controller.values():
+                    if other.running:
+                        other.stack, other.failed = [], True
+                        other.seconds = max(0.0, event.at - other.started)
+            if event.status in ("failed", "info") or event.phase == "deploy":
+                return True
+            track = self.controller[event.phase] = Track(event.phase, step=event.phase)
+        if event.status == "start" or not track.running and event.status in ("progress", "output"):
+            track.stack, track.step, track.started = [event.phase], event.phase, event.at
+            track.seconds, track.failed = None, False
+            track.detail = event.detail
+        elif event.status in ("ok", "skipped", "failed"):
+            self._finish(track, event)
+        elif event.detail:
+            track.detail = event.detail
+        return False
+
+    def _host(self, track: Track, event: Event) -> None:
+        phase, status = event.phase, event.status
+        if status == "start" and phase not in track.stack:
+            if not track.stack:  # a new step of this host
+                track.step, track.started, track.seconds = phase, event.at, None
+                track.detail, track.sent, track.total = "", 0, 0
+                if phase not in self.order:
+                    self.order.append(phase)
+            track.stack.append(phase)
+            if phase != track.step:
+                track.detail = _sub_detail(track.step, event)
+            else:
+                track.detail = event.detail
+            return
+        if status in ("ok", "skipped", "failed"):
+            if phase in track.stack[1:]:  # a step inside the running one ended
+                del track.stack[track.stack.index(phase):]
+                if status != "failed":
+                    track.detail = _sub_detail(track.step, event)
+                    return
+            if status == "failed" or phase == track.step or not track.stack:
+                if not track.stack:
+                    track.step = phase
+                    if phase not in self.order:
+                        self.order.append(phase)
+                self._finish(track, event)
+            return
+        if event.bytes and event.data.get("total"):
+            track.sent, track.total = event.bytes, int(event.data["total"])
+        elif event.detail:
+            track.sent = track.total = 0
+        if event.detail:
+            track.detail = _sub_detail(track.step, event)
+
+    def _finish(self, track: Track, event: Event) -> None:
+        seconds = event.seconds if event.seconds is not None else max(0.0, event.at - track.started) if track.stack else 0.0
+        track.stack, track.seconds = [], seconds
+        track.total_seconds += seconds
+        track.sent = track.total = 0
+        if event.status == "failed":
+            track.failed = True
+            track.detail = (event.detail.splitlines() or [""])[0]
+            return
+        track.done.append(track.step)
+        if event.detail:
+            track.detail = event.detail if not event.host else _sub_detail(track.step, event)
+
+    def close(self, at: float) -> None:
+        """The deploy ended: running rows stop where they are; hosts show their outcome."""
+        self.closed_at = at
+
+    def rows(self, width: int, now: float, mask: Callable[[str], str] = str) -> list[Row]:
+        """The rows to draw at ``now``, none wider than ``width`` cells."""
+        now = self.closed_at if self.closed_at is not None else now
+        hosts = sorted(self.hosts.items())
+        shown: list[tuple[str, str, str, str, str]] = [self._controller_row(t, now) for t in self.controller.values()]
+        if len(hosts) > MAX_HOST_ROWS:
+            shown.append(self._counts_row([t for _, t in hosts], now))
+        else:
+            shown.extend(self._host_row(t, now) for _, t in hosts)
+        label_width = min(20, max((_cells(mask(r[1])) for r in shown), default=0))
+        # a steady column: the time does not shift each time a host's step changes name
+        step_width = max([len(r[2]) for r in shown] + [len(s) for s in self.order if len(hosts) <= MAX_HOST_ROWS],
+                         default=0)
+        step_width = max(step_width, 8) if step_width else 0
+        out = []
+        for state, label, step, clock, detail in shown:
+            icon = SPINNER[int(now * 10) % len(SPINNER)] if state == "running" else ICONS[state]
+            head = _fit(mask(label), label_width).ljust(label_width) + "  "
+            if step_width:
+                head += step.ljust(step_width) + "  "
+            out.append(_fitted(Row(state, icon, head, f"{clock:>6}  ", mask(detail)), width))
+        return out
+
+    def _controller_row(self, track: Track, now: float) -> tuple[str, str, str, str, str]:
+        state = _state(track, self.closed_at)
+        clock = _clock(now - track.started if track.running else track.seconds or 0.0)
+        return state, track.label, "", clock, _clean(track.detail)
+
+    def _host_row(self, track: Track, now: float) -> tuple[str, str, str, str, str]:
+        state = _state(track, self.closed_at)
+        if track.running:  # running, or stopped where it was when the view closed
+            detail = _bar(track.sent, track.total) if track.total else track.detail
+            return state, track.label, track.step, _clock(now - track.started), _clean(detail)
+        if self.closed_at is not None and state == "ok":
+            return state, track.label, "done", _clock(track.total_seconds), ", ".join(track.done)
+        return state, track.label, track.step, _clock(track.seconds or 0.0), _clean(track.detail)
+
+    def _counts_row(self, tracks: list[Track], now: float) -> tuple[str, str, str, str, str]:
+        counts: dict[str, list[int]] = {}
+        for track in tracks:
+            step = "done" if self.closed_at is not None and not track.failed else track.step or "waiting"
+            count = counts.setdefault(step, [0, 0])
+            count[0] += 1
+            count[1] += track.failed
+        order = [s for s in ["done", *reversed(self.order)] if s in counts] + [s for s in counts if s not in self.order and s != "done"]
+        detail = ", ".join(f"{counts[s][0]} {s}" + (f" ({counts[s][1]} failed)" if counts[s][1] else "") for s in order)
+        # the clock: while running, the oldest step still running (a host that is stuck shows);
+        # then the longest host's time
+        starts = [t.started for t in tracks if t.running]
+        running = self.closed_at is None and bool(starts)
+        state = "running" if running else "failed" if any(t.failed for t in tracks) else "ok"
+        seconds = now - min(starts) if running else max(t.total_seconds for t in tracks)
+        return state, f"{len(tracks)} hosts", "", _clock(seconds), detail
+
+
+def _state(track: Track, closed_at: float | None) -> str:
+    if track.failed:
+        return "failed"
+    if track.running:
+        return "stopped" if closed_at is not None else "running"
+    return "ok" if track.done or closed_at is not None else "waiting"
+
+
+def _sub_detail(step: str, event: Event) -> str:
+    """A host event inside its step, as one line: "venv building: 12 wheels with uv"."""
+    words = [] if event.phase == step else [event.phase]
+    if event.status not in ("progress", "info", "output", "start"):
+        words.append(event.status)
+    detail = (event.detail.splitlines() or [""])[0]
+    label = " ".join(words)
+    return f"{label}: {detail}" if label and detail else label or detail
+
+
+def _clean(text: str) -> str:
+    return " ".join(_CONTROL.sub(" ", (text.splitlines() or [""])[0]).split())
+
+
+def _clock(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, rest = divmod(int(seconds), 60)
+    return f"{minutes}m{rest:02d}s"
+
+
+def _bar(sent: int, total: int) -> str:
+    done = min(1.0, sent / max(1, total))
+    return f"{'█' * int(done * BAR)}{'░' * (BAR - int(done * BAR))} {human_bytes(sent)}/{human_bytes(total)}"
+
+
+def _cells(text: str) -> int:
+    from rich.cells import cell_len
+
+    return cell_len(text)
+
+
+def _fit(text: str, width: int) -> str:
+    """``text`` cut to ``width`` terminal cells, its end an ellipsis when it was cut."""
+    if _cells(text) <= width:
+        return text
+    from rich.cells import set_cell_size
+
+    return set_cell_size(text, max(0, width - 1)) + "…" if width > 0 else ""
+
+
+def _fitted(row: Row, width: int) -> Row:
+    """The row with its detail (then its head) cut so that the whole row fits ``width`` cells."""
+    room = width - _cells(f"{row.icon} {row.head}{row.clock}")
+    if room >= 0:
+        return Row(row.state, row.icon, row.head, row.clock, _fit(row.detail, room))
+    head = _fit(f"{row.head}{row.clock}", max(0, width - _cells(row.icon) - 1))
+    return Row(row.state, row.icon, head, "", "")
+
+
+def fit_lines(lines: list[str], width: int) -> list[str]:
+    """Lines folded to ``width`` columns for a terminal: a long line goes on, indented, on the
+    lines below (words kept whole where they fit), so nothing is cut and nothing wraps."""
+    out: list[str] = []
+    for line in (part for text in lines for part in text.split("\n")):
+        if _cells(line) <= width:
+            out.append(line)
+            continue
+        indent = " " * min(len(line) - len(line.lstrip(" ")) + 4, width // 4)
+        out.extend(textwrap.wrap(line, width, subsequent_indent=indent, break_on_hyphens=False)
+                   or [line[:width]])
+    return out
 
 
 def human_bytes(n: int) -> str:
