@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import pty
 import select
 import subprocess
 import sys
@@ -31,12 +32,11 @@ def test_the_remote_command_line_is_quoted_word_by_word() -> None:
 
 def test_exec_refuses_without_a_command_or_a_stage(tmp_path: Path) -> None:
     project = scaffold(tmp_path)
-    for args in (("exec", "--stage", "local"), ("exec", "--stage", "local", "--", ""),
-                 ("exec", "--stage", "nope", "--", "true")):
+    expected = {("exec", "--stage", "local"): "no command given", ("exec", "--stage", "local", "--", ""): "no command given",
+                ("exec", "--stage", "nope", "--", "true"): "unknown stage 'nope'"}
+    for args, message in expected.items():
         done = project.shiplane(*args)
-        assert done.returncode == 2 and "Traceback" not in done.stderr, (args, done.stderr)
-    assert "no command given" in project.shiplane("exec", "--stage", "local").stderr
-    assert "unknown stage 'nope'" in project.shiplane("exec", "--stage", "nope", "--", "true").stderr
+        assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, (args, done.stderr)
 
 
 @pytest.mark.slow
@@ -96,16 +96,19 @@ def test_exec_passes_the_exit_code_and_stdin_through(app: Project) -> None:
 
 
 class Terminal:
-    """A shiplane command on a pseudo-terminal, read with deadlines."""
+    """A shiplane command on a pseudo-terminal (its controlling terminal, as a login shell has
+    it: Ctrl-C there is SIGINT to shiplane and what it runs), read with deadlines."""
 
     def __init__(self, cwd: Path, *args: str) -> None:
-        master, slave = os.openpty()
-        self.master = master
+        env = {**os.environ, "NO_COLOR": "1", "TERM": "dumb"}
+        self.pid, self.master = pty.fork()
+        if self.pid == 0:  # the child: becomes shiplane, or exits
+            try:
+                os.chdir(cwd)
+                os.execve(sys.executable, [sys.executable, "-m", "shiplane", *args], env)
+            finally:
+                os._exit(127)
         self.output = b""
-        self.process = subprocess.Popen([sys.executable, "-m", "shiplane", *args], cwd=cwd, stdin=slave, stdout=slave,
-                                        stderr=slave, start_new_session=True,
-                                        env={**os.environ, "NO_COLOR": "1", "TERM": "dumb"})
-        os.close(slave)
 
     def expect(self, text: str, deadline: float = 60) -> None:
         end = time.monotonic() + deadline
@@ -125,11 +128,23 @@ class Terminal:
         os.write(self.master, text.encode())
 
     def close(self, deadline: float = 30) -> int:
+        """The exit code, once shiplane has ended (killed after ``deadline``)."""
+        end = time.monotonic() + deadline
         try:
-            return self.process.wait(timeout=deadline)
+            while time.monotonic() < end:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+                if pid:
+                    return os.waitstatus_to_exitcode(status)
+                readable, _, _ = select.select([self.master], [], [], 0.05)  # drain what it still prints
+                if readable:
+                    try:
+                        self.output += os.read(self.master, 4096)
+                    except OSError:  # EIO: it has closed the terminal, its exit is near
+                        pass
+            os.kill(self.pid, 9)
+            os.waitpid(self.pid, 0)
+            raise AssertionError(f"still running after {deadline}s: {self.output.decode(errors='replace')[-2000:]}")
         finally:
-            if self.process.poll() is None:
-                self.process.kill()
             os.close(self.master)
 
 
@@ -139,6 +154,10 @@ def test_exec_on_a_terminal_is_interactive(app: Project) -> None:
     term.expect(">>> ")
     term.send("print(6*7)\n")
     term.expect("42")
+    term.send("\x03")  # Ctrl-C is the REPL's: it goes on, and so does shiplane
+    term.expect("KeyboardInterrupt")
+    term.send("print('still' + 'here')\n")
+    term.expect("stillhere")
     term.send("exit()\n")
     assert term.close() == 0
 
