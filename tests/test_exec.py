@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from deployhelp import Project, scaffold
-from shiplane.transport.ssh import SSHTransport
+from shiplane.transport.ssh import SSHTransport, remove_control_dir
 from sshhosts import TestHosts
 
 
@@ -28,6 +28,7 @@ def test_the_remote_command_line_is_quoted_word_by_word() -> None:
     assert argv[0] == "ssh" and "StrictHostKeyChecking=yes" in argv and "ServerAliveInterval=7" in argv
     assert argv[-4:] == ["-t", "--", "deploy@web1", "python -c 'print('\"'\"'a b'\"'\"'); import os' '$HOME;rm -rf /'"]
     assert ssh.command_argv(["true"], tty=False)[-4:] == ["-T", "--", "deploy@web1", "true"]
+    remove_control_dir()  # made for its control sockets; nothing connected
 
 
 def test_exec_refuses_without_a_command_or_a_stage(tmp_path: Path) -> None:
