@@ -98,6 +98,15 @@ def test_a_failure_marks_the_step_that_was_running() -> None:
     assert re.match(r"✗ gate +3\.0s", board.rows(80, now=20)[0].plain)
 
 
+def test_a_step_told_only_by_its_progress_ends_with_the_view() -> None:
+    board = Board()  # `shiplane build` reports progress only, never a start or an end
+    board.feed(Event("build", "progress", detail="wheelhouse: 12 wheels", at=10))
+    board.feed(Event("build", "progress", detail="manifest: 8c254f56b2b0", at=11))
+    assert re.match(r"[⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏] build +1\.0s  manifest: 8c254f56b2b0$", board.rows(80, now=11)[0].plain)
+    board.close(12)
+    assert re.match(r"✓ build +2\.0s  manifest: 8c254f56b2b0$", board.rows(80, now=20)[0].plain)
+
+
 def test_summary_lines_fold_to_the_terminal_width() -> None:
     line = ("  local                    ok         release 20261204T183516227Z-8c254f56  sent 12.5 MiB  "
             "[connect 0.21s, lock 0.01s, copy 0.08s, install 0.61s, release 0.82s, switch 0.39s]")

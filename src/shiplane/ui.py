@@ -61,7 +61,7 @@ class Reporter:
     def __exit__(self, *exc: object) -> None:
         if self._live is not None:
             with self._lock:
-                self._board.close(time.time())
+                self._board.close(time.time(), ok=exc[0] is None)
             self._live.__exit__(None, None, None)  # its last refresh draws the closed board
             self._live = None
 
@@ -76,8 +76,11 @@ class Reporter:
             with self._lock:
                 loose = self._board.feed(event)
             # printed outside our lock: the live display's refresh holds its own lock, then takes ours
-            if loose or event.status == "failed" or (event.status == "output" and self.verbose):
+            if event.status == "output" and self.verbose:
                 self._live.console.print(self.mask(self._line(event)), highlight=False, markup=False)
+            elif loose or event.status == "failed":  # one line each: the summary tells it whole
+                self._live.console.print(self.mask(self._line(event)), highlight=False, markup=False,
+                                         no_wrap=True, overflow="ellipsis")
             return
         if event.status in ("progress", "output") and not self.verbose:
             return
@@ -164,6 +167,7 @@ class Track:
     sent: int = 0
     total: int = 0
     failed: bool = False
+    open_ended: bool = False  # begun by its progress, without a start: the view's end is its end
 
     @property
     def running(self) -> bool:
@@ -200,7 +204,7 @@ class Board:
             track = self.controller[event.phase] = Track(event.phase, step=event.phase)
         if event.status == "start" or not track.running and event.status in ("progress", "output"):
             track.stack, track.step, track.started = [event.phase], event.phase, event.at
-            track.seconds, track.failed = None, False
+            track.seconds, track.failed, track.open_ended = None, False, event.status != "start"
             track.detail = event.detail
         elif event.status in ("ok", "skipped", "failed"):
             self._finish(track, event)
@@ -255,9 +259,14 @@ class Board:
         if event.detail:
             track.detail = event.detail if not event.host else _sub_detail(track.step, event)
 
-    def close(self, at: float) -> None:
-        """The deploy ended: running rows stop where they are; hosts show their outcome."""
+    def close(self, at: float, ok: bool = True) -> None:
+        """The deploy ended (``ok``: without an exception): running rows stop where they are,
+        except a step that only reported progress, which ends here; hosts show their outcome."""
         self.closed_at = at
+        for track in self.controller.values():
+            if track.running and track.open_ended and ok:
+                track.stack, track.seconds = [], at - track.started
+                track.done.append(track.step)
 
     def rows(self, width: int, now: float, mask: Callable[[str], str] = str) -> list[Row]:
         """The rows to draw at ``now``, none wider than ``width`` cells."""
