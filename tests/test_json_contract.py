@@ -71,13 +71,14 @@ VERBS: list[tuple[str, ...]] = [
     ("reload", "--stage", "local"), ("rollback", "--stage", "local", "--yes"), ("prune", "--stage", "local"),
     ("tasks",), ("run", "hello"), ("lock", "--stage", "local", "--reason", "json"), ("lock", "status", "--stage", "local"),
     ("unlock", "--stage", "local"), ("verify", "--stage", "local"), ("stop", "--stage", "local"),
-    ("start", "--stage", "local"), ("clean",),
+    ("start", "--stage", "local"), ("exec", "--stage", "local", "--", "true"), ("clean",),
 ]
 
 
 def test_every_verb_speaks_the_contract(app: Project, tmp_path: Path) -> None:
     for verb in VERBS:
-        done = app.shiplane(*verb, "--json")
+        cut = verb.index("--") if "--" in verb else len(verb)  # after `--`, words are exec's command
+        done = app.shiplane(*verb[:cut], "--json", *verb[cut:])
         parsed = lines_of(done)
         assert done.returncode == 0 and "result" in parsed[-1], (verb, done.stdout[-800:], done.stderr[-800:])
     done = app.shiplane("init", str(tmp_path / "other"), "--json")
