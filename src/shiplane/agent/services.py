@@ -48,13 +48,21 @@ def _backend_file(layout: Layout) -> Path:
     return layout.run / "backend"
 
 
+# The process managers, by the name a stage's `backend` gives (config/schema.py lists the same
+# names): adding one is its module (a Backend, agent/backend.py), a line here, and its tests.
+BACKENDS: dict[str, Callable[[Layout, dict[str, Any]], Backend]] = {
+    "daemon": lambda layout, spec: DaemonBackend(layout),
+    "systemd": lambda layout, spec: SystemdBackend(layout, spec),
+}
+
+
 def choose_backend(spec: dict[str, Any] | None) -> str:
-    """``daemon`` or ``systemd`` for a spec (``auto``: systemd when PID 1 is systemd)."""
+    """A backend's name for a spec (``auto``: systemd when PID 1 is systemd, else the daemon)."""
     wanted = str((spec or {}).get("backend") or "auto")
-    if wanted not in ("auto", "daemon", "systemd"):
-        raise AgentError(f"unknown backend {wanted!r} (auto, daemon or systemd)", kind="usage")
     if wanted == "auto":
         return "systemd" if systemd_running() else "daemon"
+    if wanted not in BACKENDS:
+        raise AgentError(f"unknown backend {wanted!r} (auto, {', '.join(BACKENDS)})", kind="usage")
     return wanted
 
 
@@ -64,7 +72,7 @@ def recorded_backend(layout: Layout) -> str | None:
         name = _backend_file(layout).read_text().strip()
     except OSError:
         return None
-    return name if name in ("daemon", "systemd") else None
+    return name if name in BACKENDS else None
 
 
 def backend_for(layout: Layout, spec: dict[str, Any] | None, switching: bool = False) -> Backend:
@@ -81,9 +89,7 @@ def backend_for(layout: Layout, spec: dict[str, Any] | None, switching: bool = F
                              f"now asks for {name}: run `shiplane stop --all` for this stage "
                              f"first (the port moves, which cannot be done without a gap)",
                              kind="usage")
-    if name == "systemd":
-        return SystemdBackend(layout, spec or saved)
-    return DaemonBackend(layout)
+    return BACKENDS[name](layout, spec or saved)
 
 
 def switch(layout: Layout, release_id: str, spec: dict[str, Any], emit: Emit,
