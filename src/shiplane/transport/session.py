@@ -54,8 +54,8 @@ class AgentSession:
         self._stderr: list[str] = []
         self._next_id = 0
         self._lock = threading.Lock()  # one call at a time
-        self._write_lock = threading.Lock()  # a cancel may be written while a call waits
-        self._op: str | None = None  # the op in flight, once its request is fully written
+        self._write_lock = threading.RLock()  # a cancel may be written while a call waits
+        self._op: str | None = None  # the op in flight, once its request line is written
         threading.Thread(target=self._read_stdout, daemon=True).start()
         self._stderr_reader = threading.Thread(target=self._read_stderr, daemon=True)
         self._stderr_reader.start()
@@ -124,11 +124,12 @@ class AgentSession:
         """Ask the op in flight to end now, when it can (a hook: its process group is killed and
         the op fails kind ``interrupted``); any other op finishes as it would have. Called from
         another thread than the one waiting in ``call``."""
-        if self._op in CANCELLABLE:
-            try:
-                self._write(b'{"cancel":true}\n')
-            except HostError:
-                pass  # the agent is gone already: the call ends on its own
+        with self._write_lock:  # after the request line of the op in flight, never before it
+            if self._op in CANCELLABLE:
+                try:
+                    self._write(b'{"cancel":true}\n')
+                except HostError:
+                    pass  # the agent is gone already: the call ends on its own
 
     def call(self, op: str, args: dict[str, Any] | None = None, *, payload: Iterable[bytes] = (),
              on_event: EventHandler | None = None, timeout: float = 600) -> dict[str, Any]:
@@ -141,10 +142,13 @@ class AgentSession:
         with self._lock:
             self._next_id += 1
             request_id = self._next_id
-            self._write((json.dumps({"id": request_id, "op": op, "args": args or {}}) + "\n").encode())
+            # the request line and the op in flight change together: an interrupt that lands just
+            # after the line went out still cancels the op (no cancellable op has a payload)
+            with self._write_lock:
+                self._write((json.dumps({"id": request_id, "op": op, "args": args or {}}) + "\n").encode())
+                self._op = op
             for chunk in payload:
                 self._write(chunk)
-            self._op = op
             try:
                 return self._answer(op, request_id, timeout, on_event)
             finally:
