@@ -7,8 +7,9 @@ so the controller's ``AgentSession`` runs unchanged: hello, then one JSON reques
 and one answer per request, a ``receive``'s blob bytes right after its request line, a cancel
 line while a hook or a lock wait runs.
 
-Each request is answered by a handler ``(op, args, payload) -> result`` that returns the op's
-result or raises ``FakeError(kind, message)``. The defaults keep each host's state in memory as
+Each request is checked as the real agent checks it (``shiplane.agent.protocol.decode``: its
+defaults filled in), then answered by a handler ``(op, args, payload) -> result`` that returns
+the op's result or raises ``FakeError(kind, message)``. The defaults keep each host's state in memory as
 the real agent keeps it on disk: stored blobs, releases (``release.json`` as dicts, with their
 states), ``current``, the ledger and the deploy lock. A test changes one op on one host with
 ``hosts["h3"].on("switch", handler)`` (a handler may call ``host.default(op, args, payload)``
@@ -34,6 +35,8 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from shiplane.agent import lock as agent_lock
+from shiplane.agent import protocol
+from shiplane.agent.errors import AgentError
 from shiplane.agent.releases import artifact_digest
 
 Handler = Callable[[str, dict[str, Any], bytes], Any]
@@ -98,7 +101,11 @@ class _Call:
         _local.call = self
         host = self.process.host
         try:
+            # checked as the real agent checks it: a request it would refuse fails here too
+            self.args = protocol.decode(self.op, self.args)
             result = host.handler(self.op)(self.op, self.args, self.payload)
+        except AgentError as exc:
+            self.process.send({"id": self.id, "ok": False, "error": {"message": str(exc), "kind": exc.kind}})
         except FakeError as exc:
             self.process.send({"id": self.id, "ok": False,
                                "error": {**exc.data, "message": exc.message, "kind": exc.kind}})
@@ -611,6 +618,3 @@ class FakeHosts:
     def serving(self) -> dict[str, str | None]:
         """What each host serves now (its ``current``), by name."""
         return {name: host.current for name, host in self.hosts.items()}
-
-    def locks(self) -> dict[str, dict[str, Any] | None]:
-        return {name: host.lock for name, host in self.hosts.items()}

@@ -20,7 +20,8 @@ from typing import Any
 import pytest
 
 from deployhelp import scaffold
-from fakehosts import FakeError, FakeHosts, Gate
+from fakehosts import FakeError, FakeHost, FakeHosts, Gate
+from shiplane.agent import protocol
 from shiplane.commands.build import build_for_deploy
 from shiplane.commands.deploy import run_deploy
 from shiplane.commands.deployment import DeployOptions
@@ -127,6 +128,10 @@ def switch_log(hosts: FakeHosts, names: list[str]) -> list[tuple[str, str]]:
     for name in names:
         hosts[name].on("switch", logged(name))
     return log
+
+
+def test_the_fake_hosts_answer_every_op_of_the_protocol() -> None:
+    assert [op for op in protocol.OPS if not hasattr(FakeHost, f"_op_{op}")] == []
 
 
 # --- a plain deploy, and rolling batches ------------------------------------------------------------
