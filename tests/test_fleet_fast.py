@@ -187,6 +187,27 @@ def _waiting(gate: Gate, host: Any, then: Any) -> Any:
     return switch
 
 
+def test_no_host_switches_while_another_is_still_installing(app: Path, hosts: FakeHosts, artifact: str) -> None:
+    installing = Gate()
+    hosts["h2"].block("install", installing)
+    seen: list[list[str]] = []
+
+    def look_then_release() -> None:
+        if installing.reached.wait(30):
+            seen.append([h for h in FLEET if "switch" in hosts[h].ops])
+        installing.open()
+
+    watcher = threading.Thread(target=look_then_release)
+    watcher.start()
+    try:
+        result = deploy(app, hosts, artifact=artifact)
+    finally:
+        installing.open()
+        watcher.join()
+    assert seen == [[]]  # while h2 installed, nobody had switched
+    assert result["ok"] and {hosts[h].current for h in FLEET} == {result["release"]}
+
+
 # --- max_fail ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("max_fail", ["1", '"50%"'])
