@@ -178,7 +178,7 @@ class Project:
         started = time.perf_counter()
         while time.perf_counter() - started < deadline:
             done = self.shiplane("status", "--stage", "local", "--json")
-            services = json.loads(done.stdout)["hosts"]["local"]["services"]
+            services = json.loads(done.stdout)["result"]["hosts"]["local"]["services"]
             if any(s.get("preboot") and not s.get("release") and s.get("state") == "RUNNING"
                    for s in services):
                 return time.perf_counter() - started

@@ -89,6 +89,12 @@ def test_exec_runs_in_the_release_with_its_secrets(app: Project) -> None:
 
 
 @pytest.mark.slow
+def test_captured_output_masks_the_stages_secrets(app: Project) -> None:
+    done = app.shiplane("exec", "--stage", "local", "--json", "--", "sh", "-c", "echo key=$SECRET_KEY")
+    assert done.returncode == 0, done.stderr
+    assert secret_key(app) not in done.stdout and "key=***" in done.stdout
+
+
 def test_exec_passes_the_exit_code_and_stdin_through(app: Project) -> None:
     assert app.shiplane("exec", "--stage", "local", "--", "sh", "-c", "exit 3").returncode == 3
     done = subprocess.run([sys.executable, "-m", "shiplane", "exec", "--stage", "local", "--", "tr", "a-z", "A-Z"],

@@ -541,10 +541,13 @@ def unlock(obj: Context, stage: str | None, force: bool, hosts: str | None, sets
 # -- exec verbs ---------------------------------------------------------------------------------
 
 
-def _exec_output(as_json: bool) -> Callable[[str, str, str], None]:
-    """Where a captured command's lines go: prefixed by their host, or as --json events."""
+def _exec_output(as_json: bool, masker: Masker) -> Callable[[str, str, str], None]:
+    """Where a captured command's lines go: prefixed by their host, or as --json events; the
+    stage's secrets masked, as in every output (a command attached to the terminal is not ours
+    to read, so not masked)."""
 
-    def out(host: str, stream: str, text: str) -> None:
+    def out(host: str, stream: str, raw: str) -> None:
+        text = masker(raw)
         if as_json:
             click.echo(json.dumps({"phase": "exec", "status": "line", "host": host, "stream": stream, "detail": text,
                                    "v": JSON_VERSION}))
@@ -582,7 +585,7 @@ def exec_verb(obj: Context, stage: str | None, names: tuple[str, ...], every: bo
     shiplane's. Recorded in each host's ledger."""
     from shiplane.commands.exec import run_exec
 
-    result = run_exec(obj.file, stage, command, obj.masker, out=_exec_output(as_json), names=names, every=every,
+    result = run_exec(obj.file, stage, command, obj.masker, out=_exec_output(as_json, obj.masker), names=names, every=every,
                       tty=_has_terminal(), capture=as_json, hosts=hosts, sets=sets)
     _exec_finish(obj, result, as_json)
 
@@ -598,7 +601,7 @@ def console(obj: Context, stage: str | None, name: str | None, hosts: str | None
     """The app's framework shell in the live release (Django's manage.py shell, Flask's flask shell), as exec runs it."""
     from shiplane.commands.exec import run_console
 
-    result = run_console(obj.file, stage, obj.masker, out=_exec_output(as_json), names=(name,) if name else (),
+    result = run_console(obj.file, stage, obj.masker, out=_exec_output(as_json, obj.masker), names=(name,) if name else (),
                          tty=_has_terminal(), capture=as_json, hosts=hosts, sets=sets)
     _exec_finish(obj, result, as_json)
 
