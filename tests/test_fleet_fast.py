@@ -472,9 +472,6 @@ def test_an_install_that_fails_on_one_host_switches_nothing_anywhere(app: Path, 
     assert all(hosts[h].lock is None for h in FLEET)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="gap: Fleet.chain goes on to a host's next steps after Ctrl-C (a copy under way "
-                          "is followed by its install), so the interrupted deploy waits for installs it no longer needs")
 def test_ctrl_c_during_a_copy_starts_no_install_there(app: Path, hosts: FakeHosts, artifact: str) -> None:
     # h2 waits for alice's lock (a cancellable op): its cancel tells h1 that the controller took the Ctrl-C
     hosts["h2"].hold_lock(user="alice", host="laptop")

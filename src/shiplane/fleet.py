@@ -57,6 +57,7 @@ class Fleet:
     # miss one, when the interrupt lands while a pool is being set up or taken down)
     _busy: int = 0
     _idle: threading.Condition = field(default_factory=threading.Condition)
+    _stopping: threading.Event = field(default_factory=threading.Event)  # interrupted: no next step
 
     @property
     def hosts(self) -> list[str]:
@@ -122,6 +123,8 @@ class Fleet:
         def run_steps(host: str) -> dict[str, Outcome]:
             done: dict[str, Outcome] = {}
             for phase, work in steps:
+                if self._stopping.is_set():  # Ctrl-C: the step under way ends, no next one starts
+                    break
                 done[phase] = self._run(phase, work, host, quiet=False)
                 if not done[phase].ok:
                     break
@@ -182,7 +185,8 @@ class Fleet:
 
     def cancel(self) -> None:
         """Ask every host's op in flight to end now where it can (a running hook); see
-        ``AgentSession.cancel``."""
+        ``AgentSession.cancel``; a host's chain of steps starts no next step."""
+        self._stopping.set()
         for session in list(self.sessions.values()):
             session.cancel()
 
