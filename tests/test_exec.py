@@ -95,6 +95,7 @@ def test_captured_output_masks_the_stages_secrets(app: Project) -> None:
     assert secret_key(app) not in done.stdout and "key=***" in done.stdout
 
 
+@pytest.mark.slow
 def test_exec_passes_the_exit_code_and_stdin_through(app: Project) -> None:
     assert app.shiplane("exec", "--stage", "local", "--", "sh", "-c", "exit 3").returncode == 3
     done = subprocess.run([sys.executable, "-m", "shiplane", "exec", "--stage", "local", "--", "tr", "a-z", "A-Z"],
