@@ -273,6 +273,10 @@ def _prepare(d: Deployment, rendered: Any) -> None:
     request = install_request(d.ctx.project.deploy, d.ctx.stage, d.rid, d.manifest, d.ctx.layered, rendered)
     if d.options.until:  # no switch follows: a server started early would only idle
         request["preboot_web"] = None
+    if d.ctx.project.deploy.stages[d.ctx.stage].is_local:
+        # the venv on this machine is made with the interpreter the agent runs with (the
+        # controller's own for "python3"), which the wheelhouse was built for
+        request["python"] = d.fleet.python_for("local")
     # the host starts making the venv it lacks (uv's interpreter query) while the blobs arrive
     venv_hint = None if d.options.until == "copy" else \
         {"digest": request["manifest"].get("dependency_digest"), "python": request["python"],
