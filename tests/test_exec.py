@@ -25,19 +25,32 @@ from sshhosts import TestHosts
 def test_the_remote_command_line_is_quoted_word_by_word() -> None:
     ssh = SSHTransport("deploy@web1:2222", options=["ServerAliveInterval=7"])
     argv = ssh.command_argv(["python", "-c", "print('a b'); import os", "$HOME;rm -rf /"], tty=True)
-    assert argv[0] == "ssh" and "StrictHostKeyChecking=yes" in argv and "ServerAliveInterval=7" in argv
-    assert argv[-4:] == ["-t", "--", "deploy@web1", "python -c 'print('\"'\"'a b'\"'\"'); import os' '$HOME;rm -rf /'"]
+    assert (
+        argv[0] == "ssh" and "StrictHostKeyChecking=yes" in argv and "ServerAliveInterval=7" in argv
+    )
+    assert argv[-4:] == [
+        "-t",
+        "--",
+        "deploy@web1",
+        "python -c 'print('\"'\"'a b'\"'\"'); import os' '$HOME;rm -rf /'",
+    ]
     assert ssh.command_argv(["true"], tty=False)[-4:] == ["-T", "--", "deploy@web1", "true"]
     remove_control_dir()  # made for its control sockets; nothing connected
 
 
 def test_exec_refuses_without_a_command_or_a_stage(tmp_path: Path) -> None:
     project = scaffold(tmp_path)
-    expected = {("exec", "--stage", "local"): "no command given", ("exec", "--stage", "local", "--", ""): "no command given",
-                ("exec", "--stage", "nope", "--", "true"): "unknown stage 'nope'"}
+    expected = {
+        ("exec", "--stage", "local"): "no command given",
+        ("exec", "--stage", "local", "--", ""): "no command given",
+        ("exec", "--stage", "nope", "--", "true"): "unknown stage 'nope'",
+    }
     for args, message in expected.items():
         done = project.shiplane(*args)
-        assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, (args, done.stderr)
+        assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, (
+            args,
+            done.stderr,
+        )
 
 
 @pytest.mark.slow
@@ -45,7 +58,10 @@ def test_exec_refuses_where_nothing_is_deployed(tmp_path: Path) -> None:
     project = scaffold(tmp_path)
     done = project.shiplane("exec", "--stage", "local", "--", "true")
     assert done.returncode == 2, done.stderr
-    assert "nothing is deployed on local" in done.stderr and "shiplane deploy --stage local" in done.stderr
+    assert (
+        "nothing is deployed on local" in done.stderr
+        and "shiplane deploy --stage local" in done.stderr
+    )
 
 
 # -- the local stage --------------------------------------------------------------------------------
@@ -71,7 +87,9 @@ def secret_key(project: Project) -> str:
 @pytest.mark.slow
 def test_exec_runs_in_the_release_with_its_secrets(app: Project) -> None:
     secret = secret_key(app)
-    check = f'import os, sys; print(os.environ["SECRET_KEY"] == "{secret}", os.getcwd(), sys.prefix)'
+    check = (
+        f'import os, sys; print(os.environ["SECRET_KEY"] == "{secret}", os.getcwd(), sys.prefix)'
+    )
     done = app.shiplane("exec", "--stage", "local", "--", "python", "-c", check, check=True)
     same, cwd, prefix = done.stdout.split()
     assert same == "True"
@@ -79,7 +97,9 @@ def test_exec_runs_in_the_release_with_its_secrets(app: Project) -> None:
     assert prefix.startswith(str(app.deploy_root / "venvs")), prefix  # the release's venv python
     assert secret not in done.stdout + done.stderr
 
-    entries = json.loads(app.shiplane("history", "--stage", "local", "--json", check=True).stdout.splitlines()[-1])
+    entries = json.loads(
+        app.shiplane("history", "--stage", "local", "--json", check=True).stdout.splitlines()[-1]
+    )
     execs = [e for e in entries["result"]["hosts"]["local"]["entries"] if e.get("event") == "exec"]
     assert execs and execs[-1]["command"][:2] == ["python", "-c"] and execs[-1]["exit_code"] == 0
     assert execs[-1]["release"] == app.current() and execs[-1]["stage"] == "local"
@@ -90,7 +110,9 @@ def test_exec_runs_in_the_release_with_its_secrets(app: Project) -> None:
 
 @pytest.mark.slow
 def test_captured_output_masks_the_stages_secrets(app: Project) -> None:
-    done = app.shiplane("exec", "--stage", "local", "--json", "--", "sh", "-c", "echo key=$SECRET_KEY")
+    done = app.shiplane(
+        "exec", "--stage", "local", "--json", "--", "sh", "-c", "echo key=$SECRET_KEY"
+    )
     assert done.returncode == 0, done.stderr
     assert secret_key(app) not in done.stdout and "key=***" in done.stdout
 
@@ -98,8 +120,15 @@ def test_captured_output_masks_the_stages_secrets(app: Project) -> None:
 @pytest.mark.slow
 def test_exec_passes_the_exit_code_and_stdin_through(app: Project) -> None:
     assert app.shiplane("exec", "--stage", "local", "--", "sh", "-c", "exit 3").returncode == 3
-    done = subprocess.run([sys.executable, "-m", "shiplane", "exec", "--stage", "local", "--", "tr", "a-z", "A-Z"],
-                          cwd=app.root, input="piped in\n", capture_output=True, text=True, timeout=60, check=False)
+    done = subprocess.run(
+        [sys.executable, "-m", "shiplane", "exec", "--stage", "local", "--", "tr", "a-z", "A-Z"],
+        cwd=app.root,
+        input="piped in\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert done.returncode == 0 and done.stdout == "PIPED IN\n", done.stderr
 
 
@@ -122,14 +151,18 @@ class Terminal:
         end = time.monotonic() + deadline
         while text.encode() not in self.output:
             left = end - time.monotonic()
-            assert left > 0, f"no {text!r} within {deadline}s; got: {self.output.decode(errors='replace')[-2000:]}"
+            assert left > 0, (
+                f"no {text!r} within {deadline}s; got: {self.output.decode(errors='replace')[-2000:]}"
+            )
             readable, _, _ = select.select([self.master], [], [], left)
             if readable:
                 try:
                     chunk = os.read(self.master, 4096)
                 except OSError:  # EIO: every writer of the terminal is gone
                     chunk = b""
-                assert chunk, f"ended before {text!r}; got: {self.output.decode(errors='replace')[-2000:]}"
+                assert chunk, (
+                    f"ended before {text!r}; got: {self.output.decode(errors='replace')[-2000:]}"
+                )
                 self.output += chunk
 
     def send(self, text: str) -> None:
@@ -143,7 +176,9 @@ class Terminal:
                 pid, status = os.waitpid(self.pid, os.WNOHANG)
                 if pid:
                     return os.waitstatus_to_exitcode(status)
-                readable, _, _ = select.select([self.master], [], [], 0.05)  # drain what it still prints
+                readable, _, _ = select.select(
+                    [self.master], [], [], 0.05
+                )  # drain what it still prints
                 if readable:
                     try:
                         self.output += os.read(self.master, 4096)
@@ -151,7 +186,9 @@ class Terminal:
                         pass
             os.kill(self.pid, 9)
             os.waitpid(self.pid, 0)
-            raise AssertionError(f"still running after {deadline}s: {self.output.decode(errors='replace')[-2000:]}")
+            raise AssertionError(
+                f"still running after {deadline}s: {self.output.decode(errors='replace')[-2000:]}"
+            )
         finally:
             os.close(self.master)
 
@@ -189,7 +226,10 @@ def test_console_says_what_to_run_when_it_cannot_tell(app: Project) -> None:
         toml.write_text(text.replace('wsgi = "demo:create_app()"', 'asgi = "demo:create_app()"'))
         done = app.shiplane("console", "--stage", "local")
         assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
-        assert "cannot tell which shell" in done.stderr and "shiplane exec --stage local -- python" in done.stderr
+        assert (
+            "cannot tell which shell" in done.stderr
+            and "shiplane exec --stage local -- python" in done.stderr
+        )
     finally:
         toml.write_text(text)
     done = app.shiplane("console", "--stage", "local", "--host", "nowhere")
@@ -205,11 +245,14 @@ def fleet(ssh_hosts: TestHosts, tmp_path_factory: pytest.TempPathFactory) -> Ite
     project = scaffold(tmp_path_factory.mktemp("exs"))
     toml = project.root / "shiplane.toml"
     text = toml.read_text()
-    text = text.replace('release = "alembic upgrade head"', 'release = "alembic upgrade head"\n'
-                        'after_install = ["alembic upgrade head"]')
-    text = text[:text.index("[stages.staging]")] + (
+    text = text.replace(
+        'release = "alembic upgrade head"',
+        'release = "alembic upgrade head"\nafter_install = ["alembic upgrade head"]',
+    )
+    text = text[: text.index("[stages.staging]")] + (
         f'[stages.fleet]\nhosts = ["shl-h1", "shl-h2", "shl-h3"]\ndeploy_to = "/srv/exec-demo"\nport = 8400\n'
-        f'bind = "0.0.0.0"\nssh_config = "{ssh_hosts.ssh_config}"\n')
+        f'bind = "0.0.0.0"\nssh_config = "{ssh_hosts.ssh_config}"\n'
+    )
     toml.write_text(text)
     secrets = project.root / ".secrets" / "fleet.env"
     secrets.write_text("SECRET_KEY=exec-fleet-secret\n")
@@ -226,24 +269,42 @@ def fleet(ssh_hosts: TestHosts, tmp_path_factory: pytest.TempPathFactory) -> Ite
 @pytest.mark.slow
 @pytest.mark.ssh
 def test_exec_on_every_host_prefixes_each_line(fleet: Project) -> None:
-    done = fleet.shiplane("exec", "--stage", "fleet", "--all", "--", "sh", "-c",
-                          'echo "$(hostname) $SECRET_KEY $(basename "$PWD")"', check=True)
+    done = fleet.shiplane(
+        "exec",
+        "--stage",
+        "fleet",
+        "--all",
+        "--",
+        "sh",
+        "-c",
+        'echo "$(hostname) $SECRET_KEY $(basename "$PWD")"',
+        check=True,
+    )
     lines = sorted(done.stdout.splitlines())
     assert [line.split(":")[0] for line in lines] == ["shl-h1", "shl-h2", "shl-h3"], done.stdout
     for line in lines:
         host, _, rest = line.partition(": ")
         name, secret, release = rest.split()
-        assert name == host and secret == "exec-fleet-secret" and release.startswith("20")
+        # the stage's secret reached each host's command, and is masked in what shiplane prints
+        assert name == host and secret == "***" and release.startswith("20")
+    assert "exec-fleet-secret" not in done.stdout
 
 
 @pytest.mark.slow
 @pytest.mark.ssh
 def test_exec_passes_each_hosts_exit_code(fleet: Project) -> None:
-    one = fleet.shiplane("exec", "--stage", "fleet", "--host", "shl-h2", "--", "sh", "-c", "hostname; exit 5")
+    one = fleet.shiplane(
+        "exec", "--stage", "fleet", "--host", "shl-h2", "--", "sh", "-c", "hostname; exit 5"
+    )
     assert one.returncode == 5 and one.stdout == "shl-h2\n", one.stderr
-    several = fleet.shiplane("exec", "--stage", "fleet", "--all", "--", "sh", "-c", 'test "$(hostname)" != shl-h3')
+    several = fleet.shiplane(
+        "exec", "--stage", "fleet", "--all", "--", "sh", "-c", 'test "$(hostname)" != shl-h3'
+    )
     assert several.returncode == 1
-    assert "failed on shl-h3 (exit code 1)" in several.stderr and "shl-h1" not in several.stderr.split("failed on")[1]
+    assert (
+        "failed on shl-h3 (exit code 1)" in several.stderr
+        and "shl-h1" not in several.stderr.split("failed on")[1]
+    )
 
 
 @pytest.mark.slow
