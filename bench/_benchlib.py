@@ -40,21 +40,37 @@ class Timed:
     started_at: float  # time.time() just before the start, to compare with event timestamps
 
 
-def run(cmd: Sequence[str], cwd: Path, *, env: dict[str, str] | None = None,
-        timeout: float = 600.0, check: bool = True) -> Timed:
+def run(
+    cmd: Sequence[str],
+    cwd: Path,
+    *,
+    env: dict[str, str] | None = None,
+    timeout: float = 600.0,
+    check: bool = True,
+) -> Timed:
     """Run ``cmd`` to completion and time it (wall clock, ``perf_counter``)."""
     started_at = time.time()
     t0 = time.perf_counter()
     try:
-        proc = subprocess.run(list(cmd), cwd=cwd, env=env, capture_output=True, text=True,
-                              timeout=timeout, stdin=subprocess.DEVNULL, check=False)
+        proc = subprocess.run(
+            list(cmd),
+            cwd=cwd,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
+            check=False,
+        )
     except subprocess.TimeoutExpired as exc:
         raise BenchError(f"timed out after {timeout:g}s: {' '.join(cmd)}") from exc
     seconds = time.perf_counter() - t0
     if check and proc.returncode != 0:
-        raise BenchError(f"exit {proc.returncode}: {' '.join(cmd)} (in {cwd})\n"
-                         f"--- stdout (tail)\n{proc.stdout[-3000:]}\n"
-                         f"--- stderr (tail)\n{proc.stderr[-3000:]}")
+        raise BenchError(
+            f"exit {proc.returncode}: {' '.join(cmd)} (in {cwd})\n"
+            f"--- stdout (tail)\n{proc.stdout[-3000:]}\n"
+            f"--- stderr (tail)\n{proc.stderr[-3000:]}"
+        )
     return Timed(seconds, proc.returncode, proc.stdout, proc.stderr, started_at)
 
 
@@ -126,12 +142,20 @@ class Started:
 
     pids: set[int] = field(default_factory=set)
 
-    def spawn(self, cmd: Sequence[str], cwd: Path, log: Path,
-              env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    def spawn(
+        self, cmd: Sequence[str], cwd: Path, log: Path, env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
         """Start ``cmd`` detached in its own session (its pid is its process group id)."""
         with open(log, "ab") as out:
-            proc = subprocess.Popen(list(cmd), cwd=cwd, env=env, stdin=subprocess.DEVNULL,
-                                    stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            proc = subprocess.Popen(
+                list(cmd),
+                cwd=cwd,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         self.pids.add(proc.pid)
         return proc
 
@@ -204,8 +228,14 @@ class Series:
         return max(self.values) if self.values else float("nan")
 
     def as_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "n": len(self.values), "median": self.median,
-                "min": self.low, "max": self.high, "values": self.values}
+        return {
+            "name": self.name,
+            "n": len(self.values),
+            "median": self.median,
+            "min": self.low,
+            "max": self.high,
+            "values": self.values,
+        }
 
 
 def clean_up(cleanups: Sequence[Any], work: Path, keep: bool, say: Any) -> None:

@@ -54,11 +54,18 @@ class Measured:
 
     def as_dict(self) -> dict[str, Any]:
         """Everything measured, for ``--raw``."""
-        return {"wall": self.run.wall, "cpu_machine": self.cpu_machine,
-                "cpu_controller": self.cpu_controller, "cpu_hosts": self.cpu_hosts,
-                "code_size": self.code_size, "controller": self.run.controller_phases(),
-                "hosts": {h: {"bytes": self.run.bytes_sent(h), "phases": self.run.host_phases(h)}
-                          for h in self.hosts}}
+        return {
+            "wall": self.run.wall,
+            "cpu_machine": self.cpu_machine,
+            "cpu_controller": self.cpu_controller,
+            "cpu_hosts": self.cpu_hosts,
+            "code_size": self.code_size,
+            "controller": self.run.controller_phases(),
+            "hosts": {
+                h: {"bytes": self.run.bytes_sent(h), "phases": self.run.host_phases(h)}
+                for h in self.hosts
+            },
+        }
 
 
 @dataclass
@@ -93,19 +100,31 @@ class Fleet:
         out = []
         for n in self.sizes:
             hosts = ", ".join(f'"shl-h{i}"' for i in range(1, n + 1))
-            out.append(f'[stages.{self.stage(n)}]\nhosts = [{hosts}]\n'
-                       f'deploy_to = "/srv/{self.deploy_dir(n)}"\nport = {self.port(n)}\n'
-                       f'bind = "0.0.0.0"\nssh_config = "{self.testhosts.ssh_config}"\n\n')
+            out.append(
+                f"[stages.{self.stage(n)}]\nhosts = [{hosts}]\n"
+                f'deploy_to = "/srv/{self.deploy_dir(n)}"\nport = {self.port(n)}\n'
+                f'bind = "0.0.0.0"\nssh_config = "{self.testhosts.ssh_config}"\n\n'
+            )
         return "".join(out)
 
     def hosts(self, n: int) -> list[TestHost]:
         return self.testhosts.hosts[:n]
 
-    def shiplane(self, *args: str, env: dict[str, str] | None = None, timeout: float = 600.0,
-                 check: bool = True) -> Timed:
+    def shiplane(
+        self,
+        *args: str,
+        env: dict[str, str] | None = None,
+        timeout: float = 600.0,
+        check: bool = True,
+    ) -> Timed:
         """Run the ``shiplane`` CLI in the app's checkout."""
-        return run([sys.executable, "-m", "shiplane", *args], self.root,
-                   env={**os.environ, "NO_COLOR": "1", **(env or {})}, timeout=timeout, check=check)
+        return run(
+            [sys.executable, "-m", "shiplane", *args],
+            self.root,
+            env={**os.environ, "NO_COLOR": "1", **(env or {})},
+            timeout=timeout,
+            check=check,
+        )
 
     def commit_edit(self) -> str:
         """A one-line change of the app's code, committed; returns the marker it shows."""
@@ -120,8 +139,9 @@ class Fleet:
         """Replace the first line of ``rel`` matching ``pattern`` with ``new``, commit as
         ``marker``; returns ``marker``."""
         path = self.root / rel
-        text, count = re.subn(pattern, lambda _: new, path.read_text(encoding="utf-8"), count=1,
-                              flags=re.MULTILINE)
+        text, count = re.subn(
+            pattern, lambda _: new, path.read_text(encoding="utf-8"), count=1, flags=re.MULTILINE
+        )
         if count != 1:
             raise BenchError(f"{self.workload}: no line of {rel} matches {pattern!r}")
         path.write_text(text, encoding="utf-8")
@@ -132,7 +152,9 @@ class Fleet:
         """The app's code in the artifact: its wheel (the code-only redeploy's yardstick)."""
         return next(int(f["size"]) for f in manifest["app_files"] if f["kind"] == "wheel")
 
-    def deploy(self, n: int, env: dict[str, str] | None = None, by_program: bool = False) -> Measured:
+    def deploy(
+        self, n: int, env: dict[str, str] | None = None, by_program: bool = False
+    ) -> Measured:
         """``deploy --stage <stage> --json``, timed; ``by_program`` also samples the hosts' CPU
         by program (the sampler's own polling costs some CPU: not for the timed rounds)."""
         stage = self.stage(n)
@@ -143,7 +165,9 @@ class Fleet:
             if thread is not None:
                 thread.start()
         busy0, ctl0, hosts0 = busy_jiffies(), children_cpu(), hosts_cpu(self.testhosts)
-        done = self.shiplane("deploy", "--stage", stage, "--skip-tests", "--json", env=env, check=False)
+        done = self.shiplane(
+            "deploy", "--stage", stage, "--skip-tests", "--json", env=env, check=False
+        )
         busy = (busy_jiffies() - busy0) / os.sysconf("SC_CLK_TCK")
         ctl = children_cpu() - ctl0 + watch.stop()
         programs = sampler.stop() if sampler is not None else {}
@@ -154,13 +178,23 @@ class Fleet:
         except BenchError:
             result = {}
         if done.returncode != 0 or not result.get("ok"):
-            raise BenchError(f"{self.workload}: deploy --stage {stage} exited {done.returncode}: "
-                             f"{result.get('error')}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-        manifest = json.loads((self.root / ".shiplane/build/artifacts" /
-                               f"{result['artifact']}.json").read_text())
+            raise BenchError(
+                f"{self.workload}: deploy --stage {stage} exited {done.returncode}: "
+                f"{result.get('error')}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+            )
+        manifest = json.loads(
+            (self.root / ".shiplane/build/artifacts" / f"{result['artifact']}.json").read_text()
+        )
         names = [h.name for h in self.hosts(n)]
-        return Measured(DeployRun(done.seconds, result, events, done.started_at), names, busy, ctl,
-                        on_hosts, self.code_size(manifest), programs)
+        return Measured(
+            DeployRun(done.seconds, result, events, done.started_at),
+            names,
+            busy,
+            ctl,
+            on_hosts,
+            self.code_size(manifest),
+            programs,
+        )
 
     def check_serves(self, n: int, marker: str, done: Measured) -> None:
         """Every host of the stage serves ``/`` with ``marker`` on its public port (and, for an
@@ -173,8 +207,10 @@ class Fleet:
                 want.append(f"release {release}")
             missing = [m for m in want if m not in body]
             if status != 200 or missing:
-                raise BenchError(f"{self.workload}: {host.name} answers {status} without "
-                                 f"{missing!r} after the deploy: {body[:200]!r}")
+                raise BenchError(
+                    f"{self.workload}: {host.name} answers {status} without "
+                    f"{missing!r} after the deploy: {body[:200]!r}"
+                )
 
     def stop(self, n: int) -> None:
         """``shiplane stop --all`` on the stage, if this bench deployed it."""
@@ -192,8 +228,10 @@ class Fleet:
 
     def venvs(self, n: int) -> dict[str, list[str]]:
         """Each host's dependency venvs of the stage (a code-only redeploy leaves them alone)."""
-        return {h.name: sorted(p.name for p in (h.root / self.deploy_dir(n) / "venvs").glob("*"))
-                for h in self.hosts(n)}
+        return {
+            h.name: sorted(p.name for p in (h.root / self.deploy_dir(n) / "venvs").glob("*"))
+            for h in self.hosts(n)
+        }
 
     def stop_all(self) -> None:
         """Stop every stage this bench deployed (each tried, the first error raised after)."""
@@ -220,9 +258,11 @@ class ScaffoldFleet(Fleet):
         toml = fleet.root / "shiplane.toml"
         text = toml.read_text()
         # each host has its own sqlite database: migrate on every host, not only on the primary
-        text = text.replace('release = "alembic upgrade head"',
-                            'release = "alembic upgrade head"\nafter_install = ["alembic upgrade head"]')
-        toml.write_text(text[:text.index("[stages.staging]")] + fleet.stages_toml())
+        text = text.replace(
+            'release = "alembic upgrade head"',
+            'release = "alembic upgrade head"\nafter_install = ["alembic upgrade head"]',
+        )
+        toml.write_text(text[: text.index("[stages.staging]")] + fleet.stages_toml())
         for n in sizes:
             secrets = fleet.root / ".secrets" / f"fleet{n}.env"
             secrets.write_text("SECRET_KEY=bench-fleet-secret-value\n")
@@ -234,8 +274,12 @@ class ScaffoldFleet(Fleet):
         """A one-line change of a template string, committed; returns the marker it shows."""
         self.edits += 1
         marker = f"bench edit {self.edits}"
-        return self._commit_line(EDITED_FILE, rf"^.*{re.escape(EDITED_TEXT)}.*$",
-                                 f'        "<footer>demo, {EDITED_TEXT} ({marker})</footer>\\n"', marker)
+        return self._commit_line(
+            EDITED_FILE,
+            rf"^.*{re.escape(EDITED_TEXT)}.*$",
+            f'        "<footer>demo, {EDITED_TEXT} ({marker})</footer>\\n"',
+            marker,
+        )
 
 
 MINIMAL_APP = '''"""The fleet bench's minimal app: a stdlib WSGI callable, served by gunicorn."""
@@ -257,7 +301,7 @@ def app(environ, start_response):
     return [body]
 '''
 
-MINIMAL_TOML = '''[app]
+MINIMAL_TOML = """[app]
 name = "minimal"
 wsgi = "app:app"
 source = "tree"
@@ -269,7 +313,7 @@ requirements = "requirements.txt"
 workers = 1
 healthcheck = { path = "/up", timeout = 15 }
 
-'''
+"""
 
 
 def hashed_lock(requirements: str, workdir: Path) -> str:
@@ -283,8 +327,18 @@ def hashed_lock(requirements: str, workdir: Path) -> str:
     src, out = workdir / "requirements.in", workdir / "requirements.txt"
     src.write_text(requirements)
     version = f"{sys.version_info.major}.{sys.version_info.minor}"
-    cmd = [uv, "pip", "compile", "-q", "--generate-hashes", "--python-version", version,
-           str(src), "-o", str(out)]
+    cmd = [
+        uv,
+        "pip",
+        "compile",
+        "-q",
+        "--generate-hashes",
+        "--python-version",
+        version,
+        str(src),
+        "-o",
+        str(out),
+    ]
     done = subprocess.run([*cmd, "--offline"], capture_output=True, text=True, check=False)
     if done.returncode != 0:
         done = subprocess.run(cmd, capture_output=True, text=True, check=False)

@@ -26,6 +26,7 @@ def children_cpu() -> float:
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
 
+
 def _stat(pid: int) -> list[str] | None:
     """Fields of /proc/<pid>/stat after the command name (index 0 is the state), or None."""
     try:
@@ -77,12 +78,20 @@ def _host_pids(inodes: set[str]) -> list[int]:
 
 # What runs on a host, by its command line (the first match wins); unmatched processes count
 # as their parent's (compileall's workers, a hook's shell).
-PROGRAMS = [(b"gunicorn", "gunicorn (the app's server)"),
-            # a release's server started early, or the spare for the next deploy (preboot.py)
-            (b"preboot.py", "gunicorn (the app's server)"), (b"alembic", "alembic (the hooks)"),
-            (b"compileall", "byte-compiling (compileall)"), (b"/uv", "uv"), (b"pip", "pip"),
-            (b"venv", "python -m venv"), (b"supervisord", "supervisord"),
-            (b"proxy", "the front proxy"), (b"shiplane", "the agent"), (b"sshd", "sshd")]
+PROGRAMS = [
+    (b"gunicorn", "gunicorn (the app's server)"),
+    # a release's server started early, or the spare for the next deploy (preboot.py)
+    (b"preboot.py", "gunicorn (the app's server)"),
+    (b"alembic", "alembic (the hooks)"),
+    (b"compileall", "byte-compiling (compileall)"),
+    (b"/uv", "uv"),
+    (b"pip", "pip"),
+    (b"venv", "python -m venv"),
+    (b"supervisord", "supervisord"),
+    (b"proxy", "the front proxy"),
+    (b"shiplane", "the agent"),
+    (b"sshd", "sshd"),
+]
 
 
 class ProgramSampler(threading.Thread):
@@ -112,8 +121,11 @@ class ProgramSampler(threading.Thread):
                     continue
                 if fields:
                     name = next((n for mark, n in PROGRAMS if mark in argv), None)
-                    scan[pid] = (name, int(fields[1]), (int(fields[11]) + int(fields[12]))
-                                 / os.sysconf("SC_CLK_TCK"))
+                    scan[pid] = (
+                        name,
+                        int(fields[1]),
+                        (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"),
+                    )
             for pid, (name, ppid, cpu) in scan.items():
                 parent = ppid
                 while name is None and parent in scan:
@@ -147,7 +159,9 @@ class MasterWatch(threading.Thread):
         self.done = threading.Event()
 
     def run(self) -> None:
-        while not self.done.wait(0.2):  # poll interval; what a master used in its last 0.2 s is missed
+        while not self.done.wait(
+            0.2
+        ):  # poll interval; what a master used in its last 0.2 s is missed
             for pid in _pids():
                 try:
                     argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
@@ -157,10 +171,11 @@ class MasterWatch(threading.Thread):
                     fields = _stat(pid)
                     # a master forked into the background (the clients are shiplane's children)
                     if fields and not _is_shiplane(int(fields[1])):
-                        self.seen[pid] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+                        self.seen[pid] = (int(fields[11]) + int(fields[12])) / os.sysconf(
+                            "SC_CLK_TCK"
+                        )
 
     def stop(self) -> float:
         self.done.set()
         self.join(timeout=5)
         return sum(self.seen.values())
-

@@ -16,8 +16,23 @@ ROWS = [
     ("manual_downtime", "(d) … of which: downtime (old gunicorn stopped until `/up` 200)"),
     ("floor", "(e) floor: gunicorn from an existing venv until `/up` 200"),
 ]
-PHASE_ORDER = ["gate", "test", "build", "connect", "lock", "copy", "install", "release",
-               "switch", "switch ▸ until live", "switch ▸ after live", "finalize", "prune", "unlock", "controller (rest)"]
+PHASE_ORDER = [
+    "gate",
+    "test",
+    "build",
+    "connect",
+    "lock",
+    "copy",
+    "install",
+    "release",
+    "switch",
+    "switch ▸ until live",
+    "switch ▸ after live",
+    "finalize",
+    "prune",
+    "unlock",
+    "controller (rest)",
+]
 
 
 def _s(x: float) -> str:
@@ -27,8 +42,10 @@ def _s(x: float) -> str:
 def _row(series: Series, label: str) -> str:
     if not series.values:
         return f"| {label} | – | – | – | 0 |"
-    return (f"| {label} | {_s(series.median)} | {_s(series.low)} | {_s(series.high)} | "
-            f"{len(series.values)} |")
+    return (
+        f"| {label} | {_s(series.median)} | {_s(series.low)} | {_s(series.high)} | "
+        f"{len(series.values)} |"
+    )
 
 
 def _targets(res: dict[str, Any]) -> list[str]:
@@ -40,21 +57,32 @@ def _targets(res: dict[str, Any]) -> list[str]:
     rollback_live = s["rollback_live"].median
     rows = [
         ("warm redeploy / floor (b)/(e)", f"{warm_floor:.1f}×", "≤ 2×", warm_floor <= 2),
-        ("… counting only until the new release takes traffic", f"{live_floor:.1f}×", "≤ 2×",
-         live_floor <= 2),
+        (
+            "… counting only until the new release takes traffic",
+            f"{live_floor:.1f}×",
+            "≤ 2×",
+            live_floor <= 2,
+        ),
         ("manual flow / cold deploy (d)/(a)", f"{manual_cold:.1f}×", "≥ 5×", manual_cold >= 5),
         ("rollback (c), whole command", _s(rollback), "≤ 1 s", rollback <= 1),
-        ("… counting only until the old release takes traffic", _s(rollback_live), "≤ 1 s",
-         rollback_live <= 1),
+        (
+            "… counting only until the old release takes traffic",
+            _s(rollback_live),
+            "≤ 1 s",
+            rollback_live <= 1,
+        ),
     ]
     out = ["| ratio or figure | measured (medians) | target | met |", "|---|---|---|---|"]
-    out += [f"| {name} | {value} | {target} | {'yes' if ok else '**no**'} |"
-            for name, value, target, ok in rows]
+    out += [
+        f"| {name} | {value} | {target} | {'yes' if ok else '**no**'} |"
+        for name, value, target, ok in rows
+    ]
     return out
 
 
-def _phase_table(phases: dict[str, Series], title: str, total: float,
-                 ordered: bool = True) -> list[str]:
+def _phase_table(
+    phases: dict[str, Series], title: str, total: float, ordered: bool = True
+) -> list[str]:
     names = list(phases)
     if ordered:
         names.sort(key=lambda n: (PHASE_ORDER.index(n) if n in PHASE_ORDER else 50, n))
@@ -62,8 +90,9 @@ def _phase_table(phases: dict[str, Series], title: str, total: float,
     for name in names:
         series = phases[name]
         share = f"{100 * series.median / total:.0f} %" if total > 0 else "–"
-        out.append(f"| {name} | {_s(series.median)} | {_s(series.low)} | {_s(series.high)} | "
-                   f"{share} |")
+        out.append(
+            f"| {name} | {_s(series.median)} | {_s(series.low)} | {_s(series.high)} | {share} |"
+        )
     return out
 
 
@@ -91,10 +120,14 @@ def render_markdown(res: dict[str, Any]) -> str:
         "",
         f"- **Machine:** {m['cores']} cores ({m['cpu']}), {m['os']}",
         f"- **Python:** {m['python']} (`{m['python_path']}`), {m['uv']}, shiplane {m['shiplane']}",
-        (f"- **Date:** {m['date']}; 1-minute load average during the rounds "
-         f"{min(res['load']):.1f}–{max(res['load']):.1f} (other work shared the cores)"),
-        (f"- **Reproduce** (from the repository root, about {res['bench_seconds'] / 60:.0f} min): "
-         f"`{res['command']}`"),
+        (
+            f"- **Date:** {m['date']}; 1-minute load average during the rounds "
+            f"{min(res['load']):.1f}–{max(res['load']):.1f} (other work shared the cores)"
+        ),
+        (
+            f"- **Reproduce** (from the repository root, about {res['bench_seconds'] / 60:.0f} min): "
+            f"`{res['command']}`"
+        ),
         "",
         "| scenario | median | min | max | runs |",
         "|---|---|---|---|---|",
@@ -102,35 +135,53 @@ def render_markdown(res: dict[str, Any]) -> str:
     ]
     first = res.get("cold_first") or {}
     if first:
-        lines.append(f"| (a) cold deploy with an empty per-user cache (the controller's first deploy: "
-                     f"wheelhouse and bytecode made), once | {_s(first['wall'])} | | | 1 |")
+        lines.append(
+            f"| (a) cold deploy with an empty per-user cache (the controller's first deploy: "
+            f"wheelhouse and bytecode made), once | {_s(first['wall'])} | | | 1 |"
+        )
     if gate:
         ctrl = ", ".join(f"{k} {v:.2f} s" for k, v in gate.get("controller", {}).items())
-        lines.append(f"| (a) cold deploy with the test gate (`deploy --stage local`), once | "
-                     f"{_s(gate['wall'])} | | | 1 |")
+        lines.append(
+            f"| (a) cold deploy with the test gate (`deploy --stage local`), once | "
+            f"{_s(gate['wall'])} | | | 1 |"
+        )
         lines += ["", f"The gated cold deploy's controller phases: {ctrl}."]
     lines += ["", "## Targets", "", *_targets(res), ""]
     warm_total = s["warm"].median
-    lines += ["## Where a warm redeploy spends its time", "",
-              "Per-phase timings of the warm redeploys, from `deploy --json` (`build` from its",
-              "event, the host phases from `result.hosts.local.phases`; `controller (rest)` is the",
-              "wall time not inside any phase: interpreter start, config, gate check, output;",
-              "the two `switch ▸` rows split `switch` at the moment the new release takes new",
-              "connections; `connect` runs while `build` does, so the rows add up to more than",
-              "the wall time and `controller (rest)` is a lower bound).", "",
-              *_phase_table(res["warm_phases"], "phase", warm_total), ""]
+    lines += [
+        "## Where a warm redeploy spends its time",
+        "",
+        "Per-phase timings of the warm redeploys, from `deploy --json` (`build` from its",
+        "event, the host phases from `result.hosts.local.phases`; `controller (rest)` is the",
+        "wall time not inside any phase: interpreter start, config, gate check, output;",
+        "the two `switch ▸` rows split `switch` at the moment the new release takes new",
+        "connections; `connect` runs while `build` does, so the rows add up to more than",
+        "the wall time and `controller (rest)` is a lower bound).",
+        "",
+        *_phase_table(res["warm_phases"], "phase", warm_total),
+        "",
+    ]
     cold: dict[str, Series] = {}
     for run in res["cold_runs"]:
         phases = {**run["controller"], **run["phases"]}
         phases["controller (rest)"] = run["wall"] - sum(phases.values())
         for name, secs in phases.items():
             cold.setdefault(name, Series(name)).add(secs)
-    lines += ["## Where a cold deploy spends its time", "",
-              *_phase_table(cold, "phase", s["cold"].median), ""]
-    lines += ["## The manual flow, step by step", "",
-              *_phase_table(res["manual_steps"], "step", s["manual"].median, ordered=False), ""]
     lines += [
-        "## How it is measured", "",
+        "## Where a cold deploy spends its time",
+        "",
+        *_phase_table(cold, "phase", s["cold"].median),
+        "",
+    ]
+    lines += [
+        "## The manual flow, step by step",
+        "",
+        *_phase_table(res["manual_steps"], "step", s["manual"].median, ordered=False),
+        "",
+    ]
+    lines += [
+        "## How it is measured",
+        "",
         "- (a) before each run the stage's services are stopped (`shiplane stop --all`) and",
         "  `.shiplane/` is deleted: a fresh deploy root (host store, venvs) and a fresh",
         "  `.shiplane/build`. The per-user uv, pip and shiplane caches (`~/.cache`: wheels,",
@@ -142,7 +193,7 @@ def render_markdown(res: dict[str, Any]) -> str:
         "- (b) each run edits a template string in `src/demo/views.py`, commits, deploys, and",
         "  checks that no venv was built, the host's `venvs/` is unchanged, under 256 KiB was",
         "  sent, and the public port serves the edited page. (c) follows each (b) and checks the",
-        "  public port no longer serves it. \"Until … takes new connections\" is the `live`",
+        '  public port no longer serves it. "Until … takes new connections" is the `live`',
         "  event of `--json`, counted from the command's start; after it the old server stays",
         "  up as the standby and the worker services restart (the standby before it exits in",
         "  the background). Each deploy leaves a *spare* gunicorn with the venv's libraries",
@@ -151,8 +202,10 @@ def render_markdown(res: dict[str, Any]) -> str:
         "  switch. The spare's imports (~0.4 CPU-s) run in the background after the previous",
         "  deploy, between two runs here as between any two deploys; they are not in (b).",
         "  Before each (b) the bench waits until `status` shows the spare running (median",
-        (f"  {_median(res.get('settle') or [0.0]):.1f} s after the cold deploy, `status` calls "
-         "included), as any pause of a second"),
+        (
+            f"  {_median(res.get('settle') or [0.0]):.1f} s after the cold deploy, `status` calls "
+            "included), as any pause of a second"
+        ),
         "  or two between two deploys allows; a redeploy fired within about a second of the",
         "  previous one adopts a spare still importing and takes ~0.2 s longer.",
         "- Between scenarios the bench runs `sync` after deleting a deploy root or the manual",
@@ -167,12 +220,14 @@ def render_markdown(res: dict[str, Any]) -> str:
         "  before traffic, and serves nothing while it restarts (the downtime row).",
         "- (e) starts the same gunicorn from an existing venv and polls `/up` every 10 ms:",
         "  the least any deploy that starts a new server can take on this machine.",
-        ("- `PYTHONDONTWRITEBYTECODE` was set for every process (`--env-as-is`): Python wrote no"
-         "\n  bytecode caches, so every start compiled the venv's modules again."
-         if res.get("dont_write_bytecode") else
-         "- Every process ran without `PYTHONDONTWRITEBYTECODE` (the bench unsets it: this"
-         "\n  machine's environment sets it, a server's login environment rarely does), so"
-         "\n  Python caches bytecode in the venvs as it goes."),
+        (
+            "- `PYTHONDONTWRITEBYTECODE` was set for every process (`--env-as-is`): Python wrote no"
+            "\n  bytecode caches, so every start compiled the venv's modules again."
+            if res.get("dont_write_bytecode")
+            else "- Every process ran without `PYTHONDONTWRITEBYTECODE` (the bench unsets it: this"
+            "\n  machine's environment sets it, a server's login environment rarely does), so"
+            "\n  Python caches bytecode in the venvs as it goes."
+        ),
         "",
     ]
     return "\n".join(lines)

@@ -100,13 +100,18 @@ class DeployRun:
                 marks[str(status)] = float(ev["at"])
         if not {"start", "live", "ok"} <= set(marks):
             return {}
-        return {"switch ▸ until live": marks["live"] - marks["start"],
-                "switch ▸ after live": marks["ok"] - marks["live"]}
+        return {
+            "switch ▸ until live": marks["live"] - marks["start"],
+            "switch ▸ after live": marks["ok"] - marks["live"],
+        }
 
     def venv_builds(self) -> list[dict[str, Any]]:
         """Events showing a dependency venv being built (a warm redeploy must have none)."""
-        return [ev for ev in self.events if ev.get("phase") == "venv" and ev.get("status") in
-                ("building", "built")]
+        return [
+            ev
+            for ev in self.events
+            if ev.get("phase") == "venv" and ev.get("status") in ("building", "built")
+        ]
 
     def bytes_sent(self, host: str = "local") -> int:
         return int(((self.result.get("hosts") or {}).get(host) or {}).get("bytes") or 0)
@@ -131,8 +136,9 @@ class Project:
         return cls(root, port)
 
     def shiplane(self, *args: str, timeout: float = 300.0) -> Timed:
-        return run([sys.executable, "-m", "shiplane", *args], self.root, env=self.env,
-                   timeout=timeout)
+        return run(
+            [sys.executable, "-m", "shiplane", *args], self.root, env=self.env, timeout=timeout
+        )
 
     def _json_run(self, *args: str) -> DeployRun:
         done = self.shiplane(*args, "--stage", "local", "--set", f"port={self.port}", "--json")
@@ -179,8 +185,10 @@ class Project:
         while time.perf_counter() - started < deadline:
             done = self.shiplane("status", "--stage", "local", "--json")
             services = json.loads(done.stdout)["result"]["hosts"]["local"]["services"]
-            if any(s.get("preboot") and not s.get("release") and s.get("state") == "RUNNING"
-                   for s in services):
+            if any(
+                s.get("preboot") and not s.get("release") and s.get("state") == "RUNNING"
+                for s in services
+            ):
                 return time.perf_counter() - started
         raise BenchError(f"no spare web server was running {deadline:g}s after the deploy")
 
@@ -236,13 +244,22 @@ class Manual:
         return env
 
     def gunicorn(self, venv: Path, port: int) -> Any:
-        cmd = [str(venv / "bin" / "gunicorn"), "--workers", "2", "--bind",
-               f"127.0.0.1:{port}", "demo:create_app()"]
+        cmd = [
+            str(venv / "bin" / "gunicorn"),
+            "--workers",
+            "2",
+            "--bind",
+            f"127.0.0.1:{port}",
+            "demo:create_app()",
+        ]
         return self.started.spawn(cmd, self.remote, self.base / "gunicorn.log", env=self.env())
 
     def wait_up(self, proc: Any, port: int) -> float:
-        return wait_http_200(f"http://127.0.0.1:{port}/up", time.perf_counter() + BOOT_DEADLINE,
-                             alive=lambda: proc.poll() is None)
+        return wait_http_200(
+            f"http://127.0.0.1:{port}/up",
+            time.perf_counter() + BOOT_DEADLINE,
+            alive=lambda: proc.poll() is None,
+        )
 
     def _install(self) -> tuple[Path, dict[str, float]]:
         """Build the wheel, copy it with the config, make a fresh venv and pip install into it."""
@@ -251,8 +268,11 @@ class Manual:
         t0 = time.perf_counter()
         # build: the article's `clean` + `compile` (setup.py bdist_wheel -> pip wheel today)
         shutil.rmtree(self.dist, ignore_errors=True)
-        run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(self.dist), "."],
-            self.project, env=env)
+        run(
+            [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(self.dist), "."],
+            self.project,
+            env=env,
+        )
         t1 = time.perf_counter()
         # copy: the article's `pack` + `scp` of the wheel and the config files (cp here)
         wheel = next(self.dist.glob("*.whl"))
@@ -264,8 +284,11 @@ class Manual:
         venv = self.remote / f"venv-{self.runs}"
         run([sys.executable, "-m", "venv", str(venv)], self.remote, env=env)
         pip = str(venv / "bin" / "pip")
-        run([pip, "install", "-q", "-r", str(self.project / "requirements.txt")], self.remote,
-            env=env)
+        run(
+            [pip, "install", "-q", "-r", str(self.project / "requirements.txt")],
+            self.remote,
+            env=env,
+        )
         run([pip, "install", "-q", str(self.remote / wheel.name)], self.remote, env=env)
         t3 = time.perf_counter()
         return venv, {"wheel": t1 - t0, "copy": t2 - t1, "venv+pip": t3 - t2}
@@ -284,8 +307,13 @@ class Manual:
         if previous is not None:  # not part of the article's flow: keeps the disk bounded
             shutil.rmtree(previous, ignore_errors=True)
             os.sync()  # its writeback must not land inside the next timed scenario
-        return {**times, "stop": t4 - t3, "start+up": up - t4, "total": up - t0,
-                "downtime": up - t3}
+        return {
+            **times,
+            "stop": t4 - t3,
+            "start+up": up - t4,
+            "total": up - t0,
+            "downtime": up - t3,
+        }
 
     def setup(self) -> None:
         """The server's first state (not timed): the app installed, migrated and serving."""

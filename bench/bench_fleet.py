@@ -69,8 +69,12 @@ def _on_signal(signum: int, _frame: Any) -> None:
 
 def new_results(sizes: tuple[int, ...]) -> dict[str, Any]:
     """One workload's runs: per kind of deploy, per fleet size; the profiled pass by (kind, n)."""
-    return {"cold": {n: [] for n in sizes}, "warm": {n: [] for n in sizes},
-            "cold_pip": {n: [] for n in sizes}, "profile": {}}
+    return {
+        "cold": {n: [] for n in sizes},
+        "warm": {n: [] for n in sizes},
+        "cold_pip": {n: [] for n in sizes},
+        "profile": {},
+    }
 
 
 def one_round(fleet: Fleet, res: dict[str, Any], load_log: list[float], pip: bool) -> None:
@@ -88,10 +92,14 @@ def one_round(fleet: Fleet, res: dict[str, Any], load_log: list[float], pip: boo
         warm = fleet.deploy(n)
         fleet.check_serves(n, marker, warm)
         if warm.run.venv_builds() or fleet.venvs(n) != before:
-            raise BenchError(f"{fleet.workload}: the code-only redeploy to {n} host(s) built a venv")
+            raise BenchError(
+                f"{fleet.workload}: the code-only redeploy to {n} host(s) built a venv"
+            )
         res["warm"][n].append(warm)
-        _say(f"  {fleet.workload}, {n} host(s): warm {warm.run.wall:.2f}s, sent "
-             f"{warm.per_host_bytes()} bytes (code {warm.code_size})")
+        _say(
+            f"  {fleet.workload}, {n} host(s): warm {warm.run.wall:.2f}s, sent "
+            f"{warm.per_host_bytes()} bytes (code {warm.code_size})"
+        )
         fleet.stop(n)
     if pip:
         for n in fleet.sizes:
@@ -123,28 +131,51 @@ def raw_results(res: dict[str, Any]) -> dict[str, Any]:
         w = res.get(workload)
         if not w:
             continue
-        raw[workload] = {k: {str(n): [r.as_dict() for r in v[n]] for n in v}
-                         for k, v in w.items() if k != "profile"}
-        raw[workload]["profile"] = {f"{kind} {n}": {**m.as_dict(), "programs": m.programs}
-                                    for (kind, n), m in w["profile"].items()}
+        raw[workload] = {
+            k: {str(n): [r.as_dict() for r in v[n]] for n in v}
+            for k, v in w.items()
+            if k != "profile"
+        }
+        raw[workload]["profile"] = {
+            f"{kind} {n}": {**m.as_dict(), "programs": m.programs}
+            for (kind, n), m in w["profile"].items()
+        }
     return raw
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=3, help="rounds (default 3)")
-    parser.add_argument("--sizes", default=",".join(map(str, SIZES)),
-                        help="fleet sizes, ascending (default 1,4,8)")
-    parser.add_argument("--pip-runs", type=int, default=1, metavar="N",
-                        help="rounds (the first N) that also deploy cold with SHIPLANE_SHIP_UV=0, "
-                             "the hosts installing with pip (default 1; 0: none)")
-    parser.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
-                        help="first wait up to SECONDS for the 1-minute load average to drop "
-                             "below 1.0 (other work on the machine skews every figure)")
-    parser.add_argument("--workload", choices=("scaffold", "minimal", "both"), default="both",
-                        help="the scaffolded app, the minimal app, or both (default)")
-    parser.add_argument("--no-profile", action="store_true",
-                        help="skip the untimed pass that samples the hosts' CPU by program")
+    parser.add_argument(
+        "--sizes", default=",".join(map(str, SIZES)), help="fleet sizes, ascending (default 1,4,8)"
+    )
+    parser.add_argument(
+        "--pip-runs",
+        type=int,
+        default=1,
+        metavar="N",
+        help="rounds (the first N) that also deploy cold with SHIPLANE_SHIP_UV=0, "
+        "the hosts installing with pip (default 1; 0: none)",
+    )
+    parser.add_argument(
+        "--wait-idle",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="first wait up to SECONDS for the 1-minute load average to drop "
+        "below 1.0 (other work on the machine skews every figure)",
+    )
+    parser.add_argument(
+        "--workload",
+        choices=("scaffold", "minimal", "both"),
+        default="both",
+        help="the scaffolded app, the minimal app, or both (default)",
+    )
+    parser.add_argument(
+        "--no-profile",
+        action="store_true",
+        help="skip the untimed pass that samples the hosts' CPU by program",
+    )
     parser.add_argument("--out", type=Path, help=f"write the '{HEADING}' section into this file")
     parser.add_argument("--raw", type=Path, help="write every measurement as JSON to this file")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (for debugging)")
@@ -159,15 +190,21 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _on_signal)
     wait_idle(args.wait_idle)
     workloads = WORKLOADS if args.workload == "both" else (args.workload,)
-    res: dict[str, Any] = {"sizes": list(sizes), "load": [], "workloads": list(workloads),
-                           **{w: new_results(sizes) for w in workloads}}
+    res: dict[str, Any] = {
+        "sizes": list(sizes),
+        "load": [],
+        "workloads": list(workloads),
+        **{w: new_results(sizes) for w in workloads},
+    }
     res["machine"], res["runs"], res["pip_runs"] = machine(), args.runs, args.pip_runs
-    res["command"] = (f"python bench/bench_fleet.py --runs {args.runs}"
-                      + (f" --sizes {args.sizes}" if sizes != SIZES else "")
-                      + (f" --pip-runs {args.pip_runs}" if args.pip_runs != 1 else "")
-                      + (f" --wait-idle {args.wait_idle:g}" if args.wait_idle else "")
-                      + (f" --workload {args.workload}" if args.workload != "both" else "")
-                      + (f" --out {args.out}" if args.out else ""))
+    res["command"] = (
+        f"python bench/bench_fleet.py --runs {args.runs}"
+        + (f" --sizes {args.sizes}" if sizes != SIZES else "")
+        + (f" --pip-runs {args.pip_runs}" if args.pip_runs != 1 else "")
+        + (f" --wait-idle {args.wait_idle:g}" if args.wait_idle else "")
+        + (f" --workload {args.workload}" if args.workload != "both" else "")
+        + (f" --out {args.out}" if args.out else "")
+    )
     work = Path(tempfile.mkdtemp(prefix="shiplane-fleet-bench-"))
     testhosts: TestHosts | None = None
     fleets: list[Fleet] = []
@@ -183,8 +220,12 @@ def main(argv: list[str] | None = None) -> int:
         for i in range(args.runs):
             _say(f"round {i + 1}/{args.runs} (load {load():.2f})")
             for fleet in fleets:
-                one_round(fleet, res[fleet.workload], res["load"],
-                          i < args.pip_runs and fleet.workload == "scaffold")
+                one_round(
+                    fleet,
+                    res[fleet.workload],
+                    res["load"],
+                    i < args.pip_runs and fleet.workload == "scaffold",
+                )
         if not args.no_profile:
             _say("untimed: the hosts' CPU by program (cold and warm, smallest and largest size)")
             for fleet in fleets:
@@ -192,8 +233,12 @@ def main(argv: list[str] | None = None) -> int:
     except (BenchError, KeyboardInterrupt) as exc:
         failed = str(exc) or type(exc).__name__
     finally:
-        clean_up([f.stop_all for f in fleets] + [testhosts.stop if testhosts else None], work,
-                 args.keep, _say)
+        clean_up(
+            [f.stop_all for f in fleets] + [testhosts.stop if testhosts else None],
+            work,
+            args.keep,
+            _say,
+        )
     if failed:
         print(f"bench failed: {failed}", file=sys.stderr)
         return 1

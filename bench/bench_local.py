@@ -64,19 +64,30 @@ def machine() -> dict[str, Any]:
     uv = shutil.which("uv")
     uv_version = "not found"
     if uv:
-        uv_version = subprocess.run([uv, "--version"], capture_output=True, text=True,
-                                    check=False).stdout.strip()
+        uv_version = subprocess.run(
+            [uv, "--version"], capture_output=True, text=True, check=False
+        ).stdout.strip()
     from importlib.metadata import version
+
     os_name = platform.platform()
     try:
-        os_name = next(ln.split("=", 1)[1].strip('"') for ln in
-                       Path("/etc/os-release").read_text().splitlines()
-                       if ln.startswith("PRETTY_NAME="))
+        os_name = next(
+            ln.split("=", 1)[1].strip('"')
+            for ln in Path("/etc/os-release").read_text().splitlines()
+            if ln.startswith("PRETTY_NAME=")
+        )
     except (OSError, StopIteration):
         pass
-    return {"cores": os.cpu_count(), "cpu": cpu, "python": platform.python_version(),
-            "python_path": sys.executable, "os": os_name, "shiplane": version("shiplane"),
-            "uv": uv_version, "date": datetime.datetime.now().astimezone().isoformat(timespec="minutes")}
+    return {
+        "cores": os.cpu_count(),
+        "cpu": cpu,
+        "python": platform.python_version(),
+        "python_path": sys.executable,
+        "os": os_name,
+        "shiplane": version("shiplane"),
+        "uv": uv_version,
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="minutes"),
+    }
 
 
 def check_warm(run: DeployRun, venvs_before: list[str], venvs_after: list[str]) -> None:
@@ -94,8 +105,12 @@ def check_warm(run: DeployRun, venvs_before: list[str], venvs_after: list[str]) 
 
 def timeline(run: DeployRun) -> list[str]:
     """The run's events as ``+seconds phase status detail`` lines (for the raw results)."""
-    return [f"+{float(ev['at']) - run.started_at:6.3f} {ev.get('phase')} {ev.get('status')} "
-            f"{ev.get('detail') or ''}".rstrip() for ev in run.events if "at" in ev]
+    return [
+        f"+{float(ev['at']) - run.started_at:6.3f} {ev.get('phase')} {ev.get('status')} "
+        f"{ev.get('detail') or ''}".rstrip()
+        for ev in run.events
+        if "at" in ev
+    ]
 
 
 def load() -> float:
@@ -119,8 +134,11 @@ def warm_up(project: Project, manual: Manual, res: dict[str, Any]) -> None:
     _say("(a) cold deploy with the test gate, once")
     project.wipe()
     gated = project.deploy(gate=True)
-    res["cold_gate"] = {"wall": gated.wall, "controller": gated.controller_phases(),
-                        "phases": gated.host_phases()}
+    res["cold_gate"] = {
+        "wall": gated.wall,
+        "controller": gated.controller_phases(),
+        "phases": gated.host_phases(),
+    }
     _say("(a) cold deploy with an empty per-user cache (this controller's first deploy), once")
     project.wipe()
     saved = dict(project.env)
@@ -146,9 +164,15 @@ def one_round(project: Project, manual: Manual, res: dict[str, Any]) -> None:
     project.wipe()
     cold = project.deploy()
     s["cold"].add(cold.wall)
-    res["cold_runs"].append({"wall": cold.wall, "controller": cold.controller_phases(),
-                             "phases": cold.host_phases(), "bytes": cold.bytes_sent(),
-                             "timeline": timeline(cold)})
+    res["cold_runs"].append(
+        {
+            "wall": cold.wall,
+            "controller": cold.controller_phases(),
+            "phases": cold.host_phases(),
+            "bytes": cold.bytes_sent(),
+            "timeline": timeline(cold),
+        }
+    )
 
     res["settle"].append(project.settle())
     marker = project.commit_edit()
@@ -166,8 +190,15 @@ def one_round(project: Project, manual: Manual, res: dict[str, Any]) -> None:
     phases.update(warm.switch_split())
     for name, secs in phases.items():
         res["warm_phases"].setdefault(name, Series(name)).add(secs)
-    res["warm_runs"].append({"wall": warm.wall, "bytes": warm.bytes_sent(), "phases": phases,
-                             "to_live": live, "timeline": timeline(warm)})
+    res["warm_runs"].append(
+        {
+            "wall": warm.wall,
+            "bytes": warm.bytes_sent(),
+            "phases": phases,
+            "to_live": live,
+            "timeline": timeline(warm),
+        }
+    )
 
     back = project.rollback()
     if marker in project.page():
@@ -176,8 +207,7 @@ def one_round(project: Project, manual: Manual, res: dict[str, Any]) -> None:
     live = back.to_live()
     if live is not None:
         s["rollback_live"].add(live)
-    res["rollback_runs"].append({"wall": back.wall, "to_live": live,
-                                 "timeline": timeline(back)})
+    res["rollback_runs"].append({"wall": back.wall, "to_live": live, "timeline": timeline(back)})
 
     steps = manual.steps()
     s["manual"].add(steps["total"])
@@ -190,15 +220,32 @@ def one_round(project: Project, manual: Manual, res: dict[str, Any]) -> None:
 
 
 def new_results() -> dict[str, Any]:
-    names = ["cold", "warm", "warm_live", "rollback", "rollback_live", "manual",
-             "manual_downtime", "floor"]
-    return {"series": {n: Series(n) for n in names}, "warm_phases": {}, "manual_steps": {},
-            "cold_runs": [], "warm_runs": [], "rollback_runs": [], "cold_gate": None,
-            "load": [], "settle": []}
+    names = [
+        "cold",
+        "warm",
+        "warm_live",
+        "rollback",
+        "rollback_live",
+        "manual",
+        "manual_downtime",
+        "floor",
+    ]
+    return {
+        "series": {n: Series(n) for n in names},
+        "warm_phases": {},
+        "manual_steps": {},
+        "cold_runs": [],
+        "warm_runs": [],
+        "rollback_runs": [],
+        "cold_gate": None,
+        "load": [],
+        "settle": [],
+    }
 
 
 def to_json(res: dict[str, Any]) -> dict[str, Any]:
     """The results as plain JSON data (each Series as its dict)."""
+
     def conv(obj: Any) -> Any:
         if isinstance(obj, Series):
             return obj.as_dict()
@@ -207,6 +254,7 @@ def to_json(res: dict[str, Any]) -> dict[str, Any]:
         if isinstance(obj, list):
             return [conv(v) for v in obj]
         return obj
+
     return {k: conv(v) for k, v in res.items()}
 
 
@@ -216,12 +264,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="write the figures as Markdown to this file")
     parser.add_argument("--raw", type=Path, help="write every measurement as JSON to this file")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (for debugging)")
-    parser.add_argument("--env-as-is", action="store_true",
-                        help="keep PYTHONDONTWRITEBYTECODE if set (default: unset it, as on a "
-                             "typical server, so Python may write bytecode caches)")
-    parser.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
-                        help="first wait up to SECONDS for the 1-minute load average to drop "
-                             "below 1.0 (other work on the machine skews every figure)")
+    parser.add_argument(
+        "--env-as-is",
+        action="store_true",
+        help="keep PYTHONDONTWRITEBYTECODE if set (default: unset it, as on a "
+        "typical server, so Python may write bytecode caches)",
+    )
+    parser.add_argument(
+        "--wait-idle",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="first wait up to SECONDS for the 1-minute load average to drop "
+        "below 1.0 (other work on the machine skews every figure)",
+    )
     args = parser.parse_args(argv)
     if args.runs < 1:
         parser.error("--runs must be at least 1")
@@ -233,9 +289,13 @@ def main(argv: list[str] | None = None) -> int:
         del os.environ["PYTHONDONTWRITEBYTECODE"]
     wait_idle(args.wait_idle)
 
-    command = "python bench/bench_local.py --runs " + str(args.runs) + \
-        (f" --wait-idle {args.wait_idle:g}" if args.wait_idle else "") + \
-        (f" --out {args.out}" if args.out else "") + (" --env-as-is" if args.env_as_is else "")
+    command = (
+        "python bench/bench_local.py --runs "
+        + str(args.runs)
+        + (f" --wait-idle {args.wait_idle:g}" if args.wait_idle else "")
+        + (f" --out {args.out}" if args.out else "")
+        + (" --env-as-is" if args.env_as_is else "")
+    )
     res = new_results()
     res["machine"] = machine()
     res["runs"] = args.runs
@@ -252,15 +312,25 @@ def main(argv: list[str] | None = None) -> int:
         manual = Manual(project.root, work / "manual", free_port(), free_port(), started)
         warm_up(project, manual, res)
         for i in range(args.runs):
-            _say(f"round {i + 1}/{args.runs}: cold, warm, rollback, manual, floor "
-                 f"(load {load():.2f})")
+            _say(
+                f"round {i + 1}/{args.runs}: cold, warm, rollback, manual, floor "
+                f"(load {load():.2f})"
+            )
             one_round(project, manual, res)
     except BenchError as exc:
         print(f"bench failed: {exc}", file=sys.stderr)
         return 1
     finally:
-        clean_up([manual.close if manual else None, project.stop_all if project else None,
-                  started.stop_all], work, args.keep, _say)
+        clean_up(
+            [
+                manual.close if manual else None,
+                project.stop_all if project else None,
+                started.stop_all,
+            ],
+            work,
+            args.keep,
+            _say,
+        )
     res["bench_seconds"] = time.perf_counter() - t0
     print(render_text(res))
     if args.out:

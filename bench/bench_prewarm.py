@@ -40,9 +40,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     work, hosts = started
     fleets = []
-    lines = [(f"`python bench/bench_prewarm.py --runs {args.runs}`: medians of {args.runs} interleaved runs "
-              "on one SSH host"), "",
-             "| app | command | " + " | ".join(MODES) + " | saved |", "|---|---|---|---|---|"]
+    lines = [
+        (
+            f"`python bench/bench_prewarm.py --runs {args.runs}`: medians of {args.runs} interleaved runs "
+            "on one SSH host"
+        ),
+        "",
+        "| app | command | " + " | ".join(MODES) + " | saved |",
+        "|---|---|---|---|---|",
+    ]
     try:
         for workload in ("scaffold", "minimal"):
             fleet = make_fleet(workload, work, hosts, (1,))
@@ -51,7 +57,9 @@ def main(argv: list[str] | None = None) -> int:
             fleet.wipe(1)
             fleet.commit_edit()
             fleet.deploy(1)
-            times: dict[str, dict[str, list[float]]] = {cmd: {m: [] for m in MODES} for cmd in ("deploy", "status")}
+            times: dict[str, dict[str, list[float]]] = {
+                cmd: {m: [] for m in MODES} for cmd in ("deploy", "status")
+            }
             for _ in range(args.runs):
                 for mode, flag in MODES.items():
                     env = {"SHIPLANE_PREWARM": flag}
@@ -60,13 +68,20 @@ def main(argv: list[str] | None = None) -> int:
                     fleet.check_serves(1, marker, done)
                     times["deploy"][mode].append(done.run.wall)
                     started = time.perf_counter()
-                    subprocess.run([sys.executable, "-m", "shiplane", "status", "--stage", fleet.stage(1)],
-                                   cwd=fleet.root, capture_output=True, check=True, timeout=120,
-                                   env={**os.environ, **env})
+                    subprocess.run(
+                        [sys.executable, "-m", "shiplane", "status", "--stage", fleet.stage(1)],
+                        cwd=fleet.root,
+                        capture_output=True,
+                        check=True,
+                        timeout=120,
+                        env={**os.environ, **env},
+                    )
                     times["status"][mode].append(time.perf_counter() - started)
             for cmd, label in (("deploy", "warm redeploy"), ("status", "`status`")):
                 on, off = (statistics.median(times[cmd][m]) for m in MODES)
-                lines.append(f"| {workload} | {label} | {on:.2f} s | {off:.2f} s | {off - on:.2f} s |")
+                lines.append(
+                    f"| {workload} | {label} | {on:.2f} s | {off:.2f} s | {off - on:.2f} s |"
+                )
     finally:
         clean_up([f.stop_all for f in fleets] + [hosts.stop], work, False, lambda msg: None)
     publish(lines, args.out)

@@ -37,8 +37,13 @@ CHOICES = {"OpenSSH's default": [], "curve25519-sha256": ["-o", "KexAlgorithms=c
 
 def negotiated(hosts: TestHosts, options: list[str]) -> str:
     """The key exchange ``ssh -v`` reports for these options."""
-    done = subprocess.run(["ssh", "-v", "-F", str(hosts.ssh_config), *options, hosts.hosts[0].name, "true"],
-                          capture_output=True, text=True, timeout=30, check=False)
+    done = subprocess.run(
+        ["ssh", "-v", "-F", str(hosts.ssh_config), *options, hosts.hosts[0].name, "true"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
     found = re.search(r"kex: algorithm: (\S+)", done.stderr)
     return found.group(1) if found else "?"
 
@@ -49,17 +54,35 @@ def measure(hosts: TestHosts, options: list[str], n: int) -> dict[str, float]:
     host0 = hosts_cpu(hosts)
     for _ in range(n):
         cpu0, t0 = children_cpu(), time.perf_counter()
-        subprocess.run(["ssh", "-F", str(hosts.ssh_config), "-o", "BatchMode=yes", *options,
-                        hosts.hosts[0].name, "true"], check=True, timeout=30, stdin=subprocess.DEVNULL)
+        subprocess.run(
+            [
+                "ssh",
+                "-F",
+                str(hosts.ssh_config),
+                "-o",
+                "BatchMode=yes",
+                *options,
+                hosts.hosts[0].name,
+                "true",
+            ],
+            check=True,
+            timeout=30,
+            stdin=subprocess.DEVNULL,
+        )
         walls.append(time.perf_counter() - t0)
         clients.append(children_cpu() - cpu0)
-    return {"wall": statistics.median(walls), "client": statistics.median(clients),
-            "host": (hosts_cpu(hosts) - host0) / n}
+    return {
+        "wall": statistics.median(walls),
+        "client": statistics.median(clients),
+        "host": (hosts_cpu(hosts) - host0) / n,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--connections", type=int, default=20, help="connections per choice (default 20)")
+    parser.add_argument(
+        "--connections", type=int, default=20, help="connections per choice (default 20)"
+    )
     parser.add_argument("--out", type=Path, help="also write the table to this file")
     args = parser.parse_args(argv)
     started = one_host("bench_ssh_kex")
@@ -67,15 +90,24 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     work, hosts = started
     try:
-        version = subprocess.run(["ssh", "-V"], capture_output=True, text=True, check=False).stderr.strip()
-        lines = [(f"`python bench/bench_ssh_kex.py --connections {args.connections}`; {version}; "
-                  f"medians of {args.connections} connections (host CPU: the mean)"), "",
-                 "| key exchange | negotiated | wall per connection | client CPU | host CPU |",
-                 "|---|---|---|---|---|"]
+        version = subprocess.run(
+            ["ssh", "-V"], capture_output=True, text=True, check=False
+        ).stderr.strip()
+        lines = [
+            (
+                f"`python bench/bench_ssh_kex.py --connections {args.connections}`; {version}; "
+                f"medians of {args.connections} connections (host CPU: the mean)"
+            ),
+            "",
+            "| key exchange | negotiated | wall per connection | client CPU | host CPU |",
+            "|---|---|---|---|---|",
+        ]
         for label, options in CHOICES.items():
             got = measure(hosts, options, args.connections)
-            lines.append(f"| {label} | `{negotiated(hosts, options)}` | {got['wall'] * 1000:.0f} ms | "
-                         f"{got['client'] * 1000:.0f} ms | {got['host'] * 1000:.0f} ms |")
+            lines.append(
+                f"| {label} | `{negotiated(hosts, options)}` | {got['wall'] * 1000:.0f} ms | "
+                f"{got['client'] * 1000:.0f} ms | {got['host'] * 1000:.0f} ms |"
+            )
     finally:
         hosts.stop()
         shutil.rmtree(work, ignore_errors=True)

@@ -54,6 +54,7 @@ def percentile(values: list[float], pct: float) -> float:
 
 # --- the load generator ------------------------------------------------------------------------
 
+
 @dataclass
 class Counts:
     ok: int = 0
@@ -78,8 +79,14 @@ class Counts:
 class Load:
     """``threads`` keep-alive clients requesting ``path`` at ``rate`` requests/s each."""
 
-    def __init__(self, port: int, threads: int = 4, rate: float = 90.0, path: str = "/",
-                 timeout: float = 10.0) -> None:
+    def __init__(
+        self,
+        port: int,
+        threads: int = 4,
+        rate: float = 90.0,
+        path: str = "/",
+        timeout: float = 10.0,
+    ) -> None:
         self.port, self.path, self.timeout, self.rate = port, path, timeout, rate
         self.counts = Counts()
         self.lock = threading.Lock()
@@ -97,8 +104,9 @@ class Load:
             thread.join(self.timeout + 5)
         return self.counts
 
-    def _record(self, kind: str, started: float, detail: str = "", status: int = 0,
-                body: str = "") -> None:
+    def _record(
+        self, kind: str, started: float, detail: str = "", status: int = 0, body: str = ""
+    ) -> None:
         seconds = time.monotonic() - started
         with self.lock:
             c = self.counts
@@ -139,8 +147,12 @@ class Load:
                 conn.close()
                 conn = None
                 continue
-            except (ConnectionResetError, BrokenPipeError, http.client.RemoteDisconnected,
-                    http.client.IncompleteRead) as exc:
+            except (
+                ConnectionResetError,
+                BrokenPipeError,
+                http.client.RemoteDisconnected,
+                http.client.IncompleteRead,
+            ) as exc:
                 self._record("reset", started, repr(exc))
                 conn.close()
                 conn = None
@@ -198,17 +210,29 @@ class App:
         self.env = {**os.environ, "NO_COLOR": "1"}
 
     def cli(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-        done = subprocess.run([sys.executable, "-m", "shiplane", *args], cwd=self.root,
-                              capture_output=True, text=True, timeout=timeout, env=self.env,
-                              check=False)
+        done = subprocess.run(
+            [sys.executable, "-m", "shiplane", *args],
+            cwd=self.root,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=self.env,
+            check=False,
+        )
         if done.returncode != 0:
-            raise RuntimeError(f"shiplane {' '.join(args)} exited {done.returncode}:\n"
-                               f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+            raise RuntimeError(
+                f"shiplane {' '.join(args)} exited {done.returncode}:\n"
+                f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+            )
         return done
 
     def create(self) -> None:
-        subprocess.run([sys.executable, "-m", "shiplane", "init", str(self.root)], check=True,
-                       capture_output=True, env=self.env)
+        subprocess.run(
+            [sys.executable, "-m", "shiplane", "init", str(self.root)],
+            check=True,
+            capture_output=True,
+            env=self.env,
+        )
         toml = self.root / "shiplane.toml"
         text = toml.read_text().replace("port = 5000", f"port = {self.port}")
         if self.front == "nginx":
@@ -217,11 +241,16 @@ class App:
                 (self.nginx_dir / sub).mkdir(parents=True, exist_ok=True)
             user = "user root;\n" if os.geteuid() == 0 else ""
             (self.nginx_dir / "nginx.conf").write_text(
-                NGINX_MAIN.format(dir=self.nginx_dir, sites=sites, user=user))
-            text = text.replace(f"port = {self.port}\n", f'port = {self.port}\nfront = "nginx"\n'
-                                f'nginx = {{ conf = "{self.nginx_dir}/nginx.conf", '
-                                f'pid_file = "{self.nginx_dir}/nginx.pid", '
-                                f'site_dir = "{sites}" }}\n', 1)
+                NGINX_MAIN.format(dir=self.nginx_dir, sites=sites, user=user)
+            )
+            text = text.replace(
+                f"port = {self.port}\n",
+                f'port = {self.port}\nfront = "nginx"\n'
+                f'nginx = {{ conf = "{self.nginx_dir}/nginx.conf", '
+                f'pid_file = "{self.nginx_dir}/nginx.pid", '
+                f'site_dir = "{sites}" }}\n',
+                1,
+            )
         toml.write_text(text)
         git = ["git", "-c", "user.name=bench", "-c", "user.email=bench@localhost"]
         subprocess.run(["git", "init", "-q"], cwd=self.root, check=True)
@@ -246,9 +275,14 @@ class App:
     def teardown(self) -> None:
         """Stop the services and the private nginx, by pid only."""
         try:
-            subprocess.run([sys.executable, "-m", "shiplane", "stop", "--all", "--stage", "local"],
-                           cwd=self.root, capture_output=True, timeout=120, env=self.env,
-                           check=False)
+            subprocess.run(
+                [sys.executable, "-m", "shiplane", "stop", "--all", "--stage", "local"],
+                cwd=self.root,
+                capture_output=True,
+                timeout=120,
+                env=self.env,
+                check=False,
+            )
         except (OSError, subprocess.SubprocessError):
             pass
         pid = self.nginx_pid()
@@ -269,7 +303,7 @@ def _alive(pid: int) -> bool:
         stat = Path(f"/proc/{pid}/stat").read_bytes()
     except OSError:
         return False
-    return stat[stat.rfind(b")") + 2:][:1] not in (b"Z", b"X")
+    return stat[stat.rfind(b")") + 2 :][:1] not in (b"Z", b"X")
 
 
 def wait_serving(port: int, timeout: float = 30) -> None:
@@ -289,9 +323,18 @@ def wait_serving(port: int, timeout: float = 30) -> None:
 
 # --- the scenario ------------------------------------------------------------------------------
 
-def run(front: str, switches: int, requests: int, threads: int, rate: float,
-        rest_seconds: float = 5.0, max_seconds: float = 900.0,
-        base: Path | None = None, say: Any = None) -> dict[str, Any]:
+
+def run(
+    front: str,
+    switches: int,
+    requests: int,
+    threads: int,
+    rate: float,
+    rest_seconds: float = 5.0,
+    max_seconds: float = 900.0,
+    base: Path | None = None,
+    say: Any = None,
+) -> dict[str, Any]:
     """Deploy, then switch ``switches`` times (deploy/rollback alternating) under load until
     ``requests`` requests are done too; returns the counts and latencies."""
     say = say or (lambda msg: None)
@@ -312,15 +355,19 @@ def run(front: str, switches: int, requests: int, threads: int, rate: float,
         done = 0
         while done < switches or load.counts.total < requests:
             if time.monotonic() > deadline:
-                raise RuntimeError(f"{front}: not done within {max_seconds}s: {done} switches, "
-                                   f"{load.counts.total} requests")
+                raise RuntimeError(
+                    f"{front}: not done within {max_seconds}s: {done} switches, "
+                    f"{load.counts.total} requests"
+                )
             verb = "deploy" if done % 2 == 0 else "rollback"
             started = time.monotonic()
             app.deploy() if verb == "deploy" else app.rollback()
             windows.append((started, time.monotonic(), verb))
             done += 1
-            say(f"{front}: {verb} {done} done in {time.monotonic() - started:.1f}s, "
-                f"{load.counts.total} requests, {load.counts.failed} failed")
+            say(
+                f"{front}: {verb} {done} done in {time.monotonic() - started:.1f}s, "
+                f"{load.counts.total} requests, {load.counts.failed} failed"
+            )
             time.sleep(0.5)  # a little rest between switches
         counts = load.stop()
         load = None
@@ -338,12 +385,20 @@ def run(front: str, switches: int, requests: int, threads: int, rate: float,
     busy = [s for t, s in counts.samples if during(t)]
     rest = [s for t, s in counts.samples if not during(t)]
     return {
-        "front": front, "backend": "daemon", "switches": len(windows),
+        "front": front,
+        "backend": "daemon",
+        "switches": len(windows),
         "deploys": sum(1 for w in windows if w[2] == "deploy"),
         "rollbacks": sum(1 for w in windows if w[2] == "rollback"),
-        "requests": counts.total, "ok": counts.ok, "failed": counts.failed,
-        "non_2xx": counts.status, "refused": counts.refused, "reset": counts.reset,
-        "timeouts": counts.timeout, "other": counts.other, "errors": counts.errors,
+        "requests": counts.total,
+        "ok": counts.ok,
+        "failed": counts.failed,
+        "non_2xx": counts.status,
+        "refused": counts.refused,
+        "reset": counts.reset,
+        "timeouts": counts.timeout,
+        "other": counts.other,
+        "errors": counts.errors,
         "releases_seen": len(counts.releases),
         "seconds": round(sum(b - a for a, b, _ in windows), 1),
         "switch_seconds": [round(b - a, 2) for a, b, _ in windows],
@@ -351,20 +406,29 @@ def run(front: str, switches: int, requests: int, threads: int, rate: float,
         "p99_rest_ms": round(percentile(rest, 99) * 1000, 2),
         "p50_switch_ms": round(percentile(busy, 50) * 1000, 2),
         "p99_switch_ms": round(percentile(busy, 99) * 1000, 2),
-        "requests_rest": len(rest), "requests_switch": len(busy),
+        "requests_rest": len(rest),
+        "requests_switch": len(busy),
         "status_after": status,
     }
 
 
 def render(results: list[dict[str, Any]], command: str) -> str:
     """The ``## Zero-downtime switches`` section of BENCHMARKS.md."""
-    lines = ["## Zero-downtime switches", "",
-             (f"Measured {time.strftime('%Y-%m-%d')} on this machine ({os.cpu_count()} cores), "
-              f"with `{command}`."), "",
-             ("| backend / front | switches (deploy+rollback) | requests | failed | refused | "
-              "reset | timeouts | non-2xx | p50 / p99 at rest | p50 / p99 during switches | "
-              "p99 ratio |"),
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "## Zero-downtime switches",
+        "",
+        (
+            f"Measured {time.strftime('%Y-%m-%d')} on this machine ({os.cpu_count()} cores), "
+            f"with `{command}`."
+        ),
+        "",
+        (
+            "| backend / front | switches (deploy+rollback) | requests | failed | refused | "
+            "reset | timeouts | non-2xx | p50 / p99 at rest | p50 / p99 during switches | "
+            "p99 ratio |"
+        ),
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in results:
         ratio = r["p99_switch_ms"] / r["p99_rest_ms"] if r["p99_rest_ms"] else 0.0
         lines.append(
@@ -372,7 +436,8 @@ def render(results: list[dict[str, Any]], command: str) -> str:
             f"| {r['requests']} | {r['failed']} | {r['refused']} | {r['reset']} | "
             f"{r['timeouts']} | {sum(r['non_2xx'].values())} | {r['p50_rest_ms']} / "
             f"{r['p99_rest_ms']} ms | {r['p50_switch_ms']} / {r['p99_switch_ms']} ms | "
-            f"{ratio:.2f}x |")
+            f"{ratio:.2f}x |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -397,10 +462,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[zd {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
     signal.signal(signal.SIGTERM, _on_sigterm)
-    results = [run(f, args.switches, args.requests, args.threads, args.rate, say=say)
-               for f in fronts]
-    command = "python bench/bench_zero_downtime.py " + " ".join(argv if argv is not None
-                                                                 else sys.argv[1:])
+    results = [
+        run(f, args.switches, args.requests, args.threads, args.rate, say=say) for f in fronts
+    ]
+    command = "python bench/bench_zero_downtime.py " + " ".join(
+        argv if argv is not None else sys.argv[1:]
+    )
     text = render(results, command.strip())
     print(text)
     for r in results:

@@ -52,17 +52,35 @@ class Project:
     port: int
     stage: str = "local"
 
-    def shiplane(self, *args: str, check: bool = False, env: dict[str, str] | None = None,
-                 timeout: float = 300) -> subprocess.CompletedProcess[str]:
-        done = subprocess.run([sys.executable, "-m", "shiplane", *args], cwd=self.root, capture_output=True, text=True,
-                              check=False, timeout=timeout, env={**os.environ, **(env or {}), "NO_COLOR": "1"})
+    def shiplane(
+        self,
+        *args: str,
+        check: bool = False,
+        env: dict[str, str] | None = None,
+        timeout: float = 300,
+    ) -> subprocess.CompletedProcess[str]:
+        done = subprocess.run(
+            [sys.executable, "-m", "shiplane", *args],
+            cwd=self.root,
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=timeout,
+            env={**os.environ, **(env or {}), "NO_COLOR": "1"},
+        )
         if check and done.returncode != 0:
-            raise AssertionError(f"shiplane {' '.join(args)} exited {done.returncode}:\n{done.stdout}\n{done.stderr}")
+            raise AssertionError(
+                f"shiplane {' '.join(args)} exited {done.returncode}:\n{done.stdout}\n{done.stderr}"
+            )
         return done
 
-    def deploy(self, *extra: str, check: bool = True, env: dict[str, str] | None = None) -> dict[str, Any]:
+    def deploy(
+        self, *extra: str, check: bool = True, env: dict[str, str] | None = None
+    ) -> dict[str, Any]:
         """Deploy with --json; return the final result object (exit code under "exit")."""
-        done = self.shiplane("deploy", "--stage", self.stage, "--skip-tests", "--json", *extra, env=env)
+        done = self.shiplane(
+            "deploy", "--stage", self.stage, "--skip-tests", "--json", *extra, env=env
+        )
         result: dict[str, Any] = {}
         for line in done.stdout.splitlines():
             if line.startswith('{"result"'):
@@ -85,9 +103,18 @@ class Project:
 
     def commit(self, message: str = "change") -> None:
         subprocess.run(["git", "add", "-A"], cwd=self.root, check=True)
-        subprocess.run(["git", "commit", "-qm", message], cwd=self.root, check=True,
-                       env={**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
-                            "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"})
+        subprocess.run(
+            ["git", "commit", "-qm", message],
+            cwd=self.root,
+            check=True,
+            env={
+                **os.environ,
+                "GIT_AUTHOR_NAME": "t",
+                "GIT_AUTHOR_EMAIL": "t@t",
+                "GIT_COMMITTER_NAME": "t",
+                "GIT_COMMITTER_EMAIL": "t@t",
+            },
+        )
 
     def stop(self) -> None:
         self.shiplane("stop", "--all", "--stage", self.stage, timeout=120)
@@ -96,7 +123,9 @@ class Project:
 def scaffold(tmp: Path, name: str = "demo") -> Project:
     """`shiplane init` a project into tmp/name, on a free port, committed to git."""
     root = tmp / name
-    subprocess.run([sys.executable, "-m", "shiplane", "init", str(root)], check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "shiplane", "init", str(root)], check=True, capture_output=True
+    )
     port = free_port()
     toml = root / "shiplane.toml"
     toml.write_text(toml.read_text().replace("port = 5000", f"port = {port}"))

@@ -88,14 +88,18 @@ class Gate:
 class _Call:
     """One request being answered: the op, its id, and whether the controller cancelled it."""
 
-    def __init__(self, process: FakeProcess, request_id: Any, op: str, args: dict[str, Any], payload: bytes) -> None:
+    def __init__(
+        self, process: FakeProcess, request_id: Any, op: str, args: dict[str, Any], payload: bytes
+    ) -> None:
         self.process = process
         self.id = request_id
         self.op = op
         self.args = args
         self.payload = payload
         self.cancelled = False
-        self.thread = threading.Thread(target=self._answer, daemon=True, name=f"fake-{process.host.name}-{op}")
+        self.thread = threading.Thread(
+            target=self._answer, daemon=True, name=f"fake-{process.host.name}-{op}"
+        )
 
     def _answer(self) -> None:
         _local.call = self
@@ -105,15 +109,29 @@ class _Call:
             self.args = protocol.decode(self.op, self.args)
             result = host.handler(self.op)(self.op, self.args, self.payload)
         except AgentError as exc:
-            self.process.send({"id": self.id, "ok": False, "error": {"message": str(exc), "kind": exc.kind}})
+            self.process.send(
+                {"id": self.id, "ok": False, "error": {"message": str(exc), "kind": exc.kind}}
+            )
         except FakeError as exc:
-            self.process.send({"id": self.id, "ok": False,
-                               "error": {**exc.data, "message": exc.message, "kind": exc.kind}})
+            self.process.send(
+                {
+                    "id": self.id,
+                    "ok": False,
+                    "error": {**exc.data, "message": exc.message, "kind": exc.kind},
+                }
+            )
         except Exception as exc:  # noqa: BLE001 - as the agent: any failure is an answer
-            self.process.send({"id": self.id, "ok": False,
-                               "error": {"message": f"{type(exc).__name__}: {exc}", "kind": "internal"}})
+            self.process.send(
+                {
+                    "id": self.id,
+                    "ok": False,
+                    "error": {"message": f"{type(exc).__name__}: {exc}", "kind": "internal"},
+                }
+            )
         else:
-            self.process.send({"id": self.id, "ok": True, "result": result if result is not None else {}})
+            self.process.send(
+                {"id": self.id, "ok": True, "result": result if result is not None else {}}
+            )
         finally:
             _local.call = None
 
@@ -180,7 +198,9 @@ class FakeProcess:
     def _serve(self) -> None:
         if self.host.unreachable:  # as ssh does: a line on stderr, exit 255, not a word on stdout
             with self._write:
-                self._err.write(f"ssh: connect to host {self.host.name} port 22: Connection refused\n".encode())
+                self._err.write(
+                    f"ssh: connect to host {self.host.name} port 22: Connection refused\n".encode()
+                )
             self._end(255)
             return
         self.send({"hello": self.host.hello()})
@@ -242,8 +262,12 @@ class FakeTransport:
     def explain_failure(self, returncode: int | None, stderr: str) -> str:
         lines = stderr.strip().splitlines()
         if returncode == 255:
-            return f"cannot reach {self.host} over SSH: {lines[-1] if lines else 'connection failed'}"
-        return f"the agent on {self.host} exited with code {returncode}" + (f": {lines[-1]}" if lines else "")
+            return (
+                f"cannot reach {self.host} over SSH: {lines[-1] if lines else 'connection failed'}"
+            )
+        return f"the agent on {self.host} exited with code {returncode}" + (
+            f": {lines[-1]}" if lines else ""
+        )
 
     def close(self) -> None:
         pass
@@ -281,14 +305,18 @@ class FakeHost:
 
     def fail(self, op: str, kind: str, message: str) -> None:
         """``op`` fails on this host with ``kind`` and ``message``."""
+
         def failing(_op: str, _args: dict[str, Any], _payload: bytes) -> Any:
             raise FakeError(kind, message)
 
         self.on(op, failing)
 
-    def block(self, op: str, gate: Gate, when: Callable[[dict[str, Any]], bool] = lambda args: True) -> None:
+    def block(
+        self, op: str, gate: Gate, when: Callable[[dict[str, Any]], bool] = lambda args: True
+    ) -> None:
         """``op`` (those of its calls whose args satisfy ``when``) waits at ``gate``, then goes on
         as usual; cancelled meanwhile, it fails kind ``interrupted`` as a cancelled hook does."""
+
         def blocked(op_: str, args: dict[str, Any], payload: bytes) -> Any:
             if when(args):
                 gate.wait(self)
@@ -296,13 +324,28 @@ class FakeHost:
 
         self.on(op, blocked)
 
-    def hold_lock(self, user: str = "alice", host: str = "laptop", *, kept: bool = False, reason: str | None = None,
-                  alive: bool = True) -> None:
+    def hold_lock(
+        self,
+        user: str = "alice",
+        host: str = "laptop",
+        *,
+        kept: bool = False,
+        reason: str | None = None,
+        alive: bool = True,
+    ) -> None:
         """The deploy lock, held by another controller: its live session (or one gone,
         ``alive=False``), or ``kept`` (``shiplane lock``)."""
-        record: dict[str, Any] = {"user": user, "host": host, "pid": 4242, "command": "shiplane deploy",
-                                  "started_at": _now(), "acquired_at": _now(), "agent_pid": 999,
-                                  "agent_host": self.name, "alive": alive}
+        record: dict[str, Any] = {
+            "user": user,
+            "host": host,
+            "pid": 4242,
+            "command": "shiplane deploy",
+            "started_at": _now(),
+            "acquired_at": _now(),
+            "agent_pid": 999,
+            "agent_host": self.name,
+            "alive": alive,
+        }
         if reason:
             record["reason"] = reason
         record.update({"kept": True} if kept else {"holder_lock": agent_lock.BOUND})
@@ -335,11 +378,19 @@ class FakeHost:
         return method(args, payload)
 
     def hello(self) -> dict[str, Any]:
-        return {"agent": "fake", "python": platform.python_version(),
-                "python_version": "{}.{}".format(*sys.version_info[:2]),
-                "platform": sysconfig.get_platform().replace("-", "_").replace(".", "_"),
-                "executable": "/usr/bin/python3", "uv": "/usr/bin/uv", "systemd": False, "user": "deploy",
-                "hostname": self.name, "root": self.root, "pid": 1}
+        return {
+            "agent": "fake",
+            "python": platform.python_version(),
+            "python_version": "{}.{}".format(*sys.version_info[:2]),
+            "platform": sysconfig.get_platform().replace("-", "_").replace(".", "_"),
+            "executable": "/usr/bin/python3",
+            "uv": "/usr/bin/uv",
+            "systemd": False,
+            "user": "deploy",
+            "hostname": self.name,
+            "root": self.root,
+            "pid": 1,
+        }
 
     def log(self, op: str, args: dict[str, Any]) -> None:
         with self.changed:
@@ -361,7 +412,10 @@ class FakeHost:
         with self.changed:
             done = self.changed.wait_for(lambda: ready() or call.cancelled, timeout)
             if call.cancelled:
-                raise FakeError("interrupted", f"{call.op} cancelled (the controller was interrupted or went away)")
+                raise FakeError(
+                    "interrupted",
+                    f"{call.op} cancelled (the controller was interrupted or went away)",
+                )
             return bool(done)
 
     def emit(self, event: dict[str, Any]) -> None:
@@ -374,8 +428,14 @@ class FakeHost:
             if self.lock is not None and self.lock.get("session") is process:
                 self.lock["alive"] = False  # its flock is gone with it: abandoned
             if process.unrecorded is not None:
-                self.ledger.append({"event": "switch", "outcome": "ok", **process.unrecorded,
-                                    "note": "made live by a command that ended before recording it"})
+                self.ledger.append(
+                    {
+                        "event": "switch",
+                        "outcome": "ok",
+                        **process.unrecorded,
+                        "note": "made live by a command that ended before recording it",
+                    }
+                )
                 process.unrecorded = None
             self.changed.notify_all()
 
@@ -386,27 +446,50 @@ class FakeHost:
         return agent_lock.describe(record, alive=bool(self.lock.get("alive")))
 
     def _status(self) -> dict[str, Any]:
-        services = [{"name": "web", "program": f"web-{self.current}", "state": "RUNNING", "pid": 4321,
-                     "uptime": 1.0, "release": self.current, "live": True, "standby": False}] if self.current else []
-        return {"live_release": self.current, "current": self.current, "backend": "daemon",
-                "supervisord": bool(self.current), "services": services}
+        services = (
+            [
+                {
+                    "name": "web",
+                    "program": f"web-{self.current}",
+                    "state": "RUNNING",
+                    "pid": 4321,
+                    "uptime": 1.0,
+                    "release": self.current,
+                    "live": True,
+                    "standby": False,
+                }
+            ]
+            if self.current
+            else []
+        )
+        return {
+            "live_release": self.current,
+            "current": self.current,
+            "backend": "daemon",
+            "supervisord": bool(self.current),
+            "services": services,
+        }
 
     # --- default ops: (args, payload) -> result --------------------------------------------------
 
     def _op_inventory(self, args: dict[str, Any], payload: bytes) -> Any:
         with self.changed:
-            return {"missing": [sha for sha in args.get("blobs") or [] if sha not in self.blobs],
-                    "current": self.current, "previous": self.previous,
-                    "releases": [dict(self.releases[rid]) for rid in sorted(self.releases)],
-                    "venvs": sorted({str(r.get("dependency_digest")) for r in self.releases.values()}),
-                    "lock": self._lock_info(), "setup_done": any(e.get("setup") for e in self.ledger),
-                    "services": self._status()}
+            return {
+                "missing": [sha for sha in args.get("blobs") or [] if sha not in self.blobs],
+                "current": self.current,
+                "previous": self.previous,
+                "releases": [dict(self.releases[rid]) for rid in sorted(self.releases)],
+                "venvs": sorted({str(r.get("dependency_digest")) for r in self.releases.values()}),
+                "lock": self._lock_info(),
+                "setup_done": any(e.get("setup") for e in self.ledger),
+                "services": self._status(),
+            }
 
     def _op_receive(self, args: dict[str, Any], payload: bytes) -> Any:
         offset = 0
         bad = []
         for blob in args.get("blobs") or []:
-            data = payload[offset:offset + int(blob["size"])]
+            data = payload[offset : offset + int(blob["size"])]
             offset += int(blob["size"])
             if hashlib.sha256(data).hexdigest() != blob["sha256"]:
                 bad.append(blob["sha256"])
@@ -415,29 +498,44 @@ class FakeHost:
                 self.blobs.add(blob["sha256"])
                 self.received_bytes += len(data)
         if bad:
-            raise FakeError("integrity", f"received blob(s) did not match their sha256: {', '.join(bad)}", blobs=bad)
+            raise FakeError(
+                "integrity",
+                f"received blob(s) did not match their sha256: {', '.join(bad)}",
+                blobs=bad,
+            )
         self.emit({"phase": "receive", "status": "progress", "bytes": offset, "total": offset})
         return {"received": len(args.get("blobs") or []), "bytes": offset}
 
     def _op_install(self, args: dict[str, Any], payload: bytes) -> Any:
         rid, manifest = str(args["release_id"]), dict(args["manifest"])
         artifact = str(args.get("artifact") or artifact_digest(manifest))
-        needed = [f["sha256"] for key in ("app_files", "dependencies", "tools")
-                  for f in manifest.get(key) or []]
+        needed = [
+            f["sha256"]
+            for key in ("app_files", "dependencies", "tools")
+            for f in manifest.get(key) or []
+        ]
         with self.changed:
             missing = [sha for sha in needed if sha not in self.blobs]
             if missing:
-                raise FakeError("integrity", f"install: {len(missing)} blob(s) of the artifact are not stored here",
-                                blobs=missing)
+                raise FakeError(
+                    "integrity",
+                    f"install: {len(missing)} blob(s) of the artifact are not stored here",
+                    blobs=missing,
+                )
             existing = self.releases.get(rid)
             if existing is not None:
                 if existing.get("artifact") != artifact:
                     raise FakeError("conflict", f"release {rid} exists with another artifact")
                 return {"release_id": rid, "reused": True, "venv_reused": True}
-            self.releases[rid] = {"release_id": rid, "artifact": artifact,
-                                  "dependency_digest": manifest.get("dependency_digest"),
-                                  "git_commit": manifest.get("git_commit"), "created_at": _now(),
-                                  "stage": args.get("stage"), "state": "prepared"}
+            self.releases[rid] = {
+                "release_id": rid,
+                "artifact": artifact,
+                "dependency_digest": manifest.get("dependency_digest"),
+                "git_commit": manifest.get("git_commit"),
+                "created_at": _now(),
+                "stage": args.get("stage"),
+                "state": "prepared",
+            }
         return {"release_id": rid, "reused": False, "venv_reused": False}
 
     def _op_hook(self, args: dict[str, Any], payload: bytes) -> Any:
@@ -495,12 +593,15 @@ class FakeHost:
     def _op_history(self, args: dict[str, Any], payload: bytes) -> Any:
         limit = args.get("limit")
         with self.changed:
-            return {"entries": list(self.ledger[-int(limit):] if limit else self.ledger)}
+            return {"entries": list(self.ledger[-int(limit) :] if limit else self.ledger)}
 
     def _op_releases(self, args: dict[str, Any], payload: bytes) -> Any:
         with self.changed:
-            return {"releases": [dict(self.releases[rid]) for rid in sorted(self.releases)],
-                    "current": self.current, "previous": self.previous}
+            return {
+                "releases": [dict(self.releases[rid]) for rid in sorted(self.releases)],
+                "current": self.current,
+                "previous": self.previous,
+            }
 
     def _op_prune(self, args: dict[str, Any], payload: bytes) -> Any:
         keep = max(1, int(args.get("keep") or 5))
@@ -527,27 +628,62 @@ class FakeHost:
                     info = self._lock_info()
                     assert info is not None
                     if info["state"] == "abandoned":
-                        broke = {k: info.get(k) for k in ("user", "host", "pid", "command", "acquired_at")}
-                        self.emit({"phase": "lock", "status": "broke", "detail": agent_lock.broke_message(info)})
+                        broke = {
+                            k: info.get(k)
+                            for k in ("user", "host", "pid", "command", "acquired_at")
+                        }
+                        self.emit(
+                            {
+                                "phase": "lock",
+                                "status": "broke",
+                                "detail": agent_lock.broke_message(info),
+                            }
+                        )
                         self.lock = None
                         continue
                     left = deadline - time.monotonic()
                     if left <= 0:
-                        raise FakeError("lock", agent_lock.held_message(info), holder=info, state=info["state"])
+                        raise FakeError(
+                            "lock", agent_lock.held_message(info), holder=info, state=info["state"]
+                        )
                     if not self.lock_waiting.is_set():
-                        self.emit({"phase": "lock", "status": "waiting", "detail": agent_lock.held_message(info)})
+                        self.emit(
+                            {
+                                "phase": "lock",
+                                "status": "waiting",
+                                "detail": agent_lock.held_message(info),
+                            }
+                        )
                         self.lock_waiting.set()
                     held = self.lock
                     self.wait_until(lambda held=held: self.lock is not held, timeout=left)  # type: ignore[misc]
                     continue
-                record = {**holder, "acquired_at": _now(), "agent_pid": current_call().process.pid,
-                          "agent_host": self.name}
-                record.update({"kept": True} if keep else {"holder_lock": agent_lock.BOUND,
-                                                           "session": current_call().process, "alive": True})
+                record = {
+                    **holder,
+                    "acquired_at": _now(),
+                    "agent_pid": current_call().process.pid,
+                    "agent_host": self.name,
+                }
+                record.update(
+                    {"kept": True}
+                    if keep
+                    else {
+                        "holder_lock": agent_lock.BOUND,
+                        "session": current_call().process,
+                        "alive": True,
+                    }
+                )
                 self.lock = record
                 if broke is not None:
-                    self.ledger.append({"event": "lock-broken", "holder": broke, "user": holder.get("user"),
-                                        "controller": holder.get("host"), "at": _now()})
+                    self.ledger.append(
+                        {
+                            "event": "lock-broken",
+                            "holder": broke,
+                            "user": holder.get("user"),
+                            "controller": holder.get("host"),
+                            "at": _now(),
+                        }
+                    )
                 result = self._lock_info() or {}
                 return {**result, **({"broke": broke} if broke else {})}
 
@@ -556,11 +692,15 @@ class FakeHost:
             if self.lock is None:
                 return {"released": False}
             session = self.lock.get("session")
-            ours = session is current_call().process or agent_lock.is_ours(self.lock, args.get("holder"))
+            ours = session is current_call().process or agent_lock.is_ours(
+                self.lock, args.get("holder")
+            )
             if not ours and not args.get("force"):
                 info = self._lock_info()
                 assert info is not None
-                raise FakeError("lock", agent_lock.held_message(info) + "; not ours to unlock (use force)")
+                raise FakeError(
+                    "lock", agent_lock.held_message(info) + "; not ours to unlock (use force)"
+                )
             self.lock = None
             self.changed.notify_all()
         return {"released": True}

@@ -26,6 +26,7 @@ APP_DIGEST = "ab12cd34" + "0" * 56
 
 # --- helpers ------------------------------------------------------------------------------------
 
+
 class Reply:
     def __init__(self, final: dict[str, Any], events: list[dict[str, Any]]) -> None:
         self.ok: bool = final["ok"]
@@ -37,11 +38,15 @@ class Reply:
 class AgentClient:
     """Speaks the agent protocol to a real bootstrap subprocess."""
 
-    def __init__(self, root: Path, env: dict[str, str] | None = None, python: str = sys.executable) -> None:
+    def __init__(
+        self, root: Path, env: dict[str, str] | None = None, python: str = sys.executable
+    ) -> None:
         data, sha = agent_zip()
         self.proc = subprocess.Popen(
             bootstrap_argv(python, str(root), sha),
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env=env,
         )
         assert self.proc.stdin and self.proc.stdout
         self.stdin, self.stdout = self.proc.stdin, self.proc.stdout
@@ -83,13 +88,16 @@ def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def make_wheel(name: str, version: str, files: dict[str, str],
-               extra_members: dict[str, str] | None = None) -> bytes:
+def make_wheel(
+    name: str, version: str, files: dict[str, str], extra_members: dict[str, str] | None = None
+) -> bytes:
     """A minimal valid wheel (what `uv build` makes for a pure-python package)."""
     dist_info = f"{name}-{version}.dist-info"
     members = dict(files)
     members[f"{dist_info}/METADATA"] = f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n"
-    members[f"{dist_info}/WHEEL"] = "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
+    members[f"{dist_info}/WHEEL"] = (
+        "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
+    )
     members.update(extra_members or {})
     record = "".join(f"{path},,\n" for path in members) + f"{dist_info}/RECORD,,\n"
     members[f"{dist_info}/RECORD"] = record
@@ -104,25 +112,36 @@ def release_id(n: int) -> str:
     return f"2026010{n}T000000Z-{APP_DIGEST[:8]}"
 
 
-def tree_manifest(files: dict[str, bytes], deps: list[tuple[str, bytes]] | None = None) -> dict[str, Any]:
+def tree_manifest(
+    files: dict[str, bytes], deps: list[tuple[str, bytes]] | None = None
+) -> dict[str, Any]:
     deps = deps or []
     dep_entries = [{"path": p, "sha256": sha(b), "size": len(b)} for p, b in deps]
-    digest = sha("".join(f"{d['path']} {d['sha256']}\n" for d in dep_entries).encode()) if deps else None
+    digest = (
+        sha("".join(f"{d['path']} {d['sha256']}\n" for d in dep_entries).encode()) if deps else None
+    )
     return {
-        "schema": 1, "app": {"name": "demo", "version": "1", "source": "tree"},
-        "app_files": [{"path": p, "sha256": sha(b), "size": len(b), "kind": "file"}
-                      for p, b in files.items()],
-        "dependencies": dep_entries, "dependency_digest": digest, "git_commit": "abc123",
+        "schema": 1,
+        "app": {"name": "demo", "version": "1", "source": "tree"},
+        "app_files": [
+            {"path": p, "sha256": sha(b), "size": len(b), "kind": "file"} for p, b in files.items()
+        ],
+        "dependencies": dep_entries,
+        "dependency_digest": digest,
+        "git_commit": "abc123",
     }
 
 
-def install_tree(client: AgentClient, n: int, files: dict[str, bytes] | None = None,
-                 **args: Any) -> Reply:
+def install_tree(
+    client: AgentClient, n: int, files: dict[str, bytes] | None = None, **args: Any
+) -> Reply:
     """Send a small tree app (no dependencies, so no venv) and install it as release n."""
     files = files or {"app.py": b"print('hi')\n"}
     assert client.send_blobs(list(files.values())).ok
-    return client.request("install", {"release_id": release_id(n), "manifest": tree_manifest(files),
-                                      "stage": "test", **args})
+    return client.request(
+        "install",
+        {"release_id": release_id(n), "manifest": tree_manifest(files), "stage": "test", **args},
+    )
 
 
 def files_under(path: Path) -> set[str]:
@@ -145,8 +164,20 @@ def client(root: Path) -> Any:
 def wheels(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[str, bytes]]:
     """A hand-made app wheel and a real dependency wheel from PyPI."""
     dl = tmp_path_factory.mktemp("wheels")
-    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(dl),
-                    "itsdangerous==2.2.0"], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "-q",
+            "-d",
+            str(dl),
+            "itsdangerous==2.2.0",
+        ],
+        check=True,
+    )
     dep = dl / "itsdangerous-2.2.0-py3-none-any.whl"
     app = make_wheel("myapp", "0.1.0", {"myapp/__init__.py": "GREETING = 'hello from myapp'\n"})
     return {"app": ("myapp-0.1.0-py3-none-any.whl", app), "dep": (dep.name, dep.read_bytes())}
@@ -157,13 +188,15 @@ def package_manifest(wheels: dict[str, tuple[str, bytes]]) -> dict[str, Any]:
     dep_name, dep = wheels["dep"]
     manifest = tree_manifest({}, [(dep_name, dep)])
     manifest["app"]["source"] = "package"
-    manifest["app_files"] = [{"path": app_name, "sha256": sha(app), "size": len(app), "kind": "wheel"},
-                             {"path": "alembic.ini", "sha256": sha(b"[alembic]\n"), "size": 10,
-                              "kind": "file"}]
+    manifest["app_files"] = [
+        {"path": app_name, "sha256": sha(app), "size": len(app), "kind": "wheel"},
+        {"path": "alembic.ini", "sha256": sha(b"[alembic]\n"), "size": 10, "kind": "file"},
+    ]
     return manifest
 
 
 # --- bootstrap ----------------------------------------------------------------------------------
+
 
 def test_bootstrap_sends_the_agent_once(root: Path) -> None:
     first = AgentClient(root)
@@ -184,8 +217,12 @@ def test_bootstrap_sends_the_agent_once(root: Path) -> None:
 
 def test_bootstrap_refuses_a_corrupted_agent(root: Path) -> None:
     data, agent_sha = agent_zip()
-    proc = subprocess.run([sys.executable, "-c", BOOTSTRAP, str(root), agent_sha], check=False,
-                          input=b"%d\n" % len(data) + data[:-1] + b"X", capture_output=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", BOOTSTRAP, str(root), agent_sha],
+        check=False,
+        input=b"%d\n" % len(data) + data[:-1] + b"X",
+        capture_output=True,
+    )
     assert proc.stdout == b"NEED\n"
     assert proc.returncode == 3
     assert b"sha256 mismatch" in proc.stderr
@@ -208,13 +245,17 @@ def test_agent_zip_is_deterministic() -> None:
 
 # --- receive ------------------------------------------------------------------------------------
 
+
 def test_receive_keeps_good_blobs_rejects_a_tampered_one_and_stays_in_sync(
-        client: AgentClient, root: Path) -> None:
+    client: AgentClient, root: Path
+) -> None:
     good1, good2, claimed = b"first blob\n" * 1000, b"second", b"what the controller meant"
     tampered = b"what arrived instead!!!!"[: len(claimed)].ljust(len(claimed), b"!")
-    listing = [{"sha256": sha(good1), "size": len(good1)},
-               {"sha256": sha(claimed), "size": len(claimed)},
-               {"sha256": sha(good2), "size": len(good2)}]
+    listing = [
+        {"sha256": sha(good1), "size": len(good1)},
+        {"sha256": sha(claimed), "size": len(claimed)},
+        {"sha256": sha(good2), "size": len(good2)},
+    ]
     reply = client.request("receive", {"blobs": listing}, good1 + tampered + good2)
     assert not reply.ok
     assert reply.error["kind"] == "integrity"
@@ -238,7 +279,9 @@ def test_receive_refuses_a_path_as_sha(client: AgentClient, root: Path) -> None:
 
 def test_unexpected_errors_are_reported_and_the_session_survives(client: AgentClient) -> None:
     # the manifest's inside is the install's to read: a wrong shape there is a bug, reported whole
-    reply = client.request("install", {"release_id": "20260101T000000Z-abcdef12", "manifest": {"app": 5}})
+    reply = client.request(
+        "install", {"release_id": "20260101T000000Z-abcdef12", "manifest": {"app": 5}}
+    )
     assert not reply.ok and reply.error["kind"] == "internal"
     assert "Traceback" in reply.error["detail"]
     assert client.request("releases").ok
@@ -257,19 +300,28 @@ def test_requests_outside_the_protocol_are_refused_naming_the_field(client: Agen
 
 # --- install ------------------------------------------------------------------------------------
 
+
 def test_install_tree_release_with_rendered_files_env_and_shared_links(
-        client: AgentClient, root: Path) -> None:
-    files = {"manage.py": b"print('manage')\n", "mysite/settings.py": b"X = 1\n",
-             "logs/.keep": b""}
+    client: AgentClient, root: Path
+) -> None:
+    files = {"manage.py": b"print('manage')\n", "mysite/settings.py": b"X = 1\n", "logs/.keep": b""}
     reply = install_tree(
-        client, 1, files,
-        rendered=[{"path": "config/app.ini", "content": "[app]\nsecret = s3cret\n", "mode": "0600"},
-                  {"path": "config/public.ini", "content": "[app]\n", "mode": 0o644},
-                  {"path": "instance/local.cfg", "content": "DEBUG = False\n", "mode": "0600",
-                   "shared": True}],
-        env={"SECRET_KEY": "a b \"c\"", "DATABASE_URL": "sqlite:///x.db"},
+        client,
+        1,
+        files,
+        rendered=[
+            {"path": "config/app.ini", "content": "[app]\nsecret = s3cret\n", "mode": "0600"},
+            {"path": "config/public.ini", "content": "[app]\n", "mode": 0o644},
+            {
+                "path": "instance/local.cfg",
+                "content": "DEBUG = False\n",
+                "mode": "0600",
+                "shared": True,
+            },
+        ],
+        env={"SECRET_KEY": 'a b "c"', "DATABASE_URL": "sqlite:///x.db"},
         shared={"dirs": ["logs", "public/uploads"], "files": ["db.sqlite3"]},
-        hooks=["echo \"$SECRET_KEY\" > hook-saw.txt; pwd >> hook-saw.txt"],
+        hooks=['echo "$SECRET_KEY" > hook-saw.txt; pwd >> hook-saw.txt'],
     )
     assert reply.ok, reply.error
     rel = root / "releases" / release_id(1)
@@ -302,11 +354,19 @@ def test_install_tree_release_with_rendered_files_env_and_shared_links(
 
 @pytest.mark.slow
 def test_install_package_release_builds_and_then_reuses_the_venv(
-        client: AgentClient, root: Path, wheels: dict[str, tuple[str, bytes]]) -> None:
+    client: AgentClient, root: Path, wheels: dict[str, tuple[str, bytes]]
+) -> None:
     manifest = package_manifest(wheels)
     assert client.send_blobs([wheels["app"][1], wheels["dep"][1], b"[alembic]\n"]).ok
-    first = client.request("install", {"release_id": release_id(1), "manifest": manifest,
-                                       "stage": "test", "env": {"GREETING_SUFFIX": "!"}})
+    first = client.request(
+        "install",
+        {
+            "release_id": release_id(1),
+            "manifest": manifest,
+            "stage": "test",
+            "env": {"GREETING_SUFFIX": "!"},
+        },
+    )
     assert first.ok, first.error
     assert first.result["venv_reused"] is False
     rel = root / "releases" / release_id(1)
@@ -314,42 +374,70 @@ def test_install_package_release_builds_and_then_reuses_the_venv(
     assert (rel / "alembic.ini").read_text() == "[alembic]\n"
     assert (root / "venvs" / manifest["dependency_digest"] / ".complete").is_file()
     # Hooks see the venv first on PATH, the app on PYTHONPATH and the env file.
-    hook = client.request("hook", {"release_id": release_id(1), "timeout": 60, "command":
-                                   "python -c 'import itsdangerous, myapp, os; "
-                                   "print(itsdangerous.__file__); "
-                                   "print(myapp.GREETING + os.environ[\"GREETING_SUFFIX\"])'"})
+    hook = client.request(
+        "hook",
+        {
+            "release_id": release_id(1),
+            "timeout": 60,
+            "command": "python -c 'import itsdangerous, myapp, os; "
+            "print(itsdangerous.__file__); "
+            'print(myapp.GREETING + os.environ["GREETING_SUFFIX"])\'',
+        },
+    )
     assert hook.ok, hook.error
     venv = str(root / "venvs" / manifest["dependency_digest"])
     assert hook.result["output"].splitlines()[0].startswith(venv)
     assert "hello from myapp!" in [e.get("detail") for e in hook.events]
     # exec-env (what supervisord programs run) gives the same environment.
-    out = subprocess.run([sys.executable, "-m", "shiplane.agent", "exec-env", str(root),
-                          release_id(1), "--", "python", "-c",
-                          "import myapp, os; print(myapp.GREETING, os.getcwd())"],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "shiplane.agent",
+            "exec-env",
+            str(root),
+            release_id(1),
+            "--",
+            "python",
+            "-c",
+            "import myapp, os; print(myapp.GREETING, os.getcwd())",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert out.stdout.strip() == f"hello from myapp {rel}"
     # A new release with the same dependencies reuses the venv.
     started = time.monotonic()
-    second = client.request("install", {"release_id": release_id(2), "manifest": manifest,
-                                        "stage": "test"})
+    second = client.request(
+        "install", {"release_id": release_id(2), "manifest": manifest, "stage": "test"}
+    )
     assert second.ok and second.result["venv_reused"] is True
     assert time.monotonic() - started < 5
 
 
 @pytest.mark.slow
 def test_a_venv_made_while_the_blobs_arrive_is_the_one_the_install_fills(
-        client: AgentClient, root: Path, wheels: dict[str, tuple[str, bytes]]) -> None:
+    client: AgentClient, root: Path, wheels: dict[str, tuple[str, bytes]]
+) -> None:
     assert client.hello["uv"], "uv is a test dependency"  # only uv makes the venv early
     manifest = package_manifest(wheels)
     digest = manifest["dependency_digest"]
-    hinted = client.request("inventory", {"blobs": [], "venv": {"digest": digest, "python": sys.executable}})
+    hinted = client.request(
+        "inventory", {"blobs": [], "venv": {"digest": digest, "python": sys.executable}}
+    )
     assert hinted.ok
     venv = root / "venvs" / digest
-    python = wait_for(lambda: (venv / "bin" / "python").exists() and (venv / ".shell").exists(), 30,
-                      "the empty venv")
+    python = wait_for(
+        lambda: (venv / "bin" / "python").exists() and (venv / ".shell").exists(),
+        30,
+        "the empty venv",
+    )
     made = (venv / "pyvenv.cfg").stat().st_ino
     assert client.send_blobs([wheels["app"][1], wheels["dep"][1], b"[alembic]\n"]).ok
-    done = client.request("install", {"release_id": release_id(1), "manifest": manifest, "stage": "test"})
+    done = client.request(
+        "install", {"release_id": release_id(1), "manifest": manifest, "stage": "test"}
+    )
     assert done.ok, done.error
     assert python and (venv / "pyvenv.cfg").stat().st_ino == made  # filled, not made again
     assert not any(e.get("status") == "cleanup" for e in done.events)
@@ -358,7 +446,9 @@ def test_a_venv_made_while_the_blobs_arrive_is_the_one_the_install_fills(
 
 
 @pytest.mark.slow
-def test_install_with_pip_when_uv_is_absent(root: Path, wheels: dict[str, tuple[str, bytes]]) -> None:
+def test_install_with_pip_when_uv_is_absent(
+    root: Path, wheels: dict[str, tuple[str, bytes]]
+) -> None:
     client = AgentClient(root, env={**os.environ, "SHIPLANE_INSTALLER": "pip"})
     try:
         assert client.hello["uv"] is None
@@ -391,7 +481,8 @@ def test_a_gzipped_uv_is_unpacked_checked_and_run(client: AgentClient, root: Pat
 
 
 def test_a_broken_dependency_fails_the_install_with_the_installers_words(
-        client: AgentClient, root: Path) -> None:
+    client: AgentClient, root: Path
+) -> None:
     garbage = b"this is not a zip file"
     manifest = tree_manifest({"app.py": b"x\n"}, [("broken-1.0-py3-none-any.whl", garbage)])
     assert client.send_blobs([garbage, b"x\n"]).ok
@@ -404,6 +495,7 @@ def test_a_broken_dependency_fails_the_install_with_the_installers_words(
 
 # --- the dependencies' bytecode, compiled by the controller -------------------------------------
 
+
 def pyc_flags(venv: Path, module: str) -> int:
     """PEP 552 flags of a module's pyc in the venv: 0 timestamp-based, 3 checked hash."""
     (pyc,) = venv.glob(f"lib/python3.*/site-packages/{module}/__pycache__/__init__.*.pyc")
@@ -412,13 +504,20 @@ def pyc_flags(venv: Path, module: str) -> int:
 
 def bundled_manifest(wheels: dict[str, tuple[str, bytes]], bundle: bytes) -> dict[str, Any]:
     manifest = package_manifest(wheels)
-    manifest["dependencies"].append({"path": "bytecode-cpython-311.zip", "sha256": sha(bundle),
-                                     "size": len(bundle), "kind": "bytecode"})
+    manifest["dependencies"].append(
+        {
+            "path": "bytecode-cpython-311.zip",
+            "sha256": sha(bundle),
+            "size": len(bundle),
+            "kind": "bytecode",
+        }
+    )
     return manifest
 
 
-def controller_bundle(wheels: dict[str, tuple[str, bytes]], tmp_path: Path,
-                      monkeypatch: pytest.MonkeyPatch) -> bytes:
+def controller_bundle(
+    wheels: dict[str, tuple[str, bytes]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> bytes:
     """The bytecode bundle `shiplane build` makes for the dependency wheel."""
     from shiplane.artifact._bytecode import bytecode_bundle
 
@@ -431,8 +530,12 @@ def controller_bundle(wheels: dict[str, tuple[str, bytes]], tmp_path: Path,
 @pytest.mark.slow
 @pytest.mark.parametrize("installer", ["uv", "pip"])
 def test_the_controllers_bytecode_is_placed_in_the_venv_instead_of_compiling_there(
-        root: Path, tmp_path: Path, wheels: dict[str, tuple[str, bytes]],
-        monkeypatch: pytest.MonkeyPatch, installer: str) -> None:
+    root: Path,
+    tmp_path: Path,
+    wheels: dict[str, tuple[str, bytes]],
+    monkeypatch: pytest.MonkeyPatch,
+    installer: str,
+) -> None:
     bundle = controller_bundle(wheels, tmp_path, monkeypatch)
     env = {**os.environ, "SHIPLANE_INSTALLER": installer}
     client = AgentClient(root, env=env)
@@ -445,14 +548,20 @@ def test_the_controllers_bytecode_is_placed_in_the_venv_instead_of_compiling_the
         client.close()
     venv = root / "venvs" / manifest["dependency_digest"]
     assert pyc_flags(venv, "itsdangerous") == 3  # the shipped, hash-checked pyc
-    out = subprocess.run([str(venv / "bin/python"), "-c", "import itsdangerous; print(itsdangerous.Signer)"],
-                         capture_output=True, text=True, check=True, env={"PATH": os.defpath})
+    out = subprocess.run(
+        [str(venv / "bin/python"), "-c", "import itsdangerous; print(itsdangerous.Signer)"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"PATH": os.defpath},
+    )
     assert "itsdangerous.signer.Signer" in out.stdout
 
 
 @pytest.mark.slow
 def test_bytecode_for_another_python_or_not_matching_the_source_never_runs(
-        client: AgentClient, root: Path, wheels: dict[str, tuple[str, bytes]]) -> None:
+    client: AgentClient, root: Path, wheels: dict[str, tuple[str, bytes]]
+) -> None:
     """A pyc that does not belong to the installed source (hash mismatch) is recompiled by
     Python; a bundle for another Python version is ignored and the host compiles; entries
     outside site-packages' __pycache__ dirs are never written."""
@@ -460,17 +569,28 @@ def test_bytecode_for_another_python_or_not_matching_the_source_never_runs(
     import marshal
 
     lying = compile("Signer = 'from a stale pyc'\n", "itsdangerous/__init__.py", "exec")
-    pyc = (importlib.util.MAGIC_NUMBER + (3).to_bytes(4, "little")
-           + importlib.util.source_hash(b"not the installed source") + marshal.dumps(lying))
+    pyc = (
+        importlib.util.MAGIC_NUMBER
+        + (3).to_bytes(4, "little")
+        + importlib.util.source_hash(b"not the installed source")
+        + marshal.dumps(lying)
+    )
     tag = sys.implementation.cache_tag
     py = f"{sys.version_info.major}.{sys.version_info.minor}"
 
     def bundle(python_version: str, cache_tag: str) -> bytes:
         buf = io.BytesIO()
         with zipfile.ZipFile(buf, "w") as zf:
-            zf.writestr("SHIPLANE-BYTECODE.json", json.dumps(
-                {"magic": importlib.util.MAGIC_NUMBER.hex(), "cache_tag": cache_tag,
-                 "python_version": python_version}))
+            zf.writestr(
+                "SHIPLANE-BYTECODE.json",
+                json.dumps(
+                    {
+                        "magic": importlib.util.MAGIC_NUMBER.hex(),
+                        "cache_tag": cache_tag,
+                        "python_version": python_version,
+                    }
+                ),
+            )
             zf.writestr(f"itsdangerous/__pycache__/__init__.{cache_tag}.pyc", pyc)
             zf.writestr(f"../../../escaped/__pycache__/x.{cache_tag}.pyc", pyc)
         return buf.getvalue()
@@ -483,15 +603,21 @@ def test_bytecode_for_another_python_or_not_matching_the_source_never_runs(
         reply = client.request("install", {"release_id": release_id(n), "manifest": manifest})
         assert reply.ok, reply.error
         venv = root / "venvs" / manifest["dependency_digest"]
-        out = subprocess.run([str(venv / "bin/python"), "-c", "import itsdangerous; print(itsdangerous.Signer)"],
-                             capture_output=True, text=True, check=True, env={"PATH": os.defpath})
+        out = subprocess.run(
+            [str(venv / "bin/python"), "-c", "import itsdangerous; print(itsdangerous.Signer)"],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={"PATH": os.defpath},
+        )
         assert "stale" not in out.stdout and "itsdangerous.signer.Signer" in out.stdout
     assert pyc_flags(root / "venvs" / ("2" * 64), "itsdangerous") == 0  # compiled on the host
     assert not list(root.parent.rglob("escaped"))
 
 
 def test_install_refuses_path_traversal_and_writes_nothing_outside(
-        client: AgentClient, root: Path, tmp_path: Path) -> None:
+    client: AgentClient, root: Path, tmp_path: Path
+) -> None:
     before = files_under(tmp_path)
     bad_render = install_tree(client, 1, rendered=[{"path": "../evil", "content": "x"}])
     assert not bad_render.ok and bad_render.error["kind"] == "usage"
@@ -499,13 +625,20 @@ def test_install_refuses_path_traversal_and_writes_nothing_outside(
     assert not bad_file.ok and bad_file.error["kind"] == "usage"
     bad_shared = install_tree(client, 3, shared={"dirs": ["../../outside"]})
     assert not bad_shared.ok
-    evil_wheel = make_wheel("evil", "1.0", {"evil/__init__.py": ""},
-                            {"../../../evil_member.py": "import os\n"})
+    evil_wheel = make_wheel(
+        "evil", "1.0", {"evil/__init__.py": ""}, {"../../../evil_member.py": "import os\n"}
+    )
     assert client.send_blobs([evil_wheel]).ok
     manifest = tree_manifest({})
     manifest["app"]["source"] = "package"
-    manifest["app_files"] = [{"path": "evil-1.0-py3-none-any.whl", "sha256": sha(evil_wheel),
-                              "size": len(evil_wheel), "kind": "wheel"}]
+    manifest["app_files"] = [
+        {
+            "path": "evil-1.0-py3-none-any.whl",
+            "sha256": sha(evil_wheel),
+            "size": len(evil_wheel),
+            "kind": "wheel",
+        }
+    ]
     bad_wheel = client.request("install", {"release_id": release_id(4), "manifest": manifest})
     assert not bad_wheel.ok and "evil_member" in bad_wheel.error["message"]
     outside = {p for p in files_under(tmp_path) - before if not p.startswith("deploy")}
@@ -516,8 +649,9 @@ def test_install_refuses_path_traversal_and_writes_nothing_outside(
 def test_failing_after_install_hook_leaves_no_release(client: AgentClient, root: Path) -> None:
     assert install_tree(client, 1).ok
     (root / "current").symlink_to(f"releases/{release_id(1)}")
-    reply = install_tree(client, 2, {"app.py": b"v2\n"},
-                         hooks=["echo migrating; echo 'boom: no table' >&2; exit 3"])
+    reply = install_tree(
+        client, 2, {"app.py": b"v2\n"}, hooks=["echo migrating; echo 'boom: no table' >&2; exit 3"]
+    )
     assert not reply.ok
     assert reply.error["kind"] == "hook" and reply.error["exit_code"] == 3
     assert "boom: no table" in reply.error["output_tail"]
@@ -528,8 +662,14 @@ def test_failing_after_install_hook_leaves_no_release(client: AgentClient, root:
 def test_hook_timeout_kills_the_whole_process_group(client: AgentClient, root: Path) -> None:
     assert install_tree(client, 1).ok
     started = time.monotonic()
-    reply = client.request("hook", {"release_id": release_id(1), "timeout": 1,
-                                    "command": "sleep 300 & echo $! > bg.pid; echo started; wait"})
+    reply = client.request(
+        "hook",
+        {
+            "release_id": release_id(1),
+            "timeout": 1,
+            "command": "sleep 300 & echo $! > bg.pid; echo started; wait",
+        },
+    )
     assert not reply.ok and reply.error["kind"] == "timeout"
     assert time.monotonic() - started < 10
     assert "started" in [e.get("detail") for e in reply.events]
@@ -547,9 +687,15 @@ def test_hook_timeout_kills_the_whole_process_group(client: AgentClient, root: P
 
 # --- lock ---------------------------------------------------------------------------------------
 
+
 def holder(pid: int, host: str = "laptop") -> dict[str, Any]:
-    return {"user": "alice", "host": host, "pid": pid, "command": "shiplane deploy prod",
-            "started_at": "2026-01-01T10:00:00Z"}
+    return {
+        "user": "alice",
+        "host": host,
+        "pid": pid,
+        "command": "shiplane deploy prod",
+        "started_at": "2026-01-01T10:00:00Z",
+    }
 
 
 def test_lock_is_exclusive_names_its_holder_and_can_be_forced(root: Path) -> None:
@@ -570,8 +716,11 @@ def test_lock_is_exclusive_names_its_holder_and_can_be_forced(root: Path) -> Non
 
 
 def test_stale_lock_is_reported_as_stale(client: AgentClient, root: Path) -> None:
-    crashed = {**holder(333), "acquired_at": "2026-01-01T10:00:00Z",
-               "heartbeat": "2026-01-01T10:00:00Z"}
+    crashed = {
+        **holder(333),
+        "acquired_at": "2026-01-01T10:00:00Z",
+        "heartbeat": "2026-01-01T10:00:00Z",
+    }
     (root / ".lock").write_text(json.dumps(crashed))
     reply = client.request("lock", {"holder": holder(444)})
     assert not reply.ok and reply.error["stale"] is True
@@ -607,9 +756,11 @@ def test_sigterm_releases_the_sessions_lock(root: Path) -> None:
 
 # --- ledger -------------------------------------------------------------------------------------
 
+
 def test_ledger_round_trip_survives_a_torn_line(client: AgentClient, root: Path) -> None:
-    assert client.request("record", {"entry": {"release_id": "r1", "outcome": "ok",
-                                               "setup": True}}).ok
+    assert client.request(
+        "record", {"entry": {"release_id": "r1", "outcome": "ok", "setup": True}}
+    ).ok
     with open(root / "history.jsonl", "a") as f:
         f.write('{"release_id": "torn", "outc')  # a crash mid-append
     history = client.request("history", {"limit": 10}).result["entries"]
@@ -632,6 +783,7 @@ def test_setup_not_done_until_a_successful_setup(root: Path) -> None:
 
 # --- releases: states, previous, prune ----------------------------------------------------------
 
+
 def test_prune_never_removes_live_previous_or_newest_good(client: AgentClient, root: Path) -> None:
     for n in range(1, 7):
         assert install_tree(client, n, {"app.py": f"v{n}\n".encode()}).ok
@@ -651,8 +803,13 @@ def test_prune_never_removes_live_previous_or_newest_good(client: AgentClient, r
     left = sorted(p.name for p in (root / "releases").iterdir())
     assert left == [release_id(n) for n in (4, 5)]
     # the store keeps exactly the blobs the remaining releases list: a host's disk stays bounded
-    kept = {sha for n in (4, 5)
-            for sha in json.loads((root / "releases" / release_id(n) / "release.json").read_text())["blobs"]}
+    kept = {
+        sha
+        for n in (4, 5)
+        for sha in json.loads((root / "releases" / release_id(n) / "release.json").read_text())[
+            "blobs"
+        ]
+    }
     assert {p.name for p in (root / "store").iterdir() if len(p.name) == 64} == kept
     assert reply.result["blobs_removed"] >= 4
 
@@ -698,24 +855,31 @@ def test_prune_removes_agent_versions_that_nothing_runs(client: AgentClient, roo
     configured = agents / ("agent-" + "1" * 64)  # a supervised program is started through it
     configured.mkdir()
     (root / "run" / "programs").mkdir(parents=True)
-    (root / "run" / "programs" / "worker.conf").write_text(f"command = python3 -S {configured} exec-env x\n")
+    (root / "run" / "programs" / "worker.conf").write_text(
+        f"command = python3 -S {configured} exec-env x\n"
+    )
     busy = agents / ("agent-" + "3" * 64)  # a process still runs from it (a detached after-switch)
     busy.mkdir()
-    proc = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()", str(busy)],
-                            stdin=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "import sys; sys.stdin.read()", str(busy)], stdin=subprocess.PIPE
+    )
     try:
         reply = client.request("prune", {"keep": 5})
     finally:
         proc.communicate(timeout=30)
     assert reply.ok
     assert sorted(reply.result["agents_removed"]) == sorted([unused.name, old_zip.name])
-    assert sorted(p.name for p in agents.iterdir()) == sorted([*running, configured.name, busy.name])
+    assert sorted(p.name for p in agents.iterdir()) == sorted(
+        [*running, configured.name, busy.name]
+    )
 
 
 def test_previous_comes_from_the_ledger_when_recorded(client: AgentClient, root: Path) -> None:
     for n in (1, 2, 3):
         assert install_tree(client, n, {"app.py": f"v{n}\n".encode()}).ok
     (root / "current").symlink_to(f"releases/{release_id(3)}")
-    assert client.request("record", {"entry": {"release_id": release_id(3),
-                                               "previous": release_id(1), "outcome": "ok"}}).ok
+    assert client.request(
+        "record",
+        {"entry": {"release_id": release_id(3), "previous": release_id(1), "outcome": "ok"}},
+    ).ok
     assert client.request("inventory").result["previous"] == release_id(1)

@@ -15,8 +15,12 @@ from shiplane.agent_bundle import PACKAGE, agent_zip
 from test_agent_core import AgentClient, holder, install_tree, release_id
 
 FLOOR = (3, 9)
-FOUND = sorted(Path("~/.pyenv/versions").expanduser().glob("{}.{}.*/bin/python{}.{}".format(*FLOOR, *FLOOR)))
-pytestmark = pytest.mark.skipif(not FOUND, reason="no Python {}.{} under ~/.pyenv/versions".format(*FLOOR))
+FOUND = sorted(
+    Path("~/.pyenv/versions").expanduser().glob("{}.{}.*/bin/python{}.{}".format(*FLOOR, *FLOOR))
+)
+pytestmark = pytest.mark.skipif(
+    not FOUND, reason="no Python {}.{} under ~/.pyenv/versions".format(*FLOOR)
+)
 
 
 @pytest.fixture
@@ -24,24 +28,35 @@ def floor_python() -> str:
     return str(FOUND[-1])
 
 
-def test_every_agent_module_imports_on_the_oldest_host_python(floor_python: str, tmp_path: Path) -> None:
+def test_every_agent_module_imports_on_the_oldest_host_python(
+    floor_python: str, tmp_path: Path
+) -> None:
     data, _ = agent_zip()
     zipfile.ZipFile(io.BytesIO(data)).extractall(tmp_path)
     modules = sorted(p.stem for p in (tmp_path / PACKAGE).glob("*.py") if p.stem != "__main__")
     assert "server" in modules and "preboot" in modules
     # -S: as on a host, the stdlib alone; importing a module evaluates its annotations' aliases too
-    script = ("import importlib, sys\n"
-              f"for name in {modules!r}:\n"
-              f"    importlib.import_module({PACKAGE!r} + '.' + name)\n"
-              "print('%d.%d' % sys.version_info[:2])\n")
-    done = subprocess.run([floor_python, "-S", "-c", script], cwd=tmp_path, capture_output=True,
-                          text=True, check=False, timeout=60)
+    script = (
+        "import importlib, sys\n"
+        f"for name in {modules!r}:\n"
+        f"    importlib.import_module({PACKAGE!r} + '.' + name)\n"
+        "print('%d.%d' % sys.version_info[:2])\n"
+    )
+    done = subprocess.run(
+        [floor_python, "-S", "-c", script],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "{}.{}".format(*FLOOR)
 
 
-def test_a_session_on_the_oldest_host_python_installs_locks_and_unlocks(floor_python: str,
-                                                                        tmp_path: Path) -> None:
+def test_a_session_on_the_oldest_host_python_installs_locks_and_unlocks(
+    floor_python: str, tmp_path: Path
+) -> None:
     root = tmp_path / "deploy"
     client = AgentClient(root, python=floor_python)
     try:

@@ -38,7 +38,7 @@ ID_UNHEALTHY = "20260101T000003Z-bbbbbbb3"
 ID_NO_SMOKE = "20260101T000004Z-ccccccc4"
 DIGEST = hashlib.sha256(b"gunicorn").hexdigest()
 
-APP = '''
+APP = """
 RELEASE = {release!r}
 MODE = {mode!r}
 
@@ -52,11 +52,12 @@ def app(environ, start_response):
         body = (b"it works" if MODE == "no-smoke" else ("release " + RELEASE).encode())
     start_response(status, [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
     return [body]
-'''
+"""
 
 # The worker's command holds '%', '#' and quotes: it must reach sh unchanged through the conf.
-WORKER = ('echo "$SHIPLANE_RELEASE 100% # up" >> "$SHIPLANE_ROOT/log/worker-seen.txt"; '
-          "exec sleep 600")
+WORKER = (
+    'echo "$SHIPLANE_RELEASE 100% # up" >> "$SHIPLANE_ROOT/log/worker-seen.txt"; exec sleep 600'
+)
 
 
 def free_port() -> int:
@@ -85,9 +86,16 @@ def try_get(port: int) -> str | None:
 
 # --- fast: conf quoting and the proxy alone ----------------------------------------------------
 
+
 def test_program_conf_round_trips_awkward_commands_through_supervisord_parsing() -> None:
-    argv = ["/opt/my app/python", "-c", "print('100%') ; # not a comment", "--flag=a;b", "#x",
-            "%(ENV_HOME)s"]
+    argv = [
+        "/opt/my app/python",
+        "-c",
+        "print('100%') ; # not a comment",
+        "--flag=a;b",
+        "#x",
+        "%(ENV_HOME)s",
+    ]
     text = program_conf("worker", argv, {"stdout_logfile": "/srv/app 100%/log/w.log"}, {"k": 1})
     # supervisord's parser: inline comments after whitespace, '%' expansion, then shlex.split
     parser = configparser.RawConfigParser(inline_comment_prefixes=(";", "#"))
@@ -108,8 +116,18 @@ def proxy_to(tmp_path: Path) -> Iterator[Callable[[Path], int]]:
 
     def start(upstream: Path) -> int:
         port = free_port()
-        proc = subprocess.Popen([sys.executable, "-m", "shiplane.agent", "proxy", "--listen",
-                                 f"127.0.0.1:{port}", "--upstream", str(upstream)])
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "shiplane.agent",
+                "proxy",
+                "--listen",
+                f"127.0.0.1:{port}",
+                "--upstream",
+                str(upstream),
+            ]
+        )
         procs.append(proc)
 
         def listening() -> bool:
@@ -118,6 +136,7 @@ def proxy_to(tmp_path: Path) -> Iterator[Callable[[Path], int]]:
                 return True
             except OSError:
                 return False
+
         wait_for(listening, 10, "the proxy to listen")
         return port
 
@@ -128,7 +147,8 @@ def proxy_to(tmp_path: Path) -> Iterator[Callable[[Path], int]]:
 
 
 def test_proxy_waits_for_a_late_upstream_and_passes_half_close(
-        proxy_to: Callable[[Path], int], tmp_path: Path) -> None:
+    proxy_to: Callable[[Path], int], tmp_path: Path
+) -> None:
     upstream = tmp_path / "web.sock"
     port = proxy_to(upstream)
     client = socket.create_connection(("127.0.0.1", port), timeout=10)
@@ -156,6 +176,7 @@ def test_proxy_waits_for_a_late_upstream_and_passes_half_close(
             except OSError:
                 pass  # e.g. the fixture's probe connection, long gone
             conn.close()
+
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
     answer = b""
@@ -167,8 +188,9 @@ def test_proxy_waits_for_a_late_upstream_and_passes_half_close(
     assert answer.decode() == hashlib.sha256(payload).hexdigest()
 
 
-def test_proxy_answers_502_when_no_upstream(proxy_to: Callable[[Path], int],
-                                            tmp_path: Path) -> None:
+def test_proxy_answers_502_when_no_upstream(
+    proxy_to: Callable[[Path], int], tmp_path: Path
+) -> None:
     port = proxy_to(tmp_path / "missing.sock")
     status, body = get(port)
     assert status == 502 and "no upstream" in body
@@ -176,14 +198,20 @@ def test_proxy_answers_502_when_no_upstream(proxy_to: Callable[[Path], int],
 
 # --- slow: a real deploy root ----------------------------------------------------------------
 
+
 def make_release(layout: Layout, release_id: str, mode: str = "ok") -> None:
     rel = layout.release(release_id)
     rel.mkdir(parents=True)
     (rel / "app.py").write_text(APP.format(release=release_id, mode=mode))
     env = rel / "shiplane.env"
     env.touch(mode=0o600)
-    meta = {"release_id": release_id, "dependency_digest": DIGEST, "source": "tree",
-            "stage": "test", "state": "prepared"}
+    meta = {
+        "release_id": release_id,
+        "dependency_digest": DIGEST,
+        "source": "tree",
+        "stage": "test",
+        "state": "prepared",
+    }
     (rel / "release.json").write_text(json.dumps(meta))
 
 
@@ -192,17 +220,36 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Layout]:
     base = tmp_path_factory.mktemp("svc")
     layout = Layout(base / "root")
     downloads = base / "dl"
-    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d",
-                    str(downloads), "supervisor==4.3.0"], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "-q",
+            "--no-deps",
+            "-d",
+            str(downloads),
+            "supervisor==4.3.0",
+        ],
+        check=True,
+    )
     wheel = next(downloads.glob("supervisor-4.3.0-*.whl"))
     with zipfile.ZipFile(wheel) as zf:
         zf.extractall(layout.tools / "supervisor-4.3.0")
     venv = layout.venv(DIGEST)
     subprocess.run(["uv", "venv", "-q", "--python", sys.executable, str(venv)], check=True)
-    subprocess.run(["uv", "pip", "install", "-q", "--python", str(venv / "bin" / "python"),
-                    "gunicorn"], check=True)
-    for release_id, mode in [(ID1, "ok"), (ID2, "ok"), (ID3, "ok"), (ID_UNHEALTHY, "unhealthy"),
-                             (ID_NO_SMOKE, "no-smoke")]:
+    subprocess.run(
+        ["uv", "pip", "install", "-q", "--python", str(venv / "bin" / "python"), "gunicorn"],
+        check=True,
+    )
+    for release_id, mode in [
+        (ID1, "ok"),
+        (ID2, "ok"),
+        (ID3, "ok"),
+        (ID_UNHEALTHY, "unhealthy"),
+        (ID_NO_SMOKE, "no-smoke"),
+    ]:
         make_release(layout, release_id, mode)
     yield layout
     if (layout.run / "supervisord.sock").exists():
@@ -211,19 +258,30 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Layout]:
 
 @pytest.fixture(scope="module")
 def spec() -> dict[str, Any]:
-    return {"app": "demo", "stage": "test", "front": "builtin",
-            "web": {"kind": "wsgi", "target": "app:app", "workers": 2, "worker_class": None,
-                    "bind": "127.0.0.1", "port": free_port(), "timeout": 30,
-                    "graceful_timeout": 10, "health": {"path": "/up", "timeout": 15},
-                    "smoke": [{"path": "/", "expect": "release", "status": 200}]},
-            "workers": {"worker": {"command": WORKER, "stop_signal": "TERM", "stop_timeout": 5}}}
+    return {
+        "app": "demo",
+        "stage": "test",
+        "front": "builtin",
+        "web": {
+            "kind": "wsgi",
+            "target": "app:app",
+            "workers": 2,
+            "worker_class": None,
+            "bind": "127.0.0.1",
+            "port": free_port(),
+            "timeout": 30,
+            "graceful_timeout": 10,
+            "health": {"path": "/up", "timeout": 15},
+            "smoke": [{"path": "/", "expect": "release", "status": 200}],
+        },
+        "workers": {"worker": {"command": WORKER, "stop_signal": "TERM", "stop_timeout": 5}},
+    }
 
 
 def web_entry(layout: Layout) -> dict[str, Any]:
     """The live release's web server (a standby may run beside it)."""
     [web] = [s for s in services.status(layout)["services"] if s["name"] == "web" and s["live"]]
     return web
-
 
 
 @pytest.mark.slow
@@ -235,7 +293,8 @@ def test_status_when_nothing_was_ever_started(root: Layout) -> None:
 
 @pytest.mark.slow
 def test_first_switch_serves_the_release_and_points_current_at_it(
-        root: Layout, spec: dict[str, Any]) -> None:
+    root: Layout, spec: dict[str, Any]
+) -> None:
     events: list[dict[str, Any]] = []
     result = services.switch(root, ID1, spec, events.append)
     assert result["current"] == ID1 and result["previous"] is None
@@ -258,7 +317,8 @@ def test_first_switch_serves_the_release_and_points_current_at_it(
 
 @pytest.mark.slow
 def test_switch_keeps_the_old_server_as_standby_and_switching_back_starts_nothing(
-        root: Layout, spec: dict[str, Any]) -> None:
+    root: Layout, spec: dict[str, Any]
+) -> None:
     first_pid = web_entry(root)["pid"]
     result = services.switch(root, ID2, spec, lambda e: None)
     assert result == {**result, "previous": ID1, "current": ID2, "standby": ID1, "stopped": []}
@@ -281,7 +341,8 @@ def test_switch_keeps_the_old_server_as_standby_and_switching_back_starts_nothin
 
 @pytest.mark.slow
 def test_without_standby_the_old_server_is_retired_after_the_switch(
-        root: Layout, spec: dict[str, Any]) -> None:
+    root: Layout, spec: dict[str, Any]
+) -> None:
     cold = {**spec, "web": {**spec["web"], "standby": False, "drain": 0.2}}
     result = services.switch(root, ID1, cold, lambda e: None)
     assert result == {**result, "previous": ID2, "current": ID1, "standby": None}
@@ -308,7 +369,8 @@ def test_a_third_release_retires_the_oldest_standby(root: Layout, spec: dict[str
 
 @pytest.mark.slow
 def test_unhealthy_release_is_refused_and_the_live_one_keeps_serving(
-        root: Layout, spec: dict[str, Any]) -> None:
+    root: Layout, spec: dict[str, Any]
+) -> None:
     bad = json.loads(json.dumps(spec))
     bad["web"]["health"]["timeout"] = 3
     with pytest.raises(AgentError) as err:
@@ -323,7 +385,8 @@ def test_unhealthy_release_is_refused_and_the_live_one_keeps_serving(
 
 @pytest.mark.slow
 def test_smoke_failure_is_refused_before_it_takes_traffic(
-        root: Layout, spec: dict[str, Any]) -> None:
+    root: Layout, spec: dict[str, Any]
+) -> None:
     with pytest.raises(AgentError) as err:
         services.switch(root, ID_NO_SMOKE, spec, lambda e: None)
     assert err.value.kind == "smoke"
@@ -340,6 +403,7 @@ def test_a_killed_web_server_is_restarted(root: Layout, spec: dict[str, Any]) ->
     def restarted() -> bool:
         web = web_entry(root)
         return bool(web["state"] == "RUNNING" and web["pid"] not in (None, old_pid))
+
     wait_for(restarted, 30, "supervisord to restart gunicorn")
     assert wait_for(lambda: try_get(spec["web"]["port"]), 15, "serving again") == f"release {ID2}"
 
@@ -401,7 +465,8 @@ def test_stop_then_start_brings_the_live_release_back(root: Layout, spec: dict[s
 
 @pytest.mark.slow
 def test_reload_replaces_web_workers_and_restart_replaces_the_worker(
-        root: Layout, spec: dict[str, Any]) -> None:
+    root: Layout, spec: dict[str, Any]
+) -> None:
     master = web_entry(root)["pid"]
     before = _descendants({master}) - {master}
     services.reload(root, ["web"], lambda e: None)
@@ -409,6 +474,7 @@ def test_reload_replaces_web_workers_and_restart_replaces_the_worker(
     def replaced() -> bool:
         now = _descendants({master}) - {master}
         return bool(now) and not now & before
+
     wait_for(replaced, 30, "gunicorn to replace its workers")
     assert web_entry(root)["pid"] == master
     assert try_get(spec["web"]["port"]) == f"release {ID2}"
@@ -416,6 +482,7 @@ def test_reload_replaces_web_workers_and_restart_replaces_the_worker(
     def worker_pid() -> int | None:
         entry = next(s for s in services.status(root)["services"] if s["name"] == "worker")
         return entry["pid"] if entry["state"] in ("STARTING", "RUNNING") else None
+
     old = worker_pid()
     services.restart(root, ["worker"], None, lambda e: None)
     assert wait_for(worker_pid, 15, "the worker to run again") != old
@@ -431,7 +498,7 @@ def _descendants(pids: set[int]) -> set[int]:
                 stat = (entry / "stat").read_text()
             except OSError:
                 continue
-            parents[int(entry.name)] = int(stat[stat.rfind(")") + 2:].split()[1])
+            parents[int(entry.name)] = int(stat[stat.rfind(")") + 2 :].split()[1])
     changed = True
     while changed:
         new = {pid for pid, ppid in parents.items() if ppid in found} - found
@@ -442,7 +509,8 @@ def _descendants(pids: set[int]) -> set[int]:
 
 @pytest.mark.slow
 def test_a_keep_alive_client_moves_to_the_new_release_while_the_old_one_stands_by(
-        root: Layout, spec: dict[str, Any]) -> None:
+    root: Layout, spec: dict[str, Any]
+) -> None:
     """gthread (like uvicorn) keeps connections open: a busy client's connection through the
     front is pinned to the server it reached. The standby must not keep serving it old code."""
     threaded = {**spec, "web": {**spec["web"], "worker_class": "gthread"}}
@@ -478,7 +546,8 @@ def test_a_keep_alive_client_moves_to_the_new_release_while_the_old_one_stands_b
 
 @pytest.mark.slow
 def test_a_port_held_by_another_program_fails_the_switch_and_changes_nothing(
-        root: Layout, spec: dict[str, Any]) -> None:
+    root: Layout, spec: dict[str, Any]
+) -> None:
     """The front's port taken by someone else: the front cannot listen, so nothing of ours
     would answer there. The switch says so instead of reporting success."""
     live = services.status(root)["live_release"]

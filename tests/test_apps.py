@@ -60,11 +60,15 @@ def venvs(app: App) -> list[str]:
 
 
 def built_a_venv(deployed: Deployed) -> bool:
-    return any(e.get("phase") == "venv" and e.get("status") in ("building", "built")
-               for e in deployed.events)
+    return any(
+        e.get("phase") == "venv" and e.get("status") in ("building", "built")
+        for e in deployed.events
+    )
 
 
-def assert_code_only_redeploy(app: App, rel: str, deployed: Deployed, venvs_before: list[str]) -> None:
+def assert_code_only_redeploy(
+    app: App, rel: str, deployed: Deployed, venvs_before: list[str]
+) -> None:
     """A one-line change sends exactly the changed file and installs no dependencies."""
     size = (app.root / rel).stat().st_size
     assert deployed.bytes_sent == size, (deployed.bytes_sent, size, deployed.output[-2000:])
@@ -85,17 +89,34 @@ def static_url(page: str) -> str:
 
 # --- which source shiplane picks, and why (fast, no deploy) -----------------------------------
 
-@pytest.mark.parametrize("files, source, why", [
-    ({"manage.py": "", "mysite/settings.py": ""}, "tree", "manage.py"),
-    ({"main.py": "app = None\n"}, "tree", "main.py"),
-    ({"pyproject.toml": '[project]\nname = "x"\nversion = "1"\n', "x.py": ""}, "package", "pyproject.toml"),
-    ({"pyproject.toml": "[tool.ruff]\nline-length = 99\n", "app.py": ""}, "tree", "no [project]"),
-    ({}, "none", "only the locked dependencies"),
-])
-def test_check_names_the_source_and_why(tmp_path: Path, files: dict[str, str], source: str, why: str) -> None:
-    for rel, text in {**files, "requirements.txt": "gunicorn==23.0.0\n",
-                      "shiplane.toml": '[app]\nname = "x"\nwsgi = "x:app"\n[stages.local]\n'
-                                       'hosts = ["local"]\ndeploy_to = ".shiplane/local"\n'}.items():
+
+@pytest.mark.parametrize(
+    "files, source, why",
+    [
+        ({"manage.py": "", "mysite/settings.py": ""}, "tree", "manage.py"),
+        ({"main.py": "app = None\n"}, "tree", "main.py"),
+        (
+            {"pyproject.toml": '[project]\nname = "x"\nversion = "1"\n', "x.py": ""},
+            "package",
+            "pyproject.toml",
+        ),
+        (
+            {"pyproject.toml": "[tool.ruff]\nline-length = 99\n", "app.py": ""},
+            "tree",
+            "no [project]",
+        ),
+        ({}, "none", "only the locked dependencies"),
+    ],
+)
+def test_check_names_the_source_and_why(
+    tmp_path: Path, files: dict[str, str], source: str, why: str
+) -> None:
+    for rel, text in {
+        **files,
+        "requirements.txt": "gunicorn==23.0.0\n",
+        "shiplane.toml": '[app]\nname = "x"\nwsgi = "x:app"\n[stages.local]\n'
+        'hosts = ["local"]\ndeploy_to = ".shiplane/local"\n',
+    }.items():
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_text(text)
     app = App(root=tmp_path, port=0, deploy_to=tmp_path / ".shiplane" / "local")
@@ -117,6 +138,7 @@ def test_shared_paths_of_the_checkout_never_ship(tmp_path: Path) -> None:
 
 # --- the apps ---------------------------------------------------------------------------------
 
+
 @pytest.mark.slow
 def test_django_project(make_app: MakeApp) -> None:
     app = make_app(make_django, "django")
@@ -131,8 +153,11 @@ def test_django_project(make_app: MakeApp) -> None:
     assert (status, body) == (200, LOGO)
     assert (app.deploy_to / "shared" / "db.sqlite3").stat().st_size > 0
     # the developer's own db.sqlite3 (5 notes, untracked) is a shared file: it never ships
-    manifest = json.loads((app.root / ".shiplane" / "build" / "artifacts"
-                           / f"{first.result['artifact']}.json").read_text())
+    manifest = json.loads(
+        (
+            app.root / ".shiplane" / "build" / "artifacts" / f"{first.result['artifact']}.json"
+        ).read_text()
+    )
     shipped = {f["path"] for f in manifest["app_files"]}
     assert "manage.py" in shipped and "notes/static/notes/logo.svg" in shipped
     assert "db.sqlite3" not in shipped and (app.root / "db.sqlite3").is_file()
@@ -158,16 +183,27 @@ def test_django_project(make_app: MakeApp) -> None:
     assert "version: v1" in app.text("/")
     assert app.current() == first.result["release"]
 
-    for args in (("history", "--stage", "local", "--json"), ("status", "--stage", "local"),
-                 ("logs", "--stage", "local", "--lines", "200"),
-                 ("config", "show", "--stage", "local")):
+    for args in (
+        ("history", "--stage", "local", "--json"),
+        ("status", "--stage", "local"),
+        ("logs", "--stage", "local", "--lines", "200"),
+        ("config", "show", "--stage", "local"),
+    ):
         done = app.shiplane(*args)
         outputs.append(done.stdout + done.stderr)
-    stored = [p.read_text(errors="replace") for p in
-              [*(app.deploy_to / "log").glob("*.log"), app.deploy_to / "history.jsonl",
-               *(app.root / ".shiplane" / "history").glob("*.jsonl")]]
-    leaks = [text[max(0, text.find(DJANGO_SECRET) - 200):][:400]
-             for text in outputs + stored if DJANGO_SECRET in text]
+    stored = [
+        p.read_text(errors="replace")
+        for p in [
+            *(app.deploy_to / "log").glob("*.log"),
+            app.deploy_to / "history.jsonl",
+            *(app.root / ".shiplane" / "history").glob("*.jsonl"),
+        ]
+    ]
+    leaks = [
+        text[max(0, text.find(DJANGO_SECRET) - 200) :][:400]
+        for text in outputs + stored
+        if DJANGO_SECRET in text
+    ]
     assert not leaks, leaks
 
 
@@ -211,7 +247,9 @@ def test_flask_app_with_instance_folder(make_app: MakeApp) -> None:
     config = app.deploy_to / "shared" / "instance" / "config.toml"
     assert stat.S_IMODE(config.stat().st_mode) == 0o600  # it holds the secret
     assert FLASK_SECRET in config.read_text()
-    assert (app.deploy_to / "current" / "instance").resolve() == (app.deploy_to / "shared" / "instance").resolve()
+    assert (app.deploy_to / "current" / "instance").resolve() == (
+        app.deploy_to / "shared" / "instance"
+    ).resolve()
     assert app.text("/add?text=kept") == "added"
     assert "notes: 2" in app.text("/")
 

@@ -29,8 +29,10 @@ STAGE = "fleet"
 
 def _stage(hosts: TestHosts) -> str:
     names = ", ".join(f'"{h.name}"' for h in hosts.hosts)
-    return (f'[stages.{STAGE}]\nhosts = [{names}]\ndeploy_to = "/srv/visits"\nport = {PORT}\n'
-            f'bind = "0.0.0.0"\nssh_config = "{hosts.ssh_config}"\n')
+    return (
+        f'[stages.{STAGE}]\nhosts = [{names}]\ndeploy_to = "/srv/visits"\nport = {PORT}\n'
+        f'bind = "0.0.0.0"\nssh_config = "{hosts.ssh_config}"\n'
+    )
 
 
 @pytest.fixture
@@ -41,9 +43,11 @@ def fleet_app(make_ssh_hosts: Any, tmp_path: Path) -> Iterator[tuple[App, TestHo
     toml = app.root / "shiplane.toml"
     text = toml.read_text()
     # the hosts' interpreter, as the deploy file states it (SPEC §5): Debian 12's Python 3.11
-    text = text.replace('requirements = "requirements.txt"\n',
-                        'requirements = "requirements.txt"\npython_version = "3.11"\nplatform = "linux_x86_64"\n')
-    toml.write_text(text[:text.index("[stages.local]")] + _stage(hosts))
+    text = text.replace(
+        'requirements = "requirements.txt"\n',
+        'requirements = "requirements.txt"\npython_version = "3.11"\nplatform = "linux_x86_64"\n',
+    )
+    toml.write_text(text[: text.index("[stages.local]")] + _stage(hosts))
     app.commit("the fleet stage")
     app.stage = STAGE
     try:
@@ -76,8 +80,11 @@ def current(host: TestHost) -> str:
 def test_fastapi_app_on_two_ssh_hosts(fleet_app: tuple[App, TestHosts]) -> None:
     app, hosts = fleet_app
     first = app.deploy()
-    manifest = json.loads((app.root / ".shiplane" / "build" / "artifacts"
-                           / f"{first.result['artifact']}.json").read_text())
+    manifest = json.loads(
+        (
+            app.root / ".shiplane" / "build" / "artifacts" / f"{first.result['artifact']}.json"
+        ).read_text()
+    )
     assert manifest["target"] == {"python_version": "3.11", "platform": "linux_x86_64"}
     counts: dict[str, int] = {}
     for host in hosts.hosts:
@@ -86,19 +93,29 @@ def test_fastapi_app_on_two_ssh_hosts(fleet_app: tuple[App, TestHosts]) -> None:
         assert "version: v1" in text and counts[host.name] >= 1  # its own database answers
         assert page(host, "/static/style.css") == (200, STYLE)
         assert (host.root / "visits" / "shared" / "var" / "visits.sqlite3").is_file()
-        hello = json.loads(host.ssh("/usr/bin/python3 -c 'import json,sys; print(json.dumps(sys.version_info[:2]))'").stdout)
+        hello = json.loads(
+            host.ssh(
+                "/usr/bin/python3 -c 'import json,sys; print(json.dumps(sys.version_info[:2]))'"
+            ).stdout
+        )
         assert hello == [3, 11]
     venvs = {h.name: sorted(os.listdir(h.root / "visits" / "venvs")) for h in hosts.hosts}
 
     app.edit("main.py", "version: v1", "version: v2")
     second = app.deploy()
     size = (app.root / "main.py").stat().st_size
-    assert not [e for e in second.events if e.get("phase") == "venv" and e.get("status") in ("building", "built")]
+    assert not [
+        e
+        for e in second.events
+        if e.get("phase") == "venv" and e.get("status") in ("building", "built")
+    ]
     for host in hosts.hosts:
         assert sent(second, host) == size, (host.name, second.result["hosts"], size)
         assert sorted(os.listdir(host.root / "visits" / "venvs")) == venvs[host.name]
         text, count = visits(host)
-        assert "version: v2" in text and count > counts[host.name]  # the database outlived the release
+        assert (
+            "version: v2" in text and count > counts[host.name]
+        )  # the database outlived the release
 
     back = app.shiplane("rollback", "--stage", STAGE)
     assert back.returncode == 0, back.stdout + back.stderr

@@ -49,8 +49,9 @@ def write(root: Path, rel: str, text: str) -> Path:
 
 def git(root: Path, *args: str) -> str:
     env_args = ["-c", "user.email=dev@example.com", "-c", "user.name=dev"]
-    out = subprocess.run(["git", *env_args, *args], cwd=root, check=True, capture_output=True,
-                         text=True)
+    out = subprocess.run(
+        ["git", *env_args, *args], cwd=root, check=True, capture_output=True, text=True
+    )
     return out.stdout.strip()
 
 
@@ -60,7 +61,10 @@ def commit_all(root: Path, message: str = "change") -> None:
 
 
 def make_package(root: Path) -> Path:
-    write(root, "pyproject.toml", """\
+    write(
+        root,
+        "pyproject.toml",
+        """\
 [build-system]
 requires = ["hatchling"]
 build-backend = "hatchling.build"
@@ -69,7 +73,8 @@ build-backend = "hatchling.build"
 name = "tinyapp"
 version = "0.1.0"
 dependencies = ["itsdangerous"]
-""")
+""",
+    )
     write(root, "src/tinyapp/__init__.py", 'def create_app():\n    return "tiny"\n')
     write(root, "src/tinyapp/views.py", 'GREETING = "hello"\n')
     write(root, "tests/test_app.py", "def test_ok():\n    assert True\n")
@@ -98,8 +103,14 @@ def make_tree(root: Path) -> Path:
 
 
 def package_spec(root: Path) -> BuildSpec:
-    return BuildSpec(root, "tinyapp", None, "requirements.txt", include=("alembic.ini", "db/**"),
-                     config_files=("config/base.ini", "config/{stage}.ini"))
+    return BuildSpec(
+        root,
+        "tinyapp",
+        None,
+        "requirements.txt",
+        include=("alembic.ini", "db/**"),
+        config_files=("config/base.ini", "config/{stage}.ini"),
+    )
 
 
 def events_into(seen: list[tuple[str, str]]) -> Callable[[str, str], None]:
@@ -113,8 +124,9 @@ def blob_set(manifest: Manifest) -> set[str]:
 
 def all_paths(manifest: Manifest) -> list[str]:
     d = manifest.to_dict()
-    return [e["path"] for key in ("app_files", "dependencies", "tools", "config_files")
-            for e in d[key]]
+    return [
+        e["path"] for key in ("app_files", "dependencies", "tools", "config_files") for e in d[key]
+    ]
 
 
 def seed_caches(src_project: Path, dest_project: Path) -> None:
@@ -122,23 +134,31 @@ def seed_caches(src_project: Path, dest_project: Path) -> None:
     (tools and fully pinned wheelhouses are cached per user anyway)."""
     for part in ("wheelhouse",):
         if (src_project / ".shiplane/build" / part).is_dir():
-            shutil.copytree(src_project / ".shiplane/build" / part,
-                            dest_project / ".shiplane/build" / part)
+            shutil.copytree(
+                src_project / ".shiplane/build" / part, dest_project / ".shiplane/build" / part
+            )
 
 
 # --------------------------------------------------------------------------- fast tests
 
 
-@pytest.mark.parametrize(("files", "source", "reason_has"), [
-    ({"pyproject.toml": "[project]\nname='a'\nversion='1'\n"}, "package", "pyproject.toml"),
-    ({"setup.py": "from setuptools import setup\nsetup()\n"}, "package", "setup.py"),
-    ({"pyproject.toml": "[tool.ruff]\nline-length = 99\n", "manage.py": ""}, "tree",
-     "manage.py"),
-    ({"app.py": "app = None\n", "requirements.txt": LOCK}, "tree", "app.py"),
-    ({"requirements.txt": LOCK, "shiplane.toml": "[app]\n"}, "none", "only the locked"),
-])
+@pytest.mark.parametrize(
+    ("files", "source", "reason_has"),
+    [
+        ({"pyproject.toml": "[project]\nname='a'\nversion='1'\n"}, "package", "pyproject.toml"),
+        ({"setup.py": "from setuptools import setup\nsetup()\n"}, "package", "setup.py"),
+        (
+            {"pyproject.toml": "[tool.ruff]\nline-length = 99\n", "manage.py": ""},
+            "tree",
+            "manage.py",
+        ),
+        ({"app.py": "app = None\n", "requirements.txt": LOCK}, "tree", "app.py"),
+        ({"requirements.txt": LOCK, "shiplane.toml": "[app]\n"}, "none", "only the locked"),
+    ],
+)
 def test_detect_source_says_how_the_app_ships_and_why(
-        tmp_path: Path, files: dict[str, str], source: str, reason_has: str) -> None:
+    tmp_path: Path, files: dict[str, str], source: str, reason_has: str
+) -> None:
     for rel, text in files.items():
         write(tmp_path, rel, text)
     found, reason = detect_source(tmp_path)
@@ -156,12 +176,18 @@ def test_a_pyproject_without_a_project_table_is_explained(tmp_path: Path) -> Non
 def _manifest(n: int = 0) -> Manifest:
     deps = [FileEntry(f"dep{n}-1.0-py3-none-any.whl", hashlib.sha256(b"d%d" % n).hexdigest(), 9)]
     return Manifest(
-        app_name="tinyapp", app_version="0.1.0", source="package",
+        app_name="tinyapp",
+        app_version="0.1.0",
+        source="package",
         app_files=(FileEntry("tinyapp-0.1.0-py3-none-any.whl", "a" * 64, 5, "wheel"),),
-        dependencies=tuple(deps), dependency_digest=dependency_digest(deps),
-        tools=(), config_files=(FileEntry("config/base.ini", "a" * 64, 5),),
-        git_commit=None, built_at="2026-11-25T10:00:00Z",
-        target={"python_version": "3.11", "platform": "linux_x86_64"})
+        dependencies=tuple(deps),
+        dependency_digest=dependency_digest(deps),
+        tools=(),
+        config_files=(FileEntry("config/base.ini", "a" * 64, 5),),
+        git_commit=None,
+        built_at="2026-11-25T10:00:00Z",
+        target={"python_version": "3.11", "platform": "linux_x86_64"},
+    )
 
 
 def test_manifest_digest_is_the_sha256_of_its_canonical_json() -> None:
@@ -230,24 +256,44 @@ def test_clean_cache_empties_the_per_user_cache_and_only_it(tmp_path: Path) -> N
     write(cache, "wheelhouse/k/flask-3.1.3-py3-none-any.whl", "x" * 1000)
     write(cache, "bytecode/b.zip", "pyc")
     project = tmp_path / "app"
-    subprocess.run([sys.executable, "-m", "shiplane", "init", str(project)], check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "shiplane", "init", str(project)], check=True, capture_output=True
+    )
     write(project, ".shiplane/build/blobs/x", "x")
     write(project, ".shiplane/local/keep", "a local stage's host")
     env = {**os.environ, "SHIPLANE_CACHE_DIR": str(cache)}
-    plain = subprocess.run([sys.executable, "-m", "shiplane", "clean"], cwd=project, env=env,
-                           capture_output=True, text=True, check=False)
+    plain = subprocess.run(
+        [sys.executable, "-m", "shiplane", "clean"],
+        cwd=project,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert plain.returncode == 0 and cache.is_dir()  # without --cache the shared cache stays
     write(project, ".shiplane/build/blobs/x", "x")
-    done = subprocess.run([sys.executable, "-m", "shiplane", "clean", "--cache"], cwd=project, env=env,
-                          capture_output=True, text=True, check=False)
+    done = subprocess.run(
+        [sys.executable, "-m", "shiplane", "clean", "--cache"],
+        cwd=project,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr
     assert not cache.exists() and not (project / ".shiplane/build").exists()
     assert (project / ".shiplane/local/keep").exists()
     assert str(cache) in done.stdout and str(project / ".shiplane/build") in done.stdout
     # outside any project, --cache still works (there is nothing else to clean)
     write(cache, "tools/t.whl", "t")
-    away = subprocess.run([sys.executable, "-m", "shiplane", "clean", "--cache"], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, check=False)
+    away = subprocess.run(
+        [sys.executable, "-m", "shiplane", "clean", "--cache"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert away.returncode == 0 and not cache.exists()
 
 
@@ -259,19 +305,26 @@ def test_a_missing_lock_or_include_is_an_error_naming_it(tmp_path: Path) -> None
     with pytest.raises(OperationError, match="'static/\\*\\*' matches no file"):
         build(BuildSpec(tmp_path, "a", "tree", "requirements.txt", include=("static/**",)))
     with pytest.raises(OperationError, match="config/missing.ini"):
-        build(BuildSpec(tmp_path, "a", "tree", "requirements.txt",
-                        config_files=("config/missing.ini",)))
+        build(
+            BuildSpec(
+                tmp_path, "a", "tree", "requirements.txt", config_files=("config/missing.ini",)
+            )
+        )
 
 
-@pytest.mark.parametrize(("lock", "servers", "shared"), [
-    ("flask==3.1.3\ngunicorn==27.0.1\n", ("gunicorn",), True),
-    ("flask==3.1.3\n", ("gunicorn",), False),  # gunicorn resolves to whatever is newest
-    ("flask>=3\ngunicorn==27.0.1\n", ("gunicorn",), False),
-    ("flask==3.1.3 --hash=sha256:" + "0" * 64 + "\n", (), True),
-    ("", (), False),
-])
+@pytest.mark.parametrize(
+    ("lock", "servers", "shared"),
+    [
+        ("flask==3.1.3\ngunicorn==27.0.1\n", ("gunicorn",), True),
+        ("flask==3.1.3\n", ("gunicorn",), False),  # gunicorn resolves to whatever is newest
+        ("flask>=3\ngunicorn==27.0.1\n", ("gunicorn",), False),
+        ("flask==3.1.3 --hash=sha256:" + "0" * 64 + "\n", (), True),
+        ("", (), False),
+    ],
+)
 def test_only_a_wheelhouse_the_lock_decides_is_cached_beyond_the_project(
-        tmp_path: Path, lock: str, servers: tuple[str, ...], shared: bool) -> None:
+    tmp_path: Path, lock: str, servers: tuple[str, ...], shared: bool
+) -> None:
     """`shiplane clean` must still re-resolve a loose lock; a pinned one need not."""
     assert pinned(read_lock(write(tmp_path, "requirements.txt", lock)), servers) is shared
 
@@ -301,7 +354,8 @@ def package_copy(built_package: tuple[Path, Manifest], tmp_path: Path) -> tuple[
 
 @pytest.mark.slow
 def test_same_inputs_reuse_the_artifact_in_milliseconds(
-        built_package: tuple[Path, Manifest]) -> None:
+    built_package: tuple[Path, Manifest],
+) -> None:
     root, manifest = built_package
     again = build(package_spec(root))
     assert again.reused
@@ -335,19 +389,25 @@ def test_manifest_lists_every_file_as_stored(built_package: tuple[Path, Manifest
     assert int.from_bytes(pyc[4:8], "little") == 3  # checked against the source on import
     assert [e.path.split("-")[:2] for e in m.tools] == [["supervisor", "4.3.0"]]
     assert sorted(e.path for e in m.config_files) == [
-        "config/base.ini", "config/prod.ini", "config/staging.ini"]
+        "config/base.ini",
+        "config/prod.ini",
+        "config/staging.ini",
+    ]
     assert m.git_commit == git(root, "rev-parse", "HEAD")
     assert m.target["python_version"].startswith("3.")
     assert not any(".secrets" in p or "hunter2" in p for p in all_paths(m))
     # The wheel holds no secret either.
-    assert b"hunter2" not in store.path(next(e.sha256 for e in m.app_files
-                                              if e.kind == "wheel")).read_bytes()
+    assert (
+        b"hunter2"
+        not in store.path(next(e.sha256 for e in m.app_files if e.kind == "wheel")).read_bytes()
+    )
     assert load_manifest(root, m.digest[:8]) == m
 
 
 @pytest.mark.slow
 def test_one_line_code_change_changes_exactly_the_wheel(
-        package_copy: tuple[Path, Manifest]) -> None:
+    package_copy: tuple[Path, Manifest],
+) -> None:
     root, before = package_copy
     write(root, "src/tinyapp/views.py", 'GREETING = "hello, world"\n')
     after = build(package_spec(root)).manifest
@@ -364,37 +424,59 @@ def test_one_line_code_change_changes_exactly_the_wheel(
 
 @pytest.mark.slow
 def test_rebuilding_unchanged_code_gives_the_same_wheel_bytes(
-        package_copy: tuple[Path, Manifest]) -> None:
+    package_copy: tuple[Path, Manifest],
+) -> None:
     root, before = package_copy
     write(root, "tests/test_app.py", "def test_ok():\n    assert 1 == 1\n")
     commit_all(root, "only a test changed")
     app = compile_app(package_spec(root))
-    assert [e for e in app.files if e.kind == "wheel"] == \
-        [e for e in before.app_files if e.kind == "wheel"]
+    assert [e for e in app.files if e.kind == "wheel"] == [
+        e for e in before.app_files if e.kind == "wheel"
+    ]
 
 
 @pytest.mark.slow
 def test_the_cached_build_backend_makes_the_wheel_uv_build_makes(
-        package_copy: tuple[Path, Manifest], tmp_path: Path) -> None:
+    package_copy: tuple[Path, Manifest], tmp_path: Path
+) -> None:
     root, before = package_copy
     (wheel,) = [e for e in before.app_files if e.kind == "wheel"]
     out = tmp_path / "uv-dist"
-    subprocess.run(["uv", "build", "--wheel", "--quiet", "--out-dir", str(out), "--python",
-                    sys.executable, str(root)], check=True, capture_output=True,
-                   env={**os.environ, "SOURCE_DATE_EPOCH": "315532800"})
+    subprocess.run(
+        [
+            "uv",
+            "build",
+            "--wheel",
+            "--quiet",
+            "--out-dir",
+            str(out),
+            "--python",
+            sys.executable,
+            str(root),
+        ],
+        check=True,
+        capture_output=True,
+        env={**os.environ, "SOURCE_DATE_EPOCH": "315532800"},
+    )
     (built,) = out.glob("*.whl")
-    assert (built.name, hashlib.sha256(built.read_bytes()).hexdigest()) == (wheel.path, wheel.sha256)
+    assert (built.name, hashlib.sha256(built.read_bytes()).hexdigest()) == (
+        wheel.path,
+        wheel.sha256,
+    )
 
 
 @pytest.mark.slow
 def test_committing_what_was_built_dirty_builds_no_wheel(
-        package_copy: tuple[Path, Manifest]) -> None:
+    package_copy: tuple[Path, Manifest],
+) -> None:
     root, _ = package_copy
     write(root, "src/tinyapp/views.py", 'GREETING = "committed later"\n')
     dirty = build(package_spec(root)).manifest
     commit_all(root, "the change deployed dirty")
     events: list[tuple[str, str]] = []
-    clean_one = build(package_spec(root), on_event=lambda step, detail: events.append((step, detail)))
+    clean_one = build(
+        package_spec(root), on_event=lambda step, detail: events.append((step, detail))
+    )
     assert clean_one.manifest.git_commit == git(root, "rev-parse", "HEAD")
     assert clean_one.manifest.app_files == dirty.app_files
     assert any(step == "wheel" and "reused" in detail for step, detail in events)
@@ -402,7 +484,8 @@ def test_committing_what_was_built_dirty_builds_no_wheel(
 
 @pytest.mark.slow
 def test_a_pinned_wheelhouse_outlives_clean_and_serves_other_projects(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("SHIPLANE_CACHE_DIR", str(tmp_path / "user-cache"))
     lock = "itsdangerous==2.2.0\ngunicorn==27.0.1\n"
     manifests = []
@@ -421,7 +504,8 @@ def test_a_pinned_wheelhouse_outlives_clean_and_serves_other_projects(
 
 
 def test_a_cached_wheel_rewritten_in_place_is_noticed_and_made_again(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # the cache remembers its files' hashes by their stat; a rewrite must not slip through
     monkeypatch.setenv("SHIPLANE_CACHE_DIR", str(tmp_path / "user-cache"))
     write(tmp_path / "app", "requirements.txt", "itsdangerous==2.2.0\ngunicorn==27.0.1\n")
@@ -441,7 +525,8 @@ def test_a_cached_wheel_rewritten_in_place_is_noticed_and_made_again(
 
 @pytest.mark.slow
 def test_dependency_change_changes_the_dependency_digest(
-        package_copy: tuple[Path, Manifest]) -> None:
+    package_copy: tuple[Path, Manifest],
+) -> None:
     root, before = package_copy
     write(root, "requirements.txt", LOCK + "markupsafe==2.1.5\n")
     after = build(package_spec(root)).manifest
@@ -462,15 +547,20 @@ def test_an_unresolvable_pin_fails_naming_the_package(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_tree_app_ships_its_files_and_a_change_sends_one_blob(
-        built_package: tuple[Path, Manifest], tmp_path: Path) -> None:
+    built_package: tuple[Path, Manifest], tmp_path: Path
+) -> None:
     root = make_tree(tmp_path / "mysite")  # not a git repo: the files come from a walk
     seed_caches(built_package[0], root)
     spec = BuildSpec(root, "mysite", None, "requirements.txt", exclude=("docs",))
     before = build(spec).manifest
     assert before.source == "tree" and before.app_version is None
     assert sorted(e.path for e in before.app_files) == [
-        "manage.py", "mysite/__init__.py", "mysite/settings.py", "mysite/views.py",
-        "requirements.txt"]
+        "manage.py",
+        "mysite/__init__.py",
+        "mysite/settings.py",
+        "mysite/views.py",
+        "requirements.txt",
+    ]
     assert {e.kind for e in before.app_files} == {"file"}
     assert before.git_commit is None
     assert not any(p.startswith((".secrets", ".env", ".shiplane")) for p in all_paths(before))
@@ -487,7 +577,8 @@ def test_tree_app_ships_its_files_and_a_change_sends_one_blob(
 
 @pytest.mark.slow
 def test_lock_only_app_ships_dependencies_only(
-        built_package: tuple[Path, Manifest], tmp_path: Path) -> None:
+    built_package: tuple[Path, Manifest], tmp_path: Path
+) -> None:
     write(tmp_path, "requirements.txt", LOCK)
     seed_caches(built_package[0], tmp_path)
     m = build(BuildSpec(tmp_path, "served", None, "requirements.txt")).manifest
@@ -498,8 +589,17 @@ def test_lock_only_app_ships_dependencies_only(
 @pytest.mark.slow
 def test_wheelhouse_for_another_python_uses_wheels_for_that_target(tmp_path: Path) -> None:
     write(tmp_path, "requirements.txt", "markupsafe==2.1.5\n")
-    m = build(BuildSpec(tmp_path, "served", "none", "requirements.txt", server_packages=(),
-                        python_version="3.12", platform="linux_x86_64")).manifest
+    m = build(
+        BuildSpec(
+            tmp_path,
+            "served",
+            "none",
+            "requirements.txt",
+            server_packages=(),
+            python_version="3.12",
+            platform="linux_x86_64",
+        )
+    ).manifest
     assert m.target == {"python_version": "3.12", "platform": "linux_x86_64"}
     (dep,) = m.dependencies
     assert "-cp312-" in dep.path and "x86_64" in dep.path
@@ -513,7 +613,11 @@ def gated_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("gate")
     write(root, "requirements.txt", LOCK)
     write(root, "src/gated/__init__.py", "from itsdangerous import Signer\nVALUE = 42\n")
-    write(root, "tests/test_pass.py", "import gated\n\ndef test_value():\n    assert gated.VALUE == 42\n")
+    write(
+        root,
+        "tests/test_pass.py",
+        "import gated\n\ndef test_value():\n    assert gated.VALUE == 42\n",
+    )
     write(root, "tests/test_fail.py", "def test_red():\n    assert 1 == 2, 'the build is red'\n")
     return root
 
@@ -530,8 +634,9 @@ def test_gate_passes_with_the_lock_installed_and_src_importable(gated_project: P
 def test_gate_failure_reports_exit_code_and_output_tail(gated_project: Path) -> None:
     lines: list[str] = []
     with pytest.raises(OperationError) as err:
-        run_gate(gated_project, "pytest -q tests/test_fail.py", "requirements.txt",
-                 output=lines.append)
+        run_gate(
+            gated_project, "pytest -q tests/test_fail.py", "requirements.txt", output=lines.append
+        )
     assert err.value.message.startswith("test gate failed (exit 1)")
     assert "the build is red" in err.value.message
     assert any("1 failed" in line for line in lines)
@@ -540,16 +645,24 @@ def test_gate_failure_reports_exit_code_and_output_tail(gated_project: Path) -> 
 @pytest.mark.slow
 def test_gate_timeout_stops_the_command(gated_project: Path) -> None:
     with pytest.raises(OperationError, match="timed out"):
-        run_gate(gated_project, "python -c 'import time; time.sleep(60)'", "requirements.txt",
-                 timeout=1, output=lambda line: None)
+        run_gate(
+            gated_project,
+            "python -c 'import time; time.sleep(60)'",
+            "requirements.txt",
+            timeout=1,
+            output=lambda line: None,
+        )
 
 
 @pytest.mark.slow
 def test_hashes_in_the_lock_are_enforced(
-        built_package: tuple[Path, Manifest], tmp_path: Path) -> None:
+    built_package: tuple[Path, Manifest], tmp_path: Path
+) -> None:
     seed_caches(built_package[0], tmp_path)
     (good,) = [e for e in built_package[1].dependencies if e.path.startswith("itsdangerous")]
-    write(tmp_path, "requirements.txt", f"itsdangerous==2.2.0 \\\n    --hash=sha256:{good.sha256}\n")
+    write(
+        tmp_path, "requirements.txt", f"itsdangerous==2.2.0 \\\n    --hash=sha256:{good.sha256}\n"
+    )
     m = build(BuildSpec(tmp_path, "served", "none", "requirements.txt")).manifest
     # gunicorn is not in the hashed lock: it is added, resolved against the lock's pins.
     assert {e.path.split("-")[0] for e in m.dependencies} >= {"itsdangerous", "gunicorn"}
@@ -568,12 +681,19 @@ def test_wheelhouse_for_another_python_follows_the_targets_markers(tmp_path: Pat
     project.mkdir()
     (project / "app.py").write_text("def app(environ, start_response):\n    return []\n")
     (project / "requirements.txt").write_text(
-        'markupsafe==3.0.2\n'
+        "markupsafe==3.0.2\n"
         'tomli==2.0.1 ; python_version < "3.11"\n'
         'six==1.16.0 ; python_version >= "3.11"\n'
     )
-    spec = BuildSpec(project=project, app_name="app", source="tree", requirements="requirements.txt",
-                     server_packages=(), python_version="3.10", platform="linux_x86_64")
+    spec = BuildSpec(
+        project=project,
+        app_name="app",
+        source="tree",
+        requirements="requirements.txt",
+        server_packages=(),
+        python_version="3.10",
+        platform="linux_x86_64",
+    )
     names = [d["path"] for d in build(spec).manifest.to_dict()["dependencies"]]
     assert any(n.startswith("tomli-2.0.1") for n in names)
     assert not any(n.startswith("six-") for n in names)

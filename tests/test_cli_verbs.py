@@ -9,8 +9,14 @@ from pathlib import Path
 
 
 def shiplane(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "shiplane", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=60, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "shiplane", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
 
 
 def test_verbose_is_accepted_after_the_verb(tmp_path: Path) -> None:
@@ -24,7 +30,10 @@ def test_promote_refuses_options_that_mean_nothing_to_it(tmp_path: Path) -> None
     for option in (("--skip-tests",), ("--artifact", "abc")):
         done = shiplane(tmp_path, "promote", "--from", "staging", "--to", "prod", *option)
         assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
-    assert "drop --skip-tests" in shiplane(tmp_path, "promote", "--from", "a", "--to", "b", "--skip-tests").stderr
+    assert (
+        "drop --skip-tests"
+        in shiplane(tmp_path, "promote", "--from", "a", "--to", "b", "--skip-tests").stderr
+    )
 
 
 def test_stop_help_says_what_it_stops(tmp_path: Path) -> None:

@@ -47,7 +47,9 @@ SECRET_VALUES = ("s3cr3t-key-value-123", "pw-Very-Secret-456")
 
 def project(tmp_path: Path, toml: str = BASE) -> Path:
     (tmp_path / "config").mkdir(exist_ok=True)
-    (tmp_path / "config/base.ini").write_text("[app]\ntitle = Base\ndebug = false\n[database]\nurl = sqlite:///x.db\n")
+    (tmp_path / "config/base.ini").write_text(
+        "[app]\ntitle = Base\ndebug = false\n[database]\nurl = sqlite:///x.db\n"
+    )
     (tmp_path / "config/local.ini").write_text("[app]\ndebug = true\n")
     (tmp_path / "shiplane.toml").write_text(toml)
     return tmp_path
@@ -55,7 +57,9 @@ def project(tmp_path: Path, toml: str = BASE) -> Path:
 
 def run(path: Path, *args: str, env: dict[str, str] | None = None) -> tuple[int, str]:
     runner = CliRunner()
-    result = runner.invoke(main, ["--file", str(path / "shiplane.toml"), *args], env=env or {}, catch_exceptions=False)
+    result = runner.invoke(
+        main, ["--file", str(path / "shiplane.toml"), *args], env=env or {}, catch_exceptions=False
+    )
     return result.exit_code, result.output
 
 
@@ -74,15 +78,41 @@ def test_check_accepts_a_valid_file(tmp_path: Path) -> None:
     [
         (lambda t: t.replace('name = "demo"', 'name = "demo'), 2, "not valid TOML"),
         (lambda t: t.replace("workers = 2", 'workers = "many"'), 12, "services.web.workers"),
-        (lambda t: t.replace("port = 5000", "prot = 5000"), 20, "unknown key 'prot'; did you mean 'port'?"),
-        (lambda t: t.replace('deploy_to = "/srv/demo"\n', ""), 24, "stages.prod.deploy_to: required key is missing"),
-        (lambda t: t.replace('hosts = ["deploy@web1", "deploy@web2:2222"]', "hosts = []"), 25, "stages.prod.hosts"),
-        (lambda t: t.replace('[app]\nname = "demo"\n', '[app]\n'), 1, "app.name: required key is missing"),
-        (lambda t: t.replace("[services.web]", "[services.wbe]\ncommand = 1\n[services.web]"), 12, "services.wbe.command"),
-        (lambda t: t.replace('hosts = ["local"]', 'hosts = ["bad host!"]'), 18, "stages.local.hosts"),
+        (
+            lambda t: t.replace("port = 5000", "prot = 5000"),
+            20,
+            "unknown key 'prot'; did you mean 'port'?",
+        ),
+        (
+            lambda t: t.replace('deploy_to = "/srv/demo"\n', ""),
+            24,
+            "stages.prod.deploy_to: required key is missing",
+        ),
+        (
+            lambda t: t.replace('hosts = ["deploy@web1", "deploy@web2:2222"]', "hosts = []"),
+            25,
+            "stages.prod.hosts",
+        ),
+        (
+            lambda t: t.replace('[app]\nname = "demo"\n', "[app]\n"),
+            1,
+            "app.name: required key is missing",
+        ),
+        (
+            lambda t: t.replace("[services.web]", "[services.wbe]\ncommand = 1\n[services.web]"),
+            12,
+            "services.wbe.command",
+        ),
+        (
+            lambda t: t.replace('hosts = ["local"]', 'hosts = ["bad host!"]'),
+            18,
+            "stages.local.hosts",
+        ),
     ],
 )
-def test_bad_deploy_file_names_file_line_and_key(tmp_path: Path, edit, line: int, expected: str) -> None:
+def test_bad_deploy_file_names_file_line_and_key(
+    tmp_path: Path, edit, line: int, expected: str
+) -> None:
     path = project(tmp_path, edit(BASE))
     code, out = run(path, "check")
     assert code == 2, out
@@ -116,14 +146,19 @@ def test_unknown_stage_suggests_the_close_one(tmp_path: Path) -> None:
 
 def test_layers_explain_who_set_each_key_and_what_it_overrode(tmp_path: Path) -> None:
     env = {**secrets_env(), "DEMO_APP__DEBUG": "maybe"}
-    code, out = run(project(tmp_path), "config", "show", "--stage", "local", "--explain", "--json", env=env)
+    code, out = run(
+        project(tmp_path), "config", "show", "--stage", "local", "--explain", "--json", env=env
+    )
     assert code == 0, out
     rows = {row["key"]: row for row in json.loads(out)["result"]}
     assert rows["app.title"]["value"] == "Local"
     assert rows["app.title"]["layer"] == "shiplane.toml [stages.local.config]"
     assert [o["layer"] for o in rows["app.title"]["overrides"]] == ["config/base.ini"]
     assert rows["app.debug"]["value"] == "maybe"
-    assert [o["layer"] for o in rows["app.debug"]["overrides"]] == ["config/local.ini", "config/base.ini"]
+    assert [o["layer"] for o in rows["app.debug"]["overrides"]] == [
+        "config/local.ini",
+        "config/base.ini",
+    ]
     assert rows["database.url"]["layer"] == "config/base.ini"
     assert rows["database.password"]["value"] == "***"
     assert rows["LOG_LEVEL"]["value"] == "debug" and rows["LOG_LEVEL"]["kind"] == "env"
@@ -140,7 +175,9 @@ def test_secrets_file_readable_by_others_is_refused(tmp_path: Path) -> None:
     path = project(tmp_path)
     (path / ".secrets").mkdir()
     secrets = path / ".secrets/local.env"
-    secrets.write_text(f"SECRET_KEY={SECRET_VALUES[0]}\nDEMO_DATABASE__PASSWORD='{SECRET_VALUES[1]}'\n")
+    secrets.write_text(
+        f"SECRET_KEY={SECRET_VALUES[0]}\nDEMO_DATABASE__PASSWORD='{SECRET_VALUES[1]}'\n"
+    )
     secrets.chmod(0o644)
     code, out = run(path, "config", "show", "--stage", "local")
     assert code == 2
@@ -152,8 +189,10 @@ def test_secrets_file_readable_by_others_is_refused(tmp_path: Path) -> None:
 
 
 def test_secrets_command_supplies_what_is_missing(tmp_path: Path) -> None:
-    toml = BASE.replace('secrets_file = ".secrets/{stage}.env"',
-                        f"secrets_command = \"printf 'SECRET_KEY={SECRET_VALUES[0]}\\\\nDEMO_DATABASE__PASSWORD=$SHIPLANE_STAGE-{SECRET_VALUES[1]}\\\\n'\"")
+    toml = BASE.replace(
+        'secrets_file = ".secrets/{stage}.env"',
+        f"secrets_command = \"printf 'SECRET_KEY={SECRET_VALUES[0]}\\\\nDEMO_DATABASE__PASSWORD=$SHIPLANE_STAGE-{SECRET_VALUES[1]}\\\\n'\"",
+    )
     code, out = run(project(tmp_path, toml), "config", "show", "--stage", "local", "--json")
     assert code == 0, out
     shown = json.loads(out)["result"]
@@ -165,9 +204,15 @@ def test_secret_values_never_appear_in_any_output(tmp_path: Path) -> None:
     path = project(tmp_path)
     env = secrets_env()
     outputs = []
-    for args in (["check"], ["config", "show", "-s", "local"], ["config", "show", "-s", "local", "--explain"],
-                 ["config", "show", "-s", "local", "--json"], ["config", "show", "-s", "local", "--explain", "--json"],
-                 ["-v", "config", "show", "-s", "local"], ["config", "show", "-s", "local", "--set", "port=abc"]):
+    for args in (
+        ["check"],
+        ["config", "show", "-s", "local"],
+        ["config", "show", "-s", "local", "--explain"],
+        ["config", "show", "-s", "local", "--json"],
+        ["config", "show", "-s", "local", "--explain", "--json"],
+        ["-v", "config", "show", "-s", "local"],
+        ["config", "show", "-s", "local", "--set", "port=abc"],
+    ):
         outputs.append(run(path, *args, env=env)[1])
     # an error that would quote a secret: a bad value in a rendered template
     text = "\n".join(outputs)
@@ -177,10 +222,21 @@ def test_secret_values_never_appear_in_any_output(tmp_path: Path) -> None:
 
 
 def test_override_is_validated_like_the_file(tmp_path: Path) -> None:
-    code, out = run(project(tmp_path), "config", "show", "-s", "local", "--set", "port=abc", env=secrets_env())
+    code, out = run(
+        project(tmp_path), "config", "show", "-s", "local", "--set", "port=abc", env=secrets_env()
+    )
     assert code == 2
     assert "stages.local.port" in out and "'abc'" in out
-    code, out = run(project(tmp_path), "config", "show", "-s", "local", "--set", "config.app.title=Over", env=secrets_env())
+    code, out = run(
+        project(tmp_path),
+        "config",
+        "show",
+        "-s",
+        "local",
+        "--set",
+        "config.app.title=Over",
+        env=secrets_env(),
+    )
     assert code == 0 and "title = Over" in out
 
 
@@ -210,7 +266,9 @@ def test_run_executes_dependencies_and_names_the_failed_task(tmp_path: Path) -> 
         needs = ["second"]
     """)
     path = project(tmp_path, toml)
-    code = CliRunner().invoke(main, ["--file", str(path / "shiplane.toml"), "run", "third"]).exit_code
+    code = (
+        CliRunner().invoke(main, ["--file", str(path / "shiplane.toml"), "run", "third"]).exit_code
+    )
     assert code == 1
     assert (path / "first.txt").exists()
     assert not (path / "third.txt").exists()

@@ -45,14 +45,21 @@ def touch_migrations(project: Project) -> None:
 
 
 @pytest.mark.parametrize("moment", ["install", "release", "switch"])
-def test_interrupt_at_any_moment_leaves_one_healthy_release_and_no_lock(app: Project, moment: str) -> None:
+def test_interrupt_at_any_moment_leaves_one_healthy_release_and_no_lock(
+    app: Project, moment: str
+) -> None:
     """deployer#899 and friends: Ctrl-C mid-deploy used to leave the lock (and half a deploy)."""
     good = app.deploy()
     if moment == "release":
         touch_migrations(app)
     bump(app, f"interrupted-{moment}")
-    process = subprocess.Popen([sys.executable, "-m", "shiplane", "deploy", "--stage", "local", "--skip-tests", "--json"],
-                               cwd=app.root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "shiplane", "deploy", "--stage", "local", "--skip-tests", "--json"],
+        cwd=app.root,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     assert process.stdout is not None
     deadline = time.monotonic() + 120
     for line in process.stdout:
@@ -76,8 +83,13 @@ def test_interrupt_at_any_moment_leaves_one_healthy_release_and_no_lock(app: Pro
 def test_sigterm_stops_cleanly_too(app: Project) -> None:
     good = app.deploy()
     bump(app, "terminated")
-    process = subprocess.Popen([sys.executable, "-m", "shiplane", "deploy", "--stage", "local", "--skip-tests", "--json"],
-                               cwd=app.root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "shiplane", "deploy", "--stage", "local", "--skip-tests", "--json"],
+        cwd=app.root,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     assert process.stdout is not None
     for line in process.stdout:
         if '"phase": "install"' in line:
@@ -93,24 +105,42 @@ def test_stale_lock_is_reported_with_its_holder_and_broken_with_force(app: Proje
     app.deploy()
     dead = subprocess.Popen(["true"])
     dead.wait()
-    lock = {"user": "alice", "host": os.uname().nodename, "pid": dead.pid, "command": "shiplane deploy --stage local",
-            "started_at": "2026-01-01T00:00:00Z", "heartbeat": "2026-01-01T00:00:00Z"}
+    lock = {
+        "user": "alice",
+        "host": os.uname().nodename,
+        "pid": dead.pid,
+        "command": "shiplane deploy --stage local",
+        "started_at": "2026-01-01T00:00:00Z",
+        "heartbeat": "2026-01-01T00:00:00Z",
+    }
     (app.deploy_root / ".lock").write_text(json.dumps(lock))
     refused = app.deploy(check=False)
     assert refused["exit"] == 1
     assert "alice@" in refused["output"] and "stale" in refused["output"]
     app.shiplane("unlock", "--stage", "local", "--force", check=True)
-    history = json.loads(app.shiplane("history", "--stage", "local", "--json", check=True).stdout)["result"]
-    assert any(e.get("event") == "unlock" and e.get("forced") for e in history["hosts"]["local"]["entries"])
+    history = json.loads(app.shiplane("history", "--stage", "local", "--json", check=True).stdout)[
+        "result"
+    ]
+    assert any(
+        e.get("event") == "unlock" and e.get("forced") for e in history["hosts"]["local"]["entries"]
+    )
     assert app.deploy()["exit"] == 0
 
 
 def test_lock_wait_waits_for_a_held_lock(app: Project) -> None:
     app.shiplane("lock", "--stage", "local", check=True)
     started = time.monotonic()
-    releaser = subprocess.Popen([sys.executable, "-c", ("import time,subprocess,sys; time.sleep(3); "
-                                 "subprocess.run([sys.executable,'-m','shiplane','unlock','--stage','local','--force'])")],
-                                cwd=app.root)
+    releaser = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            (
+                "import time,subprocess,sys; time.sleep(3); "
+                "subprocess.run([sys.executable,'-m','shiplane','unlock','--stage','local','--force'])"
+            ),
+        ],
+        cwd=app.root,
+    )
     try:
         result = app.deploy("--lock-wait", "60")
     finally:
@@ -144,7 +174,10 @@ def test_rollback_across_a_migration_asks_for_yes(app: Project) -> None:
     assert app.deploy()["release_hook"] is True
     refused = app.shiplane("rollback", "--stage", "local")
     assert refused.returncode == 2
-    assert "ran the release hook" in refused.stdout + refused.stderr and "--yes" in refused.stdout + refused.stderr
+    assert (
+        "ran the release hook" in refused.stdout + refused.stderr
+        and "--yes" in refused.stdout + refused.stderr
+    )
     assert app.shiplane("rollback", "--stage", "local", "--yes").returncode == 0
 
 
@@ -171,16 +204,26 @@ def test_summary_and_history_show_time_per_phase(app: Project) -> None:
 def test_a_hung_hook_is_killed_with_its_process_group(app: Project) -> None:
     toml = app.root / "shiplane.toml"
     original = toml.read_text()
-    toml.write_text(original.replace('release = "alembic upgrade head"',
-                                     'release = "sleep 300 & echo $! > /tmp/shiplane-hung-hook.pid; wait"\ntimeout = 2'))
+    toml.write_text(
+        original.replace(
+            'release = "alembic upgrade head"',
+            'release = "sleep 300 & echo $! > /tmp/shiplane-hung-hook.pid; wait"\ntimeout = 2',
+        )
+    )
     app.commit("hung hook")
     try:
         result = app.deploy(check=False)
         assert result["exit"] == 1
         assert "timed out" in result["output"] or "timeout" in result["output"]
         pid = int(Path("/tmp/shiplane-hung-hook.pid").read_text())
-        wait_for(lambda: not os.path.exists(f"/proc/{pid}") or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2],
-                 10, "the hook's background child to be killed")
+        wait_for(
+            lambda: (
+                not os.path.exists(f"/proc/{pid}")
+                or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
+            ),
+            10,
+            "the hook's background child to be killed",
+        )
     finally:
         toml.write_text(original)
         app.commit("restore hook")
@@ -195,7 +238,9 @@ def test_status_flags_drift_from_the_ledger(app: Project) -> None:
     tmp = app.deploy_root / "current.tmp"
     tmp.symlink_to(f"releases/{first['release']}")
     os.replace(tmp, current)
-    status = json.loads(app.shiplane("status", "--stage", "local", "--json", check=True).stdout)["result"]
+    status = json.loads(app.shiplane("status", "--stage", "local", "--json", check=True).stdout)[
+        "result"
+    ]
     assert status["drift"], status
     text = app.shiplane("status", "--stage", "local").stdout
     assert "DRIFT" in text

@@ -35,7 +35,10 @@ def test_deploy_serves_the_release_and_stage(app: Project) -> None:
     assert f"release {result['release']}" in body
     assert "stage local" in body
     assert app.current() == result["release"]
-    assert f"serving at http://127.0.0.1:{app.port}/" in app.shiplane("deploy", "--stage", "local", "--skip-tests").stdout
+    assert (
+        f"serving at http://127.0.0.1:{app.port}/"
+        in app.shiplane("deploy", "--stage", "local", "--skip-tests").stdout
+    )
     # supervisord, started early by the install while the venv builds, exists once per root
     conf = str(app.deploy_root / "run" / "supervisord.conf")
     named = {pid for pid in os.listdir("/proc") if pid.isdigit() and _cmdline(pid).count(conf)}
@@ -67,12 +70,17 @@ with open(os.path.join(root, "probe.json"), "w") as out:
 
 
 def test_the_next_server_loads_its_libraries_during_the_install_and_the_app_at_the_switch(
-        tmp_path_factory: pytest.TempPathFactory) -> None:
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
     project = scaffold(tmp_path_factory.mktemp("pb"))  # short: unix socket paths are limited
     try:
         (project.root / "src" / "demo" / "probe.py").write_text(PROBE)
-        edit(project, "shiplane.toml", 'release = "alembic upgrade head"',
-             'release = "alembic upgrade head && python -m demo.probe"')
+        edit(
+            project,
+            "shiplane.toml",
+            'release = "alembic upgrade head"',
+            'release = "alembic upgrade head && python -m demo.probe"',
+        )
         result = project.deploy()
         probe = json.loads((project.deploy_root / "probe.json").read_text())
         # while the release hook ran: one server of the release, flask's C speedups loaded...
@@ -90,8 +98,14 @@ def test_a_warm_redeploy_is_served_by_the_spare_that_had_its_libraries_loaded(ap
     app.deploy()
 
     def idle_spare() -> dict[str, Any] | None:
-        return next((s for s in _web_servers(app) if s.get("preboot") and not s["release"]
-                     and s["state"] == "RUNNING"), None)
+        return next(
+            (
+                s
+                for s in _web_servers(app)
+                if s.get("preboot") and not s["release"] and s["state"] == "RUNNING"
+            ),
+            None,
+        )
 
     spare = wait_for(idle_spare, 20, "a spare web server after the deploy")
     edit(app, VIEWS, "<footer>", "<footer>from-the-spare ")
@@ -100,13 +114,18 @@ def test_a_warm_redeploy_is_served_by_the_spare_that_had_its_libraries_loaded(ap
     live = [s for s in _web_servers(app) if s["live"]]
     assert [(s["pid"], s["release"]) for s in live] == [(spare["pid"], result["release"])]
     assert "from-the-spare" in app.get("/")[1]
+
     # afterwards: the live server, one standby and a new spare; the old standby is gone
     def three_with_a_spare() -> list[dict[str, Any]] | None:
         servers = _web_servers(app)
         return servers if len(servers) == 3 and idle_spare() else None
 
     servers = wait_for(three_with_a_spare, 20, "the old standby to go and a new spare to start")
-    assert sorted((s["live"], s["standby"]) for s in servers) == [(False, False), (False, True), (True, False)]
+    assert sorted((s["live"], s["standby"]) for s in servers) == [
+        (False, False),
+        (False, True),
+        (True, False),
+    ]
 
 
 SPARE_PROBE = """\
@@ -130,11 +149,17 @@ with open(os.path.join(root, "spare-probe.json"), "w") as out:
 
 
 def test_the_spare_imports_its_libraries_only_once_the_deploy_has_released_its_lock(
-        tmp_path_factory: pytest.TempPathFactory) -> None:
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
     project = scaffold(tmp_path_factory.mktemp("sp"))
     try:
         (project.root / "src" / "demo" / "spareprobe.py").write_text(SPARE_PROBE)
-        edit(project, "shiplane.toml", "[hooks]\n", '[hooks]\nafter_deploy = ["python -m demo.spareprobe"]\n')
+        edit(
+            project,
+            "shiplane.toml",
+            "[hooks]\n",
+            '[hooks]\nafter_deploy = ["python -m demo.spareprobe"]\n',
+        )
         project.deploy()
         # after the switch, while the deploy still held the lock: the spare asleep, nothing imported
         probe = json.loads((project.deploy_root / "spare-probe.json").read_text())
@@ -147,7 +172,8 @@ def test_the_spare_imports_its_libraries_only_once_the_deploy_has_released_its_l
 
 
 def test_a_first_deploy_to_a_port_someone_holds_fails_and_leaves_nothing_running(
-        tmp_path_factory: pytest.TempPathFactory) -> None:
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
     project = scaffold(tmp_path_factory.mktemp("port"))
     squatter = socket.socket()
     squatter.bind(("127.0.0.1", project.port))
@@ -155,10 +181,15 @@ def test_a_first_deploy_to_a_port_someone_holds_fails_and_leaves_nothing_running
     try:
         failed = project.deploy(check=False)
         assert failed["exit"] == 1 and "address already in use" in failed["output"].lower()
-        status = json.loads(project.shiplane("status", "--stage", "local", "--json", check=True).stdout)["result"]
+        status = json.loads(
+            project.shiplane("status", "--stage", "local", "--json", check=True).stdout
+        )["result"]
         # neither its server nor a front that supervisord would retry until it takes the port
-        live = {s["name"]: s["state"] for s in status["hosts"]["local"]["services"]
-                if s["state"] in ("RUNNING", "STARTING", "BACKOFF")}
+        live = {
+            s["name"]: s["state"]
+            for s in status["hosts"]["local"]["services"]
+            if s["state"] in ("RUNNING", "STARTING", "BACKOFF")
+        }
         assert live == {}
     finally:
         squatter.close()
@@ -167,7 +198,11 @@ def test_a_first_deploy_to_a_port_someone_holds_fails_and_leaves_nothing_running
 
 def _web_servers(project: Project) -> list[dict[str, Any]]:
     done = project.shiplane("status", "--stage", "local", "--json", check=True)
-    return [s for s in json.loads(done.stdout)["result"]["hosts"]["local"]["services"] if s["name"] == "web"]
+    return [
+        s
+        for s in json.loads(done.stdout)["result"]["hosts"]["local"]["services"]
+        if s["name"] == "web"
+    ]
 
 
 def _parent(pid: str) -> str:
@@ -193,7 +228,11 @@ def test_code_change_redeploys_without_installing_dependencies(app: Project) -> 
     assert "visitor number" in app.get("/")[1]
     assert set(os.listdir(app.deploy_root / "venvs")) == venvs_before
     sent = after["hosts"]["local"]["bytes"]
-    wheel = next(f for f in json.loads(_manifest(app, after["artifact"]))["app_files"] if f["path"].endswith(".whl"))
+    wheel = next(
+        f
+        for f in json.loads(_manifest(app, after["artifact"]))["app_files"]
+        if f["path"].endswith(".whl")
+    )
     assert sent <= 1.2 * wheel["size"], (sent, wheel["size"])
 
 
@@ -218,7 +257,9 @@ def test_dependency_change_builds_a_new_venv(app: Project, tmp_path: Path) -> No
     assert len(new) == 1
     assert list((app.deploy_root / "venvs" / new.pop()).glob("lib/python*/site-packages/six.py"))
     assert app.get("/up")[0] == 200
-    release = json.loads((app.deploy_root / "releases" / result["release"] / "release.json").read_text())
+    release = json.loads(
+        (app.deploy_root / "releases" / result["release"] / "release.json").read_text()
+    )
     assert release["dependency_digest"] in venvs_after
 
 
@@ -237,26 +278,50 @@ def test_rollback_serves_the_previous_code_without_reinstalling(app: Project) ->
 @pytest.mark.parametrize(
     ("breakage", "expected"),
     [
-        (("src/demo/views.py", 'return Response("ok\\n", 200', 'return Response("sick\\n", 500'), "500"),
-        (("src/demo/views.py", "from __future__ import annotations", "from __future__ import annotations\nimport no_such_module"), "no_such_module"),
-        (("shiplane.toml", 'release = "alembic upgrade head"', 'release = "alembic upgrade head && exit 7"'), "exit code 7"),
+        (
+            ("src/demo/views.py", 'return Response("ok\\n", 200', 'return Response("sick\\n", 500'),
+            "500",
+        ),
+        (
+            (
+                "src/demo/views.py",
+                "from __future__ import annotations",
+                "from __future__ import annotations\nimport no_such_module",
+            ),
+            "no_such_module",
+        ),
+        (
+            (
+                "shiplane.toml",
+                'release = "alembic upgrade head"',
+                'release = "alembic upgrade head && exit 7"',
+            ),
+            "exit code 7",
+        ),
     ],
     ids=["health-fails", "import-error", "hook-fails"],
 )
-def test_broken_release_leaves_the_previous_one_serving(app: Project, breakage: tuple[str, str, str], expected: str) -> None:
+def test_broken_release_leaves_the_previous_one_serving(
+    app: Project, breakage: tuple[str, str, str], expected: str
+) -> None:
     good = app.deploy()
     edit(app, *breakage)
     try:
         bad = app.deploy(check=False)
         assert bad["exit"] == 1
         assert expected in bad["output"]
-        if expected == "no_such_module":  # a server that cannot boot fails the switch before the 15 s timeout
+        if (
+            expected == "no_such_module"
+        ):  # a server that cannot boot fails the switch before the 15 s timeout
             assert bad["duration"] < 15
         assert app.current() == good["release"]
         status, body = app.get("/")
         assert status == 200 and f"release {good['release']}" in body
         releases = app.shiplane("releases", "--stage", "local", "--json", check=True)
-        states = {r["release_id"]: r["state"] for r in json.loads(releases.stdout)["result"]["hosts"]["local"]["releases"]}
+        states = {
+            r["release_id"]: r["state"]
+            for r in json.loads(releases.stdout)["result"]["hosts"]["local"]["releases"]
+        }
         assert states[bad["release"]] == "bad"
         # its server, started during the install (preboot), is gone with the failed deploy
         assert bad["release"] not in {s["release"] for s in _web_servers(app)}
@@ -292,7 +357,9 @@ def test_a_held_lock_refuses_a_second_deploy_naming_its_holder(app: Project) -> 
 def test_a_tampered_blob_is_rejected_and_nothing_switches(app: Project, tmp_path: Path) -> None:
     good = app.deploy()
     edit(app, VIEWS, "<footer>", "<footer>tamper-test ")
-    built = json.loads(app.shiplane("build", "--json", check=True).stdout.splitlines()[-1])["result"]
+    built = json.loads(app.shiplane("build", "--json", check=True).stdout.splitlines()[-1])[
+        "result"
+    ]
     manifest = json.loads(_manifest(app, built["digest"]))
     wheel = next(f for f in manifest["app_files"] if f["path"].endswith(".whl"))
     blob = app.root / ".shiplane/build/blobs" / wheel["sha256"]
@@ -317,7 +384,9 @@ def test_prune_keeps_the_live_and_previous_releases(app: Project) -> None:
     for n in range(3):
         edit(app, VIEWS, "<footer>", f"<footer>prune-{n} ")
         ids.append(app.deploy()["release"])
-    left = sorted(p.name for p in (app.deploy_root / "releases").iterdir() if not p.name.startswith("."))
+    left = sorted(
+        p.name for p in (app.deploy_root / "releases").iterdir() if not p.name.startswith(".")
+    )
     assert ids[-1] in left and ids[-2] in left
     assert len(left) == 2
 

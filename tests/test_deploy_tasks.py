@@ -38,17 +38,26 @@ def app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Project]:
 
 def test_hooked_tasks_run_at_their_point(app: Project) -> None:
     shown = app.shiplane("tasks", check=True).stdout
-    assert shown.index("announce") < shown.index("lock") < shown.index("release") < shown.index("warm") \
+    assert (
+        shown.index("announce")
+        < shown.index("lock")
+        < shown.index("release")
+        < shown.index("warm")
         < shown.index("switch")
+    )
     done = app.deploy()
     assert "announcing the deploy" in done["output"]
-    assert (app.deploy_root / "warmed-in").read_text().strip() == done["release"]  # in the new release
+    assert (app.deploy_root / "warmed-in").read_text().strip() == done[
+        "release"
+    ]  # in the new release
 
 
 def test_a_failing_hooked_task_stops_the_deploy_before_any_switch(app: Project) -> None:
     first = app.deploy()
     toml = app.root / "shiplane.toml"
-    toml.write_text(toml.read_text().replace('run = "basename $PWD > ../../warmed-in"', 'run = "exit 7"'))
+    toml.write_text(
+        toml.read_text().replace('run = "basename $PWD > ../../warmed-in"', 'run = "exit 7"')
+    )
     app.commit("failing task")
     failed = app.deploy(check=False)
     assert failed["exit"] == 1 and "task 'warm' failed" in failed["error"], failed["error"]
@@ -61,4 +70,7 @@ def test_a_task_inside_the_host_chain_is_refused(app: Project) -> None:
     app.commit("task inside the chain")
     refused = app.shiplane("check")
     assert refused.returncode == 2
-    assert "run on each host as one chain" in refused.stderr and 'after = ["install"]' in refused.stderr
+    assert (
+        "run on each host as one chain" in refused.stderr
+        and 'after = ["install"]' in refused.stderr
+    )

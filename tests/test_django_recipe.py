@@ -37,8 +37,11 @@ def recipe() -> list[tuple[str, str, str]]:
 def test_the_recipe_names_its_files_and_its_deploy_file_is_valid() -> None:
     steps = recipe()
     assert [(kind, path) for kind, path, _ in steps] == [
-        ("file", "requirements.in"), ("append", "mysite/settings.py"), ("append", "mysite/urls.py"),
-        ("file", "shiplane.toml")]
+        ("file", "requirements.in"),
+        ("append", "mysite/settings.py"),
+        ("append", "mysite/urls.py"),
+        ("file", "shiplane.toml"),
+    ]
     toml = {path: text for _, path, text in steps}["shiplane.toml"]
     deploy = DeployFile.model_validate(tomllib.loads(toml))
     assert deploy.stages["local"].is_local and deploy.hooks.release
@@ -70,7 +73,9 @@ def test_django_recipe_serves_the_admin(tmp_path_factory: pytest.TempPathFactory
         deployed = app.deploy("--set", f"port={app.port}")
         status, body = app.get("/admin/login/")
         assert status == 200 and b"Django" in body, (status, body[:300])
-        status, css = app.get("/static/admin/css/base.css")  # collectstatic ran; whitenoise serves it
+        status, css = app.get(
+            "/static/admin/css/base.css"
+        )  # collectstatic ran; whitenoise serves it
         assert status == 200 and css, status
         assert (app.deploy_to / "shared" / "db.sqlite3").stat().st_size > 0  # migrate ran there
         assert secret not in deployed.output

@@ -20,7 +20,8 @@ def test_reference_is_up_to_date() -> None:
     on_disk = (DOCS / "reference.md").read_text()
     assert on_disk == reference_markdown(), (
         f"docs/reference.md is stale: the schema changed. Regenerate it from the repository root with:\n"
-        f"    {COMMAND}")
+        f"    {COMMAND}"
+    )
 
 
 def _models(model: type[BaseModel], seen: set[type[BaseModel]]) -> None:
@@ -41,10 +42,16 @@ def test_every_key_says_what_it_is() -> None:
     docstring, so the reference never shows an empty cell."""
     models: set[type[BaseModel]] = set()
     _models(DeployFile, models)
-    missing = [f"{m.__name__}.{name}" for m in models for name, field in m.model_fields.items()
-               if not field.description and not (m is DeployFile and name != "env")]
+    missing = [
+        f"{m.__name__}.{name}"
+        for m in models
+        for name, field in m.model_fields.items()
+        if not field.description and not (m is DeployFile and name != "env")
+    ]
     undocumented = [m.__name__ for m in models if not m.__doc__]
-    assert not missing, f"add Field(description=...) in src/shiplane/config/schema.py to: {', '.join(sorted(missing))}"
+    assert not missing, (
+        f"add Field(description=...) in src/shiplane/config/schema.py to: {', '.join(sorted(missing))}"
+    )
     assert not undocumented, f"add a docstring to: {', '.join(sorted(undocumented))}"
     text = reference_markdown()
     for m in models - {DeployFile}:

@@ -26,8 +26,15 @@ def crash_at_import(project: Project, why: str) -> None:
     init = project.root / "src" / "demo" / "__init__.py"
     text = init.read_text()
     if "raise RuntimeError(" in text:
-        text = "\n".join(line for line in text.splitlines() if not line.startswith("raise RuntimeError(")) + "\n"
-    init.write_text(text.replace("def create_app(", f"raise RuntimeError({why!r})\n\n\ndef create_app(", 1))
+        text = (
+            "\n".join(
+                line for line in text.splitlines() if not line.startswith("raise RuntimeError(")
+            )
+            + "\n"
+        )
+    init.write_text(
+        text.replace("def create_app(", f"raise RuntimeError({why!r})\n\n\ndef create_app(", 1)
+    )
     project.commit(why)
 
 
@@ -43,4 +50,6 @@ def test_a_crash_at_boot_is_explained_once_cause_first(app: Project) -> None:
     assert text.index(cause) < text.index("last lines of")
     assert "first-boom" not in text  # the earlier release's lines in the shared log stay out
     assert "cannot connect" not in text  # the server did not run: that it did not answer is no news
-    assert "serves " in done.stdout.splitlines()[-1]  # and the summary says what the host serves now
+    assert (
+        "serves " in done.stdout.splitlines()[-1]
+    )  # and the summary says what the host serves now

@@ -49,8 +49,11 @@ STEPS: dict[str, tuple[str, str]] = {
 # Cells that cannot apply, and why (docs/RELIABILITY.md lists them too):
 NOT_APPLICABLE = {
     ("cut", "local"): "the local stage has no connection to cut (its agent is a child process)",
-    ("disk-full", "ssh"): "the same agent code path as on the local stage; a tmpfs cannot be mounted "
-                          "inside a test host's mount namespace from here",
+    (
+        "disk-full",
+        "ssh",
+    ): "the same agent code path as on the local stage; a tmpfs cannot be mounted "
+    "inside a test host's mount namespace from here",
 }
 
 
@@ -88,7 +91,11 @@ class Poller:
 
     def _run(self) -> None:
         end = time.monotonic() + self.seconds
-        while not self._stop.is_set() and time.monotonic() < end and self.ok + len(self.failed) < self.limit:
+        while (
+            not self._stop.is_set()
+            and time.monotonic() < end
+            and self.ok + len(self.failed) < self.limit
+        ):
             try:
                 with urllib.request.urlopen(self.url, timeout=10) as response:
                     body = response.read()
@@ -101,12 +108,29 @@ class Poller:
             self._stop.wait(0.02)
 
 
-def deploy_json(target: Target, inject: Callable[[subprocess.Popen[str]], None] | None,
-                trigger: tuple[str, str] | None) -> tuple[int, list[dict[str, Any]]]:
+def deploy_json(
+    target: Target,
+    inject: Callable[[subprocess.Popen[str]], None] | None,
+    trigger: tuple[str, str] | None,
+) -> tuple[int, list[dict[str, Any]]]:
     """Run a deploy with --json; when ``trigger`` (phase, status) appears, call ``inject``."""
-    proc = subprocess.Popen([sys.executable, "-m", "shiplane", "deploy", "--stage", target.stage, "--skip-tests",
-                             "--json"], cwd=target.project.root, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env={**os.environ, "NO_COLOR": "1"})
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "shiplane",
+            "deploy",
+            "--stage",
+            target.stage,
+            "--skip-tests",
+            "--json",
+        ],
+        cwd=target.project.root,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "NO_COLOR": "1"},
+    )
     events: list[dict[str, Any]] = []
     fired = False
     assert proc.stdout is not None
@@ -117,7 +141,12 @@ def deploy_json(target: Target, inject: Callable[[subprocess.Popen[str]], None] 
             except ValueError:
                 continue
             events.append(event)
-            if not fired and trigger and (event.get("phase"), event.get("status")) == trigger and inject:
+            if (
+                not fired
+                and trigger
+                and (event.get("phase"), event.get("status")) == trigger
+                and inject
+            ):
                 fired = True
                 inject(proc)
         proc.wait(timeout=120)
@@ -169,12 +198,22 @@ def assert_consistent(target: Target) -> None:
     assert status.returncode == 0 and "DRIFT" not in status.stdout, status.stdout + status.stderr
     current = os.readlink(target.root / "current").split("/")[-1]
     releases = json.loads(target.shiplane("releases", "--json").stdout)["result"]["hosts"]
-    states = {r["release_id"]: r.get("state") for per in releases.values() for r in per.get("releases", [])}
+    states = {
+        r["release_id"]: r.get("state")
+        for per in releases.values()
+        for r in per.get("releases", [])
+    }
     assert states.get(current) == "live", states
     assert list(states.values()).count("live") == 1, states
-    history = json.loads(target.shiplane("history", "--json", "--limit", "200").stdout)["result"]["hosts"]
-    recorded = {e.get("release") for per in history.values() for e in per.get("entries", [])
-                if e.get("outcome") == "ok" and e.get("event") in ("deploy", "switch", "rollback")}
+    history = json.loads(target.shiplane("history", "--json", "--limit", "200").stdout)["result"][
+        "hosts"
+    ]
+    recorded = {
+        e.get("release")
+        for per in history.values()
+        for e in per.get("entries", [])
+        if e.get("outcome") == "ok" and e.get("event") in ("deploy", "switch", "rollback")
+    }
     went_live = {rid for rid, state in states.items() if state in ("live", "previous", "good")}
     assert went_live <= recorded, (went_live - recorded, states)
     assert not (target.root / ".lock").exists()
@@ -191,8 +230,13 @@ def run_cell(target: Target, fault: str, step: str) -> None:
         change(target, cell + "-next")
         again, events = deploy_json(target, None, None)
         assert again == 0, (cell, [e for e in events if e.get("status") == "failed"] or events[-5:])
-    assert poller.ok > 0 and not poller.failed, (cell, poller.ok, poller.failed[:3], poller.failed[-1:],
-                                                 [(e.get("at"), e.get("phase"), e.get("status")) for e in events])
+    assert poller.ok > 0 and not poller.failed, (
+        cell,
+        poller.ok,
+        poller.failed[:3],
+        poller.failed[-1:],
+        [(e.get("at"), e.get("phase"), e.get("status")) for e in events],
+    )
     assert_consistent(target)
 
 
@@ -205,7 +249,9 @@ def local(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
     project.commit("release hook every time")
     project.deploy()
     try:
-        yield Target(project, "local", f"http://127.0.0.1:{project.port}/", project.deploy_root, "local")
+        yield Target(
+            project, "local", f"http://127.0.0.1:{project.port}/", project.deploy_root, "local"
+        )
     finally:
         project.stop()
 
@@ -216,9 +262,10 @@ def remote(ssh_hosts: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     project = scaffold(tmp_path_factory.mktemp("fmr"))
     toml = project.root / "shiplane.toml"
     text = toml.read_text().replace('release_if_changed = ["alembic.ini", "db/**"]', "")
-    text = text[:text.index("[stages.staging]")] + (
+    text = text[: text.index("[stages.staging]")] + (
         f'[stages.one]\nhosts = ["{host.name}"]\ndeploy_to = "/srv/fm"\nport = 8400\nbind = "0.0.0.0"\n'
-        f'ssh_config = "{ssh_hosts.ssh_config}"\n')
+        f'ssh_config = "{ssh_hosts.ssh_config}"\n'
+    )
     toml.write_text(text)
     secrets = project.root / ".secrets" / "one.env"
     secrets.write_text("SECRET_KEY=fault-matrix-secret\n")
@@ -252,6 +299,7 @@ def test_ssh(remote: Target, fault: str, step: str) -> None:
 
 # --- faults of the release itself, and of the host's disk: each at the one step it belongs to ---
 
+
 def failing_release(target: Target, cell: str, path: str, old: str, new: str) -> None:
     """A release that fails its switch (crash at boot, a 500 on health): refused, nothing served
     changes, then the fix deploys."""
@@ -268,9 +316,16 @@ def failing_release(target: Target, cell: str, path: str, old: str, new: str) ->
 
 
 RELEASE_FAULTS = {
-    "crash-at-boot": ("src/demo/__init__.py", "def create_app(", "raise RuntimeError('boom at import')\n\n\ndef create_app("),
-    "health-500": ("src/demo/views.py", 'return Response("ok\\n", 200, mimetype="text/plain")',
-                   'return Response("no\\n", 500, mimetype="text/plain")'),
+    "crash-at-boot": (
+        "src/demo/__init__.py",
+        "def create_app(",
+        "raise RuntimeError('boom at import')\n\n\ndef create_app(",
+    ),
+    "health-500": (
+        "src/demo/views.py",
+        'return Response("ok\\n", 200, mimetype="text/plain")',
+        'return Response("no\\n", 500, mimetype="text/plain")',
+    ),
 }
 
 
@@ -289,13 +344,19 @@ def hung_hook(target: Target, cell: str) -> None:
     """A migration that hangs, printing nothing: ended by hooks.silence_timeout, lock released."""
     toml = target.project.root / "shiplane.toml"
     original = toml.read_text()
-    toml.write_text(original.replace('release = "alembic upgrade head"',
-                                     'release = "echo migrating; sleep 291.5"\nsilence_timeout = 2'))
+    toml.write_text(
+        original.replace(
+            'release = "alembic upgrade head"',
+            'release = "echo migrating; sleep 291.5"\nsilence_timeout = 2',
+        )
+    )
     target.project.commit(cell)
     try:
         with Poller(target.url) as poller:
             code, events = deploy_json(target, None, None)
-            assert code == 1 and any("printed nothing for 2s" in str(e.get("detail")) for e in events), events[-5:]
+            assert code == 1 and any(
+                "printed nothing for 2s" in str(e.get("detail")) for e in events
+            ), events[-5:]
             toml.write_text(original)
             change(target, cell + "-fixed")
             again, events = deploy_json(target, None, None)
@@ -332,7 +393,9 @@ def corrupt_blob(target: Target, cell: str) -> None:
         assert code == 0, (cell, events[-5:])
     assert any("sending them again" in str(e.get("detail")) for e in events)
     assert poller.ok > 0 and not poller.failed, (cell, poller.ok, poller.failed[:5])
-    assert (target.root / "current" / path).read_bytes() == (target.project.root / path).read_bytes()
+    assert (target.root / "current" / path).read_bytes() == (
+        target.project.root / path
+    ).read_bytes()
     assert_consistent(target)
 
 
@@ -351,12 +414,21 @@ def small_disk(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
     base = tmp_path_factory.mktemp("fmd")
     disk = base / "disk"
     disk.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=120m", "tmpfs", str(disk)],
-                                           capture_output=True, check=False).returncode != 0:
+    if (
+        os.geteuid() != 0
+        or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=120m", "tmpfs", str(disk)],
+            capture_output=True,
+            check=False,
+        ).returncode
+        != 0
+    ):
         pytest.skip("needs root to mount a small tmpfs")
     project = scaffold(base)
     toml = project.root / "shiplane.toml"
-    toml.write_text(toml.read_text().replace('deploy_to = ".shiplane/local"', f'deploy_to = "{disk}"'))
+    toml.write_text(
+        toml.read_text().replace('deploy_to = ".shiplane/local"', f'deploy_to = "{disk}"')
+    )
     project.commit("deploy root on a small disk")
     try:
         project.deploy()

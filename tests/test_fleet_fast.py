@@ -56,7 +56,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     project = scaffold(tmp_path_factory.mktemp("fast"))
     toml = project.root / "shiplane.toml"
     text = toml.read_text()
-    toml.write_text(text[:text.index("[stages.staging]")] + STAGES)
+    toml.write_text(text[: text.index("[stages.staging]")] + STAGES)
     for stage in ("fleet", "staging", "prod"):
         secrets = project.root / ".secrets" / f"{stage}.env"
         secrets.write_text("SECRET_KEY=fast-test-secret\n")
@@ -94,7 +94,9 @@ def hosts() -> Iterator[FakeHosts]:
         assert all(s.poll() is not None for s in host.sessions), f"{host.name}: a session left open"
 
 
-def deploy(root: Path, hosts: FakeHosts, *sets: str, stage: str = "fleet", **options: Any) -> dict[str, Any]:
+def deploy(
+    root: Path, hosts: FakeHosts, *sets: str, stage: str = "fleet", **options: Any
+) -> dict[str, Any]:
     """``shiplane deploy --stage STAGE --skip-tests --set ...`` on the fake hosts: its summary."""
     opts = DeployOptions(stage=stage, skip_tests=True, sets=sets, as_json=True, **options)
     return run_deploy(root / "shiplane.toml", opts, Masker(), transports=hosts)
@@ -123,6 +125,7 @@ def switch_log(hosts: FakeHosts, names: list[str]) -> list[tuple[str, str]]:
             finally:
                 with mutex:
                     log.append(("end", host))
+
         return switch
 
     for name in names:
@@ -136,30 +139,43 @@ def test_the_fake_hosts_answer_every_op_of_the_protocol() -> None:
 
 # --- a plain deploy, and rolling batches ------------------------------------------------------------
 
-def test_deploy_builds_then_every_host_serves_the_release_and_records_it(app: Path, hosts: FakeHosts) -> None:
+
+def test_deploy_builds_then_every_host_serves_the_release_and_records_it(
+    app: Path, hosts: FakeHosts
+) -> None:
     result = deploy(app, hosts)  # no artifact given: the build runs (and reuses the module's)
     assert result["ok"] and result["outcome"] == "ok"
     release = result["release"]
     assert {hosts[h].current for h in FLEET} == {release}
     for name in FLEET:
         host = hosts[name]
-        assert host.state(release) == "live" and host.release(release)["artifact"] == result["artifact"]
+        assert (
+            host.state(release) == "live"
+            and host.release(release)["artifact"] == result["artifact"]
+        )
         assert host.lock is None
         assert [e["outcome"] for e in host.ledger if e.get("event") == "deploy"] == ["ok"]
-        assert (release, "alembic upgrade head") in host.hooks  # run_on = "all": every host migrates
+        assert (
+            release,
+            "alembic upgrade head",
+        ) in host.hooks  # run_on = "all": every host migrates
     assert outcomes(result) == {h: "ok" for h in FLEET}
     assert local_ledger(app)[-1]["release"] == release
     assert not any(hosts[h].ops for h in ("s1", "p1", "p2"))  # other stages' hosts untouched
 
 
-def test_batch_of_one_switches_one_host_after_another(app: Path, hosts: FakeHosts, artifact: str) -> None:
+def test_batch_of_one_switches_one_host_after_another(
+    app: Path, hosts: FakeHosts, artifact: str
+) -> None:
     log = switch_log(hosts, FLEET)
     result = deploy(app, hosts, "rolling.batch=1", artifact=artifact)
     assert result["ok"]
     assert log == [(step, h) for h in FLEET for step in ("start", "end")]
 
 
-def test_half_the_hosts_switch_together_then_the_other_half(app: Path, hosts: FakeHosts, artifact: str) -> None:
+def test_half_the_hosts_switch_together_then_the_other_half(
+    app: Path, hosts: FakeHosts, artifact: str
+) -> None:
     log = switch_log(hosts, FLEET)
     # h1's switch ends only once h2's has started: the two are one batch, switched together
     together = Gate()
@@ -176,6 +192,7 @@ def _opening(gate: Gate, then: Any) -> Any:
     def switch(op: str, args: dict[str, Any], payload: bytes) -> Any:
         gate.open()
         return then(op, args, payload)
+
     return switch
 
 
@@ -184,10 +201,13 @@ def _waiting(gate: Gate, host: Any, then: Any) -> Any:
         result = then(op, args, payload)
         gate.wait(host)
         return result
+
     return switch
 
 
-def test_no_host_switches_while_another_is_still_installing(app: Path, hosts: FakeHosts, artifact: str) -> None:
+def test_no_host_switches_while_another_is_still_installing(
+    app: Path, hosts: FakeHosts, artifact: str
+) -> None:
     installing = Gate()
     hosts["h2"].block("install", installing)
     seen: list[list[str]] = []
@@ -210,20 +230,34 @@ def test_no_host_switches_while_another_is_still_installing(app: Path, hosts: Fa
 
 # --- max_fail ------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("max_fail", ["1", '"50%"'])
-def test_failures_up_to_max_fail_let_the_rollout_go_on(app: Path, hosts: FakeHosts, artifact: str,
-                                                       max_fail: str) -> None:
+def test_failures_up_to_max_fail_let_the_rollout_go_on(
+    app: Path, hosts: FakeHosts, artifact: str, max_fail: str
+) -> None:
     old = deploy(app, hosts, artifact=artifact)["release"]
     hosts["h3"].fail("switch", "health", "GET /up answered 500")
-    result = deploy(app, hosts, 'rolling.batch="50%"', f"rolling.max_fail={max_fail}", artifact=artifact)
+    result = deploy(
+        app, hosts, 'rolling.batch="50%"', f"rolling.max_fail={max_fail}", artifact=artifact
+    )
     new = result["release"]
     assert result["ok"], result["lines"]
-    assert hosts.serving() == {"h1": new, "h2": new, "h3": old, "h4": new, "s1": None, "p1": None, "p2": None}
+    assert hosts.serving() == {
+        "h1": new,
+        "h2": new,
+        "h3": old,
+        "h4": new,
+        "s1": None,
+        "p1": None,
+        "p2": None,
+    }
     assert result["hosts"]["h3"]["release"] is None  # it never switched
     assert all(host.lock is None for host in hosts)
 
 
-def test_a_host_that_failed_within_max_fail_is_reported_failed(app: Path, hosts: FakeHosts, artifact: str) -> None:
+def test_a_host_that_failed_within_max_fail_is_reported_failed(
+    app: Path, hosts: FakeHosts, artifact: str
+) -> None:
     old = deploy(app, hosts, artifact=artifact)["release"]
     hosts["h3"].fail("switch", "health", "GET /up answered 500")
     result = deploy(app, hosts, 'rolling.batch="50%"', "rolling.max_fail=1", artifact=artifact)
@@ -233,12 +267,15 @@ def test_a_host_that_failed_within_max_fail_is_reported_failed(app: Path, hosts:
 
 
 @pytest.mark.parametrize("max_fail", ["1", '"50%"'])
-def test_failures_beyond_max_fail_abort_and_return_every_switched_host(app: Path, hosts: FakeHosts, artifact: str,
-                                                                       max_fail: str) -> None:
+def test_failures_beyond_max_fail_abort_and_return_every_switched_host(
+    app: Path, hosts: FakeHosts, artifact: str, max_fail: str
+) -> None:
     old = deploy(app, hosts, artifact=artifact)["release"]
     for name in ("h3", "h4"):
         hosts[name].fail("switch", "health", "GET /up answered 500")
-    result = deploy(app, hosts, 'rolling.batch="50%"', f"rolling.max_fail={max_fail}", artifact=artifact)
+    result = deploy(
+        app, hosts, 'rolling.batch="50%"', f"rolling.max_fail={max_fail}", artifact=artifact
+    )
     assert not result["ok"] and result["outcome"] == "failed"
     assert "switch failed on 2 host(s)" in result["error"]
     assert {hosts[h].current for h in FLEET} == {old}
@@ -250,41 +287,68 @@ def test_failures_beyond_max_fail_abort_and_return_every_switched_host(app: Path
 
 # --- undo ------------------------------------------------------------------------------------------
 
-def test_a_failed_switch_returns_switched_hosts_to_their_previous_release(app: Path, hosts: FakeHosts,
-                                                                         artifact: str) -> None:
+
+def test_a_failed_switch_returns_switched_hosts_to_their_previous_release(
+    app: Path, hosts: FakeHosts, artifact: str
+) -> None:
     old = deploy(app, hosts, artifact=artifact)["release"]
     hosts["h2"].fail("switch", "health", "GET /up answered 500")
     result = deploy(app, hosts, "rolling.batch=1", artifact=artifact)
     assert not result["ok"]
     assert {hosts[h].current for h in FLEET} == {old}
-    assert outcomes(result) == {"h1": "undone", "h2": "failed", "h3": "not switched", "h4": "not switched"}
-    assert "h2: GET /up answered 500" in result["error"] and "h1 back on the release served before" in result["error"]
+    assert outcomes(result) == {
+        "h1": "undone",
+        "h2": "failed",
+        "h3": "not switched",
+        "h4": "not switched",
+    }
+    assert (
+        "h2: GET /up answered 500" in result["error"]
+        and "h1 back on the release served before" in result["error"]
+    )
     summary = "\n".join(result["lines"])
     for host, state in outcomes(result).items():
-        assert any(host in line and state in line and f"serves {old}" in line for line in result["lines"]), summary
+        assert any(
+            host in line and state in line and f"serves {old}" in line for line in result["lines"]
+        ), summary
     # each host's ledger and the local one record the failed deploy
     assert all(hosts[h].ledger[-1]["outcome"] == "failed" for h in FLEET)
     assert local_ledger(app)[-1]["outcome"] == "failed"
-    assert [o for o in hosts["h3"].ops if o == "switch"] == ["switch"]  # its first deploy's switch only
+    assert [o for o in hosts["h3"].ops if o == "switch"] == [
+        "switch"
+    ]  # its first deploy's switch only
 
 
-def test_a_failed_first_deploy_withdraws_the_hosts_it_switched(app: Path, hosts: FakeHosts, artifact: str) -> None:
+def test_a_failed_first_deploy_withdraws_the_hosts_it_switched(
+    app: Path, hosts: FakeHosts, artifact: str
+) -> None:
     hosts["h3"].fail("switch", "health", "GET /up answered 500")
     result = deploy(app, hosts, "rolling.batch=1", artifact=artifact)
     assert not result["ok"]
     assert {hosts[h].current for h in FLEET} == {None}  # no host serves the rejected release
-    assert outcomes(result) == {"h1": "withdrawn", "h2": "withdrawn", "h3": "failed", "h4": "not switched"}
+    assert outcomes(result) == {
+        "h1": "withdrawn",
+        "h2": "withdrawn",
+        "h3": "failed",
+        "h4": "not switched",
+    }
     assert "h1, h2 serve nothing again" in result["error"]
     assert all(hosts[h].state(result["release"]) == "bad" for h in FLEET)
 
 
 # --- --retry-failed --------------------------------------------------------------------------------
 
-def test_retry_failed_finishes_the_same_release_doing_only_the_failed_hosts(app: Path, hosts: FakeHosts,
-                                                                            artifact: str) -> None:
+
+def test_retry_failed_finishes_the_same_release_doing_only_the_failed_hosts(
+    app: Path, hosts: FakeHosts, artifact: str
+) -> None:
     hosts["h3"].unreachable = True  # down during the stage's first deploy
     failed = deploy(app, hosts, artifact=artifact)
-    assert not failed["ok"] and "nothing was switched" in failed["error"] and "cannot reach h3" in failed["error"]
+    assert (
+        not failed["ok"]
+        and "nothing was switched" in failed["error"]
+        and "cannot reach h3" in failed["error"]
+    )
     assert {hosts[h].current for h in FLEET} == {None}
     assert outcomes(failed)["h3"] == "failed"
     hosts["h3"].unreachable = False
@@ -295,11 +359,13 @@ def test_retry_failed_finishes_the_same_release_doing_only_the_failed_hosts(app:
     assert {hosts[h].current for h in FLEET} == {failed["release"]}
     for name in ("h1", "h2", "h4"):  # prepared already: nothing sent again
         assert retried["hosts"][name]["bytes"] == 0
-        assert "receive" not in hosts[name].ops[done[name]:]
-    assert retried["hosts"]["h3"]["bytes"] > 0 and "receive" in hosts["h3"].ops[done["h3"]:]
+        assert "receive" not in hosts[name].ops[done[name] :]
+    assert retried["hosts"]["h3"]["bytes"] > 0 and "receive" in hosts["h3"].ops[done["h3"] :]
 
 
-def test_retry_failed_after_a_success_is_refused_touching_no_host(app: Path, hosts: FakeHosts, artifact: str) -> None:
+def test_retry_failed_after_a_success_is_refused_touching_no_host(
+    app: Path, hosts: FakeHosts, artifact: str
+) -> None:
     deploy(app, hosts, artifact=artifact)
     done = {name: len(hosts[name].ops) for name in FLEET}
     with pytest.raises(UsageError, match="did not fail; nothing to retry"):
@@ -309,14 +375,24 @@ def test_retry_failed_after_a_success_is_refused_touching_no_host(app: Path, hos
 
 # --- promote ---------------------------------------------------------------------------------------
 
-def test_promote_moves_the_exact_artifact_live_on_the_source_stage(app: Path, hosts: FakeHosts, artifact: str) -> None:
-    with pytest.raises(UsageError, match="takes only artifacts deployed healthy on 'staging' first"):
+
+def test_promote_moves_the_exact_artifact_live_on_the_source_stage(
+    app: Path, hosts: FakeHosts, artifact: str
+) -> None:
+    with pytest.raises(
+        UsageError, match="takes only artifacts deployed healthy on 'staging' first"
+    ):
         deploy(app, hosts, stage="prod", artifact=artifact)
     assert hosts["p1"].ops == [] and hosts["p2"].ops == []  # refused before any host was touched
     staged = deploy(app, hosts, stage="staging", artifact=artifact)
     assert staged["ok"]
-    promoted = run_promote(app / "shiplane.toml", "staging", DeployOptions(stage="prod", as_json=True), Masker(),
-                           transports=hosts)
+    promoted = run_promote(
+        app / "shiplane.toml",
+        "staging",
+        DeployOptions(stage="prod", as_json=True),
+        Masker(),
+        transports=hosts,
+    )
     assert promoted["ok"] and promoted["promoted_from"] == "staging"
     assert promoted["artifact"] == staged["artifact"]
     for name in ("p1", "p2"):
@@ -325,22 +401,42 @@ def test_promote_moves_the_exact_artifact_live_on_the_source_stage(app: Path, ho
     assert not any(e.get("event") == "deploy" for e in hosts["s1"].ledger[1:])  # staging only read
 
 
-def test_promote_refuses_a_source_stage_whose_hosts_serve_nothing(app: Path, hosts: FakeHosts) -> None:
+def test_promote_refuses_a_source_stage_whose_hosts_serve_nothing(
+    app: Path, hosts: FakeHosts
+) -> None:
     with pytest.raises(Exception, match="s1 has no live release"):
-        run_promote(app / "shiplane.toml", "staging", DeployOptions(stage="prod"), Masker(), transports=hosts)
+        run_promote(
+            app / "shiplane.toml",
+            "staging",
+            DeployOptions(stage="prod"),
+            Masker(),
+            transports=hosts,
+        )
     assert hosts["p1"].ops == []
 
 
 # --- rollback --------------------------------------------------------------------------------------
 
-def test_rollback_returns_every_host_to_the_release_before_and_marks_the_one_left(app: Path, hosts: FakeHosts,
-                                                                                 artifact: str) -> None:
+
+def test_rollback_returns_every_host_to_the_release_before_and_marks_the_one_left(
+    app: Path, hosts: FakeHosts, artifact: str
+) -> None:
     first = deploy(app, hosts, artifact=artifact)["release"]
     second = deploy(app, hosts, artifact=artifact)["release"]
 
     def rollback(yes: bool) -> dict[str, Any]:
-        return run_rollback(app / "shiplane.toml", "fleet", None, yes, Masker(), hosts=None, sets=(), as_json=True,
-                            verbose=False, transports=hosts)
+        return run_rollback(
+            app / "shiplane.toml",
+            "fleet",
+            None,
+            yes,
+            Masker(),
+            hosts=None,
+            sets=(),
+            as_json=True,
+            verbose=False,
+            transports=hosts,
+        )
 
     with pytest.raises(UsageError, match="crosses release"):  # the release hook (migrations) ran
         rollback(False)
@@ -356,24 +452,32 @@ def test_rollback_returns_every_host_to_the_release_before_and_marks_the_one_lef
 
 # --- the deploy lock -------------------------------------------------------------------------------
 
-def test_a_host_locked_by_another_deploy_gets_nothing_and_nothing_switches(app: Path, hosts: FakeHosts,
-                                                                          artifact: str) -> None:
+
+def test_a_host_locked_by_another_deploy_gets_nothing_and_nothing_switches(
+    app: Path, hosts: FakeHosts, artifact: str
+) -> None:
     old = deploy(app, hosts, artifact=artifact)["release"]
     hosts["h2"].hold_lock(user="alice", host="laptop")
     done = len(hosts["h2"].ops)
     result = deploy(app, hosts, artifact=artifact)
     assert not result["ok"] and result["outcome"] == "failed"
-    assert "deploy lock held by alice@laptop" in result["error"] and "--lock-wait" in result["error"]
+    assert (
+        "deploy lock held by alice@laptop" in result["error"] and "--lock-wait" in result["error"]
+    )
     assert outcomes(result)["h2"] == "failed"
     assert {hosts[h].current for h in FLEET} == {old}
     # h2 was sent nothing and installed nothing; the others prepared (a --retry-failed then only has h2 to do)
-    assert hosts["h2"].ops[done:][:1] == ["lock"] and not {"receive", "install", "switch"} & set(hosts["h2"].ops[done:])
+    assert hosts["h2"].ops[done:][:1] == ["lock"] and not {"receive", "install", "switch"} & set(
+        hosts["h2"].ops[done:]
+    )
     assert all("install" in hosts[h].ops[done:] for h in ("h1", "h3", "h4"))
     assert hosts["h2"].lock is not None and hosts["h2"].lock["user"] == "alice"  # still alice's
     assert all(hosts[h].lock is None for h in ("h1", "h3", "h4"))  # ours, given back
 
 
-def test_lock_wait_takes_the_lock_once_its_holder_gives_it_back(app: Path, hosts: FakeHosts, artifact: str) -> None:
+def test_lock_wait_takes_the_lock_once_its_holder_gives_it_back(
+    app: Path, hosts: FakeHosts, artifact: str
+) -> None:
     hosts["h4"].hold_lock(user="alice", host="laptop")
 
     def alice_finishes() -> None:
@@ -392,24 +496,33 @@ def test_lock_wait_takes_the_lock_once_its_holder_gives_it_back(app: Path, hosts
     assert all(hosts[h].lock is None for h in FLEET)
 
 
-def test_a_lock_left_by_a_dead_deploy_is_broken_and_said(app: Path, hosts: FakeHosts, artifact: str) -> None:
+def test_a_lock_left_by_a_dead_deploy_is_broken_and_said(
+    app: Path, hosts: FakeHosts, artifact: str
+) -> None:
     hosts["h1"].hold_lock(user="bob", host="ci", alive=False)
     result = deploy(app, hosts, artifact=artifact)
     assert result["ok"]
-    assert [e["holder"]["user"] for e in hosts["h1"].ledger if e["event"] == "lock-broken"] == ["bob"]
+    assert [e["holder"]["user"] for e in hosts["h1"].ledger if e["event"] == "lock-broken"] == [
+        "bob"
+    ]
     assert hosts["h1"].lock is None
 
 
-def test_a_maintenance_lock_refuses_the_deploy_naming_why(app: Path, hosts: FakeHosts, artifact: str) -> None:
+def test_a_maintenance_lock_refuses_the_deploy_naming_why(
+    app: Path, hosts: FakeHosts, artifact: str
+) -> None:
     for name in FLEET:
         hosts[name].hold_lock(user="carol", kept=True, reason="db migration")
     result = deploy(app, hosts, artifact=artifact)
     assert not result["ok"] and "for: db migration" in result["error"]
     assert all(hosts[h].lock is not None and hosts[h].lock["user"] == "carol" for h in FLEET)
-    assert all("receive" not in hosts[h].ops for h in FLEET) and all(hosts[h].current is None for h in FLEET)
+    assert all("receive" not in hosts[h].ops for h in FLEET) and all(
+        hosts[h].current is None for h in FLEET
+    )
 
 
 # --- Ctrl-C ----------------------------------------------------------------------------------------
+
 
 def interrupt_in(hosts: FakeHosts, host: str, command: str) -> Gate:
     """Ctrl-C while ``command`` (a hook) runs on ``host``: SIGINT reaches the controller's main
@@ -428,10 +541,13 @@ def interrupt_in(hosts: FakeHosts, host: str, command: str) -> Gate:
 
 
 def test_ctrl_c_during_an_after_deploy_hook_returns_every_host_and_frees_the_locks(
-        app: Path, hosts: FakeHosts, artifact: str) -> None:
+    app: Path, hosts: FakeHosts, artifact: str
+) -> None:
     old = deploy(app, hosts, artifact=artifact)["release"]
     toml = app / "shiplane.toml"
-    toml.write_text(toml.read_text().replace("[hooks]\n", '[hooks]\nafter_deploy = ["notify-chat"]\n', 1))
+    toml.write_text(
+        toml.read_text().replace("[hooks]\n", '[hooks]\nafter_deploy = ["notify-chat"]\n', 1)
+    )
     gate = interrupt_in(hosts, "h3", "notify-chat")
     result = deploy(app, hosts, artifact=artifact)
     assert gate.reached.is_set() and not gate.opened
@@ -445,7 +561,8 @@ def test_ctrl_c_during_an_after_deploy_hook_returns_every_host_and_frees_the_loc
 
 
 def test_ctrl_c_during_the_release_hook_of_a_first_deploy_leaves_every_host_serving_nothing(
-        app: Path, hosts: FakeHosts, artifact: str) -> None:
+    app: Path, hosts: FakeHosts, artifact: str
+) -> None:
     interrupt_in(hosts, "h2", "alembic upgrade head")
     result = deploy(app, hosts, artifact=artifact)
     assert result["outcome"] == "interrupted"
@@ -456,8 +573,10 @@ def test_ctrl_c_during_the_release_hook_of_a_first_deploy_leaves_every_host_serv
 
 # --- a host that fails before the switch -----------------------------------------------------------
 
-def test_an_install_that_fails_on_one_host_switches_nothing_anywhere(app: Path, hosts: FakeHosts,
-                                                                    artifact: str) -> None:
+
+def test_an_install_that_fails_on_one_host_switches_nothing_anywhere(
+    app: Path, hosts: FakeHosts, artifact: str
+) -> None:
     old = deploy(app, hosts, artifact=artifact)["release"]
 
     def broken(op: str, args: dict[str, Any], payload: bytes) -> Any:
@@ -465,14 +584,20 @@ def test_an_install_that_fails_on_one_host_switches_nothing_anywhere(app: Path, 
 
     hosts["h4"].on("install", broken)
     result = deploy(app, hosts, artifact=artifact)
-    assert not result["ok"] and "failed on 1 of 4 host(s), nothing was switched: h4: install: uv: no space left" in result["error"]
+    assert (
+        not result["ok"]
+        and "failed on 1 of 4 host(s), nothing was switched: h4: install: uv: no space left"
+        in result["error"]
+    )
     assert {hosts[h].current for h in FLEET} == {old}
     assert outcomes(result)["h4"] == "failed"
     assert not any("switch" in hosts[h].ops[-8:] for h in FLEET)
     assert all(hosts[h].lock is None for h in FLEET)
 
 
-def test_ctrl_c_during_a_copy_starts_no_install_there(app: Path, hosts: FakeHosts, artifact: str) -> None:
+def test_ctrl_c_during_a_copy_starts_no_install_there(
+    app: Path, hosts: FakeHosts, artifact: str
+) -> None:
     # h2 waits for alice's lock (a cancellable op): its cancel tells h1 that the controller took the Ctrl-C
     hosts["h2"].hold_lock(user="alice", host="laptop")
     cancelled = threading.Event()
@@ -496,5 +621,7 @@ def test_ctrl_c_during_a_copy_starts_no_install_there(app: Path, hosts: FakeHost
     result = deploy(app, hosts, artifact=artifact, lock_wait=60)
     assert result["outcome"] == "interrupted"
     assert hosts["h2"].lock is not None and hosts["h2"].lock["user"] == "alice"
-    assert all(hosts[h].lock is None for h in ("h1", "h3", "h4")) and {hosts[h].current for h in FLEET} == {None}
+    assert all(hosts[h].lock is None for h in ("h1", "h3", "h4")) and {
+        hosts[h].current for h in FLEET
+    } == {None}
     assert "install" not in hosts["h1"].ops

@@ -36,7 +36,7 @@ def _stages(config: Path) -> str:
     common = f'bind = "0.0.0.0"\nssh_config = "{config}"\n'
     return (
         f'[stages.fleet]\nhosts = ["shl-h1", "shl-h2", "shl-h3"]\ndeploy_to = "/srv/demo"\nport = {PORTS["fleet"]}\n'
-        f'{common}\n'
+        f"{common}\n"
         f'[stages.staging]\nhosts = ["shl-h1"]\ndeploy_to = "/srv/demo-staging"\nport = {PORTS["staging"]}\n{common}\n'
         f'[stages.prod]\nhosts = ["shl-h2", "shl-h3"]\ndeploy_to = "/srv/demo-prod"\nport = {PORTS["prod"]}\n{common}'
         'roles = { primary = ["shl-h2"] }\npromote_from = "staging"\n'
@@ -50,9 +50,14 @@ def app(ssh_hosts: TestHosts, tmp_path_factory: pytest.TempPathFactory) -> Itera
     toml = project.root / "shiplane.toml"
     text = toml.read_text()
     # each host has its own sqlite database: migrate it on every host, not only on the primary
-    text = text.replace('release = "alembic upgrade head"', f'release = "alembic upgrade head"\n{MIGRATE}')
-    text = text.replace("healthcheck = { path = \"/up\", timeout = 15 }", "healthcheck = { path = \"/up\", timeout = 12 }")
-    text = text[:text.index("[stages.staging]")] + _stages(ssh_hosts.ssh_config)
+    text = text.replace(
+        'release = "alembic upgrade head"', f'release = "alembic upgrade head"\n{MIGRATE}'
+    )
+    text = text.replace(
+        'healthcheck = { path = "/up", timeout = 15 }',
+        'healthcheck = { path = "/up", timeout = 12 }',
+    )
+    text = text[: text.index("[stages.staging]")] + _stages(ssh_hosts.ssh_config)
     toml.write_text(text)
     secrets = project.root / ".secrets"
     for stage in ("fleet", "staging", "prod"):
@@ -106,7 +111,12 @@ def ssh_processes(config: Path) -> list[int]:
             except OSError:
                 continue
             masters = (b"ControlMaster=auto", b"ControlMaster=yes")  # a session's, a pre-warmed one
-            if argv and argv[0].endswith(b"ssh") and str(config).encode() in argv and any(m in argv for m in masters):
+            if (
+                argv
+                and argv[0].endswith(b"ssh")
+                and str(config).encode() in argv
+                and any(m in argv for m in masters)
+            ):
                 pids.append(int(entry.name))
     return pids
 
@@ -152,7 +162,9 @@ def snapshot(root: Path) -> dict[str, Any]:
     return tree
 
 
-def test_deploy_to_three_hosts_serves_the_release_on_each(app: Project, ssh_hosts: TestHosts) -> None:
+def test_deploy_to_three_hosts_serves_the_release_on_each(
+    app: Project, ssh_hosts: TestHosts
+) -> None:
     result = deploy(app, "fleet")
     release = result["release"]
     for host in ssh_hosts.hosts:
@@ -160,21 +172,47 @@ def test_deploy_to_three_hosts_serves_the_release_on_each(app: Project, ssh_host
         assert f"release {release}" in body and "stage fleet" in body
         assert current(host) == release
         assert result["hosts"][host.name]["outcome"] == "ok"
-    assert ssh_processes(ssh_hosts.ssh_config) == [], "control masters left running after the deploy"
+    assert ssh_processes(ssh_hosts.ssh_config) == [], (
+        "control masters left running after the deploy"
+    )
 
 
-def test_logs_follow_prints_every_hosts_new_lines_prefixed_by_host(app: Project, ssh_hosts: TestHosts) -> None:
+def test_logs_follow_prints_every_hosts_new_lines_prefixed_by_host(
+    app: Project, ssh_hosts: TestHosts
+) -> None:
     deploy(app, "fleet")
-    follow = subprocess.Popen([sys.executable, "-m", "shiplane", "logs", "--stage", "fleet", "--service", "web",
-                               "--lines", "0", "--follow"], cwd=app.root, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, env={**os.environ, "NO_COLOR": "1"})
+    follow = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "shiplane",
+            "logs",
+            "--stage",
+            "fleet",
+            "--service",
+            "web",
+            "--lines",
+            "0",
+            "--follow",
+        ],
+        cwd=app.root,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "NO_COLOR": "1"},
+    )
     lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(iter(follow.stdout.readline, "")), daemon=True)
+    reader = threading.Thread(
+        target=lambda: lines.extend(iter(follow.stdout.readline, "")), daemon=True
+    )
     reader.start()
     try:
         # the sessions multiplex over the masters the CLI started before its imports (ssh -N)
-        assert wait_for(lambda: len(prewarmed_masters(ssh_hosts.ssh_config)) == len(ssh_hosts.hosts), 20,
-                        "a pre-warmed master per host")
+        assert wait_for(
+            lambda: len(prewarmed_masters(ssh_hosts.ssh_config)) == len(ssh_hosts.hosts),
+            20,
+            "a pre-warmed master per host",
+        )
         edit(app, "<footer>", "<footer>followed ")
         release = deploy(app, "fleet")["release"]
         # each new server logs its control socket, named after its release, on its own host
@@ -193,40 +231,63 @@ def test_logs_follow_prints_every_hosts_new_lines_prefixed_by_host(app: Project,
 
 
 def test_a_command_refused_after_its_hosts_were_prewarmed_exits_2_and_leaves_no_ssh(
-        app: Project, ssh_hosts: TestHosts) -> None:
+    app: Project, ssh_hosts: TestHosts
+) -> None:
     # valid TOML (so the CLI pre-warms the stage's hosts) that the schema refuses
     bad = app.root / "bad.toml"
-    bad.write_text((app.root / "shiplane.toml").read_text().replace("[app]\n", "[app]\nnot_a_key = 1\n", 1))
+    bad.write_text(
+        (app.root / "shiplane.toml").read_text().replace("[app]\n", "[app]\nnot_a_key = 1\n", 1)
+    )
     done = app.shiplane("-f", str(bad), "status", "--stage", "fleet")
     assert done.returncode == 2 and "not_a_key" in done.stderr
     # the masters started for it (connected or still connecting) are gone with it
     assert wait_for(lambda: ssh_processes(ssh_hosts.ssh_config) == [], 10, "no ssh left")
 
 
-def test_code_only_redeploy_sends_one_wheel_and_installs_nothing(app: Project, ssh_hosts: TestHosts) -> None:
+def test_code_only_redeploy_sends_one_wheel_and_installs_nothing(
+    app: Project, ssh_hosts: TestHosts
+) -> None:
     deploy(app, "fleet")
     venvs = {h.name: sorted(os.listdir(h.root / "demo" / "venvs")) for h in ssh_hosts.hosts}
     edit(app, "deployed with shiplane", "shipped over ssh")
     result = deploy(app, "fleet")
-    manifest = json.loads((app.root / ".shiplane/build/artifacts" / f"{result['artifact']}.json").read_text())
+    manifest = json.loads(
+        (app.root / ".shiplane/build/artifacts" / f"{result['artifact']}.json").read_text()
+    )
     wheel = next(f for f in manifest["app_files"] if f["kind"] == "wheel")
     for host in ssh_hosts.hosts:
-        assert 0 < result["hosts"][host.name]["bytes"] <= 1.2 * wheel["size"], (host.name, result["hosts"])
+        assert 0 < result["hosts"][host.name]["bytes"] <= 1.2 * wheel["size"], (
+            host.name,
+            result["hosts"],
+        )
         assert sorted(os.listdir(host.root / "demo" / "venvs")) == venvs[host.name]
         assert "shipped over ssh" in page(host)
-    assert not [e for e in events(result) if e.get("phase") == "venv" and e.get("status") in ("building", "built")]
+    assert not [
+        e
+        for e in events(result)
+        if e.get("phase") == "venv" and e.get("status") in ("building", "built")
+    ]
 
 
 def events(result: dict[str, Any]) -> list[dict[str, Any]]:
     """The JSON event lines a ``deploy --json`` printed before its result."""
-    return [json.loads(line) for line in result["output"].splitlines()
-            if line.startswith("{") and not line.startswith('{"result"')]
+    return [
+        json.loads(line)
+        for line in result["output"].splitlines()
+        if line.startswith("{") and not line.startswith('{"result"')
+    ]
 
 
-def test_rolling_failure_on_second_host_returns_every_host_to_the_old_release(app: Project, ssh_hosts: TestHosts) -> None:
+def test_rolling_failure_on_second_host_returns_every_host_to_the_old_release(
+    app: Project, ssh_hosts: TestHosts
+) -> None:
     old = deploy(app, "fleet")["release"]
-    edit(app, 'def up() -> Response:\n    """', 'def up() -> Response:\n    if __import__("os").path.exists("/srv/fail-health"):\n'
-              '        return Response("failing on purpose\\n", 500)\n    """')
+    edit(
+        app,
+        'def up() -> Response:\n    """',
+        'def up() -> Response:\n    if __import__("os").path.exists("/srv/fail-health"):\n'
+        '        return Response("failing on purpose\\n", 500)\n    """',
+    )
     marker = ssh_hosts.hosts[1].root / "fail-health"
     marker.write_text("")
     try:
@@ -244,19 +305,28 @@ def test_rolling_failure_on_second_host_returns_every_host_to_the_old_release(ap
         assert host in summary and state in summary
 
 
-def test_host_lost_during_prepare_aborts_with_nothing_switched(app: Project, ssh_hosts: TestHosts) -> None:
+def test_host_lost_during_prepare_aborts_with_nothing_switched(
+    app: Project, ssh_hosts: TestHosts
+) -> None:
     before = deploy(app, "fleet")["release"]
     toml = app.root / "shiplane.toml"
     original = toml.read_text()
     # every host's after_install waits for /srv/go; shl-h2 never gets it: we cut it off meanwhile
     hold = "touch /srv/waiting; while [ ! -e /srv/go ]; do sleep 0.1; done"
-    toml.write_text(original.replace(MIGRATE, f'after_install = ["alembic upgrade head", "{hold}"]'))
+    toml.write_text(
+        original.replace(MIGRATE, f'after_install = ["alembic upgrade head", "{hold}"]')
+    )
     lost = ssh_hosts.hosts[1]
     for host in ssh_hosts.hosts:
         if host is not lost:
             (host.root / "go").write_text("")
-    run = subprocess.Popen([sys.executable, "-m", "shiplane", "deploy", "--stage", "fleet", "--skip-tests"],
-                           cwd=app.root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    run = subprocess.Popen(
+        [sys.executable, "-m", "shiplane", "deploy", "--stage", "fleet", "--skip-tests"],
+        cwd=app.root,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         wait_for(lambda: (lost.root / "waiting").exists(), 60, "shl-h2 to reach after_install")
         lost.stop_sshd()
@@ -275,8 +345,14 @@ def test_host_lost_during_prepare_aborts_with_nothing_switched(app: Project, ssh
             assert f"release {before}" in page(host)
     lost.start_sshd()
     # its agent exits, leaving its lock abandoned (the next deploy breaks it): no longer held
-    wait_for(lambda: (deploy_lock.inspect(Layout(str(lost.root / "demo"))) or {}).get("state") in (None, "abandoned"), 30,
-             "shl-h2's lock holder to be gone")
+    wait_for(
+        lambda: (
+            (deploy_lock.inspect(Layout(str(lost.root / "demo"))) or {}).get("state")
+            in (None, "abandoned")
+        ),
+        30,
+        "shl-h2's lock holder to be gone",
+    )
     assert current(lost) == before
     for host in ssh_hosts.hosts:
         for name in ("go", "waiting"):
@@ -285,7 +361,9 @@ def test_host_lost_during_prepare_aborts_with_nothing_switched(app: Project, ssh
 
 def _kill_sshd_sessions(host: TestHost) -> None:
     """What a crashed server does to open connections: every sshd of that host dies (by pid)."""
-    listed = subprocess.run(["ip", "netns", "pids", host.netns], capture_output=True, text=True, check=True)
+    listed = subprocess.run(
+        ["ip", "netns", "pids", host.netns], capture_output=True, text=True, check=True
+    )
     for pid in map(int, listed.stdout.split()):
         try:
             if os.path.realpath(f"/proc/{pid}/exe") == "/usr/sbin/sshd":
@@ -294,12 +372,18 @@ def _kill_sshd_sessions(host: TestHost) -> None:
             pass
 
 
-def test_unknown_host_key_is_refused_with_how_to_trust_it(app: Project, ssh_hosts: TestHosts, tmp_path: Path) -> None:
+def test_unknown_host_key_is_refused_with_how_to_trust_it(
+    app: Project, ssh_hosts: TestHosts, tmp_path: Path
+) -> None:
     known = tmp_path / "known_hosts"
     known.write_text("")
     config = tmp_path / "ssh_config"
-    config.write_text(ssh_hosts.ssh_config.read_text().replace(str(ssh_hosts.known_hosts), str(known)))
-    done = app.shiplane("deploy", "--stage", "fleet", "--skip-tests", "--set", f'ssh_config="{config}"')
+    config.write_text(
+        ssh_hosts.ssh_config.read_text().replace(str(ssh_hosts.known_hosts), str(known))
+    )
+    done = app.shiplane(
+        "deploy", "--stage", "fleet", "--skip-tests", "--set", f'ssh_config="{config}"'
+    )
     assert done.returncode == 1
     host = ssh_hosts.hosts[0]
     assert "host key of shl-h1 is not known" in done.stdout + done.stderr
@@ -316,8 +400,14 @@ def test_plan_changes_nothing_on_any_host(app: Project, ssh_hosts: TestHosts) ->
     done = app.shiplane("plan", "--stage", "fleet", "--set", 'config.app.title="Planned"')
     after = {h.name: snapshot(h.root) for h in ssh_hosts.hosts}
     assert done.returncode == 0, done.stderr
-    changed = {h: sorted((k, before[h].get(k), after[h].get(k)) for k in before[h].keys() | after[h].keys()
-                         if before[h].get(k) != after[h].get(k)) for h in before}
+    changed = {
+        h: sorted(
+            (k, before[h].get(k), after[h].get(k))
+            for k in before[h].keys() | after[h].keys()
+            if before[h].get(k) != after[h].get(k)
+        )
+        for h in before
+    }
     assert before == after, changed
     out = done.stdout
     for host in ssh_hosts.hosts:
@@ -327,26 +417,39 @@ def test_plan_changes_nothing_on_any_host(app: Project, ssh_hosts: TestHosts) ->
     assert "fleet-test-secret-value" not in out + done.stderr
 
 
-def test_promote_moves_the_exact_artifact_and_unpromoted_is_refused(app: Project, ssh_hosts: TestHosts) -> None:
+def test_promote_moves_the_exact_artifact_and_unpromoted_is_refused(
+    app: Project, ssh_hosts: TestHosts
+) -> None:
     staged = deploy(app, "staging")
     h1, h2, h3 = ssh_hosts.hosts
     assert f"release {staged['release']}" in page(h1, "staging")
     edit(app, "<footer>", "<footer class=unpromoted>")
     refused = app.shiplane("deploy", "--stage", "prod", "--skip-tests")
     assert refused.returncode == 2
-    assert "never was" in refused.stderr and "shiplane promote --from staging --to prod" in refused.stderr
+    assert (
+        "never was" in refused.stderr
+        and "shiplane promote --from staging --to prod" in refused.stderr
+    )
     assert not (h2.root / "demo-prod" / "current").exists()
     promoted = app.shiplane("promote", "--from", "staging", "--to", "prod", "--json")
     assert promoted.returncode == 0, promoted.stdout + promoted.stderr
-    result = json.loads(next(line for line in promoted.stdout.splitlines() if line.startswith('{"result"')))["result"]
+    result = json.loads(
+        next(line for line in promoted.stdout.splitlines() if line.startswith('{"result"'))
+    )["result"]
     assert result["artifact"] == staged["artifact"]
     for host in (h2, h3):
-        release = json.loads((host.root / "demo-prod" / "releases" / current(host, "prod") / "release.json").read_text())
+        release = json.loads(
+            (
+                host.root / "demo-prod" / "releases" / current(host, "prod") / "release.json"
+            ).read_text()
+        )
         assert release["artifact"] == staged["artifact"]
         assert "class=unpromoted" not in page(host, "prod")
 
 
-def test_retry_failed_finishes_the_same_deploy_on_the_host_that_was_down(app: Project, ssh_hosts: TestHosts) -> None:
+def test_retry_failed_finishes_the_same_deploy_on_the_host_that_was_down(
+    app: Project, ssh_hosts: TestHosts
+) -> None:
     """capistrano#1498, deployer#3172: one host down must not mean redoing (or half-doing) all."""
     before = deploy(app, "fleet")["release"]
     edit(app, "</footer>", " retried</footer>")
@@ -372,7 +475,9 @@ def test_retry_failed_finishes_the_same_deploy_on_the_host_that_was_down(app: Pr
 
 def _agent_pids(host: TestHost) -> list[int]:
     """The shiplane agents serving sessions on a host (python running the agent's serve loop)."""
-    listed = subprocess.run(["ip", "netns", "pids", host.netns], capture_output=True, text=True, check=True)
+    listed = subprocess.run(
+        ["ip", "netns", "pids", host.netns], capture_output=True, text=True, check=True
+    )
     pids = []
     for pid in map(int, listed.stdout.split()):
         try:
@@ -381,26 +486,48 @@ def _agent_pids(host: TestHost) -> list[int]:
             continue
         words = [a for a in argv if a]
         # `python3 -S -c <bootstrap> <root> <agent sha>`: the agent's session process
-        if len(words) >= 5 and words[1:3] == [b"-S", b"-c"] and len(words[-1]) == 64 \
-                and b"shiplane_agent" in words[3]:
+        if (
+            len(words) >= 5
+            and words[1:3] == [b"-S", b"-c"]
+            and len(words[-1]) == 64
+            and b"shiplane_agent" in words[3]
+        ):
             pids.append(pid)
     return pids
 
 
-def test_a_host_that_stops_answering_is_an_error_within_the_timeout(app: Project, ssh_hosts: TestHosts) -> None:
+def test_a_host_that_stops_answering_is_an_error_within_the_timeout(
+    app: Project, ssh_hosts: TestHosts
+) -> None:
     """kamal#326, deployer#1430: one frozen host must not hang the whole deploy."""
     before = deploy(app, "fleet")["release"]
     toml = app.root / "shiplane.toml"
     original = toml.read_text()
     hold = "touch /srv/waiting; while [ ! -e /srv/go ]; do sleep 0.1; done"
-    toml.write_text(original.replace(MIGRATE, f'after_install = ["alembic upgrade head", "{hold}"]'))
+    toml.write_text(
+        original.replace(MIGRATE, f'after_install = ["alembic upgrade head", "{hold}"]')
+    )
     edit(app, "</footer>", " frozen</footer>")
     frozen = ssh_hosts.hosts[0]
     for host in ssh_hosts.hosts[1:]:
         (host.root / "go").write_text("")
-    run = subprocess.Popen([sys.executable, "-m", "shiplane", "deploy", "--stage", "fleet", "--skip-tests",
-                            "--set", "command_timeout=5"],
-                           cwd=app.root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    run = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "shiplane",
+            "deploy",
+            "--stage",
+            "fleet",
+            "--skip-tests",
+            "--set",
+            "command_timeout=5",
+        ],
+        cwd=app.root,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     stopped: list[int] = []
     try:
         wait_for(lambda: (frozen.root / "waiting").exists(), 60, "shl-h1 to reach after_install")
@@ -424,7 +551,11 @@ def test_a_host_that_stops_answering_is_an_error_within_the_timeout(app: Project
             for name in ("go", "waiting"):
                 (host.root / name).unlink(missing_ok=True)
     assert run.returncode == 1, output
-    assert "shl-h1" in output and "no answer within 5 s" in output and "nothing was switched" in output
+    assert (
+        "shl-h1" in output and "no answer within 5 s" in output and "nothing was switched" in output
+    )
     for host in ssh_hosts.hosts:
         assert current(host) == before
-    app.shiplane("unlock", "--stage", "fleet", "--force", check=True)  # the killed agent could not give it back
+    app.shiplane(
+        "unlock", "--stage", "fleet", "--force", check=True
+    )  # the killed agent could not give it back

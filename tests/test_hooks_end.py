@@ -36,10 +36,16 @@ def running(marker: str) -> list[int]:
 
 def with_hook(project: Project, release: str, silence: int) -> None:
     toml = project.root / "shiplane.toml"
-    text = "".join(line for line in toml.read_text().splitlines(keepends=True) if not line.startswith("silence_timeout"))
+    text = "".join(
+        line
+        for line in toml.read_text().splitlines(keepends=True)
+        if not line.startswith("silence_timeout")
+    )
     start = text.index("release = ")
     end = text.index("\n", start)
-    toml.write_text(text[:start] + f'release = "{release}"\nsilence_timeout = {silence}' + text[end:])
+    toml.write_text(
+        text[:start] + f'release = "{release}"\nsilence_timeout = {silence}' + text[end:]
+    )
     project.commit("hook")
 
 
@@ -64,16 +70,23 @@ def test_a_silent_hook_is_ended(app: Project) -> None:
 
 def test_ctrl_c_ends_a_running_hook_at_once(app: Project) -> None:
     with_hook(app, "echo hook-started; sleep 287.25", silence=0)
-    deploy = subprocess.Popen([sys.executable, "-m", "shiplane", "deploy", "--stage", "local", "--skip-tests", "--json"],
-                              cwd=app.root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env={**os.environ, "NO_COLOR": "1"})
+    deploy = subprocess.Popen(
+        [sys.executable, "-m", "shiplane", "deploy", "--stage", "local", "--skip-tests", "--json"],
+        cwd=app.root,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "NO_COLOR": "1"},
+    )
     try:
         assert deploy.stdout is not None
         for line in deploy.stdout:  # the deploy's own events say when the hook runs
             if "hook-started" in line:
                 break
         else:
-            raise AssertionError(f"the hook never started: {deploy.stderr.read() if deploy.stderr else ''}")
+            raise AssertionError(
+                f"the hook never started: {deploy.stderr.read() if deploy.stderr else ''}"
+            )
         wait_for(lambda: running("287.25"), deadline=10, what="the hook's sleep")
         interrupted_at = time.monotonic()
         deploy.send_signal(signal.SIGINT)
@@ -83,7 +96,9 @@ def test_ctrl_c_ends_a_running_hook_at_once(app: Project) -> None:
         if deploy.poll() is None:
             deploy.kill()
     assert deploy.returncode == 130, rest
-    result = next(json.loads(line)["result"] for line in rest.splitlines() if line.startswith('{"result"'))
+    result = next(
+        json.loads(line)["result"] for line in rest.splitlines() if line.startswith('{"result"')
+    )
     assert result["outcome"] == "interrupted"
     assert not running("287.25")
     assert not (app.deploy_root / ".lock").exists()

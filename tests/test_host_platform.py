@@ -24,12 +24,12 @@ from shiplane.artifact import host_misfit, platform_fits
 HERE_PY = f"{sys.version_info.major}.{sys.version_info.minor}"
 OTHER_PY = "3.10" if HERE_PY != "3.10" else "3.12"
 
-APP = '''def app(environ, start_response):
+APP = """def app(environ, start_response):
     start_response("200 OK", [("Content-Type", "text/plain")])
     return [b"tiny app serving\\n"]
-'''
+"""
 
-TOML = '''[app]
+TOML = """[app]
 name = "tiny"
 wsgi = "app:app"
 
@@ -44,7 +44,7 @@ healthcheck = {{ path = "/up", timeout = 20 }}
 hosts = ["local"]
 deploy_to = "{deploy_to}"
 port = {port}
-'''
+"""
 
 
 @pytest.fixture
@@ -69,7 +69,9 @@ def tiny(tmp_path: Path) -> Iterator[App]:
 def set_build(app: App, **build: str) -> None:
     """Write the deploy file with these ``[build]`` keys (and commit it)."""
     lines = "".join(f'{key} = "{value}"\n' for key, value in build.items())
-    write(app.root, "shiplane.toml", TOML.format(build=lines, deploy_to=app.deploy_to, port=app.port))
+    write(
+        app.root, "shiplane.toml", TOML.format(build=lines, deploy_to=app.deploy_to, port=app.port)
+    )
     app.commit("deploy file")
 
 
@@ -86,7 +88,10 @@ def test_host_on_another_python_stops_the_deploy_before_anything_is_sent(tiny: A
     error = failed.result["error"]
     assert f"local runs Python {HERE_PY} on linux_x86_64" in error, error
     assert f"built for Python {OTHER_PY} on linux_x86_64" in error, error
-    assert f'set python_version = "{HERE_PY}" in the [build] table' in error and "platform =" not in error, error
+    assert (
+        f'set python_version = "{HERE_PY}" in the [build] table' in error
+        and "platform =" not in error
+    ), error
     assert "nothing was sent" in error, error
     # nothing reached the host: no release, no blob, no venv; the deploy lock was never taken
     for sub in ("releases", "venvs", "current", ".lock"):
@@ -114,7 +119,10 @@ def test_host_on_another_platform_is_refused_naming_the_platform(tiny: App) -> N
     error = failed.result["error"]
     assert "local runs Python" in error and "on linux_x86_64" in error, error
     assert "built for Python" in error and "on macosx_11_0_arm64" in error, error
-    assert 'set platform = "linux_x86_64" in the [build] table' in error and "python_version =" not in error, error
+    assert (
+        'set platform = "linux_x86_64" in the [build] table' in error
+        and "python_version =" not in error
+    ), error
     assert not (tiny.deploy_to / "releases").exists()
 
 
@@ -123,25 +131,32 @@ def test_manylinux_target_deploys_on_a_linux_host(tiny: App) -> None:
     """A wheelhouse resolved for manylinux wheels (not the controller's own tag) fits Linux hosts."""
     set_build(tiny, python_version=HERE_PY, platform="manylinux_2_17_x86_64")
     deployed = tiny.deploy("--skip-tests")
-    manifest = json.loads((tiny.root / ".shiplane" / "build" / "artifacts"
-                           / f"{deployed.result['artifact']}.json").read_text())
+    manifest = json.loads(
+        (
+            tiny.root / ".shiplane" / "build" / "artifacts" / f"{deployed.result['artifact']}.json"
+        ).read_text()
+    )
     assert manifest["target"] == {"python_version": HERE_PY, "platform": "manylinux_2_17_x86_64"}
     assert tiny.text("/") == "tiny app serving\n"
 
 
 # --- which host fits which target (the rule the deploy applies; no processes) ---------------
 
-@pytest.mark.parametrize("target, host, fits", [
-    ("linux_x86_64", "linux_x86_64", True),
-    ("manylinux_2_17_x86_64", "linux_x86_64", True),
-    ("manylinux2014_x86_64", "linux_x86_64", True),
-    ("musllinux_1_2_aarch64", "linux_aarch64", True),
-    ("manylinux_2_28_aarch64", "linux_x86_64", False),
-    ("linux_x86_64", "macosx_14_0_arm64", False),
-    ("macosx_11_0_universal2", "macosx_14_0_arm64", True),
-    ("macosx_11_0_x86_64", "macosx_14_0_arm64", False),
-    ("win_amd64", "win_amd64", True),
-])
+
+@pytest.mark.parametrize(
+    "target, host, fits",
+    [
+        ("linux_x86_64", "linux_x86_64", True),
+        ("manylinux_2_17_x86_64", "linux_x86_64", True),
+        ("manylinux2014_x86_64", "linux_x86_64", True),
+        ("musllinux_1_2_aarch64", "linux_aarch64", True),
+        ("manylinux_2_28_aarch64", "linux_x86_64", False),
+        ("linux_x86_64", "macosx_14_0_arm64", False),
+        ("macosx_11_0_universal2", "macosx_14_0_arm64", True),
+        ("macosx_11_0_x86_64", "macosx_14_0_arm64", False),
+        ("win_amd64", "win_amd64", True),
+    ],
+)
 def test_platform_fits(target: str, host: str, fits: bool) -> None:
     assert platform_fits(target, host) is fits
 
@@ -149,9 +164,14 @@ def test_platform_fits(target: str, host: str, fits: bool) -> None:
 def test_host_misfit_names_what_differs() -> None:
     target = {"python_version": "3.11", "platform": "linux_x86_64"}
     assert host_misfit(target, {"python_version": "3.11", "platform": "linux_x86_64"}) is None
-    assert host_misfit(target, {"python_version": "3.12", "platform": "linux_x86_64"}) == "Python 3.12, not 3.11"
-    assert host_misfit(target, {"python_version": "3.11", "platform": "linux_aarch64"}) == \
-        "platform linux_aarch64, not linux_x86_64"
+    assert (
+        host_misfit(target, {"python_version": "3.12", "platform": "linux_x86_64"})
+        == "Python 3.12, not 3.11"
+    )
+    assert (
+        host_misfit(target, {"python_version": "3.11", "platform": "linux_aarch64"})
+        == "platform linux_aarch64, not linux_x86_64"
+    )
     # an old manifest (no target) or an agent that does not say: not held against the host
     assert host_misfit({}, {"python_version": "3.12"}) is None
     assert host_misfit(target, {}) is None

@@ -32,7 +32,9 @@ def lines_of(done: Any) -> list[dict[str, Any]]:
     for line in done.stdout.splitlines():
         message = json.loads(line)
         assert isinstance(message, dict) and message.get("v") == 1, line
-        kinds = [k for k in ("result", "error") if k in message] or (["event"] if "phase" in message else [])
+        kinds = [k for k in ("result", "error") if k in message] or (
+            ["event"] if "phase" in message else []
+        )
         assert len(kinds) == 1, f"neither an event, a result nor an error: {line}"
         if "error" in message:
             error = message["error"]
@@ -41,7 +43,9 @@ def lines_of(done: Any) -> list[dict[str, Any]]:
         if "phase" in message:
             assert isinstance(message["status"], str)
         parsed.append(message)
-    assert parsed and ("result" in parsed[-1] or "error" in parsed[-1]), done.stdout[-500:] + done.stderr[-500:]
+    assert parsed and ("result" in parsed[-1] or "error" in parsed[-1]), (
+        done.stdout[-500:] + done.stderr[-500:]
+    )
     assert all("phase" in m for m in parsed[:-1]), "only events come before the result"
     return parsed
 
@@ -63,24 +67,49 @@ def app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Project]:
 
 
 VERBS: list[tuple[str, ...]] = [
-    ("check",), ("config", "show", "--stage", "local"), ("test",), ("build",), ("plan", "--stage", "local"),
-    ("deploy", "--stage", "local", "--skip-tests"), ("copy", "--stage", "local", "--skip-tests"),
-    ("install", "--stage", "local", "--skip-tests"), ("deploy", "--stage", "local", "--skip-tests"),
-    ("promote", "--from", "local", "--to", "again"), ("status", "--stage", "local"), ("releases", "--stage", "local"),
-    ("history", "--stage", "local"), ("logs", "--stage", "local", "--lines", "5"), ("restart", "--stage", "local"),
-    ("reload", "--stage", "local"), ("rollback", "--stage", "local", "--yes"), ("prune", "--stage", "local"),
-    ("tasks",), ("run", "hello"), ("lock", "--stage", "local", "--reason", "json"), ("lock", "status", "--stage", "local"),
-    ("unlock", "--stage", "local"), ("verify", "--stage", "local"), ("stop", "--stage", "local"),
-    ("start", "--stage", "local"), ("exec", "--stage", "local", "--", "true"), ("clean",),
+    ("check",),
+    ("config", "show", "--stage", "local"),
+    ("test",),
+    ("build",),
+    ("plan", "--stage", "local"),
+    ("deploy", "--stage", "local", "--skip-tests"),
+    ("copy", "--stage", "local", "--skip-tests"),
+    ("install", "--stage", "local", "--skip-tests"),
+    ("deploy", "--stage", "local", "--skip-tests"),
+    ("promote", "--from", "local", "--to", "again"),
+    ("status", "--stage", "local"),
+    ("releases", "--stage", "local"),
+    ("history", "--stage", "local"),
+    ("logs", "--stage", "local", "--lines", "5"),
+    ("restart", "--stage", "local"),
+    ("reload", "--stage", "local"),
+    ("rollback", "--stage", "local", "--yes"),
+    ("prune", "--stage", "local"),
+    ("tasks",),
+    ("run", "hello"),
+    ("lock", "--stage", "local", "--reason", "json"),
+    ("lock", "status", "--stage", "local"),
+    ("unlock", "--stage", "local"),
+    ("verify", "--stage", "local"),
+    ("stop", "--stage", "local"),
+    ("start", "--stage", "local"),
+    ("exec", "--stage", "local", "--", "true"),
+    ("clean",),
 ]
 
 
 def test_every_verb_speaks_the_contract(app: Project, tmp_path: Path) -> None:
     for verb in VERBS:
-        cut = verb.index("--") if "--" in verb else len(verb)  # after `--`, words are exec's command
+        cut = (
+            verb.index("--") if "--" in verb else len(verb)
+        )  # after `--`, words are exec's command
         done = app.shiplane(*verb[:cut], "--json", *verb[cut:])
         parsed = lines_of(done)
-        assert done.returncode == 0 and "result" in parsed[-1], (verb, done.stdout[-800:], done.stderr[-800:])
+        assert done.returncode == 0 and "result" in parsed[-1], (
+            verb,
+            done.stdout[-800:],
+            done.stderr[-800:],
+        )
     done = app.shiplane("init", str(tmp_path / "other"), "--json")
     assert "result" in lines_of(done)[-1]
 
@@ -94,6 +123,8 @@ def test_errors_are_json_too(app: Project) -> None:
         refused = app.shiplane("deploy", "--stage", "local", "--skip-tests", "--json")
         assert refused.returncode == 1
         last = lines_of(refused)[-1]
-        assert "result" in last and last["result"]["ok"] is False and "held" in last["result"]["error"]
+        assert (
+            "result" in last and last["result"]["ok"] is False and "held" in last["result"]["error"]
+        )
     finally:
         app.shiplane("unlock", "--stage", "local", check=True)

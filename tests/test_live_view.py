@@ -44,7 +44,9 @@ def deploy_stream(hosts: list[str], at: float = 1000.0) -> Iterator[Event]:
         yield Event("lock", "start", host=host, at=at + 5)
         yield Event("lock", "ok", host=host, seconds=0.1, at=at + 5.1)
         yield Event("copy", "start", host=host, at=at + 5.1)
-        yield Event("receive", "progress", host=host, bytes=6 << 20, data={"total": 12 << 20}, at=at + 5.2)
+        yield Event(
+            "receive", "progress", host=host, bytes=6 << 20, data={"total": 12 << 20}, at=at + 5.2
+        )
 
 
 def test_rows_show_the_steps_and_fit_any_width() -> None:
@@ -54,21 +56,34 @@ def test_rows_show_the_steps_and_fit_any_width() -> None:
         board.feed(event)
     board.feed(Event("copy", "ok", host="web-1", seconds=0.9, at=1006))
     board.feed(Event("install", "start", host="web-1", at=1006))
-    board.feed(Event("venv", "building", host="web-1", detail="12 wheels with uv \x1b[31m" + "x" * 200, at=1006.5))
+    board.feed(
+        Event(
+            "venv",
+            "building",
+            host="web-1",
+            detail="12 wheels with uv \x1b[31m" + "x" * 200,
+            at=1006.5,
+        )
+    )
     rows = board.rows(80, now=1007.25)
     texts = [row.plain for row in rows]
     assert re.match(r"✓ gate +4\.5s  8 passed in 2\.79s$", texts[0])
     assert re.match(r"✓ build +0\.2s  artifact 8c254f56b2b0$", texts[1])
     # a running host step: a spinner, the step, its elapsed time, its latest detail (no escape)
-    assert re.match(r"[⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏] web-1 +install +1\.2s  venv building: 12 wheels with uv x*…$", texts[3])
+    assert re.match(
+        r"[⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏] web-1 +install +1\.2s  venv building: 12 wheels with uv x*…$", texts[3]
+    )
     assert "\x1b" not in texts[3]
-    assert re.search(r"^[⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏] a-very-long-host-na… +copy +2\.\ds  █{8}░{8} 6\.0 MiB/12\.0 MiB$",
-                     texts[2])
+    assert re.search(
+        r"^[⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏] a-very-long-host-na… +copy +2\.\ds  █{8}░{8} 6\.0 MiB/12\.0 MiB$", texts[2]
+    )
     for width in (80, 60, 40, 20):
         assert all(len(row.plain) <= width for row in board.rows(width, now=1007.25)), width
     board.close(1008)
     done = board.rows(80, now=2000)
-    assert re.match(r"- web-1 +install +2\.0s  venv building", done[3].plain)  # stopped where it was
+    assert re.match(
+        r"- web-1 +install +2\.0s  venv building", done[3].plain
+    )  # stopped where it was
 
 
 def test_many_hosts_fold_into_counts_per_step() -> None:
@@ -83,18 +98,24 @@ def test_many_hosts_fold_into_counts_per_step() -> None:
             board.feed(Event("install", "ok", host=host, seconds=1, at=1007))
             board.feed(Event("switch", "start", host=host, at=1007))
         elif n < 10:
-            board.feed(Event("install", "failed", host=host, detail="uv: no wheel for x\nmore", at=1007))
+            board.feed(
+                Event("install", "failed", host=host, detail="uv: no wheel for x\nmore", at=1007)
+            )
     rows = [row.plain for row in board.rows(80, now=1008)]
     assert len(rows) == 3
     assert re.match(r"[⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏] 12 hosts +2\.0s  8 switch, 4 install \(2 failed\)$", rows[2])
     board.close(1009)
-    assert re.match(r"✗ 12 hosts .* 10 done, 2 install \(2 failed\)$", board.rows(80, now=2000)[2].plain)
+    assert re.match(
+        r"✗ 12 hosts .* 10 done, 2 install \(2 failed\)$", board.rows(80, now=2000)[2].plain
+    )
 
 
 def test_a_failure_marks_the_step_that_was_running() -> None:
     board = Board()
     board.feed(Event("gate", "start", at=10))
-    assert board.feed(Event("deploy", "failed", detail="test gate failed: 1 failed", at=13))  # a line, no row
+    assert board.feed(
+        Event("deploy", "failed", detail="test gate failed: 1 failed", at=13)
+    )  # a line, no row
     assert re.match(r"✗ gate +3\.0s", board.rows(80, now=20)[0].plain)
 
 
@@ -102,14 +123,18 @@ def test_a_step_told_only_by_its_progress_ends_with_the_view() -> None:
     board = Board()  # `shiplane build` reports progress only, never a start or an end
     board.feed(Event("build", "progress", detail="wheelhouse: 12 wheels", at=10))
     board.feed(Event("build", "progress", detail="manifest: 8c254f56b2b0", at=11))
-    assert re.match(r"[⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏] build +1\.0s  manifest: 8c254f56b2b0$", board.rows(80, now=11)[0].plain)
+    assert re.match(
+        r"[⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏] build +1\.0s  manifest: 8c254f56b2b0$", board.rows(80, now=11)[0].plain
+    )
     board.close(12)
     assert re.match(r"✓ build +2\.0s  manifest: 8c254f56b2b0$", board.rows(80, now=20)[0].plain)
 
 
 def test_summary_lines_fold_to_the_terminal_width() -> None:
-    line = ("  local                    ok         release 20261204T183516227Z-8c254f56  sent 12.5 MiB  "
-            "[connect 0.21s, lock 0.01s, copy 0.08s, install 0.61s, release 0.82s, switch 0.39s]")
+    line = (
+        "  local                    ok         release 20261204T183516227Z-8c254f56  sent 12.5 MiB  "
+        "[connect 0.21s, lock 0.01s, copy 0.08s, install 0.61s, release 0.82s, switch 0.39s]"
+    )
     folded = fit_lines(["short", line, "a\nb"], 80)
     assert folded[0] == "short" and folded[-2:] == ["a", "b"]
     assert all(len(part) <= 80 for part in folded)
@@ -135,8 +160,15 @@ def run_in_terminal(project: Project, *args: str, deadline: float = 240) -> Term
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", ROWS, COLUMNS, 0, 0))
     unset = ("NO_COLOR", "FORCE_COLOR", "COLUMNS", "LINES", "TTY_COMPATIBLE", "TTY_INTERACTIVE")
     env = {k: v for k, v in os.environ.items() if k not in unset} | {"TERM": "xterm-256color"}
-    proc = subprocess.Popen([sys.executable, "-m", "shiplane", *args], cwd=project.root, env=env,
-                            stdin=slave, stdout=slave, stderr=slave, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "shiplane", *args],
+        cwd=project.root,
+        env=env,
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+        start_new_session=True,
+    )
     os.close(slave)
     screen = pyte.Screen(SCREEN_COLUMNS, ROWS)
     stream = pyte.ByteStream(screen)
@@ -156,8 +188,10 @@ def run_in_terminal(project: Project, *args: str, deadline: float = 240) -> Term
             stream.feed(data)
             snapshots.append([line.rstrip() for line in screen.display])
         else:
-            raise AssertionError(f"shiplane {' '.join(args)} still running after {deadline}s:\n" +
-                                 "\n".join(screen.display))
+            raise AssertionError(
+                f"shiplane {' '.join(args)} still running after {deadline}s:\n"
+                + "\n".join(screen.display)
+            )
         code = proc.wait(timeout=30)
     finally:
         if proc.poll() is None:
@@ -177,8 +211,17 @@ def controller_rows_before_hosts(term: Terminal, *steps: str) -> list[str]:
     time (the gate with its test count, the build with its artifact)."""
     shown = term.snapshots[first(term.snapshots, HOST_STEP)]
     text = {"gate": r"\d+ passed", "build": r"artifact [0-9a-f]{12}"}
-    rows = [next((i for i, line in enumerate(shown) if re.match(rf"✓ {step} +\d+\.\ds  {text[step]}", line)), None)
-            for step in steps]
+    rows = [
+        next(
+            (
+                i
+                for i, line in enumerate(shown)
+                if re.match(rf"✓ {step} +\d+\.\ds  {text[step]}", line)
+            ),
+            None,
+        )
+        for step in steps
+    ]
     host = next(i for i, line in enumerate(shown) if HOST_STEP.search(line))
     assert None not in rows and rows == sorted(rows) and rows[-1] < host, "\n".join(shown)  # type: ignore[operator]
     return shown
@@ -190,17 +233,25 @@ def assert_fits(term: Terminal) -> None:
     wide = [line for shot in [*term.snapshots, term.final] for line in shot if len(line) > COLUMNS]
     assert not wide, f"lines wider than {COLUMNS} columns:\n" + "\n".join(wide[:5])
     for shot in term.snapshots:
-        view = [line for line in shot if line][:next((i for i, line in enumerate(shot) if line.startswith("deployed ")), None)]
+        view = [line for line in shot if line][
+            : next((i for i, line in enumerate(shot) if line.startswith("deployed ")), None)
+        ]
         assert all(ROW.match(line) for line in view), "\n".join(shot)
 
 
 def assert_summary(term: Terminal, project: Project) -> None:
     screen = "\n".join(term.final)
     assert term.code == 0, screen
-    assert re.search(r"^deployed demo release \d{8}T\d{9}Z-[0-9a-f]{8} \(artifact", screen, re.MULTILINE), screen
+    assert re.search(
+        r"^deployed demo release \d{8}T\d{9}Z-[0-9a-f]{8} \(artifact", screen, re.MULTILINE
+    ), screen
     assert f"serving at http://127.0.0.1:{project.port}/" in screen
     # the list of steps stays above the summary: the host's outcome and its steps
-    assert re.search(r"^✓ local +done +\d+\.\ds  connect, lock, copy, install, release, switch$", screen, re.MULTILINE), screen
+    assert re.search(
+        r"^✓ local +done +\d+\.\ds  connect, lock, copy, install, release, switch$",
+        screen,
+        re.MULTILINE,
+    ), screen
 
 
 @pytest.fixture(scope="module")
@@ -226,9 +277,13 @@ def test_deploy_on_a_terminal_shows_the_gate_running(app: Project) -> None:
     term = run_in_terminal(app, "deploy", "--stage", "local")
     assert_fits(term)
     assert_summary(term, app)
-    before_hosts = term.snapshots[:first(term.snapshots, HOST_STEP)]
+    before_hosts = term.snapshots[: first(term.snapshots, HOST_STEP)]
     # the gate runs with a spinner and a clock that moves, before any host step
-    running = {m.group(1) for shot in before_hosts for line in shot
-               if (m := re.match(r"[⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏] gate +(\d+\.\d)s", line))}
+    running = {
+        m.group(1)
+        for shot in before_hosts
+        for line in shot
+        if (m := re.match(r"[⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏] gate +(\d+\.\d)s", line))
+    }
     assert len(running) >= 2, running
     controller_rows_before_hosts(term, "gate", "build")

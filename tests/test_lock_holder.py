@@ -24,13 +24,22 @@ from test_agent_core import AgentClient, install_tree, release_id
 
 
 def holder(pid: int, host: str = "laptop", user: str = "alice") -> dict[str, Any]:
-    return {"user": user, "host": host, "pid": pid, "command": "shiplane deploy prod",
-            "started_at": "2026-01-01T10:00:00Z"}
+    return {
+        "user": user,
+        "host": host,
+        "pid": pid,
+        "command": "shiplane deploy prod",
+        "started_at": "2026-01-01T10:00:00Z",
+    }
 
 
 def history(root: Path) -> list[dict[str, Any]]:
     path = root / "history.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    return (
+        [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        if path.exists()
+        else []
+    )
 
 
 def gone(pid: int) -> bool:
@@ -46,14 +55,20 @@ def root(tmp_path: Path) -> Path:
     return tmp_path / "deploy"
 
 
-def test_a_live_lock_is_refused_with_its_real_age_and_broken_once_its_holder_is_killed(root: Path) -> None:
+def test_a_live_lock_is_refused_with_its_real_age_and_broken_once_its_holder_is_killed(
+    root: Path,
+) -> None:
     first, second = AgentClient(root), AgentClient(root)
     try:
         assert first.request("lock", {"holder": holder(111)}).ok
         refused = second.request("lock", {"holder": holder(222, "ci", "bob")})
-        assert not refused.ok and refused.error["kind"] == "lock" and refused.error["state"] == "live"
+        assert (
+            not refused.ok and refused.error["kind"] == "lock" and refused.error["state"] == "live"
+        )
         message = refused.error["message"]
-        assert "deploy lock held by alice@laptop (pid 111, `shiplane deploy prod`), taken " in message
+        assert (
+            "deploy lock held by alice@laptop (pid 111, `shiplane deploy prod`), taken " in message
+        )
         age = int(re.search(r"\((\d+)s ago\)", message).group(1))  # type: ignore[union-attr]
         assert age < 30, message  # its real age: taken moments ago, not "over 120s"
         assert "stale" not in message and "heartbeat" not in message
@@ -67,10 +82,17 @@ def test_a_live_lock_is_refused_with_its_real_age_and_broken_once_its_holder_is_
         assert taken.result["pid"] == 222 and taken.result["broke"]["pid"] == 111
         said = [e["detail"] for e in taken.events if e.get("status") == "broke"]
         assert len(said) == 1
-        assert re.fullmatch(r"broke the deploy lock left by alice@laptop \(pid 111, `shiplane deploy prod`\), "
-                            r"taken \S+ \(\d+s ago\): its holder is gone", said[0]), said
+        assert re.fullmatch(
+            r"broke the deploy lock left by alice@laptop \(pid 111, `shiplane deploy prod`\), "
+            r"taken \S+ \(\d+s ago\): its holder is gone",
+            said[0],
+        ), said
         entry = history(root)[-1]
-        assert entry["event"] == "lock-broken" and entry["holder"]["user"] == "alice" and entry["user"] == "bob"
+        assert (
+            entry["event"] == "lock-broken"
+            and entry["holder"]["user"] == "alice"
+            and entry["user"] == "bob"
+        )
         assert second.request("unlock").result["released"] is True
     finally:
         first.proc.kill()
@@ -98,8 +120,14 @@ def test_processes_started_under_the_lock_do_not_keep_it_alive(root: Path) -> No
     try:
         assert install_tree(first, 1).ok
         assert first.request("lock", {"holder": holder(111)}).ok
-        reply = first.request("hook", {"release_id": release_id(1), "timeout": 30,
-                                       "command": "setsid sleep 300 >/dev/null 2>&1 < /dev/null & echo $! > bg.pid"})
+        reply = first.request(
+            "hook",
+            {
+                "release_id": release_id(1),
+                "timeout": 30,
+                "command": "setsid sleep 300 >/dev/null 2>&1 < /dev/null & echo $! > bg.pid",
+            },
+        )
         assert reply.ok, reply.error
         bg_pid = int((root / "releases" / release_id(1) / "bg.pid").read_text())
         lock_file = os.stat(root / ".lock")
@@ -108,13 +136,17 @@ def test_processes_started_under_the_lock_do_not_keep_it_alive(root: Path) -> No
                 opened = os.stat(f"/proc/{bg_pid}/fd/{fd}")
             except FileNotFoundError:
                 continue
-            assert not os.path.samestat(opened, lock_file), "the hook's child holds the lock file open"
+            assert not os.path.samestat(opened, lock_file), (
+                "the hook's child holds the lock file open"
+            )
         first.proc.kill()
         first.proc.wait(timeout=10)
         assert not gone(bg_pid)  # still running, and yet:
         second = AgentClient(root)
         try:
-            assert second.request("lock", {"holder": holder(222, "ci")}).result["broke"]["pid"] == 111
+            assert (
+                second.request("lock", {"holder": holder(222, "ci")}).result["broke"]["pid"] == 111
+            )
         finally:
             second.close()
     finally:
@@ -142,7 +174,9 @@ HOLD_AND_FORK = textwrap.dedent("""
 
 
 def test_a_child_forked_without_exec_does_not_share_the_flock(root: Path) -> None:
-    run = subprocess.Popen([sys.executable, "-c", HOLD_AND_FORK, str(root)], stdout=subprocess.PIPE, text=True)
+    run = subprocess.Popen(
+        [sys.executable, "-c", HOLD_AND_FORK, str(root)], stdout=subprocess.PIPE, text=True
+    )
     assert run.stdout is not None
     child = int(run.stdout.readline())  # the child keeps the pipe open: read its pid, not to EOF
     run.stdout.close()
@@ -163,7 +197,9 @@ def test_lock_wait_ends_as_soon_as_the_controller_goes(root: Path) -> None:
     first, second = AgentClient(root), AgentClient(root)
     try:
         assert first.request("lock", {"holder": holder(111)}).ok
-        line = json.dumps({"id": 9, "op": "lock", "args": {"holder": holder(222, "ci"), "wait": 120}})
+        line = json.dumps(
+            {"id": 9, "op": "lock", "args": {"holder": holder(222, "ci"), "wait": 120}}
+        )
         second.stdin.write(line.encode() + b"\n")
         second.stdin.flush()
         assert json.loads(second.stdout.readline())["event"]["status"] == "waiting"
@@ -182,7 +218,9 @@ def test_lock_wait_ends_at_once_on_a_cancel_line(root: Path) -> None:
     first, second = AgentClient(root), AgentClient(root)
     try:
         assert first.request("lock", {"holder": holder(111)}).ok
-        line = json.dumps({"id": 9, "op": "lock", "args": {"holder": holder(222, "ci"), "wait": 120}})
+        line = json.dumps(
+            {"id": 9, "op": "lock", "args": {"holder": holder(222, "ci"), "wait": 120}}
+        )
         second.stdin.write(line.encode() + b"\n")
         second.stdin.flush()
         assert json.loads(second.stdout.readline())["event"]["status"] == "waiting"
@@ -192,7 +230,9 @@ def test_lock_wait_ends_at_once_on_a_cancel_line(root: Path) -> None:
         answer = json.loads(second.stdout.readline())
         assert time.monotonic() - started < 1.5
         assert answer["id"] == 9 and not answer["ok"] and answer["error"]["kind"] == "interrupted"
-        assert answer["error"]["holder"]["pid"] == 111 and "alice@laptop" in answer["error"]["message"]
+        assert (
+            answer["error"]["holder"]["pid"] == 111 and "alice@laptop" in answer["error"]["message"]
+        )
         second.next_id = 9
         assert second.request("inventory").result["lock"]["pid"] == 111  # the session goes on
     finally:
@@ -209,7 +249,10 @@ def test_a_kept_lock_outlives_its_session_and_is_never_broken(root: Path) -> Non
     try:
         refused = second.request("lock", {"holder": holder(222, "ci")})
         assert not refused.ok and refused.error["state"] == "kept"
-        assert "alice@laptop" in refused.error["message"] and "`shiplane unlock`" in refused.error["message"]
+        assert (
+            "alice@laptop" in refused.error["message"]
+            and "`shiplane unlock`" in refused.error["message"]
+        )
         assert second.request("unlock", {"force": True}).result["released"] is True
     finally:
         second.close()
@@ -218,12 +261,20 @@ def test_a_kept_lock_outlives_its_session_and_is_never_broken(root: Path) -> Non
 def test_an_older_agents_lock_is_judged_by_its_heartbeat_and_never_broken(root: Path) -> None:
     root.mkdir(parents=True)
     now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - 30))
-    (root / ".lock").write_text(json.dumps({**holder(333, "old-laptop"), "acquired_at": now, "heartbeat": now}))
+    (root / ".lock").write_text(
+        json.dumps({**holder(333, "old-laptop"), "acquired_at": now, "heartbeat": now})
+    )
     client = AgentClient(root)
     try:
         refused = client.request("lock", {"holder": holder(444)})
-        assert not refused.ok and refused.error["state"] == "legacy" and refused.error["stale"] is False
-        assert re.search(r"taken \S+ \((29|3\d)s ago\)", refused.error["message"]), refused.error["message"]
+        assert (
+            not refused.ok
+            and refused.error["state"] == "legacy"
+            and refused.error["stale"] is False
+        )
+        assert re.search(r"taken \S+ \((29|3\d)s ago\)", refused.error["message"]), refused.error[
+            "message"
+        ]
         assert json.loads((root / ".lock").read_text())["pid"] == 333
     finally:
         client.close()
@@ -231,12 +282,18 @@ def test_an_older_agents_lock_is_judged_by_its_heartbeat_and_never_broken(root: 
 
 # --- end to end: kill -9 the controller mid-deploy ----------------------------------------------
 
+
 def kill_mid_deploy(project: Project, stage: str, deploy_root: Path) -> dict[str, Any]:
     """Start a deploy, kill -9 its whole process group once the lock is taken and the install has
     begun; return the lock record it left (the agent still runs until it notices)."""
-    run = subprocess.Popen([sys.executable, "-m", "shiplane", "deploy", "--stage", stage, "--skip-tests", "--json"],
-                           cwd=project.root, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                           start_new_session=True)  # its own group: a CI runner killing the job
+    run = subprocess.Popen(
+        [sys.executable, "-m", "shiplane", "deploy", "--stage", stage, "--skip-tests", "--json"],
+        cwd=project.root,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        start_new_session=True,
+    )  # its own group: a CI runner killing the job
     assert run.stdout is not None
     seen: list[str] = []
     try:
@@ -248,7 +305,9 @@ def kill_mid_deploy(project: Project, stage: str, deploy_root: Path) -> dict[str
                 os.killpg(run.pid, signal.SIGKILL)
                 break
         else:
-            raise AssertionError("the deploy ended before its install began:\n" + "".join(seen[-20:]))
+            raise AssertionError(
+                "the deploy ended before its install began:\n" + "".join(seen[-20:])
+            )
     finally:
         if run.poll() is None:
             os.killpg(run.pid, signal.SIGKILL)
@@ -257,8 +316,13 @@ def kill_mid_deploy(project: Project, stage: str, deploy_root: Path) -> dict[str
     return record
 
 
-def check_next_deploy_breaks_it(project: Project, stage: str, done: subprocess.CompletedProcess[str],
-                                 history_entries: list[dict[str, Any]], killed: dict[str, Any]) -> None:
+def check_next_deploy_breaks_it(
+    project: Project,
+    stage: str,
+    done: subprocess.CompletedProcess[str],
+    history_entries: list[dict[str, Any]],
+    killed: dict[str, Any],
+) -> None:
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-4000:]
     broken = [e for e in history_entries if e.get("event") == "lock-broken"]
@@ -267,13 +331,20 @@ def check_next_deploy_breaks_it(project: Project, stage: str, done: subprocess.C
         # the agent says it (an event of its `lock` op); the deploy shows it once its lock step
         # forwards that op's events (commands/deploy.py `_lock`: on_event=fleet.forward(host, "lock"))
         pytest.xfail("deploy does not show the lock op's events yet")
-    assert re.search(rf"broke the deploy lock left by \S+@\S+ \(pid {killed['pid']}, `shiplane deploy[^`]*`\), "
-                     r"taken \S+ \(\d+s ago\): its holder is gone", output), output[-4000:]
+    assert re.search(
+        rf"broke the deploy lock left by \S+@\S+ \(pid {killed['pid']}, `shiplane deploy[^`]*`\), "
+        r"taken \S+ \(\d+s ago\): its holder is gone",
+        output,
+    ), output[-4000:]
 
 
 @pytest.mark.slow
-def test_a_deploy_killed_with_kill_9_does_not_strand_the_stage(tmp_path_factory: pytest.TempPathFactory) -> None:
-    project = scaffold(tmp_path_factory.mktemp("kill9"))  # short: supervisord's socket path is limited
+def test_a_deploy_killed_with_kill_9_does_not_strand_the_stage(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    project = scaffold(
+        tmp_path_factory.mktemp("kill9")
+    )  # short: supervisord's socket path is limited
     try:
         killed = kill_mid_deploy(project, "local", project.deploy_root)
         layout = Layout(str(project.deploy_root))
@@ -291,15 +362,18 @@ def test_a_deploy_killed_with_kill_9_does_not_strand_the_stage(tmp_path_factory:
 @pytest.mark.slow
 @pytest.mark.ssh
 def test_a_deploy_over_ssh_killed_with_kill_9_does_not_strand_the_host(
-        make_ssh_hosts: Any, tmp_path_factory: pytest.TempPathFactory) -> None:
+    make_ssh_hosts: Any, tmp_path_factory: pytest.TempPathFactory
+) -> None:
     host = make_ssh_hosts(1).hosts[0]
     project = scaffold(tmp_path_factory.mktemp("kill9ssh"))
     toml = project.root / "shiplane.toml"
     text = toml.read_text()
     port = 8400
-    toml.write_text(text[:text.index("[stages.staging]")] +
-                    f'[stages.box]\nhosts = ["{host.name}"]\ndeploy_to = "/srv/demo"\nport = {port}\n'
-                    f'bind = "0.0.0.0"\nssh_config = "{host.ssh_config}"\n')
+    toml.write_text(
+        text[: text.index("[stages.staging]")]
+        + f'[stages.box]\nhosts = ["{host.name}"]\ndeploy_to = "/srv/demo"\nport = {port}\n'
+        f'bind = "0.0.0.0"\nssh_config = "{host.ssh_config}"\n'
+    )
     (project.root / ".secrets" / "box.env").write_text("SECRET_KEY=kill9-test-secret-value\n")
     os.chmod(project.root / ".secrets" / "box.env", 0o600)
     project.commit("a stage on the test host")
@@ -307,7 +381,11 @@ def test_a_deploy_over_ssh_killed_with_kill_9_does_not_strand_the_host(
     try:
         killed = kill_mid_deploy(project, "box", deploy_root)
         # the host's agent ends once its SSH channel says the controller is gone
-        wait_for(lambda: gone(int(killed["agent_pid"])), 120, "the killed deploy's agent on the host to exit")
+        wait_for(
+            lambda: gone(int(killed["agent_pid"])),
+            120,
+            "the killed deploy's agent on the host to exit",
+        )
         assert lock.inspect(Layout(str(deploy_root)))["state"] == "abandoned"  # type: ignore[index]
         done = project.shiplane("deploy", "--stage", "box", "--skip-tests")  # no unlock --force
         check_next_deploy_breaks_it(project, "box", done, history(deploy_root), killed)

@@ -19,15 +19,20 @@ from deployhelp import Project, edit, scaffold, wait_for
 
 pytestmark = pytest.mark.slow
 
-LEAK = '    visits = record_visit(_engine())\n'
+LEAK = "    visits = record_visit(_engine())\n"
 
 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Project]:
     """The scaffold app whose home page prints its SECRET_KEY to its log (stderr: log/web.log)."""
     project = scaffold(tmp_path_factory.mktemp("logsmasked"))
-    edit(project, "src/demo/views.py", LEAK,
-         LEAK + '    print("leaking", current_app.config["SECRET_KEY"], file=__import__("sys").stderr, flush=True)\n')
+    edit(
+        project,
+        "src/demo/views.py",
+        LEAK,
+        LEAK
+        + '    print("leaking", current_app.config["SECRET_KEY"], file=__import__("sys").stderr, flush=True)\n',
+    )
     try:
         project.deploy()
         yield project
@@ -57,16 +62,27 @@ def test_logs_masks_the_secret_the_app_logged(app: Project) -> None:
 
 
 def test_logs_follow_masks_new_lines_too(app: Project) -> None:
-    follow = subprocess.Popen([sys.executable, "-m", "shiplane", "logs", "--stage", "local", "--lines", "0",
-                               "--follow"], cwd=app.root, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True, env={**os.environ, "NO_COLOR": "1"})
+    follow = subprocess.Popen(
+        [sys.executable, "-m", "shiplane", "logs", "--stage", "local", "--lines", "0", "--follow"],
+        cwd=app.root,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "NO_COLOR": "1"},
+    )
     assert follow.stdout is not None
     lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(iter(follow.stdout.readline, "")), daemon=True)
+    reader = threading.Thread(
+        target=lambda: lines.extend(iter(follow.stdout.readline, "")), daemon=True
+    )
     reader.start()
     try:
         # the follower may start after the first visit: visit until a new line reaches it
-        wait_for(lambda: leaked(app) and any("leaking" in line for line in list(lines)), 30, "a followed line")
+        wait_for(
+            lambda: leaked(app) and any("leaking" in line for line in list(lines)),
+            30,
+            "a followed line",
+        )
     finally:
         follow.send_signal(signal.SIGINT)
         follow.wait(timeout=30)
@@ -81,9 +97,13 @@ def test_a_missing_secret_is_no_error_for_logs(app: Project) -> None:
     file.rename(moved)
     try:
         leaked_text = app.shiplane("logs", "--stage", "local", "--lines", "50")
-        assert leaked_text.returncode == 0, leaked_text.stderr  # nothing to mask with: still the logs
+        assert leaked_text.returncode == 0, (
+            leaked_text.stderr
+        )  # nothing to mask with: still the logs
         # found elsewhere (the environment), it is masked again
-        done = app.shiplane("logs", "--stage", "local", "--lines", "50", env={"SECRET_KEY": value}, check=True)
+        done = app.shiplane(
+            "logs", "--stage", "local", "--lines", "50", env={"SECRET_KEY": value}, check=True
+        )
         assert "leaking ***" in done.stdout and value not in done.stdout
     finally:
         moved.rename(file)
@@ -102,7 +122,9 @@ def test_log_files_are_private_to_owner_and_group(app: Project) -> None:
     for path in files:
         assert mode(path) & ~0o640 == 0, (path.name, oct(mode(path)))
     # supervisord creates them under umask 027; the app's own files keep the umask it always had
-    services = json.loads(app.shiplane("status", "--stage", "local", "--json", check=True).stdout)["result"]["hosts"]["local"]
+    services = json.loads(app.shiplane("status", "--stage", "local", "--json", check=True).stdout)[
+        "result"
+    ]["hosts"]["local"]
     web = next(s for s in services["services"] if s["name"] == "web" and s["state"] == "RUNNING")
     assert "Umask:\t0022" in Path(f"/proc/{web['pid']}/status").read_text()
     # left readable by everyone (an older version): the next deploy takes that back

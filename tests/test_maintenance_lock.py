@@ -26,13 +26,22 @@ def app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Project]:
 
 def test_a_maintenance_lock_refuses_deploys_until_its_owner_unlocks(app: Project) -> None:
     app.shiplane("lock", "--stage", "local", "--reason", "database upgrade", check=True)
-    status = json.loads(app.shiplane("lock", "status", "--stage", "local", "--json", check=True).stdout)["result"]
+    status = json.loads(
+        app.shiplane("lock", "status", "--stage", "local", "--json", check=True).stdout
+    )["result"]
     message = status["hosts"]["local"]["message"]
-    assert "for: database upgrade" in message and f"{getpass.getuser()}@" in message and "ago" in message
+    assert (
+        "for: database upgrade" in message
+        and f"{getpass.getuser()}@" in message
+        and "ago" in message
+    )
 
     refused = app.deploy(check=False)
     assert refused["exit"] == 1
-    assert "for: database upgrade" in refused["output"] and "held until `shiplane unlock`" in refused["output"]
+    assert (
+        "for: database upgrade" in refused["output"]
+        and "held until `shiplane unlock`" in refused["output"]
+    )
 
     unlocked = app.shiplane("unlock", "--stage", "local")  # our own lock: no --force needed
     assert unlocked.returncode == 0, unlocked.stdout + unlocked.stderr

@@ -92,8 +92,10 @@ class Upstream:
                     if not chunk:
                         break
                     data += chunk
-                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n"
-                             b"\r\n%s" % (len(self.name), self.name))
+                conn.sendall(
+                    b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n"
+                    b"\r\n%s" % (len(self.name), self.name)
+                )
 
     def close(self) -> None:
         self.stopped.set()
@@ -115,12 +117,21 @@ def site() -> Iterator[tuple[Layout, dict[str, Any], Path]]:
     for sub in ("sites", "tmp"):
         (conf_dir / sub).mkdir(parents=True)
     (conf_dir / "nginx.conf").write_text(
-        MAIN.format(dir=conf_dir, user="user root;\n" if os.geteuid() == 0 else ""))
-    spec = {"app": "demo", "stage": "test", "front": "nginx",
-            "web": {"bind": "127.0.0.1", "port": free_port()},
-            "nginx": Nginx(server_name="demo.test", static={"/static/": "static"},
-                           site_dir=str(conf_dir / "sites"), conf=str(conf_dir / "nginx.conf"),
-                           pid_file=str(conf_dir / "nginx.pid")).model_dump()}
+        MAIN.format(dir=conf_dir, user="user root;\n" if os.geteuid() == 0 else "")
+    )
+    spec = {
+        "app": "demo",
+        "stage": "test",
+        "front": "nginx",
+        "web": {"bind": "127.0.0.1", "port": free_port()},
+        "nginx": Nginx(
+            server_name="demo.test",
+            static={"/static/": "static"},
+            site_dir=str(conf_dir / "sites"),
+            conf=str(conf_dir / "nginx.conf"),
+            pid_file=str(conf_dir / "nginx.pid"),
+        ).model_dump(),
+    }
     try:
         yield layout, spec, conf_dir
     finally:
@@ -132,7 +143,8 @@ def site() -> Iterator[tuple[Layout, dict[str, Any], Path]]:
 
 
 def test_site_proxies_to_the_web_symlink_with_retries_and_serves_static_files(
-        site: tuple[Layout, dict[str, Any], Path]) -> None:
+    site: tuple[Layout, dict[str, Any], Path],
+) -> None:
     layout, spec, _ = site
     text = nginx.site_conf(layout, spec)
     assert text.count(f'server "unix:{layout.web_socket}" max_fails=0;') == 3
@@ -144,7 +156,8 @@ def test_site_proxies_to_the_web_symlink_with_retries_and_serves_static_files(
 
 
 def test_private_nginx_serves_the_live_release_and_follows_a_switch_without_reload(
-        site: tuple[Layout, dict[str, Any], Path]) -> None:
+    site: tuple[Layout, dict[str, Any], Path],
+) -> None:
     layout, spec, _ = site
     port = spec["web"]["port"]
     blue = Upstream(layout.run / "web-r1.sock", b"blue")
@@ -186,8 +199,14 @@ def test_a_site_nginx_rejects_changes_nothing(site: tuple[Layout, dict[str, Any]
         wait_for(lambda: get(port) == (200, b"blue"), 15, "nginx to serve")
         good = nginx.site_path(spec).read_text()
         master = nginx.master_pid(spec)
-        broken = {**spec, "nginx": {**spec["nginx"], "tls_cert": "/nonexistent/cert.pem",
-                                    "tls_key": "/nonexistent/key.pem"}}
+        broken = {
+            **spec,
+            "nginx": {
+                **spec["nginx"],
+                "tls_cert": "/nonexistent/cert.pem",
+                "tls_key": "/nonexistent/key.pem",
+            },
+        }
         with pytest.raises(AgentError) as err:
             nginx.ensure_site(layout, broken, lambda e: None)
         assert err.value.kind == "front" and "/nonexistent/cert.pem" in err.value.message
@@ -198,9 +217,17 @@ def test_a_site_nginx_rejects_changes_nothing(site: tuple[Layout, dict[str, Any]
 
 
 def test_stage_nginx_keys_are_checked() -> None:
-    stage = Stage(hosts=["web1"], deploy_to="/srv/demo", front="nginx",
-                  nginx={"server_name": "demo.example", "tls_cert": "/etc/ssl/c.pem",
-                         "tls_key": "/etc/ssl/k.pem", "static": {"/static/": "static"}})
+    stage = Stage(
+        hosts=["web1"],
+        deploy_to="/srv/demo",
+        front="nginx",
+        nginx={
+            "server_name": "demo.example",
+            "tls_cert": "/etc/ssl/c.pem",
+            "tls_key": "/etc/ssl/k.pem",
+            "static": {"/static/": "static"},
+        },
+    )
     assert stage.nginx.static == {"/static/": "static"}
     with pytest.raises(ValueError, match="tls_cert and tls_key"):
         Stage(hosts=["web1"], deploy_to="/srv/demo", nginx={"tls_cert": "/etc/ssl/c.pem"})

@@ -61,15 +61,23 @@ def deploy_file(target: str = 'wsgi = "shop:create_app()"') -> DeployFile:
     return DeployFile.model_validate(tomllib.loads(BASE.format(target=target)))
 
 
-@pytest.mark.parametrize(("batch", "expected"), [
-    (1, [["a"], ["b"], ["c"], ["d"], ["e"]]),
-    (2, [["a", "b"], ["c", "d"], ["e"]]),
-    (10, [["a", "b", "c", "d", "e"]]),
-    ("40%", [["a", "b"], ["c", "d"], ["e"]]),
-    ("100%", [["a", "b", "c", "d", "e"]]),
-    ("10%", [["a"], ["b"], ["c"], ["d"], ["e"]]),  # a percentage below one host still moves one at a time
-])
-def test_rolling_batches_by_count_or_percentage(batch: int | str, expected: list[list[str]]) -> None:
+@pytest.mark.parametrize(
+    ("batch", "expected"),
+    [
+        (1, [["a"], ["b"], ["c"], ["d"], ["e"]]),
+        (2, [["a", "b"], ["c", "d"], ["e"]]),
+        (10, [["a", "b", "c", "d", "e"]]),
+        ("40%", [["a", "b"], ["c", "d"], ["e"]]),
+        ("100%", [["a", "b", "c", "d", "e"]]),
+        (
+            "10%",
+            [["a"], ["b"], ["c"], ["d"], ["e"]],
+        ),  # a percentage below one host still moves one at a time
+    ],
+)
+def test_rolling_batches_by_count_or_percentage(
+    batch: int | str, expected: list[list[str]]
+) -> None:
     assert batches(["a", "b", "c", "d", "e"], batch) == expected
 
 
@@ -78,9 +86,16 @@ def test_batches_keep_every_host_once_in_order() -> None:
     assert [h for batch in batches(hosts, "25%") for h in batch] == hosts
 
 
-@pytest.mark.parametrize(("max_fail", "batch_size", "allowed"), [
-    (0, 4, 0), (1, 4, 1), ("50%", 4, 2), ("10%", 3, 0), ("100%", 3, 3),
-])
+@pytest.mark.parametrize(
+    ("max_fail", "batch_size", "allowed"),
+    [
+        (0, 4, 0),
+        (1, 4, 1),
+        ("50%", 4, 2),
+        ("10%", 3, 0),
+        ("100%", 3, 3),
+    ],
+)
 def test_failures_a_batch_may_have(max_fail: int | str, batch_size: int, allowed: int) -> None:
     assert max_failures(max_fail, batch_size) == allowed
 
@@ -104,10 +119,14 @@ def test_role_hosts_for_task_scopes() -> None:
 def test_manifest_blobs_lists_each_blob_once_with_its_size() -> None:
     manifest = {
         "tools": [{"path": "supervisor.whl", "sha256": "t" * 64, "size": 10}],
-        "dependencies": [{"path": "flask.whl", "sha256": "d" * 64, "size": "20"},
-                         {"path": "flask-copy.whl", "sha256": "d" * 64, "size": 20}],
-        "app_files": [{"path": "shop.whl", "sha256": "a" * 64, "size": 30, "kind": "wheel"},
-                      {"path": "alembic.ini", "sha256": "t" * 64, "size": 10, "kind": "file"}],
+        "dependencies": [
+            {"path": "flask.whl", "sha256": "d" * 64, "size": "20"},
+            {"path": "flask-copy.whl", "sha256": "d" * 64, "size": 20},
+        ],
+        "app_files": [
+            {"path": "shop.whl", "sha256": "a" * 64, "size": 30, "kind": "wheel"},
+            {"path": "alembic.ini", "sha256": "t" * 64, "size": 10, "kind": "file"},
+        ],
     }
     assert manifest_blobs(manifest) == [("t" * 64, 10), ("d" * 64, 20), ("a" * 64, 30)]
     assert manifest_blobs({}) == []
@@ -138,7 +157,9 @@ def test_services_spec_for_an_asgi_app_and_bind_defaults() -> None:
     deploy = deploy_file('asgi = "shop.asgi:app"')
     web = services_spec(deploy, "prod")["web"]
     assert (web["kind"], web["target"]) == ("asgi", "shop.asgi:app")
-    assert services_spec(deploy, "local")["web"]["bind"] == "127.0.0.1"  # the developer's machine: loopback only
+    assert (
+        services_spec(deploy, "local")["web"]["bind"] == "127.0.0.1"
+    )  # the developer's machine: loopback only
     assert services_spec(deploy, "local")["web"]["port"] == 5000
     assert services_spec(deploy, "edge")["web"]["bind"] == "10.0.0.9"
 
@@ -149,8 +170,15 @@ def test_release_ids_sort_by_time_and_name_the_artifact() -> None:
     assert first == "20270115T080000000Z-1a2b3c4d"
     assert sorted([later, first]) == [first, later]
     # two deploys in one second (a failed one, then its fix) still sort by time, not by digest
-    failed, fix = release_id("f" * 64, now=1_800_000_000.2), release_id("0" * 64, now=1_800_000_000.7)
+    failed, fix = (
+        release_id("f" * 64, now=1_800_000_000.2),
+        release_id("0" * 64, now=1_800_000_000.7),
+    )
     assert sorted([fix, failed]) == [failed, fix]
     # ids of whole seconds, from older controllers, sort among them by time
-    assert sorted([later, "20270115T080030Z-aaaaaaaa", first]) == [first, "20270115T080030Z-aaaaaaaa", later]
+    assert sorted([later, "20270115T080030Z-aaaaaaaa", first]) == [
+        first,
+        "20270115T080030Z-aaaaaaaa",
+        later,
+    ]
     assert all(valid_release_id(r) for r in (first, fix, "20270115T080030Z-aaaaaaaa"))

@@ -18,15 +18,21 @@ WEB = {"kind": "wsgi", "target": "demo:app", "workers": 2}
 def _dist(site: Path, name: str, files: list[str]) -> None:
     info = site / f"{name}.dist-info"
     info.mkdir(parents=True)
-    (info / "RECORD").write_text("".join(f"{f},sha256=x,1\n" for f in [*files, f"{info.name}/RECORD"]))
+    (info / "RECORD").write_text(
+        "".join(f"{f},sha256=x,1\n" for f in [*files, f"{info.name}/RECORD"])
+    )
 
 
-def test_a_new_venv_preloads_the_top_level_modules_of_the_apps_own_requirements(tmp_path: Path) -> None:
+def test_a_new_venv_preloads_the_top_level_modules_of_the_apps_own_requirements(
+    tmp_path: Path,
+) -> None:
     release = tmp_path / "release"
     meta = release / "lib" / "demo-1.0.dist-info" / "METADATA"
     meta.parent.mkdir(parents=True)
-    meta.write_text("Name: demo\nRequires-Dist: Flask>=3.0\nRequires-Dist: SQLAlchemy[asyncio]; "
-                    "python_version >= '3.8'\nRequires-Dist: pytest>=8; extra == 'test'\n")
+    meta.write_text(
+        "Name: demo\nRequires-Dist: Flask>=3.0\nRequires-Dist: SQLAlchemy[asyncio]; "
+        "python_version >= '3.8'\nRequires-Dist: pytest>=8; extra == 'test'\n"
+    )
     site = tmp_path / "site"
     _dist(site, "flask-3.1.3", ["flask/__init__.py", "flask/app.py", "../../../bin/flask"])
     _dist(site, "sqlalchemy-2.1.9", ["sqlalchemy/__init__.py"])
@@ -52,7 +58,9 @@ def test_the_server_runs_through_preboot_unless_it_is_turned_off(tmp_path: Path)
     layout = Layout(str(tmp_path))
     release = layout.release(RID)
     release.mkdir(parents=True)
-    (release / "release.json").write_text(json.dumps({"release_id": RID, "dependency_digest": DIGEST}))
+    (release / "release.json").write_text(
+        json.dumps({"release_id": RID, "dependency_digest": DIGEST})
+    )
     python = layout.venv(DIGEST) / "bin" / "python"
     python.parent.mkdir(parents=True)
     python.touch()

@@ -22,7 +22,8 @@ def test_a_missing_host_python_is_named(tmp_path_factory: pytest.TempPathFactory
 
 
 def test_a_port_held_by_another_program_stops_the_deploy_before_anything_is_sent(
-        tmp_path_factory: pytest.TempPathFactory) -> None:
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
     import socket
 
     project = scaffold(tmp_path_factory.mktemp("pp"))

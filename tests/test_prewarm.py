@@ -46,11 +46,19 @@ def hosts(argv: str, cwd: Path, **env: str) -> list[str]:
 
 def test_a_connecting_verb_prewarms_the_stages_ssh_hosts(project: Path) -> None:
     assert hosts("deploy --stage fleet --skip-tests", project) == ["deploy@web1", "web2:2222"]
-    assert hosts("status -s fleet", project / "sub") == ["deploy@web1", "web2:2222"]  # a parent's file
+    assert hosts("status -s fleet", project / "sub") == [
+        "deploy@web1",
+        "web2:2222",
+    ]  # a parent's file
     assert hosts("logs --stage=fleet --follow", project) == ["deploy@web1", "web2:2222"]
     assert hosts("rollback", project, SHIPLANE_STAGE="fleet") == ["deploy@web1", "web2:2222"]
-    assert hosts("deploy --stage fleet --hosts web9", project) == ["web9"]  # the override, as the CLI
-    assert hosts(f"-f {project / 'shiplane.toml'} status --stage fleet", Path("/")) == ["deploy@web1", "web2:2222"]
+    assert hosts("deploy --stage fleet --hosts web9", project) == [
+        "web9"
+    ]  # the override, as the CLI
+    assert hosts(f"-f {project / 'shiplane.toml'} status --stage fleet", Path("/")) == [
+        "deploy@web1",
+        "web2:2222",
+    ]
     assert hosts("deploy --stage fleet --parallel 1", project) == ["deploy@web1"]
 
 
@@ -61,16 +69,19 @@ def test_the_prewarmed_master_uses_the_sessions_ssh_options(project: Path) -> No
     assert "ServerAliveInterval=9" in argv and "StrictHostKeyChecking=yes" in argv
 
 
-@pytest.mark.parametrize("argv", [
-    "deploy --stage local",                    # no SSH
-    "deploy --stage prod",                     # a promotion check comes first
-    "deploy --stage fleet --set port=9",       # an override the raw file does not know
-    "deploy --stage nosuch",                   # the real load reports it
-    "deploy",                                  # no stage
-    "deploy --stage fleet --help",
-    "build --stage fleet",                     # connects to nothing
-    "init demo",
-])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        "deploy --stage local",  # no SSH
+        "deploy --stage prod",  # a promotion check comes first
+        "deploy --stage fleet --set port=9",  # an override the raw file does not know
+        "deploy --stage nosuch",  # the real load reports it
+        "deploy",  # no stage
+        "deploy --stage fleet --help",
+        "build --stage fleet",  # connects to nothing
+        "init demo",
+    ],
+)
 def test_nothing_is_prewarmed_when_in_doubt(project: Path, argv: str) -> None:
     assert hosts(argv, project) == []
 

@@ -24,8 +24,14 @@ from test_plan import deploy_file
 GOLDEN = Path(__file__).parent / "golden"
 DESIGN = Path(__file__).parent.parent / "docs" / "DESIGN.md"
 RID = "20261204T120000000Z-0123abcd"
-MANIFEST = {"digest": "ab" * 32, "dependency_digest": "cd" * 32, "app": {"name": "shop", "source": "package"},
-            "app_files": [], "wheels": [], "tools": []}
+MANIFEST = {
+    "digest": "ab" * 32,
+    "dependency_digest": "cd" * 32,
+    "app": {"name": "shop", "source": "package"},
+    "app_files": [],
+    "wheels": [],
+    "tools": [],
+}
 
 
 def requests() -> dict[str, tuple[str, dict[str, Any]]]:
@@ -46,7 +52,9 @@ def test_the_wire_form_of_each_request_is_pinned(name: str) -> None:
     text = json.dumps({"op": op, "args": args}, indent=2, sort_keys=True) + "\n"
     if os.environ.get("SHIPLANE_GOLDEN") == "write":
         path.write_text(text)
-    assert path.read_text() == text, f"{path.name} changed: the agent sees another request (see the module doc)"
+    assert path.read_text() == text, (
+        f"{path.name} changed: the agent sees another request (see the module doc)"
+    )
     protocol.decode(op, args)  # and the agent accepts it
 
 
@@ -66,5 +74,6 @@ def test_design_doc_op_table_is_current() -> None:
     text = DESIGN.read_text()
     found = re.search(r"<!-- ops:begin -->\n(.*?)<!-- ops:end -->", text, re.DOTALL)
     assert found, "docs/DESIGN.md lacks the <!-- ops:begin --> ... <!-- ops:end --> table"
-    assert found.group(1) == protocol.markdown(), \
+    assert found.group(1) == protocol.markdown(), (
         "docs/DESIGN.md's op table is stale: paste `python -m shiplane.agent.protocol` between its markers"
+    )

@@ -25,14 +25,19 @@ def _layered(**config: str) -> Layered:
     return layered
 
 
-def test_the_digest_moves_with_migrations_config_and_commands_but_not_with_code(tmp_path: Path) -> None:
+def test_the_digest_moves_with_migrations_config_and_commands_but_not_with_code(
+    tmp_path: Path,
+) -> None:
     root = _project(tmp_path)
     commands = ["alembic upgrade head"]
     base = inputs_digest(root, PATTERNS, commands, _layered(db="sqlite:///a"))
     (root / "app.py").write_text("print('changed')\n")
     assert inputs_digest(root, PATTERNS, commands, _layered(db="sqlite:///a")) == base
     assert inputs_digest(root, PATTERNS, commands, _layered(db="sqlite:///b")) != base
-    assert inputs_digest(root, PATTERNS, ["alembic upgrade head", "seed"], _layered(db="sqlite:///a")) != base
+    assert (
+        inputs_digest(root, PATTERNS, ["alembic upgrade head", "seed"], _layered(db="sqlite:///a"))
+        != base
+    )
     (root / "db" / "versions" / "0002_more.py").write_text("revision = '0002'\n")
     assert inputs_digest(root, PATTERNS, commands, _layered(db="sqlite:///a")) != base
 
@@ -46,6 +51,11 @@ def test_a_renamed_migration_changes_the_digest(tmp_path: Path) -> None:
 
 def test_the_newest_recorded_run_counts_and_a_failed_one_never_matches() -> None:
     assert last_inputs([]) is None
-    entries = [{"release_inputs": "a"}, {"event": "rollback"}, {"release_inputs": "b"}, {"outcome": "failed"}]
+    entries = [
+        {"release_inputs": "a"},
+        {"event": "rollback"},
+        {"release_inputs": "b"},
+        {"outcome": "failed"},
+    ]
     assert last_inputs(entries) == "b"
     assert last_inputs([*entries, {"release_inputs": None}]) is None  # a hook that failed part-way

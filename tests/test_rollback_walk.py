@@ -27,8 +27,14 @@ A, B, C, D = (f"20260101T00000{n}000Z-0000000{n}" for n in range(1, 5))
 def hosts_with(current: dict[str, str | None], **states: str) -> dict[str, Any]:
     """``releases`` results: every host has A..D in the given states, live where ``current`` says."""
     ids = {"a": A, "b": B, "c": C, "d": D}
-    releases = [{"release_id": ids[k], "state": v, **({"rolled_back_at": "2026-01-02T03:04:05Z"} if v == "rolled-back" else {})}
-                for k, v in sorted(states.items())]
+    releases = [
+        {
+            "release_id": ids[k],
+            "state": v,
+            **({"rolled_back_at": "2026-01-02T03:04:05Z"} if v == "rolled-back" else {}),
+        }
+        for k, v in sorted(states.items())
+    ]
     return {host: {"current": rid, "releases": releases} for host, rid in current.items()}
 
 
@@ -36,8 +42,10 @@ def test_a_plain_rollback_skips_releases_rolled_back_from_and_says_when() -> Non
     per_host = hosts_with({"h1": D, "h2": D}, a="good", b="bad", c="rolled-back", d="live")
     target, live, skipped = _pick_target(per_host, None)
     assert (target, live) == (A, {"h1": D, "h2": D})
-    assert skipped == [(C, "rolled back from at 2026-01-02T03:04:05Z"),
-                       (B, "marked bad (its deploy failed or was undone)")]
+    assert skipped == [
+        (C, "rolled back from at 2026-01-02T03:04:05Z"),
+        (B, "marked bad (its deploy failed or was undone)"),
+    ]
     assert _pick_target(per_host, C)[0] == C  # named explicitly, it may still be chosen
 
 
@@ -72,16 +80,26 @@ def read(project: Project, verb: str, stage: str) -> dict[str, Any]:
 def states(project: Project, stage: str) -> dict[str, dict[str, str]]:
     """Per host: release id -> its state, as ``shiplane releases`` reports them."""
     hosts = read(project, "releases", stage)["hosts"]
-    return {host: {r["release_id"]: r.get("state") for r in result["releases"]} for host, result in hosts.items()}
+    return {
+        host: {r["release_id"]: r.get("state") for r in result["releases"]}
+        for host, result in hosts.items()
+    }
 
 
 def web_pids(project: Project, stage: str) -> dict[str, dict[str, int]]:
     """Per host: release id -> the pid of its running web server (live or standby)."""
     hosts = read(project, "status", stage)["hosts"]
-    return {host: {s["release"]: s["pid"] for s in result["services"]
-                   if s.get("name") == "web" and s.get("release") and s.get("state") == "RUNNING"
-                   and not s.get("preboot")}
-            for host, result in hosts.items()}
+    return {
+        host: {
+            s["release"]: s["pid"]
+            for s in result["services"]
+            if s.get("name") == "web"
+            and s.get("release")
+            and s.get("state") == "RUNNING"
+            and not s.get("preboot")
+        }
+        for host, result in hosts.items()
+    }
 
 
 def three_releases(project: Project, stage: str) -> list[str]:
@@ -121,7 +139,9 @@ def test_rollbacks_walk_back_on_the_local_stage(tmp_path_factory: pytest.TempPat
         assert project.current() == a
         # nothing older is left: a third plain rollback says so (and never goes forth to B or C)
         refused = project.shiplane("rollback", "--stage", "local", "--yes")
-        assert refused.returncode == 2 and "no earlier good release" in refused.stderr, refused.stdout + refused.stderr
+        assert refused.returncode == 2 and "no earlier good release" in refused.stderr, (
+            refused.stdout + refused.stderr
+        )
         assert project.current() == a
         # --to may still choose a release rolled back from; going forward marks nothing
         forward = rollback(project, "local", "--to", c)
@@ -146,13 +166,16 @@ def test_rollbacks_walk_back_on_the_local_stage(tmp_path_factory: pytest.TempPat
 
 # --- three SSH hosts ---------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def fleet(ssh_hosts: TestHosts, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Project]:
     """The scaffold app with stage ``fleet`` on the three test hosts (as tests/test_fleet_ssh.py's)."""
     project = scaffold(tmp_path_factory.mktemp("walkfleet"))
     toml = project.root / "shiplane.toml"
-    text = toml.read_text().replace('release = "alembic upgrade head"', f'release = "alembic upgrade head"\n{MIGRATE}')
-    toml.write_text(text[:text.index("[stages.staging]")] + _stages(ssh_hosts.ssh_config))
+    text = toml.read_text().replace(
+        'release = "alembic upgrade head"', f'release = "alembic upgrade head"\n{MIGRATE}'
+    )
+    toml.write_text(text[: text.index("[stages.staging]")] + _stages(ssh_hosts.ssh_config))
     secrets = project.root / ".secrets" / "fleet.env"
     secrets.write_text("SECRET_KEY=walk-test-secret-value\n")
     secrets.chmod(0o600)

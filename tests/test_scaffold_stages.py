@@ -27,17 +27,24 @@ ROOT = "demo"  # the scaffold's deploy_to is /srv/<name>
 PORT = 8000  # ... and its port
 
 
-def point_at(project: Project, hosts: TestHosts, staging: list[TestHost], prod: list[TestHost]) -> None:
+def point_at(
+    project: Project, hosts: TestHosts, staging: list[TestHost], prod: list[TestHost]
+) -> None:
     """Only the stages' host names change (and where ssh finds the test hosts); secrets given."""
     toml = project.root / "shiplane.toml"
     text = toml.read_text()
     names = lambda hs: json.dumps([h.name for h in hs])
-    for old, new in (('["deploy@staging1"]', names(staging)),
-                     ('["deploy@web1", "deploy@web2"]', names(prod)),
-                     ('primary = ["deploy@web1"]', f'primary = ["{prod[0].name}"]')):
+    for old, new in (
+        ('["deploy@staging1"]', names(staging)),
+        ('["deploy@web1", "deploy@web2"]', names(prod)),
+        ('primary = ["deploy@web1"]', f'primary = ["{prod[0].name}"]'),
+    ):
         assert old in text, old
         text = text.replace(old, new)
-    text = text.replace(f'deploy_to = "/srv/{ROOT}"\n', f'deploy_to = "/srv/{ROOT}"\nssh_config = "{hosts.ssh_config}"\n')
+    text = text.replace(
+        f'deploy_to = "/srv/{ROOT}"\n',
+        f'deploy_to = "/srv/{ROOT}"\nssh_config = "{hosts.ssh_config}"\n',
+    )
     toml.write_text(text)
     for stage in ("staging", "prod"):
         secrets = project.root / ".secrets" / f"{stage}.env"
@@ -66,14 +73,23 @@ def run(project: Project, *args: str, check: bool = True) -> dict[str, Any]:
         result = message.get("result", message.get("error", result))
     result["exit"], result["output"] = done.returncode, done.stdout + done.stderr
     if check and done.returncode != 0:
-        raise AssertionError(f"shiplane {' '.join(args)} exited {done.returncode}:\n{result['output'][-4000:]}")
+        raise AssertionError(
+            f"shiplane {' '.join(args)} exited {done.returncode}:\n{result['output'][-4000:]}"
+        )
     return result
 
 
-def deploy_until(project: Project, stage: str, trigger: tuple[str, str, str], act: Any) -> dict[str, Any]:
+def deploy_until(
+    project: Project, stage: str, trigger: tuple[str, str, str], act: Any
+) -> dict[str, Any]:
     """A deploy with --json that calls ``act()`` when its event (phase, status, host) comes."""
-    proc = subprocess.Popen([sys.executable, "-m", "shiplane", "deploy", "--stage", stage, "--skip-tests", "--json"],
-                            cwd=project.root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "shiplane", "deploy", "--stage", stage, "--skip-tests", "--json"],
+        cwd=project.root,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     assert proc.stdout is not None
     result: dict[str, Any] = {}
     output = []
@@ -84,7 +100,10 @@ def deploy_until(project: Project, stage: str, trigger: tuple[str, str, str], ac
             act()
         result = message.get("result", message.get("error", result))
     proc.wait(timeout=300)
-    result["exit"], result["output"] = proc.returncode, "".join(output) + (proc.stderr.read() if proc.stderr else "")
+    result["exit"], result["output"] = (
+        proc.returncode,
+        "".join(output) + (proc.stderr.read() if proc.stderr else ""),
+    )
     return result
 
 
@@ -104,7 +123,9 @@ def test_the_scaffold_deploys_to_its_multi_host_stages(make_ssh_hosts: Any, tmp_
         # the test gate runs: the scaffold's own tests pass
         first = run(project, "deploy", "--stage", "staging")
         assert all(serves(h, first["release"], "staging") for h in staging)
-        assert "alembic upgrade head" in first["output"]  # migrated on each host: each has its tables
+        assert (
+            "alembic upgrade head" in first["output"]
+        )  # migrated on each host: each has its tables
         # visits are kept across a redeploy: the counter on each host goes on from where it was
         counts = [int(re.search(r"visit number (\d+)", page(h) or "").group(1)) for h in staging]  # type: ignore[union-attr]
 
@@ -124,7 +145,9 @@ def test_the_scaffold_deploys_to_its_multi_host_stages(make_ssh_hosts: Any, tmp_
         promoted = run(project, "promote", "--from", "staging", "--to", "prod")
         assert promoted["artifact"] == first["artifact"]
         assert all(serves(h, promoted["release"], "prod") for h in prod)
-        again = run(project, "deploy", "--stage", "prod", "--skip-tests")  # went live on staging too
+        again = run(
+            project, "deploy", "--stage", "prod", "--skip-tests"
+        )  # went live on staging too
         assert all(serves(h, again["release"], "prod") for h in prod)
         # the promotion could not know what the migration last ran with (an artifact not built from
         # this checkout), so this deploy ran it again: the rollback asks for --yes
@@ -139,15 +162,21 @@ def test_the_scaffold_deploys_to_its_multi_host_stages(make_ssh_hosts: Any, tmp_
 
 
 @pytest.mark.ssh
-def test_a_first_deploy_failing_on_one_host_leaves_no_host_serving_it(make_ssh_hosts: Any, tmp_path: Path) -> None:
+def test_a_first_deploy_failing_on_one_host_leaves_no_host_serving_it(
+    make_ssh_hosts: Any, tmp_path: Path
+) -> None:
     hosts = make_ssh_hosts(3)
     project = scaffold(tmp_path)
     point_at(project, hosts, hosts.hosts, hosts.hosts[:2])
     toml = project.root / "shiplane.toml"
     # one host at a time, as the scaffold's prod: the first two switch before the third fails
-    text = toml.read_text().replace('[stages.staging]\n', '[stages.staging]\nrolling = { batch = 1 }\n')
+    text = toml.read_text().replace(
+        "[stages.staging]\n", "[stages.staging]\nrolling = { batch = 1 }\n"
+    )
     # a first-deploy-only init on every host (run_on = "all"), recorded per host
-    toml.write_text(text.replace('[hooks]\n', '[hooks]\nsetup = "echo init >> {shared}/setup-ran"\n'))
+    toml.write_text(
+        text.replace("[hooks]\n", '[hooks]\nsetup = "echo init >> {shared}/setup-ran"\n')
+    )
     project.commit("rolling staging, a setup hook")
     h1, h2, h3 = hosts.hosts
     squatter: list[str] = []
@@ -156,10 +185,18 @@ def test_a_first_deploy_failing_on_one_host_leaves_no_host_serving_it(make_ssh_h
         """Once the first host has switched, something that is not ours takes the third host's
         port, so its front cannot listen at its switch (taken earlier, the deploy's preflight
         would refuse it before anything is sent)."""
-        squatter.append(h3.ssh(f"setsid python3 -m http.server {PORT} >/dev/null 2>&1 </dev/null & echo $!")
-                        .stdout.strip())
-        wait_for(lambda: h3.ssh(f"curl -s -o /dev/null --max-time 2 http://127.0.0.1:{PORT}/").returncode == 0,
-                 what="the squatter to listen")
+        squatter.append(
+            h3.ssh(
+                f"setsid python3 -m http.server {PORT} >/dev/null 2>&1 </dev/null & echo $!"
+            ).stdout.strip()
+        )
+        wait_for(
+            lambda: (
+                h3.ssh(f"curl -s -o /dev/null --max-time 2 http://127.0.0.1:{PORT}/").returncode
+                == 0
+            ),
+            what="the squatter to listen",
+        )
 
     try:
         failed = deploy_until(project, "staging", ("switch", "ok", h1.name), squat)
@@ -177,11 +214,15 @@ def test_a_first_deploy_failing_on_one_host_leaves_no_host_serving_it(make_ssh_h
         for host in hosts.hosts:
             assert not os.path.lexists(host.root / ROOT / "current")
         releases = run(project, "releases", "--stage", "staging")
-        states = {r.get("state") for per in releases["hosts"].values() for r in per.get("releases", [])}
+        states = {
+            r.get("state") for per in releases["hosts"].values() for r in per.get("releases", [])
+        }
         assert states == {"bad"}, releases["hosts"]
         status = run(project, "status", "--stage", "staging")
         assert not status["drift"], status["drift"]
-        assert all(not info.get("services") for info in status["hosts"].values()), json.dumps(status["hosts"])
+        assert all(not info.get("services") for info in status["hosts"].values()), json.dumps(
+            status["hosts"]
+        )
 
         h3.ssh(f"kill {squatter[0]}")
         wait_for(lambda: page(h3) is None, what="the port to be free")
@@ -199,15 +240,25 @@ def test_health_log_once(tmp_path_factory: pytest.TempPathFactory) -> None:
     """The server warns on every health poll; the failure block shows the warning once, counted."""
     project = scaffold(tmp_path_factory.mktemp("hl"))  # short: unix socket paths are limited
     toml = project.root / "shiplane.toml"
-    text = toml.read_text().replace('release = "alembic upgrade head"', 'release = "true"')  # no tables: /up is 503
-    toml.write_text(text.replace("healthcheck = { path = \"/up\", timeout = 15 }",
-                                 "healthcheck = { path = \"/up\", timeout = 3 }"))
+    text = toml.read_text().replace(
+        'release = "alembic upgrade head"', 'release = "true"'
+    )  # no tables: /up is 503
+    toml.write_text(
+        text.replace(
+            'healthcheck = { path = "/up", timeout = 15 }',
+            'healthcheck = { path = "/up", timeout = 3 }',
+        )
+    )
     project.commit("no migration")
     try:
         failed = project.deploy(check=False)
         assert failed["exit"] == 1
         error = failed["error"]
-        warning = [line for line in error.splitlines() if "health check failed: (sqlite3.OperationalError)" in line]
+        warning = [
+            line
+            for line in error.splitlines()
+            if "health check failed: (sqlite3.OperationalError)" in line
+        ]
         assert len(warning) == 1 and re.search(r"\(x\d+\)$", warning[0]), error
     finally:
         project.stop()

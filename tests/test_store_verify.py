@@ -15,7 +15,9 @@ from deployhelp import Project, edit, scaffold
 
 pytestmark = pytest.mark.slow
 
-INCLUDED = "db/env.py"  # shipped beside the wheel (build.include), unchanged by a code change: reused
+INCLUDED = (
+    "db/env.py"  # shipped beside the wheel (build.include), unchanged by a code change: reused
+)
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +56,9 @@ def test_a_corrupt_blob_is_replaced_in_the_same_deploy(app: Project) -> None:
 
 def test_verify_finds_and_quarantines_a_bad_blob(app: Project) -> None:
     clean = app.shiplane("verify", "--stage", "local")
-    assert clean.returncode == 0 and "all match their sha256" in clean.stdout, clean.stdout + clean.stderr
+    assert clean.returncode == 0 and "all match their sha256" in clean.stdout, (
+        clean.stdout + clean.stderr
+    )
     sha = corrupt_blob(app, INCLUDED)
     found = app.shiplane("verify", "--stage", "local")
     assert found.returncode == 1, found.stdout + found.stderr
@@ -63,7 +67,9 @@ def test_verify_finds_and_quarantines_a_bad_blob(app: Project) -> None:
     # the next deploy sends it again as a missing blob
     edit(app, "src/demo/views.py", "<h1>{title}.</h1>", "<h1>{title}:</h1>")
     done = app.deploy()
-    assert (app.deploy_root / "releases" / done["release"] / INCLUDED).read_bytes() == (app.root / INCLUDED).read_bytes()
+    assert (app.deploy_root / "releases" / done["release"] / INCLUDED).read_bytes() == (
+        app.root / INCLUDED
+    ).read_bytes()
 
 
 @pytest.fixture
@@ -73,8 +79,15 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
 
     mount = tmp_path / "disk"
     mount.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)],
-                                           capture_output=True, check=False).returncode != 0:
+    if (
+        os.geteuid() != 0
+        or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)],
+            capture_output=True,
+            check=False,
+        ).returncode
+        != 0
+    ):
         pytest.skip("needs root to mount a small tmpfs")
     try:
         yield mount
@@ -95,6 +108,11 @@ def test_a_full_disk_fails_the_copy_at_once_and_keeps_nothing(small_disk: Path) 
     with pytest.raises(AgentError) as failed:
         store.receive(Layout(str(small_disk / "app")), blobs, stream, lambda event: None)
     assert failed.value.kind == "disk"
-    assert "no space left on the disk of" in failed.value.message and "MiB free there" in failed.value.message
-    assert stream.read() == b"next request"  # every byte of the request was read: the session goes on
+    assert (
+        "no space left on the disk of" in failed.value.message
+        and "MiB free there" in failed.value.message
+    )
+    assert (
+        stream.read() == b"next request"
+    )  # every byte of the request was read: the session goes on
     assert not [p for p in (small_disk / "app" / "store").iterdir()]  # no temp file left behind

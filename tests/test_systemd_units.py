@@ -35,17 +35,30 @@ WORKER = 'echo "100% done; $HOME" \\ # not a comment'
 
 
 def spec(front: str = "builtin", backend: str = "systemd") -> dict[str, Any]:
-    return {"app": "demo", "stage": "prod", "front": front, "backend": backend,
-            "web": {"kind": "wsgi", "target": "demo:create_app()", "workers": 3, "bind": "0.0.0.0",
-                    "port": 8123, "timeout": 30, "graceful_timeout": 12,
-                    "health": {"path": "/up", "timeout": 5}, "smoke": []},
-            "workers": {"jobs": {"command": WORKER, "stop_signal": "INT", "stop_timeout": 7}}}
+    return {
+        "app": "demo",
+        "stage": "prod",
+        "front": front,
+        "backend": backend,
+        "web": {
+            "kind": "wsgi",
+            "target": "demo:create_app()",
+            "workers": 3,
+            "bind": "0.0.0.0",
+            "port": 8123,
+            "timeout": 30,
+            "graceful_timeout": 12,
+            "health": {"path": "/up", "timeout": 5},
+            "smoke": [],
+        },
+        "workers": {"jobs": {"command": WORKER, "stop_signal": "INT", "stop_timeout": 7}},
+    }
 
 
 def exec_argv(unit_text: str) -> list[str]:
     """The ExecStart argv as systemd reads it (our quoting only uses what shlex also reads)."""
     [line] = [ln for ln in unit_text.splitlines() if ln.startswith("ExecStart=")]
-    return shlex.split(line[len("ExecStart="):].replace("%%", "%").replace("$$", "$"))
+    return shlex.split(line[len("ExecStart=") :].replace("%%", "%").replace("$$", "$"))
 
 
 def option(unit_text: str, key: str) -> str:
@@ -73,17 +86,30 @@ def units(tmp_path: Path, short_root: Path) -> dict[str, str]:
 
 
 def verify(unit_dir: Path, *names: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["systemd-analyze", "verify", *[str(unit_dir / n) for n in names]],
-                          capture_output=True, text=True, timeout=60, check=False)
+    return subprocess.run(
+        ["systemd-analyze", "verify", *[str(unit_dir / n) for n in names]],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="needs systemd-analyze")
-def test_generated_units_pass_systemd_analyze_verify(units: dict[str, str],
-                                                     tmp_path: Path) -> None:
-    assert sorted(units) == ["demo-prod-front.service", "demo-prod-front.socket", "demo-prod-jobs.service",
-                             "demo-prod-web@.service"]
-    done = verify(tmp_path / "units", f"demo-prod-web@{RID}.service", "demo-prod-front.socket",
-                  "demo-prod-front.service", "demo-prod-jobs.service")
+def test_generated_units_pass_systemd_analyze_verify(units: dict[str, str], tmp_path: Path) -> None:
+    assert sorted(units) == [
+        "demo-prod-front.service",
+        "demo-prod-front.socket",
+        "demo-prod-jobs.service",
+        "demo-prod-web@.service",
+    ]
+    done = verify(
+        tmp_path / "units",
+        f"demo-prod-web@{RID}.service",
+        "demo-prod-front.socket",
+        "demo-prod-front.service",
+        "demo-prod-jobs.service",
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     # and verify does catch a unit systemd would refuse
     broken = units["demo-prod-jobs.service"].replace(sys.executable, "/nonexistent/python3")
@@ -92,7 +118,8 @@ def test_generated_units_pass_systemd_analyze_verify(units: dict[str, str],
 
 
 def test_web_template_runs_each_release_from_its_own_dir_through_exec_env(
-        units: dict[str, str], short_root: Path) -> None:
+    units: dict[str, str], short_root: Path
+) -> None:
     web = units["demo-prod-web@.service"]
     root = str(short_root)
     argv = exec_argv(web)
@@ -122,8 +149,15 @@ def test_front_socket_owns_the_port_and_user_units_want_default_target(tmp_path:
     assert option(written["demo-prod-front.socket"], "ListenStream") == "0.0.0.0:8123"
     front = written["demo-prod-front.service"]
     assert option(front, "Requires") == "demo-prod-front.socket"
-    assert exec_argv(front)[3:] == ["proxy", "--listen", "0.0.0.0:8123", "--upstream",
-                                    str(layout.web_socket), "--ready", str(layout.run / "front.ready")]
+    assert exec_argv(front)[3:] == [
+        "proxy",
+        "--listen",
+        "0.0.0.0:8123",
+        "--upstream",
+        str(layout.web_socket),
+        "--ready",
+        str(layout.run / "front.ready"),
+    ]
     assert option(front, "WantedBy") == "default.target"
     nginx_fronted = render_units(layout, spec(front="nginx"), None)
     assert sorted(nginx_fronted) == ["demo-prod-web@.service"]
@@ -131,11 +165,15 @@ def test_front_socket_owns_the_port_and_user_units_want_default_target(tmp_path:
 
 def test_systemctl_commands_use_user_mode_for_a_non_root_user(tmp_path: Path) -> None:
     backend = SystemdBackend(Layout(tmp_path), spec(), unit_dir=tmp_path, user=True)
-    assert backend.systemctl_argv("start", backend.web_unit_name(RID)) == \
-        ["systemctl", "--user", "start", f"demo-prod-web@{RID}.service"]
-    assert SystemdBackend(Layout(tmp_path), spec(), unit_dir=tmp_path,
-                          user=False).systemctl_argv("daemon-reload") == \
-        ["systemctl", "daemon-reload"]
+    assert backend.systemctl_argv("start", backend.web_unit_name(RID)) == [
+        "systemctl",
+        "--user",
+        "start",
+        f"demo-prod-web@{RID}.service",
+    ]
+    assert SystemdBackend(Layout(tmp_path), spec(), unit_dir=tmp_path, user=False).systemctl_argv(
+        "daemon-reload"
+    ) == ["systemctl", "daemon-reload"]
 
 
 @pytest.mark.skipif(systemd_running(), reason="this host runs systemd")
@@ -153,6 +191,7 @@ def test_backend_auto_is_the_daemon_here_and_forcing_systemd_says_why_not(tmp_pa
 
 
 # --- socket activation: the port outlives the proxy -------------------------------------------
+
 
 @pytest.fixture
 def upstream(tmp_path: Path) -> Iterator[Path]:
@@ -178,8 +217,10 @@ def upstream(tmp_path: Path) -> Iterator[Path]:
                     if not chunk:
                         break
                     data += chunk
-                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: close\r\n"
-                             b"\r\nhello")
+                conn.sendall(
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello"
+                )
+
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
     yield path
@@ -195,10 +236,15 @@ def _activated_proxy(listener: socket.socket, upstream: Path) -> subprocess.Pope
     def child() -> None:
         os.dup2(fd, 3)  # dup2 leaves fd 3 inheritable
 
-    script = ('LISTEN_PID=$$ LISTEN_FDS=1 exec "$0" -m shiplane.agent proxy '
-              '--listen 127.0.0.1:1 --upstream "$1"')
-    return subprocess.Popen(["/bin/sh", "-c", script, sys.executable, str(upstream)],
-                            preexec_fn=child, close_fds=False)  # noqa: PLW1509 - fd 3 only
+    script = (
+        'LISTEN_PID=$$ LISTEN_FDS=1 exec "$0" -m shiplane.agent proxy '
+        '--listen 127.0.0.1:1 --upstream "$1"'
+    )
+    return subprocess.Popen(
+        ["/bin/sh", "-c", script, sys.executable, str(upstream)],
+        preexec_fn=child,  # noqa: PLW1509 - fd 3 only
+        close_fds=False,
+    )
 
 
 def _get(port: int) -> tuple[int, bytes]:
@@ -212,7 +258,8 @@ def _get(port: int) -> tuple[int, bytes]:
 
 
 def test_socket_activated_front_serves_and_no_connection_is_refused_across_its_restart(
-        upstream: Path) -> None:
+    upstream: Path,
+) -> None:
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(128)

@@ -49,8 +49,12 @@ def test_unknown_name_is_a_config_error_with_did_you_mean() -> None:
 
 def test_cycle_message_shows_the_exact_cycle_in_run_order() -> None:
     with pytest.raises(GraphError) as err:
-        graph(user("a", needs=("b",)), user("b", needs=("c",)), user("c", needs=("a",)),
-              user("unrelated"))
+        graph(
+            user("a", needs=("b",)),
+            user("b", needs=("c",)),
+            user("c", needs=("a",)),
+            user("unrelated"),
+        )
     # c runs before b, b before a, a before c
     assert err.value.message == "tasks form a cycle: a -> c -> b -> a"
 
@@ -59,7 +63,8 @@ def test_hook_before_gate_that_needs_a_later_step_is_a_true_cycle() -> None:
     with pytest.raises(GraphError) as err:
         graph(user("pre", before=("gate",), needs=("release",)))
     assert err.value.message == (
-        "tasks form a cycle: pre -> gate -> build -> lock -> copy -> install -> release -> pre")
+        "tasks form a cycle: pre -> gate -> build -> lock -> copy -> install -> release -> pre"
+    )
 
 
 def test_hook_before_gate_alone_is_fine_and_runs_first() -> None:
@@ -124,13 +129,17 @@ def test_dependencies_and_closure() -> None:
 
 
 def test_render_and_json_show_pipeline_hooks_and_other_tasks() -> None:
-    g = graph(user("warm", after=("release",), run="curl -s localhost/warm"),
-              user("backup", on="role:db", run="pg_dump app"))
+    g = graph(
+        user("warm", after=("release",), run="curl -s localhost/warm"),
+        user("backup", on="role:db", run="pg_dump app"),
+    )
     text = g.render()
     lines = text.splitlines()
     deploy_part = lines[: lines.index("")]
-    names = [line.split()[1] if line.lstrip().startswith("*") else line.split()[0]
-             for line in deploy_part[1:]]
+    names = [
+        line.split()[1] if line.lstrip().startswith("*") else line.split()[0]
+        for line in deploy_part[1:]
+    ]
     assert names == [*PIPELINE[:6], "warm", *PIPELINE[6:]]
     assert any(line.startswith("  * release") and "primary" in line for line in lines)
     assert "curl -s localhost/warm" in text and "after release" in text
@@ -153,8 +162,11 @@ def test_levels_put_every_task_after_all_its_dependencies(data: st.DataObject) -
         earlier = st.sampled_from([*names[:i], *PIPELINE])
         needs = data.draw(st.lists(earlier, max_size=3, unique=True))
         after = data.draw(st.lists(earlier, max_size=2, unique=True))
-        before = data.draw(st.lists(st.sampled_from(names[i + 1 :]), max_size=2, unique=True)
-                           if i + 1 < n else st.just([]))
+        before = data.draw(
+            st.lists(st.sampled_from(names[i + 1 :]), max_size=2, unique=True)
+            if i + 1 < n
+            else st.just([])
+        )
         tasks.append(user(name, needs=tuple(needs), after=tuple(after), before=tuple(before)))
     g = graph(*tasks)
     subset = data.draw(st.lists(st.sampled_from([*names, *PIPELINE]), unique=True))
@@ -188,8 +200,13 @@ def test_independent_tasks_really_run_in_parallel() -> None:
 
 
 def test_failure_skips_dependents_but_not_unrelated_tasks() -> None:
-    g = graph(user("broken"), user("child", needs=("broken",)), user("grandchild", needs=("child",)),
-              user("unrelated"), user("late", needs=("unrelated",)))
+    g = graph(
+        user("broken"),
+        user("child", needs=("broken",)),
+        user("grandchild", needs=("child",)),
+        user("unrelated"),
+        user("late", needs=("unrelated",)),
+    )
     ran: list[str] = []
     events: list[tuple[str, str]] = []
 
@@ -198,8 +215,12 @@ def test_failure_skips_dependents_but_not_unrelated_tasks() -> None:
         if task.name == "broken":
             raise OperationError("`reindex` failed with exit code 3")
 
-    result = run_graph(g, g.closure(["grandchild", "late"]), runner,
-                       on_event=lambda name, status, seconds: events.append((name, status)))
+    result = run_graph(
+        g,
+        g.closure(["grandchild", "late"]),
+        runner,
+        on_event=lambda name, status, seconds: events.append((name, status)),
+    )
     assert not result.ok
     assert result.failed == ["broken"]
     assert result.outcomes["broken"].error == "`reindex` failed with exit code 3"
@@ -239,12 +260,18 @@ def _gone(pid: int) -> bool:
 def test_local_command_streams_output_and_reports_exit_code(tmp_path: Path) -> None:
     lines: list[str] = []
     env = {"PATH": os.environ["PATH"], "GREETING": "hello"}
-    run_local_command('echo "$GREETING from $(pwd)"; echo err >&2', cwd=tmp_path, env=env,
-                      timeout=10, output=lines.append)
+    run_local_command(
+        'echo "$GREETING from $(pwd)"; echo err >&2',
+        cwd=tmp_path,
+        env=env,
+        timeout=10,
+        output=lines.append,
+    )
     assert lines == [f"hello from {tmp_path}", "err"]
     with pytest.raises(OperationError, match="exit code 3"):
-        run_local_command("echo partial; exit 3", cwd=tmp_path, env=env, timeout=10,
-                          output=lines.append)
+        run_local_command(
+            "echo partial; exit 3", cwd=tmp_path, env=env, timeout=10, output=lines.append
+        )
     assert lines[-1] == "partial"
 
 
@@ -252,8 +279,13 @@ def test_local_command_timeout_kills_the_whole_process_group(tmp_path: Path) -> 
     pidfile = tmp_path / "child.pid"
     lines: list[str] = []
     with pytest.raises(OperationError, match=r"timed out after 0\.5 s"):
-        run_local_command(f"sleep 30 & echo $! > {pidfile}; echo started; wait", cwd=tmp_path,
-                          env={"PATH": os.environ["PATH"]}, timeout=0.5, output=lines.append)
+        run_local_command(
+            f"sleep 30 & echo $! > {pidfile}; echo started; wait",
+            cwd=tmp_path,
+            env={"PATH": os.environ["PATH"]},
+            timeout=0.5,
+            output=lines.append,
+        )
     assert lines == ["started"]
     child = int(pidfile.read_text())
     deadline = time.monotonic() + 10

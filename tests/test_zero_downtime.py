@@ -39,16 +39,28 @@ from deployhelp import wait_for
 
 # --- fast: the front replays what a closing server dropped ------------------------------------
 
+
 @pytest.fixture
 def proxy(tmp_path: Path) -> Iterator[tuple[int, Path]]:
     link = tmp_path / "web.sock"
     port = zd.free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "shiplane.agent", "proxy", "--listen",
-                             f"127.0.0.1:{port}", "--upstream", str(link)])
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "shiplane.agent",
+            "proxy",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--upstream",
+            str(link),
+        ]
+    )
 
     def listening() -> bool:
         socket.create_connection(("127.0.0.1", port), timeout=1).close()
         return True
+
     try:
         wait_for(listening, 10, "the proxy to listen")
         yield port, link
@@ -90,8 +102,10 @@ class _Answering:
                     if not chunk:
                         break
                     data += chunk
-                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n"
-                             b"\r\n%s" % (len(self.body), self.body))
+                conn.sendall(
+                    b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n"
+                    b"\r\n%s" % (len(self.body), self.body)
+                )
 
     def close(self) -> None:
         self.stopped.set()
@@ -100,7 +114,8 @@ class _Answering:
 
 
 def test_a_request_queued_on_a_server_that_closes_its_listener_is_replayed_on_the_new_one(
-        proxy: tuple[int, Path], tmp_path: Path) -> None:
+    proxy: tuple[int, Path], tmp_path: Path
+) -> None:
     port, link = proxy
     old = socket.socket(socket.AF_UNIX)  # the old release: listening, never accepting again
     old.bind(str(tmp_path / "old.sock"))
@@ -121,8 +136,9 @@ def test_a_request_queued_on_a_server_that_closes_its_listener_is_replayed_on_th
         new.close()
 
 
-def test_a_post_the_server_read_and_dropped_is_not_replayed(proxy: tuple[int, Path],
-                                                            tmp_path: Path) -> None:
+def test_a_post_the_server_read_and_dropped_is_not_replayed(
+    proxy: tuple[int, Path], tmp_path: Path
+) -> None:
     port, link = proxy
     server = socket.socket(socket.AF_UNIX)
     server.bind(str(tmp_path / "a.sock"))
@@ -144,6 +160,7 @@ def test_a_post_the_server_read_and_dropped_is_not_replayed(proxy: tuple[int, Pa
                 while b"once" not in data and (chunk := conn.recv(65536)):
                     data += chunk
                 seen.append(data)
+
     thread = threading.Thread(target=read_and_close, daemon=True)
     thread.start()
     client = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
@@ -172,6 +189,7 @@ def _queued(path: Path) -> int:
 
 # --- slow: the real CLI under load -------------------------------------------------------------
 
+
 @pytest.mark.slow
 @pytest.mark.parametrize("front", ["builtin", "nginx"])
 def test_deploys_and_rollbacks_under_load_lose_no_request(front: str) -> None:
@@ -179,12 +197,22 @@ def test_deploys_and_rollbacks_under_load_lose_no_request(front: str) -> None:
         pytest.skip("needs nginx")
     base = Path(tempfile.mkdtemp(prefix="shl-zdt-", dir="/tmp"))  # short unix socket paths
     try:
-        result = zd.run(front, switches=4, requests=2000, threads=4, rate=60,
-                        rest_seconds=2.0, max_seconds=300, base=base)
+        result = zd.run(
+            front,
+            switches=4,
+            requests=2000,
+            threads=4,
+            rate=60,
+            rest_seconds=2.0,
+            max_seconds=300,
+            base=base,
+        )
     finally:
         shutil.rmtree(base, ignore_errors=True)
-    assert result["failed"] == 0, json.dumps({k: result[k] for k in (
-        "refused", "reset", "timeouts", "non_2xx", "other", "errors")}, indent=1)
+    assert result["failed"] == 0, json.dumps(
+        {k: result[k] for k in ("refused", "reset", "timeouts", "non_2xx", "other", "errors")},
+        indent=1,
+    )
     assert result["requests"] >= 2000 and result["switches"] >= 4
     assert result["releases_seen"] >= 2  # traffic really moved between releases
     # `shiplane status` names the one release serving
@@ -196,14 +224,14 @@ def test_deploys_and_rollbacks_under_load_lose_no_request(front: str) -> None:
 ID_A = "20260101T000001Z-aaaaaaa1"
 ID_B = "20260101T000002Z-bbbbbbb2"
 DIGEST = hashlib.sha256(b"zero-downtime gunicorn").hexdigest()
-APP = '''
+APP = """
 RELEASE = {release!r}
 
 def app(environ, start_response):
     body = b"ok" if environ.get("PATH_INFO") == "/up" else ("release " + RELEASE).encode()
     start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
     return [body]
-'''
+"""
 
 
 @pytest.fixture(scope="module")
@@ -211,26 +239,62 @@ def crash_root() -> Iterator[tuple[Layout, dict[str, Any]]]:
     base = Path(tempfile.mkdtemp(prefix="shl-crash-", dir="/tmp"))
     layout = Layout(base / "root")
     downloads = base / "dl"
-    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d",
-                    str(downloads), "supervisor==4.3.0"], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "-q",
+            "--no-deps",
+            "-d",
+            str(downloads),
+            "supervisor==4.3.0",
+        ],
+        check=True,
+    )
     with zipfile.ZipFile(next(downloads.glob("supervisor-4.3.0-*.whl"))) as zf:
         zf.extractall(layout.tools / "supervisor-4.3.0")
     venv = layout.venv(DIGEST)
     subprocess.run(["uv", "venv", "-q", "--python", sys.executable, str(venv)], check=True)
-    subprocess.run(["uv", "pip", "install", "-q", "--python", str(venv / "bin" / "python"),
-                    "gunicorn"], check=True)
+    subprocess.run(
+        ["uv", "pip", "install", "-q", "--python", str(venv / "bin" / "python"), "gunicorn"],
+        check=True,
+    )
     for rid in (ID_A, ID_B):
         rel = layout.release(rid)
         rel.mkdir(parents=True)
         (rel / "app.py").write_text(APP.format(release=rid))
         (rel / "shiplane.env").touch(mode=0o600)
-        (rel / "release.json").write_text(json.dumps({
-            "release_id": rid, "dependency_digest": DIGEST, "stage": "test", "state": "prepared"}))
-    spec = {"app": "crash", "stage": "test", "front": "builtin", "backend": "daemon",
-            "web": {"kind": "wsgi", "target": "app:app", "workers": 2, "bind": "127.0.0.1",
-                    "port": zd.free_port(), "timeout": 30, "graceful_timeout": 5, "drain": 0.5,
-                    "health": {"path": "/up", "timeout": 30}, "smoke": []},
-            "workers": {}}
+        (rel / "release.json").write_text(
+            json.dumps(
+                {
+                    "release_id": rid,
+                    "dependency_digest": DIGEST,
+                    "stage": "test",
+                    "state": "prepared",
+                }
+            )
+        )
+    spec = {
+        "app": "crash",
+        "stage": "test",
+        "front": "builtin",
+        "backend": "daemon",
+        "web": {
+            "kind": "wsgi",
+            "target": "app:app",
+            "workers": 2,
+            "bind": "127.0.0.1",
+            "port": zd.free_port(),
+            "timeout": 30,
+            "graceful_timeout": 5,
+            "drain": 0.5,
+            "health": {"path": "/up", "timeout": 30},
+            "smoke": [],
+        },
+        "workers": {},
+    }
     try:
         services.switch(layout, ID_A, spec, lambda e: None)
         yield layout, spec
@@ -242,8 +306,12 @@ def crash_root() -> Iterator[tuple[Layout, dict[str, Any]]]:
 
 def _web_pid(layout: Layout, rid: str) -> int | None:
     for entry in services.status(layout)["services"]:
-        if entry["name"] == "web" and entry["release"] == rid and entry["state"] == "RUNNING" \
-                and entry["pid"]:
+        if (
+            entry["name"] == "web"
+            and entry["release"] == rid
+            and entry["state"] == "RUNNING"
+            and entry["pid"]
+        ):
             return int(entry["pid"])
     return None
 
@@ -251,8 +319,11 @@ def _web_pid(layout: Layout, rid: str) -> int | None:
 def _serving(layout: Layout, port: int) -> str | None:
     """The one release this host serves, when everything agrees; else None."""
     status = services.status(layout)
-    running = [s for s in status["services"] if s["name"] == "web" and s["state"] == "RUNNING"
-               and s["live"]]  # beside it, at most the idle standby
+    running = [
+        s
+        for s in status["services"]
+        if s["name"] == "web" and s["state"] == "RUNNING" and s["live"]
+    ]  # beside it, at most the idle standby
     if len(running) != 1:
         return None
     try:
@@ -292,11 +363,14 @@ MOMENTS = [  # (the event the switch emits, whose server is killed then, standby
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("moment", "victim", "standby"), MOMENTS,
-                         ids=[f"{m}-{v}{'-standby' if s else ''}" for m, v, s in MOMENTS])
+@pytest.mark.parametrize(
+    ("moment", "victim", "standby"),
+    MOMENTS,
+    ids=[f"{m}-{v}{'-standby' if s else ''}" for m, v, s in MOMENTS],
+)
 def test_kill_9_at_each_moment_of_a_switch_ends_with_one_healthy_release(
-        crash_root: tuple[Layout, dict[str, Any]], moment: str, victim: str,
-        standby: bool) -> None:
+    crash_root: tuple[Layout, dict[str, Any]], moment: str, victim: str, standby: bool
+) -> None:
     layout, spec = crash_root
     spec = {**spec, "web": {**spec["web"], "standby": standby}}
     port = spec["web"]["port"]
@@ -361,11 +435,16 @@ POLITE = "trap 'exit 0' INT; while true; do sleep 0.1; done"
 
 @pytest.mark.slow
 def test_workers_restart_on_the_new_release_and_a_stubborn_one_is_killed_and_reported(
-        crash_root: tuple[Layout, dict[str, Any]]) -> None:
+    crash_root: tuple[Layout, dict[str, Any]],
+) -> None:
     layout, base_spec = crash_root
-    spec = {**base_spec, "workers": {
-        "stubborn": {"command": STUBBORN, "stop_signal": "TERM", "stop_timeout": 1},
-        "polite": {"command": POLITE, "stop_signal": "INT", "stop_timeout": 10}}}
+    spec = {
+        **base_spec,
+        "workers": {
+            "stubborn": {"command": STUBBORN, "stop_signal": "TERM", "stop_timeout": 1},
+            "polite": {"command": POLITE, "stop_signal": "INT", "stop_timeout": 10},
+        },
+    }
     port = spec["web"]["port"]
     try:
         first = wait_for(lambda: _serving(layout, port), 60, "one release serving")
@@ -373,9 +452,13 @@ def test_workers_restart_on_the_new_release_and_a_stubborn_one_is_killed_and_rep
         services.switch(layout, other, spec, lambda e: None)
 
         def workers_running() -> dict[str, Any]:
-            entries = {s["name"]: s for s in services.status(layout)["services"]
-                       if s["name"] in ("stubborn", "polite") and s["state"] == "RUNNING"}
+            entries = {
+                s["name"]: s
+                for s in services.status(layout)["services"]
+                if s["name"] in ("stubborn", "polite") and s["state"] == "RUNNING"
+            }
             return entries if len(entries) == 2 else {}
+
         before = wait_for(workers_running, 30, "both workers running")
         events: list[dict[str, Any]] = []
         started = time.monotonic()

@@ -17,10 +17,7 @@ PACKAGE = "shiplane_agent"
 # Any fixed date works; 1980-01-01 is the earliest a zip can record.
 _EPOCH = (1980, 1, 1, 0, 0, 0)
 
-_ZIP_MAIN = (
-    "import runpy\n"
-    f"runpy.run_module({PACKAGE!r}, run_name='__main__', alter_sys=True)\n"
-)
+_ZIP_MAIN = f"import runpy\nrunpy.run_module({PACKAGE!r}, run_name='__main__', alter_sys=True)\n"
 
 
 @functools.lru_cache(maxsize=1)

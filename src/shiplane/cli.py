@@ -32,12 +32,20 @@ class Context:
 
 
 def stage_option(func: F) -> F:
-    return click.option("--stage", "-s", envvar="SHIPLANE_STAGE", help="Stage to act on (or $SHIPLANE_STAGE).")(func)
+    return click.option(
+        "--stage", "-s", envvar="SHIPLANE_STAGE", help="Stage to act on (or $SHIPLANE_STAGE)."
+    )(func)
 
 
 def json_option(func: F) -> F:
-    return click.option("--json", "as_json", is_flag=True, callback=_json_flag, is_eager=True,
-                        help="Machine-readable output: one JSON object per line (docs/json.md).")(func)
+    return click.option(
+        "--json",
+        "as_json",
+        is_flag=True,
+        callback=_json_flag,
+        is_eager=True,
+        help="Machine-readable output: one JSON object per line (docs/json.md).",
+    )(func)
 
 
 def _json_flag(ctx: click.Context, param: click.Parameter, value: bool) -> bool:
@@ -49,7 +57,13 @@ def _json_flag(ctx: click.Context, param: click.Parameter, value: bool) -> bool:
 
 def override_options(func: F) -> F:
     func = click.option("--hosts", help="Override the stage's hosts for this run: a,b,c.")(func)
-    return click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override a stage key for this run.")(func)
+    return click.option(
+        "--set",
+        "sets",
+        multiple=True,
+        metavar="KEY=VALUE",
+        help="Override a stage key for this run.",
+    )(func)
 
 
 class ShiplaneGroup(click.Group):
@@ -117,8 +131,15 @@ def entry() -> None:
 
 @click.group(cls=ShiplaneGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="shiplane")
-@click.option("--file", "-f", type=click.Path(dir_okay=False), help="The deploy file (default: ./shiplane.toml or a parent's).")
-@click.option("--verbose", "-v", is_flag=True, help="More detail (hook output, tracebacks of bugs).")
+@click.option(
+    "--file",
+    "-f",
+    type=click.Path(dir_okay=False),
+    help="The deploy file (default: ./shiplane.toml or a parent's).",
+)
+@click.option(
+    "--verbose", "-v", is_flag=True, help="More detail (hook output, tracebacks of bugs)."
+)
 @click.pass_context
 def main(ctx: click.Context, file: str | None, verbose: bool) -> None:
     """shiplane ships Python web apps from a checkout to servers, stage by stage."""
@@ -145,9 +166,19 @@ def init(obj: Context, directory: str, name: str | None, force: bool, as_json: b
 
     target = Path(directory)
     written = write_project(target, name=name, force=force)
-    _finish(obj, {"ok": True, "directory": str(target.resolve()), "files": [str(p) for p in written],
-                  "lines": [f"wrote {len(written)} files into {target.resolve()}",
-                            f"next: cd {directory} && shiplane deploy --stage local"]}, as_json)
+    _finish(
+        obj,
+        {
+            "ok": True,
+            "directory": str(target.resolve()),
+            "files": [str(p) for p in written],
+            "lines": [
+                f"wrote {len(written)} files into {target.resolve()}",
+                f"next: cd {directory} && shiplane deploy --stage local",
+            ],
+        },
+        as_json,
+    )
 
 
 @main.command()
@@ -172,11 +203,20 @@ def config_group() -> None:
 
 @config_group.command("show")
 @stage_option
-@click.option("--explain", is_flag=True, help="Show which layer set each key and which it overrode.")
+@click.option(
+    "--explain", is_flag=True, help="Show which layer set each key and which it overrode."
+)
 @json_option
 @override_options
 @click.pass_obj
-def config_show(obj: Context, stage: str | None, explain: bool, as_json: bool, hosts: str | None, sets: tuple[str, ...]) -> None:
+def config_show(
+    obj: Context,
+    stage: str | None,
+    explain: bool,
+    as_json: bool,
+    hosts: str | None,
+    sets: tuple[str, ...],
+) -> None:
     """The merged config of a stage; secrets masked."""
     from shiplane.commands.check import show_config
 
@@ -186,7 +226,9 @@ def config_show(obj: Context, stage: str | None, explain: bool, as_json: bool, h
         return
     if explain:
         for row in result.explain():
-            click.echo(obj.masker(f"{row['kind']:6} {row['key']} = {row['value']}    <- {row['layer']}"))
+            click.echo(
+                obj.masker(f"{row['kind']:6} {row['key']} = {row['value']}    <- {row['layer']}")
+            )
             for old in row["overrides"]:  # type: ignore[attr-defined]
                 click.echo(obj.masker(f"{'':6}   overrode {old['value']!s} from {old['layer']}"))
         return
@@ -219,12 +261,21 @@ def tasks(obj: Context, as_json: bool) -> None:
 @override_options
 @json_option
 @click.pass_obj
-def run_task(obj: Context, task: str, stage: str | None, force: bool, hosts: str | None, sets: tuple[str, ...],
-             as_json: bool) -> None:
+def run_task(
+    obj: Context,
+    task: str,
+    stage: str | None,
+    force: bool,
+    hosts: str | None,
+    sets: tuple[str, ...],
+    as_json: bool,
+) -> None:
     """Run a user task with its dependencies (independent ones in parallel)."""
     from shiplane.commands.run import run_user_task
 
-    run_user_task(obj.file, task, stage, obj.masker, verbose=obj.verbose, force=force, hosts=hosts, sets=sets)
+    run_user_task(
+        obj.file, task, stage, obj.masker, verbose=obj.verbose, force=force, hosts=hosts, sets=sets
+    )
     if as_json:
         emit_json({"ok": True, "task": task}, obj.masker)
 
@@ -250,20 +301,26 @@ def _build_verb(name: str, doc: str, step: str) -> None:
     def verb(obj: Context, as_json: bool) -> None:
         from shiplane.commands.build import build_artifact
 
-        result = build_artifact(obj.file, obj.masker, step=step, as_json=as_json, verbose=obj.verbose)
+        result = build_artifact(
+            obj.file, obj.masker, step=step, as_json=as_json, verbose=obj.verbose
+        )
         if as_json:
             _finish(obj, result, as_json)
         else:
             click.echo(result["digest"] if step != "compile" else result.get("summary", ""))
 
 
-_build_verb("build", "Build the artifact (app + wheelhouse + manifest); prints its digest.", "build")
+_build_verb(
+    "build", "Build the artifact (app + wheelhouse + manifest); prints its digest.", "build"
+)
 _build_verb("compile", "The first half of build: the app's wheel or source tree.", "compile")
 _build_verb("pack", "The second half of build: wheelhouse and manifest.", "pack")
 
 
 @main.command()
-@click.option("--cache", is_flag=True, help="Also empty the per-user cache that every project shares.")
+@click.option(
+    "--cache", is_flag=True, help="Also empty the per-user cache that every project shares."
+)
 @json_option
 @click.pass_obj
 def clean(obj: Context, cache: bool, as_json: bool) -> None:
@@ -271,23 +328,45 @@ def clean(obj: Context, cache: bool, as_json: bool) -> None:
     from shiplane.commands.build import clean_build
 
     removed = [str(path) for path in clean_build(obj.file, cache)]
-    _finish(obj, {"ok": True, "removed": removed, "lines": [f"removed {path}" for path in removed]}, as_json)
+    _finish(
+        obj,
+        {"ok": True, "removed": removed, "lines": [f"removed {path}" for path in removed]},
+        as_json,
+    )
 
 
 # -- deploy verbs -------------------------------------------------------------------------------
 
 
 def _deploy_options(func: F) -> F:
-    func = click.option("--artifact", help="Deploy this artifact digest (or unique prefix) instead of building.")(func)
-    func = click.option("--skip-tests", is_flag=True, help="Skip the test gate (recorded in the ledger).")(func)
-    func = click.option("--parallel", type=click.IntRange(1, 256), default=16, show_default=True, help="Hosts worked on at once.")(func)
-    func = click.option("--lock-wait", type=click.FloatRange(0), default=0.0, help="Wait this many seconds for a held deploy lock.")(func)
+    func = click.option(
+        "--artifact", help="Deploy this artifact digest (or unique prefix) instead of building."
+    )(func)
+    func = click.option(
+        "--skip-tests", is_flag=True, help="Skip the test gate (recorded in the ledger)."
+    )(func)
+    func = click.option(
+        "--parallel",
+        type=click.IntRange(1, 256),
+        default=16,
+        show_default=True,
+        help="Hosts worked on at once.",
+    )(func)
+    func = click.option(
+        "--lock-wait",
+        type=click.FloatRange(0),
+        default=0.0,
+        help="Wait this many seconds for a held deploy lock.",
+    )(func)
     return func
 
 
 def _retry_option(func: F) -> F:
-    return click.option("--retry-failed", is_flag=True,
-                        help="Finish the last failed deploy (same artifact, same release id) on the hosts that failed.")(func)
+    return click.option(
+        "--retry-failed",
+        is_flag=True,
+        help="Finish the last failed deploy (same artifact, same release id) on the hosts that failed.",
+    )(func)
 
 
 @main.command()
@@ -297,15 +376,34 @@ def _retry_option(func: F) -> F:
 @override_options
 @json_option
 @click.pass_obj
-def deploy(obj: Context, stage: str | None, artifact: str | None, skip_tests: bool, parallel: int, lock_wait: float,
-           retry_failed: bool, hosts: str | None, sets: tuple[str, ...], as_json: bool) -> None:
+def deploy(
+    obj: Context,
+    stage: str | None,
+    artifact: str | None,
+    skip_tests: bool,
+    parallel: int,
+    lock_wait: float,
+    retry_failed: bool,
+    hosts: str | None,
+    sets: tuple[str, ...],
+    as_json: bool,
+) -> None:
     """The whole pipeline: gate, build, lock, copy, install, release, switch (each candidate verified), finalize."""
     from shiplane.commands.deploy import run_deploy
     from shiplane.commands.deployment import DeployOptions
 
-    options = DeployOptions(stage=stage, artifact=artifact, skip_tests=skip_tests, parallel=parallel,
-                            lock_wait=lock_wait, hosts=hosts, sets=sets, as_json=as_json, verbose=obj.verbose,
-                            retry_failed=retry_failed)
+    options = DeployOptions(
+        stage=stage,
+        artifact=artifact,
+        skip_tests=skip_tests,
+        parallel=parallel,
+        lock_wait=lock_wait,
+        hosts=hosts,
+        sets=sets,
+        as_json=as_json,
+        verbose=obj.verbose,
+        retry_failed=retry_failed,
+    )
     result = run_deploy(obj.file, options, obj.masker)
     _finish(obj, result, as_json)
 
@@ -315,11 +413,15 @@ def deploy(obj: Context, stage: str | None, artifact: str | None, skip_tests: bo
 @override_options
 @json_option
 @click.pass_obj
-def plan(obj: Context, stage: str | None, hosts: str | None, sets: tuple[str, ...], as_json: bool) -> None:
+def plan(
+    obj: Context, stage: str | None, hosts: str | None, sets: tuple[str, ...], as_json: bool
+) -> None:
     """Dry run: per host, what a deploy would change. Changes nothing anywhere."""
     from shiplane.commands.plan import run_plan
 
-    result = run_plan(obj.file, stage, obj.masker, hosts=hosts, sets=sets, as_json=as_json, verbose=obj.verbose)
+    result = run_plan(
+        obj.file, stage, obj.masker, hosts=hosts, sets=sets, as_json=as_json, verbose=obj.verbose
+    )
     if as_json:
         emit_json(result, obj.masker)
     else:
@@ -328,24 +430,48 @@ def plan(obj: Context, stage: str | None, hosts: str | None, sets: tuple[str, ..
 
 
 @main.command()
-@click.option("--from", "from_stage", required=True, help="The stage whose live artifact is promoted.")
+@click.option(
+    "--from", "from_stage", required=True, help="The stage whose live artifact is promoted."
+)
 @click.option("--to", "to_stage", required=True, help="The stage to deploy it to.")
 @_deploy_options
 @override_options
 @json_option
 @click.pass_obj
-def promote(obj: Context, from_stage: str, to_stage: str, artifact: str | None, skip_tests: bool, parallel: int,
-            lock_wait: float, hosts: str | None, sets: tuple[str, ...], as_json: bool) -> None:
+def promote(
+    obj: Context,
+    from_stage: str,
+    to_stage: str,
+    artifact: str | None,
+    skip_tests: bool,
+    parallel: int,
+    lock_wait: float,
+    hosts: str | None,
+    sets: tuple[str, ...],
+    as_json: bool,
+) -> None:
     """Deploy to a stage the exact artifact that is live and healthy on another."""
     from shiplane.commands.deployment import DeployOptions
     from shiplane.commands.promote import run_promote
 
     if artifact:
-        raise UsageError("promote takes the artifact live on --from; use `deploy --artifact` to pick one")
+        raise UsageError(
+            "promote takes the artifact live on --from; use `deploy --artifact` to pick one"
+        )
     if skip_tests:
-        raise UsageError("promote runs no test gate (the artifact passed it where it was built): drop --skip-tests")
-    options = DeployOptions(stage=to_stage, skip_tests=True, parallel=parallel, lock_wait=lock_wait, hosts=hosts,
-                            sets=sets, as_json=as_json, verbose=obj.verbose)
+        raise UsageError(
+            "promote runs no test gate (the artifact passed it where it was built): drop --skip-tests"
+        )
+    options = DeployOptions(
+        stage=to_stage,
+        skip_tests=True,
+        parallel=parallel,
+        lock_wait=lock_wait,
+        hosts=hosts,
+        sets=sets,
+        as_json=as_json,
+        verbose=obj.verbose,
+    )
     _finish(obj, run_promote(obj.file, from_stage, options, obj.masker), as_json)
 
 
@@ -356,34 +482,76 @@ def _first_steps_verb(name: str, doc: str) -> None:
     @override_options
     @json_option
     @click.pass_obj
-    def verb(obj: Context, stage: str | None, artifact: str | None, skip_tests: bool, parallel: int, lock_wait: float,
-             hosts: str | None, sets: tuple[str, ...], as_json: bool) -> None:
+    def verb(
+        obj: Context,
+        stage: str | None,
+        artifact: str | None,
+        skip_tests: bool,
+        parallel: int,
+        lock_wait: float,
+        hosts: str | None,
+        sets: tuple[str, ...],
+        as_json: bool,
+    ) -> None:
         from shiplane.commands.deploy import run_deploy
         from shiplane.commands.deployment import DeployOptions
 
-        options = DeployOptions(stage=stage, artifact=artifact, skip_tests=skip_tests, parallel=parallel,
-                                lock_wait=lock_wait, hosts=hosts, sets=sets, as_json=as_json, verbose=obj.verbose,
-                                until=name)
+        options = DeployOptions(
+            stage=stage,
+            artifact=artifact,
+            skip_tests=skip_tests,
+            parallel=parallel,
+            lock_wait=lock_wait,
+            hosts=hosts,
+            sets=sets,
+            as_json=as_json,
+            verbose=obj.verbose,
+            until=name,
+        )
         _finish(obj, run_deploy(obj.file, options, obj.masker), as_json)
 
 
-_first_steps_verb("copy", "The first pipeline steps alone: gate, build, lock, send each host the blobs it lacks.")
-_first_steps_verb("install", "Up to install: copy, then build the venv and unpack the release on every host (no switch).")
+_first_steps_verb(
+    "copy", "The first pipeline steps alone: gate, build, lock, send each host the blobs it lacks."
+)
+_first_steps_verb(
+    "install",
+    "Up to install: copy, then build the venv and unpack the release on every host (no switch).",
+)
 
 
 @main.command()
 @stage_option
-@click.option("--to", "to_release", help="Release id to go back to (default: the previous good one).")
+@click.option(
+    "--to", "to_release", help="Release id to go back to (default: the previous good one)."
+)
 @click.option("--yes", is_flag=True, help="Confirm a rollback across releases that ran migrations.")
 @override_options
 @json_option
 @click.pass_obj
-def rollback(obj: Context, stage: str | None, to_release: str | None, yes: bool, hosts: str | None,
-             sets: tuple[str, ...], as_json: bool) -> None:
+def rollback(
+    obj: Context,
+    stage: str | None,
+    to_release: str | None,
+    yes: bool,
+    hosts: str | None,
+    sets: tuple[str, ...],
+    as_json: bool,
+) -> None:
     """Switch back to an earlier release: no reinstall, health-checked, zero-downtime."""
     from shiplane.commands.operate import run_rollback
 
-    result = run_rollback(obj.file, stage, to_release, yes, obj.masker, hosts=hosts, sets=sets, as_json=as_json, verbose=obj.verbose)
+    result = run_rollback(
+        obj.file,
+        stage,
+        to_release,
+        yes,
+        obj.masker,
+        hosts=hosts,
+        sets=sets,
+        as_json=as_json,
+        verbose=obj.verbose,
+    )
     _finish(obj, result, as_json)
 
 
@@ -392,7 +560,9 @@ def _finish(obj: Context, result: dict[str, Any], as_json: bool) -> None:
         emit_json(result, obj.masker)
     else:
         lines = [obj.masker(line) for line in result.get("lines", [])]
-        if sys.stdout.isatty():  # folded to the terminal's width: a wrapped line would break mid-word
+        if (
+            sys.stdout.isatty()
+        ):  # folded to the terminal's width: a wrapped line would break mid-word
             import shutil
 
             from shiplane.ui import fit_lines
@@ -413,7 +583,14 @@ def _read_verb(name: str, doc: str) -> None:
     @json_option
     @click.option("--limit", type=int, default=20, show_default=True, hidden=name != "history")
     @click.pass_obj
-    def verb(obj: Context, stage: str | None, hosts: str | None, sets: tuple[str, ...], as_json: bool, limit: int) -> None:
+    def verb(
+        obj: Context,
+        stage: str | None,
+        hosts: str | None,
+        sets: tuple[str, ...],
+        as_json: bool,
+        limit: int,
+    ) -> None:
         from shiplane.commands.operate import read_verb
 
         result = read_verb(name, obj.file, stage, obj.masker, hosts=hosts, sets=sets, limit=limit)
@@ -426,7 +603,9 @@ def _read_verb(name: str, doc: str) -> None:
             sys.exit(1)
 
 
-_read_verb("status", "Services on every host of a stage: pid, state, uptime, release; drift flagged.")
+_read_verb(
+    "status", "Services on every host of a stage: pid, state, uptime, release; drift flagged."
+)
 _read_verb("releases", "Releases on each host, with their state (live, previous, good, bad).")
 _read_verb("history", "The deploy ledger: release, artifact, commit, who, when, outcome, duration.")
 
@@ -436,7 +615,9 @@ _read_verb("history", "The deploy ledger: release, artifact, commit, who, when, 
 @override_options
 @json_option
 @click.pass_obj
-def verify(obj: Context, stage: str | None, hosts: str | None, sets: tuple[str, ...], as_json: bool) -> None:
+def verify(
+    obj: Context, stage: str | None, hosts: str | None, sets: tuple[str, ...], as_json: bool
+) -> None:
     """Re-hash every blob in each host's store; quarantine any that no longer match (exit 1)."""
     from shiplane.commands.verify import run_verify
 
@@ -447,32 +628,66 @@ def _service_verb(name: str, doc: str) -> None:
     @main.command(name, help=doc)
     @stage_option
     @click.option("--service", "services", multiple=True, help="Only this service (repeatable).")
-    @click.option("--all", "everything", is_flag=True, hidden=name != "stop", help="Also stop the supervisor and the front.")
+    @click.option(
+        "--all",
+        "everything",
+        is_flag=True,
+        hidden=name != "stop",
+        help="Also stop the supervisor and the front.",
+    )
     @override_options
     @json_option
     @click.pass_obj
-    def verb(obj: Context, stage: str | None, services: tuple[str, ...], everything: bool, hosts: str | None,
-             sets: tuple[str, ...], as_json: bool) -> None:
+    def verb(
+        obj: Context,
+        stage: str | None,
+        services: tuple[str, ...],
+        everything: bool,
+        hosts: str | None,
+        sets: tuple[str, ...],
+        as_json: bool,
+    ) -> None:
         from shiplane.commands.operate import service_verb
 
-        result = service_verb(name, obj.file, stage, list(services), obj.masker, everything=everything, hosts=hosts, sets=sets)
+        result = service_verb(
+            name,
+            obj.file,
+            stage,
+            list(services),
+            obj.masker,
+            everything=everything,
+            hosts=hosts,
+            sets=sets,
+        )
         _finish(obj, result, as_json)
 
 
 _service_verb("start", "Start the services of the live release on every host.")
-_service_verb("stop", "Stop the app's services on every host: the front, web and workers (--all: also the "
-                      "supervisor, and a private nginx).")
+_service_verb(
+    "stop",
+    "Stop the app's services on every host: the front, web and workers (--all: also the "
+    "supervisor, and a private nginx).",
+)
 _service_verb("restart", "Restart the services on every host (the web service zero-downtime).")
 _service_verb("reload", "Reload the services on every host.")
 
 
 @main.command()
 @stage_option
-@click.option("--keep", type=click.IntRange(2), help="Releases to keep (default: app.keep_releases).")
+@click.option(
+    "--keep", type=click.IntRange(2), help="Releases to keep (default: app.keep_releases)."
+)
 @override_options
 @json_option
 @click.pass_obj
-def prune(obj: Context, stage: str | None, keep: int | None, hosts: str | None, sets: tuple[str, ...], as_json: bool) -> None:
+def prune(
+    obj: Context,
+    stage: str | None,
+    keep: int | None,
+    hosts: str | None,
+    sets: tuple[str, ...],
+    as_json: bool,
+) -> None:
     """Remove old releases (never the live, previous or newest good one)."""
     from shiplane.commands.operate import run_prune
 
@@ -487,14 +702,32 @@ def prune(obj: Context, stage: str | None, keep: int | None, hosts: str | None, 
 @override_options
 @json_option
 @click.pass_obj
-def logs(obj: Context, stage: str | None, service: str | None, lines: int, follow: bool, hosts: str | None,
-         sets: tuple[str, ...], as_json: bool) -> None:
+def logs(
+    obj: Context,
+    stage: str | None,
+    service: str | None,
+    lines: int,
+    follow: bool,
+    hosts: str | None,
+    sets: tuple[str, ...],
+    as_json: bool,
+) -> None:
     """Service logs from every host, each line prefixed by its host."""
     from shiplane.commands.operate import show_logs
 
     def line(host: str, text: str) -> None:  # already masked
         if as_json:
-            click.echo(json.dumps({"phase": "logs", "status": "line", "host": host, "detail": text, "v": JSON_VERSION}))
+            click.echo(
+                json.dumps(
+                    {
+                        "phase": "logs",
+                        "status": "line",
+                        "host": host,
+                        "detail": text,
+                        "v": JSON_VERSION,
+                    }
+                )
+            )
         else:
             click.echo(f"[{host}] {text}")
 
@@ -510,8 +743,15 @@ def logs(obj: Context, stage: str | None, service: str | None, lines: int, follo
 @override_options
 @json_option
 @click.pass_obj
-def lock(obj: Context, action: str | None, stage: str | None, reason: str | None, hosts: str | None,
-         sets: tuple[str, ...], as_json: bool) -> None:
+def lock(
+    obj: Context,
+    action: str | None,
+    stage: str | None,
+    reason: str | None,
+    hosts: str | None,
+    sets: tuple[str, ...],
+    as_json: bool,
+) -> None:
     """Hold a stage for maintenance: every host's deploy lock, until `shiplane unlock`.
     `shiplane lock status` shows each host's lock: who, since when, why."""
     from shiplane.commands.operate import lock_stage, lock_status
@@ -521,17 +761,27 @@ def lock(obj: Context, action: str | None, stage: str | None, reason: str | None
             raise click.UsageError("--reason is for taking the lock, not for `lock status`")
         _finish(obj, lock_status(obj.file, stage, obj.masker, hosts=hosts, sets=sets), as_json)
         return
-    _finish(obj, lock_stage(obj.file, stage, obj.masker, hosts=hosts, sets=sets, reason=reason), as_json)
+    _finish(
+        obj, lock_stage(obj.file, stage, obj.masker, hosts=hosts, sets=sets, reason=reason), as_json
+    )
 
 
 @main.command()
 @stage_option
-@click.option("--force", is_flag=True, help="Break a lock held by someone else (recorded in the ledger).")
+@click.option(
+    "--force", is_flag=True, help="Break a lock held by someone else (recorded in the ledger)."
+)
 @override_options
 @json_option
 @click.pass_obj
-def unlock(obj: Context, stage: str | None, force: bool, hosts: str | None, sets: tuple[str, ...],
-           as_json: bool) -> None:
+def unlock(
+    obj: Context,
+    stage: str | None,
+    force: bool,
+    hosts: str | None,
+    sets: tuple[str, ...],
+    as_json: bool,
+) -> None:
     """Release your own `shiplane lock` on every host of a stage (--force: anyone's)."""
     from shiplane.commands.operate import unlock_stage
 
@@ -549,8 +799,18 @@ def _exec_output(as_json: bool, masker: Masker) -> Callable[[str, str, str], Non
     def out(host: str, stream: str, raw: str) -> None:
         text = masker(raw)
         if as_json:
-            click.echo(json.dumps({"phase": "exec", "status": "line", "host": host, "stream": stream, "detail": text,
-                                   "v": JSON_VERSION}))
+            click.echo(
+                json.dumps(
+                    {
+                        "phase": "exec",
+                        "status": "line",
+                        "host": host,
+                        "stream": stream,
+                        "detail": text,
+                        "v": JSON_VERSION,
+                    }
+                )
+            )
         else:
             click.echo(f"{host}: {text}", err=stream == "stderr")
 
@@ -570,39 +830,88 @@ def _has_terminal() -> bool:
     return sys.stdin.isatty() and sys.stdout.isatty()
 
 
-@main.command("exec", context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@main.command(
+    "exec", context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False}
+)
 @stage_option
-@click.option("--host", "names", multiple=True, metavar="NAME", help="This host of the stage (repeatable; default: the primary).")
-@click.option("--all", "every", is_flag=True, help="Every host of the stage, at once (output prefixed by host).")
+@click.option(
+    "--host",
+    "names",
+    multiple=True,
+    metavar="NAME",
+    help="This host of the stage (repeatable; default: the primary).",
+)
+@click.option(
+    "--all",
+    "every",
+    is_flag=True,
+    help="Every host of the stage, at once (output prefixed by host).",
+)
 @override_options
 @json_option
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 @click.pass_obj
-def exec_verb(obj: Context, stage: str | None, names: tuple[str, ...], every: bool, hosts: str | None,
-              sets: tuple[str, ...], as_json: bool, command: tuple[str, ...]) -> None:
+def exec_verb(
+    obj: Context,
+    stage: str | None,
+    names: tuple[str, ...],
+    every: bool,
+    hosts: str | None,
+    sets: tuple[str, ...],
+    as_json: bool,
+    command: tuple[str, ...],
+) -> None:
     """Run `-- COMMAND ARGS...` in the live release, as hooks run: its venv first on PATH, the stage's
     env and secrets, the release as working directory; interactive on a terminal; its exit code is
     shiplane's. Recorded in each host's ledger."""
     from shiplane.commands.exec import run_exec
 
-    result = run_exec(obj.file, stage, command, obj.masker, out=_exec_output(as_json, obj.masker), names=names, every=every,
-                      tty=_has_terminal(), capture=as_json, hosts=hosts, sets=sets)
+    result = run_exec(
+        obj.file,
+        stage,
+        command,
+        obj.masker,
+        out=_exec_output(as_json, obj.masker),
+        names=names,
+        every=every,
+        tty=_has_terminal(),
+        capture=as_json,
+        hosts=hosts,
+        sets=sets,
+    )
     _exec_finish(obj, result, as_json)
 
 
 @main.command()
 @stage_option
-@click.option("--host", "name", metavar="NAME", help="This host of the stage (default: the primary).")
+@click.option(
+    "--host", "name", metavar="NAME", help="This host of the stage (default: the primary)."
+)
 @override_options
 @json_option
 @click.pass_obj
-def console(obj: Context, stage: str | None, name: str | None, hosts: str | None, sets: tuple[str, ...],
-            as_json: bool) -> None:
+def console(
+    obj: Context,
+    stage: str | None,
+    name: str | None,
+    hosts: str | None,
+    sets: tuple[str, ...],
+    as_json: bool,
+) -> None:
     """The app's framework shell in the live release (Django's manage.py shell, Flask's flask shell), as exec runs it."""
     from shiplane.commands.exec import run_console
 
-    result = run_console(obj.file, stage, obj.masker, out=_exec_output(as_json, obj.masker), names=(name,) if name else (),
-                         tty=_has_terminal(), capture=as_json, hosts=hosts, sets=sets)
+    result = run_console(
+        obj.file,
+        stage,
+        obj.masker,
+        out=_exec_output(as_json, obj.masker),
+        names=(name,) if name else (),
+        tty=_has_terminal(),
+        capture=as_json,
+        hosts=hosts,
+        sets=sets,
+    )
     _exec_finish(obj, result, as_json)
 
 

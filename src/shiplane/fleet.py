@@ -78,8 +78,13 @@ class Fleet:
         if host == "local":
             return LocalTransport()
         ssh_config = str(self.project.root / stage.ssh_config) if stage.ssh_config else None
-        return SSHTransport(host, ssh_config=ssh_config, identity_file=stage.identity_file,
-                            options=stage.ssh_options, connect_timeout=stage.connect_timeout)
+        return SSHTransport(
+            host,
+            ssh_config=ssh_config,
+            identity_file=stage.identity_file,
+            options=stage.ssh_options,
+            connect_timeout=stage.connect_timeout,
+        )
 
     def python_for(self, host: str) -> str:
         stage = self.project.deploy.stages[self.stage]
@@ -97,24 +102,45 @@ class Fleet:
 
         def one(host: str) -> AgentSession:
             transport = self._transport(host)
-            failed = prewarm.wait(host, stage.connect_timeout + 5)  # its SSH master, if the CLI started one
+            failed = prewarm.wait(
+                host, stage.connect_timeout + 5
+            )  # its SSH master, if the CLI started one
             if failed is not None:
                 raise HostError(host, transport.explain_failure(*failed), "connect")
-            session = AgentSession(transport, self.root_for(host), self.python_for(host),
-                                   connect_timeout=stage.connect_timeout + 20)
+            session = AgentSession(
+                transport,
+                self.root_for(host),
+                self.python_for(host),
+                connect_timeout=stage.connect_timeout + 20,
+            )
             self.sessions[host] = session
             return session
 
         return self.each("connect", lambda host, _: one(host), hosts=hosts, need_session=False)
 
-    def each(self, phase: str, work: Callable[[str, AgentSession], T], *, hosts: Iterable[str] | None = None,
-             need_session: bool = True, quiet: bool = False) -> dict[str, Outcome]:
+    def each(
+        self,
+        phase: str,
+        work: Callable[[str, AgentSession], T],
+        *,
+        hosts: Iterable[str] | None = None,
+        need_session: bool = True,
+        quiet: bool = False,
+    ) -> dict[str, Outcome]:
         """Run ``work`` on every host (at most ``parallel`` at once); never raises for a host."""
-        targets = [h for h in (hosts if hosts is not None else self.hosts) if not need_session or h in self.sessions]
+        targets = [
+            h
+            for h in (hosts if hosts is not None else self.hosts)
+            if not need_session or h in self.sessions
+        ]
         return dict(self._map(lambda host: (host, self._run(phase, work, host, quiet)), targets))
 
-    def chain(self, steps: Sequence[tuple[str, Callable[[str, AgentSession], Any]]], *,
-              hosts: Iterable[str] | None = None) -> dict[str, dict[str, Outcome]]:
+    def chain(
+        self,
+        steps: Sequence[tuple[str, Callable[[str, AgentSession], Any]]],
+        *,
+        hosts: Iterable[str] | None = None,
+    ) -> dict[str, dict[str, Outcome]]:
         """Run the ``(phase, work)`` steps in order on every host, each host at its own pace (no
         host waits for another between steps); a host that fails a step skips the rest. Returns
         the outcomes per phase, of the hosts that ran it."""
@@ -136,7 +162,9 @@ class Fleet:
                 per_phase[phase][host] = outcome
         return per_phase
 
-    def _run(self, phase: str, work: Callable[[str, AgentSession], Any], host: str, quiet: bool) -> Outcome:
+    def _run(
+        self, phase: str, work: Callable[[str, AgentSession], Any], host: str, quiet: bool
+    ) -> Outcome:
         """One phase on one host: events, timing, and any failure as the host's outcome."""
         with self._idle:
             self._busy += 1
@@ -147,8 +175,9 @@ class Fleet:
                 self._busy -= 1
                 self._idle.notify_all()
 
-    def _run_counted(self, phase: str, work: Callable[[str, AgentSession], Any], host: str,
-                     quiet: bool) -> Outcome:
+    def _run_counted(
+        self, phase: str, work: Callable[[str, AgentSession], Any], host: str, quiet: bool
+    ) -> Outcome:
         started = time.monotonic()
         if not quiet:
             self.emit(Event(phase, "start", host=host))
@@ -163,7 +192,9 @@ class Fleet:
             self.emit(Event(phase, "failed", host=host, detail=exc.message, seconds=seconds))
             return Outcome(False, seconds, error=HostError(host, exc.message))
         seconds = time.monotonic() - started
-        self.timings.setdefault(host, {})[phase] = round(self.timings.get(host, {}).get(phase, 0) + seconds, 3)
+        self.timings.setdefault(host, {})[phase] = round(
+            self.timings.get(host, {}).get(phase, 0) + seconds, 3
+        )
         if not quiet:
             self.emit(Event(phase, "ok", host=host, seconds=seconds))
         return Outcome(True, seconds, result=result)
@@ -202,15 +233,23 @@ class Fleet:
         """Agent events of one host, into our event stream."""
 
         def handler(event: dict[str, Any]) -> None:
-            self.emit(Event(event.get("phase", phase), event.get("status", "progress"), host=host,
-                            detail=str(event.get("detail", "")), bytes=event.get("bytes"),
-                            data={k: v for k, v in event.items() if k == "total"}))
+            self.emit(
+                Event(
+                    event.get("phase", phase),
+                    event.get("status", "progress"),
+                    host=host,
+                    detail=str(event.get("detail", "")),
+                    bytes=event.get("bytes"),
+                    data={k: v for k, v in event.items() if k == "total"},
+                )
+            )
 
         return handler
 
     def close(self) -> None:
         """End every host's session and SSH master, all hosts at once (one at a time, closing
         grew with the host count: ~30 ms each)."""
+
         def close_one(host: str) -> None:
             session = self.sessions.pop(host)
             session.close()

@@ -38,10 +38,18 @@ def services_spec(deploy: DeployFile, stage: str) -> dict[str, Any]:
     """The services part of a switch/start request (see docs/DESIGN.md, "Services")."""
     stage_cfg = deploy.stages[stage]
     web = deploy.services.get("web")
-    spec: dict[str, Any] = {"app": deploy.app.name, "stage": stage, "front": stage_cfg.front, "web": None, "workers": {},
-                            # the local stage runs under the daemon backend even on a systemd laptop
-                            "backend": "daemon" if stage_cfg.backend == "auto" and stage_cfg.is_local else stage_cfg.backend,
-                            "nginx": stage_cfg.nginx.model_dump() if stage_cfg.front == "nginx" else None}
+    spec: dict[str, Any] = {
+        "app": deploy.app.name,
+        "stage": stage,
+        "front": stage_cfg.front,
+        "web": None,
+        "workers": {},
+        # the local stage runs under the daemon backend even on a systemd laptop
+        "backend": "daemon"
+        if stage_cfg.backend == "auto" and stage_cfg.is_local
+        else stage_cfg.backend,
+        "nginx": stage_cfg.nginx.model_dump() if stage_cfg.front == "nginx" else None,
+    }
     if web is not None:
         spec["web"] = {
             "kind": "asgi" if deploy.app.asgi else "wsgi",
@@ -61,19 +69,31 @@ def services_spec(deploy: DeployFile, stage: str) -> dict[str, Any]:
             "options": list(web.options),
             "standby": web.standby,
             "preboot": web.preboot,
-            "health": {"path": web.healthcheck.path, "timeout": web.healthcheck.timeout,
-                       "host": web.healthcheck.host},
+            "health": {
+                "path": web.healthcheck.path,
+                "timeout": web.healthcheck.timeout,
+                "host": web.healthcheck.host,
+            },
             "smoke": [check.model_dump() for check in web.smoke],
         }
     for name, service in deploy.services.items():
         if name != "web":
-            spec["workers"][name] = {"command": service.command, "stop_signal": service.stop_signal,
-                                     "stop_timeout": service.stop_timeout}
+            spec["workers"][name] = {
+                "command": service.command,
+                "stop_signal": service.stop_signal,
+                "stop_timeout": service.stop_timeout,
+            }
     return spec
 
 
-def install_request(deploy: DeployFile, stage: str, rid: str, manifest: dict[str, Any], layered: Layered,
-                    rendered: list[Rendered]) -> dict[str, Any]:
+def install_request(
+    deploy: DeployFile,
+    stage: str,
+    rid: str,
+    manifest: dict[str, Any],
+    layered: Layered,
+    rendered: list[Rendered],
+) -> dict[str, Any]:
     """The ``install`` op's arguments for every host of the stage (they are all the same)."""
     services = services_spec(deploy, stage)
     return {
@@ -83,7 +103,10 @@ def install_request(deploy: DeployFile, stage: str, rid: str, manifest: dict[str
         "python": deploy.stages[stage].python or deploy.app.python,
         # the local stage installs from the user's uv cache, which the build already filled
         "uv_cache": "user" if deploy.stages[stage].is_local else "root",
-        "rendered": [{"path": r.path, "content": r.content, "mode": r.mode, "shared": r.shared} for r in rendered],
+        "rendered": [
+            {"path": r.path, "content": r.content, "mode": r.mode, "shared": r.shared}
+            for r in rendered
+        ],
         "env": env_file_values(layered),
         "shared": {"dirs": list(deploy.shared.dirs), "files": list(deploy.shared.files)},
         "hooks": list(deploy.hooks.after_install),
@@ -131,7 +154,7 @@ def _count(value: int | str, total: int, *, minimum: int) -> int:
 def batches(hosts: list[str], batch: int | str) -> list[list[str]]:
     """Rolling batches: a count or a percentage of the hosts (at least one host per batch)."""
     size = _count(batch, len(hosts), minimum=1)
-    return [hosts[i:i + size] for i in range(0, len(hosts), size)]
+    return [hosts[i : i + size] for i in range(0, len(hosts), size)]
 
 
 def max_failures(max_fail: int | str, batch_size: int) -> int:

@@ -26,12 +26,19 @@ from shiplane.config.layers import Layered
 _SKIPPED_DIRS = {".git", ".shiplane", "__pycache__"}
 
 
-def inputs_digest(root: Path, patterns: Sequence[str], commands: Sequence[str], layered: Layered) -> str:
+def inputs_digest(
+    root: Path, patterns: Sequence[str], commands: Sequence[str], layered: Layered
+) -> str:
     """The digest of the files matching ``patterns`` under ``root`` (path and content), the
     hook ``commands`` and the stage's config and env (secrets print masked, so they are out)."""
     digest = hashlib.sha256()
-    digest.update(json.dumps({"commands": list(commands), "config": layered.config, "env": layered.env},
-                             sort_keys=True, default=str).encode())
+    digest.update(
+        json.dumps(
+            {"commands": list(commands), "config": layered.config, "env": layered.env},
+            sort_keys=True,
+            default=str,
+        ).encode()
+    )
     for path in _matching(root, patterns):
         digest.update(b"\0" + path.relative_to(root).as_posix().encode() + b"\0")
         digest.update(hashlib.sha256(path.read_bytes()).digest())

@@ -32,13 +32,24 @@ Status = Literal["ok", "failed", "skipped"]
 
 # The deploy's steps, in the order `shiplane deploy` runs them (commands/deploy.py, README "The
 # deploy pipeline"); each candidate is verified (health, smoke) inside `switch`.
-PIPELINE: tuple[str, ...] = ("gate", "build", "lock", "copy", "install", "release", "switch", "finalize")
+PIPELINE: tuple[str, ...] = (
+    "gate",
+    "build",
+    "lock",
+    "copy",
+    "install",
+    "release",
+    "switch",
+    "finalize",
+)
 # lock, copy and install run on each host as one chain (a slow host delays no other): user tasks
 # hook around the chain as a whole, before `lock` or after `install`, never inside it.
 CHAIN: tuple[str, ...] = ("lock", "copy", "install")
 # Where each pipeline step acts: shown by `shiplane tasks`; the deploy code implements them.
 PIPELINE_SCOPES: dict[str, Scope] = {
-    "gate": "local", "build": "local", "release": "primary",
+    "gate": "local",
+    "build": "local",
+    "release": "primary",
 }
 _SCOPE = re.compile(r"^(local|all|primary|role:[A-Za-z0-9][A-Za-z0-9_.-]*)$")
 
@@ -63,8 +74,13 @@ class GraphError(ConfigError):
 class TaskGraph:
     """A checked, acyclic graph of pipeline steps and user tasks. Build it with :meth:`build`."""
 
-    def __init__(self, tasks: dict[str, Task], pipeline: tuple[str, ...],
-                 deps: dict[str, tuple[str, ...]], slots: dict[str, set[str]]) -> None:
+    def __init__(
+        self,
+        tasks: dict[str, Task],
+        pipeline: tuple[str, ...],
+        deps: dict[str, tuple[str, ...]],
+        slots: dict[str, set[str]],
+    ) -> None:
         self.tasks = tasks
         self.pipeline = pipeline
         self._deps = deps  # name -> names it waits for (hard)
@@ -81,14 +97,18 @@ class TaskGraph:
             if key != task.name:
                 problems.append(f'task "{key}" is defined with the name "{task.name}"')
             elif key in tasks:
-                problems.append(f'task "{key}" has the name of a pipeline step; rename it '
-                                f'(the pipeline steps are {", ".join(pipeline)})')
+                problems.append(
+                    f'task "{key}" has the name of a pipeline step; rename it '
+                    f"(the pipeline steps are {', '.join(pipeline)})"
+                )
             else:
                 tasks[key] = task
         for task in user_tasks.values():
             if not _SCOPE.match(task.on):
-                problems.append(f'task "{task.name}": on = "{task.on}" is not a scope; use '
-                                '"local", "all", "primary" or "role:NAME"')
+                problems.append(
+                    f'task "{task.name}": on = "{task.on}" is not a scope; use '
+                    '"local", "all", "primary" or "role:NAME"'
+                )
             for kind in ("needs", "before", "after"):
                 for ref in getattr(task, kind):
                     if ref not in tasks:
@@ -106,9 +126,11 @@ class TaskGraph:
         hard = {name: tuple(dict.fromkeys(d)) for name, d in deps.items()}
         cycle = _find_cycle(list(tasks), hard, user_first=set(user_tasks))
         if cycle:
-            raise GraphError("tasks form a cycle: " + " -> ".join(cycle),
-                             hint="each task must run before the next one; remove one of their "
-                                  "needs/before/after entries")
+            raise GraphError(
+                "tasks form a cycle: " + " -> ".join(cycle),
+                hint="each task must run before the next one; remove one of their "
+                "needs/before/after entries",
+            )
         return cls(tasks, tuple(pipeline), hard, _hook_slots(tasks, tuple(pipeline), hard))
 
     def task(self, name: str) -> Task:
@@ -138,8 +160,11 @@ class TaskGraph:
         runs, and their dependencies, in a topological order with hooks between their steps."""
         selected = set(self.closure(self.pipeline))
         while True:
-            hooked = [t.name for t in self.tasks.values() if t.name not in selected
-                      and selected.intersection((*t.before, *t.after))]
+            hooked = [
+                t.name
+                for t in self.tasks.values()
+                if t.name not in selected and selected.intersection((*t.before, *t.after))
+            ]
             if not hooked:
                 return self.order(selected)
             selected.update(self.closure(hooked))
@@ -155,9 +180,11 @@ class TaskGraph:
                 pending.append(name)
                 continue
             if pending and name in CHAIN[1:]:
-                raise GraphError(f"task {pending[0]!r} would run between {CHAIN[CHAIN.index(name) - 1]!r} and "
-                                 f"{name!r}, which run on each host as one chain",
-                                 hint='hook it before = ["lock"] or after = ["install"] instead')
+                raise GraphError(
+                    f"task {pending[0]!r} would run between {CHAIN[CHAIN.index(name) - 1]!r} and "
+                    f"{name!r}, which run on each host as one chain",
+                    hint='hook it before = ["lock"] or after = ["install"] instead',
+                )
             points[name], pending = pending, []
         points[""] = pending
         return {step: tasks for step, tasks in points.items() if tasks}
@@ -217,9 +244,17 @@ class TaskGraph:
             "pipeline": list(self.pipeline),
             "deploy": deploy,
             "tasks": [
-                {"name": t.name, "run": t.run, "on": t.on, "builtin": t.builtin,
-                 "needs": list(t.needs), "before": list(t.before), "after": list(t.after),
-                 "dependencies": list(self._deps[t.name]), "in_deploy": t.name in deploy}
+                {
+                    "name": t.name,
+                    "run": t.run,
+                    "on": t.on,
+                    "builtin": t.builtin,
+                    "needs": list(t.needs),
+                    "before": list(t.before),
+                    "after": list(t.after),
+                    "dependencies": list(self._deps[t.name]),
+                    "in_deploy": t.name in deploy,
+                }
                 for t in self.tasks.values()
             ],
         }
@@ -231,8 +266,11 @@ class TaskGraph:
     def _line(self, name: str, width: int) -> str:
         task = self.tasks[name]
         mark = "*" if task.builtin else " "
-        parts = [f"{kind} {', '.join(getattr(task, kind))}"
-                 for kind in ("needs", "before", "after") if getattr(task, kind)]
+        parts = [
+            f"{kind} {', '.join(getattr(task, kind))}"
+            for kind in ("needs", "before", "after")
+            if getattr(task, kind)
+        ]
         text = f"  {mark} {name:<{width}}  {task.on:<10}  {'; '.join(parts) or '-'}"
         return f"{text}  $ {task.run}" if task.run else text
 
@@ -243,8 +281,9 @@ def _unknown(name: str, known: Iterable[str]) -> str:
     return f'unknown task "{name}"' + (f'; did you mean "{close[0]}"?' if close else "")
 
 
-def _find_cycle(names: list[str], deps: Mapping[str, Sequence[str]],
-                user_first: set[str]) -> list[str] | None:
+def _find_cycle(
+    names: list[str], deps: Mapping[str, Sequence[str]], user_first: set[str]
+) -> list[str] | None:
     """A cycle in run order (a -> b: a runs before b), closed (first == last), or None."""
     state: dict[str, int] = {}  # 1 = on the DFS path, 2 = done
     for root in names:
@@ -258,7 +297,7 @@ def _find_cycle(names: list[str], deps: Mapping[str, Sequence[str]],
                 state[path.pop()] = 2
                 iters.pop()
             elif state.get(nxt) == 1:
-                waits = path[path.index(nxt):]  # each waits for the next, the last for nxt
+                waits = path[path.index(nxt) :]  # each waits for the next, the last for nxt
                 run_order = waits[::-1]
                 # Start at a user task if one is involved: that is what the user can change.
                 start = min(run_order, key=lambda n: (n not in user_first, n))
@@ -272,8 +311,9 @@ def _find_cycle(names: list[str], deps: Mapping[str, Sequence[str]],
     return None
 
 
-def _hook_slots(tasks: Mapping[str, Task], pipeline: tuple[str, ...],
-                deps: Mapping[str, Sequence[str]]) -> dict[str, set[str]]:
+def _hook_slots(
+    tasks: Mapping[str, Task], pipeline: tuple[str, ...], deps: Mapping[str, Sequence[str]]
+) -> dict[str, set[str]]:
     """Ordering edges that keep hooks between pipeline steps (see the module docstring).
     A hook of a hook inherits its slot: `after = ["warm"]` where warm runs after release also
     runs before switch. Edges that would close a cycle are left out."""
@@ -341,9 +381,14 @@ class RunResult:
         return [n for n, o in self.outcomes.items() if o.status == "failed"]
 
 
-def run_graph(graph: TaskGraph, names: Sequence[str], runner: Callable[[Task], None], *,
-              max_workers: int = 4,
-              on_event: Callable[[str, str, float], None] | None = None) -> RunResult:
+def run_graph(
+    graph: TaskGraph,
+    names: Sequence[str],
+    runner: Callable[[Task], None],
+    *,
+    max_workers: int = 4,
+    on_event: Callable[[str, str, float], None] | None = None,
+) -> RunResult:
     """Runs `names` (already closed over dependencies; edges to tasks outside it are ignored)
     with independent tasks in parallel: a task starts as soon as everything it waits for
     succeeded. A runner that raises marks the task failed; its dependents (transitively) are
@@ -405,14 +450,26 @@ def _describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"
 
 
-def run_local_command(command: str, *, cwd: Path, env: Mapping[str, str], timeout: float | None,
-                      output: Callable[[str], None]) -> None:
+def run_local_command(
+    command: str,
+    *,
+    cwd: Path,
+    env: Mapping[str, str],
+    timeout: float | None,
+    output: Callable[[str], None],
+) -> None:
     """Runs `command` with /bin/sh -c in its own process group, streaming its output lines
     (stdout and stderr merged) to `output`. On timeout the whole group gets SIGTERM, then
     SIGKILL after a grace period. Raises OperationError naming the exit code or the timeout."""
-    proc = subprocess.Popen(["/bin/sh", "-c", command], cwd=cwd, env=dict(env),
-                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        ["/bin/sh", "-c", command],
+        cwd=cwd,
+        env=dict(env),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     assert proc.stdout is not None
     stream = proc.stdout
 
@@ -427,13 +484,17 @@ def run_local_command(command: str, *, cwd: Path, env: Mapping[str, str], timeou
     except subprocess.TimeoutExpired:
         _kill_group(proc)
         reader.join(timeout=2)
-        raise OperationError(f"`{command}` timed out after {timeout:g} s; its processes were "
-                             "killed") from None
+        raise OperationError(
+            f"`{command}` timed out after {timeout:g} s; its processes were killed"
+        ) from None
     # A background child may keep the pipe open after the shell exits: do not wait for it forever.
     reader.join(timeout=2)
     if code != 0:
-        how = (f"was killed by {signal.Signals(-code).name}" if code < 0
-               else f"failed with exit code {code}")
+        how = (
+            f"was killed by {signal.Signals(-code).name}"
+            if code < 0
+            else f"failed with exit code {code}"
+        )
         raise OperationError(f"`{command}` {how}")
 
 

@@ -33,7 +33,13 @@ _CONTROL = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b[@-_]|[\x00-\x1f\x7f]")
 class Reporter:
     """Consumes events. ``mode`` is "live" (a terminal), "plain" or "json"."""
 
-    def __init__(self, mode: str, masker: Masker | None = None, stream: TextIO | None = None, verbose: bool = False) -> None:
+    def __init__(
+        self,
+        mode: str,
+        masker: Masker | None = None,
+        stream: TextIO | None = None,
+        verbose: bool = False,
+    ) -> None:
         self.mode = mode
         self.mask = masker or Masker()
         self.stream = stream or sys.stderr
@@ -77,10 +83,17 @@ class Reporter:
                 loose = self._board.feed(event)
             # printed outside our lock: the live display's refresh holds its own lock, then takes ours
             if event.status == "output" and self.verbose:
-                self._live.console.print(self.mask(self._line(event)), highlight=False, markup=False)
+                self._live.console.print(
+                    self.mask(self._line(event)), highlight=False, markup=False
+                )
             elif loose or event.status == "failed":  # one line each: the summary tells it whole
-                self._live.console.print(self.mask(self._line(event)), highlight=False, markup=False,
-                                         no_wrap=True, overflow="ellipsis")
+                self._live.console.print(
+                    self.mask(self._line(event)),
+                    highlight=False,
+                    markup=False,
+                    no_wrap=True,
+                    overflow="ellipsis",
+                )
             return
         if event.status in ("progress", "output") and not self.verbose:
             return
@@ -121,7 +134,13 @@ class _View:
             yield row.text()
 
 
-STYLES = {"running": "cyan", "ok": "green", "failed": "bold red", "waiting": "dim", "stopped": "yellow"}
+STYLES = {
+    "running": "cyan",
+    "ok": "green",
+    "failed": "bold red",
+    "waiting": "dim",
+    "stopped": "yellow",
+}
 ICONS = {"ok": "✓", "failed": "✗", "waiting": "·", "stopped": "-"}
 
 
@@ -228,7 +247,7 @@ class Board:
             return
         if status in ("ok", "skipped", "failed"):
             if phase in track.stack[1:]:  # a step inside the running one ended
-                del track.stack[track.stack.index(phase):]
+                del track.stack[track.stack.index(phase) :]
                 if status != "failed":
                     track.detail = _sub_detail(track.step, event)
                     return
@@ -247,7 +266,13 @@ class Board:
             track.detail = _sub_detail(track.step, event)
 
     def _finish(self, track: Track, event: Event) -> None:
-        seconds = event.seconds if event.seconds is not None else max(0.0, event.at - track.started) if track.stack else 0.0
+        seconds = (
+            event.seconds
+            if event.seconds is not None
+            else max(0.0, event.at - track.started)
+            if track.stack
+            else 0.0
+        )
         track.stack, track.seconds = [], seconds
         track.total_seconds += seconds
         track.sent = track.total = 0
@@ -272,15 +297,20 @@ class Board:
         """The rows to draw at ``now``, none wider than ``width`` cells."""
         now = self.closed_at if self.closed_at is not None else now
         hosts = sorted(self.hosts.items())
-        shown: list[tuple[str, str, str, str, str]] = [self._controller_row(t, now) for t in self.controller.values()]
+        shown: list[tuple[str, str, str, str, str]] = [
+            self._controller_row(t, now) for t in self.controller.values()
+        ]
         if len(hosts) > MAX_HOST_ROWS:
             shown.append(self._counts_row([t for _, t in hosts], now))
         else:
             shown.extend(self._host_row(t, now) for _, t in hosts)
         label_width = min(20, max((_cells(mask(r[1])) for r in shown), default=0))
         # a steady column: the time does not shift each time a host's step changes name
-        step_width = max([len(r[2]) for r in shown] + [len(s) for s in self.order if len(hosts) <= MAX_HOST_ROWS],
-                         default=0)
+        step_width = max(
+            [len(r[2]) for r in shown]
+            + [len(s) for s in self.order if len(hosts) <= MAX_HOST_ROWS],
+            default=0,
+        )
         step_width = max(step_width, 8) if step_width else 0
         out = []
         for state, label, step, clock, detail in shown:
@@ -308,12 +338,21 @@ class Board:
     def _counts_row(self, tracks: list[Track], now: float) -> tuple[str, str, str, str, str]:
         counts: dict[str, list[int]] = {}
         for track in tracks:
-            step = "done" if self.closed_at is not None and not track.failed else track.step or "waiting"
+            step = (
+                "done"
+                if self.closed_at is not None and not track.failed
+                else track.step or "waiting"
+            )
             count = counts.setdefault(step, [0, 0])
             count[0] += 1
             count[1] += track.failed
-        order = [s for s in ["done", *reversed(self.order)] if s in counts] + [s for s in counts if s not in self.order and s != "done"]
-        detail = ", ".join(f"{counts[s][0]} {s}" + (f" ({counts[s][1]} failed)" if counts[s][1] else "") for s in order)
+        order = [s for s in ["done", *reversed(self.order)] if s in counts] + [
+            s for s in counts if s not in self.order and s != "done"
+        ]
+        detail = ", ".join(
+            f"{counts[s][0]} {s}" + (f" ({counts[s][1]} failed)" if counts[s][1] else "")
+            for s in order
+        )
         # the clock: while running, the oldest step still running (a host that is stuck shows);
         # then the longest host's time
         starts = [t.started for t in tracks if t.running]
@@ -390,8 +429,10 @@ def fit_lines(lines: list[str], width: int) -> list[str]:
             out.append(line)
             continue
         indent = " " * min(len(line) - len(line.lstrip(" ")) + 4, width // 4)
-        out.extend(textwrap.wrap(line, width, subsequent_indent=indent, break_on_hyphens=False)
-                   or [line[:width]])
+        out.extend(
+            textwrap.wrap(line, width, subsequent_indent=indent, break_on_hyphens=False)
+            or [line[:width]]
+        )
     return out
 
 
@@ -404,7 +445,12 @@ def human_bytes(n: int) -> str:
     return f"{n} B"
 
 
-def print_table(rows: list[dict[str, Any]], columns: list[str], masker: Masker, out: Callable[[str], None] | None = None) -> None:
+def print_table(
+    rows: list[dict[str, Any]],
+    columns: list[str],
+    masker: Masker,
+    out: Callable[[str], None] | None = None,
+) -> None:
     """A plain table on stdout (read verbs' text output)."""
     from rich.console import Console
     from rich.table import Table
@@ -414,5 +460,7 @@ def print_table(rows: list[dict[str, Any]], columns: list[str], masker: Masker, 
     for column in columns:
         table.add_column(column)
     for row in rows:
-        table.add_row(*(masker(str(row.get(c, "") if row.get(c) is not None else "")) for c in columns))
+        table.add_row(
+            *(masker(str(row.get(c, "") if row.get(c) is not None else "")) for c in columns)
+        )
     console.print(table)

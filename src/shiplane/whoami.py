@@ -17,8 +17,13 @@ class Holder:
     command: str
 
     def to_json(self) -> dict[str, Any]:
-        return {"user": self.user, "host": self.host, "pid": self.pid, "command": self.command,
-                "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        return {
+            "user": self.user,
+            "host": self.host,
+            "pid": self.pid,
+            "command": self.command,
+            "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
 
 
 def holder(command: str, pid: int) -> Holder:

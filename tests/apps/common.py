@@ -23,8 +23,12 @@ from deployhelp import wait_for  # noqa: F401 - re-exported for the app helpers
 
 CACHE = Path(os.environ.get("SHIPLANE_TESTS_CACHE", Path.home() / ".cache" / "shiplane-tests"))
 PY_VERSION = f"{sys.version_info.major}.{sys.version_info.minor}"
-GIT_ENV = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
-           "GIT_COMMITTER_EMAIL": "t@t"}
+GIT_ENV = {
+    "GIT_AUTHOR_NAME": "t",
+    "GIT_AUTHOR_EMAIL": "t@t",
+    "GIT_COMMITTER_NAME": "t",
+    "GIT_COMMITTER_EMAIL": "t@t",
+}
 
 
 def _uv() -> str:
@@ -52,8 +56,23 @@ def compiled_lock(requirements: Sequence[str]) -> str:
     tmp = out.with_suffix(f".tmp.{os.getpid()}")
     src.write_text(text)
     try:
-        subprocess.run([_uv(), "pip", "compile", "-q", "--no-header", "--python-version", PY_VERSION,
-                        str(src), "-o", str(tmp)], check=True, capture_output=True, text=True)
+        subprocess.run(
+            [
+                _uv(),
+                "pip",
+                "compile",
+                "-q",
+                "--no-header",
+                "--python-version",
+                PY_VERSION,
+                str(src),
+                "-o",
+                str(tmp),
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
         os.replace(tmp, out)
     finally:
         src.unlink(missing_ok=True)
@@ -82,10 +101,27 @@ def _make_venv(venv: Path, lock: str) -> None:
     req = venv.with_name(venv.name + f".{os.getpid()}.txt")
     req.write_text(lock)
     try:
-        subprocess.run([_uv(), "venv", "-q", "--python", sys.executable, str(venv)], check=True,
-                       capture_output=True, text=True)
-        subprocess.run([_uv(), "pip", "install", "-q", "--python", str(venv / "bin" / "python"),
-                        "-r", str(req)], check=True, capture_output=True, text=True)
+        subprocess.run(
+            [_uv(), "venv", "-q", "--python", sys.executable, str(venv)],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        subprocess.run(
+            [
+                _uv(),
+                "pip",
+                "install",
+                "-q",
+                "--python",
+                str(venv / "bin" / "python"),
+                "-r",
+                str(req),
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
         (venv / ".complete").write_text("")
     finally:
         req.unlink(missing_ok=True)
@@ -107,10 +143,18 @@ def http_get(url: str, timeout: float = 5) -> tuple[int, bytes]:
 
 def run(cmd: Sequence[str], cwd: Path, env: dict[str, str] | None = None) -> str:
     """Run a framework tool; fail the test with its output when it fails."""
-    done = subprocess.run(list(cmd), cwd=cwd, capture_output=True, text=True, check=False,
-                          env={**os.environ, **(env or {})})
+    done = subprocess.run(
+        list(cmd),
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, **(env or {})},
+    )
     if done.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} exited {done.returncode}:\n{done.stdout}\n{done.stderr}")
+        raise AssertionError(
+            f"{' '.join(cmd)} exited {done.returncode}:\n{done.stdout}\n{done.stderr}"
+        )
     return done.stdout
 
 
@@ -143,9 +187,15 @@ class App:
     stage: str = "local"
 
     def shiplane(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "shiplane", *args], cwd=self.root, check=False,
-                              capture_output=True, text=True, timeout=timeout,
-                              env={**os.environ, **self.env, "NO_COLOR": "1"})
+        return subprocess.run(
+            [sys.executable, "-m", "shiplane", *args],
+            cwd=self.root,
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env={**os.environ, **self.env, "NO_COLOR": "1"},
+        )
 
     def deploy(self, *extra: str, check: bool = True) -> Deployed:
         done = self.shiplane("deploy", "--stage", self.stage, "--json", *extra)
@@ -168,8 +218,9 @@ class App:
     def json(self, *args: str) -> Any:
         done = self.shiplane(*args, "--json")
         if done.returncode != 0:
-            raise AssertionError(f"shiplane {' '.join(args)} exited {done.returncode}:\n"
-                                 f"{done.stdout}\n{done.stderr}")
+            raise AssertionError(
+                f"shiplane {' '.join(args)} exited {done.returncode}:\n{done.stdout}\n{done.stderr}"
+            )
         return json.loads(done.stdout)["result"]
 
     def get(self, path: str = "/") -> tuple[int, bytes]:

@@ -15,7 +15,7 @@ LOGO = b'<svg xmlns="http://www.w3.org/2000/svg" width="8" height="8"><rect widt
 
 DEV_NOTES = "from notes.models import Note\nfor i in range(5): Note.objects.create(text='dev')"
 
-VIEWS = '''from django.http import HttpResponse
+VIEWS = """from django.http import HttpResponse
 from django.templatetags.static import static
 
 from .models import Note
@@ -34,16 +34,16 @@ def index(request):
 
 def up(request):
     return HttpResponse("ok")
-'''
+"""
 
-MODELS = '''from django.db import models
+MODELS = """from django.db import models
 
 
 class Note(models.Model):
     text = models.CharField(max_length=200)
-'''
+"""
 
-URLS = '''from django.urls import path
+URLS = """from django.urls import path
 
 from notes import views
 
@@ -51,9 +51,9 @@ urlpatterns = [
     path("", views.index),
     path("up", views.up),
 ]
-'''
+"""
 
-TOML = '''[app]
+TOML = """[app]
 name = "mysite"
 wsgi = "mysite.wsgi:application"
 
@@ -82,7 +82,7 @@ release = "python manage.py migrate --noinput"
 hosts = ["local"]
 deploy_to = "{deploy_to}"
 port = {port}
-'''
+"""
 
 
 def _settings(text: str) -> str:

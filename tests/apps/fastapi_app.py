@@ -11,7 +11,7 @@ from .common import App, compiled_lock, new_app, write
 REQUIREMENTS = ["fastapi>=0.110", "uvicorn>=0.29", "gunicorn>=22"]
 STYLE = b"body { color: #123456; }\n"
 
-MAIN = '''import os
+MAIN = """import os
 import sqlite3
 from contextlib import asynccontextmanager
 
@@ -48,9 +48,9 @@ def index():
         db.execute("INSERT INTO visits DEFAULT VALUES")
         count = db.execute("SELECT COUNT(*) FROM visits").fetchone()[0]
     return f'<h1>fastapi visits: {count}</h1><p>version: v1</p><link rel="stylesheet" href="/static/style.css">'
-'''
+"""
 
-TOML = '''[app]
+TOML = """[app]
 name = "visits"
 asgi = "main:app"
 
@@ -72,7 +72,7 @@ VISITS_DB = "var/visits.sqlite3"
 hosts = ["local"]
 deploy_to = "{deploy_to}"
 port = {port}
-'''
+"""
 
 
 def make_fastapi(root: Path, deploy_to: Path) -> App:

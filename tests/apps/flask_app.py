@@ -78,11 +78,11 @@ def create_app():
     return app
 '''
 
-BASE = '''GREETING = "flask notes"
+BASE = """GREETING = "flask notes"
 DATABASE = "notes.sqlite3"
-'''
+"""
 
-TOML = '''[app]
+TOML = """[app]
 name = "flasknotes"
 wsgi = "app:create_app()"
 
@@ -109,7 +109,7 @@ setup = "flask --app app init-db"
 hosts = ["local"]
 deploy_to = "{deploy_to}"
 port = {port}
-'''
+"""
 
 
 def make_flask(root: Path, deploy_to: Path) -> App:

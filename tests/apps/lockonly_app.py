@@ -9,7 +9,7 @@ from .common import App, compiled_lock, new_app, write
 
 REQUIREMENTS = ["werkzeug>=3.0", "gunicorn>=22"]
 
-TOML = '''[app]
+TOML = """[app]
 name = "wsgiinfo"
 wsgi = "werkzeug.testapp:test_app"
 
@@ -22,7 +22,7 @@ smoke = [{{ path = "/", expect = "WSGI Information" }}]
 hosts = ["local"]
 deploy_to = "{deploy_to}"
 port = {port}
-'''
+"""
 
 
 def make_lock_only(root: Path, deploy_to: Path) -> App:

@@ -119,5 +119,5 @@ def pid_alive(pid: int) -> bool:
             return True
         return True
     # state is the field after the parenthesised command name, which may itself hold spaces
-    state = stat[stat.rfind(b")") + 2:][:1]
+    state = stat[stat.rfind(b")") + 2 :][:1]
     return state not in (b"Z", b"X", b"")

@@ -1,17 +1,18 @@
 """``python -m shiplane.agent <cmd>`` (or ``python3 -S agent-<sha> <cmd>`` on a host).
 
-    serve <root>                              the session loop (JSON lines on stdin/stdout)
-    exec-env <root> <release_id> -- cmd ...   exec cmd in the release dir with its runtime env
-    after-switch <root> <release_id> [old...] after a switch: forget old servers, keep a spare
-    proxy ...                                 the builtin front proxy
+serve <root>                              the session loop (JSON lines on stdin/stdout)
+exec-env <root> <release_id> -- cmd ...   exec cmd in the release dir with its runtime env
+after-switch <root> <release_id> [old...] after a switch: forget old servers, keep a spare
+proxy ...                                 the builtin front proxy
 """
 
 from __future__ import annotations
 
 import sys
 
-USAGE = ("usage: agent serve <root> | agent exec-env <root> <release_id> -- cmd... "
-         "| agent proxy ...\n")
+USAGE = (
+    "usage: agent serve <root> | agent exec-env <root> <release_id> -- cmd... | agent proxy ...\n"
+)
 
 
 def main(argv: list[str]) -> int:
@@ -43,8 +44,12 @@ def main(argv: list[str]) -> int:
         from .runtime import valid_release_id
         from .services import after_switch
 
-        after_switch(Layout(rest[0]), valid_release_id(rest[1]),
-                     [valid_release_id(r) for r in rest[2:]], lambda event: None)
+        after_switch(
+            Layout(rest[0]),
+            valid_release_id(rest[1]),
+            [valid_release_id(r) for r in rest[2:]],
+            lambda event: None,
+        )
         return 0
     if cmd == "proxy":
         from . import proxy

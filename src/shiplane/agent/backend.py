@@ -65,8 +65,9 @@ class Backend(Protocol):
     def wait_front(self, spec: dict[str, Any]) -> None:
         """Return once a front started by ``ensure_front(wait=False)`` listens (AgentError)."""
 
-    def restart_workers(self, spec: dict[str, Any], release_id: str, emit: Emit,
-                        only: set[str] | None = None) -> dict[str, Any]:
+    def restart_workers(
+        self, spec: dict[str, Any], release_id: str, emit: Emit, only: set[str] | None = None
+    ) -> dict[str, Any]:
         """Worker services run ``release_id``; returns ``{workers: [names], killed: [...]}``,
         ``killed`` naming each worker that outlived its grace period and was killed."""
 
@@ -91,14 +92,22 @@ class Backend(Protocol):
 
 # --- the commands (the same under every backend) -----------------------------------------------
 
-def web_argv(layout: Layout, release_id: str, web: dict[str, Any],
-             version_of: str | None = None) -> list[str]:
+
+def web_argv(
+    layout: Layout, release_id: str, web: dict[str, Any], version_of: str | None = None
+) -> list[str]:
     """The release's gunicorn on ``run/web-<id>.sock``, through ``exec-env`` (its env file).
 
     ``version_of``: the release whose gunicorn version decides the options (a systemd template
     is rendered for a placeholder release id)."""
-    return [*agent_command(), "exec-env", str(layout.root), release_id, "--",
-            *gunicorn_argv(layout, release_id, web, version_of)]
+    return [
+        *agent_command(),
+        "exec-env",
+        str(layout.root),
+        release_id,
+        "--",
+        *gunicorn_argv(layout, release_id, web, version_of),
+    ]
 
 
 def preboot_argv(layout: Layout, release_id: str, web: dict[str, Any]) -> list[str] | None:
@@ -111,8 +120,14 @@ def preboot_argv(layout: Layout, release_id: str, web: dict[str, Any]) -> list[s
     python = layout.venv(digest) / "bin" / "python" if digest else None
     if python is None or not python.exists():
         return None
-    return [str(python), str(Path(__file__).with_name("preboot.py")), str(layout.root), release_id,
-            "--", *gunicorn_argv(layout, release_id, web)]
+    return [
+        str(python),
+        str(Path(__file__).with_name("preboot.py")),
+        str(layout.root),
+        release_id,
+        "--",
+        *gunicorn_argv(layout, release_id, web),
+    ]
 
 
 def web_go(layout: Layout, release_id: str) -> Path:
@@ -160,16 +175,27 @@ def web_gave_up(layout: Layout, release_id: str) -> Path:
     return layout.run / f"web-{release_id}.gaveup"
 
 
-def gunicorn_argv(layout: Layout, release_id: str, web: dict[str, Any],
-                  version_of: str | None = None) -> list[str]:
+def gunicorn_argv(
+    layout: Layout, release_id: str, web: dict[str, Any], version_of: str | None = None
+) -> list[str]:
     sock = layout.release_socket(release_id)
     if len(str(sock).encode()) > MAX_SOCKET_PATH:
-        raise AgentError(f"the socket path {sock} is longer than {MAX_SOCKET_PATH} bytes "
-                         f"(a unix socket limit): use a shorter deploy_to", kind="usage")
-    argv = ["gunicorn", "--bind", f"unix:{sock}",
-            "--workers", str(int(web.get("workers") or 2)),
-            "--timeout", str(int(web.get("timeout") or 30)),
-            "--graceful-timeout", str(graceful_timeout(web))]
+        raise AgentError(
+            f"the socket path {sock} is longer than {MAX_SOCKET_PATH} bytes "
+            f"(a unix socket limit): use a shorter deploy_to",
+            kind="usage",
+        )
+    argv = [
+        "gunicorn",
+        "--bind",
+        f"unix:{sock}",
+        "--workers",
+        str(int(web.get("workers") or 2)),
+        "--timeout",
+        str(int(web.get("timeout") or 30)),
+        "--graceful-timeout",
+        str(graceful_timeout(web)),
+    ]
     if gunicorn_major(layout, version_of or release_id) >= 27:
         # gunicorn 27 opens a control socket in ~/.gunicorn by default; blue and green would fight
         # over that one path, so each release gets its own next to its web socket
@@ -191,9 +217,13 @@ def server_options(web: dict[str, Any]) -> list[str]:
     """gunicorn's options from ``[services.web]``'s own keys, then its pass-through ``options``
     (checked against gunicorn's names when the deploy file was loaded)."""
     argv: list[str] = []
-    for key, flag in (("threads", "--threads"), ("max_requests", "--max-requests"),
-                      ("max_requests_jitter", "--max-requests-jitter"), ("keepalive", "--keep-alive"),
-                      ("forwarded_allow_ips", "--forwarded-allow-ips")):
+    for key, flag in (
+        ("threads", "--threads"),
+        ("max_requests", "--max-requests"),
+        ("max_requests_jitter", "--max-requests-jitter"),
+        ("keepalive", "--keep-alive"),
+        ("forwarded_allow_ips", "--forwarded-allow-ips"),
+    ):
         if web.get(key) is not None:
             argv.append(f"{flag}={web[key]}")
     if web.get("access_log"):
@@ -213,7 +243,7 @@ def gunicorn_major(layout: Layout, release_id: str) -> int:
         return 0
     venv = layout.venv(str(meta.get("dependency_digest") or "none"))
     for info in venv.glob("lib/python*/site-packages/gunicorn-*.dist-info"):
-        version = info.name[len("gunicorn-"):-len(".dist-info")]
+        version = info.name[len("gunicorn-") : -len(".dist-info")]
         head = version.split(".")[0]
         if head.isdigit():
             return int(head)
@@ -235,8 +265,16 @@ def check_worker(name: str, worker: dict[str, Any]) -> tuple[str, float]:
 def worker_argv(layout: Layout, name: str, worker: dict[str, Any], release_id: str) -> list[str]:
     """``sh -c <command>`` in the release dir with its env."""
     check_worker(name, worker)
-    return [*agent_command(), "exec-env", str(layout.root), release_id, "--",
-            "/bin/sh", "-c", str(worker["command"])]
+    return [
+        *agent_command(),
+        "exec-env",
+        str(layout.root),
+        release_id,
+        "--",
+        "/bin/sh",
+        "-c",
+        str(worker["command"]),
+    ]
 
 
 def front_listen(spec: dict[str, Any]) -> str:
@@ -249,8 +287,16 @@ def front_listen(spec: dict[str, Any]) -> str:
 
 def front_argv(layout: Layout, spec: dict[str, Any]) -> list[str]:
     """The builtin proxy from the public port to ``run/web.sock``."""
-    return [*agent_command(), "proxy", "--listen", front_listen(spec),
-            "--upstream", str(layout.web_socket), "--ready", str(front_ready(layout))]
+    return [
+        *agent_command(),
+        "proxy",
+        "--listen",
+        front_listen(spec),
+        "--upstream",
+        str(layout.web_socket),
+        "--ready",
+        str(front_ready(layout)),
+    ]
 
 
 def front_ready(layout: Layout) -> Path:

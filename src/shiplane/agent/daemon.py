@@ -49,14 +49,26 @@ def web_program(release_id: str) -> str:
 
 
 def _log_options(layout: Layout, name: str) -> dict[str, object]:
-    return {"redirect_stderr": True, "stdout_logfile": layout.log / f"{name}.log",
-            "stdout_logfile_maxbytes": "50MB", "stdout_logfile_backups": 5}
+    return {
+        "redirect_stderr": True,
+        "stdout_logfile": layout.log / f"{name}.log",
+        "stdout_logfile_maxbytes": "50MB",
+        "stdout_logfile_backups": 5,
+    }
 
 
 def web_options(layout: Layout, web: dict[str, Any]) -> dict[str, object]:
-    return {"autostart": True, "autorestart": True, "startsecs": 1, "startretries": 3,
-            "stopsignal": "TERM", "stopwaitsecs": graceful_timeout(web) + 5, "stopasgroup": True,
-            "killasgroup": True, **_log_options(layout, "web")}
+    return {
+        "autostart": True,
+        "autorestart": True,
+        "startsecs": 1,
+        "startretries": 3,
+        "stopsignal": "TERM",
+        "stopwaitsecs": graceful_timeout(web) + 5,
+        "stopasgroup": True,
+        "killasgroup": True,
+        **_log_options(layout, "web"),
+    }
 
 
 def web_conf(layout: Layout, release_id: str, web: dict[str, Any]) -> str:
@@ -64,20 +76,32 @@ def web_conf(layout: Layout, release_id: str, web: dict[str, Any]) -> str:
     supervisord restarts it if it crashes."""
     argv = preboot_argv(layout, release_id, web)
     meta = {"service": "web", "release_id": release_id, **({"preboot": True} if argv else {})}
-    return sv.program_conf(web_program(release_id), argv or web_argv(layout, release_id, web),
-                           web_options(layout, web), meta)
+    return sv.program_conf(
+        web_program(release_id),
+        argv or web_argv(layout, release_id, web),
+        web_options(layout, web),
+        meta,
+    )
 
 
 def worker_conf(layout: Layout, name: str, worker: dict[str, Any], release_id: str) -> str:
     """A worker program with its stop signal and grace period (then supervisord KILLs it)."""
     stop_signal, stop_timeout = check_worker(name, worker)
     options: dict[str, object] = {
-        "autostart": True, "autorestart": True, "startsecs": 1, "startretries": 3,
-        "stopsignal": stop_signal, "stopwaitsecs": max(1, round(stop_timeout)),
-        "stopasgroup": True, "killasgroup": True, **_log_options(layout, name)}
+        "autostart": True,
+        "autorestart": True,
+        "startsecs": 1,
+        "startretries": 3,
+        "stopsignal": stop_signal,
+        "stopwaitsecs": max(1, round(stop_timeout)),
+        "stopasgroup": True,
+        "killasgroup": True,
+        **_log_options(layout, name),
+    }
     meta = {"service": name, "kind": "worker", "release_id": release_id}
-    return sv.program_conf(sv.check_name(name), worker_argv(layout, name, worker, release_id),
-                           options, meta)
+    return sv.program_conf(
+        sv.check_name(name), worker_argv(layout, name, worker, release_id), options, meta
+    )
 
 
 def front_conf(layout: Layout, spec: dict[str, Any]) -> str | None:
@@ -85,10 +109,17 @@ def front_conf(layout: Layout, spec: dict[str, Any]) -> str | None:
     if not builtin_front(spec):
         return None
     options: dict[str, object] = {
-        "autostart": True, "autorestart": True, "startsecs": 1, "startretries": 3,
-        "stopsignal": "TERM", "stopwaitsecs": 15, **_log_options(layout, "front")}
-    return sv.program_conf("front", front_argv(layout, spec), options,
-                           {"service": "front", "kind": "front"})
+        "autostart": True,
+        "autorestart": True,
+        "startsecs": 1,
+        "startretries": 3,
+        "stopsignal": "TERM",
+        "stopwaitsecs": 15,
+        **_log_options(layout, "front"),
+    }
+    return sv.program_conf(
+        "front", front_argv(layout, spec), options, {"service": "front", "kind": "front"}
+    )
 
 
 class DaemonBackend:
@@ -128,7 +159,7 @@ class DaemonBackend:
         """The release a web program serves (None: a spare nobody adopted yet)."""
         if spare.is_spare(program):
             return sv.program_meta(self.layout, program).get("release_id") or None
-        return program[len("web-"):]
+        return program[len("web-") :]
 
     def _program(self, release_id: str) -> str:
         """The program serving ``release_id``: ``web-<id>``, or the spare it adopted."""
@@ -176,8 +207,13 @@ class DaemonBackend:
         if name == web_program(release_id) and not sv.program_conf_path(self.layout, name).exists():
             name = self._adopt(release_id, web, emit) or name
         if spare.is_spare(name):
-            text = spare.conf(self.layout, name, str(sv.program_meta(self.layout, name).get("venv")),
-                              web_options(self.layout, web), release_id)
+            text = spare.conf(
+                self.layout,
+                name,
+                str(sv.program_meta(self.layout, name).get("venv")),
+                web_options(self.layout, web),
+                release_id,
+            )
         else:
             text = web_conf(self.layout, release_id, web)
         make_wake(web_wake(self.layout, name))
@@ -199,18 +235,30 @@ class DaemonBackend:
             if info is None or info["statename"] not in ("RUNNING", "STARTING"):
                 continue
             spare.claim(self.layout, name, release_id, gunicorn_argv(self.layout, release_id, web))
-            sv.write_program(self.layout, name, spare.conf(
-                self.layout, name, digest, web_options(self.layout, web), release_id))
+            sv.write_program(
+                self.layout,
+                name,
+                spare.conf(self.layout, name, digest, web_options(self.layout, web), release_id),
+            )
             poke(web_wake(self.layout, name))
-            emit({"phase": "install", "status": "spare",
-                  "detail": f"{name} (libraries loaded) becomes {web_program(release_id)}"})
+            emit(
+                {
+                    "phase": "install",
+                    "status": "spare",
+                    "detail": f"{name} (libraries loaded) becomes {web_program(release_id)}",
+                }
+            )
             return name
         return None
 
     def keep_spare(self, release_id: str, web: dict[str, Any], emit: Emit) -> None:
         """After a switch: one spare nobody adopted, from the live release's venv (or none)."""
         digest = str((read_meta(self.layout, release_id) or {}).get("dependency_digest") or "")
-        want = spare.wanted(web) and bool(digest) and (self.layout.venv(digest) / "bin" / "python").exists()
+        want = (
+            spare.wanted(web)
+            and bool(digest)
+            and (self.layout.venv(digest) / "bin" / "python").exists()
+        )
         kept = None
         for name in sv.configured_programs(self.layout):
             meta = sv.program_meta(self.layout, name)
@@ -224,8 +272,11 @@ class DaemonBackend:
         if want and kept is None:
             name = spare.new_name()
             make_wake(web_wake(self.layout, name))  # before it starts: its files are all there
-            sv.write_program(self.layout, name, spare.conf(self.layout, name, digest,
-                                                             web_options(self.layout, web)))
+            sv.write_program(
+                self.layout,
+                name,
+                spare.conf(self.layout, name, digest, web_options(self.layout, web)),
+            )
             self.sup.update()
             self.sup.start(name, wait=False)
 
@@ -293,8 +344,9 @@ class DaemonBackend:
             gone = info.get("statename") not in ("RUNNING", "STARTING")
             if gone or time.monotonic() > deadline:
                 why = (tail_lines(self.layout.log / "front.log", 1) or ["no output"])[-1]
-                raise AgentError(f"the front proxy cannot serve {front_listen(spec)}: {why}",
-                                 kind="front")
+                raise AgentError(
+                    f"the front proxy cannot serve {front_listen(spec)}: {why}", kind="front"
+                )
             time.sleep(0.02)  # poll interval while the proxy starts
 
     def _stop_worker(self, name: str, emit: Emit) -> dict[str, Any] | None:
@@ -309,17 +361,24 @@ class DaemonBackend:
         # supervisord logs exactly this line when stopwaitsecs ran out (supervisor/process.py)
         mark = f"killing '{name}' ({pid}) with SIGKILL"
         if any(mark in line for line in tail_lines(self.layout.log / "supervisord.log", 200)):
-            emit({"phase": "switch", "status": "killed",
-                  "detail": f"{name} (pid {pid}) did not stop within its grace period: killed"})
+            emit(
+                {
+                    "phase": "switch",
+                    "status": "killed",
+                    "detail": f"{name} (pid {pid}) did not stop within its grace period: killed",
+                }
+            )
             return {"service": name, "pid": pid, "seconds": seconds}
         return None
 
-    def restart_workers(self, spec: dict[str, Any], release_id: str, emit: Emit,
-                        only: set[str] | None = None) -> dict[str, Any]:
+    def restart_workers(
+        self, spec: dict[str, Any], release_id: str, emit: Emit, only: set[str] | None = None
+    ) -> dict[str, Any]:
         workers: dict[str, Any] = spec.get("workers") or {}
         killed: list[dict[str, Any]] = []
-        confs = {name: worker_conf(self.layout, name, w or {}, release_id)
-                 for name, w in workers.items()}
+        confs = {
+            name: worker_conf(self.layout, name, w or {}, release_id) for name, w in workers.items()
+        }
         for name in sv.configured_programs(self.layout):
             if sv.program_meta(self.layout, name).get("kind") == "worker" and name not in workers:
                 emit({"phase": "switch", "status": "worker", "detail": f"removing {name}"})
@@ -346,8 +405,10 @@ class DaemonBackend:
         if sup is None:
             return []
         if service == "web":
-            programs = sorted({self._program(r) for r in self.web_releases()}
-                              | {n for n in sv.configured_programs(self.layout) if spare.is_spare(n)})
+            programs = sorted(
+                {self._program(r) for r in self.web_releases()}
+                | {n for n in sv.configured_programs(self.layout) if spare.is_spare(n)}
+            )
         else:
             programs = [service]
         stopped = []
@@ -370,21 +431,28 @@ class DaemonBackend:
             program = str(info["name"])
             meta = sv.program_meta(self.layout, program)
             running = info["statename"] == "RUNNING"
-            services.append({
-                "name": meta.get("service") or ("web" if program.startswith("web-") else program),
-                "program": program, "pid": info["pid"] or None, "state": info["statename"],
-                "uptime": max(0, int(info["now"]) - int(info["start"])) if running else 0,
-                "release": meta.get("release_id") or (self._release_of(program)
-                                                      if program.startswith("web-") else None),
-            })
+            services.append(
+                {
+                    "name": meta.get("service")
+                    or ("web" if program.startswith("web-") else program),
+                    "program": program,
+                    "pid": info["pid"] or None,
+                    "state": info["statename"],
+                    "uptime": max(0, int(info["now"]) - int(info["start"])) if running else 0,
+                    "release": meta.get("release_id")
+                    or (self._release_of(program) if program.startswith("web-") else None),
+                }
+            )
             if program.startswith("web-"):  # started during an install, waiting for its switch?
                 services[-1]["preboot"] = not self._booted(program)
         return services
 
     def running(self) -> dict[str, Any]:
         sup = self.connected()
-        return {"running": sup is not None,
-                "pid": sv.read_pid(self.layout) if sup is not None else None}
+        return {
+            "running": sup is not None,
+            "pid": sv.read_pid(self.layout) if sup is not None else None,
+        }
 
     def shutdown(self) -> dict[str, Any]:
         return sv.shutdown(self.layout)

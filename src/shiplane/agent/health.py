@@ -42,8 +42,9 @@ class UnixHTTPConnection(http.client.HTTPConnection):
         self.sock = sock
 
 
-def http_get_unix(sock_path: str | Path, path: str,
-                  timeout: float, host: str = "localhost") -> tuple[int, dict[str, str], bytes]:
+def http_get_unix(
+    sock_path: str | Path, path: str, timeout: float, host: str = "localhost"
+) -> tuple[int, dict[str, str], bytes]:
     """GET ``path`` from the HTTP server on ``sock_path``; returns (status, headers, body).
 
     Connection errors (missing socket, refused, timeout) propagate as ``OSError``.
@@ -87,11 +88,18 @@ def _with_log(message: str, log_path: str | Path | None, since: int = 0) -> str:
     # the app's own error first: with several workers, their tracebacks interleave in the tail
     errors = [line for line in recent if _EXCEPTION.match(line)]
     cause = f"\nthe server's log says: {errors[-1].strip()}" if errors else ""
-    return message + cause + f"\nlast lines of {log_path} (each once):\n" + "\n".join(distinct_lines(recent))
+    return (
+        message
+        + cause
+        + f"\nlast lines of {log_path} (each once):\n"
+        + "\n".join(distinct_lines(recent))
+    )
 
 
 # a log line's own stamp: "[2026-12-04 10:00:00 +0000] [1234] " (gunicorn), "2026-12-04T10:00:00 "
-_STAMP = re.compile(r"^(\[[0-9T:., +-]+\]\s*|[0-9]{4}-[0-9]{2}-[0-9]{2}[T ][0-9:.,]+\S*\s*)(\[\d+\]\s*)?")
+_STAMP = re.compile(
+    r"^(\[[0-9T:., +-]+\]\s*|[0-9]{4}-[0-9]{2}-[0-9]{2}[T ][0-9:.,]+\S*\s*)(\[\d+\]\s*)?"
+)
 
 
 def distinct_lines(lines: list[str], keep: int = LOG_TAIL_LINES) -> list[str]:
@@ -112,9 +120,16 @@ def distinct_lines(lines: list[str], keep: int = LOG_TAIL_LINES) -> list[str]:
 _EXCEPTION = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt)\b.*:")
 
 
-def wait_healthy(sock: str | Path, path: str | None, timeout: float, log_path: str | Path | None,
-                 emit: Emit, alive: Callable[[], str | None] | None = None,
-                 host: str = "localhost", log_since: int = 0) -> dict[str, Any]:
+def wait_healthy(
+    sock: str | Path,
+    path: str | None,
+    timeout: float,
+    log_path: str | Path | None,
+    emit: Emit,
+    alive: Callable[[], str | None] | None = None,
+    host: str = "localhost",
+    log_since: int = 0,
+) -> dict[str, Any]:
     """Poll ``GET path`` on ``sock`` until it answers 2xx; raise ``AgentError(kind="health")``.
 
     With ``path`` None (no health check configured) any answer below 500 counts as healthy: the
@@ -136,15 +151,22 @@ def wait_healthy(sock: str | Path, path: str | None, timeout: float, log_path: s
         attempts += 1
         remaining = deadline - time.monotonic()
         try:
-            status, _headers, body = http_get_unix(sock, check_path, max(0.5, min(remaining, 10.0)), host)
+            status, _headers, body = http_get_unix(
+                sock, check_path, max(0.5, min(remaining, 10.0)), host
+            )
         except (OSError, http.client.HTTPException) as exc:
             last = f"cannot connect: {exc.__class__.__name__}: {exc}"
         else:
             ok = 200 <= status < 300 if path else status < 500
             if ok:
                 seconds = round(time.monotonic() - started, 3)
-                emit({"phase": "switch", "status": "healthy",
-                      "detail": f"GET {check_path} -> {status} after {seconds}s"})
+                emit(
+                    {
+                        "phase": "switch",
+                        "status": "healthy",
+                        "detail": f"GET {check_path} -> {status} after {seconds}s",
+                    }
+                )
                 return {"status": status, "seconds": seconds, "attempts": attempts}
             last = f"last status {status}, body: {_body_head(body)!r}"
         dead = None
@@ -153,19 +175,36 @@ def wait_healthy(sock: str | Path, path: str | None, timeout: float, log_path: s
         if dead:
             # its log says why; that nothing answered on its socket is only the consequence
             answered = "" if last.startswith("cannot connect") else f"; {last}"
-            raise AgentError(_with_log(f"health check failed: the server is not running ({dead}){answered}",
-                                       log_path, log_since), kind="health")
+            raise AgentError(
+                _with_log(
+                    f"health check failed: the server is not running ({dead}){answered}",
+                    log_path,
+                    log_since,
+                ),
+                kind="health",
+            )
         if time.monotonic() + delay >= deadline:
-            raise AgentError(_with_log(f"health check GET {check_path} did not answer 2xx within "
-                                       f"{timeout:g}s: {last}", log_path, log_since), kind="health")
+            raise AgentError(
+                _with_log(
+                    f"health check GET {check_path} did not answer 2xx within {timeout:g}s: {last}",
+                    log_path,
+                    log_since,
+                ),
+                kind="health",
+            )
         time.sleep(delay)  # polling backoff between attempts, bounded by the deadline
         if time.monotonic() - started > 2:
             delay = min(delay * 1.5, 0.25)
 
 
-def run_smoke(sock: str | Path, checks: list[dict[str, Any]] | None, timeout: float = 10.0,
-              log_path: str | Path | None = None, host: str = "localhost",
-              log_since: int = 0) -> list[dict[str, Any]]:
+def run_smoke(
+    sock: str | Path,
+    checks: list[dict[str, Any]] | None,
+    timeout: float = 10.0,
+    log_path: str | Path | None = None,
+    host: str = "localhost",
+    log_since: int = 0,
+) -> list[dict[str, Any]]:
     """Run each smoke check ``{path, expect?, status=200}`` once against ``sock``.
 
     The first failing check raises ``AgentError(kind="smoke")`` naming the check, the status and
@@ -176,18 +215,32 @@ def run_smoke(sock: str | Path, checks: list[dict[str, Any]] | None, timeout: fl
         path = str(check.get("path") or "/")
         want_status = int(check.get("status") or 200)
         expect = check.get("expect")
-        name = (f"GET {path}" + (f" expecting {expect!r}" if expect else "")
-                + f" (status {want_status})")
+        name = (
+            f"GET {path}"
+            + (f" expecting {expect!r}" if expect else "")
+            + f" (status {want_status})"
+        )
         try:
             status, _headers, body = http_get_unix(sock, path, timeout, host)
         except (OSError, http.client.HTTPException) as exc:
-            raise AgentError(_with_log(f"smoke check {name} failed: cannot connect: {exc}",
-                                       log_path, log_since), kind="smoke") from None
+            raise AgentError(
+                _with_log(f"smoke check {name} failed: cannot connect: {exc}", log_path, log_since),
+                kind="smoke",
+            ) from None
         text = body.decode("utf-8", "replace")
         if status != want_status or (expect and str(expect) not in text):
-            problem = (f"got status {status}" if status != want_status
-                       else f"the body does not contain {expect!r}")
-            raise AgentError(_with_log(f"smoke check {name} failed: {problem}; body starts: "
-                                       f"{_body_head(body)!r}", log_path, log_since), kind="smoke")
+            problem = (
+                f"got status {status}"
+                if status != want_status
+                else f"the body does not contain {expect!r}"
+            )
+            raise AgentError(
+                _with_log(
+                    f"smoke check {name} failed: {problem}; body starts: {_body_head(body)!r}",
+                    log_path,
+                    log_since,
+                ),
+                kind="smoke",
+            )
         passed.append({"path": path, "status": status})
     return passed

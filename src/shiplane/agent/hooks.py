@@ -30,15 +30,17 @@ class Limits:
     cancelling (a ``{"cancel": ...}`` line, or EOF, on ``watch``: the session's stdin, on which
     nothing else arrives while an op runs)."""
 
-    def __init__(self, timeout: float | None, silence: float | None = None,
-                 watch: BinaryIO | None = None) -> None:
+    def __init__(
+        self, timeout: float | None, silence: float | None = None, watch: BinaryIO | None = None
+    ) -> None:
         self.timeout = timeout if timeout and timeout > 0 else None
         self.silence = silence if silence and silence > 0 else None
         self.watch = watch
 
 
-def run_hook(layout: Layout, release_id: str, command: str, limits: Limits,
-             emit: Emit) -> dict[str, Any]:
+def run_hook(
+    layout: Layout, release_id: str, command: str, limits: Limits, emit: Emit
+) -> dict[str, Any]:
     """Run ``/bin/sh -c command`` in ``releases/<id>`` and stream its output as events.
 
     The hook gets its own process group, killed whole when a limit is reached (kind ``timeout``)
@@ -55,8 +57,13 @@ def run_hook(layout: Layout, release_id: str, command: str, limits: Limits,
     emit({"phase": "hook", "status": "start", "detail": command, "release_id": release_id})
     started = time.monotonic()
     proc = subprocess.Popen(
-        ["/bin/sh", "-c", command], cwd=str(cwd), env=env, stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+        ["/bin/sh", "-c", command],
+        cwd=str(cwd),
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     tail: deque[str] = deque(maxlen=TAIL_LINES)
     try:
@@ -67,24 +74,49 @@ def run_hook(layout: Layout, release_id: str, command: str, limits: Limits,
     seconds = round(time.monotonic() - started, 3)
     output = "\n".join(tail)
     if ended == "cancel":
-        raise AgentError(f"hook `{command}` interrupted: the deploy was cancelled (process group killed)",
-                         kind="interrupted", output_tail=output, seconds=seconds)
+        raise AgentError(
+            f"hook `{command}` interrupted: the deploy was cancelled (process group killed)",
+            kind="interrupted",
+            output_tail=output,
+            seconds=seconds,
+        )
     if ended == "silence":
-        raise AgentError(f"hook `{command}` printed nothing for {limits.silence:g}s (hooks.silence_timeout; "
-                         "process group killed)", kind="timeout", output_tail=output, seconds=seconds)
+        raise AgentError(
+            f"hook `{command}` printed nothing for {limits.silence:g}s (hooks.silence_timeout; "
+            "process group killed)",
+            kind="timeout",
+            output_tail=output,
+            seconds=seconds,
+        )
     if ended == "timeout":
-        raise AgentError(f"hook `{command}` timed out after {limits.timeout:g}s (hooks.timeout; process "
-                         "group killed)", kind="timeout", output_tail=output, seconds=seconds)
+        raise AgentError(
+            f"hook `{command}` timed out after {limits.timeout:g}s (hooks.timeout; process "
+            "group killed)",
+            kind="timeout",
+            output_tail=output,
+            seconds=seconds,
+        )
     code = proc.returncode
     if code != 0:
-        raise AgentError(f"hook `{command}` failed with exit code {code}:\n{output}", kind="hook",
-                         exit_code=code, output_tail=output, seconds=seconds)
+        raise AgentError(
+            f"hook `{command}` failed with exit code {code}:\n{output}",
+            kind="hook",
+            exit_code=code,
+            output_tail=output,
+            seconds=seconds,
+        )
     emit({"phase": "hook", "status": "ok", "detail": command, "seconds": seconds})
     return {"exit_code": code, "output": output, "output_tail": output, "seconds": seconds}
 
 
-def _pump(proc: subprocess.Popen[bytes], started: float, limits: Limits, tail: deque[str],
-          command: str, emit: Emit) -> str | None:
+def _pump(
+    proc: subprocess.Popen[bytes],
+    started: float,
+    limits: Limits,
+    tail: deque[str],
+    command: str,
+    emit: Emit,
+) -> str | None:
     """Forward output lines until EOF; on a limit or a cancel, kill the group and say which
     (``timeout``, ``silence``, ``cancel``); None when the hook ended by itself."""
     assert proc.stdout is not None

@@ -73,9 +73,19 @@ def _parse(raw: bytes, mtime: float | None) -> dict[str, Any]:
         pass
     # Should not happen (the file is created whole): reported as held by ``unknown`` so that
     # nobody walks over it silently, and never broken (no holder_lock).
-    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(mtime if mtime is not None else time.time()))
-    return {"user": "unknown", "host": "unknown", "pid": 0, "command": "?",
-            "started_at": stamp, "acquired_at": stamp, "heartbeat": stamp, "unreadable": True}
+    stamp = time.strftime(
+        "%Y-%m-%dT%H:%M:%SZ", time.gmtime(mtime if mtime is not None else time.time())
+    )
+    return {
+        "user": "unknown",
+        "host": "unknown",
+        "pid": 0,
+        "command": "?",
+        "started_at": stamp,
+        "acquired_at": stamp,
+        "heartbeat": stamp,
+        "unreadable": True,
+    }
 
 
 def read(layout: Layout) -> dict[str, Any] | None:
@@ -138,7 +148,9 @@ def inspect(layout: Layout) -> dict[str, Any] | None:
     return info
 
 
-def describe(record: dict[str, Any], now: float | None = None, alive: bool | None = None) -> dict[str, Any]:
+def describe(
+    record: dict[str, Any], now: float | None = None, alive: bool | None = None
+) -> dict[str, Any]:
     """The record plus ``age`` (seconds since acquired), ``state`` and ``stale``.
 
     ``state``: ``live`` (its session holds the flock), ``abandoned`` (its session is gone: the
@@ -162,9 +174,14 @@ def describe(record: dict[str, Any], now: float | None = None, alive: bool | Non
         pid = record.get("pid")
         if beat is None or now - beat > STALE_AFTER:
             state = "stale"
-            reason = "no heartbeat since it was taken" if beat is None or beat == acquired else \
-                f"its last heartbeat was {int(now - beat)}s ago"
-        elif record.get("host") == socket.gethostname() and not (isinstance(pid, int) and pid > 0 and pid_alive(pid)):
+            reason = (
+                "no heartbeat since it was taken"
+                if beat is None or beat == acquired
+                else f"its last heartbeat was {int(now - beat)}s ago"
+            )
+        elif record.get("host") == socket.gethostname() and not (
+            isinstance(pid, int) and pid > 0 and pid_alive(pid)
+        ):
             state, reason = "stale", f"its holder, pid {pid} on this host, is gone"
     out = dict(record)
     out["age"] = round(age, 1) if age is not None else None
@@ -176,8 +193,10 @@ def describe(record: dict[str, Any], now: float | None = None, alive: bool | Non
 
 
 def _who(info: dict[str, Any]) -> str:
-    return (f"{info.get('user', '?')}@{info.get('host', '?')} "
-            f"(pid {info.get('pid', '?')}, `{info.get('command', '?')}`)")
+    return (
+        f"{info.get('user', '?')}@{info.get('host', '?')} "
+        f"(pid {info.get('pid', '?')}, `{info.get('command', '?')}`)"
+    )
 
 
 def _taken(info: dict[str, Any]) -> str:
@@ -193,8 +212,10 @@ def held_message(info: dict[str, Any]) -> str:
         msg += f", for: {info['reason']}"
     state = info.get("state")
     if state == "live":
-        msg += (f"; its holder is alive (agent pid {info.get('agent_pid', '?')} on "
-                f"{info.get('agent_host', 'the host')}): --lock-wait SECONDS waits for it")
+        msg += (
+            f"; its holder is alive (agent pid {info.get('agent_pid', '?')} on "
+            f"{info.get('agent_host', 'the host')}): --lock-wait SECONDS waits for it"
+        )
     elif state == "abandoned":
         msg += "; its holder is gone: the next deploy breaks it"
     elif state == "kept":
@@ -265,9 +286,15 @@ def _try_create(layout: Layout, record: dict[str, Any], bind: bool) -> tuple[boo
 def _new_record(holder: dict[str, Any], keep: bool) -> dict[str, Any]:
     now = utc_now()
     record = {
-        "user": holder.get("user"), "host": holder.get("host"), "pid": holder.get("pid"),
-        "command": holder.get("command"), "started_at": holder.get("started_at") or now,
-        "acquired_at": now, "heartbeat": now, "agent_pid": os.getpid(), "agent_host": socket.gethostname(),
+        "user": holder.get("user"),
+        "host": holder.get("host"),
+        "pid": holder.get("pid"),
+        "command": holder.get("command"),
+        "started_at": holder.get("started_at") or now,
+        "acquired_at": now,
+        "heartbeat": now,
+        "agent_pid": os.getpid(),
+        "agent_host": socket.gethostname(),
     }
     if keep:
         record["kept"] = True
@@ -278,8 +305,15 @@ def _new_record(holder: dict[str, Any], keep: bool) -> dict[str, Any]:
     return record
 
 
-def acquire(layout: Layout, holder: dict[str, Any], wait: float, emit: Emit, *, keep: bool = False,
-            pause: Pause | None = None) -> Held:
+def acquire(
+    layout: Layout,
+    holder: dict[str, Any],
+    wait: float,
+    emit: Emit,
+    *,
+    keep: bool = False,
+    pause: Pause | None = None,
+) -> Held:
     """Take the lock for ``holder`` ({user, host, pid, command, started_at}) or fail kind ``lock``
     (``interrupted`` when ``pause`` ends the wait).
 
@@ -318,17 +352,27 @@ def acquire(layout: Layout, holder: dict[str, Any], wait: float, emit: Emit, *, 
         if info["state"] == "abandoned":
             continue  # broken by another session meanwhile: try again at once
         if time.monotonic() >= deadline:
-            raise AgentError(held_message(info), kind="lock", holder=_holder_only(info),
-                             stale=bool(info["stale"]), state=info["state"], age=info["age"])
+            raise AgentError(
+                held_message(info),
+                kind="lock",
+                holder=_holder_only(info),
+                stale=bool(info["stale"]),
+                state=info["state"],
+                age=info["age"],
+            )
         if not announced:
             emit({"phase": "lock", "status": "waiting", "detail": held_message(info)})
             announced = True
         step = min(POLL, max(0.0, deadline - time.monotonic()))
         if pause is not None and not pause(step):
-            raise AgentError("stopped waiting (cancelled, or the controller went away): " + held_message(info),
-                             kind="interrupted",
-                             holder=_holder_only(info), stale=bool(info["stale"]), state=info["state"],
-                             age=info["age"])
+            raise AgentError(
+                "stopped waiting (cancelled, or the controller went away): " + held_message(info),
+                kind="interrupted",
+                holder=_holder_only(info),
+                stale=bool(info["stale"]),
+                state=info["state"],
+                age=info["age"],
+            )
         if pause is None:
             time.sleep(step)
 
@@ -342,7 +386,18 @@ def _still_current(layout: Layout, fd: int) -> bool:
 
 
 def _holder_only(info: dict[str, Any]) -> dict[str, Any]:
-    keys = ("user", "host", "pid", "command", "started_at", "acquired_at", "agent_pid", "age", "state", "reason")
+    keys = (
+        "user",
+        "host",
+        "pid",
+        "command",
+        "started_at",
+        "acquired_at",
+        "agent_pid",
+        "age",
+        "state",
+        "reason",
+    )
     return {k: info.get(k) for k in keys if k in info}
 
 
@@ -368,8 +423,11 @@ def heartbeat(layout: Layout, holder: dict[str, Any] | None) -> dict[str, Any]:
     ours (none is written any more) would get its heartbeat refreshed."""
     current = read(layout)
     if current is None or not is_ours(current, holder):
-        raise AgentError("heartbeat: this session does not hold the deploy lock", kind="lock",
-                         holder=_holder_only(describe(current)) if current else None)
+        raise AgentError(
+            "heartbeat: this session does not hold the deploy lock",
+            kind="lock",
+            holder=_holder_only(describe(current)) if current else None,
+        )
     if _kind(current) == "legacy":
         current["heartbeat"] = utc_now()
         atomic_write(layout.lock, json.dumps(current, sort_keys=True), 0o644)
@@ -385,9 +443,14 @@ def release(layout: Layout, holder: dict[str, Any] | None, force: bool = False) 
     if current is None:
         return {"released": False, "holder": None}
     if not force and not is_ours(current, holder) and not _owns_kept(current, holder):
-        raise AgentError(held_message(current) + "; not ours to unlock (use force)", kind="lock",
-                         holder=_holder_only(current), stale=bool(current["stale"]), state=current["state"],
-                         age=current["age"])
+        raise AgentError(
+            held_message(current) + "; not ours to unlock (use force)",
+            kind="lock",
+            holder=_holder_only(current),
+            stale=bool(current["stale"]),
+            state=current["state"],
+            age=current["age"],
+        )
     try:
         layout.lock.unlink()
     except FileNotFoundError:

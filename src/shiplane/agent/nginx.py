@@ -66,16 +66,27 @@ def site_conf(layout: Layout, spec: dict[str, Any]) -> str:
         "    # one socket, listed again so that a reset or refused connect is retried on it",
     ]
     lines += [f"    server {_q('unix:' + str(layout.web_socket))} max_fails=0;"] * UPSTREAM_COPIES
-    lines += ["}", "", "server {", f"    listen {listen}{' ssl' if tls else ''};",
-              f"    server_name {cfg.get('server_name') or '_'};"]
+    lines += [
+        "}",
+        "",
+        "server {",
+        f"    listen {listen}{' ssl' if tls else ''};",
+        f"    server_name {cfg.get('server_name') or '_'};",
+    ]
     if tls:
-        lines += [f"    ssl_certificate {_q(cfg['tls_cert'])};",
-                  f"    ssl_certificate_key {_q(cfg.get('tls_key') or cfg['tls_cert'])};"]
+        lines += [
+            f"    ssl_certificate {_q(cfg['tls_cert'])};",
+            f"    ssl_certificate_key {_q(cfg.get('tls_key') or cfg['tls_cert'])};",
+        ]
     for prefix, rel in sorted((cfg.get("static") or {}).items()):
         location = "/" + str(prefix).strip("/") + "/"
         target = str(layout.current / str(rel).strip("/")) + "/"
-        lines += [f"    location {_q(location)} {{", f"        alias {_q(target)};",
-                  "        expires 1h;", "    }"]
+        lines += [
+            f"    location {_q(location)} {{",
+            f"        alias {_q(target)};",
+            "        expires 1h;",
+            "    }",
+        ]
     lines += [
         "    location / {",
         f"        proxy_pass http://{upstream};",
@@ -105,8 +116,14 @@ def nginx_argv(spec: dict[str, Any], *args: str) -> list[str]:
 
 def _run(argv: list[str]) -> subprocess.CompletedProcess[str]:
     try:
-        return subprocess.run(argv, capture_output=True, text=True, timeout=NGINX_TIMEOUT,
-                              stdin=subprocess.DEVNULL, check=False)
+        return subprocess.run(
+            argv,
+            capture_output=True,
+            text=True,
+            timeout=NGINX_TIMEOUT,
+            stdin=subprocess.DEVNULL,
+            check=False,
+        )
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise AgentError(f"{argv[0]}: {exc}", kind="front") from None
 
@@ -140,21 +157,29 @@ def ensure_site(layout: Layout, spec: dict[str, Any], emit: Emit) -> dict[str, A
             path.unlink()
         else:
             atomic_write(path, previous)
-        raise AgentError(f"nginx -t rejected the site {path}; the previous site is back:\n"
-                         f"{(test.stderr or test.stdout).strip()}", kind="front")
+        raise AgentError(
+            f"nginx -t rejected the site {path}; the previous site is back:\n"
+            f"{(test.stderr or test.stdout).strip()}",
+            kind="front",
+        )
     if running is None and settings(spec).get("conf"):
         emit({"phase": "switch", "status": "front", "detail": "starting nginx"})
         done = _run(nginx_argv(spec))
     elif running is None:
-        raise AgentError(f"nginx is not running (no live pid in "
-                         f"{settings(spec).get('pid_file') or DEFAULT_PID_FILE}): start it, or "
-                         f"set nginx.conf for a private nginx", kind="front")
+        raise AgentError(
+            f"nginx is not running (no live pid in "
+            f"{settings(spec).get('pid_file') or DEFAULT_PID_FILE}): start it, or "
+            f"set nginx.conf for a private nginx",
+            kind="front",
+        )
     else:
         emit({"phase": "switch", "status": "front", "detail": f"reloading nginx for {path}"})
         done = _run(nginx_argv(spec, "-s", "reload"))
     if done.returncode != 0:
-        raise AgentError(f"nginx did not take the site {path}: "
-                         f"{(done.stderr or done.stdout).strip()}", kind="front")
+        raise AgentError(
+            f"nginx did not take the site {path}: {(done.stderr or done.stdout).strip()}",
+            kind="front",
+        )
     return {"site": str(path), "changed": True}
 
 

@@ -36,7 +36,10 @@ T = TypeVar("T")
 
 WAKE_CHECK = 1.0  # seconds between checks when no poke came (a safety net: pokes are instant)
 NO_PRELOAD_WORKERS = ("gevent", "eventlet")
-GAVE_UP = (3, 4)  # gunicorn's exit codes for a worker that failed to boot, an app that failed to load
+GAVE_UP = (
+    3,
+    4,
+)  # gunicorn's exit codes for a worker that failed to boot, an app that failed to load
 
 
 def go_path(root: str, release_id: str) -> str:
@@ -92,13 +95,19 @@ def required_modules(release: str, site_dirs: list[str]) -> list[str]:
     modules: list[str] = []
     for site_dir in site_dirs:
         for info in glob.glob(os.path.join(site_dir, "*.dist-info")):
-            if _normal(os.path.basename(info)[:-len(".dist-info")].rsplit("-", 1)[0]) not in wanted:
+            if (
+                _normal(os.path.basename(info)[: -len(".dist-info")].rsplit("-", 1)[0])
+                not in wanted
+            ):
                 continue
             for line in _read_lines(os.path.join(info, "RECORD")):
                 top = line.split(",", 1)[0].split("/", 1)[0]
                 name = top.removesuffix(".py")
-                if name.isidentifier() and name not in modules and ("/" in line.split(",", 1)[0]
-                                                                    or top.endswith(".py")):
+                if (
+                    name.isidentifier()
+                    and name not in modules
+                    and ("/" in line.split(",", 1)[0] or top.endswith(".py"))
+                ):
                     modules.append(name)
     return modules
 
@@ -110,8 +119,11 @@ def preload_names(record: str, release: str) -> list[str]:
     names = _read_lines(record)
     if names:
         return names
-    others = sorted(glob.glob(os.path.join(os.path.dirname(record), "preload-*.txt")),
-                    key=lambda p: os.stat(p).st_mtime, reverse=True)
+    others = sorted(
+        glob.glob(os.path.join(os.path.dirname(record), "preload-*.txt")),
+        key=lambda p: os.stat(p).st_mtime,
+        reverse=True,
+    )
     for other in others:
         names = _read_lines(other)
         if names:
@@ -133,8 +145,11 @@ def preload(names: list[str]) -> int:
 
 def record_imports(path: str, site_dirs: list[str]) -> None:
     """Write the venv modules this process has imported (a worker, after loading the app)."""
-    names = [name for name, module in list(sys.modules.items())
-             if any(str(getattr(module, "__file__", None) or "").startswith(d) for d in site_dirs)]
+    names = [
+        name
+        for name, module in list(sys.modules.items())
+        if any(str(getattr(module, "__file__", None) or "").startswith(d) for d in site_dirs)
+    ]
     text = "\n".join(names) + "\n"
     try:
         with open(path, encoding="utf-8") as handle:
@@ -223,8 +238,10 @@ def _read_claim(path: str) -> tuple[str, list[str]] | None:
 def main(argv: list[str]) -> int:
     spare = len(argv) == 3 and argv[1] == "--spare"
     if not spare and (len(argv) < 4 or argv[2] != "--" or argv[3] != "gunicorn"):
-        sys.stderr.write("usage: preboot.py <root> <release_id> -- gunicorn <args...> | "
-                         "preboot.py <root> --spare <program>\n")
+        sys.stderr.write(
+            "usage: preboot.py <root> <release_id> -- gunicorn <args...> | "
+            "preboot.py <root> --spare <program>\n"
+        )
         return 2
     root = argv[0]
     # Python put this script's dir first on sys.path: the agent's modules must not shadow the
@@ -239,7 +256,10 @@ def main(argv: list[str]) -> int:
         # The deploy that made this spare comes first: its imports (the spare's whole cost, ~0.5
         # CPU-s for a Flask + SQLAlchemy app) wait until the deploy lock is released, unless the
         # next deploy claims it sooner (they are needed then). The release wakes this FIFO.
-        wait_for(lambda: True if _read_claim(claim) or not os.path.exists(lock_path(root)) else None, fifo)
+        wait_for(
+            lambda: True if _read_claim(claim) or not os.path.exists(lock_path(root)) else None,
+            fifo,
+        )
         preload(preload_names(record, ""))
         release_id, args = wait_for(lambda: _read_claim(claim), fifo)
     else:

@@ -25,8 +25,12 @@ VERSION = 1
 
 # JSON types a field may take; "number" is an int or a float, never a bool
 _TYPES: dict[str, tuple[type, ...]] = {
-    "string": (str,), "integer": (int,), "number": (int, float), "boolean": (bool,),
-    "array": (list,), "object": (dict,),
+    "string": (str,),
+    "integer": (int,),
+    "number": (int, float),
+    "boolean": (bool,),
+    "array": (list,),
+    "object": (dict,),
 }
 
 
@@ -48,7 +52,9 @@ class Field:
             if kind == "any":
                 return True
             allowed = _TYPES.get(kind, ())
-            if isinstance(value, allowed) and not (kind in ("integer", "number") and isinstance(value, bool)):
+            if isinstance(value, allowed) and not (
+                kind in ("integer", "number") and isinstance(value, bool)
+            ):
                 return True
         return False
 
@@ -68,77 +74,208 @@ def _release_id(doc: str = "the release", required: bool = True) -> Field:
 
 _SERVICES = Field("services", "array|null", "service names (default: all)")
 
-OPS: dict[str, Op] = {op.name: op for op in (
-    Op("inventory", "what the host has: missing blobs, releases, venvs, lock, services, setup done",
-       "{missing, current, previous, releases, venvs, lock, services, setup_done, port_taken?}",
-       (Field("blobs", "array", "sha256 of the blobs the deploy needs", default=()),
-        Field("venv", "object|null", "{digest, python, uv_cache}: start making this venv while blobs arrive"),
-        Field("port", "object|null", "{bind, port}: say in port_taken if another program holds it"))),
-    Op("receive", "store blobs whose bytes follow the request line, each verified by its sha256",
-       "{received, bytes}", (Field("blobs", "array", "[{sha256, size}] in the order of the bytes", required=True),),
-       payload=True),
-    Op("install", "unpack a release, its venv, config and shared links; after_install hooks",
-       "{release_id, reused, venv_reused, venv_seconds, seconds}",
-       (_release_id(), Field("manifest", "object", "the artifact's manifest", required=True),
-        Field("stage", "string|null", "the stage name"),
-        Field("python", "string|null", "the interpreter for the venv"),
-        Field("uv_cache", "string|null", "'user' (the local stage) or 'root' (in the deploy root)"),
-        Field("rendered", "array", "[{path, content, mode, shared}] config files", default=()),
-        Field("env", "object", "the release's environment (0600 env file)", default={}),
-        Field("shared", "object", "{dirs, files} linked from shared/", default={}),
-        Field("hooks", "array", "after_install commands", default=()),
-        Field("hook_timeout", "number", "seconds each hook may run", default=600),
-        Field("hook_silence", "number|null", "seconds a hook may print nothing (0: no limit)"),
-        Field("backend", "string|null", "the process manager to start while installing"),
-        Field("preboot_web", "object|null", "the web spec: start its server with its libraries early"))),
-    Op("hook", "run a command in a release with its environment, output streamed",
-       "{exit_code, output, output_tail, seconds}",
-       (_release_id(), Field("command", "string", "the shell command", required=True),
-        Field("timeout", "number", "seconds in all", default=600),
-        Field("silence_timeout", "number|null", "seconds it may print nothing (0: no limit)"))),
-    Op("switch", "blue/green: start, check and move traffic to a release (docs/DESIGN.md, Services)",
-       "{previous, current, seconds, standby, workers, stopping, ...}",
-       (_release_id(), Field("services", "object", "the services spec", required=True))),
-    Op("start", "start services of the live release", "{started}",
-       (_SERVICES, Field("spec", "object|null", "the services spec (default: the saved one)"))),
-    Op("stop", "stop services (the manager keeps running)", "{stopped}", (_SERVICES,)),
-    Op("restart", "restart services (web: zero downtime)", "{restarted}",
-       (_SERVICES, Field("spec", "object|null", "the services spec (default: the saved one)"))),
-    Op("reload", "reload services", "{reloaded}", (_SERVICES,)),
-    Op("status", "services, live release, backend", "{live_release, current, backend, services}"),
-    Op("shutdown", "stop every service and the manager", "{stopped}"),
-    Op("withdraw", "serve nothing again (the undo of a failed first deploy)", "{withdrawn, stopped}",
-       (_release_id("the release the failed deploy installed"),)),
-    Op("verify", "re-hash every stored blob; quarantine bad ones", "{blobs, bad}"),
-    Op("logs", "a service's last log lines; with follow, new lines as events", "{service, path, lines}",
-       (Field("service", "string|null", "the service (default: web)"),
-        Field("lines", "integer", "how many", default=100),
-        Field("follow", "boolean|number", "follow: until the reader goes, or this many seconds", default=False))),
-    Op("releases", "the releases with their states", "{releases, current, previous}"),
-    Op("history", "the host's ledger, oldest first", "{entries}",
-       (Field("limit", "integer|null", "the newest this many"),)),
-    Op("read_release_file", "a file of a release (plan's config diff)", "{content}",
-       (_release_id(), Field("path", "string", "relative to the release", required=True))),
-    Op("install_uv", "make the shipped uv runnable", "{path}",
-       (Field("sha256", "string", "the blob", required=True),
-        Field("binary_sha256", "string|null", "the binary inside the gzipped blob"))),
-    Op("record", "append an entry to the host's ledger", "the entry",
-       (Field("entry", "object", "the ledger entry", required=True),)),
-    Op("mark", "set a release's state", "the release's metadata",
-       (_release_id(), Field("state", "string", "live, previous, good, bad, rolled-back", required=True))),
-    Op("prune", "remove old releases, venvs, blobs", "{removed, venvs_removed, blobs_removed}",
-       (Field("keep", "integer", "releases to keep", default=5),)),
-    Op("lock", "take the deploy lock (bound to this session, or kept)", "the lock record (+ broke)",
-       (Field("holder", "object", "{user, host, pid, command, started_at, reason?}", required=True),
-        Field("wait", "number", "seconds to wait for a held lock", default=0),
-        Field("keep", "boolean", "held until unlock, by no process (shiplane lock)", default=False))),
-    Op("heartbeat", "whether this session still holds the lock", "the lock record",
-       (Field("holder", "object|null", "the holder (default: this session's)"),)),
-    Op("unlock", "release the deploy lock", "{released, holder}",
-       (Field("force", "boolean", "anyone's lock", default=False),
-        Field("holder", "object|null", "whose (default: this session's)"),
-        Field("by", "object|null", "who forced it (recorded)"))),
-)}
+OPS: dict[str, Op] = {
+    op.name: op
+    for op in (
+        Op(
+            "inventory",
+            "what the host has: missing blobs, releases, venvs, lock, services, setup done",
+            "{missing, current, previous, releases, venvs, lock, services, setup_done, port_taken?}",
+            (
+                Field("blobs", "array", "sha256 of the blobs the deploy needs", default=()),
+                Field(
+                    "venv",
+                    "object|null",
+                    "{digest, python, uv_cache}: start making this venv while blobs arrive",
+                ),
+                Field(
+                    "port",
+                    "object|null",
+                    "{bind, port}: say in port_taken if another program holds it",
+                ),
+            ),
+        ),
+        Op(
+            "receive",
+            "store blobs whose bytes follow the request line, each verified by its sha256",
+            "{received, bytes}",
+            (Field("blobs", "array", "[{sha256, size}] in the order of the bytes", required=True),),
+            payload=True,
+        ),
+        Op(
+            "install",
+            "unpack a release, its venv, config and shared links; after_install hooks",
+            "{release_id, reused, venv_reused, venv_seconds, seconds}",
+            (
+                _release_id(),
+                Field("manifest", "object", "the artifact's manifest", required=True),
+                Field("stage", "string|null", "the stage name"),
+                Field("python", "string|null", "the interpreter for the venv"),
+                Field(
+                    "uv_cache",
+                    "string|null",
+                    "'user' (the local stage) or 'root' (in the deploy root)",
+                ),
+                Field(
+                    "rendered", "array", "[{path, content, mode, shared}] config files", default=()
+                ),
+                Field("env", "object", "the release's environment (0600 env file)", default={}),
+                Field("shared", "object", "{dirs, files} linked from shared/", default={}),
+                Field("hooks", "array", "after_install commands", default=()),
+                Field("hook_timeout", "number", "seconds each hook may run", default=600),
+                Field(
+                    "hook_silence", "number|null", "seconds a hook may print nothing (0: no limit)"
+                ),
+                Field("backend", "string|null", "the process manager to start while installing"),
+                Field(
+                    "preboot_web",
+                    "object|null",
+                    "the web spec: start its server with its libraries early",
+                ),
+            ),
+        ),
+        Op(
+            "hook",
+            "run a command in a release with its environment, output streamed",
+            "{exit_code, output, output_tail, seconds}",
+            (
+                _release_id(),
+                Field("command", "string", "the shell command", required=True),
+                Field("timeout", "number", "seconds in all", default=600),
+                Field(
+                    "silence_timeout", "number|null", "seconds it may print nothing (0: no limit)"
+                ),
+            ),
+        ),
+        Op(
+            "switch",
+            "blue/green: start, check and move traffic to a release (docs/DESIGN.md, Services)",
+            "{previous, current, seconds, standby, workers, stopping, ...}",
+            (_release_id(), Field("services", "object", "the services spec", required=True)),
+        ),
+        Op(
+            "start",
+            "start services of the live release",
+            "{started}",
+            (_SERVICES, Field("spec", "object|null", "the services spec (default: the saved one)")),
+        ),
+        Op("stop", "stop services (the manager keeps running)", "{stopped}", (_SERVICES,)),
+        Op(
+            "restart",
+            "restart services (web: zero downtime)",
+            "{restarted}",
+            (_SERVICES, Field("spec", "object|null", "the services spec (default: the saved one)")),
+        ),
+        Op("reload", "reload services", "{reloaded}", (_SERVICES,)),
+        Op(
+            "status",
+            "services, live release, backend",
+            "{live_release, current, backend, services}",
+        ),
+        Op("shutdown", "stop every service and the manager", "{stopped}"),
+        Op(
+            "withdraw",
+            "serve nothing again (the undo of a failed first deploy)",
+            "{withdrawn, stopped}",
+            (_release_id("the release the failed deploy installed"),),
+        ),
+        Op("verify", "re-hash every stored blob; quarantine bad ones", "{blobs, bad}"),
+        Op(
+            "logs",
+            "a service's last log lines; with follow, new lines as events",
+            "{service, path, lines}",
+            (
+                Field("service", "string|null", "the service (default: web)"),
+                Field("lines", "integer", "how many", default=100),
+                Field(
+                    "follow",
+                    "boolean|number",
+                    "follow: until the reader goes, or this many seconds",
+                    default=False,
+                ),
+            ),
+        ),
+        Op("releases", "the releases with their states", "{releases, current, previous}"),
+        Op(
+            "history",
+            "the host's ledger, oldest first",
+            "{entries}",
+            (Field("limit", "integer|null", "the newest this many"),),
+        ),
+        Op(
+            "read_release_file",
+            "a file of a release (plan's config diff)",
+            "{content}",
+            (_release_id(), Field("path", "string", "relative to the release", required=True)),
+        ),
+        Op(
+            "install_uv",
+            "make the shipped uv runnable",
+            "{path}",
+            (
+                Field("sha256", "string", "the blob", required=True),
+                Field("binary_sha256", "string|null", "the binary inside the gzipped blob"),
+            ),
+        ),
+        Op(
+            "record",
+            "append an entry to the host's ledger",
+            "the entry",
+            (Field("entry", "object", "the ledger entry", required=True),),
+        ),
+        Op(
+            "mark",
+            "set a release's state",
+            "the release's metadata",
+            (
+                _release_id(),
+                Field("state", "string", "live, previous, good, bad, rolled-back", required=True),
+            ),
+        ),
+        Op(
+            "prune",
+            "remove old releases, venvs, blobs",
+            "{removed, venvs_removed, blobs_removed}",
+            (Field("keep", "integer", "releases to keep", default=5),),
+        ),
+        Op(
+            "lock",
+            "take the deploy lock (bound to this session, or kept)",
+            "the lock record (+ broke)",
+            (
+                Field(
+                    "holder",
+                    "object",
+                    "{user, host, pid, command, started_at, reason?}",
+                    required=True,
+                ),
+                Field("wait", "number", "seconds to wait for a held lock", default=0),
+                Field(
+                    "keep",
+                    "boolean",
+                    "held until unlock, by no process (shiplane lock)",
+                    default=False,
+                ),
+            ),
+        ),
+        Op(
+            "heartbeat",
+            "whether this session still holds the lock",
+            "the lock record",
+            (Field("holder", "object|null", "the holder (default: this session's)"),),
+        ),
+        Op(
+            "unlock",
+            "release the deploy lock",
+            "{released, holder}",
+            (
+                Field("force", "boolean", "anyone's lock", default=False),
+                Field("holder", "object|null", "whose (default: this session's)"),
+                Field("by", "object|null", "who forced it (recorded)"),
+            ),
+        ),
+    )
+}
 
 
 def decode(op: object, args: object) -> dict[str, Any]:
@@ -152,33 +289,53 @@ def decode(op: object, args: object) -> dict[str, Any]:
     known = {f.name: f for f in spec.fields}
     unknown = sorted(set(args) - set(known))
     if unknown:
-        raise AgentError(f"{spec.name}: unknown field(s) {', '.join(unknown)} (protocol {VERSION}: "
-                         f"{', '.join(known) or 'no fields'})", kind="protocol")
+        raise AgentError(
+            f"{spec.name}: unknown field(s) {', '.join(unknown)} (protocol {VERSION}: "
+            f"{', '.join(known) or 'no fields'})",
+            kind="protocol",
+        )
     out: dict[str, Any] = {}
     for name, field in known.items():
         if name not in args:
             if field.required:
                 raise AgentError(f"{spec.name}: field {name} is required", kind="protocol")
             default = field.default
-            out[name] = list(default) if isinstance(default, tuple) else dict(default) \
-                if isinstance(default, dict) else default
+            out[name] = (
+                list(default)
+                if isinstance(default, tuple)
+                else dict(default)
+                if isinstance(default, dict)
+                else default
+            )
             continue
         value = args[name]
         if not field.accepts(value):
-            raise AgentError(f"{spec.name}: field {name} must be {field.type.replace('|', ' or ')}, "
-                             f"found {type(value).__name__}", kind="protocol")
+            raise AgentError(
+                f"{spec.name}: field {name} must be {field.type.replace('|', ' or ')}, "
+                f"found {type(value).__name__}",
+                kind="protocol",
+            )
         out[name] = value
     return out
 
 
 def markdown() -> str:
     """The op table of docs/DESIGN.md."""
-    lines = [f"Protocol version {VERSION}. `*` marks a required field.", "",
-             "| op | request fields | result | does |", "|---|---|---|---|"]
+    lines = [
+        f"Protocol version {VERSION}. `*` marks a required field.",
+        "",
+        "| op | request fields | result | does |",
+        "|---|---|---|---|",
+    ]
     for op in OPS.values():
-        fields = ", ".join(f"`{f.name}`{'*' if f.required else ''}: {f.type.replace('|', ' or ')}"
-                           + (f" = {_json(f.default)}" if not f.required and f.default is not None else "")
-                           for f in op.fields) or "-"
+        fields = (
+            ", ".join(
+                f"`{f.name}`{'*' if f.required else ''}: {f.type.replace('|', ' or ')}"
+                + (f" = {_json(f.default)}" if not f.required and f.default is not None else "")
+                for f in op.fields
+            )
+            or "-"
+        )
         if op.payload:
             fields += " + bytes"
         lines.append(f"| `{op.name}` | {fields} | `{op.result}` | {op.doc} |")
@@ -189,7 +346,6 @@ def _json(value: Any) -> str:
     import json
 
     return json.dumps(list(value) if isinstance(value, tuple) else value)
-
 
 
 if __name__ == "__main__":  # the op table of docs/DESIGN.md

@@ -40,8 +40,10 @@ SD_LISTEN_FDS_START = 3
 SHUTDOWN_GRACE = 10.0
 REFUSED_LINGER = 2.0
 BACKLOG = 1024
-BAD_GATEWAY = (b"HTTP/1.1 502 Bad Gateway\r\nContent-Type: text/plain\r\nContent-Length: 36\r\n"
-               b"Connection: close\r\n\r\nshiplane front: no upstream server\r\n")
+BAD_GATEWAY = (
+    b"HTTP/1.1 502 Bad Gateway\r\nContent-Type: text/plain\r\nContent-Length: 36\r\n"
+    b"Connection: close\r\n\r\nshiplane front: no upstream server\r\n"
+)
 
 
 class _Pipe(asyncio.Protocol):
@@ -130,8 +132,14 @@ class _Connection:
     def upstream_failed(self, side: _Pipe, exc: Exception | None) -> bool:
         """The upstream ``side`` closed (``exc`` None: EOF) or broke: replay on a new upstream
         connection when that is safe; True when a replay was started."""
-        if (side is self.client or side is not self.upstream or self.closed or self.has_answer
-                or self.replay is None or self.retries >= MAX_REPLAYS):
+        if (
+            side is self.client
+            or side is not self.upstream
+            or self.closed
+            or self.has_answer
+            or self.replay is None
+            or self.retries >= MAX_REPLAYS
+        ):
             return False
         reset = isinstance(exc, (ConnectionResetError, BrokenPipeError))
         # A clean close without an answer: the server may have run the request.
@@ -139,9 +147,11 @@ class _Connection:
             return False
         self.retries += 1
         self.proxy.replays += 1
-        sys.stderr.write(f"shiplane front: upstream {'reset' if reset else 'closed'} before "
-                         f"answering; replaying {len(self.replay)} bytes on {self.proxy.upstream_path}"
-                         f"\n")
+        sys.stderr.write(
+            f"shiplane front: upstream {'reset' if reset else 'closed'} before "
+            f"answering; replaying {len(self.replay)} bytes on {self.proxy.upstream_path}"
+            f"\n"
+        )
         side.stale = True
         self.upstream = None
         self.client.peer = None
@@ -253,8 +263,9 @@ class Proxy:
         if inherited is not None:
             self.server = await loop.create_server(self._accept, sock=inherited, backlog=BACKLOG)
             return
-        self.server = await loop.create_server(self._accept, self.host, self.port,
-                                               reuse_address=True, backlog=BACKLOG)
+        self.server = await loop.create_server(
+            self._accept, self.host, self.port, reuse_address=True, backlog=BACKLOG
+        )
 
     async def serve(self, ready: str | None = None) -> None:
         """Serve until SIGTERM/SIGINT, then stop listening and let open connections finish.
@@ -343,8 +354,12 @@ def parse_listen(value: str) -> tuple[str, int]:
 def main(argv: list[str] | None = None) -> int:
     """``proxy --listen HOST:PORT --upstream PATH``: run the front until SIGTERM."""
     parser = argparse.ArgumentParser(prog="shiplane-agent proxy", description=__doc__)
-    parser.add_argument("--listen", required=True, type=parse_listen,
-                        help="HOST:PORT to listen on (unless systemd passes a socket: LISTEN_FDS)")
+    parser.add_argument(
+        "--listen",
+        required=True,
+        type=parse_listen,
+        help="HOST:PORT to listen on (unless systemd passes a socket: LISTEN_FDS)",
+    )
     parser.add_argument("--upstream", required=True, help="unix socket path (a symlink is fine)")
     parser.add_argument("--ready", help="write the pid to this file once listening")
     args: Any = parser.parse_args(argv)

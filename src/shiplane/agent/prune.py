@@ -30,7 +30,11 @@ def prune(layout: Layout, keep: int, emit: Emit) -> dict[str, Any]:
     metas = list_releases(layout)
     current, previous = current_release(layout), previous_release(layout)
     # the newest known-good release other than the live one: `previous` when there is one
-    good = [m["release_id"] for m in metas if m.get("state") in ("good", "previous") and m["release_id"] != current]
+    good = [
+        m["release_id"]
+        for m in metas
+        if m.get("state") in ("good", "previous") and m["release_id"] != current
+    ]
     protected = {current, previous if previous else (good[-1] if good else None)}
     # a release whose server still runs (the standby, an interrupted switch's candidate)
     protected |= {m["release_id"] for m in metas if layout.release_socket(m["release_id"]).exists()}
@@ -56,8 +60,12 @@ def prune(layout: Layout, keep: int, emit: Emit) -> dict[str, Any]:
         # uv's cache holds every wheel ever unpacked here, the gone venvs' too, and would grow
         # with each dependency change; the venvs hard-link their files, so they keep them
         remove_tree(layout.uv_cache)
-    return {"removed": removed, "venvs_removed": venvs_removed, "blobs_removed": _prune_store(layout),
-            "agents_removed": _prune_agents(layout)}
+    return {
+        "removed": removed,
+        "venvs_removed": venvs_removed,
+        "blobs_removed": _prune_store(layout),
+        "agents_removed": _prune_agents(layout),
+    }
 
 
 def _prune_store(layout: Layout) -> int:
@@ -92,8 +100,11 @@ def _prune_agents(layout: Layout) -> list[str]:
     there is nothing to do: the configs and processes are read only if an old version exists."""
     running = os.path.basename(os.environ.get("SHIPLANE_AGENT_DIR", "").rstrip("/"))
     try:
-        old = [p for p in layout.agent_dir.iterdir()
-               if AGENT_VERSION.fullmatch(p.name.removesuffix(".pyz")) and p.name != running]
+        old = [
+            p
+            for p in layout.agent_dir.iterdir()
+            if AGENT_VERSION.fullmatch(p.name.removesuffix(".pyz")) and p.name != running
+        ]
     except OSError:
         return []
     if not old:
@@ -123,7 +134,7 @@ def _named_agent_versions(layout: Layout) -> set[str]:
             continue
     for path in files:
         try:
-            texts.append(path.read_bytes()[:1 << 20])
+            texts.append(path.read_bytes()[: 1 << 20])
         except OSError:
             continue
     try:
@@ -149,7 +160,10 @@ def _remove_leftovers(layout: Layout) -> None:
         name = entry.name
         crashed_tmp = name.startswith((".tmp-", ".trash-")) and not name.endswith(f"-{os.getpid()}")
         # A release dir without release.json is an install that died after its rename.
-        incomplete = bool(RELEASE_ID_RE.match(name)) and name != live \
+        incomplete = (
+            bool(RELEASE_ID_RE.match(name))
+            and name != live
             and not layout.release_meta(name).exists()
+        )
         if crashed_tmp or incomplete:
             shutil.rmtree(entry, ignore_errors=True)

@@ -42,6 +42,7 @@ def artifact_digest(manifest: dict[str, Any]) -> str:
 
 # --- metadata -------------------------------------------------------------------------------
 
+
 def _write_meta(layout: Layout, release_id: str, meta: dict[str, Any]) -> None:
     atomic_write(layout.release_meta(release_id), json.dumps(meta, indent=1, sort_keys=True))
 
@@ -107,8 +108,9 @@ def mark(layout: Layout, release_id: str, state: str) -> dict[str, Any]:
     so the states always say which release was live before; ``bad`` and ``rolled-back`` marks
     stay until that release is live again."""
     if state not in STATES:
-        raise AgentError(f"unknown release state {state!r} (one of {', '.join(STATES)})",
-                         kind="usage")
+        raise AgentError(
+            f"unknown release state {state!r} (one of {', '.join(STATES)})", kind="usage"
+        )
     if state == "live":
         for meta in list_releases(layout):
             rid = meta.get("release_id")
@@ -136,6 +138,7 @@ def remove_tree(path: Path) -> None:
 
 # --- install -----------------------------------------------------------------------------------
 
+
 def _compile(layout: Layout, release: Path, digest: str | None, python: str) -> None:
     """Byte-compile the release's code in place (after the rename: .pyc files record their path),
     so the candidate server and the hooks do not compile it on every start. Best effort: a file
@@ -148,15 +151,22 @@ def _compile(layout: Layout, release: Path, digest: str | None, python: str) -> 
         import compileall
 
         try:
-            compileall.compile_dir(str(release), quiet=2,
-                                   workers=0 if sources >= PARALLEL_COMPILE else 1)
+            compileall.compile_dir(
+                str(release), quiet=2, workers=0 if sources >= PARALLEL_COMPILE else 1
+            )
         except Exception:  # noqa: BLE001, S110 - best effort, as below
             pass
         return
     jobs = ["-j", "0"] if sources >= PARALLEL_COMPILE else []
-    subprocess.run([interpreter, "-m", "compileall", "-q", *jobs, str(release)], stdin=subprocess.DEVNULL,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=300, check=False,
-                   env={k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"})
+    subprocess.run(
+        [interpreter, "-m", "compileall", "-q", *jobs, str(release)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        timeout=300,
+        check=False,
+        env={k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"},
+    )
 
 
 def _same_python(venv: Path) -> bool:
@@ -166,8 +176,11 @@ def _same_python(venv: Path) -> bool:
     except OSError:
         return False
     found = re.search(r"^version(?:_info)?\s*=\s*(\d+)\.(\d+)", cfg, re.MULTILINE)
-    return found is not None and sys.implementation.name == "cpython" \
+    return (
+        found is not None
+        and sys.implementation.name == "cpython"
         and (int(found[1]), int(found[2])) == sys.version_info[:2]
+    )
 
 
 def _install_tools(layout: Layout, tools: list[dict[str, Any]], emit: Emit) -> None:
@@ -196,9 +209,13 @@ def _install_tools(layout: Layout, tools: list[dict[str, Any]], emit: Emit) -> N
         os.rename(tmp, dest)
 
 
-def install(layout: Layout, args: dict[str, Any], emit: Emit,
-            on_tools: Callable[[], None] | None = None,
-            on_placed: Callable[[], None] | None = None) -> dict[str, Any]:
+def install(
+    layout: Layout,
+    args: dict[str, Any],
+    emit: Emit,
+    on_tools: Callable[[], None] | None = None,
+    on_placed: Callable[[], None] | None = None,
+) -> dict[str, Any]:
     """The ``install`` op: build ``releases/<id>`` completely or not at all.
 
     Reuses an existing complete release of the same artifact. Everything is built in
@@ -223,13 +240,24 @@ def install(layout: Layout, args: dict[str, Any], emit: Emit,
     existing = read_meta(layout, release_id) if layout.release_meta(release_id).is_file() else None
     if existing is not None:
         if existing.get("artifact") != artifact:
-            raise AgentError(f"release {release_id} exists with another artifact "
-                             f"({existing.get('artifact')})", kind="conflict")
-        venv = ensure_venv(layout, digest, deps, python, emit, user_cache) if digest else {"reused": True}
+            raise AgentError(
+                f"release {release_id} exists with another artifact ({existing.get('artifact')})",
+                kind="conflict",
+            )
+        venv = (
+            ensure_venv(layout, digest, deps, python, emit, user_cache)
+            if digest
+            else {"reused": True}
+        )
         if on_placed is not None:
             on_placed()
-        return {"release_id": release_id, "reused": True, "venv_reused": venv["reused"],
-                "venv_seconds": venv.get("seconds", 0.0), "seconds": 0.0}
+        return {
+            "release_id": release_id,
+            "reused": True,
+            "venv_reused": venv["reused"],
+            "venv_seconds": venv.get("seconds", 0.0),
+            "seconds": 0.0,
+        }
     if final.exists() or final.is_symlink():
         if current_release(layout) == release_id:
             raise AgentError(f"release {release_id} is live but incomplete", kind="conflict")
@@ -244,10 +272,16 @@ def install(layout: Layout, args: dict[str, Any], emit: Emit,
         on_tools()
     source = (manifest.get("app") or {}).get("source") or "package"
     meta: dict[str, Any] = {
-        "release_id": release_id, "artifact": artifact, "dependency_digest": digest,
-        "git_commit": manifest.get("git_commit"), "created_at": utc_now(),
-        "stage": args.get("stage"), "state": "prepared", "source": source,
-        "app": manifest.get("app"), "blobs": sorted({str(f.get("sha256")) for f in app_files + deps + tools}),
+        "release_id": release_id,
+        "artifact": artifact,
+        "dependency_digest": digest,
+        "git_commit": manifest.get("git_commit"),
+        "created_at": utc_now(),
+        "stage": args.get("stage"),
+        "state": "prepared",
+        "source": source,
+        "app": manifest.get("app"),
+        "blobs": sorted({str(f.get("sha256")) for f in app_files + deps + tools}),
     }
     if args.get("services") is not None:
         meta["services"] = args["services"]
@@ -281,7 +315,13 @@ def install(layout: Layout, args: dict[str, Any], emit: Emit,
         for hook in args.get("hooks") or []:
             command = hook.get("command") if isinstance(hook, dict) else hook
             timeout = hook.get("timeout", hook_timeout) if isinstance(hook, dict) else hook_timeout
-            run_hook(layout, release_id, str(command), Limits(float(timeout), float(args.get("hook_silence") or 0)), emit)
+            run_hook(
+                layout,
+                release_id,
+                str(command),
+                Limits(float(timeout), float(args.get("hook_silence") or 0)),
+                emit,
+            )
         _write_meta(layout, release_id, meta)
         (final / PARTIAL_META).unlink()
     except BaseException:
@@ -289,16 +329,22 @@ def install(layout: Layout, args: dict[str, Any], emit: Emit,
             remove_tree(final)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return {"release_id": release_id, "reused": False, "venv_reused": venv["reused"],
-            "venv_seconds": venv.get("seconds", 0.0),
-            "seconds": round(time.monotonic() - started, 3)}
+    return {
+        "release_id": release_id,
+        "reused": False,
+        "venv_reused": venv["reused"],
+        "venv_seconds": venv.get("seconds", 0.0),
+        "seconds": round(time.monotonic() - started, 3),
+    }
 
 
 def _place_app_files(layout: Layout, base: Path, app_files: list[dict[str, Any]]) -> None:
     for item in app_files:
         if not valid_sha(item.get("sha256")):
             raise AgentError(f"app file {item.get('path')!r} has no valid sha256", kind="usage")
-    verify(layout, [str(item["sha256"]) for item in app_files])  # what reaches the release is what was built
+    verify(
+        layout, [str(item["sha256"]) for item in app_files]
+    )  # what reaches the release is what was built
     for item in app_files:
         blob = layout.blob(str(item["sha256"]))
         if item.get("kind") == "wheel":
@@ -327,8 +373,9 @@ def _mode(value: object, default: int) -> int:
         raise AgentError(f"invalid file mode {value!r}", kind="usage") from exc
 
 
-def _write_rendered(layout: Layout, base: Path, rendered: list[dict[str, Any]],
-                    values: dict[str, str]) -> list[str]:
+def _write_rendered(
+    layout: Layout, base: Path, rendered: list[dict[str, Any]], values: dict[str, str]
+) -> list[str]:
     """Write rendered config files (placeholders expanded); returns the paths of those placed
     under ``shared/``."""
     shared_paths = []
@@ -360,8 +407,9 @@ def _write_env(base: Path, env: dict[str, Any], values: dict[str, str]) -> None:
     atomic_write(base / "shiplane.env", "".join(line + "\n" for line in lines), 0o600)
 
 
-def _link_shared(layout: Layout, base: Path, final: Path, shared: dict[str, Any],
-                 rendered: list[str]) -> None:
+def _link_shared(
+    layout: Layout, base: Path, final: Path, shared: dict[str, Any], rendered: list[str]
+) -> None:
     """Link shared dirs and files into the release with relative symlinks.
 
     Links are computed from the final ``releases/<id>`` location (same depth as the temp dir).
@@ -371,16 +419,16 @@ def _link_shared(layout: Layout, base: Path, final: Path, shared: dict[str, Any]
     files = [safe_relpath(f, "shared file") for f in shared.get("files") or []]
     covered = dirs + files
     # Rendered shared files get a link too, unless a shared dir or file entry already covers them.
-    files += [r for r in rendered
-              if not any(r == c or r.startswith(c + "/") for c in covered)]
+    files += [r for r in rendered if not any(r == c or r.startswith(c + "/") for c in covered)]
     for rel in dirs + files:
         if rel in RESERVED:
             raise AgentError(f"shared path {rel!r} is reserved", kind="usage")
         outer = [d for d in dirs if rel.startswith(d + "/")]
         if outer:
             # Linking through another link would replace a file inside shared/ itself.
-            raise AgentError(f"shared path {rel!r} lies inside shared dir {outer[0]!r}",
-                             kind="usage")
+            raise AgentError(
+                f"shared path {rel!r} lies inside shared dir {outer[0]!r}", kind="usage"
+            )
         target = layout.shared / rel
         if rel in dirs:
             target.mkdir(parents=True, exist_ok=True)
@@ -388,12 +436,16 @@ def _link_shared(layout: Layout, base: Path, final: Path, shared: dict[str, Any]
             target.parent.mkdir(parents=True, exist_ok=True)
         link = base / rel
         link.parent.mkdir(parents=True, exist_ok=True)
-        if not os.path.realpath(link.parent).startswith(os.path.realpath(base) + os.sep) \
-                and link.parent != base:
+        if (
+            not os.path.realpath(link.parent).startswith(os.path.realpath(base) + os.sep)
+            and link.parent != base
+        ):
             raise AgentError(f"shared path {rel!r} leads outside the release", kind="usage")
         if link.is_symlink() or link.is_file():
             link.unlink()
         elif link.is_dir():
-            shutil.rmtree(link)  # the artifact's copy (e.g. an empty logs/) yields to the shared one
+            shutil.rmtree(
+                link
+            )  # the artifact's copy (e.g. an empty logs/) yields to the shared one
         final_parent = final / PurePosixPath(rel).parent
         os.symlink(os.path.relpath(target, final_parent), link)

@@ -37,8 +37,11 @@ def placeholders(layout: Layout, release_id: str) -> dict[str, str]:
     """What ``{deploy_to}``, ``{shared}`` and ``{release}`` stand for on this host, in env values,
     rendered files and hook commands (``DATABASE_URL = "sqlite:///{shared}/db.sqlite3"``): each
     stage's paths without repeating them in the deploy file."""
-    return {"{deploy_to}": str(layout.root), "{shared}": str(layout.shared),
-            "{release}": str(layout.release(release_id))}
+    return {
+        "{deploy_to}": str(layout.root),
+        "{shared}": str(layout.shared),
+        "{release}": str(layout.release(release_id)),
+    }
 
 
 def expand(text: str, values: dict[str, str]) -> str:

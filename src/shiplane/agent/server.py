@@ -114,8 +114,13 @@ class Session:
             op = req.get("op")
             args = protocol.decode(op, req.get("args") or {})  # agent/protocol.py: the contract
         except (ValueError, TypeError) as exc:
-            self.send({"id": req_id, "ok": False,
-                       "error": {"message": f"bad request line: {exc}", "kind": "protocol"}})
+            self.send(
+                {
+                    "id": req_id,
+                    "ok": False,
+                    "error": {"message": f"bad request line: {exc}", "kind": "protocol"},
+                }
+            )
             return
         except AgentError as exc:
             self.send({"id": req_id, "ok": False, "error": error_object(exc)})
@@ -213,8 +218,11 @@ def error_object(exc: BaseException) -> dict[str, Any]:
         out["message"] = str(getattr(exc, "message", None) or exc)
         out["kind"] = kind
         return out
-    return {"message": f"{type(exc).__name__}: {exc}", "kind": "internal",
-            "detail": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))}
+    return {
+        "message": f"{type(exc).__name__}: {exc}",
+        "kind": "internal",
+        "detail": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
+    }
 
 
 # --- handlers: (session, args, emit) -> result ---------------------------------------------------
@@ -247,12 +255,18 @@ def _op_inventory(s: Session, args: dict[str, Any], emit: Emit) -> Any:
     plan's), the venv it will need starts being made while the blobs are sent."""
     hint = args.get("venv")
     if isinstance(hint, dict):
-        start_shell(s.layout, hint.get("digest"), hint.get("python") or sys.executable,
-                    user_cache=hint.get("uv_cache") == "user")
+        start_shell(
+            s.layout,
+            hint.get("digest"),
+            hint.get("python") or sys.executable,
+            user_cache=hint.get("uv_cache") == "user",
+        )
     result = inventory(s.layout, list(args.get("blobs") or []))
     port = args.get("port")
     if isinstance(port, dict):
-        result["port_taken"] = port_taken(str(port.get("bind")), int(port.get("port") or 0), result["services"])
+        result["port_taken"] = port_taken(
+            str(port.get("bind")), int(port.get("port") or 0), result["services"]
+        )
     return result
 
 
@@ -261,7 +275,10 @@ def port_taken(bind: str, port: int, services: Any) -> str | None:
     free, or this stage's own front holds it. Asked before anything is sent, so a deploy that
     would fail at its switch fails at its start."""
     running = services.get("services", []) if isinstance(services, dict) else []
-    if any(svc.get("name") == "front" and svc.get("state") in ("RUNNING", "STARTING") for svc in running):
+    if any(
+        svc.get("name") == "front" and svc.get("state") in ("RUNNING", "STARTING")
+        for svc in running
+    ):
         return None
     family = socket.AF_INET6 if ":" in bind else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as probe:
@@ -285,7 +302,9 @@ def _op_hook(s: Session, args: dict[str, Any], emit: Emit) -> Any:
     command = args.get("command")
     if not isinstance(command, str) or not command.strip():
         raise AgentError("hook: command missing", kind="usage")
-    limits = Limits(float(args.get("timeout") or 600), float(args.get("silence_timeout") or 0), watch=s.stdin)
+    limits = Limits(
+        float(args.get("timeout") or 600), float(args.get("silence_timeout") or 0), watch=s.stdin
+    )
     return run_hook(s.layout, rid, command, limits, emit)
 
 
@@ -384,10 +403,20 @@ def _op_switch(s: Session, args: dict[str, Any], emit: Emit) -> Any:
         s.prebooted = None if s.prebooted == rid else s.prebooted
         # A process of its own, detached, so no deploy waits for an old server's exit or a
         # spare's start; it inherits the lock and holds it until it is done.
-        subprocess.Popen([*agent_command(), "after-switch", str(s.layout.root), rid,
-                          *result.get("stopping", [])],
-                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL, start_new_session=True, pass_fds=(held,))
+        subprocess.Popen(
+            [
+                *agent_command(),
+                "after-switch",
+                str(s.layout.root),
+                rid,
+                *result.get("stopping", []),
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+            pass_fds=(held,),
+        )
     finally:
         os.close(held)
     return result
@@ -398,7 +427,9 @@ def _op_lock(s: Session, args: dict[str, Any], emit: Emit) -> Any:
     if not isinstance(holder, dict):
         raise AgentError("lock: holder missing", kind="usage")
     keep = bool(args.get("keep"))  # `shiplane lock`: held until unlock, by no process
-    held = lock.acquire(s.layout, holder, float(args.get("wait") or 0), emit, keep=keep, pause=s.controller_here)
+    held = lock.acquire(
+        s.layout, holder, float(args.get("wait") or 0), emit, keep=keep, pause=s.controller_here
+    )
     with s.lock_ops:
         if held.fd is not None or keep:
             lock.drop(s.lock_fd)  # a lock we held before is gone: its old flock means nothing
@@ -408,8 +439,15 @@ def _op_lock(s: Session, args: dict[str, Any], emit: Emit) -> Any:
     if held.broke is not None:
         result["broke"] = held.broke
         # the ledger keeps it: the abandoned deploy left no entry of its own
-        ledger.append(s.layout, {"event": "lock-broken", "holder": held.broke,
-                                 "user": holder.get("user"), "controller": holder.get("host")})
+        ledger.append(
+            s.layout,
+            {
+                "event": "lock-broken",
+                "holder": held.broke,
+                "user": holder.get("user"),
+                "controller": holder.get("host"),
+            },
+        )
     return result
 
 
@@ -429,9 +467,11 @@ def _op_unlock(s: Session, args: dict[str, Any], emit: Emit) -> Any:
 
 
 def _op_releases(s: Session, args: dict[str, Any], emit: Emit) -> Any:
-    return {"releases": releases.list_releases(s.layout),
-            "current": releases.current_release(s.layout),
-            "previous": releases.previous_release(s.layout)}
+    return {
+        "releases": releases.list_releases(s.layout),
+        "current": releases.current_release(s.layout),
+        "previous": releases.previous_release(s.layout),
+    }
 
 
 def _op_record(s: Session, args: dict[str, Any], emit: Emit) -> Any:
@@ -448,8 +488,15 @@ def settle_orphans(s: Session) -> None:
     release that went live is in the host's history; a release it installed with an early web
     server, but never switched to, has that server stopped (it would idle, shown as drift)."""
     if s.unrecorded is not None:
-        ledger.append(s.layout, {"event": "switch", "outcome": "ok", **s.unrecorded,
-                                 "note": "made live by a command that ended before recording it"})
+        ledger.append(
+            s.layout,
+            {
+                "event": "switch",
+                "outcome": "ok",
+                **s.unrecorded,
+                "note": "made live by a command that ended before recording it",
+            },
+        )
         s.unrecorded = None
     if s.prebooted is not None:
         _discard(s, s.prebooted, lambda event: None)
@@ -496,10 +543,18 @@ HANDLERS: dict[str, Handler] = {
     "reload": lambda s, a, e: _services().reload(s.layout, _names(a), e),
     "status": lambda s, a, e: _services().status(s.layout),
     "shutdown": lambda s, a, e: _services().shutdown(s.layout, e),
-    "withdraw": lambda s, a, e: _services().withdraw(s.layout, valid_release_id(a.get("release_id")), e),
+    "withdraw": lambda s, a, e: _services().withdraw(
+        s.layout, valid_release_id(a.get("release_id")), e
+    ),
     "verify": lambda s, a, e: store.check_store(s.layout, e),
-    "logs": lambda s, a, e: _services().logs(s.layout, a.get("service"), int(a.get("lines") or 100),
-                                             bool(a.get("follow")), e, gone=s.reader_gone.is_set),
+    "logs": lambda s, a, e: _services().logs(
+        s.layout,
+        a.get("service"),
+        int(a.get("lines") or 100),
+        bool(a.get("follow")),
+        e,
+        gone=s.reader_gone.is_set,
+    ),
     "releases": _op_releases,
     "history": _op_history,
     "read_release_file": _op_read_release_file,

@@ -38,11 +38,23 @@ from .systemd import SystemdBackend, systemd_running
 
 Emit = Callable[[dict[str, Any]], None]
 
-__all__ = ["backend_for", "choose_backend", "logs", "reload", "restart", "shutdown", "start",
-           "status", "stop", "switch", "withdraw"]
+__all__ = [
+    "backend_for",
+    "choose_backend",
+    "logs",
+    "reload",
+    "restart",
+    "shutdown",
+    "start",
+    "status",
+    "stop",
+    "switch",
+    "withdraw",
+]
 
 
 # --- which backend ---------------------------------------------------------------------------
+
 
 def _backend_file(layout: Layout) -> Path:
     return layout.run / "backend"
@@ -85,15 +97,18 @@ def backend_for(layout: Layout, spec: dict[str, Any] | None, switching: bool = F
     if switching and recorded and recorded != name:
         old = backend_for(layout, None)
         if any(e.get("pid") for e in old.status()):
-            raise AgentError(f"this host's services run under the {recorded} backend, the stage "
-                             f"now asks for {name}: run `shiplane stop --all` for this stage "
-                             f"first (the port moves, which cannot be done without a gap)",
-                             kind="usage")
+            raise AgentError(
+                f"this host's services run under the {recorded} backend, the stage "
+                f"now asks for {name}: run `shiplane stop --all` for this stage "
+                f"first (the port moves, which cannot be done without a gap)",
+                kind="usage",
+            )
     return BACKENDS[name](layout, spec or saved)
 
 
-def switch(layout: Layout, release_id: str, spec: dict[str, Any], emit: Emit,
-           forget_later: bool = False) -> dict[str, Any]:
+def switch(
+    layout: Layout, release_id: str, spec: dict[str, Any], emit: Emit, forget_later: bool = False
+) -> dict[str, Any]:
     """Blue/green switch of the web service to ``release_id`` (see :func:`switch.switch`)."""
     backend = backend_for(layout, spec, switching=True)
     layout.run.mkdir(parents=True, exist_ok=True)
@@ -102,8 +117,9 @@ def switch(layout: Layout, release_id: str, spec: dict[str, Any], emit: Emit,
     return _switch(layout, release_id, spec, emit, backend, forget_later)
 
 
-def preboot(layout: Layout, release_id: str, web: dict[str, Any], backend: str | None,
-            emit: Emit) -> None:
+def preboot(
+    layout: Layout, release_id: str, web: dict[str, Any], backend: str | None, emit: Emit
+) -> None:
     """Start the release's web server before its switch, with only its libraries loaded."""
     backend_for(layout, {"backend": backend}).preboot_web(release_id, web, emit)
 
@@ -163,7 +179,13 @@ def withdraw(layout: Layout, release_id: str, emit: Emit) -> dict[str, Any]:
         spec_path(layout).unlink(missing_ok=True)
     finally:
         os.close(held)
-    emit({"phase": "undo", "status": "withdrawn", "detail": f"{release_id} no longer serves; nothing runs here"})
+    emit(
+        {
+            "phase": "undo",
+            "status": "withdrawn",
+            "detail": f"{release_id} no longer serves; nothing runs here",
+        }
+    )
     return {"withdrawn": release_id, "stopped": stopped}
 
 
@@ -191,8 +213,9 @@ def _targets(layout: Layout, names: list[str] | None, spec: dict[str, Any] | Non
         return known
     unknown = [n for n in names if n not in known]
     if unknown:
-        raise AgentError(f"unknown service(s) {', '.join(unknown)}; known: {', '.join(known)}",
-                         kind="usage")
+        raise AgentError(
+            f"unknown service(s) {', '.join(unknown)}; known: {', '.join(known)}", kind="usage"
+        )
     return [n for n in known if n in names]
 
 
@@ -207,13 +230,20 @@ def _start_web(layout: Layout, backend: Backend, spec: dict[str, Any], emit: Emi
     live = _require_live(layout)
     backend.start_web(live, spec.get("web") or {}, emit)
     health = (spec.get("web") or {}).get("health") or {}
-    wait_healthy(layout.release_socket(live), health.get("path"),
-                 float(health.get("timeout") or 30), layout.log / "web.log", emit,
-                 lambda: backend.web_state(live)[1], host=str(health.get("host") or "localhost"))
+    wait_healthy(
+        layout.release_socket(live),
+        health.get("path"),
+        float(health.get("timeout") or 30),
+        layout.log / "web.log",
+        emit,
+        lambda: backend.web_state(live)[1],
+        host=str(health.get("host") or "localhost"),
+    )
 
 
-def start(layout: Layout, names: list[str] | None, spec: dict[str, Any] | None,
-          emit: Emit) -> dict[str, Any]:
+def start(
+    layout: Layout, names: list[str] | None, spec: dict[str, Any] | None, emit: Emit
+) -> dict[str, Any]:
     """Start services (all when ``names`` is empty) on the live release; returns the status."""
     spec = _spec(layout, spec)
     targets = _targets(layout, names, spec)
@@ -240,8 +270,9 @@ def stop(layout: Layout, names: list[str] | None, emit: Emit) -> dict[str, Any]:
     return {"stopped": stopped}
 
 
-def restart(layout: Layout, names: list[str] | None, spec: dict[str, Any] | None,
-            emit: Emit) -> dict[str, Any]:
+def restart(
+    layout: Layout, names: list[str] | None, spec: dict[str, Any] | None, emit: Emit
+) -> dict[str, Any]:
     """Stop then start services (the web service briefly stops: the front retries connects for
     a moment; use a deploy or rollback for a switch without any gap)."""
     spec = _spec(layout, spec)
@@ -282,14 +313,21 @@ def status(layout: Layout) -> dict[str, Any]:
         if entry["name"] == "web":
             entry["live"] = entry["release"] is not None and entry["release"] == live
             # the previous release's server, idle, kept for an instant rollback (switch.py)
-            entry["standby"] = not entry["live"] and entry["state"] in ("RUNNING", "STARTING") \
+            entry["standby"] = (
+                not entry["live"]
+                and entry["state"] in ("RUNNING", "STARTING")
                 and not entry.get("preboot")
+            )
     order = {"front": 0, "web": 1}
     services.sort(key=lambda s: (order.get(s["name"], 2), s["name"], s["program"]))
     manager = backend.running()
-    return {"live_release": live, "current": current_release(layout), "backend": backend.name,
-            "supervisord" if backend.name == "daemon" else "manager": manager,
-            "services": services}
+    return {
+        "live_release": live,
+        "current": current_release(layout),
+        "backend": backend.name,
+        "supervisord" if backend.name == "daemon" else "manager": manager,
+        "services": services,
+    }
 
 
 def shutdown(layout: Layout, emit: Emit) -> dict[str, Any]:
@@ -314,16 +352,28 @@ def log_path(layout: Layout, service: str) -> Path:
     return layout.log / f"{sv.check_name(service)}.log"
 
 
-def logs(layout: Layout, service: str | None, lines: int, follow: bool | float, emit: Emit,
-         gone: Callable[[], bool] = lambda: False) -> dict[str, Any]:
+def logs(
+    layout: Layout,
+    service: str | None,
+    lines: int,
+    follow: bool | float,
+    emit: Emit,
+    gone: Callable[[], bool] = lambda: False,
+) -> dict[str, Any]:
     """The last ``lines`` lines of a service's log; with ``follow`` new lines are then emitted as
     events (``status: "line"``) until ``follow`` seconds passed (``True``: until the reader goes
     away: ``emit`` raises, or ``gone()`` says so while the log is quiet)."""
     service = service or "web"
     command = backend_for(layout, None).log_command(service)
     if command is not None:  # the journal: its own reader
-        done = subprocess.run([*command, "-n", str(max(0, int(lines)))], capture_output=True,
-                              text=True, timeout=60, stdin=subprocess.DEVNULL, check=False)
+        done = subprocess.run(
+            [*command, "-n", str(max(0, int(lines)))],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            stdin=subprocess.DEVNULL,
+            check=False,
+        )
         return {"service": service, "path": " ".join(command), "lines": done.stdout.splitlines()}
     path = log_path(layout, service)
     head = tail_lines(path, max(0, int(lines)))
@@ -340,7 +390,9 @@ def logs(layout: Layout, service: str | None, lines: int, follow: bool | float, 
     return result
 
 
-def _follow(path: Path, service: str, deadline: float | None, emit: Emit, gone: Callable[[], bool]) -> int:
+def _follow(
+    path: Path, service: str, deadline: float | None, emit: Emit, gone: Callable[[], bool]
+) -> int:
     count = 0
     pos = path.stat().st_size if path.exists() else 0
     inode = path.stat().st_ino if path.exists() else None
@@ -359,10 +411,15 @@ def _follow(path: Path, service: str, deadline: float | None, emit: Emit, gone: 
             pos += len(data)
             *done, partial = (partial + data).split(b"\n")
             for raw in done:
-                emit({"phase": "logs", "status": "line", "service": service,
-                      "detail": raw.decode("utf-8", "replace")})
+                emit(
+                    {
+                        "phase": "logs",
+                        "status": "line",
+                        "service": service,
+                        "detail": raw.decode("utf-8", "replace"),
+                    }
+                )
                 count += 1
             continue
         time.sleep(0.2)  # poll interval for new log output
     return count
-

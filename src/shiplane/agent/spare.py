@@ -46,15 +46,27 @@ def claim_path(layout: Layout, program: str) -> Path:
 def wanted(web: dict[str, Any]) -> bool:
     """Whether this web service may have a spare (preboot on, no stdlib-patching workers)."""
     worker_class = str(web.get("worker_class") or "").lower()
-    return web.get("preboot") is not False and not any(w in worker_class for w in NO_PRELOAD_WORKERS)
+    return web.get("preboot") is not False and not any(
+        w in worker_class for w in NO_PRELOAD_WORKERS
+    )
 
 
-def conf(layout: Layout, program: str, digest: str, options: dict[str, object],
-         release_id: str | None = None) -> str:
+def conf(
+    layout: Layout,
+    program: str,
+    digest: str,
+    options: dict[str, object],
+    release_id: str | None = None,
+) -> str:
     """The spare's program conf; the same command before and after its adoption."""
     python = layout.venv(digest) / "bin" / "python"
-    argv = [str(python), str(Path(__file__).with_name("preboot.py")), str(layout.root),
-            "--spare", program]
+    argv = [
+        str(python),
+        str(Path(__file__).with_name("preboot.py")),
+        str(layout.root),
+        "--spare",
+        program,
+    ]
     meta: dict[str, Any] = {"service": "web", "spare": program, "venv": digest, "preboot": True}
     if release_id:
         meta["release_id"] = release_id
@@ -63,5 +75,7 @@ def conf(layout: Layout, program: str, digest: str, options: dict[str, object],
 
 def claim(layout: Layout, program: str, release_id: str, gunicorn_argv: list[str]) -> None:
     """Hand the spare its release: written atomically, read once it has preloaded."""
-    atomic_write(claim_path(layout, program),
-                 json.dumps({"release_id": release_id, "argv": gunicorn_argv}) + "\n")
+    atomic_write(
+        claim_path(layout, program),
+        json.dumps({"release_id": release_id, "argv": gunicorn_argv}) + "\n",
+    )

@@ -49,7 +49,9 @@ def missing(layout: Layout, shas: Iterable[str]) -> list[str]:
     return out
 
 
-def receive(layout: Layout, blobs: list[dict[str, Any]], stream: BinaryIO, emit: Emit) -> dict[str, Any]:
+def receive(
+    layout: Layout, blobs: list[dict[str, Any]], stream: BinaryIO, emit: Emit
+) -> dict[str, Any]:
     """Read each blob's bytes from ``stream`` (back to back, sizes as listed) into the store.
 
     Every listed byte is consumed even when a blob is bad, so the session stays in sync; a blob
@@ -78,8 +80,10 @@ def receive(layout: Layout, blobs: list[dict[str, Any]], stream: BinaryIO, emit:
         try:
             ok = _receive_one(layout, str(sha), size, stream)
         except AgentError as exc:
-            if exc.kind == "disk":  # the bytes still on their way are read and dropped: the session stays in step
-                _skip(stream, sum(sizes[index + 1:]))
+            if (
+                exc.kind == "disk"
+            ):  # the bytes still on their way are read and dropped: the session stays in step
+                _skip(stream, sum(sizes[index + 1 :]))
             raise
         done += size
         if ok:
@@ -111,8 +115,10 @@ def _receive_one(layout: Layout, sha: str, size: int, stream: BinaryIO) -> bool:
             while remaining:
                 chunk = stream.read(min(CHUNK, remaining))
                 if not chunk:
-                    raise AgentError(f"receive: stream ended {remaining} bytes before the end of blob {sha}",
-                                     kind="protocol")
+                    raise AgentError(
+                        f"receive: stream ended {remaining} bytes before the end of blob {sha}",
+                        kind="protocol",
+                    )
                 remaining -= len(chunk)
                 digest.update(chunk)
                 out.write(chunk)
@@ -140,10 +146,15 @@ def _write_error(layout: Layout, path: Path, exc: OSError, size: int) -> AgentEr
         free = -1
     room = f"{free / (1 << 20):.1f} MiB free there" if free >= 0 else "free space unknown"
     if exc.errno == errno.ENOSPC:
-        return AgentError(f"no space left on the disk of {layout.store} ({room}; a blob of "
-                          f"{size / (1 << 20):.1f} MiB was arriving); nothing was kept. Free some space "
-                          "(`shiplane prune` removes old releases) and deploy again", kind="disk")
-    return AgentError(f"cannot write {path}: {exc.strerror or exc} ({room}); nothing was kept", kind="disk")
+        return AgentError(
+            f"no space left on the disk of {layout.store} ({room}; a blob of "
+            f"{size / (1 << 20):.1f} MiB was arriving); nothing was kept. Free some space "
+            "(`shiplane prune` removes old releases) and deploy again",
+            kind="disk",
+        )
+    return AgentError(
+        f"cannot write {path}: {exc.strerror or exc} ({room}); nothing was kept", kind="disk"
+    )
 
 
 def _skip(stream: BinaryIO, size: int) -> None:
@@ -176,8 +187,12 @@ def verify(layout: Layout, shas: Iterable[str]) -> None:
         return
     for sha in bad:
         quarantine(layout, sha)
-    raise AgentError(f"{len(bad)} stored blob(s) no longer match their sha256 (quarantined): "
-                     + ", ".join(sha[:12] for sha in bad[:5]), kind="integrity", blobs=bad)
+    raise AgentError(
+        f"{len(bad)} stored blob(s) no longer match their sha256 (quarantined): "
+        + ", ".join(sha[:12] for sha in bad[:5]),
+        kind="integrity",
+        blobs=bad,
+    )
 
 
 def file_sha256(path: Path) -> str | None:
@@ -213,11 +228,18 @@ def check_store(layout: Layout, emit: Emit) -> dict[str, Any]:
         if file_sha256(layout.blob(sha)) != sha:
             quarantine(layout, sha)
             bad.append(sha)
-            emit({"phase": "verify", "status": "bad", "detail": f"blob {sha[:12]} does not match its sha256: quarantined"})
+            emit(
+                {
+                    "phase": "verify",
+                    "status": "bad",
+                    "detail": f"blob {sha[:12]} does not match its sha256: quarantined",
+                }
+            )
     return {"blobs": len(names), "bad": bad}
 
 
 # --- out of the store, into a release tree ------------------------------------------------------
+
 
 def safe_relpath(path: object, what: str = "path") -> str:
     """A normalised relative POSIX path that cannot leave its base directory (else kind ``usage``)."""
@@ -241,8 +263,9 @@ def unpack_wheel(wheel: Path, lib: Path, name: str) -> None:
         for info in zf.infolist():
             unix_mode = info.external_attr >> 16
             if stat.S_ISLNK(unix_mode):
-                raise AgentError(f"wheel {name}: member {info.filename!r} is a symlink",
-                                 kind="usage")
+                raise AgentError(
+                    f"wheel {name}: member {info.filename!r} is a symlink", kind="usage"
+                )
             rel = safe_relpath(info.filename.rstrip("/") or ".", f"wheel {name} member")
             # `<dist>.data/purelib|platlib/...` belongs on the path like the rest of the code.
             parts = rel.split("/")

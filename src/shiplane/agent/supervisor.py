@@ -74,12 +74,14 @@ def program_conf_path(layout: Layout, name: str) -> Path:
 def check_name(name: str) -> str:
     """A program name safe as a supervisord section and a file name, or AgentError."""
     if not NAME_RE.match(name or ""):
-        raise AgentError(f"invalid service name {name!r} (letters, digits, '_', '.', '-')",
-                         kind="usage")
+        raise AgentError(
+            f"invalid service name {name!r} (letters, digits, '_', '.', '-')", kind="usage"
+        )
     return name
 
 
 # --- conf text -------------------------------------------------------------------------------
+
 
 def conf_value(value: object) -> str:
     """One value for supervisord's ini files: ``%`` doubled (it expands ``%(x)s``), no newlines,
@@ -88,8 +90,11 @@ def conf_value(value: object) -> str:
     if any(ch in text for ch in "\r\n\0"):
         raise AgentError(f"value not allowed in a supervisord conf: {text!r}", kind="usage")
     if re.search(r"\s[;#]", text) or text != text.strip():
-        raise AgentError(f"value not allowed in a supervisord conf (whitespace before ';'/'#' "
-                         f"or at an end): {text!r}", kind="usage")
+        raise AgentError(
+            f"value not allowed in a supervisord conf (whitespace before ';'/'#' "
+            f"or at an end): {text!r}",
+            kind="usage",
+        )
     return text.replace("%", "%%")
 
 
@@ -104,8 +109,9 @@ def conf_command(argv: list[str]) -> str:
     return joined.replace("%", "%%")
 
 
-def program_conf(name: str, argv: list[str], options: dict[str, object],
-                 meta: dict[str, Any] | None = None) -> str:
+def program_conf(
+    name: str, argv: list[str], options: dict[str, object], meta: dict[str, Any] | None = None
+) -> str:
     """The text of ``run/programs/<name>.conf``; ``meta`` is kept in a comment for ``status``."""
     lines = []
     if meta is not None:
@@ -121,34 +127,36 @@ def program_conf(name: str, argv: list[str], options: dict[str, object],
 def main_conf(layout: Layout) -> str:
     """``run/supervisord.conf``: private socket, pid file, log, programs from ``run/programs``."""
     v = conf_value
-    return "\n".join([
-        "; written by shiplane; programs are in programs/*.conf",
-        "[unix_http_server]",
-        f"file = {v(sock_path(layout))}",
-        "chmod = 0700",
-        "",
-        "[supervisord]",
-        f"logfile = {v(layout.log / 'supervisord.log')}",
-        "logfile_maxbytes = 10MB",
-        "logfile_backups = 3",
-        "loglevel = info",
-        "umask = 027",
-        f"pidfile = {v(pid_path(layout))}",
-        f"childlogdir = {v(layout.log)}",
-        f"directory = {v(layout.root)}",
-        "nodaemon = false",
-        "",
-        "[rpcinterface:supervisor]",
-        "supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface",
-        "",
-        "[supervisorctl]",
-        f"serverurl = unix://{v(sock_path(layout))}",
-        "",
-        "[include]",
-        # Relative to this file: the include list is split on whitespace, the root may hold some.
-        "files = programs/*.conf",
-        "",
-    ])
+    return "\n".join(
+        [
+            "; written by shiplane; programs are in programs/*.conf",
+            "[unix_http_server]",
+            f"file = {v(sock_path(layout))}",
+            "chmod = 0700",
+            "",
+            "[supervisord]",
+            f"logfile = {v(layout.log / 'supervisord.log')}",
+            "logfile_maxbytes = 10MB",
+            "logfile_backups = 3",
+            "loglevel = info",
+            "umask = 027",
+            f"pidfile = {v(pid_path(layout))}",
+            f"childlogdir = {v(layout.log)}",
+            f"directory = {v(layout.root)}",
+            "nodaemon = false",
+            "",
+            "[rpcinterface:supervisor]",
+            "supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface",
+            "",
+            "[supervisorctl]",
+            f"serverurl = unix://{v(sock_path(layout))}",
+            "",
+            "[include]",
+            # Relative to this file: the include list is split on whitespace, the root may hold some.
+            "files = programs/*.conf",
+            "",
+        ]
+    )
 
 
 def write_if_changed(path: Path, text: str, mode: int = 0o644) -> bool:
@@ -188,7 +196,7 @@ def program_meta(layout: Layout, name: str) -> dict[str, Any]:
     try:
         first = program_conf_path(layout, name).read_text(encoding="utf-8").split("\n", 1)[0]
         if first.startswith(META_PREFIX):
-            meta = json.loads(first[len(META_PREFIX):])
+            meta = json.loads(first[len(META_PREFIX) :])
             return meta if isinstance(meta, dict) else {}
     except (OSError, ValueError, AgentError):
         pass
@@ -196,6 +204,7 @@ def program_meta(layout: Layout, name: str) -> dict[str, Any]:
 
 
 # --- the RPC client --------------------------------------------------------------------------
+
 
 class _UnixTransport(xmlrpc.client.Transport):
     def __init__(self, path: str, timeout: float) -> None:
@@ -239,8 +248,9 @@ class Supervisor:
         try:
             [[added, changed, removed]] = self.rpc.supervisor.reloadConfig()
         except xmlrpc.client.Fault as fault:  # a conf supervisord cannot read
-            raise AgentError(f"supervisord rejected run/programs: {fault.faultString}",
-                             kind="service") from None
+            raise AgentError(
+                f"supervisord rejected run/programs: {fault.faultString}", kind="service"
+            ) from None
         for name in removed:
             self._stop_group(name)
             self.rpc.supervisor.removeProcessGroup(name)
@@ -298,8 +308,9 @@ class Supervisor:
             self.rpc.supervisor.startProcess(name, wait)
         except xmlrpc.client.Fault as fault:
             if fault.faultCode != ALREADY_STARTED:
-                raise AgentError(f"cannot start {name}: {fault.faultString}",
-                                 kind="service") from None
+                raise AgentError(
+                    f"cannot start {name}: {fault.faultString}", kind="service"
+                ) from None
 
     def stop(self, name: str) -> None:
         """Stop ``name`` and wait (stop signal, then KILL after its stop timeout)."""
@@ -335,16 +346,21 @@ class Supervisor:
 
 # --- starting and stopping supervisord --------------------------------------------------------
 
+
 def find_supervisor(layout: Layout) -> str:
     """The dir to put on sys.path for supervisord: the newest ``tools/supervisor-*``, else the
     one this interpreter imports ``supervisor`` from."""
+
     def version_key(path: Path) -> tuple[int, ...]:
         parts = re.findall(r"\d+", path.name.split("-", 1)[-1])
         return tuple(int(p) for p in parts)
 
     try:
-        found = [p for p in layout.tools.glob("supervisor-*")
-                 if (p / "supervisor" / "supervisord.py").is_file()]
+        found = [
+            p
+            for p in layout.tools.glob("supervisor-*")
+            if (p / "supervisor" / "supervisord.py").is_file()
+        ]
     except OSError:
         found = []
     if found:
@@ -352,8 +368,11 @@ def find_supervisor(layout: Layout) -> str:
     try:
         import supervisor  # type: ignore[import-not-found]
     except ImportError:
-        raise AgentError(f"supervisor is not available: no {layout.tools}/supervisor-* and no "
-                         f"importable supervisor in {sys.executable}", kind="service") from None
+        raise AgentError(
+            f"supervisor is not available: no {layout.tools}/supervisor-* and no "
+            f"importable supervisor in {sys.executable}",
+            kind="service",
+        ) from None
     return os.path.dirname(os.path.dirname(os.path.abspath(str(supervisor.__file__))))
 
 
@@ -361,15 +380,17 @@ def find_supervisor(layout: Layout) -> str:
 # and the app must not see supervisor's package on its path.
 # supervisord, with one change: a program without its own ``umask`` gets 022 (supervisord's
 # default), not supervisord's own 027, so the app's files keep the modes they always had.
-_BOOT = ("import sys; sys.path.insert(0, sys.argv.pop(1))\n"
-         "from supervisor import options\n"
-         "configure = options.ProcessConfig.__init__\n"
-         "def configure_umask(self, *args, **kwargs):\n"
-         "    configure(self, *args, **kwargs)\n"
-         "    if self.umask is None:\n"
-         "        self.umask = 0o022\n"
-         "options.ProcessConfig.__init__ = configure_umask\n"
-         "from supervisor.supervisord import main; main()")
+_BOOT = (
+    "import sys; sys.path.insert(0, sys.argv.pop(1))\n"
+    "from supervisor import options\n"
+    "configure = options.ProcessConfig.__init__\n"
+    "def configure_umask(self, *args, **kwargs):\n"
+    "    configure(self, *args, **kwargs)\n"
+    "    if self.umask is None:\n"
+    "        self.umask = 0o022\n"
+    "options.ProcessConfig.__init__ = configure_umask\n"
+    "from supervisor.supervisord import main; main()"
+)
 
 
 _STARTING = threading.Lock()  # one start at a time in this agent (install starts it early)
@@ -403,13 +424,19 @@ def _ensure_running(layout: Layout, emit: Emit | None) -> Supervisor:
     if emit:
         emit({"phase": "services", "status": "supervisord", "detail": "starting supervisord"})
     start_log = layout.log / "supervisord.start.log"
-    with open(os.devnull, "rb") as devnull, \
-            open(os.open(start_log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, LOG_FILE_MODE), "wb") as out:
+    with (
+        open(os.devnull, "rb") as devnull,
+        open(os.open(start_log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, LOG_FILE_MODE), "wb") as out,
+    ):
         proc = subprocess.Popen(
             [sys.executable, "-c", _BOOT, tools, "-c", str(conf_path(layout))],
-            stdin=devnull, stdout=out, stderr=subprocess.STDOUT, cwd=str(layout.root),
+            stdin=devnull,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=str(layout.root),
             env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
-            start_new_session=True, close_fds=True,
+            start_new_session=True,
+            close_fds=True,
         )
     try:
         code = proc.wait(timeout=START_TIMEOUT)  # the parent exits once the daemon has forked
@@ -455,8 +482,9 @@ def shutdown(layout: Layout, timeout: float = SHUTDOWN_TIMEOUT) -> dict[str, Any
     elif pid is not None and pid_alive(pid) and _is_our_supervisord(layout, pid):
         os.kill(pid, signal.SIGTERM)
     if pid is not None and not _wait(lambda: not pid_alive(pid), timeout):
-        raise AgentError(f"supervisord (pid {pid}) did not exit within {timeout:g}s",
-                         kind="service")
+        raise AgentError(
+            f"supervisord (pid {pid}) did not exit within {timeout:g}s", kind="service"
+        )
     return {"supervisord_pid": pid, "stopped": pid is not None}
 
 

@@ -43,6 +43,7 @@ DEFAULT_DRAIN = 1.0
 
 # --- where things are ------------------------------------------------------------------------
 
+
 def web_program(release_id: str) -> str:
     return f"web-{release_id}"
 
@@ -122,8 +123,9 @@ def _forget(layout: Layout, backend: Backend, release_id: str, emit: Emit) -> No
     unlink_quiet(layout.release_socket(release_id))
 
 
-def ensure_front(layout: Layout, backend: Backend, spec: dict[str, Any], emit: Emit,
-                 wait: bool = True) -> None:
+def ensure_front(
+    layout: Layout, backend: Backend, spec: dict[str, Any], emit: Emit, wait: bool = True
+) -> None:
     """The front is as the spec says: the builtin proxy under the backend, or nginx's site
     (written, checked with ``nginx -t`` and reloaded; a failed check changes nothing).
     ``wait=False``: a builtin front just started may not listen yet (``backend.wait_front``)."""
@@ -134,8 +136,15 @@ def ensure_front(layout: Layout, backend: Backend, spec: dict[str, Any], emit: E
         nginx.ensure_site(layout, spec, emit)
 
 
-def check_web(layout: Layout, backend: Backend, release_id: str, web: dict[str, Any],
-              emit: Emit, smoke: bool = True, log_since: int = 0) -> dict[str, Any]:
+def check_web(
+    layout: Layout,
+    backend: Backend,
+    release_id: str,
+    web: dict[str, Any],
+    emit: Emit,
+    smoke: bool = True,
+    log_since: int = 0,
+) -> dict[str, Any]:
     """Health (then smoke) checks of the release's server on its own socket (AgentError). A
     failure quotes ``log/web.log`` from byte ``log_since`` on: what this server wrote, not the
     lines an earlier release left in the shared log."""
@@ -147,8 +156,16 @@ def check_web(layout: Layout, backend: Backend, release_id: str, web: dict[str, 
     sock = layout.release_socket(release_id)
     log = layout.log / "web.log"
     host = str(health.get("host") or "localhost")  # the Host header: apps check it (ALLOWED_HOSTS)
-    result = wait_healthy(sock, health.get("path"), float(health.get("timeout") or 30), log,
-                          emit, dead, host=host, log_since=log_since)
+    result = wait_healthy(
+        sock,
+        health.get("path"),
+        float(health.get("timeout") or 30),
+        log,
+        emit,
+        dead,
+        host=host,
+        log_since=log_since,
+    )
     checks = web.get("smoke") or []
     if checks and smoke:
         emit({"phase": "switch", "status": "smoke", "detail": f"{len(checks)} check(s)"})
@@ -156,8 +173,14 @@ def check_web(layout: Layout, backend: Backend, release_id: str, web: dict[str, 
     return result
 
 
-def switch(layout: Layout, release_id: str, spec: dict[str, Any], emit: Emit,
-           backend: Backend, forget_later: bool = False) -> dict[str, Any]:
+def switch(
+    layout: Layout,
+    release_id: str,
+    spec: dict[str, Any],
+    emit: Emit,
+    backend: Backend,
+    forget_later: bool = False,
+) -> dict[str, Any]:
     """Blue/green switch of the web service to ``release_id`` (see the module docstring).
 
     A candidate failing its checks is stopped and removed and the error (kind ``health`` or
@@ -190,12 +213,18 @@ def switch(layout: Layout, release_id: str, spec: dict[str, Any], emit: Emit,
         for rid in [] if forget_later else going:
             _forget(layout, backend, rid, emit)
         workers = backend.restart_workers(spec, release_id, emit)
-        return {"previous": previous, "current": release_id,
-                "stopped": sorted(stopped + [web_program(r) for r in going]), **extra,
-                "standby": previous if standby and previous else None,
-                "workers": workers["workers"], "killed": workers["killed"],
-                "backend": backend.name, "seconds": round(time.monotonic() - started, 3),
-                "stopping": going if forget_later else []}
+        return {
+            "previous": previous,
+            "current": release_id,
+            "stopped": sorted(stopped + [web_program(r) for r in going]),
+            **extra,
+            "standby": previous if standby and previous else None,
+            "workers": workers["workers"],
+            "killed": workers["killed"],
+            "backend": backend.name,
+            "seconds": round(time.monotonic() - started, 3),
+            "stopping": going if forget_later else [],
+        }
 
     if live == release_id and backend.web_state(release_id)[0]:
         ensure_front(layout, backend, spec, emit)
@@ -206,13 +235,26 @@ def switch(layout: Layout, release_id: str, spec: dict[str, Any], emit: Emit,
 
     running = release_id in servers and backend.web_state(release_id)[0]
     if running and backend.web_booted(release_id):  # the standby (a rollback): only checked
-        emit({"phase": "switch", "status": "standby", "detail": f"{web_program(release_id)} "
-              "is running as the standby"})
+        emit(
+            {
+                "phase": "switch",
+                "status": "standby",
+                "detail": f"{web_program(release_id)} is running as the standby",
+            }
+        )
     elif running:  # started during the install with its libraries: it loads the app now
-        emit({"phase": "switch", "status": "start", "detail": f"letting {web_program(release_id)} "
-              "load the app (its libraries are loaded)"})
+        emit(
+            {
+                "phase": "switch",
+                "status": "start",
+                "detail": f"letting {web_program(release_id)} "
+                "load the app (its libraries are loaded)",
+            }
+        )
     else:
-        emit({"phase": "switch", "status": "start", "detail": f"starting {web_program(release_id)}"})
+        emit(
+            {"phase": "switch", "status": "start", "detail": f"starting {web_program(release_id)}"}
+        )
     # a standby whose program is unchanged keeps running; one started with other web settings
     # (workers, worker class, timeouts) is restarted with these
     log_since = _size(layout.log / "web.log")  # a failure quotes only what this candidate wrote
@@ -240,8 +282,13 @@ def switch(layout: Layout, release_id: str, spec: dict[str, Any], emit: Emit,
         # the front (pinned to the old socket): HUP gives the standby fresh workers, and the
         # old ones finish their request and close those connections, so clients reconnect
         # to the new release.
-        emit({"phase": "switch", "status": "standby", "detail": f"{web_program(old)} stays up, "
-              "idle, with fresh workers"})
+        emit(
+            {
+                "phase": "switch",
+                "status": "standby",
+                "detail": f"{web_program(old)} stays up, idle, with fresh workers",
+            }
+        )
         backend.signal_web(old, "HUP")
     if old is None or standby:
         return done(live if live != release_id else None, [])
@@ -264,12 +311,20 @@ def _size(path: Path) -> int:
 def _keeps_connections(web: dict[str, Any]) -> bool:
     """Whether the web server's workers keep client connections open between requests
     (gunicorn's sync worker closes after every response; gthread, gevent, uvicorn... do not)."""
-    worker_class = str(web.get("worker_class") or ("uvicorn" if web.get("kind") == "asgi" else "sync"))
+    worker_class = str(
+        web.get("worker_class") or ("uvicorn" if web.get("kind") == "asgi" else "sync")
+    )
     return worker_class.rsplit(".", 1)[-1].lower() not in ("sync", "syncworker")
 
 
-def _recheck(layout: Layout, backend: Backend, release_id: str, live: str | None,
-             web: dict[str, Any], emit: Emit) -> None:
+def _recheck(
+    layout: Layout,
+    backend: Backend,
+    release_id: str,
+    live: str | None,
+    web: dict[str, Any],
+    emit: Emit,
+) -> None:
     """The new server still answers before the old one goes (it may have crashed since the flip:
     its manager restarts it); if it does not come back, traffic returns to ``live``."""
     try:
@@ -280,8 +335,11 @@ def _recheck(layout: Layout, backend: Backend, release_id: str, live: str | None
         flip(layout, live)
         emit({"phase": "switch", "status": "back", "detail": f"{live} takes connections again"})
         retire(layout, backend, release_id, emit)
-        raise AgentError(f"{release_id} stopped answering after it took traffic; {live} serves "
-                         f"again: {exc.message}", kind="health") from None
+        raise AgentError(
+            f"{release_id} stopped answering after it took traffic; {live} serves "
+            f"again: {exc.message}",
+            kind="health",
+        ) from None
 
 
 def _remove_stray_sockets(layout: Layout, keep: set[str]) -> None:

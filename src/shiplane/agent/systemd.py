@@ -60,6 +60,7 @@ def unit_prefix(spec: dict[str, Any]) -> str:
 
 # --- unit text -------------------------------------------------------------------------------
 
+
 def _quote(arg: str) -> str:
     """One ExecStart word: specifiers (``%``) and variables (``$``) escaped, quoted if needed."""
     if any(ch in arg for ch in "\n\r\0"):
@@ -89,92 +90,135 @@ def _unit(sections: list[tuple[str, list[tuple[str, object]]]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def web_unit(layout: Layout, spec: dict[str, Any], user: bool = False,
-             version_of: str | None = None) -> str:
+def web_unit(
+    layout: Layout, spec: dict[str, Any], user: bool = False, version_of: str | None = None
+) -> str:
     """``<app>-<stage>-web@.service``: one release's gunicorn, the instance being the release id
     (gunicorn's options as ``version_of``'s gunicorn takes them)."""
     web = spec.get("web") or {}
     argv = web_argv(layout, INSTANCE, web, version_of)
-    return _unit([
-        ("Unit", [("Description", f"{unit_prefix(spec)} web server (gunicorn), release %i"),
-                  ("After", "network.target")]),
-        ("Service", [
-            ("Type", "simple"),
-            ("ExecStart", exec_line(argv)),
-            ("WorkingDirectory", _path_value(layout.root)),
-            # TERM to gunicorn's master only (its graceful shutdown), KILL to all after the grace
-            ("KillMode", "mixed"),
-            ("KillSignal", "SIGTERM"),
-            ("TimeoutStopSec", graceful_timeout(web) + 5),
-            ("Restart", "on-failure"),
-            ("RestartSec", "1"),
-            ("StandardOutput", "journal"),
-            ("StandardError", "journal"),
-            ("SyslogIdentifier", f"{unit_prefix(spec)}-web"),
-        ]),
-        ("Install", [("WantedBy", "default.target" if user else "multi-user.target")]),
-    ])
+    return _unit(
+        [
+            (
+                "Unit",
+                [
+                    ("Description", f"{unit_prefix(spec)} web server (gunicorn), release %i"),
+                    ("After", "network.target"),
+                ],
+            ),
+            (
+                "Service",
+                [
+                    ("Type", "simple"),
+                    ("ExecStart", exec_line(argv)),
+                    ("WorkingDirectory", _path_value(layout.root)),
+                    # TERM to gunicorn's master only (its graceful shutdown), KILL to all after the grace
+                    ("KillMode", "mixed"),
+                    ("KillSignal", "SIGTERM"),
+                    ("TimeoutStopSec", graceful_timeout(web) + 5),
+                    ("Restart", "on-failure"),
+                    ("RestartSec", "1"),
+                    ("StandardOutput", "journal"),
+                    ("StandardError", "journal"),
+                    ("SyslogIdentifier", f"{unit_prefix(spec)}-web"),
+                ],
+            ),
+            ("Install", [("WantedBy", "default.target" if user else "multi-user.target")]),
+        ]
+    )
 
 
 def front_socket_unit(spec: dict[str, Any], user: bool = False) -> str:
     """``<app>-<stage>-front.socket``: holds the public port for the front proxy."""
-    return _unit([
-        ("Unit", [("Description", f"{unit_prefix(spec)} public port")]),
-        ("Socket", [("ListenStream", front_listen(spec)), ("Backlog", "1024"),
-                    ("ReusePort", "no")]),
-        ("Install", [("WantedBy", "sockets.target")]),
-    ])
+    return _unit(
+        [
+            ("Unit", [("Description", f"{unit_prefix(spec)} public port")]),
+            (
+                "Socket",
+                [("ListenStream", front_listen(spec)), ("Backlog", "1024"), ("ReusePort", "no")],
+            ),
+            ("Install", [("WantedBy", "sockets.target")]),
+        ]
+    )
 
 
 def front_service_unit(layout: Layout, spec: dict[str, Any], user: bool = False) -> str:
     """``<app>-<stage>-front.service``: the builtin proxy, reading its socket from ``LISTEN_FDS``."""
     prefix = unit_prefix(spec)
-    return _unit([
-        ("Unit", [("Description", f"{prefix} front proxy"),
-                  ("Requires", f"{prefix}-front.socket"), ("After", f"{prefix}-front.socket")]),
-        ("Service", [
-            ("Type", "simple"),
-            ("ExecStart", exec_line(front_argv(layout, spec))),
-            ("WorkingDirectory", _path_value(layout.root)),
-            ("Restart", "on-failure"),
-            ("RestartSec", "1"),
-            ("TimeoutStopSec", "15"),
-            ("StandardOutput", "journal"),
-            ("StandardError", "journal"),
-            ("SyslogIdentifier", f"{prefix}-front"),
-        ]),
-        ("Install", [("WantedBy", "default.target" if user else "multi-user.target")]),
-    ])
+    return _unit(
+        [
+            (
+                "Unit",
+                [
+                    ("Description", f"{prefix} front proxy"),
+                    ("Requires", f"{prefix}-front.socket"),
+                    ("After", f"{prefix}-front.socket"),
+                ],
+            ),
+            (
+                "Service",
+                [
+                    ("Type", "simple"),
+                    ("ExecStart", exec_line(front_argv(layout, spec))),
+                    ("WorkingDirectory", _path_value(layout.root)),
+                    ("Restart", "on-failure"),
+                    ("RestartSec", "1"),
+                    ("TimeoutStopSec", "15"),
+                    ("StandardOutput", "journal"),
+                    ("StandardError", "journal"),
+                    ("SyslogIdentifier", f"{prefix}-front"),
+                ],
+            ),
+            ("Install", [("WantedBy", "default.target" if user else "multi-user.target")]),
+        ]
+    )
 
 
-def worker_unit(layout: Layout, spec: dict[str, Any], name: str, worker: dict[str, Any],
-                release_id: str, user: bool = False) -> str:
+def worker_unit(
+    layout: Layout,
+    spec: dict[str, Any],
+    name: str,
+    worker: dict[str, Any],
+    release_id: str,
+    user: bool = False,
+) -> str:
     """``<app>-<name>.service``: a worker on ``release_id``, its stop signal and grace period."""
     stop_signal, stop_timeout = check_worker(name, worker)
     prefix = unit_prefix(spec)
-    return _unit([
-        ("Unit", [("Description", f"{prefix} {name} (release {release_id})"),
-                  ("After", "network.target")]),
-        ("Service", [
-            ("Type", "simple"),
-            ("ExecStart", exec_line(worker_argv(layout, name, worker, release_id))),
-            ("WorkingDirectory", _path_value(layout.release(release_id))),
-            ("KillMode", "control-group"),
-            ("KillSignal", f"SIG{stop_signal}"),
-            ("TimeoutStopSec", f"{stop_timeout:g}"),
-            ("SendSIGKILL", "yes"),
-            ("Restart", "on-failure"),
-            ("RestartSec", "1"),
-            ("StandardOutput", "journal"),
-            ("StandardError", "journal"),
-            ("SyslogIdentifier", f"{prefix}-{name}"),
-        ]),
-        ("Install", [("WantedBy", "default.target" if user else "multi-user.target")]),
-    ])
+    return _unit(
+        [
+            (
+                "Unit",
+                [
+                    ("Description", f"{prefix} {name} (release {release_id})"),
+                    ("After", "network.target"),
+                ],
+            ),
+            (
+                "Service",
+                [
+                    ("Type", "simple"),
+                    ("ExecStart", exec_line(worker_argv(layout, name, worker, release_id))),
+                    ("WorkingDirectory", _path_value(layout.release(release_id))),
+                    ("KillMode", "control-group"),
+                    ("KillSignal", f"SIG{stop_signal}"),
+                    ("TimeoutStopSec", f"{stop_timeout:g}"),
+                    ("SendSIGKILL", "yes"),
+                    ("Restart", "on-failure"),
+                    ("RestartSec", "1"),
+                    ("StandardOutput", "journal"),
+                    ("StandardError", "journal"),
+                    ("SyslogIdentifier", f"{prefix}-{name}"),
+                ],
+            ),
+            ("Install", [("WantedBy", "default.target" if user else "multi-user.target")]),
+        ]
+    )
 
 
-def render_units(layout: Layout, spec: dict[str, Any], release_id: str | None,
-                 user: bool = False) -> dict[str, str]:
+def render_units(
+    layout: Layout, spec: dict[str, Any], release_id: str | None, user: bool = False
+) -> dict[str, str]:
     """Every unit file of the spec: ``{file name: text}`` (workers only with a release)."""
     prefix = unit_prefix(spec)
     units = {f"{prefix}-web@.service": web_unit(layout, spec, user)}
@@ -183,20 +227,27 @@ def render_units(layout: Layout, spec: dict[str, Any], release_id: str | None,
         units[f"{prefix}-front.service"] = front_service_unit(layout, spec, user)
     if release_id is not None:
         for name, worker in (spec.get("workers") or {}).items():
-            units[f"{prefix}-{name}.service"] = worker_unit(layout, spec, name, worker or {},
-                                                            release_id, user)
+            units[f"{prefix}-{name}.service"] = worker_unit(
+                layout, spec, name, worker or {}, release_id, user
+            )
     return units
 
 
 # --- the backend -----------------------------------------------------------------------------
+
 
 class SystemdBackend:
     """Units in the system (root) or user unit dir, driven with ``systemctl``."""
 
     name = "systemd"
 
-    def __init__(self, layout: Layout, spec: dict[str, Any] | None,
-                 unit_dir: Path | None = None, user: bool | None = None) -> None:
+    def __init__(
+        self,
+        layout: Layout,
+        spec: dict[str, Any] | None,
+        unit_dir: Path | None = None,
+        user: bool | None = None,
+    ) -> None:
         self.layout = layout
         self.spec = spec or {}
         self.user = os.geteuid() != 0 if user is None else user
@@ -213,13 +264,22 @@ class SystemdBackend:
     def systemctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         argv = self.systemctl_argv(*args)
         try:
-            done = subprocess.run(argv, capture_output=True, text=True, timeout=SYSTEMCTL_TIMEOUT,
-                                  stdin=subprocess.DEVNULL, check=False)
+            done = subprocess.run(
+                argv,
+                capture_output=True,
+                text=True,
+                timeout=SYSTEMCTL_TIMEOUT,
+                stdin=subprocess.DEVNULL,
+                check=False,
+            )
         except (OSError, subprocess.TimeoutExpired) as exc:
             raise AgentError(f"{' '.join(argv)}: {exc}", kind="service") from None
         if check and done.returncode != 0:
-            raise AgentError(f"{' '.join(argv)} exited {done.returncode}: "
-                             f"{(done.stderr or done.stdout).strip()}", kind="service")
+            raise AgentError(
+                f"{' '.join(argv)} exited {done.returncode}: "
+                f"{(done.stderr or done.stdout).strip()}",
+                kind="service",
+            )
         return done
 
     def show(self, unit: str, *props: str) -> dict[str, str]:
@@ -238,9 +298,11 @@ class SystemdBackend:
 
     def prepare(self, spec: dict[str, Any] | None, emit: Emit) -> None:
         if not systemd_running():
-            raise AgentError("backend = \"systemd\" but systemd is not running on this host (no "
-                             "/run/systemd/system): use backend = \"daemon\" or \"auto\"",
-                             kind="usage")
+            raise AgentError(
+                'backend = "systemd" but systemd is not running on this host (no '
+                '/run/systemd/system): use backend = "daemon" or "auto"',
+                kind="usage",
+            )
         if spec:
             self.spec = spec
         self.unit_dir.mkdir(parents=True, exist_ok=True)
@@ -253,19 +315,30 @@ class SystemdBackend:
         if self.user:
             linger = Path("/var/lib/systemd/linger") / os.environ.get("USER", "")
             if not linger.exists():
-                emit({"phase": "services", "status": "warning",
-                      "detail": "no lingering for this user: services stop at logout "
-                                "(run `loginctl enable-linger` as root)"})
+                emit(
+                    {
+                        "phase": "services",
+                        "status": "warning",
+                        "detail": "no lingering for this user: services stop at logout "
+                        "(run `loginctl enable-linger` as root)",
+                    }
+                )
 
     def web_releases(self) -> set[str]:
-        out = self.systemctl("list-units", "--all", "--plain", "--no-legend",
-                             f"{self.prefix}-web@*.service", check=False).stdout
+        out = self.systemctl(
+            "list-units",
+            "--all",
+            "--plain",
+            "--no-legend",
+            f"{self.prefix}-web@*.service",
+            check=False,
+        ).stdout
         head, tail = f"{self.prefix}-web@", ".service"
         found = set()
         for line in out.splitlines():
             unit = line.split()[0] if line.split() else ""
             if unit.startswith(head) and unit.endswith(tail):
-                found.add(unit[len(head):-len(tail)])
+                found.add(unit[len(head) : -len(tail)])
         return found
 
     def web_state(self, release_id: str) -> tuple[bool, str | None]:
@@ -324,22 +397,35 @@ class SystemdBackend:
         self.systemctl("stop", unit)
         result = self.show(unit, "Result").get("Result")
         if result == "timeout":  # TimeoutStopSec ran out: systemd sent SIGKILL
-            emit({"phase": "switch", "status": "killed",
-                  "detail": f"{unit} did not stop within its grace period: killed"})
-            return {"service": unit, "pid": int(props.get("MainPID") or 0),
-                    "seconds": round(time.monotonic() - started, 3)}
+            emit(
+                {
+                    "phase": "switch",
+                    "status": "killed",
+                    "detail": f"{unit} did not stop within its grace period: killed",
+                }
+            )
+            return {
+                "service": unit,
+                "pid": int(props.get("MainPID") or 0),
+                "seconds": round(time.monotonic() - started, 3),
+            }
         return None
 
-    def restart_workers(self, spec: dict[str, Any], release_id: str, emit: Emit,
-                        only: set[str] | None = None) -> dict[str, Any]:
+    def restart_workers(
+        self, spec: dict[str, Any], release_id: str, emit: Emit, only: set[str] | None = None
+    ) -> dict[str, Any]:
         workers: dict[str, Any] = spec.get("workers") or {}
         killed: list[dict[str, Any]] = []
         units = render_units(self.layout, spec, release_id, self.user)
         wanted = {f"{self.prefix}-{n}.service": n for n in workers}
         for path in self.unit_dir.glob(f"{self.prefix}-*.service"):
             text = path.read_text(encoding="utf-8", errors="replace")
-            if path.name not in units and "ExecStart=" in text and " exec-env " in text \
-                    and "@" not in path.name:
+            if (
+                path.name not in units
+                and "ExecStart=" in text
+                and " exec-env " in text
+                and "@" not in path.name
+            ):
                 gone = self._stop_worker(path.name, emit)
                 killed += [gone] if gone else []
                 self.systemctl("disable", path.name, check=False)
@@ -369,8 +455,9 @@ class SystemdBackend:
         return units
 
     def signal_web(self, release_id: str, signame: str) -> None:
-        self.systemctl("kill", "--kill-who=main", f"--signal=SIG{signame}",
-                       self.web_unit_name(release_id))
+        self.systemctl(
+            "kill", "--kill-who=main", f"--signal=SIG{signame}", self.web_unit_name(release_id)
+        )
 
     def status(self) -> list[dict[str, Any]]:
         units = [self.web_unit_name(r) for r in sorted(self.web_releases())]
@@ -379,25 +466,41 @@ class SystemdBackend:
         entries = []
         now = time.monotonic()
         for unit in units:
-            props = self.show(unit, "ActiveState", "SubState", "MainPID",
-                              "ActiveEnterTimestampMonotonic", "LoadState")
+            props = self.show(
+                unit,
+                "ActiveState",
+                "SubState",
+                "MainPID",
+                "ActiveEnterTimestampMonotonic",
+                "LoadState",
+            )
             if props.get("LoadState") == "not-found":
                 continue
             running = props.get("SubState") == "running"
             since = int(props.get("ActiveEnterTimestampMonotonic") or 0) / 1e6
-            name, release = unit[len(self.prefix) + 1:-len(".service")], None
+            name, release = unit[len(self.prefix) + 1 : -len(".service")], None
             if name.startswith("web@"):
-                name, release = "web", name[len("web@"):]
-            entries.append({"name": name, "program": unit, "pid": int(props.get("MainPID") or 0)
-                            or None, "state": "RUNNING" if running else
-                            str(props.get("ActiveState", "unknown")).upper(),
-                            "uptime": max(0, int(now - since)) if running and since else 0,
-                            "release": release})
+                name, release = "web", name[len("web@") :]
+            entries.append(
+                {
+                    "name": name,
+                    "program": unit,
+                    "pid": int(props.get("MainPID") or 0) or None,
+                    "state": "RUNNING"
+                    if running
+                    else str(props.get("ActiveState", "unknown")).upper(),
+                    "uptime": max(0, int(now - since)) if running and since else 0,
+                    "release": release,
+                }
+            )
         return entries
 
     def running(self) -> dict[str, Any]:
-        return {"running": systemd_running(), "pid": 1 if not self.user else None,
-                "manager": "systemd --user" if self.user else "systemd"}
+        return {
+            "running": systemd_running(),
+            "pid": 1 if not self.user else None,
+            "manager": "systemd --user" if self.user else "systemd",
+        }
 
     def shutdown(self) -> dict[str, Any]:
         stopped = [e["program"] for e in self.status()]
@@ -409,5 +512,12 @@ class SystemdBackend:
 
     def log_command(self, service: str) -> list[str] | None:
         unit = f"{self.prefix}-{'web@*' if service == 'web' else service}.service"
-        return ["journalctl", *(["--user"] if self.user else []), "-u", unit, "--no-pager",
-                "-o", "short-iso"]
+        return [
+            "journalctl",
+            *(["--user"] if self.user else []),
+            "-u",
+            unit,
+            "--no-pager",
+            "-o",
+            "short-iso",
+        ]

@@ -93,14 +93,24 @@ def _gunzip_checked(source: Path, target: Path, sha256: str) -> None:
             out.write(chunk)
     if digest.hexdigest() != sha256:
         target.unlink()
-        raise AgentError("the shipped uv unpacked to other bytes than the controller's; using pip",
-                         kind="install")
+        raise AgentError(
+            "the shipped uv unpacked to other bytes than the controller's; using pip",
+            kind="install",
+        )
 
 
 def _runs(binary: Path) -> bool:
     try:
-        return subprocess.run([str(binary), "--version"], stdin=subprocess.DEVNULL, capture_output=True,
-                              timeout=30, check=False).returncode == 0
+        return (
+            subprocess.run(
+                [str(binary), "--version"],
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                timeout=30,
+                check=False,
+            ).returncode
+            == 0
+        )
     except (OSError, subprocess.TimeoutExpired):
         return False
 
@@ -109,8 +119,11 @@ def list_venvs(layout: Layout) -> list[str]:
     """Digests of the complete venvs."""
     if not layout.venvs.is_dir():
         return []
-    return sorted(p.name for p in layout.venvs.iterdir()
-                  if not p.name.startswith(".") and (p / ".complete").is_file())
+    return sorted(
+        p.name
+        for p in layout.venvs.iterdir()
+        if not p.name.startswith(".") and (p / ".complete").is_file()
+    )
 
 
 # digest -> the thread creating that venv's empty shell (start_shell), for ensure_venv to wait on
@@ -118,7 +131,9 @@ _SHELLS: dict[str, threading.Thread] = {}
 SHELL_MARK = ".shell"  # an empty venv made by start_shell; .complete comes with the packages
 
 
-def start_shell(layout: Layout, dependency_digest: object, python: object, user_cache: bool = False) -> None:
+def start_shell(
+    layout: Layout, dependency_digest: object, python: object, user_cache: bool = False
+) -> None:
     """Create ``venvs/<digest>`` empty (``uv venv``) in the background, while the blobs still
     arrive: its interpreter query takes ~0.2 s, paid by a first deploy only. ``ensure_venv``
     waits for it and installs into it; without uv (it may arrive with the blobs) nothing starts."""
@@ -142,8 +157,14 @@ def start_shell(layout: Layout, dependency_digest: object, python: object, user_
     thread.start()
 
 
-def ensure_venv(layout: Layout, dependency_digest: str, wheels: list[dict[str, Any]],
-                python: str, emit: Emit, user_cache: bool = False) -> dict[str, Any]:
+def ensure_venv(
+    layout: Layout,
+    dependency_digest: str,
+    wheels: list[dict[str, Any]],
+    python: str,
+    emit: Emit,
+    user_cache: bool = False,
+) -> dict[str, Any]:
     """Make ``venvs/<digest>`` hold exactly ``wheels`` ({path, sha256}); reuse a complete one.
     ``user_cache``: uv uses the user's own cache instead of the deploy root's (see ``_uv_env``).
 
@@ -175,8 +196,11 @@ def ensure_venv(layout: Layout, dependency_digest: str, wheels: list[dict[str, A
     if shell is not None:
         shell.join()
     try:  # an empty venv start_shell made for this very interpreter
-        reuse_shell = (target / SHELL_MARK).read_text(encoding="utf-8").strip() == python \
-            and not (target / ".complete").exists() and (target / "bin" / "python").exists()
+        reuse_shell = (
+            (target / SHELL_MARK).read_text(encoding="utf-8").strip() == python
+            and not (target / ".complete").exists()
+            and (target / "bin" / "python").exists()
+        )
     except OSError:
         reuse_shell = False
     if (target.exists() or target.is_symlink()) and not reuse_shell:
@@ -186,7 +210,9 @@ def ensure_venv(layout: Layout, dependency_digest: str, wheels: list[dict[str, A
     layout.tmp.mkdir(parents=True, exist_ok=True)
     uv = find_uv(layout)
     installer = "uv" if uv else "pip"
-    emit({"phase": "venv", "status": "building", "detail": f"{len(wheels)} wheels with {installer}"})
+    emit(
+        {"phase": "venv", "status": "building", "detail": f"{len(wheels)} wheels with {installer}"}
+    )
     wheeldir = Path(tempfile.mkdtemp(prefix="wheels-", dir=layout.tmp))
     placing: _Unpack | None = None
     try:
@@ -211,17 +237,49 @@ def ensure_venv(layout: Layout, dependency_digest: str, wheels: list[dict[str, A
         # each is a new file in a __pycache__ dir, which no installer writes to.
         placing = _Unpack(bundle, site) if site is not None and bundle is not None else None
         if wheels and uv:
-            _run([uv, "pip", "install", "--python", venv_python, "--offline", "--no-index",
-                  *([] if compiled else ["--compile-bytecode"]),
-                  "--find-links", str(wheeldir), "--require-hashes", "-r", str(reqs)], env)
+            _run(
+                [
+                    uv,
+                    "pip",
+                    "install",
+                    "--python",
+                    venv_python,
+                    "--offline",
+                    "--no-index",
+                    *([] if compiled else ["--compile-bytecode"]),
+                    "--find-links",
+                    str(wheeldir),
+                    "--require-hashes",
+                    "-r",
+                    str(reqs),
+                ],
+                env,
+            )
         elif wheels:
-            _run([venv_python, "-m", "pip", "install", "--no-index", "--no-input",
-                  "--disable-pip-version-check", *(["--no-compile"] if compiled else []),
-                  "--find-links", str(wheeldir), "--require-hashes", "-r", str(reqs)], env)
+            _run(
+                [
+                    venv_python,
+                    "-m",
+                    "pip",
+                    "install",
+                    "--no-index",
+                    "--no-input",
+                    "--disable-pip-version-check",
+                    *(["--no-compile"] if compiled else []),
+                    "--find-links",
+                    str(wheeldir),
+                    "--require-hashes",
+                    "-r",
+                    str(reqs),
+                ],
+                env,
+            )
         if placing is not None and site is not None and not placing.join():
             emit({"phase": "venv", "status": "compile", "detail": "bytecode bundle unusable"})
-            _run([venv_python, "-m", "compileall", "-q", "-j", "0", str(site)],
-                 {k: v for k, v in env.items() if k != "PYTHONDONTWRITEBYTECODE"})
+            _run(
+                [venv_python, "-m", "compileall", "-q", "-j", "0", str(site)],
+                {k: v for k, v in env.items() if k != "PYTHONDONTWRITEBYTECODE"},
+            )
             compiled = False
         atomic_write(target / ".complete", "\n".join(sorted(names)) + "\n")
     except BaseException:
@@ -233,8 +291,12 @@ def ensure_venv(layout: Layout, dependency_digest: str, wheels: list[dict[str, A
         shutil.rmtree(wheeldir, ignore_errors=True)
     seconds = round(time.monotonic() - started, 3)
     emit({"phase": "venv", "status": "built", "detail": dependency_digest, "seconds": seconds})
-    return {"reused": False, "seconds": seconds, "installer": installer,
-            "bytecode": "shipped" if compiled else "compiled"}
+    return {
+        "reused": False,
+        "seconds": seconds,
+        "installer": installer,
+        "bytecode": "shipped" if compiled else "compiled",
+    }
 
 
 def _bundle_target(venv: Path, bundle: Path) -> Path | None:
@@ -251,10 +313,13 @@ def _bundle_target(venv: Path, bundle: Path) -> Path | None:
     except (OSError, ValueError, KeyError, zipfile.BadZipFile):
         return None
     found = re.search(r"^\s*(?:version|version_info)\s*=\s*(\d+)\.(\d+)", cfg, re.MULTILINE)
-    if not found or not isinstance(meta, dict) or \
-            meta.get("python_version") != f"{found.group(1)}.{found.group(2)}" or \
-            meta.get("cache_tag") != f"cpython-{found.group(1)}{found.group(2)}" or \
-            "pypy" in cfg.lower():
+    if (
+        not found
+        or not isinstance(meta, dict)
+        or meta.get("python_version") != f"{found.group(1)}.{found.group(2)}"
+        or meta.get("cache_tag") != f"cpython-{found.group(1)}{found.group(2)}"
+        or "pypy" in cfg.lower()
+    ):
         return None
     # Where posix venvs keep their packages (venv and uv alike).
     return venv / "lib" / f"python{found.group(1)}.{found.group(2)}" / "site-packages"
@@ -290,8 +355,13 @@ def _unpack_bytecode(bundle: Path, site: Path) -> bool:
         with zipfile.ZipFile(bundle) as zf:
             for info in zf.infolist():
                 parts = info.filename.split("/")
-                if (len(parts) < 2 or parts[-2] != "__pycache__" or not parts[-1].endswith(".pyc")
-                        or any(p in ("", ".", "..") for p in parts) or info.filename.startswith("/")):
+                if (
+                    len(parts) < 2
+                    or parts[-2] != "__pycache__"
+                    or not parts[-1].endswith(".pyc")
+                    or any(p in ("", ".", "..") for p in parts)
+                    or info.filename.startswith("/")
+                ):
                     continue
                 pycache = site.joinpath(*parts[:-1])
                 pycache.mkdir(parents=True, exist_ok=True)
@@ -312,8 +382,14 @@ def _validate_wheels(wheels: list[dict[str, Any]]) -> list[str]:
     names = []
     for wheel in wheels:
         name = wheel.get("path") if isinstance(wheel, dict) else None
-        if (not isinstance(name, str) or "/" in name or "\\" in name or name.startswith(".")
-                or not name.endswith(".whl") or name.count("-") < 4):
+        if (
+            not isinstance(name, str)
+            or "/" in name
+            or "\\" in name
+            or name.startswith(".")
+            or not name.endswith(".whl")
+            or name.count("-") < 4
+        ):
             raise AgentError(f"not a wheel file name: {name!r}", kind="usage")
         if not valid_sha(wheel.get("sha256")):
             raise AgentError(f"wheel {name} has no valid sha256", kind="usage")
@@ -344,7 +420,13 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 
 def _clean_env() -> dict[str, str]:
     env = dict(os.environ)
-    for key in ("VIRTUAL_ENV", "PYTHONHOME", "PYTHONPATH", "PIP_REQUIRE_VIRTUALENV", "CONDA_PREFIX"):
+    for key in (
+        "VIRTUAL_ENV",
+        "PYTHONHOME",
+        "PYTHONPATH",
+        "PIP_REQUIRE_VIRTUALENV",
+        "CONDA_PREFIX",
+    ):
         env.pop(key, None)
     return env
 
@@ -365,13 +447,23 @@ def _uv_env(layout: Layout, user_cache: bool = False) -> dict[str, str]:
 
 
 def _run(argv: list[str], env: dict[str, str]) -> None:
-    proc = subprocess.run(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, check=False)
+    proc = subprocess.run(
+        argv,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        check=False,
+    )
     if proc.returncode != 0:
         lines = proc.stdout.decode("utf-8", "replace").splitlines()[-OUTPUT_TAIL:]
         tail = "\n".join(lines)
-        raise AgentError(f"installing dependencies failed: `{' '.join(argv[:3])} ...` exited "
-                         f"with {proc.returncode}:\n{tail}", kind="install", output_tail=tail)
+        raise AgentError(
+            f"installing dependencies failed: `{' '.join(argv[:3])} ...` exited "
+            f"with {proc.returncode}:\n{tail}",
+            kind="install",
+            output_tail=tail,
+        )
 
 
 def _remove(path: Path) -> None:

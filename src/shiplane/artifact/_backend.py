@@ -70,8 +70,12 @@ class BuildSystem:
     @property
     def env_key(self) -> str:
         """Names the build environment: the requirements and the interpreter that runs them."""
-        return digest_of("shiplane-build-env-v2", os.path.realpath(sys.executable), sys.version,
-                         *sorted(self.requires))[:24]
+        return digest_of(
+            "shiplane-build-env-v2",
+            os.path.realpath(sys.executable),
+            sys.version,
+            *sorted(self.requires),
+        )[:24]
 
 
 def read_build_system(pyproject: Path | None) -> BuildSystem:
@@ -83,21 +87,37 @@ def read_build_system(pyproject: Path | None) -> BuildSystem:
     except FileNotFoundError:
         pass
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise OperationError(f"pyproject.toml cannot be read: {exc}",
-                             hint="fix the file; `uv build` shows the same error") from exc
+        raise OperationError(
+            f"pyproject.toml cannot be read: {exc}",
+            hint="fix the file; `uv build` shows the same error",
+        ) from exc
     requires = table.get("requires", list(LEGACY_REQUIRES))
     backend = table.get("build-backend", LEGACY_BACKEND)
     paths = table.get("backend-path", [])
-    if not isinstance(requires, list) or not isinstance(backend, str) \
-            or not isinstance(paths, list):
-        raise OperationError("pyproject.toml: [build-system] requires/build-backend/backend-path "
-                             "have the wrong type", hint="see PEP 517 and PEP 518")
+    if (
+        not isinstance(requires, list)
+        or not isinstance(backend, str)
+        or not isinstance(paths, list)
+    ):
+        raise OperationError(
+            "pyproject.toml: [build-system] requires/build-backend/backend-path "
+            "have the wrong type",
+            hint="see PEP 517 and PEP 518",
+        )
     return BuildSystem(tuple(str(r) for r in requires), backend, tuple(str(p) for p in paths))
 
 
 def _run(cmd: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(cmd, cwd=cwd, env=env, text=True, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, check=False)
+    return subprocess.run(
+        cmd,
+        cwd=cwd,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
 
 
 def build_env(system: BuildSystem, uv: str, env: dict[str, str]) -> Path:
@@ -117,15 +137,27 @@ def build_env(system: BuildSystem, uv: str, env: dict[str, str]) -> Path:
         steps = [[uv, "venv", "--quiet", "--python", sys.executable, str(tmp)]]
         if system.requires:
             # bytecode now: every build imports the backend, and may not write its pycs
-            steps.append([uv, "pip", "install", "--quiet", "--compile-bytecode", "--python",
-                          str(tmp / "bin" / "python"), *system.requires])
+            steps.append(
+                [
+                    uv,
+                    "pip",
+                    "install",
+                    "--quiet",
+                    "--compile-bytecode",
+                    "--python",
+                    str(tmp / "bin" / "python"),
+                    *system.requires,
+                ]
+            )
         for cmd in steps:
             result = _run(cmd, root, env)
             if result.returncode != 0:
                 tail = "\n".join(result.stdout.splitlines()[-15:])
                 raise OperationError(
                     f"installing the build backend's requirements ({', '.join(system.requires)}) "
-                    f"failed\n{tail}", hint="check [build-system] requires in pyproject.toml")
+                    f"failed\n{tail}",
+                    hint="check [build-system] requires in pyproject.toml",
+                )
         (tmp / ".complete").write_text("\n".join(system.requires) + "\n")
         if final.exists():
             shutil.rmtree(final)  # incomplete: its .complete or interpreter is missing
@@ -139,13 +171,17 @@ def build_env(system: BuildSystem, uv: str, env: dict[str, str]) -> Path:
     return final
 
 
-def call_backend(system: BuildSystem, python: Path, src: Path, out: Path,
-                 env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+def call_backend(
+    system: BuildSystem, python: Path, src: Path, out: Path, env: dict[str, str]
+) -> subprocess.CompletedProcess[str]:
     """Run the backend's ``build_wheel`` into ``out``; exit ``NEEDS_MORE`` when it asks for
     more requirements. ``-I``: neither shiplane's environment nor the user's site leak in."""
     out.mkdir(parents=True, exist_ok=True)
-    return _run([str(python), "-I", "-c", _HOOK, system.backend, json.dumps(system.backend_path),
-                 str(out)], src, env)
+    return _run(
+        [str(python), "-I", "-c", _HOOK, system.backend, json.dumps(system.backend_path), str(out)],
+        src,
+        env,
+    )
 
 
 def _uv() -> str:
@@ -156,8 +192,10 @@ def _uv() -> str:
     except (ImportError, FileNotFoundError):
         found = shutil.which("uv")
         if found is None:
-            raise OperationError("uv is needed to build the app wheel and was not found",
-                                 hint="install it: `pip install uv`") from None
+            raise OperationError(
+                "uv is needed to build the app wheel and was not found",
+                hint="install it: `pip install uv`",
+            ) from None
         return found
 
 
@@ -166,8 +204,13 @@ def _run_uv_build(src: Path, out: Path, env: dict[str, str]) -> subprocess.Compl
     return _run(cmd, src, env)
 
 
-def _build_wheel(project: Path, sources: Sequence[str], work: Path, system: BuildSystem,
-                 emit: Callable[[str, str], None]) -> Path:
+def _build_wheel(
+    project: Path,
+    sources: Sequence[str],
+    work: Path,
+    system: BuildSystem,
+    emit: Callable[[str, str], None],
+) -> Path:
     """The app wheel, built from a copy of exactly the source files that were digested: by the
     backend in its cached build environment, or by ``uv build`` when it needs more."""
     src, out = work / "src", work / "dist"
@@ -175,35 +218,53 @@ def _build_wheel(project: Path, sources: Sequence[str], work: Path, system: Buil
         dest = src / rel
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(project / rel, dest)
-    env = dict(os.environ, SOURCE_DATE_EPOCH=SOURCE_DATE_EPOCH, PYTHONHASHSEED="0",
-               UV_PYTHON_DOWNLOADS="never")
+    env = dict(
+        os.environ,
+        SOURCE_DATE_EPOCH=SOURCE_DATE_EPOCH,
+        PYTHONHASHSEED="0",
+        UV_PYTHON_DOWNLOADS="never",
+    )
     env.pop("PYTHONPATH", None)
     emit("wheel", f"build_wheel ({system.backend})")
     python = build_env(system, _uv(), env) / "bin" / "python"
     result = call_backend(system, python, src, out, env)
     how = "the build backend"
     if result.returncode == NEEDS_MORE:
-        emit("wheel", "uv build --wheel (the backend needs "
-             f"{result.stdout.strip().splitlines()[-1]})")
+        emit(
+            "wheel",
+            f"uv build --wheel (the backend needs {result.stdout.strip().splitlines()[-1]})",
+        )
         shutil.rmtree(out, ignore_errors=True)
         result, how = _run_uv_build(src, out, env), "uv build"
     wheels = sorted(out.glob("*.whl")) if out.is_dir() else []
     if result.returncode != 0 or len(wheels) != 1:
         tail = "\n".join(result.stdout.splitlines()[-15:])
-        raise OperationError(f"building the app wheel failed ({how} exit {result.returncode})"
-                             f"\n{tail}", hint="run `uv build --wheel` in the project to see why")
+        raise OperationError(
+            f"building the app wheel failed ({how} exit {result.returncode})\n{tail}",
+            hint="run `uv build --wheel` in the project to see why",
+        )
     return wheels[0]
 
 
-def app_wheel(project: Path, sources: Sequence[str], file_shas: Mapping[str, str],
-              store: BlobStore, emit: Callable[[str, str], None]) -> FileEntry:
+def app_wheel(
+    project: Path,
+    sources: Sequence[str],
+    file_shas: Mapping[str, str],
+    store: BlobStore,
+    emit: Callable[[str, str], None],
+) -> FileEntry:
     """The app wheel built from ``sources`` (paths in ``project``, with their sha256 in
     ``file_shas``), stored; rebuilt only when the sources or the build system change."""
-    system = read_build_system(project / "pyproject.toml" if "pyproject.toml" in sources
-                               else None)
+    system = read_build_system(project / "pyproject.toml" if "pyproject.toml" in sources else None)
     # Keyed by content, not by commit: committing what was deployed dirty builds nothing.
-    key = digest_of("app-wheel-v1", SOURCE_DATE_EPOCH, system.env_key, system.backend,
-                    *system.backend_path, *(f"{rel} {file_shas[rel]}" for rel in sources))
+    key = digest_of(
+        "app-wheel-v1",
+        SOURCE_DATE_EPOCH,
+        system.env_key,
+        system.backend,
+        *system.backend_path,
+        *(f"{rel} {file_shas[rel]}" for rel in sources),
+    )
     index = store.root.parent / "app-wheels" / key
     try:
         name, known, length = index.read_text().split()

@@ -148,11 +148,16 @@ def _select_includes(project: Path, files: list[str], spec: BuildSpec) -> list[s
                     if not is_forbidden(rel):
                         found.add(rel)
         if not found:
-            raise OperationError(f"build include {pattern!r} matches no file in {project}",
-                                 hint="fix the pattern or remove it from [build] include")
+            raise OperationError(
+                f"build include {pattern!r} matches no file in {project}",
+                hint="fix the pattern or remove it from [build] include",
+            )
         chosen |= found
-    return sorted(f for f in chosen
-                  if not any(matches(x, f) for x in spec.exclude) and not _is_shared(spec, f))
+    return sorted(
+        f
+        for f in chosen
+        if not any(matches(x, f) for x in spec.exclude) and not _is_shared(spec, f)
+    )
 
 
 def _select_config(project: Path, spec: BuildSpec) -> list[str]:
@@ -163,13 +168,17 @@ def _select_config(project: Path, spec: BuildSpec) -> list[str]:
         else:
             found = [project / name] if (project / name).is_file() else []
             if not found:
-                raise OperationError(f"config file {name} does not exist in {project}",
-                                     hint="create it or remove it from [config] files")
+                raise OperationError(
+                    f"config file {name} does not exist in {project}",
+                    hint="create it or remove it from [config] files",
+                )
         for p in found:
             rel = _relative(project, p, "config file")
             if is_forbidden(rel):
-                raise OperationError(f"config file {rel} is inside {rel.split('/')[0]}/, "
-                                     "which never ships (secrets live outside the artifact)")
+                raise OperationError(
+                    f"config file {rel} is inside {rel.split('/')[0]}/, "
+                    "which never ships (secrets live outside the artifact)"
+                )
             chosen.add(rel)
     return sorted(chosen)
 
@@ -189,9 +198,18 @@ def _plan(spec: BuildSpec) -> _Plan:
         drop = (*SECRET_FILES, *spec.exclude)
         app_files = [f for f in files if not any(matches(x, f) for x in drop)]
     lock = read_lock(project / spec.requirements) if spec.requirements else None
-    plan = _Plan(project, source, reason, files, app_files, _select_includes(project, files, spec),
-                 _select_config(project, spec), lock, git_info(project).commit,
-                 resolve_target(spec.python_version, spec.platform))
+    plan = _Plan(
+        project,
+        source,
+        reason,
+        files,
+        app_files,
+        _select_includes(project, files, spec),
+        _select_config(project, spec),
+        lock,
+        git_info(project).commit,
+        resolve_target(spec.python_version, spec.platform),
+    )
     plan.inputs_digest = _inputs_digest(spec, plan)
     return plan
 
@@ -199,12 +217,18 @@ def _plan(spec: BuildSpec) -> _Plan:
 def _inputs_digest(spec: BuildSpec, plan: _Plan) -> str:
     h = hashlib.sha256()
     settings = {
-        "format": BUILD_FORMAT, "app": spec.app_name, "source": plan.source,
-        "requirements": spec.requirements, "include": list(spec.include),
-        "exclude": list(spec.exclude), "shared": list(spec.shared),
+        "format": BUILD_FORMAT,
+        "app": spec.app_name,
+        "source": plan.source,
+        "requirements": spec.requirements,
+        "include": list(spec.include),
+        "exclude": list(spec.exclude),
+        "shared": list(spec.shared),
         "config_files": list(spec.config_files),
-        "server_packages": list(spec.server_packages), "target": plan.target.to_dict(),
-        "tools": [list(t) for t in TOOLS], "git_commit": plan.git_commit,
+        "server_packages": list(spec.server_packages),
+        "target": plan.target.to_dict(),
+        "tools": [list(t) for t in TOOLS],
+        "git_commit": plan.git_commit,
         "bytecode": bytecode.wanted(plan.target),
     }
     h.update(json.dumps(settings, sort_keys=True).encode() + b"\0")
@@ -220,10 +244,12 @@ def _app_wheel(plan: _Plan, store: BlobStore, emit: EventSink) -> FileEntry:
     entry = app_wheel(plan.project, sources, plan.file_shas, store, emit)
     tags = parse_wheel_filename(entry.path)[3]
     if not plan.target.native and any(t.platform != "any" for t in tags):
-        raise OperationError(f"the app wheel {entry.path} is platform-specific and cannot be "
-                             f"built here for {plan.target.platform} / Python "
-                             f"{plan.target.python_version}",
-                             hint="build on a machine like the hosts")
+        raise OperationError(
+            f"the app wheel {entry.path} is platform-specific and cannot be "
+            f"built here for {plan.target.platform} / Python "
+            f"{plan.target.python_version}",
+            hint="build on a machine like the hosts",
+        )
     return entry
 
 
@@ -237,26 +263,32 @@ def _compile(plan: _Plan, store: BlobStore, emit: EventSink) -> CompiledApp:
     elif plan.source == "tree":
         emit("tree", f"{len(plan.app_files)} files")
     elif plan.source != "none":
-        raise OperationError(f"unknown app source {plan.source!r}",
-                             hint="use one of: package, tree, none")
+        raise OperationError(
+            f"unknown app source {plan.source!r}", hint="use one of: package, tree, none"
+        )
     for rel in sorted({*plan.app_files, *plan.includes}):
         sha, size = store.put_file(plan.project / rel)
         entries.append(FileEntry(rel, sha, size, "file"))
     return CompiledApp(plan.source, plan.reason, version, tuple(entries))
 
 
-def compile_app(spec: BuildSpec, *, build_dir: Path | None = None,
-                on_event: EventSink | None = None) -> CompiledApp:
+def compile_app(
+    spec: BuildSpec, *, build_dir: Path | None = None, on_event: EventSink | None = None
+) -> CompiledApp:
     """The article's `make compile`: the app's wheel (package) or its tree files, stored."""
     return _compile(_plan(spec), _layout(spec, build_dir).store, on_event or _noop)
 
 
-def _pack(spec: BuildSpec, plan: _Plan, layout: _Layout, emit: EventSink,
-          started: float) -> BuildResult:
+def _pack(
+    spec: BuildSpec, plan: _Plan, layout: _Layout, emit: EventSink, started: float
+) -> BuildResult:
     store = layout.store
     shared = cache_root()
-    house = shared / "wheelhouse" if pinned(plan.lock, spec.server_packages) \
+    house = (
+        shared / "wheelhouse"
+        if pinned(plan.lock, spec.server_packages)
         else layout.root / "wheelhouse"
+    )
     # The app wheel and the tools do not wait for pip: on a cold cache each takes a core.
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="shiplane-build") as pool:
         app_job = pool.submit(_compile, plan, store, emit)
@@ -271,16 +303,30 @@ def _pack(spec: BuildSpec, plan: _Plan, layout: _Layout, emit: EventSink,
     deps = [FileEntry(w.name, *store.put_file(w, link=True, digest=cached_sha256)) for w in wheels]
     if deps and bytecode.wanted(plan.target):
         bundle = bytecode.bytecode_bundle([(w, e.sha256) for w, e in zip(wheels, deps)], emit)
-        deps.append(FileEntry(bytecode.bundle_name(),
-                              *store.put_file(bundle, link=True, digest=cached_sha256), bytecode.KIND))
-    tools = [FileEntry(w.name, *store.put_file(w, link=True, digest=cached_sha256)) for w in tool_files]
+        deps.append(
+            FileEntry(
+                bytecode.bundle_name(),
+                *store.put_file(bundle, link=True, digest=cached_sha256),
+                bytecode.KIND,
+            )
+        )
+    tools = [
+        FileEntry(w.name, *store.put_file(w, link=True, digest=cached_sha256)) for w in tool_files
+    ]
     config = [FileEntry(rel, *store.put_file(plan.project / rel)) for rel in plan.config]
     manifest = Manifest(
-        app_name=spec.app_name, app_version=app.version, source=app.source,
-        app_files=app.files, dependencies=tuple(deps), dependency_digest=dependency_digest(deps),
-        tools=tuple(tools), config_files=tuple(config), git_commit=plan.git_commit,
+        app_name=spec.app_name,
+        app_version=app.version,
+        source=app.source,
+        app_files=app.files,
+        dependencies=tuple(deps),
+        dependency_digest=dependency_digest(deps),
+        tools=tuple(tools),
+        config_files=tuple(config),
+        git_commit=plan.git_commit,
         built_at=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        target=plan.target.to_dict())
+        target=plan.target.to_dict(),
+    )
     write_manifest(layout.root / "artifacts", manifest)
     _record_inputs(layout, plan.inputs_digest, manifest.digest)
     emit("manifest", manifest.digest)
@@ -295,8 +341,9 @@ def _record_inputs(layout: _Layout, inputs_digest: str, digest: str) -> None:
     os.replace(tmp, inputs / inputs_digest)
 
 
-def pack(spec: BuildSpec, *, build_dir: Path | None = None,
-         on_event: EventSink | None = None) -> BuildResult:
+def pack(
+    spec: BuildSpec, *, build_dir: Path | None = None, on_event: EventSink | None = None
+) -> BuildResult:
     """The article's `make pack`: compile the app, then wheelhouse + tools + manifest.
 
     Always builds (caches still apply to the wheelhouse and tools); see :func:`build`.
@@ -317,8 +364,9 @@ def _reuse(layout: _Layout, inputs_digest: str) -> Manifest | None:
     return manifest
 
 
-def build(spec: BuildSpec, *, build_dir: Path | None = None,
-          on_event: EventSink | None = None) -> BuildResult:
+def build(
+    spec: BuildSpec, *, build_dir: Path | None = None, on_event: EventSink | None = None
+) -> BuildResult:
     """Build the artifact, or reuse the one built from the same inputs (``reused=True``).
 
     Inputs are the source files (git-tracked, or a walk outside git), the lock's bytes, the
@@ -334,8 +382,9 @@ def build(spec: BuildSpec, *, build_dir: Path | None = None,
     manifest = _reuse(layout, plan.inputs_digest)
     if manifest is not None:
         emit("manifest", f"reused {manifest.digest}")
-        return BuildResult(manifest, manifest.digest, True, time.monotonic() - started,
-                           layout.store)
+        return BuildResult(
+            manifest, manifest.digest, True, time.monotonic() - started, layout.store
+        )
     return _pack(spec, plan, layout, emit, started)
 
 
@@ -352,5 +401,6 @@ def load_manifest(project: Path, digest: str) -> Manifest:
     """The manifest of a built artifact; ``digest`` may be a unique prefix."""
     from ._manifest import find_manifest
 
-    return read_manifest_file(find_manifest(Path(project) / ".shiplane" / "build" / "artifacts",
-                                            digest))
+    return read_manifest_file(
+        find_manifest(Path(project) / ".shiplane" / "build" / "artifacts", digest)
+    )

@@ -65,8 +65,11 @@ def wanted(target: Target) -> bool:
     ``SHIPLANE_SHIP_BYTECODE=0`` does not turn it off (slow links: the zip is about as big as
     the wheels, and hosts then compile for themselves as before)."""
     here = f"{sys.version_info.major}.{sys.version_info.minor}"
-    return (os.environ.get("SHIPLANE_SHIP_BYTECODE", "1") != "0"
-            and sys.implementation.name == "cpython" and target.python_version == here)
+    return (
+        os.environ.get("SHIPLANE_SHIP_BYTECODE", "1") != "0"
+        and sys.implementation.name == "cpython"
+        and target.python_version == here
+    )
 
 
 def _groups(wheels: Sequence[Path], n: int) -> list[list[Path]]:
@@ -83,10 +86,15 @@ def _groups(wheels: Sequence[Path], n: int) -> list[list[Path]]:
 def _compile_all(wheels: Sequence[Path]) -> dict[str, bytes]:
     """Every module's pyc, by path, compiled by one worker process per core."""
     workers = max(1, min(os.cpu_count() or 1, len(wheels)))
-    procs = [subprocess.Popen([sys.executable, "-I", "-c", _WORKER, *map(str, group)],
-                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE)
-             for group in _groups(wheels, workers)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-I", "-c", _WORKER, *map(str, group)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for group in _groups(wheels, workers)
+    ]
     pycs: dict[str, bytes] = {}
     failed = []
     for proc in procs:
@@ -101,8 +109,11 @@ def _compile_all(wheels: Sequence[Path]) -> dict[str, bytes]:
 
 
 def _zip(pycs: dict[str, bytes], dest: Path) -> None:
-    meta = {"magic": importlib.util.MAGIC_NUMBER.hex(), "cache_tag": sys.implementation.cache_tag,
-            "python_version": f"{sys.version_info.major}.{sys.version_info.minor}"}
+    meta = {
+        "magic": importlib.util.MAGIC_NUMBER.hex(),
+        "cache_tag": sys.implementation.cache_tag,
+        "python_version": f"{sys.version_info.major}.{sys.version_info.minor}",
+    }
     with zipfile.ZipFile(dest, "w") as zf:
         zf.writestr(zipfile.ZipInfo(META, _DATE), json.dumps(meta, sort_keys=True))
         for name in sorted(pycs):
@@ -119,8 +130,9 @@ def bytecode_bundle(wheels: Sequence[tuple[Path, str]], emit: Callable[[str, str
     ``SHIPLANE-BYTECODE.json`` names the interpreter (magic number, cache tag) it is for.
     """
     tag = sys.implementation.cache_tag
-    key = digest_of("bytecode-v1", importlib.util.MAGIC_NUMBER.hex(), tag,
-                    *sorted(sha for _, sha in wheels))
+    key = digest_of(
+        "bytecode-v1", importlib.util.MAGIC_NUMBER.hex(), tag, *sorted(sha for _, sha in wheels)
+    )
     cache = cache_root() / "bytecode"
     final = cache / f"{key[:32]}.zip"
     if final.is_file():

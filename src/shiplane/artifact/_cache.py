@@ -109,8 +109,9 @@ def _listed(directory: Path) -> list[Path] | None:
     return files
 
 
-def cached_files(cache: Path, key: str, fill: Callable[[Path], None],
-                 pattern: str = "*.whl") -> list[Path]:
+def cached_files(
+    cache: Path, key: str, fill: Callable[[Path], None], pattern: str = "*.whl"
+) -> list[Path]:
     """The files matching ``pattern`` in ``cache/key``, made once by ``fill(tmpdir)`` and
     renamed into place; ``.complete`` (written last) records each file's sha256."""
     final = cache / key
@@ -124,8 +125,7 @@ def cached_files(cache: Path, key: str, fill: Callable[[Path], None],
     try:
         fill(tmp)
         made = sorted(p for p in tmp.glob(pattern) if p.is_file())
-        (tmp / ".complete").write_text(
-            "".join(f"{p.name} {cached_sha256(p)[0]}\n" for p in made))
+        (tmp / ".complete").write_text("".join(f"{p.name} {cached_sha256(p)[0]}\n" for p in made))
         if final.exists():
             # A stale or altered entry: move it aside first so readers never see half of one.
             trash = cache / f".{key}.trash-{os.getpid()}"

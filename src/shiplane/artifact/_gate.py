@@ -21,9 +21,15 @@ _TAIL = 30
 
 
 def _run(cmd: list[str], cwd: Path, what: str) -> None:
-    result = subprocess.run(cmd, cwd=cwd, text=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, check=False,
-                            env=dict(os.environ, UV_PYTHON_DOWNLOADS="never"))
+    result = subprocess.run(
+        cmd,
+        cwd=cwd,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        check=False,
+        env=dict(os.environ, UV_PYTHON_DOWNLOADS="never"),
+    )
     if result.returncode != 0:
         tail = "\n".join(result.stdout.splitlines()[-_TAIL:])
         raise OperationError(f"{what} failed (exit {result.returncode})\n{tail}")
@@ -33,9 +39,12 @@ def gate_env(project: Path, requirements: str, extra: Sequence[str]) -> Path:
     """The venv for the gate, made with uv once per (lock bytes + extra packages) and reused."""
     lock_path = project / requirements if requirements else None
     lock = read_lock(lock_path) if lock_path else None
-    key = hashlib.sha256((lock.data if lock else b"") + b"\0"
-                         + "\0".join(sorted(extra)).encode()
-                         + f"\0{sys.version_info[:2]}".encode()).hexdigest()
+    key = hashlib.sha256(
+        (lock.data if lock else b"")
+        + b"\0"
+        + "\0".join(sorted(extra)).encode()
+        + f"\0{sys.version_info[:2]}".encode()
+    ).hexdigest()
     venv = project / ".shiplane" / "build" / f"testenv-{key[:16]}"
     if (venv / ".complete").is_file():
         return venv
@@ -43,19 +52,40 @@ def gate_env(project: Path, requirements: str, extra: Sequence[str]) -> Path:
     shutil.rmtree(venv, ignore_errors=True)
     venv.parent.mkdir(parents=True, exist_ok=True)
     uv = _uv()
-    _run([uv, "venv", "--quiet", "--python", sys.executable, str(venv)], project,
-         "creating the test environment")
+    _run(
+        [uv, "venv", "--quiet", "--python", sys.executable, str(venv)],
+        project,
+        "creating the test environment",
+    )
     reqs = ["-r", str(lock_path)] if lock is not None and lock.lines else []
     if reqs or extra:
-        _run([uv, "pip", "install", "--quiet", "--python", str(venv / "bin" / "python"),
-              *reqs, *extra], project, "installing the test environment")
+        _run(
+            [
+                uv,
+                "pip",
+                "install",
+                "--quiet",
+                "--python",
+                str(venv / "bin" / "python"),
+                *reqs,
+                *extra,
+            ],
+            project,
+            "installing the test environment",
+        )
     (venv / ".complete").write_text("")
     return venv
 
 
-def run_gate(project: Path, command: str, requirements: str, *,
-             extra: Sequence[str] = ("pytest",), timeout: float = 600,
-             output: Callable[[str], None]) -> None:
+def run_gate(
+    project: Path,
+    command: str,
+    requirements: str,
+    *,
+    extra: Sequence[str] = ("pytest",),
+    timeout: float = 600,
+    output: Callable[[str], None],
+) -> None:
     """Run the test gate ``command`` (a shell command) in the project; raise unless it passes.
 
     The venv (``.shiplane/build/testenv-<digest of lock+extra>``) comes first on PATH;
@@ -75,9 +105,18 @@ def run_gate(project: Path, command: str, requirements: str, *,
     env["PYTHONPATH"] = os.pathsep.join(paths)
     env.pop("PYTHONHOME", None)
     tail: deque[str] = deque(maxlen=_TAIL)
-    proc = subprocess.Popen(command, shell=True, cwd=project, env=env, text=True,
-                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, start_new_session=True, errors="replace")
+    proc = subprocess.Popen(
+        command,
+        shell=True,
+        cwd=project,
+        env=env,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        errors="replace",
+    )
 
     def pump() -> None:
         assert proc.stdout is not None
@@ -98,9 +137,12 @@ def run_gate(project: Path, command: str, requirements: str, *,
             pass
         proc.wait()
         reader.join(timeout=5)
-        raise OperationError(f"test gate timed out after {timeout:g} s: {command}\n"
-                             + "\n".join(tail)) from None
+        raise OperationError(
+            f"test gate timed out after {timeout:g} s: {command}\n" + "\n".join(tail)
+        ) from None
     reader.join(timeout=5)
     if code != 0:
-        raise OperationError(f"test gate failed (exit {code}): {command}\n" + "\n".join(tail),
-                             hint="fix the tests; deploy refuses to ship a red build")
+        raise OperationError(
+            f"test gate failed (exit {code}): {command}\n" + "\n".join(tail),
+            hint="fix the tests; deploy refuses to ship a red build",
+        )

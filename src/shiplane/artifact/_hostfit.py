@@ -13,11 +13,18 @@ from collections.abc import Mapping
 
 # Every Linux platform tag names the same OS: the generic one a Linux host reports and the
 # manylinux/musllinux ones a wheelhouse may be resolved for.
-_LINUX = re.compile(r"^(?:linux|manylinux1|manylinux2010|manylinux2014|manylinux_\d+_\d+|musllinux_\d+_\d+)_(.+)$")
+_LINUX = re.compile(
+    r"^(?:linux|manylinux1|manylinux2010|manylinux2014|manylinux_\d+_\d+|musllinux_\d+_\d+)_(.+)$"
+)
 _MACOS = re.compile(r"^macosx_\d+_\d+_(.+)$")
 # macOS "fat" targets and the architectures they hold
-_FAT = {"universal2": {"x86_64", "arm64"}, "universal": {"x86_64", "i386", "ppc", "ppc64"},
-        "intel": {"x86_64", "i386"}, "fat64": {"x86_64", "ppc64"}, "fat3": {"x86_64", "i386", "ppc"}}
+_FAT = {
+    "universal2": {"x86_64", "arm64"},
+    "universal": {"x86_64", "i386", "ppc", "ppc64"},
+    "intel": {"x86_64", "i386"},
+    "fat64": {"x86_64", "ppc64"},
+    "fat3": {"x86_64", "i386", "ppc"},
+}
 
 
 def os_and_arch(platform: str) -> tuple[str, str]:

@@ -46,8 +46,9 @@ class FileEntry:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> FileEntry:
-        return cls(path=str(d["path"]), sha256=str(d["sha256"]), size=int(d["size"]),
-                   kind=d.get("kind"))
+        return cls(
+            path=str(d["path"]), sha256=str(d["sha256"]), size=int(d["size"]), kind=d.get("kind")
+        )
 
 
 def dependency_digest(dependencies: list[FileEntry]) -> str:
@@ -99,6 +100,7 @@ class Manifest:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Manifest:
         """Read the manifest from plain data; a missing key raises KeyError."""
+
         def entries(key: str) -> tuple[FileEntry, ...]:
             return tuple(FileEntry.from_dict(e) for e in d.get(key, []))
 
@@ -170,13 +172,18 @@ def find_manifest(artifacts_dir: Path, digest: str) -> Path:
     prefix = digest.strip().lower()
     if not prefix or any(c not in "0123456789abcdef" for c in prefix):
         raise UsageError(f"artifact digest {digest!r} is not a hex digest (or prefix of one)")
-    names = sorted(p for p in artifacts_dir.glob("*.json") if p.stem.startswith(prefix)) \
-        if artifacts_dir.is_dir() else []
+    names = (
+        sorted(p for p in artifacts_dir.glob("*.json") if p.stem.startswith(prefix))
+        if artifacts_dir.is_dir()
+        else []
+    )
     if not names:
-        raise UsageError(f"no artifact {digest!r} in {artifacts_dir}",
-                         hint="run `shiplane build` to make one")
+        raise UsageError(
+            f"no artifact {digest!r} in {artifacts_dir}", hint="run `shiplane build` to make one"
+        )
     if len(names) > 1:
         shown = ", ".join(p.stem[:12] for p in names[:5])
-        raise UsageError(f"artifact prefix {digest!r} is ambiguous: matches {shown}",
-                         hint="give more digits")
+        raise UsageError(
+            f"artifact prefix {digest!r} is ambiguous: matches {shown}", hint="give more digits"
+        )
     return names[0]

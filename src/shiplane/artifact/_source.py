@@ -19,9 +19,24 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 # Directories never part of an app: VCS data, shiplane's own output, secrets, virtualenvs, caches.
-SKIP_DIRS = frozenset({".git", ".hg", ".svn", ".shiplane", ".secrets", ".venv", "venv",
-                       "__pycache__", "node_modules", ".mypy_cache", ".pytest_cache",
-                       ".ruff_cache", ".tox", ".nox"})
+SKIP_DIRS = frozenset(
+    {
+        ".git",
+        ".hg",
+        ".svn",
+        ".shiplane",
+        ".secrets",
+        ".venv",
+        "venv",
+        "__pycache__",
+        "node_modules",
+        ".mypy_cache",
+        ".pytest_cache",
+        ".ruff_cache",
+        ".tox",
+        ".nox",
+    }
+)
 # Top-level directories that must never ship, whatever git or an include list says.
 FORBIDDEN_TOP = frozenset({".shiplane", ".secrets", ".git"})
 
@@ -29,11 +44,7 @@ FORBIDDEN_TOP = frozenset({".shiplane", ".secrets", ".git"})
 def is_forbidden(rel: str) -> bool:
     """True for paths that never enter an artifact: secrets, shiplane's output, byte code."""
     parts = rel.split("/")
-    return (
-        parts[0] in FORBIDDEN_TOP
-        or "__pycache__" in parts
-        or rel.endswith((".pyc", ".pyo"))
-    )
+    return parts[0] in FORBIDDEN_TOP or "__pycache__" in parts or rel.endswith((".pyc", ".pyo"))
 
 
 @dataclass(frozen=True)
@@ -60,8 +71,16 @@ def git_info(project: Path) -> GitInfo:
         return GitInfo(True, None)
     commit = head.stdout.decode().strip()
     # Exclude pathspecs keep git from walking shiplane's own output (fast with big caches).
-    status = _git(project, "status", "--porcelain", "-z", "--untracked-files=all", "--", ".",
-                  *(f":(exclude){d}" for d in sorted(FORBIDDEN_TOP)))
+    status = _git(
+        project,
+        "status",
+        "--porcelain",
+        "-z",
+        "--untracked-files=all",
+        "--",
+        ".",
+        *(f":(exclude){d}" for d in sorted(FORBIDDEN_TOP)),
+    )
     prefix = (_git(project, "rev-parse", "--show-prefix") or head).stdout.decode().strip()
     dirty = False
     if status is not None:
@@ -83,8 +102,14 @@ def list_source_files(project: Path) -> list[str]:
     virtualenvs, caches, ``.shiplane`` and ``.secrets``. Never secrets or byte code.
     """
     # -x keeps git from walking shiplane's own output (blobs, venvs, a local stage's hosts).
-    out = _git(project, "ls-files", "-co", "--exclude-standard", "-z",
-               *(f"--exclude={d}/" for d in sorted(FORBIDDEN_TOP)))
+    out = _git(
+        project,
+        "ls-files",
+        "-co",
+        "--exclude-standard",
+        "-z",
+        *(f"--exclude={d}/" for d in sorted(FORBIDDEN_TOP)),
+    )
     files: set[str] = set()
     if out is not None and out.returncode == 0:
         for rel in out.stdout.decode().split("\0"):
@@ -94,7 +119,9 @@ def list_source_files(project: Path) -> list[str]:
             _refuse_ignored(project)
     else:
         for dirpath, dirnames, filenames in os.walk(project):
-            dirnames[:] = [d for d in dirnames if d not in SKIP_DIRS and not d.endswith(".egg-info")]
+            dirnames[:] = [
+                d for d in dirnames if d not in SKIP_DIRS and not d.endswith(".egg-info")
+            ]
             base = Path(dirpath).relative_to(project)
             for name in filenames:
                 rel = (base / name).as_posix()
@@ -114,15 +141,21 @@ def _refuse_ignored(project: Path) -> None:
         return  # its files were added despite the rule (git add -f): git lists those
     rule, _, _ = ignored.stdout.decode(errors="replace").partition("\t")
     top = _git(project, "rev-parse", "--show-toplevel")
-    where = top.stdout.decode(errors="replace").strip() if top is not None and top.returncode == 0 else ""
+    where = (
+        top.stdout.decode(errors="replace").strip()
+        if top is not None and top.returncode == 0
+        else ""
+    )
     source, _, pattern = rule.rpartition(":")
     if where and source and not source.startswith("/"):
         source = f"{where}/{source}"
     raise UsageError(
         f"{project}: git tracks none of this project's files: the git repository {where or '(unknown)'} "
         f"ignores its folder ({source} pattern {pattern.strip()!r}), so shiplane finds no source to ship",
-        hint=("Change that rule so it no longer covers the project and `git add` its files (the project's "
-              ".gitignore keeps its own secrets and output out), or move the project out of the ignored folder."),
+        hint=(
+            "Change that rule so it no longer covers the project and `git add` its files (the project's "
+            ".gitignore keeps its own secrets and output out), or move the project out of the ignored folder."
+        ),
     )
 
 
@@ -148,9 +181,9 @@ def _glob_regex(pattern: str) -> re.Pattern[str]:
         elif c == "?":
             out.append("[^/]")
             i += 1
-        elif c == "[" and "]" in pat[i + 1:]:
+        elif c == "[" and "]" in pat[i + 1 :]:
             end = pat.index("]", i + 1)
-            body = pat[i + 1:end]
+            body = pat[i + 1 : end]
             if body.startswith("!"):
                 body = "^" + body[1:]
             out.append(f"[{body}]")

@@ -54,8 +54,13 @@ class BlobStore:
         """True when the blob is present."""
         return self.path(sha256).is_file()
 
-    def put_file(self, src: Path, *, link: bool = False,
-                 digest: Callable[[Path], tuple[str, int]] = sha256_file) -> tuple[str, int]:
+    def put_file(
+        self,
+        src: Path,
+        *,
+        link: bool = False,
+        digest: Callable[[Path], tuple[str, int]] = sha256_file,
+    ) -> tuple[str, int]:
         """Store a copy of ``src``; return its (sha256, size). A present blob is not rewritten.
 
         ``link=True`` hard-links instead of copying when possible: only for files nobody will

@@ -65,7 +65,7 @@ def _pip_platforms(plat: str) -> list[str]:
     if m:
         top, arch = int(m.group(1)), m.group(2)
     elif plat.startswith("linux_"):
-        arch = plat[len("linux_"):]
+        arch = plat[len("linux_") :]
         libc, ver = _platform.libc_ver()
         top = int(ver.split(".")[1]) if libc == "glibc" and ver.count(".") >= 1 else 17
     else:
@@ -109,8 +109,10 @@ def read_lock(path: Path, *, _seen: set[Path] | None = None) -> Lock:
     try:
         raw = path.read_bytes()
     except OSError as exc:
-        raise OperationError(f"cannot read the lock {path}: {exc.strerror}",
-                             hint="set [build] requirements to your requirements file") from exc
+        raise OperationError(
+            f"cannot read the lock {path}: {exc.strerror}",
+            hint="set [build] requirements to your requirements file",
+        ) from exc
     lock = Lock(path, raw, [], set(), {}, False)
     for line in _logical_lines(raw.decode("utf-8", errors="replace")):
         m = re.match(r"^(-r|--requirement|-c|--constraint)[\s=]+(\S+)$", line)
@@ -147,17 +149,27 @@ def _pip(args: Sequence[str], cwd: Path) -> subprocess.CompletedProcess[str]:
     except ModuleNotFoundError as exc:
         raise OperationError(
             f"pip is not installed in shiplane's environment ({sys.executable})",
-            hint="install it there (`python -m ensurepip` or `uv pip install pip`)") from exc
+            hint="install it there (`python -m ensurepip` or `uv pip install pip`)",
+        ) from exc
     env = dict(os.environ, PIP_DISABLE_PIP_VERSION_CHECK="1", PIP_NO_INPUT="1")
-    return subprocess.run([sys.executable, "-m", "pip", *args], cwd=cwd, env=env, text=True,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "pip", *args],
+        cwd=cwd,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        check=False,
+    )
 
 
 def _failed_requirement(output: str) -> str | None:
-    for pattern in (r"No matching distribution found for ([^\s;]+)",
-                    r"Could not find a version that satisfies the requirement ([^\s;]+)",
-                    r"Failed to build ([^\s]+)",
-                    r"ERROR: Cannot install ([^\s]+)"):
+    for pattern in (
+        r"No matching distribution found for ([^\s;]+)",
+        r"Could not find a version that satisfies the requirement ([^\s;]+)",
+        r"Failed to build ([^\s]+)",
+        r"ERROR: Cannot install ([^\s]+)",
+    ):
         m = re.search(pattern, output)
         if m:
             return m.group(1).rstrip(",.")
@@ -179,8 +191,9 @@ def _fail(what: str, output: str) -> OperationError:
         head = f"{what}: {req} cannot be resolved"
     else:
         head = f"{what} failed"
-    return OperationError(f"{head}\n{_tail(output)}",
-                          hint="check the pins in the lock (name, version, target Python)")
+    return OperationError(
+        f"{head}\n{_tail(output)}", hint="check the pins in the lock (name, version, target Python)"
+    )
 
 
 def _wheels(directory: Path) -> list[Path]:
@@ -194,8 +207,9 @@ def pinned(lock: Lock | None, server_packages: Sequence[str]) -> bool:
     if lock is None or not lock.names:
         return False
     loose = lock.names - set(lock.pins)
-    return (not loose or lock.hashed) and all(canonicalize_name(p) in lock.names
-                                              for p in server_packages)
+    return (not loose or lock.hashed) and all(
+        canonicalize_name(p) in lock.names for p in server_packages
+    )
 
 
 def wheelhouse_key(lock: Lock | None, target: Target, server_packages: Sequence[str]) -> str:
@@ -207,8 +221,9 @@ def wheelhouse_key(lock: Lock | None, target: Target, server_packages: Sequence[
     return h.hexdigest()
 
 
-def build_wheelhouse(lock: Lock | None, target: Target, server_packages: Sequence[str],
-                     cache: Path, emit: Emit) -> list[Path]:
+def build_wheelhouse(
+    lock: Lock | None, target: Target, server_packages: Sequence[str], cache: Path, emit: Emit
+) -> list[Path]:
     """Every dependency wheel for ``target`` (the lock plus missing server packages), cached."""
     names = lock.names if lock else set()
     missing = [p for p in server_packages if canonicalize_name(p) not in names]
@@ -246,10 +261,14 @@ def build_wheelhouse(lock: Lock | None, target: Target, server_packages: Sequenc
                 runs.append(["-c", str(constraints), *missing])
         verb = "pip wheel" if target.native else "pip download"
         for args in (a for a in runs if a):
-            what = ([f"{len(lock.names)} locked"] if lock and "-r" in args else []) + \
-                [a for a in args if a in missing]
-            emit("wheelhouse", f"{verb} ({' + '.join(what)}) for Python "
-                 f"{target.python_version} on {target.platform}")
+            what = ([f"{len(lock.names)} locked"] if lock and "-r" in args else []) + [
+                a for a in args if a in missing
+            ]
+            emit(
+                "wheelhouse",
+                f"{verb} ({' + '.join(what)}) for Python "
+                f"{target.python_version} on {target.platform}",
+            )
             try:
                 if target.native:
                     _native(args, out, work)
@@ -284,13 +303,22 @@ def _for_target(lines: Sequence[str], target: Target) -> list[str]:
     from packaging.requirements import InvalidRequirement, Requirement
 
     os_name, arch = _target_os_arch(target.platform)
-    env: dict[str, str] = {**{k: str(v) for k, v in default_environment().items()}, "python_version": target.python_version,
-           "python_full_version": f"{target.python_version}.0", "implementation_name": "cpython",
-           "platform_python_implementation": "CPython", "sys_platform": os_name,
-           "platform_system": {"linux": "Linux", "darwin": "Darwin"}.get(os_name, os_name),
-           "platform_machine": arch, "os_name": "posix"}
+    env: dict[str, str] = {
+        **{k: str(v) for k, v in default_environment().items()},
+        "python_version": target.python_version,
+        "python_full_version": f"{target.python_version}.0",
+        "implementation_name": "cpython",
+        "platform_python_implementation": "CPython",
+        "sys_platform": os_name,
+        "platform_system": {"linux": "Linux", "darwin": "Darwin"}.get(os_name, os_name),
+        "platform_machine": arch,
+        "os_name": "posix",
+    }
     # the hosts' patch release is known only at install: a line wanted on any of them ships
-    patches = [{**env, "python_full_version": f"{target.python_version}.{n}"} for n in range(PATCH_RELEASES)]
+    patches = [
+        {**env, "python_full_version": f"{target.python_version}.{n}"}
+        for n in range(PATCH_RELEASES)
+    ]
     out = []
     for line in lines:
         spec, sep, options = line.partition(" --")
@@ -309,7 +337,9 @@ def _for_target(lines: Sequence[str], target: Target) -> list[str]:
 def _target_os_arch(platform: str) -> tuple[str, str]:
     """("linux", "x86_64") from "linux_x86_64" / "manylinux_2_17_x86_64"; ("darwin", ...) for macOS."""
     if platform.startswith("macosx"):
-        return "darwin", platform.rsplit("_", 1)[-1] if not platform.endswith("universal2") else "arm64"
+        return "darwin", platform.rsplit("_", 1)[-1] if not platform.endswith(
+            "universal2"
+        ) else "arm64"
     for arch in ("x86_64", "aarch64", "i686", "armv7l", "ppc64le", "s390x"):
         if platform.endswith(arch):
             return "linux", arch
@@ -323,36 +353,61 @@ def _foreign(args: list[str], out: Path, work: Path, target: Target, emit: Emit)
     plat_args = [a for p in _pip_platforms(target.platform) for a in ("--platform", p)]
     tried: set[str] = set()
     while True:
-        result = _pip(["download", "--only-binary=:all:", "--implementation", "cp",
-                       "--python-version", target.python_version, *plat_args,
-                       "--find-links", str(local), "--dest", str(out), *args], work)
+        result = _pip(
+            [
+                "download",
+                "--only-binary=:all:",
+                "--implementation",
+                "cp",
+                "--python-version",
+                target.python_version,
+                *plat_args,
+                "--find-links",
+                str(local),
+                "--dest",
+                str(out),
+                *args,
+            ],
+            work,
+        )
         if result.returncode == 0:
             return
         req = _failed_requirement(result.stdout)
-        if "requires a different python" in result.stdout.lower() or "requires-python" in result.stdout.lower():
-            raise _fail(f"resolving the wheelhouse for Python {target.python_version} on {target.platform} "
-                        "(a pin does not support that Python)", result.stdout)
+        if (
+            "requires a different python" in result.stdout.lower()
+            or "requires-python" in result.stdout.lower()
+        ):
+            raise _fail(
+                f"resolving the wheelhouse for Python {target.python_version} on {target.platform} "
+                "(a pin does not support that Python)",
+                result.stdout,
+            )
         if req is None or req in tried:
-            raise _fail(f"resolving the wheelhouse for Python {target.python_version} "
-                        f"on {target.platform}", result.stdout)
+            raise _fail(
+                f"resolving the wheelhouse for Python {target.python_version} on {target.platform}",
+                result.stdout,
+            )
         tried.add(req)
         emit("wheelhouse", f"{req}: no wheel for the target, building it from source")
         built = work / "sdist-build"
         shutil.rmtree(built, ignore_errors=True)
-        res = _pip(["wheel", "--no-deps", "--no-binary=:all:", "--wheel-dir", str(built), req],
-                   work)
+        res = _pip(
+            ["wheel", "--no-deps", "--no-binary=:all:", "--wheel-dir", str(built), req], work
+        )
         if res.returncode != 0:
             raise OperationError(
                 f"{req} cannot be resolved: no wheel for Python {target.python_version} on "
                 f"{target.platform}, and no source distribution that builds\n{_tail(res.stdout)}",
-                hint="check the pin, or pick a version that has wheels for the hosts")
+                hint="check the pin, or pick a version that has wheels for the hosts",
+            )
         for whl in _wheels(built):
             tags = parse_wheel_filename(whl.name)[3]
             if any(t.abi != "none" or t.platform != "any" for t in tags):
                 raise OperationError(
                     f"{req} has no wheel for Python {target.python_version} on "
                     f"{target.platform} and is not pure Python, so it cannot be built here",
-                    hint="build on a machine like the hosts, or pick a version with wheels")
+                    hint="build on a machine like the hosts, or pick a version with wheels",
+                )
             shutil.move(str(whl), local / whl.name)
 
 
@@ -367,8 +422,17 @@ def tool_wheels(cache: Path, emit: Emit) -> list[Path]:
             emit("tools", f"pip download {name}=={version}")
 
         def fill(out: Path, name: str = name, version: str = version) -> None:
-            result = _pip(["download", "--no-deps", "--only-binary=:all:", "--dest", str(out),
-                           f"{name}=={version}"], out)
+            result = _pip(
+                [
+                    "download",
+                    "--no-deps",
+                    "--only-binary=:all:",
+                    "--dest",
+                    str(out),
+                    f"{name}=={version}",
+                ],
+                out,
+            )
             if result.returncode != 0:
                 raise _fail(f"downloading {name}=={version}", result.stdout)
 

@@ -45,14 +45,22 @@ def build_spec(project: Project) -> BuildSpec:
 
 def build_for_deploy(project: Project, emit: Emit) -> BuildResult:
     """Build (or reuse) the artifact for these inputs."""
-    return build(build_spec(project), on_event=lambda step, detail: emit(Event("build", "progress", detail=f"{step}: {detail}")))
+    return build(
+        build_spec(project),
+        on_event=lambda step, detail: emit(Event("build", "progress", detail=f"{step}: {detail}")),
+    )
 
 
 def gate(project: Project, verbose: bool, emit: Emit) -> None:
     deploy = project.deploy
     assert deploy.build.test
-    run_gate(project.root, deploy.build.test, deploy.build.requirements, extra=tuple(deploy.build.test_requirements),
-             output=lambda line: emit(Event("gate", "output", detail=line)))
+    run_gate(
+        project.root,
+        deploy.build.test,
+        deploy.build.requirements,
+        extra=tuple(deploy.build.test_requirements),
+        output=lambda line: emit(Event("gate", "output", detail=line)),
+    )
 
 
 def run_test_gate(file: Path | None, masker: Masker, verbose: bool) -> None:
@@ -65,10 +73,13 @@ def run_test_gate(file: Path | None, masker: Masker, verbose: bool) -> None:
         gate(project, verbose, reporter)
 
 
-def build_artifact(file: Path | None, masker: Masker, *, step: str, as_json: bool, verbose: bool) -> dict[str, Any]:
+def build_artifact(
+    file: Path | None, masker: Masker, *, step: str, as_json: bool, verbose: bool
+) -> dict[str, Any]:
     project = load_project(file)
     spec = build_spec(project)
     with Reporter.for_terminal(as_json, masker, verbose) as reporter:
+
         def on_event(name: str, detail: str) -> None:
             reporter(Event("build", "progress", detail=f"{name}: {detail}"))
 
@@ -78,9 +89,15 @@ def build_artifact(file: Path | None, masker: Masker, *, step: str, as_json: boo
         runner = pack if step == "pack" else build
         done = runner(spec, on_event=on_event)
     manifest = done.manifest.to_dict()
-    return {"ok": True, "digest": done.digest, "reused": done.reused, "seconds": round(done.seconds, 3),
-            "dependency_digest": manifest.get("dependency_digest"), "git_commit": manifest.get("git_commit"),
-            "files": len(manifest.get("app_files", [])) + len(manifest.get("dependencies", []))}
+    return {
+        "ok": True,
+        "digest": done.digest,
+        "reused": done.reused,
+        "seconds": round(done.seconds, 3),
+        "dependency_digest": manifest.get("dependency_digest"),
+        "git_commit": manifest.get("git_commit"),
+        "files": len(manifest.get("app_files", [])) + len(manifest.get("dependencies", [])),
+    }
 
 
 def clean_build(file: Path | None, cache: bool = False) -> list[str]:

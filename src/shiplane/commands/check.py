@@ -30,10 +30,23 @@ def check_project(file: Path | None) -> dict[str, Any]:
         layered = build_layers(project, name, {})
         render_files(project, layered) if not deploy.config.secrets else None
         files = [str(p.relative_to(project.root)) for p in layer_files(project, name)]
-        where = "this machine" if stage.is_local else f"{len(stage.hosts)} host{'s' if len(stage.hosts) > 1 else ''}"
-        lines.append(f"stage {name}: {where}, deploy_to {stage.deploy_to}, config from {', '.join(files) or 'no files'}")
+        where = (
+            "this machine"
+            if stage.is_local
+            else f"{len(stage.hosts)} host{'s' if len(stage.hosts) > 1 else ''}"
+        )
+        lines.append(
+            f"stage {name}: {where}, deploy_to {stage.deploy_to}, config from {', '.join(files) or 'no files'}"
+        )
         stages[name] = {"hosts": stage.hosts, "config_files": files}
-    return {"ok": True, "file": str(project.path), "source": source, "source_reason": reason, "stages": stages, "lines": lines}
+    return {
+        "ok": True,
+        "file": str(project.path),
+        "source": source,
+        "source_reason": reason,
+        "stages": stages,
+        "lines": lines,
+    }
 
 
 def _source(project: Any) -> tuple[str, str]:
@@ -49,7 +62,14 @@ def _source(project: Any) -> tuple[str, str]:
 def graph_from_project(project: Any) -> TaskGraph:
     """The task graph of the deploy file; GraphError (exit 2) when names are unknown or cyclic."""
     user = {
-        name: Task(name=name, run=spec.run, on=spec.on, needs=tuple(spec.needs), before=tuple(spec.before), after=tuple(spec.after))
+        name: Task(
+            name=name,
+            run=spec.run,
+            on=spec.on,
+            needs=tuple(spec.needs),
+            before=tuple(spec.before),
+            after=tuple(spec.after),
+        )
         for name, spec in project.deploy.tasks.items()
     }
     try:
@@ -60,7 +80,13 @@ def graph_from_project(project: Any) -> TaskGraph:
         raise type(exc)(f"{project.path}: {exc.message}", hint=exc.hint) from None
 
 
-def show_config(file: Path | None, stage: str | None, masker: Masker, *, hosts: str | None = None,
-                sets: Sequence[str] = ()) -> Layered:
+def show_config(
+    file: Path | None,
+    stage: str | None,
+    masker: Masker,
+    *,
+    hosts: str | None = None,
+    sets: Sequence[str] = (),
+) -> Layered:
     """The merged config and environment of one stage (secrets resolved, and masked on output)."""
     return open_stage(file, stage, masker, hosts=hosts, sets=sets).layered

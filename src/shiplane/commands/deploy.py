@@ -55,8 +55,13 @@ from shiplane.whoami import holder
 CHUNK = 1 << 20
 
 
-def run_deploy(file: Path | None, options: DeployOptions, masker: Masker, *,
-               transports: TransportFactory | None = None) -> dict[str, Any]:
+def run_deploy(
+    file: Path | None,
+    options: DeployOptions,
+    masker: Masker,
+    *,
+    transports: TransportFactory | None = None,
+) -> dict[str, Any]:
     """The whole pipeline on one stage. Returns a summary; ``ok`` False means exit 1.
     ``transports``: how to reach each host (default: local or SSH; tests give fake hosts)."""
     ctx = open_stage(file, options.stage, masker, hosts=options.hosts, sets=options.sets)
@@ -66,9 +71,15 @@ def run_deploy(file: Path | None, options: DeployOptions, masker: Masker, *,
 
     def tasks_before(step: str, installed: bool = False) -> None:
         run_point(deployment, graph, points.get(step, []), installed=installed)
+
     rendered = render_files(ctx.project, ctx.layered)
-    with Reporter.for_terminal(options.as_json, masker, options.verbose) as reporter, interrupts_as_keyboard():
-        fleet = Fleet(ctx.project, ctx.stage, reporter, parallel=options.parallel, transports=transports)
+    with (
+        Reporter.for_terminal(options.as_json, masker, options.verbose) as reporter,
+        interrupts_as_keyboard(),
+    ):
+        fleet = Fleet(
+            ctx.project, ctx.stage, reporter, parallel=options.parallel, transports=transports
+        )
         deployment = Deployment(ctx, fleet, options)
         for host in fleet.hosts:
             deployment.hosts[host] = HostState()
@@ -113,13 +124,19 @@ def run_deploy(file: Path | None, options: DeployOptions, masker: Masker, *,
         except KeyboardInterrupt:
             # Ctrl-C or SIGTERM: phases already running on hosts finished (the pool waits for
             # them); hosts this deploy switched go back, so the stage serves one release
-            outcome, error = "interrupted", "interrupted by a signal; every host serves the release it served before"
+            outcome, error = (
+                "interrupted",
+                "interrupted by a signal; every host serves the release it served before",
+            )
             reporter(Event("deploy", "failed", detail=error))
             with signals_ignored():
                 fleet.cancel()  # a running hook ends now; a switch still running finishes (and counts)
                 fleet.settle()
-                _undo(deployment, [h for h, st in deployment.hosts.items() if st.switched],
-                      services_spec(ctx.project.deploy, ctx.stage))
+                _undo(
+                    deployment,
+                    [h for h, st in deployment.hosts.items() if st.switched],
+                    services_spec(ctx.project.deploy, ctx.stage),
+                )
         finally:
             with signals_ignored():  # a second Ctrl-C must not leave the locks behind
                 connecting.shutdown(wait=True)  # every session it opened is closed below
@@ -132,6 +149,7 @@ def run_deploy(file: Path | None, options: DeployOptions, masker: Masker, *,
 @contextmanager
 def interrupts_as_keyboard() -> Iterator[None]:
     """SIGTERM (a CI job cancelled) takes the same clean path as Ctrl-C."""
+
     def raise_interrupt(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
 
@@ -163,19 +181,35 @@ def _resume_failed(d: Deployment) -> None:
     prepared answer copy/install from what they have (both are idempotent), so only the hosts
     that failed do real work; a release hook that already ran is not run twice."""
     ledger = local_ledger(d.ctx.project, d.ctx.stage)
-    entries = [json.loads(line) for line in ledger.read_text().splitlines() if line.strip()] if ledger.exists() else []
+    entries = (
+        [json.loads(line) for line in ledger.read_text().splitlines() if line.strip()]
+        if ledger.exists()
+        else []
+    )
     deploys = [e for e in entries if e.get("event") == "deploy"]
     if not deploys or deploys[-1].get("outcome") == "ok" or not deploys[-1].get("release"):
-        raise UsageError(f"--retry-failed: the last deploy of stage {d.ctx.stage!r} did not fail; nothing to retry")
+        raise UsageError(
+            f"--retry-failed: the last deploy of stage {d.ctx.stage!r} did not fail; nothing to retry"
+        )
     last = deploys[-1]
     from shiplane.artifact import load_manifest
 
     manifest = load_manifest(d.ctx.project.root, str(last["artifact"]))
     d.manifest, d.digest, d.rid = manifest.to_dict(), manifest.digest, str(last["release"])
     d.resumed_release_hook = bool(last.get("release_hook"))
-    failed = [h for h, info in (last.get("hosts") or {}).items() if info.get("outcome") not in ("ok", "switched")]
-    d.fleet.emit(Event("deploy", "info", detail=f"retrying release {d.rid} (artifact {d.digest[:12]}); "
-                                              f"hosts that failed: {', '.join(failed) or 'none'}"))
+    failed = [
+        h
+        for h, info in (last.get("hosts") or {}).items()
+        if info.get("outcome") not in ("ok", "switched")
+    ]
+    d.fleet.emit(
+        Event(
+            "deploy",
+            "info",
+            detail=f"retrying release {d.rid} (artifact {d.digest[:12]}); "
+            f"hosts that failed: {', '.join(failed) or 'none'}",
+        )
+    )
 
 
 def _gate(d: Deployment, emit: Any) -> None:
@@ -201,8 +235,14 @@ def _build(d: Deployment, emit: Any) -> None:
     emit(Event("build", "start"))
     result = build_for_deploy(d.ctx.project, emit)
     d.manifest, d.digest = result.manifest.to_dict(), result.digest
-    emit(Event("build", "ok", detail=f"artifact {d.digest[:12]}{' (reused)' if result.reused else ''}",
-               seconds=time.monotonic() - started))
+    emit(
+        Event(
+            "build",
+            "ok",
+            detail=f"artifact {d.digest[:12]}{' (reused)' if result.reused else ''}",
+            seconds=time.monotonic() - started,
+        )
+    )
 
 
 def _check_promotion(d: Deployment) -> None:
@@ -211,9 +251,17 @@ def _check_promotion(d: Deployment) -> None:
     if not source:
         return
     ledger = local_ledger(d.ctx.project, source)
-    entries = [json.loads(line) for line in ledger.read_text().splitlines() if line.strip()] if ledger.exists() else []
-    if not any(e.get("artifact") == d.digest and e.get("outcome") == "ok" and e.get("event") in ("deploy", "rollback")
-               for e in entries):
+    entries = (
+        [json.loads(line) for line in ledger.read_text().splitlines() if line.strip()]
+        if ledger.exists()
+        else []
+    )
+    if not any(
+        e.get("artifact") == d.digest
+        and e.get("outcome") == "ok"
+        and e.get("event") in ("deploy", "rollback")
+        for e in entries
+    ):
         raise UsageError(
             f"stage {d.ctx.stage!r} takes only artifacts deployed healthy on {source!r} first; "
             f"artifact {d.digest[:12]} never was",
@@ -228,11 +276,19 @@ def _check_platform(d: Deployment) -> None:
     from shiplane.artifact import host_misfit
 
     target = d.manifest.get("target") or {}
-    misfits = {h: s.hello for h, s in d.fleet.sessions.items() if h in d.hosts and host_misfit(target, s.hello)}
+    misfits = {
+        h: s.hello
+        for h, s in d.fleet.sessions.items()
+        if h in d.hosts and host_misfit(target, s.hello)
+    }
     if not misfits:
         return
     for host, hello in misfits.items():
-        d.hosts[host].phase, d.hosts[host].outcome, d.hosts[host].error = "connect", "failed", host_misfit(target, hello)
+        d.hosts[host].phase, d.hosts[host].outcome, d.hosts[host].error = (
+            "connect",
+            "failed",
+            host_misfit(target, hello),
+        )
     facts = {(str(h.get("python_version")), str(h.get("platform"))) for h in misfits.values()}
     if len(facts) == 1:
         (py, plat), fix, hello = next(iter(facts)), [], next(iter(misfits.values()))
@@ -244,10 +300,15 @@ def _check_platform(d: Deployment) -> None:
         how = f"set {' and '.join(fix)} in the [build] table of the deploy file ({keys})"
     else:
         how = "the hosts of one stage must share one Python version and platform: give each kind its own stage"
-    listing = "; ".join(f"{h} runs Python {s.get('python_version')} on {s.get('platform')}" for h, s in misfits.items())
-    raise OperationError(f"{listing}, but artifact {d.digest[:12]} was built for Python {target.get('python_version')} "
-                         f"on {target.get('platform')}: its wheels do not fit there; nothing was sent. To fix: {how}, "
-                         "then deploy again")
+    listing = "; ".join(
+        f"{h} runs Python {s.get('python_version')} on {s.get('platform')}"
+        for h, s in misfits.items()
+    )
+    raise OperationError(
+        f"{listing}, but artifact {d.digest[:12]} was built for Python {target.get('python_version')} "
+        f"on {target.get('platform')}: its wheels do not fit there; nothing was sent. To fix: {how}, "
+        "then deploy again"
+    )
 
 
 def _lock(d: Deployment) -> Any:
@@ -257,8 +318,12 @@ def _lock(d: Deployment) -> Any:
     who = holder(" ".join(["shiplane", *sys.argv[1:]]), os.getpid()).to_json()
 
     def lock(host: str, session: AgentSession) -> Any:
-        result = session.call("lock", {"holder": who, "wait": d.options.lock_wait},
-                              on_event=d.fleet.forward(host, "lock"), timeout=d.options.lock_wait + 60)
+        result = session.call(
+            "lock",
+            {"holder": who, "wait": d.options.lock_wait},
+            on_event=d.fleet.forward(host, "lock"),
+            timeout=d.options.lock_wait + 60,
+        )
         d.locked.append(host)
         return result
 
@@ -270,7 +335,9 @@ def _prepare(d: Deployment, rendered: Any) -> None:
     sizes = dict(blobs)
     store = _blob_store(d)
 
-    request = install_request(d.ctx.project.deploy, d.ctx.stage, d.rid, d.manifest, d.ctx.layered, rendered)
+    request = install_request(
+        d.ctx.project.deploy, d.ctx.stage, d.rid, d.manifest, d.ctx.layered, rendered
+    )
     if d.options.until:  # no switch follows: a server started early would only idle
         request["preboot_web"] = None
     if d.ctx.project.deploy.stages[d.ctx.stage].is_local:
@@ -278,51 +345,96 @@ def _prepare(d: Deployment, rendered: Any) -> None:
         # controller's own for "python3"), which the wheelhouse was built for
         request["python"] = d.fleet.python_for("local")
     # the host starts making the venv it lacks (uv's interpreter query) while the blobs arrive
-    venv_hint = None if d.options.until == "copy" else \
-        {"digest": request["manifest"].get("dependency_digest"), "python": request["python"],
-         "uv_cache": request["uv_cache"]}
+    venv_hint = (
+        None
+        if d.options.until == "copy"
+        else {
+            "digest": request["manifest"].get("dependency_digest"),
+            "python": request["python"],
+            "uv_cache": request["uv_cache"],
+        }
+    )
 
     web = services_spec(d.ctx.project.deploy, d.ctx.stage)["web"]
     builtin_front = d.ctx.project.deploy.stages[d.ctx.stage].front == "builtin"
-    front_port = {"bind": web["bind"], "port": web["port"]} if web and builtin_front and web.get("port") else None
+    front_port = (
+        {"bind": web["bind"], "port": web["port"]}
+        if web and builtin_front and web.get("port")
+        else None
+    )
 
     def send(host: str, session: AgentSession, shas: list[str]) -> int:
         if shas:
-            session.call("receive", {"blobs": [{"sha256": sha, "size": sizes[sha]} for sha in shas]},
-                         payload=_stream_blobs(store, shas), on_event=d.fleet.forward(host, "copy"), timeout=timeout(d))
+            session.call(
+                "receive",
+                {"blobs": [{"sha256": sha, "size": sizes[sha]} for sha in shas]},
+                payload=_stream_blobs(store, shas),
+                on_event=d.fleet.forward(host, "copy"),
+                timeout=timeout(d),
+            )
         return sum(sizes[sha] for sha in shas)
 
     def copy(host: str, session: AgentSession) -> Any:
-        inventory = session.call("inventory", {"blobs": [sha for sha, _ in blobs], "venv": venv_hint,
-                                               "port": front_port}, timeout=timeout(d))
+        inventory = session.call(
+            "inventory",
+            {"blobs": [sha for sha, _ in blobs], "venv": venv_hint, "port": front_port},
+            timeout=timeout(d),
+        )
         d.hosts[host].previous = inventory.get("current")
         if inventory.get("port_taken"):  # the switch would fail there: say so before sending a byte
-            raise OperationError(f"the stage's port is taken by another program ({inventory['port_taken']}), "
-                                 "not by this stage's front; nothing was sent. Free it, or give the stage "
-                                 "another `port`")
+            raise OperationError(
+                f"the stage's port is taken by another program ({inventory['port_taken']}), "
+                "not by this stage's front; nothing was sent. Free it, or give the stage "
+                "another `port`"
+            )
         missing = inventory.get("missing", [])
         total = send(host, session, missing)
         # the controller's uv, to a host without one: its venv builds in a second instead of many
-        total += ship_uv(session, lambda text: d.fleet.emit(Event("copy", "info", host=host, detail=text)))
+        total += ship_uv(
+            session, lambda text: d.fleet.emit(Event("copy", "info", host=host, detail=text))
+        )
         d.hosts[host].bytes_sent = total
-        d.fleet.emit(Event("copy", "progress", host=host, detail=f"sent {len(missing)} blob(s), {human_bytes(total)}",
-                           bytes=total))
+        d.fleet.emit(
+            Event(
+                "copy",
+                "progress",
+                host=host,
+                detail=f"sent {len(missing)} blob(s), {human_bytes(total)}",
+                bytes=total,
+            )
+        )
         return {"blobs": len(missing), "bytes": total}
 
     def install(host: str, session: AgentSession) -> Any:
         resent = 0
         while True:
             try:
-                return session.call("install", request, on_event=d.fleet.forward(host, "install"), timeout=timeout(d))
+                return session.call(
+                    "install",
+                    request,
+                    on_event=d.fleet.forward(host, "install"),
+                    timeout=timeout(d),
+                )
             except HostError as exc:
                 # stored blobs changed on the host's disk since they arrived: the agent checks each
                 # one it uses and quarantines those that no longer match; they are sent again
-                bad = [sha for sha in exc.data.get("blobs") or [] if sha in sizes] if exc.kind == "integrity" else []
+                bad = (
+                    [sha for sha in exc.data.get("blobs") or [] if sha in sizes]
+                    if exc.kind == "integrity"
+                    else []
+                )
                 resent += 1
                 if not bad or resent > 3:
                     raise
-            d.fleet.emit(Event("install", "info", host=host, detail=f"{len(bad)} stored blob(s) did not match their "
-                                                                   "sha256 (quarantined there): sending them again"))
+            d.fleet.emit(
+                Event(
+                    "install",
+                    "info",
+                    host=host,
+                    detail=f"{len(bad)} stored blob(s) did not match their "
+                    "sha256 (quarantined there): sending them again",
+                )
+            )
             d.hosts[host].bytes_sent += send(host, session, bad)
 
     def reached(phase: str, work: Any) -> Any:
@@ -335,8 +447,11 @@ def _prepare(d: Deployment, rendered: Any) -> None:
         return step
 
     # each host goes lock -> copy -> install at its own pace: a slow host delays no other
-    steps = [(name, reached(name, work)) for name, work in
-             [("lock", _lock(d)), ("copy", copy)] + ([] if d.options.until == "copy" else [("install", install)])]
+    steps = [
+        (name, reached(name, work))
+        for name, work in [("lock", _lock(d)), ("copy", copy)]
+        + ([] if d.options.until == "copy" else [("install", install)])
+    ]
     for phase, outcomes in d.fleet.chain(steps, hosts=healthy(d)).items():
         note(d, phase, outcomes)
     stop_if_any_failed(d, d.options.until or "prepare")
@@ -361,9 +476,14 @@ def _switch(d: Deployment) -> None:
     spec = services_spec(deploy, d.ctx.stage)
     switched: list[str] = []
     for batch in batches(d.fleet.hosts, stage.rolling.batch):
+
         def switch(host: str, session: AgentSession) -> Any:
-            result = session.call("switch", {"release_id": d.rid, "services": spec},
-                                  on_event=d.fleet.forward(host, "switch"), timeout=timeout(d))
+            result = session.call(
+                "switch",
+                {"release_id": d.rid, "services": spec},
+                on_event=d.fleet.forward(host, "switch"),
+                timeout=timeout(d),
+            )
             d.hosts[host].switched = True  # recorded in the worker: an interrupt may come any time
             return result
 
@@ -375,12 +495,17 @@ def _switch(d: Deployment) -> None:
                 state.switched, state.release, state.outcome = True, d.rid, "switched"
                 switched.append(host)
             else:
-                state.outcome, state.error = "failed", outcome.error.reason if outcome.error else "failed"
+                state.outcome, state.error = (
+                    "failed",
+                    outcome.error.reason if outcome.error else "failed",
+                )
         bad = failures(outcomes)
         if len(bad) > max_failures(stage.rolling.max_fail, len(batch)):
             _undo(d, switched, spec)
             listing = "; ".join(f"{h}: {e.reason}" for h, e in bad.items())
-            raise OperationError(f"switch failed on {len(bad)} host(s) ({listing}); {_left_with(d)}")
+            raise OperationError(
+                f"switch failed on {len(bad)} host(s) ({listing}); {_left_with(d)}"
+            )
 
 
 def _undo(d: Deployment, switched: list[str], spec: dict[str, Any]) -> None:
@@ -388,8 +513,13 @@ def _undo(d: Deployment, switched: list[str], spec: dict[str, Any]) -> None:
     nothing before (a first deploy) is withdrawn: it serves nothing again, so no host is left
     serving a release the stage rejected (all or nothing, first deploys included)."""
     back = [h for h in switched if d.hosts[h].previous]
-    outcomes = d.fleet.each("undo", lambda host, s: s.call(
-        "switch", {"release_id": d.hosts[host].previous, "services": spec}, timeout=timeout(d)), hosts=back)
+    outcomes = d.fleet.each(
+        "undo",
+        lambda host, s: s.call(
+            "switch", {"release_id": d.hosts[host].previous, "services": spec}, timeout=timeout(d)
+        ),
+        hosts=back,
+    )
     for host, outcome in outcomes.items():
         state = d.hosts[host]
         state.outcome = "undone" if outcome.ok else "undo-failed"
@@ -399,8 +529,12 @@ def _undo(d: Deployment, switched: list[str], spec: dict[str, Any]) -> None:
 
 def _withdraw(d: Deployment, hosts: list[str]) -> None:
     """Hosts that served nothing before this deploy serve nothing after it, and run nothing."""
-    outcomes = d.fleet.each("undo", lambda host, s: s.call("withdraw", {"release_id": d.rid}, timeout=timeout(d)),
-                            hosts=hosts, quiet=True)
+    outcomes = d.fleet.each(
+        "undo",
+        lambda host, s: s.call("withdraw", {"release_id": d.rid}, timeout=timeout(d)),
+        hosts=hosts,
+        quiet=True,
+    )
     for host, outcome in outcomes.items():
         state = d.hosts[host]
         if state.switched:
@@ -415,7 +549,11 @@ def _left_with(d: Deployment) -> str:
     withdrawn = [h for h, s in d.hosts.items() if s.outcome == "withdrawn"]
     stuck = [h for h, s in d.hosts.items() if s.outcome == "undo-failed"]
     parts = [f"{', '.join(undone)} back on the release served before"] if undone else []
-    parts += [f"{', '.join(withdrawn)} serve nothing again (there was no earlier release)"] if withdrawn else []
+    parts += (
+        [f"{', '.join(withdrawn)} serve nothing again (there was no earlier release)"]
+        if withdrawn
+        else []
+    )
     parts += [f"{', '.join(stuck)} could not be undone and still serve {d.rid}"] if stuck else []
     return "; ".join(parts) or "no host had switched"
 
@@ -424,10 +562,19 @@ def _after_deploy(d: Deployment) -> None:
     deploy = d.ctx.project.deploy
     switched = [h for h, state in d.hosts.items() if state.switched]
     for command in deploy.hooks.after_deploy:
+
         def hook(host: str, session: AgentSession, command: str = command) -> Any:
-            return session.call("hook", {"release_id": d.rid, "command": command, "timeout": deploy.hooks.timeout,
-                                                "silence_timeout": deploy.hooks.silence_timeout},
-                                on_event=d.fleet.forward(host, "after_deploy"), timeout=deploy.hooks.timeout + 30)
+            return session.call(
+                "hook",
+                {
+                    "release_id": d.rid,
+                    "command": command,
+                    "timeout": deploy.hooks.timeout,
+                    "silence_timeout": deploy.hooks.silence_timeout,
+                },
+                on_event=d.fleet.forward(host, "after_deploy"),
+                timeout=deploy.hooks.timeout + 30,
+            )
 
         # on the hosts this deploy switched: one that failed within max_fail serves the old release
         require_all(d, "after_deploy", d.fleet.each("after_deploy", hook, hosts=switched))
@@ -441,37 +588,89 @@ def _finalize(d: Deployment, outcome: str, error: str | None) -> dict[str, Any]:
     deploy = d.ctx.project.deploy
     duration = round(time.time() - d.started, 3)
     if outcome != "ok":
-        for state in d.hosts.values():  # hosts the failed deploy never switched: say so, not "pending"
+        for (
+            state
+        ) in d.hosts.values():  # hosts the failed deploy never switched: say so, not "pending"
             if state.outcome == "pending":
                 state.outcome = "not switched"
     entry = {
-        "event": d.options.until or "deploy", "stage": d.ctx.stage, "release": d.rid or None, "artifact": d.digest or None,
-        "git_commit": d.manifest.get("git_commit"), "outcome": outcome, "error": error or None,
-        "user": holder("", os.getpid()).user, "controller": holder("", os.getpid()).host,
-        "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(d.started)), "duration": duration,
-        "release_hook": d.ran_release_hook, "setup": d.ran_setup, "skip_tests": d.options.skip_tests,
+        "event": d.options.until or "deploy",
+        "stage": d.ctx.stage,
+        "release": d.rid or None,
+        "artifact": d.digest or None,
+        "git_commit": d.manifest.get("git_commit"),
+        "outcome": outcome,
+        "error": error or None,
+        "user": holder("", os.getpid()).user,
+        "controller": holder("", os.getpid()).host,
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(d.started)),
+        "duration": duration,
+        "release_hook": d.ran_release_hook,
+        "setup": d.ran_setup,
+        "skip_tests": d.options.skip_tests,
         **({"release_inputs": d.release_inputs} if d.tried_release_hook else {}),
-        "overrides": {"hosts": d.options.hosts, "set": list(d.options.sets)} if (d.options.hosts or d.options.sets) else None,
-        "hosts": {h: {"outcome": s.outcome, "release": s.release, "bytes": s.bytes_sent, "error": s.error,
-                      "phases": fleet.timings.get(h, {})} for h, s in d.hosts.items()},
+        "overrides": {"hosts": d.options.hosts, "set": list(d.options.sets)}
+        if (d.options.hosts or d.options.sets)
+        else None,
+        "hosts": {
+            h: {
+                "outcome": s.outcome,
+                "release": s.release,
+                "bytes": s.bytes_sent,
+                "error": s.error,
+                "phases": fleet.timings.get(h, {}),
+            }
+            for h, s in d.hosts.items()
+        },
     }
     connected = list(fleet.sessions)
     if d.rid and connected:
         # a successful switch marked the release live on the host; a failed deploy marks it bad
         # wherever it was installed, so `rollback` never picks it
-        installed = [h for h, s in d.hosts.items() if h in connected and (s.phase not in ("pending", "connect", "lock", "copy") or s.switched)]
+        installed = [
+            h
+            for h, s in d.hosts.items()
+            if h in connected
+            and (s.phase not in ("pending", "connect", "lock", "copy") or s.switched)
+        ]
         if outcome != "ok":
             # a host this deploy would have been the first to serve runs nothing after it either
-            _withdraw(d, [h for h in installed if not d.hosts[h].previous and not d.hosts[h].switched
-                          and d.hosts[h].outcome != "withdrawn"])
-            fleet.each("finalize", lambda host, s: s.call("mark", {"release_id": d.rid, "state": "bad"}, timeout=60),
-                       hosts=installed, quiet=True)
-        fleet.each("finalize", lambda host, s: s.call("record", {"entry": entry}, timeout=60), hosts=connected, quiet=True)
+            _withdraw(
+                d,
+                [
+                    h
+                    for h in installed
+                    if not d.hosts[h].previous
+                    and not d.hosts[h].switched
+                    and d.hosts[h].outcome != "withdrawn"
+                ],
+            )
+            fleet.each(
+                "finalize",
+                lambda host, s: s.call("mark", {"release_id": d.rid, "state": "bad"}, timeout=60),
+                hosts=installed,
+                quiet=True,
+            )
+        fleet.each(
+            "finalize",
+            lambda host, s: s.call("record", {"entry": entry}, timeout=60),
+            hosts=connected,
+            quiet=True,
+        )
         if outcome == "ok":
-            fleet.each("prune", lambda host, s: s.call("prune", {"keep": deploy.app.keep_releases}, timeout=300),
-                       hosts=connected, quiet=True)
+            fleet.each(
+                "prune",
+                lambda host, s: s.call("prune", {"keep": deploy.app.keep_releases}, timeout=300),
+                hosts=connected,
+                quiet=True,
+            )
     locked, d.locked = list(d.locked), []
-    fleet.each("unlock", lambda host, s: s.call("unlock", {"force": False}, timeout=60), hosts=locked, quiet=True)
+    fleet.each(
+        "unlock",
+        lambda host, s: s.call("unlock", {"force": False}, timeout=60),
+        hosts=locked,
+        quiet=True,
+    )
     ledger = local_ledger(d.ctx.project, d.ctx.stage)
     ledger.parent.mkdir(parents=True, exist_ok=True)
     with ledger.open("a", encoding="utf-8") as handle:
@@ -483,8 +682,12 @@ def _summary(d: Deployment, entry: dict[str, Any]) -> dict[str, Any]:
     ok = entry["outcome"] == "ok"
     verb = {"copy": "copied", "install": "installed"}.get(d.options.until or "", "deployed")
     head = verb if ok else (d.options.until or "deploy") + " FAILED:"
-    lines = [(f"{head} {d.ctx.project.deploy.app.name} release {d.rid or '-'} "
-              f"(artifact {d.digest[:12] or '-'}) to stage {d.ctx.stage} in {entry['duration']:.1f}s")]
+    lines = [
+        (
+            f"{head} {d.ctx.project.deploy.app.name} release {d.rid or '-'} "
+            f"(artifact {d.digest[:12] or '-'}) to stage {d.ctx.stage} in {entry['duration']:.1f}s"
+        )
+    ]
     if entry.get("error"):
         lines.append(f"  reason: {entry['error']}")
     for host, state in d.hosts.items():
@@ -495,7 +698,9 @@ def _summary(d: Deployment, entry: dict[str, Any]) -> dict[str, Any]:
             left = "left as it was"
         else:  # what the host serves now, which a failed deploy may have changed back
             left = f"serves {(state.release if state.switched else state.previous) or 'nothing'}"
-        lines.append(f"  {host:24} {state.outcome:10} {left}  sent {human_bytes(state.bytes_sent)}  [{phases}]")
+        lines.append(
+            f"  {host:24} {state.outcome:10} {left}  sent {human_bytes(state.bytes_sent)}  [{phases}]"
+        )
     port = d.ctx.project.deploy.web_port(d.ctx.stage)
     if ok and port and d.ctx.project.deploy.stages[d.ctx.stage].is_local and not d.options.until:
         lines.append(f"serving at http://127.0.0.1:{port}/")

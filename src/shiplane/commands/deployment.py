@@ -75,15 +75,20 @@ def note(d: Deployment, phase: str, outcomes: dict[str, Outcome]) -> None:
         state = d.hosts[host]
         state.phase = phase
         if not outcome.ok:
-            state.outcome, state.error = "failed", outcome.error.reason if outcome.error else "failed"
+            state.outcome, state.error = (
+                "failed",
+                outcome.error.reason if outcome.error else "failed",
+            )
             d.failed_hosts[host] = f"{phase}: {state.error}"
 
 
 def stop_if_any_failed(d: Deployment, phase: str) -> None:
     if d.failed_hosts:
         listing = "; ".join(f"{h}: {why}" for h, why in d.failed_hosts.items())
-        raise OperationError(f"{phase} failed on {len(d.failed_hosts)} of {len(d.hosts)} host(s), "
-                             f"nothing was switched: {listing}")
+        raise OperationError(
+            f"{phase} failed on {len(d.failed_hosts)} of {len(d.hosts)} host(s), "
+            f"nothing was switched: {listing}"
+        )
 
 
 def healthy(d: Deployment) -> list[str]:

@@ -57,15 +57,25 @@ def pick_hosts(ctx: StageContext, names: Sequence[str], every: bool) -> list[str
     for name in names:
         match = [h for h in hosts if h == name or h.split("@")[-1].split(":")[0] == name]
         if not match:
-            raise UsageError(f"--host {name!r} is not a host of stage {ctx.stage!r}; its hosts are: {', '.join(hosts)}")
+            raise UsageError(
+                f"--host {name!r} is not a host of stage {ctx.stage!r}; its hosts are: {', '.join(hosts)}"
+            )
         picked += [h for h in match if h not in picked]
     return picked
 
 
 @contextmanager
-def _connected(file: Path | None, stage: str | None, masker: Masker, *, names: Sequence[str], every: bool,
-               hosts: str | None, sets: Sequence[str], transports: TransportFactory | None
-               ) -> Iterator[tuple[StageContext, Fleet, list[str]]]:
+def _connected(
+    file: Path | None,
+    stage: str | None,
+    masker: Masker,
+    *,
+    names: Sequence[str],
+    every: bool,
+    hosts: str | None,
+    sets: Sequence[str],
+    transports: TransportFactory | None,
+) -> Iterator[tuple[StageContext, Fleet, list[str]]]:
     """The chosen hosts of a stage, each with an agent session; only those are connected (one
     host down does not stop an exec on another). Every secret of the stage that can be found is
     masked (a user may type one on the command line); none is required, the hosts hold them."""
@@ -87,8 +97,11 @@ def _live_releases(ctx: StageContext, fleet: Fleet, targets: list[str]) -> dict[
     currents = {host: fleet.sessions[host].call("releases", {}).get("current") for host in targets}
     empty = [host for host, current in currents.items() if not current]
     if empty:
-        raise UsageError(f"nothing is deployed on {', '.join(empty)} (stage {ctx.stage!r}): there is no live "
-                         "release to run in", hint=f"deploy first: shiplane deploy --stage {ctx.stage}")
+        raise UsageError(
+            f"nothing is deployed on {', '.join(empty)} (stage {ctx.stage!r}): there is no live "
+            "release to run in",
+            hint=f"deploy first: shiplane deploy --stage {ctx.stage}",
+        )
     return {host: str(current) for host, current in currents.items()}
 
 
@@ -97,17 +110,37 @@ def _argv(session: AgentSession, release: str, command: Sequence[str], tty: bool
     ``exec-env`` (installed there by the session's bootstrap), through ssh for an SSH host."""
     root = str(session.hello["root"])
     agent = str(Layout(root).agent_dir / f"agent-{agent_zip()[1]}")
-    remote = [str(session.hello["executable"]), "-S", agent, "exec-env", root, release, "--", *command]
+    remote = [
+        str(session.hello["executable"]),
+        "-S",
+        agent,
+        "exec-env",
+        root,
+        release,
+        "--",
+        *command,
+    ]
     transport = session.transport
     if isinstance(transport, SSHTransport):
         return transport.command_argv(remote, tty=tty)
     return remote
 
 
-def run_exec(file: Path | None, stage: str | None, command: Sequence[str], masker: Masker, *, out: Output,
-             names: Sequence[str] = (), every: bool = False, tty: bool = False, capture: bool = False,
-             hosts: str | None = None, sets: Sequence[str] = (),
-             transports: TransportFactory | None = None) -> dict[str, Any]:
+def run_exec(
+    file: Path | None,
+    stage: str | None,
+    command: Sequence[str],
+    masker: Masker,
+    *,
+    out: Output,
+    names: Sequence[str] = (),
+    every: bool = False,
+    tty: bool = False,
+    capture: bool = False,
+    hosts: str | None = None,
+    sets: Sequence[str] = (),
+    transports: TransportFactory | None = None,
+) -> dict[str, Any]:
     """Run ``command`` on the chosen hosts in the live release's environment; record it in each
     host's ledger (the command masked) and return ``{ok, exit_code, hosts, command, lines}``.
 
@@ -116,32 +149,60 @@ def run_exec(file: Path | None, stage: str | None, command: Sequence[str], maske
     empty, each output line given to ``out``. ``exit_code`` is the host's, or the first non-zero
     in host order; a command killed by a signal counts as 128 + its number."""
     if not command or not command[0].strip():
-        raise UsageError("no command given: put it after `--`, as in `shiplane exec --stage prod -- python -V`")
-    with _connected(file, stage, masker, names=names, every=every, hosts=hosts, sets=sets,
-                    transports=transports) as (ctx, fleet, targets):
+        raise UsageError(
+            "no command given: put it after `--`, as in `shiplane exec --stage prod -- python -V`"
+        )
+    with _connected(
+        file, stage, masker, names=names, every=every, hosts=hosts, sets=sets, transports=transports
+    ) as (ctx, fleet, targets):
         releases = _live_releases(ctx, fleet, targets)
-        return _execute(ctx, fleet, releases, list(command), masker, out=out, tty=tty, capture=capture)
+        return _execute(
+            ctx, fleet, releases, list(command), masker, out=out, tty=tty, capture=capture
+        )
 
 
-def run_console(file: Path | None, stage: str | None, masker: Masker, *, out: Output, names: Sequence[str] = (),
-                tty: bool = False, capture: bool = False, hosts: str | None = None, sets: Sequence[str] = (),
-                transports: TransportFactory | None = None) -> dict[str, Any]:
+def run_console(
+    file: Path | None,
+    stage: str | None,
+    masker: Masker,
+    *,
+    out: Output,
+    names: Sequence[str] = (),
+    tty: bool = False,
+    capture: bool = False,
+    hosts: str | None = None,
+    sets: Sequence[str] = (),
+    transports: TransportFactory | None = None,
+) -> dict[str, Any]:
     """``run_exec`` of the framework's shell for the app (:func:`console_command`), on one host."""
     if len(names) > 1:
         raise UsageError("console opens one shell: give at most one --host")
-    with _connected(file, stage, masker, names=names, every=False, hosts=hosts, sets=sets,
-                    transports=transports) as (ctx, fleet, targets):
+    with _connected(
+        file, stage, masker, names=names, every=False, hosts=hosts, sets=sets, transports=transports
+    ) as (ctx, fleet, targets):
         releases = _live_releases(ctx, fleet, targets)
         host = targets[0]
         command = console_command(ctx, fleet.sessions[host], releases[host])
         return _execute(ctx, fleet, releases, command, masker, out=out, tty=tty, capture=capture)
 
 
-def _execute(ctx: StageContext, fleet: Fleet, releases: dict[str, str], command: list[str], masker: Masker, *,
-             out: Output, tty: bool, capture: bool) -> dict[str, Any]:
+def _execute(
+    ctx: StageContext,
+    fleet: Fleet,
+    releases: dict[str, str],
+    command: list[str],
+    masker: Masker,
+    *,
+    out: Output,
+    tty: bool,
+    capture: bool,
+) -> dict[str, Any]:
     """``command`` on each host of ``releases`` (host -> its live release), recorded; the result."""
     captured = capture or len(releases) > 1
-    plan = [Target(h, r, _argv(fleet.sessions[h], r, command, tty and not captured)) for h, r in releases.items()]
+    plan = [
+        Target(h, r, _argv(fleet.sessions[h], r, command, tty and not captured))
+        for h, r in releases.items()
+    ]
     started = time.time()
     with _sigint_to_children():
         codes, seconds = _run_captured(plan, out) if captured else _run_attached(plan[0])
@@ -150,10 +211,16 @@ def _execute(ctx: StageContext, fleet: Fleet, releases: dict[str, str], command:
     failed = [(t.host, codes[t.host]) for t in plan if codes[t.host] != 0]
     if failed and len(plan) > 1:
         lines.append("exec: failed on " + ", ".join(f"{h} (exit code {c})" for h, c in failed))
-    return {"ok": not failed, "exit_code": failed[0][1] if failed else 0, "command": masked,
-            "hosts": {t.host: {"release": t.release, "exit_code": codes[t.host], "seconds": seconds[t.host]}
-                      for t in plan},
-            "lines": lines}
+    return {
+        "ok": not failed,
+        "exit_code": failed[0][1] if failed else 0,
+        "command": masked,
+        "hosts": {
+            t.host: {"release": t.release, "exit_code": codes[t.host], "seconds": seconds[t.host]}
+            for t in plan
+        },
+        "lines": lines,
+    }
 
 
 @contextmanager
@@ -193,8 +260,12 @@ def _run_captured(plan: list[Target], out: Output) -> tuple[dict[str, int], dict
     readers: list[threading.Thread] = []
     try:
         for target in plan:
-            processes[target.host] = subprocess.Popen(target.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                                      stderr=subprocess.PIPE)
+            processes[target.host] = subprocess.Popen(
+                target.argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+            )
     except OSError as exc:
         for process in processes.values():
             process.kill()
@@ -204,7 +275,9 @@ def _run_captured(plan: list[Target], out: Output) -> tuple[dict[str, int], dict
     for host, process in processes.items():
         for name, stream in (("stdout", process.stdout), ("stderr", process.stderr)):
             assert stream is not None
-            reader = threading.Thread(target=_read_lines, args=(stream, host, name, out, lock), daemon=True)
+            reader = threading.Thread(
+                target=_read_lines, args=(stream, host, name, out, lock), daemon=True
+            )
             reader.start()
             readers.append(reader)
     codes: dict[str, int] = {}
@@ -224,17 +297,31 @@ def _read_lines(stream: IO[bytes], host: str, name: str, out: Output, lock: thre
     stream.close()
 
 
-def _record(ctx: StageContext, fleet: Fleet, plan: list[Target], command: list[str], codes: dict[str, int],
-            seconds: dict[str, float], started: float) -> list[str]:
+def _record(
+    ctx: StageContext,
+    fleet: Fleet,
+    plan: list[Target],
+    command: list[str],
+    codes: dict[str, int],
+    seconds: dict[str, float],
+    started: float,
+) -> list[str]:
     """Append the exec to each host's ledger; what could not be recorded, as lines to show."""
     who = holder(" ".join(["shiplane", *sys.argv[1:]]), os.getpid()).to_json()
     lines = []
     for target in plan:
-        entry = {"event": "exec", "stage": ctx.stage, "release": target.release, "command": command,
-                 "exit_code": codes[target.host], "outcome": "ok" if codes[target.host] == 0 else "failed",
-                 "user": who["user"], "controller": who["host"],
-                 "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
-                 "duration": seconds[target.host]}
+        entry = {
+            "event": "exec",
+            "stage": ctx.stage,
+            "release": target.release,
+            "command": command,
+            "exit_code": codes[target.host],
+            "outcome": "ok" if codes[target.host] == 0 else "failed",
+            "user": who["user"],
+            "controller": who["host"],
+            "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+            "duration": seconds[target.host],
+        }
         try:
             fleet.sessions[target.host].call("record", {"entry": entry}, timeout=30)
         except HostError as exc:  # the command ran: its code stands, the missing entry is said
@@ -251,18 +338,29 @@ def console_command(ctx: StageContext, session: AgentSession, release: str) -> l
     """The framework's shell for the app, as found in the live release on the session's host:
     Django's (``manage.py`` in the release), Flask's (``app.wsgi`` set and flask in the venv);
     refused otherwise, naming what to run with ``shiplane exec`` instead."""
-    if session.call("read_release_file", {"release_id": release, "path": "manage.py"}).get("exists"):
+    if session.call("read_release_file", {"release_id": release, "path": "manage.py"}).get(
+        "exists"
+    ):
         return ["python", "manage.py", "shell"]
     wsgi = ctx.project.deploy.app.wsgi
     if wsgi:
         try:
-            probe = session.call("hook", {"release_id": release, "command": f'python -c "{_HAS_FLASK}"',
-                                          "timeout": 60}, timeout=90)
+            probe = session.call(
+                "hook",
+                {"release_id": release, "command": f'python -c "{_HAS_FLASK}"', "timeout": 60},
+                timeout=90,
+            )
         except HostError:
             probe = {}
         if str(probe.get("output", "")).strip().endswith("flask"):
             return ["flask", "--app", wsgi, "shell"]
-    found = f"app.wsgi {wsgi!r} has no flask in its venv (Flask)" if wsgi else "the deploy file names no app.wsgi"
-    raise UsageError(f"shiplane cannot tell which shell this app has: the release on {session.host} has no "
-                     f"manage.py (Django) and {found}; run the one it has with exec, as in "
-                     f"`shiplane exec --stage {ctx.stage} -- python`")
+    found = (
+        f"app.wsgi {wsgi!r} has no flask in its venv (Flask)"
+        if wsgi
+        else "the deploy file names no app.wsgi"
+    )
+    raise UsageError(
+        f"shiplane cannot tell which shell this app has: the release on {session.host} has no "
+        f"manage.py (Django) and {found}; run the one it has with exec, as in "
+        f"`shiplane exec --stage {ctx.stage} -- python`"
+    )

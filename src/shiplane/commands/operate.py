@@ -25,9 +25,18 @@ from shiplane.whoami import holder
 
 
 @contextmanager
-def connected(file: Path | None, stage: str | None, masker: Masker, *, hosts: str | None, sets: Sequence[str],
-              quiet: bool = True, need_secrets: bool = False, mask_secrets: bool = False,
-              transports: TransportFactory | None = None) -> Iterator[tuple[StageContext, Fleet]]:
+def connected(
+    file: Path | None,
+    stage: str | None,
+    masker: Masker,
+    *,
+    hosts: str | None,
+    sets: Sequence[str],
+    quiet: bool = True,
+    need_secrets: bool = False,
+    mask_secrets: bool = False,
+    transports: TransportFactory | None = None,
+) -> Iterator[tuple[StageContext, Fleet]]:
     """A stage's hosts, connected; raises when a host cannot be reached. ``mask_secrets``: the
     stage's secrets that can be found are masked in all output (none is required);
     ``transports``: how to reach each host (see ``Fleet``)."""
@@ -57,7 +66,9 @@ def _mask_known_secrets(project: Project, stage: str, masker: Masker) -> None:
     except ConfigError:
         found = {}
         for name in deploy.config.secrets:
-            alone = deploy.model_copy(update={"config": deploy.config.model_copy(update={"secrets": [name]})})
+            alone = deploy.model_copy(
+                update={"config": deploy.config.model_copy(update={"secrets": [name]})}
+            )
             try:
                 found.update(resolve_secrets(alone, stage, project.root))
             except ConfigError:
@@ -74,8 +85,16 @@ def _all(fleet: Fleet, phase: str, work: Callable[[str, AgentSession], Any]) -> 
     return {host: o.result for host, o in outcomes.items()}
 
 
-def read_verb(name: str, file: Path | None, stage: str | None, masker: Masker, *, hosts: str | None,
-              sets: Sequence[str], limit: int = 20) -> dict[str, Any]:
+def read_verb(
+    name: str,
+    file: Path | None,
+    stage: str | None,
+    masker: Masker,
+    *,
+    hosts: str | None,
+    sets: Sequence[str],
+    limit: int = 20,
+) -> dict[str, Any]:
     with connected(file, stage, masker, hosts=hosts, sets=sets) as (ctx, fleet):
         if name == "status":
             return _status(ctx, fleet)
@@ -84,16 +103,20 @@ def read_verb(name: str, file: Path | None, stage: str | None, masker: Masker, *
             lines = []
             for host, result in per_host.items():
                 for release in result.get("releases", []):
-                    lines.append(f"{host:24} {release['release_id']}  {release.get('state', '?'):12} "
-                                 f"artifact {str(release.get('artifact', ''))[:12]}  {release.get('created_at', '')}")
+                    lines.append(
+                        f"{host:24} {release['release_id']}  {release.get('state', '?'):12} "
+                        f"artifact {str(release.get('artifact', ''))[:12]}  {release.get('created_at', '')}"
+                    )
             return {"hosts": per_host, "lines": lines or ["no releases"]}
         per_host = _all(fleet, "history", lambda h, s: s.call("history", {"limit": limit}))
         lines = []
         for host, result in per_host.items():
             for entry in result.get("entries", []):
-                lines.append(f"{host:24} {entry.get('started_at', entry.get('at', ''))}  {entry.get('event', ''):9} "
-                             f"{entry.get('release') or '-':28} {entry.get('outcome', ''):8} "
-                             f"{entry.get('duration', '')}s  by {entry.get('user', '?')}")
+                lines.append(
+                    f"{host:24} {entry.get('started_at', entry.get('at', ''))}  {entry.get('event', ''):9} "
+                    f"{entry.get('release') or '-':28} {entry.get('outcome', ''):8} "
+                    f"{entry.get('duration', '')}s  by {entry.get('user', '?')}"
+                )
         return {"hosts": per_host, "lines": lines or ["no history"]}
 
 
@@ -102,7 +125,9 @@ def _status(ctx: StageContext, fleet: Fleet) -> dict[str, Any]:
     live = {host: result.get("live_release") for host, result in per_host.items()}
     drift = []
     if len(set(live.values())) > 1:
-        drift.append("hosts run different releases: " + ", ".join(f"{h}={r}" for h, r in live.items()))
+        drift.append(
+            "hosts run different releases: " + ", ".join(f"{h}={r}" for h, r in live.items())
+        )
     ledger = local_ledger(ctx.project, ctx.stage)
     if ledger.exists():
         entries = [json.loads(line) for line in ledger.read_text().splitlines() if line.strip()]
@@ -111,11 +136,15 @@ def _status(ctx: StageContext, fleet: Fleet) -> dict[str, Any]:
             expected = good[-1]["release"]
             for host, release in live.items():
                 if release != expected:
-                    drift.append(f"{host} runs {release}, the local ledger's last deploy is {expected}")
+                    drift.append(
+                        f"{host} runs {release}, the local ledger's last deploy is {expected}"
+                    )
     for host, result in per_host.items():
         current = result.get("current")
         if current and result.get("live_release") and current != result["live_release"]:
-            drift.append(f"{host}: `current` points at {current} but the web service serves {result['live_release']}")
+            drift.append(
+                f"{host}: `current` points at {current} but the web service serves {result['live_release']}"
+            )
     lines = []
     for host, result in per_host.items():
         lines.append(f"{host}: live release {result.get('live_release') or '-'}")
@@ -124,36 +153,72 @@ def _status(ctx: StageContext, fleet: Fleet) -> dict[str, Any]:
             name = "web standby" if service.get("standby") else service.get("name", "?")
             if service.get("preboot"):  # libraries loaded: waiting for a release, or its switch
                 name = "web preboot" if service.get("release") else "web spare"
-            lines.append(f"  {name:12} {service.get('state', '?'):9} pid {service.get('pid') or '-':>7}  "
-                         f"up {service.get('uptime', 0) or 0:>6.0f}s  release {service.get('release') or '-'}")
-            if service.get("release") and result.get("live_release") and service.get("kind") != "front" \
-                    and not service.get("standby") \
-                    and service["release"] != result["live_release"] and service.get("state") == "RUNNING":
-                drift.append(f"{host}: service {service.get('name')} runs {service['release']}, not the live release")
+            lines.append(
+                f"  {name:12} {service.get('state', '?'):9} pid {service.get('pid') or '-':>7}  "
+                f"up {service.get('uptime', 0) or 0:>6.0f}s  release {service.get('release') or '-'}"
+            )
+            if (
+                service.get("release")
+                and result.get("live_release")
+                and service.get("kind") != "front"
+                and not service.get("standby")
+                and service["release"] != result["live_release"]
+                and service.get("state") == "RUNNING"
+            ):
+                drift.append(
+                    f"{host}: service {service.get('name')} runs {service['release']}, not the live release"
+                )
         standbys = [s["release"] for s in services if s.get("standby")]
         if len(standbys) > 1:
-            drift.append(f"{host}: {len(standbys)} idle web servers ({', '.join(standbys)}); the next deploy stops all but one")
+            drift.append(
+                f"{host}: {len(standbys)} idle web servers ({', '.join(standbys)}); the next deploy stops all but one"
+            )
     lines += [f"DRIFT: {d}" for d in drift]
     return {"hosts": per_host, "drift": drift, "ok": True, "lines": lines}
 
 
-def service_verb(name: str, file: Path | None, stage: str | None, services: list[str], masker: Masker, *,
-                 everything: bool, hosts: str | None, sets: Sequence[str]) -> dict[str, Any]:
+def service_verb(
+    name: str,
+    file: Path | None,
+    stage: str | None,
+    services: list[str],
+    masker: Masker,
+    *,
+    everything: bool,
+    hosts: str | None,
+    sets: Sequence[str],
+) -> dict[str, Any]:
     with connected(file, stage, masker, hosts=hosts, sets=sets) as (ctx, fleet):
         spec = services_spec(ctx.project.deploy, ctx.stage)
         names = services or None
         if name == "stop" and everything:
             per_host = _all(fleet, name, lambda h, s: s.call("shutdown", {}))
         elif name in ("start", "restart"):
-            per_host = _all(fleet, name, lambda h, s: s.call(name, {"services": names, "spec": spec}, timeout=300))
+            per_host = _all(
+                fleet,
+                name,
+                lambda h, s: s.call(name, {"services": names, "spec": spec}, timeout=300),
+            )
         else:
-            per_host = _all(fleet, name, lambda h, s: s.call(name, {"services": names}, timeout=300))
+            per_host = _all(
+                fleet, name, lambda h, s: s.call(name, {"services": names}, timeout=300)
+            )
         return {"ok": True, "hosts": per_host, "lines": [f"{host}: {name} ok" for host in per_host]}
 
 
-def run_rollback(file: Path | None, stage: str | None, to_release: str | None, yes: bool, masker: Masker, *,
-                 hosts: str | None, sets: Sequence[str], as_json: bool, verbose: bool,
-                 transports: TransportFactory | None = None) -> dict[str, Any]:
+def run_rollback(
+    file: Path | None,
+    stage: str | None,
+    to_release: str | None,
+    yes: bool,
+    masker: Masker,
+    *,
+    hosts: str | None,
+    sets: Sequence[str],
+    as_json: bool,
+    verbose: bool,
+    transports: TransportFactory | None = None,
+) -> dict[str, Any]:
     """Switch every host back to an earlier release present on all of them, health-checked.
 
     Each host that switched marks the release it left ``rolled-back`` when the target is older
@@ -161,74 +226,126 @@ def run_rollback(file: Path | None, stage: str | None, to_release: str | None, y
     release present on every host, a marked one too (going forward marks nothing).
     """
     started = time.time()
-    with connected(file, stage, masker, hosts=hosts, sets=sets, transports=transports) as (ctx, fleet):
+    with connected(file, stage, masker, hosts=hosts, sets=sets, transports=transports) as (
+        ctx,
+        fleet,
+    ):
         per_host = _all(fleet, "releases", lambda h, s: s.call("releases", {}))
         target, live, skipped = _pick_target(per_host, to_release)
         newest_live = max((rid for rid in live.values() if rid), default=None)
         # release.json does not say whether its deploy ran the release hook; the hosts' ledgers do
         ledgers = _all(fleet, "history", lambda h, s: s.call("history", {}))
-        hooked = {e.get("release") for result in ledgers.values() for e in result.get("entries", [])
-                  if e.get("event") == "deploy" and e.get("release_hook")}
-        migrated = [r for r in _releases_between(per_host, target, newest_live)
-                    if r.get("release_hook") or r["release_id"] in hooked]
+        hooked = {
+            e.get("release")
+            for result in ledgers.values()
+            for e in result.get("entries", [])
+            if e.get("event") == "deploy" and e.get("release_hook")
+        }
+        migrated = [
+            r
+            for r in _releases_between(per_host, target, newest_live)
+            if r.get("release_hook") or r["release_id"] in hooked
+        ]
         if migrated and not yes:
             names = ", ".join(r["release_id"] for r in migrated)
-            raise UsageError(f"rolling back to {target} crosses release(s) that ran the release hook (migrations): {names}",
-                             hint="The database stays migrated. If the old code works with it, confirm with --yes.")
+            raise UsageError(
+                f"rolling back to {target} crosses release(s) that ran the release hook (migrations): {names}",
+                hint="The database stays migrated. If the old code works with it, confirm with --yes.",
+            )
         spec = services_spec(ctx.project.deploy, ctx.stage)
         who = holder(" ".join(["shiplane", *sys.argv[1:]]), os.getpid()).to_json()
         with Reporter.for_terminal(as_json, masker, verbose) as reporter:
             fleet.emit = reporter
             _all(fleet, "lock", lambda h, s: s.call("lock", {"holder": who, "wait": 0}))
             try:
-                outcomes = fleet.each("rollback", lambda h, s: s.call("switch", {"release_id": target, "services": spec},
-                                                                      on_event=fleet.forward(h, "rollback"), timeout=600))
+                outcomes = fleet.each(
+                    "rollback",
+                    lambda h, s: s.call(
+                        "switch",
+                        {"release_id": target, "services": spec},
+                        on_event=fleet.forward(h, "rollback"),
+                        timeout=600,
+                    ),
+                )
                 unmarked = _mark_left(fleet, per_host, live, target, set(failures(outcomes)))
             finally:
                 fleet.each("unlock", lambda h, s: s.call("unlock", {"force": False}), quiet=True)
         bad = failures(outcomes)
         same = len(set(live.values())) == 1
-        entry = {"event": "rollback", "stage": ctx.stage, "release": target, "from": newest_live if same else None,
-                 "outcome": "ok" if not bad else "failed", "user": who["user"], "controller": who["host"],
-                 "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
-                 "duration": round(time.time() - started, 3)}
+        entry = {
+            "event": "rollback",
+            "stage": ctx.stage,
+            "release": target,
+            "from": newest_live if same else None,
+            "outcome": "ok" if not bad else "failed",
+            "user": who["user"],
+            "controller": who["host"],
+            "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+            "duration": round(time.time() - started, 3),
+        }
         if not same:
             entry["from_hosts"] = live
         # each host's own ledger says what that host left
-        fleet.each("record", lambda h, s: s.call("record", {"entry": {**entry, "from": live.get(h)}}), quiet=True)
+        fleet.each(
+            "record",
+            lambda h, s: s.call("record", {"entry": {**entry, "from": live.get(h)}}),
+            quiet=True,
+        )
         ledger = local_ledger(ctx.project, ctx.stage)
         ledger.parent.mkdir(parents=True, exist_ok=True)
         with ledger.open("a") as handle:
             handle.write(json.dumps({**entry, "artifact": _artifact_of(per_host, target)}) + "\n")
-        lines = [f"rolled back stage {ctx.stage} to {target} in {entry['duration']:.1f}s" if not bad
-                 else f"rollback FAILED: {'; '.join(e.message for e in bad.values())}"]
+        lines = [
+            f"rolled back stage {ctx.stage} to {target} in {entry['duration']:.1f}s"
+            if not bad
+            else f"rollback FAILED: {'; '.join(e.message for e in bad.values())}"
+        ]
         lines += [f"  skipped {rid}: {why}" for rid, why in skipped]
         lines += [f"  {host}: {why}" for host, why in unmarked.items()]
         return {**entry, "ok": not bad, "skipped": skipped, "lines": lines}
 
 
-def _mark_left(fleet: Fleet, per_host: dict[str, Any], live: dict[str, str | None], target: str,
-               failed: set[str]) -> dict[str, str]:
+def _mark_left(
+    fleet: Fleet,
+    per_host: dict[str, Any],
+    live: dict[str, str | None],
+    target: str,
+    failed: set[str],
+) -> dict[str, str]:
     """Mark ``rolled-back`` the release each switched host left for the older ``target``.
 
     A release already marked bad keeps that mark. Returns, per host, why its mark could not be
     written (the rollback itself stands: a mark on any host makes a later rollback skip it).
     """
+
     def state_of(host: str, rid: str) -> str | None:
-        found = [r.get("state") for r in per_host[host].get("releases", []) if r["release_id"] == rid]
+        found = [
+            r.get("state") for r in per_host[host].get("releases", []) if r["release_id"] == rid
+        ]
         return found[0] if found else None
 
-    left = {host: rid for host, rid in live.items()
-            if host not in failed and rid and rid > target and state_of(host, rid) != "bad"}
+    left = {
+        host: rid
+        for host, rid in live.items()
+        if host not in failed and rid and rid > target and state_of(host, rid) != "bad"
+    }
     if not left:
         return {}
-    outcomes = fleet.each("mark", lambda h, s: s.call("mark", {"release_id": left[h], "state": "rolled-back"}),
-                          hosts=list(left), quiet=True)
-    return {host: f"could not mark {left[host]} rolled-back: {error.message}"
-            for host, error in failures(outcomes).items()}
+    outcomes = fleet.each(
+        "mark",
+        lambda h, s: s.call("mark", {"release_id": left[h], "state": "rolled-back"}),
+        hosts=list(left),
+        quiet=True,
+    )
+    return {
+        host: f"could not mark {left[host]} rolled-back: {error.message}"
+        for host, error in failures(outcomes).items()
+    }
 
 
-def _pick_target(per_host: dict[str, Any], to_release: str | None) -> tuple[str, dict[str, str | None], list[tuple[str, str]]]:
+def _pick_target(
+    per_host: dict[str, Any], to_release: str | None
+) -> tuple[str, dict[str, str | None], list[tuple[str, str]]]:
     """The release to roll back to, each host's live release, and the newer ones skipped (why).
 
     Without ``to_release``: the newest release present on every host that is older than the
@@ -236,7 +353,9 @@ def _pick_target(per_host: dict[str, Any], to_release: str | None) -> tuple[str,
     host serves: when the hosts serve different ones (a rollback that failed on some), a plain
     rollback would walk some hosts forward, so it is refused and ``--to`` names the release.
     """
-    sets = [{r["release_id"]: r for r in result.get("releases", [])} for result in per_host.values()]
+    sets = [
+        {r["release_id"]: r for r in result.get("releases", [])} for result in per_host.values()
+    ]
     live: dict[str, str | None] = {host: result.get("current") for host, result in per_host.items()}
     if to_release:
         if not all(to_release in s for s in sets):
@@ -245,13 +364,17 @@ def _pick_target(per_host: dict[str, Any], to_release: str | None) -> tuple[str,
     serving = set(live.values())
     if len(serving) > 1:
         which = ", ".join(f"{host} {rid or 'nothing'}" for host, rid in live.items())
-        raise UsageError(f"the hosts serve different releases ({which}), so there is no one release to roll back from",
-                         hint="Name the release every host should serve: shiplane rollback --to ID "
-                              "(shiplane releases lists them). No host was changed.")
+        raise UsageError(
+            f"the hosts serve different releases ({which}), so there is no one release to roll back from",
+            hint="Name the release every host should serve: shiplane rollback --to ID "
+            "(shiplane releases lists them). No host was changed.",
+        )
     current = serving.pop() if serving else None
     if current is None:
-        raise UsageError("no release is live on the stage's hosts, so there is nothing to roll back from",
-                         hint="Deploy first, or name a release with --to ID.")
+        raise UsageError(
+            "no release is live on the stage's hosts, so there is nothing to roll back from",
+            hint="Deploy first, or name a release with --to ID.",
+        )
     skipped: list[tuple[str, str]] = []
     common = sorted(set.intersection(*(set(s) for s in sets)) if sets else set(), reverse=True)
     for rid in common:
@@ -265,18 +388,25 @@ def _pick_target(per_host: dict[str, Any], to_release: str | None) -> tuple[str,
             skipped.append((rid, "never went live (its deploy ended before the switch)"))
             continue
         if "rolled-back" in states:
-            when = max((str(s[rid].get("rolled_back_at")) for s in sets if s[rid].get("rolled_back_at")), default="")
+            when = max(
+                (str(s[rid].get("rolled_back_at")) for s in sets if s[rid].get("rolled_back_at")),
+                default="",
+            )
             skipped.append((rid, f"rolled back from at {when}" if when else "rolled back from"))
             continue
         return rid, live, skipped
     reasons = "; ".join(f"{rid} {why}" for rid, why in skipped)
-    raise UsageError(f"no earlier good release is present on every host to roll back to (live: {current})"
-                     + (f"; skipped {reasons}" if reasons else ""),
-                     hint="rollback --to ID picks any release present on every host, one skipped here or a newer "
-                          "one too (shiplane releases lists them).")
+    raise UsageError(
+        f"no earlier good release is present on every host to roll back to (live: {current})"
+        + (f"; skipped {reasons}" if reasons else ""),
+        hint="rollback --to ID picks any release present on every host, one skipped here or a newer "
+        "one too (shiplane releases lists them).",
+    )
 
 
-def _releases_between(per_host: dict[str, Any], target: str, current: str | None) -> list[dict[str, Any]]:
+def _releases_between(
+    per_host: dict[str, Any], target: str, current: str | None
+) -> list[dict[str, Any]]:
     first: dict[str, Any] = next(iter(per_host.values()), {})
     return [r for r in first.get("releases", []) if target < r["release_id"] <= (current or "")]
 
@@ -289,27 +419,55 @@ def _artifact_of(per_host: dict[str, Any], release: str) -> str | None:
     return None
 
 
-def run_prune(file: Path | None, stage: str | None, keep: int | None, masker: Masker, *, hosts: str | None,
-              sets: Sequence[str]) -> dict[str, Any]:
+def run_prune(
+    file: Path | None,
+    stage: str | None,
+    keep: int | None,
+    masker: Masker,
+    *,
+    hosts: str | None,
+    sets: Sequence[str],
+) -> dict[str, Any]:
     with connected(file, stage, masker, hosts=hosts, sets=sets) as (ctx, fleet):
         count = keep or ctx.project.deploy.app.keep_releases
         per_host = _all(fleet, "prune", lambda h, s: s.call("prune", {"keep": count}))
-        return {"ok": True, "hosts": per_host,
-                "lines": [f"{h}: removed {', '.join(r.get('removed', [])) or 'nothing'}" for h, r in per_host.items()]}
+        return {
+            "ok": True,
+            "hosts": per_host,
+            "lines": [
+                f"{h}: removed {', '.join(r.get('removed', [])) or 'nothing'}"
+                for h, r in per_host.items()
+            ],
+        }
 
 
-def show_logs(file: Path | None, stage: str | None, service: str | None, lines: int, follow: bool, masker: Masker,
-              out: Callable[[str, str], None], *, hosts: str | None, sets: Sequence[str]) -> None:
+def show_logs(
+    file: Path | None,
+    stage: str | None,
+    service: str | None,
+    lines: int,
+    follow: bool,
+    masker: Masker,
+    out: Callable[[str, str], None],
+    *,
+    hosts: str | None,
+    sets: Sequence[str],
+) -> None:
     """Give ``out(host, line)`` the last ``lines`` lines of a service's log on every host (then
     new ones with ``follow``), with every secret of the stage that can be found
     masked: the app may have logged one."""
     with connected(file, stage, masker, hosts=hosts, sets=sets, mask_secrets=True) as (_ctx, fleet):
+
         def one(host: str, session: AgentSession) -> None:
             def line(event: dict[str, Any]) -> None:
-                out(host, masker(str(event.get('detail', ''))))
+                out(host, masker(str(event.get("detail", ""))))
 
-            result = session.call("logs", {"service": service, "lines": lines, "follow": follow}, on_event=line,
-                                  timeout=10**9 if follow else 120)
+            result = session.call(
+                "logs",
+                {"service": service, "lines": lines, "follow": follow},
+                on_event=line,
+                timeout=10**9 if follow else 120,
+            )
             for text in result.get("lines", []):
                 out(host, masker(text))
 
@@ -320,7 +478,9 @@ def show_logs(file: Path | None, stage: str | None, service: str | None, lines: 
         # beside the main thread, which cuts every session when interrupted (a pool would wait
         # for them forever on the way out).
         failed: list[BaseException] = []
-        follower = threading.Thread(target=_catching, args=(lambda: _all(fleet, "logs", one), failed), daemon=True)
+        follower = threading.Thread(
+            target=_catching, args=(lambda: _all(fleet, "logs", one), failed), daemon=True
+        )
         follower.start()
         try:
             follower.join()
@@ -340,8 +500,15 @@ def _catching(work: Callable[[], Any], failed: list[BaseException]) -> None:
         failed.append(exc)
 
 
-def lock_stage(file: Path | None, stage: str | None, masker: Masker, *, hosts: str | None, sets: Sequence[str],
-               reason: str | None = None) -> dict[str, Any]:
+def lock_stage(
+    file: Path | None,
+    stage: str | None,
+    masker: Masker,
+    *,
+    hosts: str | None,
+    sets: Sequence[str],
+    reason: str | None = None,
+) -> dict[str, Any]:
     """Hold the stage for maintenance: every host's deploy lock, kept until ``shiplane unlock``
     (by the same user from the same machine, or ``--force``); deploys are refused naming who,
     since when and ``reason``."""
@@ -350,31 +517,56 @@ def lock_stage(file: Path | None, stage: str | None, masker: Masker, *, hosts: s
         if reason:
             who["reason"] = reason
         # kept: held until `shiplane unlock`, not bound to this command's agent sessions
-        per_host = _all(fleet, "lock", lambda h, s: s.call("lock", {"holder": who, "wait": 0, "keep": True},
-                                                            on_event=fleet.forward(h, "lock")))
+        per_host = _all(
+            fleet,
+            "lock",
+            lambda h, s: s.call(
+                "lock", {"holder": who, "wait": 0, "keep": True}, on_event=fleet.forward(h, "lock")
+            ),
+        )
         why = f" ({reason})" if reason else ""
         return {"ok": True, "hosts": per_host, "lines": [f"locked {h}{why}" for h in fleet.hosts]}
 
 
-def lock_status(file: Path | None, stage: str | None, masker: Masker, *, hosts: str | None,
-                sets: Sequence[str]) -> dict[str, Any]:
+def lock_status(
+    file: Path | None, stage: str | None, masker: Masker, *, hosts: str | None, sets: Sequence[str]
+) -> dict[str, Any]:
     """Each host's deploy lock: who holds it, since when, why, and whether its holder lives."""
     with connected(file, stage, masker, hosts=hosts, sets=sets) as (_ctx, fleet):
         per_host = _all(fleet, "inventory", lambda h, s: s.call("inventory", {"blobs": []}))
         locks = {host: result.get("lock") for host, result in per_host.items()}
-        lines = [f"{host}: {(lock or {}).get('message') or 'not locked'}" for host, lock in locks.items()]
+        lines = [
+            f"{host}: {(lock or {}).get('message') or 'not locked'}" for host, lock in locks.items()
+        ]
         return {"ok": True, "hosts": locks, "lines": lines}
 
 
-def unlock_stage(file: Path | None, stage: str | None, force: bool, masker: Masker, *, hosts: str | None,
-                 sets: Sequence[str]) -> dict[str, Any]:
+def unlock_stage(
+    file: Path | None,
+    stage: str | None,
+    force: bool,
+    masker: Masker,
+    *,
+    hosts: str | None,
+    sets: Sequence[str],
+) -> dict[str, Any]:
     with connected(file, stage, masker, hosts=hosts, sets=sets) as (_ctx, fleet):
         who = holder(" ".join(["shiplane", *sys.argv[1:]]), os.getpid()).to_json()
         # without --force: our own lock (this user, from this machine, taken with `shiplane lock`)
-        per_host = _all(fleet, "unlock", lambda h, s: s.call("unlock", {"force": True, "by": who} if force
-                                                               else {"force": False, "holder": who}))
+        per_host = _all(
+            fleet,
+            "unlock",
+            lambda h, s: s.call(
+                "unlock", {"force": True, "by": who} if force else {"force": False, "holder": who}
+            ),
+        )
         if force:
-            entry = {"event": "unlock", "forced": True, "user": who["user"], "controller": who["host"],
-                     "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            entry = {
+                "event": "unlock",
+                "forced": True,
+                "user": who["user"],
+                "controller": who["host"],
+                "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            }
             _all(fleet, "record", lambda h, s: s.call("record", {"entry": entry}))
         return {"ok": True, "hosts": per_host, "lines": [f"unlocked {h}" for h in per_host]}

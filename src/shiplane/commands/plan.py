@@ -38,14 +38,24 @@ else:  # pragma: no cover
 ENV_FILE = "shiplane.env"
 
 
-def run_plan(file: Path | None, stage: str | None, masker: Masker, *, hosts: str | None, sets: Sequence[str],
-             as_json: bool, verbose: bool) -> dict[str, Any]:
+def run_plan(
+    file: Path | None,
+    stage: str | None,
+    masker: Masker,
+    *,
+    hosts: str | None,
+    sets: Sequence[str],
+    as_json: bool,
+    verbose: bool,
+) -> dict[str, Any]:
     """What ``deploy --stage`` would do on every host, without changing any host.
 
     Returns ``{"ok": True, "stage", "artifact", "release", "hosts": {host: {...}}, "lines": [...]}``;
     raises OperationError (exit 1) when a host cannot be reached or inventoried.
     """
-    reporter: Any = (lambda event: None) if as_json else Reporter.for_terminal(False, masker, verbose)
+    reporter: Any = (
+        (lambda event: None) if as_json else Reporter.for_terminal(False, masker, verbose)
+    )
     with connected(file, stage, masker, hosts=hosts, sets=sets, need_secrets=True) as (ctx, fleet):
         deploy = ctx.project.deploy
         built = build_for_deploy(ctx.project, reporter)
@@ -59,7 +69,9 @@ def run_plan(file: Path | None, stage: str | None, masker: Masker, *, hosts: str
         def one(host: str, session: AgentSession) -> dict[str, Any]:
             inventory = session.call("inventory", {"blobs": [sha for sha, _ in blobs]}, timeout=120)
             current = inventory.get("current")
-            live = next((r for r in inventory.get("releases", []) if r.get("release_id") == current), None)
+            live = next(
+                (r for r in inventory.get("releases", []) if r.get("release_id") == current), None
+            )
             missing = list(inventory.get("missing") or [])
             changes = _config_changes(session, current, wanted) if current else {}
             return {
@@ -82,30 +94,51 @@ def run_plan(file: Path | None, stage: str | None, masker: Masker, *, hosts: str
         per_host = {host: outcomes[host].result for host in fleet.hosts if host in outcomes}
         primary = primary_host(deploy, ctx.stage, fleet.hosts)
         services = _services(spec)
-        head = (f"plan for stage {ctx.stage}: artifact {digest[:12]}{' (reused)' if built.reused else ' (built)'}, "
-                f"release {rid} (nothing changed on any host)")
+        head = (
+            f"plan for stage {ctx.stage}: artifact {digest[:12]}{' (reused)' if built.reused else ' (built)'}, "
+            f"release {rid} (nothing changed on any host)"
+        )
         lines = [head]
         for host, info in per_host.items():
             lines += _host_lines(host, info, services)
         where = hook_hosts(deploy, ctx.stage, list(per_host))
         runs_on = [h for h in where if _release_hook_runs(ctx, fleet.sessions[h])]
         hook_runs = bool(runs_on)
-        hooks = [f"release hook `{c}` once on {', '.join(runs_on)}" for c in deploy.hooks.release_commands()] \
-            if runs_on else []
+        hooks = (
+            [
+                f"release hook `{c}` once on {', '.join(runs_on)}"
+                for c in deploy.hooks.release_commands()
+            ]
+            if runs_on
+            else []
+        )
         skips = [h for h in where if h not in runs_on]
         if skips and deploy.hooks.release_commands():
             watched = ", ".join(deploy.hooks.release_if_changed)
-            hooks.append(f"no release hook on {', '.join(skips)}: nothing it depends on ({watched}, config) "
-                         "changed since it last ran there")
+            hooks.append(
+                f"no release hook on {', '.join(skips)}: nothing it depends on ({watched}, config) "
+                "changed since it last ran there"
+            )
         pending = [h for h in where if per_host[h]["setup_pending"]]
         if pending and deploy.hooks.setup:
-            hooks.insert(0, f"setup hook `{deploy.hooks.setup}` on {', '.join(pending)} (its first deploy there)")
+            hooks.insert(
+                0,
+                f"setup hook `{deploy.hooks.setup}` on {', '.join(pending)} (its first deploy there)",
+            )
         lines += [f"then: {h}" for h in hooks]
         rolling = deploy.stages[ctx.stage].rolling
         lines.append(f"switch in batches of {rolling.batch}, max_fail {rolling.max_fail}")
-        return {"ok": True, "stage": ctx.stage, "artifact": digest, "release": rid, "primary": primary,
-                "release_hook": "run" if hook_runs and deploy.hooks.release_commands() else "skip",
-                "services": services, "hosts": per_host, "lines": lines}
+        return {
+            "ok": True,
+            "stage": ctx.stage,
+            "artifact": digest,
+            "release": rid,
+            "primary": primary,
+            "release_hook": "run" if hook_runs and deploy.hooks.release_commands() else "skip",
+            "services": services,
+            "hosts": per_host,
+            "lines": lines,
+        }
 
 
 def _release_hook_runs(ctx: Any, session: AgentSession) -> bool:
@@ -125,11 +158,13 @@ def _services(spec: dict[str, Any]) -> list[str]:
 
 
 def _host_lines(host: str, info: dict[str, Any], services: list[str]) -> list[str]:
-    lines = [f"{host}:",
-             f"  release   {info['current'] or '(none: first deploy)'} -> {info['release']}"
-             + (" (same artifact as live)" if info["same_artifact"] else ""),
-             f"  venv      {'reused' if info['venv_reused'] else 'built (dependencies installed)'}",
-             f"  send      {info['blobs']} blob(s), {human_bytes(info['bytes'])}"]
+    lines = [
+        f"{host}:",
+        f"  release   {info['current'] or '(none: first deploy)'} -> {info['release']}"
+        + (" (same artifact as live)" if info["same_artifact"] else ""),
+        f"  venv      {'reused' if info['venv_reused'] else 'built (dependencies installed)'}",
+        f"  send      {info['blobs']} blob(s), {human_bytes(info['bytes'])}",
+    ]
     config = info["config"]
     if not info["current"]:
         lines.append("  config    all new (no live release)")
@@ -143,8 +178,10 @@ def _host_lines(host: str, info: dict[str, Any], services: list[str]) -> list[st
     lines.append(f"  services  {'; '.join(services) if services else 'none'}")
     if info["lock"]:
         lock = info["lock"]
-        lines.append(f"  LOCKED    by {lock.get('user', '?')}@{lock.get('host', '?')} ({lock.get('command', '')}); "
-                     "a deploy would stop here")
+        lines.append(
+            f"  LOCKED    by {lock.get('user', '?')}@{lock.get('host', '?')} ({lock.get('command', '')}); "
+            "a deploy would stop here"
+        )
     return lines
 
 
@@ -159,12 +196,16 @@ def _wanted_files(project: Any, layered: Any) -> dict[str, tuple[str | None, str
         fmt = None if spec.template else format_of(rendered.path, spec.format)
         out[rendered.path] = (fmt, rendered.content)
     env = env_file_values(layered)
-    out[ENV_FILE] = ("shiplane-env", "".join(f"{k}={json.dumps(str(env[k]))}\n" for k in sorted(env)))
+    out[ENV_FILE] = (
+        "shiplane-env",
+        "".join(f"{k}={json.dumps(str(env[k]))}\n" for k in sorted(env)),
+    )
     return out
 
 
-def _config_changes(session: AgentSession, current: str, wanted: dict[str, tuple[str | None, str]]
-                    ) -> dict[str, dict[str, list[str]]]:
+def _config_changes(
+    session: AgentSession, current: str, wanted: dict[str, tuple[str | None, str]]
+) -> dict[str, dict[str, list[str]]]:
     changes: dict[str, dict[str, list[str]]] = {}
     for path, (fmt, content) in wanted.items():
         live = session.call("read_release_file", {"release_id": current, "path": path}, timeout=60)
@@ -184,7 +225,11 @@ def _diff_keys(old: str | None, new: str, fmt: str | None) -> dict[str, list[str
     digest = {k: hashlib.sha256(str(v).encode()).hexdigest() for k, v in before.items()}
     return {
         "added": sorted(k for k in after if k not in before),
-        "changed": sorted(k for k in after if k in before and hashlib.sha256(str(after[k]).encode()).hexdigest() != digest[k]),
+        "changed": sorted(
+            k
+            for k in after
+            if k in before and hashlib.sha256(str(after[k]).encode()).hexdigest() != digest[k]
+        ),
         "removed": sorted(k for k in before if k not in after),
     }
 
@@ -212,4 +257,3 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
         name = f"{prefix}.{key}" if prefix else str(key)
         out.update(_flatten(value, name) if isinstance(value, dict) else {name: value})
     return out
-

@@ -25,7 +25,11 @@ def run_release(d: Deployment) -> None:
     deploy = d.ctx.project.deploy
     targets = hook_hosts(deploy, d.ctx.stage, healthy(d))
     # what the hook depends on, digested once (None: an artifact not built from this checkout)
-    inputs = None if d.options.artifact or d.options.retry_failed else checkout_inputs(d.ctx.project, d.ctx.layered)
+    inputs = (
+        None
+        if d.options.artifact or d.options.retry_failed
+        else checkout_inputs(d.ctx.project, d.ctx.layered)
+    )
     release = [] if d.resumed_release_hook else deploy.hooks.release_commands()
     if d.resumed_release_hook:
         d.ran_release_hook = True
@@ -33,7 +37,9 @@ def run_release(d: Deployment) -> None:
 
     def on_host(host: str, session: AgentSession) -> None:
         commands: list[tuple[str, str]] = []
-        if deploy.hooks.setup and not session.call("inventory", {"blobs": []}, timeout=timeout(d)).get("setup_done"):
+        if deploy.hooks.setup and not session.call(
+            "inventory", {"blobs": []}, timeout=timeout(d)
+        ).get("setup_done"):
             commands.append(("setup", deploy.hooks.setup))
         if release and not _release_unchanged(d, session, host, inputs):
             commands += [("release", cmd) for cmd in release]
@@ -47,11 +53,17 @@ def run_release(d: Deployment) -> None:
     d.ran_release_hook = d.ran_release_hook or any("release" in kinds for kinds in ran.values())
     bad = failures(outcomes)
     for host, error in bad.items():
-        d.hosts[host].phase, d.hosts[host].outcome, d.hosts[host].error = "release", "failed", error.reason
+        d.hosts[host].phase, d.hosts[host].outcome, d.hosts[host].error = (
+            "release",
+            "failed",
+            error.reason,
+        )
     if bad:
         listing = "; ".join(f"{h}: {e.reason}" for h, e in bad.items())
-        raise OperationError(f"release phase failed on {len(bad)} of {len(targets)} host(s), nothing was switched: "
-                             f"{listing}")
+        raise OperationError(
+            f"release phase failed on {len(bad)} of {len(targets)} host(s), nothing was switched: "
+            f"{listing}"
+        )
     if release and d.tried_release_hook:
         d.release_inputs = inputs  # every host ran or skipped it: each database is at these inputs
 
@@ -63,14 +75,34 @@ def _run_hook(d: Deployment, host: str, session: AgentSession, kind: str, comman
     hooks = d.ctx.project.deploy.hooks
     d.fleet.emit(Event(kind, "start", host=host, detail=command))
     try:
-        result: Any = session.call("hook", {"release_id": d.rid, "command": command, "timeout": hooks.timeout,
-                                              "silence_timeout": hooks.silence_timeout},
-                                   on_event=d.fleet.forward(host, kind), timeout=hooks.timeout + 30)
+        result: Any = session.call(
+            "hook",
+            {
+                "release_id": d.rid,
+                "command": command,
+                "timeout": hooks.timeout,
+                "silence_timeout": hooks.silence_timeout,
+            },
+            on_event=d.fleet.forward(host, kind),
+            timeout=hooks.timeout + 30,
+        )
     except HostError as exc:
         raise OperationError(f"{kind} hook `{command}` failed: {exc.reason}") from None
     if kind == "setup":
-        session.call("record", {"entry": {"event": "setup", "stage": d.ctx.stage, "release": d.rid, "setup": True,
-                                          "command": command, "outcome": "ok"}}, timeout=timeout(d))
+        session.call(
+            "record",
+            {
+                "entry": {
+                    "event": "setup",
+                    "stage": d.ctx.stage,
+                    "release": d.rid,
+                    "setup": True,
+                    "command": command,
+                    "outcome": "ok",
+                }
+            },
+            timeout=timeout(d),
+        )
     d.fleet.emit(Event(kind, "ok", host=host, seconds=float((result or {}).get("seconds") or 0)))
 
 
@@ -95,6 +127,12 @@ def _release_unchanged(d: Deployment, session: AgentSession, host: str, inputs: 
         return False
     d.tried_release_hook = True
     patterns = ", ".join(d.ctx.project.deploy.hooks.release_if_changed)
-    d.fleet.emit(Event("release", "skipped", host=host,
-                       detail=f"nothing the release hook depends on ({patterns}, config) changed since it last ran"))
+    d.fleet.emit(
+        Event(
+            "release",
+            "skipped",
+            host=host,
+            detail=f"nothing the release hook depends on ({patterns}, config) changed since it last ran",
+        )
+    )
     return True

@@ -17,12 +17,24 @@ from shiplane.tasks import Task, TaskGraph, run_graph, run_local_command
 from shiplane.ui import Reporter
 
 
-def run_remote_tasks(file: Path | None, graph: TaskGraph, names: list[str], stage: str | None, masker: Masker, *,
-                     verbose: bool, force: bool, hosts: str | None, sets: Sequence[str]) -> None:
+def run_remote_tasks(
+    file: Path | None,
+    graph: TaskGraph,
+    names: list[str],
+    stage: str | None,
+    masker: Masker,
+    *,
+    verbose: bool,
+    force: bool,
+    hosts: str | None,
+    sets: Sequence[str],
+) -> None:
     builtin = [n for n in names if graph.task(n).builtin]
     if builtin:
-        raise UsageError(f"task {names[-1]!r} needs pipeline step(s) {', '.join(builtin)}, which run only as part of "
-                         f"`shiplane deploy`; hook it into the pipeline with before/after instead")
+        raise UsageError(
+            f"task {names[-1]!r} needs pipeline step(s) {', '.join(builtin)}, which run only as part of "
+            f"`shiplane deploy`; hook it into the pipeline with before/after instead"
+        )
     with connected(file, stage, masker, hosts=hosts, sets=sets, need_secrets=True) as (ctx, fleet):
         reporter = Reporter.for_terminal(False, masker, verbose=True)
         fleet.emit = reporter
@@ -36,19 +48,36 @@ def run_remote_tasks(file: Path | None, graph: TaskGraph, names: list[str], stag
 
                 from shiplane.config import env_file_values
 
-                run_local_command(task.run, cwd=ctx.project.root, env={**os.environ, **env_file_values(ctx.layered)},
-                                  timeout=timeout, output=lambda line: reporter(Event(task.name, "output", detail=line)))
+                run_local_command(
+                    task.run,
+                    cwd=ctx.project.root,
+                    env={**os.environ, **env_file_values(ctx.layered)},
+                    timeout=timeout,
+                    output=lambda line: reporter(Event(task.name, "output", detail=line)),
+                )
                 return
             targets = role_hosts(deploy, ctx.stage, fleet.hosts, task.on)
             if not targets:
                 raise OperationError(f"scope {task.on!r} names no host of stage {ctx.stage!r}")
-            outcomes = fleet.each(task.name, lambda h, s: _hook_in_current(s, task.run or "", timeout, fleet.forward(h, task.name)),
-                                  hosts=targets)
+            outcomes = fleet.each(
+                task.name,
+                lambda h, s: _hook_in_current(
+                    s, task.run or "", timeout, fleet.forward(h, task.name)
+                ),
+                hosts=targets,
+            )
             bad = failures(outcomes)
             if bad:
                 raise OperationError("; ".join(e.message for e in bad.values()))
 
-        result = run_graph(graph, names, runner, on_event=lambda n, st, sec: reporter(Event(n, st, seconds=sec if st != "start" else None)))
+        result = run_graph(
+            graph,
+            names,
+            runner,
+            on_event=lambda n, st, sec: reporter(
+                Event(n, st, seconds=sec if st != "start" else None)
+            ),
+        )
         if not result.ok:
             failed = result.failed[0]
             raise OperationError(f"task {failed!r} failed: {result.outcomes[failed].error}")
@@ -59,12 +88,24 @@ def _hook_in_current(session: Any, command: str, timeout: float, on_event: Any) 
     current = inventory.get("current")
     if not current:
         raise OperationError("nothing is deployed on this host yet")
-    return session.call("hook", {"release_id": current, "command": command, "timeout": timeout}, on_event=on_event,
-                        timeout=timeout + 30)
+    return session.call(
+        "hook",
+        {"release_id": current, "command": command, "timeout": timeout},
+        on_event=on_event,
+        timeout=timeout + 30,
+    )
 
 
-def run_setup_hook(file: Path | None, stage: str | None, masker: Masker, *, verbose: bool, force: bool,
-                   hosts: str | None, sets: Sequence[str]) -> None:
+def run_setup_hook(
+    file: Path | None,
+    stage: str | None,
+    masker: Masker,
+    *,
+    verbose: bool,
+    force: bool,
+    hosts: str | None,
+    sets: Sequence[str],
+) -> None:
     """``shiplane run setup``: the ``hooks.setup`` command, once, on the primary host, in the live
     release, under the deploy lock. It ran on the stage's first deploy and is destructive, so a
     rerun needs ``--force``; the rerun is recorded in the ledgers like a deploy."""
@@ -85,11 +126,16 @@ def run_setup_hook(file: Path | None, stage: str | None, masker: Masker, *, verb
         inventory = session.call("inventory", {"blobs": []})
         current = inventory.get("current")
         if not current:
-            raise OperationError(f"nothing is deployed on {primary} yet",
-                                 hint="the first `shiplane deploy` runs the setup hook")
+            raise OperationError(
+                f"nothing is deployed on {primary} yet",
+                hint="the first `shiplane deploy` runs the setup hook",
+            )
         if inventory.get("setup_done") and not force:
-            raise UsageError(f"the setup hook `{command}` already ran on stage {ctx.stage!r} (first deploy); "
-                             "it may destroy data", hint="rerun it deliberately with --force")
+            raise UsageError(
+                f"the setup hook `{command}` already ran on stage {ctx.stage!r} (first deploy); "
+                "it may destroy data",
+                hint="rerun it deliberately with --force",
+            )
         reporter = Reporter.for_terminal(False, masker, verbose=True)
         fleet.emit = reporter
         who = holder(" ".join(["shiplane", *sys.argv[1:]]), os.getpid()).to_json()
@@ -98,15 +144,26 @@ def run_setup_hook(file: Path | None, stage: str | None, masker: Masker, *, verb
         error: str | None = None
         try:
             reporter(Event("setup", "start", host=primary, detail=command))
-            _hook_in_current(session, command, deploy.hooks.timeout, fleet.forward(primary, "setup"))
+            _hook_in_current(
+                session, command, deploy.hooks.timeout, fleet.forward(primary, "setup")
+            )
         except OperationError as exc:
             error = exc.message
         finally:
-            entry = {"event": "setup", "stage": ctx.stage, "release": current, "setup": error is None,
-                     "forced": force, "command": command, "outcome": "ok" if error is None else "failed",
-                     "error": error, "user": who["user"], "controller": who["host"],
-                     "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
-                     "duration": round(time.time() - started, 3)}
+            entry = {
+                "event": "setup",
+                "stage": ctx.stage,
+                "release": current,
+                "setup": error is None,
+                "forced": force,
+                "command": command,
+                "outcome": "ok" if error is None else "failed",
+                "error": error,
+                "user": who["user"],
+                "controller": who["host"],
+                "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+                "duration": round(time.time() - started, 3),
+            }
             fleet.each("record", lambda h, s: s.call("record", {"entry": entry}), quiet=True)
             session.call("unlock", {"force": False})
             ledger = local_ledger(ctx.project, ctx.stage)

@@ -20,8 +20,17 @@ def task_graph(file: Path | None) -> TaskGraph:
     return graph_from_project(load_project(file))
 
 
-def run_user_task(file: Path | None, name: str, stage: str | None, masker: Masker, *, verbose: bool = False,
-                  force: bool = False, hosts: str | None = None, sets: Sequence[str] = ()) -> None:
+def run_user_task(
+    file: Path | None,
+    name: str,
+    stage: str | None,
+    masker: Masker,
+    *,
+    verbose: bool = False,
+    force: bool = False,
+    hosts: str | None = None,
+    sets: Sequence[str] = (),
+) -> None:
     """Run a task and what it needs; independent tasks in parallel; exit 1 naming the failed task."""
     project = load_project(file)
     if name == "setup" and project.deploy.hooks.setup and "setup" not in project.deploy.tasks:
@@ -36,17 +45,28 @@ def run_user_task(file: Path | None, name: str, stage: str | None, masker: Maske
     if remote:
         from shiplane.commands.remote_tasks import run_remote_tasks
 
-        run_remote_tasks(file, graph, names, stage, masker, verbose=verbose, force=force, hosts=hosts, sets=sets)
+        run_remote_tasks(
+            file, graph, names, stage, masker, verbose=verbose, force=force, hosts=hosts, sets=sets
+        )
         return
-    context = open_stage(file, stage, masker, hosts=hosts, sets=sets) if (stage or os.environ.get("SHIPLANE_STAGE")) else None
+    context = (
+        open_stage(file, stage, masker, hosts=hosts, sets=sets)
+        if (stage or os.environ.get("SHIPLANE_STAGE"))
+        else None
+    )
     env = {**os.environ, **(env_file_values(context.layered) if context else {})}
     reporter = Reporter.for_terminal(False, masker, verbose=True)
 
     def runner(task: Task) -> None:
         assert task.run is not None
         spec = project.deploy.tasks[task.name]
-        run_local_command(task.run, cwd=project.root, env=env, timeout=spec.timeout,
-                          output=lambda line: reporter(Event(task.name, "output", detail=line)))
+        run_local_command(
+            task.run,
+            cwd=project.root,
+            env=env,
+            timeout=spec.timeout,
+            output=lambda line: reporter(Event(task.name, "output", detail=line)),
+        )
 
     def on_event(task_name: str, status: str, seconds: float) -> None:
         reporter(Event(task_name, status, seconds=seconds if status != "start" else None))

@@ -13,17 +13,23 @@ from shiplane.fleet import failures
 from shiplane.secret import Masker
 
 
-def run_verify(file: Path | None, stage: str | None, masker: Masker, *, hosts: str | None,
-               sets: Sequence[str]) -> dict[str, Any]:
+def run_verify(
+    file: Path | None, stage: str | None, masker: Masker, *, hosts: str | None, sets: Sequence[str]
+) -> dict[str, Any]:
     """Per host: how many blobs were checked and which were bad. ``ok`` False when any was."""
     with connected(file, stage, masker, hosts=hosts, sets=sets) as (ctx, fleet):
-        outcomes = fleet.each("verify", lambda host, s: s.call("verify", {}, timeout=3600), quiet=True)
+        outcomes = fleet.each(
+            "verify", lambda host, s: s.call("verify", {}, timeout=3600), quiet=True
+        )
     per_host = {host: outcome.result for host, outcome in outcomes.items() if outcome.ok}
     lines = []
     for host, result in per_host.items():
         bad = result.get("bad") or []
-        verdict = f"{len(bad)} did not match their sha256 and were quarantined: {', '.join(b[:12] for b in bad)}" \
-            if bad else "all match their sha256"
+        verdict = (
+            f"{len(bad)} did not match their sha256 and were quarantined: {', '.join(b[:12] for b in bad)}"
+            if bad
+            else "all match their sha256"
+        )
         lines.append(f"{host}: {result.get('blobs', 0)} stored blob(s), {verdict}")
     for host, error in failures(outcomes).items():
         lines.append(f"{host}: verify failed: {error.reason}")

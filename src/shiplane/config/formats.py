@@ -38,7 +38,9 @@ def format_of(path: str, explicit: str | None = None) -> str:
         return "ini"
     if suffix in FORMATS:
         return suffix
-    raise ConfigError(f"{path}: cannot tell the config format from the file name; use .ini, .toml, .env or .json")
+    raise ConfigError(
+        f"{path}: cannot tell the config format from the file name; use .ini, .toml, .env or .json"
+    )
 
 
 def read_sections(path: Path) -> Sections:
@@ -64,8 +66,10 @@ def utf8_text(raw: bytes, path: Path | str, what: str) -> str:
     except UnicodeDecodeError as exc:
         line = raw.count(b"\n", 0, exc.start) + 1
         column = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
-        raise ConfigError(f"{path}:{line}: {what} is not UTF-8 text (byte 0x{raw[exc.start]:02x} at column {column})",
-                          hint="Save it as UTF-8.") from None
+        raise ConfigError(
+            f"{path}:{line}: {what} is not UTF-8 text (byte 0x{raw[exc.start]:02x} at column {column})",
+            hint="Save it as UTF-8.",
+        ) from None
 
 
 def _parse_sections(text: str, fmt: str, path: Path) -> Sections:
@@ -80,7 +84,11 @@ def _parse_sections(text: str, fmt: str, path: Path) -> Sections:
         if parser.defaults():
             sections["DEFAULT"] = dict(parser.defaults())
         for name in parser.sections():
-            sections[name] = {key: parser.get(name, key) for key in parser.options(name) if key not in parser.defaults() or parser.has_option(name, key)}
+            sections[name] = {
+                key: parser.get(name, key)
+                for key in parser.options(name)
+                if key not in parser.defaults() or parser.has_option(name, key)
+            }
         return sections
     if fmt == "toml":
         try:
@@ -104,7 +112,7 @@ def parse_env(text: str, path: Path | str, *, echo: bool = True) -> dict[str, st
         if not line or line.startswith("#"):
             continue
         if line.startswith("export "):
-            line = line[len("export "):].lstrip()
+            line = line[len("export ") :].lstrip()
         key, sep, value = line.partition("=")
         key = key.strip()
         if not sep or not key.replace("_", "a").isalnum() or not key.isascii() or key[0].isdigit():
@@ -115,7 +123,9 @@ def parse_env(text: str, path: Path | str, *, echo: bool = True) -> dict[str, st
             try:
                 value = json.loads(value) if value[0] == '"' else value[1:-1]
             except json.JSONDecodeError as exc:
-                raise ConfigError(f"{path}:{number}: {key}: a double-quoted value is not valid: {exc.msg}") from None
+                raise ConfigError(
+                    f"{path}:{number}: {key}: a double-quoted value is not valid: {exc.msg}"
+                ) from None
         if not isinstance(value, str):  # json.loads of a quoted string is a string; kept for mypy
             value = str(value)
         out[key] = value
@@ -124,7 +134,9 @@ def parse_env(text: str, path: Path | str, *, echo: bool = True) -> dict[str, st
 
 def _from_tree(tree: Any, path: Path, prefix: str = "") -> Sections:
     if not isinstance(tree, dict):
-        raise ConfigError(f"{path}: expected a table of sections at the top, found {type(tree).__name__}")
+        raise ConfigError(
+            f"{path}: expected a table of sections at the top, found {type(tree).__name__}"
+        )
     sections: Sections = {}
     for key, value in tree.items():
         if isinstance(value, dict):
@@ -134,7 +146,9 @@ def _from_tree(tree: Any, path: Path, prefix: str = "") -> Sections:
         elif isinstance(value, (str, int, float, bool)):
             sections.setdefault(prefix, {})[key] = value
         else:
-            raise ConfigError(f"{path}: {prefix + '.' if prefix else ''}{key}: lists and dates are not supported in config layers")
+            raise ConfigError(
+                f"{path}: {prefix + '.' if prefix else ''}{key}: lists and dates are not supported in config layers"
+            )
     return sections
 
 
@@ -166,7 +180,9 @@ def dump(sections: Sections, fmt: str, *, reveal: bool = False) -> str:
         out = []
         for name, items in sections.items():
             for key, value in items.items():
-                env_key = f"{name}__{key}".upper().replace(".", "__").replace("-", "_") if name else key
+                env_key = (
+                    f"{name}__{key}".upper().replace(".", "__").replace("-", "_") if name else key
+                )
                 out.append(f"{env_key}={json.dumps(_text(value, reveal))}")
         return "\n".join(out) + "\n"
     tree: dict[str, Any] = {}
@@ -182,8 +198,11 @@ def dump(sections: Sections, fmt: str, *, reveal: bool = False) -> str:
 
 
 def _dump_toml(tree: dict[str, Any], prefix: str = "") -> str:
-    scalars = [f"{key} = {json.dumps(value) if not isinstance(value, bool) else str(value).lower()}"
-               for key, value in tree.items() if not isinstance(value, dict)]
+    scalars = [
+        f"{key} = {json.dumps(value) if not isinstance(value, bool) else str(value).lower()}"
+        for key, value in tree.items()
+        if not isinstance(value, dict)
+    ]
     out = ""
     if scalars:
         out += (f"[{prefix}]\n" if prefix else "") + "\n".join(scalars) + "\n\n"

@@ -57,7 +57,9 @@ class Layered:
         """Masked: secrets print as ``***`` (``str`` of a Secret)."""
         return {
             "stage": self.stage,
-            "config": {s: {k: _shown(v) for k, v in items.items()} for s, items in self.config.items()},
+            "config": {
+                s: {k: _shown(v) for k, v in items.items()} for s, items in self.config.items()
+            },
             "env": {k: _shown(v) for k, v in self.env.items()},
         }
 
@@ -80,17 +82,24 @@ def layer_files(project: Project, stage: str) -> list[Path]:
     """The config files of a stage, in order; a ``{stage}`` file may be absent, others may not."""
     files = []
     for pattern in project.deploy.config.files:
-        path = project.root / pattern.replace("{stage}", stage)  # the schema allows no other placeholder
+        path = project.root / pattern.replace(
+            "{stage}", stage
+        )  # the schema allows no other placeholder
         if not path.exists():
             if "{stage}" in pattern:
                 continue
-            raise ConfigError(f"{project.path}: config.files names {pattern!r}, which does not exist")
+            raise ConfigError(
+                f"{project.path}: config.files names {pattern!r}, which does not exist"
+            )
         files.append(path)
     return files
 
 
 def build_layers(
-    project: Project, stage: str, secrets: Mapping[str, Secret], environ: Mapping[str, str] | None = None
+    project: Project,
+    stage: str,
+    secrets: Mapping[str, Secret],
+    environ: Mapping[str, str] | None = None,
 ) -> Layered:
     """Merge every layer of one stage. Pure apart from reading the config files."""
     environ = os.environ if environ is None else environ
@@ -127,7 +136,7 @@ def _prefixed_key(name: str, prefix: str) -> tuple[str, str] | None:
     """``MYAPP_DATABASE__URL`` -> ("database", "url"); names without ``__`` are not config keys."""
     if not name.startswith(prefix):
         return None
-    rest = name[len(prefix):]
+    rest = name[len(prefix) :]
     section, sep, key = rest.partition("__")
     if not sep or not section or not key:
         return None
@@ -151,7 +160,9 @@ def render_files(project: Project, layered: Layered) -> list[Rendered]:
             content, has_secret = _from_template(project, spec, layered, sections)
         else:
             content = dump(sections, format_of(spec.path, spec.format), reveal=True)
-            has_secret = any(isinstance(v, Secret) for items in sections.values() for v in items.values())
+            has_secret = any(
+                isinstance(v, Secret) for items in sections.values() for v in items.values()
+            )
         out.append(Rendered(spec.path, content, 0o600 if has_secret else 0o644, spec.shared))
     return out
 
@@ -162,7 +173,9 @@ def _select(config: Sections, spec: RenderedFile) -> Sections:
     return {name: items for name, items in config.items() if name in spec.sections}
 
 
-def _from_template(project: Project, spec: RenderedFile, layered: Layered, sections: Sections) -> tuple[str, bool]:
+def _from_template(
+    project: Project, spec: RenderedFile, layered: Layered, sections: Sections
+) -> tuple[str, bool]:
     import jinja2
 
     assert spec.template is not None
@@ -170,15 +183,27 @@ def _from_template(project: Project, spec: RenderedFile, layered: Layered, secti
     try:
         source = utf8_text(path.read_bytes(), path, "config.render template")
     except OSError as exc:
-        raise ConfigError(f"{project.path}: config.render template {spec.template!r}: {exc.strerror}") from None
-    revealed = {s: {k: (v.reveal() if isinstance(v, Secret) else v) for k, v in items.items()} for s, items in sections.items()}
-    env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False)
+        raise ConfigError(
+            f"{project.path}: config.render template {spec.template!r}: {exc.strerror}"
+        ) from None
+    revealed = {
+        s: {k: (v.reveal() if isinstance(v, Secret) else v) for k, v in items.items()}
+        for s, items in sections.items()
+    }
+    env = jinja2.Environment(
+        undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False
+    )
     try:
-        content = env.from_string(source).render(config=revealed, stage=layered.stage,
-                                                 env={k: (v.reveal() if isinstance(v, Secret) else v) for k, v in layered.env.items()})
+        content = env.from_string(source).render(
+            config=revealed,
+            stage=layered.stage,
+            env={k: (v.reveal() if isinstance(v, Secret) else v) for k, v in layered.env.items()},
+        )
     except jinja2.TemplateError as exc:
         line = getattr(exc, "lineno", None)
-        raise ConfigError(f"{path}{':' + str(line) if line else ''}: template error: {exc}") from None
+        raise ConfigError(
+            f"{path}{':' + str(line) if line else ''}: template error: {exc}"
+        ) from None
     except RecursionError:
         raise ConfigError(f"{path}: template error: nested too deeply") from None
     has_secret = any(s.reveal() in content for s in layered.secrets.values())

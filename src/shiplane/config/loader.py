@@ -84,8 +84,10 @@ def parse_toml(text: str, file: Path) -> dict[str, Any]:
         raise ConfigError(toml_error(file, exc)) from None
     except RecursionError:
         line = _too_deep_line(text)
-        raise ConfigError(f"{file}{':' + str(line) if line else ''}: not valid TOML: arrays or inline tables "
-                          f"nested too deeply (a deploy file nests at most {MAX_DEPTH} levels)") from None
+        raise ConfigError(
+            f"{file}{':' + str(line) if line else ''}: not valid TOML: arrays or inline tables "
+            f"nested too deeply (a deploy file nests at most {MAX_DEPTH} levels)"
+        ) from None
     except ValueError as exc:  # e.g. an integer longer than Python converts (4300 digits)
         raise ConfigError(f"{file}: not valid TOML: {exc}") from None
 
@@ -128,7 +130,9 @@ def check_values(data: Any, file: Path, text: str) -> None:
             stack.extend((item, [*loc, i]) for i, item in enumerate(value))
         if problem is not None:
             line = locate(text, loc)
-            raise ConfigError(f"{file}{':' + str(line) if line else ''}: {_dotted(loc[:MAX_DEPTH]) or '(top level)'}: {problem}")
+            raise ConfigError(
+                f"{file}{':' + str(line) if line else ''}: {_dotted(loc[:MAX_DEPTH]) or '(top level)'}: {problem}"
+            )
 
 
 def toml_error(file: Path, exc: Exception) -> str:
@@ -142,16 +146,24 @@ def toml_error(file: Path, exc: Exception) -> str:
 
 
 def describe_validation_error(
-    exc: ValidationError, file: Path, text: str, model: type[BaseModel], prefix: Sequence[str | int] = ()
+    exc: ValidationError,
+    file: Path,
+    text: str,
+    model: type[BaseModel],
+    prefix: Sequence[str | int] = (),
 ) -> str:
     """All of pydantic's errors, each as ``file:line: key.path: message``, first the earliest line."""
-    errors = [(error, [*prefix, *(part for part in error["loc"] if not _is_union_tag(part))])
-              for error in exc.errors(include_url=False)]
+    errors = [
+        (error, [*prefix, *(part for part in error["loc"] if not _is_union_tag(part))])
+        for error in exc.errors(include_url=False)
+    ]
     lines = []
     for error, loc in errors:
-        if str(error["type"]).endswith("_type") and any(len(other) > len(loc) and other[:len(loc)] == loc for _, other in errors):
+        if str(error["type"]).endswith("_type") and any(
+            len(other) > len(loc) and other[: len(loc)] == loc for _, other in errors
+        ):
             continue  # a union's "not a string" beside the real problem inside its other member
-        message = _message(error, model, loc[len(prefix):])
+        message = _message(error, model, loc[len(prefix) :])
         lines.append((locate(text, loc), _dotted(loc), message))
     lines.sort(key=lambda item: item[0])
     seen: set[tuple[str, str]] = set()
@@ -167,7 +179,9 @@ def describe_validation_error(
 
 def _is_union_tag(part: str | int) -> bool:
     # pydantic inserts the member type name ("str", "list[RenderedFile]", "int") into locations
-    return isinstance(part, str) and (part in {"str", "int", "float", "bool"} or "[" in part or "constrained" in part)
+    return isinstance(part, str) and (
+        part in {"str", "int", "float", "bool"} or "[" in part or "constrained" in part
+    )
 
 
 def _message(error: Any, model: type[BaseModel], loc: Sequence[str | int]) -> str:
@@ -177,7 +191,11 @@ def _message(error: Any, model: type[BaseModel], loc: Sequence[str | int]) -> st
         key = str(loc[-1]) if loc else "?"
         known = _known_keys(model, loc[:-1])
         close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
-        hint = f"; did you mean {close[0]!r}?" if close else (f"; expected one of: {', '.join(sorted(known))}" if known else "")
+        hint = (
+            f"; did you mean {close[0]!r}?"
+            if close
+            else (f"; expected one of: {', '.join(sorted(known))}" if known else "")
+        )
         return f"unknown key {key!r}{hint}"
     if kind == "missing":
         return "required key is missing"
@@ -289,10 +307,18 @@ def check_semantics(project: Project) -> None:
     """Checks that need more than one key or the disk: port clashes, where each stage's deploy_to
     lies against the checkout, project files that are symlinks out of the project, hooks.timeout."""
     deploy = project.deploy
-    problems: list[tuple[int, str, str]] = [*_deploy_to_problems(project), *_escaping_files(project)]
+    problems: list[tuple[int, str, str]] = [
+        *_deploy_to_problems(project),
+        *_escaping_files(project),
+    ]
     if deploy.hooks.timeout > SECONDS:
-        problems.append((locate(project.text, ["hooks", "timeout"]), "hooks.timeout",
-                         f"expected at most {SECONDS:.0f} seconds, found {deploy.hooks.timeout!r}"))
+        problems.append(
+            (
+                locate(project.text, ["hooks", "timeout"]),
+                "hooks.timeout",
+                f"expected at most {SECONDS:.0f} seconds, found {deploy.hooks.timeout!r}",
+            )
+        )
     claimed: dict[tuple[str, int], str] = {}
     for name, stage in deploy.stages.items():
         port = deploy.web_port(name)
@@ -302,14 +328,19 @@ def check_semantics(project: Project) -> None:
             key = (host.split(":")[0], port)
             other = claimed.get(key)
             if other is not None and deploy.stages[other].deploy_to != stage.deploy_to:
-                problems.append((
-                    locate(project.text, ["stages", name, "port"]) or locate(project.text, ["stages", name]),
-                    f"stages.{name}.port",
-                    f"port {port} on host {host!r} is already used by stage {other!r}; give each stage on a host its own port",
-                ))
+                problems.append(
+                    (
+                        locate(project.text, ["stages", name, "port"])
+                        or locate(project.text, ["stages", name]),
+                        f"stages.{name}.port",
+                        f"port {port} on host {host!r} is already used by stage {other!r}; give each stage on a host its own port",
+                    )
+                )
             claimed.setdefault(key, name)
     if problems:
-        raise ConfigError("\n".join(f"{project.path}:{line}: {key}: {msg}" for line, key, msg in problems))
+        raise ConfigError(
+            "\n".join(f"{project.path}:{line}: {key}: {msg}" for line, key, msg in problems)
+        )
 
 
 def _deploy_to_problems(project: Project) -> list[tuple[int, str, str]]:
@@ -329,7 +360,9 @@ def _deploy_to_problems(project: Project) -> list[tuple[int, str, str]]:
         else:
             problem = _deploy_to_problem(value, resolved, root, local=stage.is_local)
         if problem:
-            line = locate(project.text, ["stages", name, "deploy_to"]) or locate(project.text, ["stages", name])
+            line = locate(project.text, ["stages", name, "deploy_to"]) or locate(
+                project.text, ["stages", name]
+            )
             problems.append((line, f"stages.{name}.deploy_to", problem))
     return problems
 
@@ -337,19 +370,25 @@ def _deploy_to_problems(project: Project) -> list[tuple[int, str, str]]:
 def _deploy_to_problem(value: str, resolved: Path, root: Path, *, local: bool) -> str | None:
     if not local:
         if resolved == root or resolved.is_relative_to(root):
-            return (f"deploy_to {value!r} is inside this checkout ({root}); a stage with SSH hosts deploys into "
-                    "a directory of its own, e.g. /srv/<app>")
+            return (
+                f"deploy_to {value!r} is inside this checkout ({root}); a stage with SSH hosts deploys into "
+                "a directory of its own, e.g. /srv/<app>"
+            )
         return None
     if resolved == root or resolved in root.parents:
         what = "the project itself" if resolved == root else "a folder holding the project"
         return f"deploy_to {value!r} is {what} ({resolved}); use a folder of its own, e.g. .shiplane/local"
     if not value.startswith(("/", "~")) and not resolved.is_relative_to(root):
-        return (f"deploy_to {value!r} leads out of the project (to {resolved}, through a symlink); "
-                "a relative deploy_to is a folder inside the project")
+        return (
+            f"deploy_to {value!r} leads out of the project (to {resolved}, through a symlink); "
+            "a relative deploy_to is a folder inside the project"
+        )
     hit = system_dir(str(resolved))
     if hit is not None and normalized(value) != str(resolved):
-        return (f"deploy_to {value!r} leads to {resolved}, {'a system directory' if hit == str(resolved) else 'inside ' + hit}; "
-                "use a directory of the app's own")
+        return (
+            f"deploy_to {value!r} leads to {resolved}, {'a system directory' if hit == str(resolved) else 'inside ' + hit}; "
+            "use a directory of the app's own"
+        )
     return None
 
 
@@ -357,22 +396,34 @@ def _escaping_files(project: Project) -> list[tuple[int, str, str]]:
     """Files of the project named in the deploy file that are (or lie below) a symlink leading out
     of the project: shiplane would read, render or ship a file of this machine instead."""
     deploy = project.deploy
-    named: list[tuple[list[str | int], str]] = [(["build", "requirements"], deploy.build.requirements)]
-    named += [(["build", "include", i], _literal_prefix(g)) for i, g in enumerate(deploy.build.include)]
-    named += [(["hooks", "release_if_changed", i], _literal_prefix(g)) for i, g in enumerate(deploy.hooks.release_if_changed)]
+    named: list[tuple[list[str | int], str]] = [
+        (["build", "requirements"], deploy.build.requirements)
+    ]
+    named += [
+        (["build", "include", i], _literal_prefix(g)) for i, g in enumerate(deploy.build.include)
+    ]
+    named += [
+        (["hooks", "release_if_changed", i], _literal_prefix(g))
+        for i, g in enumerate(deploy.hooks.release_if_changed)
+    ]
     named += [(["config", "files", i], f) for i, f in enumerate(deploy.config.files)]
     if deploy.config.secrets_file:
         named.append((["config", "secrets_file"], deploy.config.secrets_file))
     if isinstance(deploy.config.render, list):
-        named += [(["config", "render", i, "template"], spec.template)
-                  for i, spec in enumerate(deploy.config.render) if spec.template]
+        named += [
+            (["config", "render", i, "template"], spec.template)
+            for i, spec in enumerate(deploy.config.render)
+            if spec.template
+        ]
     for name, stage in deploy.stages.items():
         if stage.secrets_file:
             named.append((["stages", name, "secrets_file"], stage.secrets_file))
     problems = []
     root = project.root
     for loc, pattern in named:
-        stage_names = list(deploy.stages) if any(f"{{{p}}}" in pattern for p in PLACEHOLDERS) else [""]
+        stage_names = (
+            list(deploy.stages) if any(f"{{{p}}}" in pattern for p in PLACEHOLDERS) else [""]
+        )
         for stage_name in stage_names:
             rel = pattern.replace("{stage}", stage_name)
             if not rel:
@@ -380,15 +431,30 @@ def _escaping_files(project: Project) -> list[tuple[int, str, str]]:
             try:
                 resolved = (root / rel).resolve()
             except (OSError, RuntimeError) as exc:  # a symlink loop
-                problems.append((locate(project.text, loc), _dotted(loc), f"{rel!r} cannot be resolved: {exc}"))
+                problems.append(
+                    (locate(project.text, loc), _dotted(loc), f"{rel!r} cannot be resolved: {exc}")
+                )
                 break
             if loc[-1] == "template" and not resolved.is_file():
-                problems.append((locate(project.text, loc), _dotted(loc), f"template {rel!r} is not a file of the project"))
+                problems.append(
+                    (
+                        locate(project.text, loc),
+                        _dotted(loc),
+                        f"template {rel!r} is not a file of the project",
+                    )
+                )
                 break
             if resolved != root and not resolved.is_relative_to(root):
-                problems.append((locate(project.text, loc), _dotted(loc),
-                                 (f"{rel!r} leads out of the project (to {resolved}, through a symlink); the "
-                                  "deploy file names only files of the project: copy the file into it instead")))
+                problems.append(
+                    (
+                        locate(project.text, loc),
+                        _dotted(loc),
+                        (
+                            f"{rel!r} leads out of the project (to {resolved}, through a symlink); the "
+                            "deploy file names only files of the project: copy the file into it instead"
+                        ),
+                    )
+                )
                 break
     return problems
 
@@ -414,7 +480,9 @@ def stage_of(project: Project, name: str | None) -> str:
     if name not in project.deploy.stages:
         close = difflib.get_close_matches(name, stages, n=1)
         hint = f"did you mean {close[0]!r}? " if close else ""
-        raise ConfigError(f"{project.path}: unknown stage {name!r}; {hint}stages are: {', '.join(stages)}")
+        raise ConfigError(
+            f"{project.path}: unknown stage {name!r}; {hint}stages are: {', '.join(stages)}"
+        )
     return name
 
 
@@ -441,7 +509,9 @@ def with_overrides(project: Project, stage: str, hosts: str | None, sets: Sequen
         for part in parts[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise ConfigError(f"--set {item!r}: stages.{stage}.{part} is not a table, so it has no key {parts[-1]!r}")
+                raise ConfigError(
+                    f"--set {item!r}: stages.{stage}.{part} is not a table, so it has no key {parts[-1]!r}"
+                )
         node[parts[-1]] = value
     check_values(data, Path("--set/--hosts"), "")
     try:

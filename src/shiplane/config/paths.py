@@ -16,13 +16,50 @@ _PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 # Directories that hold the system itself: no deploy_to at or below them.
-SYSTEM_TREES = ("/etc", "/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/boot", "/dev",
-                "/proc", "/sys", "/run", "/var/run", "/var/lock")
+SYSTEM_TREES = (
+    "/etc",
+    "/usr",
+    "/bin",
+    "/sbin",
+    "/lib",
+    "/lib32",
+    "/lib64",
+    "/libx32",
+    "/boot",
+    "/dev",
+    "/proc",
+    "/sys",
+    "/run",
+    "/var/run",
+    "/var/lock",
+)
 # Directories shared by many things: a deploy_to below them is fine, but not the directory itself
 # (a deploy writes releases/, run/, log/, store/ ... straight into it).
-SHARED_DIRS = frozenset({"/", "/var", "/var/lib", "/var/log", "/var/cache", "/var/tmp", "/var/spool",
-                         "/var/mail", "/var/opt", "/var/www", "/var/backups", "/tmp", "/root", "/home",
-                         "/srv", "/opt", "/mnt", "/media", "/snap", "/lost+found", "/usr/local"})
+SHARED_DIRS = frozenset(
+    {
+        "/",
+        "/var",
+        "/var/lib",
+        "/var/log",
+        "/var/cache",
+        "/var/tmp",
+        "/var/spool",
+        "/var/mail",
+        "/var/opt",
+        "/var/www",
+        "/var/backups",
+        "/tmp",
+        "/root",
+        "/home",
+        "/srv",
+        "/opt",
+        "/mnt",
+        "/media",
+        "/snap",
+        "/lost+found",
+        "/usr/local",
+    }
+)
 
 
 def project_path(value: str, what: str, *, placeholders: tuple[str, ...] = ()) -> str:
@@ -35,18 +72,25 @@ def project_path(value: str, what: str, *, placeholders: tuple[str, ...] = ()) -
     if value.startswith(("/", "~")):
         raise ValueError(f"{what} must be a relative path inside the project, found {value!r}")
     if ".." in value.split("/"):
-        raise ValueError(f"{what} must be a relative path inside the project (no '..'), found {value!r}")
+        raise ValueError(
+            f"{what} must be a relative path inside the project (no '..'), found {value!r}"
+        )
     _check_placeholders(value, what, placeholders)
     return value
 
 
 def _check_placeholders(value: str, what: str, allowed: tuple[str, ...]) -> None:
     known = " and ".join(f"{{{name}}}" for name in allowed) if allowed else ""
-    allowed_text = f"; the only placeholder is {known}" if len(allowed) == 1 else (
-        f"; the placeholders are {known}" if allowed else "; it takes no placeholders")
+    allowed_text = (
+        f"; the only placeholder is {known}"
+        if len(allowed) == 1
+        else (f"; the placeholders are {known}" if allowed else "; it takes no placeholders")
+    )
     for match in _PLACEHOLDER.finditer(value):
         if match[1] not in allowed:
-            raise ValueError(f"{what} has an unknown placeholder {match[0]} in {value!r}{allowed_text}")
+            raise ValueError(
+                f"{what} has an unknown placeholder {match[0]} in {value!r}{allowed_text}"
+            )
     rest = _PLACEHOLDER.sub("", value) if allowed else value
     if "{" in rest or "}" in rest:
         raise ValueError(f"{what} has a brace that is not a placeholder in {value!r}{allowed_text}")
@@ -77,28 +121,46 @@ def deploy_root(value: str, *, local: bool | None) -> str:
     """
     example = "e.g. /srv/<app>" if not local else "e.g. .shiplane/local"
     if not value.strip():
-        raise ValueError(f"deploy_to must name the directory the stage deploys into ({example}), found {value!r}")
+        raise ValueError(
+            f"deploy_to must name the directory the stage deploys into ({example}), found {value!r}"
+        )
     if _CONTROL.search(value) or value != value.strip():
-        raise ValueError(f"deploy_to must not contain control characters or surrounding spaces, found {value!r}")
+        raise ValueError(
+            f"deploy_to must not contain control characters or surrounding spaces, found {value!r}"
+        )
     if ".." in value.split("/"):
         raise ValueError(f"deploy_to must not contain '..', found {value!r}")
     if value.startswith("~"):
         if local is False:
-            raise ValueError(f"deploy_to of a stage with SSH hosts must be an absolute path ({example}), found {value!r}")
+            raise ValueError(
+                f"deploy_to of a stage with SSH hosts must be an absolute path ({example}), found {value!r}"
+            )
         head, _, rest = value.partition("/")
         if not rest.strip("/."):
-            raise ValueError(f"deploy_to {value!r} is a home directory itself; use a folder of the app's own in it, "
-                             f"e.g. {head}/apps/<app>")
+            raise ValueError(
+                f"deploy_to {value!r} is a home directory itself; use a folder of the app's own in it, "
+                f"e.g. {head}/apps/<app>"
+            )
         return value
     if not value.startswith("/"):
         if local is False:
-            raise ValueError(f"deploy_to of a stage with SSH hosts must be an absolute path ({example}), found {value!r}")
+            raise ValueError(
+                f"deploy_to of a stage with SSH hosts must be an absolute path ({example}), found {value!r}"
+            )
         if not value.strip("/."):
-            raise ValueError(f"deploy_to {value!r} is the project itself; use a folder inside it, e.g. .shiplane/local")
+            raise ValueError(
+                f"deploy_to {value!r} is the project itself; use a folder inside it, e.g. .shiplane/local"
+            )
         return value
     hit = system_dir(value)
     if hit is not None:
-        where = "a system directory" if hit == normalized(value) else f"inside {hit}, a system directory"
-        raise ValueError(f"deploy_to {value!r} is {where}: a deploy writes releases/, run/ and log/ there; "
-                         f"use a directory of the app's own ({example})")
+        where = (
+            "a system directory"
+            if hit == normalized(value)
+            else f"inside {hit}, a system directory"
+        )
+        raise ValueError(
+            f"deploy_to {value!r} is {where}: a deploy writes releases/, run/ and log/ there; "
+            f"use a directory of the app's own ({example})"
+        )
     return value

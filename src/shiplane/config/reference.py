@@ -60,7 +60,7 @@ def reference_markdown() -> str:
         "",
         "Every key of the deploy file, table by table. Unknown keys are errors everywhere, and",
         "`shiplane check` validates a file offline, naming the file, line and key of each error.",
-        "\"unset\" means the key may be left out, and the description says what happens then.",
+        '"unset" means the key may be left out, and the description says what happens then.',
         "",
         "## Top level",
         "",
@@ -87,6 +87,7 @@ def reference_markdown() -> str:
 
 
 # --- walking the models ---------------------------------------------------------------------
+
 
 def _sections(model: type[BaseModel], prefix: str) -> Iterator[Section]:
     """Each table below ``model``, depth first, in the order of the model's fields."""
@@ -121,7 +122,9 @@ def _is_dict_of_models(tp: Any) -> bool:
 
 
 def _is_list_of_models(tp: Any) -> bool:
-    return any(typing.get_origin(m) is list and _is_model(typing.get_args(m)[0]) for m in _members(tp))
+    return any(
+        typing.get_origin(m) is list and _is_model(typing.get_args(m)[0]) for m in _members(tp)
+    )
 
 
 def _table_model(tp: Any) -> type[BaseModel] | None:
@@ -144,6 +147,7 @@ def _doc(model: type[BaseModel]) -> str:
 
 # --- one row --------------------------------------------------------------------------------
 
+
 def _row(section: Section, name: str, field: FieldInfo) -> str:
     annotation = field.annotation
     allowed = [_rules(field.metadata)] if field.metadata else []
@@ -157,8 +161,10 @@ def _row(section: Section, name: str, field: FieldInfo) -> str:
         kind = _type(annotation)
     allowed += _allowed(annotation)
     description = _clean(field.description or "")
-    return (f"| `{name}` | {_cell(kind)} | {_default(field)} | {_cell('; '.join(a for a in allowed if a))} "
-            f"| {_cell(description)} |")
+    return (
+        f"| `{name}` | {_cell(kind)} | {_default(field)} | {_cell('; '.join(a for a in allowed if a))} "
+        f"| {_cell(description)} |"
+    )
 
 
 def _strip(tp: Any) -> tuple[Any, list[Any]]:
@@ -194,10 +200,17 @@ def _type(tp: Any) -> str:
             names.append(f"array of {'tables' if _is_model(item) else _plural(_type(item))}")
         elif origin is dict:
             value = typing.get_args(inner)[1]
-            names.append("table of tables" if _is_model(value) or typing.get_origin(value) is dict
-                         else f"table of {_plural(_type(value))}")
+            names.append(
+                "table of tables"
+                if _is_model(value) or typing.get_origin(value) is dict
+                else f"table of {_plural(_type(value))}"
+            )
         else:
-            names.append({str: "string", int: "integer", float: "number", bool: "boolean"}.get(inner, str(inner)))
+            names.append(
+                {str: "string", int: "integer", float: "number", bool: "boolean"}.get(
+                    inner, str(inner)
+                )
+            )
     unique = list(dict.fromkeys(names))
     return " or ".join(unique)
 
@@ -262,6 +275,7 @@ def _rules(constraints: list[Any]) -> str:
 
 # --- values as they are written in TOML -----------------------------------------------------
 
+
 def _num(value: Any) -> str:
     return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
 
@@ -276,7 +290,11 @@ def _toml(value: Any) -> str:
     if isinstance(value, list):
         return "[" + ", ".join(_toml(v) for v in value) + "]"
     if isinstance(value, dict):
-        return "{ " + ", ".join(f"{k} = {_toml(v)}" for k, v in value.items()) + " }" if value else "{}"
+        return (
+            "{ " + ", ".join(f"{k} = {_toml(v)}" for k, v in value.items()) + " }"
+            if value
+            else "{}"
+        )
     return str(value)
 
 

@@ -18,11 +18,17 @@ NAME = r"^[A-Za-z_][A-Za-z0-9_-]*$"
 ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
 # [user@]host[:port] as it reaches ssh's command line: user and host start with a letter, digit or
 # "_" (never "-", which ssh would read as an option); transport/ssh.py parses the same shape
-HOST = re.compile(r"^(?:(?P<user>[A-Za-z0-9_][A-Za-z0-9._-]{0,63})@)?"
-                  r"(?P<host>[A-Za-z0-9_][A-Za-z0-9._-]{0,252}|\[[0-9a-fA-F:.]+\])(?::(?P<port>[0-9]{1,5}))?$")
+HOST = re.compile(
+    r"^(?:(?P<user>[A-Za-z0-9_][A-Za-z0-9._-]{0,63})@)?"
+    r"(?P<host>[A-Za-z0-9_][A-Za-z0-9._-]{0,252}|\[[0-9a-fA-F:.]+\])(?::(?P<port>[0-9]{1,5}))?$"
+)
 # an OpenSSH option as ssh_options takes it: Key=Value (given to ssh as -o Key=Value)
 SSH_OPTION = re.compile(r"^[A-Za-z][A-Za-z0-9]*(?:=|\s+)[^\x00-\x1f\x7f]+$")
-SSH_OPTIONS_FORBIDDEN = ("stricthostkeychecking", "userknownhostsfile=/dev/null", "globalknownhostsfile=/dev/null")
+SSH_OPTIONS_FORBIDDEN = (
+    "stricthostkeychecking",
+    "userknownhostsfile=/dev/null",
+    "globalknownhostsfile=/dev/null",
+)
 # an interpreter on the hosts: a command name or path, one word, not an option
 PYTHON = r"^[A-Za-z0-9_./~+][A-Za-z0-9_./~+-]*$"
 SECONDS = 86400.0  # the longest timeout a deploy file may set (one day)
@@ -30,35 +36,132 @@ SCOPE = re.compile(r"^(local|all|primary|role:[A-Za-z0-9_-]+)$")
 
 
 # gunicorn's long options (23 and 27, from its KNOWN_SETTINGS): [services.web] options are checked against them
-GUNICORN_OPTIONS = frozenset((
-    "--access-logfile", "--access-logformat", "--asgi-disconnect-grace-period", "--asgi-lifespan",
-    "--asgi-loop", "--backlog", "--bind", "--ca-certs", "--capture-output", "--casefold-http-method",
-    "--cert-reqs", "--certfile", "--chdir", "--check-config", "--ciphers", "--config",
-    "--control-socket", "--control-socket-mode", "--daemon", "--dirty-app", "--dirty-graceful-timeout",
-    "--dirty-threads", "--dirty-timeout", "--dirty-workers", "--disable-redirect-access-to-syslog",
-    "--do-handshake-on-connect", "--dogstatsd-tags", "--enable-backlog-metric",
-    "--enable-stdio-inheritance", "--env", "--error-logfile", "--forwarded-allow-ips",
-    "--forwarder-headers", "--graceful-timeout", "--group", "--header-map", "--http-parser",
-    "--http-protocols", "--http2-cleartext", "--http2-initial-window-size",
-    "--http2-max-concurrent-streams", "--http2-max-frame-size", "--http2-max-header-list-size",
-    "--initgroups", "--keep-alive", "--keyfile", "--limit-request-field_size", "--limit-request-fields",
-    "--limit-request-line", "--log-config", "--log-config-json", "--log-file", "--log-level",
-    "--log-syslog", "--log-syslog-facility", "--log-syslog-prefix", "--log-syslog-to", "--logger-class",
-    "--max-requests", "--max-requests-jitter", "--name", "--no-control-socket", "--no-sendfile",
-    "--paste", "--paste-global", "--paster", "--permit-obsolete-folding",
-    "--permit-unconventional-http-method", "--permit-unconventional-http-version", "--pid", "--preload",
-    "--print-config", "--protocol", "--proxy-allow-from", "--proxy-protocol", "--pythonpath",
-    "--reload", "--reload-engine", "--reload-extra-file", "--reuse-port", "--root-path", "--spew",
-    "--ssl-version", "--statsd-host", "--statsd-prefix", "--strip-header-spaces",
-    "--suppress-ragged-eofs", "--threads", "--timeout", "--umask", "--user", "--uwsgi-allow-from",
-    "--websocket-max-message-size", "--worker-class", "--worker-connections", "--worker-tmp-dir",
-    "--workers",
-))
+GUNICORN_OPTIONS = frozenset(
+    (
+        "--access-logfile",
+        "--access-logformat",
+        "--asgi-disconnect-grace-period",
+        "--asgi-lifespan",
+        "--asgi-loop",
+        "--backlog",
+        "--bind",
+        "--ca-certs",
+        "--capture-output",
+        "--casefold-http-method",
+        "--cert-reqs",
+        "--certfile",
+        "--chdir",
+        "--check-config",
+        "--ciphers",
+        "--config",
+        "--control-socket",
+        "--control-socket-mode",
+        "--daemon",
+        "--dirty-app",
+        "--dirty-graceful-timeout",
+        "--dirty-threads",
+        "--dirty-timeout",
+        "--dirty-workers",
+        "--disable-redirect-access-to-syslog",
+        "--do-handshake-on-connect",
+        "--dogstatsd-tags",
+        "--enable-backlog-metric",
+        "--enable-stdio-inheritance",
+        "--env",
+        "--error-logfile",
+        "--forwarded-allow-ips",
+        "--forwarder-headers",
+        "--graceful-timeout",
+        "--group",
+        "--header-map",
+        "--http-parser",
+        "--http-protocols",
+        "--http2-cleartext",
+        "--http2-initial-window-size",
+        "--http2-max-concurrent-streams",
+        "--http2-max-frame-size",
+        "--http2-max-header-list-size",
+        "--initgroups",
+        "--keep-alive",
+        "--keyfile",
+        "--limit-request-field_size",
+        "--limit-request-fields",
+        "--limit-request-line",
+        "--log-config",
+        "--log-config-json",
+        "--log-file",
+        "--log-level",
+        "--log-syslog",
+        "--log-syslog-facility",
+        "--log-syslog-prefix",
+        "--log-syslog-to",
+        "--logger-class",
+        "--max-requests",
+        "--max-requests-jitter",
+        "--name",
+        "--no-control-socket",
+        "--no-sendfile",
+        "--paste",
+        "--paste-global",
+        "--paster",
+        "--permit-obsolete-folding",
+        "--permit-unconventional-http-method",
+        "--permit-unconventional-http-version",
+        "--pid",
+        "--preload",
+        "--print-config",
+        "--protocol",
+        "--proxy-allow-from",
+        "--proxy-protocol",
+        "--pythonpath",
+        "--reload",
+        "--reload-engine",
+        "--reload-extra-file",
+        "--reuse-port",
+        "--root-path",
+        "--spew",
+        "--ssl-version",
+        "--statsd-host",
+        "--statsd-prefix",
+        "--strip-header-spaces",
+        "--suppress-ragged-eofs",
+        "--threads",
+        "--timeout",
+        "--umask",
+        "--user",
+        "--uwsgi-allow-from",
+        "--websocket-max-message-size",
+        "--worker-class",
+        "--worker-connections",
+        "--worker-tmp-dir",
+        "--workers",
+    )
+)
 # set by shiplane itself (agent/backend.py gunicorn_argv) or contrary to its switch
-GUNICORN_OWNED = frozenset({"--bind", "--workers", "--worker-class", "--threads", "--timeout", "--graceful-timeout",
-                            "--control-socket", "--daemon", "--pid", "--reload", "--chdir", "--max-requests",
-                            "--max-requests-jitter", "--keep-alive", "--access-logfile", "--forwarded-allow-ips",
-                            "--config", "--paste", "--check-config", "--print-config"})
+GUNICORN_OWNED = frozenset(
+    {
+        "--bind",
+        "--workers",
+        "--worker-class",
+        "--threads",
+        "--timeout",
+        "--graceful-timeout",
+        "--control-socket",
+        "--daemon",
+        "--pid",
+        "--reload",
+        "--chdir",
+        "--max-requests",
+        "--max-requests-jitter",
+        "--keep-alive",
+        "--access-logfile",
+        "--forwarded-allow-ips",
+        "--config",
+        "--paste",
+        "--check-config",
+        "--print-config",
+    }
+)
 
 
 class Model(BaseModel):
@@ -77,28 +180,61 @@ def _stage_path(value: str | None, what: str) -> str | None:
 
 def _local_file(value: str | None, what: str) -> str | None:
     """A file of the deploying machine given to ssh (``-F``, ``-i``): one plain word."""
-    if value is not None and (not value.strip() or value.startswith("-") or any(ord(c) < 32 or ord(c) == 127 for c in value)):
-        raise ValueError(f"{what} must be a file path (not empty, no leading '-', no control characters), found {value!r}")
+    if value is not None and (
+        not value.strip()
+        or value.startswith("-")
+        or any(ord(c) < 32 or ord(c) == 127 for c in value)
+    ):
+        raise ValueError(
+            f"{what} must be a file path (not empty, no leading '-', no control characters), found {value!r}"
+        )
     return value
 
 
 class App(Model):
     """``[app]``: what the app is and which entry point serves it."""
 
-    name: Annotated[str, Field(pattern=NAME, description="The app's name; it names the app's services, units and "
-                                                         "nginx site on the hosts.")]
-    wsgi: str | None = Field(default=None, description="The WSGI entry point gunicorn serves: ``module:variable`` or "
-                                                       "``module:factory()``.")
-    asgi: str | None = Field(default=None, description="The ASGI entry point (``module:app``), served by gunicorn "
-                                                       "with uvicorn workers; give ``wsgi`` or ``asgi``, not both.")
-    python: Annotated[str, Field(pattern=PYTHON, description="The hosts' Python (3.9 or later), which runs shiplane's "
-                                                             "agent and the app's venvs.")] = "python3"
-    keep_releases: Annotated[int, Field(ge=2, le=100, description="Releases kept on each host for rollback; older "
-                                                                  "ones are pruned after a deploy.")] = 5
+    name: Annotated[
+        str,
+        Field(
+            pattern=NAME,
+            description="The app's name; it names the app's services, units and "
+            "nginx site on the hosts.",
+        ),
+    ]
+    wsgi: str | None = Field(
+        default=None,
+        description="The WSGI entry point gunicorn serves: ``module:variable`` or "
+        "``module:factory()``.",
+    )
+    asgi: str | None = Field(
+        default=None,
+        description="The ASGI entry point (``module:app``), served by gunicorn "
+        "with uvicorn workers; give ``wsgi`` or ``asgi``, not both.",
+    )
+    python: Annotated[
+        str,
+        Field(
+            pattern=PYTHON,
+            description="The hosts' Python (3.9 or later), which runs shiplane's "
+            "agent and the app's venvs.",
+        ),
+    ] = "python3"
+    keep_releases: Annotated[
+        int,
+        Field(
+            ge=2,
+            le=100,
+            description="Releases kept on each host for rollback; older "
+            "ones are pruned after a deploy.",
+        ),
+    ] = 5
     source: Literal["package", "tree", "none"] | None = Field(
-        default=None, description="How the app ships: ``package`` (a wheel built from pyproject.toml or setup.py), "
-                                  "``tree`` (the source files as they are), ``none`` (only the locked dependencies); "
-                                  "unset: detected, and ``shiplane check`` says which and why.")
+        default=None,
+        description="How the app ships: ``package`` (a wheel built from pyproject.toml or setup.py), "
+        "``tree`` (the source files as they are), ``none`` (only the locked dependencies); "
+        "unset: detected, and ``shiplane check`` says which and why.",
+    )
 
     @model_validator(mode="after")
     def _one_entry_point(self) -> App:
@@ -110,22 +246,40 @@ class App(Model):
 class Build(Model):
     """``[build]``: what goes into the artifact, and the test gate before it is built."""
 
-    requirements: str = Field(default="requirements.txt", description="The lock: pinned requirements (hashes "
-                                                                      "optional) the hosts install offline from the "
-                                                                      "artifact's wheelhouse.")
-    test: str | None = Field(default=None, description="The test gate: a command run in a venv made from the lock "
-                                                       "before a deploy builds; a failure stops the deploy.")
-    test_requirements: list[str] = Field(default=["pytest"], description="Packages added to the test gate's venv "
-                                                                         "beside the lock.")
-    include: list[str] = Field(default=[], description="Globs of extra files shipped beside the app (e.g. "
-                                                       "``alembic.ini``); each must match a file.")
-    exclude: list[str] = Field(default=[], description="Globs of files left out of the artifact (a ``tree`` app's "
-                                                       "files and ``include``'s matches).")
+    requirements: str = Field(
+        default="requirements.txt",
+        description="The lock: pinned requirements (hashes "
+        "optional) the hosts install offline from the "
+        "artifact's wheelhouse.",
+    )
+    test: str | None = Field(
+        default=None,
+        description="The test gate: a command run in a venv made from the lock "
+        "before a deploy builds; a failure stops the deploy.",
+    )
+    test_requirements: list[str] = Field(
+        default=["pytest"], description="Packages added to the test gate's venv beside the lock."
+    )
+    include: list[str] = Field(
+        default=[],
+        description="Globs of extra files shipped beside the app (e.g. "
+        "``alembic.ini``); each must match a file.",
+    )
+    exclude: list[str] = Field(
+        default=[],
+        description="Globs of files left out of the artifact (a ``tree`` app's "
+        "files and ``include``'s matches).",
+    )
     python_version: Annotated[str, Field(pattern=r"^3\.[0-9]{1,2}$")] | None = Field(
-        default=None, description="The hosts' Python version (``3.N``) the wheelhouse is resolved for; unset: this "
-                                  "machine's.")
-    platform: str | None = Field(default=None, description="The hosts' platform tag (e.g. ``manylinux_2_28_x86_64``) "
-                                                           "the wheelhouse is resolved for; unset: this machine's.")
+        default=None,
+        description="The hosts' Python version (``3.N``) the wheelhouse is resolved for; unset: this "
+        "machine's.",
+    )
+    platform: str | None = Field(
+        default=None,
+        description="The hosts' platform tag (e.g. ``manylinux_2_28_x86_64``) "
+        "the wheelhouse is resolved for; unset: this machine's.",
+    )
 
     @field_validator("requirements")
     @classmethod
@@ -141,18 +295,29 @@ class Build(Model):
 class RenderedFile(Model):
     """``[[config.render]]``: one file written on each host from the stage's merged config."""
 
-    path: str = Field(description="Where the file is written, relative to the release (or to ``shared/`` with "
-                                  "``shared = true``).")
+    path: str = Field(
+        description="Where the file is written, relative to the release (or to ``shared/`` with "
+        "``shared = true``)."
+    )
     format: Literal["ini", "toml", "env", "json"] | None = Field(
-        default=None, description="The file's format; unset: told by its name (``.ini``, ``.cfg``, ``.conf``, "
-                                  "``.toml``, ``.env``, ``.json``).")
-    template: str | None = Field(default=None, description="A Jinja2 template in the project, rendered with "
-                                                           "``config``, ``env`` and ``stage``, instead of a plain "
-                                                           "dump.")
-    shared: bool = Field(default=False, description="Write the file into ``shared/`` (list its directory in "
-                                                    "``[shared] dirs``) rather than into the release.")
-    sections: list[str] | None = Field(default=None, description="Only these sections of the merged config; unset: "
-                                                                 "all.")
+        default=None,
+        description="The file's format; unset: told by its name (``.ini``, ``.cfg``, ``.conf``, "
+        "``.toml``, ``.env``, ``.json``).",
+    )
+    template: str | None = Field(
+        default=None,
+        description="A Jinja2 template in the project, rendered with "
+        "``config``, ``env`` and ``stage``, instead of a plain "
+        "dump.",
+    )
+    shared: bool = Field(
+        default=False,
+        description="Write the file into ``shared/`` (list its directory in "
+        "``[shared] dirs``) rather than into the release.",
+    )
+    sections: list[str] | None = Field(
+        default=None, description="Only these sections of the merged config; unset: all."
+    )
 
     @field_validator("path")
     @classmethod
@@ -167,8 +332,10 @@ class RenderedFile(Model):
     @model_validator(mode="after")
     def _format_known(self) -> RenderedFile:
         if self.format is None and not self.template and not _format_from_name(self.path):
-            raise ValueError(f"cannot tell the format of {self.path!r} from its name: name it .ini, .toml, .env "
-                             "or .json, or give format = \"ini\" (or a template)")
+            raise ValueError(
+                f"cannot tell the format of {self.path!r} from its name: name it .ini, .toml, .env "
+                'or .json, or give format = "ini" (or a template)'
+            )
         return self
 
 
@@ -181,24 +348,39 @@ def _format_from_name(path: str) -> bool:
 class Config(Model):
     """``[config]``: the app's layered config, the files rendered from it, and its secrets."""
 
-    files: list[str] = Field(default=[], description="Config files (ini, toml, .env, json) merged in order, later "
-                                                     "wins; ``{stage}`` is the stage's name, and such a file may be "
-                                                     "absent.")
+    files: list[str] = Field(
+        default=[],
+        description="Config files (ini, toml, .env, json) merged in order, later "
+        "wins; ``{stage}`` is the stage's name, and such a file may be "
+        "absent.",
+    )
     render: str | list[RenderedFile] | None = Field(
-        default=None, description="The merged config written on each host: a path (its format told by its name) or a "
-                                  "list of tables (``[[config.render]]``).")
+        default=None,
+        description="The merged config written on each host: a path (its format told by its name) or a "
+        "list of tables (``[[config.render]]``).",
+    )
     env_prefix: Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")] | None = Field(
-        default=None, description="A deploying environment's variable ``<env_prefix>SECTION__KEY`` overrides that "
-                                  "config value.")
+        default=None,
+        description="A deploying environment's variable ``<env_prefix>SECTION__KEY`` overrides that "
+        "config value.",
+    )
     secrets: list[Annotated[str, Field(pattern=ENV_NAME)]] = Field(
-        default=[], description="Names of the secrets every stage needs: given to the app as environment variables "
-                                "(and to rendered files), never put in the artifact, masked in every output.")
-    secrets_file: str | None = Field(default=None, description="A ``NAME=value`` file of secrets per stage "
-                                                               "(``{stage}`` placeholder), refused unless mode 0600; "
-                                                               "read for the secrets the environment lacks.")
-    secrets_command: str | None = Field(default=None, description="A shell command printing ``NAME=value`` lines (run "
-                                                                  "with ``SHIPLANE_STAGE`` set) for secrets still "
-                                                                  "missing.")
+        default=[],
+        description="Names of the secrets every stage needs: given to the app as environment variables "
+        "(and to rendered files), never put in the artifact, masked in every output.",
+    )
+    secrets_file: str | None = Field(
+        default=None,
+        description="A ``NAME=value`` file of secrets per stage "
+        "(``{stage}`` placeholder), refused unless mode 0600; "
+        "read for the secrets the environment lacks.",
+    )
+    secrets_command: str | None = Field(
+        default=None,
+        description="A shell command printing ``NAME=value`` lines (run "
+        "with ``SHIPLANE_STAGE`` set) for secrets still "
+        "missing.",
+    )
 
     @field_validator("files")
     @classmethod
@@ -207,7 +389,9 @@ class Config(Model):
 
     @field_validator("render")
     @classmethod
-    def _render_inside(cls, value: str | list[RenderedFile] | None) -> str | list[RenderedFile] | None:
+    def _render_inside(
+        cls, value: str | list[RenderedFile] | None
+    ) -> str | list[RenderedFile] | None:
         return _relative_path(value, "config.render") if isinstance(value, str) else value
 
     @field_validator("secrets_file")
@@ -224,10 +408,14 @@ class Config(Model):
 
     @field_validator("render")
     @classmethod
-    def _render_format(cls, value: str | list[RenderedFile] | None) -> str | list[RenderedFile] | None:
+    def _render_format(
+        cls, value: str | list[RenderedFile] | None
+    ) -> str | list[RenderedFile] | None:
         if isinstance(value, str) and not _format_from_name(value):
-            raise ValueError(f"cannot tell the format of {value!r} from its name: name it .ini, .toml, .env or "
-                             ".json, or use render = [{ path = ..., format = \"ini\" }]")
+            raise ValueError(
+                f"cannot tell the format of {value!r} from its name: name it .ini, .toml, .env or "
+                '.json, or use render = [{ path = ..., format = "ini" }]'
+            )
         return value
 
 
@@ -235,10 +423,17 @@ class HealthCheck(Model):
     """``healthcheck``: the request a new release's server must answer with a 2xx before it gets traffic."""
 
     path: Annotated[str, Field(pattern=r"^/", description="The path requested.")] = "/up"
-    timeout: Annotated[float, Field(gt=0, le=600, description="Seconds the new server has to answer it.")] = 15
-    host: Annotated[str, Field(pattern=r"^[A-Za-z0-9.:\[\]-]+$",
-                               description="The Host header of health and smoke checks, for apps that check it "
-                                           "(Django's ``ALLOWED_HOSTS``).")] = "localhost"
+    timeout: Annotated[
+        float, Field(gt=0, le=600, description="Seconds the new server has to answer it.")
+    ] = 15
+    host: Annotated[
+        str,
+        Field(
+            pattern=r"^[A-Za-z0-9.:\[\]-]+$",
+            description="The Host header of health and smoke checks, for apps that check it "
+            "(Django's ``ALLOWED_HOSTS``).",
+        ),
+    ] = "localhost"
 
 
 class SmokeCheck(Model):
@@ -246,7 +441,9 @@ class SmokeCheck(Model):
 
     path: Annotated[str, Field(pattern=r"^/", description="The path requested.")]
     expect: str | None = Field(default=None, description="Text the response body must contain.")
-    status: Annotated[int, Field(ge=100, le=599, description="The status the response must have.")] = 200
+    status: Annotated[
+        int, Field(ge=100, le=599, description="The status the response must have.")
+    ] = 200
 
 
 class Service(Model):
@@ -259,69 +456,137 @@ class Service(Model):
             name = value.split("=", 1)[0]
             if not re.fullmatch(r"--[a-z][a-z0-9-]*", name) or name not in GUNICORN_OPTIONS:
                 near = difflib.get_close_matches(name, sorted(GUNICORN_OPTIONS), n=1)
-                raise ValueError(f"{value!r} is not a gunicorn option" + (f" (did you mean {near[0]}?)" if near else ""))
+                raise ValueError(
+                    f"{value!r} is not a gunicorn option"
+                    + (f" (did you mean {near[0]}?)" if near else "")
+                )
             if name in GUNICORN_OWNED:
-                raise ValueError(f"{name} is set by shiplane (bind, workers, timeouts, worker class have their "
-                                 "own keys, or are the switch's own)")
+                raise ValueError(
+                    f"{name} is set by shiplane (bind, workers, timeouts, worker class have their "
+                    "own keys, or are the switch's own)"
+                )
             if any(c in value for c in "\n\r\x00"):
                 raise ValueError(f"{value!r}: no line breaks or NUL in an option")
         return values
 
-    server: Literal["gunicorn"] | None = Field(default=None, description="web: the HTTP server; gunicorn, the only "
-                                                                         "one, is also the default.")
-    command: str | None = Field(default=None, description="Not web: the command the service runs from the live "
-                                                          "release, kept running by the hosts' supervisor.")
+    server: Literal["gunicorn"] | None = Field(
+        default=None,
+        description="web: the HTTP server; gunicorn, the only one, is also the default.",
+    )
+    command: str | None = Field(
+        default=None,
+        description="Not web: the command the service runs from the live "
+        "release, kept running by the hosts' supervisor.",
+    )
     workers: Annotated[int, Field(ge=1, le=256)] | None = Field(
-        default=None, description="web: gunicorn's worker processes; unset: 2.")
-    worker_class: str | None = Field(default=None, description="web: gunicorn's worker class; unset: ``sync``, or "
-                                                               "``uvicorn.workers.UvicornWorker`` for ``app.asgi``.")
+        default=None, description="web: gunicorn's worker processes; unset: 2."
+    )
+    worker_class: str | None = Field(
+        default=None,
+        description="web: gunicorn's worker class; unset: ``sync``, or "
+        "``uvicorn.workers.UvicornWorker`` for ``app.asgi``.",
+    )
     threads: Annotated[int, Field(ge=1, le=1024)] | None = Field(
-        default=None, description="web: gunicorn's ``--threads`` per worker (more than 1 with the sync class: gthread).")
+        default=None,
+        description="web: gunicorn's ``--threads`` per worker (more than 1 with the sync class: gthread).",
+    )
     max_requests: Annotated[int, Field(ge=0, le=10**9)] | None = Field(
-        default=None, description="web: gunicorn's ``--max-requests``: a worker is restarted after this many requests.")
+        default=None,
+        description="web: gunicorn's ``--max-requests``: a worker is restarted after this many requests.",
+    )
     max_requests_jitter: Annotated[int, Field(ge=0, le=10**9)] | None = Field(
-        default=None, description="web: gunicorn's ``--max-requests-jitter``, spreading those restarts.")
+        default=None,
+        description="web: gunicorn's ``--max-requests-jitter``, spreading those restarts.",
+    )
     keepalive: Annotated[int, Field(ge=0, le=3600)] | None = Field(
-        default=None, description="web: gunicorn's ``--keep-alive``, seconds an idle connection is kept.")
-    access_log: bool = Field(default=False, description="web: log every request to the service's log "
-                                                        "(gunicorn's ``--access-logfile -``).")
+        default=None,
+        description="web: gunicorn's ``--keep-alive``, seconds an idle connection is kept.",
+    )
+    access_log: bool = Field(
+        default=False,
+        description="web: log every request to the service's log "
+        "(gunicorn's ``--access-logfile -``).",
+    )
     forwarded_allow_ips: str | None = Field(
-        default=None, description="web: gunicorn's ``--forwarded-allow-ips``: front addresses whose "
-                                  "X-Forwarded-* headers are trusted (default 127.0.0.1).")
-    options: list[str] = Field(default=[], description="web: more gunicorn options, each ``--name`` or "
-                                                       "``--name=value`` (checked against gunicorn's option "
-                                                       "names; those shiplane sets itself are refused).")
+        default=None,
+        description="web: gunicorn's ``--forwarded-allow-ips``: front addresses whose "
+        "X-Forwarded-* headers are trusted (default 127.0.0.1).",
+    )
+    options: list[str] = Field(
+        default=[],
+        description="web: more gunicorn options, each ``--name`` or "
+        "``--name=value`` (checked against gunicorn's option "
+        "names; those shiplane sets itself are refused).",
+    )
     port: Annotated[int, Field(ge=1, le=65535)] | None = Field(
-        default=None, description="web: the public port when the stage sets none; unset: 8000.")
-    timeout: Annotated[float, Field(gt=0, le=SECONDS, description="web: gunicorn's ``--timeout``, seconds a worker "
-                                                                  "may be silent before it is restarted.")] = 30
-    graceful_timeout: Annotated[float, Field(gt=0, le=SECONDS, description="web: gunicorn's ``--graceful-timeout``, "
-                                                                           "seconds workers get to finish requests "
-                                                                           "when a server stops.")] = 20
+        default=None, description="web: the public port when the stage sets none; unset: 8000."
+    )
+    timeout: Annotated[
+        float,
+        Field(
+            gt=0,
+            le=SECONDS,
+            description="web: gunicorn's ``--timeout``, seconds a worker "
+            "may be silent before it is restarted.",
+        ),
+    ] = 30
+    graceful_timeout: Annotated[
+        float,
+        Field(
+            gt=0,
+            le=SECONDS,
+            description="web: gunicorn's ``--graceful-timeout``, "
+            "seconds workers get to finish requests "
+            "when a server stops.",
+        ),
+    ] = 20
     # web: the previous release's server stays up, idle, so a rollback starts nothing
-    standby: bool = Field(default=True, description="web: the previous release's server stays up, idle, so a rollback "
-                                                    "starts nothing; false: it is retired after a drain.")
+    standby: bool = Field(
+        default=True,
+        description="web: the previous release's server stays up, idle, so a rollback "
+        "starts nothing; false: it is retired after a drain.",
+    )
     # web: the next release's server starts during its install with its libraries imported, and
     # loads the app at the switch (daemon backend; off for apps whose libraries must not be
     # imported before the app sets its environment up)
-    preboot: bool = Field(default=True, description="web: the next release's server starts during its install with "
-                                                    "its libraries imported, and loads the app at the switch (daemon "
-                                                    "backend).")
-    healthcheck: HealthCheck = Field(default=HealthCheck(), description="web: the health check of a new release.")
-    smoke: list[SmokeCheck] = Field(default=[], description="web: smoke checks a new release must pass.")
+    preboot: bool = Field(
+        default=True,
+        description="web: the next release's server starts during its install with "
+        "its libraries imported, and loads the app at the switch (daemon "
+        "backend).",
+    )
+    healthcheck: HealthCheck = Field(
+        default=HealthCheck(), description="web: the health check of a new release."
+    )
+    smoke: list[SmokeCheck] = Field(
+        default=[], description="web: smoke checks a new release must pass."
+    )
     stop_signal: Literal["TERM", "INT", "QUIT", "HUP", "USR1", "USR2", "KILL"] = Field(
-        default="TERM", description="Not web: the signal that stops the service.")
-    stop_timeout: Annotated[float, Field(gt=0, le=3600, description="Not web: seconds the service has to exit after "
-                                                                    "its stop signal before it is killed.")] = 10
+        default="TERM", description="Not web: the signal that stops the service."
+    )
+    stop_timeout: Annotated[
+        float,
+        Field(
+            gt=0,
+            le=3600,
+            description="Not web: seconds the service has to exit after "
+            "its stop signal before it is killed.",
+        ),
+    ] = 10
 
 
 class Shared(Model):
     """``[shared]``: paths that outlive releases, in ``<deploy_to>/shared`` and linked into each release."""
 
-    dirs: list[str] = Field(default=[], description="Directories linked into each release; never shipped from the "
-                                                    "checkout.")
-    files: list[str] = Field(default=[], description="Files linked into each release (e.g. a SQLite database); never "
-                                                     "shipped from the checkout.")
+    dirs: list[str] = Field(
+        default=[],
+        description="Directories linked into each release; never shipped from the checkout.",
+    )
+    files: list[str] = Field(
+        default=[],
+        description="Files linked into each release (e.g. a SQLite database); never "
+        "shipped from the checkout.",
+    )
 
     @field_validator("dirs", "files")
     @classmethod
@@ -333,31 +598,57 @@ class Hooks(Model):
     """``[hooks]``: commands run on the hosts during a deploy, in the release's directory, with its venv
     and environment."""
 
-    setup: str | None = Field(default=None, description="Run on a stage's first deploy only (per host with ``run_on = "
-                                                        "\"all\"``), before the release hook; ``shiplane run setup "
-                                                        "--force`` reruns it.")
-    release: str | list[str] | None = Field(default=None, description="Run before any host switches (migrations): on "
-                                                                      "the primary host, or on every host with "
-                                                                      "``run_on = \"all\"``.")
+    setup: str | None = Field(
+        default=None,
+        description="Run on a stage's first deploy only (per host with ``run_on = "
+        '"all"``), before the release hook; ``shiplane run setup '
+        "--force`` reruns it.",
+    )
+    release: str | list[str] | None = Field(
+        default=None,
+        description="Run before any host switches (migrations): on "
+        "the primary host, or on every host with "
+        '``run_on = "all"``.',
+    )
     # globs (relative to the project) the release hook depends on: unchanged, with the same
     # config, since the hook last ran on the primary -> the hook is skipped (release_inputs.py)
-    release_if_changed: list[str] = Field(default=[], description="Globs the release hook depends on: when they, its "
-                                                                  "commands and the stage's config are unchanged "
-                                                                  "since it last ran, it is skipped.")
-    after_install: list[str] = Field(default=[], description="Run on every host once its release is installed, before "
-                                                             "any switch (e.g. ``collectstatic``).")
-    after_deploy: list[str] = Field(default=[], description="Run on every host after every host has switched.")
-    timeout: Annotated[float, Field(gt=0, le=SECONDS, description="Seconds each hook may run before it is ended.")] = 600
+    release_if_changed: list[str] = Field(
+        default=[],
+        description="Globs the release hook depends on: when they, its "
+        "commands and the stage's config are unchanged "
+        "since it last ran, it is skipped.",
+    )
+    after_install: list[str] = Field(
+        default=[],
+        description="Run on every host once its release is installed, before "
+        "any switch (e.g. ``collectstatic``).",
+    )
+    after_deploy: list[str] = Field(
+        default=[], description="Run on every host after every host has switched."
+    )
+    timeout: Annotated[
+        float, Field(gt=0, le=SECONDS, description="Seconds each hook may run before it is ended.")
+    ] = 600
     # seconds a running hook may print nothing before it is ended (a hung hook must not hold the
     # deploy lock for the whole timeout); 0 turns the check off, for hooks quiet for long
-    silence_timeout: Annotated[float, Field(ge=0, le=SECONDS, description="Seconds a running hook may print nothing "
-                                                                          "before it is ended; 0 turns this off.")] = 300
+    silence_timeout: Annotated[
+        float,
+        Field(
+            ge=0,
+            le=SECONDS,
+            description="Seconds a running hook may print nothing "
+            "before it is ended; 0 turns this off.",
+        ),
+    ] = 300
     # where the setup and release hooks run: once on the primary (a database every host shares)
     # or on every host (state each host keeps, e.g. its own SQLite); see README, "The deploy file"
-    run_on: Literal["primary", "all"] = Field(default="primary", description="Where the setup and release hooks run: "
-                                                                             "once on the primary (a database every "
-                                                                             "host shares) or on every host (a "
-                                                                             "database per host).")
+    run_on: Literal["primary", "all"] = Field(
+        default="primary",
+        description="Where the setup and release hooks run: "
+        "once on the primary (a database every "
+        "host shares) or on every host (a "
+        "database per host).",
+    )
 
     @field_validator("release_if_changed")
     @classmethod
@@ -373,15 +664,27 @@ class Hooks(Model):
 class TaskSpec(Model):
     """``[tasks.NAME]``: a user task, run by ``shiplane run NAME`` or hooked into the deploy's steps."""
 
-    run: str = Field(description="The shell command (on hosts: in the live release, with its environment).")
-    on: str = Field(default="local", description="Where it runs: ``local`` (this machine), ``all`` hosts, the "
-                                                 "``primary`` host, or ``role:NAME``'s hosts.")
-    needs: list[str] = Field(default=[], description="Tasks or pipeline steps run first whenever this one runs.")
-    before: list[str] = Field(default=[], description="Tasks or pipeline steps (e.g. ``switch``) this one runs "
-                                                      "before.")
-    after: list[str] = Field(default=[], description="Tasks or pipeline steps (e.g. ``release``) this one runs after.")
+    run: str = Field(
+        description="The shell command (on hosts: in the live release, with its environment)."
+    )
+    on: str = Field(
+        default="local",
+        description="Where it runs: ``local`` (this machine), ``all`` hosts, the "
+        "``primary`` host, or ``role:NAME``'s hosts.",
+    )
+    needs: list[str] = Field(
+        default=[], description="Tasks or pipeline steps run first whenever this one runs."
+    )
+    before: list[str] = Field(
+        default=[], description="Tasks or pipeline steps (e.g. ``switch``) this one runs before."
+    )
+    after: list[str] = Field(
+        default=[], description="Tasks or pipeline steps (e.g. ``release``) this one runs after."
+    )
     timeout: Annotated[float, Field(gt=0, le=SECONDS)] | None = Field(
-        default=None, description="Seconds it may run; unset: no limit on this machine, ``hooks.timeout`` on hosts.")
+        default=None,
+        description="Seconds it may run; unset: no limit on this machine, ``hooks.timeout`` on hosts.",
+    )
 
     @field_validator("on")
     @classmethod
@@ -395,17 +698,28 @@ class Nginx(Model):
     """``[stages.X.nginx]`` with ``front = "nginx"``: the site shiplane writes (agent/nginx.py)."""
 
     server_name: str = Field(default="_", description="The site's ``server_name``.")
-    tls_cert: str | None = Field(default=None, description="A certificate file on the hosts: the site listens with "
-                                                           "TLS.")
-    tls_key: str | None = Field(default=None, description="The certificate's key file on the hosts (with "
-                                                          "``tls_cert``).")
+    tls_cert: str | None = Field(
+        default=None, description="A certificate file on the hosts: the site listens with TLS."
+    )
+    tls_key: str | None = Field(
+        default=None, description="The certificate's key file on the hosts (with ``tls_cert``)."
+    )
     static: dict[Annotated[str, Field(pattern=r"^/")], str] = Field(
-        default={}, description="URL prefix -> directory of the release nginx serves it from (e.g. ``\"/static\" = "
-                                "\"staticfiles\"``).")
-    site_dir: str = Field(default="/etc/nginx/sites-enabled", description="Where the site file is written.")
-    conf: str | None = Field(default=None, description="A private nginx's main conf (``nginx -c``), started if not "
-                                                       "running; unset: the host's nginx, reloaded.")
-    pid_file: str | None = Field(default=None, description="That nginx's pid file; unset: ``/run/nginx.pid``.")
+        default={},
+        description='URL prefix -> directory of the release nginx serves it from (e.g. ``"/static" = '
+        '"staticfiles"``).',
+    )
+    site_dir: str = Field(
+        default="/etc/nginx/sites-enabled", description="Where the site file is written."
+    )
+    conf: str | None = Field(
+        default=None,
+        description="A private nginx's main conf (``nginx -c``), started if not "
+        "running; unset: the host's nginx, reloaded.",
+    )
+    pid_file: str | None = Field(
+        default=None, description="That nginx's pid file; unset: ``/run/nginx.pid``."
+    )
 
     @field_validator("static")
     @classmethod
@@ -426,55 +740,105 @@ class Rolling(Model):
     """``rolling``: the stage's hosts switch batch after batch."""
 
     batch: Annotated[int, Field(ge=1)] | Annotated[str, Field(pattern=PERCENT)] = Field(
-        default="100%", description="Hosts per batch: a count, or a percentage of the stage's hosts.")
+        default="100%",
+        description="Hosts per batch: a count, or a percentage of the stage's hosts.",
+    )
     max_fail: Annotated[int, Field(ge=0)] | Annotated[str, Field(pattern=PERCENT)] = Field(
-        default=0, description="Failures a batch may have (a count, or a percentage of the batch); more stop the "
-                               "rollout and return every host it switched.")
+        default=0,
+        description="Failures a batch may have (a count, or a percentage of the batch); more stop the "
+        "rollout and return every host it switched.",
+    )
 
 
 class Stage(Model):
     """``[stages.NAME]``: one stage's hosts, where the app lives on them, and how they are reached."""
 
-    hosts: Annotated[list[str], Field(min_length=1, description="``[user@]host[:port]`` as ssh reaches them "
-                                                                "(``~/.ssh/config`` applies), or ``local`` alone: "
-                                                                "this machine, without SSH.")]
-    deploy_to: str = Field(description="The app's directory on each host (releases, venvs, shared, logs): absolute, "
-                                       "or relative to the project on the ``local`` stage.")
+    hosts: Annotated[
+        list[str],
+        Field(
+            min_length=1,
+            description="``[user@]host[:port]`` as ssh reaches them "
+            "(``~/.ssh/config`` applies), or ``local`` alone: "
+            "this machine, without SSH.",
+        ),
+    ]
+    deploy_to: str = Field(
+        description="The app's directory on each host (releases, venvs, shared, logs): absolute, "
+        "or relative to the project on the ``local`` stage."
+    )
     port: Annotated[int, Field(ge=1, le=65535)] | None = Field(
-        default=None, description="The public port; unset: ``services.web.port``, else 8000.")
-    bind: str | None = Field(default=None, description="The address the public port listens on; unset: ``127.0.0.1`` "
-                                                       "on ``local``, ``0.0.0.0`` elsewhere.")
+        default=None, description="The public port; unset: ``services.web.port``, else 8000."
+    )
+    bind: str | None = Field(
+        default=None,
+        description="The address the public port listens on; unset: ``127.0.0.1`` "
+        "on ``local``, ``0.0.0.0`` elsewhere.",
+    )
     roles: dict[Annotated[str, Field(pattern=NAME)], list[str]] = Field(
-        default={}, description="Named groups of this stage's hosts; ``primary``'s first host runs once-only work "
-                                "(else the first host does).")
-    rolling: Rolling = Field(default=Rolling(), description="How the hosts switch, batch after batch.")
-    promote_from: str | None = Field(default=None, description="A stage whose healthy deploys this one takes: only "
-                                                               "artifacts that went live there first (``shiplane "
-                                                               "promote``).")
+        default={},
+        description="Named groups of this stage's hosts; ``primary``'s first host runs once-only work "
+        "(else the first host does).",
+    )
+    rolling: Rolling = Field(
+        default=Rolling(), description="How the hosts switch, batch after batch."
+    )
+    promote_from: str | None = Field(
+        default=None,
+        description="A stage whose healthy deploys this one takes: only "
+        "artifacts that went live there first (``shiplane "
+        "promote``).",
+    )
     python: Annotated[str, Field(pattern=PYTHON)] | None = Field(
-        default=None, description="This stage's hosts' Python, over ``app.python``.")
-    front: Literal["builtin", "nginx"] = Field(default="builtin", description="What holds the public port: shiplane's "
-                                                                              "own proxy, or nginx "
-                                                                              "(``[stages.NAME.nginx]``).")
+        default=None, description="This stage's hosts' Python, over ``app.python``."
+    )
+    front: Literal["builtin", "nginx"] = Field(
+        default="builtin",
+        description="What holds the public port: shiplane's "
+        "own proxy, or nginx "
+        "(``[stages.NAME.nginx]``).",
+    )
     backend: Literal["auto", "daemon", "systemd"] = Field(
-        default="auto", description="The hosts' process supervisor: ``daemon`` (supervisord), ``systemd``, or "
-                                    "``auto`` (systemd when it is PID 1; ``local`` uses daemon).")
-    nginx: Nginx = Field(default=Nginx(), description="The nginx site, with ``front = \"nginx\"``.")
-    ssh_config: str | None = Field(default=None, description="An ssh config file, given to ssh as ``-F``.")
-    ssh_options: list[str] = Field(default=[], description="OpenSSH options, each ``Key=Value``, given to ssh as ``-o "
-                                                           "Key=Value``; host key checking cannot be turned off.")
-    identity_file: str | None = Field(default=None, description="A private key, given to ssh as ``-i``.")
-    connect_timeout: Annotated[float, Field(gt=0, le=600, description="Seconds to connect to a host.")] = 10
-    command_timeout: Annotated[float, Field(gt=0, le=SECONDS, description="Seconds a host may stay silent (no event, "
-                                                                          "no keep-alive) before it is an error.")] = 60
+        default="auto",
+        description="The hosts' process supervisor: ``daemon`` (supervisord), ``systemd``, or "
+        "``auto`` (systemd when it is PID 1; ``local`` uses daemon).",
+    )
+    nginx: Nginx = Field(default=Nginx(), description='The nginx site, with ``front = "nginx"``.')
+    ssh_config: str | None = Field(
+        default=None, description="An ssh config file, given to ssh as ``-F``."
+    )
+    ssh_options: list[str] = Field(
+        default=[],
+        description="OpenSSH options, each ``Key=Value``, given to ssh as ``-o "
+        "Key=Value``; host key checking cannot be turned off.",
+    )
+    identity_file: str | None = Field(
+        default=None, description="A private key, given to ssh as ``-i``."
+    )
+    connect_timeout: Annotated[
+        float, Field(gt=0, le=600, description="Seconds to connect to a host.")
+    ] = 10
+    command_timeout: Annotated[
+        float,
+        Field(
+            gt=0,
+            le=SECONDS,
+            description="Seconds a host may stay silent (no event, "
+            "no keep-alive) before it is an error.",
+        ),
+    ] = 60
     env: dict[Annotated[str, Field(pattern=ENV_NAME)], str] = Field(
-        default={}, description="Environment variables of this stage's services and hooks, over ``[env]``.")
+        default={},
+        description="Environment variables of this stage's services and hooks, over ``[env]``.",
+    )
     config: dict[str, dict[str, str | int | float | bool]] = Field(
-        default={}, description="Config values, section -> key -> value, over the config files.")
-    secrets_file: str | None = Field(default=None, description="This stage's secrets file, over "
-                                                               "``config.secrets_file``.")
-    secrets_command: str | None = Field(default=None, description="This stage's secrets command, over "
-                                                                  "``config.secrets_command``.")
+        default={}, description="Config values, section -> key -> value, over the config files."
+    )
+    secrets_file: str | None = Field(
+        default=None, description="This stage's secrets file, over ``config.secrets_file``."
+    )
+    secrets_command: str | None = Field(
+        default=None, description="This stage's secrets command, over ``config.secrets_command``."
+    )
 
     @field_validator("hosts")
     @classmethod
@@ -482,8 +846,10 @@ class Stage(Model):
         for host in hosts:
             match = HOST.match(host)
             if host != "local" and not match:
-                raise ValueError(f"expected a host as [user@]host[:port] (letters, digits, '.', '_', '-'; "
-                                 f"not starting with '-') or 'local', found {host!r}")
+                raise ValueError(
+                    f"expected a host as [user@]host[:port] (letters, digits, '.', '_', '-'; "
+                    f"not starting with '-') or 'local', found {host!r}"
+                )
             if match and match["port"] and not 1 <= int(match["port"]) <= 65535:
                 raise ValueError(f"host {host!r}: the port must be between 1 and 65535")
         if len(set(hosts)) != len(hosts):
@@ -513,19 +879,27 @@ class Stage(Model):
     def _ssh_options(cls, options: list[str]) -> list[str]:
         for option in options:
             if not SSH_OPTION.match(option):
-                raise ValueError(f"expected an OpenSSH option as Key=Value (shiplane passes it as -o Key=Value), "
-                                 f"e.g. 'KexAlgorithms=curve25519-sha256'; found {option!r}")
+                raise ValueError(
+                    f"expected an OpenSSH option as Key=Value (shiplane passes it as -o Key=Value), "
+                    f"e.g. 'KexAlgorithms=curve25519-sha256'; found {option!r}"
+                )
             if any(bad in option.lower().replace(" ", "") for bad in SSH_OPTIONS_FORBIDDEN):
-                raise ValueError(f"{option!r}: host keys are always checked strictly by shiplane; trust a host by "
-                                 "adding its key to known_hosts (ssh-keyscan, after checking the fingerprint)")
+                raise ValueError(
+                    f"{option!r}: host keys are always checked strictly by shiplane; trust a host by "
+                    "adding its key to known_hosts (ssh-keyscan, after checking the fingerprint)"
+                )
         return options
 
     @model_validator(mode="after")
     def _roles_name_hosts(self) -> Stage:
         for role, members in self.roles.items():
             for member in members:
-                if member not in self.hosts and not any(h.split("@")[-1].split(":")[0] == member for h in self.hosts):
-                    raise ValueError(f"role {role!r} names {member!r}, which is not one of this stage's hosts")
+                if member not in self.hosts and not any(
+                    h.split("@")[-1].split(":")[0] == member for h in self.hosts
+                ):
+                    raise ValueError(
+                        f"role {role!r} names {member!r}, which is not one of this stage's hosts"
+                    )
         return self
 
     @property
@@ -542,7 +916,8 @@ class DeployFile(Model):
     services: dict[Annotated[str, Field(pattern=NAME)], Service] = {}
     shared: Shared = Shared()
     env: dict[Annotated[str, Field(pattern=ENV_NAME)], str] = Field(
-        default={}, description="Environment variables of every stage's services and hooks.")
+        default={}, description="Environment variables of every stage's services and hooks."
+    )
     hooks: Hooks = Hooks()
     tasks: dict[Annotated[str, Field(pattern=NAME)], TaskSpec] = {}
     stages: Annotated[dict[Annotated[str, Field(pattern=NAME)], Stage], Field(min_length=1)]
@@ -551,7 +926,9 @@ class DeployFile(Model):
     def _consistent(self) -> DeployFile:
         web = self.services.get("web")
         if web is not None and web.command:
-            raise ValueError("services.web is served by gunicorn from app.wsgi/app.asgi; it takes no command")
+            raise ValueError(
+                "services.web is served by gunicorn from app.wsgi/app.asgi; it takes no command"
+            )
         for name, service in self.services.items():
             if name != "web" and not service.command:
                 raise ValueError(f"services.{name} needs a command")
@@ -559,7 +936,9 @@ class DeployFile(Model):
             raise ValueError("services.web needs app.wsgi or app.asgi to serve")
         for name, stage in self.stages.items():
             if stage.promote_from is not None and stage.promote_from not in self.stages:
-                raise ValueError(f"stages.{name}.promote_from names unknown stage {stage.promote_from!r}")
+                raise ValueError(
+                    f"stages.{name}.promote_from names unknown stage {stage.promote_from!r}"
+                )
         return self
 
     def web_port(self, stage: str) -> int | None:

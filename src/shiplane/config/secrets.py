@@ -17,7 +17,9 @@ from shiplane.secret import Secret
 
 def secrets_file_of(deploy: DeployFile, stage: str, root: Path) -> Path | None:
     pattern = deploy.stages[stage].secrets_file or deploy.config.secrets_file
-    return (root / pattern.replace("{stage}", stage)) if pattern else None  # the schema allows no other placeholder
+    return (
+        (root / pattern.replace("{stage}", stage)) if pattern else None
+    )  # the schema allows no other placeholder
 
 
 def resolve_secrets(
@@ -30,7 +32,9 @@ def resolve_secrets(
     """
     environ = os.environ if environ is None else environ
     wanted = list(deploy.config.secrets)
-    found: dict[str, Secret] = {name: Secret(environ[name], name) for name in wanted if environ.get(name)}
+    found: dict[str, Secret] = {
+        name: Secret(environ[name], name) for name in wanted if environ.get(name)
+    }
     if len(found) < len(wanted):
         path = secrets_file_of(deploy, stage, root)
         if path is not None and path.exists():
@@ -75,8 +79,15 @@ def _run_secrets_command(command: str, stage: str, root: Path) -> dict[str, str]
     env = {**os.environ, "SHIPLANE_STAGE": stage}
     try:
         done = subprocess.run(
-            command, shell=True, cwd=root, env=env, capture_output=True, text=True, errors="replace", timeout=60,
-            check=False
+            command,
+            shell=True,
+            cwd=root,
+            env=env,
+            capture_output=True,
+            text=True,
+            errors="replace",
+            timeout=60,
+            check=False,
         )
     except subprocess.TimeoutExpired:
         raise ConfigError(f"secrets_command did not finish within 60 s: {command}") from None

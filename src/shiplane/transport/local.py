@@ -9,12 +9,19 @@ class LocalTransport:
     host = "local"
 
     def spawn(self, argv: list[str]) -> subprocess.Popen[bytes]:
-        return subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                start_new_session=True)
+        return subprocess.Popen(
+            argv,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
 
     def explain_failure(self, returncode: int | None, stderr: str) -> str:
         tail = stderr.strip().splitlines()[-3:]
-        return f"the agent exited with code {returncode}" + (f": {' / '.join(tail)}" if tail else "")
+        return f"the agent exited with code {returncode}" + (
+            f": {' / '.join(tail)}" if tail else ""
+        )
 
     def close(self) -> None:
         pass

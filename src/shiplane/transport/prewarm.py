@@ -27,8 +27,24 @@ else:  # pragma: no cover
 from .ssh import HOST, SSHTransport, remove_control_dir
 
 # Verbs that connect to the stage's hosts right after loading the deploy file.
-VERBS = {"deploy", "rollback", "status", "releases", "history", "logs", "start", "stop", "restart",
-         "reload", "plan", "lock", "unlock", "copy", "install", "prune"}
+VERBS = {
+    "deploy",
+    "rollback",
+    "status",
+    "releases",
+    "history",
+    "logs",
+    "start",
+    "stop",
+    "restart",
+    "reload",
+    "plan",
+    "lock",
+    "unlock",
+    "copy",
+    "install",
+    "prune",
+}
 MOST = 16  # hosts pre-warmed at once: deploy's default --parallel
 
 _started: dict[str, tuple[SSHTransport, subprocess.Popen[bytes], int]] = {}  # + its stderr
@@ -101,10 +117,13 @@ def targets(argv: Sequence[str], env: Mapping[str, str], cwd: Path) -> dict[str,
         if len(remote) != len(hosts) or not all(HOST.match(h) for h in remote):
             return {}
         ssh_config = stage.get("ssh_config")
-        options = {"ssh_config": str(deploy_file.parent / ssh_config) if ssh_config else None,
-                   "identity_file": stage.get("identity_file"), "options": list(stage.get("ssh_options", [])),
-                   "connect_timeout": float(stage.get("connect_timeout", 10))}
-        return {h: SSHTransport(h, **options) for h in remote[:min(MOST, parallel)]}
+        options = {
+            "ssh_config": str(deploy_file.parent / ssh_config) if ssh_config else None,
+            "identity_file": stage.get("identity_file"),
+            "options": list(stage.get("ssh_options", [])),
+            "connect_timeout": float(stage.get("connect_timeout", 10)),
+        }
+        return {h: SSHTransport(h, **options) for h in remote[: min(MOST, parallel)]}
     except Exception:  # noqa: BLE001 - anything unexpected here is the real load's to report
         return {}
 
@@ -155,5 +174,3 @@ def _find(cwd: Path) -> Path | None:
 def enabled(env: Mapping[str, str]) -> bool:
     """``SHIPLANE_PREWARM=0`` turns pre-warming off."""
     return env.get("SHIPLANE_PREWARM", "1") != "0"
-
-

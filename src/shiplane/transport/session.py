@@ -22,7 +22,9 @@ EventHandler = Callable[[dict[str, Any]], None]
 class HostError(OperationError):
     """A phase failed on one host; ``kind`` says how (connect, timeout, health, hook, lock, ...)."""
 
-    def __init__(self, host: str, message: str, kind: str = "error", data: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, host: str, message: str, kind: str = "error", data: dict[str, Any] | None = None
+    ) -> None:
         super().__init__(f"{host}: {message}")
         self.host = host
         self.kind = kind
@@ -39,7 +41,9 @@ CANCELLABLE = frozenset({"hook", "lock"})
 class AgentSession:
     """A live agent on one host. ``call`` is one round trip: a request, its events, its result."""
 
-    def __init__(self, transport: Transport, root: str, python: str, *, connect_timeout: float = 30) -> None:
+    def __init__(
+        self, transport: Transport, root: str, python: str, *, connect_timeout: float = 30
+    ) -> None:
         self.transport = transport
         self.host = transport.host
         self.root = root
@@ -47,9 +51,13 @@ class AgentSession:
         try:
             self._process = transport.spawn(bootstrap_argv(python, root, sha))
         except OSError as exc:  # the local stage runs the interpreter itself
-            raise HostError(self.host, f"cannot start the agent with the host's Python `{python}`: "
-                                       f"{exc.strerror or exc}; set `python` (app or stage) to an "
-                                       "interpreter this host has", "connect") from None
+            raise HostError(
+                self.host,
+                f"cannot start the agent with the host's Python `{python}`: "
+                f"{exc.strerror or exc}; set `python` (app or stage) to an "
+                "interpreter this host has",
+                "connect",
+            ) from None
         self._lines: queue.Queue[object] = queue.Queue()
         self._stderr: list[str] = []
         self._next_id = 0
@@ -65,7 +73,9 @@ class AgentSession:
                 self._write(f"{len(payload)}\n".encode() + payload)
                 first = self._next_line(connect_timeout, "connect")
             if not isinstance(first, dict) or "hello" not in first:
-                raise HostError(self.host, f"unexpected greeting from the agent: {str(first)[:200]}", "protocol")
+                raise HostError(
+                    self.host, f"unexpected greeting from the agent: {str(first)[:200]}", "protocol"
+                )
         except BaseException:
             # nobody will hold this session: end its process and its connection (control master) now
             self.kill()
@@ -106,7 +116,9 @@ class AgentSession:
             item = self._lines.get(timeout=timeout)
         except queue.Empty:
             self.kill()
-            raise HostError(self.host, f"no answer within {timeout:.0f} s during {what}", "timeout") from None
+            raise HostError(
+                self.host, f"no answer within {timeout:.0f} s during {what}", "timeout"
+            ) from None
         if item is _EOF:
             raise self._died(what)
         return item
@@ -131,21 +143,32 @@ class AgentSession:
                 except HostError:
                     pass  # the agent is gone already: the call ends on its own
 
-    def call(self, op: str, args: dict[str, Any] | None = None, *, payload: Iterable[bytes] = (),
-             on_event: EventHandler | None = None, timeout: float = 600) -> dict[str, Any]:
+    def call(
+        self,
+        op: str,
+        args: dict[str, Any] | None = None,
+        *,
+        payload: Iterable[bytes] = (),
+        on_event: EventHandler | None = None,
+        timeout: float = 600,
+    ) -> dict[str, Any]:
         """Send one request (and its binary payload), stream its events, return its result.
 
         ``timeout`` bounds the wait for each next line, so a host that stops answering becomes a
         HostError within it, never a hang.
         """
-        decode(op, args or {})  # the agent checks the same contract: a misspelt key is a bug, caught here
+        decode(
+            op, args or {}
+        )  # the agent checks the same contract: a misspelt key is a bug, caught here
         with self._lock:
             self._next_id += 1
             request_id = self._next_id
             # the request line and the op in flight change together: an interrupt that lands just
             # after the line went out still cancels the op (no cancellable op has a payload)
             with self._write_lock:
-                self._write((json.dumps({"id": request_id, "op": op, "args": args or {}}) + "\n").encode())
+                self._write(
+                    (json.dumps({"id": request_id, "op": op, "args": args or {}}) + "\n").encode()
+                )
                 self._op = op
             for chunk in payload:
                 self._write(chunk)
@@ -154,7 +177,9 @@ class AgentSession:
             finally:
                 self._op = None
 
-    def _answer(self, op: str, request_id: int, timeout: float, on_event: EventHandler | None) -> dict[str, Any]:
+    def _answer(
+        self, op: str, request_id: int, timeout: float, on_event: EventHandler | None
+    ) -> dict[str, Any]:
         """The events, then the result, of request ``request_id``."""
         while True:
             message = self._next_line(timeout, op)
@@ -168,7 +193,12 @@ class AgentSession:
             if message.get("ok"):
                 return dict(message.get("result") or {})
             error = message.get("error") or {}
-            raise HostError(self.host, str(error.get("message", "failed")), str(error.get("kind", "error")), error)
+            raise HostError(
+                self.host,
+                str(error.get("message", "failed")),
+                str(error.get("kind", "error")),
+                error,
+            )
 
     def close(self) -> None:
         """End the session: EOF on the agent's stdin, then wait briefly for it to exit."""

@@ -18,10 +18,18 @@ from shiplane.errors import ConfigError
 
 # [user@]host[:port], the shape config/schema.py's HOST validates (repeated here: this module is
 # imported before the config package, to pre-warm): nothing ssh could read as an option
-HOST = re.compile(r"^(?:(?P<user>[A-Za-z0-9_][A-Za-z0-9._-]{0,63})@)?"
-                  r"(?P<host>[A-Za-z0-9_][A-Za-z0-9._-]{0,252}|\[[0-9a-fA-F:.]+\])(?::(?P<port>[0-9]{1,5}))?$")
-_OPTION = re.compile(r"^[A-Za-z][A-Za-z0-9]*(?:=|\s+)[^\x00-\x1f\x7f]+$")  # Key=Value, given as -o Key=Value
-_FORBIDDEN = ("stricthostkeychecking", "userknownhostsfile=/dev/null", "globalknownhostsfile=/dev/null")
+HOST = re.compile(
+    r"^(?:(?P<user>[A-Za-z0-9_][A-Za-z0-9._-]{0,63})@)?"
+    r"(?P<host>[A-Za-z0-9_][A-Za-z0-9._-]{0,252}|\[[0-9a-fA-F:.]+\])(?::(?P<port>[0-9]{1,5}))?$"
+)
+_OPTION = re.compile(
+    r"^[A-Za-z][A-Za-z0-9]*(?:=|\s+)[^\x00-\x1f\x7f]+$"
+)  # Key=Value, given as -o Key=Value
+_FORBIDDEN = (
+    "stricthostkeychecking",
+    "userknownhostsfile=/dev/null",
+    "globalknownhostsfile=/dev/null",
+)
 
 
 def remove_control_dir() -> None:
@@ -41,16 +49,27 @@ def _control_dir() -> Path:
 
 
 class SSHTransport:
-    def __init__(self, host: str, *, ssh_config: str | None = None, identity_file: str | None = None,
-                 options: Sequence[str] = (), connect_timeout: float = 10) -> None:
+    def __init__(
+        self,
+        host: str,
+        *,
+        ssh_config: str | None = None,
+        identity_file: str | None = None,
+        options: Sequence[str] = (),
+        connect_timeout: float = 10,
+    ) -> None:
         match = HOST.match(host)
         if not match or (match["port"] and not 1 <= int(match["port"]) <= 65535):
             raise ConfigError(f"host {host!r}: expected [user@]host[:port] (not starting with '-')")
         if not math.isfinite(connect_timeout) or not 0 < connect_timeout <= 600:
-            raise ConfigError(f"connect_timeout {connect_timeout!r}: expected seconds between 0 and 600")
+            raise ConfigError(
+                f"connect_timeout {connect_timeout!r}: expected seconds between 0 and 600"
+            )
         for option in options:
             if not _OPTION.match(option):
-                raise ConfigError(f"ssh_options {option!r}: expected an OpenSSH option as Key=Value")
+                raise ConfigError(
+                    f"ssh_options {option!r}: expected an OpenSSH option as Key=Value"
+                )
             if any(bad in option.lower().replace(" ", "") for bad in _FORBIDDEN):
                 raise ConfigError(
                     f"ssh_options {option!r}: host keys are always checked strictly by shiplane",
@@ -69,21 +88,34 @@ class SSHTransport:
         if self._port:
             base += ["-p", self._port]
         base += [
-            "-o", "BatchMode=yes",
-            "-o", "StrictHostKeyChecking=yes",
-            "-o", f"ConnectTimeout={int(max(1, connect_timeout))}",
-            "-o", "ServerAliveInterval=5",
-            "-o", "ServerAliveCountMax=3",
-            "-o", "ControlMaster=auto",
-            "-o", f"ControlPath={self._control}/%C",
-            "-o", "ControlPersist=60",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "StrictHostKeyChecking=yes",
+            "-o",
+            f"ConnectTimeout={int(max(1, connect_timeout))}",
+            "-o",
+            "ServerAliveInterval=5",
+            "-o",
+            "ServerAliveCountMax=3",
+            "-o",
+            "ControlMaster=auto",
+            "-o",
+            f"ControlPath={self._control}/%C",
+            "-o",
+            "ControlPersist=60",
             *(word for option in options for word in ("-o", option)),
         ]
         self._base = base
 
     def spawn(self, argv: list[str]) -> subprocess.Popen[bytes]:
-        return subprocess.Popen(self._command(argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, start_new_session=True)
+        return subprocess.Popen(
+            self._command(argv),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
 
     def command_argv(self, argv: list[str], *, tty: bool) -> list[str]:
         """The local argv that runs ``argv`` on the host for a caller who starts it with its own
@@ -101,34 +133,58 @@ class SSHTransport:
         """Start this host's control master now, running nothing on the host (``-N``); with
         ControlPersist it goes to the background once connected, so the process exits then
         (0, or ssh's 255 and its reason in ``stderr``: a file, as the background master keeps it)."""
-        argv = ["ControlMaster=yes" if word == "ControlMaster=auto" else word for word in self._base]
-        return subprocess.Popen([*argv, "-N", "--", self._target], stdin=subprocess.DEVNULL,
-                                stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True)
+        argv = [
+            "ControlMaster=yes" if word == "ControlMaster=auto" else word for word in self._base
+        ]
+        return subprocess.Popen(
+            [*argv, "-N", "--", self._target],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            start_new_session=True,
+        )
 
     def explain_failure(self, returncode: int | None, stderr: str) -> str:
         text = stderr.strip()
-        if "Host key verification failed" in text or "REMOTE HOST IDENTIFICATION HAS CHANGED" in text:
+        if (
+            "Host key verification failed" in text
+            or "REMOTE HOST IDENTIFICATION HAS CHANGED" in text
+        ):
             changed = "REMOTE HOST IDENTIFICATION HAS CHANGED" in text
             address, port, known_hosts = self._resolved()
             scan = f"ssh-keyscan {'-p ' + port + ' ' if port != '22' else ''}{address} >> {known_hosts}"
             if changed:
-                return (f"the SSH host key of {self.host} has CHANGED since it was trusted; shiplane checks host "
-                        f"keys strictly. If the host was really reinstalled, check its new fingerprint, remove the "
-                        f"old key (ssh-keygen -R {address} -f {known_hosts}) and add the new one: {scan}")
-            return (f"the SSH host key of {self.host} is not known; shiplane checks host keys strictly and never "
-                    f"accepts an unknown one. To trust this host, check its fingerprint (ssh-keyscan {address} | "
-                    f"ssh-keygen -lf -) and add it: {scan}")
+                return (
+                    f"the SSH host key of {self.host} has CHANGED since it was trusted; shiplane checks host "
+                    f"keys strictly. If the host was really reinstalled, check its new fingerprint, remove the "
+                    f"old key (ssh-keygen -R {address} -f {known_hosts}) and add the new one: {scan}"
+                )
+            return (
+                f"the SSH host key of {self.host} is not known; shiplane checks host keys strictly and never "
+                f"accepts an unknown one. To trust this host, check its fingerprint (ssh-keyscan {address} | "
+                f"ssh-keygen -lf -) and add it: {scan}"
+            )
         lines = [line for line in text.splitlines() if line.strip()]
         if returncode == 255:
-            return f"cannot reach {self.host} over SSH: {lines[-1] if lines else 'connection failed'}"
-        return f"the agent on {self.host} exited with code {returncode}" + (f": {' / '.join(lines[-3:])}" if lines else "")
+            return (
+                f"cannot reach {self.host} over SSH: {lines[-1] if lines else 'connection failed'}"
+            )
+        return f"the agent on {self.host} exited with code {returncode}" + (
+            f": {' / '.join(lines[-3:])}" if lines else ""
+        )
 
     def _resolved(self) -> tuple[str, str, str]:
         """(address, port, known_hosts file) as OpenSSH resolves this host (aliases, -F config)."""
         address, port, known_hosts = self._address, self._port or "22", "~/.ssh/known_hosts"
         try:
-            done = subprocess.run([*self._base, "-G", "--", self._target], capture_output=True, text=True, timeout=10,
-                                  check=False, stdin=subprocess.DEVNULL)
+            done = subprocess.run(
+                [*self._base, "-G", "--", self._target],
+                capture_output=True,
+                text=True,
+                timeout=10,
+                check=False,
+                stdin=subprocess.DEVNULL,
+            )
         except (OSError, subprocess.TimeoutExpired):
             return address, port, known_hosts
         for line in done.stdout.splitlines():
@@ -145,7 +201,12 @@ class SSHTransport:
         """Stop this host's control master (the private dir goes with ``remove_control_dir``,
         once every host is closed: removing it here would race other hosts still connecting)."""
         try:
-            subprocess.run([*self._base, "-O", "exit", "--", self._target], capture_output=True, timeout=10, check=False,
-                           stdin=subprocess.DEVNULL)
+            subprocess.run(
+                [*self._base, "-O", "exit", "--", self._target],
+                capture_output=True,
+                timeout=10,
+                check=False,
+                stdin=subprocess.DEVNULL,
+            )
         except subprocess.TimeoutExpired:
             pass

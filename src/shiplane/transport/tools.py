@@ -79,20 +79,31 @@ def ship_uv(session: AgentSession, note: Callable[[str], None]) -> int:
     stat = binary.stat()
     binary_sha = _digest(binary, stat.st_size, stat.st_mtime)
     packed = _gzipped(binary, binary_sha)
-    sha, size = _digest(packed, packed.stat().st_size, packed.stat().st_mtime), packed.stat().st_size
+    sha, size = (
+        _digest(packed, packed.stat().st_size, packed.stat().st_mtime),
+        packed.stat().st_size,
+    )
     try:
         missing = session.call("inventory", {"blobs": [sha]}, timeout=120).get("missing", [])
         if missing:
-            session.call("receive", {"blobs": [{"sha256": sha, "size": size}]}, payload=_chunks(packed),
-                         timeout=300)
-        result = session.call("install_uv", {"sha256": sha, "binary_sha256": binary_sha}, timeout=120)
+            session.call(
+                "receive",
+                {"blobs": [{"sha256": sha, "size": size}]},
+                payload=_chunks(packed),
+                timeout=300,
+            )
+        result = session.call(
+            "install_uv", {"sha256": sha, "binary_sha256": binary_sha}, timeout=120
+        )
     except HostError as exc:
         if exc.kind in ("lost", "timeout", "connect"):
             raise
         note(f"uv not shipped ({exc.reason}); installing with pip")
         return 0
     session.hello["uv"] = result.get("path")
-    note(f"shipped uv ({size >> 20} MiB gzipped, {stat.st_size >> 20} MiB unpacked) to {result.get('path')}")
+    note(
+        f"shipped uv ({size >> 20} MiB gzipped, {stat.st_size >> 20} MiB unpacked) to {result.get('path')}"
+    )
     return size if missing else 0
 
 
@@ -107,8 +118,11 @@ def _gzipped(binary: Path, sha: str) -> Path:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}-{threading.get_ident()}")
         # mtime 0: the same binary always gives the same bytes, so hosts keep what they have
-        with binary.open("rb") as src, open(tmp, "wb") as raw, gzip.GzipFile(
-                filename="", mode="wb", fileobj=raw, compresslevel=1, mtime=0) as out:
+        with (
+            binary.open("rb") as src,
+            open(tmp, "wb") as raw,
+            gzip.GzipFile(filename="", mode="wb", fileobj=raw, compresslevel=1, mtime=0) as out,
+        ):
             shutil.copyfileobj(src, out, CHUNK)
         os.replace(tmp, target)
     return target
