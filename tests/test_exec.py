@@ -198,7 +198,7 @@ def test_exec_on_a_terminal_is_interactive(app: Project) -> None:
     term = Terminal(app.root, "exec", "--stage", "local", "--", "python")
     term.expect(">>> ")
     term.send("print(6*7)\n")
-    term.expect("42")
+    term.expect("42\r\n>>> ")  # the REPL waits for a line again: Ctrl-C now is a person's
     term.send("\x03")  # Ctrl-C is the REPL's: it goes on, and so does shiplane
     term.expect("KeyboardInterrupt")
     term.send("print('still' + 'here')\n")
