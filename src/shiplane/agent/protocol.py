@@ -16,12 +16,147 @@ false, "error": {"kind", "message", ...}}``. ``receive`` alone carries bytes aft
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypedDict
 
 from .errors import AgentError
 
 VERSION = 1
+
+
+# --- the shapes the ops carry -----------------------------------------------------------------
+# TypedDicts, not classes: they are the JSON objects themselves (no conversion on either side),
+# and mypy checks every key the code reads or writes. Annotations stay strings (``from __future__
+# import annotations``), so ``X | None`` is fine on the hosts' Python 3.9.
+
+
+class Event(TypedDict, total=False):
+    """What an op reports while it runs: ``{"phase", "status", "detail"}`` plus a few extras."""
+
+    phase: str
+    status: str
+    detail: str
+    seconds: float
+    bytes: int
+    total: int
+    command: str
+    release_id: str
+    service: str
+
+
+Emit = Callable[[Event], None]
+
+
+class HealthSpec(TypedDict):
+    path: str
+    timeout: float
+    host: str | None
+
+
+class SmokeSpec(TypedDict):
+    path: str
+    expect: str | None
+    status: int
+
+
+class WebSpec(TypedDict):
+    """The web service of a stage (the controller's ``plan.services_spec``)."""
+
+    kind: str  # "wsgi" or "asgi"
+    target: str  # "module:app"
+    workers: int
+    worker_class: str | None
+    bind: str
+    port: int
+    timeout: float
+    graceful_timeout: float
+    threads: int | None
+    max_requests: int | None
+    max_requests_jitter: int | None
+    keepalive: int | None
+    access_log: bool
+    forwarded_allow_ips: str | None
+    options: list[str]
+    standby: bool
+    preboot: bool
+    health: HealthSpec
+    smoke: list[SmokeSpec]
+
+
+class WorkerSpec(TypedDict):
+    command: str
+    stop_signal: str
+    stop_timeout: float
+
+
+class NginxSpec(TypedDict):
+    server_name: str
+    tls_cert: str | None
+    tls_key: str | None
+    static: dict[str, str]
+    site_dir: str
+    conf: str | None
+    pid_file: str | None
+
+
+class ServicesSpec(TypedDict):
+    """The services of a stage: what ``switch`` starts and the backend and front that run them."""
+
+    app: str
+    stage: str
+    front: str
+    web: WebSpec | None
+    workers: dict[str, WorkerSpec]
+    backend: str  # "auto", "systemd", "daemon"
+    nginx: NginxSpec | None
+
+
+class RenderedFile(TypedDict):
+    path: str
+    content: str
+    mode: int
+    shared: bool
+
+
+class SharedSpec(TypedDict):
+    dirs: list[str]
+    files: list[str]
+
+
+# --- requests: one TypedDict per op, keys exactly its fields (tests/test_protocol.py checks) -----
+
+
+class InstallArgs(TypedDict):
+    release_id: str
+    manifest: dict[str, Any]  # the artifact's manifest (artifact/_manifest.py)
+    stage: str | None
+    python: str | None
+    uv_cache: str | None
+    rendered: list[RenderedFile]
+    env: dict[str, str]
+    shared: SharedSpec
+    hooks: list[str]
+    hook_timeout: float
+    hook_silence: float | None
+    backend: str | None
+    preboot_web: WebSpec | None
+
+
+class SwitchArgs(TypedDict):
+    release_id: str
+    services: ServicesSpec
+
+
+class Holder(TypedDict, total=False):
+    """Who holds (or asks for) the deploy lock."""
+
+    user: str
+    host: str
+    pid: int
+    command: str
+    started_at: str
+    reason: str
 
 # JSON types a field may take; "number" is an int or a float, never a bool
 _TYPES: dict[str, tuple[type, ...]] = {
