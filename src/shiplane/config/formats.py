@@ -128,8 +128,22 @@ def parse_env(text: str, path: Path | str, *, echo: bool = True) -> dict[str, st
                 ) from None
         if not isinstance(value, str):  # json.loads of a quoted string is a string; kept for mypy
             value = str(value)
+        if not _environ_safe(value):  # the host would fail starting the app with it
+            raise ConfigError(
+                f"{path}:{number}: {key}: a value cannot hold a NUL character or a lone "
+                "surrogate (a \\u0000 or \\ud800-style escape)"
+            )
         out[key] = value
     return out
+
+
+def _environ_safe(value: str) -> bool:
+    """Whether a process's environment can hold ``value``: no NUL, nothing UTF-8 cannot encode."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return "\0" not in value
 
 
 def _from_tree(tree: Any, path: Path, prefix: str = "") -> Sections:
