@@ -8,13 +8,16 @@ import sys
 import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
 from shiplane import __version__
 from shiplane.errors import ShiplaneError, UsageError
 from shiplane.secret import Masker
+
+if TYPE_CHECKING:
+    from shiplane.events import Emit
 
 JSON_VERSION = 1  # of every --json line: docs/json.md
 
@@ -418,14 +421,18 @@ def plan(
 ) -> None:
     """Dry run: per host, what a deploy would change. Changes nothing anywhere."""
     from shiplane.commands.plan import run_plan
+    from shiplane.ui import Reporter, plan_lines
 
-    result = run_plan(
-        obj.file, stage, obj.masker, hosts=hosts, sets=sets, as_json=as_json, verbose=obj.verbose
+    # not entered: on a terminal too, the build's events print as plain lines (only with -v)
+    emit: Emit = (
+        (lambda event: None) if as_json else Reporter.for_terminal(False, obj.masker, obj.verbose)
     )
+    result = run_plan(obj.file, stage, obj.masker, emit, hosts=hosts, sets=sets)
+    lines = plan_lines(result)
     if as_json:
-        emit_json(result, obj.masker)
+        emit_json({**result.to_json(), "lines": lines}, obj.masker)
     else:
-        for line in result["lines"]:
+        for line in lines:
             click.echo(obj.masker(line))
 
 

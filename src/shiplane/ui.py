@@ -21,6 +21,8 @@ if TYPE_CHECKING:  # rich is imported only for a terminal: ~25 ms a --json or CI
     from rich.live import Live
     from rich.text import Text
 
+    from shiplane.commands.plan import HostPlan, PlanResult
+
 # past this many hosts the host rows fold into one row of counts per step (a screen is ~24 rows)
 MAX_HOST_ROWS = 10
 SPINNER = "⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏"
@@ -464,3 +466,73 @@ def print_table(
             *(masker(str(row.get(c, "") if row.get(c) is not None else "")) for c in columns)
         )
     console.print(table)
+
+
+# -- command results as text: what a verb prints without --json (its ``lines`` with --json) ------
+
+
+def plan_lines(plan: PlanResult) -> list[str]:
+    """``shiplane plan``: a head line, a block per host, the hooks, the switch's batches."""
+    head = (
+        f"plan for stage {plan.stage}: artifact {plan.artifact[:12]}"
+        f"{' (reused)' if plan.reused else ' (built)'}, "
+        f"release {plan.release} (nothing changed on any host)"
+    )
+    lines = [head]
+    for host, info in plan.hosts.items():
+        lines += _host_plan_lines(host, info, plan.services)
+    lines += [f"then: {h}" for h in _hook_plan_lines(plan)]
+    lines.append(f"switch in batches of {plan.batch}, max_fail {plan.max_fail}")
+    return lines
+
+
+def _hook_plan_lines(plan: PlanResult) -> list[str]:
+    hooks = plan.hooks
+    out = []
+    if hooks.setup_pending and hooks.setup:
+        out.append(
+            f"setup hook `{hooks.setup}` on {', '.join(hooks.setup_pending)} (its first deploy there)"
+        )
+    if hooks.runs_on:
+        out += [
+            f"release hook `{c}` once on {', '.join(hooks.runs_on)}" for c in hooks.release_commands
+        ]
+    if hooks.skips and hooks.release_commands:
+        out.append(
+            f"no release hook on {', '.join(hooks.skips)}: nothing it depends on "
+            f"({', '.join(hooks.watched)}, config) changed since it last ran there"
+        )
+    return out
+
+
+def _host_plan_lines(host: str, info: HostPlan, services: list[str]) -> list[str]:
+    lines = [
+        f"{host}:",
+        f"  release   {info['current'] or '(none: first deploy)'} -> {info['release']}"
+        + (" (same artifact as live)" if info["same_artifact"] else ""),
+        f"  venv      {'reused' if info['venv_reused'] else 'built (dependencies installed)'}",
+        f"  send      {info['blobs']} blob(s), {human_bytes(info['bytes'])}",
+    ]
+    config = info["config"]
+    if not info["current"]:
+        lines.append("  config    all new (no live release)")
+    elif not any(keys for change in config.values() for keys in change.values()):
+        lines.append("  config    unchanged")
+    else:
+        for path, keys in config.items():
+            kinds = [
+                ("added", keys.get("added")),
+                ("changed", keys.get("changed")),
+                ("removed", keys.get("removed")),
+            ]
+            lines += [
+                f"  config    {path}: {kind} {', '.join(names)}" for kind, names in kinds if names
+            ]
+    lines.append(f"  services  {'; '.join(services) if services else 'none'}")
+    lock = info["lock"]
+    if lock:
+        lines.append(
+            f"  LOCKED    by {lock.get('user', '?')}@{lock.get('host', '?')} ({lock.get('command', '')}); "
+            "a deploy would stop here"
+        )
+    return lines

@@ -14,21 +14,28 @@ import configparser
 import hashlib
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Literal, TypedDict
 
+from shiplane.agent.protocol import Holder
 from shiplane.commands.build import build_for_deploy
+from shiplane.commands.common import StageContext
 from shiplane.commands.operate import connected
 from shiplane.commands.release_phase import checkout_inputs, last_run_inputs
+from shiplane.config import Layered, Project
 from shiplane.config.formats import format_of, parse_env
 from shiplane.config.layers import env_file_values, render_files
 from shiplane.errors import ConfigError, OperationError
-from shiplane.fleet import failures
+from shiplane.events import Emit
+from shiplane.fleet import Fleet, failures
 from shiplane.plan import hook_hosts, manifest_blobs, primary_host, release_id, services_spec
 from shiplane.secret import Masker
 from shiplane.transport.session import AgentSession
-from shiplane.ui import Reporter, human_bytes
+
+if TYPE_CHECKING:
+    from shiplane.artifact import BuildResult
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -38,157 +45,202 @@ else:  # pragma: no cover
 ENV_FILE = "shiplane.env"
 
 
+class ConfigChange(TypedDict, total=False):
+    """The keys of one config file a deploy would add, change (by value hash) or remove."""
+
+    added: list[str]
+    changed: list[str]
+    removed: list[str]
+
+
+class HostPlan(TypedDict):
+    """What a deploy would do on one host (``plan --json``'s ``hosts``)."""
+
+    current: str | None
+    current_artifact: str | None
+    release: str
+    same_artifact: bool
+    venv_reused: bool
+    blobs: int
+    bytes: int
+    config: dict[str, ConfigChange]
+    lock: Holder | None
+    setup_pending: bool
+
+
+class PlanJson(TypedDict):
+    """``plan --json``'s result, before the CLI adds the ``lines`` it prints."""
+
+    ok: bool
+    stage: str
+    artifact: str
+    release: str
+    primary: str
+    release_hook: Literal["run", "skip"]
+    services: list[str]
+    hosts: dict[str, HostPlan]
+
+
+@dataclass(frozen=True)
+class HookPlan:
+    """The hooks a deploy would run: the setup hook on ``setup_pending`` hosts (their first
+    deploy), the release hook's commands on ``runs_on``, none on ``skips`` (nothing changed)."""
+
+    setup: str | None
+    setup_pending: list[str]
+    release_commands: list[str]
+    runs_on: list[str]
+    skips: list[str]
+    watched: list[str]
+
+
+@dataclass(frozen=True)
+class PlanResult:
+    """What ``plan`` found; the CLI renders it (``ui.plan_lines``) or prints ``to_json()``."""
+
+    stage: str
+    artifact: str
+    reused: bool
+    release: str
+    primary: str
+    services: list[str]
+    hosts: dict[str, HostPlan]
+    hooks: HookPlan
+    batch: int | str
+    max_fail: int | str
+
+    @property
+    def release_hook(self) -> Literal["run", "skip"]:
+        return "run" if self.hooks.runs_on and self.hooks.release_commands else "skip"
+
+    def to_json(self) -> PlanJson:
+        return {
+            "ok": True,
+            "stage": self.stage,
+            "artifact": self.artifact,
+            "release": self.release,
+            "primary": self.primary,
+            "release_hook": self.release_hook,
+            "services": self.services,
+            "hosts": self.hosts,
+        }
+
+
 def run_plan(
     file: Path | None,
     stage: str | None,
     masker: Masker,
+    emit: Emit,
     *,
     hosts: str | None,
     sets: Sequence[str],
-    as_json: bool,
-    verbose: bool,
-) -> dict[str, Any]:
-    """What ``deploy --stage`` would do on every host, without changing any host.
-
-    Returns ``{"ok": True, "stage", "artifact", "release", "hosts": {host: {...}}, "lines": [...]}``;
-    raises OperationError (exit 1) when a host cannot be reached or inventoried.
-    """
-    reporter: Any = (
-        (lambda event: None) if as_json else Reporter.for_terminal(False, masker, verbose)
-    )
+) -> PlanResult:
+    """What ``deploy --stage`` would do on every host, without changing any host; the build's
+    events go to ``emit``. Raises OperationError (exit 1) when a host cannot be reached or
+    inventoried."""
     with connected(file, stage, masker, hosts=hosts, sets=sets, need_secrets=True) as (ctx, fleet):
         deploy = ctx.project.deploy
-        built = build_for_deploy(ctx.project, reporter)
-        manifest, digest = built.manifest.to_dict(), built.digest
-        rid = release_id(digest)
-        blobs = manifest_blobs(manifest)
-        sizes = dict(blobs)
-        wanted = _wanted_files(ctx.project, ctx.layered)
-        spec = services_spec(deploy, ctx.stage)
-
-        def one(host: str, session: AgentSession) -> dict[str, Any]:
-            inventory = session.call("inventory", {"blobs": [sha for sha, _ in blobs]}, timeout=120)
-            current = inventory.get("current")
-            live = next(
-                (r for r in inventory.get("releases", []) if r.get("release_id") == current), None
-            )
-            missing = list(inventory.get("missing") or [])
-            changes = _config_changes(session, current, wanted) if current else {}
-            return {
-                "current": current,
-                "current_artifact": (live or {}).get("artifact"),
-                "release": rid,
-                "same_artifact": bool(live) and (live or {}).get("artifact") == digest,
-                "venv_reused": manifest.get("dependency_digest") in (inventory.get("venvs") or []),
-                "blobs": len(missing),
-                "bytes": sum(sizes[sha] for sha in missing),
-                "config": changes,
-                "lock": inventory.get("lock"),
-                "setup_pending": bool(deploy.hooks.setup) and not inventory.get("setup_done"),
-            }
-
-        outcomes = fleet.each("plan", one, quiet=True)
-        bad = failures(outcomes)
-        if bad:
-            raise OperationError("plan failed: " + "; ".join(e.message for e in bad.values()))
-        per_host = {host: outcomes[host].result for host in fleet.hosts if host in outcomes}
-        primary = primary_host(deploy, ctx.stage, fleet.hosts)
-        services = _services(spec)
-        head = (
-            f"plan for stage {ctx.stage}: artifact {digest[:12]}{' (reused)' if built.reused else ' (built)'}, "
-            f"release {rid} (nothing changed on any host)"
-        )
-        lines = [head]
-        for host, info in per_host.items():
-            lines += _host_lines(host, info, services)
-        where = hook_hosts(deploy, ctx.stage, list(per_host))
-        runs_on = [h for h in where if _release_hook_runs(ctx, fleet.sessions[h])]
-        hook_runs = bool(runs_on)
-        hooks = (
-            [
-                f"release hook `{c}` once on {', '.join(runs_on)}"
-                for c in deploy.hooks.release_commands()
-            ]
-            if runs_on
-            else []
-        )
-        skips = [h for h in where if h not in runs_on]
-        if skips and deploy.hooks.release_commands():
-            watched = ", ".join(deploy.hooks.release_if_changed)
-            hooks.append(
-                f"no release hook on {', '.join(skips)}: nothing it depends on ({watched}, config) "
-                "changed since it last ran there"
-            )
-        pending = [h for h in where if per_host[h]["setup_pending"]]
-        if pending and deploy.hooks.setup:
-            hooks.insert(
-                0,
-                f"setup hook `{deploy.hooks.setup}` on {', '.join(pending)} (its first deploy there)",
-            )
-        lines += [f"then: {h}" for h in hooks]
+        built = build_for_deploy(ctx.project, emit)
+        per_host = _survey(ctx, fleet, built)
         rolling = deploy.stages[ctx.stage].rolling
-        lines.append(f"switch in batches of {rolling.batch}, max_fail {rolling.max_fail}")
-        return {
-            "ok": True,
-            "stage": ctx.stage,
-            "artifact": digest,
-            "release": rid,
-            "primary": primary,
-            "release_hook": "run" if hook_runs and deploy.hooks.release_commands() else "skip",
-            "services": services,
-            "hosts": per_host,
-            "lines": lines,
-        }
+        return PlanResult(
+            stage=ctx.stage,
+            artifact=built.digest,
+            reused=built.reused,
+            release=release_id(built.digest),
+            primary=primary_host(deploy, ctx.stage, fleet.hosts),
+            services=_services(services_spec(deploy, ctx.stage)),
+            hosts=per_host,
+            hooks=_hook_plan(ctx, fleet, per_host),
+            batch=rolling.batch,
+            max_fail=rolling.max_fail,
+        )
 
 
-def _release_hook_runs(ctx: Any, session: AgentSession) -> bool:
+def _survey(ctx: StageContext, fleet: Fleet, built: BuildResult) -> dict[str, HostPlan]:
+    """Every host's plan, read in parallel; raises when any host could not be read."""
+    manifest = built.manifest.to_dict()
+    rid = release_id(built.digest)
+    wanted = _wanted_files(ctx.project, ctx.layered)
+    setup = bool(ctx.project.deploy.hooks.setup)
+
+    def one(host: str, session: AgentSession) -> HostPlan:
+        return _host_plan(session, manifest, built.digest, rid, wanted, setup)
+
+    outcomes = fleet.each("plan", one, quiet=True)
+    bad = failures(outcomes)
+    if bad:
+        raise OperationError("plan failed: " + "; ".join(e.message for e in bad.values()))
+    return {host: outcomes[host].result for host in fleet.hosts if host in outcomes}
+
+
+def _host_plan(
+    session: AgentSession,
+    manifest: dict[str, object],
+    digest: str,
+    rid: str,
+    wanted: dict[str, tuple[str | None, str]],
+    setup: bool,
+) -> HostPlan:
+    """One host's plan, from its inventory (and its live release's config files)."""
+    blobs = manifest_blobs(dict(manifest))
+    sizes = dict(blobs)
+    inventory = session.call("inventory", {"blobs": [sha for sha, _ in blobs]}, timeout=120)
+    current = inventory.get("current")
+    live = next((r for r in inventory.get("releases", []) if r.get("release_id") == current), None)
+    missing = list(inventory.get("missing") or [])
+    return {
+        "current": current,
+        "current_artifact": (live or {}).get("artifact"),
+        "release": rid,
+        "same_artifact": bool(live) and (live or {}).get("artifact") == digest,
+        "venv_reused": manifest.get("dependency_digest") in (inventory.get("venvs") or []),
+        "blobs": len(missing),
+        "bytes": sum(sizes[sha] for sha in missing),
+        "config": _config_changes(session, current, wanted) if current else {},
+        "lock": inventory.get("lock"),
+        "setup_pending": setup and not inventory.get("setup_done"),
+    }
+
+
+def _hook_plan(ctx: StageContext, fleet: Fleet, per_host: dict[str, HostPlan]) -> HookPlan:
+    hooks = ctx.project.deploy.hooks
+    where = hook_hosts(ctx.project.deploy, ctx.stage, list(per_host))
+    runs_on = [h for h in where if _release_hook_runs(ctx, fleet.sessions[h])]
+    return HookPlan(
+        setup=hooks.setup,
+        setup_pending=[h for h in where if per_host[h]["setup_pending"]],
+        release_commands=hooks.release_commands(),
+        runs_on=runs_on,
+        skips=[h for h in where if h not in runs_on],
+        watched=list(hooks.release_if_changed),
+    )
+
+
+def _release_hook_runs(ctx: StageContext, session: AgentSession) -> bool:
     """Whether a deploy now would run the release hook (``hooks.release_if_changed``): read-only,
     the primary's ledger against the digest of what the hook depends on in this checkout."""
     inputs = checkout_inputs(ctx.project, ctx.layered)
     return inputs is None or last_run_inputs(session, 120) != inputs
 
 
-def _services(spec: dict[str, Any]) -> list[str]:
+def _services(spec: Mapping[str, object]) -> list[str]:
     """What a switch does to each service: web blue/green (new process per release), workers restart."""
     out = []
     if spec.get("web"):
         out.append("web (new release started, health-checked, then takes traffic)")
-    out += [f"{name} (restarted on the new release)" for name in spec.get("workers", {})]
-    return out
-
-
-def _host_lines(host: str, info: dict[str, Any], services: list[str]) -> list[str]:
-    lines = [
-        f"{host}:",
-        f"  release   {info['current'] or '(none: first deploy)'} -> {info['release']}"
-        + (" (same artifact as live)" if info["same_artifact"] else ""),
-        f"  venv      {'reused' if info['venv_reused'] else 'built (dependencies installed)'}",
-        f"  send      {info['blobs']} blob(s), {human_bytes(info['bytes'])}",
+    workers = spec.get("workers")
+    out += [
+        f"{name} (restarted on the new release)"
+        for name in (workers if isinstance(workers, dict) else {})
     ]
-    config = info["config"]
-    if not info["current"]:
-        lines.append("  config    all new (no live release)")
-    elif not any(keys for change in config.values() for keys in change.values()):
-        lines.append("  config    unchanged")
-    else:
-        for path, keys in config.items():
-            for kind in ("added", "changed", "removed"):
-                if keys.get(kind):
-                    lines.append(f"  config    {path}: {kind} {', '.join(keys[kind])}")
-    lines.append(f"  services  {'; '.join(services) if services else 'none'}")
-    if info["lock"]:
-        lock = info["lock"]
-        lines.append(
-            f"  LOCKED    by {lock.get('user', '?')}@{lock.get('host', '?')} ({lock.get('command', '')}); "
-            "a deploy would stop here"
-        )
-    return lines
+    return out
 
 
 # --- config diff: keys only, values compared by hash (secrets never printed) --------------------
 
 
-def _wanted_files(project: Any, layered: Any) -> dict[str, tuple[str | None, str]]:
+def _wanted_files(project: Project, layered: Layered) -> dict[str, tuple[str | None, str]]:
     """Path in the release -> (format or None for templates, content) of what a deploy writes."""
     specs = project.deploy.config.rendered_files()
     out: dict[str, tuple[str | None, str]] = {}
@@ -205,8 +257,8 @@ def _wanted_files(project: Any, layered: Any) -> dict[str, tuple[str | None, str
 
 def _config_changes(
     session: AgentSession, current: str, wanted: dict[str, tuple[str | None, str]]
-) -> dict[str, dict[str, list[str]]]:
-    changes: dict[str, dict[str, list[str]]] = {}
+) -> dict[str, ConfigChange]:
+    changes: dict[str, ConfigChange] = {}
     for path, (fmt, content) in wanted.items():
         live = session.call("read_release_file", {"release_id": current, "path": path}, timeout=60)
         old = live.get("content") if live.get("exists") else None
@@ -214,10 +266,12 @@ def _config_changes(
     return changes
 
 
-def _diff_keys(old: str | None, new: str, fmt: str | None) -> dict[str, list[str]]:
+def _diff_keys(old: str | None, new: str, fmt: str | None) -> ConfigChange:
     """Keys added, changed (by value hash) and removed between two renderings of one file."""
     if old is None:
         return {"added": ["(whole file)"]}
+    before: dict[str, object]
+    after: dict[str, object]
     try:
         before, after = _flat(old, fmt), _flat(new, fmt)
     except (ValueError, configparser.Error, tomllib.TOMLDecodeError, ConfigError):
@@ -234,7 +288,7 @@ def _diff_keys(old: str | None, new: str, fmt: str | None) -> dict[str, list[str
     }
 
 
-def _flat(text: str, fmt: str | None) -> dict[str, Any]:
+def _flat(text: str, fmt: str | None) -> dict[str, object]:
     if fmt == "ini":
         parser = configparser.ConfigParser(interpolation=None)
         parser.optionxform = str  # type: ignore[assignment,method-assign]
@@ -249,10 +303,10 @@ def _flat(text: str, fmt: str | None) -> dict[str, Any]:
     return {"(whole file)": text}
 
 
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+def _flatten(tree: object, prefix: str = "") -> dict[str, object]:
     if not isinstance(tree, dict):
         return {prefix or "(value)": tree}
-    out: dict[str, Any] = {}
+    out: dict[str, object] = {}
     for key, value in tree.items():
         name = f"{prefix}.{key}" if prefix else str(key)
         out.update(_flatten(value, name) if isinstance(value, dict) else {name: value})
