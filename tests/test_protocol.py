@@ -77,3 +77,37 @@ def test_design_doc_op_table_is_current() -> None:
     assert found.group(1) == protocol.markdown(), (
         "docs/DESIGN.md's op table is stale: paste `python -m shiplane.agent.protocol` between its markers"
     )
+
+
+# JSON type of a field -> what its TypedDict annotation must name (a string: the agent's modules
+# keep ``from __future__ import annotations``)
+_ANNOTATION = {
+    "string": "str",
+    "integer": "int",
+    "number": "float",
+    "boolean": "bool",
+    "array": "list",
+    "object": "",  # a TypedDict or dict[...]: any name
+}
+
+
+@pytest.mark.parametrize("name", sorted(protocol.OPS))
+def test_each_op_has_a_request_typeddict_with_exactly_its_fields(name: str) -> None:
+    assert set(protocol.REQUESTS) == set(protocol.OPS), "REQUESTS and OPS list other ops"
+    request = protocol.REQUESTS[name]
+    fields = {f.name: f for f in protocol.OPS[name].fields}
+    assert set(request.__annotations__) == set(fields), (
+        f"{request.__name__} has keys {sorted(request.__annotations__)}, "
+        f"the op {name} the fields {sorted(fields)}"
+    )
+    # decoded, every field is there (defaults filled in): no key may be left out
+    assert request.__required_keys__ == frozenset(fields)  # type: ignore[attr-defined]
+    for field in fields.values():
+        annotation = str(request.__annotations__[field.name])
+        for kind in field.type.split("|"):
+            wanted = "None" if kind == "null" else _ANNOTATION[kind]
+            assert wanted in annotation, (
+                f"{request.__name__}.{field.name} is {annotation}: the field is {field.type}"
+            )
+        if "null" not in field.type:
+            assert "None" not in annotation, f"{request.__name__}.{field.name} may not be None"

@@ -158,6 +158,356 @@ class Holder(TypedDict, total=False):
     started_at: str
     reason: str
 
+
+class VenvHint(TypedDict, total=False):
+    """``inventory``'s ``venv``: the venv a deploy will need, made while its blobs arrive."""
+
+    digest: str
+    python: str | None
+    uv_cache: str | None
+
+
+class PortSpec(TypedDict):
+    """``inventory``'s ``port``: the stage's public port, checked for another program on it."""
+
+    bind: str
+    port: int
+
+
+class BlobRef(TypedDict):
+    """One blob of ``receive``, its bytes following the request line in this order."""
+
+    sha256: str
+    size: int
+
+
+class HostOutcome(TypedDict, total=False):
+    """One host of a deploy's ledger entry (the controller's view)."""
+
+    outcome: str
+    release: str | None
+    bytes: int
+    error: str | None
+    phases: dict[str, float]
+
+
+# One line of a host's ledger (``history.jsonl``): what ``record`` appends. The controller's
+# commands write them (commands/deploy.py, operate.py, ...), the agent a few (server.py).
+# ``from`` is a keyword: the functional form, whose values Python evaluates (quoted: ``X | None``
+# fails on the hosts' Python 3.9)
+LedgerEntry = TypedDict(
+    "LedgerEntry",
+    {
+        "event": str,  # deploy, rollback, setup, exec, unlock, switch, lock-broken, ...
+        "stage": "str | None",
+        "release": "str | None",
+        "release_id": "str | None",
+        "from": "str | None",  # the release live before (rollback, switch)
+        "from_hosts": "dict[str, str | None]",  # per host, when they differ
+        "previous": "str | None",
+        "artifact": "str | None",
+        "git_commit": "str | None",
+        "outcome": str,
+        "error": "str | None",
+        "user": "str | None",
+        "controller": "str | None",
+        "holder": "HolderInfo",
+        "command": str,
+        "exit_code": int,
+        "forced": bool,
+        "setup": bool,
+        "release_hook": bool,
+        "skip_tests": bool,
+        "release_inputs": object,
+        "overrides": "dict[str, object] | None",
+        "hosts": dict[str, HostOutcome],
+        "started_at": str,
+        "at": str,
+        "duration": float,
+        "note": str,
+        "recorded_at": str,  # added by the agent when absent
+    },
+    total=False,
+)
+
+
+class LockRecord(TypedDict, total=False):
+    """The deploy lock file ``<root>/.lock`` (agent/lock.py). Holder fields come from the
+    controller unchecked, so may be missing (None); a record that does not parse is
+    ``unreadable``."""
+
+    user: str | None
+    host: str | None
+    pid: int | None
+    command: str | None
+    started_at: str | None
+    acquired_at: str
+    heartbeat: str
+    agent_pid: int
+    agent_host: str
+    holder_lock: str  # "flock": bound to its session's flock
+    kept: bool  # `shiplane lock`: held until unlock
+    reason: str
+    unreadable: bool
+
+
+class LockInfo(LockRecord, total=False):
+    """A lock record described: its age and state (lock.describe), ``message`` (lock.inspect)."""
+
+    age: float | None
+    state: str  # live, abandoned, kept, legacy, stale
+    stale: bool
+    stale_reason: str
+    message: str
+
+
+class HolderInfo(TypedDict, total=False):
+    """Whose a lock is, in errors, ``broke`` and ``unlock``'s answer."""
+
+    user: str | None
+    host: str | None
+    pid: int | None
+    command: str | None
+    started_at: str | None
+    acquired_at: str
+    agent_pid: int
+    age: float | None
+    state: str
+    reason: str
+
+
+class LockTaken(LockRecord, total=False):
+    """``lock``'s answer: the record, and the abandoned lock broken on the way."""
+
+    broke: HolderInfo
+
+
+class ErrorObject(TypedDict, total=False):
+    """The ``error`` of a failed op: ``message`` and ``kind``, plus what the kind tells."""
+
+    message: str
+    kind: str
+    detail: str  # internal errors: the traceback
+    holder: HolderInfo | None  # lock
+    stale: bool
+    state: str
+    age: float | None
+    blobs: list[str]  # integrity, missing
+    exit_code: int  # hook
+    output_tail: str
+    seconds: float
+
+
+class ReleaseMeta(TypedDict, total=False):
+    """A release's ``release.json`` (agent/releases.py writes it; ``<state>_at`` per mark)."""
+
+    release_id: str
+    artifact: str
+    dependency_digest: str
+    git_commit: str | None
+    created_at: str
+    stage: str | None
+    state: str
+    source: str
+    app: dict[str, str]
+    blobs: list[str]
+    services: ServicesSpec
+    prepared_at: str
+    live_at: str
+    previous_at: str
+    good_at: str
+    bad_at: str
+    rolled_back_at: str
+
+
+# --- results: what the agent answers ------------------------------------------------------------
+
+
+class Hello(TypedDict):
+    """The session's first line, ``{"hello": ...}``: facts the controller plans with."""
+
+    agent: str
+    python: str
+    python_version: str
+    platform: str
+    executable: str
+    uv: str | None
+    systemd: bool
+    user: str
+    hostname: str
+    root: str
+    pid: int
+
+
+class _InventoryBase(TypedDict):
+    missing: list[str]
+    current: str | None
+    previous: str | None
+    releases: list[dict[str, Any]]  # release.json of each (ReleaseMeta, agent/releases.py)
+    venvs: list[str]
+    lock: LockInfo | None
+    setup_done: bool
+    services: dict[str, Any]  # the status op's answer, or {"error"} (agent/services.py)
+
+
+class Inventory(_InventoryBase, total=False):
+    port_taken: str | None  # with ``port``
+
+
+class ReceiveResult(TypedDict):
+    received: int
+    bytes: int
+
+
+class HookResult(TypedDict):
+    exit_code: int
+    output: str
+    output_tail: str
+    seconds: float
+
+
+class VerifyResult(TypedDict):
+    blobs: int
+    bad: list[str]
+
+
+class ReleasesResult(TypedDict):
+    releases: list[dict[str, Any]]  # release.json of each (ReleaseMeta, agent/releases.py)
+    current: str | None
+    previous: str | None
+
+
+class HistoryResult(TypedDict):
+    entries: list[LedgerEntry]
+
+
+class _FileBase(TypedDict):
+    exists: bool
+
+
+class ReleaseFile(_FileBase, total=False):
+    content: str  # when it exists
+
+
+class PruneResult(TypedDict):
+    removed: list[str]
+    venvs_removed: list[str]
+    blobs_removed: int
+    agents_removed: list[str]
+
+
+class UnlockResult(TypedDict):
+    released: bool
+    holder: HolderInfo | None
+
+
+# --- the other requests (keys exactly the op's fields: REQUESTS below, tests/test_protocol.py) ---
+
+
+class InventoryArgs(TypedDict):
+    blobs: list[str]
+    venv: VenvHint | None
+    port: PortSpec | None
+
+
+class ReceiveArgs(TypedDict):
+    blobs: list[BlobRef]
+
+
+class HookArgs(TypedDict):
+    release_id: str
+    command: str
+    timeout: float
+    silence_timeout: float | None
+
+
+class StartArgs(TypedDict):
+    services: list[str] | None
+    spec: ServicesSpec | None
+
+
+class StopArgs(TypedDict):
+    services: list[str] | None
+
+
+class RestartArgs(TypedDict):
+    services: list[str] | None
+    spec: ServicesSpec | None
+
+
+class ReloadArgs(TypedDict):
+    services: list[str] | None
+
+
+class StatusArgs(TypedDict):
+    pass
+
+
+class ShutdownArgs(TypedDict):
+    pass
+
+
+class VerifyArgs(TypedDict):
+    pass
+
+
+class ReleasesArgs(TypedDict):
+    pass
+
+
+class WithdrawArgs(TypedDict):
+    release_id: str
+
+
+class LogsArgs(TypedDict):
+    service: str | None
+    lines: int
+    follow: bool | float
+
+
+class HistoryArgs(TypedDict):
+    limit: int | None
+
+
+class ReadReleaseFileArgs(TypedDict):
+    release_id: str
+    path: str
+
+
+class InstallUvArgs(TypedDict):
+    sha256: str
+    binary_sha256: str | None
+
+
+class RecordArgs(TypedDict):
+    entry: LedgerEntry
+
+
+class MarkArgs(TypedDict):
+    release_id: str
+    state: str
+
+
+class PruneArgs(TypedDict):
+    keep: int
+
+
+class LockArgs(TypedDict):
+    holder: Holder
+    wait: float
+    keep: bool
+
+
+class HeartbeatArgs(TypedDict):
+    holder: Holder | None
+
+
+class UnlockArgs(TypedDict):
+    force: bool
+    holder: Holder | None
+    by: Holder | None
+
+
 # JSON types a field may take; "number" is an int or a float, never a bool
 _TYPES: dict[str, tuple[type, ...]] = {
     "string": (str,),
@@ -410,6 +760,36 @@ OPS: dict[str, Op] = {
             ),
         ),
     )
+}
+
+
+# Each op's request as its handler reads it (decoded: every field present, defaults filled in).
+# tests/test_protocol.py checks that the keys are the op's fields, and optional ones may be None.
+REQUESTS: dict[str, type] = {
+    "inventory": InventoryArgs,
+    "receive": ReceiveArgs,
+    "install": InstallArgs,
+    "hook": HookArgs,
+    "switch": SwitchArgs,
+    "start": StartArgs,
+    "stop": StopArgs,
+    "restart": RestartArgs,
+    "reload": ReloadArgs,
+    "status": StatusArgs,
+    "shutdown": ShutdownArgs,
+    "withdraw": WithdrawArgs,
+    "verify": VerifyArgs,
+    "logs": LogsArgs,
+    "releases": ReleasesArgs,
+    "history": HistoryArgs,
+    "read_release_file": ReadReleaseFileArgs,
+    "install_uv": InstallUvArgs,
+    "record": RecordArgs,
+    "mark": MarkArgs,
+    "prune": PruneArgs,
+    "lock": LockArgs,
+    "heartbeat": HeartbeatArgs,
+    "unlock": UnlockArgs,
 }
 
 
