@@ -18,11 +18,8 @@ from typing import Any, TypeVar
 from shiplane.config import Project
 from shiplane.errors import OperationError
 from shiplane.events import Emit, Event
-from shiplane.transport import prewarm
-from shiplane.transport.base import Transport
-from shiplane.transport.local import LocalTransport
+from shiplane.transport import ConnectSettings, Transport, cleanup, connect, on_controller, prewarm
 from shiplane.transport.session import AgentSession, HostError
-from shiplane.transport.ssh import SSHTransport, remove_control_dir
 
 T = TypeVar("T")
 
@@ -43,7 +40,8 @@ class Outcome:
 @dataclass
 class Fleet:
     """The connected hosts of one stage for one command. ``transports`` gives each host's
-    transport; by default ``local`` is a subprocess and any other host is reached over SSH."""
+    transport; by default the one the registry names for it (``shiplane.transport.TRANSPORTS``:
+    ``local`` is a subprocess, any other host is reached over SSH)."""
 
     project: Project
     stage: str
@@ -67,28 +65,28 @@ class Fleet:
         """The deploy root on a host: a relative ``deploy_to`` is relative to the project (local)
         or the login directory (SSH)."""
         deploy_to = self.project.deploy.stages[self.stage].deploy_to
-        if host == "local" and not os.path.isabs(os.path.expanduser(deploy_to)):
+        if on_controller(host) and not os.path.isabs(os.path.expanduser(deploy_to)):
             return str((self.project.root / deploy_to).resolve())
         return deploy_to
 
-    def _transport(self, host: str) -> Any:
-        if self.transports is not None:
-            return self.transports(host)
+    def connect_settings(self) -> ConnectSettings:
+        """The stage's connection settings, for its hosts' transports."""
         stage = self.project.deploy.stages[self.stage]
-        if host == "local":
-            return LocalTransport()
-        ssh_config = str(self.project.root / stage.ssh_config) if stage.ssh_config else None
-        return SSHTransport(
-            host,
-            ssh_config=ssh_config,
+        return ConnectSettings(
+            ssh_config=str(self.project.root / stage.ssh_config) if stage.ssh_config else None,
             identity_file=stage.identity_file,
-            options=stage.ssh_options,
+            ssh_options=tuple(stage.ssh_options),
             connect_timeout=stage.connect_timeout,
         )
 
+    def _transport(self, host: str) -> Transport:
+        if self.transports is not None:
+            return self.transports(host)
+        return connect(host, self.connect_settings())
+
     def python_for(self, host: str) -> str:
         stage = self.project.deploy.stages[self.stage]
-        if host == "local" and (stage.python or self.project.deploy.app.python) == "python3":
+        if on_controller(host) and (stage.python or self.project.deploy.app.python) == "python3":
             import sys
 
             # the controller's own interpreter, by its real path: `shiplane` and `python -m shiplane`
@@ -259,7 +257,7 @@ class Fleet:
         if hosts:
             with ThreadPoolExecutor(max_workers=max(1, min(self.parallel, len(hosts)))) as pool:
                 list(pool.map(close_one, hosts))
-        remove_control_dir()
+        cleanup()
 
 
 def failures(outcomes: dict[str, Outcome]) -> dict[str, HostError]:

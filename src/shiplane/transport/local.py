@@ -3,10 +3,28 @@
 from __future__ import annotations
 
 import subprocess
+from typing import ClassVar
+
+from .base import ConnectSettings
 
 
 class LocalTransport:
+    """The host spec ``local``: the controller's own machine, no connection settings."""
+
+    on_controller: ClassVar[bool] = True
     host = "local"
+
+    @classmethod
+    def claims(cls, host: str) -> bool:
+        return host == cls.host
+
+    @classmethod
+    def connect(cls, host: str, settings: ConnectSettings) -> LocalTransport:
+        return cls()
+
+    @classmethod
+    def cleanup(cls) -> None:
+        pass
 
     def spawn(self, argv: list[str]) -> subprocess.Popen[bytes]:
         return subprocess.Popen(

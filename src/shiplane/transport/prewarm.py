@@ -24,7 +24,8 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-from .ssh import HOST, SSHTransport, remove_control_dir
+from . import cleanup, connect
+from .base import ConnectSettings, Prewarming
 
 # Verbs that connect to the stage's hosts right after loading the deploy file.
 VERBS = {
@@ -47,7 +48,7 @@ VERBS = {
 }
 MOST = 16  # hosts pre-warmed at once: deploy's default --parallel
 
-_started: dict[str, tuple[SSHTransport, subprocess.Popen[bytes], int]] = {}  # + its stderr
+_started: dict[str, tuple[Prewarming, subprocess.Popen[bytes], int]] = {}  # + its stderr
 _taken: set[str] = set()  # hosts whose session took the master over (its close stops it)
 
 
@@ -91,15 +92,16 @@ def stop_unused() -> None:
             process.kill()
         transport.close()
     if untaken:
-        remove_control_dir()
+        cleanup()
     for _, _, err in _started.values():
         os.close(err)
     _started.clear()
     _taken.clear()
 
 
-def targets(argv: Sequence[str], env: Mapping[str, str], cwd: Path) -> dict[str, SSHTransport]:
-    """host -> its transport, for the hosts ``argv`` will certainly connect to; empty when in doubt."""
+def targets(argv: Sequence[str], env: Mapping[str, str], cwd: Path) -> dict[str, Prewarming]:
+    """host -> its transport, for the hosts ``argv`` will certainly connect to; empty when in doubt
+    (and when one of them has a transport that cannot pre-warm: the local host, never slow)."""
     parsed = _parse(list(argv))
     if parsed is None:
         return {}
@@ -113,17 +115,22 @@ def targets(argv: Sequence[str], env: Mapping[str, str], cwd: Path) -> dict[str,
         hosts = hosts_override.split(",") if hosts_override else stage["hosts"]
         if stage.get("promote_from") or not isinstance(hosts, list):
             return {}  # a promotion check may refuse the artifact before any host is reached
-        remote = [h for h in hosts if isinstance(h, str) and h != "local"]
-        if len(remote) != len(hosts) or not all(HOST.match(h) for h in remote):
+        if not all(isinstance(h, str) for h in hosts):
             return {}
         ssh_config = stage.get("ssh_config")
-        options = {
-            "ssh_config": str(deploy_file.parent / ssh_config) if ssh_config else None,
-            "identity_file": stage.get("identity_file"),
-            "options": list(stage.get("ssh_options", [])),
-            "connect_timeout": float(stage.get("connect_timeout", 10)),
-        }
-        return {h: SSHTransport(h, **options) for h in remote[: min(MOST, parallel)]}
+        settings = ConnectSettings(
+            ssh_config=str(deploy_file.parent / ssh_config) if ssh_config else None,
+            identity_file=stage.get("identity_file"),
+            ssh_options=tuple(stage.get("ssh_options", [])),
+            connect_timeout=float(stage.get("connect_timeout", 10)),
+        )
+        # every host's transport, as its session will make it: one that refuses its host or its
+        # settings (ConfigError), or cannot pre-warm, leaves the whole command to the real load
+        made = {h: connect(h, settings) for h in hosts}
+        ready = {h: t for h, t in made.items() if isinstance(t, Prewarming)}
+        if len(ready) != len(hosts):
+            return {}
+        return dict(list(ready.items())[: min(MOST, parallel)])
     except Exception:  # noqa: BLE001 - anything unexpected here is the real load's to report
         return {}
 

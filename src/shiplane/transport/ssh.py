@@ -12,9 +12,11 @@ import subprocess
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, ClassVar
 
 from shiplane.errors import ConfigError
+
+from .base import ConnectSettings
 
 # [user@]host[:port], the shape config/schema.py's HOST validates (repeated here: this module is
 # imported before the config package, to pre-warm): nothing ssh could read as an option
@@ -49,6 +51,28 @@ def _control_dir() -> Path:
 
 
 class SSHTransport:
+    """Any other host spec, ``[user@]host[:port]`` (an alias of ~/.ssh/config too)."""
+
+    on_controller: ClassVar[bool] = False
+
+    @classmethod
+    def claims(cls, host: str) -> bool:
+        return True  # the last transport tried (shiplane.transport.TRANSPORTS): every other spec
+
+    @classmethod
+    def connect(cls, host: str, settings: ConnectSettings) -> SSHTransport:
+        return cls(
+            host,
+            ssh_config=settings.ssh_config,
+            identity_file=settings.identity_file,
+            options=settings.ssh_options,
+            connect_timeout=settings.connect_timeout,
+        )
+
+    @classmethod
+    def cleanup(cls) -> None:
+        remove_control_dir()
+
     def __init__(
         self,
         host: str,

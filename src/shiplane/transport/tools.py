@@ -18,6 +18,7 @@ import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from shiplane.transport import on_controller
 from shiplane.transport.session import AgentSession, HostError
 
 CHUNK = 1 << 20
@@ -72,8 +73,8 @@ def ship_uv(session: AgentSession, note: Callable[[str], None]) -> int:
 
     Never fails the deploy: a host where it cannot be placed keeps using pip (``note`` says why).
     """
-    if session.host == "local" or not would_ship_uv(session.hello):
-        return 0  # the local host is the controller: it has our uv already, or is meant to use pip
+    if on_controller(session.host) or not would_ship_uv(session.hello):
+        return 0  # the controller's own machine has our uv already, or is meant to use pip
     binary = local_uv()
     assert binary is not None
     stat = binary.stat()
