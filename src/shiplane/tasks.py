@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal, TypedDict
 
 from shiplane.errors import ConfigError, OperationError, ShiplaneError
 
@@ -65,6 +65,28 @@ class Task:
     before: tuple[str, ...] = ()
     after: tuple[str, ...] = ()
     builtin: bool = False
+
+
+class TaskJson(TypedDict):
+    """One task of ``shiplane tasks --json``."""
+
+    name: str
+    run: str | None
+    on: str
+    builtin: bool
+    needs: list[str]
+    before: list[str]
+    after: list[str]
+    dependencies: list[str]
+    in_deploy: bool
+
+
+class GraphJson(TypedDict):
+    """``shiplane tasks --json``: the pipeline, the tasks a deploy runs, every task."""
+
+    pipeline: list[str]
+    deploy: list[str]
+    tasks: list[TaskJson]
 
 
 class GraphError(ConfigError):
@@ -237,7 +259,7 @@ class TaskGraph:
             lines += [self._line(n, width) for n in self.order(others)]
         return "\n".join(lines)
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> GraphJson:
         """The graph as JSON-ready data (for `shiplane tasks --json`)."""
         deploy = self.deploy_tasks()
         return {
@@ -396,52 +418,77 @@ def run_graph(
     'start'|'ok'|'failed'|'skipped', seconds) is called from the calling thread."""
     if max_workers < 1:
         raise ValueError("max_workers must be at least 1")
-    order = graph.order(names)
-    chosen = set(order)
-    waits = {n: graph._waits_within(n, chosen) for n in order}
-    dependents: dict[str, list[str]] = {n: [] for n in order}
-    for name, ws in waits.items():
-        for w in ws:
-            dependents[w].append(name)
-    emit = on_event or (lambda name, status, seconds: None)
-    outcomes: dict[str, TaskOutcome] = {}
-    pending = list(order)
-    running: dict[Future[None], tuple[str, float]] = {}
+    run = _Run(graph, graph.order(names), on_event or (lambda name, status, seconds: None))
+    with ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="task") as pool:
+        while run.pending or run.running:
+            run.start_ready(pool, runner, max_workers)
+            if not run.running:
+                break  # cannot happen for an acyclic graph; never spin
+            done, _ = wait(run.running, return_when=FIRST_COMPLETED)
+            run.collect(done)
+    return RunResult({n: run.outcomes[n] for n in run.order if n in run.outcomes})
 
-    def skip_dependents(failed: str) -> None:
-        stack = list(dependents[failed])
+
+class _Run:
+    """The state of one :func:`run_graph`: what waits, what runs, how each task ended."""
+
+    def __init__(
+        self, graph: TaskGraph, order: list[str], emit: Callable[[str, str, float], None]
+    ) -> None:
+        self.graph, self.order, self.emit = graph, order, emit
+        chosen = set(order)
+        self.waits = {n: graph._waits_within(n, chosen) for n in order}
+        self.dependents: dict[str, list[str]] = {n: [] for n in order}
+        for name, ws in self.waits.items():
+            for w in ws:
+                self.dependents[w].append(name)
+        self.outcomes: dict[str, TaskOutcome] = {}
+        self.pending = list(order)
+        self.running: dict[Future[None], tuple[str, float]] = {}
+
+    def ready(self, name: str) -> bool:
+        return all(w in self.outcomes and self.outcomes[w].status == "ok" for w in self.waits[name])
+
+    def start_ready(
+        self, pool: ThreadPoolExecutor, runner: Callable[[Task], None], max_workers: int
+    ) -> None:
+        """Submit every pending task whose dependencies all succeeded, while a worker is free."""
+        for name in list(self.pending):
+            if len(self.running) >= max_workers:
+                break
+            if self.ready(name):
+                self.pending.remove(name)
+                self.emit(name, "start", 0.0)
+                self.running[pool.submit(runner, self.graph.tasks[name])] = (
+                    name,
+                    time.monotonic(),
+                )
+
+    def collect(self, done: set[Future[None]]) -> None:
+        """Record the tasks that finished, in topological order; a failure skips its dependents."""
+        for future in sorted(done, key=lambda f: self.order.index(self.running[f][0])):
+            name, started = self.running.pop(future)
+            seconds = time.monotonic() - started
+            error = future.exception()
+            if error is None:
+                self.outcomes[name] = TaskOutcome(name, "ok", seconds)
+                self.emit(name, "ok", seconds)
+            else:
+                self.outcomes[name] = TaskOutcome(name, "failed", seconds, _describe(error))
+                self.emit(name, "failed", seconds)
+                self.skip_dependents(name)
+
+    def skip_dependents(self, failed: str) -> None:
+        stack = list(self.dependents[failed])
         while stack:
             name = stack.pop()
-            if name in pending:
-                pending.remove(name)
-                outcomes[name] = TaskOutcome(name, "skipped", 0.0, f'not run: "{failed}" failed')
-                emit(name, "skipped", 0.0)
-                stack += dependents[name]
-
-    with ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="task") as pool:
-        while pending or running:
-            for name in list(pending):
-                if len(running) >= max_workers:
-                    break
-                if all(w in outcomes and outcomes[w].status == "ok" for w in waits[name]):
-                    pending.remove(name)
-                    emit(name, "start", 0.0)
-                    running[pool.submit(runner, graph.tasks[name])] = (name, time.monotonic())
-            if not running:
-                break  # cannot happen for an acyclic graph; never spin
-            done, _ = wait(running, return_when=FIRST_COMPLETED)
-            for future in sorted(done, key=lambda f: order.index(running[f][0])):
-                name, started = running.pop(future)
-                seconds = time.monotonic() - started
-                error = future.exception()
-                if error is None:
-                    outcomes[name] = TaskOutcome(name, "ok", seconds)
-                    emit(name, "ok", seconds)
-                else:
-                    outcomes[name] = TaskOutcome(name, "failed", seconds, _describe(error))
-                    emit(name, "failed", seconds)
-                    skip_dependents(name)
-    return RunResult({n: outcomes[n] for n in order if n in outcomes})
+            if name in self.pending:
+                self.pending.remove(name)
+                self.outcomes[name] = TaskOutcome(
+                    name, "skipped", 0.0, f'not run: "{failed}" failed'
+                )
+                self.emit(name, "skipped", 0.0)
+                stack += self.dependents[name]
 
 
 def _describe(error: BaseException) -> str:
