@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Mapping
 from typing import Any
 
+from shiplane.agent.protocol import InstallArgs, ServicesSpec, WebSpec
 from shiplane.config import DeployFile, Layered, Rendered, env_file_values
+from shiplane.config.schema import Service
 
 Blob = tuple[str, int]  # (sha256, size)
 
@@ -25,65 +28,86 @@ def release_id(digest: str, now: float | None = None) -> str:
     return f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime(at))}{millis:03d}Z-{digest[:8]}"
 
 
-def manifest_blobs(manifest: dict[str, Any]) -> list[Blob]:
+def manifest_blobs(manifest: Mapping[str, object]) -> list[Blob]:
     """Every blob a host needs for this artifact, without duplicates, in a stable order."""
     seen: dict[str, int] = {}
     for group in ("tools", "dependencies", "app_files"):
-        for entry in manifest.get(group, []):
-            seen.setdefault(entry["sha256"], int(entry["size"]))
+        entries = manifest.get(group, [])
+        for entry in entries if isinstance(entries, list) else []:
+            seen.setdefault(str(entry["sha256"]), int(entry["size"]))
     return list(seen.items())
 
 
-def services_spec(deploy: DeployFile, stage: str) -> dict[str, Any]:
+def services_spec(deploy: DeployFile, stage: str) -> ServicesSpec:
     """The services part of a switch/start request (see docs/DESIGN.md, "Services")."""
     stage_cfg = deploy.stages[stage]
     web = deploy.services.get("web")
-    spec: dict[str, Any] = {
+    nginx = stage_cfg.nginx
+    return {
         "app": deploy.app.name,
         "stage": stage,
         "front": stage_cfg.front,
-        "web": None,
-        "workers": {},
+        "web": None if web is None else _web_spec(deploy, stage, web),
+        "workers": {
+            name: {
+                # config/schema.py refuses a service other than web without a command
+                "command": service.command or "",
+                "stop_signal": service.stop_signal,
+                "stop_timeout": service.stop_timeout,
+            }
+            for name, service in deploy.services.items()
+            if name != "web"
+        },
         # the local stage runs under the daemon backend even on a systemd laptop
         "backend": "daemon"
         if stage_cfg.backend == "auto" and stage_cfg.is_local
         else stage_cfg.backend,
-        "nginx": stage_cfg.nginx.model_dump() if stage_cfg.front == "nginx" else None,
-    }
-    if web is not None:
-        spec["web"] = {
-            "kind": "asgi" if deploy.app.asgi else "wsgi",
-            "target": deploy.app.asgi or deploy.app.wsgi,
-            "workers": web.workers or 2,
-            "worker_class": web.worker_class,
-            "bind": stage_cfg.bind or ("127.0.0.1" if stage_cfg.is_local else "0.0.0.0"),
-            "port": deploy.web_port(stage),
-            "timeout": web.timeout,
-            "graceful_timeout": web.graceful_timeout,
-            "threads": web.threads,
-            "max_requests": web.max_requests,
-            "max_requests_jitter": web.max_requests_jitter,
-            "keepalive": web.keepalive,
-            "access_log": web.access_log,
-            "forwarded_allow_ips": web.forwarded_allow_ips,
-            "options": list(web.options),
-            "standby": web.standby,
-            "preboot": web.preboot,
-            "health": {
-                "path": web.healthcheck.path,
-                "timeout": web.healthcheck.timeout,
-                "host": web.healthcheck.host,
-            },
-            "smoke": [check.model_dump() for check in web.smoke],
+        "nginx": {
+            "server_name": nginx.server_name,
+            "tls_cert": nginx.tls_cert,
+            "tls_key": nginx.tls_key,
+            "static": dict(nginx.static),
+            "site_dir": nginx.site_dir,
+            "conf": nginx.conf,
+            "pid_file": nginx.pid_file,
         }
-    for name, service in deploy.services.items():
-        if name != "web":
-            spec["workers"][name] = {
-                "command": service.command,
-                "stop_signal": service.stop_signal,
-                "stop_timeout": service.stop_timeout,
-            }
-    return spec
+        if stage_cfg.front == "nginx"
+        else None,
+    }
+
+
+def _web_spec(deploy: DeployFile, stage: str, web: Service) -> WebSpec:
+    """The web service's part of the services spec."""
+    stage_cfg = deploy.stages[stage]
+    return {
+        "kind": "asgi" if deploy.app.asgi else "wsgi",
+        # config/schema.py refuses a web service without app.wsgi or app.asgi
+        "target": deploy.app.asgi or deploy.app.wsgi or "",
+        "workers": web.workers or 2,
+        "worker_class": web.worker_class,
+        "bind": stage_cfg.bind or ("127.0.0.1" if stage_cfg.is_local else "0.0.0.0"),
+        "port": deploy.web_port(stage) or 8000,  # an int: the stage has a web service
+        "timeout": web.timeout,
+        "graceful_timeout": web.graceful_timeout,
+        "threads": web.threads,
+        "max_requests": web.max_requests,
+        "max_requests_jitter": web.max_requests_jitter,
+        "keepalive": web.keepalive,
+        "access_log": web.access_log,
+        "forwarded_allow_ips": web.forwarded_allow_ips,
+        "options": list(web.options),
+        "standby": web.standby,
+        "preboot": web.preboot,
+        "health": {
+            "path": web.healthcheck.path,
+            "timeout": web.healthcheck.timeout,
+            "host": web.healthcheck.host,
+        },
+        "smoke": [
+            {"path": check.path, "expect": check.expect, "status": check.status}
+            for check in web.smoke
+        ],
+    }
 
 
 def install_request(
@@ -93,9 +117,10 @@ def install_request(
     manifest: dict[str, Any],
     layered: Layered,
     rendered: list[Rendered],
-) -> dict[str, Any]:
+) -> InstallArgs:
     """The ``install`` op's arguments for every host of the stage (they are all the same)."""
     services = services_spec(deploy, stage)
+    web = services["web"]
     return {
         "release_id": rid,
         "stage": stage,
@@ -113,9 +138,9 @@ def install_request(
         "hook_timeout": deploy.hooks.timeout,
         "hook_silence": deploy.hooks.silence_timeout,
         # the process manager the switch will use: the agent starts supervisord while installing
-        "backend": services["backend"] if services["web"] else None,
+        "backend": services["backend"] if web else None,
         # and the web server, with only its libraries, once the release and its venv are there
-        "preboot_web": services["web"] if services["web"] and services["web"]["preboot"] else None,
+        "preboot_web": web if web and web["preboot"] else None,
     }
 
 

@@ -8,7 +8,7 @@ import queue
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from shiplane.agent.protocol import decode
@@ -146,7 +146,7 @@ class AgentSession:
     def call(
         self,
         op: str,
-        args: dict[str, Any] | None = None,
+        args: Mapping[str, object] | None = None,
         *,
         payload: Iterable[bytes] = (),
         on_event: EventHandler | None = None,
