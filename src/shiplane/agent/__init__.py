@@ -11,7 +11,10 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
+
+if TYPE_CHECKING:  # the protocol imports this module
+    from .protocol import ErrorObject
 
 __version__ = "0.1.0"
 
@@ -29,9 +32,9 @@ class AgentError(Exception):
         self.kind = kind
         self.extra = extra
 
-    def to_dict(self) -> dict[str, Any]:
-        """The JSON error object of the protocol."""
-        out: dict[str, Any] = dict(self.extra)
+    def to_dict(self) -> ErrorObject:
+        """The JSON error object of the protocol (``extra``: keys of ``ErrorObject``)."""
+        out = cast("ErrorObject", dict(self.extra))
         out["message"] = self.message
         out["kind"] = self.kind
         return out

@@ -9,14 +9,12 @@ import signal
 import subprocess
 import time
 from collections import deque
-from collections.abc import Callable
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
 from . import AgentError
 from .paths import Layout
+from .protocol import Emit, HookResult
 from .runtime import expand, placeholders, runtime_env
-
-Emit = Callable[[dict[str, Any]], None]
 
 TAIL_LINES = 20
 KILL_GRACE = 5.0
@@ -40,7 +38,7 @@ class Limits:
 
 def run_hook(
     layout: Layout, release_id: str, command: str, limits: Limits, emit: Emit
-) -> dict[str, Any]:
+) -> HookResult:
     """Run ``/bin/sh -c command`` in ``releases/<id>`` and stream its output as events.
 
     The hook gets its own process group, killed whole when a limit is reached (kind ``timeout``)

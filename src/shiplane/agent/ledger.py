@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
 
 from . import utc_now
 from .paths import Layout
+from .protocol import LedgerEntry
 
 
-def append(layout: Layout, entry: dict[str, Any]) -> dict[str, Any]:
+def append(layout: Layout, entry: LedgerEntry) -> LedgerEntry:
     """Append one entry as one line (O_APPEND, fsync); adds ``recorded_at`` when absent.
 
     A line torn by an earlier crash is closed with a newline first, so it cannot swallow this one.
     """
-    record = dict(entry)
+    record = entry.copy()
     record.setdefault("recorded_at", utc_now())
     line = json.dumps(record, sort_keys=True, separators=(",", ":")) + "\n"
     layout.root.mkdir(parents=True, exist_ok=True)
@@ -42,7 +42,7 @@ def _ends_torn(layout: Layout) -> bool:
         return False
 
 
-def read(layout: Layout, limit: int | None = None) -> list[dict[str, Any]]:
+def read(layout: Layout, limit: int | None = None) -> list[LedgerEntry]:
     """The entries, oldest first (newest last); ``limit`` keeps the newest ``limit``.
 
     Lines that do not parse (a torn last line after a crash) are skipped, never fatal.
@@ -52,12 +52,12 @@ def read(layout: Layout, limit: int | None = None) -> list[dict[str, Any]]:
             raw = f.read()
     except FileNotFoundError:
         return []
-    out: list[dict[str, Any]] = []
+    out: list[LedgerEntry] = []
     for line in raw.split(b"\n"):
         if not line.strip():
             continue
         try:
-            entry = json.loads(line)
+            entry: LedgerEntry = json.loads(line)
         except ValueError:
             continue
         if isinstance(entry, dict):

@@ -24,12 +24,13 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import cast
 
 from . import AgentError, atomic_write, parse_utc, pid_alive, utc_now
 from .paths import Layout
+from .protocol import Emit, Holder, HolderInfo, LockInfo, LockRecord, UnlockResult
 
-Emit = Callable[[dict[str, Any]], None]
 Pause = Callable[[float], bool]
 
 STALE_AFTER = 120.0  # old agents' records only: how old their heartbeat may get
@@ -59,14 +60,14 @@ class Held:
     """A taken lock: its record, the fd holding its flock (None: kept, or another session of the
     same controller holds it), and the abandoned record broken on the way, if any."""
 
-    record: dict[str, Any]
+    record: LockRecord
     fd: int | None = None
-    broke: dict[str, Any] | None = None
+    broke: HolderInfo | None = None
 
 
-def _parse(raw: bytes, mtime: float | None) -> dict[str, Any]:
+def _parse(raw: bytes, mtime: float | None) -> LockRecord:
     try:
-        record = json.loads(raw)
+        record: LockRecord = json.loads(raw)
         if isinstance(record, dict):
             return record
     except ValueError:
@@ -88,7 +89,7 @@ def _parse(raw: bytes, mtime: float | None) -> dict[str, Any]:
     }
 
 
-def read(layout: Layout) -> dict[str, Any] | None:
+def read(layout: Layout) -> LockRecord | None:
     """The lock record, or None when nobody holds the lock."""
     opened = _open_current(layout)
     if opened is None:
@@ -97,7 +98,7 @@ def read(layout: Layout) -> dict[str, Any] | None:
     return opened[1]
 
 
-def _open_current(layout: Layout) -> tuple[int, dict[str, Any]] | None:
+def _open_current(layout: Layout) -> tuple[int, LockRecord] | None:
     """An fd on the current ``.lock`` and the record read through it (the same file, even if
     ``.lock`` is replaced meanwhile), or None when there is no lock."""
     try:
@@ -124,14 +125,14 @@ def _try_flock(fd: int, how: int) -> bool:
         raise
 
 
-def _kind(record: dict[str, Any]) -> str:
+def _kind(record: LockRecord) -> str:
     """``bound`` (held by a live session's flock), ``kept`` (until unlock) or ``legacy``."""
     if record.get("kept"):
         return "kept"
     return "bound" if record.get("holder_lock") == BOUND else "legacy"
 
 
-def inspect(layout: Layout) -> dict[str, Any] | None:
+def inspect(layout: Layout) -> LockInfo | None:
     """The described lock (see ``describe``), its holder's liveness checked, plus ``message``
     (``held_message``), or None when free."""
     opened = _open_current(layout)
@@ -148,9 +149,7 @@ def inspect(layout: Layout) -> dict[str, Any] | None:
     return info
 
 
-def describe(
-    record: dict[str, Any], now: float | None = None, alive: bool | None = None
-) -> dict[str, Any]:
+def describe(record: LockRecord, now: float | None = None, alive: bool | None = None) -> LockInfo:
     """The record plus ``age`` (seconds since acquired), ``state`` and ``stale``.
 
     ``state``: ``live`` (its session holds the flock), ``abandoned`` (its session is gone: the
@@ -183,7 +182,9 @@ def describe(
             isinstance(pid, int) and pid > 0 and pid_alive(pid)
         ):
             state, reason = "stale", f"its holder, pid {pid} on this host, is gone"
-    out = dict(record)
+    # every key of the record, a newer agent's too (mypy cannot know a LockRecord has no
+    # LockInfo key with another type: it has none, LockInfo extends it)
+    out = cast(LockInfo, dict(record))
     out["age"] = round(age, 1) if age is not None else None
     out["state"] = state
     out["stale"] = state in ("abandoned", "stale")
@@ -192,20 +193,20 @@ def describe(
     return out
 
 
-def _who(info: dict[str, Any]) -> str:
+def _who(info: LockInfo) -> str:
     return (
         f"{info.get('user', '?')}@{info.get('host', '?')} "
         f"(pid {info.get('pid', '?')}, `{info.get('command', '?')}`)"
     )
 
 
-def _taken(info: dict[str, Any]) -> str:
+def _taken(info: LockInfo) -> str:
     age = info.get("age")
     ago = f"{int(age)}s ago" if isinstance(age, (int, float)) else "age unknown"
     return f"{info.get('acquired_at') or info.get('started_at') or '?'} ({ago})"
 
 
-def held_message(info: dict[str, Any]) -> str:
+def held_message(info: LockInfo) -> str:
     """``deploy lock held by USER@HOST (pid N, `command`), taken T (Ns ago)`` and what it is."""
     msg = f"deploy lock held by {_who(info)}, taken {_taken(info)}"
     if info.get("reason"):
@@ -225,12 +226,12 @@ def held_message(info: dict[str, Any]) -> str:
     return msg
 
 
-def broke_message(info: dict[str, Any]) -> str:
+def broke_message(info: LockInfo) -> str:
     """The one line said when an abandoned lock is broken."""
     return f"broke the deploy lock left by {_who(info)}, taken {_taken(info)}: its holder is gone"
 
 
-def _link_or_create(layout: Layout, tmp: Any, record: dict[str, Any]) -> int | None:
+def _link_or_create(layout: Layout, tmp: Path, record: LockRecord) -> int | None:
     """Make ``.lock`` the temp file (link(2)): ``-1``; or on filesystems without hard links
     create it with O_EXCL, flocked before its content is written (a reader in between sees an
     unreadable record: held by ``unknown``, never broken): that fd. None: it exists."""
@@ -251,7 +252,7 @@ def _link_or_create(layout: Layout, tmp: Any, record: dict[str, Any]) -> int | N
     return fd
 
 
-def _try_create(layout: Layout, record: dict[str, Any], bind: bool) -> tuple[bool, int | None]:
+def _try_create(layout: Layout, record: LockRecord, bind: bool) -> tuple[bool, int | None]:
     """Create the lock whole or not at all: a temp file, flocked (``bind``) before it is linked
     to ``.lock``, so no one ever sees a bound record without its flock held.
 
@@ -283,9 +284,9 @@ def _try_create(layout: Layout, record: dict[str, Any], bind: bool) -> tuple[boo
         tmp.unlink(missing_ok=True)
 
 
-def _new_record(holder: dict[str, Any], keep: bool) -> dict[str, Any]:
+def _new_record(holder: Holder, keep: bool) -> LockRecord:
     now = utc_now()
-    record = {
+    record: LockRecord = {
         "user": holder.get("user"),
         "host": holder.get("host"),
         "pid": holder.get("pid"),
@@ -300,14 +301,15 @@ def _new_record(holder: dict[str, Any], keep: bool) -> dict[str, Any]:
         record["kept"] = True
     else:
         record["holder_lock"] = BOUND
-    if isinstance(holder.get("reason"), str) and holder["reason"].strip():
-        record["reason"] = holder["reason"].strip()[:500]
+    reason = holder.get("reason")
+    if isinstance(reason, str) and reason.strip():
+        record["reason"] = reason.strip()[:500]
     return record
 
 
 def acquire(
     layout: Layout,
-    holder: dict[str, Any],
+    holder: Holder,
     wait: float,
     emit: Emit,
     *,
@@ -325,7 +327,7 @@ def acquire(
     """
     deadline = time.monotonic() + max(0.0, float(wait or 0))
     announced = False
-    broke: dict[str, Any] | None = None
+    broke: HolderInfo | None = None
     while True:
         record = _new_record(holder, keep)
         created, fd_held = _try_create(layout, record, bind=not keep)
@@ -385,30 +387,40 @@ def _still_current(layout: Layout, fd: int) -> bool:
         return False
 
 
-def _holder_only(info: dict[str, Any]) -> dict[str, Any]:
-    keys = (
-        "user",
-        "host",
-        "pid",
-        "command",
-        "started_at",
-        "acquired_at",
-        "agent_pid",
-        "age",
-        "state",
-        "reason",
-    )
-    return {k: info.get(k) for k in keys if k in info}
+def _holder_only(info: LockInfo) -> HolderInfo:
+    """Whose the lock is: the keys of ``HolderInfo`` the record has."""
+    out: HolderInfo = {}
+    if "user" in info:
+        out["user"] = info["user"]
+    if "host" in info:
+        out["host"] = info["host"]
+    if "pid" in info:
+        out["pid"] = info["pid"]
+    if "command" in info:
+        out["command"] = info["command"]
+    if "started_at" in info:
+        out["started_at"] = info["started_at"]
+    if "acquired_at" in info:
+        out["acquired_at"] = info["acquired_at"]
+    if "agent_pid" in info:
+        out["agent_pid"] = info["agent_pid"]
+    if "age" in info:
+        out["age"] = info["age"]
+    if "state" in info:
+        out["state"] = info["state"]
+    if "reason" in info:
+        out["reason"] = info["reason"]
+    return out
 
 
-def is_ours(record: dict[str, Any], holder: dict[str, Any] | None) -> bool:
+def is_ours(record: LockRecord, holder: Holder | None) -> bool:
     """Whether the lock ``record`` belongs to ``holder`` (same host and pid)."""
     if not holder:
         return False
     return record.get("host") == holder.get("host") and record.get("pid") == holder.get("pid")
 
 
-def _owns_kept(record: dict[str, Any], holder: dict[str, Any] | None) -> bool:
+def _owns_kept(record: LockRecord, holder: Holder | None) -> bool:
     """A lock taken with ``shiplane lock`` belongs to the user who took it, on the machine they
     took it from: any later command of theirs may release it (no process holds it)."""
     if not holder or not record.get("kept"):
@@ -416,7 +428,7 @@ def _owns_kept(record: dict[str, Any], holder: dict[str, Any] | None) -> bool:
     return record.get("user") == holder.get("user") and record.get("host") == holder.get("host")
 
 
-def heartbeat(layout: Layout, holder: dict[str, Any] | None) -> dict[str, Any]:
+def heartbeat(layout: Layout, holder: Holder | None) -> LockRecord:
     """Whether ``holder`` still holds the lock: its record, or fail kind ``lock``.
 
     Liveness is the holder session's flock, so nothing is written; an older agent's record of
@@ -434,7 +446,7 @@ def heartbeat(layout: Layout, holder: dict[str, Any] | None) -> dict[str, Any]:
     return current
 
 
-def release(layout: Layout, holder: dict[str, Any] | None, force: bool = False) -> dict[str, Any]:
+def release(layout: Layout, holder: Holder | None, force: bool = False) -> UnlockResult:
     """Remove the lock: only our own unless ``force``. ``{released: bool, holder}``.
 
     The caller closes its flock fd afterwards (``drop``): the record goes first, so it is never

@@ -9,21 +9,15 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any
 
 from .paths import Layout
-from .releases import (
-    Emit,
-    current_release,
-    list_releases,
-    previous_release,
-    remove_tree,
-)
+from .protocol import Emit, PruneResult
+from .releases import current_release, list_releases, previous_release, remove_tree
 from .runtime import RELEASE_ID_RE
 from .venvs import list_venvs, remove_venv
 
 
-def prune(layout: Layout, keep: int, emit: Emit) -> dict[str, Any]:
+def prune(layout: Layout, keep: int, emit: Emit) -> PruneResult:
     """Remove the oldest releases beyond ``keep``; never the live, the previous, nor the newest
     ``good`` one. Then drop venvs no remaining release uses and leftovers of crashed installs."""
     keep = max(1, int(keep))

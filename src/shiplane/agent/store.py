@@ -15,14 +15,13 @@ import re
 import shutil
 import stat
 import zipfile
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path, PurePosixPath
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
 from . import AgentError, fsync_dir
 from .paths import Layout
-
-Emit = Callable[[dict[str, Any]], None]
+from .protocol import BlobRef, Emit, ReceiveResult, VerifyResult
 
 SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 CHUNK = 1 << 20
@@ -49,9 +48,7 @@ def missing(layout: Layout, shas: Iterable[str]) -> list[str]:
     return out
 
 
-def receive(
-    layout: Layout, blobs: list[dict[str, Any]], stream: BinaryIO, emit: Emit
-) -> dict[str, Any]:
+def receive(layout: Layout, blobs: list[BlobRef], stream: BinaryIO, emit: Emit) -> ReceiveResult:
     """Read each blob's bytes from ``stream`` (back to back, sizes as listed) into the store.
 
     Every listed byte is consumed even when a blob is bad, so the session stays in sync; a blob
@@ -217,7 +214,7 @@ def quarantine(layout: Layout, sha: str) -> None:
         pass
 
 
-def check_store(layout: Layout, emit: Emit) -> dict[str, Any]:
+def check_store(layout: Layout, emit: Emit) -> VerifyResult:
     """Re-hash every stored blob (``shiplane verify``); bad ones are quarantined and listed."""
     try:
         names = sorted(p.name for p in layout.store.iterdir() if valid_sha(p.name))
