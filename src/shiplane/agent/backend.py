@@ -10,15 +10,13 @@ rollback and a restart do the same thing whichever backend runs the processes.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol, TypedDict
 
 from .errors import AgentError
 from .paths import Layout, agent_command
+from .protocol import Emit, ServicesSpec, WebSpec, WorkerSpec
 from .runtime import read_meta
-
-Emit = Callable[[dict[str, Any]], None]
 
 SIGNALS = {"TERM", "HUP", "INT", "QUIT", "KILL", "USR1", "USR2"}
 RESERVED = {"web", "front", "supervisord"}
@@ -26,12 +24,62 @@ RESERVED = {"web", "front", "supervisord"}
 MAX_SOCKET_PATH = 107
 
 
+# --- what a backend answers ------------------------------------------------------------------
+
+
+class _ServiceStatus(TypedDict):
+    name: str  # the service: "web", "front" or a worker's name
+    program: str  # the backend's own name: a supervisord program, a systemd unit
+    pid: int | None
+    state: str  # supervisord's state names (systemd's are mapped to them)
+    uptime: int  # seconds
+    release: str | None
+
+
+class ServiceStatus(_ServiceStatus, total=False):
+    """One process in ``status``; ``preboot`` from the backend (a web server waiting for its
+    switch), ``live`` and ``standby`` (web servers) from services.status."""
+
+    preboot: bool
+    live: bool
+    standby: bool
+
+
+class Killed(TypedDict):
+    """A worker that outlived its grace period when it was stopped, and was killed."""
+
+    service: str
+    pid: int
+    seconds: float
+
+
+class WorkersResult(TypedDict):
+    workers: list[str]
+    killed: list[Killed]
+
+
+class _ManagerState(TypedDict):
+    running: bool
+    pid: int | None
+
+
+class ManagerState(_ManagerState, total=False):
+    """The process manager: supervisord (``{running, pid}``) or systemd (``manager`` too)."""
+
+    manager: str
+
+
+class ShutdownResult(TypedDict, total=False):
+    stopped: list[str]
+    supervisord_pid: int | None  # the daemon backend's
+
+
 class Backend(Protocol):
     """What switch.py and services.py need from a process manager."""
 
     name: str
 
-    def prepare(self, spec: dict[str, Any] | None, emit: Emit) -> None:
+    def prepare(self, spec: ServicesSpec | None, emit: Emit) -> None:
         """Make the manager ready (supervisord running, units dir and daemon-reload)."""
 
     def web_releases(self) -> set[str]:
@@ -40,14 +88,14 @@ class Backend(Protocol):
     def web_state(self, release_id: str) -> tuple[bool, str | None]:
         """(running, why it died for good or None) for the release's web server."""
 
-    def start_web(self, release_id: str, web: dict[str, Any], emit: Emit) -> None:
+    def start_web(self, release_id: str, web: WebSpec, emit: Emit) -> None:
         """Configure and start the release's web server; does not wait for it to answer."""
 
-    def preboot_web(self, release_id: str, web: dict[str, Any], emit: Emit) -> None:
+    def preboot_web(self, release_id: str, web: WebSpec, emit: Emit) -> None:
         """Start the release's web server early, loading its libraries but not the app
         (``start_web`` lets it go on); a no-op where the backend cannot."""
 
-    def keep_spare(self, release_id: str, web: dict[str, Any], emit: Emit) -> None:
+    def keep_spare(self, release_id: str, web: WebSpec, emit: Emit) -> None:
         """After a switch to ``release_id``: keep a spare server for the next release (spare.py);
         a no-op where the backend has none."""
 
@@ -58,16 +106,16 @@ class Backend(Protocol):
         """Stop the release's web server gracefully (TERM, then KILL after its grace) and
         forget it; ``wait=False`` only sends the stop (a later call with ``wait`` finishes)."""
 
-    def ensure_front(self, spec: dict[str, Any], emit: Emit, wait: bool = True) -> None:
+    def ensure_front(self, spec: ServicesSpec, emit: Emit, wait: bool = True) -> None:
         """The builtin front runs as the spec says (or is removed when another front is used);
         ``wait=False`` returns before a front just started listens (``wait_front`` waits)."""
 
-    def wait_front(self, spec: dict[str, Any]) -> None:
+    def wait_front(self, spec: ServicesSpec) -> None:
         """Return once a front started by ``ensure_front(wait=False)`` listens (AgentError)."""
 
     def restart_workers(
-        self, spec: dict[str, Any], release_id: str, emit: Emit, only: set[str] | None = None
-    ) -> dict[str, Any]:
+        self, spec: ServicesSpec, release_id: str, emit: Emit, only: set[str] | None = None
+    ) -> WorkersResult:
         """Worker services run ``release_id``; returns ``{workers: [names], killed: [...]}``,
         ``killed`` naming each worker that outlived its grace period and was killed."""
 
@@ -77,13 +125,13 @@ class Backend(Protocol):
     def signal_web(self, release_id: str, signame: str) -> None:
         """Send a signal to the release's web server (``HUP``: gunicorn replaces its workers)."""
 
-    def status(self) -> list[dict[str, Any]]:
+    def status(self) -> list[ServiceStatus]:
         """One entry per process: name, program, pid, state, uptime, release."""
 
-    def running(self) -> dict[str, Any]:
+    def running(self) -> ManagerState:
         """The manager itself: ``{running, pid}`` (supervisord) or ``{running: True}``."""
 
-    def shutdown(self) -> dict[str, Any]:
+    def shutdown(self) -> ShutdownResult:
         """Stop every service of this root (and the manager, when it is ours)."""
 
     def log_command(self, service: str) -> list[str] | None:
@@ -94,7 +142,7 @@ class Backend(Protocol):
 
 
 def web_argv(
-    layout: Layout, release_id: str, web: dict[str, Any], version_of: str | None = None
+    layout: Layout, release_id: str, web: WebSpec, version_of: str | None = None
 ) -> list[str]:
     """The release's gunicorn on ``run/web-<id>.sock``, through ``exec-env`` (its env file).
 
@@ -110,7 +158,7 @@ def web_argv(
     ]
 
 
-def preboot_argv(layout: Layout, release_id: str, web: dict[str, Any]) -> list[str] | None:
+def preboot_argv(layout: Layout, release_id: str, web: WebSpec) -> list[str] | None:
     """The same gunicorn through ``preboot.py`` (libraries first, the app once ``run/web-<id>.go``
     exists), run by the release venv's Python; None when ``preboot`` is off or there is no venv."""
     if web.get("preboot") is False:
@@ -176,7 +224,7 @@ def web_gave_up(layout: Layout, release_id: str) -> Path:
 
 
 def gunicorn_argv(
-    layout: Layout, release_id: str, web: dict[str, Any], version_of: str | None = None
+    layout: Layout, release_id: str, web: WebSpec, version_of: str | None = None
 ) -> list[str]:
     sock = layout.release_socket(release_id)
     if len(str(sock).encode()) > MAX_SOCKET_PATH:
@@ -213,25 +261,25 @@ def gunicorn_argv(
     return argv
 
 
-def server_options(web: dict[str, Any]) -> list[str]:
+def server_options(web: WebSpec) -> list[str]:
     """gunicorn's options from ``[services.web]``'s own keys, then its pass-through ``options``
     (checked against gunicorn's names when the deploy file was loaded)."""
     argv: list[str] = []
-    for key, flag in (
-        ("threads", "--threads"),
-        ("max_requests", "--max-requests"),
-        ("max_requests_jitter", "--max-requests-jitter"),
-        ("keepalive", "--keep-alive"),
-        ("forwarded_allow_ips", "--forwarded-allow-ips"),
+    for value, flag in (
+        (web.get("threads"), "--threads"),
+        (web.get("max_requests"), "--max-requests"),
+        (web.get("max_requests_jitter"), "--max-requests-jitter"),
+        (web.get("keepalive"), "--keep-alive"),
+        (web.get("forwarded_allow_ips"), "--forwarded-allow-ips"),
     ):
-        if web.get(key) is not None:
-            argv.append(f"{flag}={web[key]}")
+        if value is not None:
+            argv.append(f"{flag}={value}")
     if web.get("access_log"):
         argv.append("--access-logfile=-")  # to stdout: the service's log
     return argv + [str(option) for option in web.get("options") or []]
 
 
-def graceful_timeout(web: dict[str, Any]) -> int:
+def graceful_timeout(web: WebSpec) -> int:
     """Seconds gunicorn gives in-flight requests after TERM; the manager KILLs 5 s later."""
     return int(web.get("graceful_timeout") or 20)
 
@@ -250,11 +298,11 @@ def gunicorn_major(layout: Layout, release_id: str) -> int:
     return 0
 
 
-def check_worker(name: str, worker: dict[str, Any]) -> tuple[str, float]:
+def check_worker(name: str, worker: WorkerSpec | None) -> tuple[str, float]:
     """A worker's (stop signal without ``SIG``, stop timeout) after checking name and command."""
     if name in RESERVED or name.startswith("web-"):
         raise AgentError(f"service name {name!r} is reserved", kind="usage")
-    if not worker.get("command"):
+    if not worker or not worker.get("command"):
         raise AgentError(f"service {name!r} has no command", kind="usage")
     stop_signal = str(worker.get("stop_signal") or "TERM").upper().removeprefix("SIG")
     if stop_signal not in SIGNALS:
@@ -262,9 +310,10 @@ def check_worker(name: str, worker: dict[str, Any]) -> tuple[str, float]:
     return stop_signal, float(worker.get("stop_timeout") or 10)
 
 
-def worker_argv(layout: Layout, name: str, worker: dict[str, Any], release_id: str) -> list[str]:
+def worker_argv(layout: Layout, name: str, worker: WorkerSpec | None, release_id: str) -> list[str]:
     """``sh -c <command>`` in the release dir with its env."""
     check_worker(name, worker)
+    command = worker["command"] if worker else ""  # check_worker refused one without a command
     return [
         *agent_command(),
         "exec-env",
@@ -273,19 +322,19 @@ def worker_argv(layout: Layout, name: str, worker: dict[str, Any], release_id: s
         "--",
         "/bin/sh",
         "-c",
-        str(worker["command"]),
+        str(command),
     ]
 
 
-def front_listen(spec: dict[str, Any]) -> str:
+def front_listen(spec: ServicesSpec | None) -> str:
     """``HOST:PORT`` (``[v6]:PORT``) the front listens on."""
-    web = spec.get("web") or {}
-    bind = str(web.get("bind") or "127.0.0.1")
-    port = int(web.get("port") or 8000)
+    web = spec.get("web") if spec else None
+    bind = str((web and web.get("bind")) or "127.0.0.1")
+    port = int((web and web.get("port")) or 8000)
     return f"[{bind}]:{port}" if ":" in bind else f"{bind}:{port}"
 
 
-def front_argv(layout: Layout, spec: dict[str, Any]) -> list[str]:
+def front_argv(layout: Layout, spec: ServicesSpec | None) -> list[str]:
     """The builtin proxy from the public port to ``run/web.sock``."""
     return [
         *agent_command(),
@@ -304,8 +353,12 @@ def front_ready(layout: Layout) -> Path:
     return layout.run / "front.ready"
 
 
-def builtin_front(spec: dict[str, Any]) -> bool:
-    return (spec.get("front") or "builtin") == "builtin"
+def builtin_front(spec: ServicesSpec | None) -> bool:
+    """Whether the stage's front is the builtin proxy, which the backend runs as its ``front``
+    service (fronts.py has every front, by name; None: no spec, the default front)."""
+    from .fronts import front_for  # fronts.py imports the fronts' modules, which import this one
+
+    return front_for(spec).supervised
 
 
 def unlink_quiet(path: Path) -> None:

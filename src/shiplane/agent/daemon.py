@@ -8,12 +8,15 @@ a conf file in ``run/programs``; the ``; shiplane: {...}`` comment on its first 
 from __future__ import annotations
 
 import time
-from typing import Any
 
 from . import spare
 from . import supervisor as sv
 from .backend import (
-    Emit,
+    Killed,
+    ManagerState,
+    ServiceStatus,
+    ShutdownResult,
+    WorkersResult,
     builtin_front,
     check_worker,
     front_argv,
@@ -34,6 +37,7 @@ from .backend import (
 from .errors import AgentError
 from .health import tail_lines
 from .paths import Layout
+from .protocol import Emit, ServicesSpec, WebSpec, WorkerSpec
 from .runtime import read_meta
 
 # EXITED is not dead: autorestart starts it again (a crash, a kill -9)
@@ -57,7 +61,7 @@ def _log_options(layout: Layout, name: str) -> dict[str, object]:
     }
 
 
-def web_options(layout: Layout, web: dict[str, Any]) -> dict[str, object]:
+def web_options(layout: Layout, web: WebSpec) -> dict[str, object]:
     return {
         "autostart": True,
         "autorestart": True,
@@ -71,11 +75,13 @@ def web_options(layout: Layout, web: dict[str, Any]) -> dict[str, object]:
     }
 
 
-def web_conf(layout: Layout, release_id: str, web: dict[str, Any]) -> str:
+def web_conf(layout: Layout, release_id: str, web: WebSpec) -> str:
     """``web-<id>``: the release's gunicorn (through preboot.py unless ``preboot`` is off);
     supervisord restarts it if it crashes."""
     argv = preboot_argv(layout, release_id, web)
-    meta = {"service": "web", "release_id": release_id, **({"preboot": True} if argv else {})}
+    meta: sv.ProgramMeta = {"service": "web", "release_id": release_id}
+    if argv:
+        meta["preboot"] = True
     return sv.program_conf(
         web_program(release_id),
         argv or web_argv(layout, release_id, web),
@@ -84,7 +90,7 @@ def web_conf(layout: Layout, release_id: str, web: dict[str, Any]) -> str:
     )
 
 
-def worker_conf(layout: Layout, name: str, worker: dict[str, Any], release_id: str) -> str:
+def worker_conf(layout: Layout, name: str, worker: WorkerSpec | None, release_id: str) -> str:
     """A worker program with its stop signal and grace period (then supervisord KILLs it)."""
     stop_signal, stop_timeout = check_worker(name, worker)
     options: dict[str, object] = {
@@ -98,13 +104,13 @@ def worker_conf(layout: Layout, name: str, worker: dict[str, Any], release_id: s
         "killasgroup": True,
         **_log_options(layout, name),
     }
-    meta = {"service": name, "kind": "worker", "release_id": release_id}
+    meta: sv.ProgramMeta = {"service": name, "kind": "worker", "release_id": release_id}
     return sv.program_conf(
         sv.check_name(name), worker_argv(layout, name, worker, release_id), options, meta
     )
 
 
-def front_conf(layout: Layout, spec: dict[str, Any]) -> str | None:
+def front_conf(layout: Layout, spec: ServicesSpec) -> str | None:
     """The builtin front proxy program, or None when the spec asks for another front."""
     if not builtin_front(spec):
         return None
@@ -144,7 +150,7 @@ class DaemonBackend:
             self._sup = sv.connect(self.layout)
         return self._sup
 
-    def prepare(self, spec: dict[str, Any] | None, emit: Emit) -> None:
+    def prepare(self, spec: ServicesSpec | None, emit: Emit) -> None:
         self._sup = sv.ensure_running(self.layout, emit)
 
     def web_releases(self) -> set[str]:
@@ -188,7 +194,7 @@ class DaemonBackend:
             return False, f"gunicorn exited with status {status}: {gave_up}"
         return info["statename"] == "RUNNING", None
 
-    def start_web(self, release_id: str, web: dict[str, Any], emit: Emit) -> None:
+    def start_web(self, release_id: str, web: WebSpec, emit: Emit) -> None:
         go = web_go(self.layout, release_id)
         unlink_quiet(web_gave_up(self.layout, release_id))  # a verdict on an earlier start
         if not go.exists():
@@ -196,12 +202,12 @@ class DaemonBackend:
             go.write_bytes(b"")
         poke(web_wake(self.layout, self._start(release_id, web, emit)))
 
-    def preboot_web(self, release_id: str, web: dict[str, Any], emit: Emit) -> None:
+    def preboot_web(self, release_id: str, web: WebSpec, emit: Emit) -> None:
         """Start the release's server (or have it adopt the spare); without its go file it
         loads only its libraries."""
         self._start(release_id, web, emit)
 
-    def _start(self, release_id: str, web: dict[str, Any], emit: Emit) -> str:
+    def _start(self, release_id: str, web: WebSpec, emit: Emit) -> str:
         """Configure and start the release's program; returns its name."""
         name = self._program(release_id)
         if name == web_program(release_id) and not sv.program_conf_path(self.layout, name).exists():
@@ -222,7 +228,7 @@ class DaemonBackend:
         self.sup.start(name, wait=False)
         return name
 
-    def _adopt(self, release_id: str, web: dict[str, Any], emit: Emit) -> str | None:
+    def _adopt(self, release_id: str, web: WebSpec, emit: Emit) -> str | None:
         """Hand the spare of the release's venv to the release (None: there is none)."""
         digest = (read_meta(self.layout, release_id) or {}).get("dependency_digest")
         if not digest or not spare.wanted(web):
@@ -251,7 +257,7 @@ class DaemonBackend:
             return name
         return None
 
-    def keep_spare(self, release_id: str, web: dict[str, Any], emit: Emit) -> None:
+    def keep_spare(self, release_id: str, web: WebSpec, emit: Emit) -> None:
         """After a switch: one spare nobody adopted, from the live release's venv (or none)."""
         digest = str((read_meta(self.layout, release_id) or {}).get("dependency_digest") or "")
         want = (
@@ -305,7 +311,7 @@ class DaemonBackend:
         unlink_quiet(spare.claim_path(self.layout, name))
         unlink_quiet(web_wake(self.layout, name))
 
-    def ensure_front(self, spec: dict[str, Any], emit: Emit, wait: bool = True) -> None:
+    def ensure_front(self, spec: ServicesSpec, emit: Emit, wait: bool = True) -> None:
         self._front_starting = False
         text = front_conf(self.layout, spec)
         if text is None:
@@ -324,24 +330,24 @@ class DaemonBackend:
         if wait:
             self.wait_front(spec)
 
-    def wait_front(self, spec: dict[str, Any]) -> None:
+    def wait_front(self, spec: ServicesSpec) -> None:
         if self._front_starting:
             self._wait_front_listening(spec)
             self._front_starting = False
 
-    def _wait_front_listening(self, spec: dict[str, Any]) -> None:
+    def _wait_front_listening(self, spec: ServicesSpec) -> None:
         """Return once the front just started listens; its port may be held by another program
         (which would then answer in its place), so that is an error naming the port."""
         deadline = time.monotonic() + FRONT_START_TIMEOUT
         while True:
-            info = self.sup.info("front") or {}
+            info = self.sup.info("front")
             try:
                 listening = int(front_ready(self.layout).read_text())
             except (OSError, ValueError):
                 listening = None
-            if info.get("pid") and listening == info["pid"]:
+            if info is not None and info["pid"] and listening == info["pid"]:
                 return
-            gone = info.get("statename") not in ("RUNNING", "STARTING")
+            gone = info is None or info["statename"] not in ("RUNNING", "STARTING")
             if gone or time.monotonic() > deadline:
                 why = (tail_lines(self.layout.log / "front.log", 1) or ["no output"])[-1]
                 raise AgentError(
@@ -349,7 +355,7 @@ class DaemonBackend:
                 )
             time.sleep(0.02)  # poll interval while the proxy starts
 
-    def _stop_worker(self, name: str, emit: Emit) -> dict[str, Any] | None:
+    def _stop_worker(self, name: str, emit: Emit) -> Killed | None:
         """Stop a running worker; a dict describing the kill when it outlived its grace."""
         info = self.sup.info(name)
         if info is None or not info.get("pid"):
@@ -372,13 +378,11 @@ class DaemonBackend:
         return None
 
     def restart_workers(
-        self, spec: dict[str, Any], release_id: str, emit: Emit, only: set[str] | None = None
-    ) -> dict[str, Any]:
-        workers: dict[str, Any] = spec.get("workers") or {}
-        killed: list[dict[str, Any]] = []
-        confs = {
-            name: worker_conf(self.layout, name, w or {}, release_id) for name, w in workers.items()
-        }
+        self, spec: ServicesSpec, release_id: str, emit: Emit, only: set[str] | None = None
+    ) -> WorkersResult:
+        workers = spec.get("workers") or {}
+        killed: list[Killed] = []
+        confs = {name: worker_conf(self.layout, name, w, release_id) for name, w in workers.items()}
         for name in sv.configured_programs(self.layout):
             if sv.program_meta(self.layout, name).get("kind") == "worker" and name not in workers:
                 emit({"phase": "switch", "status": "worker", "detail": f"removing {name}"})
@@ -422,11 +426,11 @@ class DaemonBackend:
     def signal_web(self, release_id: str, signame: str) -> None:
         self.sup.signal(self._program(release_id), signame)
 
-    def status(self) -> list[dict[str, Any]]:
+    def status(self) -> list[ServiceStatus]:
         sup = self.connected()
         if sup is None:
             return []
-        services: list[dict[str, Any]] = []
+        services: list[ServiceStatus] = []
         for info in sup.all_info():
             program = str(info["name"])
             meta = sv.program_meta(self.layout, program)
@@ -447,15 +451,17 @@ class DaemonBackend:
                 services[-1]["preboot"] = not self._booted(program)
         return services
 
-    def running(self) -> dict[str, Any]:
+    def running(self) -> ManagerState:
         sup = self.connected()
         return {
             "running": sup is not None,
             "pid": sv.read_pid(self.layout) if sup is not None else None,
         }
 
-    def shutdown(self) -> dict[str, Any]:
-        return sv.shutdown(self.layout)
+    def shutdown(self) -> ShutdownResult:
+        """``stopped`` is for services.shutdown to name: supervisord stopped every program."""
+        down = sv.shutdown(self.layout)
+        return {"supervisord_pid": down["supervisord_pid"], "stopped": []}
 
     def log_command(self, service: str) -> list[str] | None:
         return None

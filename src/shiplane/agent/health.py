@@ -14,14 +14,26 @@ import time
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TypedDict
 
 from .errors import AgentError
-
-Emit = Callable[[dict[str, Any]], None]
+from .protocol import Emit, SmokeSpec
 
 BODY_HEAD = 300
 LOG_TAIL_LINES = 20
+
+
+class Healthy(TypedDict):
+    """How a server passed its health check: the status, after how long, in how many GETs."""
+
+    status: int
+    seconds: float
+    attempts: int
+
+
+class SmokePassed(TypedDict):
+    path: str
+    status: int
 
 
 class UnixHTTPConnection(http.client.HTTPConnection):
@@ -129,7 +141,7 @@ def wait_healthy(
     alive: Callable[[], str | None] | None = None,
     host: str = "localhost",
     log_since: int = 0,
-) -> dict[str, Any]:
+) -> Healthy:
     """Poll ``GET path`` on ``sock`` until it answers 2xx; raise ``AgentError(kind="health")``.
 
     With ``path`` None (no health check configured) any answer below 500 counts as healthy: the
@@ -199,18 +211,18 @@ def wait_healthy(
 
 def run_smoke(
     sock: str | Path,
-    checks: list[dict[str, Any]] | None,
+    checks: list[SmokeSpec] | None,
     timeout: float = 10.0,
     log_path: str | Path | None = None,
     host: str = "localhost",
     log_since: int = 0,
-) -> list[dict[str, Any]]:
+) -> list[SmokePassed]:
     """Run each smoke check ``{path, expect?, status=200}`` once against ``sock``.
 
     The first failing check raises ``AgentError(kind="smoke")`` naming the check, the status and
     the head of the body. Returns one ``{path, status}`` per passed check.
     """
-    passed: list[dict[str, Any]] = []
+    passed: list[SmokePassed] = []
     for check in checks or []:
         path = str(check.get("path") or "/")
         want_status = int(check.get("status") or 200)

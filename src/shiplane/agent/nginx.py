@@ -19,12 +19,13 @@ import re
 import subprocess
 import time
 from pathlib import Path
-from typing import Any
+from typing import TypedDict
 
 from . import atomic_write, pid_alive
-from .backend import Emit, front_listen
+from .backend import front_listen
 from .errors import AgentError
 from .paths import Layout
+from .protocol import Emit, NginxSpec, ServicesSpec
 
 NGINX_TIMEOUT = 60.0
 DEFAULT_SITE_DIR = "/etc/nginx/sites-enabled"
@@ -33,12 +34,28 @@ UPSTREAM_COPIES = 3
 NAME_RE = re.compile(r"[^A-Za-z0-9_]")
 
 
-def settings(spec: dict[str, Any]) -> dict[str, Any]:
+class SiteResult(TypedDict):
+    site: str
+    changed: bool
+
+
+def settings(spec: ServicesSpec) -> NginxSpec:
+    """The stage's ``nginx`` settings (all unset when the spec has none)."""
     nginx = spec.get("nginx")
-    return nginx if isinstance(nginx, dict) else {}
+    if isinstance(nginx, dict):
+        return nginx
+    return {
+        "server_name": "_",
+        "tls_cert": None,
+        "tls_key": None,
+        "static": {},
+        "site_dir": DEFAULT_SITE_DIR,
+        "conf": None,
+        "pid_file": None,
+    }
 
 
-def site_path(spec: dict[str, Any]) -> Path:
+def site_path(spec: ServicesSpec) -> Path:
     """``<site_dir>/shiplane-<app>-<stage>.conf``."""
     name = f"shiplane-{spec.get('app') or 'app'}-{spec.get('stage') or 'stage'}.conf"
     return Path(settings(spec).get("site_dir") or DEFAULT_SITE_DIR) / re.sub(r"[^\w.-]", "-", name)
@@ -54,7 +71,7 @@ def _q(value: object) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def site_conf(layout: Layout, spec: dict[str, Any]) -> str:
+def site_conf(layout: Layout, spec: ServicesSpec) -> str:
     """The text of the stage's nginx site."""
     cfg = settings(spec)
     upstream = NAME_RE.sub("_", f"shiplane_{spec.get('app')}_{spec.get('stage')}")
@@ -104,10 +121,10 @@ def site_conf(layout: Layout, spec: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def nginx_argv(spec: dict[str, Any], *args: str) -> list[str]:
+def nginx_argv(spec: ServicesSpec, *args: str) -> list[str]:
     """``nginx`` with the private conf (and its dir as prefix) when one is configured."""
     cfg = settings(spec)
-    argv = [str(cfg.get("binary") or "nginx")]
+    argv = ["nginx"]
     if cfg.get("conf"):
         conf = os.path.abspath(str(cfg["conf"]))
         argv += ["-p", os.path.dirname(conf) + "/", "-c", conf, "-e", "stderr"]
@@ -128,7 +145,7 @@ def _run(argv: list[str]) -> subprocess.CompletedProcess[str]:
         raise AgentError(f"{argv[0]}: {exc}", kind="front") from None
 
 
-def master_pid(spec: dict[str, Any]) -> int | None:
+def master_pid(spec: ServicesSpec) -> int | None:
     """The running nginx master's pid from its pid file, or None."""
     path = settings(spec).get("pid_file") or DEFAULT_PID_FILE
     try:
@@ -138,7 +155,7 @@ def master_pid(spec: dict[str, Any]) -> int | None:
     return pid if pid_alive(pid) else None
 
 
-def ensure_site(layout: Layout, spec: dict[str, Any], emit: Emit) -> dict[str, Any]:
+def ensure_site(layout: Layout, spec: ServicesSpec, emit: Emit) -> SiteResult:
     """Write the site, ``nginx -t``, reload (or start a private nginx). Unchanged text: nothing
     to do. A failed check puts the previous file back and raises ``AgentError(kind="front")``."""
     path = site_path(spec)
@@ -183,7 +200,7 @@ def ensure_site(layout: Layout, spec: dict[str, Any], emit: Emit) -> dict[str, A
     return {"site": str(path), "changed": True}
 
 
-def stop_private(spec: dict[str, Any], emit: Emit, timeout: float = 30.0) -> int | None:
+def stop_private(spec: ServicesSpec, emit: Emit, timeout: float = 30.0) -> int | None:
     """Stop the private nginx (``nginx.conf`` set) gracefully: ``-s quit``, then wait for its
     master to exit. The host's own nginx is never stopped. Returns the stopped master's pid."""
     pid = master_pid(spec)
@@ -195,3 +212,17 @@ def stop_private(spec: dict[str, Any], emit: Emit, timeout: float = 30.0) -> int
     while pid_alive(pid) and time.monotonic() < deadline:
         time.sleep(0.05)  # poll interval while nginx finishes its connections
     return pid
+
+
+class NginxFront:
+    """``front = "nginx"`` (fronts.py): the stage's site; the backend runs no proxy."""
+
+    name = "nginx"
+    supervised = False
+
+    def ensure(self, layout: Layout, spec: ServicesSpec, emit: Emit) -> None:
+        ensure_site(layout, spec, emit)
+
+    def stop(self, spec: ServicesSpec, emit: Emit) -> list[str]:
+        """A private nginx this stage started stops too (never the host's own)."""
+        return ["nginx"] if stop_private(spec, emit) else []

@@ -15,16 +15,19 @@ import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TypedDict
 
 from . import atomic_write
 from . import supervisor as sv
-from .backend import Backend, builtin_front
+from .backend import Backend, ManagerState, ServiceStatus, builtin_front
 from .daemon import DaemonBackend
 from .errors import AgentError
+from .fronts import front_for
 from .health import tail_lines, wait_healthy
 from .paths import Layout
+from .protocol import Emit, ServicesSpec, WebSpec
 from .switch import (
+    SwitchResult,
     current_release,
     ensure_front,
     forget,
@@ -36,13 +39,12 @@ from .switch import (
 from .switch import switch as _switch
 from .systemd import SystemdBackend, systemd_running
 
-Emit = Callable[[dict[str, Any]], None]
-
 __all__ = [
     "backend_for",
     "choose_backend",
     "logs",
     "reload",
+    "resolve_backend",
     "restart",
     "shutdown",
     "start",
@@ -51,6 +53,51 @@ __all__ = [
     "switch",
     "withdraw",
 ]
+
+
+# --- what the ops answer ----------------------------------------------------------------------
+
+
+class _Status(TypedDict):
+    live_release: str | None
+    current: str | None
+    backend: str  # a name in BACKENDS
+    services: list[ServiceStatus]  # front, web (live, standby, preboot), workers
+
+
+class ServicesStatus(_Status, total=False):
+    """The ``status`` op's answer (and ``start``'s, ``restart``'s, ``reload``'s); the process
+    manager as ``supervisord`` under the daemon backend, as ``manager`` under the others."""
+
+    supervisord: ManagerState
+    manager: ManagerState
+
+
+class Stopped(TypedDict):
+    stopped: list[str]  # programs (units) stopped
+
+
+class _ShutDown(TypedDict):
+    stopped: list[str]  # programs that ran, and a private nginx
+
+
+class ShutDown(_ShutDown, total=False):
+    supervisord_pid: int | None  # the daemon backend's
+
+
+class Withdrawn(TypedDict):
+    withdrawn: str
+    stopped: list[str]
+
+
+class _Logs(TypedDict):
+    service: str
+    path: str  # the log file, or the command that printed it (journalctl)
+    lines: list[str]
+
+
+class Logs(_Logs, total=False):
+    followed: int  # with ``follow``: lines emitted as events after ``lines``
 
 
 # --- which backend ---------------------------------------------------------------------------
@@ -62,15 +109,20 @@ def _backend_file(layout: Layout) -> Path:
 
 # The process managers, by the name a stage's `backend` gives (config/schema.py lists the same
 # names): adding one is its module (a Backend, agent/backend.py), a line here, and its tests.
-BACKENDS: dict[str, Callable[[Layout, dict[str, Any]], Backend]] = {
+BACKENDS: dict[str, Callable[[Layout, ServicesSpec | None], Backend]] = {
     "daemon": lambda layout, spec: DaemonBackend(layout),
     "systemd": lambda layout, spec: SystemdBackend(layout, spec),
 }
 
 
-def choose_backend(spec: dict[str, Any] | None) -> str:
+def choose_backend(spec: ServicesSpec | None) -> str:
     """A backend's name for a spec (``auto``: systemd when PID 1 is systemd, else the daemon)."""
-    wanted = str((spec or {}).get("backend") or "auto")
+    return resolve_backend(spec.get("backend") if spec else None)
+
+
+def resolve_backend(wanted: str | None) -> str:
+    """The backend a stage's ``backend`` names (None: ``auto``)."""
+    wanted = str(wanted or "auto")
     if wanted == "auto":
         return "systemd" if systemd_running() else "daemon"
     if wanted not in BACKENDS:
@@ -87,11 +139,10 @@ def recorded_backend(layout: Layout) -> str | None:
     return name if name in BACKENDS else None
 
 
-def backend_for(layout: Layout, spec: dict[str, Any] | None, switching: bool = False) -> Backend:
+def backend_for(layout: Layout, spec: ServicesSpec | None, switching: bool = False) -> Backend:
     """The backend for ``spec``, or the one this root's services run under when ``spec`` is
     None. A switch to another backend than the running one is refused: the old one holds the
     port, so that change needs ``shiplane stop --all`` first."""
-    saved = load_spec(layout) or {}
     recorded = recorded_backend(layout)
     name = choose_backend(spec) if spec else (recorded or "daemon")
     if switching and recorded and recorded != name:
@@ -103,12 +154,12 @@ def backend_for(layout: Layout, spec: dict[str, Any] | None, switching: bool = F
                 f"first (the port moves, which cannot be done without a gap)",
                 kind="usage",
             )
-    return BACKENDS[name](layout, spec or saved)
+    return BACKENDS[name](layout, spec or load_spec(layout))
 
 
 def switch(
-    layout: Layout, release_id: str, spec: dict[str, Any], emit: Emit, forget_later: bool = False
-) -> dict[str, Any]:
+    layout: Layout, release_id: str, spec: ServicesSpec, emit: Emit, forget_later: bool = False
+) -> SwitchResult:
     """Blue/green switch of the web service to ``release_id`` (see :func:`switch.switch`)."""
     backend = backend_for(layout, spec, switching=True)
     layout.run.mkdir(parents=True, exist_ok=True)
@@ -117,11 +168,9 @@ def switch(
     return _switch(layout, release_id, spec, emit, backend, forget_later)
 
 
-def preboot(
-    layout: Layout, release_id: str, web: dict[str, Any], backend: str | None, emit: Emit
-) -> None:
+def preboot(layout: Layout, release_id: str, web: WebSpec, backend: str | None, emit: Emit) -> None:
     """Start the release's web server before its switch, with only its libraries loaded."""
-    backend_for(layout, {"backend": backend}).preboot_web(release_id, web, emit)
+    BACKENDS[resolve_backend(backend)](layout, None).preboot_web(release_id, web, emit)
 
 
 def hold_switch_lock(layout: Layout) -> int:
@@ -136,12 +185,12 @@ def after_switch(layout: Layout, release_id: str, stopping: list[str], emit: Emi
     """What a switch leaves for later (agent ``after-switch``, detached, so no deploy waits):
     forget the old standbys it TERMed once they have exited, then keep a spare web server for
     the next release, where the backend has one. Runs holding the switch lock it inherited."""
-    spec = load_spec(layout) or {}
-    backend = backend_for(layout, spec or None)
+    spec = load_spec(layout)
+    backend = backend_for(layout, spec)
     for rid in stopping:
         if rid != live_release(layout) and not backend.web_state(rid)[0]:
             forget(layout, backend, rid, emit)
-    web = spec.get("web")
+    web = spec.get("web") if spec else None
     if isinstance(web, dict) and live_release(layout) == release_id:
         backend.keep_spare(release_id, web, emit)
 
@@ -157,7 +206,7 @@ def discard(layout: Layout, release_id: str, emit: Emit) -> bool:
     return True
 
 
-def withdraw(layout: Layout, release_id: str, emit: Emit) -> dict[str, Any]:
+def withdraw(layout: Layout, release_id: str, emit: Emit) -> Withdrawn:
     """Take a host back to serving nothing: the undo of a failed *first* deploy, where there is
     no earlier release to return to. Every service stops (the manager too, as before the deploy),
     and ``web.sock``, ``current`` and the saved spec go, so the host holds the release installed
@@ -189,7 +238,7 @@ def withdraw(layout: Layout, release_id: str, emit: Emit) -> dict[str, Any]:
     return {"withdrawn": release_id, "stopped": stopped}
 
 
-def _spec(layout: Layout, spec: dict[str, Any] | None) -> dict[str, Any]:
+def _spec(layout: Layout, spec: ServicesSpec | None) -> ServicesSpec:
     if spec:
         save_spec(layout, spec)
         return spec
@@ -199,11 +248,11 @@ def _spec(layout: Layout, spec: dict[str, Any] | None) -> dict[str, Any]:
     return saved
 
 
-def _targets(layout: Layout, names: list[str] | None, spec: dict[str, Any] | None) -> list[str]:
+def _targets(layout: Layout, names: list[str] | None, spec: ServicesSpec | None) -> list[str]:
     """User service names in start order (front, web, workers); validates given names."""
-    known = ["front"] if builtin_front(spec or {}) else []
+    known = ["front"] if builtin_front(spec) else []
     known.append("web")
-    known += sorted((spec or {}).get("workers") or {})
+    known += sorted((spec.get("workers") if spec else None) or {})
     if spec is None:  # no spec: whatever is configured on disk
         for name in sv.configured_programs(layout):
             kind = sv.program_meta(layout, name).get("kind")
@@ -226,24 +275,27 @@ def _require_live(layout: Layout) -> str:
     return live
 
 
-def _start_web(layout: Layout, backend: Backend, spec: dict[str, Any], emit: Emit) -> None:
+def _start_web(layout: Layout, backend: Backend, spec: ServicesSpec, emit: Emit) -> None:
     live = _require_live(layout)
-    backend.start_web(live, spec.get("web") or {}, emit)
-    health = (spec.get("web") or {}).get("health") or {}
+    web = spec.get("web")
+    if not web:  # a spec without web: the server has no app to run
+        raise AgentError("services.web has no target (wsgi/asgi app)", kind="usage")
+    backend.start_web(live, web, emit)
+    health = web.get("health")
     wait_healthy(
         layout.release_socket(live),
-        health.get("path"),
-        float(health.get("timeout") or 30),
+        health.get("path") if health else None,
+        float((health and health.get("timeout")) or 30),
         layout.log / "web.log",
         emit,
         lambda: backend.web_state(live)[1],
-        host=str(health.get("host") or "localhost"),
+        host=str((health and health.get("host")) or "localhost"),
     )
 
 
 def start(
-    layout: Layout, names: list[str] | None, spec: dict[str, Any] | None, emit: Emit
-) -> dict[str, Any]:
+    layout: Layout, names: list[str] | None, spec: ServicesSpec | None, emit: Emit
+) -> ServicesStatus:
     """Start services (all when ``names`` is empty) on the live release; returns the status."""
     spec = _spec(layout, spec)
     targets = _targets(layout, names, spec)
@@ -261,7 +313,7 @@ def start(
     return status(layout)
 
 
-def stop(layout: Layout, names: list[str] | None, emit: Emit) -> dict[str, Any]:
+def stop(layout: Layout, names: list[str] | None, emit: Emit) -> Stopped:
     """Stop services (all when ``names`` is empty); the manager itself keeps running."""
     backend = backend_for(layout, None)
     stopped: list[str] = []
@@ -271,8 +323,8 @@ def stop(layout: Layout, names: list[str] | None, emit: Emit) -> dict[str, Any]:
 
 
 def restart(
-    layout: Layout, names: list[str] | None, spec: dict[str, Any] | None, emit: Emit
-) -> dict[str, Any]:
+    layout: Layout, names: list[str] | None, spec: ServicesSpec | None, emit: Emit
+) -> ServicesStatus:
     """Stop then start services (the web service briefly stops: the front retries connects for
     a moment; use a deploy or rollback for a switch without any gap)."""
     spec = _spec(layout, spec)
@@ -281,7 +333,7 @@ def restart(
     return start(layout, targets, spec, emit)
 
 
-def reload(layout: Layout, names: list[str] | None, emit: Emit) -> dict[str, Any]:
+def reload(layout: Layout, names: list[str] | None, emit: Emit) -> ServicesStatus:
     """Reload services: ``web`` gets HUP (gunicorn replaces its workers gracefully, same
     release -- the server runs from its own release directory); others are restarted."""
     spec = load_spec(layout)
@@ -301,7 +353,7 @@ def reload(layout: Layout, names: list[str] | None, emit: Emit) -> dict[str, Any
     return status(layout)
 
 
-def status(layout: Layout) -> dict[str, Any]:
+def status(layout: Layout) -> ServicesStatus:
     """Per service: name, program, pid, state, uptime, release, live; plus the live release.
 
     Works on a host where nothing was ever started (no services, no manager running).
@@ -321,27 +373,35 @@ def status(layout: Layout) -> dict[str, Any]:
     order = {"front": 0, "web": 1}
     services.sort(key=lambda s: (order.get(s["name"], 2), s["name"], s["program"]))
     manager = backend.running()
+    current = current_release(layout)
+    if backend.name == "daemon":
+        return {
+            "live_release": live,
+            "current": current,
+            "backend": backend.name,
+            "supervisord": manager,
+            "services": services,
+        }
     return {
         "live_release": live,
-        "current": current_release(layout),
+        "current": current,
         "backend": backend.name,
-        "supervisord" if backend.name == "daemon" else "manager": manager,
+        "manager": manager,
         "services": services,
     }
 
 
-def shutdown(layout: Layout, emit: Emit) -> dict[str, Any]:
+def shutdown(layout: Layout, emit: Emit) -> ShutDown:
     """Stop every service (and supervisord); returns once its pid is gone (or a zombie)."""
     before = status(layout)
     emit({"phase": "services", "status": "shutdown", "detail": "stopping every service"})
-    result = backend_for(layout, None).shutdown()
-    result["stopped"] = [s["program"] for s in before["services"] if s["pid"]]
+    down = backend_for(layout, None).shutdown()
+    result: ShutDown = {"stopped": [s["program"] for s in before["services"] if s["pid"]]}
+    if "supervisord_pid" in down:
+        result = {"supervisord_pid": down["supervisord_pid"], **result}
     spec = load_spec(layout)
-    if spec and not builtin_front(spec):  # a private nginx this stage started goes too
-        from . import nginx
-
-        if nginx.stop_private(spec, emit):
-            result["stopped"].append("nginx")
+    if spec:  # what the stage started for its front goes too (a private nginx)
+        result["stopped"] += front_for(spec).stop(spec, emit)
     return result
 
 
@@ -359,7 +419,7 @@ def logs(
     follow: bool | float,
     emit: Emit,
     gone: Callable[[], bool] = lambda: False,
-) -> dict[str, Any]:
+) -> Logs:
     """The last ``lines`` lines of a service's log; with ``follow`` new lines are then emitted as
     events (``status: "line"``) until ``follow`` seconds passed (``True``: until the reader goes
     away: ``emit`` raises, or ``gone()`` says so while the log is quiet)."""
@@ -377,7 +437,7 @@ def logs(
         return {"service": service, "path": " ".join(command), "lines": done.stdout.splitlines()}
     path = log_path(layout, service)
     head = tail_lines(path, max(0, int(lines)))
-    result: dict[str, Any] = {"service": service, "path": str(path), "lines": head}
+    result: Logs = {"service": service, "path": str(path), "lines": head}
     if not follow:
         return result
     for line in head:

@@ -21,12 +21,12 @@ from __future__ import annotations
 import json
 import secrets
 from pathlib import Path
-from typing import Any
 
 from . import atomic_write
 from . import supervisor as sv
 from .paths import Layout
 from .preboot import NO_PRELOAD_WORKERS  # they patch the stdlib before any import
+from .protocol import WebSpec
 
 PREFIX = "web-next-"
 
@@ -43,7 +43,7 @@ def claim_path(layout: Layout, program: str) -> Path:
     return layout.run / f"{program}.claim"
 
 
-def wanted(web: dict[str, Any]) -> bool:
+def wanted(web: WebSpec) -> bool:
     """Whether this web service may have a spare (preboot on, no stdlib-patching workers)."""
     worker_class = str(web.get("worker_class") or "").lower()
     return web.get("preboot") is not False and not any(
@@ -67,7 +67,7 @@ def conf(
         "--spare",
         program,
     ]
-    meta: dict[str, Any] = {"service": "web", "spare": program, "venv": digest, "preboot": True}
+    meta: sv.ProgramMeta = {"service": "web", "spare": program, "venv": digest, "preboot": True}
     if release_id:
         meta["release_id"] = release_id
     return sv.program_conf(program, argv, options, meta)

@@ -22,14 +22,13 @@ import time
 import xmlrpc.client
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict, cast
 
 from . import atomic_write, pid_alive
 from .errors import AgentError
 from .health import UnixHTTPConnection, tail_lines
 from .paths import Layout
-
-Emit = Callable[[dict[str, Any]], None]
+from .protocol import Emit
 
 START_TIMEOUT = 20.0
 # stopProcess waits for the program's own stopwaitsecs; the RPC must outwait it.
@@ -49,6 +48,41 @@ BAD_NAME = 10
 ALREADY_STARTED = 60
 NOT_RUNNING = 70
 ALREADY_ADDED = 90
+
+
+class ProgramMeta(TypedDict, total=False):
+    """What a program conf's ``; shiplane: {...}`` first line says about it (for ``status``)."""
+
+    service: str  # "web", "front" or the worker's name
+    kind: str  # "worker", "front"; none for a web server
+    release_id: str  # the release it runs (a spare: once adopted)
+    preboot: bool  # a web server that waits for its go-ahead (preboot.py)
+    spare: str  # a spare web server (spare.py): its program name
+    venv: str  # a spare's venv digest
+
+
+class ProcessInfo(TypedDict):
+    """supervisord's ``getProcessInfo`` struct (supervisor/rpcinterface.py)."""
+
+    name: str
+    group: str
+    description: str
+    start: int
+    stop: int
+    now: int
+    state: int
+    statename: str
+    spawnerr: str
+    exitstatus: int
+    logfile: str
+    stdout_logfile: str
+    stderr_logfile: str
+    pid: int
+
+
+class Shutdown(TypedDict):
+    supervisord_pid: int | None
+    stopped: bool
 
 
 def conf_path(layout: Layout) -> Path:
@@ -110,7 +144,7 @@ def conf_command(argv: list[str]) -> str:
 
 
 def program_conf(
-    name: str, argv: list[str], options: dict[str, object], meta: dict[str, Any] | None = None
+    name: str, argv: list[str], options: dict[str, object], meta: ProgramMeta | None = None
 ) -> str:
     """The text of ``run/programs/<name>.conf``; ``meta`` is kept in a comment for ``status``."""
     lines = []
@@ -191,13 +225,14 @@ def configured_programs(layout: Layout) -> list[str]:
         return []
 
 
-def program_meta(layout: Layout, name: str) -> dict[str, Any]:
+def program_meta(layout: Layout, name: str) -> ProgramMeta:
     """The ``; shiplane: {...}`` metadata of a program conf ({} when absent)."""
     try:
         first = program_conf_path(layout, name).read_text(encoding="utf-8").split("\n", 1)[0]
         if first.startswith(META_PREFIX):
             meta = json.loads(first[len(META_PREFIX) :])
-            return meta if isinstance(meta, dict) else {}
+            # the line program_conf wrote, from a ProgramMeta
+            return cast(ProgramMeta, meta) if isinstance(meta, dict) else {}
     except (OSError, ValueError, AgentError):
         pass
     return {}
@@ -290,17 +325,19 @@ class Supervisor:
             time.sleep(0.05)
         self.rpc.supervisor.stopProcessGroup(name, True)  # past its grace: supervisord KILLs it
 
-    def info(self, name: str) -> dict[str, Any] | None:
+    def info(self, name: str) -> ProcessInfo | None:
         """supervisord's process info for ``name``, None when it has no such program."""
         try:
-            return dict(self.rpc.supervisor.getProcessInfo(name))
+            info: ProcessInfo = self.rpc.supervisor.getProcessInfo(name)
+            return info.copy()
         except xmlrpc.client.Fault as fault:
             if fault.faultCode == BAD_NAME:
                 return None
             raise
 
-    def all_info(self) -> list[dict[str, Any]]:
-        return [dict(i) for i in self.rpc.supervisor.getAllProcessInfo()]
+    def all_info(self) -> list[ProcessInfo]:
+        infos: list[ProcessInfo] = self.rpc.supervisor.getAllProcessInfo()
+        return [i.copy() for i in infos]
 
     def start(self, name: str, wait: bool = True) -> None:
         """Start ``name`` (no error when it is already running)."""
@@ -469,7 +506,7 @@ def connect(layout: Layout) -> Supervisor | None:
     return sup if sup.ping() else None
 
 
-def shutdown(layout: Layout, timeout: float = SHUTDOWN_TIMEOUT) -> dict[str, Any]:
+def shutdown(layout: Layout, timeout: float = SHUTDOWN_TIMEOUT) -> Shutdown:
     """Stop every program and supervisord itself; wait until its pid is gone (or a zombie)."""
     pid = read_pid(layout)
     sup = connect(layout)

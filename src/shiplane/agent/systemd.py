@@ -22,10 +22,13 @@ import re
 import subprocess
 import time
 from pathlib import Path
-from typing import Any
 
 from .backend import (
-    Emit,
+    Killed,
+    ManagerState,
+    ServiceStatus,
+    ShutdownResult,
+    WorkersResult,
     builtin_front,
     check_worker,
     front_argv,
@@ -37,6 +40,7 @@ from .backend import (
 )
 from .errors import AgentError
 from .paths import Layout
+from .protocol import Emit, ServicesSpec, WebSpec, WorkerSpec
 
 SYSTEM_UNIT_DIR = Path("/etc/systemd/system")
 # stands for the release id while a template is rendered (same length as a real id: the socket
@@ -51,10 +55,11 @@ def systemd_running() -> bool:
     return os.path.isdir("/run/systemd/system")
 
 
-def unit_prefix(spec: dict[str, Any]) -> str:
+def unit_prefix(spec: ServicesSpec | None) -> str:
     """``<app>-<stage>``, made safe for a unit name: two stages of one app on one host (staging
     beside prod on a small VM) get their own units."""
-    name = "-".join(str(spec[k]) for k in ("app", "stage") if spec.get(k)) or "app"
+    parts = (spec.get("app"), spec.get("stage")) if spec else ()
+    name = "-".join(str(part) for part in parts if part) or "app"
     return UNIT_PREFIX_RE.sub("-", name) or "app"
 
 
@@ -91,18 +96,24 @@ def _unit(sections: list[tuple[str, list[tuple[str, object]]]]) -> str:
 
 
 def web_unit(
-    layout: Layout, spec: dict[str, Any], user: bool = False, version_of: str | None = None
+    layout: Layout, spec: ServicesSpec | None, user: bool = False, version_of: str | None = None
 ) -> str:
     """``<app>-<stage>-web@.service``: one release's gunicorn, the instance being the release id
     (gunicorn's options as ``version_of``'s gunicorn takes them)."""
-    web = spec.get("web") or {}
+    web = spec.get("web") if spec else None
+    if not web:
+        raise AgentError("services.web has no target (wsgi/asgi app)", kind="usage")
+    return _web_unit(layout, unit_prefix(spec), web, user, version_of)
+
+
+def _web_unit(layout: Layout, prefix: str, web: WebSpec, user: bool, version_of: str | None) -> str:
     argv = web_argv(layout, INSTANCE, web, version_of)
     return _unit(
         [
             (
                 "Unit",
                 [
-                    ("Description", f"{unit_prefix(spec)} web server (gunicorn), release %i"),
+                    ("Description", f"{prefix} web server (gunicorn), release %i"),
                     ("After", "network.target"),
                 ],
             ),
@@ -120,7 +131,7 @@ def web_unit(
                     ("RestartSec", "1"),
                     ("StandardOutput", "journal"),
                     ("StandardError", "journal"),
-                    ("SyslogIdentifier", f"{unit_prefix(spec)}-web"),
+                    ("SyslogIdentifier", f"{prefix}-web"),
                 ],
             ),
             ("Install", [("WantedBy", "default.target" if user else "multi-user.target")]),
@@ -128,7 +139,7 @@ def web_unit(
     )
 
 
-def front_socket_unit(spec: dict[str, Any], user: bool = False) -> str:
+def front_socket_unit(spec: ServicesSpec | None, user: bool = False) -> str:
     """``<app>-<stage>-front.socket``: holds the public port for the front proxy."""
     return _unit(
         [
@@ -142,7 +153,7 @@ def front_socket_unit(spec: dict[str, Any], user: bool = False) -> str:
     )
 
 
-def front_service_unit(layout: Layout, spec: dict[str, Any], user: bool = False) -> str:
+def front_service_unit(layout: Layout, spec: ServicesSpec | None, user: bool = False) -> str:
     """``<app>-<stage>-front.service``: the builtin proxy, reading its socket from ``LISTEN_FDS``."""
     prefix = unit_prefix(spec)
     return _unit(
@@ -176,9 +187,9 @@ def front_service_unit(layout: Layout, spec: dict[str, Any], user: bool = False)
 
 def worker_unit(
     layout: Layout,
-    spec: dict[str, Any],
+    spec: ServicesSpec | None,
     name: str,
-    worker: dict[str, Any],
+    worker: WorkerSpec | None,
     release_id: str,
     user: bool = False,
 ) -> str:
@@ -217,7 +228,7 @@ def worker_unit(
 
 
 def render_units(
-    layout: Layout, spec: dict[str, Any], release_id: str | None, user: bool = False
+    layout: Layout, spec: ServicesSpec | None, release_id: str | None, user: bool = False
 ) -> dict[str, str]:
     """Every unit file of the spec: ``{file name: text}`` (workers only with a release)."""
     prefix = unit_prefix(spec)
@@ -226,11 +237,15 @@ def render_units(
         units[f"{prefix}-front.socket"] = front_socket_unit(spec, user)
         units[f"{prefix}-front.service"] = front_service_unit(layout, spec, user)
     if release_id is not None:
-        for name, worker in (spec.get("workers") or {}).items():
+        for name, worker in _workers(spec).items():
             units[f"{prefix}-{name}.service"] = worker_unit(
-                layout, spec, name, worker or {}, release_id, user
+                layout, spec, name, worker, release_id, user
             )
     return units
+
+
+def _workers(spec: ServicesSpec | None) -> dict[str, WorkerSpec]:
+    return (spec.get("workers") if spec else None) or {}
 
 
 # --- the backend -----------------------------------------------------------------------------
@@ -244,12 +259,12 @@ class SystemdBackend:
     def __init__(
         self,
         layout: Layout,
-        spec: dict[str, Any] | None,
+        spec: ServicesSpec | None,
         unit_dir: Path | None = None,
         user: bool | None = None,
     ) -> None:
         self.layout = layout
-        self.spec = spec or {}
+        self.spec: ServicesSpec | None = spec or None
         self.user = os.geteuid() != 0 if user is None else user
         if unit_dir is None:
             unit_dir = (Path.home() / ".config/systemd/user") if self.user else SYSTEM_UNIT_DIR
@@ -296,7 +311,7 @@ class SystemdBackend:
 
     # the interface -----------------------------------------------------------------------------
 
-    def prepare(self, spec: dict[str, Any] | None, emit: Emit) -> None:
+    def prepare(self, spec: ServicesSpec | None, emit: Emit) -> None:
         if not systemd_running():
             raise AgentError(
                 'backend = "systemd" but systemd is not running on this host (no '
@@ -348,23 +363,23 @@ class SystemdBackend:
             return False, f"failed: {props.get('Result')}"
         return state == "active" and props.get("SubState") == "running", None
 
-    def start_web(self, release_id: str, web: dict[str, Any], emit: Emit) -> None:
+    def start_web(self, release_id: str, web: WebSpec, emit: Emit) -> None:
         unit = self.web_unit_name(release_id)
-        text = web_unit(self.layout, {**self.spec, "web": web}, self.user, release_id)
+        text = _web_unit(self.layout, unit_prefix(self.spec), web, self.user, release_id)
         if self._write(f"{self.prefix}-web@.service", text):
             self.systemctl("daemon-reload")
         self.systemctl("reset-failed", unit, check=False)
         self.systemctl("enable", unit, check=False)  # comes back after a reboot
         self.systemctl("start", "--no-block", unit)
 
-    def preboot_web(self, release_id: str, web: dict[str, Any], emit: Emit) -> None:
+    def preboot_web(self, release_id: str, web: WebSpec, emit: Emit) -> None:
         """Not under systemd: a unit's ExecStart is one command, and its server starts at the
         switch (the daemon backend's preboot.py would need a go-ahead per instance)."""
 
     def web_booted(self, release_id: str) -> bool:
         return True
 
-    def keep_spare(self, release_id: str, web: dict[str, Any], emit: Emit) -> None:
+    def keep_spare(self, release_id: str, web: WebSpec, emit: Emit) -> None:
         """None under systemd (see preboot_web)."""
 
     def stop_web(self, release_id: str, emit: Emit, wait: bool = True) -> None:
@@ -374,10 +389,10 @@ class SystemdBackend:
         # --no-block stop is waited for the same way)
         self.systemctl("stop", *([] if wait else ["--no-block"]), unit)
 
-    def wait_front(self, spec: dict[str, Any]) -> None:
+    def wait_front(self, spec: ServicesSpec) -> None:
         """Nothing to wait for: systemd holds the front's socket from the start."""
 
-    def ensure_front(self, spec: dict[str, Any], emit: Emit, wait: bool = True) -> None:
+    def ensure_front(self, spec: ServicesSpec, emit: Emit, wait: bool = True) -> None:
         sock, service = f"{self.prefix}-front.socket", f"{self.prefix}-front.service"
         if not builtin_front(spec):
             self.systemctl("disable", "--now", sock, service, check=False)
@@ -389,7 +404,7 @@ class SystemdBackend:
         if self.show(service, "ActiveState").get("ActiveState") != "active":
             self.systemctl("start", service)
 
-    def _stop_worker(self, unit: str, emit: Emit) -> dict[str, Any] | None:
+    def _stop_worker(self, unit: str, emit: Emit) -> Killed | None:
         props = self.show(unit, "ActiveState", "MainPID")
         if props.get("ActiveState") not in ("active", "activating", "reloading"):
             return None
@@ -412,10 +427,10 @@ class SystemdBackend:
         return None
 
     def restart_workers(
-        self, spec: dict[str, Any], release_id: str, emit: Emit, only: set[str] | None = None
-    ) -> dict[str, Any]:
-        workers: dict[str, Any] = spec.get("workers") or {}
-        killed: list[dict[str, Any]] = []
+        self, spec: ServicesSpec, release_id: str, emit: Emit, only: set[str] | None = None
+    ) -> WorkersResult:
+        workers = _workers(spec)
+        killed: list[Killed] = []
         units = render_units(self.layout, spec, release_id, self.user)
         wanted = {f"{self.prefix}-{n}.service": n for n in workers}
         for path in self.unit_dir.glob(f"{self.prefix}-*.service"):
@@ -459,11 +474,11 @@ class SystemdBackend:
             "kill", "--kill-who=main", f"--signal=SIG{signame}", self.web_unit_name(release_id)
         )
 
-    def status(self) -> list[dict[str, Any]]:
+    def status(self) -> list[ServiceStatus]:
         units = [self.web_unit_name(r) for r in sorted(self.web_releases())]
         units += [f"{self.prefix}-front.service"] if builtin_front(self.spec) else []
-        units += [f"{self.prefix}-{n}.service" for n in sorted(self.spec.get("workers") or {})]
-        entries = []
+        units += [f"{self.prefix}-{n}.service" for n in sorted(_workers(self.spec))]
+        entries: list[ServiceStatus] = []
         now = time.monotonic()
         for unit in units:
             props = self.show(
@@ -495,14 +510,14 @@ class SystemdBackend:
             )
         return entries
 
-    def running(self) -> dict[str, Any]:
+    def running(self) -> ManagerState:
         return {
             "running": systemd_running(),
             "pid": 1 if not self.user else None,
             "manager": "systemd --user" if self.user else "systemd",
         }
 
-    def shutdown(self) -> dict[str, Any]:
+    def shutdown(self) -> ShutdownResult:
         stopped = [e["program"] for e in self.status()]
         if builtin_front(self.spec):
             stopped.append(f"{self.prefix}-front.socket")
