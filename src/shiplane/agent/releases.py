@@ -14,18 +14,18 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import TypedDict, cast
 
 from . import AgentError, atomic_write, fsync_dir, ledger, utc_now
 from .hooks import Limits, run_hook
 from .paths import Layout
+from .protocol import Emit, InstallArgs, RenderedFile, SharedSpec
 from .runtime import PARTIAL_META, RELEASE_ID_RE, expand, placeholders, read_meta, valid_release_id
 from .store import require, safe_relpath, unpack_wheel, valid_sha, verify
-from .venvs import ensure_venv
-
-Emit = Callable[[dict[str, Any]], None]
+from .venvs import VenvResult, VenvShells, WheelEntry, ensure_venv
 
 ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # "rolled-back": a rollback left it for an older release; a plain rollback skips it from then on
@@ -34,7 +34,70 @@ RESERVED = {"release.json", "shiplane.env", PARTIAL_META}
 PARALLEL_COMPILE = 300  # .py files from which compileall gets a worker per core
 
 
-def artifact_digest(manifest: dict[str, Any]) -> str:
+class AppInfo(TypedDict, total=False):
+    """The manifest's ``app``."""
+
+    name: str
+    version: str | None
+    source: str  # "package" (a wheel unpacked into lib/) or "tree"
+
+
+class _AppFileRequired(TypedDict):
+    path: str
+    sha256: str
+
+
+class AppFile(_AppFileRequired, total=False):
+    """One of the manifest's ``app_files``: ``kind`` ``wheel`` (the app's own wheel, unpacked
+    into ``lib/``) or ``file`` (copied to ``path``)."""
+
+    size: int
+    kind: str
+    mode: int | str
+
+
+class Manifest(TypedDict, total=False):
+    """The parts of the artifact's manifest (artifact/_manifest.py) an install reads."""
+
+    app: AppInfo
+    app_files: list[AppFile]
+    dependencies: list[WheelEntry]
+    dependency_digest: str
+    tools: list[WheelEntry]
+    git_commit: str | None
+
+
+class ReleaseMeta(TypedDict, total=False):
+    """A release's ``release.json``: written by install, its state updated by :func:`mark`
+    (each state stamped ``<state>_at``). Releases of older agents may lack keys."""
+
+    release_id: str
+    artifact: str
+    dependency_digest: str | None
+    git_commit: str | None
+    created_at: str
+    stage: str | None
+    state: str  # one of STATES
+    source: str
+    app: AppInfo | None
+    blobs: list[str]
+    prepared_at: str
+    live_at: str
+    previous_at: str
+    good_at: str
+    bad_at: str
+    rolled_back_at: str
+
+
+class InstallResult(TypedDict):
+    release_id: str
+    reused: bool  # the release was installed already
+    venv_reused: bool
+    venv_seconds: float
+    seconds: float
+
+
+def artifact_digest(manifest: Mapping[str, object]) -> str:
     """sha256 of the manifest's canonical JSON (the artifact's identity)."""
     canonical = json.dumps(manifest, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
@@ -43,11 +106,17 @@ def artifact_digest(manifest: dict[str, Any]) -> str:
 # --- metadata -------------------------------------------------------------------------------
 
 
-def _write_meta(layout: Layout, release_id: str, meta: dict[str, Any]) -> None:
+def _write_meta(layout: Layout, release_id: str, meta: Mapping[str, object]) -> None:
     atomic_write(layout.release_meta(release_id), json.dumps(meta, indent=1, sort_keys=True))
 
 
-def update_meta(layout: Layout, release_id: str, **fields: Any) -> dict[str, Any]:
+def _as_meta(meta: Mapping[str, object]) -> ReleaseMeta:
+    """``release.json`` as read from disk (runtime.read_meta: a JSON object) is what install and
+    mark wrote there."""
+    return cast(ReleaseMeta, meta)
+
+
+def update_meta(layout: Layout, release_id: str, **fields: object) -> ReleaseMeta:
     """Merge ``fields`` into a complete release's ``release.json`` (atomically)."""
     valid_release_id(release_id)
     if not layout.release_meta(release_id).is_file():
@@ -55,10 +124,10 @@ def update_meta(layout: Layout, release_id: str, **fields: Any) -> dict[str, Any
     meta = read_meta(layout, release_id) or {}
     meta.update(fields)
     _write_meta(layout, release_id, meta)
-    return meta
+    return _as_meta(meta)
 
 
-def list_releases(layout: Layout) -> list[dict[str, Any]]:
+def list_releases(layout: Layout) -> list[ReleaseMeta]:
     """``release.json`` of every complete release, oldest first (ordered by release id)."""
     if not layout.releases.is_dir():
         return []
@@ -67,7 +136,7 @@ def list_releases(layout: Layout) -> list[dict[str, Any]]:
         if RELEASE_ID_RE.match(entry.name) and layout.release_meta(entry.name).is_file():
             meta = read_meta(layout, entry.name)
             if meta is not None:
-                out.append(meta)
+                out.append(_as_meta(meta))
     return out
 
 
@@ -101,7 +170,7 @@ def previous_release(layout: Layout) -> str | None:
     return None
 
 
-def mark(layout: Layout, release_id: str, state: str) -> dict[str, Any]:
+def mark(layout: Layout, release_id: str, state: str) -> ReleaseMeta:
     """Set a release's state, stamped ``<state>_at`` (``rolled_back_at`` for ``rolled-back``).
 
     Marking one ``live`` demotes the old live to ``previous`` and the old previous to ``good``,
@@ -183,7 +252,7 @@ def _same_python(venv: Path) -> bool:
     )
 
 
-def _install_tools(layout: Layout, tools: list[dict[str, Any]], emit: Emit) -> None:
+def _install_tools(layout: Layout, tools: list[WheelEntry], emit: Emit) -> None:
     """Unpack the artifact's tool wheels (supervisor) into ``tools/<wheel name>/``, once each.
 
     They are pure-Python wheels run with ``PYTHONPATH`` set to that dir, so they need no venv and
@@ -209,13 +278,29 @@ def _install_tools(layout: Layout, tools: list[dict[str, Any]], emit: Emit) -> N
         os.rename(tmp, dest)
 
 
+@dataclass(frozen=True)
+class _Release:
+    """What an install makes, read once from its request and the artifact's manifest."""
+
+    release_id: str
+    artifact: str  # the manifest's digest
+    manifest: Manifest
+    digest: str | None  # the dependency venv's, None for an app without dependencies
+    deps: list[WheelEntry]
+    app_files: list[AppFile]
+    tools: list[WheelEntry]
+    python: str  # the interpreter the venv is built with
+    user_cache: bool  # uv's cache is the user's own (the local stage)
+
+
 def install(
     layout: Layout,
-    args: dict[str, Any],
+    args: InstallArgs,
     emit: Emit,
     on_tools: Callable[[], None] | None = None,
     on_placed: Callable[[], None] | None = None,
-) -> dict[str, Any]:
+    shells: VenvShells | None = None,
+) -> InstallResult:
     """The ``install`` op: build ``releases/<id>`` completely or not at all.
 
     Reuses an existing complete release of the same artifact. Everything is built in
@@ -224,121 +309,180 @@ def install(
     never touched. ``on_tools`` is called once the tools are in place (the server starts the
     process manager then, while the venv builds); ``on_placed`` once the release dir and its
     venv are (the server preboots the web server then, while the code compiles and hooks run).
+    ``shells``: the session's venvs started early (``inventory``), one may be this release's.
     """
     started = time.monotonic()
-    release_id = valid_release_id(args.get("release_id"))
-    manifest = args.get("manifest")
-    if not isinstance(manifest, dict):
-        raise AgentError("install: manifest missing", kind="usage")
-    artifact = str(args.get("artifact") or artifact_digest(manifest))
-    digest = manifest.get("dependency_digest") or None
-    deps = list(manifest.get("dependencies") or [])
-    python = str(args.get("python") or sys.executable)
-    user_cache = args.get("uv_cache") == "user"
-    final = layout.release(release_id)
-
-    existing = read_meta(layout, release_id) if layout.release_meta(release_id).is_file() else None
+    release = _release_of(args)
+    existing = (
+        read_meta(layout, release.release_id)
+        if layout.release_meta(release.release_id).is_file()
+        else None
+    )
     if existing is not None:
-        if existing.get("artifact") != artifact:
+        if existing.get("artifact") != release.artifact:
             raise AgentError(
-                f"release {release_id} exists with another artifact ({existing.get('artifact')})",
+                f"release {release.release_id} exists with another artifact "
+                f"({existing.get('artifact')})",
                 kind="conflict",
             )
-        venv = (
-            ensure_venv(layout, digest, deps, python, emit, user_cache)
-            if digest
-            else {"reused": True}
-        )
+        venv = _release_venv(layout, release, emit, shells)  # it may have been pruned since
         if on_placed is not None:
             on_placed()
-        return {
-            "release_id": release_id,
-            "reused": True,
-            "venv_reused": venv["reused"],
-            "venv_seconds": venv.get("seconds", 0.0),
-            "seconds": 0.0,
-        }
+        return _install_result(release, venv, reused=True, seconds=0.0)
+    _remove_incomplete(layout, release.release_id, emit)
+    require(layout, [str(f.get("sha256")) for f in [*release.app_files, *release.deps]])
+    _install_tools(layout, release.tools, emit)
+    if on_tools is not None:
+        on_tools()
+    meta = _prepared_meta(release, args)
+    venv = _build_release(layout, release, args, meta, emit, on_placed, shells)
+    return _install_result(
+        release, venv, reused=False, seconds=round(time.monotonic() - started, 3)
+    )
+
+
+def _release_of(args: InstallArgs) -> _Release:
+    release_id = valid_release_id(args.get("release_id"))
+    raw = args.get("manifest")
+    if not isinstance(raw, dict):
+        raise AgentError("install: manifest missing", kind="usage")
+    manifest = cast(Manifest, raw)  # JSON from the controller; each entry is checked where used
+    return _Release(
+        release_id=release_id,
+        artifact=artifact_digest(manifest),
+        manifest=manifest,
+        digest=manifest.get("dependency_digest") or None,
+        deps=list(manifest.get("dependencies") or []),
+        app_files=list(manifest.get("app_files") or []),
+        tools=list(manifest.get("tools") or []),
+        python=str(args.get("python") or sys.executable),
+        user_cache=args.get("uv_cache") == "user",
+    )
+
+
+def _install_result(
+    release: _Release, venv: VenvResult, reused: bool, seconds: float
+) -> InstallResult:
+    return {
+        "release_id": release.release_id,
+        "reused": reused,
+        "venv_reused": venv["reused"],
+        "venv_seconds": venv.get("seconds", 0.0),
+        "seconds": seconds,
+    }
+
+
+def _remove_incomplete(layout: Layout, release_id: str, emit: Emit) -> None:
+    """A release dir without ``release.json`` is a crashed install: removed and redone."""
+    final = layout.release(release_id)
     if final.exists() or final.is_symlink():
         if current_release(layout) == release_id:
             raise AgentError(f"release {release_id} is live but incomplete", kind="conflict")
         emit({"phase": "install", "status": "cleanup", "detail": f"removing incomplete {final}"})
         remove_tree(final)
 
-    app_files = list(manifest.get("app_files") or [])
-    require(layout, [f.get("sha256") for f in app_files + deps])
-    tools = list(manifest.get("tools") or [])
-    _install_tools(layout, tools, emit)
-    if on_tools is not None:
-        on_tools()
-    source = (manifest.get("app") or {}).get("source") or "package"
-    meta: dict[str, Any] = {
-        "release_id": release_id,
-        "artifact": artifact,
-        "dependency_digest": digest,
+
+def _prepared_meta(release: _Release, args: InstallArgs) -> ReleaseMeta:
+    """The new release's ``release.json`` (state ``prepared``); ``blobs`` lists every blob it
+    uses, so prune keeps them."""
+    manifest = release.manifest
+    app = manifest.get("app")
+    files = [*release.app_files, *release.deps, *release.tools]
+    return {
+        "release_id": release.release_id,
+        "artifact": release.artifact,
+        "dependency_digest": release.digest,
         "git_commit": manifest.get("git_commit"),
         "created_at": utc_now(),
         "stage": args.get("stage"),
         "state": "prepared",
-        "source": source,
-        "app": manifest.get("app"),
-        "blobs": sorted({str(f.get("sha256")) for f in app_files + deps + tools}),
+        "source": (app.get("source") if app else None) or "package",
+        "app": app,
+        "blobs": sorted({str(f.get("sha256")) for f in files}),
     }
-    if args.get("services") is not None:
-        meta["services"] = args["services"]
 
+
+def _build_release(
+    layout: Layout,
+    release: _Release,
+    args: InstallArgs,
+    meta: ReleaseMeta,
+    emit: Emit,
+    on_placed: Callable[[], None] | None,
+    shells: VenvShells | None,
+) -> VenvResult:
+    """Fill a temp dir, rename it to ``releases/<id>``, compile, run the hooks, then write
+    ``release.json``; on any failure nothing of the release remains."""
+    final = layout.release(release.release_id)
     layout.releases.mkdir(parents=True, exist_ok=True)
-    tmp = layout.releases / f".tmp-{release_id}-{os.getpid()}"
+    tmp = layout.releases / f".tmp-{release.release_id}-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     placed = False
     try:
         tmp.mkdir()
-        emit({"phase": "install", "status": "unpack", "detail": release_id})
-        _place_app_files(layout, tmp, app_files)
-        values = placeholders(layout, release_id)  # {deploy_to}, {shared}, {release} on this host
-        shared_rendered = _write_rendered(layout, tmp, list(args.get("rendered") or []), values)
-        _write_env(tmp, args.get("env") or {}, values)
-        _link_shared(layout, tmp, final, args.get("shared") or {}, shared_rendered)
+        emit({"phase": "install", "status": "unpack", "detail": release.release_id})
+        _write_release_files(layout, tmp, final, release, args)
         atomic_write(tmp / PARTIAL_META, json.dumps(meta, sort_keys=True))
-        venv = {"reused": True, "seconds": 0.0}
-        if digest:
-            emit({"phase": "install", "status": "venv", "detail": str(digest)})
-            venv = ensure_venv(layout, digest, deps, python, emit, user_cache)
+        if release.digest:
+            emit({"phase": "install", "status": "venv", "detail": str(release.digest)})
+        venv = _release_venv(layout, release, emit, shells)
         fsync_dir(tmp)
         os.rename(tmp, final)
         fsync_dir(layout.releases)
         placed = True
         if on_placed is not None:
             on_placed()
-        _compile(layout, final, digest, python)
-        hook_timeout = float(args.get("hook_timeout") or 600)
-        for hook in args.get("hooks") or []:
-            command = hook.get("command") if isinstance(hook, dict) else hook
-            timeout = hook.get("timeout", hook_timeout) if isinstance(hook, dict) else hook_timeout
-            run_hook(
-                layout,
-                release_id,
-                str(command),
-                Limits(float(timeout), float(args.get("hook_silence") or 0)),
-                emit,
-            )
-        _write_meta(layout, release_id, meta)
+        _compile(layout, final, release.digest, release.python)
+        _run_hooks(layout, release.release_id, args, emit)
+        _write_meta(layout, release.release_id, meta)
         (final / PARTIAL_META).unlink()
     except BaseException:
         if placed:
             remove_tree(final)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return {
-        "release_id": release_id,
-        "reused": False,
-        "venv_reused": venv["reused"],
-        "venv_seconds": venv.get("seconds", 0.0),
-        "seconds": round(time.monotonic() - started, 3),
-    }
+    return venv
 
 
-def _place_app_files(layout: Layout, base: Path, app_files: list[dict[str, Any]]) -> None:
+def _write_release_files(
+    layout: Layout, tmp: Path, final: Path, release: _Release, args: InstallArgs
+) -> None:
+    """The app's files, the rendered config, the env file and the links into ``shared/``."""
+    _place_app_files(layout, tmp, release.app_files)
+    values = placeholders(layout, release.release_id)  # {deploy_to}, {shared}, {release} here
+    shared_rendered = _write_rendered(layout, tmp, list(args.get("rendered") or []), values)
+    _write_env(tmp, args.get("env") or {}, values)
+    _link_shared(layout, tmp, final, args.get("shared"), shared_rendered)
+
+
+def _release_venv(
+    layout: Layout, release: _Release, emit: Emit, shells: VenvShells | None
+) -> VenvResult:
+    if not release.digest:
+        return {"reused": True, "seconds": 0.0, "installer": None}
+    return ensure_venv(
+        layout, release.digest, release.deps, release.python, emit, release.user_cache, shells
+    )
+
+
+def _run_hooks(layout: Layout, release_id: str, args: InstallArgs, emit: Emit) -> None:
+    """The ``after_install`` hooks, in order, each with its limits; the first failure raises."""
+    default_timeout = float(args.get("hook_timeout") or 600)
+    silence = float(args.get("hook_silence") or 0)
+    for hook in args.get("hooks") or []:
+        command, timeout = _hook_command(hook, default_timeout)
+        run_hook(layout, release_id, command, Limits(timeout, silence), emit)
+
+
+def _hook_command(hook: object, default_timeout: float) -> tuple[str, float]:
+    """A hook is its command, or ``{command, timeout}`` (a timeout of its own)."""
+    if isinstance(hook, dict):
+        return str(hook.get("command")), float(hook.get("timeout", default_timeout))
+    return str(hook), default_timeout
+
+
+def _place_app_files(layout: Layout, base: Path, app_files: list[AppFile]) -> None:
     for item in app_files:
         if not valid_sha(item.get("sha256")):
             raise AgentError(f"app file {item.get('path')!r} has no valid sha256", kind="usage")
@@ -374,7 +518,7 @@ def _mode(value: object, default: int) -> int:
 
 
 def _write_rendered(
-    layout: Layout, base: Path, rendered: list[dict[str, Any]], values: dict[str, str]
+    layout: Layout, base: Path, rendered: list[RenderedFile], values: dict[str, str]
 ) -> list[str]:
     """Write rendered config files (placeholders expanded); returns the paths of those placed
     under ``shared/``."""
@@ -396,7 +540,7 @@ def _write_rendered(
     return shared_paths
 
 
-def _write_env(base: Path, env: dict[str, Any], values: dict[str, str]) -> None:
+def _write_env(base: Path, env: dict[str, str], values: dict[str, str]) -> None:
     if not isinstance(env, dict):
         raise AgentError("install: env must be an object", kind="usage")
     lines = []
@@ -408,15 +552,18 @@ def _write_env(base: Path, env: dict[str, Any], values: dict[str, str]) -> None:
 
 
 def _link_shared(
-    layout: Layout, base: Path, final: Path, shared: dict[str, Any], rendered: list[str]
+    layout: Layout, base: Path, final: Path, shared: SharedSpec | None, rendered: list[str]
 ) -> None:
     """Link shared dirs and files into the release with relative symlinks.
 
     Links are computed from the final ``releases/<id>`` location (same depth as the temp dir).
     A missing shared file is left for the app to create through the link.
     """
-    dirs = [safe_relpath(d, "shared dir") for d in shared.get("dirs") or []]
-    files = [safe_relpath(f, "shared file") for f in shared.get("files") or []]
+    # (the protocol's default is {}: either list may be absent)
+    dirs = [safe_relpath(d, "shared dir") for d in (shared.get("dirs") if shared else None) or []]
+    files = [
+        safe_relpath(f, "shared file") for f in (shared.get("files") if shared else None) or []
+    ]
     covered = dirs + files
     # Rendered shared files get a link too, unless a shared dir or file entry already covers them.
     files += [r for r in rendered if not any(r == c or r.startswith(c + "/") for c in covered)]

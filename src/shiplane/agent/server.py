@@ -29,7 +29,7 @@ from . import AgentError, __version__, ledger, lock, protocol, prune, releases, 
 from .hooks import Limits, run_hook
 from .paths import Layout, agent_command
 from .runtime import valid_release_id
-from .venvs import find_uv, install_uv, list_venvs, start_shell
+from .venvs import VenvShells, find_uv, install_uv, list_venvs
 
 Emit = Callable[[dict[str, Any]], None]
 ALIVE_EVERY = 5.0
@@ -75,6 +75,8 @@ class Session:
         # a release this session installed with its web server started early, not yet switched
         # to or marked: its server is stopped if the session ends first (the controller is gone)
         self.prebooted: str | None = None
+        # the venvs ``inventory`` started making, for this session's ``install`` to wait for
+        self.venv_shells = VenvShells()
         self._write_lock = threading.Lock()
         self.reader_gone = threading.Event()  # a write to the controller failed: nobody listens
         # Serialises lock changes of this session. Reentrant: the signal handler runs on the main
@@ -255,7 +257,7 @@ def _op_inventory(s: Session, args: dict[str, Any], emit: Emit) -> Any:
     plan's), the venv it will need starts being made while the blobs are sent."""
     hint = args.get("venv")
     if isinstance(hint, dict):
-        start_shell(
+        s.venv_shells.start(
             s.layout,
             hint.get("digest"),
             hint.get("python") or sys.executable,
@@ -357,7 +359,7 @@ def _op_install(s: Session, args: dict[str, Any], emit: Emit) -> Any:
             start(preboot, "preboot-web")
 
     try:
-        result = releases.install(s.layout, args, emit, on_tools, on_placed)
+        result = releases.install(s.layout, args, emit, on_tools, on_placed, s.venv_shells)
     except BaseException:
         for thread in background:
             thread.join()

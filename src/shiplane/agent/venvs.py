@@ -18,21 +18,49 @@ import tempfile
 import threading
 import time
 import zipfile
-from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TypedDict
 
 from . import AgentError, atomic_write
 from .paths import Layout
+from .protocol import Emit
 from .runtime import valid_digest
 from .store import file_sha256, quarantine, require, valid_sha, verify
-
-Emit = Callable[[dict[str, Any]], None]
 
 OUTPUT_TAIL = 30
 # A dependency entry of this kind is the controller's compiled bytecode of the wheels, not a wheel.
 BYTECODE = "bytecode"
 BYTECODE_META = "SHIPLANE-BYTECODE.json"
+
+
+class _WheelFile(TypedDict):
+    path: str  # the wheel's file name
+    sha256: str
+
+
+class WheelEntry(_WheelFile, total=False):
+    """A dependency of the manifest (``dependencies``): a wheel, or with ``kind`` ``bytecode``
+    the controller's compiled bytecode of them all."""
+
+    size: int
+    kind: str
+
+
+class _VenvOutcome(TypedDict):
+    reused: bool
+    seconds: float
+    installer: str | None  # "uv" or "pip"; None when reused
+
+
+class VenvResult(_VenvOutcome, total=False):
+    """What :func:`ensure_venv` did; ``bytecode`` ("shipped" or "compiled") when it built."""
+
+    bytecode: str
+
+
+class UvInstalled(TypedDict):
+    path: str  # the runnable uv
 
 
 def find_uv(layout: Layout | None = None) -> str | None:
@@ -57,7 +85,7 @@ def find_uv(layout: Layout | None = None) -> str | None:
     return None
 
 
-def install_uv(layout: Layout, sha256: object, binary_sha256: object = None) -> dict[str, Any]:
+def install_uv(layout: Layout, sha256: object, binary_sha256: object = None) -> UvInstalled:
     """Make the uv binary received as blob ``sha256`` runnable as ``tools/uv-<sha>/uv``.
 
     The controller ships its own uv to hosts of the same platform that lack one, gzipped (half
@@ -126,47 +154,93 @@ def list_venvs(layout: Layout) -> list[str]:
     )
 
 
-# digest -> the thread creating that venv's empty shell (start_shell), for ensure_venv to wait on
-_SHELLS: dict[str, threading.Thread] = {}
-SHELL_MARK = ".shell"  # an empty venv made by start_shell; .complete comes with the packages
+SHELL_MARK = ".shell"  # an empty venv made by VenvShells.start; .complete comes with the packages
 
 
-def start_shell(
-    layout: Layout, dependency_digest: object, python: object, user_cache: bool = False
-) -> None:
-    """Create ``venvs/<digest>`` empty (``uv venv``) in the background, while the blobs still
-    arrive: its interpreter query takes ~0.2 s, paid by a first deploy only. ``ensure_venv``
-    waits for it and installs into it; without uv (it may arrive with the blobs) nothing starts."""
-    if not valid_digest(dependency_digest) or not isinstance(python, str) or not python:
-        return
-    target = layout.venv(str(dependency_digest))
-    uv = find_uv(layout)
-    if uv is None or target.exists() or target.is_symlink() or dependency_digest in _SHELLS:
-        return
+class VenvShells:
+    """The empty venvs (``uv venv``) one agent session starts during ``inventory``, while the
+    blobs still arrive, by dependency digest: its ``install`` waits for the one it needs
+    (:func:`ensure_venv`'s ``shells``). Each session owns its own, so a session never waits for,
+    nor installs into, a venv another session's thread is still making."""
 
-    def make() -> None:
-        try:
-            layout.venvs.mkdir(parents=True, exist_ok=True)
-            _run([uv, "venv", "--python", python, str(target)], _uv_env(layout, user_cache))
-            (target / SHELL_MARK).write_text(python + "\n", encoding="utf-8")
-        except Exception:  # noqa: BLE001, S110 - ensure_venv removes a partial one and starts over
-            pass
+    def __init__(self) -> None:
+        self._threads: dict[str, threading.Thread] = {}
+        self._lock = threading.Lock()
 
-    thread = threading.Thread(target=make, name="venv-shell", daemon=True)
-    _SHELLS[str(dependency_digest)] = thread
-    thread.start()
+    def start(
+        self, layout: Layout, dependency_digest: object, python: object, user_cache: bool = False
+    ) -> None:
+        """Create ``venvs/<digest>`` empty in the background: its interpreter query takes ~0.2 s,
+        paid by a first deploy only. Without uv (it may arrive with the blobs) nothing starts."""
+        if not valid_digest(dependency_digest) or not isinstance(python, str) or not python:
+            return
+        digest = str(dependency_digest)
+        target = layout.venv(digest)
+        uv = find_uv(layout)
+        if uv is None or target.exists() or target.is_symlink():
+            return
+        with self._lock:
+            if digest in self._threads:
+                return
+            thread = threading.Thread(
+                target=_make_shell,
+                args=(layout, uv, python, target, user_cache),
+                name="venv-shell",
+                daemon=True,
+            )
+            self._threads[digest] = thread
+        thread.start()
+
+    def wait(self, dependency_digest: str) -> None:
+        """Return once the shell started for this digest, if any, is made (or failed)."""
+        with self._lock:
+            thread = self._threads.pop(dependency_digest, None)
+        if thread is not None:
+            thread.join()
+
+
+def _make_shell(layout: Layout, uv: str, python: str, target: Path, user_cache: bool) -> None:
+    try:
+        layout.venvs.mkdir(parents=True, exist_ok=True)
+        _run([uv, "venv", "--python", python, str(target)], _uv_env(layout, user_cache))
+        (target / SHELL_MARK).write_text(python + "\n", encoding="utf-8")
+    except Exception:  # noqa: BLE001, S110 - ensure_venv removes a partial one and starts over
+        pass
+
+
+@dataclass(frozen=True)
+class _Build:
+    """One venv build: where, from which wheels (and their compiled bytecode), with what."""
+
+    target: Path
+    wheels: list[WheelEntry]
+    names: list[str]  # the wheels' file names, validated
+    python: str  # the base interpreter
+    uv: str | None  # None: pip
+    env: dict[str, str]
+    bundle: Path | None  # the controller's bytecode of the wheels, verified
+
+    @property
+    def venv_python(self) -> str:
+        return str(self.target / "bin" / "python")
+
+    @property
+    def installer(self) -> str:
+        return "uv" if self.uv else "pip"
 
 
 def ensure_venv(
     layout: Layout,
     dependency_digest: str,
-    wheels: list[dict[str, Any]],
+    wheels: list[WheelEntry],
     python: str,
     emit: Emit,
     user_cache: bool = False,
-) -> dict[str, Any]:
+    shells: VenvShells | None = None,
+) -> VenvResult:
     """Make ``venvs/<digest>`` hold exactly ``wheels`` ({path, sha256}); reuse a complete one.
     ``user_cache``: uv uses the user's own cache instead of the deploy root's (see ``_uv_env``).
+    ``shells``: the session's venvs started early, one of which may be this one's empty venv.
 
     Returns ``{reused, seconds, installer}``. Failures raise kind ``install`` with the
     installer's last output lines; the half-built venv is removed.
@@ -174,129 +248,173 @@ def ensure_venv(
     if not valid_digest(dependency_digest):
         raise AgentError(f"not a dependency digest: {dependency_digest!r}", kind="usage")
     target = layout.venv(dependency_digest)
-    # exists() follows the bin/python symlink: a venv whose base interpreter was removed is rebuilt.
-    if (target / ".complete").is_file() and (target / "bin" / "python").exists():
+    if _is_complete(target):
         return {"reused": True, "seconds": 0.0, "installer": None}
     started = time.monotonic()
-    bundles = [w for w in wheels if isinstance(w, dict) and w.get("kind") == BYTECODE]
-    wheels = [w for w in wheels if not (isinstance(w, dict) and w.get("kind") == BYTECODE)]
-    names = _validate_wheels(wheels)
-    require(layout, [w["sha256"] for w in wheels])
-    verify(layout, [w["sha256"] for w in wheels])
-    # The bytecode is an optimisation: without its blob (or with one changed on disk, which is
-    # quarantined) the host compiles, as it always could.
-    bundle = None
-    for sha in (str(b.get("sha256")) for b in bundles):
-        if valid_sha(sha) and layout.blob(sha).is_file():
-            if file_sha256(layout.blob(sha)) == sha:
-                bundle = layout.blob(sha)
-                break
-            quarantine(layout, sha)
-    shell = _SHELLS.pop(dependency_digest, None)
-    if shell is not None:
-        shell.join()
-    try:  # an empty venv start_shell made for this very interpreter
-        reuse_shell = (
-            (target / SHELL_MARK).read_text(encoding="utf-8").strip() == python
-            and not (target / ".complete").exists()
-            and (target / "bin" / "python").exists()
-        )
-    except OSError:
-        reuse_shell = False
+    wheels, bundle = _checked_wheels(layout, wheels)
+    if shells is not None:
+        shells.wait(dependency_digest)
+    reuse_shell = _is_shell_for(target, python)
     if (target.exists() or target.is_symlink()) and not reuse_shell:
         emit({"phase": "venv", "status": "cleanup", "detail": f"removing partial venv {target}"})
         _remove(target)
     layout.venvs.mkdir(parents=True, exist_ok=True)
     layout.tmp.mkdir(parents=True, exist_ok=True)
     uv = find_uv(layout)
-    installer = "uv" if uv else "pip"
-    emit(
-        {"phase": "venv", "status": "building", "detail": f"{len(wheels)} wheels with {installer}"}
+    build = _Build(
+        target=target,
+        wheels=wheels,
+        names=[w["path"] for w in wheels],
+        python=python,
+        uv=uv,
+        env=_uv_env(layout, user_cache) if uv else _clean_env(),
+        bundle=bundle,
     )
-    wheeldir = Path(tempfile.mkdtemp(prefix="wheels-", dir=layout.tmp))
-    placing: _Unpack | None = None
-    try:
-        for wheel, name in zip(wheels, names):
-            _link_or_copy(layout.blob(wheel["sha256"]), wheeldir / name)
-        reqs = wheeldir / "requirements.txt"
-        reqs.write_text(_requirements(wheels, names), encoding="utf-8")
-        venv_python = str(target / "bin" / "python")
-        env = _uv_env(layout, user_cache) if uv else _clean_env()
-        if reuse_shell and uv:
-            pass  # made while the blobs arrived
-        elif uv:
-            _run([uv, "venv", "--python", python, str(target)], env)
-        else:
-            _run([python, "-m", "venv", str(target)], env)
-        # Bytecode now, once per dependency set: services may not write to the venv, and every
-        # start would compile everything again (seconds per boot). The controller's compiled
-        # bundle saves the host that work when it suits this interpreter.
-        site = _bundle_target(target, bundle) if bundle and wheels else None
-        compiled = site is not None
-        # The pycs go in while the installer places the sources (two processes, two cores):
-        # each is a new file in a __pycache__ dir, which no installer writes to.
-        placing = _Unpack(bundle, site) if site is not None and bundle is not None else None
-        if wheels and uv:
-            _run(
-                [
-                    uv,
-                    "pip",
-                    "install",
-                    "--python",
-                    venv_python,
-                    "--offline",
-                    "--no-index",
-                    *([] if compiled else ["--compile-bytecode"]),
-                    "--find-links",
-                    str(wheeldir),
-                    "--require-hashes",
-                    "-r",
-                    str(reqs),
-                ],
-                env,
-            )
-        elif wheels:
-            _run(
-                [
-                    venv_python,
-                    "-m",
-                    "pip",
-                    "install",
-                    "--no-index",
-                    "--no-input",
-                    "--disable-pip-version-check",
-                    *(["--no-compile"] if compiled else []),
-                    "--find-links",
-                    str(wheeldir),
-                    "--require-hashes",
-                    "-r",
-                    str(reqs),
-                ],
-                env,
-            )
-        if placing is not None and site is not None and not placing.join():
-            emit({"phase": "venv", "status": "compile", "detail": "bytecode bundle unusable"})
-            _run(
-                [venv_python, "-m", "compileall", "-q", "-j", "0", str(site)],
-                {k: v for k, v in env.items() if k != "PYTHONDONTWRITEBYTECODE"},
-            )
-            compiled = False
-        atomic_write(target / ".complete", "\n".join(sorted(names)) + "\n")
-    except BaseException:
-        if placing is not None:
-            placing.join()  # never remove the venv under a thread still writing into it
-        _remove(target)
-        raise
-    finally:
-        shutil.rmtree(wheeldir, ignore_errors=True)
+    emit(
+        {
+            "phase": "venv",
+            "status": "building",
+            "detail": f"{len(wheels)} wheels with {build.installer}",
+        }
+    )
+    compiled = _build_venv(layout, build, reuse_shell, emit)
     seconds = round(time.monotonic() - started, 3)
     emit({"phase": "venv", "status": "built", "detail": dependency_digest, "seconds": seconds})
     return {
         "reused": False,
         "seconds": seconds,
-        "installer": installer,
+        "installer": build.installer,
         "bytecode": "shipped" if compiled else "compiled",
     }
+
+
+def _is_complete(target: Path) -> bool:
+    # exists() follows the bin/python symlink: a venv whose base interpreter was removed is rebuilt.
+    return (target / ".complete").is_file() and (target / "bin" / "python").exists()
+
+
+def _checked_wheels(
+    layout: Layout, entries: list[WheelEntry]
+) -> tuple[list[WheelEntry], Path | None]:
+    """The dependency wheels (names valid, blobs present and intact: AgentError otherwise) and
+    the bytecode bundle's blob when it is usable."""
+    bundles = [w for w in entries if isinstance(w, dict) and w.get("kind") == BYTECODE]
+    wheels = [w for w in entries if not (isinstance(w, dict) and w.get("kind") == BYTECODE)]
+    _validate_wheels(wheels)
+    require(layout, [w["sha256"] for w in wheels])
+    verify(layout, [w["sha256"] for w in wheels])
+    return wheels, _usable_bundle(layout, [str(b.get("sha256")) for b in bundles])
+
+
+def _usable_bundle(layout: Layout, shas: list[str]) -> Path | None:
+    """The bytecode is an optimisation: without its blob (or with one changed on disk, which is
+    quarantined) the host compiles, as it always could."""
+    for sha in shas:
+        if valid_sha(sha) and layout.blob(sha).is_file():
+            if file_sha256(layout.blob(sha)) == sha:
+                return layout.blob(sha)
+            quarantine(layout, sha)
+    return None
+
+
+def _is_shell_for(target: Path, python: str) -> bool:
+    """Whether ``target`` is an empty venv a shell job made for this very interpreter."""
+    try:
+        return (
+            (target / SHELL_MARK).read_text(encoding="utf-8").strip() == python
+            and not (target / ".complete").exists()
+            and (target / "bin" / "python").exists()
+        )
+    except OSError:
+        return False
+
+
+def _build_venv(layout: Layout, build: _Build, reuse_shell: bool, emit: Emit) -> bool:
+    """Create the venv, install the wheels, place their bytecode, write ``.complete``; True
+    when the shipped bytecode was used. On any failure the venv is removed."""
+    wheeldir = Path(tempfile.mkdtemp(prefix="wheels-", dir=layout.tmp))
+    placing: _Unpack | None = None
+    try:
+        reqs = _stage_wheels(layout, build, wheeldir)
+        if not (reuse_shell and build.uv):  # else made while the blobs arrived
+            _create_venv(build)
+        # Bytecode now, once per dependency set: services may not write to the venv, and every
+        # start would compile everything again (seconds per boot). The controller's compiled
+        # bundle saves the host that work when it suits this interpreter.
+        site = _bundle_target(build.target, build.bundle) if build.bundle and build.wheels else None
+        # The pycs go in while the installer places the sources (two processes, two cores):
+        # each is a new file in a __pycache__ dir, which no installer writes to.
+        placing = _Unpack(build.bundle, site) if site is not None and build.bundle else None
+        _install_wheels(build, wheeldir, reqs, compiled=site is not None)
+        compiled = site is not None and _bytecode_placed(build, placing, site, emit)
+        atomic_write(build.target / ".complete", "\n".join(sorted(build.names)) + "\n")
+    except BaseException:
+        if placing is not None:
+            placing.join()  # never remove the venv under a thread still writing into it
+        _remove(build.target)
+        raise
+    finally:
+        shutil.rmtree(wheeldir, ignore_errors=True)
+    return compiled
+
+
+def _stage_wheels(layout: Layout, build: _Build, wheeldir: Path) -> Path:
+    """The wheels under their file names in ``wheeldir`` (the installers find them by name),
+    and the hash-pinned requirements file naming them, which is returned."""
+    for wheel, name in zip(build.wheels, build.names):
+        _link_or_copy(layout.blob(wheel["sha256"]), wheeldir / name)
+    reqs = wheeldir / "requirements.txt"
+    reqs.write_text(_requirements(build.wheels, build.names), encoding="utf-8")
+    return reqs
+
+
+def _create_venv(build: _Build) -> None:
+    if build.uv:
+        _run([build.uv, "venv", "--python", build.python, str(build.target)], build.env)
+    else:
+        _run([build.python, "-m", "venv", str(build.target)], build.env)
+
+
+def _install_wheels(build: _Build, wheeldir: Path, reqs: Path, compiled: bool) -> None:
+    """Install offline, hashes required; ``compiled``: the bundle brings the bytecode, so the
+    installer writes none."""
+    if not build.wheels:
+        return
+    if build.uv:
+        argv = [
+            build.uv,
+            "pip",
+            "install",
+            "--python",
+            build.venv_python,
+            "--offline",
+            "--no-index",
+            *([] if compiled else ["--compile-bytecode"]),
+        ]
+    else:
+        argv = [
+            build.venv_python,
+            "-m",
+            "pip",
+            "install",
+            "--no-index",
+            "--no-input",
+            "--disable-pip-version-check",
+            *(["--no-compile"] if compiled else []),
+        ]
+    _run([*argv, "--find-links", str(wheeldir), "--require-hashes", "-r", str(reqs)], build.env)
+
+
+def _bytecode_placed(build: _Build, placing: _Unpack | None, site: Path, emit: Emit) -> bool:
+    """Wait for the bundle's pycs; when it was unusable, compile here instead (False)."""
+    if placing is not None and placing.join():
+        return True
+    emit({"phase": "venv", "status": "compile", "detail": "bytecode bundle unusable"})
+    _run(
+        [build.venv_python, "-m", "compileall", "-q", "-j", "0", str(site)],
+        {k: v for k, v in build.env.items() if k != "PYTHONDONTWRITEBYTECODE"},
+    )
+    return False
 
 
 def _bundle_target(venv: Path, bundle: Path) -> Path | None:
@@ -378,7 +496,7 @@ def _unpack_bytecode(bundle: Path, site: Path) -> bool:
     return True
 
 
-def _validate_wheels(wheels: list[dict[str, Any]]) -> list[str]:
+def _validate_wheels(wheels: list[WheelEntry]) -> list[str]:
     names = []
     for wheel in wheels:
         name = wheel.get("path") if isinstance(wheel, dict) else None
@@ -397,7 +515,7 @@ def _validate_wheels(wheels: list[dict[str, Any]]) -> list[str]:
     return names
 
 
-def _requirements(wheels: list[dict[str, Any]], names: list[str]) -> str:
+def _requirements(wheels: list[WheelEntry], names: list[str]) -> str:
     """``name==version --hash=sha256:...`` lines; wheels of one version for several tags share a line."""
     pins: dict[tuple[str, str], list[str]] = {}
     for wheel, filename in zip(wheels, names):
