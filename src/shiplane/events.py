@@ -6,7 +6,13 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TypedDict
+
+
+class EventData(TypedDict, total=False):
+    """An event's extras, beyond its fields."""
+
+    total: int  # receive: the bytes to send in all (``bytes``: those sent so far)
 
 
 @dataclass(frozen=True)
@@ -17,10 +23,11 @@ class Event:
     detail: str = ""
     seconds: float | None = None
     bytes: int | None = None
-    data: dict[str, Any] = field(default_factory=dict)
+    data: EventData = field(default_factory=lambda: EventData())
     at: float = field(default_factory=time.time)
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> dict[str, object]:
+        """The event as one JSON object (``--json``), without its empty fields."""
         out = {k: v for k, v in asdict(self).items() if v not in (None, "", {})}
         out["at"] = round(self.at, 3)
         return out

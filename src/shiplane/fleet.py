@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from shiplane.agent.protocol import Event as AgentEvent
 from shiplane.config import Project
 from shiplane.errors import OperationError
 from shiplane.events import Emit, Event
@@ -227,10 +228,10 @@ class Fleet:
         with self._idle:  # each phase is bounded by its own timeouts
             self._idle.wait_for(lambda: self._busy == 0)
 
-    def forward(self, host: str, phase: str) -> Callable[[dict[str, Any]], None]:
+    def forward(self, host: str, phase: str) -> Callable[[AgentEvent], None]:
         """Agent events of one host, into our event stream."""
 
-        def handler(event: dict[str, Any]) -> None:
+        def handler(event: AgentEvent) -> None:
             self.emit(
                 Event(
                     event.get("phase", phase),
@@ -238,7 +239,7 @@ class Fleet:
                     host=host,
                     detail=str(event.get("detail", "")),
                     bytes=event.get("bytes"),
-                    data={k: v for k, v in event.items() if k == "total"},
+                    data={"total": event["total"]} if "total" in event else {},
                 )
             )
 

@@ -11,25 +11,25 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from shiplane.agent.protocol import decode
+from shiplane.agent.protocol import ErrorObject, Event, Hello, decode
 from shiplane.agent_bundle import agent_zip, bootstrap_argv
 from shiplane.errors import OperationError
 from shiplane.transport.base import Transport
 
-EventHandler = Callable[[dict[str, Any]], None]
+EventHandler = Callable[[Event], None]  # an op's events as they come (never "alive")
 
 
 class HostError(OperationError):
     """A phase failed on one host; ``kind`` says how (connect, timeout, health, hook, lock, ...)."""
 
     def __init__(
-        self, host: str, message: str, kind: str = "error", data: dict[str, Any] | None = None
+        self, host: str, message: str, kind: str = "error", data: ErrorObject | None = None
     ) -> None:
         super().__init__(f"{host}: {message}")
         self.host = host
         self.kind = kind
         self.reason = message
-        self.data = data or {}
+        self.data: ErrorObject = data or {}
 
 
 _EOF = object()
@@ -81,7 +81,7 @@ class AgentSession:
             self.kill()
             transport.close()
             raise
-        self.hello: dict[str, Any] = first["hello"]
+        self.hello: Hello = first["hello"]
 
     def _read_stdout(self) -> None:
         assert self._process.stdout is not None
@@ -192,7 +192,7 @@ class AgentSession:
                 continue
             if message.get("ok"):
                 return dict(message.get("result") or {})
-            error = message.get("error") or {}
+            error: ErrorObject = message.get("error") or ErrorObject()
             raise HostError(
                 self.host,
                 str(error.get("message", "failed")),

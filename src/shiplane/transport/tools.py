@@ -15,7 +15,7 @@ import os
 import shutil
 import sysconfig
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 from shiplane.transport import on_controller
@@ -61,7 +61,7 @@ def _digest(path: Path, size: int, mtime: float) -> str:
     return sha.hexdigest()
 
 
-def would_ship_uv(hello: dict[str, object]) -> bool:
+def would_ship_uv(hello: Mapping[str, object]) -> bool:
     """True when a deploy to the host that said ``hello`` would send it the controller's uv."""
     if os.environ.get("SHIPLANE_SHIP_UV", "1") == "0" or hello.get("uv"):
         return False
