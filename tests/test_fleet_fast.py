@@ -433,8 +433,6 @@ def test_rollback_returns_every_host_to_the_release_before_and_marks_the_one_lef
             Masker(),
             hosts=None,
             sets=(),
-            as_json=True,
-            verbose=False,
             transports=hosts,
         )
 

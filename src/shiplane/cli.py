@@ -6,7 +6,7 @@ import json
 import os
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -17,7 +17,9 @@ from shiplane.errors import ShiplaneError, UsageError
 from shiplane.secret import Masker
 
 if TYPE_CHECKING:
+    from shiplane.commands.exec import ExecResult
     from shiplane.events import Emit
+    from shiplane.ui import Reporter
 
 JSON_VERSION = 1  # of every --json line: docs/json.md
 
@@ -149,7 +151,14 @@ def main(ctx: click.Context, file: str | None, verbose: bool) -> None:
     ctx.obj = Context(file, verbose)
 
 
-def emit_json(data: Any, masker: Masker) -> None:
+def _reporter(obj: Context, as_json: bool, verbose: bool | None = None) -> Reporter:
+    """What renders a verb's events: JSON lines, a live view on a terminal, else plain lines."""
+    from shiplane.ui import Reporter
+
+    return Reporter.for_terminal(as_json, obj.masker, obj.verbose if verbose is None else verbose)
+
+
+def emit_json(data: object, masker: Masker) -> None:
     """A verb's result with --json: one line, ``{"result": ..., "v": 1}`` (docs/json.md)."""
     click.echo(masker(json.dumps({"result": data, "v": JSON_VERSION}, default=str)))
 
@@ -276,8 +285,17 @@ def run_task(
     """Run a user task with its dependencies (independent ones in parallel)."""
     from shiplane.commands.run import run_user_task
 
+    # not entered: each task's output and outcome print as plain lines, --json or not
     run_user_task(
-        obj.file, task, stage, obj.masker, verbose=obj.verbose, force=force, hosts=hosts, sets=sets
+        obj.file,
+        task,
+        stage,
+        obj.masker,
+        _reporter(obj, False, verbose=True),
+        verbose=obj.verbose,
+        force=force,
+        hosts=hosts,
+        sets=sets,
     )
     if as_json:
         emit_json({"ok": True, "task": task}, obj.masker)
@@ -293,7 +311,8 @@ def test_gate(obj: Context, as_json: bool) -> None:
     """Run the test gate (build.test) in a venv made from the lock."""
     from shiplane.commands.build import run_test_gate
 
-    run_test_gate(obj.file, obj.masker, obj.verbose)
+    with _reporter(obj, False, verbose=True) as reporter:
+        run_test_gate(obj.file, reporter)
     _finish(obj, {"ok": True, "lines": ["test gate passed"]}, as_json)
 
 
@@ -302,15 +321,17 @@ def _build_verb(name: str, doc: str, step: str) -> None:
     @json_option
     @click.pass_obj
     def verb(obj: Context, as_json: bool) -> None:
-        from shiplane.commands.build import build_artifact
+        from shiplane.commands.build import build_artifact, compile_artifact
 
-        result = build_artifact(
-            obj.file, obj.masker, step=step, as_json=as_json, verbose=obj.verbose
-        )
+        with _reporter(obj, as_json) as reporter:
+            if step == "compile":
+                compiled = compile_artifact(obj.file, reporter)
+            else:
+                built = build_artifact(obj.file, reporter, step=step)
         if as_json:
-            _finish(obj, result, as_json)
+            _finish(obj, compiled if step == "compile" else built, as_json)
         else:
-            click.echo(result["digest"] if step != "compile" else result.get("summary", ""))
+            click.echo(built["digest"] if step != "compile" else compiled["summary"])
 
 
 _build_verb(
@@ -407,7 +428,8 @@ def deploy(
         verbose=obj.verbose,
         retry_failed=retry_failed,
     )
-    result = run_deploy(obj.file, options, obj.masker)
+    with _reporter(obj, as_json) as reporter:
+        result = run_deploy(obj.file, options, obj.masker, reporter)
     _finish(obj, result, as_json)
 
 
@@ -479,7 +501,9 @@ def promote(
         as_json=as_json,
         verbose=obj.verbose,
     )
-    _finish(obj, run_promote(obj.file, from_stage, options, obj.masker), as_json)
+    with _reporter(obj, as_json) as reporter:
+        result = run_promote(obj.file, from_stage, options, obj.masker, reporter)
+    _finish(obj, result, as_json)
 
 
 def _first_steps_verb(name: str, doc: str) -> None:
@@ -515,7 +539,9 @@ def _first_steps_verb(name: str, doc: str) -> None:
             verbose=obj.verbose,
             until=name,
         )
-        _finish(obj, run_deploy(obj.file, options, obj.masker), as_json)
+        with _reporter(obj, as_json) as reporter:
+            result = run_deploy(obj.file, options, obj.masker, reporter)
+        _finish(obj, result, as_json)
 
 
 _first_steps_verb(
@@ -548,25 +574,19 @@ def rollback(
     """Switch back to an earlier release: no reinstall, health-checked, zero-downtime."""
     from shiplane.commands.operate import run_rollback
 
-    result = run_rollback(
-        obj.file,
-        stage,
-        to_release,
-        yes,
-        obj.masker,
-        hosts=hosts,
-        sets=sets,
-        as_json=as_json,
-        verbose=obj.verbose,
-    )
+    with _reporter(obj, as_json) as reporter:
+        result = run_rollback(
+            obj.file, stage, to_release, yes, obj.masker, reporter, hosts=hosts, sets=sets
+        )
     _finish(obj, result, as_json)
 
 
-def _finish(obj: Context, result: dict[str, Any], as_json: bool) -> None:
+def _finish(obj: Context, result: Mapping[str, object], as_json: bool) -> None:
+    """Print a verb's result (its ``lines``, or the JSON with --json); exit 1 unless ``ok``."""
     if as_json:
         emit_json(result, obj.masker)
     else:
-        lines = [obj.masker(line) for line in result.get("lines", [])]
+        lines = [obj.masker(str(line)) for line in _lines(result)]
         if (
             sys.stdout.isatty()
         ):  # folded to the terminal's width: a wrapped line would break mid-word
@@ -581,6 +601,11 @@ def _finish(obj: Context, result: dict[str, Any], as_json: bool) -> None:
         sys.exit(130)  # Ctrl-C or SIGTERM, handled: as any interrupted command
     if not result.get("ok", True):
         sys.exit(1)
+
+
+def _lines(result: Mapping[str, object]) -> list[object]:
+    lines = result.get("lines", [])
+    return lines if isinstance(lines, list) else []
 
 
 def _read_verb(name: str, doc: str) -> None:
@@ -824,7 +849,7 @@ def _exec_output(as_json: bool, masker: Masker) -> Callable[[str, str, str], Non
     return out
 
 
-def _exec_finish(obj: Context, result: dict[str, Any], as_json: bool) -> None:
+def _exec_finish(obj: Context, result: ExecResult, as_json: bool) -> None:
     """The command's exit code is ours; what exec itself says goes to stderr."""
     if as_json:
         emit_json(result, obj.masker)

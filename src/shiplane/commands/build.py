@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TypedDict
 
 from shiplane.artifact import (
     BuildResult,
@@ -19,8 +20,6 @@ from shiplane.config import Project, load_project
 from shiplane.config.loader import find_deploy_file
 from shiplane.errors import ConfigError
 from shiplane.events import Emit, Event
-from shiplane.secret import Masker
-from shiplane.ui import Reporter
 
 
 def build_spec(project: Project) -> BuildSpec:
@@ -63,31 +62,49 @@ def gate(project: Project, verbose: bool, emit: Emit) -> None:
     )
 
 
-def run_test_gate(file: Path | None, masker: Masker, verbose: bool) -> None:
+def run_test_gate(file: Path | None, emit: Emit) -> None:
     project = load_project(file)
     if not project.deploy.build.test:
         from shiplane.errors import UsageError
 
         raise UsageError(f"{project.path}: build.test is not set, so there is no test gate to run")
-    with Reporter.for_terminal(False, masker, verbose=True) as reporter:
-        gate(project, verbose, reporter)
+    gate(project, True, emit)
 
 
-def build_artifact(
-    file: Path | None, masker: Masker, *, step: str, as_json: bool, verbose: bool
-) -> dict[str, Any]:
-    project = load_project(file)
-    spec = build_spec(project)
-    with Reporter.for_terminal(as_json, masker, verbose) as reporter:
+class Compiled(TypedDict):
+    """``shiplane compile``: what was compiled (the app's wheel or source tree)."""
 
-        def on_event(name: str, detail: str) -> None:
-            reporter(Event("build", "progress", detail=f"{name}: {detail}"))
+    ok: bool
+    summary: str
+    result: str
 
-        if step == "compile":
-            result: Any = compile_app(spec, on_event=on_event)
-            return {"ok": True, "summary": str(result), "result": str(result)}
-        runner = pack if step == "pack" else build
-        done = runner(spec, on_event=on_event)
+
+class Built(TypedDict):
+    """``shiplane build`` and ``pack``: the artifact's digest, and how it came to be."""
+
+    ok: bool
+    digest: str
+    reused: bool
+    seconds: float
+    dependency_digest: str | None
+    git_commit: str | None
+    files: int
+
+
+def _progress(emit: Emit) -> Callable[[str, str], None]:
+    return lambda name, detail: emit(Event("build", "progress", detail=f"{name}: {detail}"))
+
+
+def compile_artifact(file: Path | None, emit: Emit) -> Compiled:
+    result = compile_app(build_spec(load_project(file)), on_event=_progress(emit))
+    return {"ok": True, "summary": str(result), "result": str(result)}
+
+
+def build_artifact(file: Path | None, emit: Emit, *, step: str) -> Built:
+    """``step`` "build" (or reuse) the artifact, or "pack" its second half."""
+    spec = build_spec(load_project(file))
+    runner = pack if step == "pack" else build
+    done = runner(spec, on_event=_progress(emit))
     manifest = done.manifest.to_dict()
     return {
         "ok": True,

@@ -8,7 +8,12 @@ from pathlib import Path
 
 from shiplane.config import Layered, Project, build_layers, load_project, resolve_secrets, stage_of
 from shiplane.config.loader import with_overrides
+from shiplane.events import Event
 from shiplane.secret import Masker
+
+
+def silent(event: Event) -> None:
+    """An emit that drops every event: a command run without a reporter (tests, --json plan)."""
 
 
 @dataclass(frozen=True)

@@ -19,12 +19,15 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from shiplane.agent.protocol import ServicesSpec
 from shiplane.commands.build import build_for_deploy
 from shiplane.commands.check import graph_from_project
-from shiplane.commands.common import open_stage
+from shiplane.commands.common import open_stage, silent
 from shiplane.commands.deployment import (
+    DeployEntry,
     Deployment,
     DeployOptions,
+    DeploySummary,
     HostState,
     healthy,
     note,
@@ -36,7 +39,7 @@ from shiplane.commands.release_phase import run_release
 from shiplane.commands.user_tasks import run_point
 from shiplane.config.layers import render_files
 from shiplane.errors import OperationError, UsageError
-from shiplane.events import Event
+from shiplane.events import Emit, Event
 from shiplane.fleet import Fleet, TransportFactory, failures, local_ledger
 from shiplane.plan import (
     batches,
@@ -49,7 +52,7 @@ from shiplane.plan import (
 from shiplane.secret import Masker
 from shiplane.transport.session import AgentSession, HostError
 from shiplane.transport.tools import ship_uv
-from shiplane.ui import Reporter, human_bytes
+from shiplane.ui import human_bytes
 from shiplane.whoami import holder
 
 CHUNK = 1 << 20
@@ -59,11 +62,13 @@ def run_deploy(
     file: Path | None,
     options: DeployOptions,
     masker: Masker,
+    emit: Emit = silent,
     *,
     transports: TransportFactory | None = None,
-) -> dict[str, Any]:
-    """The whole pipeline on one stage. Returns a summary; ``ok`` False means exit 1.
-    ``transports``: how to reach each host (default: local or SSH; tests give fake hosts)."""
+) -> DeploySummary:
+    """The whole pipeline on one stage, its events to ``emit``. Returns a summary; ``ok`` False
+    means exit 1. ``transports``: how to reach each host (default: local or SSH; tests give fake
+    hosts)."""
     ctx = open_stage(file, options.stage, masker, hosts=options.hosts, sets=options.sets)
     graph = graph_from_project(ctx.project)  # a bad task graph stops us before anything runs
     # user tasks hooked into the deploy, by the step they run before ("": after the last)
@@ -73,12 +78,9 @@ def run_deploy(
         run_point(deployment, graph, points.get(step, []), installed=installed)
 
     rendered = render_files(ctx.project, ctx.layered)
-    with (
-        Reporter.for_terminal(options.as_json, masker, options.verbose) as reporter,
-        interrupts_as_keyboard(),
-    ):
+    with interrupts_as_keyboard():
         fleet = Fleet(
-            ctx.project, ctx.stage, reporter, parallel=options.parallel, transports=transports
+            ctx.project, ctx.stage, emit, parallel=options.parallel, transports=transports
         )
         deployment = Deployment(ctx, fleet, options)
         for host in fleet.hosts:
@@ -94,9 +96,9 @@ def run_deploy(
                 _resume_failed(deployment)
             else:
                 tasks_before("gate")
-                _gate(deployment, reporter)
+                _gate(deployment, emit)
                 tasks_before("build")
-                _build(deployment, reporter)
+                _build(deployment, emit)
                 _check_promotion(deployment)
                 deployment.rid = release_id(deployment.digest)
             note(deployment, "connect", connected.result() if connected else fleet.connect())
@@ -120,7 +122,7 @@ def run_deploy(
             raise
         except OperationError as exc:
             outcome, error = "failed", exc.message
-            reporter(Event("deploy", "failed", detail=exc.message))
+            emit(Event("deploy", "failed", detail=exc.message))
         except KeyboardInterrupt:
             # Ctrl-C or SIGTERM: phases already running on hosts finished (the pool waits for
             # them); hosts this deploy switched go back, so the stage serves one release
@@ -128,7 +130,7 @@ def run_deploy(
                 "interrupted",
                 "interrupted by a signal; every host serves the release it served before",
             )
-            reporter(Event("deploy", "failed", detail=error))
+            emit(Event("deploy", "failed", detail=error))
             with signals_ignored():
                 fleet.cancel()  # a running hook ends now; a switch still running finishes (and counts)
                 fleet.settle()
@@ -508,7 +510,7 @@ def _switch(d: Deployment) -> None:
             )
 
 
-def _undo(d: Deployment, switched: list[str], spec: dict[str, Any]) -> None:
+def _undo(d: Deployment, switched: list[str], spec: ServicesSpec) -> None:
     """Return every host this deploy switched to the release it served before; a host that served
     nothing before (a first deploy) is withdrawn: it serves nothing again, so no host is left
     serving a release the stage rejected (all or nothing, first deploys included)."""
@@ -582,7 +584,7 @@ def _after_deploy(d: Deployment) -> None:
         d.hosts[host].outcome = "ok"
 
 
-def _finalize(d: Deployment, outcome: str, error: str | None) -> dict[str, Any]:
+def _finalize(d: Deployment, outcome: str, error: str | None) -> DeploySummary:
     """Unlock, mark releases, record the ledger on every host and locally, prune. Always runs."""
     fleet = d.fleet
     deploy = d.ctx.project.deploy
@@ -593,7 +595,7 @@ def _finalize(d: Deployment, outcome: str, error: str | None) -> dict[str, Any]:
         ) in d.hosts.values():  # hosts the failed deploy never switched: say so, not "pending"
             if state.outcome == "pending":
                 state.outcome = "not switched"
-    entry = {
+    entry: DeployEntry = {
         "event": d.options.until or "deploy",
         "stage": d.ctx.stage,
         "release": d.rid or None,
@@ -608,7 +610,7 @@ def _finalize(d: Deployment, outcome: str, error: str | None) -> dict[str, Any]:
         "release_hook": d.ran_release_hook,
         "setup": d.ran_setup,
         "skip_tests": d.options.skip_tests,
-        **({"release_inputs": d.release_inputs} if d.tried_release_hook else {}),
+        "release_inputs": d.release_inputs,
         "overrides": {"hosts": d.options.hosts, "set": list(d.options.sets)}
         if (d.options.hosts or d.options.sets)
         else None,
@@ -623,6 +625,8 @@ def _finalize(d: Deployment, outcome: str, error: str | None) -> dict[str, Any]:
             for h, s in d.hosts.items()
         },
     }
+    if not d.tried_release_hook:  # the key is there only once the hook was tried
+        del entry["release_inputs"]
     connected = list(fleet.sessions)
     if d.rid and connected:
         # a successful switch marked the release live on the host; a failed deploy marks it bad
@@ -678,7 +682,7 @@ def _finalize(d: Deployment, outcome: str, error: str | None) -> dict[str, Any]:
     return _summary(d, entry)
 
 
-def _summary(d: Deployment, entry: dict[str, Any]) -> dict[str, Any]:
+def _summary(d: Deployment, entry: DeployEntry) -> DeploySummary:
     ok = entry["outcome"] == "ok"
     verb = {"copy": "copied", "install": "installed"}.get(d.options.until or "", "deployed")
     head = verb if ok else (d.options.until or "deploy") + " FAILED:"

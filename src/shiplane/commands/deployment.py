@@ -9,11 +9,65 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypedDict
 
 from shiplane.commands.common import StageContext
 from shiplane.errors import OperationError
 from shiplane.fleet import Fleet, Outcome
+
+
+class HostSummary(TypedDict):
+    """One host in a deploy's ledger entry: how it ended, what it serves, its phases' seconds."""
+
+    outcome: str
+    release: str | None
+    bytes: int
+    error: str | None
+    phases: dict[str, float]
+
+
+class Overrides(TypedDict):
+    hosts: str | None
+    set: list[str]
+
+
+class _LedgerExtras(TypedDict, total=False):
+    release_inputs: str | None  # only once the release hook was tried
+
+
+class DeployEntry(_LedgerExtras):
+    """A deploy's ledger entry (each host's ledger and the local one)."""
+
+    event: str
+    stage: str
+    release: str | None
+    artifact: str | None
+    git_commit: str | None
+    outcome: str
+    error: str | None
+    user: str
+    controller: str
+    started_at: str
+    duration: float
+    release_hook: bool
+    setup: bool
+    skip_tests: bool
+    overrides: Overrides | None
+    hosts: dict[str, HostSummary]
+
+
+class DeploySummary(DeployEntry):
+    """What ``deploy`` (``copy``, ``install``, ``promote``) returns: its ledger entry, ``ok``
+    (False: exit 1) and the lines it prints."""
+
+    ok: bool
+    lines: list[str]
+
+
+class PromoteSummary(DeploySummary):
+    """``promote``'s result: the deploy's summary and the stage the artifact came from."""
+
+    promoted_from: str
 
 
 @dataclass(frozen=True)

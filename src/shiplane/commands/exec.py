@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TypedDict
 
 from shiplane.agent.paths import Layout
 from shiplane.agent_bundle import agent_zip
@@ -40,6 +40,23 @@ class Target:
     host: str
     release: str
     argv: list[str]
+
+
+class ExecHost(TypedDict):
+    release: str
+    exit_code: int
+    seconds: float
+
+
+class ExecResult(TypedDict):
+    """``exec``/``console``: the first failed exit code (shiplane's), per host its release, exit
+    code and seconds, the command (masked), and what exec itself says (to stderr)."""
+
+    ok: bool
+    exit_code: int
+    command: list[str]
+    hosts: dict[str, ExecHost]
+    lines: list[str]
 
 
 def pick_hosts(ctx: StageContext, names: Sequence[str], every: bool) -> list[str]:
@@ -140,7 +157,7 @@ def run_exec(
     hosts: str | None = None,
     sets: Sequence[str] = (),
     transports: TransportFactory | None = None,
-) -> dict[str, Any]:
+) -> ExecResult:
     """Run ``command`` on the chosen hosts in the live release's environment; record it in each
     host's ledger (the command masked) and return ``{ok, exit_code, hosts, command, lines}``.
 
@@ -173,7 +190,7 @@ def run_console(
     hosts: str | None = None,
     sets: Sequence[str] = (),
     transports: TransportFactory | None = None,
-) -> dict[str, Any]:
+) -> ExecResult:
     """``run_exec`` of the framework's shell for the app (:func:`console_command`), on one host."""
     if len(names) > 1:
         raise UsageError("console opens one shell: give at most one --host")
@@ -196,7 +213,7 @@ def _execute(
     out: Output,
     tty: bool,
     capture: bool,
-) -> dict[str, Any]:
+) -> ExecResult:
     """``command`` on each host of ``releases`` (host -> its live release), recorded; the result."""
     captured = capture or len(releases) > 1
     plan = [

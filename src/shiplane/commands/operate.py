@@ -8,20 +8,117 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict, TypeVar, cast
 
-from shiplane.commands.common import StageContext, open_stage
+from shiplane.agent.protocol import (
+    HistoryResult,
+    LockInfo,
+    ReleaseMeta,
+    ReleasesResult,
+)
+from shiplane.commands.common import StageContext, open_stage, silent
 from shiplane.config import Project, resolve_secrets
 from shiplane.errors import ConfigError, OperationError, UsageError
+from shiplane.events import Emit
 from shiplane.fleet import Fleet, TransportFactory, failures, local_ledger
 from shiplane.plan import services_spec
 from shiplane.secret import Masker
 from shiplane.transport.session import AgentSession
-from shiplane.ui import Reporter
 from shiplane.whoami import holder
+
+T = TypeVar("T")
+
+
+class ServiceStatus(TypedDict, total=False):
+    """One service in a host's ``status`` answer."""
+
+    name: str
+    kind: str
+    state: str
+    pid: int | None
+    uptime: float | None
+    release: str | None
+    standby: bool
+    preboot: bool
+    live: bool
+
+
+class HostStatus(TypedDict, total=False):
+    """A host's ``status`` answer: the release its web serves, ``current``, its services."""
+
+    live_release: str | None
+    current: str | None
+    services: list[ServiceStatus]
+
+
+class StatusReport(TypedDict):
+    hosts: dict[str, HostStatus]
+    drift: list[str]
+    ok: bool
+    lines: list[str]
+
+
+class ReleasesReport(TypedDict):
+    hosts: dict[str, ReleasesResult]
+    lines: list[str]
+
+
+class HistoryReport(TypedDict):
+    hosts: dict[str, HistoryResult]
+    lines: list[str]
+
+
+class HostsReport(TypedDict):
+    """A verb that did one thing on every host: each host's answer, passed through as it came."""
+
+    ok: bool
+    hosts: Mapping[str, Mapping[str, object]]
+    lines: list[str]
+
+
+class LockReport(TypedDict):
+    ok: bool
+    hosts: dict[str, LockInfo | None]
+    lines: list[str]
+
+
+class _RollbackExtras(TypedDict, total=False):
+    from_hosts: dict[str, str | None]  # when the hosts served different releases
+
+
+RollbackEntry = TypedDict(
+    "RollbackEntry",
+    {
+        "event": str,
+        "stage": str,
+        "release": str,
+        "from": "str | None",
+        "outcome": str,
+        "user": str,
+        "controller": str,
+        "started_at": str,
+        "duration": float,
+    },
+)
+
+
+class RollbackLedger(RollbackEntry, _RollbackExtras):
+    """A rollback's ledger entry."""
+
+
+class RollbackResult(RollbackLedger):
+    """``rollback``'s result: its ledger entry, ``ok``, the releases skipped (why), its lines."""
+
+    ok: bool
+    skipped: list[tuple[str, str]]
+    lines: list[str]
+
+
+def _releases(host: str, session: AgentSession) -> ReleasesResult:
+    return cast(ReleasesResult, session.call("releases", {}))
 
 
 @contextmanager
@@ -32,7 +129,6 @@ def connected(
     *,
     hosts: str | None,
     sets: Sequence[str],
-    quiet: bool = True,
     need_secrets: bool = False,
     mask_secrets: bool = False,
     transports: TransportFactory | None = None,
@@ -43,8 +139,7 @@ def connected(
     ctx = open_stage(file, stage, masker, hosts=hosts, sets=sets, need_secrets=need_secrets)
     if mask_secrets and not need_secrets:
         _mask_known_secrets(ctx.project, ctx.stage, masker)
-    reporter = Reporter.for_terminal(False, masker) if not quiet else (lambda event: None)
-    fleet = Fleet(ctx.project, ctx.stage, reporter, transports=transports)
+    fleet = Fleet(ctx.project, ctx.stage, silent, transports=transports)
     try:
         bad = failures(fleet.connect())
         if bad:
@@ -77,7 +172,7 @@ def _mask_known_secrets(project: Project, stage: str, masker: Masker) -> None:
         masker.add(secret.reveal())
 
 
-def _all(fleet: Fleet, phase: str, work: Callable[[str, AgentSession], Any]) -> dict[str, Any]:
+def _all(fleet: Fleet, phase: str, work: Callable[[str, AgentSession], T]) -> dict[str, T]:
     outcomes = fleet.each(phase, work, quiet=True)
     bad = failures(outcomes)
     if bad:
@@ -94,12 +189,12 @@ def read_verb(
     hosts: str | None,
     sets: Sequence[str],
     limit: int = 20,
-) -> dict[str, Any]:
+) -> StatusReport | ReleasesReport | HistoryReport:
     with connected(file, stage, masker, hosts=hosts, sets=sets) as (ctx, fleet):
         if name == "status":
             return _status(ctx, fleet)
         if name == "releases":
-            per_host = _all(fleet, "releases", lambda h, s: s.call("releases", {}))
+            per_host = _all(fleet, "releases", _releases)
             lines = []
             for host, result in per_host.items():
                 for release in result.get("releases", []):
@@ -108,20 +203,22 @@ def read_verb(
                         f"artifact {str(release.get('artifact', ''))[:12]}  {release.get('created_at', '')}"
                     )
             return {"hosts": per_host, "lines": lines or ["no releases"]}
-        per_host = _all(fleet, "history", lambda h, s: s.call("history", {"limit": limit}))
+        history = _all(
+            fleet, "history", lambda h, s: cast(HistoryResult, s.call("history", {"limit": limit}))
+        )
         lines = []
-        for host, result in per_host.items():
-            for entry in result.get("entries", []):
+        for host, found in history.items():
+            for entry in found.get("entries", []):
                 lines.append(
                     f"{host:24} {entry.get('started_at', entry.get('at', ''))}  {entry.get('event', ''):9} "
                     f"{entry.get('release') or '-':28} {entry.get('outcome', ''):8} "
                     f"{entry.get('duration', '')}s  by {entry.get('user', '?')}"
                 )
-        return {"hosts": per_host, "lines": lines or ["no history"]}
+        return {"hosts": history, "lines": lines or ["no history"]}
 
 
-def _status(ctx: StageContext, fleet: Fleet) -> dict[str, Any]:
-    per_host = _all(fleet, "status", lambda h, s: s.call("status", {}))
+def _status(ctx: StageContext, fleet: Fleet) -> StatusReport:
+    per_host = _all(fleet, "status", lambda h, s: cast(HostStatus, s.call("status", {})))
     live = {host: result.get("live_release") for host, result in per_host.items()}
     drift = []
     if len(set(live.values())) > 1:
@@ -168,7 +265,7 @@ def _status(ctx: StageContext, fleet: Fleet) -> dict[str, Any]:
                 drift.append(
                     f"{host}: service {service.get('name')} runs {service['release']}, not the live release"
                 )
-        standbys = [s["release"] for s in services if s.get("standby")]
+        standbys = [str(s["release"]) for s in services if s.get("standby")]
         if len(standbys) > 1:
             drift.append(
                 f"{host}: {len(standbys)} idle web servers ({', '.join(standbys)}); the next deploy stops all but one"
@@ -187,7 +284,7 @@ def service_verb(
     everything: bool,
     hosts: str | None,
     sets: Sequence[str],
-) -> dict[str, Any]:
+) -> HostsReport:
     with connected(file, stage, masker, hosts=hosts, sets=sets) as (ctx, fleet):
         spec = services_spec(ctx.project.deploy, ctx.stage)
         names = services or None
@@ -212,13 +309,12 @@ def run_rollback(
     to_release: str | None,
     yes: bool,
     masker: Masker,
+    emit: Emit = silent,
     *,
     hosts: str | None,
     sets: Sequence[str],
-    as_json: bool,
-    verbose: bool,
     transports: TransportFactory | None = None,
-) -> dict[str, Any]:
+) -> RollbackResult:
     """Switch every host back to an earlier release present on all of them, health-checked.
 
     Each host that switched marks the release it left ``rolled-back`` when the target is older
@@ -230,11 +326,11 @@ def run_rollback(
         ctx,
         fleet,
     ):
-        per_host = _all(fleet, "releases", lambda h, s: s.call("releases", {}))
+        per_host = _all(fleet, "releases", _releases)
         target, live, skipped = _pick_target(per_host, to_release)
         newest_live = max((rid for rid in live.values() if rid), default=None)
         # release.json does not say whether its deploy ran the release hook; the hosts' ledgers do
-        ledgers = _all(fleet, "history", lambda h, s: s.call("history", {}))
+        ledgers = _all(fleet, "history", lambda h, s: cast(HistoryResult, s.call("history", {})))
         hooked = {
             e.get("release")
             for result in ledgers.values()
@@ -254,25 +350,24 @@ def run_rollback(
             )
         spec = services_spec(ctx.project.deploy, ctx.stage)
         who = holder(" ".join(["shiplane", *sys.argv[1:]]), os.getpid()).to_json()
-        with Reporter.for_terminal(as_json, masker, verbose) as reporter:
-            fleet.emit = reporter
-            _all(fleet, "lock", lambda h, s: s.call("lock", {"holder": who, "wait": 0}))
-            try:
-                outcomes = fleet.each(
-                    "rollback",
-                    lambda h, s: s.call(
-                        "switch",
-                        {"release_id": target, "services": spec},
-                        on_event=fleet.forward(h, "rollback"),
-                        timeout=600,
-                    ),
-                )
-                unmarked = _mark_left(fleet, per_host, live, target, set(failures(outcomes)))
-            finally:
-                fleet.each("unlock", lambda h, s: s.call("unlock", {"force": False}), quiet=True)
+        fleet.emit = emit  # quiet until now: the lock, the switches and the unlock are shown
+        _all(fleet, "lock", lambda h, s: s.call("lock", {"holder": who, "wait": 0}))
+        try:
+            outcomes = fleet.each(
+                "rollback",
+                lambda h, s: s.call(
+                    "switch",
+                    {"release_id": target, "services": spec},
+                    on_event=fleet.forward(h, "rollback"),
+                    timeout=600,
+                ),
+            )
+            unmarked = _mark_left(fleet, per_host, live, target, set(failures(outcomes)))
+        finally:
+            fleet.each("unlock", lambda h, s: s.call("unlock", {"force": False}), quiet=True)
         bad = failures(outcomes)
         same = len(set(live.values())) == 1
-        entry = {
+        entry: RollbackLedger = {
             "event": "rollback",
             "stage": ctx.stage,
             "release": target,
@@ -307,7 +402,7 @@ def run_rollback(
 
 def _mark_left(
     fleet: Fleet,
-    per_host: dict[str, Any],
+    per_host: dict[str, ReleasesResult],
     live: dict[str, str | None],
     target: str,
     failed: set[str],
@@ -344,7 +439,7 @@ def _mark_left(
 
 
 def _pick_target(
-    per_host: dict[str, Any], to_release: str | None
+    per_host: dict[str, ReleasesResult], to_release: str | None
 ) -> tuple[str, dict[str, str | None], list[tuple[str, str]]]:
     """The release to roll back to, each host's live release, and the newer ones skipped (why).
 
@@ -405,13 +500,19 @@ def _pick_target(
 
 
 def _releases_between(
-    per_host: dict[str, Any], target: str, current: str | None
-) -> list[dict[str, Any]]:
-    first: dict[str, Any] = next(iter(per_host.values()), {})
-    return [r for r in first.get("releases", []) if target < r["release_id"] <= (current or "")]
+    per_host: dict[str, ReleasesResult], target: str, current: str | None
+) -> list[ReleaseMeta]:
+    first = next(iter(per_host.values()), None)
+    if first is None:
+        return []
+    return [
+        cast(ReleaseMeta, r)
+        for r in first.get("releases", [])
+        if target < r["release_id"] <= (current or "")
+    ]
 
 
-def _artifact_of(per_host: dict[str, Any], release: str) -> str | None:
+def _artifact_of(per_host: dict[str, ReleasesResult], release: str) -> str | None:
     for result in per_host.values():
         for r in result.get("releases", []):
             if r["release_id"] == release:
@@ -427,7 +528,7 @@ def run_prune(
     *,
     hosts: str | None,
     sets: Sequence[str],
-) -> dict[str, Any]:
+) -> HostsReport:
     with connected(file, stage, masker, hosts=hosts, sets=sets) as (ctx, fleet):
         count = keep or ctx.project.deploy.app.keep_releases
         per_host = _all(fleet, "prune", lambda h, s: s.call("prune", {"keep": count}))
@@ -459,7 +560,7 @@ def show_logs(
     with connected(file, stage, masker, hosts=hosts, sets=sets, mask_secrets=True) as (_ctx, fleet):
 
         def one(host: str, session: AgentSession) -> None:
-            def line(event: dict[str, Any]) -> None:
+            def line(event: Mapping[str, object]) -> None:
                 out(host, masker(str(event.get("detail", ""))))
 
             result = session.call(
@@ -508,7 +609,7 @@ def lock_stage(
     hosts: str | None,
     sets: Sequence[str],
     reason: str | None = None,
-) -> dict[str, Any]:
+) -> HostsReport:
     """Hold the stage for maintenance: every host's deploy lock, kept until ``shiplane unlock``
     (by the same user from the same machine, or ``--force``); deploys are refused naming who,
     since when and ``reason``."""
@@ -530,7 +631,7 @@ def lock_stage(
 
 def lock_status(
     file: Path | None, stage: str | None, masker: Masker, *, hosts: str | None, sets: Sequence[str]
-) -> dict[str, Any]:
+) -> LockReport:
     """Each host's deploy lock: who holds it, since when, why, and whether its holder lives."""
     with connected(file, stage, masker, hosts=hosts, sets=sets) as (_ctx, fleet):
         per_host = _all(fleet, "inventory", lambda h, s: s.call("inventory", {"blobs": []}))
@@ -549,7 +650,7 @@ def unlock_stage(
     *,
     hosts: str | None,
     sets: Sequence[str],
-) -> dict[str, Any]:
+) -> HostsReport:
     with connected(file, stage, masker, hosts=hosts, sets=sets) as (_ctx, fleet):
         who = holder(" ".join(["shiplane", *sys.argv[1:]]), os.getpid()).to_json()
         # without --force: our own lock (this user, from this machine, taken with `shiplane lock`)

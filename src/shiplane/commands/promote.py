@@ -12,10 +12,12 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from shiplane.commands.common import silent
 from shiplane.commands.deploy import run_deploy
-from shiplane.commands.deployment import DeployOptions
+from shiplane.commands.deployment import DeployOptions, PromoteSummary
 from shiplane.commands.operate import connected
 from shiplane.errors import OperationError, UsageError
+from shiplane.events import Emit
 from shiplane.fleet import TransportFactory, failures
 from shiplane.secret import Masker
 from shiplane.transport.session import AgentSession
@@ -26,23 +28,27 @@ def run_promote(
     from_stage: str,
     options: DeployOptions,
     masker: Masker,
+    emit: Emit = silent,
     *,
     transports: TransportFactory | None = None,
-) -> dict[str, Any]:
+) -> PromoteSummary:
     """Deploy ``from_stage``'s live artifact to ``options.stage``; the deploy's summary (``ok`` False: exit 1).
     ``transports``: how to reach each host (see ``Fleet``)."""
     if options.stage == from_stage:
         raise UsageError(f"promote --from and --to both name stage {from_stage!r}")
     digest = live_artifact(file, from_stage, masker, transports=transports)
     result = run_deploy(
-        file, replace(options, artifact=digest, skip_tests=True), masker, transports=transports
+        file,
+        replace(options, artifact=digest, skip_tests=True),
+        masker,
+        emit,
+        transports=transports,
     )
-    result["promoted_from"] = from_stage
-    if result.get("lines"):
+    if result["lines"]:
         result["lines"].insert(
             0, f"promoting artifact {digest[:12]} from stage {from_stage} to {options.stage}"
         )
-    return result
+    return {**result, "promoted_from": from_stage}
 
 
 def live_artifact(

@@ -9,12 +9,11 @@ from typing import Any
 
 from shiplane.commands.operate import connected
 from shiplane.errors import OperationError, UsageError
-from shiplane.events import Event
+from shiplane.events import Emit, Event
 from shiplane.fleet import failures
 from shiplane.plan import role_hosts
 from shiplane.secret import Masker
 from shiplane.tasks import Task, TaskGraph, run_graph, run_local_command
-from shiplane.ui import Reporter
 
 
 def run_remote_tasks(
@@ -23,6 +22,7 @@ def run_remote_tasks(
     names: list[str],
     stage: str | None,
     masker: Masker,
+    emit: Emit,
     *,
     verbose: bool,
     force: bool,
@@ -36,8 +36,7 @@ def run_remote_tasks(
             f"`shiplane deploy`; hook it into the pipeline with before/after instead"
         )
     with connected(file, stage, masker, hosts=hosts, sets=sets, need_secrets=True) as (ctx, fleet):
-        reporter = Reporter.for_terminal(False, masker, verbose=True)
-        fleet.emit = reporter
+        fleet.emit = emit
         deploy = ctx.project.deploy
 
         def runner(task: Task) -> None:
@@ -53,7 +52,7 @@ def run_remote_tasks(
                     cwd=ctx.project.root,
                     env={**os.environ, **env_file_values(ctx.layered)},
                     timeout=timeout,
-                    output=lambda line: reporter(Event(task.name, "output", detail=line)),
+                    output=lambda line: emit(Event(task.name, "output", detail=line)),
                 )
                 return
             targets = role_hosts(deploy, ctx.stage, fleet.hosts, task.on)
@@ -74,9 +73,7 @@ def run_remote_tasks(
             graph,
             names,
             runner,
-            on_event=lambda n, st, sec: reporter(
-                Event(n, st, seconds=sec if st != "start" else None)
-            ),
+            on_event=lambda n, st, sec: emit(Event(n, st, seconds=sec if st != "start" else None)),
         )
         if not result.ok:
             failed = result.failed[0]
@@ -100,6 +97,7 @@ def run_setup_hook(
     file: Path | None,
     stage: str | None,
     masker: Masker,
+    emit: Emit,
     *,
     verbose: bool,
     force: bool,
@@ -136,14 +134,13 @@ def run_setup_hook(
                 "it may destroy data",
                 hint="rerun it deliberately with --force",
             )
-        reporter = Reporter.for_terminal(False, masker, verbose=True)
-        fleet.emit = reporter
+        fleet.emit = emit
         who = holder(" ".join(["shiplane", *sys.argv[1:]]), os.getpid()).to_json()
         started = time.time()
         session.call("lock", {"holder": who, "wait": 0})
         error: str | None = None
         try:
-            reporter(Event("setup", "start", host=primary, detail=command))
+            emit(Event("setup", "start", host=primary, detail=command))
             _hook_in_current(
                 session, command, deploy.hooks.timeout, fleet.forward(primary, "setup")
             )
@@ -172,4 +169,4 @@ def run_setup_hook(
                 handle.write(json.dumps(entry) + "\n")
         if error is not None:
             raise OperationError(f"setup hook `{command}` failed on {primary}: {error}")
-        reporter(Event("setup", "ok", host=primary, seconds=time.time() - started))
+        emit(Event("setup", "ok", host=primary, seconds=time.time() - started))

@@ -10,10 +10,9 @@ from shiplane.commands.check import graph_from_project
 from shiplane.commands.common import open_stage
 from shiplane.config import env_file_values, load_project
 from shiplane.errors import OperationError, UsageError
-from shiplane.events import Event
+from shiplane.events import Emit, Event
 from shiplane.secret import Masker
 from shiplane.tasks import Task, TaskGraph, run_graph, run_local_command
-from shiplane.ui import Reporter
 
 
 def task_graph(file: Path | None) -> TaskGraph:
@@ -25,6 +24,7 @@ def run_user_task(
     name: str,
     stage: str | None,
     masker: Masker,
+    emit: Emit,
     *,
     verbose: bool = False,
     force: bool = False,
@@ -36,7 +36,9 @@ def run_user_task(
     if name == "setup" and project.deploy.hooks.setup and "setup" not in project.deploy.tasks:
         from shiplane.commands.remote_tasks import run_setup_hook
 
-        run_setup_hook(file, stage, masker, verbose=verbose, force=force, hosts=hosts, sets=sets)
+        run_setup_hook(
+            file, stage, masker, emit, verbose=verbose, force=force, hosts=hosts, sets=sets
+        )
         return
     graph = graph_from_project(project)
     graph.task(name)  # unknown name -> exit 2 with "did you mean"
@@ -46,7 +48,16 @@ def run_user_task(
         from shiplane.commands.remote_tasks import run_remote_tasks
 
         run_remote_tasks(
-            file, graph, names, stage, masker, verbose=verbose, force=force, hosts=hosts, sets=sets
+            file,
+            graph,
+            names,
+            stage,
+            masker,
+            emit,
+            verbose=verbose,
+            force=force,
+            hosts=hosts,
+            sets=sets,
         )
         return
     context = (
@@ -55,7 +66,6 @@ def run_user_task(
         else None
     )
     env = {**os.environ, **(env_file_values(context.layered) if context else {})}
-    reporter = Reporter.for_terminal(False, masker, verbose=True)
 
     def runner(task: Task) -> None:
         assert task.run is not None
@@ -65,11 +75,11 @@ def run_user_task(
             cwd=project.root,
             env=env,
             timeout=spec.timeout,
-            output=lambda line: reporter(Event(task.name, "output", detail=line)),
+            output=lambda line: emit(Event(task.name, "output", detail=line)),
         )
 
     def on_event(task_name: str, status: str, seconds: float) -> None:
-        reporter(Event(task_name, status, seconds=seconds if status != "start" else None))
+        emit(Event(task_name, status, seconds=seconds if status != "start" else None))
 
     result = run_graph(graph, names, runner, on_event=on_event)
     if not result.ok:
