@@ -18,8 +18,8 @@ import hashlib
 import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
 
+from shiplane.agent.protocol import LedgerEntry
 from shiplane.config.layers import Layered
 
 # never inputs of a hook: the VCS and shiplane's own build output
@@ -56,7 +56,7 @@ def _matching(root: Path, patterns: Sequence[str]) -> list[Path]:
     return sorted(found)
 
 
-def last_inputs(entries: Iterable[dict[str, Any]]) -> str | None:
+def last_inputs(entries: Iterable[LedgerEntry]) -> str | None:
     """The digest the newest recorded release hook ran with (entries oldest first), or None."""
-    recorded = [e for e in entries if "release_inputs" in e]
-    return recorded[-1]["release_inputs"] if recorded else None
+    recorded = [e["release_inputs"] for e in entries if "release_inputs" in e]
+    return recorded[-1] if recorded and isinstance(recorded[-1], str) else None

@@ -22,6 +22,8 @@ else:  # pragma: no cover
 
 Value = str | int | float | bool | Secret
 Sections = dict[str, dict[str, Value]]
+# a JSON/TOML document written from sections: tables of plain values and tables
+Tree = dict[str, "str | int | float | bool | Tree"]
 
 FORMATS = ("ini", "toml", "env", "json")
 
@@ -199,11 +201,14 @@ def dump(sections: Sections, fmt: str, *, reveal: bool = False) -> str:
                 )
                 out.append(f"{env_key}={json.dumps(_text(value, reveal))}")
         return "\n".join(out) + "\n"
-    tree: dict[str, Any] = {}
+    tree: Tree = {}
     for name, items in sections.items():
         node = tree
         for part in name.split(".") if name else []:
-            node = node.setdefault(part, {})
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):  # a section under a key that holds a value
+                raise TypeError(f"{part!r} is a value, not a table")
+            node = child
         for key, value in items.items():
             node[key] = _plain(value, reveal)
     if fmt == "json":
@@ -211,7 +216,7 @@ def dump(sections: Sections, fmt: str, *, reveal: bool = False) -> str:
     return _dump_toml(tree)
 
 
-def _dump_toml(tree: dict[str, Any], prefix: str = "") -> str:
+def _dump_toml(tree: Tree, prefix: str = "") -> str:
     scalars = [
         f"{key} = {json.dumps(value) if not isinstance(value, bool) else str(value).lower()}"
         for key, value in tree.items()

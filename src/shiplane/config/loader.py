@@ -76,7 +76,7 @@ def load_project(path: Path | None = None, *, cwd: Path | None = None) -> Projec
     return project
 
 
-def parse_toml(text: str, file: Path) -> dict[str, Any]:
+def parse_toml(text: str, file: Path) -> dict[str, object]:
     """tomllib's parse, every failure a ConfigError with file:line."""
     try:
         return tomllib.loads(text)
