@@ -26,19 +26,37 @@ import json
 import os
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TypedDict, cast
 
 from . import atomic_write, fsync_dir
-from .backend import Backend, builtin_front, unlink_quiet
+from .backend import Backend, Killed, builtin_front, unlink_quiet
 from .errors import AgentError
 from .health import run_smoke, wait_healthy
 from .paths import Layout
-
-Emit = Callable[[dict[str, Any]], None]
+from .protocol import Emit, Event, ServicesSpec, WebSpec
 
 DEFAULT_DRAIN = 1.0
+
+
+class _Switched(TypedDict):
+    previous: str | None  # the release that served before, if it changed
+    current: str
+    stopped: list[str]  # web programs stopped
+    standby: str | None  # the release left running, idle, for a rollback
+    workers: list[str]
+    killed: list[Killed]  # workers that outlived their grace period
+    backend: str
+    seconds: float
+    stopping: list[str]  # with forget_later: old servers TERMed, for the caller to forget
+
+
+class SwitchResult(_Switched, total=False):
+    """What :func:`switch` did; ``unchanged`` when the release was live already."""
+
+    unchanged: bool
 
 
 # --- where things are ------------------------------------------------------------------------
@@ -52,17 +70,18 @@ def spec_path(layout: Layout) -> Path:
     return layout.run / "services.json"
 
 
-def save_spec(layout: Layout, spec: dict[str, Any]) -> None:
+def save_spec(layout: Layout, spec: ServicesSpec) -> None:
     """Remember the services spec, so ``start``/``restart`` without one reuse it."""
     atomic_write(spec_path(layout), json.dumps(spec, indent=2, sort_keys=True) + "\n")
 
 
-def load_spec(layout: Layout) -> dict[str, Any] | None:
+def load_spec(layout: Layout) -> ServicesSpec | None:
+    """The spec :func:`save_spec` wrote (the last successful switch's), or None."""
     try:
         spec = json.loads(spec_path(layout).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    return spec if isinstance(spec, dict) else None
+    return cast(ServicesSpec, spec) if isinstance(spec, dict) else None
 
 
 def _link_target(link: Path) -> str | None:
@@ -124,7 +143,7 @@ def _forget(layout: Layout, backend: Backend, release_id: str, emit: Emit) -> No
 
 
 def ensure_front(
-    layout: Layout, backend: Backend, spec: dict[str, Any], emit: Emit, wait: bool = True
+    layout: Layout, backend: Backend, spec: ServicesSpec, emit: Emit, wait: bool = True
 ) -> None:
     """The front is as the spec says: the builtin proxy under the backend, or nginx's site
     (written, checked with ``nginx -t`` and reloaded; a failed check changes nothing).
@@ -140,11 +159,11 @@ def check_web(
     layout: Layout,
     backend: Backend,
     release_id: str,
-    web: dict[str, Any],
+    web: WebSpec,
     emit: Emit,
     smoke: bool = True,
     log_since: int = 0,
-) -> dict[str, Any]:
+) -> None:
     """Health (then smoke) checks of the release's server on its own socket (AgentError). A
     failure quotes ``log/web.log`` from byte ``log_since`` on: what this server wrote, not the
     lines an earlier release left in the shared log."""
@@ -156,7 +175,7 @@ def check_web(
     sock = layout.release_socket(release_id)
     log = layout.log / "web.log"
     host = str(health.get("host") or "localhost")  # the Host header: apps check it (ALLOWED_HOSTS)
-    result = wait_healthy(
+    wait_healthy(
         sock,
         health.get("path"),
         float(health.get("timeout") or 30),
@@ -170,17 +189,38 @@ def check_web(
     if checks and smoke:
         emit({"phase": "switch", "status": "smoke", "detail": f"{len(checks)} check(s)"})
         run_smoke(sock, checks, log_path=log, host=host, log_since=log_since)
-    return result
+
+
+@dataclass(frozen=True)
+class _Switch:
+    """One switch: what its steps share."""
+
+    layout: Layout
+    backend: Backend
+    spec: ServicesSpec
+    web: WebSpec
+    release_id: str  # the candidate
+    emit: Emit
+    live: str | None  # the release serving when the switch began
+    servers: set[str]  # releases with a web server then
+    going: list[str]  # their servers this switch stops (the old standby, leftovers)
+    forget_later: bool
+    started: float
+
+    @property
+    def standby(self) -> bool:
+        """Whether the server that served until the flip stays up, idle (``web.standby``)."""
+        return self.web.get("standby", True) is not False
 
 
 def switch(
     layout: Layout,
     release_id: str,
-    spec: dict[str, Any],
+    spec: ServicesSpec,
     emit: Emit,
     backend: Backend,
     forget_later: bool = False,
-) -> dict[str, Any]:
+) -> SwitchResult:
     """Blue/green switch of the web service to ``release_id`` (see the module docstring).
 
     A candidate failing its checks is stopped and removed and the error (kind ``health`` or
@@ -196,109 +236,159 @@ def switch(
     web = spec.get("web")
     if not isinstance(web, dict):
         raise AgentError("switch: the services spec has no web service", kind="usage")
-    standby = web.get("standby", True) is not False
     backend.prepare(spec, emit)
     live = live_release(layout)
     servers = backend.web_releases()
+    going = _stop_unneeded(layout, backend, release_id, live, servers, emit)
+    job = _Switch(
+        layout, backend, spec, web, release_id, emit, live, servers, going, forget_later, started
+    )
+    if live == release_id and backend.web_state(release_id)[0]:
+        return _confirm_live(job)
+    log_since = _start_candidate(job)
+    _check_candidate(job, log_since)
+    flip(layout, release_id)
+    save_spec(layout, spec)  # what start/restart use from now on (not a failed candidate's)
+    emit({"phase": "switch", "status": "live", "detail": f"{release_id} takes new connections"})
+    return _hand_over(job)
+
+
+def _stop_unneeded(
+    layout: Layout,
+    backend: Backend,
+    release_id: str,
+    live: str | None,
+    servers: set[str],
+    emit: Emit,
+) -> list[str]:
+    """Stop (without waiting) what is not needed after this switch: the old standby (idle
+    since the last switch) and leftovers of an interrupted one, so they exit while the
+    candidate boots; returns their release ids."""
     keep = {release_id, live} if live else {release_id}
-    # Not needed after this switch: the old standby (idle since the last switch) and leftovers
-    # of an interrupted one. They stop while the candidate boots.
     going = sorted(servers - keep)
     for rid in going:
         emit({"phase": "switch", "status": "stop", "detail": f"stopping {web_program(rid)}"})
         backend.stop_web(rid, emit, wait=False)
     _remove_stray_sockets(layout, {web_program(r) for r in keep | set(going)})
+    return going
 
-    def done(previous: str | None, stopped: list[str], **extra: Any) -> dict[str, Any]:
-        for rid in [] if forget_later else going:
-            _forget(layout, backend, rid, emit)
-        workers = backend.restart_workers(spec, release_id, emit)
-        return {
-            "previous": previous,
-            "current": release_id,
-            "stopped": sorted(stopped + [web_program(r) for r in going]),
-            **extra,
-            "standby": previous if standby and previous else None,
-            "workers": workers["workers"],
-            "killed": workers["killed"],
-            "backend": backend.name,
-            "seconds": round(time.monotonic() - started, 3),
-            "stopping": going if forget_later else [],
+
+def _confirm_live(job: _Switch) -> SwitchResult:
+    """The candidate is the live release, running: only checked, and the links made sure of."""
+    ensure_front(job.layout, job.backend, job.spec, job.emit)
+    check_web(job.layout, job.backend, job.release_id, job.web, job.emit)
+    flip(job.layout, job.release_id)
+    save_spec(job.layout, job.spec)
+    return _finish(job, None, [], unchanged=True)
+
+
+def _start_candidate(job: _Switch) -> int:
+    """Start the candidate's server, or let a prebooted or standby one go on; returns the size
+    of ``log/web.log`` before, so a failure quotes only what this candidate wrote."""
+    rid, program = job.release_id, web_program(job.release_id)
+    running = rid in job.servers and job.backend.web_state(rid)[0]
+    if running and job.backend.web_booted(rid):  # the standby (a rollback): only checked
+        event: Event = {
+            "phase": "switch",
+            "status": "standby",
+            "detail": f"{program} is running as the standby",
         }
-
-    if live == release_id and backend.web_state(release_id)[0]:
-        ensure_front(layout, backend, spec, emit)
-        check_web(layout, backend, release_id, web, emit)
-        flip(layout, release_id)
-        save_spec(layout, spec)
-        return done(None, [], unchanged=True)
-
-    running = release_id in servers and backend.web_state(release_id)[0]
-    if running and backend.web_booted(release_id):  # the standby (a rollback): only checked
-        emit(
-            {
-                "phase": "switch",
-                "status": "standby",
-                "detail": f"{web_program(release_id)} is running as the standby",
-            }
-        )
     elif running:  # started during the install with its libraries: it loads the app now
-        emit(
-            {
-                "phase": "switch",
-                "status": "start",
-                "detail": f"letting {web_program(release_id)} "
-                "load the app (its libraries are loaded)",
-            }
-        )
+        event = {
+            "phase": "switch",
+            "status": "start",
+            "detail": f"letting {program} load the app (its libraries are loaded)",
+        }
     else:
-        emit(
-            {"phase": "switch", "status": "start", "detail": f"starting {web_program(release_id)}"}
-        )
+        event = {"phase": "switch", "status": "start", "detail": f"starting {program}"}
+    job.emit(event)
+    log_since = _size(job.layout.log / "web.log")
     # a standby whose program is unchanged keeps running; one started with other web settings
     # (workers, worker class, timeouts) is restarted with these
-    log_since = _size(layout.log / "web.log")  # a failure quotes only what this candidate wrote
-    backend.start_web(release_id, web, emit)
+    job.backend.start_web(rid, job.web, job.emit)
+    return log_since
+
+
+def _check_candidate(job: _Switch, log_since: int) -> None:
+    """Health and smoke checks of the candidate; on failure it is stopped (unless it is the
+    live release), the old servers being stopped are waited for, and a first deploy's front is
+    stopped too (nothing served before), then the error is raised."""
     try:
         # a front starting up (a first deploy) does so while the candidate boots
-        ensure_front(layout, backend, spec, emit, wait=False)
-        check_web(layout, backend, release_id, web, emit, log_since=log_since)
-        backend.wait_front(spec)
+        ensure_front(job.layout, job.backend, job.spec, job.emit, wait=False)
+        check_web(job.layout, job.backend, job.release_id, job.web, job.emit, log_since=log_since)
+        job.backend.wait_front(job.spec)
     except AgentError:
-        if live != release_id:
-            retire(layout, backend, release_id, emit)
-        for rid in going:
-            _forget(layout, backend, rid, emit)
-        if live is None:  # a first deploy: nothing served before, so no front may stay up either
-            backend.stop("front", emit)
+        if job.live != job.release_id:
+            retire(job.layout, job.backend, job.release_id, job.emit)
+        for rid in job.going:
+            _forget(job.layout, job.backend, rid, job.emit)
+        if job.live is None:
+            job.backend.stop("front", job.emit)
         raise
 
-    flip(layout, release_id)
-    save_spec(layout, spec)  # what start/restart use from now on (not a failed candidate's)
-    emit({"phase": "switch", "status": "live", "detail": f"{release_id} takes new connections"})
-    old = live if live and live != release_id and live in servers else None
-    if old is not None and standby and _keeps_connections(web):
+
+def _hand_over(job: _Switch) -> SwitchResult:
+    """After the flip, the server that served until then stays as the standby, or drains and
+    is retired (``web.standby`` false)."""
+    live, rid = job.live, job.release_id
+    old = live if live and live != rid and live in job.servers else None
+    if old is not None and job.standby and _keeps_connections(job.web):
         # Its workers would go on answering clients that hold a keep-alive connection through
         # the front (pinned to the old socket): HUP gives the standby fresh workers, and the
         # old ones finish their request and close those connections, so clients reconnect
         # to the new release.
-        emit(
+        job.emit(
             {
                 "phase": "switch",
                 "status": "standby",
                 "detail": f"{web_program(old)} stays up, idle, with fresh workers",
             }
         )
-        backend.signal_web(old, "HUP")
-    if old is None or standby:
-        return done(live if live != release_id else None, [])
+        job.backend.signal_web(old, "HUP")
+    if old is None or job.standby:
+        return _finish(job, live if live != rid else None, [])
     # Connections the front routed to the old socket just before the flip finish there.
+    job.emit({"phase": "switch", "status": "drain", "detail": f"draining {old}"})
+    time.sleep(_drain_seconds(job.spec, job.web))
+    _recheck(job.layout, job.backend, rid, old, job.web, job.emit)
+    retire(job.layout, job.backend, old, job.emit)
+    return _finish(job, old, [web_program(old)])
+
+
+def _drain_seconds(spec: Mapping[str, object], web: Mapping[str, object]) -> float:
+    """``drain`` of the spec, else of its web service (neither is in the protocol's types yet:
+    tests set it), else DEFAULT_DRAIN."""
     drain = spec.get("drain", web.get("drain"))
-    emit({"phase": "switch", "status": "drain", "detail": f"draining {old}"})
-    time.sleep(DEFAULT_DRAIN if drain is None else float(drain))
-    _recheck(layout, backend, release_id, old, web, emit)
-    retire(layout, backend, old, emit)
-    return done(old, [web_program(old)])
+    if drain is None:
+        return DEFAULT_DRAIN
+    if isinstance(drain, (int, float, str)):
+        return float(drain)
+    raise AgentError(f"drain must be a number of seconds, found {drain!r}", kind="usage")
+
+
+def _finish(
+    job: _Switch, previous: str | None, stopped: list[str], unchanged: bool = False
+) -> SwitchResult:
+    """Wait for the old servers (unless ``forget_later``), restart the workers on the new
+    release, and say what the switch did."""
+    for rid in [] if job.forget_later else job.going:
+        _forget(job.layout, job.backend, rid, job.emit)
+    workers = job.backend.restart_workers(job.spec, job.release_id, job.emit)
+    result: SwitchResult = {
+        "previous": previous,
+        "current": job.release_id,
+        "stopped": sorted(stopped + [web_program(r) for r in job.going]),
+        "standby": previous if job.standby and previous else None,
+        "workers": workers["workers"],
+        "killed": workers["killed"],
+        "backend": job.backend.name,
+        "seconds": round(time.monotonic() - job.started, 3),
+        "stopping": job.going if job.forget_later else [],
+    }
+    if unchanged:
+        result["unchanged"] = True
+    return result
 
 
 def _size(path: Path) -> int:
@@ -308,7 +398,7 @@ def _size(path: Path) -> int:
         return 0
 
 
-def _keeps_connections(web: dict[str, Any]) -> bool:
+def _keeps_connections(web: WebSpec) -> bool:
     """Whether the web server's workers keep client connections open between requests
     (gunicorn's sync worker closes after every response; gthread, gevent, uvicorn... do not)."""
     worker_class = str(
@@ -322,7 +412,7 @@ def _recheck(
     backend: Backend,
     release_id: str,
     live: str | None,
-    web: dict[str, Any],
+    web: WebSpec,
     emit: Emit,
 ) -> None:
     """The new server still answers before the old one goes (it may have crashed since the flip:
