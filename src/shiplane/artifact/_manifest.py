@@ -11,7 +11,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 from ..errors import OperationError, UsageError
 
@@ -28,6 +28,18 @@ def sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+class _FileEntryDoc(TypedDict):
+    path: str
+    sha256: str
+    size: int
+
+
+class FileEntryDoc(_FileEntryDoc, total=False):
+    """A file entry of the manifest JSON (``kind`` only when it has one)."""
+
+    kind: str
+
+
 @dataclass(frozen=True)
 class FileEntry:
     """One file of the artifact. ``kind`` is "wheel" or "file" for app files, "bytecode" for the
@@ -38,14 +50,14 @@ class FileEntry:
     size: int
     kind: str | None = None
 
-    def to_dict(self) -> dict[str, Any]:
-        d: dict[str, Any] = {"path": self.path, "sha256": self.sha256, "size": self.size}
+    def to_dict(self) -> FileEntryDoc:
+        d: FileEntryDoc = {"path": self.path, "sha256": self.sha256, "size": self.size}
         if self.kind is not None:
             d["kind"] = self.kind
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> FileEntry:
+    def from_dict(cls, d: FileEntryDoc) -> FileEntry:
         return cls(
             path=str(d["path"]), sha256=str(d["sha256"]), size=int(d["size"]), kind=d.get("kind")
         )
