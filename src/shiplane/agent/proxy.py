@@ -28,6 +28,7 @@ import os
 import signal
 import socket
 import sys
+from collections.abc import Coroutine
 from typing import Any
 
 CONNECT_RETRY_SECONDS = 2.0
@@ -246,7 +247,7 @@ class Proxy:
         self.tasks: set[asyncio.Task[None]] = set()
         self.replays = 0
 
-    def spawn(self, coro: Any) -> None:
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         """Run ``coro`` as a task that is kept referenced until it is done."""
         task = asyncio.get_running_loop().create_task(coro)
         self.tasks.add(task)
