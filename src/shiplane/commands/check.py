@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 from shiplane.commands.common import open_stage
 from shiplane.config import Layered, build_layers, load_project
@@ -14,7 +14,24 @@ from shiplane.secret import Masker
 from shiplane.tasks import Task, TaskGraph
 
 
-def check_project(file: Path | None) -> dict[str, Any]:
+class StageCheck(TypedDict):
+    hosts: list[str]
+    config_files: list[str]
+
+
+class CheckResult(TypedDict):
+    """``shiplane check``: the deploy file, the app's source (and why), each stage's hosts and
+    config files, and the lines it prints."""
+
+    ok: bool
+    file: str
+    source: str
+    source_reason: str
+    stages: dict[str, StageCheck]
+    lines: list[str]
+
+
+def check_project(file: Path | None) -> CheckResult:
     """Validate the deploy file, the task graph and every stage's config layers, offline.
 
     Secrets are not required here (they may live only in CI); their absence is reported as a note.
@@ -25,7 +42,7 @@ def check_project(file: Path | None) -> dict[str, Any]:
     graph_from_project(project)
     source, reason = _source(project)
     lines.append(f"app source: {source} ({reason})")
-    stages: dict[str, Any] = {}
+    stages: dict[str, StageCheck] = {}
     for name, stage in deploy.stages.items():
         layered = build_layers(project, name, {})
         render_files(project, layered) if not deploy.config.secrets else None
@@ -38,7 +55,7 @@ def check_project(file: Path | None) -> dict[str, Any]:
         lines.append(
             f"stage {name}: {where}, deploy_to {stage.deploy_to}, config from {', '.join(files) or 'no files'}"
         )
-        stages[name] = {"hosts": stage.hosts, "config_files": files}
+        stages[name] = {"hosts": list(stage.hosts), "config_files": files}
     return {
         "ok": True,
         "file": str(project.path),

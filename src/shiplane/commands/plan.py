@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, TypedDict
 
-from shiplane.agent.protocol import Holder
+from shiplane.agent.protocol import LockInfo
 from shiplane.commands.build import build_for_deploy
 from shiplane.commands.common import StageContext
 from shiplane.commands.operate import connected
@@ -64,7 +64,7 @@ class HostPlan(TypedDict):
     blobs: int
     bytes: int
     config: dict[str, ConfigChange]
-    lock: Holder | None
+    lock: LockInfo | None
     setup_pending: bool
 
 

@@ -6,20 +6,32 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TypedDict, cast
 
+from shiplane.agent.protocol import VerifyResult
 from shiplane.commands.operate import connected
 from shiplane.fleet import failures
 from shiplane.secret import Masker
 
 
+class VerifyReport(TypedDict):
+    """``shiplane verify``: per host the blobs checked and those that did not match."""
+
+    ok: bool
+    stage: str
+    hosts: dict[str, VerifyResult]
+    lines: list[str]
+
+
 def run_verify(
     file: Path | None, stage: str | None, masker: Masker, *, hosts: str | None, sets: Sequence[str]
-) -> dict[str, Any]:
+) -> VerifyReport:
     """Per host: how many blobs were checked and which were bad. ``ok`` False when any was."""
     with connected(file, stage, masker, hosts=hosts, sets=sets) as (ctx, fleet):
         outcomes = fleet.each(
-            "verify", lambda host, s: s.call("verify", {}, timeout=3600), quiet=True
+            "verify",
+            lambda host, s: cast(VerifyResult, s.call("verify", {}, timeout=3600)),
+            quiet=True,
         )
     per_host = {host: outcome.result for host, outcome in outcomes.items() if outcome.ok}
     lines = []
