@@ -298,20 +298,29 @@ class ErrorObject(TypedDict, total=False):
     seconds: float
 
 
+class AppInfo(TypedDict, total=False):
+    """The manifest's ``app``."""
+
+    name: str
+    version: str | None
+    source: str  # "package" (a wheel unpacked into lib/) or "tree"
+
+
 class ReleaseMeta(TypedDict, total=False):
-    """A release's ``release.json`` (agent/releases.py writes it; ``<state>_at`` per mark)."""
+    """A release's ``release.json``: written by install, its state updated by ``mark`` (each
+    state stamped ``<state>_at``), answered by ``releases`` and ``inventory``. Releases of older
+    agents may lack keys. (agent/releases.py holds the same shape, for now.)"""
 
     release_id: str
     artifact: str
-    dependency_digest: str
+    dependency_digest: str | None
     git_commit: str | None
     created_at: str
     stage: str | None
-    state: str
+    state: str  # prepared, live, previous, good, bad, rolled-back
     source: str
-    app: dict[str, str]
+    app: AppInfo | None
     blobs: list[str]
-    services: ServicesSpec
     prepared_at: str
     live_at: str
     previous_at: str
@@ -343,7 +352,7 @@ class _InventoryBase(TypedDict):
     missing: list[str]
     current: str | None
     previous: str | None
-    releases: list[dict[str, Any]]  # release.json of each (ReleaseMeta, agent/releases.py)
+    releases: list[ReleaseMeta]  # release.json of each, oldest first
     venvs: list[str]
     lock: LockInfo | None
     setup_done: bool
@@ -372,7 +381,7 @@ class VerifyResult(TypedDict):
 
 
 class ReleasesResult(TypedDict):
-    releases: list[dict[str, Any]]  # release.json of each (ReleaseMeta, agent/releases.py)
+    releases: list[ReleaseMeta]  # release.json of each, oldest first
     current: str | None
     previous: str | None
 

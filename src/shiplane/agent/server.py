@@ -22,16 +22,65 @@ import sysconfig
 import threading
 import time
 import traceback
-from collections.abc import Callable
-from typing import Any, BinaryIO
+from collections.abc import Callable, Mapping
+from types import FrameType
+from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
 from . import AgentError, __version__, ledger, lock, protocol, prune, releases, store, utc_now
 from .hooks import Limits, run_hook
 from .paths import Layout, agent_command
+from .protocol import (
+    Emit,
+    ErrorObject,
+    Event,
+    HeartbeatArgs,
+    Hello,
+    HistoryArgs,
+    HistoryResult,
+    Holder,
+    HookArgs,
+    HookResult,
+    InstallArgs,
+    InstallUvArgs,
+    Inventory,
+    InventoryArgs,
+    LedgerEntry,
+    LockArgs,
+    LockRecord,
+    LockTaken,
+    LogsArgs,
+    MarkArgs,
+    PruneArgs,
+    PruneResult,
+    ReadReleaseFileArgs,
+    ReceiveArgs,
+    ReceiveResult,
+    RecordArgs,
+    ReleaseFile,
+    ReleaseMeta,
+    ReleasesArgs,
+    ReleasesResult,
+    ReloadArgs,
+    RestartArgs,
+    ShutdownArgs,
+    StartArgs,
+    StatusArgs,
+    StopArgs,
+    SwitchArgs,
+    UnlockArgs,
+    UnlockResult,
+    VerifyArgs,
+    VerifyResult,
+    WithdrawArgs,
+)
 from .runtime import valid_release_id
 from .venvs import VenvShells, find_uv, install_uv, list_venvs
 
-Emit = Callable[[dict[str, Any]], None]
+if TYPE_CHECKING:  # imported by the ops that need it (it loads the backends)
+    from .services import Logs, ServicesStatus, ShutDown, Stopped, Withdrawn
+    from .switch import SwitchResult
+    from .venvs import UvInstalled
+
 ALIVE_EVERY = 5.0
 
 
@@ -40,7 +89,7 @@ def _services() -> Any:
     return importlib.import_module(".services", __package__)
 
 
-def hello(layout: Layout) -> dict[str, Any]:
+def hello(layout: Layout) -> Hello:
     """Facts about this host the controller plans with."""
     try:
         user = getpass.getuser()
@@ -68,10 +117,10 @@ class Session:
         self.layout = layout
         self.stdin = stdin
         self.stdout = stdout
-        self.holder: dict[str, Any] | None = None
+        self.holder: Holder | None = None
         self.lock_fd: int | None = None  # holds the flock of our deploy lock (agent/lock.py)
         # a switch this session made that no ledger entry records yet (its ``record`` follows)
-        self.unrecorded: dict[str, Any] | None = None
+        self.unrecorded: LedgerEntry | None = None
         # a release this session installed with its web server started early, not yet switched
         # to or marked: its server is stopped if the session ends first (the controller is gone)
         self.prebooted: str | None = None
@@ -85,7 +134,8 @@ class Session:
 
     # --- wire ---------------------------------------------------------------------------------
 
-    def send(self, obj: dict[str, Any]) -> None:
+    def send(self, obj: Mapping[str, object]) -> None:
+        """One line to the controller: ``{"hello"}``, an event, a result or an error."""
         line = json.dumps(obj, separators=(",", ":"), default=str) + "\n"
         with self._write_lock:
             self.stdout.write(line.encode("utf-8"))
@@ -105,7 +155,7 @@ class Session:
 
     def handle_line(self, line: bytes) -> None:
         """Parse and run one request; every outcome is a result or an error line for its id."""
-        req_id: Any = None
+        req_id: object = None
         try:
             req = json.loads(line)
             if not isinstance(req, dict):
@@ -128,7 +178,7 @@ class Session:
             self.send({"id": req_id, "ok": False, "error": error_object(exc)})
             return
 
-        def emit(event: dict[str, Any]) -> None:
+        def emit(event: Event) -> None:
             if self.reader_gone.is_set():
                 return
             try:
@@ -145,6 +195,7 @@ class Session:
         try:
             if handler is None:
                 raise AgentError(f"unknown op {op!r}", kind="usage")
+            # ``args`` is the op's request TypedDict (protocol.REQUESTS): decode checked its fields
             result = handler(self, args, emit)
         except Exception as exc:  # noqa: BLE001 - any failure of an op is an answer, never a crash
             done.set()
@@ -153,7 +204,7 @@ class Session:
         done.set()
         self.send({"id": req_id, "ok": True, "result": result if result is not None else {}})
 
-    def _alive(self, req_id: Any, done: threading.Event) -> None:
+    def _alive(self, req_id: object, done: threading.Event) -> None:
         """While an op runs, say so every few seconds: the controller then tells a busy host (a
         long venv build, a quiet hook) from one that stopped answering, within its timeout."""
         while not done.wait(ALIVE_EVERY):
@@ -203,20 +254,19 @@ class Session:
                     pass
                 self.drop_lock()
 
-    def release_on_signal(self, signum: int, _frame: Any) -> None:
+    def release_on_signal(self, signum: int, _frame: FrameType | None) -> None:
         """SIGTERM/SIGINT: give back the deploy lock we took, then exit."""
         self.release_lock()
         raise SystemExit(128 + signum)
 
 
-def error_object(exc: BaseException) -> dict[str, Any]:
+def error_object(exc: BaseException) -> ErrorObject:
     """The protocol error for an exception: expected ones carry ``kind``; others are ``internal``."""
     kind = getattr(exc, "kind", None)
     if isinstance(kind, str):
-        out: dict[str, Any] = {}
         extra = getattr(exc, "extra", None)
-        if isinstance(extra, dict):
-            out.update(extra)
+        # AgentError's extras: the keys ErrorObject lists (holder, blobs, output_tail, ...)
+        out = cast(ErrorObject, dict(extra) if isinstance(extra, dict) else {})
         out["message"] = str(getattr(exc, "message", None) or exc)
         out["kind"] = kind
         return out
@@ -227,12 +277,14 @@ def error_object(exc: BaseException) -> dict[str, Any]:
     }
 
 
-# --- handlers: (session, args, emit) -> result ---------------------------------------------------
+# --- handlers: (session, the op's request, emit) -> its result ------------------------------------
 
-Handler = Callable[[Session, dict[str, Any], Emit], Any]
+# Each handler takes its op's request TypedDict (protocol.REQUESTS[op]); the dispatch hands it
+# the decoded args, which protocol.decode checked are exactly that.
+Handler = Callable[[Session, Any, Emit], object]
 
 
-def inventory(layout: Layout, shas: list[str]) -> dict[str, Any]:
+def inventory(layout: Layout, shas: list[str]) -> Inventory:
     """What the controller needs to plan a deploy on this host."""
     try:
         services: Any = _services().status(layout)
@@ -252,7 +304,7 @@ def inventory(layout: Layout, shas: list[str]) -> dict[str, Any]:
     }
 
 
-def _op_inventory(s: Session, args: dict[str, Any], emit: Emit) -> Any:
+def _op_inventory(s: Session, args: InventoryArgs, emit: Emit) -> Inventory:
     """What the host has; with ``venv`` ({digest, python, uv_cache}: a deploy's hint, never
     plan's), the venv it will need starts being made while the blobs are sent."""
     hint = args.get("venv")
@@ -272,7 +324,7 @@ def _op_inventory(s: Session, args: dict[str, Any], emit: Emit) -> Any:
     return result
 
 
-def port_taken(bind: str, port: int, services: Any) -> str | None:
+def port_taken(bind: str, port: int, services: object) -> str | None:
     """Why the stage's public port cannot be ours (another program listens on it), or None: it is
     free, or this stage's own front holds it. Asked before anything is sent, so a deploy that
     would fail at its switch fails at its start."""
@@ -292,30 +344,96 @@ def port_taken(bind: str, port: int, services: Any) -> str | None:
     return None
 
 
-def _op_receive(s: Session, args: dict[str, Any], emit: Emit) -> Any:
-    blobs = args.get("blobs") or []
-    if not isinstance(blobs, list):
-        raise AgentError("receive: blobs must be a list", kind="protocol")
-    return store.receive(s.layout, blobs, s.stdin, emit)
+def _op_receive(s: Session, args: ReceiveArgs, emit: Emit) -> ReceiveResult:
+    return store.receive(s.layout, args["blobs"], s.stdin, emit)
 
 
-def _op_hook(s: Session, args: dict[str, Any], emit: Emit) -> Any:
-    rid = valid_release_id(args.get("release_id"))
-    command = args.get("command")
-    if not isinstance(command, str) or not command.strip():
+def _op_hook(s: Session, args: HookArgs, emit: Emit) -> HookResult:
+    rid = valid_release_id(args["release_id"])
+    command = args["command"]
+    if not command.strip():
         raise AgentError("hook: command missing", kind="usage")
     limits = Limits(
-        float(args.get("timeout") or 600), float(args.get("silence_timeout") or 0), watch=s.stdin
+        float(args["timeout"] or 600), float(args["silence_timeout"] or 0), watch=s.stdin
     )
     return run_hook(s.layout, rid, command, limits, emit)
 
 
-def _names(args: dict[str, Any]) -> list[str] | None:
-    names = args.get("services")
+def _names(names: list[str] | None) -> list[str] | None:
     return list(names) if isinstance(names, list) else None
 
 
-def _op_install(s: Session, args: dict[str, Any], emit: Emit) -> Any:
+# start ... logs: the services module (agent/services.py), imported when an op needs it
+
+
+def _op_start(s: Session, args: StartArgs, emit: Emit) -> ServicesStatus:
+    from . import services
+
+    return services.start(s.layout, _names(args["services"]), args["spec"], emit)
+
+
+def _op_stop(s: Session, args: StopArgs, emit: Emit) -> Stopped:
+    from . import services
+
+    return services.stop(s.layout, _names(args["services"]), emit)
+
+
+def _op_restart(s: Session, args: RestartArgs, emit: Emit) -> ServicesStatus:
+    from . import services
+
+    return services.restart(s.layout, _names(args["services"]), args["spec"], emit)
+
+
+def _op_reload(s: Session, args: ReloadArgs, emit: Emit) -> ServicesStatus:
+    from . import services
+
+    return services.reload(s.layout, _names(args["services"]), emit)
+
+
+def _op_status(s: Session, args: StatusArgs, emit: Emit) -> ServicesStatus:
+    from . import services
+
+    return services.status(s.layout)
+
+
+def _op_shutdown(s: Session, args: ShutdownArgs, emit: Emit) -> ShutDown:
+    from . import services
+
+    return services.shutdown(s.layout, emit)
+
+
+def _op_withdraw(s: Session, args: WithdrawArgs, emit: Emit) -> Withdrawn:
+    from . import services
+
+    return services.withdraw(s.layout, valid_release_id(args["release_id"]), emit)
+
+
+def _op_logs(s: Session, args: LogsArgs, emit: Emit) -> Logs:
+    from . import services
+
+    return services.logs(
+        s.layout,
+        args["service"],
+        int(args["lines"] or 100),
+        bool(args["follow"]),
+        emit,
+        gone=s.reader_gone.is_set,
+    )
+
+
+def _op_verify(s: Session, args: VerifyArgs, emit: Emit) -> VerifyResult:
+    return store.check_store(s.layout, emit)
+
+
+def _op_install_uv(s: Session, args: InstallUvArgs, emit: Emit) -> UvInstalled:
+    return install_uv(s.layout, args["sha256"], args["binary_sha256"])
+
+
+def _op_prune(s: Session, args: PruneArgs, emit: Emit) -> PruneResult:
+    return prune.prune(s.layout, int(args["keep"] or 5), emit)
+
+
+def _op_install(s: Session, args: InstallArgs, emit: Emit) -> releases.InstallResult:
     """Install a release; on a host whose services run under the daemon backend, supervisord is
     started in the background as soon as its tool is in place, so a first deploy's switch does
     not wait for it (the switch then finds it answering, or waits for the same start). With
@@ -379,21 +497,22 @@ def _discard(s: Session, rid: str, emit: Emit) -> None:
         pass
 
 
-def _op_mark(s: Session, args: dict[str, Any], emit: Emit) -> Any:
-    rid = valid_release_id(args.get("release_id"))
-    result = releases.mark(s.layout, rid, str(args.get("state")))
+def _op_mark(s: Session, args: MarkArgs, emit: Emit) -> ReleaseMeta:
+    rid = valid_release_id(args["release_id"])
+    result = releases.mark(s.layout, rid, str(args["state"]))
     s.prebooted = None if s.prebooted == rid else s.prebooted
-    if args.get("state") == "bad":  # a failed deploy: its early-started server must not linger
+    if args["state"] == "bad":  # a failed deploy: its early-started server must not linger
         _discard(s, rid, emit)
     return result
 
 
-def _op_switch(s: Session, args: dict[str, Any], emit: Emit) -> Any:
-    rid = valid_release_id(args.get("release_id"))
-    spec = args.get("services")
+def _op_switch(s: Session, args: SwitchArgs, emit: Emit) -> SwitchResult:
+    from . import services
+
+    rid = valid_release_id(args["release_id"])
+    spec = args["services"]
     if not isinstance(spec, dict):
         raise AgentError("switch: services spec missing", kind="usage")
-    services = _services()
     # Waits while the previous switch's after-switch still runs: a switch right after another
     # (a second rollback) may target the server that one is stopping.
     held = services.hold_switch_lock(s.layout)
@@ -424,51 +543,49 @@ def _op_switch(s: Session, args: dict[str, Any], emit: Emit) -> Any:
     return result
 
 
-def _op_lock(s: Session, args: dict[str, Any], emit: Emit) -> Any:
-    holder = args.get("holder")
-    if not isinstance(holder, dict):
-        raise AgentError("lock: holder missing", kind="usage")
-    keep = bool(args.get("keep"))  # `shiplane lock`: held until unlock, by no process
+def _op_lock(s: Session, args: LockArgs, emit: Emit) -> LockTaken | LockRecord:
+    holder = args["holder"]
+    keep = bool(args["keep"])  # `shiplane lock`: held until unlock, by no process
     held = lock.acquire(
-        s.layout, holder, float(args.get("wait") or 0), emit, keep=keep, pause=s.controller_here
+        s.layout, holder, float(args["wait"] or 0), emit, keep=keep, pause=s.controller_here
     )
     with s.lock_ops:
         if held.fd is not None or keep:
             lock.drop(s.lock_fd)  # a lock we held before is gone: its old flock means nothing
             s.lock_fd = held.fd
         s.holder = holder
-    result = dict(held.record)
-    if held.broke is not None:
-        result["broke"] = held.broke
-        # the ledger keeps it: the abandoned deploy left no entry of its own
-        ledger.append(
-            s.layout,
-            {
-                "event": "lock-broken",
-                "holder": held.broke,
-                "user": holder.get("user"),
-                "controller": holder.get("host"),
-            },
-        )
+    if held.broke is None:
+        return held.record.copy()
+    result: LockTaken = {**held.record, "broke": held.broke}
+    # the ledger keeps it: the abandoned deploy left no entry of its own
+    ledger.append(
+        s.layout,
+        {
+            "event": "lock-broken",
+            "holder": held.broke,
+            "user": holder.get("user"),
+            "controller": holder.get("host"),
+        },
+    )
     return result
 
 
-def _op_heartbeat(s: Session, args: dict[str, Any], emit: Emit) -> Any:
-    holder = args.get("holder") if isinstance(args.get("holder"), dict) else s.holder
+def _op_heartbeat(s: Session, args: HeartbeatArgs, emit: Emit) -> LockRecord:
+    holder = args["holder"] if isinstance(args["holder"], dict) else s.holder
     with s.lock_ops:
         return lock.heartbeat(s.layout, holder)
 
 
-def _op_unlock(s: Session, args: dict[str, Any], emit: Emit) -> Any:
-    holder = args.get("holder") if isinstance(args.get("holder"), dict) else s.holder
+def _op_unlock(s: Session, args: UnlockArgs, emit: Emit) -> UnlockResult:
+    holder = args["holder"] if isinstance(args["holder"], dict) else s.holder
     with s.lock_ops:
-        result = lock.release(s.layout, holder, force=bool(args.get("force")))
+        result = lock.release(s.layout, holder, force=bool(args["force"]))
         if s.holder is not None and not lock.is_ours(lock.read(s.layout) or {}, s.holder):
             s.drop_lock()
     return result
 
 
-def _op_releases(s: Session, args: dict[str, Any], emit: Emit) -> Any:
+def _op_releases(s: Session, args: ReleasesArgs, emit: Emit) -> ReleasesResult:
     return {
         "releases": releases.list_releases(s.layout),
         "current": releases.current_release(s.layout),
@@ -476,8 +593,8 @@ def _op_releases(s: Session, args: dict[str, Any], emit: Emit) -> Any:
     }
 
 
-def _op_record(s: Session, args: dict[str, Any], emit: Emit) -> Any:
-    entry = args.get("entry")
+def _op_record(s: Session, args: RecordArgs, emit: Emit) -> LedgerEntry:
+    entry = args["entry"]
     if not isinstance(entry, dict):
         raise AgentError("record: entry must be an object", kind="usage")
     s.unrecorded = None
@@ -505,21 +622,21 @@ def settle_orphans(s: Session) -> None:
         s.prebooted = None
 
 
-def _op_history(s: Session, args: dict[str, Any], emit: Emit) -> Any:
-    limit = args.get("limit")
+def _op_history(s: Session, args: HistoryArgs, emit: Emit) -> HistoryResult:
+    limit = args["limit"]
     return {"entries": ledger.read(s.layout, int(limit) if limit is not None else None)}
 
 
 MAX_READ = 1 << 20
 
 
-def _op_read_release_file(s: Session, args: dict[str, Any], emit: Emit) -> Any:
+def _op_read_release_file(s: Session, args: ReadReleaseFileArgs, emit: Emit) -> ReleaseFile:
     """Read-only: one text file of a release (``shiplane plan`` diffs rendered config with it).
 
     The path is relative to the release dir; links (shared files) are followed but must stay
     under the deploy root. Missing file -> ``exists: false``."""
-    rid = valid_release_id(args.get("release_id"))
-    rel = store.safe_relpath(args.get("path"), "read_release_file")
+    rid = valid_release_id(args["release_id"])
+    rel = store.safe_relpath(args["path"], "read_release_file")
     path = s.layout.release(rid) / rel
     real = os.path.realpath(path)
     if not real.startswith(os.path.realpath(s.layout.root) + os.sep):
@@ -539,31 +656,22 @@ HANDLERS: dict[str, Handler] = {
     "install": _op_install,
     "hook": _op_hook,
     "switch": _op_switch,
-    "start": lambda s, a, e: _services().start(s.layout, _names(a), a.get("spec"), e),
-    "stop": lambda s, a, e: _services().stop(s.layout, _names(a), e),
-    "restart": lambda s, a, e: _services().restart(s.layout, _names(a), a.get("spec"), e),
-    "reload": lambda s, a, e: _services().reload(s.layout, _names(a), e),
-    "status": lambda s, a, e: _services().status(s.layout),
-    "shutdown": lambda s, a, e: _services().shutdown(s.layout, e),
-    "withdraw": lambda s, a, e: _services().withdraw(
-        s.layout, valid_release_id(a.get("release_id")), e
-    ),
-    "verify": lambda s, a, e: store.check_store(s.layout, e),
-    "logs": lambda s, a, e: _services().logs(
-        s.layout,
-        a.get("service"),
-        int(a.get("lines") or 100),
-        bool(a.get("follow")),
-        e,
-        gone=s.reader_gone.is_set,
-    ),
+    "start": _op_start,
+    "stop": _op_stop,
+    "restart": _op_restart,
+    "reload": _op_reload,
+    "status": _op_status,
+    "shutdown": _op_shutdown,
+    "withdraw": _op_withdraw,
+    "verify": _op_verify,
+    "logs": _op_logs,
     "releases": _op_releases,
     "history": _op_history,
     "read_release_file": _op_read_release_file,
-    "install_uv": lambda s, a, e: install_uv(s.layout, a.get("sha256"), a.get("binary_sha256")),
+    "install_uv": _op_install_uv,
     "record": _op_record,
     "mark": _op_mark,
-    "prune": lambda s, a, e: prune.prune(s.layout, int(a.get("keep") or 5), e),
+    "prune": _op_prune,
     "lock": _op_lock,
     "heartbeat": _op_heartbeat,
     "unlock": _op_unlock,
