@@ -33,8 +33,8 @@ from ._wheelhouse import (
     Lock,
     Target,
     build_wheelhouse,
+    load_lock,
     pinned,
-    read_lock,
     resolve_target,
     tool_wheels,
 )
@@ -54,7 +54,9 @@ class BuildSpec:
     project: Path
     app_name: str
     source: Literal["package", "tree", "none"] | None  # None: detect_source()
-    requirements: str  # pip-style lock ("requirements.txt"), hashes honoured; "" for none
+    # the lock: requirements.txt (hashes honoured), uv.lock, poetry.lock, pdm.lock, Pipfile.lock
+    # or pyproject.toml (artifact/_locks.py); "": the first of those found in the project
+    requirements: str
     include: tuple[str, ...] = ()  # extra files shipped beside the app (globs)
     exclude: tuple[str, ...] = ()  # removed from a tree app (and from include matches)
     config_files: tuple[str, ...] = ()  # config templates; "{stage}" expands to every stage
@@ -183,7 +185,7 @@ def _select_config(project: Path, spec: BuildSpec) -> list[str]:
     return sorted(chosen)
 
 
-def _plan(spec: BuildSpec) -> _Plan:
+def _plan(spec: BuildSpec, *, with_lock: bool = True) -> _Plan:
     project = Path(spec.project).resolve()
     if not project.is_dir():
         raise OperationError(f"project directory {project} does not exist")
@@ -197,7 +199,8 @@ def _plan(spec: BuildSpec) -> _Plan:
     if source == "tree":
         drop = (*SECRET_FILES, *spec.exclude)
         app_files = [f for f in files if not any(matches(x, f) for x in drop)]
-    lock = read_lock(project / spec.requirements) if spec.requirements else None
+    # compile_app alone needs no lock: the app is built without its dependencies
+    lock = load_lock(project, spec.requirements) if with_lock else None
     plan = _Plan(
         project,
         source,
@@ -276,7 +279,7 @@ def compile_app(
     spec: BuildSpec, *, build_dir: Path | None = None, on_event: EventSink | None = None
 ) -> CompiledApp:
     """The article's `make compile`: the app's wheel (package) or its tree files, stored."""
-    return _compile(_plan(spec), _layout(spec, build_dir).store, on_event or _noop)
+    return _compile(_plan(spec, with_lock=False), _layout(spec, build_dir).store, on_event or _noop)
 
 
 def _pack(
@@ -349,7 +352,15 @@ def pack(
     Always builds (caches still apply to the wheelhouse and tools); see :func:`build`.
     """
     started = time.monotonic()
-    return _pack(spec, _plan(spec), _layout(spec, build_dir), on_event or _noop, started)
+    plan = _plan(spec)
+    _warn_lock(plan, on_event or _noop)
+    return _pack(spec, plan, _layout(spec, build_dir), on_event or _noop, started)
+
+
+def _warn_lock(plan: _Plan, emit: EventSink) -> None:
+    """Step "warning": a lock that does not make the build reproducible (no lock committed)."""
+    if plan.lock is not None and plan.lock.warning:
+        emit("warning", plan.lock.warning)
 
 
 def _reuse(layout: _Layout, inputs_digest: str) -> Manifest | None:
@@ -372,13 +383,15 @@ def build(
     Inputs are the source files (git-tracked, or a walk outside git), the lock's bytes, the
     include/exclude/config lists, the server packages, the target and the git commit.
     ``on_event(step, detail)`` reports progress; steps are "wheel", "tree", "wheelhouse",
-    "bytecode", "tools" and "manifest" (detail "reused <digest>" when nothing was built).
+    "bytecode", "tools" and "manifest" (detail "reused <digest>" when nothing was built), and
+    "warning" when the lock does not pin the build (a pyproject.toml without a lock).
     Events may come from two threads: the app wheel and the tools are made while pip runs.
     """
     started = time.monotonic()
     emit = on_event or _noop
     layout = _layout(spec, build_dir)
     plan = _plan(spec)
+    _warn_lock(plan, emit)
     manifest = _reuse(layout, plan.inputs_digest)
     if manifest is not None:
         emit("manifest", f"reused {manifest.digest}")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ..errors import OperationError
 from ._backend import _uv
-from ._wheelhouse import read_lock
+from ._wheelhouse import load_lock
 
 _TAIL = 30
 
@@ -36,14 +36,11 @@ def _run(cmd: list[str], cwd: Path, what: str) -> None:
 
 
 def gate_env(project: Path, requirements: str, extra: Sequence[str]) -> Path:
-    """The venv for the gate, made with uv once per (lock bytes + extra packages) and reused."""
-    lock_path = project / requirements if requirements else None
-    lock = read_lock(lock_path) if lock_path else None
+    """The venv for the gate, made with uv once per (lock bytes + extra packages) and reused.
+    ``requirements``: the lock ([build] requirements); "" finds it (``_locks.find_lock``)."""
+    lock = load_lock(project, requirements)
     key = hashlib.sha256(
-        (lock.data if lock else b"")
-        + b"\0"
-        + "\0".join(sorted(extra)).encode()
-        + f"\0{sys.version_info[:2]}".encode()
+        lock.data + b"\0" + "\0".join(sorted(extra)).encode() + f"\0{sys.version_info[:2]}".encode()
     ).hexdigest()
     venv = project / ".shiplane" / "build" / f"testenv-{key[:16]}"
     if (venv / ".complete").is_file():
@@ -57,7 +54,13 @@ def gate_env(project: Path, requirements: str, extra: Sequence[str]) -> Path:
         project,
         "creating the test environment",
     )
-    reqs = ["-r", str(lock_path)] if lock is not None and lock.lines else []
+    reqs: list[str] = []
+    if lock.lines and lock.format == "requirements":
+        reqs = ["-r", str(lock.path)]  # as written: its `-e .` too, as ever
+    elif lock.lines:  # another lock's requirements lines (artifact/_locks.py)
+        exported = venv.parent / f"{venv.name}.requirements.txt"
+        exported.write_text("".join(line + "\n" for line in lock.lines))
+        reqs = ["-r", str(exported)]
     if reqs or extra:
         _run(
             [

@@ -25,6 +25,7 @@ from packaging.utils import canonicalize_name, parse_wheel_filename
 
 from ..errors import OperationError
 from ._cache import cached_files
+from ._locks import LockFile, export, find_lock, lock_format
 
 # The process supervisor shipped to every host (DESIGN.md, "Services").
 TOOLS: tuple[tuple[str, str], ...] = (("supervisor", "4.3.0"),)
@@ -97,10 +98,29 @@ class Lock:
     names: set[str]  # canonical names of the requirements
     pins: dict[str, str]  # canonical name -> "name==version" for exact pins
     hashed: bool
+    format: str = "requirements"  # or "uv", "poetry", "pdm", "pipenv", "pyproject" (_locks)
+    warning: str | None = None  # e.g. a pyproject.toml without a lock: not reproducible
 
 
-def read_lock(path: Path, *, _seen: set[Path] | None = None) -> Lock:
-    """Read a requirements-style lock; ``-r``/``-c`` includes are read too (they are inputs)."""
+def load_lock(project: Path, requirements: str) -> Lock:
+    """The lock of ``project``: ``requirements`` ([build] requirements) or, when it is empty,
+    the one found (``_locks.DETECTION_ORDER``); none found is a ConfigError."""
+    found = find_lock(project, requirements)
+    return read_lock(found.path, format=found.format)
+
+
+def read_lock(path: Path, *, format: str | None = None, _seen: set[Path] | None = None) -> Lock:
+    """Read a requirements-style lock; ``-r``/``-c`` includes are read too (they are inputs).
+
+    A lock of another format (``format``, or what the file's name says: uv.lock, poetry.lock,
+    pdm.lock, Pipfile.lock, pyproject.toml) is turned into requirements lines first
+    (``_locks.export``); ``data`` is then its bytes and those lines'."""
+    if _seen is None and (format or lock_format(path.name)) != "requirements":
+        fmt = format or lock_format(path.name)
+        exported = export(LockFile(path.resolve(), fmt, detected=False))
+        lock = _parse_lock(path.resolve(), exported.text.encode(), set())
+        lock.data, lock.format, lock.warning = exported.data, fmt, exported.warning
+        return lock
     seen = _seen if _seen is not None else set()
     path = path.resolve()
     if path in seen:
@@ -113,6 +133,10 @@ def read_lock(path: Path, *, _seen: set[Path] | None = None) -> Lock:
             f"cannot read the lock {path}: {exc.strerror}",
             hint="set [build] requirements to your requirements file",
         ) from exc
+    return _parse_lock(path, raw, seen)
+
+
+def _parse_lock(path: Path, raw: bytes, seen: set[Path]) -> Lock:
     lock = Lock(path, raw, [], set(), {}, False)
     for line in _logical_lines(raw.decode("utf-8", errors="replace")):
         m = re.match(r"^(-r|--requirement|-c|--constraint)[\s=]+(\S+)$", line)

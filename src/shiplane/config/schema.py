@@ -247,10 +247,12 @@ class Build(Model):
     """``[build]``: what goes into the artifact, and the test gate before it is built."""
 
     requirements: str = Field(
-        default="requirements.txt",
-        description="The lock: pinned requirements (hashes "
-        "optional) the hosts install offline from the "
-        "artifact's wheelhouse.",
+        default="",
+        description="The lock the hosts install offline from the artifact's wheelhouse: a "
+        "``requirements.txt`` (pinned, hashes optional), ``uv.lock``, ``poetry.lock``, "
+        "``pdm.lock`` or ``Pipfile.lock`` (its file name says which), or ``pyproject.toml`` "
+        "(resolved at each build: not reproducible). Unset: the first of these found in the "
+        "project, in that order (docs/dependencies.md); ``shiplane check`` says which.",
     )
     test: str | None = Field(
         default=None,
