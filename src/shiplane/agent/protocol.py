@@ -18,9 +18,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypedDict
+from typing import TYPE_CHECKING, Any, TypedDict
 
 from .errors import AgentError
+
+if TYPE_CHECKING:  # the status op's answer (agent/services.py imports this module)
+    from .services import ServicesStatus
 
 VERSION = 1
 
@@ -348,6 +351,12 @@ class Hello(TypedDict):
     pid: int
 
 
+class ServicesUnknown(TypedDict, total=False):
+    """``inventory``'s services when they cannot be told: ``{}`` (no services module), or why."""
+
+    error: str
+
+
 class _InventoryBase(TypedDict):
     missing: list[str]
     current: str | None
@@ -356,7 +365,7 @@ class _InventoryBase(TypedDict):
     venvs: list[str]
     lock: LockInfo | None
     setup_done: bool
-    services: dict[str, Any]  # the status op's answer, or {"error"} (agent/services.py)
+    services: ServicesStatus | ServicesUnknown  # the status op's answer
 
 
 class Inventory(_InventoryBase, total=False):

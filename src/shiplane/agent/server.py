@@ -62,6 +62,7 @@ from .protocol import (
     ReleasesResult,
     ReloadArgs,
     RestartArgs,
+    ServicesUnknown,
     ShutdownArgs,
     StartArgs,
     StatusArgs,
@@ -286,8 +287,11 @@ Handler = Callable[[Session, Any, Emit], object]
 
 def inventory(layout: Layout, shas: list[str]) -> Inventory:
     """What the controller needs to plan a deploy on this host."""
+    services: ServicesStatus | ServicesUnknown
     try:
-        services: Any = _services().status(layout)
+        from . import services as services_module
+
+        services = services_module.status(layout)
     except ImportError:
         services = {}
     except Exception as exc:  # noqa: BLE001 - inventory must answer even if services are broken
@@ -491,8 +495,10 @@ def _op_install(s: Session, args: InstallArgs, emit: Emit) -> releases.InstallRe
 
 def _discard(s: Session, rid: str, emit: Emit) -> None:
     """Stop a release's web server if it is not live (the preboot of a failed deploy)."""
+    from . import services
+
     try:
-        _services().discard(s.layout, rid, emit)
+        services.discard(s.layout, rid, emit)
     except Exception:  # noqa: BLE001, S110 - the next switch stops leftovers
         pass
 
