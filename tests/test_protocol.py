@@ -111,3 +111,16 @@ def test_each_op_has_a_request_typeddict_with_exactly_its_fields(name: str) -> N
             )
         if "null" not in field.type:
             assert "None" not in annotation, f"{request.__name__}.{field.name} may not be None"
+
+
+@pytest.mark.parametrize("name", sorted(protocol.OPS))
+def test_each_op_has_a_handler_taking_its_request(name: str) -> None:
+    from shiplane.agent import server
+
+    assert set(server.HANDLERS) == set(protocol.OPS), "the agent serves other ops than OPS"
+    handler = server.HANDLERS[name]
+    # annotations are strings (``from __future__ import annotations``): compare by name
+    assert handler.__annotations__["args"] == protocol.REQUESTS[name].__name__, (
+        f"the {name} handler takes {handler.__annotations__['args']}, "
+        f"not {protocol.REQUESTS[name].__name__}"
+    )
