@@ -284,19 +284,18 @@ def test_requirements_files_read_as_before(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_deploy_an_app_locked_with_uv_lock(tmp_path: Path) -> None:
+def test_deploy_an_app_locked_with_uv_lock(tmp_path_factory: pytest.TempPathFactory) -> None:
     """The example app with uv.lock as its only lock (no requirements.txt, [build] requirements
     unset) deploys to the local stage and serves its page."""
     sys.path.insert(0, str(Path(__file__).parent))
     from deployhelp import scaffold
 
-    app = scaffold(tmp_path)
+    app = scaffold(tmp_path_factory.mktemp("uvlock"))  # short: supervisord's socket path
     try:
         root = app.root
         # lock with the versions the scaffold's requirements.txt pins (as tested), via uv
-        pins = re.findall(
-            r"(?m)^([A-Za-z0-9._-]+==[^\s;]+)", (root / "requirements.txt").read_text()
-        )
+        # (markers kept: a pin may hold for some Pythons only)
+        pins = re.findall(r"(?m)^[A-Za-z0-9._-]+==.*$", (root / "requirements.txt").read_text())
         with (root / "pyproject.toml").open("a") as f:
             f.write(f"\n[tool.uv]\nconstraint-dependencies = {json.dumps(pins)}\n")
         for name in ("requirements.txt", "requirements.in"):
