@@ -238,7 +238,7 @@ def test_no_lock_stops_the_build_before_anything_is_built(tmp_path: Path) -> Non
         [sys.executable, "-m", "shiplane", "init", str(root)], check=True, capture_output=True
     )
     for name in ("requirements.txt", "requirements.in"):
-        (root / name).unlink()
+        (root / name).unlink(missing_ok=True)
     toml = root / "shiplane.toml"
     toml.write_text(re.sub(r"(?m)^requirements = .*\n", "", toml.read_text()))
     text = (root / "pyproject.toml").read_text()
@@ -299,7 +299,7 @@ def test_deploy_an_app_locked_with_uv_lock(tmp_path_factory: pytest.TempPathFact
         with (root / "pyproject.toml").open("a") as f:
             f.write(f"\n[tool.uv]\nconstraint-dependencies = {json.dumps(pins)}\n")
         for name in ("requirements.txt", "requirements.in"):
-            (root / name).unlink()
+            (root / name).unlink(missing_ok=True)
         toml = root / "shiplane.toml"
         toml.write_text(re.sub(r"(?m)^requirements = .*\n", "", toml.read_text()))
         from shiplane.artifact._backend import _uv
