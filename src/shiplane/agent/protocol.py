@@ -312,7 +312,7 @@ class AppInfo(TypedDict, total=False):
 class ReleaseMeta(TypedDict, total=False):
     """A release's ``release.json``: written by install, its state updated by ``mark`` (each
     state stamped ``<state>_at``), answered by ``releases`` and ``inventory``. Releases of older
-    agents may lack keys. (agent/releases.py holds the same shape, for now.)"""
+    agents may lack keys."""
 
     release_id: str
     artifact: str

@@ -22,7 +22,7 @@ from typing import TypedDict, cast
 from . import AgentError, atomic_write, fsync_dir, ledger, utc_now
 from .hooks import Limits, run_hook
 from .paths import Layout
-from .protocol import Emit, InstallArgs, RenderedFile, SharedSpec
+from .protocol import AppInfo, Emit, InstallArgs, ReleaseMeta, RenderedFile, SharedSpec
 from .runtime import PARTIAL_META, RELEASE_ID_RE, expand, placeholders, read_meta, valid_release_id
 from .store import require, safe_relpath, unpack_wheel, valid_sha, verify
 from .venvs import VenvResult, VenvShells, WheelEntry, ensure_venv
@@ -32,14 +32,6 @@ ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 STATES = ("prepared", "live", "previous", "good", "bad", "rolled-back")
 RESERVED = {"release.json", "shiplane.env", PARTIAL_META}
 PARALLEL_COMPILE = 300  # .py files from which compileall gets a worker per core
-
-
-class AppInfo(TypedDict, total=False):
-    """The manifest's ``app``."""
-
-    name: str
-    version: str | None
-    source: str  # "package" (a wheel unpacked into lib/) or "tree"
 
 
 class _AppFileRequired(TypedDict):
@@ -65,28 +57,6 @@ class Manifest(TypedDict, total=False):
     dependency_digest: str
     tools: list[WheelEntry]
     git_commit: str | None
-
-
-class ReleaseMeta(TypedDict, total=False):
-    """A release's ``release.json``: written by install, its state updated by :func:`mark`
-    (each state stamped ``<state>_at``). Releases of older agents may lack keys."""
-
-    release_id: str
-    artifact: str
-    dependency_digest: str | None
-    git_commit: str | None
-    created_at: str
-    stage: str | None
-    state: str  # one of STATES
-    source: str
-    app: AppInfo | None
-    blobs: list[str]
-    prepared_at: str
-    live_at: str
-    previous_at: str
-    good_at: str
-    bad_at: str
-    rolled_back_at: str
 
 
 class InstallResult(TypedDict):

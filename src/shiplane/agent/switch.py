@@ -32,8 +32,9 @@ from pathlib import Path
 from typing import TypedDict, cast
 
 from . import atomic_write, fsync_dir
-from .backend import Backend, Killed, builtin_front, unlink_quiet
+from .backend import Backend, Killed, unlink_quiet
 from .errors import AgentError
+from .fronts import front_for
 from .health import run_smoke, wait_healthy
 from .paths import Layout
 from .protocol import Emit, Event, ServicesSpec, WebSpec
@@ -145,14 +146,12 @@ def _forget(layout: Layout, backend: Backend, release_id: str, emit: Emit) -> No
 def ensure_front(
     layout: Layout, backend: Backend, spec: ServicesSpec, emit: Emit, wait: bool = True
 ) -> None:
-    """The front is as the spec says: the builtin proxy under the backend, or nginx's site
-    (written, checked with ``nginx -t`` and reloaded; a failed check changes nothing).
-    ``wait=False``: a builtin front just started may not listen yet (``backend.wait_front``)."""
+    """The front is as the spec says (agent/fronts.py): the backend runs the builtin proxy or
+    removes it, then the stage's front does its own part (nginx: its site written, checked with
+    ``nginx -t`` and reloaded; a failed check changes nothing). ``wait=False``: a builtin front
+    just started may not listen yet (``backend.wait_front``)."""
     backend.ensure_front(spec, emit, wait=wait)
-    if not builtin_front(spec):
-        from . import nginx  # only stages fronted by nginx need it
-
-        nginx.ensure_site(layout, spec, emit)
+    front_for(spec).ensure(layout, spec, emit)
 
 
 def check_web(

@@ -505,11 +505,7 @@ def _releases_between(
     first = next(iter(per_host.values()), None)
     if first is None:
         return []
-    return [
-        cast(ReleaseMeta, r)
-        for r in first.get("releases", [])
-        if target < r["release_id"] <= (current or "")
-    ]
+    return [r for r in first.get("releases", []) if target < r["release_id"] <= (current or "")]
 
 
 def _artifact_of(per_host: dict[str, ReleasesResult], release: str) -> str | None:
