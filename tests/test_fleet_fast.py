@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import shutil
 import signal
+import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,6 +30,7 @@ from shiplane.commands.operate import run_rollback
 from shiplane.commands.promote import run_promote
 from shiplane.config import load_project
 from shiplane.errors import UsageError
+from shiplane.events import Event
 from shiplane.secret import Masker
 
 FLEET = ["h1", "h2", "h3", "h4"]
@@ -370,7 +372,57 @@ def test_retry_failed_after_a_success_is_refused_touching_no_host(
     done = {name: len(hosts[name].ops) for name in FLEET}
     with pytest.raises(UsageError, match="did not fail; nothing to retry"):
         deploy(app, hosts, retry_failed=True)
-    assert {name: len(hosts[name].ops) for name in FLEET} == done
+    # the hosts' ledgers were read (that is where the last deploy is), nothing else was asked
+    assert {
+        name: [op for op in hosts[name].ops[done[name] :] if op != "history"] for name in FLEET
+    } == {name: [] for name in FLEET}
+
+
+def second_clone(app: Path, tmp_path: Path) -> Path:
+    """Another checkout of the project, as a teammate or a CI job has it: the same commit, its
+    own secrets, no build store and no local ledger."""
+    other = tmp_path / "other"
+    subprocess.run(["git", "clone", "-q", str(app), str(other)], check=True)
+    shutil.copytree(app / ".secrets", other / ".secrets")
+    assert not (other / ".shiplane").exists()
+    return other
+
+
+def test_retry_failed_from_another_clone_finishes_the_deploy_the_hosts_record(
+    app: Path, hosts: FakeHosts, artifact: str, tmp_path: Path
+) -> None:
+    interrupt_in(hosts, "h2", "alembic upgrade head")
+    stopped = deploy(app, hosts, artifact=artifact)
+    assert stopped["outcome"] == "interrupted" and {hosts[h].current for h in FLEET} == {None}
+    del hosts["h2"].overrides["hook"]  # the hook would pass now
+    other = second_clone(app, tmp_path)
+    events: list[Event] = []
+    opts = DeployOptions(stage="fleet", skip_tests=True, as_json=True, retry_failed=True)
+    retried = run_deploy(other / "shiplane.toml", opts, Masker(), events.append, transports=hosts)
+    assert retried["ok"], retried["lines"]
+    assert (retried["release"], retried["artifact"]) == (stopped["release"], stopped["artifact"])
+    assert {hosts[h].current for h in FLEET} == {stopped["release"]}
+    said = [e.detail for e in events if e.phase == "deploy" and e.status == "info"]
+    assert any("was interrupted (Ctrl-C or a signal), not failed" in d for d in said), said
+
+
+def test_retry_failed_from_a_clone_that_builds_another_artifact_is_refused(
+    app: Path, hosts: FakeHosts, artifact: str, tmp_path: Path
+) -> None:
+    hosts["h3"].unreachable = True
+    failed = deploy(app, hosts, artifact=artifact)
+    hosts["h3"].unreachable = False
+    other = second_clone(app, tmp_path)
+    (other / "src" / "demo" / "changed.py").write_text("CHANGED = True\n")
+    subprocess.run(["git", "-C", str(other), "add", "-A"], check=True)
+    subprocess.run(["git", "-C", str(other), "commit", "-qm", "another change"], check=True)
+    done = {name: len(hosts[name].ops) for name in FLEET}
+    with pytest.raises(UsageError, match="this checkout builds another one") as refused:
+        deploy(other, hosts, retry_failed=True)
+    assert failed["artifact"][:12] in refused.value.message
+    assert {
+        name: [op for op in hosts[name].ops[done[name] :] if op != "history"] for name in FLEET
+    } == {name: [] for name in FLEET}
 
 
 # --- promote ---------------------------------------------------------------------------------------

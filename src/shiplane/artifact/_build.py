@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -327,13 +328,32 @@ def _pack(
         tools=tuple(tools),
         config_files=tuple(config),
         git_commit=plan.git_commit,
-        built_at=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        built_at=_source_date(plan),
         target=plan.target.to_dict(),
     )
     write_manifest(layout.root / "artifacts", manifest)
     _record_inputs(layout, plan.inputs_digest, manifest.digest)
     emit("manifest", manifest.digest)
     return BuildResult(manifest, manifest.digest, False, time.monotonic() - started, store)
+
+
+def _source_date(plan: _Plan) -> str:
+    """The manifest's ``built_at``: for a clean commit, the commit's own time (as
+    SOURCE_DATE_EPOCH is, for reproducible builds), so every clone of that commit builds the
+    same artifact, digest included (``deploy --retry-failed`` from another clone relies on it);
+    otherwise the time of the build."""
+    when = datetime.now(timezone.utc)
+    if plan.git_commit and not plan.git_commit.endswith("-dirty"):
+        shown = subprocess.run(
+            ["git", "show", "-s", "--format=%ct", plan.git_commit],
+            cwd=plan.project,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if shown.returncode == 0 and shown.stdout.strip().isdigit():
+            when = datetime.fromtimestamp(int(shown.stdout.strip()), timezone.utc)
+    return when.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _record_inputs(layout: _Layout, inputs_digest: str, digest: str) -> None:

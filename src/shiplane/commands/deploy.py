@@ -17,9 +17,9 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-from shiplane.agent.protocol import ServicesSpec
+from shiplane.agent.protocol import HistoryResult, LedgerEntry, ServicesSpec
 from shiplane.commands.build import build_for_deploy
 from shiplane.commands.check import graph_from_project
 from shiplane.commands.common import open_stage, silent
@@ -92,8 +92,9 @@ def run_deploy(
         early = not ctx.project.deploy.stages[ctx.stage].promote_from
         connected = connecting.submit(fleet.connect) if early else None
         try:
-            if options.retry_failed:
-                _resume_failed(deployment)
+            if options.retry_failed:  # what to retry is read from the hosts: connect first
+                note(deployment, "connect", connected.result() if connected else fleet.connect())
+                _resume_failed(deployment, emit)
             else:
                 tasks_before("gate")
                 _gate(deployment, emit)
@@ -101,7 +102,7 @@ def run_deploy(
                 _build(deployment, emit)
                 _check_promotion(deployment)
                 deployment.rid = release_id(deployment.digest)
-            note(deployment, "connect", connected.result() if connected else fleet.connect())
+                note(deployment, "connect", connected.result() if connected else fleet.connect())
             _check_platform(deployment)
             tasks_before("lock")
             _prepare(deployment, rendered)
@@ -178,40 +179,90 @@ def signals_ignored() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
-def _resume_failed(d: Deployment) -> None:
+def _resume_failed(d: Deployment, emit: Emit) -> None:
     """``--retry-failed``: the same deploy again (same artifact, same release id). Hosts that were
     prepared answer copy/install from what they have (both are idempotent), so only the hosts
-    that failed do real work; a release hook that already ran is not run twice."""
-    ledger = local_ledger(d.ctx.project, d.ctx.stage)
-    entries = (
-        [json.loads(line) for line in ledger.read_text().splitlines() if line.strip()]
-        if ledger.exists()
-        else []
-    )
-    deploys = [e for e in entries if e.get("event") == "deploy"]
-    if not deploys or deploys[-1].get("outcome") == "ok" or not deploys[-1].get("release"):
+    that failed do real work; a release hook that already ran is not run twice. The last deploy
+    is the hosts' record of it, so any clone of the project (another laptop, a CI job) can retry
+    it; this clone's own ledger only fills in for hosts that cannot be read."""
+    stage = d.ctx.stage
+    last = _last_deploy(d)
+    if last is None or last.get("outcome") == "ok" or not last.get("release"):
         raise UsageError(
-            f"--retry-failed: the last deploy of stage {d.ctx.stage!r} did not fail; nothing to retry"
+            f"--retry-failed: the last deploy of stage {stage!r} did not fail; nothing to retry"
         )
-    last = deploys[-1]
-    from shiplane.artifact import load_manifest
-
-    manifest = load_manifest(d.ctx.project.root, str(last["artifact"]))
-    d.manifest, d.digest, d.rid = manifest.to_dict(), manifest.digest, str(last["release"])
+    artifact = str(last.get("artifact") or "")
+    d.manifest, d.digest = _artifact_of(d, artifact, last.get("git_commit"), emit)
+    d.rid = str(last["release"])
     d.resumed_release_hook = bool(last.get("release_hook"))
     failed = [
         h
         for h, info in (last.get("hosts") or {}).items()
         if info.get("outcome") not in ("ok", "switched")
     ]
+    by = f"{last.get('user') or '?'}@{last.get('controller') or '?'}"
+    how = (
+        "was interrupted (Ctrl-C or a signal), not failed"
+        if last.get("outcome") == "interrupted"
+        else "failed"
+    )
     d.fleet.emit(
         Event(
             "deploy",
             "info",
-            detail=f"retrying release {d.rid} (artifact {d.digest[:12]}); "
-            f"hosts that failed: {', '.join(failed) or 'none'}",
+            detail=f"the last deploy ({by}, {last.get('started_at') or '?'}) {how}: retrying "
+            f"release {d.rid} (artifact {d.digest[:12]}); hosts not done: {', '.join(failed) or 'none'}",
         )
     )
+
+
+def _last_deploy(d: Deployment) -> LedgerEntry | None:
+    """The stage's newest deploy as recorded in the hosts' ledgers (every connected host has
+    the entry of each deploy it took part in) and in this clone's own."""
+    read = d.fleet.each(
+        "history", lambda h, s: cast(HistoryResult, s.call("history", {"limit": 50})), quiet=True
+    )
+    entries: list[LedgerEntry] = [
+        e for o in read.values() if o.ok for e in cast(HistoryResult, o.result)["entries"]
+    ]
+    ledger = local_ledger(d.ctx.project, d.ctx.stage)
+    if ledger.exists():
+        entries += [json.loads(line) for line in ledger.read_text().splitlines() if line.strip()]
+    deploys = [
+        e for e in entries if e.get("event") == "deploy" and e.get("stage") in (None, d.ctx.stage)
+    ]
+    return max(
+        deploys, key=lambda e: (e.get("started_at") or "", e.get("release") or ""), default=None
+    )
+
+
+def _artifact_of(
+    d: Deployment, digest: str, commit: str | None, emit: Emit
+) -> tuple[dict[str, Any], str]:
+    """The failed deploy's artifact: from this clone's build store, or built again from this
+    checkout when it is another clone (the build is reproducible: the same commit builds the
+    same artifact), refused when the checkout builds something else."""
+    from shiplane.artifact import load_manifest
+
+    try:
+        manifest = load_manifest(d.ctx.project.root, digest)
+        return manifest.to_dict(), manifest.digest
+    except UsageError:
+        pass  # not built here
+    emit(
+        Event("build", "start", detail=f"artifact {digest[:12]} is not in this clone: building it")
+    )
+    built = build_for_deploy(d.ctx.project, emit)
+    if built.digest != digest:
+        raise UsageError(
+            f"--retry-failed: the last deploy of stage {d.ctx.stage!r} shipped artifact "
+            f"{digest[:12]}{f' (git commit {commit[:12]})' if commit else ''}, which is not in "
+            f"this clone, and this checkout builds another one ({built.digest[:12]})",
+            hint=(f"check out {commit[:12]} and retry, or " if commit else "")
+            + "run a plain deploy to ship this checkout; no host was changed",
+        )
+    emit(Event("build", "ok", detail=f"artifact {digest[:12]}: the same as the failed deploy's"))
+    return built.manifest.to_dict(), built.digest
 
 
 def _gate(d: Deployment, emit: Any) -> None:
