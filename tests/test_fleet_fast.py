@@ -675,3 +675,21 @@ def test_ctrl_c_during_a_copy_starts_no_install_there(
         hosts[h].current for h in FLEET
     } == {None}
     assert "install" not in hosts["h1"].ops
+
+
+# --- preflight -------------------------------------------------------------------------------------
+
+
+def test_a_host_that_cannot_be_reached_stops_the_deploy_before_the_test_gate(
+    app: Path, hosts: FakeHosts
+) -> None:
+    hosts["h3"].unreachable = True
+    events: list[Event] = []
+    opts = DeployOptions(stage="fleet", as_json=True)  # the scaffold's gate: its pytest suite
+    result = run_deploy(app / "shiplane.toml", opts, Masker(), events.append, transports=hosts)
+    assert (
+        not result["ok"] and "so the test gate did not run and nothing was sent" in result["error"]
+    )
+    assert "h3" in result["error"]
+    assert not [e for e in events if e.phase in ("gate", "build")], "the gate or the build ran"
+    assert not any(set(hosts[h].ops) & {"lock", "receive", "install"} for h in FLEET)

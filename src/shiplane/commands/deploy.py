@@ -40,7 +40,7 @@ from shiplane.commands.user_tasks import run_point
 from shiplane.config.layers import render_files
 from shiplane.errors import OperationError, UsageError
 from shiplane.events import Emit, Event
-from shiplane.fleet import Fleet, TransportFactory, failures, local_ledger
+from shiplane.fleet import Fleet, Outcome, TransportFactory, failures, local_ledger
 from shiplane.plan import (
     batches,
     install_request,
@@ -97,6 +97,9 @@ def run_deploy(
                 _resume_failed(deployment, emit)
             else:
                 tasks_before("gate")
+                if connected is not None and _gate_runs(deployment):
+                    # the gate takes seconds: a host that cannot be reached stops us before it
+                    _stop_if_unreachable(deployment, connected.result())
                 _gate(deployment, emit)
                 tasks_before("build")
                 _build(deployment, emit)
@@ -265,10 +268,30 @@ def _artifact_of(
     return built.manifest.to_dict(), built.digest
 
 
+def _gate_runs(d: Deployment) -> bool:
+    """Whether the test gate runs: one is set, not skipped (recorded), no ``--artifact`` given
+    (it was built, and tested, before)."""
+    return bool(
+        d.ctx.project.deploy.build.test and not d.options.skip_tests and not d.options.artifact
+    )
+
+
+def _stop_if_unreachable(d: Deployment, outcomes: dict[str, Outcome]) -> None:
+    """Hosts that could not be connected (unreachable, an unknown host key, no python) end the
+    deploy before the gate and the build run: nothing ran, nothing was sent."""
+    note(d, "connect", outcomes)
+    if d.failed_hosts:
+        listing = "; ".join(f"{h}: {why}" for h, why in d.failed_hosts.items())
+        raise OperationError(
+            f"cannot connect to {len(d.failed_hosts)} of {len(d.hosts)} host(s), so the test gate "
+            f"did not run and nothing was sent: {listing}"
+        )
+
+
 def _gate(d: Deployment, emit: Any) -> None:
     """The test gate, unless skipped (recorded) or the artifact is given (it was built before)."""
     started = time.monotonic()
-    if d.ctx.project.deploy.build.test and not d.options.skip_tests and not d.options.artifact:
+    if _gate_runs(d):
         from shiplane.commands.build import gate
 
         emit(Event("gate", "start"))
