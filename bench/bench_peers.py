@@ -1,0 +1,672 @@
+"""Benchmark shiplane against its peers: Fabric, pyinfra, Ansible and the article's Makefile flow.
+
+    python bench/bench_peers.py [--hosts 3] [--rounds 3] [--tools shiplane,fabric,pyinfra,ansible,make]
+                                [--out BENCHMARKS.md] [--raw results.json] [--keep]
+
+Needs root (the hosts of ``tests/sshhosts.py``: one ``sshd`` per network namespace). Every tool
+deploys the same app, the one ``shiplane init`` scaffolds (Flask + SQLAlchemy + Alembic, 12 locked
+wheels, gunicorn with 2 workers), from the same git checkout, to the same hosts ``shl-h1..N``,
+each into its own deploy root (``/srv/peer-<tool>``) on its own port, and every host installs the
+locked dependencies offline from the same wheel folder (shiplane's own wheelhouse, copied out of
+its artifact after one untimed build). The peers' recipes are in ``bench/peers/``, each written
+as its tool's documentation recommends; the tools themselves (pinned, ``PINS``) are installed by
+the bench into its own venv, ``~/.cache/shiplane-bench-peers``, when missing.
+
+Each round runs, tool after tool (A B C D E), (1) a cold deploy (the tool's services stopped and
+its deploy root removed on every host first), then, again tool after tool, (2) a warm redeploy of
+a one-line code change (committed), then (3) a rollback. Every deploy deploys a new commit whose
+page shows a marker of its own; after every command the bench polls every host's port (bounded,
+with a deadline) until it serves that marker (after a rollback: the cold deploy's marker again).
+The figure is the time from the command's start until every host serves the new code, so a tool
+that returns before its server is up (``gunicorn --daemon``) is not credited for it; the command
+alone is reported too. The controller's CPU per command is ``getrusage(RUSAGE_CHILDREN)`` of the
+tool and its children, plus the ssh control masters ``ControlPersist`` puts in the background
+(shiplane's and Ansible's), polled. Ansible's masters are closed after each command, so every
+command of every tool starts without a connection. Everything started is stopped on the way out,
+on failure too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH))
+sys.path.insert(0, str(BENCH.parent / "tests"))
+
+from _benchlib import BenchError, Timed, clean_up, http_get, run
+from _fleet_cpu import children_cpu
+from _scenarios import EDITED_FILE, EDITED_TEXT, GIT
+from bench_local import load, machine
+
+from sshhosts import TestHost, TestHosts, ssh_available, start_hosts
+
+TOOLS = ("shiplane", "fabric", "pyinfra", "ansible", "make")
+PORTS = {"shiplane": 8301, "fabric": 8302, "pyinfra": 8303, "ansible": 8304, "make": 8305}
+PINS = {"fabric": "3.2.3", "pyinfra": "3.10.0", "ansible-core": "2.19.14", "hatchling": "1.33.0"}
+VENV = Path.home() / ".cache" / "shiplane-bench-peers"
+PEERS = BENCH / "peers"
+KINDS = ("cold", "warm", "rollback")
+SERVE_DEADLINE = 90.0  # seconds after a command until every host must serve its code
+COMMAND_TIMEOUT = 600.0
+HEADING = "## Against the peers"
+STAGE = "peers"
+
+
+def _say(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def _on_signal(signum: int, _frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")  # so the `finally` blocks stop everything
+
+
+# --- the peers' venv ---------------------------------------------------------------------------
+
+
+def _installed(python: Path) -> dict[str, str]:
+    done = subprocess.run(
+        [str(python), "-m", "pip", "list", "--format=json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    if done.returncode != 0:
+        return {}
+    return {p["name"].lower(): p["version"] for p in json.loads(done.stdout)}
+
+
+def ensure_venv() -> dict[str, str]:
+    """The peers' venv with the pinned tools (made or completed when missing); their versions."""
+    python = VENV / "bin" / "python"
+    if not python.exists():
+        _say(f"making the peers' venv {VENV}")
+        run([sys.executable, "-m", "venv", str(VENV)], Path.cwd(), timeout=300)
+    have = _installed(python)
+    missing = [f"{n}=={v}" for n, v in PINS.items() if have.get(n) != v]
+    if missing:
+        _say(f"installing {' '.join(missing)} into {VENV}")
+        run([str(python), "-m", "pip", "install", "-q", *missing], Path.cwd(), timeout=900)
+        have = _installed(python)
+    still = [n for n, v in PINS.items() if have.get(n) != v]
+    if still:
+        raise BenchError(f"the peers' venv lacks {still}")
+    return {n: have[n] for n in (*PINS, "paramiko") if n in have}
+
+
+# --- the controller's ssh control masters ------------------------------------------------------
+
+
+def _ppid(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def _ours(pid: int) -> bool:
+    """True when ``pid`` descends from this process (its CPU reaches RUSAGE_CHILDREN)."""
+    me = os.getpid()
+    for _ in range(64):  # bounded walk up the tree
+        pid = _ppid(pid)
+        if pid == me:
+            return True
+        if pid <= 1:
+            return False
+    return False
+
+
+class MasterWatch(threading.Thread):
+    """Polls the CPU seconds of ssh control masters forked into the background (out of the tool's
+    process tree, so out of RUSAGE_CHILDREN): ssh processes naming the session's ssh_config."""
+
+    def __init__(self, ssh_config: Path) -> None:
+        super().__init__(daemon=True)
+        self.mark = str(ssh_config).encode()
+        self.seen: dict[int, float] = {}
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        tick = os.sysconf("SC_CLK_TCK")
+        while not self.done.wait(0.2):  # poll interval; a master's last 0.2 s may be missed
+            for entry in Path("/proc").iterdir():
+                if not entry.name.isdigit():
+                    continue
+                try:
+                    argv = (entry / "cmdline").read_bytes().split(b"\0")
+                    stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                except (OSError, IndexError):
+                    continue
+                if not argv[0].endswith(b"ssh") or self.mark not in argv:
+                    continue
+                if b"ControlMaster=auto" not in argv and b"-N" not in argv:
+                    continue
+                pid = int(entry.name)
+                if not _ours(pid):
+                    self.seen[pid] = (int(stat[11]) + int(stat[12])) / tick
+
+    def stop(self) -> float:
+        self.done.set()
+        self.join(timeout=5)
+        return sum(self.seen.values())
+
+
+# --- the app -----------------------------------------------------------------------------------
+
+
+@dataclass
+class App:
+    """The scaffolded app in a git checkout, with a stage for shiplane on the test hosts."""
+
+    root: Path
+    edits: int = 0
+
+    @classmethod
+    def create(cls, parent: Path, testhosts: TestHosts, n: int) -> App:
+        run([sys.executable, "-m", "shiplane", "init", "demo"], parent)
+        app = cls(parent / "demo")
+        toml = app.root / "shiplane.toml"
+        text = toml.read_text(encoding="utf-8")
+        hosts = ", ".join(f'"shl-h{i}"' for i in range(1, n + 1))
+        toml.write_text(
+            text[: text.index("[stages.staging]")]
+            + f'[stages.{STAGE}]\nhosts = [{hosts}]\ndeploy_to = "/srv/peer-shiplane"\n'
+            f'port = {PORTS["shiplane"]}\nbind = "0.0.0.0"\n'
+            f'ssh_config = "{testhosts.ssh_config}"\n',
+            encoding="utf-8",
+        )
+        secrets = app.root / ".secrets" / f"{STAGE}.env"
+        secrets.write_text("SECRET_KEY=bench-peer-secret\n")
+        os.chmod(secrets, 0o600)
+        for argv in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "scaffold, peers stage"]):
+            run([*GIT, *argv], app.root)
+        return app
+
+    def commit_edit(self) -> str:
+        """A one-line change of the page's footer, committed; returns the text it then shows."""
+        self.edits += 1
+        marker = f"(bench-edit-{self.edits:04d})"
+        path = self.root / EDITED_FILE
+        lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+        hits = [i for i, line in enumerate(lines) if EDITED_TEXT in line]
+        if len(hits) != 1:
+            raise BenchError(f"{EDITED_FILE}: expected one line with {EDITED_TEXT!r}")
+        lines[hits[0]] = f'        "<footer>demo, {EDITED_TEXT} {marker}</footer>\\n"\n'
+        path.write_text("".join(lines), encoding="utf-8")
+        run([*GIT, "commit", "-qam", marker], self.root)
+        return marker
+
+    def wheel_folder(self, dest: Path) -> Path:
+        """The locked wheels of the app's artifact (one untimed ``shiplane build``), copied out
+        of shiplane's blob store into a plain folder for the peers."""
+        digest = run([sys.executable, "-m", "shiplane", "build"], self.root).stdout.split()[-1]
+        build = self.root / ".shiplane" / "build"
+        manifest = json.loads((build / "artifacts" / f"{digest}.json").read_text())
+        dest.mkdir(parents=True)
+        for dep in manifest["dependencies"]:
+            shutil.copyfile(build / "blobs" / dep["sha256"], dest / dep["path"])
+        return dest
+
+
+# --- the tools ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Measured:
+    """One command: seconds until every host served its code, the command alone, its CPU."""
+
+    tool: str
+    kind: str
+    served: float
+    command: float
+    cpu: float
+
+
+@dataclass
+class Bench:
+    """The session: the test hosts, the app, the wheel folder, each tool's commands."""
+
+    testhosts: TestHosts
+    n: int
+    app: App
+    wheels: Path
+    work: Path
+    deployed: set[str] = field(default_factory=set)
+
+    @property
+    def hosts(self) -> list[TestHost]:
+        return self.testhosts.hosts[: self.n]
+
+    def env(self, tool: str) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+        env.update(
+            NO_COLOR="1",
+            PATH=f"{VENV / 'bin'}:{env.get('PATH', '')}",
+            PEER_HOSTS=",".join(h.name for h in self.hosts),
+            PEER_ROOT=f"/srv/peer-{tool}",
+            PEER_PORT=str(PORTS[tool]),
+            PEER_APP=str(self.app.root),
+            PEER_WHEELS=str(self.wheels),
+            SSH_CONFIG=str(self.testhosts.ssh_config),
+            KNOWN_HOSTS=str(self.testhosts.known_hosts),
+            ANSIBLE_CONFIG=str(PEERS / "ansible" / "ansible.cfg"),
+            ANSIBLE_SSH_COMMON_ARGS=f"-F {self.testhosts.ssh_config}",
+            ANSIBLE_SSH_CONTROL_PATH_DIR=str(self.work / "ansible-cp"),
+            ANSIBLE_LOCAL_TEMP=str(self.work / "ansible-tmp"),
+        )
+        if tool != "shiplane":  # its ssh control sockets need a short path: keep the usual /tmp
+            env["TMPDIR"] = str(self.work / "tmp")
+        return env
+
+    def argv(self, tool: str, kind: str) -> tuple[list[str], Path]:
+        """The command (and its directory) that deploys (``cold``/``warm``) or rolls back."""
+        back = kind == "rollback"
+        if tool == "shiplane":
+            verb = ["rollback", "--yes"] if back else ["deploy", "--skip-tests"]
+            return [sys.executable, "-m", "shiplane", *verb, "--stage", STAGE], self.app.root
+        if tool == "fabric":
+            cfg = str(self.testhosts.ssh_config)
+            task = "rollback" if back else "deploy"
+            return [str(VENV / "bin" / "fab"), "-r", str(PEERS), "-S", cfg, task], PEERS
+        if tool == "pyinfra":
+            ops = "rollback.py" if back else "deploy.py"
+            return [str(VENV / "bin" / "pyinfra"), "-y", "inventory.py", ops], PEERS / "pyinfra"
+        if tool == "ansible":
+            play = "rollback.yml" if back else "playbook.yml"
+            extra = [
+                *("-e", "root=/srv/peer-ansible", "-e", f"port={PORTS['ansible']}"),
+                *("-e", f"app={self.app.root}", "-e", f"wheels={self.wheels}"),
+            ]
+            limit = ",".join(h.name for h in self.hosts)
+            cmd = [str(VENV / "bin" / "ansible-playbook"), play, "--limit", limit, *extra]
+            return cmd, PEERS / "ansible"
+        if tool == "make":
+            names = " ".join(h.name for h in self.hosts)
+            return [
+                "make",
+                "-s",
+                "-f",
+                str(PEERS / "make" / "Makefile"),
+                f"-j{self.n}",
+                "rollback" if back else "deploy",
+                f"HOSTS={names}",
+                f"SSH_CONFIG={self.testhosts.ssh_config}",
+                "ROOT=/srv/peer-make",
+                f"PORT={PORTS['make']}",
+                f"APP={self.app.root}",
+                f"WHEELS={self.wheels}",
+                f"PYTHON={VENV / 'bin' / 'python'}",
+            ], self.app.root
+        raise BenchError(f"unknown tool {tool!r}")
+
+    def measure(self, tool: str, kind: str, marker: str) -> Measured:
+        """Run the tool's command, then poll until every host serves ``marker``."""
+        argv, cwd = self.argv(tool, kind)
+        self.deployed.add(tool)
+        watch = MasterWatch(self.testhosts.ssh_config)
+        watch.start()
+        cpu0 = children_cpu()
+        t0 = time.perf_counter()
+        done: Timed | None = None
+        try:
+            done = run(argv, cwd, env=self.env(tool), timeout=COMMAND_TIMEOUT, check=False)
+        finally:
+            command = time.perf_counter() - t0
+            cpu = children_cpu() - cpu0 + watch.stop()
+            self.close_masters()
+        if done is None or done.returncode != 0:
+            raise BenchError(
+                f"{tool} {kind}: exit {done.returncode}: {' '.join(argv)}\n"
+                f"--- stdout (tail)\n{done.stdout[-3000:]}\n--- stderr (tail)\n{done.stderr[-3000:]}"
+            )
+        self.wait_serves(tool, marker, t0 + command + SERVE_DEADLINE)
+        return Measured(tool, kind, time.perf_counter() - t0, command, cpu)
+
+    def wait_serves(self, tool: str, marker: str, deadline: float) -> None:
+        """Poll each host's ``/`` on the tool's port until it answers 200 with ``marker``."""
+        for host in self.hosts:
+            url = host.url(PORTS[tool], "/")
+            last = "no answer yet"
+            while True:
+                try:
+                    status, body = http_get(url, timeout=2.0)
+                    if status == 200 and marker in body:
+                        break
+                    last = f"status {status}: {body[-200:]!r}"
+                except OSError as exc:
+                    last = f"{type(exc).__name__}: {exc}"
+                if time.perf_counter() > deadline:
+                    raise BenchError(f"{tool}: {host.name} does not serve {marker}: {last}")
+                time.sleep(0.05)  # poll interval, bounded by the deadline
+
+    def close_masters(self) -> None:
+        """Close the ssh control masters Ansible left behind (``ControlPersist``)."""
+        cp = self.work / "ansible-cp"
+        for sock in sorted(cp.glob("*")) if cp.exists() else []:
+            subprocess.run(
+                ["ssh", "-F", "/dev/null", "-o", f"ControlPath={sock}", "-O", "exit", "x"],
+                capture_output=True,
+                timeout=10,
+                check=False,
+            )
+
+    def stop(self, tool: str) -> None:
+        """Stop the tool's app server on every host (if this bench deployed it)."""
+        if tool not in self.deployed:
+            return
+        if tool == "shiplane":
+            run(
+                [sys.executable, "-m", "shiplane", "stop", "--all", "--stage", STAGE],
+                self.app.root,
+                env=self.env(tool),
+                timeout=180,
+            )
+        else:
+            for host in self.hosts:
+                stop_gunicorn(host.root / f"peer-{tool}", f"/srv/peer-{tool}")
+        self.deployed.discard(tool)
+
+    def wipe(self, tool: str) -> None:
+        """Stop the tool's server, remove its deploy root on every host: the next deploy is cold."""
+        self.stop(tool)
+        for host in self.hosts:
+            shutil.rmtree(host.root / f"peer-{tool}", ignore_errors=True)
+
+    def stop_all(self) -> None:
+        errors = []
+        for tool in TOOLS:
+            try:
+                self.stop(tool)
+            except BenchError as exc:
+                errors.append(str(exc))
+        self.close_masters()
+        if errors:
+            raise BenchError("; ".join(errors))
+
+
+def stop_gunicorn(root: Path, remote_root: str, timeout: float = 30.0) -> None:
+    """TERM the gunicorn master whose pid file is in ``root`` (its command line must name
+    ``remote_root``), wait for its exit with a deadline, then KILL it."""
+    try:
+        pid = int((root / "gunicorn.pid").read_text().strip())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except (OSError, ValueError):
+        return
+    if remote_root not in cmdline or "gunicorn" not in cmdline:
+        return
+    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 10.0)):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            if not _alive(pid):
+                return
+            time.sleep(0.05)  # bounded wait for the exit
+
+
+def _alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie waiting for its reaper has exited)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+# --- rounds and report -------------------------------------------------------------------------
+
+
+def one_round(bench: Bench, tools: list[str], res: dict[str, Any]) -> None:
+    """Cold deploys tool after tool, then warm redeploys, then rollbacks (A B C D E, each)."""
+    cold_marker: dict[str, str] = {}
+    for tool in tools:
+        res["load"].append(load())
+        bench.wipe(tool)
+        marker = bench.app.commit_edit()
+        m = bench.measure(tool, "cold", marker)
+        cold_marker[tool] = marker
+        res["runs"].append(asdict(m))
+        _say(f"  {tool}: cold {m.served:.2f}s (command {m.command:.2f}s, CPU {m.cpu:.2f}s)")
+    for tool in tools:
+        res["load"].append(load())
+        marker = bench.app.commit_edit()
+        m = bench.measure(tool, "warm", marker)
+        res["runs"].append(asdict(m))
+        _say(f"  {tool}: warm {m.served:.2f}s (command {m.command:.2f}s, CPU {m.cpu:.2f}s)")
+    for tool in tools:
+        res["load"].append(load())
+        m = bench.measure(tool, "rollback", cold_marker[tool])
+        res["runs"].append(asdict(m))
+        _say(f"  {tool}: rollback {m.served:.2f}s (command {m.command:.2f}s, CPU {m.cpu:.2f}s)")
+
+
+def _series(res: dict[str, Any], tool: str, kind: str, key: str) -> list[float]:
+    return [r[key] for r in res["runs"] if r["tool"] == tool and r["kind"] == kind]
+
+
+def _med(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def render(res: dict[str, Any]) -> str:
+    """The ``## Against the peers`` section of BENCHMARKS.md."""
+    m, tools, v = res["machine"], res["tools"], res["versions"]
+    titles = {
+        "cold": "Cold deploy (the tool's deploy root emptied on every host first)",
+        "warm": "Warm redeploy of a one-line code change",
+        "rollback": "Rollback to the previous release",
+    }
+    lines = [
+        HEADING,
+        "",
+        (
+            f"The same app deployed to the same {res['hosts']} SSH test hosts by shiplane and by "
+            "Fabric, pyinfra, Ansible and the article's Makefile flow (scp, ssh, pip, gunicorn), "
+            "each recipe written as its tool's documentation recommends (`bench/peers/`), every "
+            "host installing offline from the same wheel folder. The app is the one `shiplane "
+            "init` scaffolds (Flask + SQLAlchemy + Alembic, 12 locked wheels, gunicorn with 2 "
+            "workers). Each figure is the time from the command's start until **every host serves "
+            "the new code** (the bench polls each host's port for the page's new marker), median "
+            f"(min–max) of {res['rounds']} round(s); the rounds interleave the tools (cold deploy "
+            "of each, then warm redeploy of each, then rollback of each)."
+        ),
+        "",
+        (
+            f"- **Machine:** {m['cores']} cores ({m['cpu']}), {m['os']}; Python {m['python']}, "
+            f"shiplane {m['shiplane']}; Fabric {v.get('fabric')} (paramiko {v.get('paramiko')}), "
+            f"pyinfra {v.get('pyinfra')}, ansible-core {v.get('ansible-core')}, "
+            f"hatchling {v.get('hatchling')} (the Makefile's wheel build), OpenSSH on both ends"
+        ),
+        (
+            f"- **Date:** {m['date']}; 1-minute load average during the rounds "
+            f"{min(res['load']):.1f}–{max(res['load']):.1f}. **The machine was shared while "
+            "this was measured** (other engineers' test runs on the same 2 cores), so the figures "
+            "are noisy; compare within the table, and rerun on a quiet machine for absolute ones."
+        ),
+        (
+            f"- **Reproduce** (as root, from the repository root, about "
+            f"{res['bench_seconds'] / 60:.0f} min; the pinned tools are installed into "
+            f"`~/.cache/shiplane-bench-peers` first if missing): `{res['command']}`"
+        ),
+        "",
+    ]
+    base = {k: _med(_series(res, "shiplane", k, "served")) for k in KINDS}
+    for kind in KINDS:
+        lines += [
+            f"**{titles[kind]}**",
+            "",
+            "| tool | until every host serves it | the command alone | controller CPU | / shiplane |",
+            "|---|---|---|---|---|",
+        ]
+        for tool in tools:
+            served = _series(res, tool, kind, "served")
+            if not served:
+                continue
+            med = _med(served)
+            ratio = (
+                "1.00×"
+                if tool == "shiplane"
+                else (f"{med / base[kind]:.2f}×" if base[kind] == base[kind] else "–")
+            )
+            lines.append(
+                f"| {tool} | {med:.2f} s ({min(served):.2f}–{max(served):.2f}) | "
+                f"{_med(_series(res, tool, kind, 'command')):.2f} s | "
+                f"{_med(_series(res, tool, kind, 'cpu')):.2f} CPU-s | {ratio} |"
+            )
+        lines.append("")
+    lines += [
+        (
+            "How each tool deploys (the same layout for the four peers: `releases/<id>`, "
+            "`shared/var` for each host's SQLite, `current`, gunicorn restarted by its pid file):"
+        ),
+        "",
+        (
+            "- **shiplane** (`deploy --stage peers --skip-tests`, `rollback --yes`): its own "
+            "pipeline — the artifact (the app's wheel) built and shipped as missing blobs, the venv "
+            "made by the uv it ships once per host (kept per lock: a code-only redeploy reuses it), "
+            "the migration as the release hook on every host (skipped when the migrations did not "
+            "change), the new gunicorn started beside the old one and health- and smoke-checked "
+            "before the front's socket moves to it: no request fails. A rollback is a health check "
+            "and a rename (the previous server is kept as a standby)."
+        ),
+        (
+            "- **Fabric** (`fab deploy`, `bench/peers/fabfile.py`): a `ThreadingGroup` of the hosts; "
+            "`git archive` of the commit and every wheel `put` over SFTP, unpacked, `pip install -r` "
+            "into one venv the releases share (made on the first deploy), `alembic upgrade head`, "
+            "`ln -sfn` current, gunicorn TERMed and started again with `--daemon`; host keys checked "
+            "strictly (Fabric's default would add unknown ones)."
+        ),
+        (
+            "- **pyinfra** (`pyinfra -y inventory.py deploy.py`, `bench/peers/pyinfra/`): the same "
+            "steps as operations (`files.sync` of the wheel folder, `files.put`, `pip.venv`, "
+            "`pip.packages` with the lock, `files.link`, `server.shell`), all hosts at once."
+        ),
+        (
+            "- **Ansible** (`ansible-playbook playbook.yml`, `bench/peers/ansible/`): the same steps "
+            "as modules (`copy` of the wheel folder, `unarchive`, `pip` with `virtualenv`, `file` "
+            "links, `command`), pipelining on, OpenSSH with `ControlMaster`/`ControlPersist=60s`, "
+            "facts not gathered (no task needs them)."
+        ),
+        (
+            "- **make** (the article's flow, `bench/peers/make/Makefile`, `make -j<hosts>`): the app's "
+            "wheel built (`pip wheel --no-build-isolation`, no index), then per host one `scp -r` of "
+            "the wheel, config, migrations, lock and wheel folder into a new release and one `ssh` "
+            "that makes a **fresh venv** there (as the article does), installs the lock and the "
+            "wheel, migrates, switches `current` and restarts gunicorn."
+        ),
+        (
+            "- Every peer restarts its server by stopping the old gunicorn before it starts the new "
+            "one, so each host serves nothing for a moment on every deploy and rollback (shiplane: "
+            "zero downtime, `## Zero-downtime switches`); none of them checks the new server before "
+            "it returns (the bench's own poll waits for it). Their rollback re-points `current` to "
+            "the release before it and restarts; it deletes the release it leaves, as Capistrano's "
+            "does, and does not revert the shared venv (Fabric, pyinfra, Ansible)."
+        ),
+        (
+            "- Controller CPU: `getrusage(RUSAGE_CHILDREN)` over the command (the tool, its ssh/scp "
+            "clients, git, the wheel build), plus the ssh control masters forked into the "
+            "background (shiplane's, Ansible's), polled every 0.2 s. Fabric and pyinfra speak SSH "
+            "in-process (paramiko). Ansible's masters are closed after every command, so no command "
+            "starts with a connection open."
+        ),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_section(path: Path, section: str) -> None:
+    """Replace this bench's section of ``path`` (to the next ``## `` heading), else append it."""
+    text = path.read_text(encoding="utf-8") if path.exists() else ""
+    start = text.find("\n" + HEADING + "\n")
+    if start < 0:
+        path.write_text(text.rstrip("\n") + ("\n\n" if text else "") + section, encoding="utf-8")
+        return
+    head, rest = text[: start + 1], text[start + 1 + len(HEADING) + 1 :]
+    following = rest.find("\n## ")
+    tail = rest[following + 1 :] if following >= 0 else ""
+    path.write_text(head + section + ("\n" + tail if tail else ""), encoding="utf-8")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--hosts", type=int, default=3, help="test hosts (default 3)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds (default 3)")
+    parser.add_argument("--tools", default=",".join(TOOLS), help=f"default {','.join(TOOLS)}")
+    parser.add_argument("--out", type=Path, help=f"write the '{HEADING}' section into this file")
+    parser.add_argument("--raw", type=Path, help="write every measurement as JSON to this file")
+    parser.add_argument("--keep", action="store_true", help="keep the temp dir (for debugging)")
+    args = parser.parse_args(argv)
+    tools = [t for t in args.tools.split(",") if t]
+    if not tools or any(t not in TOOLS for t in tools):
+        parser.error(f"--tools: a comma-separated list of {', '.join(TOOLS)}")
+    if not 1 <= args.hosts <= 8 or args.rounds < 1:
+        parser.error("--hosts must be 1..8 and --rounds at least 1")
+    why = ssh_available()
+    if why is not None:
+        print(f"bench_peers: cannot start test hosts: {why}", file=sys.stderr)
+        return 2
+    signal.signal(signal.SIGTERM, _on_signal)
+    res: dict[str, Any] = {"hosts": args.hosts, "rounds": args.rounds, "tools": tools}
+    res.update(load=[], runs=[], machine=machine())
+    res["command"] = (
+        f"python bench/bench_peers.py --rounds {args.rounds} --hosts {args.hosts}"
+        + (f" --tools {','.join(tools)}" if tools != list(TOOLS) else "")
+        + (f" --out {args.out}" if args.out else "")
+    )
+    work = Path(tempfile.mkdtemp(prefix="shiplane-peers-bench-"))
+    for sub in ("ansible-cp", "ansible-tmp", "tmp"):
+        (work / sub).mkdir()
+    testhosts: TestHosts | None = None
+    bench: Bench | None = None
+    t0 = time.perf_counter()
+    failed: str | None = None
+    try:
+        res["versions"] = ensure_venv()
+        _say(f"starting {args.hosts} test hosts")
+        testhosts = start_hosts(args.hosts, work / "hosts")
+        app = App.create(work, testhosts, args.hosts)
+        _say(f"app in {app.root}; untimed build (fills .shiplane/build, gives the wheel folder)")
+        bench = Bench(testhosts, args.hosts, app, app.wheel_folder(work / "wheels"), work)
+        for i in range(args.rounds):
+            _say(f"round {i + 1}/{args.rounds} (load {load():.2f})")
+            one_round(bench, tools, res)
+    except (BenchError, KeyboardInterrupt) as exc:
+        failed = str(exc) or type(exc).__name__
+    finally:
+        clean_up(
+            [bench.stop_all if bench else None, testhosts.stop if testhosts else None],
+            work,
+            args.keep,
+            _say,
+        )
+    if args.raw:
+        args.raw.write_text(json.dumps(res, indent=2) + "\n", encoding="utf-8")
+    if failed:
+        print(f"bench failed: {failed}", file=sys.stderr)
+        return 1
+    res["bench_seconds"] = time.perf_counter() - t0
+    section = render(res)
+    print(section)
+    if args.out:
+        write_section(args.out, section)
+        _say(f"wrote the '{HEADING}' section of {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
