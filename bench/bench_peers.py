@@ -2,6 +2,7 @@
 
     python bench/bench_peers.py [--hosts 3] [--rounds 3] [--tools shiplane,fabric,pyinfra,ansible,make]
                                 [--out BENCHMARKS.md] [--raw results.json] [--keep]
+    python bench/bench_peers.py --from-raw results.json [--out BENCHMARKS.md]   # render only
 
 Needs root (the hosts of ``tests/sshhosts.py``: one ``sshd`` per network namespace). Every tool
 deploys the same app, the one ``shiplane init`` scaffolds (Flask + SQLAlchemy + Alembic, 12 locked
@@ -506,6 +507,19 @@ def render(res: dict[str, Any]) -> str:
         "",
     ]
     base = {k: _med(_series(res, "shiplane", k, "served")) for k in KINDS}
+    peers = [t for t in tools if t != "shiplane"]
+    if "shiplane" in tools and peers:
+        spans = []
+        for kind, what in zip(KINDS, ("a cold deploy", "a warm redeploy", "a rollback")):
+            ratios = [_med(_series(res, t, kind, "served")) / base[kind] for t in peers]
+            spans.append(f"{min(ratios):.1f}–{max(ratios):.1f}× for {what}")
+        lines += [
+            (
+                f"In this session the peers took {', '.join(spans[:-1])} and {spans[-1]} of "
+                "shiplane's median time (until every host serves the new code)."
+            ),
+            "",
+        ]
     for kind in KINDS:
         lines += [
             f"**{titles[kind]}**",
@@ -570,6 +584,16 @@ def render(res: dict[str, Any]) -> str:
             "wheel, migrates, switches `current` and restarts gunicorn."
         ),
         (
+            "- What differs in the work: shiplane and make build the app's wheel on the "
+            "controller for every deploy (shiplane's build cache, `.shiplane/build`, stays on the "
+            "controller between rounds, as the peers' venv does); Fabric, pyinfra and Ansible "
+            "ship a `git archive` of the commit and run the app from its source tree, as their "
+            "recipes typically do. The peers run the migration on every deploy (a no-op after "
+            "the first); shiplane skips it when the migrations did not change. A cold deploy "
+            "starts every tool with nothing on the hosts (make's flow makes a fresh venv on every "
+            "deploy anyway; the other peers and shiplane keep theirs for the next one)."
+        ),
+        (
             "- Every peer restarts its server by stopping the old gunicorn before it starts the new "
             "one, so each host serves nothing for a moment on every deploy and rollback (shiplane: "
             "zero downtime, `## Zero-downtime switches`); none of them checks the new server before "
@@ -610,7 +634,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help=f"write the '{HEADING}' section into this file")
     parser.add_argument("--raw", type=Path, help="write every measurement as JSON to this file")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (for debugging)")
+    parser.add_argument(
+        "--from-raw",
+        type=Path,
+        metavar="RESULTS_JSON",
+        help="run nothing: render the section from a --raw file of an earlier run",
+    )
     args = parser.parse_args(argv)
+    if args.from_raw:
+        return report(json.loads(args.from_raw.read_text(encoding="utf-8")), args.out)
     tools = [t for t in args.tools.split(",") if t]
     if not tools or any(t not in TOOLS for t in tools):
         parser.error(f"--tools: a comma-separated list of {', '.join(TOOLS)}")
@@ -654,17 +686,22 @@ def main(argv: list[str] | None = None) -> int:
             args.keep,
             _say,
         )
+    res["bench_seconds"] = time.perf_counter() - t0
     if args.raw:
         args.raw.write_text(json.dumps(res, indent=2) + "\n", encoding="utf-8")
     if failed:
         print(f"bench failed: {failed}", file=sys.stderr)
         return 1
-    res["bench_seconds"] = time.perf_counter() - t0
+    return report(res, args.out)
+
+
+def report(res: dict[str, Any], out: Path | None) -> int:
+    """Print the section; with ``out``, write it into that file."""
     section = render(res)
     print(section)
-    if args.out:
-        write_section(args.out, section)
-        _say(f"wrote the '{HEADING}' section of {args.out}")
+    if out:
+        write_section(out, section)
+        _say(f"wrote the '{HEADING}' section of {out}")
     return 0
 
 
