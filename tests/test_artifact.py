@@ -35,7 +35,7 @@ from shiplane.artifact import (
     run_gate,
 )
 from shiplane.artifact._wheelhouse import pinned, read_lock
-from shiplane.errors import OperationError, UsageError
+from shiplane.errors import ConfigError, OperationError, UsageError
 
 LOCK = "itsdangerous==2.2.0\n"
 
@@ -299,7 +299,7 @@ def test_clean_cache_empties_the_per_user_cache_and_only_it(tmp_path: Path) -> N
 
 def test_a_missing_lock_or_include_is_an_error_naming_it(tmp_path: Path) -> None:
     write(tmp_path, "app.py", "")
-    with pytest.raises(OperationError, match="requirements.txt"):
+    with pytest.raises(ConfigError, match="requirements.txt, which is not in"):  # exit 2
         build(BuildSpec(tmp_path, "a", "tree", "requirements.txt"))
     write(tmp_path, "requirements.txt", LOCK)
     with pytest.raises(OperationError, match="'static/\\*\\*' matches no file"):

@@ -51,6 +51,7 @@ def project(tmp_path: Path, toml: str = BASE) -> Path:
         "[app]\ntitle = Base\ndebug = false\n[database]\nurl = sqlite:///x.db\n"
     )
     (tmp_path / "config/local.ini").write_text("[app]\ndebug = true\n")
+    (tmp_path / "requirements.txt").write_text("flask==3.0.3\n")  # check names the lock
     (tmp_path / "shiplane.toml").write_text(toml)
     return tmp_path
 
@@ -70,7 +71,20 @@ def secrets_env() -> dict[str, str]:
 def test_check_accepts_a_valid_file(tmp_path: Path) -> None:
     code, out = run(project(tmp_path), "check")
     assert code == 0, out
-    assert "stages: local, prod" in out
+    assert "stages: local, prod" in out and "lock: requirements.txt (pip requirements" in out
+
+
+def test_check_refuses_a_project_without_a_lock_saying_how_to_make_one(tmp_path: Path) -> None:
+    (project(tmp_path) / "requirements.txt").unlink()
+    code, out = run(tmp_path, "check")
+    assert code == 2 and "no lock of the app's dependencies" in out and "uv lock" in out, out
+    toml = tmp_path / "shiplane.toml"
+    toml.write_text(
+        toml.read_text().replace("[app]\n", '[build]\nrequirements = "deps/prod.txt"\n\n[app]\n', 1)
+    )
+    code, out = run(tmp_path, "check")
+    assert code == 2 and "deps/prod.txt, which is not in" in out, out
+    assert "uv pip compile pyproject.toml -o deps/prod.txt" in out, out
 
 
 @pytest.mark.parametrize(

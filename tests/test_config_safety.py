@@ -109,6 +109,7 @@ def make_project(root: Path, toml: str | bytes = BASE) -> Path:
         "templates/app.ini.j2": "[app]\ntitle = {{ config.app.title }}\nstage = {{ stage }}\n",
         "demo.py": "app = None\n",
         "static/site.css": "body {}\n",
+        "requirements.txt": "flask==3.0.3\n",  # check names the lock
     }.items():
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_text(text)

@@ -207,7 +207,10 @@ def test_detection_order(tmp_path: Path) -> None:
         expected.pop()
         assert describe_lock(tmp_path, "") == expected[-1]
     # given: read as given, whatever else is there; its file name says its format
+    (tmp_path / "deps").mkdir()
+    (tmp_path / "deps" / "prod.txt").write_text("flask==3.0.3\n")
     assert describe_lock(tmp_path, "deps/prod.txt") == "deps/prod.txt (pip requirements)"
+    (tmp_path / "uv.lock").write_text("")
     assert describe_lock(tmp_path, "uv.lock") == "uv.lock (uv)"
     assert [lock_format(n) for n in ("a/poetry.lock", "Pipfile.lock", "x.in", "pdm.lock")] == [
         "poetry",

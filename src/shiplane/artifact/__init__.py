@@ -19,6 +19,7 @@ from ._build import (
 from ._cache import cache_root, remove_cache
 from ._gate import gate_env, run_gate
 from ._hostfit import host_misfit, platform_fits
+from ._locks import describe_lock
 from ._manifest import FileEntry, Manifest, canonical_json, dependency_digest
 from ._source import detect_source
 from ._store import BlobStore
@@ -38,6 +39,7 @@ __all__ = [
     "clean",
     "compile_app",
     "dependency_digest",
+    "describe_lock",
     "detect_source",
     "gate_env",
     "host_misfit",

@@ -70,6 +70,15 @@ NO_LOCK_HINT = (
     "lock the dependencies with one of: `uv pip compile requirements.in -o requirements.txt`, "
     "`uv lock`, `poetry lock`, `pdm lock`, `pipenv lock`; or set [build] requirements"
 )
+# the command that makes each format's lock (its tool's own)
+MAKE_LOCK = {
+    "requirements": "uv pip compile pyproject.toml -o {name}",
+    "uv": "uv lock",
+    "poetry": "poetry lock",
+    "pdm": "pdm lock",
+    "pipenv": "pipenv lock",
+    "pyproject": "uv lock",
+}
 UNLOCKED_WARNING = (
     "{name} has no lock: its dependencies are resolved now, so two builds may ship different "
     "versions (deploys are not reproducible); commit a lock (`uv lock`)"
@@ -127,7 +136,14 @@ def find_lock(project: Path, requirements: str | None) -> LockFile:
     name says its format), else (None or "") the first of DETECTION_ORDER present. None found:
     ConfigError (exit 2), raised before anything is built."""
     if requirements:
-        return LockFile(project / requirements, lock_format(requirements), detected=False)
+        path, fmt = project / requirements, lock_format(requirements)
+        if not path.is_file():
+            raise ConfigError(
+                f"[build] requirements names {requirements}, which is not in {project}",
+                hint=f"make it with `{MAKE_LOCK[fmt].format(name=requirements)}`, or unset "
+                "[build] requirements to detect the lock",
+            )
+        return LockFile(path, fmt, detected=False)
     for name, fmt in DETECTION_ORDER:
         path = project / name
         if path.is_file() and (fmt != "pyproject" or _declares_dependencies(path)):

@@ -44,10 +44,7 @@ def build_spec(project: Project) -> BuildSpec:
 
 def build_for_deploy(project: Project, emit: Emit) -> BuildResult:
     """Build (or reuse) the artifact for these inputs."""
-    return build(
-        build_spec(project),
-        on_event=lambda step, detail: emit(Event("build", "progress", detail=f"{step}: {detail}")),
-    )
+    return build(build_spec(project), on_event=_progress(emit))
 
 
 def gate(project: Project, verbose: bool, emit: Emit) -> None:
@@ -92,7 +89,16 @@ class Built(TypedDict):
 
 
 def _progress(emit: Emit) -> Callable[[str, str], None]:
-    return lambda name, detail: emit(Event("build", "progress", detail=f"{name}: {detail}"))
+    """Build steps as events: progress (shown with -v), but a warning (a lock that does not pin
+    the build) is shown always."""
+
+    def event(step: str, detail: str) -> None:
+        if step == "warning":
+            emit(Event("build", "warning", detail=detail))
+        else:
+            emit(Event("build", "progress", detail=f"{step}: {detail}"))
+
+    return event
 
 
 def compile_artifact(file: Path | None, emit: Emit) -> Compiled:

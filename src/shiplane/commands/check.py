@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypedDict
 
+from shiplane.artifact import describe_lock
 from shiplane.commands.common import open_stage
 from shiplane.config import Layered, build_layers, load_project
 from shiplane.config.layers import layer_files, render_files
@@ -27,6 +28,7 @@ class CheckResult(TypedDict):
     file: str
     source: str
     source_reason: str
+    lock: str
     stages: dict[str, StageCheck]
     lines: list[str]
 
@@ -42,6 +44,8 @@ def check_project(file: Path | None) -> CheckResult:
     graph_from_project(project)
     source, reason = _source(project)
     lines.append(f"app source: {source} ({reason})")
+    lock = describe_lock(project.root, deploy.build.requirements)  # none: ConfigError, exit 2
+    lines.append(f"lock: {lock}")
     stages: dict[str, StageCheck] = {}
     for name, stage in deploy.stages.items():
         layered = build_layers(project, name, {})
@@ -61,6 +65,7 @@ def check_project(file: Path | None) -> CheckResult:
         "file": str(project.path),
         "source": source,
         "source_reason": reason,
+        "lock": lock,
         "stages": stages,
         "lines": lines,
     }
