@@ -41,3 +41,25 @@ def test_a_port_held_by_another_program_stops_the_deploy_before_anything_is_sent
         assert project.get("/")[0] == 200 and done["exit"] == 0
     finally:
         project.stop()
+
+
+def test_an_app_entry_that_is_not_there_stops_the_deploy_after_the_gate_exit_2(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    project = scaffold(tmp_path_factory.mktemp("pe"))
+    toml = project.root / "shiplane.toml"
+    text = toml.read_text()
+    entry = next(line for line in text.splitlines() if line.startswith("wsgi = "))
+    module = entry.split('"')[1].split(":")[0]
+    for wrong, said in (
+        (f"{module}:make_app()", f"module '{module}' has no 'make_app'"),
+        (f"{module}x:create_app()", f"there is no module '{module}x'"),
+    ):
+        toml.write_text(text.replace(entry, f'wsgi = "{wrong}"'))
+        project.commit(f"entry {wrong}")
+        done = project.shiplane("deploy", "--stage", project.stage)  # with the test gate
+        assert done.returncode == 2, done.stdout + done.stderr
+        assert said in done.stderr and "Traceback" not in done.stdout + done.stderr
+        assert not (project.deploy_root / "releases").exists() or not any(
+            (project.deploy_root / "releases").iterdir()
+        )

@@ -17,7 +17,7 @@ from ._build import (
     pack,
 )
 from ._cache import cache_root, remove_cache
-from ._gate import gate_env, run_gate
+from ._gate import check_entry, gate_env, run_gate
 from ._hostfit import host_misfit, platform_fits
 from ._locks import describe_lock
 from ._manifest import FileEntry, Manifest, canonical_json, dependency_digest
@@ -36,6 +36,7 @@ __all__ = [
     "build",
     "cache_root",
     "canonical_json",
+    "check_entry",
     "clean",
     "compile_app",
     "dependency_digest",

@@ -13,7 +13,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from ..errors import OperationError
+from ..errors import OperationError, UsageError
 from ._backend import _uv
 from ._wheelhouse import load_lock
 
@@ -80,6 +80,80 @@ def gate_env(project: Path, requirements: str, extra: Sequence[str]) -> Path:
     return venv
 
 
+def _gate_environ(project: Path, venv: Path) -> dict[str, str]:
+    """The gate's environment: its venv first on PATH, ``src`` (else the project) on PYTHONPATH,
+    so the app imports without being installed."""
+    env = dict(os.environ)
+    env["VIRTUAL_ENV"] = str(venv)
+    env["PATH"] = f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}"
+    src = project / "src"
+    paths = [str(src if src.is_dir() else project)]
+    if env.get("PYTHONPATH"):
+        paths.append(env["PYTHONPATH"])
+    env["PYTHONPATH"] = os.pathsep.join(paths)
+    env.pop("PYTHONHOME", None)
+    return env
+
+
+# Imports the entry's module and looks its object up, as gunicorn/uvicorn will, without calling
+# a factory (``module:create_app()``): exit 3 names a module that is not there, 4 an attribute.
+_ENTRY_PROBE = """
+import importlib, sys
+module, _, attr = sys.argv[1].partition(":")
+try:
+    obj = importlib.import_module(module)
+except ModuleNotFoundError as exc:
+    if exc.name and (module == exc.name or module.startswith(exc.name + ".")):
+        print(exc.name)
+        sys.exit(3)
+    raise
+for part in (attr.split("(", 1)[0].strip() or "application").split("."):
+    if not hasattr(obj, part):
+        print(part)
+        sys.exit(4)
+    obj = getattr(obj, part)
+"""
+
+
+def check_entry(
+    project: Path, entry: str, key: str, requirements: str, extra: Sequence[str] = ("pytest",)
+) -> None:
+    """The app's entry (``app.wsgi``/``app.asgi``, named ``key``) imports in the gate's venv and
+    has its object: a UsageError (exit 2) naming what is missing, an OperationError with the
+    exception's line when importing it raises; before anything is built or sent."""
+    project = Path(project).resolve()
+    venv = gate_env(project, requirements, extra)
+    done = subprocess.run(
+        [str(venv / "bin" / "python"), "-c", _ENTRY_PROBE, entry],
+        cwd=project,
+        env=_gate_environ(project, venv),
+        capture_output=True,
+        text=True,
+        errors="replace",
+        timeout=120,
+        check=False,
+    )
+    module = entry.partition(":")[0]
+    missing = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else "?"
+    if done.returncode == 3:
+        raise UsageError(
+            f"app.{key} = {entry!r}: there is no module {missing!r} (checked in the test "
+            "gate's environment, with the project's src/ or root on the path)",
+            hint=f"correct app.{key}, or add the module to the project",
+        )
+    if done.returncode == 4:
+        raise UsageError(
+            f"app.{key} = {entry!r}: module {module!r} has no {missing!r}",
+            hint=f"correct app.{key} (module:object, or module:factory())",
+        )
+    if done.returncode != 0:
+        lines = [line for line in done.stderr.splitlines() if line.strip()]
+        raise OperationError(
+            f"app.{key} = {entry!r} does not import: {lines[-1] if lines else 'exit ' + str(done.returncode)}",
+            hint="\n".join(lines[-8:]),
+        )
+
+
 def run_gate(
     project: Path,
     command: str,
@@ -98,15 +172,7 @@ def run_gate(
     """
     project = Path(project).resolve()
     venv = gate_env(project, requirements, extra)
-    env = dict(os.environ)
-    env["VIRTUAL_ENV"] = str(venv)
-    env["PATH"] = f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}"
-    src = project / "src"
-    paths = [str(src if src.is_dir() else project)]
-    if env.get("PYTHONPATH"):
-        paths.append(env["PYTHONPATH"])
-    env["PYTHONPATH"] = os.pathsep.join(paths)
-    env.pop("PYTHONHOME", None)
+    env = _gate_environ(project, venv)
     tail: deque[str] = deque(maxlen=_TAIL)
     proc = subprocess.Popen(
         command,

@@ -10,6 +10,7 @@ from shiplane.artifact import (
     BuildResult,
     BuildSpec,
     build,
+    check_entry,
     clean,
     compile_app,
     pack,
@@ -57,6 +58,17 @@ def gate(project: Project, verbose: bool, emit: Emit) -> None:
         extra=tuple(deploy.build.test_requirements),
         output=lambda line: emit(Event("gate", "output", detail=line)),
     )
+    # the tests passed; the entry gunicorn/uvicorn will load must be there too (a typo in
+    # app.wsgi would otherwise fail only at the hosts' health check)
+    key, entry = ("asgi", deploy.app.asgi) if deploy.app.asgi else ("wsgi", deploy.app.wsgi)
+    if entry:
+        check_entry(
+            project.root,
+            entry,
+            key,
+            deploy.build.requirements,
+            tuple(deploy.build.test_requirements),
+        )
 
 
 def run_test_gate(file: Path | None, emit: Emit) -> None:
