@@ -25,12 +25,25 @@ from typing import Any
 
 import pytest
 
-from shiplane.agent import services
+from shiplane.agent import services, systemd
 from shiplane.agent.errors import AgentError
 from shiplane.agent.paths import Layout
-from shiplane.agent.systemd import SystemdBackend, render_units, systemd_running
+from shiplane.agent.systemd import (
+    ROOT_APP_WARNING,
+    SystemdBackend,
+    app_user,
+    render_units,
+    systemd_running,
+)
 
 RID = "20260101T000001Z-aaaaaaa1"
+# a uid and gid with no passwd/group entry: what a deploy root given to a deploy user looks like
+# to the agent (root), without creating a user on the test machine
+APP_UID = 4242
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (chown, app_user)")
+needs_analyze = pytest.mark.skipif(
+    shutil.which("systemd-analyze") is None, reason="needs systemd-analyze"
+)
 WORKER = 'echo "100% done; $HOME" \\ # not a comment'
 
 
@@ -74,15 +87,27 @@ def short_root() -> Iterator[Path]:
     shutil.rmtree(path.parent)
 
 
-@pytest.fixture
-def units(tmp_path: Path, short_root: Path) -> dict[str, str]:
-    layout = Layout(short_root)
-    written = render_units(layout, spec(), RID)
-    unit_dir = tmp_path / "units"
-    unit_dir.mkdir()
+def write_units(unit_dir: Path, written: dict[str, str]) -> dict[str, str]:
+    """The units in ``unit_dir``, the web template also as its instance for ``RID``."""
+    unit_dir.mkdir(exist_ok=True)
     for name, text in written.items():
         (unit_dir / name).write_text(text)
+        if name.endswith("@.service"):
+            (unit_dir / name.replace("@.service", f"@{RID}.service")).write_text(text)
     return written
+
+
+@pytest.fixture
+def units(tmp_path: Path, short_root: Path) -> dict[str, str]:
+    return write_units(tmp_path / "units", render_units(Layout(short_root), spec(), RID))
+
+
+@pytest.fixture
+def app_root(short_root: Path) -> Path:
+    """A deploy root owned by an unprivileged user (``APP_UID``), as ``shiplane setup`` leaves it."""
+    short_root.mkdir(parents=True)
+    os.chown(short_root, APP_UID, APP_UID)
+    return short_root
 
 
 def verify(unit_dir: Path, *names: str) -> subprocess.CompletedProcess[str]:
@@ -115,6 +140,145 @@ def test_generated_units_pass_systemd_analyze_verify(units: dict[str, str], tmp_
     broken = units["demo-prod-jobs.service"].replace(sys.executable, "/nonexistent/python3")
     (tmp_path / "units" / "demo-prod-broken.service").write_text(broken)
     assert verify(tmp_path / "units", "demo-prod-broken.service").returncode != 0
+
+
+# --- least privilege (issue 20) -------------------------------------------------------------
+
+
+def exposure(unit_file: Path) -> float:
+    """``systemd-analyze security``'s overall exposure for a unit file (0 safe .. 10 unsafe)."""
+    done = subprocess.run(
+        ["systemd-analyze", "security", "--offline=true", str(unit_file)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    found = re.search(r"Overall exposure level for \S+: (\d+\.\d+) (\w+)", done.stdout)
+    assert found, done.stdout + done.stderr
+    return float(found.group(1))
+
+
+SERVICES = [f"demo-prod-web@{RID}.service", "demo-prod-jobs.service", "demo-prod-front.service"]
+
+
+@needs_analyze
+@needs_root
+def test_units_run_as_the_deploy_roots_owner_and_are_rated_ok(
+    app_root: Path, tmp_path: Path
+) -> None:
+    layout = Layout(app_root)
+    run_as = app_user(layout)
+    assert run_as is not None and (run_as.uid, run_as.gid) == (APP_UID, APP_UID)
+    written = write_units(tmp_path / "units", render_units(layout, spec(), RID, run_as=run_as))
+    done = verify(tmp_path / "units", *SERVICES, "demo-prod-front.socket")
+    assert done.returncode == 0, done.stdout + done.stderr
+    for name in SERVICES:
+        text = (tmp_path / "units" / name).read_text()
+        assert (option(text, "User"), option(text, "Group")) == (str(APP_UID), str(APP_UID))
+        # 9.6 "UNSAFE" before issue 20; "OK" is <= 4.9
+        assert exposure(tmp_path / "units" / name) <= 4.9, name
+    assert "User=" not in written["demo-prod-front.socket"]  # systemd binds the port
+
+
+@needs_analyze
+def test_a_root_owned_deploy_root_keeps_root_but_the_sandbox_still_rates_ok(
+    units: dict[str, str], tmp_path: Path
+) -> None:
+    for name in SERVICES:
+        assert "User=" not in (tmp_path / "units" / name).read_text()
+        assert exposure(tmp_path / "units" / name) <= 4.9, name
+
+
+def test_system_units_are_sandboxed_to_the_deploy_root(
+    units: dict[str, str], short_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("demo-prod-web@.service", "demo-prod-jobs.service", "demo-prod-front.service"):
+        text = units[name]
+        assert option(text, "NoNewPrivileges") == "yes"
+        assert option(text, "ProtectSystem") == "strict"
+        # one word of a path list: quoted (the root has a space), % escaped
+        assert option(text, "ReadWritePaths") == '"' + str(short_root).replace("%", "%%") + '"'
+        assert option(text, "PrivateTmp") == option(text, "PrivateDevices") == "yes"
+        assert option(text, "CapabilityBoundingSet") == ""
+        assert option(text, "SystemCallFilter") == "@system-service"
+        assert option(text, "RestrictAddressFamilies") == "AF_UNIX AF_INET AF_INET6"
+        assert "MemoryDenyWriteExecute" not in text  # cffi callbacks, JITs
+    # homes are hidden, unless the deploy root or the Python running the units lies in one
+    monkeypatch.setattr(sys, "executable", "/usr/bin/python3")
+    assert (
+        option(
+            render_units(Layout("/srv/demo"), spec(), RID)["demo-prod-web@.service"], "ProtectHome"
+        )
+        == "yes"
+    )
+    under_home = render_units(Layout("/home/deploy/demo"), spec(), RID)
+    assert option(under_home["demo-prod-jobs.service"], "ProtectHome") == "read-only"
+    assert option(under_home["demo-prod-jobs.service"], "ReadWritePaths") == "/home/deploy/demo"
+    monkeypatch.setattr(sys, "executable", "/root/.pyenv/versions/3.11.7/bin/python3")
+    pyenv = render_units(Layout("/srv/demo"), spec(), RID)
+    assert option(pyenv["demo-prod-front.service"], "ProtectHome") == "read-only"
+
+
+def test_user_units_have_no_user_and_only_unprivileged_hardening(tmp_path: Path) -> None:
+    written = render_units(Layout(tmp_path / "srv"), spec(), RID, user=True)
+    for name in ("demo-prod-web@.service", "demo-prod-jobs.service", "demo-prod-front.service"):
+        text = written[name]
+        assert "User=" not in text and "Group=" not in text
+        assert option(text, "NoNewPrivileges") == "yes"
+        assert option(text, "SystemCallFilter") == "@system-service"
+        # namespaces would need unprivileged user namespaces in a user manager
+        assert "ProtectSystem=" not in text and "PrivateTmp=" not in text
+    backend = SystemdBackend(Layout(tmp_path), spec(), unit_dir=tmp_path, user=True)
+    assert backend.run_as is None
+
+
+@needs_root
+def test_the_app_user_gets_its_env_file_and_what_it_writes(
+    app_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    layout = Layout(app_root)
+    env_file = layout.env_file(RID)
+    env_file.parent.mkdir(parents=True)
+    env_file.write_text('SECRET="x"\n')
+    env_file.chmod(0o600)
+    (layout.shared / "db").mkdir(parents=True)
+    (layout.shared / "db" / "app.sqlite3").write_text("")  # a root hook's migration made it
+    (layout.shared / "theirs").write_text("")
+    os.chown(layout.shared / "theirs", 1234, 1234)
+    layout.run.mkdir()
+    monkeypatch.setattr(systemd, "systemd_running", lambda: True)
+    calls: list[tuple[str, ...]] = []
+    backend = SystemdBackend(layout, spec(), unit_dir=tmp_path / "units", user=False)
+    monkeypatch.setattr(backend, "systemctl", lambda *a, **k: calls.append(a))
+    events: list[dict[str, Any]] = []
+    backend.prepare(spec(), events.append)
+    assert not [e for e in events if e.get("status") == "warning"]
+    backend.start_web(RID, spec()["web"], events.append)
+    st = env_file.stat()
+    assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (APP_UID, APP_UID, 0o600)
+    assert env_file.parent.stat().st_uid == 0  # the code stays root's: read-only to the app
+    for path in (layout.run, layout.shared, layout.shared / "db", layout.shared / "db/app.sqlite3"):
+        assert path.stat().st_uid == APP_UID, path
+    assert (layout.shared / "theirs").stat().st_uid == 1234  # another user's file stays theirs
+    web = (tmp_path / "units" / "demo-prod-web@.service").read_text()
+    assert option(web, "User") == str(APP_UID)
+    assert ("start", "--no-block", f"demo-prod-web@{RID}.service") in calls
+
+
+def test_a_root_owned_deploy_root_runs_the_app_as_root_and_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    layout = Layout(tmp_path / "srv")
+    layout.run.mkdir(parents=True)
+    monkeypatch.setattr(systemd, "systemd_running", lambda: True)
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    backend = SystemdBackend(layout, spec(), unit_dir=tmp_path / "units", user=False)
+    monkeypatch.setattr(backend, "systemctl", lambda *a, **k: None)
+    assert app_user(layout) is None  # owned by root here (or by us: not root, no app user)
+    events: list[dict[str, Any]] = []
+    backend.prepare(spec(), events.append)
+    assert [e["detail"] for e in events if e.get("status") == "warning"] == [ROOT_APP_WARNING]
 
 
 def test_web_template_runs_each_release_from_its_own_dir_through_exec_env(

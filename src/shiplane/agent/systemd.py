@@ -10,18 +10,23 @@ Units, for an app named ``demo``:
   with its stop signal (``KillSignal``) and grace period (``TimeoutStopSec``, then SIGKILL).
 
 Every ExecStart goes through the agent's ``exec-env`` (the release's env file, its dir as cwd).
-Output goes to the journal. As root the units are system units in ``/etc/systemd/system``;
+Output goes to the journal. As root the units are system units in ``/etc/systemd/system``, run as
+the deploy root's owner (:func:`app_user`) and sandboxed (:func:`hardening`);
 as another user they are ``--user`` units in ``~/.config/systemd/user``, which keep running after
 logout only with lingering (``loginctl enable-linger <user>``, reported by ``prepare``).
 """
 
 from __future__ import annotations
 
+import grp
 import os
+import pwd
 import re
 import subprocess
+import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 from .backend import (
     Killed,
@@ -41,6 +46,7 @@ from .backend import (
 from .errors import AgentError
 from .paths import Layout
 from .protocol import Emit, ServicesSpec, WebSpec, WorkerSpec
+from .runtime import read_meta
 
 SYSTEM_UNIT_DIR = Path("/etc/systemd/system")
 # stands for the release id while a template is rendered (same length as a real id: the socket
@@ -48,6 +54,13 @@ SYSTEM_UNIT_DIR = Path("/etc/systemd/system")
 INSTANCE = "SHIPLANE_INSTANCE_0000000"
 SYSTEMCTL_TIMEOUT = 600.0
 UNIT_PREFIX_RE = re.compile(r"[^A-Za-z0-9_.-]")
+# home directories: ProtectHome= hides them, so a deploy root or an interpreter there needs them
+# read-only instead (ReadWritePaths= makes the deploy root writable again under them)
+HOMES = ("/home", "/root", "/run/user")
+ROOT_APP_WARNING = (
+    "the app runs as root: give the deploy root to an unprivileged user "
+    "(shiplane setup) and its services run as that user"
+)
 
 
 def systemd_running() -> bool:
@@ -61,6 +74,134 @@ def unit_prefix(spec: ServicesSpec | None) -> str:
     parts = (spec.get("app"), spec.get("stage")) if spec else ()
     name = "-".join(str(part) for part in parts if part) or "app"
     return UNIT_PREFIX_RE.sub("-", name) or "app"
+
+
+class AppUser(NamedTuple):
+    """The unprivileged user (and its primary group) system units run the app as."""
+
+    name: str  # a user name, or the uid when it has no passwd entry (systemd takes either)
+    uid: int
+    gid: int
+    group: str
+
+
+def app_user(layout: Layout) -> AppUser | None:
+    """Who the app runs as when the agent is root: the deploy root's owner, unless that is root.
+
+    No setting: whoever owns the deploy root (``shiplane setup`` gives it to a deploy user) is
+    the app's user, so the app can write what it owns (``shared/``, ``run/``) and nothing else,
+    and a root-owned deploy root keeps running the app as root (reported, ROOT_APP_WARNING).
+    None as well when the agent is not root: its ``--user`` units run as itself already.
+    """
+    if os.geteuid() != 0:
+        return None
+    try:
+        owner = os.stat(layout.root)
+    except OSError:
+        return None
+    if owner.st_uid == 0:
+        return None
+    try:
+        entry = pwd.getpwuid(owner.st_uid)
+        name, gid = entry.pw_name, entry.pw_gid
+    except KeyError:
+        name, gid = str(owner.st_uid), owner.st_gid
+    try:
+        group = grp.getgrgid(gid).gr_name
+    except KeyError:
+        group = str(gid)
+    return AppUser(name, owner.st_uid, gid, group)
+
+
+def give_to_app_user(path: Path, app: AppUser | None) -> None:
+    """``path`` (not followed if a link) belongs to the app's user: what the agent (root)
+    writes for the app to read alone (its env file) or to write in (``run/``)."""
+    if app is None:
+        return
+    st = os.lstat(path)
+    if (st.st_uid, st.st_gid) != (app.uid, app.gid):
+        os.chown(path, app.uid, app.gid, follow_symlinks=False)
+
+
+def give_app_dirs(layout: Layout, app: AppUser | None) -> None:
+    """What the app writes belongs to its user: ``run/`` (its sockets, the front's ready file),
+    ``log/``, and ``shared/`` with whatever root made in it (the install's shared dirs and
+    rendered files, a hook's migration that created the database). Only root-owned entries are
+    given: another user's files stay theirs. Costs one lstat per entry of ``shared/``."""
+    if app is None:
+        return
+    for path in (layout.run, layout.log):
+        if path.is_dir() and not path.is_symlink():
+            give_to_app_user(path, app)
+    if not layout.shared.is_dir() or layout.shared.is_symlink():
+        return
+    give_to_app_user(layout.shared, app)
+    for top, dirs, files in os.walk(layout.shared):
+        for name in dirs + files:
+            entry = os.path.join(top, name)
+            if os.lstat(entry).st_uid == 0:
+                os.chown(entry, app.uid, app.gid, follow_symlinks=False)
+
+
+def _under_home(path: Path | str) -> bool:
+    text = os.path.realpath(str(path))
+    return any(text == home or text.startswith(home + "/") for home in HOMES)
+
+
+def hardening(
+    layout: Layout, user: bool, run_as: AppUser | None, paths: tuple[Path | str, ...] = ()
+) -> list[tuple[str, object]]:
+    """The sandbox of every service unit (``systemd-analyze security`` rates the web unit "OK").
+
+    As a system unit: ``User=``/``Group=`` the app's user (:func:`app_user`), no capabilities
+    at all (the front's port is bound by its .socket unit, i.e. by systemd), the whole file
+    system read-only but the deploy root (``ProtectSystem=strict``; what the app may write in
+    it is what its user owns: ``shared/``, ``run/``, not the root-owned releases), a private
+    /tmp and /dev, homes hidden (read-only when the deploy root, the agent's Python or the
+    venv's interpreter, ``paths``, lie in one), the kernel and other users' processes out of
+    reach, and only the system calls and socket families a Python web server uses.
+    ``--user`` units get what needs no privilege (seccomp, no new privileges): the namespace
+    options would need unprivileged user namespaces, off on some hosts, which fail the unit.
+
+    Not set: ``MemoryDenyWriteExecute`` (cffi and ctypes callbacks, gevent, numba and other JITs
+    map writable code), ``ProcSubset=pid`` (metrics libraries read /proc/meminfo, /proc/stat),
+    ``PrivateNetwork``/``IPAddressDeny`` (a web app talks to its database), ``RemoveIPC``
+    (blue and green share a user: stopping one would remove the other's IPC objects),
+    ``UMask=0027`` (nginx serves static and uploaded files as another user).
+    """
+    items: list[tuple[str, object]] = []
+    if not user:
+        homes = [layout.root, os.path.realpath(sys.executable), *paths]
+        if run_as is not None:
+            items += [("User", run_as.name), ("Group", run_as.group)]
+        items += [
+            ("ProtectSystem", "strict"),
+            ("ReadWritePaths", _path_word(layout.root)),
+            ("ProtectHome", "read-only" if any(_under_home(p) for p in homes) else "yes"),
+            ("PrivateTmp", "yes"),
+            ("PrivateDevices", "yes"),
+            ("ProtectKernelTunables", "yes"),
+            ("ProtectKernelModules", "yes"),
+            ("ProtectKernelLogs", "yes"),
+            ("ProtectControlGroups", "yes"),
+            ("ProtectClock", "yes"),
+            ("ProtectHostname", "yes"),
+            ("ProtectProc", "invisible"),
+            ("CapabilityBoundingSet", ""),
+            ("AmbientCapabilities", ""),
+        ]
+    items += [
+        ("NoNewPrivileges", "yes"),
+        ("RestrictNamespaces", "yes"),
+        ("RestrictRealtime", "yes"),
+        ("RestrictSUIDSGID", "yes"),
+        ("LockPersonality", "yes"),
+        ("RestrictAddressFamilies", "AF_UNIX AF_INET AF_INET6"),
+        ("SystemCallArchitectures", "native"),
+        ("SystemCallFilter", "@system-service"),
+        ("SystemCallErrorNumber", "EPERM"),
+    ]
+    return items
 
 
 # --- unit text -------------------------------------------------------------------------------
@@ -88,6 +229,14 @@ def _path_value(path: Path | str) -> str:
     return text.replace("%", "%%")
 
 
+def _path_word(path: Path) -> str:
+    """A path as one word of a space-separated list of paths (``ReadWritePaths=``)."""
+    text = _path_value(path)
+    if '"' in text or "\\" in text:
+        raise AgentError(f"path not allowed in a systemd unit: {text!r}", kind="usage")
+    return f'"{text}"' if re.search(r"\s", text) else text
+
+
 def _unit(sections: list[tuple[str, list[tuple[str, object]]]]) -> str:
     lines = ["# written by shiplane: changed at every deploy, do not edit"]
     for title, items in sections:
@@ -96,17 +245,43 @@ def _unit(sections: list[tuple[str, list[tuple[str, object]]]]) -> str:
 
 
 def web_unit(
-    layout: Layout, spec: ServicesSpec | None, user: bool = False, version_of: str | None = None
+    layout: Layout,
+    spec: ServicesSpec | None,
+    user: bool = False,
+    version_of: str | None = None,
+    run_as: AppUser | None = None,
 ) -> str:
     """``<app>-<stage>-web@.service``: one release's gunicorn, the instance being the release id
     (gunicorn's options as ``version_of``'s gunicorn takes them)."""
     web = spec.get("web") if spec else None
     if not web:
         raise AgentError("services.web has no target (wsgi/asgi app)", kind="usage")
-    return _web_unit(layout, unit_prefix(spec), web, user, version_of)
+    return _web_unit(layout, unit_prefix(spec), web, user, version_of, run_as)
 
 
-def _web_unit(layout: Layout, prefix: str, web: WebSpec, user: bool, version_of: str | None) -> str:
+def _venv_home(layout: Layout, release_id: str | None) -> tuple[str, ...]:
+    """The directory of the interpreter the release's venv was made from (``pyvenv.cfg``)."""
+    meta = read_meta(layout, release_id) if release_id else None
+    digest = str((meta or {}).get("dependency_digest") or "")
+    try:
+        cfg = (layout.venv(digest) / "pyvenv.cfg").read_text(encoding="utf-8") if digest else ""
+    except OSError:
+        return ()
+    for line in cfg.splitlines():
+        key, _, value = line.partition("=")
+        if key.strip() == "home" and value.strip():
+            return (value.strip(),)
+    return ()
+
+
+def _web_unit(
+    layout: Layout,
+    prefix: str,
+    web: WebSpec,
+    user: bool,
+    version_of: str | None,
+    run_as: AppUser | None = None,
+) -> str:
     argv = web_argv(layout, INSTANCE, web, version_of)
     return _unit(
         [
@@ -132,6 +307,7 @@ def _web_unit(layout: Layout, prefix: str, web: WebSpec, user: bool, version_of:
                     ("StandardOutput", "journal"),
                     ("StandardError", "journal"),
                     ("SyslogIdentifier", f"{prefix}-web"),
+                    *hardening(layout, user, run_as, _venv_home(layout, version_of)),
                 ],
             ),
             ("Install", [("WantedBy", "default.target" if user else "multi-user.target")]),
@@ -153,7 +329,9 @@ def front_socket_unit(spec: ServicesSpec | None, user: bool = False) -> str:
     )
 
 
-def front_service_unit(layout: Layout, spec: ServicesSpec | None, user: bool = False) -> str:
+def front_service_unit(
+    layout: Layout, spec: ServicesSpec | None, user: bool = False, run_as: AppUser | None = None
+) -> str:
     """``<app>-<stage>-front.service``: the builtin proxy, reading its socket from ``LISTEN_FDS``."""
     prefix = unit_prefix(spec)
     return _unit(
@@ -178,6 +356,7 @@ def front_service_unit(layout: Layout, spec: ServicesSpec | None, user: bool = F
                     ("StandardOutput", "journal"),
                     ("StandardError", "journal"),
                     ("SyslogIdentifier", f"{prefix}-front"),
+                    *hardening(layout, user, run_as),
                 ],
             ),
             ("Install", [("WantedBy", "default.target" if user else "multi-user.target")]),
@@ -192,6 +371,7 @@ def worker_unit(
     worker: WorkerSpec | None,
     release_id: str,
     user: bool = False,
+    run_as: AppUser | None = None,
 ) -> str:
     """``<app>-<name>.service``: a worker on ``release_id``, its stop signal and grace period."""
     stop_signal, stop_timeout = check_worker(name, worker)
@@ -220,6 +400,7 @@ def worker_unit(
                     ("StandardOutput", "journal"),
                     ("StandardError", "journal"),
                     ("SyslogIdentifier", f"{prefix}-{name}"),
+                    *hardening(layout, user, run_as, _venv_home(layout, release_id)),
                 ],
             ),
             ("Install", [("WantedBy", "default.target" if user else "multi-user.target")]),
@@ -228,18 +409,23 @@ def worker_unit(
 
 
 def render_units(
-    layout: Layout, spec: ServicesSpec | None, release_id: str | None, user: bool = False
+    layout: Layout,
+    spec: ServicesSpec | None,
+    release_id: str | None,
+    user: bool = False,
+    run_as: AppUser | None = None,
 ) -> dict[str, str]:
-    """Every unit file of the spec: ``{file name: text}`` (workers only with a release)."""
+    """Every unit file of the spec: ``{file name: text}`` (workers only with a release);
+    system units run as ``run_as`` (:func:`app_user`), root when None."""
     prefix = unit_prefix(spec)
-    units = {f"{prefix}-web@.service": web_unit(layout, spec, user)}
+    units = {f"{prefix}-web@.service": web_unit(layout, spec, user, run_as=run_as)}
     if builtin_front(spec):
         units[f"{prefix}-front.socket"] = front_socket_unit(spec, user)
-        units[f"{prefix}-front.service"] = front_service_unit(layout, spec, user)
+        units[f"{prefix}-front.service"] = front_service_unit(layout, spec, user, run_as)
     if release_id is not None:
         for name, worker in _workers(spec).items():
             units[f"{prefix}-{name}.service"] = worker_unit(
-                layout, spec, name, worker, release_id, user
+                layout, spec, name, worker, release_id, user, run_as
             )
     return units
 
@@ -270,6 +456,8 @@ class SystemdBackend:
             unit_dir = (Path.home() / ".config/systemd/user") if self.user else SYSTEM_UNIT_DIR
         self.unit_dir = unit_dir
         self.prefix = unit_prefix(self.spec)
+        # system units run the app as the deploy root's owner (app_user); --user units as us
+        self.run_as = None if self.user else app_user(layout)
 
     # systemctl ---------------------------------------------------------------------------------
 
@@ -304,6 +492,16 @@ class SystemdBackend:
     def web_unit_name(self, release_id: str) -> str:
         return f"{self.prefix}-web@{release_id}.service"
 
+    def _give_release(self, release_id: str) -> None:
+        """The release's env file (0600: its secrets) and what the app writes go to the app's
+        user, who reads them through exec-env; root-owned, the code stays read-only to it."""
+        if self.run_as is None:
+            return
+        give_app_dirs(self.layout, self.run_as)
+        env_file = self.layout.env_file(release_id)
+        if env_file.exists():
+            give_to_app_user(env_file, self.run_as)
+
     def _write(self, name: str, text: str) -> bool:
         from .supervisor import write_if_changed
 
@@ -321,8 +519,12 @@ class SystemdBackend:
         if spec:
             self.spec = spec
         self.unit_dir.mkdir(parents=True, exist_ok=True)
+        if not self.user and self.run_as is None:
+            emit({"phase": "services", "status": "warning", "detail": ROOT_APP_WARNING})
+        give_app_dirs(self.layout, self.run_as)
         changed = False
-        for name, text in render_units(self.layout, self.spec, None, self.user).items():
+        units = render_units(self.layout, self.spec, None, self.user, self.run_as)
+        for name, text in units.items():
             if not name.endswith("-web@.service"):  # start_web writes it, for its release
                 changed |= self._write(name, text)
         if changed:
@@ -365,7 +567,10 @@ class SystemdBackend:
 
     def start_web(self, release_id: str, web: WebSpec, emit: Emit) -> None:
         unit = self.web_unit_name(release_id)
-        text = _web_unit(self.layout, unit_prefix(self.spec), web, self.user, release_id)
+        text = _web_unit(
+            self.layout, unit_prefix(self.spec), web, self.user, release_id, self.run_as
+        )
+        self._give_release(release_id)
         if self._write(f"{self.prefix}-web@.service", text):
             self.systemctl("daemon-reload")
         self.systemctl("reset-failed", unit, check=False)
@@ -431,7 +636,9 @@ class SystemdBackend:
     ) -> WorkersResult:
         workers = _workers(spec)
         killed: list[Killed] = []
-        units = render_units(self.layout, spec, release_id, self.user)
+        units = render_units(self.layout, spec, release_id, self.user, self.run_as)
+        if workers:
+            self._give_release(release_id)
         wanted = {f"{self.prefix}-{n}.service": n for n in workers}
         for path in self.unit_dir.glob(f"{self.prefix}-*.service"):
             text = path.read_text(encoding="utf-8", errors="replace")
