@@ -820,6 +820,51 @@ def unlock(
     _finish(obj, unlock_stage(obj.file, stage, force, obj.masker, hosts=hosts, sets=sets), as_json)
 
 
+# -- host verbs ---------------------------------------------------------------------------------
+
+
+@main.command()
+@stage_option
+@click.option(
+    "--as",
+    "as_user",
+    metavar="USER",
+    help="Log in as USER (root, or passwordless sudo) instead of the stage's setup_user.",
+)
+@override_options
+@json_option
+@click.pass_obj
+def setup(
+    obj: Context,
+    stage: str | None,
+    as_user: str | None,
+    hosts: str | None,
+    sets: tuple[str, ...],
+    as_json: bool,
+) -> None:
+    """Prepare each host of a stage, idempotently: packages, the deploy user with your key, the
+    deploy root it owns (logs in as root or a sudoer; deploys then need no root)."""
+    from shiplane.commands.setup import run_setup
+
+    result = run_setup(obj.file, stage, obj.masker, as_user=as_user, hosts=hosts, sets=sets)
+    _finish(obj, result, as_json)
+
+
+@main.command()
+@stage_option
+@override_options
+@json_option
+@click.pass_obj
+def doctor(
+    obj: Context, stage: str | None, hosts: str | None, sets: tuple[str, ...], as_json: bool
+) -> None:
+    """Check, read-only, that each host is ready for a deploy; say what is missing and the
+    command that fixes it (exit 1)."""
+    from shiplane.commands.setup import run_doctor
+
+    _finish(obj, run_doctor(obj.file, stage, obj.masker, hosts=hosts, sets=sets), as_json)
+
+
 # -- exec verbs ---------------------------------------------------------------------------------
 
 

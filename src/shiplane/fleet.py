@@ -78,6 +78,7 @@ class Fleet:
             identity_file=stage.identity_file,
             ssh_options=tuple(stage.ssh_options),
             connect_timeout=stage.connect_timeout,
+            user=stage.deploy_user,
         )
 
     def _transport(self, host: str) -> Transport:

@@ -31,6 +31,8 @@ SSH_OPTIONS_FORBIDDEN = (
 )
 # an interpreter on the hosts: a command name or path, one word, not an option
 PYTHON = r"^[A-Za-z0-9_./~+][A-Za-z0-9_./~+-]*$"
+# a Unix login name (deploy_user, setup_user): nothing a shell or ssh could read otherwise
+LOGIN = r"^[a-z_][a-z0-9_-]{0,31}$"
 SECONDS = 86400.0  # the longest timeout a deploy file may set (one day)
 SCOPE = re.compile(r"^(local|all|primary|role:[A-Za-z0-9_-]+)$")
 
@@ -819,6 +821,17 @@ class Stage(Model):
     connect_timeout: Annotated[
         float, Field(gt=0, le=600, description="Seconds to connect to a host.")
     ] = 10
+    deploy_user: Annotated[str, Field(pattern=LOGIN)] | None = Field(
+        default=None,
+        description="The unprivileged user ``shiplane setup`` creates and every other verb logs in "
+        "as, for a host that names no user; unset: ssh's own choice (``~/.ssh/config``, your "
+        "login). Never ``root``.",
+    )
+    setup_user: Annotated[str, Field(pattern=LOGIN)] = Field(
+        default="root",
+        description="Who ``shiplane setup`` logs in as (root, or a user with sudo); "
+        "``--as USER`` overrides it.",
+    )
     command_timeout: Annotated[
         float,
         Field(
@@ -875,6 +888,16 @@ class Stage(Model):
     @classmethod
     def _ssh_files(cls, value: str | None, info: ValidationInfo) -> str | None:
         return _local_file(value, str(info.field_name))
+
+    @field_validator("deploy_user")
+    @classmethod
+    def _deploy_user(cls, value: str | None) -> str | None:
+        if value == "root":
+            raise ValueError(
+                "deploy_user is the unprivileged user deploys run as; it cannot be root "
+                "(leave it unset to log in as the hosts' ssh user)"
+            )
+        return value
 
     @field_validator("ssh_options")
     @classmethod

@@ -54,6 +54,7 @@ class ConnectSettings:
     identity_file: str | None = None
     ssh_options: tuple[str, ...] = ()
     connect_timeout: float = 10
+    user: str | None = None  # the login for a host that names none (``deploy_user``); None: ssh's
 
 
 class TransportKind(Protocol):

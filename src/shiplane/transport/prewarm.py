@@ -123,6 +123,7 @@ def targets(argv: Sequence[str], env: Mapping[str, str], cwd: Path) -> dict[str,
             identity_file=stage.get("identity_file"),
             ssh_options=tuple(stage.get("ssh_options", [])),
             connect_timeout=float(stage.get("connect_timeout", 10)),
+            user=stage.get("deploy_user"),
         )
         # every host's transport, as its session will make it: one that refuses its host or its
         # settings (ConfigError), or cannot pre-warm, leaves the whole command to the real load

@@ -24,6 +24,7 @@ HOST = re.compile(
     r"^(?:(?P<user>[A-Za-z0-9_][A-Za-z0-9._-]{0,63})@)?"
     r"(?P<host>[A-Za-z0-9_][A-Za-z0-9._-]{0,252}|\[[0-9a-fA-F:.]+\])(?::(?P<port>[0-9]{1,5}))?$"
 )
+_LOGIN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}$")
 _OPTION = re.compile(
     r"^[A-Za-z][A-Za-z0-9]*(?:=|\s+)[^\x00-\x1f\x7f]+$"
 )  # Key=Value, given as -o Key=Value
@@ -67,6 +68,7 @@ class SSHTransport:
             identity_file=settings.identity_file,
             options=settings.ssh_options,
             connect_timeout=settings.connect_timeout,
+            user=settings.user,
         )
 
     @classmethod
@@ -81,6 +83,7 @@ class SSHTransport:
         identity_file: str | None = None,
         options: Sequence[str] = (),
         connect_timeout: float = 10,
+        user: str | None = None,
     ) -> None:
         match = HOST.match(host)
         if not match or (match["port"] and not 1 <= int(match["port"]) <= 65535):
@@ -100,7 +103,10 @@ class SSHTransport:
                     hint="Trust a host by adding its key to known_hosts (ssh-keyscan, after checking the fingerprint).",
                 )
         self.host = host
-        self._target = f"{match['user']}@{match['host']}" if match["user"] else str(match["host"])
+        login = match["user"] or user  # the host's own user, else the stage's deploy_user
+        if login is not None and not _LOGIN.match(login):
+            raise ConfigError(f"user {login!r}: expected a login name")
+        self._target = f"{login}@{match['host']}" if login else str(match["host"])
         self._address = str(match["host"]).strip("[]")
         self._port = match["port"]
         self._control = _control_dir()
@@ -196,6 +202,23 @@ class SSHTransport:
         return f"the agent on {self.host} exited with code {returncode}" + (
             f": {' / '.join(lines[-3:])}" if lines else ""
         )
+
+    def config_values(self, key: str) -> list[str]:
+        """The values OpenSSH resolves for ``key`` (lower case, as ``ssh -G`` prints it) for this
+        host with these options: ``identityfile`` lists the keys ssh would offer."""
+        try:
+            done = subprocess.run(
+                [*self._base, "-G", "--", self._target],
+                capture_output=True,
+                text=True,
+                timeout=10,
+                check=False,
+                stdin=subprocess.DEVNULL,
+            )
+        except (OSError, subprocess.TimeoutExpired):
+            return []
+        pairs = (line.partition(" ") for line in done.stdout.splitlines())
+        return [value for name, _, value in pairs if name == key and value]
 
     def _resolved(self) -> tuple[str, str, str]:
         """(address, port, known_hosts file) as OpenSSH resolves this host (aliases, -F config)."""

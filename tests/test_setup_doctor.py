@@ -1,0 +1,154 @@
+"""``shiplane setup`` and ``shiplane doctor`` on a real OpenSSH test host (issue 20): doctor on a
+bare host says what is missing and the command that fixes it; setup makes the deploy user (a
+test-only name: the test hosts share this machine's /etc/passwd and /home), authorises the key,
+gives it the deploy root; a second setup changes nothing; doctor then passes; a deploy logs in
+as that user, not root, and the app's processes run as it."""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from deployhelp import Project, http_get, scaffold, wait_for
+from sshhosts import TestHost, TestHosts
+
+pytestmark = [pytest.mark.ssh, pytest.mark.slow]
+
+USER = "shl-deploy"
+PORT = 8400
+ROOT = "/srv/setup-demo"
+
+
+def _stage(config: Path, extra: str = "") -> str:
+    return (
+        f'[stages.fresh]\nhosts = ["shl-h1"]\ndeploy_to = "{ROOT}"\nport = {PORT}\n'
+        f'bind = "0.0.0.0"\nssh_config = "{config}"\ndeploy_user = "{USER}"\n{extra}'
+    )
+
+
+def _remove_user() -> None:
+    try:
+        pwd.getpwnam(USER)
+    except KeyError:
+        return
+    subprocess.run(["userdel", "-r", "-f", USER], capture_output=True, check=False)
+
+
+def result_of(done: subprocess.CompletedProcess[str]) -> dict[str, Any]:
+    for line in done.stdout.splitlines():
+        if line.startswith('{"result"'):
+            found: dict[str, Any] = json.loads(line)["result"]
+            return found
+    raise AssertionError(f"no result ({done.returncode}):\n{done.stdout}\n{done.stderr}")
+
+
+@pytest.fixture(scope="module")
+def app(ssh_hosts: TestHosts, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Project]:
+    _remove_user()  # left by an interrupted run
+    project = scaffold(tmp_path_factory.mktemp("setup"))
+    toml = project.root / "shiplane.toml"
+    text = toml.read_text()
+    toml.write_text(text[: text.index("[stages.staging]")] + _stage(ssh_hosts.ssh_config))
+    secrets = project.root / ".secrets" / "fresh.env"
+    secrets.write_text("SECRET_KEY=setup-test-secret-value\n")
+    os.chmod(secrets, 0o600)
+    project.commit("a stage on a fresh test host")
+    try:
+        yield project
+    finally:
+        project.shiplane("stop", "--all", "--stage", "fresh", timeout=120)
+        _remove_user()
+
+
+def test_doctor_setup_doctor_deploy_as_the_deploy_user(app: Project, ssh_hosts: TestHosts) -> None:
+    host: TestHost = ssh_hosts.hosts[0]
+    # before setup: the deploy user cannot log in; doctor says so, with the fix, and exits 1
+    before = app.shiplane("doctor", "--stage", "fresh", "--json")
+    assert before.returncode == 1, before.stdout + before.stderr
+    checks = result_of(before)["hosts"]["shl-h1"]["checks"]
+    assert checks[0]["check"] == "login" and checks[0]["status"] == "missing", checks
+    assert checks[0]["fix"] == "shiplane setup --stage fresh"
+    human = app.shiplane("doctor", "--stage", "fresh")
+    assert human.returncode == 1 and "fix: shiplane setup --stage fresh" in human.stdout
+
+    # setup: the user, the key, the deploy root
+    first = app.shiplane("setup", "--stage", "fresh", "--json")
+    assert first.returncode == 0, first.stdout + first.stderr
+    done = result_of(first)
+    steps = {s["step"]: s for s in done["hosts"]["shl-h1"]["steps"]}
+    assert done["changed"] is True and steps["user"]["status"] == "changed", steps
+    assert steps["key"]["status"] == "changed" and steps["root"]["status"] == "changed"
+    assert steps["python"]["status"] == "ok" and steps["sudo"]["status"] == "ok"
+    assert "client.pub" in done["key"]  # the key ssh offers the host (the ssh_config's)
+    account = pwd.getpwnam(USER)
+    assert account.pw_uid != 0 and account.pw_shell == "/bin/bash"
+    authorized = Path(account.pw_dir) / ".ssh" / "authorized_keys"
+    body = " ".join(Path(f"{ssh_hosts.client_key}.pub").read_text().split()[:2])
+    assert body in authorized.read_text()
+    assert oct(authorized.stat().st_mode & 0o777) == "0o600"
+    assert oct(authorized.parent.stat().st_mode & 0o777) == "0o700"
+    assert authorized.stat().st_uid == account.pw_uid
+    root = host.root / ROOT.removeprefix("/srv/")
+    assert root.stat().st_uid == account.pw_uid and oct(root.stat().st_mode & 0o777) == "0o750"
+
+    # a second setup changes nothing
+    second = app.shiplane("setup", "--stage", "fresh")
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "nothing changed" in second.stdout and " changed " not in second.stdout, second.stdout
+
+    # doctor now passes, as the deploy user
+    after = app.shiplane("doctor", "--stage", "fresh", "--json")
+    assert after.returncode == 0, after.stdout + after.stderr
+    report = result_of(after)["hosts"]["shl-h1"]
+    assert report["user"] == USER and report["ok"], report
+
+    # a deploy logs in as the deploy user; the app runs as it
+    result = _deploy(app)
+    assert result["ok"], result["output"][-3000:]
+    assert http_get(host.url(PORT, "/"))[0] == 200
+    status = app.shiplane("status", "--stage", "fresh", "--json")
+    services = result_of(status)["hosts"]["shl-h1"]["services"]
+    web = next(s for s in services if s["name"] == "web" and s.get("live", True) and s["pid"])
+    owner = subprocess.run(
+        ["ps", "-o", "user=", "-p", str(web["pid"])], capture_output=True, text=True, check=False
+    ).stdout.strip()
+    assert owner == USER, services
+    current = root / "current"
+    assert current.lstat().st_uid == account.pw_uid
+    wait_for(lambda: http_get(host.url(PORT, "/"))[0] == 200, what="the page")
+    # doctor after the deploy: the port is the app's own
+    again = app.shiplane("doctor", "--stage", "fresh")
+    assert again.returncode == 0 and "held" in again.stdout, again.stdout + again.stderr
+
+
+def _deploy(app: Project) -> dict[str, Any]:
+    started = time.monotonic()
+    done = app.shiplane("deploy", "--stage", "fresh", "--skip-tests", "--json")
+    result = result_of(done) if '{"result"' in done.stdout else {"ok": False}
+    result["output"] = done.stdout + done.stderr + f"\n({time.monotonic() - started:.1f} s)"
+    return result
+
+
+def test_bad_users_are_refused_before_any_connection(app: Project) -> None:
+    root = app.shiplane("doctor", "--stage", "fresh", "--set", "deploy_user=root")
+    assert root.returncode == 2 and "cannot be root" in root.stderr, root.stderr
+    toml = (app.root / "shiplane.toml").read_text()
+    bad = app.root / "bad.toml"
+    bad.write_text(toml.replace(f'deploy_user = "{USER}"', 'deploy_user = "x;reboot"'))
+    try:
+        for verb in ("setup", "doctor", "deploy"):
+            done = app.shiplane("-f", str(bad), verb, "--stage", "fresh", "--json")
+            assert done.returncode == 2, (verb, done.stdout, done.stderr)
+            assert "deploy_user" in done.stderr
+    finally:
+        bad.unlink()
+    meta = app.shiplane("setup", "--stage", "fresh", "--as", "root$(id)")
+    assert meta.returncode == 2 and "--as" in meta.stderr
