@@ -139,8 +139,11 @@ def give_app_dirs(layout: Layout, app: AppUser | None) -> None:
     for top, dirs, files in os.walk(layout.shared):
         for name in dirs + files:
             entry = os.path.join(top, name)
-            if os.lstat(entry).st_uid == 0:
-                os.chown(entry, app.uid, app.gid, follow_symlinks=False)
+            try:  # the running app may remove files meanwhile
+                if os.lstat(entry).st_uid == 0:
+                    os.chown(entry, app.uid, app.gid, follow_symlinks=False)
+            except FileNotFoundError:
+                continue
 
 
 def _under_home(path: Path | str) -> bool:
