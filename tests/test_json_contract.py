@@ -94,6 +94,8 @@ VERBS: list[tuple[str, ...]] = [
     ("stop", "--stage", "local"),
     ("start", "--stage", "local"),
     ("exec", "--stage", "local", "--", "true"),
+    ("setup", "--stage", "local"),
+    ("doctor", "--stage", "local"),
     ("clean",),
 ]
 

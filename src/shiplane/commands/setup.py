@@ -689,6 +689,11 @@ def run_doctor(
         for check in checks:
             if check["status"] == "missing":
                 check["fix"] = _fix(st, host, check["check"], login, setup_able)
+                if check["check"] == "port" and "below 1024" in check["detail"]:
+                    check["fix"] = (
+                        f"set port in [stages.{st.name}] to 1024 or above (root's ports are "
+                        'for a front such as nginx: front = "nginx")'
+                    )
         if login == "root" and not st.stage.is_local:
             checks.append(
                 Check(
