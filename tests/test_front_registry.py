@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from shiplane.agent import fronts, nginx, services
+from shiplane.agent import caddy, fronts, nginx, services
 from shiplane.agent.backend import builtin_front
 from shiplane.agent.errors import AgentError
 from shiplane.agent.protocol import ServicesSpec
@@ -35,6 +35,18 @@ def spec(front: str, tmp_path: Path) -> ServicesSpec:
         }
         if front == "nginx"
         else None,
+        "caddy": {
+            "domains": ["app.example.com"],
+            "acme_ca": "https://acme.example.com/dir",
+            "acme_email": None,
+            "acme_ca_root": None,
+            "data_dir": None,
+            "http_port": 80,
+            "https_port": 443,
+            "issue_timeout": 120,
+        }
+        if front == "caddy"
+        else None,
     }
 
 
@@ -49,6 +61,7 @@ def test_each_front_is_registered_under_its_own_name() -> None:
     for name, front in fronts.FRONTS.items():
         assert front.name == name
     assert isinstance(fronts.FRONTS["nginx"], nginx.NginxFront)
+    assert isinstance(fronts.FRONTS["caddy"], caddy.CaddyFront)
 
 
 def test_the_builtin_proxy_is_the_front_without_a_spec_or_a_name(tmp_path: Path) -> None:
@@ -64,9 +77,9 @@ def test_only_the_builtin_front_runs_under_the_backend(tmp_path: Path) -> None:
 
 def test_an_unknown_front_is_refused_naming_the_known_ones(tmp_path: Path) -> None:
     with pytest.raises(AgentError) as err:
-        fronts.front_for(spec("caddy", tmp_path))
+        fronts.front_for(spec("apache", tmp_path))
     assert err.value.kind == "usage"
-    assert "'caddy'" in err.value.message and "builtin, nginx" in err.value.message
+    assert "'apache'" in err.value.message and "builtin, nginx, caddy" in err.value.message
 
 
 def test_stopping_a_front_stops_only_what_the_stage_started(tmp_path: Path) -> None:
@@ -75,4 +88,6 @@ def test_stopping_a_front_stops_only_what_the_stage_started(tmp_path: Path) -> N
     assert fronts.FRONTS["builtin"].stop(spec("builtin", tmp_path), events.append) == []
     # nginx without a private conf is the host's own: never stopped
     assert fronts.FRONTS["nginx"].stop(spec("nginx", tmp_path), events.append) == []
+    # a Caddy is stopped by the dir its switch recorded: none recorded, none started
+    assert fronts.FRONTS["caddy"].stop(spec("caddy", tmp_path), events.append) == []
     assert events == []

@@ -73,6 +73,18 @@ def services_spec(deploy: DeployFile, stage: str) -> ServicesSpec:
         }
         if stage_cfg.front == "nginx"
         else None,
+        "caddy": {
+            "domains": list(stage_cfg.domains),
+            "acme_ca": stage_cfg.caddy.acme_ca,
+            "acme_email": stage_cfg.caddy.acme_email,
+            "acme_ca_root": stage_cfg.caddy.acme_ca_root,
+            "data_dir": stage_cfg.caddy.data_dir,
+            "http_port": stage_cfg.caddy.http_port,
+            "https_port": stage_cfg.caddy.https_port,
+            "issue_timeout": stage_cfg.caddy.issue_timeout,
+        }
+        if stage_cfg.front == "caddy"
+        else None,
     }
 
 

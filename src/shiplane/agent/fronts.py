@@ -3,7 +3,8 @@ sends every request to ``run/web.sock``, the symlink a switch moves to the live 
 
 - ``builtin``: the agent's own proxy (proxy.py), run by the stage's backend as its ``front``
   service (backend.py's ``front_argv``: a supervisord program, or a systemd socket and service);
-- ``nginx``: the stage's site in the host's nginx, or in a private one (nginx.py).
+- ``nginx``: the stage's site in the host's nginx, or in a private one (nginx.py);
+- ``caddy``: HTTPS for the stage's domains, certificates from an ACME CA (caddy.py).
 
 A switch sets the front up in two steps: the backend runs the builtin proxy, or removes it when
 the stage has another front (``Backend.ensure_front``), then the front's own :meth:`Front.ensure`
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from . import nginx
+from . import caddy, nginx
 from .errors import AgentError
 from .paths import Layout
 from .protocol import Emit, ServicesSpec
@@ -61,6 +62,7 @@ class BuiltinFront:
 FRONTS: dict[str, Front] = {
     "builtin": BuiltinFront(),
     "nginx": nginx.NginxFront(),
+    "caddy": caddy.CaddyFront(),
 }
 
 

@@ -103,6 +103,20 @@ class NginxSpec(TypedDict):
     pid_file: str | None
 
 
+class CaddySpec(TypedDict):
+    """``front = "caddy"``: the stage's domains served over HTTPS by a private Caddy
+    (agent/caddy.py) with certificates from an ACME CA."""
+
+    domains: list[str]
+    acme_ca: str
+    acme_email: str | None
+    acme_ca_root: str | None
+    data_dir: str | None  # None: <root>/caddy
+    http_port: int
+    https_port: int
+    issue_timeout: float
+
+
 class ServicesSpec(TypedDict):
     """The services of a stage: what ``switch`` starts and the backend and front that run them."""
 
@@ -113,6 +127,7 @@ class ServicesSpec(TypedDict):
     workers: dict[str, WorkerSpec]
     backend: str  # "auto", "systemd", "daemon"
     nginx: NginxSpec | None
+    caddy: CaddySpec | None
 
 
 class RenderedFile(TypedDict):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import difflib
 import re
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
@@ -737,6 +737,64 @@ class Nginx(Model):
         return self
 
 
+# a domain Caddy gets a certificate for: lowercase DNS labels, at least two, not an IP address
+DOMAIN = re.compile(
+    r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]([a-z0-9-]{0,61}[a-z0-9])?$"
+)
+LETS_ENCRYPT = "https://acme-v02.api.letsencrypt.org/directory"
+
+
+class Caddy(Model):
+    """``[stages.X.caddy]`` with ``domains``: the private Caddy that serves them over HTTPS
+    (agent/caddy.py, docs/https.md)."""
+
+    acme_ca: Annotated[str, Field(pattern=r"^https?://[^\s{}]+$")] = Field(
+        default=LETS_ENCRYPT,
+        description="The ACME CA's directory URL; unset: Let's Encrypt's production one.",
+    )
+    acme_email: Annotated[str, Field(pattern=r"^[^\s@{}]+@[^\s@{}]+$")] | None = Field(
+        default=None, description="The contact address of the ACME account (expiry notices)."
+    )
+    acme_ca_root: str | None = Field(
+        default=None,
+        description="A file on the hosts: the CA's root certificate, to trust the ACME "
+        "server's own TLS (private or test CAs).",
+    )
+    data_dir: str | None = Field(
+        default=None,
+        description="Where Caddy keeps its config, account and certificates (keys 0600, dirs "
+        "0700) on the hosts; unset: ``<deploy_to>/caddy``.",
+    )
+    http_port: Annotated[int, Field(ge=1, le=65535)] = Field(
+        default=80,
+        description="HTTP: ACME HTTP-01 challenges and the redirect to HTTPS (the CA connects to "
+        "80: change it only behind a port forward or for a test CA).",
+    )
+    https_port: Annotated[int, Field(ge=1, le=65535)] = Field(
+        default=443, description="HTTPS: the app (and ACME TLS-ALPN-01 challenges)."
+    )
+    issue_timeout: Annotated[float, Field(gt=0, le=3600)] = Field(
+        default=120,
+        description="Seconds a deploy waits for missing certificates before it fails naming "
+        "the domains and the CA's reason.",
+    )
+
+    @field_validator("acme_ca_root", "data_dir")
+    @classmethod
+    def _absolute(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None and not value.startswith("/"):
+            raise ValueError(f"{info.field_name} is a path on the hosts: absolute, found {value!r}")
+        if value is not None and any(ch in value for ch in "{}\n\r\0"):
+            raise ValueError(f"{info.field_name}: braces and control characters are not allowed")
+        return value
+
+    @model_validator(mode="after")
+    def _ports(self) -> Caddy:
+        if self.http_port == self.https_port:
+            raise ValueError("http_port and https_port must differ")
+        return self
+
+
 PERCENT = r"^(100|[1-9]?[0-9])%$"
 
 
@@ -795,11 +853,12 @@ class Stage(Model):
     python: Annotated[str, Field(pattern=PYTHON)] | None = Field(
         default=None, description="This stage's hosts' Python, over ``app.python``."
     )
-    front: Literal["builtin", "nginx"] = Field(
+    front: Literal["builtin", "nginx", "caddy"] = Field(
         default="builtin",
         description="What holds the public port: shiplane's "
-        "own proxy, or nginx "
-        "(``[stages.NAME.nginx]``).",
+        "own proxy, nginx "
+        "(``[stages.NAME.nginx]``), or Caddy with HTTPS for ``domains`` (the default when "
+        "``domains`` is set).",
     )
     backend: Literal["auto", "daemon", "systemd"] = Field(
         default="auto",
@@ -807,6 +866,13 @@ class Stage(Model):
         "``auto`` (systemd when it is PID 1; ``local`` uses daemon).",
     )
     nginx: Nginx = Field(default=Nginx(), description='The nginx site, with ``front = "nginx"``.')
+    domains: list[str] = Field(
+        default=[],
+        description="Names served over HTTPS with certificates from an ACME CA (Caddy, "
+        "``[stages.NAME.caddy]``; HTTP redirects to HTTPS); their DNS must point at the hosts. "
+        "Unset: plain HTTP.",
+    )
+    caddy: Caddy = Field(default=Caddy(), description="The Caddy front, with ``domains``.")
     ssh_config: str | None = Field(
         default=None, description="An ssh config file, given to ssh as ``-F``."
     )
@@ -914,6 +980,46 @@ class Stage(Model):
                     "adding its key to known_hosts (ssh-keyscan, after checking the fingerprint)"
                 )
         return options
+
+    @field_validator("domains")
+    @classmethod
+    def _domains(cls, values: list[str]) -> list[str]:
+        names = [v.strip().lower().rstrip(".") for v in values]
+        for name in names:
+            if name.startswith("*."):
+                raise ValueError(
+                    f"{name!r}: wildcard certificates need the ACME DNS challenge, which "
+                    "shiplane does not set up; list each name"
+                )
+            if not DOMAIN.match(name):
+                raise ValueError(
+                    f"expected a domain name such as 'example.com' (letters, digits, '-', at "
+                    f"least one dot; not an IP address), found {name!r}"
+                )
+        if len(set(names)) != len(names):
+            raise ValueError("a domain is listed twice")
+        return names
+
+    @model_validator(mode="before")
+    @classmethod
+    def _domains_mean_caddy(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("domains") and "front" not in data:
+            return {**data, "front": "caddy"}
+        return data
+
+    @model_validator(mode="after")
+    def _front_serves_domains(self) -> Stage:
+        if self.domains and self.front != "caddy":
+            raise ValueError(
+                f'domains are served over HTTPS by the caddy front; front = "{self.front}" '
+                'cannot: drop the front key (or set front = "caddy"), or drop domains'
+            )
+        if self.front == "caddy" and not self.domains:
+            raise ValueError(
+                'front = "caddy" serves the stage\'s domains over HTTPS: set domains = '
+                '["example.com", ...] (their DNS pointing at the hosts)'
+            )
+        return self
 
     @model_validator(mode="after")
     def _roles_name_hosts(self) -> Stage:
