@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import pwd
+import shlex
 import subprocess
 import time
 from collections.abc import Iterator
@@ -18,9 +19,9 @@ from typing import Any
 import pytest
 
 from deployhelp import Project, http_get, scaffold, wait_for
+from shiplane.commands.setup import _DOCTOR_SCRIPT, _SETUP_SCRIPT
+from shiplane.transport.ssh import SSHTransport
 from sshhosts import TestHost, TestHosts
-
-pytestmark = [pytest.mark.ssh, pytest.mark.slow]
 
 USER = "shl-deploy"
 PORT = 8400
@@ -68,6 +69,8 @@ def app(ssh_hosts: TestHosts, tmp_path_factory: pytest.TempPathFactory) -> Itera
         _remove_user()
 
 
+@pytest.mark.ssh
+@pytest.mark.slow  # on a real OpenSSH test host
 def test_doctor_setup_doctor_deploy_as_the_deploy_user(app: Project, ssh_hosts: TestHosts) -> None:
     host: TestHost = ssh_hosts.hosts[0]
     # before setup: the deploy user cannot log in; doctor says so, with the fix, and exits 1
@@ -137,6 +140,8 @@ def _deploy(app: Project) -> dict[str, Any]:
     return result
 
 
+@pytest.mark.ssh
+@pytest.mark.slow  # on a real OpenSSH test host
 def test_bad_users_are_refused_before_any_connection(app: Project) -> None:
     root = app.shiplane("doctor", "--stage", "fresh", "--set", "deploy_user=root")
     assert root.returncode == 2 and "cannot be root" in root.stderr, root.stderr
@@ -152,3 +157,36 @@ def test_bad_users_are_refused_before_any_connection(app: Project) -> None:
         bad.unlink()
     meta = app.shiplane("setup", "--stage", "fresh", "--as", "root$(id)")
     assert meta.returncode == 2 and "--as" in meta.stderr
+
+
+def test_a_host_without_a_user_logs_in_as_deploy_user() -> None:
+    argv = SSHTransport("web1:2222", user="deploy").command_argv(["true"], tty=False)
+    assert argv[-2:] == ["deploy@web1", "true"] and "2222" in argv
+    assert (
+        SSHTransport("ops@web1", user="deploy").command_argv(["true"], tty=False)[-2] == "ops@web1"
+    )
+    assert SSHTransport("web1").command_argv(["true"], tty=False)[-2] == "web1"  # unset: ssh's
+
+
+def test_the_scripts_are_valid_sh_whatever_the_values() -> None:
+    hostile = "x'; reboot; echo '$(id)`id`"
+    values = {
+        "path": "/usr/bin:/bin",
+        "deploy_user": "deploy",
+        "deploy_root": hostile,
+        "pubkey": "ssh-ed25519 AAAA shiplane-demo",
+        "python": "python3",
+        "front": "",
+        "low_ports": "no",
+        "systemd": "auto",
+        "sudo_rule": "none",
+        "port": "8000",
+        "bind": "0.0.0.0",
+        "min_free_kb": "1",
+    }
+    quoted = {k: shlex.quote(v) for k, v in values.items()}
+    for template in (_SETUP_SCRIPT, _DOCTOR_SCRIPT):
+        fields = {k: v for k, v in quoted.items() if "{" + k + "}" in template}
+        script = template.format(**fields)
+        assert subprocess.run(["sh", "-n"], input=script, text=True, check=False).returncode == 0
+        assert f"{hostile}" not in script.replace(shlex.quote(hostile), "")

@@ -99,6 +99,7 @@ DEPLOY_ROOT={deploy_root}
 PUBKEY={pubkey}
 PYTHON={python}
 FRONT={front}
+LOW_PORTS={low_ports}
 SYSTEMD={systemd}
 SUDO_RULE={sudo_rule}
 say() {{ printf 'step %s %s %s\n' "$1" "$2" "$3"; }}
@@ -141,6 +142,18 @@ if [ -n "$FRONT" ]; then
     say front changed "installed $FRONT"
   else
     say front failed "$FRONT: $(last "$OUT")"
+  fi
+fi
+# caddy listens on 80/443 itself, as the deploy user: the binary gets that one capability
+if [ "$LOW_PORTS" = yes ] && command -v "$FRONT" >/dev/null 2>&1; then
+  BIN=$(readlink -f "$(command -v "$FRONT")")
+  command -v setcap >/dev/null 2>&1 || apt_install libcap2-bin >/dev/null 2>&1 || :
+  if command -v getcap >/dev/null 2>&1 && getcap "$BIN" </dev/null | grep -q cap_net_bind_service; then
+    say ports ok "$BIN may listen on ports below 1024"
+  elif OUT=$(setcap cap_net_bind_service=+ep "$BIN" </dev/null 2>&1); then
+    say ports changed "setcap cap_net_bind_service=+ep $BIN (ports below 1024 without root)"
+  else
+    say ports failed "setcap cap_net_bind_service=+ep $BIN: $(last "${{OUT:-no setcap}}")"
   fi
 fi
 
@@ -242,6 +255,7 @@ export PATH={path}
 ROOT={deploy_root}
 PYTHON={python}
 FRONT={front}
+LOW_PORTS={low_ports}
 SYSTEMD={systemd}
 PORT={port}
 BIND={bind}
@@ -295,6 +309,16 @@ if [ -n "$FRONT" ]; then
     say front ok "$FRONT installed"
   else
     say front missing "no $FRONT on this host (the stage's front)"
+  fi
+fi
+if [ "$LOW_PORTS" = yes ] && [ "$ME" != root ] && command -v "$FRONT" >/dev/null 2>&1; then
+  BIN=$(readlink -f "$(command -v "$FRONT")")
+  if ! command -v getcap >/dev/null 2>&1; then
+    say ports skipped "no getcap: cannot tell whether $BIN may listen on ports below 1024"
+  elif getcap "$BIN" </dev/null | grep -q cap_net_bind_service; then
+    say ports ok "$BIN may listen on ports below 1024"
+  else
+    say ports missing "$BIN may not listen on ports below 1024 as $ME"
   fi
 fi
 
@@ -367,6 +391,15 @@ class _Stage:
         """The front's server binary the hosts need ("" for shiplane's own proxy)."""
         front = str(self.stage.front)
         return front if front in ("nginx", "caddy") else ""
+
+    @property
+    def low_ports(self) -> str:
+        """'yes' when the front's own server listens below 1024 (caddy's 80/443)."""
+        if self.front != "caddy":
+            return "no"
+        caddy = getattr(self.stage, "caddy", None)
+        ports = (getattr(caddy, "http_port", 80), getattr(caddy, "https_port", 443))
+        return "yes" if min(int(p) for p in ports) < 1024 else "no"
 
     @property
     def systemd(self) -> str:
@@ -575,6 +608,7 @@ def run_setup(
                 pubkey=_q(f"{key} shiplane-{st.project.deploy.app.name}"),
                 python=_q(st.python),
                 front=_q(st.front),
+                low_ports=_q(st.low_ports),
                 systemd=_q(st.systemd),
                 sudo_rule=_q(_sudo_rule(st)),
             )
@@ -660,6 +694,7 @@ def run_doctor(
         deploy_root=_q(st.root),
         python=_q(st.python),
         front=_q(st.front),
+        low_ports=_q(st.low_ports),
         systemd=_q(st.systemd),
         port=_q(port or ""),
         bind=_q(bind),
