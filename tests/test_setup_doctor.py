@@ -28,10 +28,13 @@ PORT = 8400
 ROOT = "/srv/setup-demo"
 
 
-def _stage(config: Path, extra: str = "") -> str:
+def _stage(config: Path) -> str:
     return (
         f'[stages.fresh]\nhosts = ["shl-h1"]\ndeploy_to = "{ROOT}"\nport = {PORT}\n'
-        f'bind = "0.0.0.0"\nssh_config = "{config}"\ndeploy_user = "{USER}"\n{extra}'
+        f'bind = "0.0.0.0"\nssh_config = "{config}"\ndeploy_user = "{USER}"\n\n'
+        # deployed as root (the ssh_config's user) first, then moved to the deploy user
+        f'[stages.legacy]\nhosts = ["shl-h2"]\ndeploy_to = "/srv/legacy"\nport = {PORT + 1}\n'
+        f'bind = "0.0.0.0"\nssh_config = "{config}"\n'
     )
 
 
@@ -58,14 +61,17 @@ def app(ssh_hosts: TestHosts, tmp_path_factory: pytest.TempPathFactory) -> Itera
     toml = project.root / "shiplane.toml"
     text = toml.read_text()
     toml.write_text(text[: text.index("[stages.staging]")] + _stage(ssh_hosts.ssh_config))
-    secrets = project.root / ".secrets" / "fresh.env"
-    secrets.write_text("SECRET_KEY=setup-test-secret-value\n")
-    os.chmod(secrets, 0o600)
+    for stage in ("fresh", "legacy"):
+        secrets = project.root / ".secrets" / f"{stage}.env"
+        secrets.write_text("SECRET_KEY=setup-test-secret-value\n")
+        os.chmod(secrets, 0o600)
     project.commit("a stage on a fresh test host")
     try:
         yield project
     finally:
         project.shiplane("stop", "--all", "--stage", "fresh", timeout=120)
+        project.shiplane("stop", "--all", "--stage", "legacy", "--set", f"deploy_user={USER}")
+        project.shiplane("stop", "--all", "--stage", "legacy", timeout=120)
         _remove_user()
 
 
@@ -132,9 +138,9 @@ def test_doctor_setup_doctor_deploy_as_the_deploy_user(app: Project, ssh_hosts: 
     assert again.returncode == 0 and "held" in again.stdout, again.stdout + again.stderr
 
 
-def _deploy(app: Project) -> dict[str, Any]:
+def _deploy(app: Project, stage: str = "fresh", *extra: str) -> dict[str, Any]:
     started = time.monotonic()
-    done = app.shiplane("deploy", "--stage", "fresh", "--skip-tests", "--json")
+    done = app.shiplane("deploy", "--stage", stage, "--skip-tests", "--json", *extra)
     result = result_of(done) if '{"result"' in done.stdout else {"ok": False}
     result["output"] = done.stdout + done.stderr + f"\n({time.monotonic() - started:.1f} s)"
     return result
@@ -180,6 +186,7 @@ def test_the_scripts_are_valid_sh_whatever_the_values() -> None:
         "low_ports": "no",
         "systemd": "auto",
         "sudo_rule": "none",
+        "stage": "prod",
         "port": "8000",
         "bind": "0.0.0.0",
         "min_free_kb": "1",
@@ -190,3 +197,30 @@ def test_the_scripts_are_valid_sh_whatever_the_values() -> None:
         script = template.format(**fields)
         assert subprocess.run(["sh", "-n"], input=script, text=True, check=False).returncode == 0
         assert f"{hostile}" not in script.replace(shlex.quote(hostile), "")
+
+
+@pytest.mark.ssh
+@pytest.mark.slow  # on a real OpenSSH test host
+def test_a_stage_deployed_as_root_moves_to_the_deploy_user(
+    app: Project, ssh_hosts: TestHosts
+) -> None:
+    host = ssh_hosts.hosts[1]
+    as_deploy = ("--set", f"deploy_user={USER}")
+    assert _deploy(app, "legacy")["ok"]  # as root: the ssh_config's user
+    # its processes run as root from the deploy root: setup will not take it from under them
+    busy = app.shiplane("setup", "--stage", "legacy", *as_deploy)
+    assert busy.returncode == 1, busy.stdout + busy.stderr
+    assert "shiplane stop --all --stage legacy" in busy.stdout, busy.stdout
+    assert (host.root / "legacy").stat().st_uid == 0
+    app.shiplane("stop", "--all", "--stage", "legacy", check=True, timeout=120)
+    moved = app.shiplane("setup", "--stage", "legacy", *as_deploy, "--json")
+    assert moved.returncode == 0, moved.stdout + moved.stderr
+    steps = {s["step"]: s for s in result_of(moved)["hosts"]["shl-h2"]["steps"]}
+    assert "with everything in it" in steps["root"]["detail"], steps
+    uid = pwd.getpwnam(USER).pw_uid
+    assert all(p.lstat().st_uid == uid for p in (host.root / "legacy").rglob("*"))
+    result = _deploy(app, "legacy", *as_deploy)
+    assert result["ok"], result["output"][-3000:]
+    assert http_get(host.url(PORT + 1, "/"))[0] == 200
+    releases = app.shiplane("releases", "--stage", "legacy", *as_deploy)
+    assert releases.returncode == 0 and releases.stdout.count("\n") >= 2, releases.stdout

@@ -96,6 +96,7 @@ set -u
 export DEBIAN_FRONTEND=noninteractive PATH={path}
 DEPLOY_USER={deploy_user}
 DEPLOY_ROOT={deploy_root}
+STAGE={stage}
 PUBKEY={pubkey}
 PYTHON={python}
 FRONT={front}
@@ -203,12 +204,26 @@ fi
 own "$AUTH" 600
 if [ -n "$CHANGED" ]; then say key changed "$CHANGED"; else say key ok "authorised in $AUTH"; fi
 
-# the deploy root
+# the deploy root; a process of another user running from it: "pid user"
+running_in() {{
+  for P in /proc/[0-9]*; do
+    C=$(readlink "$P/cwd" 2>/dev/null) || continue
+    case "$C/" in
+      "$1"/*)
+        U=$(stat -c %U "$P" 2>/dev/null) || continue
+        if [ "$U" != "$DEPLOY_USER" ]; then echo "pid ${{P#/proc/}}, $U"; return 0; fi ;;
+    esac
+  done
+}}
 CHANGED=
 if [ -d "$DEPLOY_ROOT" ]; then
   OWNER=$(stat -c %U "$DEPLOY_ROOT")
   if [ "$OWNER" != "$DEPLOY_USER" ]; then
-    if [ -e "$DEPLOY_ROOT/releases" ] || [ -e "$DEPLOY_ROOT/current" ]; then
+    BUSY=$(running_in "$DEPLOY_ROOT")
+    if [ -n "$BUSY" ]; then
+      say root failed "$DEPLOY_ROOT is owned by $OWNER, whose processes run from it ($BUSY): stop them first (shiplane stop --all --stage $STAGE, logging in as before)"
+      exit 0
+    elif [ -e "$DEPLOY_ROOT/releases" ] || [ -e "$DEPLOY_ROOT/current" ]; then
       chown -R "$DEPLOY_USER:$GROUP" "$DEPLOY_ROOT"
       CHANGED="owned by $OWNER: given to $DEPLOY_USER with everything in it"
     else
@@ -605,6 +620,7 @@ def run_setup(
                 path=_q(_PATH),
                 deploy_user=_q(users[host]),
                 deploy_root=_q(st.root),
+                stage=_q(st.name),
                 pubkey=_q(f"{key} shiplane-{st.project.deploy.app.name}"),
                 python=_q(st.python),
                 front=_q(st.front),
@@ -665,7 +681,10 @@ def _why(
     if code is None:
         return f"{host}: {err}"
     if code == 255:
-        return transport.explain_failure(code, err)
+        why = transport.explain_failure(code, err)
+        if "Permission denied" in err:
+            why += f" (setup logs in as {user}: --as USER names another, with passwordless sudo)"
+        return why
     if sudo and ("sudo" in err or "password" in err):
         last = [line for line in err.strip().splitlines() if line.strip()][-1:] or ["refused"]
         return (
