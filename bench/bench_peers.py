@@ -513,10 +513,11 @@ def render(res: dict[str, Any]) -> str:
         for kind, what in zip(KINDS, ("a cold deploy", "a warm redeploy", "a rollback")):
             ratios = [_med(_series(res, t, kind, "served")) / base[kind] for t in peers]
             spans.append(f"{min(ratios):.1f}–{max(ratios):.1f}× for {what}")
+        spans[0] = spans[0].replace("× for", "× shiplane's median time for", 1)
         lines += [
             (
-                f"In this session the peers took {', '.join(spans[:-1])} and {spans[-1]} of "
-                "shiplane's median time (until every host serves the new code)."
+                f"In this session the peers took {', '.join(spans[:-1])} and {spans[-1]} "
+                "(medians, until every host serves the new code)."
             ),
             "",
         ]
