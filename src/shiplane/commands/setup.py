@@ -25,10 +25,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypedDict, TypeVar
 
+from shiplane.commands.common import silent
 from shiplane.config import Project, load_project, stage_of
 from shiplane.config.loader import with_overrides
 from shiplane.config.schema import LOGIN, Stage
 from shiplane.errors import ConfigError, UsageError
+from shiplane.fleet import Fleet
 from shiplane.secret import Masker
 from shiplane.transport import ConnectSettings, cleanup
 from shiplane.transport.ssh import HOST, SSHTransport
@@ -389,13 +391,8 @@ class _Stage:
 
     @property
     def settings(self) -> ConnectSettings:
-        stage = self.stage
-        return ConnectSettings(
-            ssh_config=str(self.project.root / stage.ssh_config) if stage.ssh_config else None,
-            identity_file=stage.identity_file,
-            ssh_options=tuple(stage.ssh_options),
-            connect_timeout=stage.connect_timeout,
-        )
+        """The stage's SSH settings, as every session's (``user``: its ``deploy_user``)."""
+        return Fleet(self.project, self.name, silent).connect_settings()
 
     @property
     def python(self) -> str:
@@ -719,7 +716,7 @@ def run_doctor(
         bind=_q(bind),
         min_free_kb=_q(MIN_FREE_MIB * 1024),
     )
-    settings = ConnectSettings(**{**st.settings.__dict__, "user": st.stage.deploy_user})
+    settings = st.settings
     transports: dict[str, SSHTransport | None] = {
         host: None if st.stage.is_local else SSHTransport.connect(host, settings)
         for host in st.stage.hosts
