@@ -224,3 +224,15 @@ def test_a_stage_deployed_as_root_moves_to_the_deploy_user(
     assert http_get(host.url(PORT + 1, "/"))[0] == 200
     releases = app.shiplane("releases", "--stage", "legacy", *as_deploy)
     assert releases.returncode == 0 and releases.stdout.count("\n") >= 2, releases.stdout
+
+
+def test_the_prewarmed_master_logs_in_as_deploy_user(tmp_path: Path) -> None:
+    from shiplane.transport import prewarm
+
+    (tmp_path / "shiplane.toml").write_text(
+        '[app]\nname = "demo"\n\n[stages.prod]\nhosts = ["web1", "ops@web2"]\n'
+        'deploy_to = "/srv/demo"\ndeploy_user = "deploy"\n'
+    )
+    found = prewarm.targets(["deploy", "--stage", "prod"], {}, tmp_path)
+    targets = {h: t.command_argv(["true"], tty=False)[-2] for h, t in found.items()}
+    assert targets == {"web1": "deploy@web1", "ops@web2": "ops@web2"}
