@@ -413,10 +413,9 @@ def deploy(
     as_json: bool,
 ) -> None:
     """The whole pipeline: gate, build, lock, copy, install, release, switch (each candidate verified), finalize."""
-    from shiplane.commands.deploy import run_deploy
-    from shiplane.commands.deployment import DeployOptions
-
-    options = DeployOptions(
+    _run_deploy(
+        obj,
+        as_json,
         stage=stage,
         artifact=artifact,
         skip_tests=skip_tests,
@@ -424,12 +423,18 @@ def deploy(
         lock_wait=lock_wait,
         hosts=hosts,
         sets=sets,
-        as_json=as_json,
-        verbose=obj.verbose,
         retry_failed=retry_failed,
     )
+
+
+def _run_deploy(obj: Context, as_json: bool, **options: Any) -> None:
+    """``deploy`` and its partial verbs (``copy``, ``install``): the pipeline, shown live."""
+    from shiplane.commands.deploy import run_deploy
+    from shiplane.commands.deployment import DeployOptions
+
+    settings = DeployOptions(as_json=as_json, verbose=obj.verbose, **options)
     with _reporter(obj, as_json) as reporter:
-        result = run_deploy(obj.file, options, obj.masker, reporter)
+        result = run_deploy(obj.file, settings, obj.masker, reporter)
     _finish(obj, result, as_json)
 
 
@@ -524,10 +529,9 @@ def _first_steps_verb(name: str, doc: str) -> None:
         sets: tuple[str, ...],
         as_json: bool,
     ) -> None:
-        from shiplane.commands.deploy import run_deploy
-        from shiplane.commands.deployment import DeployOptions
-
-        options = DeployOptions(
+        _run_deploy(
+            obj,
+            as_json,
             stage=stage,
             artifact=artifact,
             skip_tests=skip_tests,
@@ -535,13 +539,8 @@ def _first_steps_verb(name: str, doc: str) -> None:
             lock_wait=lock_wait,
             hosts=hosts,
             sets=sets,
-            as_json=as_json,
-            verbose=obj.verbose,
             until=name,
         )
-        with _reporter(obj, as_json) as reporter:
-            result = run_deploy(obj.file, options, obj.masker, reporter)
-        _finish(obj, result, as_json)
 
 
 _first_steps_verb(

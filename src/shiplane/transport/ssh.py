@@ -206,6 +206,23 @@ class SSHTransport:
     def config_values(self, key: str) -> list[str]:
         """The values OpenSSH resolves for ``key`` (lower case, as ``ssh -G`` prints it) for this
         host with these options: ``identityfile`` lists the keys ssh would offer."""
+        return [value for name, value in self._resolved_config() if name == key and value]
+
+    def _resolved(self) -> tuple[str, str, str]:
+        """(address, port, known_hosts file) as OpenSSH resolves this host (aliases, -F config)."""
+        address, port, known_hosts = self._address, self._port or "22", "~/.ssh/known_hosts"
+        for key, value in self._resolved_config():
+            if key == "hostname" and value:
+                address = value
+            elif key == "port" and value:
+                port = value
+            elif key == "userknownhostsfile" and value:
+                known_hosts = value.split()[0]
+        return address, port, known_hosts
+
+    def _resolved_config(self) -> list[tuple[str, str]]:
+        """``ssh -G``: every setting as OpenSSH resolves it for this host, (key, value) pairs;
+        none when ssh cannot be asked."""
         try:
             done = subprocess.run(
                 [*self._base, "-G", "--", self._target],
@@ -217,32 +234,10 @@ class SSHTransport:
             )
         except (OSError, subprocess.TimeoutExpired):
             return []
-        pairs = (line.partition(" ") for line in done.stdout.splitlines())
-        return [value for name, _, value in pairs if name == key and value]
-
-    def _resolved(self) -> tuple[str, str, str]:
-        """(address, port, known_hosts file) as OpenSSH resolves this host (aliases, -F config)."""
-        address, port, known_hosts = self._address, self._port or "22", "~/.ssh/known_hosts"
-        try:
-            done = subprocess.run(
-                [*self._base, "-G", "--", self._target],
-                capture_output=True,
-                text=True,
-                timeout=10,
-                check=False,
-                stdin=subprocess.DEVNULL,
-            )
-        except (OSError, subprocess.TimeoutExpired):
-            return address, port, known_hosts
-        for line in done.stdout.splitlines():
-            key, _, value = line.partition(" ")
-            if key == "hostname" and value:
-                address = value
-            elif key == "port" and value:
-                port = value
-            elif key == "userknownhostsfile" and value:
-                known_hosts = value.split()[0]
-        return address, port, known_hosts
+        return [
+            (key, value)
+            for key, _, value in (line.partition(" ") for line in done.stdout.splitlines())
+        ]
 
     def close(self) -> None:
         """Stop this host's control master (the private dir goes with ``remove_control_dir``,
