@@ -25,13 +25,14 @@ from fakehosts import FakeError, FakeHost, FakeHosts, Gate
 from shiplane.agent import protocol
 from shiplane.commands.build import build_for_deploy
 from shiplane.commands.deploy import run_deploy
-from shiplane.commands.deployment import DeployOptions
+from shiplane.commands.deployment import DeployOptions, DeployResult
 from shiplane.commands.operate import run_rollback
 from shiplane.commands.promote import run_promote
 from shiplane.config import load_project
 from shiplane.errors import UsageError
 from shiplane.events import Event
 from shiplane.secret import Masker
+from shiplane.ui import deploy_lines, promote_lines
 
 FLEET = ["h1", "h2", "h3", "h4"]
 STAGES = """[stages.fleet]
@@ -101,7 +102,12 @@ def deploy(
 ) -> dict[str, Any]:
     """``shiplane deploy --stage STAGE --skip-tests --set ...`` on the fake hosts: its summary."""
     opts = DeployOptions(stage=stage, skip_tests=True, sets=sets, as_json=True, **options)
-    return run_deploy(root / "shiplane.toml", opts, Masker(), transports=hosts)
+    return as_printed(run_deploy(root / "shiplane.toml", opts, Masker(), transports=hosts))
+
+
+def as_printed(result: DeployResult) -> dict[str, Any]:
+    """A deploy's result as ``deploy --json`` prints it: its data and the ``lines`` drawn."""
+    return {**result.to_json(), "lines": deploy_lines(result)}
 
 
 def outcomes(result: dict[str, Any]) -> dict[str, str]:
@@ -398,7 +404,9 @@ def test_retry_failed_from_another_clone_finishes_the_deploy_the_hosts_record(
     other = second_clone(app, tmp_path)
     events: list[Event] = []
     opts = DeployOptions(stage="fleet", skip_tests=True, as_json=True, retry_failed=True)
-    retried = run_deploy(other / "shiplane.toml", opts, Masker(), events.append, transports=hosts)
+    retried = as_printed(
+        run_deploy(other / "shiplane.toml", opts, Masker(), events.append, transports=hosts)
+    )
     assert retried["ok"], retried["lines"]
     assert (retried["release"], retried["artifact"]) == (stopped["release"], stopped["artifact"])
     assert {hosts[h].current for h in FLEET} == {stopped["release"]}
@@ -445,8 +453,9 @@ def test_promote_moves_the_exact_artifact_live_on_the_source_stage(
         Masker(),
         transports=hosts,
     )
-    assert promoted["ok"] and promoted["promoted_from"] == "staging"
-    assert promoted["artifact"] == staged["artifact"]
+    assert promoted.deploy.to_json()["ok"] and promoted.promoted_from == "staging"
+    assert promoted.deploy.to_json()["artifact"] == promoted.artifact == staged["artifact"]
+    assert promote_lines(promoted)[0].startswith(f"promoting artifact {promoted.artifact[:12]}")
     for name in ("p1", "p2"):
         live = hosts[name].current
         assert live is not None and hosts[name].release(live)["artifact"] == staged["artifact"]
@@ -686,7 +695,9 @@ def test_a_host_that_cannot_be_reached_stops_the_deploy_before_the_test_gate(
     hosts["h3"].unreachable = True
     events: list[Event] = []
     opts = DeployOptions(stage="fleet", as_json=True)  # the scaffold's gate: its pytest suite
-    result = run_deploy(app / "shiplane.toml", opts, Masker(), events.append, transports=hosts)
+    result = as_printed(
+        run_deploy(app / "shiplane.toml", opts, Masker(), events.append, transports=hosts)
+    )
     assert (
         not result["ok"] and "so the test gate did not run and nothing was sent" in result["error"]
     )

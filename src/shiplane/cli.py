@@ -431,11 +431,12 @@ def _run_deploy(obj: Context, as_json: bool, **options: Any) -> None:
     """``deploy`` and its partial verbs (``copy``, ``install``): the pipeline, shown live."""
     from shiplane.commands.deploy import run_deploy
     from shiplane.commands.deployment import DeployOptions
+    from shiplane.ui import deploy_lines
 
     settings = DeployOptions(as_json=as_json, verbose=obj.verbose, **options)
     with _reporter(obj, as_json) as reporter:
         result = run_deploy(obj.file, settings, obj.masker, reporter)
-    _finish(obj, result, as_json)
+    _finish(obj, {**result.to_json(), "lines": deploy_lines(result)}, as_json)
 
 
 @main.command()
@@ -487,6 +488,7 @@ def promote(
     """Deploy to a stage the exact artifact that is live and healthy on another."""
     from shiplane.commands.deployment import DeployOptions
     from shiplane.commands.promote import run_promote
+    from shiplane.ui import promote_lines
 
     if artifact:
         raise UsageError(
@@ -508,7 +510,12 @@ def promote(
     )
     with _reporter(obj, as_json) as reporter:
         result = run_promote(obj.file, from_stage, options, obj.masker, reporter)
-    _finish(obj, result, as_json)
+    rendered = {
+        **result.deploy.to_json(),
+        "lines": promote_lines(result),
+        "promoted_from": result.promoted_from,
+    }
+    _finish(obj, rendered, as_json)
 
 
 def _first_steps_verb(name: str, doc: str) -> None:

@@ -21,6 +21,7 @@ if TYPE_CHECKING:  # rich is imported only for a terminal: ~25 ms a --json or CI
     from rich.live import Live
     from rich.text import Text
 
+    from shiplane.commands.deployment import DeployResult, PromoteResult
     from shiplane.commands.plan import HostPlan, PlanResult
 
 # past this many hosts the host rows fold into one row of counts per step (a screen is ~24 rows)
@@ -536,3 +537,44 @@ def _host_plan_lines(host: str, info: HostPlan, services: list[str]) -> list[str
             "a deploy would stop here"
         )
     return lines
+
+
+def deploy_lines(result: DeployResult) -> list[str]:
+    """``deploy``'s summary (``copy``, ``install``): the outcome, then each host's."""
+    summary = result.summary
+    ok = summary["ok"]
+    verb = {"copy": "copied", "install": "installed"}.get(result.until or "", "deployed")
+    head = verb if ok else (result.until or "deploy") + " FAILED:"
+    lines = [
+        (
+            f"{head} {result.app} release {summary['release'] or '-'} "
+            f"(artifact {(summary['artifact'] or '')[:12] or '-'}) to stage {summary['stage']} "
+            f"in {summary['duration']:.1f}s"
+        )
+    ]
+    if summary.get("error"):
+        lines.append(f"  reason: {summary['error']}")
+    for host, state in result.hosts.items():
+        timings = summary["hosts"][host]["phases"]
+        phases = ", ".join(f"{p} {s:.2f}s" for p, s in timings.items())
+        if ok:
+            left = f"release {state.release or state.previous or '-'}"
+        elif state.phase in ("pending", "connect", "lock"):  # it never got a byte: as it was
+            left = "left as it was"
+        else:  # what the host serves now, which a failed deploy may have changed back
+            left = f"serves {(state.release if state.switched else state.previous) or 'nothing'}"
+        lines.append(
+            f"  {host:24} {state.outcome:10} {left}  sent {human_bytes(state.bytes_sent)}  [{phases}]"
+        )
+    if ok and result.serving_port:
+        lines.append(f"serving at http://127.0.0.1:{result.serving_port}/")
+    return lines
+
+
+def promote_lines(result: PromoteResult) -> list[str]:
+    """``promote``'s summary: what was promoted from where, then the deploy's."""
+    head = (
+        f"promoting artifact {result.artifact[:12]} from stage {result.promoted_from} "
+        f"to {result.to_stage}"
+    )
+    return [head, *deploy_lines(result.deploy)]

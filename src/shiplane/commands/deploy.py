@@ -27,7 +27,7 @@ from shiplane.commands.deployment import (
     DeployEntry,
     Deployment,
     DeployOptions,
-    DeploySummary,
+    DeployResult,
     HostState,
     healthy,
     note,
@@ -65,10 +65,10 @@ def run_deploy(
     emit: Emit = silent,
     *,
     transports: TransportFactory | None = None,
-) -> DeploySummary:
-    """The whole pipeline on one stage, its events to ``emit``. Returns a summary; ``ok`` False
-    means exit 1. ``transports``: how to reach each host (default: local or SSH; tests give fake
-    hosts)."""
+) -> DeployResult:
+    """The whole pipeline on one stage, its events to ``emit``. Returns its result (the CLI draws
+    it with ``ui.deploy_lines``); ``ok`` False means exit 1. ``transports``: how to reach each
+    host (default: local or SSH; tests give fake hosts)."""
     ctx = open_stage(file, options.stage, masker, hosts=options.hosts, sets=options.sets)
     graph = graph_from_project(ctx.project)  # a bad task graph stops us before anything runs
     # user tasks hooked into the deploy, by the step they run before ("": after the last)
@@ -658,7 +658,7 @@ def _after_deploy(d: Deployment) -> None:
         d.hosts[host].outcome = "ok"
 
 
-def _finalize(d: Deployment, outcome: str, error: str | None) -> DeploySummary:
+def _finalize(d: Deployment, outcome: str, error: str | None) -> DeployResult:
     """Unlock, mark releases, record the ledger on every host and locally, prune. Always runs."""
     fleet = d.fleet
     deploy = d.ctx.project.deploy
@@ -756,30 +756,14 @@ def _finalize(d: Deployment, outcome: str, error: str | None) -> DeploySummary:
     return _summary(d, entry)
 
 
-def _summary(d: Deployment, entry: DeployEntry) -> DeploySummary:
+def _summary(d: Deployment, entry: DeployEntry) -> DeployResult:
     ok = entry["outcome"] == "ok"
-    verb = {"copy": "copied", "install": "installed"}.get(d.options.until or "", "deployed")
-    head = verb if ok else (d.options.until or "deploy") + " FAILED:"
-    lines = [
-        (
-            f"{head} {d.ctx.project.deploy.app.name} release {d.rid or '-'} "
-            f"(artifact {d.digest[:12] or '-'}) to stage {d.ctx.stage} in {entry['duration']:.1f}s"
-        )
-    ]
-    if entry.get("error"):
-        lines.append(f"  reason: {entry['error']}")
-    for host, state in d.hosts.items():
-        phases = ", ".join(f"{p} {s:.2f}s" for p, s in d.fleet.timings.get(host, {}).items())
-        if ok:
-            left = f"release {state.release or state.previous or '-'}"
-        elif state.phase in ("pending", "connect", "lock"):  # it never got a byte: as it was
-            left = "left as it was"
-        else:  # what the host serves now, which a failed deploy may have changed back
-            left = f"serves {(state.release if state.switched else state.previous) or 'nothing'}"
-        lines.append(
-            f"  {host:24} {state.outcome:10} {left}  sent {human_bytes(state.bytes_sent)}  [{phases}]"
-        )
-    port = d.ctx.project.deploy.web_port(d.ctx.stage)
-    if ok and port and d.ctx.project.deploy.stages[d.ctx.stage].is_local and not d.options.until:
-        lines.append(f"serving at http://127.0.0.1:{port}/")
-    return {**entry, "ok": ok, "lines": lines}
+    deploy = d.ctx.project.deploy
+    local = deploy.stages[d.ctx.stage].is_local and not d.options.until
+    return DeployResult(
+        summary={**entry, "ok": ok},
+        app=deploy.app.name,
+        until=d.options.until,
+        hosts=dict(d.hosts),
+        serving_port=(deploy.web_port(d.ctx.stage) or None) if local else None,
+    )

@@ -57,17 +57,37 @@ class DeployEntry(_LedgerExtras):
 
 
 class DeploySummary(DeployEntry):
-    """What ``deploy`` (``copy``, ``install``, ``promote``) returns: its ledger entry, ``ok``
-    (False: exit 1) and the lines it prints."""
+    """``deploy --json``'s result (``copy``, ``install``, ``promote``), before the CLI adds the
+    ``lines`` it prints: the ledger entry and ``ok`` (False: exit 1)."""
 
     ok: bool
-    lines: list[str]
 
 
-class PromoteSummary(DeploySummary):
-    """``promote``'s result: the deploy's summary and the stage the artifact came from."""
+@dataclass(frozen=True)
+class DeployResult:
+    """What ``deploy`` (``copy``, ``install``) returns; the CLI renders it (``ui.deploy_lines``)
+    or prints ``to_json()``. ``hosts``: each host's state at the end (phase reached, release
+    served before, whether it switched); ``serving_port``: where a local stage now serves."""
 
+    summary: DeploySummary
+    app: str
+    until: str | None
+    hosts: dict[str, HostState]
+    serving_port: int | None
+
+    def to_json(self) -> DeploySummary:
+        return self.summary
+
+
+@dataclass(frozen=True)
+class PromoteResult:
+    """``promote``'s result: the deploy's, the artifact promoted and the stage it came from
+    (``promote --json``: the deploy's, its ``lines``, then ``promoted_from``)."""
+
+    deploy: DeployResult
+    artifact: str
     promoted_from: str
+    to_stage: str | None
 
 
 @dataclass(frozen=True)

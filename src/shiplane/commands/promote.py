@@ -14,7 +14,7 @@ from typing import Any
 
 from shiplane.commands.common import silent
 from shiplane.commands.deploy import run_deploy
-from shiplane.commands.deployment import DeployOptions, PromoteSummary
+from shiplane.commands.deployment import DeployOptions, PromoteResult
 from shiplane.commands.operate import connected
 from shiplane.errors import OperationError, UsageError
 from shiplane.events import Emit
@@ -31,8 +31,8 @@ def run_promote(
     emit: Emit = silent,
     *,
     transports: TransportFactory | None = None,
-) -> PromoteSummary:
-    """Deploy ``from_stage``'s live artifact to ``options.stage``; the deploy's summary (``ok`` False: exit 1).
+) -> PromoteResult:
+    """Deploy ``from_stage``'s live artifact to ``options.stage``; the deploy's result (``ok`` False: exit 1).
     ``transports``: how to reach each host (see ``Fleet``)."""
     if options.stage == from_stage:
         raise UsageError(f"promote --from and --to both name stage {from_stage!r}")
@@ -44,11 +44,9 @@ def run_promote(
         emit,
         transports=transports,
     )
-    if result["lines"]:
-        result["lines"].insert(
-            0, f"promoting artifact {digest[:12]} from stage {from_stage} to {options.stage}"
-        )
-    return {**result, "promoted_from": from_stage}
+    return PromoteResult(
+        deploy=result, artifact=digest, promoted_from=from_stage, to_stage=options.stage
+    )
 
 
 def live_artifact(
