@@ -32,7 +32,7 @@ from shiplane.config import load_project
 from shiplane.errors import UsageError
 from shiplane.events import Event
 from shiplane.secret import Masker
-from shiplane.ui import deploy_lines, promote_lines
+from shiplane.ui import deploy_lines, promote_lines, rollback_lines
 
 FLEET = ["h1", "h2", "h3", "h4"]
 STAGES = """[stages.fleet]
@@ -486,7 +486,7 @@ def test_rollback_returns_every_host_to_the_release_before_and_marks_the_one_lef
     second = deploy(app, hosts, artifact=artifact)["release"]
 
     def rollback(yes: bool) -> dict[str, Any]:
-        return run_rollback(
+        result = run_rollback(
             app / "shiplane.toml",
             "fleet",
             None,
@@ -496,12 +496,14 @@ def test_rollback_returns_every_host_to_the_release_before_and_marks_the_one_lef
             sets=(),
             transports=hosts,
         )
+        return {**result.to_json(), "lines": rollback_lines(result)}
 
     with pytest.raises(UsageError, match="crosses release"):  # the release hook (migrations) ran
         rollback(False)
     assert {hosts[h].current for h in FLEET} == {second}
     result = rollback(True)
     assert result["ok"] and result["release"] == first
+    assert result["lines"][0].startswith(f"rolled back stage fleet to {first} in ")
     for name in FLEET:
         host = hosts[name]
         assert host.current == first and host.state(second) == "rolled-back" and host.lock is None

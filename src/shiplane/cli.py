@@ -397,6 +397,16 @@ def _retry_option(func: F) -> F:
 @stage_option
 @_deploy_options
 @_retry_option
+@click.option(
+    "--ref",
+    metavar="TAG|SHA|BRANCH",
+    help="Build from that commit's files, not the working tree (the deploy file stays this checkout's).",
+)
+@click.option(
+    "--require-clean",
+    is_flag=True,
+    help="Refuse (exit 2) to ship a working tree with uncommitted changes.",
+)
 @override_options
 @json_option
 @click.pass_obj
@@ -408,6 +418,8 @@ def deploy(
     parallel: int,
     lock_wait: float,
     retry_failed: bool,
+    ref: str | None,
+    require_clean: bool,
     hosts: str | None,
     sets: tuple[str, ...],
     as_json: bool,
@@ -424,6 +436,8 @@ def deploy(
         hosts=hosts,
         sets=sets,
         retry_failed=retry_failed,
+        ref=ref,
+        require_clean=require_clean,
     )
 
 
@@ -579,12 +593,13 @@ def rollback(
 ) -> None:
     """Switch back to an earlier release: no reinstall, health-checked, zero-downtime."""
     from shiplane.commands.operate import run_rollback
+    from shiplane.ui import rollback_lines
 
     with _reporter(obj, as_json) as reporter:
         result = run_rollback(
             obj.file, stage, to_release, yes, obj.masker, reporter, hosts=hosts, sets=sets
         )
-    _finish(obj, result, as_json)
+    _finish(obj, {**result.to_json(), "lines": rollback_lines(result)}, as_json)
 
 
 def _finish(obj: Context, result: Mapping[str, object], as_json: bool) -> None:
@@ -630,12 +645,14 @@ def _read_verb(name: str, doc: str) -> None:
         limit: int,
     ) -> None:
         from shiplane.commands.operate import read_verb
+        from shiplane.ui import read_lines
 
         result = read_verb(name, obj.file, stage, obj.masker, hosts=hosts, sets=sets, limit=limit)
+        lines = read_lines(name, result)
         if as_json:
-            emit_json(result, obj.masker)
+            emit_json({**result, "lines": lines}, obj.masker)
         else:
-            for line in result["lines"]:
+            for line in lines:
                 click.echo(obj.masker(line))
         if not result.get("ok", True):
             sys.exit(1)
@@ -686,6 +703,7 @@ def _service_verb(name: str, doc: str) -> None:
         as_json: bool,
     ) -> None:
         from shiplane.commands.operate import service_verb
+        from shiplane.ui import service_lines
 
         result = service_verb(
             name,
@@ -697,7 +715,7 @@ def _service_verb(name: str, doc: str) -> None:
             hosts=hosts,
             sets=sets,
         )
-        _finish(obj, result, as_json)
+        _finish(obj, {**result, "lines": service_lines(name, result)}, as_json)
 
 
 _service_verb("start", "Start the services of the live release on every host.")
@@ -728,8 +746,10 @@ def prune(
 ) -> None:
     """Remove old releases (never the live, previous or newest good one)."""
     from shiplane.commands.operate import run_prune
+    from shiplane.ui import prune_lines
 
-    _finish(obj, run_prune(obj.file, stage, keep, obj.masker, hosts=hosts, sets=sets), as_json)
+    result = run_prune(obj.file, stage, keep, obj.masker, hosts=hosts, sets=sets)
+    _finish(obj, {**result, "lines": prune_lines(result)}, as_json)
 
 
 @main.command()
@@ -793,15 +813,16 @@ def lock(
     """Hold a stage for maintenance: every host's deploy lock, until `shiplane unlock`.
     `shiplane lock status` shows each host's lock: who, since when, why."""
     from shiplane.commands.operate import lock_stage, lock_status
+    from shiplane.ui import lock_lines, lock_status_lines
 
     if action == "status":
         if reason:
             raise click.UsageError("--reason is for taking the lock, not for `lock status`")
-        _finish(obj, lock_status(obj.file, stage, obj.masker, hosts=hosts, sets=sets), as_json)
+        held = lock_status(obj.file, stage, obj.masker, hosts=hosts, sets=sets)
+        _finish(obj, {**held, "lines": lock_status_lines(held)}, as_json)
         return
-    _finish(
-        obj, lock_stage(obj.file, stage, obj.masker, hosts=hosts, sets=sets, reason=reason), as_json
-    )
+    taken = lock_stage(obj.file, stage, obj.masker, hosts=hosts, sets=sets, reason=reason)
+    _finish(obj, {**taken, "lines": lock_lines(taken, reason)}, as_json)
 
 
 @main.command()
@@ -822,8 +843,10 @@ def unlock(
 ) -> None:
     """Release your own `shiplane lock` on every host of a stage (--force: anyone's)."""
     from shiplane.commands.operate import unlock_stage
+    from shiplane.ui import unlock_lines
 
-    _finish(obj, unlock_stage(obj.file, stage, force, obj.masker, hosts=hosts, sets=sets), as_json)
+    result = unlock_stage(obj.file, stage, force, obj.masker, hosts=hosts, sets=sets)
+    _finish(obj, {**result, "lines": unlock_lines(result)}, as_json)
 
 
 # -- host verbs ---------------------------------------------------------------------------------

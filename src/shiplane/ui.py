@@ -11,7 +11,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TextIO, final
+from typing import TYPE_CHECKING, Any, TextIO, cast, final
 
 from shiplane.events import Event
 from shiplane.secret import Masker
@@ -22,6 +22,14 @@ if TYPE_CHECKING:  # rich is imported only for a terminal: ~25 ms a --json or CI
     from rich.text import Text
 
     from shiplane.commands.deployment import DeployResult, PromoteResult
+    from shiplane.commands.operate import (
+        HistoryReport,
+        HostsReport,
+        LockReport,
+        ReleasesReport,
+        RollbackResult,
+        StatusReport,
+    )
     from shiplane.commands.plan import HostPlan, PlanResult
 
 # past this many hosts the host rows fold into one row of counts per step (a screen is ~24 rows)
@@ -578,3 +586,98 @@ def promote_lines(result: PromoteResult) -> list[str]:
         f"to {result.to_stage}"
     )
     return [head, *deploy_lines(result.deploy)]
+
+
+def status_lines(report: StatusReport) -> list[str]:
+    """``status``: each host's live release and services, then any drift."""
+    lines = []
+    for host, result in report["hosts"].items():
+        lines.append(f"{host}: live release {result.get('live_release') or '-'}")
+        for service in result.get("services", []):
+            name = "web standby" if service.get("standby") else service.get("name", "?")
+            if service.get("preboot"):  # libraries loaded: waiting for a release, or its switch
+                name = "web preboot" if service.get("release") else "web spare"
+            lines.append(
+                f"  {name:12} {service.get('state', '?'):9} pid {service.get('pid') or '-':>7}  "
+                f"up {service.get('uptime', 0) or 0:>6.0f}s  release {service.get('release') or '-'}"
+            )
+    return lines + [f"DRIFT: {d}" for d in report["drift"]]
+
+
+def releases_lines(report: ReleasesReport) -> list[str]:
+    """``releases``: one line per release per host."""
+    lines = []
+    for host, result in report["hosts"].items():
+        for release in result.get("releases", []):
+            lines.append(
+                f"{host:24} {release['release_id']}  {release.get('state', '?'):12} "
+                f"artifact {str(release.get('artifact', ''))[:12]}  {release.get('created_at', '')}"
+            )
+    return lines or ["no releases"]
+
+
+def history_lines(report: HistoryReport) -> list[str]:
+    """``history``: one line per ledger entry per host."""
+    lines = []
+    for host, found in report["hosts"].items():
+        for entry in found.get("entries", []):
+            lines.append(
+                f"{host:24} {entry.get('started_at', entry.get('at', ''))}  {entry.get('event', ''):9} "
+                f"{entry.get('release') or '-':28} {entry.get('outcome', ''):8} "
+                f"{entry.get('duration', '')}s  by {entry.get('user', '?')}"
+            )
+    return lines or ["no history"]
+
+
+def read_lines(name: str, report: StatusReport | ReleasesReport | HistoryReport) -> list[str]:
+    """The lines of a read verb (``status``, ``releases``, ``history``) by its name."""
+    if name == "status":
+        return status_lines(cast("StatusReport", report))
+    if name == "releases":
+        return releases_lines(cast("ReleasesReport", report))
+    return history_lines(cast("HistoryReport", report))
+
+
+def service_lines(name: str, report: HostsReport) -> list[str]:
+    """``start``, ``stop``, ``restart``, ``reload``: one line per host."""
+    return [f"{host}: {name} ok" for host in report["hosts"]]
+
+
+def prune_lines(report: HostsReport) -> list[str]:
+    """``prune``: what each host removed."""
+    return [
+        f"{h}: removed {', '.join(cast('list[str]', r.get('removed', []))) or 'nothing'}"
+        for h, r in report["hosts"].items()
+    ]
+
+
+def lock_lines(report: HostsReport, reason: str | None) -> list[str]:
+    """``lock``: each host locked, and why."""
+    why = f" ({reason})" if reason else ""
+    return [f"locked {h}{why}" for h in report["hosts"]]
+
+
+def lock_status_lines(report: LockReport) -> list[str]:
+    """``lock status``: each host's lock, or none."""
+    return [
+        f"{host}: {(lock or {}).get('message') or 'not locked'}"
+        for host, lock in report["hosts"].items()
+    ]
+
+
+def unlock_lines(report: HostsReport) -> list[str]:
+    """``unlock``: each host unlocked."""
+    return [f"unlocked {h}" for h in report["hosts"]]
+
+
+def rollback_lines(result: RollbackResult) -> list[str]:
+    """``rollback``: the outcome, the releases skipped, the hosts whose left release is unmarked."""
+    report = result.report
+    lines = [
+        f"rolled back stage {report['stage']} to {report['release']} in {report['duration']:.1f}s"
+        if report["ok"]
+        else f"rollback FAILED: {'; '.join(result.errors)}"
+    ]
+    lines += [f"  skipped {rid}: {why}" for rid, why in report["skipped"]]
+    lines += [f"  {host}: {why}" for host, why in result.unmarked.items()]
+    return lines

@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypedDict, TypeVar, cast
 
@@ -54,21 +55,22 @@ class HostStatus(TypedDict, total=False):
     services: list[ServiceStatus]
 
 
+# Each verb returns its data; the CLI draws the lines it prints (``ui.status_lines`` and the
+# like) and adds them to the --json result as ``lines``.
+
+
 class StatusReport(TypedDict):
     hosts: dict[str, HostStatus]
     drift: list[str]
     ok: bool
-    lines: list[str]
 
 
 class ReleasesReport(TypedDict):
     hosts: dict[str, ReleasesResult]
-    lines: list[str]
 
 
 class HistoryReport(TypedDict):
     hosts: dict[str, HistoryResult]
-    lines: list[str]
 
 
 class HostsReport(TypedDict):
@@ -76,13 +78,11 @@ class HostsReport(TypedDict):
 
     ok: bool
     hosts: Mapping[str, Mapping[str, object]]
-    lines: list[str]
 
 
 class LockReport(TypedDict):
     ok: bool
     hosts: dict[str, LockInfo | None]
-    lines: list[str]
 
 
 class _RollbackExtras(TypedDict, total=False):
@@ -109,12 +109,26 @@ class RollbackLedger(RollbackEntry, _RollbackExtras):
     """A rollback's ledger entry."""
 
 
-class RollbackResult(RollbackLedger):
-    """``rollback``'s result: its ledger entry, ``ok``, the releases skipped (why), its lines."""
+class RollbackReport(RollbackLedger):
+    """``rollback --json``'s result, before the CLI adds its ``lines``: its ledger entry,
+    ``ok``, the releases skipped (why)."""
 
     ok: bool
     skipped: list[tuple[str, str]]
-    lines: list[str]
+
+
+@dataclass(frozen=True)
+class RollbackResult:
+    """What ``rollback`` returns; the CLI renders it (``ui.rollback_lines``) or prints
+    ``to_json()``. ``errors``: each failed host's message; ``unmarked``: the hosts whose left
+    release could not be marked, and why."""
+
+    report: RollbackReport
+    errors: list[str]
+    unmarked: dict[str, str]
+
+    def to_json(self) -> RollbackReport:
+        return self.report
 
 
 def _releases(host: str, session: AgentSession) -> ReleasesResult:
@@ -194,27 +208,11 @@ def read_verb(
         if name == "status":
             return _status(ctx, fleet)
         if name == "releases":
-            per_host = _all(fleet, "releases", _releases)
-            lines = []
-            for host, result in per_host.items():
-                for release in result.get("releases", []):
-                    lines.append(
-                        f"{host:24} {release['release_id']}  {release.get('state', '?'):12} "
-                        f"artifact {str(release.get('artifact', ''))[:12]}  {release.get('created_at', '')}"
-                    )
-            return {"hosts": per_host, "lines": lines or ["no releases"]}
+            return {"hosts": _all(fleet, "releases", _releases)}
         history = _all(
             fleet, "history", lambda h, s: cast(HistoryResult, s.call("history", {"limit": limit}))
         )
-        lines = []
-        for host, found in history.items():
-            for entry in found.get("entries", []):
-                lines.append(
-                    f"{host:24} {entry.get('started_at', entry.get('at', ''))}  {entry.get('event', ''):9} "
-                    f"{entry.get('release') or '-':28} {entry.get('outcome', ''):8} "
-                    f"{entry.get('duration', '')}s  by {entry.get('user', '?')}"
-                )
-        return {"hosts": history, "lines": lines or ["no history"]}
+        return {"hosts": history}
 
 
 def _status(ctx: StageContext, fleet: Fleet) -> StatusReport:
@@ -242,18 +240,9 @@ def _status(ctx: StageContext, fleet: Fleet) -> StatusReport:
             drift.append(
                 f"{host}: `current` points at {current} but the web service serves {result['live_release']}"
             )
-    lines = []
     for host, result in per_host.items():
-        lines.append(f"{host}: live release {result.get('live_release') or '-'}")
         services = result.get("services", [])
         for service in services:
-            name = "web standby" if service.get("standby") else service.get("name", "?")
-            if service.get("preboot"):  # libraries loaded: waiting for a release, or its switch
-                name = "web preboot" if service.get("release") else "web spare"
-            lines.append(
-                f"  {name:12} {service.get('state', '?'):9} pid {service.get('pid') or '-':>7}  "
-                f"up {service.get('uptime', 0) or 0:>6.0f}s  release {service.get('release') or '-'}"
-            )
             if (
                 service.get("release")
                 and result.get("live_release")
@@ -270,8 +259,7 @@ def _status(ctx: StageContext, fleet: Fleet) -> StatusReport:
             drift.append(
                 f"{host}: {len(standbys)} idle web servers ({', '.join(standbys)}); the next deploy stops all but one"
             )
-    lines += [f"DRIFT: {d}" for d in drift]
-    return {"hosts": per_host, "drift": drift, "ok": True, "lines": lines}
+    return {"hosts": per_host, "drift": drift, "ok": True}
 
 
 def service_verb(
@@ -300,7 +288,7 @@ def service_verb(
             per_host = _all(
                 fleet, name, lambda h, s: s.call(name, {"services": names}, timeout=300)
             )
-        return {"ok": True, "hosts": per_host, "lines": [f"{host}: {name} ok" for host in per_host]}
+        return {"ok": True, "hosts": per_host}
 
 
 def run_rollback(
@@ -390,14 +378,11 @@ def run_rollback(
         ledger.parent.mkdir(parents=True, exist_ok=True)
         with ledger.open("a") as handle:
             handle.write(json.dumps({**entry, "artifact": _artifact_of(per_host, target)}) + "\n")
-        lines = [
-            f"rolled back stage {ctx.stage} to {target} in {entry['duration']:.1f}s"
-            if not bad
-            else f"rollback FAILED: {'; '.join(e.message for e in bad.values())}"
-        ]
-        lines += [f"  skipped {rid}: {why}" for rid, why in skipped]
-        lines += [f"  {host}: {why}" for host, why in unmarked.items()]
-        return {**entry, "ok": not bad, "skipped": skipped, "lines": lines}
+        return RollbackResult(
+            report={**entry, "ok": not bad, "skipped": skipped},
+            errors=[e.message for e in bad.values()],
+            unmarked=unmarked,
+        )
 
 
 def _mark_left(
@@ -528,14 +513,7 @@ def run_prune(
     with connected(file, stage, masker, hosts=hosts, sets=sets) as (ctx, fleet):
         count = keep or ctx.project.deploy.app.keep_releases
         per_host = _all(fleet, "prune", lambda h, s: s.call("prune", {"keep": count}))
-        return {
-            "ok": True,
-            "hosts": per_host,
-            "lines": [
-                f"{h}: removed {', '.join(r.get('removed', [])) or 'nothing'}"
-                for h, r in per_host.items()
-            ],
-        }
+        return {"ok": True, "hosts": per_host}
 
 
 def show_logs(
@@ -621,8 +599,7 @@ def lock_stage(
                 "lock", {"holder": who, "wait": 0, "keep": True}, on_event=fleet.forward(h, "lock")
             ),
         )
-        why = f" ({reason})" if reason else ""
-        return {"ok": True, "hosts": per_host, "lines": [f"locked {h}{why}" for h in fleet.hosts]}
+        return {"ok": True, "hosts": per_host}
 
 
 def lock_status(
@@ -632,10 +609,7 @@ def lock_status(
     with connected(file, stage, masker, hosts=hosts, sets=sets) as (_ctx, fleet):
         per_host = _all(fleet, "inventory", lambda h, s: s.call("inventory", {"blobs": []}))
         locks = {host: result.get("lock") for host, result in per_host.items()}
-        lines = [
-            f"{host}: {(lock or {}).get('message') or 'not locked'}" for host, lock in locks.items()
-        ]
-        return {"ok": True, "hosts": locks, "lines": lines}
+        return {"ok": True, "hosts": locks}
 
 
 def unlock_stage(
@@ -666,4 +640,4 @@ def unlock_stage(
                 "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             }
             _all(fleet, "record", lambda h, s: s.call("record", {"entry": entry}))
-        return {"ok": True, "hosts": per_host, "lines": [f"unlocked {h}" for h in per_host]}
+        return {"ok": True, "hosts": per_host}
