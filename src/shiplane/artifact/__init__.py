@@ -18,10 +18,11 @@ from ._build import (
 )
 from ._cache import cache_root, remove_cache
 from ._gate import check_entry, gate_env, run_gate
+from ._gitref import RefTree, check_ref, export_ref, resolve_ref
 from ._hostfit import host_misfit, platform_fits
 from ._locks import describe_lock
 from ._manifest import FileEntry, Manifest, canonical_json, dependency_digest
-from ._source import detect_source
+from ._source import GitInfo, detect_source, git_info
 from ._store import BlobStore
 from ._wheelhouse import Target, resolve_target
 
@@ -31,23 +32,29 @@ __all__ = [
     "BuildSpec",
     "CompiledApp",
     "FileEntry",
+    "GitInfo",
     "Manifest",
+    "RefTree",
     "Target",
     "build",
     "cache_root",
     "canonical_json",
     "check_entry",
+    "check_ref",
     "clean",
     "compile_app",
     "dependency_digest",
     "describe_lock",
     "detect_source",
+    "export_ref",
     "gate_env",
+    "git_info",
     "host_misfit",
     "load_manifest",
     "pack",
     "platform_fits",
     "remove_cache",
+    "resolve_ref",
     "resolve_target",
     "run_gate",
 ]

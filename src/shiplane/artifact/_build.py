@@ -26,6 +26,7 @@ from ..errors import OperationError
 from . import _bytecode as bytecode
 from ._backend import app_wheel
 from ._cache import cache_root, cached_sha256
+from ._gitref import RefTree
 from ._manifest import FileEntry, Manifest, dependency_digest, read_manifest_file, write_manifest
 from ._source import detect_source, git_info, is_forbidden, list_source_files, matches
 from ._store import BlobStore, sha256_file
@@ -67,6 +68,9 @@ class BuildSpec:
     server_packages: tuple[str, ...] = ("gunicorn",)
     python_version: str | None = None  # the hosts' "3.11"; None = the controller's
     platform: str | None = None  # the hosts' platform tag; None = the controller's
+    # deploy --ref: the app's files, lock and includes come from this export of a commit (its
+    # sha is the artifact's git_commit); the config files stay the checkout's, as the deploy file
+    ref_tree: RefTree | None = None
 
 
 @dataclass
@@ -103,7 +107,7 @@ class _Layout:
 class _Plan:
     """Every decision about which files go in, made before anything is built."""
 
-    project: Path
+    project: Path  # where the app's files are read: the checkout, or a --ref export
     source: str
     reason: str
     files: list[str]  # the project's source files (git-aware)
@@ -115,6 +119,7 @@ class _Plan:
     target: Target
     inputs_digest: str = field(default="")
     file_shas: dict[str, str] = field(default_factory=dict)  # rel -> sha256, hashed once
+    config_root: Path | None = None  # where the config files are read, when not ``project``
 
 
 def _noop(step: str, detail: str) -> None:
@@ -190,12 +195,16 @@ def _plan(spec: BuildSpec, *, with_lock: bool = True) -> _Plan:
     project = Path(spec.project).resolve()
     if not project.is_dir():
         raise OperationError(f"project directory {project} does not exist")
+    checkout, tree = project, spec.ref_tree
+    if tree is not None:  # deploy --ref: the app's files as that commit has them
+        project = tree.root
+    listed = list(tree.files) if tree is not None else list_source_files(project)
     if spec.source is None:
-        source, reason = detect_source(project)
+        source, reason = detect_source(project, listed if tree is not None else None)
     else:
         source, reason = spec.source, "set in the deploy file"
     # shared paths are neither shipped, digested nor handed to a build backend
-    files = [f for f in list_source_files(project) if not _is_shared(spec, f)]
+    files = [f for f in listed if not _is_shared(spec, f)]
     app_files: list[str] = []
     if source == "tree":
         drop = (*SECRET_FILES, *spec.exclude)
@@ -209,10 +218,11 @@ def _plan(spec: BuildSpec, *, with_lock: bool = True) -> _Plan:
         files,
         app_files,
         _select_includes(project, files, spec),
-        _select_config(project, spec),
+        _select_config(checkout, spec),
         lock,
-        git_info(project).commit,
+        tree.commit if tree is not None else git_info(project).commit,
         resolve_target(spec.python_version, spec.platform),
+        config_root=checkout if tree is not None else None,
     )
     plan.inputs_digest = _inputs_digest(spec, plan)
     return plan
@@ -237,9 +247,13 @@ def _inputs_digest(spec: BuildSpec, plan: _Plan) -> str:
     }
     h.update(json.dumps(settings, sort_keys=True).encode() + b"\0")
     h.update(plan.lock.data if plan.lock else b"")
-    for rel in sorted({*plan.files, *plan.includes, *plan.config}):
+    config = [] if plan.config_root else plan.config
+    for rel in sorted({*plan.files, *plan.includes, *config}):
         plan.file_shas[rel] = sha256_file(plan.project / rel)[0]
         h.update(f"\0{rel}\0{plan.file_shas[rel]}".encode())
+    if plan.config_root:  # --ref: the checkout's config files, apart from the commit's files
+        for rel in plan.config:
+            h.update(f"\0config\0{rel}\0{sha256_file(plan.config_root / rel)[0]}".encode())
     return h.hexdigest()
 
 
@@ -317,7 +331,8 @@ def _pack(
     tools = [
         FileEntry(w.name, *store.put_file(w, link=True, digest=cached_sha256)) for w in tool_files
     ]
-    config = [FileEntry(rel, *store.put_file(plan.project / rel)) for rel in plan.config]
+    config_root = plan.config_root or plan.project
+    config = [FileEntry(rel, *store.put_file(config_root / rel)) for rel in plan.config]
     manifest = Manifest(
         app_name=spec.app_name,
         app_version=app.version,
@@ -346,7 +361,7 @@ def _source_date(plan: _Plan) -> str:
     if plan.git_commit and not plan.git_commit.endswith("-dirty"):
         shown = subprocess.run(
             ["git", "show", "-s", "--format=%ct", plan.git_commit],
-            cwd=plan.project,
+            cwd=plan.config_root or plan.project,  # a --ref export is not a work tree: the checkout
             capture_output=True,
             text=True,
             check=False,

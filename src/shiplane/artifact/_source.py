@@ -206,14 +206,16 @@ def matches(pattern: str, rel: str) -> bool:
     return _glob_regex(pattern).match(rel) is not None
 
 
-def detect_source(project: Path) -> tuple[str, str]:
+def detect_source(project: Path, files: list[str] | None = None) -> tuple[str, str]:
     """How the app ships: ``("package"|"tree"|"none", reason)``.
 
     A ``pyproject.toml`` with a ``[project]`` or ``[build-system]`` table, or a ``setup.py``,
     makes a package; otherwise Python files (``manage.py``, modules) make a source tree; a project
-    with neither is only a lock (it serves an app from an installed package).
+    with neither is only a lock (it serves an app from an installed package). ``files``: the
+    project's files when they are known (a commit's export), else :func:`list_source_files`.
     """
-    _refuse_ignored(project)  # before "package": its build would find none of its files
+    if files is None:
+        _refuse_ignored(project)  # before "package": its build would find none of its files
     pyproject = project / "pyproject.toml"
     note = ""
     if pyproject.is_file():
@@ -228,7 +230,7 @@ def detect_source(project: Path) -> tuple[str, str]:
         return "package", note + "setup.py defines a package"
     if (project / "manage.py").is_file():
         return "tree", note + "manage.py found: a Django project ships as its source tree"
-    py = [f for f in list_source_files(project) if f.endswith(".py")]
+    py = [f for f in (list_source_files(project) if files is None else files) if f.endswith(".py")]
     if py:
         return "tree", note + f"Python files found (e.g. {py[0]}) but no package metadata"
     return "none", note + "no Python source: only the locked dependencies are shipped"

@@ -13,6 +13,7 @@ from shiplane.artifact import (
     check_entry,
     clean,
     compile_app,
+    export_ref,
     pack,
     remove_cache,
     run_gate,
@@ -23,8 +24,12 @@ from shiplane.errors import ConfigError
 from shiplane.events import Emit, Event
 
 
-def build_spec(project: Project) -> BuildSpec:
+def build_spec(project: Project, ref: str | None = None) -> BuildSpec:
+    """The build of ``project``'s checkout; with ``ref``, of that commit's files (``deploy
+    --ref``): exported under ``.shiplane/build/refs/<sha>``, the deploy file and config files
+    staying the checkout's."""
     deploy = project.deploy
+    tree = export_ref(project.root, ref, project.root / ".shiplane" / "build") if ref else None
     servers: tuple[str, ...] = ()
     if "web" in deploy.services:
         servers = ("gunicorn", "uvicorn") if deploy.app.asgi else ("gunicorn",)
@@ -40,12 +45,13 @@ def build_spec(project: Project) -> BuildSpec:
         server_packages=servers,
         python_version=deploy.build.python_version,
         platform=deploy.build.platform,
+        ref_tree=tree,
     )
 
 
-def build_for_deploy(project: Project, emit: Emit) -> BuildResult:
-    """Build (or reuse) the artifact for these inputs."""
-    return build(build_spec(project), on_event=_progress(emit))
+def build_for_deploy(project: Project, emit: Emit, ref: str | None = None) -> BuildResult:
+    """Build (or reuse) the artifact for these inputs (``ref``: of that commit's files)."""
+    return build(build_spec(project, ref), on_event=_progress(emit))
 
 
 def gate(project: Project, verbose: bool, emit: Emit) -> None:
