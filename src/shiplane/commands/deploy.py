@@ -22,7 +22,7 @@ from typing import Any, cast
 from shiplane.agent.protocol import HistoryResult, LedgerEntry, ServicesSpec
 from shiplane.commands.build import build_for_deploy
 from shiplane.commands.check import graph_from_project
-from shiplane.commands.common import open_stage, silent
+from shiplane.commands.common import StageContext, open_stage, silent
 from shiplane.commands.deployment import (
     DeployEntry,
     Deployment,
@@ -70,6 +70,7 @@ def run_deploy(
     it with ``ui.deploy_lines``); ``ok`` False means exit 1. ``transports``: how to reach each
     host (default: local or SSH; tests give fake hosts)."""
     ctx = open_stage(file, options.stage, masker, hosts=options.hosts, sets=options.sets)
+    _check_source(ctx, options, emit)  # a bad --ref, or a dirty tree with --require-clean: exit 2
     graph = graph_from_project(ctx.project)  # a bad task graph stops us before anything runs
     # user tasks hooked into the deploy, by the step they run before ("": after the last)
     points = graph.deploy_points()
@@ -299,8 +300,42 @@ def _gate(d: Deployment, emit: Any) -> None:
         emit(Event("gate", "ok", seconds=time.monotonic() - started))
 
 
+def _check_source(ctx: StageContext, options: DeployOptions, emit: Emit) -> None:
+    """What the artifact is built from, checked before anything runs: ``--ref`` must name a
+    commit (the working tree's changes then do not matter); without it a working tree with
+    uncommitted changes ships them, said by a warning, refused with ``--require-clean``."""
+    from shiplane.artifact import git_info, resolve_ref
+
+    if options.ref is not None:
+        if options.artifact or options.retry_failed:
+            given = "--artifact" if options.artifact else "--retry-failed"
+            raise UsageError(
+                f"--ref and {given} do not go together: {given} names what ships, --ref builds it"
+            )
+        resolve_ref(ctx.project.root, options.ref)
+        return
+    if options.artifact or options.retry_failed:
+        return  # built before: the working tree is not what ships
+    commit = git_info(ctx.project.root).commit
+    if commit is not None and not commit.endswith("-dirty"):
+        return
+    why = (
+        "the working tree has uncommitted changes: this deploy ships them; commit, or deploy --ref"
+        if commit
+        else "the project is not in git (or has no commit yet): what ships is no commit's"
+    )
+    if options.require_clean:
+        raise UsageError(
+            f"--require-clean: {why.split(':')[0]}; nothing was built or sent",
+            hint="commit (or stash) the changes, or deploy a commit with --ref",
+        )
+    if commit:
+        emit(Event("deploy", "warning", detail=why))
+
+
 def _build(d: Deployment, emit: Any) -> None:
-    """The artifact: built (or reused) from the checkout, or the one ``--artifact`` names."""
+    """The artifact: built (or reused) from the checkout (``--ref``: from that commit's files),
+    or the one ``--artifact`` names."""
     if d.options.artifact:
         from shiplane.artifact import load_manifest
 
@@ -309,7 +344,7 @@ def _build(d: Deployment, emit: Any) -> None:
         return
     started = time.monotonic()
     emit(Event("build", "start"))
-    result = build_for_deploy(d.ctx.project, emit)
+    result = build_for_deploy(d.ctx.project, emit, d.options.ref)
     d.manifest, d.digest = result.manifest.to_dict(), result.digest
     emit(
         Event(
@@ -675,6 +710,7 @@ def _finalize(d: Deployment, outcome: str, error: str | None) -> DeployResult:
         "release": d.rid or None,
         "artifact": d.digest or None,
         "git_commit": d.manifest.get("git_commit"),
+        "ref": d.options.ref,
         "outcome": outcome,
         "error": error or None,
         "user": holder("", os.getpid()).user,

@@ -43,6 +43,7 @@ class DeployEntry(_LedgerExtras):
     release: str | None
     artifact: str | None
     git_commit: str | None
+    ref: str | None  # deploy --ref as given (the commit is git_commit); None: the working tree
     outcome: str
     error: str | None
     user: str
@@ -103,6 +104,8 @@ class DeployOptions:
     verbose: bool = False
     retry_failed: bool = False
     until: str | None = None  # "copy" | "install": the first pipeline steps alone
+    ref: str | None = None  # deploy --ref: build from that commit's files, not the working tree
+    require_clean: bool = False  # refuse (exit 2) a working tree with uncommitted changes
 
 
 @dataclass
