@@ -199,12 +199,14 @@ def init(obj: Context, directory: str, name: str | None, force: bool, as_json: b
 def check(obj: Context, as_json: bool) -> None:
     """Validate shiplane.toml and every stage's config, offline."""
     from shiplane.commands.check import check_project
+    from shiplane.ui import check_lines
 
     result = check_project(obj.file)
+    lines = check_lines(result)
     if as_json:
-        emit_json(result, obj.masker)
+        emit_json({**result.to_json(), "lines": lines}, obj.masker)
         return
-    for line in result["lines"]:
+    for line in lines:
         click.echo(obj.masker(line))
 
 
@@ -675,8 +677,10 @@ def verify(
 ) -> None:
     """Re-hash every blob in each host's store; quarantine any that no longer match (exit 1)."""
     from shiplane.commands.verify import run_verify
+    from shiplane.ui import verify_lines
 
-    _finish(obj, run_verify(obj.file, stage, obj.masker, hosts=hosts, sets=sets), as_json)
+    result = run_verify(obj.file, stage, obj.masker, hosts=hosts, sets=sets)
+    _finish(obj, {**result.to_json(), "lines": verify_lines(result)}, as_json)
 
 
 def _service_verb(name: str, doc: str) -> None:
@@ -925,11 +929,14 @@ def _exec_output(as_json: bool, masker: Masker) -> Callable[[str, str, str], Non
 
 def _exec_finish(obj: Context, result: ExecResult, as_json: bool) -> None:
     """The command's exit code is ours; what exec itself says goes to stderr."""
+    from shiplane.ui import exec_lines
+
+    lines = exec_lines(result)
     if as_json:
-        emit_json(result, obj.masker)
-    for line in result.get("lines", []):
+        emit_json({**result.to_json(), "lines": lines}, obj.masker)
+    for line in lines:
         click.echo(obj.masker(line), err=True)
-    sys.exit(int(result["exit_code"]))
+    sys.exit(int(result.report["exit_code"]))
 
 
 def _has_terminal() -> bool:

@@ -21,7 +21,9 @@ if TYPE_CHECKING:  # rich is imported only for a terminal: ~25 ms a --json or CI
     from rich.live import Live
     from rich.text import Text
 
+    from shiplane.commands.check import ProjectCheck
     from shiplane.commands.deployment import DeployResult, PromoteResult
+    from shiplane.commands.exec import ExecResult
     from shiplane.commands.operate import (
         HistoryReport,
         HostsReport,
@@ -31,6 +33,7 @@ if TYPE_CHECKING:  # rich is imported only for a terminal: ~25 ms a --json or CI
         StatusReport,
     )
     from shiplane.commands.plan import HostPlan, PlanResult
+    from shiplane.commands.verify import Verification
 
 # past this many hosts the host rows fold into one row of counts per step (a screen is ~24 rows)
 MAX_HOST_ROWS = 10
@@ -680,4 +683,49 @@ def rollback_lines(result: RollbackResult) -> list[str]:
     ]
     lines += [f"  skipped {rid}: {why}" for rid, why in report["skipped"]]
     lines += [f"  {host}: {why}" for host, why in result.unmarked.items()]
+    return lines
+
+
+def verify_lines(result: Verification) -> list[str]:
+    """``verify``: per host the blobs checked and any quarantined, then the hosts that failed."""
+    lines = []
+    for host, found in result.report["hosts"].items():
+        bad = found.get("bad") or []
+        verdict = (
+            f"{len(bad)} did not match their sha256 and were quarantined: {', '.join(b[:12] for b in bad)}"
+            if bad
+            else "all match their sha256"
+        )
+        lines.append(f"{host}: {found.get('blobs', 0)} stored blob(s), {verdict}")
+    return lines + [f"{host}: verify failed: {why}" for host, why in result.failed.items()]
+
+
+def check_lines(result: ProjectCheck) -> list[str]:
+    """``check``: the deploy file, the app's source, its lock, then each stage."""
+    report = result.report
+    lines = [
+        f"{report['file']}: ok (app {result.app}, stages: {', '.join(report['stages'])})",
+        f"app source: {report['source']} ({report['source_reason']})",
+        f"lock: {report['lock']}",
+    ]
+    for name, stage in report["stages"].items():
+        facts = result.where[name]
+        count = len(stage["hosts"])
+        where = "this machine" if facts.local else f"{count} host{'s' if count > 1 else ''}"
+        files = ", ".join(stage["config_files"]) or "no files"
+        lines.append(f"stage {name}: {where}, deploy_to {facts.deploy_to}, config from {files}")
+    return lines
+
+
+def exec_lines(result: ExecResult) -> list[str]:
+    """What ``exec`` itself says (to stderr): the ledgers it could not record in, the failed
+    hosts when it ran on several."""
+    report = result.report
+    lines = [
+        f"exec: not recorded in the ledger of {host}: {why}"
+        for host, why in result.unrecorded.items()
+    ]
+    failed = [(h, info["exit_code"]) for h, info in report["hosts"].items() if info["exit_code"]]
+    if failed and len(report["hosts"]) > 1:
+        lines.append("exec: failed on " + ", ".join(f"{h} (exit code {c})" for h, c in failed))
     return lines

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypedDict
 
@@ -21,8 +22,8 @@ class StageCheck(TypedDict):
 
 
 class CheckResult(TypedDict):
-    """``shiplane check``: the deploy file, the app's source (and why), each stage's hosts and
-    config files, and the lines it prints."""
+    """``shiplane check --json``'s result, before the CLI adds its ``lines``: the deploy file,
+    the app's source (and why), each stage's hosts and config files."""
 
     ok: bool
     file: str
@@ -30,45 +31,55 @@ class CheckResult(TypedDict):
     source_reason: str
     lock: str
     stages: dict[str, StageCheck]
-    lines: list[str]
 
 
-def check_project(file: Path | None) -> CheckResult:
+@dataclass(frozen=True)
+class StageWhere:
+    """Where a stage deploys: this machine (``local``) or its hosts, into ``deploy_to``."""
+
+    local: bool
+    deploy_to: str
+
+
+@dataclass(frozen=True)
+class ProjectCheck:
+    """What ``check`` returns; the CLI renders it (``ui.check_lines``) or prints ``to_json()``."""
+
+    report: CheckResult
+    app: str
+    where: dict[str, StageWhere]
+
+    def to_json(self) -> CheckResult:
+        return self.report
+
+
+def check_project(file: Path | None) -> ProjectCheck:
     """Validate the deploy file, the task graph and every stage's config layers, offline.
 
     Secrets are not required here (they may live only in CI); their absence is reported as a note.
     """
     project = load_project(file)
     deploy = project.deploy
-    lines = [f"{project.path}: ok (app {deploy.app.name}, stages: {', '.join(deploy.stages)})"]
     graph_from_project(project)
     source, reason = _source(project)
-    lines.append(f"app source: {source} ({reason})")
     lock = describe_lock(project.root, deploy.build.requirements)  # none: ConfigError, exit 2
-    lines.append(f"lock: {lock}")
     stages: dict[str, StageCheck] = {}
+    where: dict[str, StageWhere] = {}
     for name, stage in deploy.stages.items():
         layered = build_layers(project, name, {})
         render_files(project, layered) if not deploy.config.secrets else None
         files = [str(p.relative_to(project.root)) for p in layer_files(project, name)]
-        where = (
-            "this machine"
-            if stage.is_local
-            else f"{len(stage.hosts)} host{'s' if len(stage.hosts) > 1 else ''}"
-        )
-        lines.append(
-            f"stage {name}: {where}, deploy_to {stage.deploy_to}, config from {', '.join(files) or 'no files'}"
-        )
+        where[name] = StageWhere(local=stage.is_local, deploy_to=f"{stage.deploy_to}")
         stages[name] = {"hosts": list(stage.hosts), "config_files": files}
-    return {
+    report: CheckResult = {
         "ok": True,
         "file": str(project.path),
         "source": source,
         "source_reason": reason,
         "lock": lock,
         "stages": stages,
-        "lines": lines,
     }
+    return ProjectCheck(report=report, app=deploy.app.name, where=where)
 
 
 def _source(project: Any) -> tuple[str, str]:

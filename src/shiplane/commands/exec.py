@@ -48,15 +48,28 @@ class ExecHost(TypedDict):
     seconds: float
 
 
-class ExecResult(TypedDict):
-    """``exec``/``console``: the first failed exit code (shiplane's), per host its release, exit
-    code and seconds, the command (masked), and what exec itself says (to stderr)."""
+class ExecReport(TypedDict):
+    """``exec --json``/``console --json``'s result, before the CLI adds its ``lines``: the first
+    failed exit code (shiplane's), per host its release, exit code and seconds, the command
+    (masked)."""
 
     ok: bool
     exit_code: int
     command: list[str]
     hosts: dict[str, ExecHost]
-    lines: list[str]
+
+
+@dataclass(frozen=True)
+class ExecResult:
+    """What ``exec``/``console`` return; the CLI renders what exec itself says
+    (``ui.exec_lines``, to stderr) or prints ``to_json()``. ``unrecorded``: the hosts whose
+    ledger did not take the entry, and why."""
+
+    report: ExecReport
+    unrecorded: dict[str, str]
+
+    def to_json(self) -> ExecReport:
+        return self.report
 
 
 def pick_hosts(ctx: StageContext, names: Sequence[str], every: bool) -> list[str]:
@@ -159,7 +172,7 @@ def run_exec(
     transports: TransportFactory | None = None,
 ) -> ExecResult:
     """Run ``command`` on the chosen hosts in the live release's environment; record it in each
-    host's ledger (the command masked) and return ``{ok, exit_code, hosts, command, lines}``.
+    host's ledger (the command masked) and return its result (``ok``, ``exit_code``, ``hosts``...).
 
     One host, not ``capture``: the command gets this process's stdin/stdout/stderr, and with
     ``tty`` a terminal on the host. Several hosts (or ``capture``): they run at once, stdin
@@ -224,20 +237,18 @@ def _execute(
     with _sigint_to_children():
         codes, seconds = _run_captured(plan, out) if captured else _run_attached(plan[0])
     masked = [masker(word) for word in command]
-    lines = _record(ctx, fleet, plan, masked, codes, seconds, started)
-    failed = [(t.host, codes[t.host]) for t in plan if codes[t.host] != 0]
-    if failed and len(plan) > 1:
-        lines.append("exec: failed on " + ", ".join(f"{h} (exit code {c})" for h, c in failed))
-    return {
+    unrecorded = _record(ctx, fleet, plan, masked, codes, seconds, started)
+    failed = [codes[t.host] for t in plan if codes[t.host] != 0]
+    report: ExecReport = {
         "ok": not failed,
-        "exit_code": failed[0][1] if failed else 0,
+        "exit_code": failed[0] if failed else 0,
         "command": masked,
         "hosts": {
             t.host: {"release": t.release, "exit_code": codes[t.host], "seconds": seconds[t.host]}
             for t in plan
         },
-        "lines": lines,
     }
+    return ExecResult(report, unrecorded)
 
 
 @contextmanager
@@ -322,10 +333,10 @@ def _record(
     codes: dict[str, int],
     seconds: dict[str, float],
     started: float,
-) -> list[str]:
-    """Append the exec to each host's ledger; what could not be recorded, as lines to show."""
+) -> dict[str, str]:
+    """Append the exec to each host's ledger; the hosts where it could not be, and why."""
     who = holder(" ".join(["shiplane", *sys.argv[1:]]), os.getpid()).to_json()
-    lines = []
+    unrecorded = {}
     for target in plan:
         entry = {
             "event": "exec",
@@ -342,8 +353,8 @@ def _record(
         try:
             fleet.sessions[target.host].call("record", {"entry": entry}, timeout=30)
         except HostError as exc:  # the command ran: its code stands, the missing entry is said
-            lines.append(f"exec: not recorded in the ledger of {target.host}: {exc.reason}")
-    return lines
+            unrecorded[target.host] = exc.reason
+    return unrecorded
 
 
 # -- console ------------------------------------------------------------------------------------

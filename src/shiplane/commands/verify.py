@@ -5,6 +5,7 @@ it sends it again)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypedDict, cast
 
@@ -15,17 +16,29 @@ from shiplane.secret import Masker
 
 
 class VerifyReport(TypedDict):
-    """``shiplane verify``: per host the blobs checked and those that did not match."""
+    """``shiplane verify --json``'s result, before the CLI adds its ``lines``: per host the blobs
+    checked and those that did not match."""
 
     ok: bool
     stage: str
     hosts: dict[str, VerifyResult]
-    lines: list[str]
+
+
+@dataclass(frozen=True)
+class Verification:
+    """What ``verify`` returns; the CLI renders it (``ui.verify_lines``) or prints
+    ``to_json()``. ``failed``: the hosts that could not verify, and why."""
+
+    report: VerifyReport
+    failed: dict[str, str]
+
+    def to_json(self) -> VerifyReport:
+        return self.report
 
 
 def run_verify(
     file: Path | None, stage: str | None, masker: Masker, *, hosts: str | None, sets: Sequence[str]
-) -> VerifyReport:
+) -> Verification:
     """Per host: how many blobs were checked and which were bad. ``ok`` False when any was."""
     with connected(file, stage, masker, hosts=hosts, sets=sets) as (ctx, fleet):
         outcomes = fleet.each(
@@ -34,16 +47,6 @@ def run_verify(
             quiet=True,
         )
     per_host = {host: outcome.result for host, outcome in outcomes.items() if outcome.ok}
-    lines = []
-    for host, result in per_host.items():
-        bad = result.get("bad") or []
-        verdict = (
-            f"{len(bad)} did not match their sha256 and were quarantined: {', '.join(b[:12] for b in bad)}"
-            if bad
-            else "all match their sha256"
-        )
-        lines.append(f"{host}: {result.get('blobs', 0)} stored blob(s), {verdict}")
-    for host, error in failures(outcomes).items():
-        lines.append(f"{host}: verify failed: {error.reason}")
-    ok = not failures(outcomes) and not any(r.get("bad") for r in per_host.values())
-    return {"ok": ok, "stage": ctx.stage, "hosts": per_host, "lines": lines}
+    failed = {host: error.reason for host, error in failures(outcomes).items()}
+    ok = not failed and not any(r.get("bad") for r in per_host.values())
+    return Verification({"ok": ok, "stage": ctx.stage, "hosts": per_host}, failed)
