@@ -894,8 +894,10 @@ def doctor(
     """Check, read-only, that each host is ready for a deploy; say what is missing and the
     command that fixes it (exit 1)."""
     from shiplane.commands.setup import run_doctor
+    from shiplane.ui import doctor_lines
 
-    _finish(obj, run_doctor(obj.file, stage, obj.masker, hosts=hosts, sets=sets), as_json)
+    result = run_doctor(obj.file, stage, obj.masker, hosts=hosts, sets=sets)
+    _finish(obj, {**result, "lines": doctor_lines(result)}, as_json)
 
 
 # -- exec verbs ---------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ if TYPE_CHECKING:  # rich is imported only for a terminal: ~25 ms a --json or CI
         StatusReport,
     )
     from shiplane.commands.plan import HostPlan, PlanResult
+    from shiplane.commands.setup import DoctorResult
     from shiplane.commands.verify import Verification
 
 # past this many hosts the host rows fold into one row of counts per step (a screen is ~24 rows)
@@ -728,4 +729,22 @@ def exec_lines(result: ExecResult) -> list[str]:
     failed = [(h, info["exit_code"]) for h, info in report["hosts"].items() if info["exit_code"]]
     if failed and len(report["hosts"]) > 1:
         lines.append("exec: failed on " + ", ".join(f"{h} (exit code {c})" for h, c in failed))
+    return lines
+
+
+def doctor_lines(result: DoctorResult) -> list[str]:
+    """``doctor``: each host's checks (with the fix of what is missing), then the verdict."""
+    lines: list[str] = []
+    for host, done in result["hosts"].items():
+        lines.append(f"{host}" + (f" (as {done['user']}):" if done["user"] else ":"))
+        for check in done["checks"]:
+            lines.append(f"  {check['status']:8} {check['check']:7} {check['detail']}")
+            if "fix" in check:
+                lines.append(f"  {'':8} {'':7} fix: {check['fix']}")
+    if result["ok"]:
+        count = len(result["hosts"])
+        lines.append(f"all is well on {count} host(s): shiplane deploy --stage {result['stage']}")
+    else:
+        bad = [h for h, d in result["hosts"].items() if not d["ok"]]
+        lines.append(f"{result['missing']} thing(s) missing on {', '.join(bad)}")
     return lines

@@ -84,11 +84,12 @@ class HostDoctor(TypedDict):
 
 
 class DoctorResult(TypedDict):
+    """``doctor``'s result; the CLI draws its lines (``ui.doctor_lines``) and adds them for --json."""
+
     ok: bool
     stage: str
     missing: int
     hosts: dict[str, HostDoctor]
-    lines: list[str]
 
 
 # -- the scripts ----------------------------------------------------------------------------------
@@ -765,22 +766,9 @@ def run_doctor(
             if transport is not None:
                 transport.close()
         cleanup()
-    lines: list[str] = []
-    missing = 0
-    for host, done in per_host.items():
-        lines.append(f"{host}" + (f" (as {done['user']}):" if done["user"] else ":"))
-        for check in done["checks"]:
-            lines.append(f"  {check['status']:8} {check['check']:7} {check['detail']}")
-            if "fix" in check:
-                missing += 1
-                lines.append(f"  {'':8} {'':7} fix: {check['fix']}")
+    missing = sum("fix" in check for done in per_host.values() for check in done["checks"])
     ok = all(done["ok"] for done in per_host.values())
-    if ok:
-        lines.append(f"all is well on {len(per_host)} host(s): shiplane deploy --stage {st.name}")
-    else:
-        bad = [h for h, d in per_host.items() if not d["ok"]]
-        lines.append(f"{missing} thing(s) missing on {', '.join(bad)}")
-    return DoctorResult(ok=ok, stage=st.name, missing=missing, hosts=per_host, lines=lines)
+    return DoctorResult(ok=ok, stage=st.name, missing=missing, hosts=per_host)
 
 
 def _unreachable(
