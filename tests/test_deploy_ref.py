@@ -199,6 +199,13 @@ def test_deploy_ref_serves_the_tag_while_the_tree_has_other_changes(
         status, body = app.get("/")
         assert "dirty-change" in body and "later-commit" in body
 
+        # the test gate runs the commit's tests: a failing test left in the tree is not v1's
+        broken = app.root / "tests" / "test_broken_in_tree.py"
+        broken.write_text("def test_not_committed():\n    assert False\n")
+        gated = app.shiplane("deploy", "--stage", "local", "--ref", "v1")
+        assert gated.returncode == 0, (gated.stdout + gated.stderr)[-2000:]
+        broken.unlink()
+
         bad = app.deploy("--ref", "no-such-tag", check=False)
         assert bad["exit"] == 2 and "no commit" in bad["output"]
 

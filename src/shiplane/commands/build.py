@@ -54,11 +54,17 @@ def build_for_deploy(project: Project, emit: Emit, ref: str | None = None) -> Bu
     return build(build_spec(project, ref), on_event=_progress(emit))
 
 
-def gate(project: Project, verbose: bool, emit: Emit) -> None:
+def gate(project: Project, verbose: bool, emit: Emit, ref: str | None = None) -> None:
+    """The test gate on the checkout, or with ``ref`` on that commit's export (what ships)."""
     deploy = project.deploy
     assert deploy.build.test
+    root = (
+        export_ref(project.root, ref, project.root / ".shiplane" / "build").root
+        if ref
+        else project.root
+    )
     run_gate(
-        project.root,
+        root,
         deploy.build.test,
         deploy.build.requirements,
         extra=tuple(deploy.build.test_requirements),
@@ -69,7 +75,7 @@ def gate(project: Project, verbose: bool, emit: Emit) -> None:
     key, entry = ("asgi", deploy.app.asgi) if deploy.app.asgi else ("wsgi", deploy.app.wsgi)
     if entry:
         check_entry(
-            project.root,
+            root,
             entry,
             key,
             deploy.build.requirements,

@@ -296,7 +296,7 @@ def _gate(d: Deployment, emit: Any) -> None:
         from shiplane.commands.build import gate
 
         emit(Event("gate", "start"))
-        gate(d.ctx.project, d.options.verbose, emit)
+        gate(d.ctx.project, d.options.verbose, emit, d.options.ref)  # --ref: the commit's tests
         emit(Event("gate", "ok", seconds=time.monotonic() - started))
 
 
