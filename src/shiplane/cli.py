@@ -878,9 +878,10 @@ def setup(
     """Prepare each host of a stage, idempotently: packages, the deploy user with your key, the
     deploy root it owns (logs in as root or a sudoer; deploys then need no root)."""
     from shiplane.commands.setup import run_setup
+    from shiplane.ui import setup_lines
 
     result = run_setup(obj.file, stage, obj.masker, as_user=as_user, hosts=hosts, sets=sets)
-    _finish(obj, result, as_json)
+    _finish(obj, {**result, "lines": setup_lines(result)}, as_json)
 
 
 @main.command()

@@ -33,7 +33,7 @@ if TYPE_CHECKING:  # rich is imported only for a terminal: ~25 ms a --json or CI
         StatusReport,
     )
     from shiplane.commands.plan import HostPlan, PlanResult
-    from shiplane.commands.setup import DoctorResult
+    from shiplane.commands.setup import DoctorResult, SetupResult
     from shiplane.commands.verify import Verification
 
 # past this many hosts the host rows fold into one row of counts per step (a screen is ~24 rows)
@@ -729,6 +729,30 @@ def exec_lines(result: ExecResult) -> list[str]:
     failed = [(h, info["exit_code"]) for h, info in report["hosts"].items() if info["exit_code"]]
     if failed and len(report["hosts"]) > 1:
         lines.append("exec: failed on " + ", ".join(f"{h} (exit code {c})" for h, c in failed))
+    return lines
+
+
+def setup_lines(result: SetupResult) -> list[str]:
+    """``setup``: the key authorised, each host's steps, then the verdict."""
+    stage = result["stage"]
+    if result["local"]:
+        return [f"{stage}: the local stage is this machine, reached without SSH: nothing to set up"]
+    per_host = result["hosts"]
+    lines = [f"authorising {result['key']} for the deploy user"]
+    for host, done in per_host.items():
+        lines.append(f"{host} (as {done['user']}, deploy user {done['deploy_user']}):")
+        for step in done["steps"]:
+            lines.append(f"  {step['status']:8} {step['step']:7} {step['detail']}")
+    if not result["ok"]:
+        bad = [h for h, d in per_host.items() if not d["ok"]]
+        lines.append(f"setup failed on {', '.join(bad)}")
+    elif result["changed"]:
+        lines.append(
+            f"{len(per_host)} host(s) ready: deploys log in as the deploy user; "
+            f"check with shiplane doctor --stage {stage}"
+        )
+    else:
+        lines.append(f"nothing changed: {len(per_host)} host(s) were ready")
     return lines
 
 

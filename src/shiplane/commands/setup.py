@@ -62,12 +62,14 @@ class HostSetup(TypedDict):
 
 
 class SetupResult(TypedDict):
+    """``setup``'s result; the CLI draws its lines (``ui.setup_lines``) and adds them for --json."""
+
     ok: bool
     stage: str
+    local: bool  # the local stage: nothing to set up
     changed: bool
     key: str  # where the authorised public key came from
     hosts: dict[str, HostSetup]
-    lines: list[str]
 
 
 class Check(TypedDict, total=False):
@@ -583,8 +585,7 @@ def run_setup(
 ) -> SetupResult:
     st = _open(file, stage, hosts, sets)
     if st.stage.is_local:
-        line = f"{st.name}: the local stage is this machine, reached without SSH: nothing to set up"
-        return SetupResult(ok=True, stage=st.name, changed=False, key="", hosts={}, lines=[line])
+        return SetupResult(ok=True, stage=st.name, local=True, changed=False, key="", hosts={})
     setup_user = as_user or st.stage.setup_user
     if not _LOGIN.match(setup_user):
         raise UsageError(f"--as {setup_user!r}: expected a login name")
@@ -652,24 +653,10 @@ def run_setup(
         for transport in transports.values():
             transport.close()
         cleanup()
-    lines = [f"authorising {source} for the deploy user"]
-    for host, done in per_host.items():
-        lines.append(f"{host} (as {done['user']}, deploy user {done['deploy_user']}):")
-        for step in done["steps"]:
-            lines.append(f"  {step['status']:8} {step['step']:7} {step['detail']}")
     ok = all(done["ok"] for done in per_host.values())
     changed = any(done["changed"] for done in per_host.values())
-    if not ok:
-        bad = [h for h, d in per_host.items() if not d["ok"]]
-        lines.append(f"setup failed on {', '.join(bad)}")
-    elif changed:
-        lines.append(
-            f"{len(per_host)} host(s) ready: deploys log in as the deploy user; check with shiplane doctor --stage {st.name}"
-        )
-    else:
-        lines.append(f"nothing changed: {len(per_host)} host(s) were ready")
     return SetupResult(
-        ok=ok, stage=st.name, changed=changed, key=source, hosts=per_host, lines=lines
+        ok=ok, stage=st.name, local=False, changed=changed, key=source, hosts=per_host
     )
 
 
