@@ -298,3 +298,12 @@ def test_no_traceback_for_missing_deploy_file(tmp_path: Path) -> None:
         os.chdir(old)
     assert result.exit_code == 2
     assert "no shiplane.toml" in result.output and "shiplane init" in result.output
+
+
+def test_check_warns_of_a_lock_that_does_not_pin_everything(tmp_path: Path) -> None:
+    root = project(tmp_path)
+    (root / "requirements.txt").write_text("flask==3.0.3\nrequests>=2\n")
+    code, out = run(root, "check")
+    assert code == 0, out  # a warning: loose requirements are common, and still build
+    assert "warning: requirements.txt does not pin 1 requirement(s) (requests)" in out, out
+    assert "uv pip compile" in out

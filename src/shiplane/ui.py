@@ -708,6 +708,7 @@ def check_lines(result: ProjectCheck) -> list[str]:
         f"{report['file']}: ok (app {result.app}, stages: {', '.join(report['stages'])})",
         f"app source: {report['source']} ({report['source_reason']})",
         f"lock: {report['lock']}",
+        *(f"warning: {warning}" for warning in report["lock_warnings"]),
     ]
     for name, stage in report["stages"].items():
         facts = result.where[name]

@@ -20,7 +20,7 @@ from ._cache import cache_root, remove_cache
 from ._gate import check_entry, gate_env, run_gate
 from ._gitref import RefTree, check_ref, export_ref, resolve_ref
 from ._hostfit import host_misfit, platform_fits
-from ._locks import describe_lock
+from ._locks import check_warnings, describe_lock
 from ._manifest import FileEntry, Manifest, canonical_json, dependency_digest
 from ._source import GitInfo, detect_source, git_info
 from ._store import BlobStore
@@ -41,6 +41,7 @@ __all__ = [
     "canonical_json",
     "check_entry",
     "check_ref",
+    "check_warnings",
     "clean",
     "compile_app",
     "dependency_digest",

@@ -168,6 +168,20 @@ def describe_lock(project: Path, requirements: str | None = None) -> str:
     return f"{shown} ({TOOL[lock.format]}{', detected' if lock.detected else ''})"
 
 
+def check_warnings(project: Path, requirements: str | None = None) -> list[str]:
+    """What ``shiplane check`` warns of about the lock, offline: a requirements file that does
+    not pin everything, or a pyproject.toml with no lock at all."""
+    from ._wheelhouse import read_lock, unpinned_warning  # it imports this module
+
+    lock = find_lock(Path(project), requirements)
+    if lock.format == "pyproject":
+        return [UNLOCKED_WARNING.format(name=lock.path.name)]
+    if lock.format != "requirements":
+        return []
+    warning = unpinned_warning(read_lock(lock.path, format="requirements"))
+    return [warning] if warning else []
+
+
 def export(lock: LockFile) -> Exported:
     """The lock as requirements text (default group only, markers kept); not for
     ``requirements`` files, which ``read_lock`` reads itself."""

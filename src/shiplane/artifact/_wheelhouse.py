@@ -106,7 +106,23 @@ def load_lock(project: Path, requirements: str) -> Lock:
     """The lock of ``project``: ``requirements`` ([build] requirements) or, when it is empty,
     the one found (``_locks.DETECTION_ORDER``); none found is a ConfigError."""
     found = find_lock(project, requirements)
-    return read_lock(found.path, format=found.format)
+    lock = read_lock(found.path, format=found.format)
+    lock.warning = lock.warning or unpinned_warning(lock)
+    return lock
+
+
+def unpinned_warning(lock: Lock) -> str | None:
+    """An incomplete lock: requirements without an exact pin (``flask>=3``) resolve to whatever
+    is newest at each build, so two builds may ship different versions."""
+    loose = sorted(lock.names - set(lock.pins))
+    if not loose:
+        return None
+    shown = ", ".join(loose[:5]) + (f" and {len(loose) - 5} more" if len(loose) > 5 else "")
+    return (
+        f"{lock.path.name} does not pin {len(loose)} requirement(s) ({shown}): each build takes "
+        f"their newest versions, so two builds may differ; pin them all, e.g. "
+        f"`uv pip compile requirements.in -o {lock.path.name}`"
+    )
 
 
 def read_lock(path: Path, *, format: str | None = None, _seen: set[Path] | None = None) -> Lock:

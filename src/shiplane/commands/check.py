@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypedDict
 
-from shiplane.artifact import describe_lock
+from shiplane.artifact import check_warnings, describe_lock
 from shiplane.commands.common import open_stage
 from shiplane.config import Layered, build_layers, load_project
 from shiplane.config.layers import layer_files, render_files
@@ -30,6 +30,7 @@ class CheckResult(TypedDict):
     source: str
     source_reason: str
     lock: str
+    lock_warnings: list[str]  # a lock that does not pin everything, or no lock committed
     stages: dict[str, StageCheck]
 
 
@@ -63,6 +64,7 @@ def check_project(file: Path | None) -> ProjectCheck:
     graph_from_project(project)
     source, reason = _source(project)
     lock = describe_lock(project.root, deploy.build.requirements)  # none: ConfigError, exit 2
+    lock_warnings = check_warnings(project.root, deploy.build.requirements)
     stages: dict[str, StageCheck] = {}
     where: dict[str, StageWhere] = {}
     for name, stage in deploy.stages.items():
@@ -77,6 +79,7 @@ def check_project(file: Path | None) -> ProjectCheck:
         "source": source,
         "source_reason": reason,
         "lock": lock,
+        "lock_warnings": lock_warnings,
         "stages": stages,
     }
     return ProjectCheck(report=report, app=deploy.app.name, where=where)
