@@ -107,6 +107,7 @@ def _web_spec(deploy: DeployFile, stage: str, web: Service) -> WebSpec:
         "keepalive": web.keepalive,
         "access_log": web.access_log,
         "forwarded_allow_ips": web.forwarded_allow_ips,
+        "front": stage_cfg.front,
         "options": list(web.options),
         "standby": web.standby,
         "preboot": web.preboot,

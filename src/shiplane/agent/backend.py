@@ -254,6 +254,7 @@ def gunicorn_argv(
     if worker_class:
         argv += ["-k", str(worker_class)]
     argv += server_options(web)
+    argv += client_address_options(web)
     target = web.get("target")
     if not target:
         raise AgentError("services.web has no target (wsgi/asgi app)", kind="usage")
@@ -277,6 +278,48 @@ def server_options(web: WebSpec) -> list[str]:
     if web.get("access_log"):
         argv.append("--access-logfile=-")  # to stdout: the service's log
     return argv + [str(option) for option in web.get("options") or []]
+
+
+# gunicorn's workers that parse HTTP with gunicorn's own parser (and so read a PROXY line)
+PROXY_PROTOCOL_WORKERS = frozenset(
+    {
+        "sync",
+        "gthread",
+        "gevent",
+        "eventlet",
+        "gunicorn.workers.sync.SyncWorker",
+        "gunicorn.workers.gthread.ThreadWorker",
+        "gunicorn.workers.ggevent.GeventWorker",
+        "gunicorn.workers.geventlet.EventletWorker",
+    }
+)
+
+
+def speaks_proxy_protocol(web: WebSpec | None) -> bool:
+    """Whether the builtin front passes the client's address as a PROXY protocol line: the
+    stage's front is the builtin proxy and the web server's workers read that line (gunicorn's
+    own; uvicorn's do not, and would answer 400)."""
+    if not web or (web.get("front") or "builtin") != "builtin":
+        return False
+    worker_class = web.get("worker_class")
+    if not worker_class:
+        return web.get("kind") != "asgi"  # sync; an ASGI app gets uvicorn's workers
+    return str(worker_class) in PROXY_PROTOCOL_WORKERS
+
+
+def client_address_options(web: WebSpec) -> list[str]:
+    """How the client's address and scheme reach the app (docs/proxies.md): from the builtin
+    front, a PROXY protocol line (``--proxy-protocol``: with none, gunicorn takes the connection
+    as it is, so health checks on the socket need none); from nginx or Caddy, their
+    X-Forwarded-For/-Proto, which they set themselves (a client's are dropped). gunicorn trusts
+    forwarded headers from any unix-socket peer; uvicorn's workers see no address on a unix
+    socket and so trust none unless told ``*``: only the front can connect to the socket."""
+    if speaks_proxy_protocol(web):
+        return ["--proxy-protocol"]
+    front = web.get("front") or "builtin"
+    if front != "builtin" and web.get("forwarded_allow_ips") is None:
+        return ["--forwarded-allow-ips=*"]
+    return []
 
 
 def graceful_timeout(web: WebSpec) -> int:
@@ -345,6 +388,7 @@ def front_argv(layout: Layout, spec: ServicesSpec | None) -> list[str]:
         str(layout.web_socket),
         "--ready",
         str(front_ready(layout)),
+        *(["--proxy-protocol"] if speaks_proxy_protocol(spec.get("web") if spec else None) else []),
     ]
 
 

@@ -80,6 +80,7 @@ class WebSpec(TypedDict):
     keepalive: int | None
     access_log: bool
     forwarded_allow_ips: str | None
+    front: str  # the stage's front (ServicesSpec's): how the client's address reaches the app
     options: list[str]
     standby: bool
     preboot: bool

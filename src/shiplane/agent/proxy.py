@@ -13,6 +13,11 @@ upstream that resets (the request was never read) -- or, for idempotent methods,
 answering anything is replaced by a new connection to ``web.sock`` and the bytes replayed, as
 nginx's ``proxy_next_upstream error`` does. Nothing is replayed once the upstream has answered.
 
+With ``--proxy-protocol`` every upstream connection (a replay's too) starts with a PROXY
+protocol v1 line naming the client's address and port, which gunicorn reads (its own
+``--proxy-protocol``) into ``REMOTE_ADDR``: the app sees the client, not the proxy. The line is
+written by the proxy before any client byte, so a client cannot forge it.
+
 Under systemd socket activation (``LISTEN_PID``/``LISTEN_FDS``) the listening socket is fd 3,
 owned by the ``.socket`` unit, so it outlives every restart of the proxy.
 
@@ -24,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import os
 import signal
 import socket
@@ -116,6 +122,7 @@ class _Connection:
         self.replay: bytearray | None = bytearray()  # client bytes so far; None: too many
         self.has_answer = False  # the upstream sent a byte: never replay from now on
         self.retries = 0
+        self.proxy_line = b""  # the PROXY protocol line, when the proxy sends one
 
     def client_bytes(self, data: bytes) -> None:
         """Keep what the client sent until the upstream answers (for a replay)."""
@@ -205,6 +212,8 @@ class _Connection:
             upstream.transport.close()
             return
         self.upstream = upstream
+        if self.proxy_line:
+            upstream.transport.write(self.proxy_line)  # before the client's (replayed) bytes
         upstream.set_peer(self.client.transport)
         self.client.set_peer(upstream.transport)
         if self.client.eof and upstream.transport.can_write_eof():
@@ -238,10 +247,13 @@ class _Connection:
 class Proxy:
     """Listen on ``host:port``; forward each connection to the unix socket ``upstream_path``."""
 
-    def __init__(self, host: str, port: int, upstream_path: str) -> None:
+    def __init__(
+        self, host: str, port: int, upstream_path: str, proxy_protocol: bool = False
+    ) -> None:
         self.host = host
         self.port = port
         self.upstream_path = upstream_path
+        self.proxy_protocol = proxy_protocol
         self.connections: set[_Connection] = set()
         self.server: asyncio.Server | None = None
         self.tasks: set[asyncio.Task[None]] = set()
@@ -312,12 +324,38 @@ class _AcceptedPipe(_Pipe):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             except OSError:
                 pass
+        if self.conn.proxy.proxy_protocol:
+            self.conn.proxy_line = proxy_line(
+                self.transport.get_extra_info("peername"),
+                self.transport.get_extra_info("sockname"),
+            )
         self.transport.pause_reading()
         self.conn.proxy.spawn(self.conn.connect_upstream())
 
     def data_received(self, data: bytes) -> None:
         self.conn.client_bytes(data)
         super().data_received(data)
+
+
+def proxy_line(peer: Any, local: Any) -> bytes:
+    """The PROXY protocol v1 line for a TCP connection from ``peer`` to ``local`` (socket
+    addresses); empty when they are not IP addresses (gunicorn then takes the connection as it
+    is). IPv4-mapped IPv6 addresses (a dual-stack listener) are given as IPv4."""
+    if not (isinstance(peer, tuple) and isinstance(local, tuple)):
+        return b""
+    try:
+        src, dst = (ipaddress.ip_address(str(addr[0]).split("%")[0]) for addr in (peer, local))
+        sport, dport = int(peer[1]), int(local[1])
+    except (ValueError, IndexError, TypeError):
+        return b""
+    if isinstance(src, ipaddress.IPv6Address) and src.ipv4_mapped is not None:
+        src = src.ipv4_mapped
+    if isinstance(dst, ipaddress.IPv6Address) and dst.ipv4_mapped is not None:
+        dst = dst.ipv4_mapped
+    if src.version != dst.version:
+        return b""
+    family = "TCP4" if src.version == 4 else "TCP6"
+    return f"PROXY {family} {src} {dst} {sport} {dport}\r\n".encode("ascii")
 
 
 def activated_socket() -> socket.socket | None:
@@ -363,9 +401,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--upstream", required=True, help="unix socket path (a symlink is fine)")
     parser.add_argument("--ready", help="write the pid to this file once listening")
+    parser.add_argument(
+        "--proxy-protocol",
+        action="store_true",
+        help="start each upstream connection with a PROXY protocol v1 line (the client's address)",
+    )
     args: Any = parser.parse_args(argv)
     host, port = args.listen
-    proxy = Proxy(host, port, args.upstream)
+    proxy = Proxy(host, port, args.upstream, proxy_protocol=args.proxy_protocol)
     try:
         asyncio.run(proxy.serve(args.ready))
     except OSError as exc:
