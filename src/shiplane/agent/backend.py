@@ -237,6 +237,9 @@ def gunicorn_argv(
         "gunicorn",
         "--bind",
         f"unix:{sock}",
+        # here, followed by "--workers": gunicorn's --proxy-protocol takes an optional value
+        # (a mode, since 23), and would take the app's target for one
+        *client_address_options(web),
         "--workers",
         str(int(web.get("workers") or 2)),
         "--timeout",
@@ -254,7 +257,6 @@ def gunicorn_argv(
     if worker_class:
         argv += ["-k", str(worker_class)]
     argv += server_options(web)
-    argv += client_address_options(web)
     target = web.get("target")
     if not target:
         raise AgentError("services.web has no target (wsgi/asgi app)", kind="usage")
@@ -280,6 +282,7 @@ def server_options(web: WebSpec) -> list[str]:
     return argv + [str(option) for option in web.get("options") or []]
 
 
+THREAD_WORKER = "gunicorn.workers.gthread.ThreadWorker"
 # gunicorn's workers that parse HTTP with gunicorn's own parser (and so read a PROXY line)
 PROXY_PROTOCOL_WORKERS = frozenset(
     {
@@ -288,7 +291,7 @@ PROXY_PROTOCOL_WORKERS = frozenset(
         "gevent",
         "eventlet",
         "gunicorn.workers.sync.SyncWorker",
-        "gunicorn.workers.gthread.ThreadWorker",
+        THREAD_WORKER,
         "gunicorn.workers.ggevent.GeventWorker",
         "gunicorn.workers.geventlet.EventletWorker",
     }
@@ -315,6 +318,13 @@ def client_address_options(web: WebSpec) -> list[str]:
     forwarded headers from any unix-socket peer; uvicorn's workers see no address on a unix
     socket and so trust none unless told ``*``: only the front can connect to the socket."""
     if speaks_proxy_protocol(web):
+        threaded = str(web.get("worker_class") or "") in ("gthread", THREAD_WORKER) or (
+            not web.get("worker_class") and int(web.get("threads") or 1) > 1
+        )
+        if threaded and web.get("keepalive") is None:
+            # gthread reads the PROXY line into the first request of a connection only (gunicorn
+            # 27): a keep-alive connection's later requests would have no REMOTE_ADDR
+            return ["--proxy-protocol", "--keep-alive=0"]
         return ["--proxy-protocol"]
     front = web.get("front") or "builtin"
     if front != "builtin" and web.get("forwarded_allow_ips") is None:

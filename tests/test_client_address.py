@@ -1,0 +1,296 @@
+"""The client's address and scheme reach the app (issue 20): through the builtin front as a PROXY
+protocol line gunicorn reads (a replayed request's new connection starts with one too), through
+the TLS front (Caddy) as X-Forwarded-For/-Proto that Caddy sets itself. Requests come from
+127.0.0.2, so the echoed address is the client's and no default; a client's own X-Forwarded-For
+is not believed.
+
+The deploys are real ``shiplane deploy --stage local`` runs of the scaffold's Flask app with a
+``/whoami`` view echoing ``request.remote_addr`` and ``request.scheme``.
+"""
+
+from __future__ import annotations
+
+import http.client
+import os
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from deployhelp import Project, edit, free_port, scaffold, wait_for
+from shiplane.agent.backend import client_address_options, front_argv, gunicorn_argv
+from shiplane.agent.paths import Layout
+from shiplane.agent.protocol import ServicesSpec, WebSpec
+from shiplane.agent.proxy import proxy_line
+from test_https_caddy import Pebble, https_stage, needs_pebble, pebble  # noqa: F401 (a fixture)
+
+CLIENT = "127.0.0.2"  # a second loopback address: what the app echoes is the client's own
+
+WHOAMI = '''
+
+@bp.get("/whoami")
+def whoami() -> Response:
+    """The client's address and the scheme, as the app sees them."""
+    return Response(f"{request.remote_addr} {request.scheme}\\n", mimetype="text/plain")
+'''
+
+# --- fast: the PROXY line, and who gets it --------------------------------------------------------
+
+
+def test_the_proxy_line_names_the_client_and_the_front() -> None:
+    line = proxy_line(("127.0.0.2", 50123), ("127.0.0.1", 8000))
+    assert line == b"PROXY TCP4 127.0.0.2 127.0.0.1 50123 8000\r\n"
+    # a dual-stack listener sees IPv4 clients as IPv4-mapped IPv6 addresses
+    mapped = proxy_line(("::ffff:192.0.2.7", 4000, 0, 0), ("::ffff:10.0.0.1", 80, 0, 0))
+    assert mapped == b"PROXY TCP4 192.0.2.7 10.0.0.1 4000 80\r\n"
+    v6 = proxy_line(("2001:db8::7", 4000, 0, 0), ("fe80::1%eth0", 80, 0, 2))
+    assert v6 == b"PROXY TCP6 2001:db8::7 fe80::1 4000 80\r\n"
+    assert proxy_line("", "/run/x.sock") == b""  # not TCP: no line (gunicorn takes it as is)
+
+
+def _web(**keys: object) -> WebSpec:
+    web: dict[str, object] = {
+        "kind": "wsgi",
+        "target": "app:app",
+        "workers": 1,
+        "worker_class": None,
+        "forwarded_allow_ips": None,
+        "front": "builtin",
+    }
+    web.update(keys)
+    return web  # type: ignore[return-value]
+
+
+def test_the_builtin_front_sends_the_line_only_to_workers_that_read_it(tmp_path: Path) -> None:
+    layout = Layout(tmp_path / "root")
+    for web, reads in [
+        (_web(), True),  # gunicorn's sync worker
+        (_web(worker_class="gthread"), True),
+        (_web(kind="asgi"), False),  # uvicorn's workers would answer 400
+        (_web(kind="asgi", worker_class="uvicorn.workers.UvicornWorker"), False),
+        (_web(front="caddy"), False),
+        (_web(front="nginx"), False),
+    ]:
+        argv = gunicorn_argv(layout, "r1", web)
+        assert ("--proxy-protocol" in argv) is reads, (web, argv)
+        spec: ServicesSpec = {"front": str(web["front"]), "web": web}  # type: ignore[typeddict-item]
+        assert ("--proxy-protocol" in front_argv(layout, spec)) is reads
+    # gthread reads the line into a connection's first request only: no keep-alive then
+    threaded = client_address_options(_web(threads=4))
+    assert threaded == ["--proxy-protocol", "--keep-alive=0"]
+    assert client_address_options(_web(threads=4, keepalive=5)) == ["--proxy-protocol"]
+    assert client_address_options(_web()) == ["--proxy-protocol"]
+    # gunicorn's --proxy-protocol takes an optional value: never followed by the app's target
+    argv = gunicorn_argv(layout, "r1", _web())
+    assert argv[argv.index("--proxy-protocol") + 1].startswith("--")
+    # behind nginx and Caddy (their own X-Forwarded-*), uvicorn must trust the unix socket
+    assert client_address_options(_web(front="caddy", kind="asgi")) == ["--forwarded-allow-ips=*"]
+    assert client_address_options(_web(front="caddy", forwarded_allow_ips="10.0.0.1")) == []
+    assert client_address_options(_web(kind="asgi")) == []  # builtin: a client's are not trusted
+
+
+class _Recording:
+    """A unix-socket HTTP server that records what each connection sent before answering."""
+
+    def __init__(self, path: Path) -> None:
+        self.server = socket.socket(socket.AF_UNIX)
+        self.server.bind(str(path))
+        self.server.listen(16)
+        self.server.settimeout(0.1)
+        self.seen: list[bytes] = []
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while not self.stopped.is_set():
+            try:
+                conn, _ = self.server.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                conn.settimeout(10)
+                data = b""
+                while b"\r\n\r\n" not in data and (chunk := conn.recv(65536)):
+                    data += chunk
+                if not data:
+                    continue  # a probe
+                self.seen.append(data)
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+
+    def close(self) -> None:
+        self.stopped.set()
+        self.thread.join(5)
+        self.server.close()
+
+
+@pytest.fixture
+def pp_proxy(tmp_path: Path) -> Iterator[tuple[int, Path]]:
+    link = tmp_path / "web.sock"
+    port = free_port()
+    argv = [sys.executable, "-m", "shiplane.agent", "proxy", "--proxy-protocol"]
+    argv += ["--listen", f"127.0.0.1:{port}", "--upstream", str(link)]
+    proc = subprocess.Popen(argv)
+
+    def listening() -> bool:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+
+    try:
+        wait_for(listening, 10, "the proxy to listen")
+        yield port, link
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=15)
+
+
+def _point(link: Path, target: Path) -> None:
+    tmp = link.with_name("web.sock.tmp")
+    os.symlink(target.name, tmp)
+    os.replace(tmp, link)
+
+
+def _queued(path: Path) -> int:
+    out = subprocess.run(["ss", "-xlnH"], capture_output=True, text=True, check=True).stdout
+    for line in out.splitlines():
+        fields = line.split()
+        if str(path) in fields:
+            return int(fields[2])
+    return 0
+
+
+def test_a_replayed_request_starts_with_the_proxy_line_again(
+    pp_proxy: tuple[int, Path], tmp_path: Path
+) -> None:
+    port, link = pp_proxy
+    old = socket.socket(socket.AF_UNIX)  # a server closing its listener with our request queued
+    old.bind(str(tmp_path / "old.sock"))
+    old.listen(16)
+    _point(link, tmp_path / "old.sock")
+    new = _Recording(tmp_path / "new.sock")
+    try:
+        sock = socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(CLIENT, 0))
+        cport = sock.getsockname()[1]
+        sock.sendall(b"GET /x HTTP/1.1\r\nHost: a\r\nX-Forwarded-For: 6.6.6.6\r\n\r\n")
+        wait_for(lambda: _queued(tmp_path / "old.sock") >= 1, 10, "the queued connection")
+        _point(link, tmp_path / "new.sock")
+        old.close()  # the kernel resets the queued connection: the proxy replays
+        answer = sock.recv(65536)
+        sock.close()
+        assert answer.startswith(b"HTTP/1.1 200"), answer
+        # (the fixture's probe connection, queued too, is replayed as its line alone)
+        assert [data for data in new.seen if b"GET" in data] == [
+            f"PROXY TCP4 {CLIENT} 127.0.0.1 {cport} {port}\r\n".encode()
+            + b"GET /x HTTP/1.1\r\nHost: a\r\nX-Forwarded-For: 6.6.6.6\r\n\r\n"
+        ]
+    finally:
+        old.close()
+        new.close()
+
+
+# --- slow: the scaffold's Flask app behind each front ---------------------------------------------
+
+
+def _whoami_app(tmp: Path) -> Project:
+    project = scaffold(tmp)
+    views = project.root / "src" / "demo" / "views.py"
+    views.write_text(views.read_text() + WHOAMI)
+    edit(project, "src/demo/views.py", "Response, current_app", "Response, current_app, request")
+    return project
+
+
+def _get(port: int, path: str, headers: dict[str, str] | None = None) -> tuple[int, str]:
+    """GET from 127.0.0.2 over plain HTTP."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10, source_address=(CLIENT, 0))
+    try:
+        conn.request("GET", path, headers=headers or {})
+        resp = conn.getresponse()
+        return resp.status, resp.read().decode()
+    finally:
+        conn.close()
+
+
+def _https_get(
+    ca: Pebble, host: str, path: str, headers: dict[str, str] | None = None
+) -> tuple[int, str]:
+    """GET https://host/path from 127.0.0.2, verified against pebble's root."""
+    ctx = ssl.create_default_context(cafile=str(ca.issued_root))
+    raw = socket.create_connection(
+        ("127.0.0.1", ca.https_port), timeout=10, source_address=(CLIENT, 0)
+    )
+    conn = http.client.HTTPSConnection(host, ca.https_port, context=ctx, timeout=10)
+    conn.sock = ctx.wrap_socket(raw, server_hostname=host)
+    try:
+        conn.request("GET", path, headers=headers or {})
+        resp = conn.getresponse()
+        return resp.status, resp.read().decode()
+    finally:
+        conn.close()
+
+
+def _keep_alive_whoami(port: int) -> None:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10, source_address=(CLIENT, 0))
+    try:
+        for _ in range(3):
+            conn.request("GET", "/whoami")
+            resp = conn.getresponse()
+            assert (resp.status, resp.read().decode()) == (200, f"{CLIENT} http\n")
+    finally:
+        conn.close()
+
+
+@pytest.mark.slow
+def test_the_builtin_front_passes_the_client_address() -> None:
+    tmp = Path(tempfile.mkdtemp(prefix="shl-addr-", dir="/tmp"))
+    project = _whoami_app(tmp)
+    try:
+        project.deploy()
+        assert _get(project.port, "/whoami") == (200, f"{CLIENT} http\n")
+        spoofed = _get(project.port, "/whoami", {"X-Forwarded-For": "6.6.6.6"})
+        assert spoofed == (200, f"{CLIENT} http\n")
+        # the health checks on the release's own socket send no PROXY line, and pass: the
+        # deploy did; a keep-alive client's later requests carry the address too, with sync
+        # workers (which close after each answer) and with threads (gthread)
+        _keep_alive_whoami(project.port)
+        edit(project, "shiplane.toml", "workers = 2\n", "workers = 2\nthreads = 2\n")
+        project.deploy()
+        _keep_alive_whoami(project.port)
+    finally:
+        project.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.mark.slow
+@needs_pebble
+def test_the_tls_front_passes_the_client_address_and_https(pebble: Pebble) -> None:  # noqa: F811
+    tmp = Path(tempfile.mkdtemp(prefix="shl-addr-tls-", dir="/tmp"))
+    project = _whoami_app(tmp)
+    # behind a front that sends X-Forwarded-For, a Flask app takes it with werkzeug's ProxyFix
+    # (one proxy: Caddy, which replaces any X-Forwarded-For the client sent)
+    edit(
+        project,
+        "src/demo/__init__.py",
+        "    app = Flask(__name__)\n",
+        "    app = Flask(__name__)\n"
+        "    from werkzeug.middleware.proxy_fix import ProxyFix\n\n"
+        "    app.wsgi_app = ProxyFix(app.wsgi_app, x_for=1, x_proto=1)  # type: ignore[method-assign]\n",
+    )
+    https_stage(project, pebble, ["app.test"], 60)
+    try:
+        project.deploy()
+        assert _https_get(pebble, "app.test", "/whoami") == (200, f"{CLIENT} https\n")
+        spoofed = _https_get(
+            pebble, "app.test", "/whoami", {"X-Forwarded-For": "6.6.6.6", "X-Forwarded-Proto": "x"}
+        )
+        assert spoofed == (200, f"{CLIENT} https\n")
+    finally:
+        project.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
