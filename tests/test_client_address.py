@@ -25,6 +25,8 @@ from pathlib import Path
 
 import pytest
 
+from apps.common import App
+from apps.fastapi_app import make_fastapi
 from deployhelp import Project, edit, free_port, scaffold, wait_for
 from shiplane.agent.backend import client_address_options, front_argv, gunicorn_argv
 from shiplane.agent.paths import Layout
@@ -40,7 +42,21 @@ WHOAMI = '''
 def whoami() -> Response:
     """The client's address and the scheme, as the app sees them."""
     return Response(f"{request.remote_addr} {request.scheme}\\n", mimetype="text/plain")
+
+
+@bp.get("/forwarded")
+def forwarded() -> Response:
+    """The X-Forwarded-For header the app received."""
+    return Response(f"{request.headers.get('X-Forwarded-For')}\\n", mimetype="text/plain")
 '''
+
+FASTAPI_WHOAMI = """
+
+@app.get("/whoami", response_class=PlainTextResponse)
+def whoami(request: Request):
+    host = request.client.host if request.client else None
+    return f"{host} {request.url.scheme}\\n"
+"""
 
 # --- fast: the PROXY line, and who gets it --------------------------------------------------------
 
@@ -291,6 +307,53 @@ def test_the_tls_front_passes_the_client_address_and_https(pebble: Pebble) -> No
             pebble, "app.test", "/whoami", {"X-Forwarded-For": "6.6.6.6", "X-Forwarded-Proto": "x"}
         )
         assert spoofed == (200, f"{CLIENT} https\n")
+        # Caddy replaced the client's header (uvicorn's workers, trusting the unix socket, take
+        # its first address): what ProxyFix or uvicorn read is the client's address alone
+        forwarded = _https_get(pebble, "app.test", "/forwarded", {"X-Forwarded-For": "6.6.6.6"})
+        assert forwarded == (200, f"{CLIENT}\n")
     finally:
         project.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.mark.slow
+@needs_pebble
+def test_an_asgi_app_on_uvicorn_workers(pebble: Pebble) -> None:  # noqa: F811
+    """uvicorn's workers read no PROXY line: behind the builtin front a FastAPI app sees no
+    client address (and believes no X-Forwarded-For); behind Caddy it sees the client and
+    https (gunicorn passes ``--forwarded-allow-ips=*`` to the workers: only the front can
+    connect to the unix socket)."""
+    tmp = Path(tempfile.mkdtemp(prefix="shl-addr-asgi-", dir="/tmp"))
+    app: App = make_fastapi(tmp / "visits", tmp / "d")
+    try:
+        main = app.root / "main.py"
+        main.write_text(main.read_text() + FASTAPI_WHOAMI)
+        app.edit(
+            "main.py", "from fastapi import FastAPI\n", "from fastapi import FastAPI, Request\n"
+        )
+        app.deploy("--skip-tests")
+        assert _get(app.port, "/whoami") == (200, "None http\n")
+        assert _get(app.port, "/whoami", {"X-Forwarded-For": "6.6.6.6"}) == (200, "None http\n")
+        toml = app.root / "shiplane.toml"
+        toml.write_text(
+            toml.read_text().rstrip("\n")
+            + f'''
+domains = ["app.test"]
+
+[stages.local.caddy]
+acme_ca = "{pebble.directory}"
+acme_ca_root = "{pebble.ca_root}"
+acme_email = "ops@example.com"
+http_port = {pebble.http_port}
+https_port = {pebble.https_port}
+issue_timeout = 60
+'''
+        )
+        app.commit("https")
+        app.deploy("--skip-tests")
+        assert _https_get(pebble, "app.test", "/whoami") == (200, f"{CLIENT} https\n")
+        spoofed = _https_get(pebble, "app.test", "/whoami", {"X-Forwarded-For": "6.6.6.6"})
+        assert spoofed == (200, f"{CLIENT} https\n")
+    finally:
+        app.stop()
         shutil.rmtree(tmp, ignore_errors=True)
