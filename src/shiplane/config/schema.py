@@ -514,7 +514,9 @@ class Service(Model):
     forwarded_allow_ips: str | None = Field(
         default=None,
         description="web: gunicorn's ``--forwarded-allow-ips``: front addresses whose "
-        "X-Forwarded-* headers are trusted (default 127.0.0.1).",
+        "X-Forwarded-* headers are trusted (uvicorn's workers; gunicorn trusts its unix "
+        "socket's peers). Unset: ``*`` behind nginx and Caddy, uvicorn's default (nobody, "
+        "on the unix socket) behind the builtin front; see docs/proxies.md.",
     )
     options: list[str] = Field(
         default=[],
