@@ -28,11 +28,13 @@ import pytest
 from apps.common import App
 from apps.fastapi_app import make_fastapi
 from deployhelp import Project, edit, free_port, scaffold, wait_for
+from shiplane.agent import nginx
 from shiplane.agent.backend import client_address_options, front_argv, gunicorn_argv
 from shiplane.agent.paths import Layout
 from shiplane.agent.protocol import ServicesSpec, WebSpec
 from shiplane.agent.proxy import proxy_line
 from test_https_caddy import Pebble, https_stage, needs_pebble, pebble  # noqa: F401 (a fixture)
+from test_nginx_front import site  # noqa: F401 (a fixture)
 
 CLIENT = "127.0.0.2"  # a second loopback address: what the app echoes is the client's own
 
@@ -119,6 +121,7 @@ class _Recording:
     def __init__(self, path: Path) -> None:
         self.server = socket.socket(socket.AF_UNIX)
         self.server.bind(str(path))
+        os.chmod(path, 0o777)  # nginx's workers may run as another user
         self.server.listen(16)
         self.server.settimeout(0.1)
         self.seen: list[bytes] = []
@@ -210,6 +213,26 @@ def test_a_replayed_request_starts_with_the_proxy_line_again(
     finally:
         old.close()
         new.close()
+
+
+@pytest.mark.skipif(shutil.which("nginx") is None, reason="needs nginx")
+def test_nginx_replaces_the_client_x_forwarded_for(
+    site: tuple[Layout, dict[str, object], Path],  # noqa: F811
+) -> None:
+    layout, spec, _ = site
+    port = int(spec["web"]["port"])  # type: ignore[index]
+    upstream = _Recording(layout.run / "web-r1.sock")
+    try:
+        os.symlink("web-r1.sock", layout.web_socket)
+        nginx.ensure_site(layout, spec, lambda event: None)  # type: ignore[arg-type]
+        spoof = {"X-Forwarded-For": "6.6.6.6", "X-Forwarded-Proto": "https"}
+        wait_for(lambda: _get(port, "/", spoof)[0] == 200, 15, "nginx to serve")
+        request = upstream.seen[-1].lower()
+        assert f"x-forwarded-for: {CLIENT}\r\n".encode() in request, request
+        assert b"x-forwarded-proto: http\r\n" in request, request
+        assert b"6.6.6.6" not in request and b"https" not in request, request
+    finally:
+        upstream.close()
 
 
 # --- slow: the scaffold's Flask app behind each front ---------------------------------------------
