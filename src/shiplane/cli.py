@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import traceback
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -22,6 +21,28 @@ if TYPE_CHECKING:
     from shiplane.ui import Reporter
 
 JSON_VERSION = 1  # of every --json line: docs/json.md
+# The verbs that pre-warm their hosts' SSH connections: transport/prewarm.py's VERBS (a test
+# keeps the two equal), repeated here so that no other command imports the transports.
+CONNECTING_VERBS = frozenset(
+    {
+        "deploy",
+        "rollback",
+        "status",
+        "releases",
+        "history",
+        "logs",
+        "start",
+        "stop",
+        "restart",
+        "reload",
+        "plan",
+        "lock",
+        "unlock",
+        "copy",
+        "install",
+        "prune",
+    }
+)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -88,6 +109,8 @@ class ShiplaneGroup(click.Group):
             masker = ctx.obj.masker if isinstance(ctx.obj, Context) else Masker()
             click.echo(masker(f"error: {exc}"), err=True)
             if isinstance(ctx.obj, Context) and ctx.obj.verbose:
+                import traceback  # only for -v: not loaded by every command (issue 21)
+
                 click.echo(masker(traceback.format_exc()), err=True)
             _json_error(ctx, masker, exc.kind, str(exc), exc.exit_code)
             ctx.exit(exc.exit_code)
@@ -111,10 +134,15 @@ def entry() -> None:
     printed, on every command. Nothing needs it: each command closes its own processes,
     connections and temp dirs before it returns.
     """
-    from shiplane.transport import prewarm
+    argv = sys.argv[1:]
+    # The transports (~10 ms of imports) only for a verb that connects: `--help`, `check`,
+    # `build`... never pre-warm anything (issue 21)
+    connecting = any(word in CONNECTING_VERBS for word in argv)
+    if connecting:
+        from shiplane.transport import prewarm
 
-    if prewarm.enabled(os.environ):  # the hosts' SSH handshakes overlap the imports below
-        prewarm.start(sys.argv[1:], os.environ, Path.cwd())
+        if prewarm.enabled(os.environ):  # the hosts' SSH handshakes overlap the imports below
+            prewarm.start(argv, os.environ, Path.cwd())
     try:
         main.main(prog_name="shiplane")  # click's standalone mode always ends in SystemExit
         code = 0
@@ -125,7 +153,10 @@ def entry() -> None:
             print(exc.code, file=sys.stderr)
             code = 1
     finally:
-        prewarm.stop_unused()
+        if connecting:
+            from shiplane.transport import prewarm
+
+            prewarm.stop_unused()
     try:
         sys.stdout.flush()
         sys.stderr.flush()

@@ -200,7 +200,9 @@ def _plan(spec: BuildSpec, *, with_lock: bool = True) -> _Plan:
         project = tree.root
     listed = list(tree.files) if tree is not None else list_source_files(project)
     if spec.source is None:
-        source, reason = detect_source(project, listed if tree is not None else None)
+        # ``listed`` is list_source_files' answer, which already refused an ignored project (it
+        # lists files only when git tracks some): not asked of git again (issue 21)
+        source, reason = detect_source(project, listed)
     else:
         source, reason = spec.source, "set in the deploy file"
     # shared paths are neither shipped, digested nor handed to a build backend
