@@ -29,7 +29,13 @@ from apps.common import App
 from apps.fastapi_app import make_fastapi
 from deployhelp import Project, edit, free_port, scaffold, wait_for
 from shiplane.agent import nginx
-from shiplane.agent.backend import client_address_options, front_argv, gunicorn_argv
+from shiplane.agent.backend import (
+    client_address_options,
+    front_argv,
+    gunicorn_argv,
+    mark_proxy_protocol,
+    proxy_marker,
+)
 from shiplane.agent.paths import Layout
 from shiplane.agent.protocol import ServicesSpec, WebSpec
 from shiplane.agent.proxy import proxy_line
@@ -99,8 +105,12 @@ def test_the_builtin_front_sends_the_line_only_to_workers_that_read_it(tmp_path:
     ]:
         argv = gunicorn_argv(layout, "r1", web)
         assert ("--proxy-protocol" in argv) is reads, (web, argv)
+        # the line goes to a server marked as reading it, when it starts (the front's command
+        # line stays the same whatever the worker kind: no front restart when it changes)
+        mark_proxy_protocol(layout, "r1", web)
+        assert proxy_marker(layout, "r1").exists() is reads
         spec: ServicesSpec = {"front": str(web["front"]), "web": web}  # type: ignore[typeddict-item]
-        assert ("--proxy-protocol" in front_argv(layout, spec)) is reads
+        assert "--proxy-protocol" in front_argv(layout, spec)
     # gthread reads the line into a connection's first request only: no keep-alive then
     threaded = client_address_options(_web(threads=4))
     assert threaded == ["--proxy-protocol", "--keep-alive=0"]
@@ -195,6 +205,7 @@ def test_a_replayed_request_starts_with_the_proxy_line_again(
     old.listen(16)
     _point(link, tmp_path / "old.sock")
     new = _Recording(tmp_path / "new.sock")
+    (tmp_path / "new.sock.proxy").touch()  # its server reads PROXY lines (mark_proxy_protocol)
     try:
         sock = socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(CLIENT, 0))
         cport = sock.getsockname()[1]
@@ -213,6 +224,27 @@ def test_a_replayed_request_starts_with_the_proxy_line_again(
     finally:
         old.close()
         new.close()
+
+
+def test_a_server_not_marked_as_reading_proxy_lines_gets_none(
+    pp_proxy: tuple[int, Path], tmp_path: Path
+) -> None:
+    """A server started by an earlier shiplane, or with uvicorn's workers, would answer 400 to a
+    PROXY line: the front sends it the client's bytes alone."""
+    port, link = pp_proxy
+    plain = _Recording(tmp_path / "plain.sock")
+    _point(link, tmp_path / "plain.sock")
+    try:
+        sock = socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(CLIENT, 0))
+        sock.sendall(b"GET /y HTTP/1.1\r\nHost: a\r\n\r\n")
+        answer = sock.recv(65536)
+        sock.close()
+        assert answer.startswith(b"HTTP/1.1 200"), answer
+        assert [data for data in plain.seen if b"GET" in data] == [
+            b"GET /y HTTP/1.1\r\nHost: a\r\n\r\n"
+        ]
+    finally:
+        plain.close()
 
 
 @pytest.mark.skipif(shutil.which("nginx") is None, reason="needs nginx")

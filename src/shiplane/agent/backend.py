@@ -310,6 +310,24 @@ def speaks_proxy_protocol(web: WebSpec | None) -> bool:
     return str(worker_class) in PROXY_PROTOCOL_WORKERS
 
 
+def proxy_marker(layout: Layout, release_id: str) -> Path:
+    """Beside a release's socket: present when its server reads PROXY protocol lines."""
+    return layout.run / f"web-{release_id}.sock.proxy"
+
+
+def mark_proxy_protocol(layout: Layout, release_id: str, web: WebSpec) -> None:
+    """Say, before its server takes traffic, whether it reads PROXY lines: the builtin front
+    sends one only to a server so marked (agent/proxy.py), so a server started by an earlier
+    shiplane, or with uvicorn's workers, never gets a line it would answer 400 to — and the
+    front's own command line is the same whatever the worker kind (no front restart)."""
+    marker = proxy_marker(layout, release_id)
+    if speaks_proxy_protocol(web):
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.touch()
+    else:
+        unlink_quiet(marker)
+
+
 def client_address_options(web: WebSpec) -> list[str]:
     """How the client's address and scheme reach the app (docs/proxies.md): from the builtin
     front, a PROXY protocol line (``--proxy-protocol``: with none, gunicorn takes the connection
@@ -398,7 +416,8 @@ def front_argv(layout: Layout, spec: ServicesSpec | None) -> list[str]:
         str(layout.web_socket),
         "--ready",
         str(front_ready(layout)),
-        *(["--proxy-protocol"] if speaks_proxy_protocol(spec.get("web") if spec else None) else []),
+        # a PROXY line to the servers that read one (mark_proxy_protocol)
+        "--proxy-protocol",
     ]
 
 

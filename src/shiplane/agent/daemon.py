@@ -25,8 +25,10 @@ from .backend import (
     graceful_timeout,
     gunicorn_argv,
     make_wake,
+    mark_proxy_protocol,
     poke,
     preboot_argv,
+    proxy_marker,
     unlink_quiet,
     web_argv,
     web_gave_up,
@@ -195,6 +197,7 @@ class DaemonBackend:
         return info["statename"] == "RUNNING", None
 
     def start_web(self, release_id: str, web: WebSpec, emit: Emit) -> None:
+        mark_proxy_protocol(self.layout, release_id, web)
         go = web_go(self.layout, release_id)
         unlink_quiet(web_gave_up(self.layout, release_id))  # a verdict on an earlier start
         if not go.exists():
@@ -308,6 +311,7 @@ class DaemonBackend:
         self.sup.remove(name)
         unlink_quiet(web_go(self.layout, release_id))
         unlink_quiet(web_gave_up(self.layout, release_id))
+        unlink_quiet(proxy_marker(self.layout, release_id))
         unlink_quiet(spare.claim_path(self.layout, name))
         unlink_quiet(web_wake(self.layout, name))
 

@@ -196,8 +196,11 @@ class _Connection:
         while True:
             if self.closed:
                 return
+            # the server behind the symlink now, resolved once: its PROXY marker and the
+            # socket connected to are the same server's (a switch may move the link meanwhile)
+            target = os.path.realpath(self.proxy.upstream_path)
             try:
-                await loop.create_unix_connection(lambda: upstream, self.proxy.upstream_path)
+                await loop.create_unix_connection(lambda: upstream, target)
                 break
             except (ConnectionRefusedError, FileNotFoundError, ConnectionResetError) as exc:
                 if loop.time() >= deadline:
@@ -212,7 +215,7 @@ class _Connection:
             upstream.transport.close()
             return
         self.upstream = upstream
-        if self.proxy_line:
+        if self.proxy_line and os.path.exists(target + ".proxy"):  # backend.mark_proxy_protocol
             upstream.transport.write(self.proxy_line)  # before the client's (replayed) bytes
         upstream.set_peer(self.client.transport)
         self.client.set_peer(upstream.transport)

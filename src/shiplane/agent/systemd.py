@@ -39,6 +39,7 @@ from .backend import (
     front_argv,
     front_listen,
     graceful_timeout,
+    mark_proxy_protocol,
     unlink_quiet,
     web_argv,
     worker_argv,
@@ -569,6 +570,7 @@ class SystemdBackend:
         return state == "active" and props.get("SubState") == "running", None
 
     def start_web(self, release_id: str, web: WebSpec, emit: Emit) -> None:
+        mark_proxy_protocol(self.layout, release_id, web)
         unit = self.web_unit_name(release_id)
         text = _web_unit(
             self.layout, unit_prefix(self.spec), web, self.user, release_id, self.run_as
