@@ -321,6 +321,7 @@ def test_front_socket_owns_the_port_and_user_units_want_default_target(tmp_path:
         str(layout.web_socket),
         "--ready",
         str(layout.run / "front.ready"),
+        "--proxy-protocol",  # to the servers marked as reading it (backend.mark_proxy_protocol)
     ]
     assert option(front, "WantedBy") == "default.target"
     nginx_fronted = render_units(layout, spec(front="nginx"), None)
