@@ -28,7 +28,7 @@ from ._backend import app_wheel
 from ._cache import cache_root, cached_sha256
 from ._gitref import RefTree
 from ._manifest import FileEntry, Manifest, dependency_digest, read_manifest_file, write_manifest
-from ._source import detect_source, git_info, is_forbidden, list_source_files, matches
+from ._source import GitInfo, detect_source, git_info, is_forbidden, list_source_files, matches
 from ._store import BlobStore, sha256_file
 from ._wheelhouse import (
     TOOLS,
@@ -71,6 +71,9 @@ class BuildSpec:
     # deploy --ref: the app's files, lock and includes come from this export of a commit (its
     # sha is the artifact's git_commit); the config files stay the checkout's, as the deploy file
     ref_tree: RefTree | None = None
+    # what git said of the checkout a moment ago, when the caller asked it and nothing ran
+    # since (deploy's source check, without a gate or a task before the build): not asked again
+    git: GitInfo | None = None
 
 
 @dataclass
@@ -222,7 +225,7 @@ def _plan(spec: BuildSpec, *, with_lock: bool = True) -> _Plan:
         _select_includes(project, files, spec),
         _select_config(checkout, spec),
         lock,
-        tree.commit if tree is not None else git_info(project).commit,
+        tree.commit if tree is not None else (spec.git or git_info(project)).commit,
         resolve_target(spec.python_version, spec.platform),
         config_root=checkout if tree is not None else None,
     )

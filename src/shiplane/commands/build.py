@@ -9,6 +9,7 @@ from typing import TypedDict
 from shiplane.artifact import (
     BuildResult,
     BuildSpec,
+    GitInfo,
     build,
     check_entry,
     clean,
@@ -24,7 +25,7 @@ from shiplane.errors import ConfigError
 from shiplane.events import Emit, Event
 
 
-def build_spec(project: Project, ref: str | None = None) -> BuildSpec:
+def build_spec(project: Project, ref: str | None = None, git: GitInfo | None = None) -> BuildSpec:
     """The build of ``project``'s checkout; with ``ref``, of that commit's files (``deploy
     --ref``): exported under ``.shiplane/build/refs/<sha>``, the deploy file and config files
     staying the checkout's."""
@@ -46,12 +47,16 @@ def build_spec(project: Project, ref: str | None = None) -> BuildSpec:
         python_version=deploy.build.python_version,
         platform=deploy.build.platform,
         ref_tree=tree,
+        git=git,
     )
 
 
-def build_for_deploy(project: Project, emit: Emit, ref: str | None = None) -> BuildResult:
-    """Build (or reuse) the artifact for these inputs (``ref``: of that commit's files)."""
-    return build(build_spec(project, ref), on_event=_progress(emit))
+def build_for_deploy(
+    project: Project, emit: Emit, ref: str | None = None, git: GitInfo | None = None
+) -> BuildResult:
+    """Build (or reuse) the artifact for these inputs (``ref``: of that commit's files; ``git``:
+    what git said of the checkout just before, when nothing ran since)."""
+    return build(build_spec(project, ref, git), on_event=_progress(emit))
 
 
 def gate(project: Project, verbose: bool, emit: Emit, ref: str | None = None) -> None:

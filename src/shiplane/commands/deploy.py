@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from shiplane.agent.protocol import HistoryResult, LedgerEntry, ServicesSpec
+from shiplane.artifact import GitInfo
 from shiplane.commands.build import build_for_deploy
 from shiplane.commands.check import graph_from_project
 from shiplane.commands.common import StageContext, open_stage, silent
@@ -70,7 +71,8 @@ def run_deploy(
     it with ``ui.deploy_lines``); ``ok`` False means exit 1. ``transports``: how to reach each
     host (default: local or SSH; tests give fake hosts)."""
     ctx = open_stage(file, options.stage, masker, hosts=options.hosts, sets=options.sets)
-    _check_source(ctx, options, emit)  # a bad --ref, or a dirty tree with --require-clean: exit 2
+    # a bad --ref, or a dirty tree with --require-clean: exit 2
+    source_git = _check_source(ctx, options, emit)
     graph = graph_from_project(ctx.project)  # a bad task graph stops us before anything runs
     # user tasks hooked into the deploy, by the step they run before ("": after the last)
     points = graph.deploy_points()
@@ -103,7 +105,9 @@ def run_deploy(
                     _stop_if_unreachable(deployment, connected.result())
                 _gate(deployment, emit)
                 tasks_before("build")
-                _build(deployment, emit)
+                # nothing ran since the source check (no gate, no task): its answer still holds
+                ran = _gate_runs(deployment) or points.get("gate") or points.get("build")
+                _build(deployment, emit, None if ran else source_git)
                 _check_promotion(deployment)
                 deployment.rid = release_id(deployment.digest)
                 note(deployment, "connect", connected.result() if connected else fleet.connect())
@@ -300,10 +304,11 @@ def _gate(d: Deployment, emit: Any) -> None:
         emit(Event("gate", "ok", seconds=time.monotonic() - started))
 
 
-def _check_source(ctx: StageContext, options: DeployOptions, emit: Emit) -> None:
+def _check_source(ctx: StageContext, options: DeployOptions, emit: Emit) -> GitInfo | None:
     """What the artifact is built from, checked before anything runs: ``--ref`` must name a
     commit (the working tree's changes then do not matter); without it a working tree with
-    uncommitted changes ships them, said by a warning, refused with ``--require-clean``."""
+    uncommitted changes ships them, said by a warning, refused with ``--require-clean``. Returns
+    what git said of the working tree (None with ``--ref``, ``--artifact``, ``--retry-failed``)."""
     from shiplane.artifact import git_info, resolve_ref
 
     if options.ref is not None:
@@ -313,12 +318,13 @@ def _check_source(ctx: StageContext, options: DeployOptions, emit: Emit) -> None
                 f"--ref and {given} do not go together: {given} names what ships, --ref builds it"
             )
         resolve_ref(ctx.project.root, options.ref)
-        return
+        return None
     if options.artifact or options.retry_failed:
-        return  # built before: the working tree is not what ships
-    commit = git_info(ctx.project.root).commit
+        return None  # built before: the working tree is not what ships
+    info = git_info(ctx.project.root)
+    commit = info.commit
     if commit is not None and not commit.endswith("-dirty"):
-        return
+        return info
     why = (
         "the working tree has uncommitted changes: this deploy ships them; commit, or deploy --ref"
         if commit
@@ -331,11 +337,13 @@ def _check_source(ctx: StageContext, options: DeployOptions, emit: Emit) -> None
         )
     if commit:
         emit(Event("deploy", "warning", detail=why))
+    return info
 
 
-def _build(d: Deployment, emit: Any) -> None:
+def _build(d: Deployment, emit: Any, git: GitInfo | None = None) -> None:
     """The artifact: built (or reused) from the checkout (``--ref``: from that commit's files),
-    or the one ``--artifact`` names."""
+    or the one ``--artifact`` names. ``git``: what git said of the checkout when nothing ran
+    since (issue 21: its four git processes not run twice)."""
     if d.options.artifact:
         from shiplane.artifact import load_manifest
 
@@ -344,7 +352,7 @@ def _build(d: Deployment, emit: Any) -> None:
         return
     started = time.monotonic()
     emit(Event("build", "start"))
-    result = build_for_deploy(d.ctx.project, emit, d.options.ref)
+    result = build_for_deploy(d.ctx.project, emit, d.options.ref, git)
     d.manifest, d.digest = result.manifest.to_dict(), result.digest
     emit(
         Event(
