@@ -131,7 +131,7 @@ def test_a_warm_redeploy_is_served_by_the_spare_that_had_its_libraries_loaded(ap
 SPARE_PROBE = """\
 import json, os, time
 
-root, found, deadline = os.environ["SHIPLANE_ROOT"], None, time.monotonic() + 20
+root, found, deadline = os.path.realpath(os.environ["SHIPLANE_ROOT"]), None, time.monotonic() + 20
 while found is None and time.monotonic() < deadline:
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
@@ -140,7 +140,10 @@ while found is None and time.monotonic() < deadline:
             maps = open(f"/proc/{pid}/maps").read()
         except OSError:
             continue
-        if "--spare" in argv and any(f.endswith(".wake") for f in fds):  # asleep on its FIFO
+        # this deploy root's spare only (another project's, on the same machine, may have
+        # imported long ago), asleep on its FIFO
+        mine = "--spare" in argv and os.path.realpath(argv[argv.index("--spare") - 1]) == root
+        if mine and any(f.endswith(".wake") for f in fds):
             found = {"pid": int(pid), "markupsafe": "markupsafe" in maps}
     time.sleep(0.05)  # polling for the spare, bounded by the deadline
 with open(os.path.join(root, "spare-probe.json"), "w") as out:
