@@ -14,6 +14,7 @@ import click
 from shiplane import __version__
 from shiplane.errors import ShiplaneError, UsageError
 from shiplane.secret import Masker
+from shiplane.verbs import CONNECTING_VERBS
 
 if TYPE_CHECKING:
     from shiplane.commands.exec import ExecResult
@@ -21,28 +22,6 @@ if TYPE_CHECKING:
     from shiplane.ui import Reporter
 
 JSON_VERSION = 1  # of every --json line: docs/json.md
-# The verbs that pre-warm their hosts' SSH connections: transport/prewarm.py's VERBS (a test
-# keeps the two equal), repeated here so that no other command imports the transports.
-CONNECTING_VERBS = frozenset(
-    {
-        "deploy",
-        "rollback",
-        "status",
-        "releases",
-        "history",
-        "logs",
-        "start",
-        "stop",
-        "restart",
-        "reload",
-        "plan",
-        "lock",
-        "unlock",
-        "copy",
-        "install",
-        "prune",
-    }
-)
 
 F = TypeVar("F", bound=Callable[..., Any])
 

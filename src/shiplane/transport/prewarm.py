@@ -24,28 +24,12 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
+from shiplane.verbs import CONNECTING_VERBS
+
 from . import cleanup, connect
 from .base import ConnectSettings, Prewarming
 
-# Verbs that connect to the stage's hosts right after loading the deploy file.
-VERBS = {
-    "deploy",
-    "rollback",
-    "status",
-    "releases",
-    "history",
-    "logs",
-    "start",
-    "stop",
-    "restart",
-    "reload",
-    "plan",
-    "lock",
-    "unlock",
-    "copy",
-    "install",
-    "prune",
-}
+VERBS = CONNECTING_VERBS  # shiplane/verbs.py
 MOST = 16  # hosts pre-warmed at once: deploy's default --parallel
 
 _started: dict[str, tuple[Prewarming, subprocess.Popen[bytes], int]] = {}  # + its stderr
