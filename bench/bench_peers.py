@@ -495,9 +495,9 @@ def render(res: dict[str, Any]) -> str:
         ),
         (
             f"- **Date:** {m['date']}; 1-minute load average during the rounds "
-            f"{min(res['load']):.1f}–{max(res['load']):.1f}. **The machine was shared while "
-            "this was measured** (other engineers' test runs on the same 2 cores), so the figures "
-            "are noisy; compare within the table, and rerun on a quiet machine for absolute ones."
+            f"{min(res['load']):.1f}–{max(res['load']):.1f} (the bench's own hosts and tools "
+            "included: the test hosts share the controller's cores, so a figure holds both sides' "
+            "work; compare within the table)."
         ),
         (
             f"- **Reproduce** (as root, from the repository root, about "
