@@ -389,28 +389,11 @@ def _still_current(layout: Layout, fd: int) -> bool:
 
 def _holder_only(info: LockInfo) -> HolderInfo:
     """Whose the lock is: the keys of ``HolderInfo`` the record has."""
-    out: HolderInfo = {}
-    if "user" in info:
-        out["user"] = info["user"]
-    if "host" in info:
-        out["host"] = info["host"]
-    if "pid" in info:
-        out["pid"] = info["pid"]
-    if "command" in info:
-        out["command"] = info["command"]
-    if "started_at" in info:
-        out["started_at"] = info["started_at"]
-    if "acquired_at" in info:
-        out["acquired_at"] = info["acquired_at"]
-    if "agent_pid" in info:
-        out["agent_pid"] = info["agent_pid"]
-    if "age" in info:
-        out["age"] = info["age"]
-    if "state" in info:
-        out["state"] = info["state"]
-    if "reason" in info:
-        out["reason"] = info["reason"]
-    return out
+    return cast(HolderInfo, {key: info[key] for key in _HOLDER_KEYS if key in info})  # type: ignore[literal-required]
+
+
+# HolderInfo's keys, read from the class (its annotations stay strings on Python 3.9: fine here)
+_HOLDER_KEYS = tuple(HolderInfo.__annotations__)
 
 
 def is_ours(record: LockRecord, holder: Holder | None) -> bool:
