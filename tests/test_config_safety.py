@@ -993,3 +993,11 @@ def test_the_loader_ends_in_success_or_a_usage_error_whatever_it_is_fed(
 def test_the_toml_writer_of_the_fuzz_test_round_trips_the_base_file() -> None:
     assert tomllib.loads(dumps(BASE_DOC)) == BASE_DOC
     assert textwrap.dedent(BASE) == BASE
+
+
+def test_a_file_name_longer_than_any_file_system_takes_is_refused_by_check(tmp_path: Path) -> None:
+    long_name = "x" * 300  # hypothesis found it: a stat() of it raised ENAMETOOLONG
+    root = make_project(tmp_path, BASE.replace('"config/base.ini"', f'"config/{long_name}"'))
+    code, out = check(root)
+    assert code == 2, out
+    assert "config.files entry has a name longer than 255 bytes" in out and "Traceback" not in out

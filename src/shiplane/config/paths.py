@@ -14,6 +14,7 @@ import re
 PLACEHOLDERS = ("stage",)
 _PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+NAME_MAX = 255  # bytes in one file name (Linux file systems)
 
 # Directories that hold the system itself: no deploy_to at or below them.
 SYSTEM_TREES = (
@@ -74,6 +75,10 @@ def project_path(value: str, what: str, *, placeholders: tuple[str, ...] = ()) -
     if ".." in value.split("/"):
         raise ValueError(
             f"{what} must be a relative path inside the project (no '..'), found {value!r}"
+        )
+    if any(len(part.encode()) > NAME_MAX for part in value.split("/")):
+        raise ValueError(
+            f"{what} has a name longer than {NAME_MAX} bytes, which no file system takes"
         )
     _check_placeholders(value, what, placeholders)
     return value
