@@ -30,15 +30,14 @@ from ._gitref import RefTree
 from ._manifest import FileEntry, Manifest, dependency_digest, read_manifest_file, write_manifest
 from ._source import GitInfo, detect_source, git_info, is_forbidden, list_source_files, matches
 from ._store import BlobStore, sha256_file
+from ._tools import TOOLS, tool_wheels
 from ._wheelhouse import (
-    TOOLS,
     Lock,
     Target,
     build_wheelhouse,
     load_lock,
     pinned,
     resolve_target,
-    tool_wheels,
 )
 
 # Bumped when what an artifact contains changes, so old input digests stop matching.
@@ -246,7 +245,7 @@ def _inputs_digest(spec: BuildSpec, plan: _Plan) -> str:
         "config_files": list(spec.config_files),
         "server_packages": list(spec.server_packages),
         "target": plan.target.to_dict(),
-        "tools": [list(t) for t in TOOLS],
+        "tools": [[t.name, t.version] for t in TOOLS],
         "git_commit": plan.git_commit,
         "bytecode": bytecode.wanted(plan.target),
     }

@@ -27,9 +27,6 @@ from ..errors import OperationError
 from ._cache import cached_files
 from ._locks import LockFile, export, find_lock, lock_format
 
-# The process supervisor shipped to every host (DESIGN.md, "Services").
-TOOLS: tuple[tuple[str, str], ...] = (("supervisor", "4.3.0"),)
-
 Emit = Callable[[str, str], None]
 
 
@@ -449,32 +446,3 @@ def _foreign(args: list[str], out: Path, work: Path, target: Target, emit: Emit)
                     hint="build on a machine like the hosts, or pick a version with wheels",
                 )
             shutil.move(str(whl), local / whl.name)
-
-
-def tool_wheels(cache: Path, emit: Emit) -> list[Path]:
-    """The host tools' wheels (supervisor), downloaded once and cached."""
-    wheels: list[Path] = []
-    for name, version in TOOLS:
-        key = f"{name}-{version}"
-        if (cache / key / ".complete").is_file():
-            emit("tools", f"reused {key}")
-        else:
-            emit("tools", f"pip download {name}=={version}")
-
-        def fill(out: Path, name: str = name, version: str = version) -> None:
-            result = _pip(
-                [
-                    "download",
-                    "--no-deps",
-                    "--only-binary=:all:",
-                    "--dest",
-                    str(out),
-                    f"{name}=={version}",
-                ],
-                out,
-            )
-            if result.returncode != 0:
-                raise _fail(f"downloading {name}=={version}", result.stdout)
-
-        wheels += cached_files(cache, key, fill)
-    return wheels
