@@ -3,6 +3,8 @@ takes shiplane's own host tools from shiplane itself, and says whose requirement
 
 from __future__ import annotations
 
+import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -55,3 +57,44 @@ def test_a_missing_tool_is_named_as_shiplanes_not_the_locks(
     assert caught.value.hint is not None
     assert "supervisor-4.3.0-py2.py3-none-any.whl into your find-links folder" in caught.value.hint
     assert not (tmp_path / "tools" / "supervisor-4.3.0").exists()
+
+
+@pytest.mark.slow
+def test_an_air_gapped_build_deploys_from_a_folder_of_the_locks_wheels(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """One online build warms shiplane's cache; then, with no index and no network, a changed
+    lock is resolved from a folder holding only the lock's wheels, and the app deploys and
+    serves. A wheel missing from the folder is named as the lock's requirement."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from deployhelp import edit, scaffold
+
+    base = tmp_path_factory.mktemp("airgap")  # short: supervisord's socket path
+    cache = {"SHIPLANE_CACHE_DIR": str(base / "cache")}
+    app = scaffold(base)
+    try:
+        app.shiplane("build", env=cache, check=True)
+        folder = base / "wheels"
+        folder.mkdir()
+        for wheel in (base / "cache" / "wheelhouse").glob("*/*.whl"):
+            shutil.copy(wheel, folder)
+        assert any(w.name.startswith("flask-") for w in folder.iterdir())
+        assert not any(w.name.startswith("supervisor-") for w in folder.iterdir())
+        offline = {**cache, **NO_NETWORK, "PIP_FIND_LINKS": str(folder)}
+
+        edit(app, "requirements.txt", "flask==", "# built without an index\nflask==")
+        result = app.deploy(env=offline)
+        status, body = app.get("/")
+        assert status == 200 and f"release {result['release']}" in body
+
+        (next(folder.glob("werkzeug-*.whl"))).unlink()
+        edit(app, "requirements.txt", "flask==", "# again\nflask==")
+        done = app.shiplane("build", env=offline)
+        assert done.returncode == 1, done.stdout + done.stderr
+        out = done.stdout + done.stderr
+        assert "werkzeug==" in out and "cannot be resolved" in out
+        assert "werkzeug is a requirement of your lock (requirements.txt)" in out
+        assert f"pip looked in the find-links folder {folder} (PIP_NO_INDEX=1: no index)" in out
+        assert "supervisor" not in out and "Traceback" not in out
+    finally:
+        app.stop()

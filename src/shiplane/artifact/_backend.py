@@ -27,6 +27,7 @@ else:  # pragma: no cover - Python 3.10
 
 from ..errors import OperationError
 from ._cache import cache_root, digest_of
+from ._index import PackageAccess
 from ._manifest import FileEntry
 from ._store import BlobStore
 
@@ -120,7 +121,9 @@ def _run(cmd: list[str], cwd: Path, env: dict[str, str]) -> subprocess.Completed
     )
 
 
-def build_env(system: BuildSystem, uv: str, env: dict[str, str]) -> Path:
+def build_env(
+    system: BuildSystem, uv: str, env: dict[str, str], access: PackageAccess | None = None
+) -> Path:
     """The environment with ``system.requires`` installed, made once per user and reused.
 
     Made under a temporary name and renamed (only ``bin/python`` is ever run, which works from
@@ -134,30 +137,11 @@ def build_env(system: BuildSystem, uv: str, env: dict[str, str]) -> Path:
     tmp = root / f".{system.env_key}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        steps = [[uv, "venv", "--quiet", "--python", sys.executable, str(tmp)]]
+        result = _run([uv, "venv", "--quiet", "--python", sys.executable, str(tmp)], root, env)
+        if result.returncode != 0:
+            raise OperationError(f"making the build environment failed\n{_tail(result.stdout)}")
         if system.requires:
-            # bytecode now: every build imports the backend, and may not write its pycs
-            steps.append(
-                [
-                    uv,
-                    "pip",
-                    "install",
-                    "--quiet",
-                    "--compile-bytecode",
-                    "--python",
-                    str(tmp / "bin" / "python"),
-                    *system.requires,
-                ]
-            )
-        for cmd in steps:
-            result = _run(cmd, root, env)
-            if result.returncode != 0:
-                tail = "\n".join(result.stdout.splitlines()[-15:])
-                raise OperationError(
-                    f"installing the build backend's requirements ({', '.join(system.requires)}) "
-                    f"failed\n{tail}",
-                    hint="check [build-system] requires in pyproject.toml",
-                )
+            _install_requires(system, uv, tmp, env, access)
         (tmp / ".complete").write_text("\n".join(system.requires) + "\n")
         if final.exists():
             shutil.rmtree(final)  # incomplete: its .complete or interpreter is missing
@@ -169,6 +153,53 @@ def build_env(system: BuildSystem, uv: str, env: dict[str, str]) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def _tail(output: str, n: int = 15) -> str:
+    return "\n".join(output.splitlines()[-n:])
+
+
+def _install_requires(
+    system: BuildSystem, uv: str, venv: Path, env: dict[str, str], access: PackageAccess | None
+) -> None:
+    """``[build-system] requires`` into ``venv``: fetched by pip as the user configured it (the
+    lock's index options, pip.conf, PIP_* variables: an air-gapped or private-index build
+    never asks a public index, docs/dependencies.md), then installed offline by uv, bytecode
+    compiled now (every build imports the backend, and may not write its pycs)."""
+    access = access or PackageAccess()
+    wheels = venv / ".requires-wheels"
+    wheels.mkdir()
+    wanted = venv / ".requires.txt"
+    wanted.write_text("".join(f"{line}\n" for line in (*access.options, *system.requires)))
+    fetched = _run(
+        [sys.executable, "-m", "pip", "wheel", "--wheel-dir", str(wheels), "-r", str(wanted)],
+        venv,
+        access.env(env),
+    )
+    if fetched.returncode != 0:
+        offline = access.offline(env)
+        raise OperationError(
+            f"the app's build backend needs {', '.join(system.requires)} ([build-system] "
+            f"requires in pyproject.toml), which pip cannot fetch from {access.sources(env)}\n"
+            + access.scrub(_tail(fetched.stdout, 8)),
+            hint=(
+                "put their wheels into the find-links folder, or build once with an index: "
+                f"shiplane keeps the build environment in {venv.parent} for every later build"
+                if offline
+                else "check [build-system] requires in pyproject.toml"
+            ),
+        )
+    install = [uv, "pip", "install", "--quiet", "--compile-bytecode", "--offline", "--no-index"]
+    install += ["--find-links", str(wheels), "--python", str(venv / "bin" / "python")]
+    result = _run([*install, *system.requires], venv, env)
+    if result.returncode != 0:
+        raise OperationError(
+            f"installing the build backend's requirements ({', '.join(system.requires)}) "
+            f"failed\n{_tail(result.stdout)}",
+            hint="check [build-system] requires in pyproject.toml",
+        )
+    shutil.rmtree(wheels)
+    wanted.unlink()
 
 
 def call_backend(
@@ -210,6 +241,7 @@ def _build_wheel(
     work: Path,
     system: BuildSystem,
     emit: Callable[[str, str], None],
+    access: PackageAccess,
 ) -> Path:
     """The app wheel, built from a copy of exactly the source files that were digested: by the
     backend in its cached build environment, or by ``uv build`` when it needs more."""
@@ -226,7 +258,7 @@ def _build_wheel(
     )
     env.pop("PYTHONPATH", None)
     emit("wheel", f"build_wheel ({system.backend})")
-    python = build_env(system, _uv(), env) / "bin" / "python"
+    python = build_env(system, _uv(), env, access) / "bin" / "python"
     result = call_backend(system, python, src, out, env)
     how = "the build backend"
     if result.returncode == NEEDS_MORE:
@@ -235,6 +267,8 @@ def _build_wheel(
             f"uv build --wheel (the backend needs {result.stdout.strip().splitlines()[-1]})",
         )
         shutil.rmtree(out, ignore_errors=True)
+        if access.offline(env):  # uv reads no pip settings: offline is said in its own words
+            env["UV_OFFLINE"] = "1"
         result, how = _run_uv_build(src, out, env), "uv build"
     wheels = sorted(out.glob("*.whl")) if out.is_dir() else []
     if result.returncode != 0 or len(wheels) != 1:
@@ -252,6 +286,7 @@ def app_wheel(
     file_shas: Mapping[str, str],
     store: BlobStore,
     emit: Callable[[str, str], None],
+    access: PackageAccess | None = None,
 ) -> FileEntry:
     """The app wheel built from ``sources`` (paths in ``project``, with their sha256 in
     ``file_shas``), stored; rebuilt only when the sources or the build system change."""
@@ -274,7 +309,7 @@ def app_wheel(
     except (OSError, ValueError):
         pass
     with tempfile.TemporaryDirectory(prefix="shiplane-wheel-") as tmp:
-        wheel = _build_wheel(project, sources, Path(tmp), system, emit)
+        wheel = _build_wheel(project, sources, Path(tmp), system, emit, access or PackageAccess())
         sha, size = store.put_file(wheel)
     index.parent.mkdir(parents=True, exist_ok=True)
     tmp_index = index.with_name(f".{key}.tmp-{os.getpid()}")

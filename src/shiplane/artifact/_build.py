@@ -23,10 +23,12 @@ from typing import Literal
 from packaging.utils import canonicalize_name, parse_wheel_filename
 
 from ..errors import OperationError
+from ..secret import Secret
 from . import _bytecode as bytecode
 from ._backend import app_wheel
 from ._cache import cache_root, cached_sha256
 from ._gitref import RefTree
+from ._index import PackageAccess
 from ._manifest import FileEntry, Manifest, dependency_digest, read_manifest_file, write_manifest
 from ._source import GitInfo, detect_source, git_info, is_forbidden, list_source_files, matches
 from ._store import BlobStore, sha256_file
@@ -73,6 +75,8 @@ class BuildSpec:
     # what git said of the checkout a moment ago, when the caller asked it and nothing ran
     # since (deploy's source check, without a gate or a task before the build): not asked again
     git: GitInfo | None = None
+    # [build] secrets (a private index's token): in pip's environment only, in no digest
+    secrets: tuple[Secret, ...] = ()
 
 
 @dataclass
@@ -215,6 +219,8 @@ def _plan(spec: BuildSpec, *, with_lock: bool = True) -> _Plan:
         app_files = [f for f in files if not any(matches(x, f) for x in drop)]
     # compile_app alone needs no lock: the app is built without its dependencies
     lock = load_lock(project, spec.requirements) if with_lock else None
+    if lock is not None:
+        lock.secrets = spec.secrets
     plan = _Plan(
         project,
         source,
@@ -263,7 +269,9 @@ def _inputs_digest(spec: BuildSpec, plan: _Plan) -> str:
 
 def _app_wheel(plan: _Plan, store: BlobStore, emit: EventSink) -> FileEntry:
     sources = [rel for rel in plan.files if not any(matches(x, rel) for x in SECRET_FILES)]
-    entry = app_wheel(plan.project, sources, plan.file_shas, store, emit)
+    # the build backend's requirements come from where the lock's do (its index options)
+    access = PackageAccess.of(plan.lock.lines, plan.lock.secrets) if plan.lock else None
+    entry = app_wheel(plan.project, sources, plan.file_shas, store, emit, access)
     tags = parse_wheel_filename(entry.path)[3]
     if not plan.target.native and any(t.platform != "any" for t in tags):
         raise OperationError(

@@ -9,22 +9,23 @@ user (``_cache.cache_root()``), so it also outlives ``shiplane clean`` and serve
 from __future__ import annotations
 
 import hashlib
-import os
 import platform as _platform
 import re
 import shutil
 import subprocess
 import sys
 import sysconfig
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from packaging.requirements import InvalidRequirement, Requirement
 from packaging.utils import canonicalize_name, parse_wheel_filename
 
 from ..errors import OperationError
+from ..secret import Secret
 from ._cache import cached_files
+from ._index import PackageAccess, absolute_find_links, whose_requirement
 from ._locks import LockFile, export, find_lock, lock_format
 
 Emit = Callable[[str, str], None]
@@ -97,6 +98,8 @@ class Lock:
     hashed: bool
     format: str = "requirements"  # or "uv", "poetry", "pdm", "pipenv", "pyproject" (_locks)
     warning: str | None = None  # e.g. a pyproject.toml without a lock: not reproducible
+    # [build] secrets pip expands in the lock's index options (``${NAME}``): never in ``data``
+    secrets: tuple[Secret, ...] = field(default=(), compare=False, repr=False)
 
 
 def load_lock(project: Path, requirements: str) -> Lock:
@@ -164,6 +167,7 @@ def _parse_lock(path: Path, raw: bytes, seen: set[Path]) -> Lock:
             continue
         if re.match(r"^(-e|--editable)\b", line) or line.startswith((".", "/", "file:")):
             continue  # the app itself: it ships as the app wheel, never in the dependencies' venv
+        line = absolute_find_links(line, path.parent)
         lock.lines.append(line)
         if line.startswith("-"):
             continue
@@ -180,7 +184,10 @@ def _parse_lock(path: Path, raw: bytes, seen: set[Path]) -> Lock:
     return lock
 
 
-def _pip(args: Sequence[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+def _pip(
+    args: Sequence[str], cwd: Path, env: Mapping[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``python -m pip`` with ``env`` (``PackageAccess.env``: the build secrets, offline)."""
     try:
         import pip  # noqa: F401
     except ModuleNotFoundError as exc:
@@ -188,7 +195,7 @@ def _pip(args: Sequence[str], cwd: Path) -> subprocess.CompletedProcess[str]:
             f"pip is not installed in shiplane's environment ({sys.executable})",
             hint="install it there (`python -m ensurepip` or `uv pip install pip`)",
         ) from exc
-    env = dict(os.environ, PIP_DISABLE_PIP_VERSION_CHECK="1", PIP_NO_INPUT="1")
+    env = env if env is not None else PackageAccess().env()
     return subprocess.run(
         [sys.executable, "-m", "pip", *args],
         cwd=cwd,
@@ -267,6 +274,8 @@ def build_wheelhouse(
     key = wheelhouse_key(lock, target, server_packages)
     if (cache / key / ".complete").is_file():
         emit("wheelhouse", f"reused {key[:12]}")
+    access = PackageAccess.of(lock.lines, lock.secrets) if lock else PackageAccess()
+    env = access.env()
 
     def fill(out: Path) -> None:
         work = out / ".work"
@@ -280,7 +289,9 @@ def build_wheelhouse(
         # hashes for everything, so they get a second run constrained by the pins.
         if lock and lock.hashed and missing:
             constraints = work / "constraints.txt"
-            constraints.write_text("".join(p + "\n" for p in lock.pins.values()))
+            constraints.write_text(
+                "".join(p + "\n" for p in [*access.options, *lock.pins.values()])
+            )
             runs = [req_args, ["-c", str(constraints), *missing]]
         else:
             # In one run the lock's pins already constrain what the server packages may pull.
@@ -294,7 +305,9 @@ def build_wheelhouse(
             runs = [["--no-deps", *req_args]]
             if missing:
                 constraints = work / "constraints.txt"
-                constraints.write_text("".join(p + "\n" for p in lock.pins.values()))
+                constraints.write_text(
+                    "".join(p + "\n" for p in [*access.options, *lock.pins.values()])
+                )
                 runs.append(["-c", str(constraints), *missing])
         verb = "pip wheel" if target.native else "pip download"
         for args in (a for a in runs if a):
@@ -308,15 +321,23 @@ def build_wheelhouse(
             )
             try:
                 if target.native:
-                    _native(args, out, work)
+                    _native(args, out, work, env)
                 else:
-                    _foreign(args, out, work, target, emit)
+                    _foreign(args, out, work, target, emit, env)
             except OperationError as exc:
-                if lock is None:
-                    raise
                 # pip names our normalised copy of the lock; the user knows the original.
-                shown = exc.message.replace(str(work / "requirements.txt"), str(lock.path))
-                raise OperationError(shown, hint=exc.hint) from None
+                shown = exc.message.replace(
+                    str(work / "requirements.txt"), str(lock.path if lock else "")
+                )
+                message, hint = whose_requirement(
+                    shown,
+                    exc.hint,
+                    lock=lock.path if lock else None,
+                    locked=names,
+                    added=missing,
+                    access=access,
+                )
+                raise OperationError(message, hint=hint) from None
         shutil.rmtree(work)
 
     wheels = cached_files(cache, key, fill)
@@ -324,8 +345,8 @@ def build_wheelhouse(
     return wheels
 
 
-def _native(args: list[str], out: Path, work: Path) -> None:
-    result = _pip(["wheel", "--wheel-dir", str(out), *args], work)
+def _native(args: list[str], out: Path, work: Path, env: Mapping[str, str]) -> None:
+    result = _pip(["wheel", "--wheel-dir", str(out), *args], work, env)
     if result.returncode != 0:
         raise _fail("building the wheelhouse", result.stdout)
 
@@ -383,7 +404,9 @@ def _target_os_arch(platform: str) -> tuple[str, str]:
     return "linux", platform.rsplit("_", 1)[-1]
 
 
-def _foreign(args: list[str], out: Path, work: Path, target: Target, emit: Emit) -> None:
+def _foreign(
+    args: list[str], out: Path, work: Path, target: Target, emit: Emit, env: Mapping[str, str]
+) -> None:
     """``pip download`` wheels for another target; pure-Python sdists are built here once."""
     local = work / "built"
     local.mkdir(exist_ok=True)
@@ -406,6 +429,7 @@ def _foreign(args: list[str], out: Path, work: Path, target: Target, emit: Emit)
                 *args,
             ],
             work,
+            env,
         )
         if result.returncode == 0:
             return
@@ -429,7 +453,7 @@ def _foreign(args: list[str], out: Path, work: Path, target: Target, emit: Emit)
         built = work / "sdist-build"
         shutil.rmtree(built, ignore_errors=True)
         res = _pip(
-            ["wheel", "--no-deps", "--no-binary=:all:", "--wheel-dir", str(built), req], work
+            ["wheel", "--no-deps", "--no-binary=:all:", "--wheel-dir", str(built), req], work, env
         )
         if res.returncode != 0:
             raise OperationError(
