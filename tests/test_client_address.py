@@ -28,7 +28,7 @@ import pytest
 from apps.common import App
 from apps.fastapi_app import make_fastapi
 from deployhelp import Project, edit, free_port, scaffold, wait_for
-from shiplane.agent import nginx
+from shiplane.agent import nginx, preboot
 from shiplane.agent.backend import (
     client_address_options,
     front_argv,
@@ -95,18 +95,22 @@ def _web(**keys: object) -> WebSpec:
 
 def test_the_builtin_front_sends_the_line_only_to_workers_that_read_it(tmp_path: Path) -> None:
     layout = Layout(tmp_path / "root")
-    for web, reads in [
-        (_web(), True),  # gunicorn's sync worker
-        (_web(worker_class="gthread"), True),
-        (_web(kind="asgi"), False),  # uvicorn's workers would answer 400
-        (_web(kind="asgi", worker_class="uvicorn.workers.UvicornWorker"), False),
-        (_web(front="caddy"), False),
-        (_web(front="nginx"), False),
+    for web, flagged, reads in [
+        (_web(), True, True),  # gunicorn's sync worker
+        (_web(worker_class="gthread"), True, True),
+        # uvicorn's workers would answer 400: preboot teaches them, then marks the server itself
+        (_web(kind="asgi"), True, False),
+        (_web(kind="asgi", worker_class="uvicorn.workers.UvicornWorker"), True, False),
+        (_web(kind="asgi", preboot=False), False, False),  # nobody to teach them
+        (_web(front="caddy"), False, False),
+        (_web(front="nginx"), False, False),
     ]:
         argv = gunicorn_argv(layout, "r1", web)
-        assert ("--proxy-protocol" in argv) is reads, (web, argv)
+        assert ("--proxy-protocol" in argv) is flagged, (web, argv)
         # the line goes to a server marked as reading it, when it starts (the front's command
         # line stays the same whatever the worker kind: no front restart when it changes)
+        proxy_marker(layout, "r1").parent.mkdir(parents=True, exist_ok=True)
+        proxy_marker(layout, "r1").touch()  # an earlier server's: never kept by mistake
         mark_proxy_protocol(layout, "r1", web)
         assert proxy_marker(layout, "r1").exists() is reads
         spec: ServicesSpec = {"front": str(web["front"]), "web": web}  # type: ignore[typeddict-item]
@@ -122,7 +126,51 @@ def test_the_builtin_front_sends_the_line_only_to_workers_that_read_it(tmp_path:
     # behind nginx and Caddy (their own X-Forwarded-*), uvicorn must trust the unix socket
     assert client_address_options(_web(front="caddy", kind="asgi")) == ["--forwarded-allow-ips=*"]
     assert client_address_options(_web(front="caddy", forwarded_allow_ips="10.0.0.1")) == []
-    assert client_address_options(_web(kind="asgi")) == []  # builtin: a client's are not trusted
+    # builtin: the PROXY line (preboot's), a client's X-Forwarded-For is not trusted
+    assert client_address_options(_web(kind="asgi")) == [
+        "--proxy-protocol",
+        "--forwarded-allow-ips=",
+    ]
+    assert client_address_options(_web(kind="asgi", preboot=False)) == []
+
+
+class _Protocol:
+    """What preboot patches on uvicorn's HTTP protocols: ``client`` and ``data_received``."""
+
+    def __init__(self) -> None:
+        self.client: tuple[str, int] | None = None  # a unix socket's peer: no address
+        self.parsed = b""
+
+    def data_received(self, data: bytes) -> None:
+        assert data, "h11 takes empty data for the end of the stream"
+        self.parsed += data
+
+
+def test_preboot_teaches_uvicorn_the_proxy_line() -> None:
+    """The line sets the connection's client and is never parsed as HTTP, even split across
+    reads; a connection without one (a health check) is parsed as it came."""
+    taught = type("Taught", (_Protocol,), {})
+    assert preboot.read_proxy_lines([taught])
+    request = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
+    conn = taught()
+    conn.data_received(b"PROXY TCP4 203.0.113.7 10.0.0.1 5555 80\r\n" + request)
+    assert (conn.client, conn.parsed) == (("203.0.113.7", 5555), request)
+    conn.data_received(request)  # keep-alive: the next request is plain HTTP, same client
+    assert (conn.client, conn.parsed) == (("203.0.113.7", 5555), request * 2)
+    split = taught()
+    for part in (b"PRO", b"XY TCP6 2001:db8::1 ::1 6000 80\r", b"\n" + request):
+        split.data_received(part)
+    assert (split.client, split.parsed) == (("2001:db8::1", 6000), request)
+    alone = taught()  # the line in a read of its own: h11 would take b"" for the end
+    alone.data_received(b"PROXY TCP4 203.0.113.9 10.0.0.1 7000 80\r\n")
+    assert (alone.client, alone.parsed) == (("203.0.113.9", 7000), b"")
+    plain = taught()
+    plain.data_received(request)
+    assert (plain.client, plain.parsed) == (None, request)
+    unknown = taught()
+    unknown.data_received(b"PROXY UNKNOWN\r\n" + request)
+    assert (unknown.client, unknown.parsed) == (None, request)
+    assert not preboot.read_proxy_lines([])  # no uvicorn here: the server is not marked
 
 
 class _Recording:
@@ -374,10 +422,10 @@ def test_the_tls_front_passes_the_client_address_and_https(pebble: Pebble) -> No
 @pytest.mark.slow
 @needs_pebble
 def test_an_asgi_app_on_uvicorn_workers(pebble: Pebble) -> None:  # noqa: F811
-    """uvicorn's workers read no PROXY line: behind the builtin front a FastAPI app sees no
-    client address (and believes no X-Forwarded-For); behind Caddy it sees the client and
-    https (gunicorn passes ``--forwarded-allow-ips=*`` to the workers: only the front can
-    connect to the unix socket)."""
+    """uvicorn's workers read no PROXY line of their own: preboot teaches them, so behind the
+    builtin front a FastAPI app sees the client (and believes no X-Forwarded-For); behind Caddy
+    it sees the client and https (gunicorn passes ``--forwarded-allow-ips=*`` to the workers:
+    only the front can connect to the unix socket)."""
     tmp = Path(tempfile.mkdtemp(prefix="shl-addr-asgi-", dir="/tmp"))
     app: App = make_fastapi(tmp / "visits", tmp / "d")
     try:
@@ -387,8 +435,9 @@ def test_an_asgi_app_on_uvicorn_workers(pebble: Pebble) -> None:  # noqa: F811
             "main.py", "from fastapi import FastAPI\n", "from fastapi import FastAPI, Request\n"
         )
         app.deploy("--skip-tests")
-        assert _get(app.port, "/whoami") == (200, "None http\n")
-        assert _get(app.port, "/whoami", {"X-Forwarded-For": "6.6.6.6"}) == (200, "None http\n")
+        assert _get(app.port, "/whoami") == (200, f"{CLIENT} http\n")
+        spoofed = _get(app.port, "/whoami", {"X-Forwarded-For": "6.6.6.6"})
+        assert spoofed == (200, f"{CLIENT} http\n")
         toml = app.root / "shiplane.toml"
         toml.write_text(
             toml.read_text().rstrip("\n")

@@ -298,6 +298,9 @@ PROXY_PROTOCOL_WORKERS = frozenset(
 )
 
 
+UVICORN_WORKERS = frozenset({"uvicorn.workers.UvicornWorker", "uvicorn_worker.UvicornWorker"})
+
+
 def speaks_proxy_protocol(web: WebSpec | None) -> bool:
     """Whether the builtin front passes the client's address as a PROXY protocol line: the
     stage's front is the builtin proxy and the web server's workers read that line (gunicorn's
@@ -308,6 +311,18 @@ def speaks_proxy_protocol(web: WebSpec | None) -> bool:
     if not worker_class:
         return web.get("kind") != "asgi"  # sync; an ASGI app gets uvicorn's workers
     return str(worker_class) in PROXY_PROTOCOL_WORKERS
+
+
+def uvicorn_reads_proxy_protocol(web: WebSpec | None) -> bool:
+    """Whether the release's uvicorn workers are to be taught PROXY lines by preboot.py (its
+    ``read_proxy_lines``), behind the builtin front: preboot then marks the server itself, once
+    the lesson took, so a uvicorn it could not teach never gets a line (docs/proxies.md)."""
+    if not web or (web.get("front") or "builtin") != "builtin" or web.get("preboot") is False:
+        return False
+    worker_class = web.get("worker_class")
+    if not worker_class:
+        return web.get("kind") == "asgi"
+    return str(worker_class) in UVICORN_WORKERS
 
 
 def proxy_marker(layout: Layout, release_id: str) -> Path:
@@ -344,6 +359,11 @@ def client_address_options(web: WebSpec) -> list[str]:
             # 27): a keep-alive connection's later requests would have no REMOTE_ADDR
             return ["--proxy-protocol", "--keep-alive=0"]
         return ["--proxy-protocol"]
+    if uvicorn_reads_proxy_protocol(web):
+        # uvicorn's workers ignore gunicorn's flag; preboot.py reads it as "teach them PROXY
+        # lines", and nobody's X-Forwarded-* is believed: the address is the PROXY line's
+        own = web.get("forwarded_allow_ips") is not None  # server_options passes the user's
+        return ["--proxy-protocol"] if own else ["--proxy-protocol", "--forwarded-allow-ips="]
     front = web.get("front") or "builtin"
     if front != "builtin" and web.get("forwarded_allow_ips") is None:
         return ["--forwarded-allow-ips=*"]

@@ -181,6 +181,80 @@ def _record_after_load(path: str) -> None:
     wsgiapp.WSGIApplication.load = load_and_record
 
 
+def proxy_marker_path(root: str, release_id: str) -> str:
+    """Beside the release's socket: the builtin front sends PROXY lines to a server so marked
+    (``backend.proxy_marker``: the same path)."""
+    return os.path.join(root, "run", f"web-{release_id}.sock.proxy")
+
+
+def _proxy_client(line: bytes) -> tuple[str, int] | None:
+    """The client of a PROXY protocol v1 line (``PROXY TCP4 src dst sport dport``), or None
+    (``PROXY UNKNOWN``, or anything malformed: the connection then has no address, as before)."""
+    words = line.decode("ascii", "replace").split()
+    if len(words) != 6 or words[1] not in ("TCP4", "TCP6") or not words[4].isdigit():
+        return None
+    return words[2], int(words[4])
+
+
+PROXY_LINE_MAX = 107  # the v1 line's longest form, CRLF included (the PROXY protocol spec)
+
+
+def read_proxy_lines(protocol_classes: list[type]) -> bool:
+    """Teach uvicorn's HTTP protocols the PROXY line the builtin front starts each connection
+    with: its client becomes the connection's ``scope["client"]`` and the line is not parsed as
+    HTTP. A connection without one (a health check on the socket) is taken as it is. False when
+    a class lacks what is patched (another uvicorn): the server is then not marked."""
+    if not protocol_classes or not all(
+        callable(getattr(cls, "data_received", None)) for cls in protocol_classes
+    ):
+        return False
+    for cls in protocol_classes:
+        _teach(cls)
+    return True
+
+
+def _teach(cls: type) -> None:
+    original: Callable[[object, bytes], None] = cls.data_received  # type: ignore[attr-defined]
+
+    def data_received(self: object, data: bytes) -> None:
+        head: bytes | None = getattr(self, "_shiplane_proxy_head", b"")
+        if head is None:  # this connection's first bytes are past
+            original(self, data)
+            return
+        data = head + data
+        if b"PROXY "[: len(data)] != data[:6]:  # no PROXY line: plain HTTP
+            self._shiplane_proxy_head = None  # type: ignore[attr-defined]
+            original(self, data)
+            return
+        end = data.find(b"\r\n")
+        if end < 0 and len(data) < PROXY_LINE_MAX:
+            self._shiplane_proxy_head = data  # type: ignore[attr-defined]  # the rest follows
+            return
+        self._shiplane_proxy_head = None  # type: ignore[attr-defined]
+        client = _proxy_client(data[:end]) if end >= 0 else None
+        if client is not None:
+            self.client = client  # type: ignore[attr-defined]  # what uvicorn's scope reports
+        rest = data[end + 2 :] if end >= 0 else data
+        if rest:  # h11 takes empty data for the end of the stream: the request comes later
+            original(self, rest)
+
+    cls.data_received = data_received  # type: ignore[attr-defined]
+
+
+def _uvicorn_protocols() -> list[type]:
+    """uvicorn's HTTP protocol classes this venv has (httptools' only when it is installed)."""
+    classes: list[type] = []
+    for module, name in (
+        ("uvicorn.protocols.http.h11_impl", "H11Protocol"),
+        ("uvicorn.protocols.http.httptools_impl", "HttpToolsProtocol"),
+    ):
+        try:
+            classes.append(getattr(importlib.import_module(module), name))
+        except Exception:  # noqa: BLE001, S112 - h11 or httptools not installed
+            continue
+    return classes
+
+
 def _runtime_env(root: str, release_id: str) -> dict[str, str]:
     """The release's env, computed by the agent's own ``runtime`` module, which is then dropped
     from ``sys.modules`` and ``sys.path`` so it can shadow none of the app's modules."""
@@ -280,6 +354,13 @@ def main(argv: list[str]) -> int:
     code = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
     sys.path[:0] = [p for p in code if p not in sys.path]
     _record_after_load(record)
+    marker = proxy_marker_path(root, release_id)
+    if "uvicorn" in _worker_class(args).lower() and "--proxy-protocol" in args:
+        # backend.uvicorn_reads_proxy_protocol: uvicorn ignores the flag; this process reads it
+        args = [a for a in args if a != "--proxy-protocol"]
+        if read_proxy_lines(_uvicorn_protocols()):
+            with open(marker, "w", encoding="utf-8"):
+                pass  # before gunicorn listens: the front finds it from the first connection
     # a USR2 re-exec runs sys.executable with these: the venv's own gunicorn script
     sys.argv = [os.path.join(sys.prefix, "bin", "gunicorn"), *args]
     from gunicorn.app.wsgiapp import run
