@@ -25,7 +25,7 @@ from .errors import AgentError
 from .fronts import front_for
 from .health import tail_lines, wait_healthy
 from .paths import Layout
-from .protocol import Emit, ServicesSpec, WebSpec
+from .protocol import Emit, FrontState, ServicesSpec, WebSpec
 from .switch import (
     SwitchResult,
     current_release,
@@ -71,6 +71,7 @@ class ServicesStatus(_Status, total=False):
 
     supervisord: ManagerState
     manager: ManagerState
+    front: FrontState  # a front routing names (Caddy, nginx): every app it routes
 
 
 class Stopped(TypedDict):
@@ -374,21 +375,21 @@ def status(layout: Layout) -> ServicesStatus:
     services.sort(key=lambda s: (order.get(s["name"], 2), s["name"], s["program"]))
     manager = backend.running()
     current = current_release(layout)
-    if backend.name == "daemon":
-        return {
-            "live_release": live,
-            "current": current,
-            "backend": backend.name,
-            "supervisord": manager,
-            "services": services,
-        }
-    return {
+    result: ServicesStatus = {
         "live_release": live,
         "current": current,
         "backend": backend.name,
-        "manager": manager,
         "services": services,
     }
+    if backend.name == "daemon":
+        result["supervisord"] = manager
+    else:
+        result["manager"] = manager
+    spec = load_spec(layout)
+    front = front_for(spec).describe(layout, spec) if spec else None
+    if front is not None:  # a Caddy or nginx: the apps it routes, this one among them
+        result["front"] = front
+    return result
 
 
 def shutdown(layout: Layout, emit: Emit) -> ShutDown:
@@ -400,8 +401,8 @@ def shutdown(layout: Layout, emit: Emit) -> ShutDown:
     if "supervisord_pid" in down:
         result = {"supervisord_pid": down["supervisord_pid"], **result}
     spec = load_spec(layout)
-    if spec:  # what the stage started for its front goes too (a private nginx)
-        result["stopped"] += front_for(spec).stop(spec, emit)
+    if spec:  # its site leaves the front; what the stage alone used stops (a private nginx)
+        result["stopped"] += front_for(spec).stop(layout, spec, emit)
     return result
 
 
