@@ -300,7 +300,9 @@ def test_web_template_runs_each_release_from_its_own_dir_through_exec_env(
 def test_worker_unit_keeps_its_command_and_stop_signal(units: dict[str, str]) -> None:
     jobs = units["demo-prod-jobs.service"]
     argv = exec_argv(jobs)
-    assert argv[5] == RID and argv[-3:] == ["/bin/sh", "-c", WORKER]
+    # exec-ed (one simple command): its stop signal reaches the worker itself (docs/workers.md)
+    assert argv[5] == RID and argv[-3:] == ["/bin/sh", "-c", f"exec {WORKER}"]
+    assert option(jobs, "KillMode") == "mixed"
     assert option(jobs, "KillSignal") == "SIGINT"
     assert option(jobs, "TimeoutStopSec") == "7"
     assert option(jobs, "SendSIGKILL") == "yes"
@@ -449,3 +451,47 @@ def test_socket_activated_front_serves_and_no_connection_is_refused_across_its_r
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
                 proc.wait(timeout=15)
+
+
+@needs_analyze
+def test_scheduled_jobs_are_a_timer_and_a_oneshot_service_each(
+    tmp_path: Path, short_root: Path
+) -> None:
+    from shiplane.agent.systemd import SystemdBackend
+    from shiplane.agent.timers import job_units
+
+    with_jobs = {
+        **spec(),
+        "jobs": {
+            "cleanup": {
+                "schedule": "*/5 * * * *",
+                "command": "python -m app.cleanup",
+                "timeout": 90,
+            },
+            "report": {"schedule": "0 12 13 * fri", "command": "true", "timeout": 3600},
+        },
+    }
+    backend = SystemdBackend(Layout(short_root), with_jobs, unit_dir=tmp_path / "units", user=False)
+    written = write_units(tmp_path / "units", job_units(backend, with_jobs))  # type: ignore[arg-type]
+    assert sorted(written) == [
+        "demo-prod-job.cleanup.service",
+        "demo-prod-job.cleanup.timer",
+        "demo-prod-job.report.service",
+        "demo-prod-job.report.timer",
+    ]
+    timer = written["demo-prod-job.cleanup.timer"]
+    assert option(timer, "OnCalendar") == "*-*-* *:00,05,10,15,20,25,30,35,40,45,50,55:00"
+    assert option(timer, "AccuracySec") == "1s"
+    assert option(timer, "Unit") == "demo-prod-job.cleanup.service"
+    # both day fields restricted: either day matches, as cron's, so two lines
+    report = written["demo-prod-job.report.timer"]
+    assert re.findall(r"^OnCalendar=(.*)$", report, re.MULTILINE) == [
+        "*-*-13 12:00:00",
+        "Fri *-*-* 12:00:00",
+    ]
+    service = written["demo-prod-job.cleanup.service"]
+    assert exec_argv(service)[-3:] == ["run-job", str(short_root), "cleanup"]
+    assert option(service, "Type") == "oneshot"
+    assert option(service, "TimeoutStartSec") == "150"  # its timeout, then the runner's grace
+    done = verify(tmp_path / "units", *sorted(written))
+    assert done.returncode == 0, done.stdout + done.stderr

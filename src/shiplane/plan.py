@@ -58,6 +58,11 @@ def services_spec(deploy: DeployFile, stage: str) -> ServicesSpec:
             for name, service in deploy.services.items()
             if name != "web"
         },
+        # every host's spec names them; host_services keeps them on the primary host only
+        "jobs": {
+            name: {"schedule": job.schedule, "command": job.command, "timeout": job.timeout}
+            for name, job in deploy.jobs.items()
+        },
         # the local stage runs under the daemon backend even on a systemd laptop
         "backend": "daemon"
         if stage_cfg.backend == "auto" and stage_cfg.is_local
@@ -82,11 +87,18 @@ def services_spec(deploy: DeployFile, stage: str) -> ServicesSpec:
             "http_port": stage_cfg.caddy.http_port,
             "https_port": stage_cfg.caddy.https_port,
             "issue_timeout": stage_cfg.caddy.issue_timeout,
-            "renew_interval": stage_cfg.caddy.renew_interval,
         }
         if stage_cfg.front == "caddy"
         else None,
     }
+
+
+def host_services(spec: ServicesSpec, deploy: DeployFile, stage: str, host: str) -> ServicesSpec:
+    """The services spec as ``host`` gets it: the scheduled jobs on the stage's primary host
+    (the one that runs the release hook), none on the others, so a job runs on one host."""
+    if not spec["jobs"] or host == primary_host(deploy, stage, deploy.stages[stage].hosts):
+        return spec
+    return {**spec, "jobs": {}}
 
 
 def _web_spec(deploy: DeployFile, stage: str, web: Service) -> WebSpec:

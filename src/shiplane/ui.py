@@ -9,7 +9,7 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TextIO, cast, final
 
@@ -597,7 +597,6 @@ def status_lines(report: StatusReport) -> list[str]:
     lines = []
     for host, result in report["hosts"].items():
         lines.append(f"{host}: live release {result.get('live_release') or '-'}")
-        lines += front_lines(result.get("front"))
         for service in result.get("services", []):
             name = "web standby" if service.get("standby") else service.get("name", "?")
             if service.get("preboot"):  # libraries loaded: waiting for a release, or its switch
@@ -606,21 +605,28 @@ def status_lines(report: StatusReport) -> list[str]:
                 f"  {name:12} {service.get('state', '?'):9} pid {service.get('pid') or '-':>7}  "
                 f"up {service.get('uptime', 0) or 0:>6.0f}s  release {service.get('release') or '-'}"
             )
+        lines += [f"  {line}" for line in job_lines(result.get("jobs", []))]
     return lines + [f"DRIFT: {d}" for d in report["drift"]]
 
 
-def front_lines(front: Mapping[str, Any] | None) -> list[str]:
-    """A host's Caddy or nginx in ``status``: every app it routes by name (several apps may
-    share it), this stage's among them."""
-    if not front:
-        return []
-    pid = front.get("pid")
-    state = f"pid {pid}" if pid else "not running"
-    lines = [f"  front {front.get('kind')} ({state}, {front.get('config')}) routes:"]
-    for route in front.get("routes", []):
-        names = ", ".join(route.get("domains", [])) or "any name"
+def job_lines(jobs: Sequence[Mapping[str, Any]]) -> list[str]:
+    """A host's scheduled jobs in ``status``: schedule, last run (when, exit, how long), next."""
+    lines = []
+    for job in jobs:
+        last = job.get("last") or {}
+        if job.get("running"):
+            ran = f"running since {last.get('started_at', '?')}"
+        elif last.get("finished_at"):
+            ended = last.get("state") if last.get("state") != "done" else "exit"
+            ran = (
+                f"last {last.get('started_at')} {ended} {last.get('exit_code')} "
+                f"in {float(last.get('seconds') or 0):.1f}s"
+            )
+        else:
+            ran = "not run yet"
         lines.append(
-            f"    {names} -> {route.get('app')} ({route.get('stage')}) {route.get('root')}"
+            f"job {job.get('name', '?'):10} {job.get('schedule', '?'):14} {ran}; "
+            f"next {job.get('next_run') or '-'}"
         )
     return lines
 

@@ -4,6 +4,8 @@ serve <root>                              the session loop (JSON lines on stdin/
 exec-env <root> <release_id> -- cmd ...   exec cmd in the release dir with its runtime env
 after-switch <root> <release_id> [old...] after a switch: forget old servers, keep a spare
 proxy ...                                 the builtin front proxy
+jobs <root>                               the daemon backend's scheduler of jobs
+run-job <root> <name> [minute]            one run of a scheduled job
 """
 
 from __future__ import annotations
@@ -51,6 +53,14 @@ def main(argv: list[str]) -> int:
             lambda event: None,
         )
         return 0
+    if cmd == "jobs":
+        from . import scheduler
+
+        return scheduler.main(rest)
+    if cmd == "run-job":
+        from . import jobs
+
+        return jobs.main(rest)
     if cmd == "proxy":
         from . import proxy
 

@@ -10,16 +10,20 @@ rollback and a restart do the same thing whichever backend runs the processes.
 from __future__ import annotations
 
 import os
+import re
+import shlex
 from pathlib import Path
 from typing import Protocol, TypedDict
 
 from .errors import AgentError
 from .paths import Layout, agent_command
-from .protocol import Emit, ServicesSpec, WebSpec, WorkerSpec
+from .protocol import Emit, JobSpec, ServicesSpec, WebSpec, WorkerSpec
 from .runtime import read_meta
 
 SIGNALS = {"TERM", "HUP", "INT", "QUIT", "KILL", "USR1", "USR2"}
-RESERVED = {"web", "front", "supervisord"}
+# JOBS_PROGRAM: the daemon backend's scheduler of jobs (scheduler.py)
+JOBS_PROGRAM = "shiplane-jobs"
+RESERVED = {"web", "front", "supervisord", JOBS_PROGRAM}
 # sun_path is 108 bytes on Linux, NUL included
 MAX_SOCKET_PATH = 107
 
@@ -118,6 +122,10 @@ class Backend(Protocol):
     ) -> WorkersResult:
         """Worker services run ``release_id``; returns ``{workers: [names], killed: [...]}``,
         ``killed`` naming each worker that outlived its grace period and was killed."""
+
+    def ensure_jobs(self, spec: ServicesSpec, emit: Emit) -> list[str]:
+        """The spec's scheduled jobs are scheduled here (the daemon's scheduler program, systemd
+        timers), and jobs it no longer has are not; returns the jobs' names (jobs.py)."""
 
     def stop(self, service: str, emit: Emit) -> list[str]:
         """Stop a user-facing service (``front``, ``web``, a worker); returns what stopped."""
@@ -401,10 +409,42 @@ def check_worker(name: str, worker: WorkerSpec | None) -> tuple[str, float]:
     return stop_signal, float(worker.get("stop_timeout") or 10)
 
 
+# what makes a command more than one simple command, or one that must run in the shell itself
+_CONTROL = re.compile(r"^[;&|()]+$")
+_SHELL_ONLY = {"cd", ".", "source", "set", "export", "eval", "trap", "ulimit", "umask", "exec"}
+_ASSIGNMENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
+
+
+def exec_form(command: str) -> str | None:
+    """``exec <command>`` when ``command`` is one simple command (``rq worker --url
+    $REDIS_URL``), else None (a list, a pipeline, a subshell, leading assignments).
+
+    Debian's sh does not exec the last command of ``sh -c``: the worker would be the shell's
+    child, and its stop signal would reach the shell alone (or, sent to the process group, every
+    process of the worker: RQ's work horse and Celery's pool children die on a TERM meant for
+    their parent, killing the job they run). With ``exec`` the worker is the process its manager
+    signals, and it stops its own children gracefully (docs/workers.md)."""
+    if "\n" in command:
+        return None
+    try:
+        lexer = shlex.shlex(command, posix=True, punctuation_chars=True)
+        lexer.whitespace_split = True
+        words = list(lexer)
+    except ValueError:  # unbalanced quotes: the shell reports it
+        return None
+    if not words or words[0] in _SHELL_ONLY or _ASSIGNMENT.match(words[0]):
+        return None
+    if any(_CONTROL.match(word) for word in words):
+        return None
+    return f"exec {command}"
+
+
 def worker_argv(layout: Layout, name: str, worker: WorkerSpec | None, release_id: str) -> list[str]:
-    """``sh -c <command>`` in the release dir with its env."""
+    """``sh -c <command>`` in the release dir with its env (``exec``-ed when it is one simple
+    command: :func:`exec_form`)."""
     check_worker(name, worker)
     command = worker["command"] if worker else ""  # check_worker refused one without a command
+    command = exec_form(command) or command
     return [
         *agent_command(),
         "exec-env",
@@ -415,6 +455,26 @@ def worker_argv(layout: Layout, name: str, worker: WorkerSpec | None, release_id
         "-c",
         str(command),
     ]
+
+
+def scheduler_argv(layout: Layout) -> list[str]:
+    """The daemon backend's scheduler of jobs (scheduler.py)."""
+    return [*agent_command(), "jobs", str(layout.root)]
+
+
+def run_job_argv(layout: Layout, name: str) -> list[str]:
+    """One run of a job now (jobs.py); a systemd timer's service runs this."""
+    return [*agent_command(), "run-job", str(layout.root), name]
+
+
+def job_specs(spec: ServicesSpec | None) -> dict[str, JobSpec]:
+    """The jobs this host runs (a spec of an older controller has none), each checked."""
+    from .jobs import check_job
+
+    jobs = dict((spec.get("jobs") if spec else None) or {})
+    for name, job in jobs.items():
+        check_job(name, job)
+    return jobs
 
 
 def front_listen(spec: ServicesSpec | None) -> str:

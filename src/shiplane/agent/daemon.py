@@ -12,6 +12,7 @@ import time
 from . import spare
 from . import supervisor as sv
 from .backend import (
+    JOBS_PROGRAM,
     Killed,
     ManagerState,
     ServiceStatus,
@@ -19,16 +20,19 @@ from .backend import (
     WorkersResult,
     builtin_front,
     check_worker,
+    exec_form,
     front_argv,
     front_listen,
     front_ready,
     graceful_timeout,
     gunicorn_argv,
+    job_specs,
     make_wake,
     mark_proxy_protocol,
     poke,
     preboot_argv,
     proxy_marker,
+    scheduler_argv,
     unlink_quiet,
     web_argv,
     web_gave_up,
@@ -102,7 +106,10 @@ def worker_conf(layout: Layout, name: str, worker: WorkerSpec | None, release_id
         "startretries": 3,
         "stopsignal": stop_signal,
         "stopwaitsecs": max(1, round(stop_timeout)),
-        "stopasgroup": True,
+        # the stop signal to the worker alone when it is exec-ed (it drains its own children:
+        # RQ's work horse, Celery's pool), else to its whole group (the shell would not pass it
+        # on); whatever is left at the end of the grace period is killed, group and all
+        "stopasgroup": exec_form(worker["command"] if worker else "") is None,
         "killasgroup": True,
         **_log_options(layout, name),
     }
@@ -110,6 +117,24 @@ def worker_conf(layout: Layout, name: str, worker: WorkerSpec | None, release_id
     return sv.program_conf(
         sv.check_name(name), worker_argv(layout, name, worker, release_id), options, meta
     )
+
+
+def scheduler_conf(layout: Layout) -> str:
+    """The scheduler of the root's jobs (scheduler.py). Stopped, it tells each running job's
+    runner to end it (TERM, KILL 10 s later), so supervisord waits past that before its KILL."""
+    options: dict[str, object] = {
+        "autostart": True,
+        "autorestart": True,
+        "startsecs": 1,
+        "startretries": 3,
+        "stopsignal": "TERM",
+        "stopwaitsecs": 30,
+        "stopasgroup": True,
+        "killasgroup": True,
+        **_log_options(layout, JOBS_PROGRAM),
+    }
+    meta: sv.ProgramMeta = {"service": "jobs", "kind": "scheduler"}
+    return sv.program_conf(JOBS_PROGRAM, scheduler_argv(layout), options, meta)
 
 
 def front_conf(layout: Layout, spec: ServicesSpec) -> str | None:
@@ -407,6 +432,23 @@ class DaemonBackend:
             if info is not None and info["statename"] not in ("RUNNING", "STARTING", "BACKOFF"):
                 self.sup.start(name, wait=False)
         return {"workers": sorted(workers), "killed": killed}
+
+    def ensure_jobs(self, spec: ServicesSpec, emit: Emit) -> list[str]:
+        """The scheduler runs while the spec has jobs (it reads them from the saved spec each
+        minute, so a change of jobs or of release needs no restart); removed when it has none."""
+        jobs = job_specs(spec)
+        if not jobs:
+            if JOBS_PROGRAM in sv.configured_programs(self.layout):
+                emit({"phase": "switch", "status": "jobs", "detail": "no jobs: scheduler removed"})
+                self.sup.remove(JOBS_PROGRAM)
+            return []
+        if sv.write_program(self.layout, JOBS_PROGRAM, scheduler_conf(self.layout)):
+            emit({"phase": "switch", "status": "jobs", "detail": f"scheduling {', '.join(jobs)}"})
+            self.sup.update()
+        info = self.sup.info(JOBS_PROGRAM)
+        if info is not None and info["statename"] not in ("RUNNING", "STARTING", "BACKOFF"):
+            self.sup.start(JOBS_PROGRAM, wait=False)
+        return sorted(jobs)
 
     def stop(self, service: str, emit: Emit) -> list[str]:
         sup = self.connected()

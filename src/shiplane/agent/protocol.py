@@ -94,6 +94,14 @@ class WorkerSpec(TypedDict):
     stop_timeout: float
 
 
+class JobSpec(TypedDict):
+    """A scheduled job (``[jobs.NAME]``): run by the stage's primary host only (agent/jobs.py)."""
+
+    schedule: str  # five cron fields (agent/cron.py)
+    command: str
+    timeout: float  # seconds a run may take before it is ended
+
+
 class NginxSpec(TypedDict):
     server_name: str
     tls_cert: str | None
@@ -116,25 +124,6 @@ class CaddySpec(TypedDict):
     http_port: int
     https_port: int
     issue_timeout: float
-    renew_interval: float  # seconds between Caddy's checks for certificates due for renewal
-
-
-class FrontRoute(TypedDict):
-    """A site a shared front serves: the names it routes to one deploy root (``status``)."""
-
-    domains: list[str]  # empty: nginx's catch-all server_name ``_``
-    app: str
-    stage: str
-    root: str  # the deploy root whose ``run/web.sock`` the names go to
-
-
-class FrontState(TypedDict):
-    """The stage's front as ``status`` shows it: a Caddy or nginx several apps may share."""
-
-    kind: str  # a name in agent/fronts.py's FRONTS
-    config: str  # Caddy's dir, or nginx's site dir
-    pid: int | None  # its process (Caddy; nginx's master), None when none runs
-    routes: list[FrontRoute]  # every app it routes, this stage's among them
 
 
 class ServicesSpec(TypedDict):
@@ -145,6 +134,9 @@ class ServicesSpec(TypedDict):
     front: str
     web: WebSpec | None
     workers: dict[str, WorkerSpec]
+    # the scheduled jobs this host runs: the stage's, on its primary host; {} on the others
+    # (an older controller's spec has none: read with .get)
+    jobs: dict[str, JobSpec]
     backend: str  # "auto", "systemd", "daemon"
     nginx: NginxSpec | None
     caddy: CaddySpec | None
@@ -708,7 +700,7 @@ OPS: dict[str, Op] = {
         Op(
             "status",
             "services, live release, backend",
-            "{live_release, current, backend, services, front?}",
+            "{live_release, current, backend, services}",
         ),
         Op("shutdown", "stop every service and the manager", "{stopped}"),
         Op(

@@ -24,8 +24,10 @@ from .daemon import DaemonBackend
 from .errors import AgentError
 from .fronts import front_for
 from .health import tail_lines, wait_healthy
+from .jobs import JobStatus
+from .jobs import status as jobs_status
 from .paths import Layout
-from .protocol import Emit, FrontState, ServicesSpec, WebSpec
+from .protocol import Emit, ServicesSpec, WebSpec
 from .switch import (
     SwitchResult,
     current_release,
@@ -71,7 +73,7 @@ class ServicesStatus(_Status, total=False):
 
     supervisord: ManagerState
     manager: ManagerState
-    front: FrontState  # a front routing names (Caddy, nginx): every app it routes
+    jobs: list[JobStatus]  # the scheduled jobs this host runs (the primary's), when it has any
 
 
 class Stopped(TypedDict):
@@ -311,6 +313,8 @@ def start(
     workers = [n for n in targets if n not in ("front", "web")]
     if workers:
         backend.restart_workers(spec, _require_live(layout), emit, only=set(workers))
+    if not names:  # everything: the jobs are scheduled again too
+        backend.ensure_jobs(spec, emit)
     return status(layout)
 
 
@@ -318,8 +322,12 @@ def stop(layout: Layout, names: list[str] | None, emit: Emit) -> Stopped:
     """Stop services (all when ``names`` is empty); the manager itself keeps running."""
     backend = backend_for(layout, None)
     stopped: list[str] = []
-    for name in _targets(layout, names, load_spec(layout)):
+    spec = load_spec(layout)
+    for name in _targets(layout, names, spec):
         stopped += backend.stop(name, emit)
+    if not names and spec and spec.get("jobs"):  # everything: no job is scheduled until start
+        backend.ensure_jobs({**spec, "jobs": {}}, emit)
+        stopped.append("jobs")
     return {"stopped": stopped}
 
 
@@ -385,10 +393,9 @@ def status(layout: Layout) -> ServicesStatus:
         result["supervisord"] = manager
     else:
         result["manager"] = manager
-    spec = load_spec(layout)
-    front = front_for(spec).describe(layout, spec) if spec else None
-    if front is not None:  # a Caddy or nginx: the apps it routes, this one among them
-        result["front"] = front
+    jobs = jobs_status(layout)
+    if jobs:
+        result["jobs"] = jobs
     return result
 
 
@@ -401,8 +408,8 @@ def shutdown(layout: Layout, emit: Emit) -> ShutDown:
     if "supervisord_pid" in down:
         result = {"supervisord_pid": down["supervisord_pid"], **result}
     spec = load_spec(layout)
-    if spec:  # its site leaves the front; what the stage alone used stops (a private nginx)
-        result["stopped"] += front_for(spec).stop(layout, spec, emit)
+    if spec:  # what the stage started for its front goes too (a private nginx)
+        result["stopped"] += front_for(spec).stop(spec, emit)
     return result
 
 
@@ -425,7 +432,8 @@ def logs(
     events (``status: "line"``) until ``follow`` seconds passed (``True``: until the reader goes
     away: ``emit`` raises, or ``gone()`` says so while the log is quiet)."""
     service = service or "web"
-    command = backend_for(layout, None).log_command(service)
+    # a job's runs write their output to a file under every backend (jobs.py)
+    command = None if service.startswith("job.") else backend_for(layout, None).log_command(service)
     if command is not None:  # the journal: its own reader
         done = subprocess.run(
             [*command, "-n", str(max(0, int(lines)))],

@@ -374,6 +374,8 @@ def _finish(
     for rid in [] if job.forget_later else job.going:
         _forget(job.layout, job.backend, rid, job.emit)
     workers = job.backend.restart_workers(job.spec, job.release_id, job.emit)
+    # the jobs' runs read the live release when they start: only their schedule is updated
+    job.backend.ensure_jobs(job.spec, job.emit)
     result: SwitchResult = {
         "previous": previous,
         "current": job.release_id,

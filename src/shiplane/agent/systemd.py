@@ -8,6 +8,7 @@ Units, for an app named ``demo``:
   the listening socket by socket activation (``LISTEN_FDS``): the port outlives every process.
 - ``demo-<worker>.service`` per worker service, rewritten with the live release id at each switch,
   with its stop signal (``KillSignal``) and grace period (``TimeoutStopSec``, then SIGKILL).
+- ``demo-job.<name>.timer`` + ``.service`` per scheduled job (timers.py), on the primary host.
 
 Every ExecStart goes through the agent's ``exec-env`` (the release's env file, its dir as cwd).
 Output goes to the journal. As root the units are system units in ``/etc/systemd/system``, run as
@@ -36,6 +37,7 @@ from .backend import (
     WorkersResult,
     builtin_front,
     check_worker,
+    exec_form,
     front_argv,
     front_listen,
     graceful_timeout,
@@ -395,7 +397,14 @@ def worker_unit(
                     ("Type", "simple"),
                     ("ExecStart", exec_line(worker_argv(layout, name, worker, release_id))),
                     ("WorkingDirectory", _path_value(layout.release(release_id))),
-                    ("KillMode", "control-group"),
+                    # the stop signal to the worker alone when it is exec-ed (it drains its own
+                    # children), else to every process; SIGKILL to all after the grace period
+                    (
+                        "KillMode",
+                        "mixed"
+                        if exec_form(worker["command"] if worker else "")
+                        else "control-group",
+                    ),
                     ("KillSignal", f"SIG{stop_signal}"),
                     ("TimeoutStopSec", f"{stop_timeout:g}"),
                     ("SendSIGKILL", "yes"),
@@ -669,6 +678,11 @@ class SystemdBackend:
                 self.systemctl("start", unit)
         return {"workers": sorted(workers), "killed": killed}
 
+    def ensure_jobs(self, spec: ServicesSpec, emit: Emit) -> list[str]:
+        from . import timers
+
+        return timers.ensure(self, spec, emit)
+
     def stop(self, service: str, emit: Emit) -> list[str]:
         if service == "web":
             units = [self.web_unit_name(r) for r in sorted(self.web_releases())]
@@ -733,6 +747,8 @@ class SystemdBackend:
         stopped = [e["program"] for e in self.status()]
         if builtin_front(self.spec):
             stopped.append(f"{self.prefix}-front.socket")
+        # the jobs' timers (timers.py): a stopped stage runs no job either
+        stopped += sorted(p.name for p in self.unit_dir.glob(f"{self.prefix}-job.*.timer"))
         for unit in stopped:
             self.systemctl("stop", unit, check=False)
         return {"stopped": stopped}

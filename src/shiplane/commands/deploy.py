@@ -44,6 +44,7 @@ from shiplane.events import Emit, Event
 from shiplane.fleet import Fleet, Outcome, TransportFactory, failures, local_ledger
 from shiplane.plan import (
     batches,
+    host_services,
     install_request,
     manifest_blobs,
     max_failures,
@@ -599,7 +600,7 @@ def _switch(d: Deployment) -> None:
         def switch(host: str, session: AgentSession) -> Any:
             result = session.call(
                 "switch",
-                {"release_id": d.rid, "services": spec},
+                {"release_id": d.rid, "services": host_services(spec, deploy, d.ctx.stage, host)},
                 on_event=d.fleet.forward(host, "switch"),
                 timeout=timeout(d),
             )
@@ -632,10 +633,16 @@ def _undo(d: Deployment, switched: list[str], spec: ServicesSpec) -> None:
     nothing before (a first deploy) is withdrawn: it serves nothing again, so no host is left
     serving a release the stage rejected (all or nothing, first deploys included)."""
     back = [h for h in switched if d.hosts[h].previous]
+    deploy = d.ctx.project.deploy
     outcomes = d.fleet.each(
         "undo",
         lambda host, s: s.call(
-            "switch", {"release_id": d.hosts[host].previous, "services": spec}, timeout=timeout(d)
+            "switch",
+            {
+                "release_id": d.hosts[host].previous,
+                "services": host_services(spec, deploy, d.ctx.stage, host),
+            },
+            timeout=timeout(d),
         ),
         hosts=back,
     )

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any, TypedDict, TypeVar, cast
 
 from shiplane.agent.protocol import (
-    FrontState,
     HistoryResult,
     LockInfo,
     ReleaseMeta,
@@ -26,7 +25,7 @@ from shiplane.config import Project, resolve_secrets
 from shiplane.errors import ConfigError, OperationError, UsageError
 from shiplane.events import Emit
 from shiplane.fleet import Fleet, TransportFactory, failures, local_ledger
-from shiplane.plan import services_spec
+from shiplane.plan import host_services, services_spec
 from shiplane.secret import Masker
 from shiplane.transport.session import AgentSession
 from shiplane.whoami import holder
@@ -54,7 +53,7 @@ class HostStatus(TypedDict, total=False):
     live_release: str | None
     current: str | None
     services: list[ServiceStatus]
-    front: FrontState  # a Caddy or nginx: every app it routes (agent/frontshare.py)
+    jobs: list[dict[str, Any]]  # the scheduled jobs (agent/jobs.py JobStatus), on the primary
 
 
 # Each verb returns its data; the CLI draws the lines it prints (``ui.status_lines`` and the
@@ -284,7 +283,14 @@ def service_verb(
             per_host = _all(
                 fleet,
                 name,
-                lambda h, s: s.call(name, {"services": names, "spec": spec}, timeout=300),
+                lambda h, s: s.call(
+                    name,
+                    {
+                        "services": names,
+                        "spec": host_services(spec, ctx.project.deploy, ctx.stage, h),
+                    },
+                    timeout=300,
+                ),
             )
         else:
             per_host = _all(
@@ -347,7 +353,10 @@ def run_rollback(
                 "rollback",
                 lambda h, s: s.call(
                     "switch",
-                    {"release_id": target, "services": spec},
+                    {
+                        "release_id": target,
+                        "services": host_services(spec, ctx.project.deploy, ctx.stage, h),
+                    },
                     on_event=fleet.forward(h, "rollback"),
                     timeout=600,
                 ),

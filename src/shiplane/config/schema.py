@@ -700,6 +700,44 @@ class TaskSpec(Model):
         return value
 
 
+class Job(Model):
+    """``[jobs.NAME]``: a command run on a schedule, once per period, on the stage's primary host
+    (docs/workers.md)."""
+
+    schedule: str = Field(
+        description="When it runs: five cron fields (minute hour day-of-month month "
+        'day-of-week, the hosts\' local time), e.g. ``"*/5 * * * *"``, or ``@hourly``, '
+        "``@daily``, ``@weekly``, ``@monthly``, ``@yearly``."
+    )
+    command: str = Field(
+        description="The shell command, run in the live release with its environment "
+        "(secrets included), as the app's user; its output goes to ``shiplane logs "
+        "--service job.NAME``."
+    )
+    timeout: Annotated[float, Field(gt=0, le=SECONDS)] = Field(
+        default=3600,
+        description="Seconds a run may take before it is ended (TERM, then KILL 10 s later).",
+    )
+
+    @field_validator("schedule")
+    @classmethod
+    def _cron(cls, value: str) -> str:
+        from shiplane.agent.cron import CronError, parse
+
+        try:
+            parse(value)
+        except CronError as exc:
+            raise ValueError(str(exc)) from None
+        return value
+
+    @field_validator("command")
+    @classmethod
+    def _one_line(cls, value: str) -> str:
+        if not value.strip() or "\x00" in value:
+            raise ValueError("expected a shell command (not empty, no NUL)")
+        return value
+
+
 class Nginx(Model):
     """``[stages.X.nginx]`` with ``front = "nginx"``: the site shiplane writes (agent/nginx.py)."""
 
@@ -765,8 +803,7 @@ class Caddy(Model):
     data_dir: str | None = Field(
         default=None,
         description="Where Caddy keeps its config, account and certificates (keys 0600, dirs "
-        "0700) on the hosts; unset: ``<deploy_to>/caddy``. Stages (of any project) naming the "
-        "same dir share one Caddy on a host, each app its own names and certificates.",
+        "0700) on the hosts; unset: ``<deploy_to>/caddy``.",
     )
     http_port: Annotated[int, Field(ge=1, le=65535)] = Field(
         default=80,
@@ -780,12 +817,6 @@ class Caddy(Model):
         default=120,
         description="Seconds a deploy waits for missing certificates before it fails naming "
         "the domains and the CA's reason.",
-    )
-    renew_interval: Annotated[float, Field(ge=1, le=86400)] = Field(
-        default=600,
-        description="Seconds between Caddy's checks for certificates due for renewal (Caddy's "
-        "``renew_interval``; a certificate is renewed a third of its lifetime before it "
-        "expires). The same for every stage sharing a ``data_dir``.",
     )
 
     @field_validator("acme_ca_root", "data_dir")
@@ -1060,6 +1091,9 @@ class DeployFile(Model):
     )
     hooks: Hooks = Hooks()
     tasks: dict[Annotated[str, Field(pattern=NAME)], TaskSpec] = {}
+    jobs: dict[Annotated[str, Field(pattern=NAME)], Job] = Field(
+        default={}, description="Scheduled jobs, by name (``[jobs.NAME]``)."
+    )
     stages: Annotated[dict[Annotated[str, Field(pattern=NAME)], Stage], Field(min_length=1)]
 
     @model_validator(mode="after")
