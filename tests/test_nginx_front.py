@@ -235,3 +235,63 @@ def test_stage_nginx_keys_are_checked() -> None:
         Stage(hosts=["web1"], deploy_to="/srv/demo", nginx={"static": {"/s/": "../etc"}})
     with pytest.raises(ValueError):
         Stage(hosts=["web1"], deploy_to="/srv/demo", nginx={"sever_name": "typo"})
+
+
+def get_host(port: int, host: str) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request("GET", "/", headers={"Host": host})
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+def test_two_apps_share_one_nginx_by_name_and_one_leaving_keeps_the_other(
+    site: tuple[Layout, dict[str, Any], Path],
+) -> None:
+    """Two deploy roots, one private nginx, routed by server_name (docs/https.md, "Several apps
+    on one host"): each writes its own site; a name the other routes is refused; a shutdown of
+    one removes its site and reloads, and the last one's stops the nginx."""
+    layout, spec, _ = site
+    other = Layout(layout.root.parent / "other")
+    other.run.mkdir(parents=True)
+    other_spec = {
+        **spec,
+        "app": "shop",
+        "nginx": {**spec["nginx"], "server_name": "shop.test", "static": {}},
+    }
+    port = spec["web"]["port"]
+    events: list[Any] = []
+    demo = Upstream(layout.run / "web-r1.sock", b"demo")
+    shop = Upstream(other.run / "web-r1.sock", b"shop")
+    try:
+        for root in (layout, other):
+            os.symlink("web-r1.sock", root.web_socket)
+        nginx.ensure_site(layout, spec, events.append)
+        nginx.ensure_site(other, other_spec, events.append)
+        master = nginx.master_pid(spec)
+        assert get_host(port, "demo.test") == (200, b"demo")
+        # nginx -s reload returns before the new workers answer
+        wait_for(lambda: get_host(port, "shop.test") == (200, b"shop"), 10, "shop's site")
+        routes = nginx.describe(layout, spec)["routes"]
+        assert {(r["app"], tuple(r["domains"]), r["root"]) for r in routes} == {
+            ("demo", ("demo.test",), str(layout.root)),
+            ("shop", ("shop.test",), str(other.root)),
+        }
+        taken = {**other_spec, "nginx": {**other_spec["nginx"], "server_name": "demo.test"}}
+        with pytest.raises(AgentError, match="demo.test is already routed") as err:
+            nginx.ensure_site(other, taken, events.append)
+        assert err.value.kind == "usage" and "'demo'" in err.value.message
+        # demo leaves: its site goes, nginx reloads (same master) and serves shop still
+        assert nginx.NginxFront().stop(layout, spec, events.append) == []
+        assert not nginx.site_path(spec).exists() and nginx.master_pid(spec) == master
+        # (the catch-all is shop's now; workers of the earlier configs finish asynchronously)
+        wait_for(lambda: get_host(port, "demo.test") == (200, b"shop"), 10, "demo's site gone")
+        assert get_host(port, "shop.test") == (200, b"shop")
+        # the last site leaving stops the private nginx
+        assert nginx.NginxFront().stop(other, other_spec, events.append) == ["nginx"]
+        assert nginx.master_pid(spec) is None
+    finally:
+        demo.close()
+        shop.close()
