@@ -21,6 +21,7 @@ from typing import Any
 from _benchlib import BenchError, Timed, http_get, json_lines, result_of, run
 from _fleet_cpu import MasterWatch, ProgramSampler, busy_jiffies, children_cpu, hosts_cpu
 from _scenarios import EDITED_FILE, EDITED_TEXT, GIT, DeployRun
+from _uplink import Uplink
 
 from sshhosts import TestHost, TestHosts
 
@@ -39,6 +40,8 @@ class Measured:
     cpu_hosts: float
     code_size: int
     programs: dict[str, float] = field(default_factory=dict)
+    sent: int = 0  # bytes the controller sent to the hosts (an Uplink's count; 0: not counted)
+    received: dict[str, int] = field(default_factory=dict)  # per host, from anyone
 
     def phase_max(self) -> dict[str, float]:
         """Each host phase's longest host: phases end at a barrier, so that one sets the pace."""
@@ -60,6 +63,8 @@ class Measured:
             "cpu_controller": self.cpu_controller,
             "cpu_hosts": self.cpu_hosts,
             "code_size": self.code_size,
+            "controller_sent": self.sent,
+            "received": self.received,
             "controller": self.run.controller_phases(),
             "hosts": {
                 h: {"bytes": self.run.bytes_sent(h), "phases": self.run.host_phases(h)}
@@ -78,6 +83,7 @@ class Fleet:
     sizes: tuple[int, ...]
     edits: int = 0
     deployed: set[str] = field(default_factory=set)
+    uplink: Uplink | None = None  # counts (and may limit) what the controller sends
 
     workload = ""
     stage_prefix = "fleet"
@@ -165,12 +171,18 @@ class Fleet:
             if thread is not None:
                 thread.start()
         busy0, ctl0, hosts0 = busy_jiffies(), children_cpu(), hosts_cpu(self.testhosts)
+        sent0, received0 = (self.uplink.sent(), self.uplink.received()) if self.uplink else (0, {})
         done = self.shiplane(
             "deploy", "--stage", stage, "--skip-tests", "--json", env=env, check=False
         )
         busy = (busy_jiffies() - busy0) / os.sysconf("SC_CLK_TCK")
         ctl = children_cpu() - ctl0 + watch.stop()
         programs = sampler.stop() if sampler is not None else {}
+        sent, received = 0, {}
+        if self.uplink is not None:
+            sent = self.uplink.sent() - sent0
+            after = self.uplink.received()
+            received = {h.name: after[h.name] - received0[h.name] for h in self.hosts(n)}
         on_hosts = hosts_cpu(self.testhosts) - hosts0
         events = json_lines(done.stdout)
         try:
@@ -194,6 +206,8 @@ class Fleet:
             on_hosts,
             self.code_size(manifest),
             programs,
+            sent,
+            received,
         )
 
     def check_serves(self, n: int, marker: str, done: Measured) -> None:
@@ -362,7 +376,9 @@ class MinimalFleet(Fleet):
         fleet = cls(parent / "minimal", testhosts, sizes)
         fleet.root.mkdir(parents=True)
         (fleet.root / "app.py").write_text(MINIMAL_APP, encoding="utf-8")
-        hashed_lock("gunicorn\n", fleet.root)
+        # a dependency change swaps between two locks: gunicorn alone, and gunicorn with six
+        with_six = hashed_lock("gunicorn\nsix\n", fleet.root)
+        fleet.locks = (hashed_lock("gunicorn\n", fleet.root), with_six)
         (fleet.root / "shiplane.toml").write_text(MINIMAL_TOML + fleet.stages_toml())
         (fleet.root / ".gitignore").write_text("__pycache__/\n.shiplane/\n")
         fleet._git_init("minimal app, stages on the test hosts")
@@ -371,6 +387,17 @@ class MinimalFleet(Fleet):
     def commit_edit(self) -> str:
         """Change the one line with the app's text, committed; returns the new text."""
         self.edits += 1
+        marker = f"minimal app, edit {self.edits}"
+        return self._commit_line("app.py", r'^TEXT = ".*"$', f'TEXT = "{marker}"', marker)
+
+    locks: tuple[str, str] = ("", "")
+
+    def commit_deps(self) -> str:
+        """A dependency change, committed: the lock swaps to the other one (six in or out), and
+        the app's text changes too, so the bench can tell the new release is served."""
+        self.edits += 1
+        path = self.root / "requirements.txt"
+        path.write_text(self.locks[1] if path.read_text() == self.locks[0] else self.locks[0])
         marker = f"minimal app, edit {self.edits}"
         return self._commit_line("app.py", r'^TEXT = ".*"$', f'TEXT = "{marker}"', marker)
 

@@ -38,6 +38,7 @@ SCENARIOS = {
     ],
     "minimal": [
         ("cold", "(3) minimal app, cold deploy (ships uv to each host)"),
+        ("deps", "(3′) minimal app, a dependency change (new wheelhouse and venv)"),
         ("warm", "(4) minimal app, warm redeploy of a one-line change"),
     ],
 }
@@ -146,6 +147,8 @@ def render(res: dict[str, Any]) -> str:
         if res.get(workload) and res[workload]["profile"]:
             lines += [*_programs(res[workload]["profile"], title), ""]
     lines += [*_bytes(res), ""]
+    if res.get("uplink") is not None:
+        lines += [*_upload(res), ""]
     for workload, app in (("scaffold", ""), ("minimal", " of the minimal app")):
         if res.get(workload):
             lines += [
@@ -388,6 +391,82 @@ def _bytes(res: dict[str, Any]) -> list[str]:
         if code:
             notes.append(f"{what}: " + ", ".join(f"{c} bytes" for c in code) + ".")
     return out + ["", " ".join(notes)] if notes else out
+
+
+def _size(n: float) -> str:
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.0f} KiB"
+
+
+UPLOAD_BYTES_TARGET = 1.2  # a cold deploy's controller bytes, largest fleet / one host
+UPLOAD_WALL_TARGET = 3.0
+
+
+def _upload(res: dict[str, Any]) -> list[str]:
+    """What the controller sent and each host received, per deploy and fleet size, with the
+    targets for the largest fleet against one host (``--uplink``)."""
+    sizes: list[int] = res["sizes"]
+    lo, hi = sizes[0], sizes[-1]
+    cores = res["machine"]["cores"]
+    rate = res["uplink"]
+    link = (
+        f"one {rate:g} Mbit/s link shared by every host (`--uplink {rate:g}`)"
+        if rate
+        else "a link counted, not limited (`--uplink 0`)"
+    )
+    out = [
+        "### The controller's upload",
+        "",
+        (
+            f"Every byte the controller sent to the hosts went through {link}: an IFB device "
+            "that the controller's packets to each host's veth are redirected through "
+            "(`bench/_uplink.py`), as a laptop's upload would be. Traffic between hosts (a host "
+            "fetching a blob from another) is neither limited nor counted. *Sent* is the IFB "
+            "device's transmit counter (IP bytes: SSH and TCP overhead included), *received* "
+            "each host's veth counter (from the controller and from other hosts), medians."
+        ),
+        "",
+        "| deploy | what | " + " | ".join(_hosts(n) for n in sizes) + f" | {hi} / {lo} |",
+        "|---|---|" + "---|" * (len(sizes) + 1),
+    ]
+    checks: list[str] = []
+    for workload, app in (("scaffold", ""), ("minimal", "minimal app, ")):
+        w = res.get(workload)
+        if not w:
+            continue
+        for key, label in (("cold", "cold"), ("deps", "dependency change"), ("warm", "code-only")):
+            if not all(w[key][n] for n in sizes):
+                continue
+            rows = (
+                ("controller sent", lambda r: r.sent, _size),
+                ("each host received", lambda r: statistics.median(r.received.values()), _size),
+                ("wall", lambda r: r.run.wall, "{:.2f} s".format),
+                (
+                    "controller CPU per host",
+                    lambda r: r.cpu_controller / len(r.hosts),
+                    "{:.3f} s".format,
+                ),
+            )
+            meds: dict[str, dict[int, float]] = {}
+            for what, value, form in rows:
+                meds[what] = {n: _med(w[key][n], value) for n in sizes}
+                cells = [form(meds[what][n]) for n in sizes]
+                ratio = meds[what][hi] / meds[what][lo] if meds[what][lo] else float("nan")
+                out.append(f"| {app}{label} | {what} | " + " | ".join(cells) + f" | {ratio:.2f}× |")
+            if key == "cold" and hi > lo:
+                sent = meds["controller sent"][hi] / meds["controller sent"][lo]
+                wall = meds["wall"][hi] / meds["wall"][lo]
+                floor = _med(w[key][hi], lambda r: r.cpu_machine) / cores
+                checks.append(
+                    f"- {app}cold deploy, {hi} hosts against 1: the controller sent {sent:.2f}× "
+                    f"the bytes (target ≤ {UPLOAD_BYTES_TARGET}×: "
+                    f"{'yes' if sent <= UPLOAD_BYTES_TARGET else '**no**'}), in {wall:.2f}× the "
+                    f"time (target ≤ {UPLOAD_WALL_TARGET}×: "
+                    f"{'yes' if wall <= UPLOAD_WALL_TARGET else '**no**'}). The CPU floor: the "
+                    f"whole machine used {floor * cores:.1f} CPU-s for the {hi}-host deploy, "
+                    f"{floor:.2f} s of wall time on its {cores} cores at best, against "
+                    f"{meds['wall'][hi]:.2f} s measured."
+                )
+    return out + ["", *checks] if checks else out
 
 
 def _phases(res: dict[str, Any], runs: dict[int, list[Measured]], what: str) -> list[str]:

@@ -3,6 +3,7 @@
     python bench/bench_fleet.py [--runs N] [--out BENCHMARKS.md] [--raw results.json]
                                 [--sizes 1,4,8] [--pip-runs 1] [--wait-idle S] [--no-profile]
                                 [--workload scaffold|minimal|both] [--keep]
+                                [--uplink MBIT] [--deps]
 
 Needs root (the hosts of ``tests/sshhosts.py``: one ``sshd`` per network namespace, its own
 ``/srv``). A scaffolded app (``shiplane init``, git commit) gets one stage per fleet size,
@@ -28,6 +29,13 @@ untimed build fills first). Last, unless ``--no-profile``, one untimed cold and 
 workload at the smallest and largest size sample the hosts' CPU by program (gunicorn, alembic,
 compileall, uv, the agent, sshd, ...).
 
+With ``--uplink MBIT`` every byte the controller sends to the hosts goes through one link of that
+rate, shared by all hosts, as a laptop's upload is (``_uplink.py``: an IFB device shaped with
+``tbf``; traffic between hosts is neither limited nor counted), and each deploy records the bytes
+the controller sent and each host received. ``--uplink 0`` counts without limiting. ``--deps``
+adds, for the minimal app, a dependency change after the cold deploy (its lock swaps between
+gunicorn alone and gunicorn with six: a new wheelhouse and venv on every host).
+
 Per deploy it records the wall clock, ``result.hosts.<h>.phases`` and ``.bytes`` from
 ``deploy --json``, and the CPU time the whole machine and the controller (``shiplane`` and its
 ``ssh`` clients) used: the test hosts share this machine's cores, which matters when reading how
@@ -50,8 +58,9 @@ sys.path.insert(0, str(BENCH))
 sys.path.insert(0, str(BENCH.parent / "tests"))
 
 from _benchlib import BenchError, clean_up
-from _fleet_apps import WORKLOADS, Fleet, make_fleet
+from _fleet_apps import WORKLOADS, Fleet, Measured, MinimalFleet, make_fleet
 from _fleet_report import HEADING, render, write_section
+from _uplink import Uplink
 from bench_local import load, machine, wait_idle
 
 from sshhosts import TestHosts, ssh_available, start_hosts
@@ -73,12 +82,20 @@ def new_results(sizes: tuple[int, ...]) -> dict[str, Any]:
         "cold": {n: [] for n in sizes},
         "warm": {n: [] for n in sizes},
         "cold_pip": {n: [] for n in sizes},
+        "deps": {n: [] for n in sizes},
         "profile": {},
     }
 
 
-def one_round(fleet: Fleet, res: dict[str, Any], load_log: list[float], pip: bool) -> None:
-    """Each size cold then warm, back to back (a drift in the machine's load hits all alike)."""
+def _sent(m: Measured) -> str:
+    return f", controller sent {m.sent / 2**20:.1f} MiB" if m.sent else ""
+
+
+def one_round(
+    fleet: Fleet, res: dict[str, Any], load_log: list[float], pip: bool, deps: bool
+) -> None:
+    """Each size cold (then a dependency change) then warm, back to back (a drift in the
+    machine's load hits all alike)."""
     for n in fleet.sizes:
         load_log.append(load())
         fleet.wipe(n)
@@ -86,7 +103,13 @@ def one_round(fleet: Fleet, res: dict[str, Any], load_log: list[float], pip: boo
         cold = fleet.deploy(n)
         fleet.check_serves(n, marker, cold)
         res["cold"][n].append(cold)
-        _say(f"  {fleet.workload}, {n} host(s): cold {cold.run.wall:.2f}s")
+        _say(f"  {fleet.workload}, {n} host(s): cold {cold.run.wall:.2f}s{_sent(cold)}")
+        if deps and isinstance(fleet, MinimalFleet):
+            marker = fleet.commit_deps()
+            changed = fleet.deploy(n)
+            fleet.check_serves(n, marker, changed)
+            res["deps"][n].append(changed)
+            _say(f"  {fleet.workload}, {n} host(s): deps {changed.run.wall:.2f}s{_sent(changed)}")
         before = fleet.venvs(n)
         marker = fleet.commit_edit()
         warm = fleet.deploy(n)
@@ -98,7 +121,7 @@ def one_round(fleet: Fleet, res: dict[str, Any], load_log: list[float], pip: boo
         res["warm"][n].append(warm)
         _say(
             f"  {fleet.workload}, {n} host(s): warm {warm.run.wall:.2f}s, sent "
-            f"{warm.per_host_bytes()} bytes (code {warm.code_size})"
+            f"{warm.per_host_bytes()} bytes (code {warm.code_size}){_sent(warm)}"
         )
         fleet.stop(n)
     if pip:
@@ -178,6 +201,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", type=Path, help=f"write the '{HEADING}' section into this file")
     parser.add_argument("--raw", type=Path, help="write every measurement as JSON to this file")
+    parser.add_argument(
+        "--uplink",
+        type=float,
+        metavar="MBIT",
+        help="the controller's upload: one link of MBIT Mbit/s shared by every host "
+        "(0: counted, not limited; unset: neither)",
+    )
+    parser.add_argument(
+        "--deps",
+        action="store_true",
+        help="the minimal app also deploys a dependency change after each cold deploy",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (for debugging)")
     args = parser.parse_args(argv)
     sizes = tuple(sorted({int(x) for x in args.sizes.split(",")}))
@@ -197,26 +232,37 @@ def main(argv: list[str] | None = None) -> int:
         **{w: new_results(sizes) for w in workloads},
     }
     res["machine"], res["runs"], res["pip_runs"] = machine(), args.runs, args.pip_runs
+    res["uplink"] = args.uplink
     res["command"] = (
         f"python bench/bench_fleet.py --runs {args.runs}"
         + (f" --sizes {args.sizes}" if sizes != SIZES else "")
         + (f" --pip-runs {args.pip_runs}" if args.pip_runs != 1 else "")
         + (f" --wait-idle {args.wait_idle:g}" if args.wait_idle else "")
         + (f" --workload {args.workload}" if args.workload != "both" else "")
+        + (f" --uplink {args.uplink:g}" if args.uplink is not None else "")
+        + (" --deps" if args.deps else "")
         + (f" --out {args.out}" if args.out else "")
     )
     work = Path(tempfile.mkdtemp(prefix="shiplane-fleet-bench-"))
     testhosts: TestHosts | None = None
     fleets: list[Fleet] = []
+    uplink: Uplink | None = None
     t0 = time.perf_counter()
     failed: str | None = None
     try:
         _say(f"starting {sizes[-1]} test hosts")
         testhosts = start_hosts(sizes[-1], work / "hosts")
+        if args.uplink is not None:
+            uplink = Uplink(testhosts, args.uplink or None)
+            uplink.start()
         for workload in workloads:
             fleets.append(make_fleet(workload, work, testhosts, sizes))
             _say(f"{workload} app in {fleets[-1].root}; untimed build (fills .shiplane/build)")
             fleets[-1].shiplane("build")
+            if args.deps and isinstance(fleets[-1], MinimalFleet):
+                fleets[-1].commit_deps()  # the other lock's wheelhouse too, untimed
+                fleets[-1].shiplane("build")
+            fleets[-1].uplink = uplink
         for i in range(args.runs):
             _say(f"round {i + 1}/{args.runs} (load {load():.2f})")
             for fleet in fleets:
@@ -225,6 +271,7 @@ def main(argv: list[str] | None = None) -> int:
                     res[fleet.workload],
                     res["load"],
                     i < args.pip_runs and fleet.workload == "scaffold",
+                    args.deps,
                 )
         if not args.no_profile:
             _say("untimed: the hosts' CPU by program (cold and warm, smallest and largest size)")
@@ -234,7 +281,9 @@ def main(argv: list[str] | None = None) -> int:
         failed = str(exc) or type(exc).__name__
     finally:
         clean_up(
-            [f.stop_all for f in fleets] + [testhosts.stop if testhosts else None],
+            [f.stop_all for f in fleets]
+            + [uplink.stop if uplink else None]
+            + [testhosts.stop if testhosts else None],
             work,
             args.keep,
             _say,
