@@ -12,6 +12,7 @@ import pytest
 from shiplane.agent import caddy, fronts, nginx, services
 from shiplane.agent.backend import builtin_front
 from shiplane.agent.errors import AgentError
+from shiplane.agent.paths import Layout
 from shiplane.agent.protocol import ServicesSpec
 from shiplane.config.schema import Stage
 
@@ -44,6 +45,7 @@ def spec(front: str, tmp_path: Path) -> ServicesSpec:
             "http_port": 80,
             "https_port": 443,
             "issue_timeout": 120,
+            "renew_interval": 600,
         }
         if front == "caddy"
         else None,
@@ -84,10 +86,11 @@ def test_an_unknown_front_is_refused_naming_the_known_ones(tmp_path: Path) -> No
 
 def test_stopping_a_front_stops_only_what_the_stage_started(tmp_path: Path) -> None:
     events: list[object] = []
+    layout = Layout(tmp_path / "root")
     # the builtin proxy is one of the backend's services: its shutdown stopped it
-    assert fronts.FRONTS["builtin"].stop(spec("builtin", tmp_path), events.append) == []
+    assert fronts.FRONTS["builtin"].stop(layout, spec("builtin", tmp_path), events.append) == []
     # nginx without a private conf is the host's own: never stopped
-    assert fronts.FRONTS["nginx"].stop(spec("nginx", tmp_path), events.append) == []
+    assert fronts.FRONTS["nginx"].stop(layout, spec("nginx", tmp_path), events.append) == []
     # a Caddy is stopped by the dir its switch recorded: none recorded, none started
-    assert fronts.FRONTS["caddy"].stop(spec("caddy", tmp_path), events.append) == []
+    assert fronts.FRONTS["caddy"].stop(layout, spec("caddy", tmp_path), events.append) == []
     assert events == []

@@ -14,30 +14,27 @@ import http.client
 import json
 import os
 import shutil
-import socket
-import ssl
 import stat
 import subprocess
 import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 from pydantic import ValidationError
 
-from deployhelp import Project, edit, free_port, scaffold, wait_for
-from shiplane.agent import caddy
+from deployhelp import Project, edit, scaffold, wait_for
+from pebblehelp import Pebble, dns_add_a, http_get_raw, https_get, missing_tools, running_pebble
+from shiplane.agent import caddyfile
 from shiplane.agent.paths import Layout
 from shiplane.agent.protocol import ServicesSpec
 from shiplane.config.schema import Stage
 
 needs_pebble = pytest.mark.skipif(
-    not all(shutil.which(t) for t in ("caddy", "pebble", "pebble-challtestsrv", "openssl")),
-    reason="needs Debian's caddy and pebble packages, and openssl",
+    bool(missing_tools()), reason="needs Debian's caddy and pebble packages, and openssl"
 )
 
 
@@ -80,26 +77,34 @@ def test_the_caddyfile_proxies_the_domains_to_the_switched_socket(tmp_path: Path
         "nginx": None,
         "caddy": {
             "domains": ["example.com", "www.example.com"],
-            "acme_ca": caddy.LETS_ENCRYPT,
+            "acme_ca": caddyfile.LETS_ENCRYPT,
             "acme_email": "ops@example.com",
             "acme_ca_root": None,
             "data_dir": None,
             "http_port": 80,
             "https_port": 443,
             "issue_timeout": 120,
+            "renew_interval": 600,
         },
     }
-    text = caddy.caddyfile(layout, spec)
     data = tmp_path / "root" / "caddy"
-    assert f'admin "unix/{data}/admin.sock"' in text  # never the shared localhost:2019
-    assert f'root "{data}/data"' in text
-    assert f'acme_ca "{caddy.LETS_ENCRYPT}"' in text and 'email "ops@example.com"' in text
+    main = caddyfile.main_text(data, caddyfile.settings(spec))
+    assert f'admin "unix/{data}/admin.sock"' in main  # never the shared localhost:2019
+    assert f'root "{data}/data"' in main and "renew_interval 600s" in main
+    assert f'import "{data}/sites/*.caddy"' in main
+    site = caddyfile.site_path(layout, spec)
+    assert site.parent == data / "sites" and site.name.startswith("demo-prod-")
+    text = caddyfile.site_text(layout, spec)
+    assert text.startswith("# shiplane-route ")  # status reads what the site routes where
+    assert f'ca "{caddyfile.LETS_ENCRYPT}"' in text and 'tls "ops@example.com" {' in text
     assert "example.com, www.example.com {" in text
     assert f'reverse_proxy "unix/{layout.web_socket}"' in text
     assert "keepalive off" in text and "bind" not in text
     if shutil.which("caddy"):  # Caddy's own parser accepts it
-        conf = tmp_path / "Caddyfile"
-        conf.write_text(text)
+        site.parent.mkdir(parents=True)
+        site.write_text(text)
+        conf = data / "Caddyfile"
+        conf.write_text(main)
         done = subprocess.run(
             ["caddy", "adapt", "--config", str(conf), "--adapter", "caddyfile"],
             capture_output=True,
@@ -109,195 +114,10 @@ def test_the_caddyfile_proxies_the_domains_to_the_switched_socket(tmp_path: Path
         assert done.returncode == 0, done.stderr
 
 
-@dataclass
-class Pebble:
-    directory: str  # the ACME directory URL
-    ca_root: Path  # the root of pebble's own HTTPS (Caddy's acme_ca_root)
-    issued_root: Path  # the root pebble signs certificates with
-    dns_management: int  # pebble-challtestsrv's management port
-    http_port: int
-    https_port: int
-    log: Path
-
-
-def _openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
-
-
-def _minica(base: Path) -> None:
-    """A CA and a ``localhost``/127.0.0.1 certificate for pebble's own HTTPS listener."""
-    _openssl(
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=shiplane test ACME root",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.pem",
-        cwd=base,
-    )
-    _openssl(
-        "req",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-subj",
-        "/CN=localhost",
-        "-keyout",
-        "key.pem",
-        "-out",
-        "req.csr",
-        cwd=base,
-    )
-    (base / "ext.cnf").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
-    _openssl(
-        "x509",
-        "-req",
-        "-in",
-        "req.csr",
-        "-CA",
-        "ca.pem",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-days",
-        "2",
-        "-extfile",
-        "ext.cnf",
-        "-out",
-        "cert.pem",
-        cwd=base,
-    )
-
-
-def _fetch_root(management: int, ca: Path) -> bytes:
-    ctx = ssl.create_default_context(cafile=str(ca))
-    conn = http.client.HTTPSConnection("127.0.0.1", management, context=ctx, timeout=5)
-    try:
-        conn.request("GET", "/roots/0")
-        resp = conn.getresponse()
-        body = resp.read()
-        return body if resp.status == 200 else b""
-    finally:
-        conn.close()
-
-
 @pytest.fixture(scope="module")
 def pebble() -> Iterator[Pebble]:
-    base = Path(tempfile.mkdtemp(prefix="shl-pebble-", dir="/tmp"))
-    _minica(base)
-    dns, dns_mgmt, acme, mgmt = free_port(), free_port(), free_port(), free_port()
-    http_port, https_port = free_port(), free_port()
-    (base / "pebble.json").write_text(
-        json.dumps(
-            {
-                "pebble": {
-                    "listenAddress": f"127.0.0.1:{acme}",
-                    "managementListenAddress": f"127.0.0.1:{mgmt}",
-                    "certificate": str(base / "cert.pem"),
-                    "privateKey": str(base / "key.pem"),
-                    "httpPort": http_port,
-                    "tlsPort": https_port,
-                    "ocspResponderURL": "",
-                    "externalAccountBindingRequired": False,
-                }
-            }
-        )
-    )
-    log = base / "pebble.log"
-    env = {**os.environ, "PEBBLE_VA_NOSLEEP": "1", "PEBBLE_WFE_NONCEREJECT": "0"}
-    procs: list[subprocess.Popen[bytes]] = []
-    with open(log, "wb") as out:
-        procs.append(
-            subprocess.Popen(
-                [
-                    "pebble-challtestsrv",
-                    "-dns01",
-                    f"127.0.0.1:{dns}",
-                    "-http01",
-                    "",
-                    "-https01",
-                    "",
-                    "-tlsalpn01",
-                    "",
-                    "-defaultIPv6",
-                    "",
-                    "-defaultIPv4",
-                    "127.0.0.1",
-                    "-management",
-                    f"127.0.0.1:{dns_mgmt}",
-                ],
-                stdout=out,
-                stderr=out,
-            )
-        )
-        procs.append(
-            subprocess.Popen(
-                ["pebble", "-config", str(base / "pebble.json"), "-dnsserver", f"127.0.0.1:{dns}"],
-                stdout=out,
-                stderr=out,
-                env=env,
-            )
-        )
-    try:
-        root = wait_for(lambda: _fetch_root(mgmt, base / "ca.pem"), 30, "pebble's root")
-        (base / "issued-root.pem").write_bytes(root)
-        yield Pebble(
-            directory=f"https://127.0.0.1:{acme}/dir",
-            ca_root=base / "ca.pem",
-            issued_root=base / "issued-root.pem",
-            dns_management=dns_mgmt,
-            http_port=http_port,
-            https_port=https_port,
-            log=log,
-        )
-    finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            proc.wait(10)
-        shutil.rmtree(base, ignore_errors=True)
-
-
-def _dns_add_a(pebble: Pebble, host: str, address: str) -> None:
-    conn = http.client.HTTPConnection("127.0.0.1", pebble.dns_management, timeout=5)
-    try:
-        body = json.dumps({"host": host, "addresses": [address]})
-        conn.request("POST", "/add-a", body=body)
-        assert conn.getresponse().status == 200
-    finally:
-        conn.close()
-
-
-def https_get(pebble: Pebble, host: str, path: str = "/") -> tuple[int, bytes]:
-    """GET https://host:<https_port>/ connected to 127.0.0.1, verified against pebble's root."""
-    ctx = ssl.create_default_context(cafile=str(pebble.issued_root))
-    raw = socket.create_connection(("127.0.0.1", pebble.https_port), timeout=10)
-    conn = http.client.HTTPSConnection(host, pebble.https_port, context=ctx, timeout=10)
-    conn.sock = ctx.wrap_socket(raw, server_hostname=host)
-    try:
-        conn.request("GET", path)
-        resp = conn.getresponse()
-        return resp.status, resp.read()
-    finally:
-        conn.close()
-
-
-def http_get_raw(pebble: Pebble, host: str, path: str = "/") -> tuple[int, str]:
-    conn = http.client.HTTPConnection("127.0.0.1", pebble.http_port, timeout=10)
-    try:
-        conn.request("GET", path, headers={"Host": host})
-        resp = conn.getresponse()
-        resp.read()
-        return resp.status, resp.getheader("Location") or ""
-    finally:
-        conn.close()
+    with running_pebble() as ca:
+        yield ca
 
 
 def https_stage(project: Project, pebble: Pebble, domains: list[str], timeout: float) -> None:
@@ -345,10 +165,10 @@ def test_a_stage_with_domains_serves_https_with_a_certificate_from_the_ca(
     pebble: Pebble, project: Project
 ) -> None:
     project.deploy()
-    status, body = https_get(pebble, "app.test")
+    status, body, _ = https_get(pebble, "app.test")
     assert status == 200, body[:300]
     # HTTP answers with a redirect to the same URL over HTTPS
-    status, location = http_get_raw(pebble, "app.test", "/some/path?x=1")
+    status, location = http_get_raw(pebble, "app.test", path="/some/path?x=1")
     assert status in (301, 302, 307, 308)
     # (Caddy 2.6 names no port in it: on the standard 443 the URL is exact)
     assert location.startswith("https://app.test") and location.endswith("/some/path?x=1")
@@ -382,7 +202,7 @@ def test_a_redeploy_switches_behind_https_without_a_failed_request(
         nonlocal served
         while not stop.is_set():
             try:
-                status, body = https_get(pebble, "app.test")
+                status, body, _ = https_get(pebble, "app.test")
                 if status != 200:
                     failures.append(f"{status} {body[:120]!r}")
             except (OSError, http.client.HTTPException) as exc:
@@ -414,7 +234,7 @@ def test_a_domain_the_ca_cannot_validate_fails_the_deploy_naming_it(
     if not (project.deploy_root / "current").exists():
         project.deploy()
     # bad.test resolves to an address nothing listens on: the CA cannot connect
-    _dns_add_a(pebble, "bad.test", "127.0.0.2")
+    dns_add_a(pebble, "bad.test", "127.0.0.2")
     https_stage(project, pebble, ["app.test", "bad.test"], 60)
     started = time.monotonic()
     result = project.deploy(check=False)
@@ -424,5 +244,5 @@ def test_a_domain_the_ca_cannot_validate_fails_the_deploy_naming_it(
     assert "fix:" in output and "port" in output, output[-3000:]
     assert time.monotonic() - started < 90
     # the name that has its certificate keeps being served
-    status, _ = https_get(pebble, "app.test")
+    status, _, _ = https_get(pebble, "app.test")
     assert status == 200

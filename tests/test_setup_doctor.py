@@ -19,7 +19,12 @@ from typing import Any
 import pytest
 
 from deployhelp import Project, http_get, scaffold, wait_for
-from shiplane.commands.setup import _DOCTOR_SCRIPT, _SETUP_SCRIPT
+from shiplane.commands.setup import (
+    _DOCTOR_SCRIPT,
+    _FRONT_DIR_DOCTOR,
+    _FRONT_DIR_SETUP,
+    _SETUP_SCRIPT,
+)
 from shiplane.transport.ssh import SSHTransport
 from sshhosts import TestHost, TestHosts
 
@@ -192,6 +197,8 @@ def test_the_scripts_are_valid_sh_whatever_the_values() -> None:
         "min_free_kb": "1",
     }
     quoted = {k: shlex.quote(v) for k, v in values.items()}
+    quoted["front_dir"] = shlex.quote(hostile)
+    quoted["front_dir_setup"], quoted["front_dir_doctor"] = _FRONT_DIR_SETUP, _FRONT_DIR_DOCTOR
     for template in (_SETUP_SCRIPT, _DOCTOR_SCRIPT):
         fields = {k: v for k, v in quoted.items() if "{" + k + "}" in template}
         script = template.format(**fields)
@@ -236,3 +243,42 @@ def test_the_prewarmed_master_logs_in_as_deploy_user(tmp_path: Path) -> None:
     found = prewarm.targets(["deploy", "--stage", "prod"], {}, tmp_path)
     targets = {h: t.command_argv(["true"], tty=False)[-2] for h, t in found.items()}
     assert targets == {"web1": "deploy@web1", "ops@web2": "ops@web2"}
+
+
+def _front_dir_steps(snippet: str, front_dir: Path, me: str = "root") -> list[list[str]]:
+    """Run setup's or doctor's caddy.data_dir part alone here (the rest makes users, installs
+    packages): its ``step``/``check`` lines, split."""
+    script = (
+        'say() { printf \'%s %s %s\\n\' "$1" "$2" "$3"; }\n'
+        f"FRONT_DIR={shlex.quote(str(front_dir))}\nDEPLOY_USER=nobody\nGROUP=nogroup\nME={me}\n"
+        + snippet
+    )
+    done = subprocess.run(["sh", "-c", script], capture_output=True, text=True, check=True)
+    return [line.split(" ", 2) for line in done.stdout.splitlines()]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="gives a dir to another user (needs root)")
+def test_setup_gives_a_shared_caddy_dir_to_the_deploy_user(tmp_path: Path) -> None:
+    front = tmp_path / "srv" / "caddy"
+    assert _front_dir_steps(_FRONT_DIR_DOCTOR, front) == [
+        [
+            "frontdir",
+            "ok",
+            f"{front} (caddy.data_dir) does not exist yet: the first deploy makes it",
+        ]
+    ]
+    [(_, status, detail)] = _front_dir_steps(_FRONT_DIR_SETUP, front)
+    assert status == "changed" and "created" in detail, detail
+    assert pwd.getpwuid(front.stat().st_uid).pw_name == "nobody"
+    assert oct(front.stat().st_mode & 0o777) == "0o700"
+    assert _front_dir_steps(_FRONT_DIR_SETUP, front)[0][1] == "ok"  # a second setup
+    # doctor, logged in as another user than the dir's owner: the apps share one user
+    [(_, status, detail)] = _front_dir_steps(_FRONT_DIR_DOCTOR, front, me="deploy")
+    assert status == "missing" and "owned by nobody, not deploy" in detail
+    # a dir holding another user's files is not taken
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "Caddyfile").write_text("")
+    [(_, status, detail)] = _front_dir_steps(_FRONT_DIR_SETUP, theirs)
+    assert status == "failed" and "holds root's files" in detail, detail
+    assert theirs.stat().st_uid == 0

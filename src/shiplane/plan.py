@@ -87,6 +87,7 @@ def services_spec(deploy: DeployFile, stage: str) -> ServicesSpec:
             "http_port": stage_cfg.caddy.http_port,
             "https_port": stage_cfg.caddy.https_port,
             "issue_timeout": stage_cfg.caddy.issue_timeout,
+            "renew_interval": stage_cfg.caddy.renew_interval,
         }
         if stage_cfg.front == "caddy"
         else None,

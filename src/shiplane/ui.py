@@ -597,6 +597,7 @@ def status_lines(report: StatusReport) -> list[str]:
     lines = []
     for host, result in report["hosts"].items():
         lines.append(f"{host}: live release {result.get('live_release') or '-'}")
+        lines += front_lines(result.get("front"))
         for service in result.get("services", []):
             name = "web standby" if service.get("standby") else service.get("name", "?")
             if service.get("preboot"):  # libraries loaded: waiting for a release, or its switch
@@ -627,6 +628,22 @@ def job_lines(jobs: Sequence[Mapping[str, Any]]) -> list[str]:
         lines.append(
             f"job {job.get('name', '?'):10} {job.get('schedule', '?'):14} {ran}; "
             f"next {job.get('next_run') or '-'}"
+        )
+    return lines
+
+
+def front_lines(front: Mapping[str, Any] | None) -> list[str]:
+    """A host's Caddy or nginx in ``status``: every app it routes by name (several apps may
+    share it), this stage's among them."""
+    if not front:
+        return []
+    pid = front.get("pid")
+    state = f"pid {pid}" if pid else "not running"
+    lines = [f"  front {front.get('kind')} ({state}, {front.get('config')}) routes:"]
+    for route in front.get("routes", []):
+        names = ", ".join(route.get("domains", [])) or "any name"
+        lines.append(
+            f"    {names} -> {route.get('app')} ({route.get('stage')}) {route.get('root')}"
         )
     return lines
 

@@ -1,124 +1,49 @@
 """The caddy front (``front = "caddy"``, or a stage with ``domains``): HTTPS with certificates
-from an ACME CA, in a private Caddy.
+from an ACME CA, in a Caddy that one stage runs alone or several apps share.
 
-The stage's Caddy runs from ``<data_dir>`` (default ``<root>/caddy``, 0700): its Caddyfile, its
-admin API on a unix socket (``admin.sock``, so that stages and the host's own Caddy never share
-``localhost:2019``), its state (``data/``: the ACME account and the certificates; Caddy writes
-keys 0600 in 0700 dirs) and its log (``caddy.log``, rolled by Caddy). It listens on
-``https_port`` (443) and ``http_port`` (80): HTTP answers ACME HTTP-01 challenges and redirects
-everything else to HTTPS (Caddy's automatic HTTPS); HTTPS proxies to ``run/web.sock``, the
-symlink a switch renames. Caddy dials that path per connection (``keepalive off``: no pooled
-connection to an old release) and retries a refused or reset connection for up to
-``lb_try_duration``, so a switch needs no reload. A changed Caddyfile is loaded with ``caddy
-reload`` (Caddy swaps its config without closing a listener); an unchanged one does nothing.
+A Caddy runs from its dir (``caddy.data_dir``, default ``<root>/caddy``, 0700): the main
+``Caddyfile`` and one site file per deploy root in ``sites/`` (agent/caddyfile.py), its admin
+API on a unix socket, its state (``data/``: the ACME accounts and the certificates; Caddy writes
+keys 0600 in 0700 dirs) and its log (``caddy.log``, rolled by Caddy). Stages, of one project or
+several, naming the same dir share that Caddy (docs/https.md, "Several apps on one host"): each
+writes and removes only its own site file, under the dir's lock (agent/frontshare.py), and the
+Caddy is reloaded, never restarted, while another app is in it.
+
+It listens on ``https_port`` (443) and ``http_port`` (80): HTTP answers ACME HTTP-01 challenges
+and redirects everything else to HTTPS (Caddy's automatic HTTPS); HTTPS proxies each site to its
+``run/web.sock``, the symlink a switch renames. Caddy dials that path per connection (``keepalive
+off``: no pooled connection to an old release) and retries a refused or reset connection for up
+to ``lb_try_duration``, so a switch needs no reload. A changed config is loaded with ``caddy
+reload`` (Caddy swaps its config without closing a listener; the other sites' certificates stay
+in its cache); an unchanged one does nothing.
 
 Caddy obtains and renews the certificates itself (renewal starts a third of the lifetime before
 expiry; the old certificate serves until the new one is in place). After a start or reload the
-front waits, up to ``issue_timeout`` seconds, until each domain completes a TLS handshake on
-127.0.0.1 with its own name (SNI); when Caddy logs that an attempt failed, or the time is up, an
-``AgentError(kind="front")`` names the domain, Caddy's reason and the usual fix.
+front waits for each domain's certificate (agent/caddycerts.py).
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
 import os
 import signal
 import socket
-import ssl
 import subprocess
 import time
 from pathlib import Path
 
-from . import atomic_write, pid_alive
+from . import atomic_write, frontshare, pid_alive
+from .caddycerts import wait_certificates
+from .caddyfile import SITES, data_dir, main_settings, main_text, settings, site_path, site_text
 from .errors import AgentError
 from .paths import Layout
-from .protocol import CaddySpec, Emit, ServicesSpec
+from .protocol import CaddySpec, Emit, FrontRoute, FrontState, ServicesSpec
 
 CADDY_TIMEOUT = 60.0  # a caddy CLI command (reload, version)
 START_TIMEOUT = 30.0  # caddy run until its admin socket answers
 STOP_TIMEOUT = 30.0
-POLL = 0.2  # poll interval while waiting for Caddy or a certificate
-LETS_ENCRYPT = "https://acme-v02.api.letsencrypt.org/directory"
+POLL = 0.2  # poll interval while waiting for Caddy
 LOG_TAIL = 4000
-
-
-def settings(spec: ServicesSpec) -> CaddySpec:
-    """The stage's ``caddy`` settings; a spec without them is a usage error."""
-    cfg = spec.get("caddy")
-    if not isinstance(cfg, dict) or not cfg.get("domains"):
-        raise AgentError('front "caddy" needs the stage\'s domains', kind="usage")
-    return cfg
-
-
-def data_dir(layout: Layout, spec: ServicesSpec) -> Path:
-    """Where the stage's Caddy keeps its config, state, socket and log."""
-    given = settings(spec).get("data_dir")
-    return Path(given) if given else layout.root / "caddy"
-
-
-def _q(value: object) -> str:
-    """A double-quoted Caddyfile token (no placeholders: ``{`` cannot start one here)."""
-    text = str(value)
-    if any(ch in text for ch in "\n\r\0{}"):
-        raise AgentError(f"value not allowed in a Caddyfile: {text!r}", kind="usage")
-    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-def _listen_host(spec: ServicesSpec) -> str | None:
-    """The address the site binds (None: every address)."""
-    web = spec.get("web")
-    bind = str((web and web.get("bind")) or "")
-    return None if bind in ("", "0.0.0.0", "::", "[::]") else bind.strip("[]")
-
-
-def caddyfile(layout: Layout, spec: ServicesSpec) -> str:
-    """The text of the stage's Caddyfile."""
-    cfg = settings(spec)
-    data = data_dir(layout, spec)
-    lines = [
-        f"# written by shiplane for {spec.get('app')} ({spec.get('stage')}); replaced at deploys",
-        "{",
-        f"\tadmin {_q('unix/' + str(data / 'admin.sock'))}",
-        "\tstorage file_system {",
-        f"\t\troot {_q(data / 'data')}",
-        "\t}",
-        f"\thttp_port {int(cfg['http_port'])}",
-        f"\thttps_port {int(cfg['https_port'])}",
-        f"\tacme_ca {_q(cfg.get('acme_ca') or LETS_ENCRYPT)}",
-    ]
-    if cfg.get("acme_ca_root"):
-        lines.append(f"\tacme_ca_root {_q(cfg['acme_ca_root'])}")
-    if cfg.get("acme_email"):
-        lines.append(f"\temail {_q(cfg['acme_email'])}")
-    lines += [
-        "\tlog {",
-        f"\t\toutput file {_q(data / 'caddy.log')} {{",
-        "\t\t\troll_size 10MiB",
-        "\t\t\troll_keep 3",
-        "\t\t}",
-        "\t\tformat json",
-        "\t}",
-        "}",
-        "",
-        ", ".join(cfg["domains"]) + " {",
-    ]
-    host = _listen_host(spec)
-    if host:
-        lines.append(f"\tbind {_q(host)}")
-    lines += [
-        f"\treverse_proxy {_q('unix/' + str(layout.web_socket))} {{",
-        "\t\t# the socket is a symlink a switch renames: a new connection per request, and a",
-        "\t\t# refused or reset one (a server closing its listener) is tried again",
-        "\t\tlb_try_duration 5s",
-        "\t\tlb_try_interval 50ms",
-        "\t\ttransport http {",
-        "\t\t\tkeepalive off",
-        "\t\t}",
-        "\t}",
-        "}",
-    ]
-    return "\n".join(lines) + "\n"
 
 
 def _env(data: Path) -> dict[str, str]:
@@ -207,7 +132,9 @@ def _start(data: Path, conf: Path, emit: Emit) -> None:
             if "address already in use" in tail:
                 hint = (
                     "\nanother server holds the port: Debian's own caddy.service listens on 80 "
-                    "(systemctl disable --now caddy), or another stage's front does"
+                    "(systemctl disable --now caddy), or another stage's Caddy does: stages "
+                    'naming the same caddy.data_dir share one (docs/https.md, "Several apps on '
+                    'one host")'
                 )
             elif "permission denied" in tail and "bind" in tail:
                 hint = (
@@ -228,132 +155,6 @@ def _start(data: Path, conf: Path, emit: Emit) -> None:
     )
 
 
-def _handshake(host: str, port: int, domain: str) -> bool:
-    """True when ``host:port`` completes a TLS handshake for ``domain`` (SNI) with a
-    certificate (not verified here: the CA may be a private one the agent does not trust)."""
-    ctx = ssl.create_default_context()
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    try:
-        raw = socket.create_connection((host, port), timeout=3.0)
-        with raw, ctx.wrap_socket(raw, server_hostname=domain) as tls:
-            return bool(tls.getpeercert(binary_form=True))
-    except (OSError, ssl.SSLError):
-        return False
-
-
-FIXES = (
-    (
-        ("rateLimited", "rate limit", "too many"),
-        (
-            "the CA's rate limit was reached: wait before the next attempt (Let's Encrypt: "
-            "https://letsencrypt.org/docs/rate-limits/), and try changes against a staging CA "
-            "(caddy.acme_ca)"
-        ),
-    ),
-    (
-        ("acme:error:dns", "no such host", "NXDOMAIN", "SERVFAIL", "no valid A", "resolving"),
-        (
-            "the domain does not resolve to this host: give it an A (and AAAA) record with the "
-            "host's public address"
-        ),
-    ),
-    (
-        ("connection refused", "acme:error:connection", "timeout", "i/o timeout", "unreachable"),
-        (
-            "the CA could not connect to this host on port {http} (HTTP-01) or {https} (TLS-ALPN-01): "
-            "open them in the firewall, and point the domain's DNS at this host"
-        ),
-    ),
-    (
-        ("unauthorized", "acme:error:tls", "incorrect"),
-        (
-            "the CA reached another server than this stage's Caddy: the domain's DNS points at "
-            "another host, or something else answers on port {http}"
-        ),
-    ),
-)
-
-
-def _failures(log: Path, offset: int, domains: list[str]) -> dict[str, list[str]]:
-    """Caddy's error lines about each domain since ``offset`` of its log: the errors, and
-    whether an attempt is over (``will retry``, ``could not get certificate``)."""
-    found: dict[str, list[str]] = {}
-    try:
-        with open(log, "rb") as fh:
-            fh.seek(offset)
-            text = fh.read().decode("utf-8", "replace")
-    except OSError:
-        return found
-    for line in text.splitlines():
-        try:
-            entry = json.loads(line)
-        except ValueError:
-            continue
-        if not isinstance(entry, dict) or entry.get("level") != "error":
-            continue
-        for domain in domains:
-            if domain in line:
-                reason = str(entry.get("error") or entry.get("problem") or entry.get("msg"))
-                found.setdefault(domain, []).append(f"{entry.get('msg')}: {reason}")
-    return found
-
-
-def _attempt_over(reasons: list[str]) -> bool:
-    return any("will retry" in r or "could not get certificate" in r for r in reasons)
-
-
-def _explain(domain: str, reasons: list[str], cfg: CaddySpec) -> str:
-    text = "\n".join(reasons)
-    fix = "read caddy.log in the stage's caddy dir for Caddy's attempts"
-    for needles, advice in FIXES:
-        if any(n.lower() in text.lower() for n in needles):
-            fix = advice.format(http=cfg["http_port"], https=cfg["https_port"])
-            break
-    last = reasons[-1] if reasons else "no answer from Caddy yet"
-    return f"{domain}: {last[:600]}\n  fix: {fix}"
-
-
-def wait_certificates(layout: Layout, spec: ServicesSpec, offset: int, emit: Emit) -> None:
-    """Until each domain completes a TLS handshake on this host, or Caddy logged a failed
-    attempt for it, or ``issue_timeout`` passed; raises ``AgentError(kind="front")`` naming
-    the domains without a certificate and Caddy's reasons."""
-    cfg = settings(spec)
-    data = data_dir(layout, spec)
-    host = _listen_host(spec) or "127.0.0.1"
-    port = int(cfg["https_port"])
-    waiting = list(cfg["domains"])
-    deadline = time.monotonic() + float(cfg["issue_timeout"])
-    next_note = time.monotonic()
-    failed: dict[str, list[str]] = {}
-    while waiting:
-        waiting = [d for d in waiting if not _handshake(host, port, d)]
-        if not waiting:
-            return
-        errors = _failures(data / "caddy.log", offset, waiting)
-        failed = {d: r for d, r in errors.items() if _attempt_over(r)}
-        if failed or time.monotonic() >= deadline:
-            failed = {d: errors.get(d, []) for d in waiting}
-            break
-        if time.monotonic() >= next_note:
-            emit(
-                {
-                    "phase": "switch",
-                    "status": "front",
-                    "detail": f"caddy: waiting for certificates for {', '.join(waiting)}",
-                }
-            )
-            next_note = time.monotonic() + 5.0
-        time.sleep(POLL)  # poll interval while Caddy talks to the CA
-    lines = [_explain(d, r, cfg) for d, r in failed.items()]
-    raise AgentError(
-        f"no certificate for {', '.join(failed)} from {cfg.get('acme_ca') or LETS_ENCRYPT} "
-        f"within {float(cfg['issue_timeout']):.0f}s or after a failed attempt:\n"
-        + "\n".join(lines),
-        kind="front",
-    )
-
-
 def _log_size(data: Path) -> int:
     try:
         return os.path.getsize(data / "caddy.log")
@@ -361,62 +162,163 @@ def _log_size(data: Path) -> int:
         return 0
 
 
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+
+
+def _restore(path: Path, previous: str | None) -> None:
+    if previous is None:
+        path.unlink(missing_ok=True)
+    else:
+        atomic_write(path, previous, mode=0o600)
+
+
+def _others(data: Path, mine: Path) -> dict[Path, FrontRoute]:
+    """The other deploy roots' sites in the Caddy dir ``data``."""
+    found = frontshare.routes(data / SITES, "*.caddy")
+    found.pop(mine, None)
+    return found
+
+
+def _own_dir(data: Path) -> None:
+    """Make the Caddy dir (0700: the keys live below), or say whose it is when it is not ours."""
+    try:
+        data.mkdir(parents=True, exist_ok=True)
+        os.chmod(data, 0o700)
+        (data / SITES).mkdir(exist_ok=True)
+    except PermissionError:
+        raise AgentError(
+            f"the Caddy dir {data} is not this user's (uid {os.geteuid()}; it belongs to uid "
+            f"{_owner(data)}): the stages sharing a caddy.data_dir deploy as the same user",
+            kind="front",
+        ) from None
+
+
+def _owner(path: Path) -> str:
+    try:
+        return str(path.stat().st_uid)
+    except OSError:
+        return "?"
+
+
+def _refuse_other_settings(main: Path, text: str, others: dict[Path, FrontRoute]) -> None:
+    """The main file's options are every app's: another app's Caddy may not change them."""
+    current = _read(main)
+    if not others or current is None or current == text:
+        return
+    have, want = main_settings(current), main_settings(text)
+    if have == want:
+        return
+    names = ", ".join(sorted({r["app"] for r in others.values()}))
+    raise AgentError(
+        f"the Caddy in {main.parent} serves {names} with "
+        + ", ".join(f"{k} {v}" for k, v in sorted(have.items()))
+        + "; this stage asks for "
+        + ", ".join(f"{k} {v}" for k, v in sorted(want.items()))
+        + ": stages sharing a caddy.data_dir give the same caddy.http_port, https_port and "
+        "renew_interval",
+        kind="usage",
+    )
+
+
+def _apply(data: Path, main: Path, emit: Emit, running: bool) -> None:
+    """Start Caddy with the dir's config, or reload it (graceful)."""
+    if not running:
+        _start(data, main, emit)
+        return
+    emit({"phase": "switch", "status": "front", "detail": f"reloading caddy ({main})"})
+    done = _run(["caddy", "reload", "--config", str(main), "--adapter", "caddyfile"], data)
+    if done.returncode != 0:
+        raise AgentError(
+            f"caddy refused the new config {main}; it serves the previous one:\n"
+            f"{(done.stderr or done.stdout).strip()[-1500:]}",
+            kind="front",
+        )
+
+
+def _running(data: Path) -> bool:
+    return running_pid(data) is not None and _admin_answers(data)
+
+
 def ensure(layout: Layout, spec: ServicesSpec, emit: Emit) -> bool:
-    """Write the Caddyfile; start Caddy, or reload it when the text changed; then wait for the
-    certificates. Unchanged text and a running Caddy: no reload (returns False). A rejected
-    reload puts the previous Caddyfile back and raises ``AgentError(kind="front")``."""
+    """Write this stage's site (and the dir's main Caddyfile); start Caddy, or reload it when a
+    text changed; then wait for the certificates. Unchanged texts and a running Caddy: no
+    reload (returns False). A rejected reload puts the previous files back and raises
+    ``AgentError(kind="front")``; a first deploy whose certificates fail takes its site out."""
     cfg = settings(spec)
     data = data_dir(layout, spec)
     # shutdown's stop() has only the saved spec: it finds this Caddy by the dir written here
     cfg["data_dir"] = str(data)
-    data.mkdir(parents=True, exist_ok=True)
-    os.chmod(data, 0o700)  # the ACME account key and the certificates' keys live below
-    conf = data / "Caddyfile"
-    text = caddyfile(layout, spec)
+    _own_dir(data)
+    main, site = data / "Caddyfile", site_path(layout, spec)
+    main_new, site_new = main_text(data, cfg), site_text(layout, spec)
+    with frontshare.locked(data, emit):
+        others = _others(data, site)
+        frontshare.refuse_taken(others, list(cfg["domains"]), data)
+        _refuse_other_settings(main, main_new, others)
+        main_old, site_old = _read(main), _read(site)
+        running = _running(data)
+        offset = _log_size(data)
+        changed = (main_old, site_old) != (main_new, site_new)
+        if changed or not running:
+            atomic_write(main, main_new, mode=0o600)
+            atomic_write(site, site_new, mode=0o600)
+            try:
+                _apply(data, main, emit, running)
+            except AgentError:
+                _restore(main, main_old)
+                _restore(site, site_old)
+                if not running and _others(data, site):
+                    # the others' sites were not served either: Caddy starts for them
+                    with contextlib.suppress(AgentError):
+                        _start(data, main, emit)
+                raise
     try:
-        previous: str | None = conf.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        previous = None
-    running = running_pid(data) is not None and _admin_answers(data)
-    offset = _log_size(data)
-    if previous == text and running:
-        wait_certificates(layout, spec, offset, emit)  # a handshake per domain when all is well
-        return False
-    atomic_write(conf, text, mode=0o600)
-    if not running:
-        _start(data, conf, emit)
-        try:
-            wait_certificates(layout, spec, offset, emit)
-        except AgentError:
-            # a Caddy this deploy started serves nothing yet: nobody would stop it
-            stop_caddy(spec, emit)
-            raise
-        return True
-    else:
-        emit({"phase": "switch", "status": "front", "detail": f"reloading caddy ({conf})"})
-        done = _run(["caddy", "reload", "--config", str(conf), "--adapter", "caddyfile"], data)
-        if done.returncode != 0:
-            if previous is None:
-                conf.unlink()
-            else:
-                atomic_write(conf, previous, mode=0o600)
-            raise AgentError(
-                f"caddy refused the new config {conf}; it serves the previous one:\n"
-                f"{(done.stderr or done.stdout).strip()[-1500:]}",
-                kind="front",
-            )
-    wait_certificates(layout, spec, offset, emit)
-    return True
+        wait_certificates(layout, spec, offset, emit)
+    except AgentError:
+        # an older shiplane's Caddyfile held the site itself (no import): it served these names
+        legacy = main_old is not None and "\nimport " not in main_old
+        if site_old is None and not legacy:
+            # a first deploy: nothing was served for these names; the others keep their Caddy
+            withdraw_site(layout, spec, emit)
+        raise
+    return changed or not running
 
 
-def stop_caddy(spec: ServicesSpec, emit: Emit, timeout: float = STOP_TIMEOUT) -> int | None:
-    """Stop the stage's Caddy (SIGTERM: Caddy's graceful shutdown), waiting for its exit.
-    Returns its pid, or None when none ran."""
+def withdraw_site(layout: Layout, spec: ServicesSpec, emit: Emit) -> list[str]:
+    """Take this stage's site out of its Caddy: reloaded while other apps' sites remain,
+    stopped when none does (returns ``["caddy"]`` then)."""
     cfg = spec.get("caddy")
     given = cfg.get("data_dir") if isinstance(cfg, dict) else None
-    if not given:
-        return None
+    if not given or not Path(given).is_dir():
+        return []
     data = Path(given)
+    with frontshare.locked(data, emit):
+        site = site_path(layout, spec)
+        others = _others(data, site)
+        had_site = site.exists()
+        site.unlink(missing_ok=True)
+        if not others:
+            return ["caddy"] if stop_caddy(data, emit) else []
+        if had_site and _running(data):
+            names = ", ".join(sorted({r["app"] for r in others.values()}))
+            emit(
+                {
+                    "phase": "services",
+                    "status": "front",
+                    "detail": f"caddy: {site.name} removed; it keeps serving {names}",
+                }
+            )
+            _apply(data, data / "Caddyfile", emit, running=True)
+    return []
+
+
+def stop_caddy(data: Path, emit: Emit, timeout: float = STOP_TIMEOUT) -> int | None:
+    """Stop the Caddy of dir ``data`` (SIGTERM: Caddy's graceful shutdown), waiting for its
+    exit. Returns its pid, or None when none ran."""
     pid = running_pid(data)
     if pid is None:
         return None
@@ -433,6 +335,20 @@ def stop_caddy(spec: ServicesSpec, emit: Emit, timeout: float = STOP_TIMEOUT) ->
     return pid
 
 
+def describe(layout: Layout, spec: ServicesSpec) -> FrontState | None:
+    """The stage's Caddy for ``status``: its dir, pid and every app it routes."""
+    cfg: CaddySpec | None = spec.get("caddy")
+    if not isinstance(cfg, dict) or not cfg.get("domains"):
+        return None
+    data = data_dir(layout, spec)
+    return {
+        "kind": "caddy",
+        "config": str(data),
+        "pid": running_pid(data),
+        "routes": list(frontshare.routes(data / SITES, "*.caddy").values()),
+    }
+
+
 class CaddyFront:
     """``front = "caddy"`` (fronts.py): HTTPS for the stage's domains; the backend runs no
     proxy."""
@@ -443,5 +359,8 @@ class CaddyFront:
     def ensure(self, layout: Layout, spec: ServicesSpec, emit: Emit) -> None:
         ensure(layout, spec, emit)
 
-    def stop(self, spec: ServicesSpec, emit: Emit) -> list[str]:
-        return ["caddy"] if stop_caddy(spec, emit) else []
+    def stop(self, layout: Layout, spec: ServicesSpec, emit: Emit) -> list[str]:
+        return withdraw_site(layout, spec, emit)
+
+    def describe(self, layout: Layout, spec: ServicesSpec) -> FrontState | None:
+        return describe(layout, spec)

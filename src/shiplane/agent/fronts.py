@@ -6,10 +6,13 @@ sends every request to ``run/web.sock``, the symlink a switch moves to the live 
 - ``nginx``: the stage's site in the host's nginx, or in a private one (nginx.py);
 - ``caddy``: HTTPS for the stage's domains, certificates from an ACME CA (caddy.py).
 
+Several apps (deploy roots) may share one nginx or Caddy on a host, routed by host name: each
+stage writes and removes only its own site, under the front's lock (frontshare.py).
+
 A switch sets the front up in two steps: the backend runs the builtin proxy, or removes it when
 the stage has another front (``Backend.ensure_front``), then the front's own :meth:`Front.ensure`
 (nginx: the site written, checked and reloaded). A shutdown stops what :meth:`Front.stop` names
-besides the backend's services.
+besides the backend's services; ``status`` adds :meth:`Front.describe`.
 
 Adding a front is its module (a :class:`Front`), a line in ``FRONTS``, its name in the
 ``front`` choices of the deploy file (config/schema.py), and its tests.
@@ -22,7 +25,7 @@ from typing import Protocol
 from . import caddy, nginx
 from .errors import AgentError
 from .paths import Layout
-from .protocol import Emit, ServicesSpec
+from .protocol import Emit, FrontState, ServicesSpec
 
 DEFAULT = "builtin"
 
@@ -39,9 +42,14 @@ class Front(Protocol):
         """Serve the stage as ``spec`` says, once the backend's ``ensure_front`` ran; an
         AgentError of kind ``front`` when it cannot (the previous setup then stays)."""
 
-    def stop(self, spec: ServicesSpec, emit: Emit) -> list[str]:
-        """At a shutdown: stop what the stage itself started for this front (the backend has
-        stopped its own services); returns what stopped."""
+    def stop(self, layout: Layout, spec: ServicesSpec, emit: Emit) -> list[str]:
+        """At a shutdown: take the stage out of the front, and stop what the stage itself
+        started for it unless another app's site is still in it (the backend has stopped its
+        own services); returns what stopped."""
+
+    def describe(self, layout: Layout, spec: ServicesSpec) -> FrontState | None:
+        """For ``status``: the server, and every app it routes by host name (several apps may
+        share one front: agent/frontshare.py); None for a front that routes no names."""
 
 
 class BuiltinFront:
@@ -53,8 +61,11 @@ class BuiltinFront:
     def ensure(self, layout: Layout, spec: ServicesSpec, emit: Emit) -> None:
         return None
 
-    def stop(self, spec: ServicesSpec, emit: Emit) -> list[str]:
+    def stop(self, layout: Layout, spec: ServicesSpec, emit: Emit) -> list[str]:
         return []  # the backend's shutdown stopped it, with every service
+
+    def describe(self, layout: Layout, spec: ServicesSpec) -> FrontState | None:
+        return None  # one stage's port, no names: ``status`` shows it among the services
 
 
 # The fronts by name (config/schema.py's ``front`` choices are the same names): adding one is its

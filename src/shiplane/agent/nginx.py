@@ -10,6 +10,11 @@ back and nothing is reloaded.
 
 ``nginx = { conf = ..., pid_file = ... }`` drives a private nginx (its own ``-c`` conf, started
 here when it is not running); without ``conf`` the host's nginx is used (``nginx -s reload``).
+
+Several apps may share one nginx (the host's, or a private one whose site dir they name): each
+site carries its route line and changes under the site dir's lock (frontshare.py); a shutdown
+removes the stage's site and reloads, and stops a private nginx only when no other shiplane site
+is left in its dir.
 """
 
 from __future__ import annotations
@@ -21,11 +26,11 @@ import time
 from pathlib import Path
 from typing import TypedDict
 
-from . import atomic_write, pid_alive
+from . import atomic_write, frontshare, pid_alive
 from .backend import front_listen
 from .errors import AgentError
 from .paths import Layout
-from .protocol import Emit, NginxSpec, ServicesSpec
+from .protocol import Emit, FrontRoute, FrontState, NginxSpec, ServicesSpec
 
 NGINX_TIMEOUT = 60.0
 DEFAULT_SITE_DIR = "/etc/nginx/sites-enabled"
@@ -71,6 +76,11 @@ def _q(value: object) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+def server_names(spec: ServicesSpec) -> list[str]:
+    """The names the site routes (none for the catch-all ``_``)."""
+    return [n for n in str(settings(spec).get("server_name") or "_").split() if n != "_"]
+
+
 def site_conf(layout: Layout, spec: ServicesSpec) -> str:
     """The text of the stage's nginx site."""
     cfg = settings(spec)
@@ -78,6 +88,7 @@ def site_conf(layout: Layout, spec: ServicesSpec) -> str:
     listen = front_listen(spec)
     tls = bool(cfg.get("tls_cert"))
     lines = [
+        frontshare.route_line(layout, spec, server_names(spec)),
         f"# written by shiplane for {spec.get('app')} ({spec.get('stage')}); replaced at deploys",
         f"upstream {upstream} {{",
         "    # one socket, listed again so that a reset or refused connect is retried on it",
@@ -156,10 +167,41 @@ def master_pid(spec: ServicesSpec) -> int | None:
     return pid if pid_alive(pid) else None
 
 
+def _site_dir(spec: ServicesSpec) -> Path:
+    return Path(settings(spec).get("site_dir") or DEFAULT_SITE_DIR)
+
+
+def _others(spec: ServicesSpec, path: Path) -> dict[Path, FrontRoute]:
+    found = frontshare.routes(_site_dir(spec), "shiplane-*.conf")
+    found.pop(path, None)
+    return found
+
+
+def _refuse_anothers_file(layout: Layout, path: Path) -> None:
+    """Two deploy roots of the same app and stage name on one host would write one file."""
+    route = frontshare.read_route(path)
+    if route is not None and route["root"] != str(layout.root):
+        raise AgentError(
+            f"the nginx site {path} routes {route['app']} ({route['stage']}) of "
+            f"{route['root']}, another deploy root with this app's and stage's names: give one "
+            f"of them another nginx.site_dir or stage name",
+            kind="usage",
+        )
+
+
 def ensure_site(layout: Layout, spec: ServicesSpec, emit: Emit) -> SiteResult:
-    """Write the site, ``nginx -t``, reload (or start a private nginx). Unchanged text: nothing
-    to do. A failed check puts the previous file back and raises ``AgentError(kind="front")``."""
+    """Write the site, ``nginx -t``, reload (or start a private nginx), holding the site dir's
+    lock. Unchanged text: nothing to do. A failed check puts the previous file back and raises
+    ``AgentError(kind="front")``."""
     path = site_path(spec)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with frontshare.locked(path.parent, emit):
+        _refuse_anothers_file(layout, path)
+        frontshare.refuse_taken(_others(spec, path), server_names(spec), path.parent)
+        return _write_site(layout, spec, path, emit)
+
+
+def _write_site(layout: Layout, spec: ServicesSpec, path: Path, emit: Emit) -> SiteResult:
     text = site_conf(layout, spec)
     try:
         previous: str | None = path.read_text(encoding="utf-8")
@@ -201,6 +243,41 @@ def ensure_site(layout: Layout, spec: ServicesSpec, emit: Emit) -> SiteResult:
     return {"site": str(path), "changed": True}
 
 
+def withdraw_site(layout: Layout, spec: ServicesSpec, emit: Emit) -> list[str]:
+    """At a shutdown: remove the stage's site and reload nginx, or stop a private nginx when
+    no other shiplane site is left in its dir (returns ``["nginx"]`` then). The host's own
+    nginx is never stopped; a reload it refuses is reported, the shutdown goes on."""
+    path = site_path(spec)
+    if not path.parent.is_dir():
+        return []
+    with frontshare.locked(path.parent, emit):
+        route = frontshare.read_route(path)
+        if route is not None and route["root"] != str(layout.root):
+            return []  # another deploy root's site: not this stage's to remove
+        had_site = path.exists()
+        path.unlink(missing_ok=True)
+        if settings(spec).get("conf") and not _others(spec, path):
+            return ["nginx"] if stop_private(spec, emit) else []
+        if not had_site or master_pid(spec) is None:
+            return []
+        done = _run(nginx_argv(spec, "-s", "reload"))
+        detail = f"nginx reloaded without {path.name}"
+        if done.returncode != 0:
+            detail = f"nginx did not reload without {path.name}: {(done.stderr or '').strip()}"
+        emit({"phase": "services", "status": "front", "detail": detail})
+    return []
+
+
+def describe(layout: Layout, spec: ServicesSpec) -> FrontState:
+    """The nginx the stage's site is in, for ``status``: every shiplane site in its dir."""
+    return {
+        "kind": "nginx",
+        "config": str(_site_dir(spec)),
+        "pid": master_pid(spec),
+        "routes": list(frontshare.routes(_site_dir(spec), "shiplane-*.conf").values()),
+    }
+
+
 def stop_private(spec: ServicesSpec, emit: Emit, timeout: float = 30.0) -> int | None:
     """Stop the private nginx (``nginx.conf`` set) gracefully: ``-s quit``, then wait for its
     master to exit. The host's own nginx is never stopped. Returns the stopped master's pid."""
@@ -224,6 +301,9 @@ class NginxFront:
     def ensure(self, layout: Layout, spec: ServicesSpec, emit: Emit) -> None:
         ensure_site(layout, spec, emit)
 
-    def stop(self, spec: ServicesSpec, emit: Emit) -> list[str]:
-        """A private nginx this stage started stops too (never the host's own)."""
-        return ["nginx"] if stop_private(spec, emit) else []
+    def stop(self, layout: Layout, spec: ServicesSpec, emit: Emit) -> list[str]:
+        """The site goes; a private nginx no other app's site is in stops (never the host's)."""
+        return withdraw_site(layout, spec, emit)
+
+    def describe(self, layout: Layout, spec: ServicesSpec) -> FrontState | None:
+        return describe(layout, spec)

@@ -124,6 +124,25 @@ class CaddySpec(TypedDict):
     http_port: int
     https_port: int
     issue_timeout: float
+    renew_interval: float  # seconds between Caddy's checks for certificates due for renewal
+
+
+class FrontRoute(TypedDict):
+    """A site a shared front serves: the names it routes to one deploy root (``status``)."""
+
+    domains: list[str]  # empty: nginx's catch-all server_name ``_``
+    app: str
+    stage: str
+    root: str  # the deploy root whose ``run/web.sock`` the names go to
+
+
+class FrontState(TypedDict):
+    """The stage's front as ``status`` shows it: a Caddy or nginx several apps may share."""
+
+    kind: str  # a name in agent/fronts.py's FRONTS
+    config: str  # Caddy's dir, or nginx's site dir
+    pid: int | None  # its process (Caddy; nginx's master), None when none runs
+    routes: list[FrontRoute]  # every app it routes, this stage's among them
 
 
 class ServicesSpec(TypedDict):
@@ -700,7 +719,7 @@ OPS: dict[str, Op] = {
         Op(
             "status",
             "services, live release, backend",
-            "{live_release, current, backend, services}",
+            "{live_release, current, backend, services, front?}",
         ),
         Op("shutdown", "stop every service and the manager", "{stopped}"),
         Op(

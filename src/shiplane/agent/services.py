@@ -27,7 +27,7 @@ from .health import tail_lines, wait_healthy
 from .jobs import JobStatus
 from .jobs import status as jobs_status
 from .paths import Layout
-from .protocol import Emit, ServicesSpec, WebSpec
+from .protocol import Emit, FrontState, ServicesSpec, WebSpec
 from .switch import (
     SwitchResult,
     current_release,
@@ -73,6 +73,7 @@ class ServicesStatus(_Status, total=False):
 
     supervisord: ManagerState
     manager: ManagerState
+    front: FrontState  # a front routing names (Caddy, nginx): every app it routes
     jobs: list[JobStatus]  # the scheduled jobs this host runs (the primary's), when it has any
 
 
@@ -393,6 +394,10 @@ def status(layout: Layout) -> ServicesStatus:
         result["supervisord"] = manager
     else:
         result["manager"] = manager
+    spec = load_spec(layout)
+    front = front_for(spec).describe(layout, spec) if spec else None
+    if front is not None:  # a Caddy or nginx: the apps it routes, this one among them
+        result["front"] = front
     jobs = jobs_status(layout)
     if jobs:
         result["jobs"] = jobs
@@ -408,8 +413,8 @@ def shutdown(layout: Layout, emit: Emit) -> ShutDown:
     if "supervisord_pid" in down:
         result = {"supervisord_pid": down["supervisord_pid"], **result}
     spec = load_spec(layout)
-    if spec:  # what the stage started for its front goes too (a private nginx)
-        result["stopped"] += front_for(spec).stop(spec, emit)
+    if spec:  # its site leaves the front; what the stage alone used stops (a private nginx)
+        result["stopped"] += front_for(spec).stop(layout, spec, emit)
     return result
 
 

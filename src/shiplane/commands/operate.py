@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, TypedDict, TypeVar, cast
 
 from shiplane.agent.protocol import (
+    FrontState,
     HistoryResult,
     LockInfo,
     ReleaseMeta,
@@ -53,6 +54,7 @@ class HostStatus(TypedDict, total=False):
     live_release: str | None
     current: str | None
     services: list[ServiceStatus]
+    front: FrontState  # a Caddy or nginx: every app it routes (agent/frontshare.py)
     jobs: list[dict[str, Any]]  # the scheduled jobs (agent/jobs.py JobStatus), on the primary
 
 

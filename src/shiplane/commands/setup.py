@@ -96,6 +96,46 @@ class DoctorResult(TypedDict):
 
 # -- the scripts ----------------------------------------------------------------------------------
 
+# A Caddy dir several apps share (caddy.data_dir outside the deploy root): the deploy user's, 0700
+# (docs/https.md, "Several apps on one host"). A dir holding another user's files is not taken.
+_FRONT_DIR_SETUP = r"""
+if [ -n "$FRONT_DIR" ]; then
+  if [ -d "$FRONT_DIR" ]; then
+    OWNER=$(stat -c %U "$FRONT_DIR")
+    if [ "$OWNER" = "$DEPLOY_USER" ]; then
+      say frontdir ok "$FRONT_DIR (caddy.data_dir) owned by $DEPLOY_USER"
+    elif [ -z "$(ls -A "$FRONT_DIR" 2>/dev/null)" ]; then
+      chown "$DEPLOY_USER:$GROUP" "$FRONT_DIR" && chmod 0700 "$FRONT_DIR" &&
+        say frontdir changed "gave the empty $FRONT_DIR (caddy.data_dir) to $DEPLOY_USER"
+    else
+      say frontdir failed "$FRONT_DIR (caddy.data_dir) holds $OWNER's files: the apps sharing it deploy as one user (stop them with shiplane stop --all, then chown -R $DEPLOY_USER $FRONT_DIR)"
+    fi
+  elif [ -e "$FRONT_DIR" ]; then
+    say frontdir failed "$FRONT_DIR (caddy.data_dir) exists and is not a directory"
+  elif mkdir -p "$(dirname "$FRONT_DIR")" && install -d -m 0700 -o "$DEPLOY_USER" -g "$GROUP" "$FRONT_DIR"; then
+    say frontdir changed "created $FRONT_DIR (caddy.data_dir; 0700, $DEPLOY_USER)"
+  else
+    say frontdir failed "could not make $FRONT_DIR (caddy.data_dir)"
+  fi
+fi
+"""
+
+_FRONT_DIR_DOCTOR = r"""
+if [ -n "$FRONT_DIR" ]; then
+  D=$FRONT_DIR
+  while [ ! -e "$D" ]; do D=$(dirname "$D"); done
+  if [ ! -e "$FRONT_DIR" ] && [ -d "$D" ] && [ -w "$D" ] && [ -x "$D" ]; then
+    say frontdir ok "$FRONT_DIR (caddy.data_dir) does not exist yet: the first deploy makes it"
+  elif [ ! -e "$FRONT_DIR" ]; then
+    say frontdir missing "$FRONT_DIR (caddy.data_dir) does not exist, and $ME cannot make it"
+  elif [ "$(stat -c %U "$FRONT_DIR")" != "$ME" ]; then
+    say frontdir missing "$FRONT_DIR (caddy.data_dir) is owned by $(stat -c %U "$FRONT_DIR"), not $ME: the apps sharing it deploy as one user"
+  else
+    say frontdir ok "$FRONT_DIR (caddy.data_dir) owned by $ME"
+  fi
+fi
+"""
+
 _SETUP_SCRIPT = r"""
 set -u
 export DEBIAN_FRONTEND=noninteractive PATH={path}
@@ -105,6 +145,7 @@ STAGE={stage}
 PUBKEY={pubkey}
 PYTHON={python}
 FRONT={front}
+FRONT_DIR={front_dir}
 LOW_PORTS={low_ports}
 SYSTEMD={systemd}
 SUDO_RULE={sudo_rule}
@@ -250,7 +291,7 @@ elif [ -n "$CHANGED" ]; then
 else
   say root ok "$DEPLOY_ROOT owned by $DEPLOY_USER"
 fi
-
+{front_dir_setup}
 # systemd: the user's --user units run without a login
 if [ "$SYSTEMD" = yes ] || {{ [ "$SYSTEMD" = auto ] && [ -d /run/systemd/system ]; }}; then
   if [ -e "/var/lib/systemd/linger/$DEPLOY_USER" ]; then
@@ -275,6 +316,7 @@ export PATH={path}
 ROOT={deploy_root}
 PYTHON={python}
 FRONT={front}
+FRONT_DIR={front_dir}
 LOW_PORTS={low_ports}
 SYSTEMD={systemd}
 PORT={port}
@@ -314,7 +356,7 @@ elif [ ! -w "$ROOT" ] || [ ! -x "$ROOT" ]; then
 else
   say root ok "$ROOT owned by $ME, writable"
 fi
-
+{front_dir_doctor}
 FREE=$(df -Pk "$D" 2>/dev/null | awk 'NR == 2 {{ print $4 }}')
 if [ -z "$FREE" ]; then
   say disk skipped "df cannot tell the free space under $D"
@@ -406,6 +448,16 @@ class _Stage:
         """The front's server binary the hosts need ("" for shiplane's own proxy)."""
         front = str(self.stage.front)
         return front if front in ("nginx", "caddy") else ""
+
+    @property
+    def front_dir(self) -> str:
+        """A Caddy dir outside the deploy root (``caddy.data_dir``: shared by several apps)
+        that setup gives the deploy user; "" when there is none."""
+        data_dir = self.stage.caddy.data_dir if self.front == "caddy" else None
+        if not data_dir or self.stage.is_local:
+            return ""
+        inside = os.path.normpath(data_dir).startswith(os.path.normpath(self.root) + "/")
+        return "" if inside else os.path.normpath(data_dir)
 
     @property
     def low_ports(self) -> str:
@@ -623,6 +675,8 @@ def run_setup(
                 pubkey=_q(f"{key} shiplane-{st.project.deploy.app.name}"),
                 python=_q(st.python),
                 front=_q(st.front),
+                front_dir=_q(st.front_dir),
+                front_dir_setup=_FRONT_DIR_SETUP,
                 low_ports=_q(st.low_ports),
                 systemd=_q(st.systemd),
                 sudo_rule=_q(_sudo_rule(st)),
@@ -698,6 +752,8 @@ def run_doctor(
         deploy_root=_q(st.root),
         python=_q(st.python),
         front=_q(st.front),
+        front_dir=_q(st.front_dir),
+        front_dir_doctor=_FRONT_DIR_DOCTOR,
         low_ports=_q(st.low_ports),
         systemd=_q(st.systemd),
         port=_q(port or ""),

@@ -803,7 +803,8 @@ class Caddy(Model):
     data_dir: str | None = Field(
         default=None,
         description="Where Caddy keeps its config, account and certificates (keys 0600, dirs "
-        "0700) on the hosts; unset: ``<deploy_to>/caddy``.",
+        "0700) on the hosts; unset: ``<deploy_to>/caddy``. Stages (of any project) naming the "
+        "same dir share one Caddy on a host, each app its own names and certificates.",
     )
     http_port: Annotated[int, Field(ge=1, le=65535)] = Field(
         default=80,
@@ -817,6 +818,12 @@ class Caddy(Model):
         default=120,
         description="Seconds a deploy waits for missing certificates before it fails naming "
         "the domains and the CA's reason.",
+    )
+    renew_interval: Annotated[float, Field(ge=1, le=86400)] = Field(
+        default=600,
+        description="Seconds between Caddy's checks for certificates due for renewal (Caddy's "
+        "``renew_interval``; a certificate is renewed a third of its lifetime before it "
+        "expires). The same for every stage sharing a ``data_dir``.",
     )
 
     @field_validator("acme_ca_root", "data_dir")
