@@ -1,0 +1,256 @@
+"""Workers and scheduled jobs on a real Redis (issue 19 item 6, docs/workers.md): a Flask app
+that enqueues RQ jobs, an RQ worker as ``[services.worker]``, a ``* * * * *`` job, deployed to
+the local stage with the ``shiplane`` CLI; Debian's ``redis-server`` started by the test on a
+free port of 127.0.0.1.
+
+- the worker runs a job the web app enqueued, in the live release;
+- a redeploy while a long job runs lets it finish on the old release (RQ's warm shutdown on
+  TERM, which reaches the worker itself: its command is exec-ed), then the new release's worker
+  takes the next job;
+- the scheduled job runs once per minute, its output in ``logs --service job.tick`` and its
+  last run in ``status``.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from apps.common import App, compiled_lock, free_port, http_get, new_app, wait_for, write
+
+pytestmark = pytest.mark.slow
+
+REDIS = shutil.which("redis-server") or "/usr/bin/redis-server"
+
+APP = """import os
+
+from flask import Flask, request
+from redis import Redis
+from rq import Queue
+
+import tasks
+
+app = Flask(__name__)
+conn = Redis.from_url(os.environ["REDIS_URL"])
+queue = Queue("default", connection=conn)
+
+
+@app.get("/up")
+def up():
+    return "ok"
+
+
+@app.get("/enqueue")
+def enqueue():
+    key = request.args["key"]
+    if request.args.get("gate"):
+        queue.enqueue(tasks.wait_then_record, key, request.args["gate"], job_timeout=300)
+    else:
+        queue.enqueue(tasks.record, key)
+    return "queued"
+"""
+
+TASKS = """import os
+import time
+
+from redis import Redis
+
+
+def _conn():
+    return Redis.from_url(os.environ["REDIS_URL"])
+
+
+def record(key):
+    _conn().set("result:" + key, os.environ["SHIPLANE_RELEASE"])
+
+
+def wait_then_record(key, gate):
+    conn = _conn()
+    conn.set("started:" + key, os.environ["SHIPLANE_RELEASE"])
+    deadline = time.monotonic() + 240  # bounded: the test opens the gate long before
+    while not conn.exists(gate) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    how = "gate" if conn.exists(gate) else "deadline"
+    conn.set("result:" + key, os.environ["SHIPLANE_RELEASE"] + " " + how)
+"""
+
+TICK = """import os
+
+from redis import Redis
+
+Redis.from_url(os.environ["REDIS_URL"]).rpush("ticks", os.environ["SHIPLANE_RELEASE"])
+print("tick from", os.environ["SHIPLANE_RELEASE"])
+"""
+
+TOML = """[app]
+name = "rqapp"
+wsgi = "app:app"
+
+[build]
+requirements = "requirements.txt"
+
+[env]
+REDIS_URL = "redis://127.0.0.1:{redis_port}/0"
+
+[services.web]
+workers = 1
+healthcheck = {{ path = "/up", timeout = 30 }}
+
+[services.worker]
+command = "rq worker --url $REDIS_URL default"
+stop_signal = "TERM"
+stop_timeout = 180
+
+[jobs.tick]
+schedule = "* * * * *"
+command = "python tick.py"
+
+[stages.local]
+hosts = ["local"]
+deploy_to = "{deploy_to}"
+port = {port}
+"""
+
+
+def redis(port: int, *args: str) -> object:
+    """One command over RESP (the test has no Redis client library): its reply, decoded."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(
+            f"*{len(args)}\r\n".encode()
+            + b"".join(f"${len(a.encode())}\r\n{a}\r\n".encode() for a in args)
+        )
+        reader = sock.makefile("rb")
+        return _reply(reader)
+
+
+def _reply(reader: object) -> object:
+    line = reader.readline().rstrip(b"\r\n")  # type: ignore[attr-defined]
+    kind, rest = line[:1], line[1:]
+    if kind in (b"+", b"-"):
+        return rest.decode()
+    if kind == b":":
+        return int(rest)
+    if kind == b"$":
+        size = int(rest)
+        if size < 0:
+            return None
+        data = reader.read(size + 2)[:-2]  # type: ignore[attr-defined]
+        return data.decode()
+    if kind == b"*":
+        return [_reply(reader) for _ in range(int(rest))]
+    raise AssertionError(f"unexpected Redis reply {line!r}")
+
+
+@pytest.fixture(scope="module")
+def redis_port(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
+    if not Path(REDIS).exists():
+        pytest.skip("needs redis-server (Debian's redis-server package)")
+    port = free_port()
+    workdir = tmp_path_factory.mktemp("redis")
+    server = subprocess.Popen(
+        [REDIS, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        cwd=workdir,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+
+        def pong() -> bool:
+            try:
+                return redis(port, "PING") == "PONG"
+            except OSError:
+                return False
+
+        wait_for(pong, deadline=20, what="redis-server answering PING")
+        yield port
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+@pytest.fixture
+def rq_app(tmp_path: Path, redis_port: int) -> Iterator[App]:
+    deploy_to = Path(tempfile.mkdtemp(prefix="shl-rq-", dir="/tmp"))
+    app = new_app(tmp_path / "rqapp", deploy_to)
+    write(app.root, "app.py", APP)
+    write(app.root, "tasks.py", TASKS)
+    write(app.root, "tick.py", TICK)
+    write(app.root, "requirements.txt", compiled_lock(["flask>=3.0", "rq>=2"]))
+    write(app.root, ".gitignore", "__pycache__/\n")
+    write(
+        app.root,
+        "shiplane.toml",
+        TOML.format(redis_port=redis_port, deploy_to=deploy_to, port=app.port),
+    )
+    app.commit("rq app")
+    try:
+        yield app
+    finally:
+        try:
+            app.stop()
+        finally:
+            shutil.rmtree(deploy_to, ignore_errors=True)
+
+
+def test_an_rq_worker_finishes_its_job_across_a_deploy_and_a_job_runs_each_minute(
+    rq_app: App, redis_port: int
+) -> None:
+    app = rq_app
+    app.deploy()
+    first = app.current()
+
+    def result(key: str) -> object:
+        return redis(redis_port, "GET", f"result:{key}")
+
+    # a job the web app enqueued, run by the worker on the live release
+    assert http_get(f"http://127.0.0.1:{app.port}/enqueue?key=a")[0] == 200
+    assert wait_for(lambda: result("a"), deadline=60, what="the worker's first job") == first
+
+    # a long job, then a deploy: the old worker finishes it (TERM is RQ's warm shutdown)
+    assert http_get(f"http://127.0.0.1:{app.port}/enqueue?key=long&gate=go")[0] == 200
+    wait_for(lambda: redis(redis_port, "GET", "started:long"), deadline=60, what="the long job")
+    app.edit("app.py", "app = Flask(__name__)", "app = Flask(__name__)  # v2")
+    outcome: dict[str, object] = {}
+    deploying = threading.Thread(target=lambda: outcome.update(d=app.deploy(check=False)))
+    deploying.start()
+    try:
+        # the web switch comes first; the worker's stop waits for its job
+        wait_for(lambda: app.current() != first, deadline=180, what="the new release live")
+        assert result("long") is None, "the long job ended before its gate opened"
+        assert deploying.is_alive(), "the deploy did not wait for the worker's job"
+    finally:
+        redis(redis_port, "SET", "go", "1")
+        deploying.join(timeout=240)
+    deployed = outcome["d"]
+    assert getattr(deployed, "exit", 1) == 0, getattr(deployed, "output", "")[-4000:]
+    second = app.current()
+    assert result("long") == f"{first} gate"  # finished on its release, not killed
+    assert "killed" not in str(getattr(deployed, "result", {}))
+
+    # the next job is the new release's worker's
+    assert http_get(f"http://127.0.0.1:{app.port}/enqueue?key=b")[0] == 200
+    assert wait_for(lambda: result("b"), deadline=60, what="the new worker's job") == second
+
+    # the scheduled job: once per minute, its output in the logs, its last run in status
+    wait_for(
+        lambda: int(str(redis(redis_port, "LLEN", "ticks"))) >= 1,
+        deadline=75,
+        what="a run of the scheduled job",
+    )
+    status = app.json("status", "--stage", "local")
+    [job] = status["hosts"]["local"]["jobs"]
+    assert job["name"] == "tick" and job["schedule"] == "* * * * *"
+    assert job["last"]["exit_code"] == 0 and job["last"]["release"] in (first, second)
+    logs = app.shiplane("logs", "--stage", "local", "--service", "job.tick", "-n", "20")
+    assert (
+        logs.returncode == 0 and "tick from" in logs.stdout and "job tick exited 0" in logs.stdout
+    )
+    runs = redis(redis_port, "LRANGE", "ticks", "0", "-1")
+    assert isinstance(runs, list) and len(runs) <= 3  # at most one a minute over this test
