@@ -87,14 +87,17 @@ class Fleet:
         return connect(host, self.connect_settings())
 
     def python_for(self, host: str) -> str:
+        """The interpreter the agent and the venvs use on ``host``: its own (``hosts`` tables,
+        ``host_python``), the stage's ``python``, else ``app.python``."""
         stage = self.project.deploy.stages[self.stage]
-        if on_controller(host) and (stage.python or self.project.deploy.app.python) == "python3":
+        python = stage.python_of(host, self.project.deploy.app.python)
+        if on_controller(host) and python == "python3":
             import sys
 
             # the controller's own interpreter, by its real path: `shiplane` and `python -m shiplane`
             # must give the same program lines, or supervisord would restart the front
             return os.path.realpath(sys.executable)
-        return stage.python or self.project.deploy.app.python
+        return python
 
     def connect(self, hosts: Iterable[str] | None = None) -> dict[str, Outcome]:
         """Start (and bootstrap) an agent on every host, in parallel; failures are per host."""

@@ -28,11 +28,17 @@ def release_id(digest: str, now: float | None = None) -> str:
     return f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime(at))}{millis:03d}Z-{digest[:8]}"
 
 
-def manifest_blobs(manifest: Mapping[str, object]) -> list[Blob]:
-    """Every blob a host needs for this artifact, without duplicates, in a stable order."""
+def manifest_blobs(manifest: Mapping[str, object], target: int | None = None) -> list[Blob]:
+    """Every blob a host needs for this artifact, without duplicates, in a stable order; with
+    ``target``, the dependencies are those of that ``targets`` entry (a mixed stage's host gets
+    the wheels of its own Python only)."""
     seen: dict[str, int] = {}
+    own: Mapping[str, object] = manifest
+    targets = manifest.get("targets")
+    if target is not None and isinstance(targets, list):
+        own = targets[target]
     for group in ("tools", "dependencies", "app_files"):
-        entries = manifest.get(group, [])
+        entries = (own if group == "dependencies" else manifest).get(group, [])
         for entry in entries if isinstance(entries, list) else []:
             seen.setdefault(str(entry["sha256"]), int(entry["size"]))
     return list(seen.items())

@@ -48,9 +48,18 @@ class AppFile(_AppFileRequired, total=False):
     mode: int | str
 
 
+class TargetDeps(TypedDict, total=False):
+    """A ``targets`` entry of the manifest: one Python's wheels (a mixed stage)."""
+
+    target: dict[str, str]
+    dependencies: list[WheelEntry]
+    dependency_digest: str
+
+
 class Manifest(TypedDict, total=False):
     """The parts of the artifact's manifest (artifact/_manifest.py) an install reads."""
 
+    targets: list[TargetDeps]
     app: AppInfo
     app_files: list[AppFile]
     dependencies: list[WheelEntry]
@@ -317,17 +326,35 @@ def _release_of(args: InstallArgs) -> _Release:
     if not isinstance(raw, dict):
         raise AgentError("install: manifest missing", kind="usage")
     manifest = cast(Manifest, raw)  # JSON from the controller; each entry is checked where used
+    own = _target_of(manifest, args.get("target"))
     return _Release(
         release_id=release_id,
         artifact=artifact_digest(manifest),
         manifest=manifest,
-        digest=manifest.get("dependency_digest") or None,
-        deps=list(manifest.get("dependencies") or []),
+        digest=own.get("dependency_digest") or None,
+        deps=list(own.get("dependencies") or []),
         app_files=list(manifest.get("app_files") or []),
         tools=list(manifest.get("tools") or []),
         python=str(args.get("python") or sys.executable),
         user_cache=args.get("uv_cache") == "user",
     )
+
+
+def _target_of(manifest: Manifest, index: object) -> TargetDeps:
+    """The dependencies this host installs: those of the manifest's ``targets`` entry for its
+    Python (an artifact for a mixed stage, docs/DESIGN.md "Artifact"), else the top level's."""
+    if index is None:
+        return {
+            "dependencies": list(manifest.get("dependencies") or []),
+            "dependency_digest": manifest.get("dependency_digest") or "",
+        }
+    targets = manifest.get("targets") or []
+    if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < len(targets):
+        raise AgentError(
+            f"install: target {index!r} is not one of the manifest's {len(targets)} targets",
+            kind="usage",
+        )
+    return targets[index]
 
 
 def _install_result(

@@ -20,6 +20,7 @@ from ._cache import cache_root, remove_cache
 from ._gate import check_entry, gate_env, run_gate
 from ._gitref import RefTree, check_ref, export_ref, resolve_ref
 from ._hostfit import host_misfit, platform_fits
+from ._interpreters import Interpreter, target_index
 from ._locks import check_warnings, describe_lock
 from ._manifest import FileEntry, Manifest, canonical_json, dependency_digest
 from ._source import GitInfo, detect_source, git_info
@@ -33,6 +34,7 @@ __all__ = [
     "CompiledApp",
     "FileEntry",
     "GitInfo",
+    "Interpreter",
     "Manifest",
     "RefTree",
     "Target",
@@ -58,4 +60,5 @@ __all__ = [
     "resolve_ref",
     "resolve_target",
     "run_gate",
+    "target_index",
 ]

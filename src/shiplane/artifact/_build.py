@@ -13,14 +13,14 @@ import os
 import shutil
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Literal
 
-from packaging.utils import canonicalize_name, parse_wheel_filename
+from packaging.utils import parse_wheel_filename
 
 from ..errors import OperationError
 from ..secret import Secret
@@ -29,14 +29,21 @@ from ._backend import app_wheel
 from ._cache import cache_root, cached_sha256
 from ._gitref import RefTree
 from ._index import PackageAccess
-from ._manifest import FileEntry, Manifest, dependency_digest, read_manifest_file, write_manifest
+from ._interpreters import Interpreter, checked_wheelhouse, distinct, target_of
+from ._manifest import (
+    FileEntry,
+    Manifest,
+    TargetEntry,
+    dependency_digest,
+    read_manifest_file,
+    write_manifest,
+)
 from ._source import GitInfo, detect_source, git_info, is_forbidden, list_source_files, matches
 from ._store import BlobStore, sha256_file
 from ._tools import TOOLS, tool_wheels
 from ._wheelhouse import (
     Lock,
     Target,
-    build_wheelhouse,
     load_lock,
     pinned,
     resolve_target,
@@ -48,6 +55,9 @@ BUILD_FORMAT = 1
 SECRET_FILES = (".env", ".env.*")
 
 EventSink = Callable[[str, str], None]
+# the hosts' interpreters by host name, asked once the project's files are read (the deploy
+# connects to the hosts meanwhile); empty or None: the target is the deploy file's or ours
+Hosts = Callable[[], Mapping[str, Interpreter]]
 
 
 @dataclass(frozen=True)
@@ -122,8 +132,11 @@ class _Plan:
     config: list[str]
     lock: Lock | None
     git_commit: str | None
-    target: Target
+    target: Target  # the first of ``targets``
     inputs_digest: str = field(default="")
+    # every interpreter the wheelhouse is resolved for, with the hosts that run it (none: the
+    # deploy file's [build] target, or this controller's)
+    targets: list[tuple[Target, list[str]]] = field(default_factory=list)
     file_shas: dict[str, str] = field(default_factory=dict)  # rel -> sha256, hashed once
     config_root: Path | None = None  # where the config files are read, when not ``project``
 
@@ -197,7 +210,19 @@ def _select_config(project: Path, spec: BuildSpec) -> list[str]:
     return sorted(chosen)
 
 
-def _plan(spec: BuildSpec, *, with_lock: bool = True) -> _Plan:
+def _targets(spec: BuildSpec, hosts: Hosts | None) -> list[tuple[Target, list[str]]]:
+    """What the wheelhouse is resolved for: ``[build] python_version``/``platform`` when the
+    deploy file sets them (one target, any patch release); else each distinct interpreter the
+    hosts run (their markers evaluated for its full version); else this controller's."""
+    if spec.python_version or spec.platform or hosts is None:
+        return [(resolve_target(spec.python_version, spec.platform), [])]
+    known = distinct(hosts())
+    if not known:
+        return [(resolve_target(None, None), [])]
+    return [(target_of(interp), names) for interp, names in known]
+
+
+def _plan(spec: BuildSpec, *, with_lock: bool = True, hosts: Hosts | None = None) -> _Plan:
     project = Path(spec.project).resolve()
     if not project.is_dir():
         raise OperationError(f"project directory {project} does not exist")
@@ -234,8 +259,17 @@ def _plan(spec: BuildSpec, *, with_lock: bool = True) -> _Plan:
         resolve_target(spec.python_version, spec.platform),
         config_root=checkout if tree is not None else None,
     )
+    _hash_files(plan)  # while the deploy still connects to the hosts
+    plan.targets = _targets(spec, hosts)
+    plan.target = plan.targets[0][0]
     plan.inputs_digest = _inputs_digest(spec, plan)
     return plan
+
+
+def _hash_files(plan: _Plan) -> None:
+    config = [] if plan.config_root else plan.config
+    for rel in sorted({*plan.files, *plan.includes, *config}):
+        plan.file_shas[rel] = sha256_file(plan.project / rel)[0]
 
 
 def _inputs_digest(spec: BuildSpec, plan: _Plan) -> str:
@@ -251,6 +285,7 @@ def _inputs_digest(spec: BuildSpec, plan: _Plan) -> str:
         "config_files": list(spec.config_files),
         "server_packages": list(spec.server_packages),
         "target": plan.target.to_dict(),
+        "targets": [t.to_dict() for t, _ in plan.targets[1:]],
         "tools": [[t.name, t.version] for t in TOOLS],
         "git_commit": plan.git_commit,
         "bytecode": bytecode.wanted(plan.target),
@@ -259,7 +294,8 @@ def _inputs_digest(spec: BuildSpec, plan: _Plan) -> str:
     h.update(plan.lock.data if plan.lock else b"")
     config = [] if plan.config_root else plan.config
     for rel in sorted({*plan.files, *plan.includes, *config}):
-        plan.file_shas[rel] = sha256_file(plan.project / rel)[0]
+        if rel not in plan.file_shas:
+            plan.file_shas[rel] = sha256_file(plan.project / rel)[0]
         h.update(f"\0{rel}\0{plan.file_shas[rel]}".encode())
     if plan.config_root:  # --ref: the checkout's config files, apart from the commit's files
         for rel in plan.config:
@@ -323,23 +359,17 @@ def _pack(
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="shiplane-build") as pool:
         app_job = pool.submit(_compile, plan, store, emit)
         tools_job = pool.submit(tool_wheels, shared / "tools", emit)
-        wheels = build_wheelhouse(plan.lock, plan.target, spec.server_packages, house, emit)
+        # one wheelhouse per interpreter the hosts run, each checked before anything is sent
+        houses = [
+            checked_wheelhouse(plan.lock, target, hosts, spec.server_packages, house, emit)
+            for target, hosts in plan.targets
+        ]
         app, tool_files = app_job.result(), tools_job.result()
-    have = {parse_wheel_filename(w.name)[0] for w in wheels}
-    for pkg in spec.server_packages:
-        if canonicalize_name(pkg) not in have:
-            raise OperationError(f"the wheelhouse has no {pkg} wheel, which the app's server needs")
-    # the per-user cache's files: their hashes are remembered, not recomputed per build
-    deps = [FileEntry(w.name, *store.put_file(w, link=True, digest=cached_sha256)) for w in wheels]
-    if deps and bytecode.wanted(plan.target):
-        bundle = bytecode.bytecode_bundle([(w, e.sha256) for w, e in zip(wheels, deps)], emit)
-        deps.append(
-            FileEntry(
-                bytecode.bundle_name(),
-                *store.put_file(bundle, link=True, digest=cached_sha256),
-                bytecode.KIND,
-            )
-        )
+    entries = [
+        _dependencies(target, wheels, store, emit)
+        for (target, _), wheels in zip(plan.targets, houses)
+    ]
+    deps = list(entries[0].dependencies)
     tools = [
         FileEntry(w.name, *store.put_file(w, link=True, digest=cached_sha256)) for w in tool_files
     ]
@@ -357,11 +387,30 @@ def _pack(
         git_commit=plan.git_commit,
         built_at=_source_date(plan),
         target=plan.target.to_dict(),
+        targets=tuple(entries) if len(entries) > 1 else (),
     )
     write_manifest(layout.root / "artifacts", manifest)
     _record_inputs(layout, plan.inputs_digest, manifest.digest)
     emit("manifest", manifest.digest)
     return BuildResult(manifest, manifest.digest, False, time.monotonic() - started, store)
+
+
+def _dependencies(
+    target: Target, wheels: list[Path], store: BlobStore, emit: EventSink
+) -> TargetEntry:
+    """One target's wheels in the store (and their bytecode, when it runs on the controller's
+    CPython): the per-user cache's files, their hashes remembered, not recomputed per build."""
+    deps = [FileEntry(w.name, *store.put_file(w, link=True, digest=cached_sha256)) for w in wheels]
+    if deps and bytecode.wanted(target):
+        bundle = bytecode.bytecode_bundle([(w, e.sha256) for w, e in zip(wheels, deps)], emit)
+        deps.append(
+            FileEntry(
+                bytecode.bundle_name(),
+                *store.put_file(bundle, link=True, digest=cached_sha256),
+                bytecode.KIND,
+            )
+        )
+    return TargetEntry(target.to_dict(), tuple(deps), dependency_digest(deps))
 
 
 def _source_date(plan: _Plan) -> str:
@@ -423,7 +472,11 @@ def _reuse(layout: _Layout, inputs_digest: str) -> Manifest | None:
 
 
 def build(
-    spec: BuildSpec, *, build_dir: Path | None = None, on_event: EventSink | None = None
+    spec: BuildSpec,
+    *,
+    build_dir: Path | None = None,
+    on_event: EventSink | None = None,
+    hosts: Hosts | None = None,
 ) -> BuildResult:
     """Build the artifact, or reuse the one built from the same inputs (``reused=True``).
 
@@ -432,12 +485,14 @@ def build(
     ``on_event(step, detail)`` reports progress; steps are "wheel", "tree", "wheelhouse",
     "bytecode", "tools" and "manifest" (detail "reused <digest>" when nothing was built), and
     "warning" when the lock does not pin the build (a pyproject.toml without a lock).
+    ``hosts``: the hosts' interpreters (by host name), asked once the project's files are read;
+    the wheelhouse is resolved for each distinct one (unless [build] names the target).
     Events may come from two threads: the app wheel and the tools are made while pip runs.
     """
     started = time.monotonic()
     emit = on_event or _noop
     layout = _layout(spec, build_dir)
-    plan = _plan(spec)
+    plan = _plan(spec, hosts=hosts)
     _warn_lock(plan, emit)
     manifest = _reuse(layout, plan.inputs_digest)
     if manifest is not None:

@@ -74,6 +74,31 @@ def dependency_digest(dependencies: list[FileEntry]) -> str:
 
 
 @dataclass(frozen=True)
+class TargetEntry:
+    """One interpreter's wheelhouse, in an artifact built for several (a mixed stage): its
+    target (as the manifest's ``target``), its dependency wheels and their digest."""
+
+    target: dict[str, str]
+    dependencies: tuple[FileEntry, ...]
+    dependency_digest: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "target": dict(self.target),
+            "dependencies": [e.to_dict() for e in self.dependencies],
+            "dependency_digest": self.dependency_digest,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TargetEntry:
+        return cls(
+            target={str(k): str(v) for k, v in d.get("target", {}).items()},
+            dependencies=tuple(FileEntry.from_dict(e) for e in d.get("dependencies", [])),
+            dependency_digest=str(d["dependency_digest"]),
+        )
+
+
+@dataclass(frozen=True)
 class Manifest:
     """A typed view of the manifest JSON (see docs/DESIGN.md)."""
 
@@ -88,11 +113,16 @@ class Manifest:
     git_commit: str | None
     built_at: str
     target: dict[str, str] = field(default_factory=dict)
+    # several interpreters (a mixed stage): one entry each, the first the same as ``target``,
+    # ``dependencies`` and ``dependency_digest``; empty for one interpreter
+    targets: tuple[TargetEntry, ...] = ()
     schema: int = SCHEMA
 
     def to_dict(self) -> dict[str, Any]:
         """The manifest as plain JSON-able data."""
+        several = {"targets": [t.to_dict() for t in self.targets]} if self.targets else {}
         return {
+            **several,
             "schema": self.schema,
             "app": {"name": self.app_name, "version": self.app_version, "source": self.source},
             "app_files": [e.to_dict() for e in self.app_files],
@@ -130,6 +160,7 @@ class Manifest:
             git_commit=d.get("git_commit"),
             built_at=str(d["built_at"]),
             target={str(k): str(v) for k, v in d.get("target", {}).items()},
+            targets=tuple(TargetEntry.from_dict(t) for t in d.get("targets", [])),
         )
 
     @classmethod
@@ -146,7 +177,14 @@ class Manifest:
         """Every blob the artifact needs as (sha256, size, path), each sha256 once."""
         seen: set[str] = set()
         out: list[tuple[str, int, str]] = []
-        for group in (self.app_files, self.config_files, self.dependencies, self.tools):
+        every_target = [e for t in self.targets for e in t.dependencies]
+        for group in (
+            self.app_files,
+            self.config_files,
+            self.dependencies,
+            tuple(every_target),
+            self.tools,
+        ):
             for e in group:
                 if e.sha256 not in seen:
                     seen.add(e.sha256)

@@ -33,14 +33,30 @@ Emit = Callable[[str, str], None]
 
 @dataclass(frozen=True)
 class Target:
-    """The hosts' interpreter: "3.11" and a platform tag such as "linux_x86_64"."""
+    """The hosts' interpreter: "3.11" and a platform tag such as "linux_x86_64"; resolved for a
+    host's own interpreter (``_interpreters.Interpreter``) also its full version, ABI tag,
+    implementation and glibc, and the lock's markers are then evaluated for exactly that."""
 
     python_version: str
     platform: str
     native: bool  # the controller's own target: wheels can be built here with `pip wheel`
+    python: str | None = None  # the full version "3.11.2"; None: any patch release
+    abi: str | None = None  # "cp311"
+    implementation: str | None = None  # "cpython"
+    glibc: str | None = None  # the hosts' glibc "2.36": the newest manylinux tag they run
 
     def to_dict(self) -> dict[str, str]:
-        return {"python_version": self.python_version, "platform": self.platform}
+        exact = {
+            "python": self.python,
+            "abi": self.abi,
+            "implementation": self.implementation,
+            "glibc": self.glibc,
+        }
+        return {
+            "python_version": self.python_version,
+            "platform": self.platform,
+            **{k: v for k, v in exact.items() if v},
+        }
 
 
 def controller_platform() -> str:
@@ -57,15 +73,16 @@ def resolve_target(python_version: str | None, platform: str | None) -> Target:
     return Target(py, plat, native=(py == here_py and plat == here_plat))
 
 
-def _pip_platforms(plat: str) -> list[str]:
+def _pip_platforms(plat: str, glibc: str | None = None) -> list[str]:
     """pip ``--platform`` values for a target: ``linux_<arch>`` also accepts manylinux wheels
-    up to this controller's glibc (or 2.17), ``manylinux_2_N_<arch>`` those up to 2.N."""
+    up to the hosts' ``glibc`` (else this controller's, or 2.17), ``manylinux_2_N_<arch>``
+    those up to 2.N."""
     m = re.fullmatch(r"manylinux_2_(\d+)_(\w+)", plat)
     if m:
         top, arch = int(m.group(1)), m.group(2)
     elif plat.startswith("linux_"):
         arch = plat[len("linux_") :]
-        libc, ver = _platform.libc_ver()
+        libc, ver = ("glibc", glibc) if glibc else _platform.libc_ver()
         top = int(ver.split(".")[1]) if libc == "glibc" and ver.count(".") >= 1 else 17
     else:
         return [plat]
@@ -261,12 +278,20 @@ def wheelhouse_key(lock: Lock | None, target: Target, server_packages: Sequence[
     h = hashlib.sha256(b"shiplane-wheelhouse-v2\0")  # v2: markers for any patch release
     h.update(lock.data if lock else b"")
     h.update(f"\0{target.python_version}\0{target.platform}\0".encode())
+    if target.python:  # resolved for one host interpreter: its markers and tags decide
+        h.update(
+            f"{target.python}\0{target.abi}\0{target.implementation}\0{target.glibc}\0".encode()
+        )
     h.update("\0".join(sorted(server_packages)).encode())
     return h.hexdigest()
 
 
 def build_wheelhouse(
-    lock: Lock | None, target: Target, server_packages: Sequence[str], cache: Path, emit: Emit
+    lock: Lock | None,
+    target: Target,
+    server_packages: Sequence[str],
+    cache: Path,
+    emit: Emit,
 ) -> list[Path]:
     """Every dependency wheel for ``target`` (the lock plus missing server packages), cached."""
     names = lock.names if lock else set()
@@ -372,11 +397,16 @@ def _for_target(lines: Sequence[str], target: Target) -> list[str]:
         "platform_machine": arch,
         "os_name": "posix",
     }
-    # the hosts' patch release is known only at install: a line wanted on any of them ships
-    patches = [
-        {**env, "python_full_version": f"{target.python_version}.{n}"}
-        for n in range(PATCH_RELEASES)
-    ]
+    # a host's own interpreter: its full version; else the hosts' patch release is known only
+    # at install, and a line wanted on any of them ships
+    patches = (
+        [{**env, "python_full_version": target.python}]
+        if target.python
+        else [
+            {**env, "python_full_version": f"{target.python_version}.{n}"}
+            for n in range(PATCH_RELEASES)
+        ]
+    )
     out = []
     for line in lines:
         spec, sep, options = line.partition(" --")
@@ -410,7 +440,12 @@ def _foreign(
     """``pip download`` wheels for another target; pure-Python sdists are built here once."""
     local = work / "built"
     local.mkdir(exist_ok=True)
-    plat_args = [a for p in _pip_platforms(target.platform) for a in ("--platform", p)]
+    plat_args = [
+        a for p in _pip_platforms(target.platform, target.glibc) for a in ("--platform", p)
+    ]
+    if target.abi and target.abi != "cp" + target.python_version.replace(".", ""):
+        # a free-threaded or debug build (cp313t): pip's default ABI for the version is not it
+        plat_args += ["--abi", target.abi, "--abi", "abi3", "--abi", "none"]
     tried: set[str] = set()
     while True:
         result = _pip(
@@ -420,7 +455,7 @@ def _foreign(
                 "--implementation",
                 "cp",
                 "--python-version",
-                target.python_version,
+                target.python or target.python_version,  # Requires-Python of the exact version
                 *plat_args,
                 "--find-links",
                 str(local),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TypedDict
 
@@ -10,6 +10,7 @@ from shiplane.artifact import (
     BuildResult,
     BuildSpec,
     GitInfo,
+    Interpreter,
     build,
     check_entry,
     clean,
@@ -52,11 +53,16 @@ def build_spec(project: Project, ref: str | None = None, git: GitInfo | None = N
 
 
 def build_for_deploy(
-    project: Project, emit: Emit, ref: str | None = None, git: GitInfo | None = None
+    project: Project,
+    emit: Emit,
+    ref: str | None = None,
+    git: GitInfo | None = None,
+    hosts: Callable[[], Mapping[str, Interpreter]] | None = None,
 ) -> BuildResult:
     """Build (or reuse) the artifact for these inputs (``ref``: of that commit's files; ``git``:
-    what git said of the checkout just before, when nothing ran since)."""
-    return build(build_spec(project, ref, git), on_event=_progress(emit))
+    what git said of the checkout just before, when nothing ran since; ``hosts``: the hosts'
+    interpreters, asked once the files are read, each given its own wheelhouse)."""
+    return build(build_spec(project, ref, git), on_event=_progress(emit), hosts=hosts)
 
 
 def gate(project: Project, verbose: bool, emit: Emit, ref: str | None = None) -> None:

@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, cast
 
-from shiplane.agent.protocol import HistoryResult, LedgerEntry, ServicesSpec
+from shiplane.agent.protocol import HistoryResult, InstallArgs, LedgerEntry, ServicesSpec
 from shiplane.artifact import GitInfo
 from shiplane.commands.build import build_for_deploy
 from shiplane.commands.check import graph_from_project
@@ -36,6 +36,7 @@ from shiplane.commands.deployment import (
     stop_if_any_failed,
     timeout,
 )
+from shiplane.commands.host_python import BuildHosts, assign_targets, interpreters_for_build
 from shiplane.commands.release_phase import run_release
 from shiplane.commands.user_tasks import run_point
 from shiplane.config.layers import render_files
@@ -108,11 +109,13 @@ def run_deploy(
                 tasks_before("build")
                 # nothing ran since the source check (no gate, no task): its answer still holds
                 ran = _gate_runs(deployment) or points.get("gate") or points.get("build")
-                _build(deployment, emit, None if ran else source_git)
+                # the wheelhouse is resolved for each host's Python, asked of the connections
+                hosts = interpreters_for_build(deployment, connected)
+                _build(deployment, emit, None if ran else source_git, hosts)
                 _check_promotion(deployment)
                 deployment.rid = release_id(deployment.digest)
                 note(deployment, "connect", connected.result() if connected else fleet.connect())
-            _check_platform(deployment)
+            assign_targets(deployment)  # each host's Python has its wheels, or nothing is sent
             tasks_before("lock")
             _prepare(deployment, rendered)
             if options.until is None:
@@ -341,7 +344,9 @@ def _check_source(ctx: StageContext, options: DeployOptions, emit: Emit) -> GitI
     return info
 
 
-def _build(d: Deployment, emit: Any, git: GitInfo | None = None) -> None:
+def _build(
+    d: Deployment, emit: Any, git: GitInfo | None = None, hosts: BuildHosts | None = None
+) -> None:
     """The artifact: built (or reused) from the checkout (``--ref``: from that commit's files),
     or the one ``--artifact`` names. ``git``: what git said of the checkout when nothing ran
     since (issue 21: its four git processes not run twice)."""
@@ -353,7 +358,7 @@ def _build(d: Deployment, emit: Any, git: GitInfo | None = None) -> None:
         return
     started = time.monotonic()
     emit(Event("build", "start"))
-    result = build_for_deploy(d.ctx.project, emit, d.options.ref, git)
+    result = build_for_deploy(d.ctx.project, emit, d.options.ref, git, hosts)
     d.manifest, d.digest = result.manifest.to_dict(), result.digest
     emit(
         Event(
@@ -389,48 +394,6 @@ def _check_promotion(d: Deployment) -> None:
         )
 
 
-def _check_platform(d: Deployment) -> None:
-    """Every connected host must run the Python and platform the wheelhouse was resolved for
-    (the manifest's ``target``), else the deploy stops before any host is locked or sent a byte:
-    a venv for another Python would fail to install, or install wheels that cannot load."""
-    from shiplane.artifact import host_misfit
-
-    target = d.manifest.get("target") or {}
-    misfits = {
-        h: s.hello
-        for h, s in d.fleet.sessions.items()
-        if h in d.hosts and host_misfit(target, s.hello)
-    }
-    if not misfits:
-        return
-    for host, hello in misfits.items():
-        d.hosts[host].phase, d.hosts[host].outcome, d.hosts[host].error = (
-            "connect",
-            "failed",
-            host_misfit(target, hello),
-        )
-    facts = {(str(h.get("python_version")), str(h.get("platform"))) for h in misfits.values()}
-    if len(facts) == 1:
-        (py, plat), fix, hello = next(iter(facts)), [], next(iter(misfits.values()))
-        if host_misfit({"python_version": target.get("python_version", "")}, hello):
-            fix.append(f'python_version = "{py}"')
-        if host_misfit({"platform": target.get("platform", "")}, hello):
-            fix.append(f'platform = "{plat}"')
-        keys = ", ".join(f"build.{f.split(' ')[0]}" for f in fix)
-        how = f"set {' and '.join(fix)} in the [build] table of the deploy file ({keys})"
-    else:
-        how = "the hosts of one stage must share one Python version and platform: give each kind its own stage"
-    listing = "; ".join(
-        f"{h} runs Python {s.get('python_version')} on {s.get('platform')}"
-        for h, s in misfits.items()
-    )
-    raise OperationError(
-        f"{listing}, but artifact {d.digest[:12]} was built for Python {target.get('python_version')} "
-        f"on {target.get('platform')}: its wheels do not fit there; nothing was sent. To fix: {how}, "
-        "then deploy again"
-    )
-
-
 def _lock(d: Deployment) -> Any:
     """The deploy lock on a host; the step before copy (see ``_prepare``). The agent session
     holds it (a flock) for as long as it lives: no heartbeat is needed, and a lock whose session
@@ -451,8 +414,9 @@ def _lock(d: Deployment) -> Any:
 
 
 def _prepare(d: Deployment, rendered: Any) -> None:
-    blobs = manifest_blobs(d.manifest)
-    sizes = dict(blobs)
+    # a mixed stage's artifact holds a wheelhouse per Python: each host gets its own only
+    own = {host: manifest_blobs(d.manifest, d.hosts[host].target) for host in d.hosts}
+    sizes = {sha: size for blobs in own.values() for sha, size in blobs}
     store = _blob_store(d)
 
     request = install_request(
@@ -460,20 +424,26 @@ def _prepare(d: Deployment, rendered: Any) -> None:
     )
     if d.options.until:  # no switch follows: a server started early would only idle
         request["preboot_web"] = None
-    if d.ctx.project.deploy.stages[d.ctx.stage].is_local:
-        # the venv on this machine is made with the interpreter the agent runs with (the
-        # controller's own for "python3"), which the wheelhouse was built for
-        request["python"] = d.fleet.python_for("local")
-    # the host starts making the venv it lacks (uv's interpreter query) while the blobs arrive
-    venv_hint = (
-        None
-        if d.options.until == "copy"
-        else {
-            "digest": request["manifest"].get("dependency_digest"),
-            "python": request["python"],
+
+    def host_request(host: str) -> InstallArgs:
+        """The install request for ``host``: the venv is made with the interpreter its agent runs
+        with (its own ``python``; the controller's for the local stage's "python3"), from the
+        wheels of that Python's target."""
+        mine = request.copy()
+        mine["python"], mine["target"] = d.fleet.python_for(host), d.hosts[host].target
+        return mine
+
+    def venv_hint(host: str) -> dict[str, Any] | None:
+        """The host starts making the venv it lacks (uv's interpreter query) while blobs arrive."""
+        if d.options.until == "copy":
+            return None
+        target = d.hosts[host].target
+        deps = d.manifest if target is None else d.manifest["targets"][target]
+        return {
+            "digest": deps.get("dependency_digest"),
+            "python": d.fleet.python_for(host),
             "uv_cache": request["uv_cache"],
         }
-    )
 
     web = services_spec(d.ctx.project.deploy, d.ctx.stage)["web"]
     builtin_front = d.ctx.project.deploy.stages[d.ctx.stage].front == "builtin"
@@ -497,7 +467,7 @@ def _prepare(d: Deployment, rendered: Any) -> None:
     def copy(host: str, session: AgentSession) -> Any:
         inventory = session.call(
             "inventory",
-            {"blobs": [sha for sha, _ in blobs], "venv": venv_hint, "port": front_port},
+            {"blobs": [sha for sha, _ in own[host]], "venv": venv_hint(host), "port": front_port},
             timeout=timeout(d),
         )
         d.hosts[host].previous = inventory.get("current")
@@ -531,7 +501,7 @@ def _prepare(d: Deployment, rendered: Any) -> None:
             try:
                 return session.call(
                     "install",
-                    request,
+                    host_request(host),
                     on_event=d.fleet.forward(host, "install"),
                     timeout=timeout(d),
                 )

@@ -117,6 +117,9 @@ class HostState:
     bytes_sent: int = 0
     error: str | None = None
     switched: bool = False
+    # the artifact's ``targets`` entry this host installs (its Python's wheels); None: the
+    # artifact has one target
+    target: int | None = None
 
 
 @dataclass

@@ -486,6 +486,10 @@ def stage_of(project: Project, name: str | None) -> str:
     return name
 
 
+def _python_entry(entry: object) -> bool:
+    return isinstance(entry, dict) and isinstance(entry.get("host"), str) and "python" in entry
+
+
 def with_overrides(project: Project, stage: str, hosts: str | None, sets: Sequence[str]) -> Project:
     """The project with one stage's keys overridden for this run (``--hosts``, ``--set k=v``),
     validated like the file; a bad value is a ConfigError naming the option and the key."""
@@ -494,7 +498,14 @@ def with_overrides(project: Project, stage: str, hosts: str | None, sets: Sequen
     data = tomllib.loads(project.text)
     table = data.setdefault("stages", {}).setdefault(stage, {})
     if hosts:
-        table["hosts"] = [h.strip() for h in hosts.split(",") if h.strip()]
+        chosen = [h.strip() for h in hosts.split(",") if h.strip()]
+        # a host's own Python (a table in hosts, or host_python) goes with it; others drop out
+        pythons = {
+            **{e["host"]: e["python"] for e in table.get("hosts", []) if _python_entry(e)},
+            **(table.get("host_python") or {}),
+        }
+        table["hosts"] = chosen
+        table["host_python"] = {h: p for h, p in pythons.items() if h in chosen}
     for item in sets:
         key, sep, raw = item.partition("=")
         key = key.strip()

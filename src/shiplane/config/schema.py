@@ -934,6 +934,20 @@ class Stage(Model):
     connect_timeout: Annotated[
         float, Field(gt=0, le=600, description="Seconds to connect to a host.")
     ] = 10
+    transfer: Literal["auto", "direct"] = Field(
+        default="auto",
+        description="How blobs reach the hosts: ``auto`` sends each blob the hosts lack once, to "
+        "the first host that lacks it, and the others fetch it from that host over HTTP on the "
+        "address ssh reached it at (a per-deploy token, every blob checked by its sha256; "
+        "the controller sends directly what a host cannot fetch); ``direct``: the controller "
+        "sends every host what it lacks. One host and ``local`` always use ``direct``.",
+    )
+    transfer_port: Annotated[int, Field(ge=0, le=65535)] = Field(
+        default=0,
+        description="The TCP port a host serves blobs to the other hosts on during a deploy "
+        '(``transfer = "auto"``); 0: a free port of its choosing. Set one to open in a '
+        "firewall between the hosts.",
+    )
     deploy_user: Annotated[str, Field(pattern=LOGIN)] | None = Field(
         default=None,
         description="The unprivileged user ``shiplane setup`` creates and every other verb logs in "
@@ -967,6 +981,33 @@ class Stage(Model):
     secrets_command: str | None = Field(
         default=None, description="This stage's secrets command, over ``config.secrets_command``."
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _host_tables(cls, data: Any) -> Any:
+        """``hosts`` entries written as ``{ host = "...", python = "..." }`` (a host's own
+        interpreter, as Ansible's ``ansible_python_interpreter`` is a host variable) become the
+        host's name in ``hosts`` and its ``host_python``."""
+        if not isinstance(data, dict) or not isinstance(data.get("hosts"), list):
+            return data
+        if not any(isinstance(h, dict) for h in data["hosts"]):
+            return data
+        names: list[Any] = []
+        pythons = dict(data.get("host_python") or {})
+        for entry in data["hosts"]:
+            if not isinstance(entry, dict):
+                names.append(entry)
+                continue
+            unknown = sorted(set(entry) - {"host", "python"})
+            if unknown or not isinstance(entry.get("host"), str):
+                raise ValueError(
+                    'a host given as a table is { host = "[user@]host[:port]", python = '
+                    f'"/path/to/python3" }}; found {entry!r}'
+                )
+            names.append(entry["host"])
+            if "python" in entry:
+                pythons[entry["host"]] = entry["python"]
+        return {**data, "hosts": names, "host_python": pythons}
 
     @field_validator("hosts")
     @classmethod
