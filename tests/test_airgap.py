@@ -9,9 +9,12 @@ from pathlib import Path
 
 import pytest
 
+from shiplane.artifact import describe_packages
+from shiplane.artifact._index import PackageAccess, whose_requirement
 from shiplane.artifact._store import sha256_file
 from shiplane.artifact._tools import TOOLS, tool_wheels
 from shiplane.errors import OperationError
+from shiplane.secret import Secret
 
 # Any HTTP(S) request through these fails at once: a build that tries the network is caught.
 NO_NETWORK = {
@@ -98,3 +101,57 @@ def test_an_air_gapped_build_deploys_from_a_folder_of_the_locks_wheels(
         assert "supervisor" not in out and "Traceback" not in out
     finally:
         app.stop()
+
+
+def test_check_says_where_packages_and_host_tools_come_from(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`shiplane check`'s packages line: the lock's find-links folder (relative to the lock),
+    its private index without credentials, offline or not, and the host tools' source."""
+    (tmp_path / "requirements.txt").write_text(
+        "--extra-index-url https://me:${PYPI_TOKEN}@pypi.corp.example/simple\n"
+        "-f ./wheels\nflask==3.1.3\n"
+    )
+    for name in ("PIP_FIND_LINKS", "PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "UV_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    tools = "host tools: supervisor 4.3.0, shipped with shiplane (no index needed)"
+    folder = tmp_path.resolve() / "wheels"
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    assert describe_packages(tmp_path) == (
+        f"the find-links folder {folder} (PIP_NO_INDEX=1: no index); {tools}"
+    )
+    monkeypatch.delenv("PIP_NO_INDEX")
+    assert describe_packages(tmp_path) == (
+        f"the find-links folder {folder} and the package index "
+        f"(https://pypi.corp.example/simple); {tools}"
+    )
+
+
+def test_a_missing_wheel_is_named_as_the_locks_or_as_shiplanes_addition(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The lock's own requirement, a package shiplane adds for the server, or a dependency of
+    the lock's: each said as such, with where pip looked; a build secret never shown."""
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.delenv("PIP_FIND_LINKS", raising=False)
+    access = PackageAccess.of(["--find-links /srv/wheels"], [Secret("s3cr3t", "PYPI_TOKEN")])
+    lock = Path("/app/requirements.txt")
+
+    def explain(requirement: str) -> tuple[str, str | None]:
+        message = f"building the wheelhouse: {requirement} cannot be resolved\npip said s3cr3t"
+        return whose_requirement(
+            message, None, lock=lock, locked=["Flask"], added=["gunicorn"], access=access
+        )
+
+    where = "pip looked in the find-links folder /srv/wheels (PIP_NO_INDEX=1: no index)"
+    message, hint = explain("flask==3.1.3")
+    assert message.splitlines()[1] == (
+        f"flask is a requirement of your lock (requirements.txt); {where}"
+    )
+    assert message.splitlines()[2] == "pip said ***"
+    assert hint is not None and hint.startswith("put its wheel into the find-links folder")
+    message, hint = explain("gunicorn")
+    assert "gunicorn is not in your lock: shiplane adds it to run the app's server" in message
+    assert hint is not None and "add gunicorn to requirements.txt, pinned" in hint
+    message, _ = explain("markupsafe>=2")
+    assert "markupsafe is a dependency of a requirement of your lock" in message

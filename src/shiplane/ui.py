@@ -749,6 +749,7 @@ def check_lines(result: ProjectCheck) -> list[str]:
         f"app source: {report['source']} ({report['source_reason']})",
         f"lock: {report['lock']}",
         *(f"warning: {warning}" for warning in report["lock_warnings"]),
+        f"packages: {report['packages']}",
     ]
     for name, stage in report["stages"].items():
         facts = result.where[name]

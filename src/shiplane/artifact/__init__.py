@@ -20,6 +20,7 @@ from ._cache import cache_root, remove_cache
 from ._gate import check_entry, gate_env, run_gate
 from ._gitref import RefTree, check_ref, export_ref, resolve_ref
 from ._hostfit import host_misfit, platform_fits
+from ._index import describe_packages
 from ._interpreters import Interpreter, target_index
 from ._locks import check_warnings, describe_lock
 from ._manifest import FileEntry, Manifest, canonical_json, dependency_digest
@@ -48,6 +49,7 @@ __all__ = [
     "compile_app",
     "dependency_digest",
     "describe_lock",
+    "describe_packages",
     "detect_source",
     "export_ref",
     "gate_env",

@@ -133,3 +133,44 @@ def whose_requirement(
     head, _, tail = message.partition("\n")
     shown = f"{head}\n{whose}; pip looked in {access.sources()}" + (f"\n{tail}" if tail else "")
     return access.scrub(shown), fix
+
+
+def _shown_url(url: str) -> str:
+    """An index URL without its credentials (``https://host/simple``)."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    try:
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:  # not a number: shown without
+        port = ""
+    return f"{parts.scheme}://{parts.hostname or ''}{port}{parts.path}"
+
+
+def describe_packages(project: Path, requirements: str | None = None) -> str:
+    """``shiplane check``'s "packages" line, offline: where the build takes the lock's packages
+    from (find-links folders, the indexes without their credentials, or "no index") and where
+    shiplane's own host tools come from."""
+    from ._locks import find_lock
+    from ._tools import describe_tools
+    from ._wheelhouse import read_lock  # it imports this module
+
+    found = find_lock(project, requirements)
+    lines = (
+        read_lock(found.path, format="requirements").lines if found.format == "requirements" else []
+    )
+    access = PackageAccess.of(lines)
+    env = os.environ
+    urls = [
+        re.split(r"[\s=]+", o, maxsplit=1)[-1]
+        for o in access.options
+        if o.startswith(("--index-url", "-i ", "--extra-index-url"))
+    ]
+    urls += [
+        u for name in ("PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL") for u in env.get(name, "").split()
+    ]
+    where = access.sources()
+    if urls and access.offline() is None:
+        shown = ", ".join(_shown_url(u) for u in urls)
+        where = where.replace("the package index", f"the package index ({shown})")
+    return f"{where}; host tools: {describe_tools()}"

@@ -107,3 +107,12 @@ def _download(tool: Tool, out: Path, environ: Mapping[str, str] | None = None) -
             f"build with access to an index: it is then kept in shiplane's cache "
             f"({out.parent}) for every later build",
         )
+
+
+def describe_tools(packaged: Path = PACKAGED) -> str:
+    """Where the host tools come from, for ``shiplane check``: this shiplane's own copy (no
+    index needed, an air-gapped build included), else pip once, then the per-user cache."""
+    names = ", ".join(f"{t.name} {t.version}" for t in TOOLS)
+    if all((packaged / t.wheel).is_file() for t in TOOLS):
+        return f"{names}, shipped with shiplane (no index needed)"
+    return f"{names}, fetched by pip once, then from shiplane's cache"

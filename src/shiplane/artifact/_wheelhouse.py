@@ -25,6 +25,7 @@ from packaging.utils import canonicalize_name, parse_wheel_filename
 from ..errors import OperationError
 from ..secret import Secret
 from ._cache import cached_files
+from ._direct import direct_reference, wheel_directs
 from ._index import PackageAccess, absolute_find_links, whose_requirement
 from ._locks import LockFile, export, find_lock, lock_format
 
@@ -115,6 +116,8 @@ class Lock:
     hashed: bool
     format: str = "requirements"  # or "uv", "poetry", "pdm", "pipenv", "pyproject" (_locks)
     warning: str | None = None  # e.g. a pyproject.toml without a lock: not reproducible
+    # VCS requirements at a commit and path ones (their files are in ``data``): as good as pins
+    fixed: set[str] = field(default_factory=set)
     # [build] secrets pip expands in the lock's index options (``${NAME}``): never in ``data``
     secrets: tuple[Secret, ...] = field(default=(), compare=False, repr=False)
 
@@ -131,7 +134,7 @@ def load_lock(project: Path, requirements: str) -> Lock:
 def unpinned_warning(lock: Lock) -> str | None:
     """An incomplete lock: requirements without an exact pin (``flask>=3``) resolve to whatever
     is newest at each build, so two builds may ship different versions."""
-    loose = sorted(lock.names - set(lock.pins))
+    loose = sorted(lock.names - set(lock.pins) - lock.fixed)
     if not loose:
         return None
     shown = ", ".join(loose[:5]) + (f" and {len(loose) - 5} more" if len(loose) > 5 else "")
@@ -182,8 +185,16 @@ def _parse_lock(path: Path, raw: bytes, seen: set[Path]) -> Lock:
                 lock.pins.update(included.pins)
                 lock.hashed |= included.hashed
             continue
-        if re.match(r"^(-e|--editable)\b", line) or line.startswith((".", "/", "file:")):
-            continue  # the app itself: it ships as the app wheel, never in the dependencies' venv
+        direct = direct_reference(line, path.parent)
+        if direct is not None:  # VCS or path: built into a wheel with the wheelhouse (_direct)
+            if not direct.is_app:  # the app itself ships as the app wheel, never in the venv
+                lock.lines.append(direct.line)
+                lock.data += b"\0" + direct.digest()
+                lock.names |= {direct.name} if direct.name else set()
+                lock.fixed |= {direct.name} if direct.name and direct.fixed else set()
+            continue
+        if re.match(r"^(-e|--editable)\b", line):
+            continue  # an editable of neither a path nor VCS: nothing a host could install
         line = absolute_find_links(line, path.parent)
         lock.lines.append(line)
         if line.startswith("-"):
@@ -267,7 +278,7 @@ def pinned(lock: Lock | None, server_packages: Sequence[str]) -> bool:
     (``shiplane clean`` need not re-resolve it); a looser one is resolved again after a clean."""
     if lock is None or not lock.names:
         return False
-    loose = lock.names - set(lock.pins)
+    loose = lock.names - set(lock.pins) - lock.fixed
     return (not loose or lock.hashed) and all(
         canonicalize_name(p) in lock.names for p in server_packages
     )
@@ -306,9 +317,11 @@ def build_wheelhouse(
         work = out / ".work"
         work.mkdir()
         req_args: list[str] = []
+        # VCS and path requirements become wheels first, pinned by name and version (_direct)
+        lines = wheel_directs(lock.lines, work, env, lock.hashed, emit) if lock else []
         if lock and lock.lines:
             normalised = work / "requirements.txt"
-            normalised.write_text("\n".join(lock.lines) + "\n")
+            normalised.write_text("\n".join(lines) + "\n")
             req_args = ["-r", str(normalised)]
         # Server packages resolve against the lock's pins; with hashes in the lock pip demands
         # hashes for everything, so they get a second run constrained by the pins.
@@ -326,7 +339,7 @@ def build_wheelhouse(
             # (3.11.7), not the hosts' (3.11.2: `python_full_version <= "3.11.2"`): pick the lock's
             # lines for the target ourselves, any patch release of it; a lock is complete, so no
             # resolving is needed
-            normalised.write_text("\n".join(_for_target(lock.lines, target)) + "\n")
+            normalised.write_text("\n".join(_for_target(lines, target)) + "\n")
             runs = [["--no-deps", *req_args]]
             if missing:
                 constraints = work / "constraints.txt"

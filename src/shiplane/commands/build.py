@@ -22,15 +22,20 @@ from shiplane.artifact import (
 )
 from shiplane.config import Project, load_project
 from shiplane.config.loader import find_deploy_file
+from shiplane.config.secrets import resolve_build_secrets
 from shiplane.errors import ConfigError
 from shiplane.events import Emit, Event
 
 
-def build_spec(project: Project, ref: str | None = None, git: GitInfo | None = None) -> BuildSpec:
+def build_spec(
+    project: Project, ref: str | None = None, git: GitInfo | None = None, stage: str | None = None
+) -> BuildSpec:
     """The build of ``project``'s checkout; with ``ref``, of that commit's files (``deploy
     --ref``): exported under ``.shiplane/build/refs/<sha>``, the deploy file and config files
-    staying the checkout's."""
+    staying the checkout's. ``stage``: where ``[build] secrets`` are looked for beside the
+    environment."""
     deploy = project.deploy
+    secrets = resolve_build_secrets(deploy, stage, project.root) if deploy.build.secrets else {}
     tree = export_ref(project.root, ref, project.root / ".shiplane" / "build") if ref else None
     servers: tuple[str, ...] = ()
     if "web" in deploy.services:
@@ -49,6 +54,7 @@ def build_spec(project: Project, ref: str | None = None, git: GitInfo | None = N
         platform=deploy.build.platform,
         ref_tree=tree,
         git=git,
+        secrets=tuple(secrets.values()),
     )
 
 
@@ -58,11 +64,13 @@ def build_for_deploy(
     ref: str | None = None,
     git: GitInfo | None = None,
     hosts: Callable[[], Mapping[str, Interpreter]] | None = None,
+    stage: str | None = None,
 ) -> BuildResult:
     """Build (or reuse) the artifact for these inputs (``ref``: of that commit's files; ``git``:
     what git said of the checkout just before, when nothing ran since; ``hosts``: the hosts'
     interpreters, asked once the files are read, each given its own wheelhouse)."""
-    return build(build_spec(project, ref, git), on_event=_progress(emit), hosts=hosts)
+    spec = build_spec(project, ref, git, stage)
+    return build(spec, on_event=_progress(emit), hosts=hosts)
 
 
 def gate(project: Project, verbose: bool, emit: Emit, ref: str | None = None) -> None:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypedDict
 
-from shiplane.artifact import check_warnings, describe_lock
+from shiplane.artifact import check_warnings, describe_lock, describe_packages
 from shiplane.commands.common import open_stage
 from shiplane.config import Layered, build_layers, load_project
 from shiplane.config.layers import layer_files, render_files
@@ -31,6 +31,8 @@ class CheckResult(TypedDict):
     source_reason: str
     lock: str
     lock_warnings: list[str]  # a lock that does not pin everything, or no lock committed
+    # where the build takes packages from (find-links, indexes, offline) and the host tools
+    packages: str
     stages: dict[str, StageCheck]
 
 
@@ -65,6 +67,7 @@ def check_project(file: Path | None) -> ProjectCheck:
     source, reason = _source(project)
     lock = describe_lock(project.root, deploy.build.requirements)  # none: ConfigError, exit 2
     lock_warnings = check_warnings(project.root, deploy.build.requirements)
+    packages = describe_packages(project.root, deploy.build.requirements)
     stages: dict[str, StageCheck] = {}
     where: dict[str, StageWhere] = {}
     for name, stage in deploy.stages.items():
@@ -80,6 +83,7 @@ def check_project(file: Path | None) -> ProjectCheck:
         "source_reason": reason,
         "lock": lock,
         "lock_warnings": lock_warnings,
+        "packages": packages,
         "stages": stages,
     }
     return ProjectCheck(report=report, app=deploy.app.name, where=where)

@@ -264,7 +264,7 @@ def _artifact_of(
     emit(
         Event("build", "start", detail=f"artifact {digest[:12]} is not in this clone: building it")
     )
-    built = build_for_deploy(d.ctx.project, emit)
+    built = build_for_deploy(d.ctx.project, emit, stage=d.ctx.stage)
     if built.digest != digest:
         raise UsageError(
             f"--retry-failed: the last deploy of stage {d.ctx.stage!r} shipped artifact "
@@ -358,7 +358,7 @@ def _build(
         return
     started = time.monotonic()
     emit(Event("build", "start"))
-    result = build_for_deploy(d.ctx.project, emit, d.options.ref, git, hosts)
+    result = build_for_deploy(d.ctx.project, emit, d.options.ref, git, hosts, stage=d.ctx.stage)
     d.manifest, d.digest = result.manifest.to_dict(), result.digest
     emit(
         Event(

@@ -140,7 +140,7 @@ def run_plan(
     inventoried."""
     with connected(file, stage, masker, hosts=hosts, sets=sets, need_secrets=True) as (ctx, fleet):
         deploy = ctx.project.deploy
-        built = build_for_deploy(ctx.project, emit)
+        built = build_for_deploy(ctx.project, emit, stage=ctx.stage)
         per_host = _survey(ctx, fleet, built)
         rolling = deploy.stages[ctx.stage].rolling
         return PlanResult(

@@ -284,6 +284,12 @@ class Build(Model):
         description="The hosts' platform tag (e.g. ``manylinux_2_28_x86_64``) "
         "the wheelhouse is resolved for; unset: this machine's.",
     )
+    secrets: list[Annotated[str, Field(pattern=ENV_NAME)]] = Field(
+        default=[],
+        description="Secrets the build needs, such as a private index's token: looked for as "
+        "``[config] secrets`` are, given to the build's pip alone (a requirements file writes "
+        "``${NAME}`` in its ``--index-url``), never to a host nor into the artifact.",
+    )
 
     @field_validator("requirements")
     @classmethod

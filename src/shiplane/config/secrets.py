@@ -30,11 +30,32 @@ def resolve_secrets(
     Order of precedence: the environment (CI sets them there), then the stage's secrets file,
     then ``secrets_command``. The file and the command are only read when something is missing.
     """
+    return _resolve(deploy, stage, root, environ, list(deploy.config.secrets), "secret")
+
+
+def resolve_build_secrets(
+    deploy: DeployFile, stage: str | None, root: Path, environ: Mapping[str, str] | None = None
+) -> dict[str, Secret]:
+    """``[build] secrets`` (a private index's token), looked for as a stage's secrets are; a
+    build without a stage (``shiplane build``) looks in the environment only. They go to the
+    build's pip alone, never to a host (docs/dependencies.md, "Private indexes")."""
+    return _resolve(deploy, stage, root, environ, list(deploy.build.secrets), "build secret")
+
+
+def _resolve(
+    deploy: DeployFile,
+    stage: str | None,
+    root: Path,
+    environ: Mapping[str, str] | None,
+    wanted: list[str],
+    what: str,
+) -> dict[str, Secret]:
     environ = os.environ if environ is None else environ
-    wanted = list(deploy.config.secrets)
     found: dict[str, Secret] = {
         name: Secret(environ[name], name) for name in wanted if environ.get(name)
     }
+    if stage is None:  # no stage: the environment alone
+        return _complete(wanted, found, stage, what, ["the environment"])
     if len(found) < len(wanted):
         path = secrets_file_of(deploy, stage, root)
         if path is not None and path.exists():
@@ -46,16 +67,24 @@ def resolve_secrets(
         for name, value in _run_secrets_command(command, stage, root).items():
             if name in wanted and name not in found and value:
                 found[name] = Secret(value, name)
+    sources = ["the environment"]
+    path = secrets_file_of(deploy, stage, root)
+    if path is not None:
+        sources.append(str(path))
+    if command:
+        sources.append("secrets_command")
+    return _complete(wanted, found, stage, what, sources)
+
+
+def _complete(
+    wanted: list[str], found: dict[str, Secret], stage: str | None, what: str, sources: list[str]
+) -> dict[str, Secret]:
+    """``found`` in ``wanted``'s order, or one error listing every missing one."""
     missing = [name for name in wanted if name not in found]
     if missing:
-        sources = ["the environment"]
-        path = secrets_file_of(deploy, stage, root)
-        if path is not None:
-            sources.append(str(path))
-        if command:
-            sources.append("secrets_command")
+        who = f"stage {stage!r}" if stage else "the build (no stage given)"
         raise ConfigError(
-            f"stage {stage!r} is missing secret{'s' if len(missing) > 1 else ''}: {', '.join(missing)}",
+            f"{who} is missing {what}{'s' if len(missing) > 1 else ''}: {', '.join(missing)}",
             hint=f"Looked in {', '.join(sources)}. Set them there; nothing was sent to any host.",
         )
     return {name: found[name] for name in wanted}
