@@ -71,7 +71,8 @@ def private_index(wheels: Path, user: str, password: str) -> Iterator[Index]:
             if status == 401:
                 self.send_header("WWW-Authenticate", 'Basic realm="private"')
             self.end_headers()
-            self.wfile.write(body)
+            if self.command != "HEAD":
+                self.wfile.write(body)
 
         def do_GET(self) -> None:
             if self.headers.get("Authorization") != expected:
@@ -91,10 +92,13 @@ def private_index(wheels: Path, user: str, password: str) -> Iterator[Index]:
                 link = f'<a href="/files/{html.escape(wheel.name)}#sha256={sha}">{wheel.name}</a>'
                 self._send(200, f"<html><body>\n{link}\n</body></html>\n".encode())
             elif len(parts) == 2 and parts[0] == "files" and (wheels / parts[1]).is_file():
-                index.served.append(parts[1])
+                if self.command == "GET":
+                    index.served.append(parts[1])
                 self._send(200, (wheels / parts[1]).read_bytes(), "application/octet-stream")
             else:
                 self._send(404, b"not here\n", "text/plain")
+
+        do_HEAD = do_GET  # uv asks HEAD before a download (range requests)
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     index.url = f"http://127.0.0.1:{server.server_address[1]}/simple/"

@@ -54,10 +54,13 @@ def test_a_private_index_with_its_token_as_a_build_secret(
             with (app.root / ".secrets" / "local.env").open("a") as f:
                 f.write(f"PYPI_TOKEN={token}\n")
 
-            result = app.deploy(env=env)
+            # with the test gate: its venv (uv) gets the token as the build's pip does
+            done = app.shiplane("deploy", "--stage", "local", "--json", env=env)
+            result = {"output": done.stdout + done.stderr}
+            assert done.returncode == 0, result["output"][-3000:]
             status, body = app.get("/")
             assert status == 200 and GREETING in body
-            assert index.served == ["privlib-1.0-py3-none-any.whl"]
+            assert set(index.served) == {"privlib-1.0-py3-none-any.whl"}  # the gate's and pip's
 
             clear = token.encode()
             assert token not in result["output"]

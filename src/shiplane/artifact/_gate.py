@@ -14,13 +14,16 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from ..errors import OperationError, UsageError
+from ..secret import Secret
 from ._backend import _uv
+from ._index import PackageAccess
 from ._wheelhouse import load_lock
 
 _TAIL = 30
 
 
-def _run(cmd: list[str], cwd: Path, what: str) -> None:
+def _run(cmd: list[str], cwd: Path, what: str, access: PackageAccess | None = None) -> None:
+    access = access or PackageAccess()
     result = subprocess.run(
         cmd,
         cwd=cwd,
@@ -28,17 +31,22 @@ def _run(cmd: list[str], cwd: Path, what: str) -> None:
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         check=False,
-        env=dict(os.environ, UV_PYTHON_DOWNLOADS="never"),
+        env=dict(access.uv_env(), UV_PYTHON_DOWNLOADS="never"),
     )
     if result.returncode != 0:
-        tail = "\n".join(result.stdout.splitlines()[-_TAIL:])
+        tail = access.scrub("\n".join(result.stdout.splitlines()[-_TAIL:]))
         raise OperationError(f"{what} failed (exit {result.returncode})\n{tail}")
 
 
-def gate_env(project: Path, requirements: str, extra: Sequence[str]) -> Path:
+def gate_env(
+    project: Path, requirements: str, extra: Sequence[str], secrets: Sequence[Secret] = ()
+) -> Path:
     """The venv for the gate, made with uv once per (lock bytes + extra packages) and reused.
-    ``requirements``: the lock ([build] requirements); "" finds it (``_locks.find_lock``)."""
+    ``requirements``: the lock ([build] requirements); "" finds it (``_locks.find_lock``).
+    Its packages come from where the build's do (``_index``: an air-gapped build's find-links
+    folder, a private index with ``secrets``)."""
     lock = load_lock(project, requirements)
+    access = PackageAccess.of(lock.lines, secrets)
     key = hashlib.sha256(
         lock.data + b"\0" + "\0".join(sorted(extra)).encode() + f"\0{sys.version_info[:2]}".encode()
     ).hexdigest()
@@ -70,11 +78,13 @@ def gate_env(project: Path, requirements: str, extra: Sequence[str]) -> Path:
                 "--quiet",
                 "--python",
                 str(venv / "bin" / "python"),
+                *access.uv_args(),
                 *reqs,
                 *extra,
             ],
             project,
             "installing the test environment",
+            access,
         )
     (venv / ".complete").write_text("")
     return venv
@@ -162,6 +172,7 @@ def run_gate(
     extra: Sequence[str] = ("pytest",),
     timeout: float = 600,
     output: Callable[[str], None],
+    secrets: Sequence[Secret] = (),
 ) -> None:
     """Run the test gate ``command`` (a shell command) in the project; raise unless it passes.
 
@@ -171,7 +182,7 @@ def run_gate(
     OperationError "test gate failed (exit N)" with the output's tail; so does the timeout.
     """
     project = Path(project).resolve()
-    venv = gate_env(project, requirements, extra)
+    venv = gate_env(project, requirements, extra, secrets)
     env = _gate_environ(project, venv)
     tail: deque[str] = deque(maxlen=_TAIL)
     proc = subprocess.Popen(

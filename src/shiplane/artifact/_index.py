@@ -64,6 +64,27 @@ class PackageAccess:
         env.update({s.name: s.reveal() for s in self.secrets})
         return env
 
+    def uv_env(self, environ: Mapping[str, str] | None = None) -> dict[str, str]:
+        """uv's environment for the same sources (the test gate's venv is made by uv): the
+        build secrets (uv expands ``${NAME}`` in a requirements file as pip does) and pip's
+        index variables under uv's names, unless uv's own are set."""
+        env = self.env(environ)
+        for pip_name, uv_name in (
+            ("PIP_INDEX_URL", "UV_INDEX_URL"),
+            ("PIP_EXTRA_INDEX_URL", "UV_EXTRA_INDEX_URL"),
+        ):
+            if env.get(pip_name) and not env.get(uv_name):
+                env[uv_name] = env[pip_name]
+        return env
+
+    def uv_args(self, environ: Mapping[str, str] | None = None) -> list[str]:
+        """uv's flags for what pip alone reads from the environment: no index, find-links."""
+        env = os.environ if environ is None else environ
+        args = ["--no-index"] if self.offline(environ) else []
+        for link in env.get("PIP_FIND_LINKS", "").split():
+            args += ["--find-links", link]
+        return args
+
     def offline(self, environ: Mapping[str, str] | None = None) -> str | None:
         """Why no index may be asked ("PIP_NO_INDEX=1", ...), or None when one may."""
         env = os.environ if environ is None else environ

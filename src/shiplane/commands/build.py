@@ -73,9 +73,13 @@ def build_for_deploy(
     return build(spec, on_event=_progress(emit), hosts=hosts)
 
 
-def gate(project: Project, verbose: bool, emit: Emit, ref: str | None = None) -> None:
-    """The test gate on the checkout, or with ``ref`` on that commit's export (what ships)."""
+def gate(
+    project: Project, verbose: bool, emit: Emit, ref: str | None = None, stage: str | None = None
+) -> None:
+    """The test gate on the checkout, or with ``ref`` on that commit's export (what ships);
+    ``stage``: where ``[build] secrets`` (a private index's token) are looked for."""
     deploy = project.deploy
+    secrets = resolve_build_secrets(deploy, stage, project.root) if deploy.build.secrets else {}
     assert deploy.build.test
     root = (
         export_ref(project.root, ref, project.root / ".shiplane" / "build").root
@@ -88,6 +92,7 @@ def gate(project: Project, verbose: bool, emit: Emit, ref: str | None = None) ->
         deploy.build.requirements,
         extra=tuple(deploy.build.test_requirements),
         output=lambda line: emit(Event("gate", "output", detail=line)),
+        secrets=tuple(secrets.values()),
     )
     # the tests passed; the entry gunicorn/uvicorn will load must be there too (a typo in
     # app.wsgi would otherwise fail only at the hosts' health check)

@@ -304,7 +304,7 @@ def _gate(d: Deployment, emit: Any) -> None:
         from shiplane.commands.build import gate
 
         emit(Event("gate", "start"))
-        gate(d.ctx.project, d.options.verbose, emit, d.options.ref)  # --ref: the commit's tests
+        gate(d.ctx.project, d.options.verbose, emit, d.options.ref, d.ctx.stage)  # --ref: its tests
         emit(Event("gate", "ok", seconds=time.monotonic() - started))
 
 
