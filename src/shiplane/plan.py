@@ -174,6 +174,7 @@ def install_request(
         "backend": services["backend"] if web else None,
         # and the web server, with only its libraries, once the release and its venv are there
         "preboot_web": web if web and web["preboot"] else None,
+        "target": None,  # a mixed stage's deploy names each host's own (manifest "targets")
     }
 
 

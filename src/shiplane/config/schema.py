@@ -874,7 +874,8 @@ class Stage(Model):
             min_length=1,
             description="``[user@]host[:port]`` as ssh reaches them "
             "(``~/.ssh/config`` applies), or ``local`` alone: "
-            "this machine, without SSH.",
+            "this machine, without SSH. A host whose Python differs from the stage's is a "
+            'table: ``{ host = "h2", python = "/opt/py312/bin/python3" }`` (docs/hosts.md).',
         ),
     ]
     deploy_to: str = Field(
@@ -905,6 +906,12 @@ class Stage(Model):
     )
     python: Annotated[str, Field(pattern=PYTHON)] | None = Field(
         default=None, description="This stage's hosts' Python, over ``app.python``."
+    )
+    host_python: dict[str, Annotated[str, Field(pattern=PYTHON)]] = Field(
+        default={},
+        description="One host's Python, over ``python`` (host -> interpreter); usually written "
+        'in ``hosts`` as ``{ host = "h2", python = "..." }``. Each host\'s wheels are resolved '
+        "for the interpreter it runs.",
     )
     front: Literal["builtin", "nginx", "caddy"] = Field(
         default="builtin",
@@ -940,20 +947,6 @@ class Stage(Model):
     connect_timeout: Annotated[
         float, Field(gt=0, le=600, description="Seconds to connect to a host.")
     ] = 10
-    transfer: Literal["auto", "direct"] = Field(
-        default="auto",
-        description="How blobs reach the hosts: ``auto`` sends each blob the hosts lack once, to "
-        "the first host that lacks it, and the others fetch it from that host over HTTP on the "
-        "address ssh reached it at (a per-deploy token, every blob checked by its sha256; "
-        "the controller sends directly what a host cannot fetch); ``direct``: the controller "
-        "sends every host what it lacks. One host and ``local`` always use ``direct``.",
-    )
-    transfer_port: Annotated[int, Field(ge=0, le=65535)] = Field(
-        default=0,
-        description="The TCP port a host serves blobs to the other hosts on during a deploy "
-        '(``transfer = "auto"``); 0: a free port of its choosing. Set one to open in a '
-        "firewall between the hosts.",
-    )
     deploy_user: Annotated[str, Field(pattern=LOGIN)] | None = Field(
         default=None,
         description="The unprivileged user ``shiplane setup`` creates and every other verb logs in "
@@ -1126,6 +1119,19 @@ class Stage(Model):
                         f"role {role!r} names {member!r}, which is not one of this stage's hosts"
                     )
         return self
+
+    @model_validator(mode="after")
+    def _host_python_names_hosts(self) -> Stage:
+        for host in self.host_python:
+            if host not in self.hosts:
+                raise ValueError(
+                    f"host_python names {host!r}, which is not one of this stage's hosts"
+                )
+        return self
+
+    def python_of(self, host: str, app_python: str) -> str:
+        """The interpreter on ``host``: its own (``host_python``), the stage's, else the app's."""
+        return self.host_python.get(host) or self.python or app_python
 
     @property
     def is_local(self) -> bool:
