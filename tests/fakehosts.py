@@ -273,6 +273,10 @@ class FakeTransport:
         pass
 
 
+# the fake hosts serving blobs right now (serve_blobs), by their fake address
+_SERVING: dict[str, tuple[FakeHost, str, set[str]]] = {}
+
+
 class FakeHost:
     """One host's state, kept in memory, and how its ops are answered."""
 
@@ -724,6 +728,30 @@ class FakeHost:
 
     def _op_install_uv(self, args: dict[str, Any], payload: bytes) -> Any:
         return {"path": "/usr/bin/uv"}
+
+    # blobs between fake hosts (agent/peers.py): a host serving is found by its fake address
+    def _op_serve_blobs(self, args: dict[str, Any], payload: bytes) -> Any:
+        with self.changed:
+            served = [sha for sha in args["blobs"] if sha in self.blobs]
+        _SERVING[f"fake-{self.name}"] = (self, args["token"], set(served))
+        return {"address": f"fake-{self.name}", "port": 1, "blobs": len(served)}
+
+    def _op_fetch_blobs(self, args: dict[str, Any], payload: bytes) -> Any:
+        source, token, served = _SERVING.get(args["address"], (None, "", set()))
+        wanted = [b["sha256"] for b in args["blobs"]]
+        if source is None or token != args["token"]:
+            error = f"cannot reach {args['address']}:{args['port']}: Connection refused"
+            return {"received": 0, "bytes": 0, "failed": wanted, "bad": [], "error": error}
+        got = [b for b in args["blobs"] if b["sha256"] in served]
+        with self.changed:
+            self.blobs.update(b["sha256"] for b in got)
+        failed = [sha for sha in wanted if sha not in served]
+        size = sum(int(b["size"]) for b in got)
+        return {"received": len(got), "bytes": size, "failed": failed, "bad": [], "error": None}
+
+    def _op_stop_serving(self, args: dict[str, Any], payload: bytes) -> Any:
+        _SERVING.pop(f"fake-{self.name}", None)
+        return {"served": 0, "bytes": 0, "refused": 0}
 
     def _op_read_release_file(self, args: dict[str, Any], payload: bytes) -> Any:
         return {"exists": False}

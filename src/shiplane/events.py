@@ -13,6 +13,10 @@ class EventData(TypedDict, total=False):
     """An event's extras, beyond its fields."""
 
     total: int  # receive: the bytes to send in all (``bytes``: those sent so far)
+    from_controller: int  # copy: the bytes this host received from the controller
+    from_peers: int  # copy: the bytes it fetched from other hosts (commands/relay.py)
+    peers: dict[str, int]  # copy: those bytes by the host they came from
+    served_to_peers: int  # copy: the bytes a host served to the others
 
 
 @dataclass(frozen=True)

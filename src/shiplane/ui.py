@@ -526,6 +526,8 @@ def _host_plan_lines(host: str, info: HostPlan, services: list[str]) -> list[str
         f"  venv      {'reused' if info['venv_reused'] else 'built (dependencies installed)'}",
         f"  send      {info['blobs']} blob(s), {human_bytes(info['bytes'])}",
     ]
+    if info.get("transfer") and info["blobs"]:  # where they come from: the controller, or a peer
+        lines.append(f"  transfer  {info['transfer']}")
     config = info["config"]
     if not info["current"]:
         lines.append("  config    all new (no live release)")

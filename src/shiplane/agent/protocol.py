@@ -548,6 +548,26 @@ class InstallUvArgs(TypedDict):
     binary_sha256: str | None
 
 
+class ServeBlobsArgs(TypedDict):
+    blobs: list[str]
+    token: str
+    ttl: float
+    port: int
+    address: str | None
+
+
+class FetchBlobsArgs(TypedDict):
+    address: str
+    port: int
+    token: str
+    blobs: list[BlobRef]
+    connect_timeout: float
+
+
+class StopServingArgs(TypedDict):
+    pass
+
+
 class RecordArgs(TypedDict):
     entry: LedgerEntry
 
@@ -858,6 +878,9 @@ REQUESTS: dict[str, type] = {
     "history": HistoryArgs,
     "read_release_file": ReadReleaseFileArgs,
     "install_uv": InstallUvArgs,
+    "serve_blobs": ServeBlobsArgs,
+    "fetch_blobs": FetchBlobsArgs,
+    "stop_serving": StopServingArgs,
     "record": RecordArgs,
     "mark": MarkArgs,
     "prune": PruneArgs,

@@ -33,6 +33,8 @@ from .protocol import (
     Emit,
     ErrorObject,
     Event,
+    FetchBlobsArgs,
+    FetchResult,
     HeartbeatArgs,
     Hello,
     HistoryArgs,
@@ -62,11 +64,15 @@ from .protocol import (
     ReleasesResult,
     ReloadArgs,
     RestartArgs,
+    ServeBlobsArgs,
     ServicesUnknown,
+    Serving,
+    ServingStopped,
     ShutdownArgs,
     StartArgs,
     StatusArgs,
     StopArgs,
+    StopServingArgs,
     SwitchArgs,
     UnlockArgs,
     UnlockResult,
@@ -78,6 +84,7 @@ from .runtime import valid_release_id
 from .venvs import VenvShells, find_uv, install_uv, list_venvs
 
 if TYPE_CHECKING:  # imported by the ops that need it (it loads the backends)
+    from .peers import BlobServer
     from .services import Logs, ServicesStatus, ShutDown, Stopped, Withdrawn
     from .switch import SwitchResult
     from .venvs import UvInstalled
@@ -149,6 +156,8 @@ class Session:
         self.prebooted: str | None = None
         # the venvs ``inventory`` started making, for this session's ``install`` to wait for
         self.venv_shells = VenvShells()
+        # this deploy's blobs served to peer hosts (serve_blobs), stopped with the session at last
+        self.blob_server: BlobServer | None = None
         self._write_lock = threading.Lock()
         self.reader_gone = threading.Event()  # a write to the controller failed: nobody listens
         # Serialises lock changes of this session. Reentrant: the signal handler runs on the main
@@ -455,6 +464,35 @@ def _op_install_uv(s: Session, args: InstallUvArgs, emit: Emit) -> UvInstalled:
     return install_uv(s.layout, args["sha256"], args["binary_sha256"])
 
 
+def _op_serve_blobs(s: Session, args: ServeBlobsArgs, emit: Emit) -> Serving:
+    from . import peers
+
+    _op_stop_serving(s, {}, emit)  # one server per session: a second call replaces the first
+    s.blob_server, serving = peers.serve(
+        s.layout, args["blobs"], args["token"], args["address"], args["port"], args["ttl"]
+    )
+    return serving
+
+
+def _op_fetch_blobs(s: Session, args: FetchBlobsArgs, emit: Emit) -> FetchResult:
+    from . import peers
+
+    return peers.fetch(
+        s.layout,
+        args["address"],
+        args["port"],
+        args["token"],
+        args["blobs"],
+        args["connect_timeout"],
+        emit,
+    )
+
+
+def _op_stop_serving(s: Session, args: StopServingArgs, emit: Emit) -> ServingStopped:
+    server, s.blob_server = s.blob_server, None
+    return server.stop() if server is not None else {"served": 0, "bytes": 0, "refused": 0}
+
+
 def _op_prune(s: Session, args: PruneArgs, emit: Emit) -> PruneResult:
     return prune.prune(s.layout, int(args["keep"] or 5), emit)
 
@@ -634,6 +672,8 @@ def settle_orphans(s: Session) -> None:
     off): a release it made live but never recorded gets a ledger entry of its own, so every
     release that went live is in the host's history; a release it installed with an early web
     server, but never switched to, has that server stopped (it would idle, shown as drift)."""
+    if s.blob_server is not None:  # the deploy's peers fetch nothing more from a session gone
+        s.blob_server.stop()
     if s.unrecorded is not None:
         ledger.append(
             s.layout,
@@ -697,6 +737,9 @@ HANDLERS: dict[str, Handler] = {
     "history": _op_history,
     "read_release_file": _op_read_release_file,
     "install_uv": _op_install_uv,
+    "serve_blobs": _op_serve_blobs,
+    "fetch_blobs": _op_fetch_blobs,
+    "stop_serving": _op_stop_serving,
     "record": _op_record,
     "mark": _op_mark,
     "prune": _op_prune,

@@ -110,7 +110,7 @@ def _receive_one(layout: Layout, sha: str, size: int, stream: BinaryIO) -> bool:
     try:
         with open(tmp, "wb") as out:
             while remaining:
-                chunk = stream.read(min(CHUNK, remaining))
+                chunk = _read(stream, min(CHUNK, remaining))
                 if not chunk:
                     raise AgentError(
                         f"receive: stream ended {remaining} bytes before the end of blob {sha}",
@@ -134,6 +134,21 @@ def _receive_one(layout: Layout, sha: str, size: int, stream: BinaryIO) -> bool:
     os.chmod(tmp, 0o644)
     os.replace(tmp, layout.blob(sha))
     return True
+
+
+# one blob from any stream: the controller's (receive) or a peer's HTTP response (agent/peers.py)
+store_one = _receive_one
+
+
+def _read(stream: BinaryIO, size: int) -> bytes:
+    """Up to ``size`` bytes of a blob; a stream that fails (a peer's connection reset) is kind
+    ``protocol``, never mistaken for a write error of the store's disk."""
+    try:
+        return stream.read(size)
+    except OSError as exc:
+        raise AgentError(
+            f"receive: reading the blob's bytes failed: {exc}", kind="protocol"
+        ) from None
 
 
 def _write_error(layout: Layout, path: Path, exc: OSError, size: int) -> AgentError:

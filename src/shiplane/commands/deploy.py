@@ -37,6 +37,7 @@ from shiplane.commands.deployment import (
     timeout,
 )
 from shiplane.commands.host_python import BuildHosts, assign_targets, interpreters_for_build
+from shiplane.commands.relay import Relay
 from shiplane.commands.release_phase import run_release
 from shiplane.commands.user_tasks import run_point
 from shiplane.config.layers import render_files
@@ -54,7 +55,7 @@ from shiplane.plan import (
 )
 from shiplane.secret import Masker
 from shiplane.transport.session import AgentSession, HostError
-from shiplane.transport.tools import ship_uv
+from shiplane.transport.tools import install_shipped_uv, uv_blob
 from shiplane.ui import human_bytes
 from shiplane.whoami import holder
 
@@ -418,6 +419,8 @@ def _prepare(d: Deployment, rendered: Any) -> None:
     own = {host: manifest_blobs(d.manifest, d.hosts[host].target) for host in d.hosts}
     sizes = {sha: size for blobs in own.values() for sha, size in blobs}
     store = _blob_store(d)
+    shipped: dict[str, Path] = {}  # blobs from outside the build's store (uv), by sha256
+    relay = _relay(d, sizes, lambda host, session, shas: send(host, session, shas))
 
     request = install_request(
         d.ctx.project.deploy, d.ctx.stage, d.rid, d.manifest, d.ctx.layered, rendered
@@ -458,16 +461,22 @@ def _prepare(d: Deployment, rendered: Any) -> None:
             session.call(
                 "receive",
                 {"blobs": [{"sha256": sha, "size": sizes[sha]} for sha in shas]},
-                payload=_stream_blobs(store, shas),
+                payload=_stream_blobs(store, shas, shipped),
                 on_event=d.fleet.forward(host, "copy"),
                 timeout=timeout(d),
             )
         return sum(sizes[sha] for sha in shas)
 
     def copy(host: str, session: AgentSession) -> Any:
+        # the controller's uv, to a host without one (its venv builds in a second instead of
+        # many): one more blob of the deploy, relayed as the others
+        uv = uv_blob(session)
+        if uv is not None:
+            shipped[uv.sha256], sizes[uv.sha256] = uv.path, uv.size
+        wanted = [sha for sha, _ in own[host]] + ([uv.sha256] if uv else [])
         inventory = session.call(
             "inventory",
-            {"blobs": [sha for sha, _ in own[host]], "venv": venv_hint(host), "port": front_port},
+            {"blobs": wanted, "venv": venv_hint(host), "port": front_port},
             timeout=timeout(d),
         )
         d.hosts[host].previous = inventory.get("current")
@@ -478,22 +487,30 @@ def _prepare(d: Deployment, rendered: Any) -> None:
                 "another `port`"
             )
         missing = inventory.get("missing", [])
-        total = send(host, session, missing)
-        # the controller's uv, to a host without one: its venv builds in a second instead of many
-        total += ship_uv(
-            session, lambda text: d.fleet.emit(Event("copy", "info", host=host, detail=text))
-        )
+        moved = relay.transfer(host, session, wanted, missing)
+        if uv is not None:
+            install_shipped_uv(
+                session,
+                uv,
+                lambda text: d.fleet.emit(Event("copy", "info", host=host, detail=text)),
+            )
+        total, peers = moved.from_controller, sum(moved.from_peers.values())
         d.hosts[host].bytes_sent = total
+        fetched = "".join(
+            f"; fetched {human_bytes(size)} from {source}"
+            for source, size in moved.from_peers.items()
+        )
         d.fleet.emit(
             Event(
                 "copy",
                 "progress",
                 host=host,
-                detail=f"sent {len(missing)} blob(s), {human_bytes(total)}",
+                detail=f"sent {moved.blobs_from_controller} blob(s), {human_bytes(total)}{fetched}",
                 bytes=total,
+                data={"from_controller": total, "from_peers": peers, "peers": moved.from_peers},
             )
         )
-        return {"blobs": len(missing), "bytes": total}
+        return {"blobs": len(missing), "bytes": total, "peer_bytes": peers}
 
     def install(host: str, session: AgentSession) -> Any:
         resent = 0
@@ -538,13 +555,52 @@ def _prepare(d: Deployment, rendered: Any) -> None:
 
     # each host goes lock -> copy -> install at its own pace: a slow host delays no other
     steps = [
-        (name, reached(name, work))
+        (name, reached(name, relay_step(relay, name, work)))
         for name, work in [("lock", _lock(d)), ("copy", copy)]
         + ([] if d.options.until == "copy" else [("install", install)])
     ]
-    for phase, outcomes in d.fleet.chain(steps, hosts=healthy(d)).items():
+    try:
+        chained = d.fleet.chain(steps, hosts=healthy(d))
+    finally:
+        relay.stop(d.fleet.each)  # the hosts' servers end with the transfers
+    for phase, outcomes in chained.items():
         note(d, phase, outcomes)
     stop_if_any_failed(d, d.options.until or "prepare")
+
+
+def _relay(d: Deployment, sizes: dict[str, int], send: Any) -> Relay:
+    """The deploy's blob transfer: each blob leaves the controller once, the hosts relay it to
+    each other (commands/relay.py); the direct copy alone for one host, the ``local`` stage, or
+    ``transfer = "direct"``."""
+    stage = d.ctx.project.deploy.stages[d.ctx.stage]
+    hosts = healthy(d)
+    enabled = stage.transfer == "auto" and not stage.is_local and len(hosts) > 1
+    return Relay(
+        hosts,
+        sizes,
+        send,
+        d.fleet.emit,
+        enabled=enabled,
+        ttl=timeout(d) * 10,
+        port=stage.transfer_port,
+    )
+
+
+def relay_step(relay: Relay, phase: str, work: Any) -> Any:
+    """``work`` as a step the relay follows: hosts that start (lock) are waited for; a host that
+    fails its lock or copy is not (nor fetched from)."""
+
+    def step(host: str, session: AgentSession) -> Any:
+        if phase == "lock":
+            relay.arrive(host)
+        try:
+            return work(host, session)
+        except BaseException:
+            if phase in ("lock", "copy"):
+                relay.leave(host)
+            raise
+
+    return step
 
 
 def _blob_store(d: Deployment) -> Any:
@@ -553,9 +609,9 @@ def _blob_store(d: Deployment) -> Any:
     return BlobStore(d.ctx.project.root / ".shiplane" / "build" / "blobs")
 
 
-def _stream_blobs(store: Any, shas: list[str]) -> Any:
+def _stream_blobs(store: Any, shas: list[str], shipped: dict[str, Path]) -> Any:
     for sha in shas:
-        with store.open(sha) as handle:
+        with shipped[sha].open("rb") if sha in shipped else store.open(sha) as handle:
             while chunk := handle.read(CHUNK):
                 yield chunk
 

@@ -32,6 +32,7 @@ from shiplane.events import Emit
 from shiplane.fleet import Fleet, failures
 from shiplane.plan import hook_hosts, manifest_blobs, primary_host, release_id, services_spec
 from shiplane.secret import Masker
+from shiplane.transfer import HostTransfer, describe, transfer_plan
 from shiplane.transport.session import AgentSession
 
 if TYPE_CHECKING:
@@ -63,6 +64,7 @@ class HostPlan(TypedDict):
     venv_reused: bool
     blobs: int
     bytes: int
+    transfer: str  # where its blobs would come from (docs/DESIGN.md, "Blob transfer")
     config: dict[str, ConfigChange]
     lock: LockInfo | None
     setup_pending: bool
@@ -164,14 +166,38 @@ def _survey(ctx: StageContext, fleet: Fleet, built: BuildResult) -> dict[str, Ho
     wanted = _wanted_files(ctx.project, ctx.layered)
     setup = bool(ctx.project.deploy.hooks.setup)
 
+    lacking: dict[str, list[str]] = {}
+
     def one(host: str, session: AgentSession) -> HostPlan:
-        return _host_plan(session, manifest, built.digest, rid, wanted, setup)
+        return _host_plan(session, manifest, built.digest, rid, wanted, setup, lacking, host)
 
     outcomes = fleet.each("plan", one, quiet=True)
     bad = failures(outcomes)
     if bad:
         raise OperationError("plan failed: " + "; ".join(e.message for e in bad.values()))
-    return {host: outcomes[host].result for host in fleet.hosts if host in outcomes}
+    per_host: dict[str, HostPlan] = {
+        host: outcomes[host].result for host in fleet.hosts if host in outcomes
+    }
+    for host, text in _transfers(ctx, manifest, list(per_host), lacking).items():
+        per_host[host]["transfer"] = text
+    return per_host
+
+
+def _transfers(
+    ctx: StageContext, manifest: dict[str, object], hosts: list[str], lacking: dict[str, list[str]]
+) -> dict[str, str]:
+    """Where each host's blobs would come from: the controller, or a host that has them
+    (``transfer = "auto"`` on several hosts; the deploy decides the same way)."""
+    sizes = dict(manifest_blobs(dict(manifest)))
+    stage = ctx.project.deploy.stages[ctx.stage]
+    lacking = {h: lacking.get(h, []) for h in hosts if lacking.get(h)}
+    if stage.transfer == "auto" and not stage.is_local and len(hosts) > 1:
+        holding = {h: set(sizes) - set(m) for h, m in lacking.items()}
+        plans = transfer_plan(hosts, lacking, holding, sizes)
+    else:
+        plans = {h: HostTransfer(controller=list(m)) for h, m in lacking.items()}
+    said = describe(plans, sizes)
+    return {h: said.get(h, "nothing to send") for h in hosts}
 
 
 def _host_plan(
@@ -181,14 +207,18 @@ def _host_plan(
     rid: str,
     wanted: dict[str, tuple[str | None, str]],
     setup: bool,
+    lacking: dict[str, list[str]],
+    host: str,
 ) -> HostPlan:
-    """One host's plan, from its inventory (and its live release's config files)."""
+    """One host's plan, from its inventory (and its live release's config files); the blobs it
+    lacks go in ``lacking``."""
     blobs = manifest_blobs(dict(manifest))
     sizes = dict(blobs)
     inventory = session.call("inventory", {"blobs": [sha for sha, _ in blobs]}, timeout=120)
     current = inventory.get("current")
     live = next((r for r in inventory.get("releases", []) if r.get("release_id") == current), None)
     missing = list(inventory.get("missing") or [])
+    lacking[host] = missing
     return {
         "current": current,
         "current_artifact": (live or {}).get("artifact"),
@@ -197,6 +227,7 @@ def _host_plan(
         "venv_reused": manifest.get("dependency_digest") in (inventory.get("venvs") or []),
         "blobs": len(missing),
         "bytes": sum(sizes[sha] for sha in missing),
+        "transfer": "",  # the whole stage's plan decides it (_transfers)
         "config": _config_changes(session, current, wanted) if current else {},
         "lock": inventory.get("lock"),
         "setup_pending": setup and not inventory.get("setup_done"),

@@ -16,6 +16,7 @@ import shutil
 import sysconfig
 import threading
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 from shiplane.transport import on_controller
@@ -68,44 +69,78 @@ def would_ship_uv(hello: Mapping[str, object]) -> bool:
     return hello.get("platform") == controller_platform() and local_uv() is not None
 
 
-def ship_uv(session: AgentSession, note: Callable[[str], None]) -> int:
-    """Send the controller's uv to the host if it lacks one; returns the bytes sent (0 if none).
+@dataclass(frozen=True)
+class UvBlob:
+    """The controller's uv as a blob of the deploy: gzipped (``sha256``, ``size``, at ``path``),
+    and the binary's own sha256 the host checks after unpacking it."""
 
-    Never fails the deploy: a host where it cannot be placed keeps using pip (``note`` says why).
-    """
+    sha256: str
+    size: int
+    path: Path
+    binary_sha256: str
+    binary_size: int
+
+
+def uv_blob(session: AgentSession) -> UvBlob | None:
+    """The uv blob to send the host behind ``session``, or None when it needs none (it has uv,
+    is this machine, is of another platform, or shipping is off)."""
     if on_controller(session.host) or not would_ship_uv(session.hello):
-        return 0  # the controller's own machine has our uv already, or is meant to use pip
+        return None  # the controller's own machine has our uv already, or is meant to use pip
     binary = local_uv()
     assert binary is not None
     stat = binary.stat()
     binary_sha = _digest(binary, stat.st_size, stat.st_mtime)
     packed = _gzipped(binary, binary_sha)
-    sha, size = (
-        _digest(packed, packed.stat().st_size, packed.stat().st_mtime),
-        packed.stat().st_size,
-    )
+    packed_stat = packed.stat()
+    sha = _digest(packed, packed_stat.st_size, packed_stat.st_mtime)
+    return UvBlob(sha, packed_stat.st_size, packed, binary_sha, stat.st_size)
+
+
+def install_shipped_uv(session: AgentSession, blob: UvBlob, note: Callable[[str], None]) -> bool:
+    """Make the uv blob the host received runnable there. Never fails the deploy: a host where it
+    cannot be placed keeps using pip (``note`` says why)."""
     try:
-        missing = session.call("inventory", {"blobs": [sha]}, timeout=120).get("missing", [])
-        if missing:
-            session.call(
-                "receive",
-                {"blobs": [{"sha256": sha, "size": size}]},
-                payload=_chunks(packed),
-                timeout=300,
-            )
         result = session.call(
-            "install_uv", {"sha256": sha, "binary_sha256": binary_sha}, timeout=120
+            "install_uv", {"sha256": blob.sha256, "binary_sha256": blob.binary_sha256}, timeout=120
         )
     except HostError as exc:
         if exc.kind in ("lost", "timeout", "connect"):
             raise
         note(f"uv not shipped ({exc.reason}); installing with pip")
-        return 0
+        return False
     session.hello["uv"] = result.get("path")
     note(
-        f"shipped uv ({size >> 20} MiB gzipped, {stat.st_size >> 20} MiB unpacked) to {result.get('path')}"
+        f"shipped uv ({blob.size >> 20} MiB gzipped, {blob.binary_size >> 20} MiB unpacked) "
+        f"to {result.get('path')}"
     )
-    return size if missing else 0
+    return True
+
+
+def ship_uv(session: AgentSession, note: Callable[[str], None]) -> int:
+    """Send the controller's uv to the host if it lacks one (its own round trips); returns the
+    bytes sent (0 if none). A deploy sends it with its other blobs instead (commands/deploy.py)."""
+    blob = uv_blob(session)
+    if blob is None:
+        return 0
+    try:
+        missing = session.call("inventory", {"blobs": [blob.sha256]}, timeout=120).get(
+            "missing", []
+        )
+        if missing:
+            session.call(
+                "receive",
+                {"blobs": [{"sha256": blob.sha256, "size": blob.size}]},
+                payload=_chunks(blob.path),
+                timeout=300,
+            )
+    except HostError as exc:
+        if exc.kind in ("lost", "timeout", "connect"):
+            raise
+        note(f"uv not shipped ({exc.reason}); installing with pip")
+        return 0
+    if not install_shipped_uv(session, blob, note):
+        return 0
+    return blob.size if missing else 0
 
 
 @functools.lru_cache(maxsize=4)
