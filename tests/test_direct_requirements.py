@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from deployhelp import edit, scaffold
+from shiplane.artifact._backend import _uv
 from shiplane.artifact._direct import direct_reference
 from shiplane.artifact._wheelhouse import load_lock, pinned, resolve_target, wheelhouse_key
 
@@ -62,6 +63,24 @@ def test_a_path_requirement_is_pinned_by_its_files(tmp_path: Path) -> None:
     assert lock.lines == [str(tmp_path.resolve() / "libs" / "mylib"), "flask==3.1.3"]
     assert lock.names == {"mylib", "flask"} and lock.warning is None
     assert pinned(lock, [])
+    target = resolve_target(None, None)
+    before = wheelhouse_key(lock, target, [])
+    (tmp_path / "libs" / "mylib" / "mylib" / "__init__.py").write_text("VALUE = 2\n")
+    assert wheelhouse_key(load_lock(tmp_path, ""), target, []) != before
+
+
+def test_a_uv_lock_path_source_is_a_dependency_keyed_by_its_files(tmp_path: Path) -> None:
+    """uv.lock's ``[tool.uv.sources]`` path (``uv export`` writes it ``./libs/mylib``): read
+    as the requirements file's, its files key the caches too."""
+    library(tmp_path / "libs" / "mylib", "mylib", "VALUE = 1\n")
+    (tmp_path / "pyproject.toml").write_text(
+        '[project]\nname = "app"\nversion = "1"\nrequires-python = ">=3.9"\n'
+        'dependencies = ["mylib"]\n\n[tool.uv.sources]\nmylib = { path = "libs/mylib" }\n'
+    )
+    subprocess.run([_uv(), "lock", "--quiet"], cwd=tmp_path, check=True)
+    lock = load_lock(tmp_path, "")
+    assert lock.format == "uv" and lock.lines == [str(tmp_path.resolve() / "libs" / "mylib")]
+    assert pinned(lock, []) and lock.warning is None
     target = resolve_target(None, None)
     before = wheelhouse_key(lock, target, [])
     (tmp_path / "libs" / "mylib" / "mylib" / "__init__.py").write_text("VALUE = 2\n")

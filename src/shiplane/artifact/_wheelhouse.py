@@ -154,8 +154,11 @@ def read_lock(path: Path, *, format: str | None = None, _seen: set[Path] | None 
     if _seen is None and (format or lock_format(path.name)) != "requirements":
         fmt = format or lock_format(path.name)
         exported = export(LockFile(path.resolve(), fmt, detected=False))
-        lock = _parse_lock(path.resolve(), exported.text.encode(), set())
-        lock.data, lock.format, lock.warning = exported.data, fmt, exported.warning
+        text = exported.text.encode()
+        lock = _parse_lock(path.resolve(), text, set())
+        # what parsing added after the text (a path requirement's files, _direct) stays
+        lock.data = exported.data + lock.data[len(text) :]
+        lock.format, lock.warning = fmt, exported.warning
         return lock
     seen = _seen if _seen is not None else set()
     path = path.resolve()
