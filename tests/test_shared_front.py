@@ -255,6 +255,35 @@ def test_a_renewal_under_load_loses_no_request(
     assert "certificate renewed successfully" in log and "beta.test" in log
 
 
+def test_two_apps_deploying_at_once_take_turns_at_the_shared_caddy(
+    host: tuple[TestHost, TestHosts], ca: Pebble, apps: dict[str, Project]
+) -> None:
+    test_host, hosts = host
+    serving(apps)
+    pid = caddy_pid(test_host)
+    names = {"alpha": ["alpha.test", "api.alpha.test"], "beta": ["beta.test", "www.beta.test"]}
+    for name, project in apps.items():
+        set_domains(project, name, names[name], ca, hosts.ssh_config)
+    results: dict[str, dict[str, Any]] = {}
+    threads = [
+        threading.Thread(target=lambda n=n, p=p: results.update({n: p.deploy(check=False)}))
+        for n, p in apps.items()
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(300)
+    for name, result in results.items():
+        assert result["exit"] == 0, f"{name}:\n{result['output'][-3000:]}"
+    assert sorted(results) == ["alpha", "beta"]
+    # each site has its new names: neither deploy's reload lost the other's site
+    routes = {r["app"]: r["domains"] for r in status_of(apps["beta"])["front"]["routes"]}
+    assert routes == names
+    for domain in ("api.alpha.test", "www.beta.test", "alpha.test", "beta.test"):
+        assert https_get(ca, domain, test_host.address)[0] == 200, domain
+    assert caddy_pid(test_host) == pid
+
+
 def test_stopping_one_app_leaves_the_other_served_by_the_same_caddy(
     host: tuple[TestHost, TestHosts], ca: Pebble, apps: dict[str, Project]
 ) -> None:

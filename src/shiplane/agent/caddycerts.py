@@ -69,7 +69,8 @@ FIXES = (
 
 def _failures(log: Path, offset: int, domains: list[str]) -> dict[str, list[str]]:
     """Caddy's error lines about each domain since ``offset`` of its log: the errors, and
-    whether an attempt is over (``will retry``, ``could not get certificate``)."""
+    whether an attempt is over (``will retry``, ``could not get certificate``); not the
+    attempts a reload cancelled."""
     found: dict[str, list[str]] = {}
     try:
         with open(log, "rb") as fh:
@@ -83,6 +84,10 @@ def _failures(log: Path, offset: int, domains: list[str]) -> dict[str, list[str]
         except ValueError:
             continue
         if not isinstance(entry, dict) or entry.get("level") != "error":
+            continue
+        if "context canceled" in line:
+            # a reload (this stage's, or another app's in a shared Caddy) ended the old
+            # config's attempt; the new config starts its own
             continue
         for domain in domains:
             if domain in line:
