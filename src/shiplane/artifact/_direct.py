@@ -18,7 +18,7 @@ import re
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +26,7 @@ from packaging.requirements import InvalidRequirement, Requirement
 from packaging.utils import canonicalize_name, parse_wheel_filename
 
 from ..errors import OperationError
+from ._index import PackageAccess
 
 _VCS = ("git+", "hg+", "svn+", "bzr+")
 # never a library's source: VCS data, build output, caches
@@ -123,7 +124,7 @@ def _files(root: Path) -> list[Path]:
 def wheel_directs(
     lines: Sequence[str],
     work: Path,
-    env: Mapping[str, str],
+    access: PackageAccess,
     hashed: bool,
     emit: Callable[[str, str], None],
 ) -> list[str]:
@@ -146,10 +147,15 @@ def wheel_directs(
                 shutil.copy2(file, dest)
             source = str(copy)
         before = set(out.glob("*.whl"))
+        # in a requirements file, where pip expands ${NAME} (a token in a VCS URL) from the
+        # build secrets in its environment; never on a command line
+        listed = work / f"direct-{i}.txt"
+        listed.write_text(f"{source}\n")  # a bare URL: pip < 24 refuses `name @ git+file:///`
         done = subprocess.run(
-            [sys.executable, "-m", "pip", "wheel", "--no-deps", "--wheel-dir", str(out), source],
+            [sys.executable, "-m", "pip", "wheel", "--no-deps", "--wheel-dir", str(out)]
+            + ["-r", str(listed)],
             cwd=work,
-            env=dict(env),
+            env=access.env(),
             text=True,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -157,7 +163,7 @@ def wheel_directs(
         )
         made = sorted(set(out.glob("*.whl")) - before)
         if done.returncode != 0 or len(made) != 1:
-            tail = "\n".join(done.stdout.splitlines()[-10:])
+            tail = access.scrub("\n".join(done.stdout.splitlines()[-10:]))
             raise OperationError(
                 f"{direct.name or direct.source}: building a wheel from {direct.source} failed "
                 f"(a VCS or path requirement of the lock)\n{tail}",

@@ -321,7 +321,7 @@ def build_wheelhouse(
         work.mkdir()
         req_args: list[str] = []
         # VCS and path requirements become wheels first, pinned by name and version (_direct)
-        lines = wheel_directs(lock.lines, work, env, lock.hashed, emit) if lock else []
+        lines = wheel_directs(lock.lines, work, access, lock.hashed, emit) if lock else []
         if lock and lock.lines:
             normalised = work / "requirements.txt"
             normalised.write_text("\n".join(lines) + "\n")
