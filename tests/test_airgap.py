@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from shiplane.artifact import describe_packages
-from shiplane.artifact._index import PackageAccess, whose_requirement
+from shiplane.artifact._index import PackageAccess, absolute_find_links, whose_requirement
 from shiplane.artifact._store import sha256_file
 from shiplane.artifact._tools import TOOLS, tool_wheels
 from shiplane.errors import OperationError
@@ -155,3 +155,31 @@ def test_a_missing_wheel_is_named_as_the_locks_or_as_shiplanes_addition(
     assert hint is not None and "add gunicorn to requirements.txt, pinned" in hint
     message, _ = explain("markupsafe>=2")
     assert "markupsafe is a dependency of a requirement of your lock" in message
+
+
+def test_package_access_reads_pip_and_uv_settings(tmp_path: Path) -> None:
+    """UV_OFFLINE=1 is pip's --no-index; the build secrets are in pip's and uv's environment
+    only; pip's index variables reach uv under uv's names; a relative find-links is made
+    absolute against the lock's folder."""
+    token = Secret("t0k", "PYPI_TOKEN")
+    access = PackageAccess.of(["flask==3.1.3", "--find-links /w", "--no-index"], [token])
+    assert access.options == ("--find-links /w", "--no-index")
+    assert access.offline({}) == "the lock's --no-index"
+    plain = PackageAccess()
+    assert plain.offline({"UV_OFFLINE": "1"}) == "UV_OFFLINE=1"
+    assert plain.offline({"PIP_NO_INDEX": "0"}) is None
+    env = access.env({"UV_OFFLINE": "true", "PIP_INDEX_URL": "https://idx/simple"})
+    assert env["PIP_NO_INDEX"] == "1" and env["PYPI_TOKEN"] == "t0k"
+    assert access.uv_env({"PIP_INDEX_URL": "https://idx/simple"})["UV_INDEX_URL"] == (
+        "https://idx/simple"
+    )
+    assert plain.uv_args({"PIP_NO_INDEX": "1", "PIP_FIND_LINKS": "/a /b"}) == [
+        "--no-index",
+        "--find-links",
+        "/a",
+        "--find-links",
+        "/b",
+    ]
+    assert absolute_find_links("-f ./wheels", tmp_path) == f"-f {tmp_path.resolve() / 'wheels'}"
+    assert absolute_find_links("--find-links=https://h/w", tmp_path) == "--find-links=https://h/w"
+    assert repr(access).count("t0k") == 0
