@@ -169,6 +169,18 @@ def test_a_mixed_fleet_gets_the_wheels_of_each_hosts_python(
     assert f"for {h2.name}, {h3.name}: CPython {PY312[-1].name} (cp312" in said, said[-2000:]
 
 
+def test_plan_names_each_hosts_python_and_plans_the_same_artifact(
+    fleet: App, ssh_hosts: TestHosts
+) -> None:
+    h1, h2, _ = ssh_hosts.hosts
+    planned = fleet.json("plan", "--stage", "fleet")
+    hosts = planned["hosts"]
+    assert hosts[h1.name]["python"] == "CPython 3.11.2 (cp311, linux_x86_64) at /usr/bin/python3"
+    assert hosts[h2.name]["python"].startswith(f"CPython {PY312[-1].name} (cp312, linux_x86_64)")
+    # the deploy's artifact, built for the same interpreters: nothing to send, venvs reused
+    assert all(h["same_artifact"] and h["venv_reused"] and not h["blobs"] for h in hosts.values())
+
+
 def test_a_lock_lacking_a_package_a_host_needs_fails_the_build_naming_it(
     fleet: App, ssh_hosts: TestHosts
 ) -> None:

@@ -44,6 +44,15 @@ def manifest_blobs(manifest: Mapping[str, object], target: int | None = None) ->
     return list(seen.items())
 
 
+def every_blob(manifest: Mapping[str, object]) -> list[Blob]:
+    """The blobs of every host's share of the artifact: a mixed stage's targets' wheels too."""
+    seen = dict(manifest_blobs(manifest))
+    targets = manifest.get("targets")
+    for index in range(len(targets) if isinstance(targets, list) else 0):
+        seen.update(manifest_blobs(manifest, index))
+    return list(seen.items())
+
+
 def services_spec(deploy: DeployFile, stage: str) -> ServicesSpec:
     """The services part of a switch/start request (see docs/DESIGN.md, "Services")."""
     stage_cfg = deploy.stages[stage]

@@ -523,6 +523,7 @@ def _host_plan_lines(host: str, info: HostPlan, services: list[str]) -> list[str
         f"{host}:",
         f"  release   {info['current'] or '(none: first deploy)'} -> {info['release']}"
         + (" (same artifact as live)" if info["same_artifact"] else ""),
+        f"  python    {info['python']}",
         f"  venv      {'reused' if info['venv_reused'] else 'built (dependencies installed)'}",
         f"  send      {info['blobs']} blob(s), {human_bytes(info['bytes'])}",
     ]

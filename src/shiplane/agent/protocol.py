@@ -428,6 +428,30 @@ class ReceiveResult(TypedDict):
     bytes: int
 
 
+class Serving(TypedDict):
+    """``serve_blobs``: where this host serves the deploy's blobs to its peers (agent/peers.py)."""
+
+    address: str
+    port: int
+    blobs: int  # how many of the named blobs it holds (and serves)
+
+
+class ServingStopped(TypedDict):
+    served: int  # blobs sent to peers
+    bytes: int
+    refused: int  # requests without the deploy's proof
+
+
+class FetchResult(TypedDict):
+    """``fetch_blobs``: what came from the peer, verified; what the controller must send instead."""
+
+    received: int
+    bytes: int
+    failed: list[str]  # not had from the peer (``error`` says why)
+    bad: list[str]  # arrived with bytes of another sha256: discarded
+    error: str | None
+
+
 class HookResult(TypedDict):
     exit_code: int
     output: str
@@ -796,6 +820,31 @@ OPS: dict[str, Op] = {
                 Field("binary_sha256", "string|null", "the binary inside the gzipped blob"),
             ),
         ),
+        Op(
+            "serve_blobs",
+            "serve these stored blobs to peer hosts over HTTP for this deploy (docs/DESIGN.md)",
+            "{address, port, blobs}",
+            (
+                Field("blobs", "array", "sha256 of the blobs peers may fetch", required=True),
+                Field("token", "string", "the deploy's secret: requests prove it", required=True),
+                Field("ttl", "number", "seconds before the server stops on its own", default=600),
+                Field("port", "integer", "the port (0: any free one)", default=0),
+                Field("address", "string|null", "where to listen (default: the SSH address)"),
+            ),
+        ),
+        Op(
+            "fetch_blobs",
+            "fetch blobs from a peer's serve_blobs, each verified by its sha256",
+            "{received, bytes, failed, bad, error}",
+            (
+                Field("address", "string", "the peer's address", required=True),
+                Field("port", "integer", "the peer's port", required=True),
+                Field("token", "string", "the deploy's secret", required=True),
+                Field("blobs", "array", "[{sha256, size}]", required=True),
+                Field("connect_timeout", "number", "seconds to reach the peer", default=3),
+            ),
+        ),
+        Op("stop_serving", "stop serve_blobs", "{served, bytes, refused}"),
         Op(
             "record",
             "append an entry to the host's ledger",

@@ -46,6 +46,7 @@ from shiplane.events import Emit, Event
 from shiplane.fleet import Fleet, Outcome, TransportFactory, failures, local_ledger
 from shiplane.plan import (
     batches,
+    every_blob,
     host_services,
     install_request,
     manifest_blobs,
@@ -417,7 +418,7 @@ def _lock(d: Deployment) -> Any:
 def _prepare(d: Deployment, rendered: Any) -> None:
     # a mixed stage's artifact holds a wheelhouse per Python: each host gets its own only
     own = {host: manifest_blobs(d.manifest, d.hosts[host].target) for host in d.hosts}
-    sizes = {sha: size for blobs in own.values() for sha, size in blobs}
+    sizes = dict(every_blob(d.manifest))
     store = _blob_store(d)
     shipped: dict[str, Path] = {}  # blobs from outside the build's store (uv), by sha256
     relay = _relay(d, sizes, lambda host, session, shas: send(host, session, shas))

@@ -18,7 +18,7 @@ from typing import Any
 from shiplane.artifact import Interpreter, host_misfit, load_manifest, target_index
 from shiplane.commands.deployment import Deployment
 from shiplane.errors import OperationError, UsageError
-from shiplane.fleet import Outcome, local_ledger
+from shiplane.fleet import Fleet, Outcome, local_ledger
 
 Connected = Future[dict[str, Outcome]]
 BuildHosts = Callable[[], Mapping[str, Interpreter]]
@@ -34,16 +34,20 @@ def interpreters_for_build(d: Deployment, connected: Connected | None) -> BuildH
         if connected is None:
             return _promoted(d)
         connected.result()  # the hosts that could not be connected are told of after the build
-        # in the stage's order, not the connections': the artifact's targets (its digest) follow it
-        sessions = d.fleet.sessions
-        found = {
-            host: Interpreter.from_hello(sessions[host].hello)
-            for host in d.fleet.hosts
-            if host in sessions and host in d.hosts
-        }
-        return {host: interp for host, interp in found.items() if interp is not None}
+        return hosts_interpreters(d.fleet)
 
     return hosts
+
+
+def hosts_interpreters(fleet: Fleet) -> dict[str, Interpreter]:
+    """Each connected host's interpreter, in the stage's order (not the connections'): the
+    artifact's targets, and so its digest, follow it."""
+    found = {
+        host: Interpreter.from_hello(fleet.sessions[host].hello)
+        for host in fleet.hosts
+        if host in fleet.sessions
+    }
+    return {host: interp for host, interp in found.items() if interp is not None}
 
 
 def _promoted(d: Deployment) -> Mapping[str, Interpreter]:

@@ -20,8 +20,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal, TypedDict
 
 from shiplane.agent.protocol import LockInfo
+from shiplane.artifact import Interpreter, target_index
 from shiplane.commands.build import build_for_deploy
 from shiplane.commands.common import StageContext
+from shiplane.commands.host_python import hosts_interpreters
 from shiplane.commands.operate import connected
 from shiplane.commands.release_phase import checkout_inputs, last_run_inputs
 from shiplane.config import Layered, Project
@@ -30,7 +32,14 @@ from shiplane.config.layers import env_file_values, render_files
 from shiplane.errors import ConfigError, OperationError
 from shiplane.events import Emit
 from shiplane.fleet import Fleet, failures
-from shiplane.plan import hook_hosts, manifest_blobs, primary_host, release_id, services_spec
+from shiplane.plan import (
+    every_blob,
+    hook_hosts,
+    manifest_blobs,
+    primary_host,
+    release_id,
+    services_spec,
+)
 from shiplane.secret import Masker
 from shiplane.transfer import HostTransfer, describe, transfer_plan
 from shiplane.transport.session import AgentSession
@@ -68,6 +77,7 @@ class HostPlan(TypedDict):
     config: dict[str, ConfigChange]
     lock: LockInfo | None
     setup_pending: bool
+    python: str  # the host's interpreter, e.g. "CPython 3.11.2 (cp311, linux_x86_64)"
 
 
 class PlanJson(TypedDict):
@@ -142,7 +152,10 @@ def run_plan(
     inventoried."""
     with connected(file, stage, masker, hosts=hosts, sets=sets, need_secrets=True) as (ctx, fleet):
         deploy = ctx.project.deploy
-        built = build_for_deploy(ctx.project, emit, stage=ctx.stage)
+        # as deploy does: a wheelhouse for each host's Python, so the artifact is the same
+        built = build_for_deploy(
+            ctx.project, emit, stage=ctx.stage, hosts=lambda: hosts_interpreters(fleet)
+        )
         per_host = _survey(ctx, fleet, built)
         rolling = deploy.stages[ctx.stage].rolling
         return PlanResult(
@@ -188,7 +201,7 @@ def _transfers(
 ) -> dict[str, str]:
     """Where each host's blobs would come from: the controller, or a host that has them
     (``transfer = "auto"`` on several hosts; the deploy decides the same way)."""
-    sizes = dict(manifest_blobs(dict(manifest)))
+    sizes = dict(every_blob(manifest))
     stage = ctx.project.deploy.stages[ctx.stage]
     lacking = {h: lacking.get(h, []) for h in hosts if lacking.get(h)}
     if stage.transfer == "auto" and not stage.is_local and len(hosts) > 1:
@@ -212,7 +225,11 @@ def _host_plan(
 ) -> HostPlan:
     """One host's plan, from its inventory (and its live release's config files); the blobs it
     lacks go in ``lacking``."""
-    blobs = manifest_blobs(dict(manifest))
+    targets = manifest.get("targets")
+    several = [t["target"] for t in targets] if isinstance(targets, list) and targets else None
+    index = target_index(several, session.hello) if several else None
+    own = targets[index] if isinstance(targets, list) and index is not None else manifest
+    blobs = manifest_blobs(dict(manifest), index)
     sizes = dict(blobs)
     inventory = session.call("inventory", {"blobs": [sha for sha, _ in blobs]}, timeout=120)
     current = inventory.get("current")
@@ -224,14 +241,21 @@ def _host_plan(
         "current_artifact": (live or {}).get("artifact"),
         "release": rid,
         "same_artifact": bool(live) and (live or {}).get("artifact") == digest,
-        "venv_reused": manifest.get("dependency_digest") in (inventory.get("venvs") or []),
+        "venv_reused": own.get("dependency_digest") in (inventory.get("venvs") or []),
         "blobs": len(missing),
         "bytes": sum(sizes[sha] for sha in missing),
         "transfer": "",  # the whole stage's plan decides it (_transfers)
         "config": _config_changes(session, current, wanted) if current else {},
         "lock": inventory.get("lock"),
         "setup_pending": setup and not inventory.get("setup_done"),
+        "python": _interpreter(session),
     }
+
+
+def _interpreter(session: AgentSession) -> str:
+    interp = Interpreter.from_hello(session.hello)
+    label = interp.label if interp else str(session.hello.get("python"))
+    return f"{label} at {session.hello.get('executable')}"
 
 
 def _hook_plan(ctx: StageContext, fleet: Fleet, per_host: dict[str, HostPlan]) -> HookPlan:

@@ -947,6 +947,20 @@ class Stage(Model):
     connect_timeout: Annotated[
         float, Field(gt=0, le=600, description="Seconds to connect to a host.")
     ] = 10
+    transfer: Literal["auto", "direct"] = Field(
+        default="auto",
+        description="How blobs reach the hosts: ``auto`` sends each blob the hosts lack once, to "
+        "the first host that lacks it, and the others fetch it from that host over HTTP on the "
+        "address ssh reached it at (a per-deploy token, every blob checked by its sha256; "
+        "the controller sends directly what a host cannot fetch); ``direct``: the controller "
+        "sends every host what it lacks. One host and ``local`` always use ``direct``.",
+    )
+    transfer_port: Annotated[int, Field(ge=0, le=65535)] = Field(
+        default=0,
+        description="The TCP port a host serves blobs to the other hosts on during a deploy "
+        '(``transfer = "auto"``); 0: a free port of its choosing. Set one to open in a '
+        "firewall between the hosts.",
+    )
     deploy_user: Annotated[str, Field(pattern=LOGIN)] | None = Field(
         default=None,
         description="The unprivileged user ``shiplane setup`` creates and every other verb logs in "
