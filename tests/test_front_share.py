@@ -6,6 +6,11 @@ tests/test_nginx_front.py)."""
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import subprocess
+import tempfile
 import threading
 from pathlib import Path
 from typing import Any
@@ -127,3 +132,49 @@ def test_the_shared_caddys_ports_are_every_apps(tmp_path: Path) -> None:
     assert "asks for" in err.value.message and "https_port 8443" in err.value.message
     assert (data / "Caddyfile").read_text() == main  # untouched
     assert not caddyfile.site_path(blog, spec).exists()
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or not os.access("/usr/bin/python3", os.X_OK),
+    reason="runs the agent as another user (needs root and the hosts' /usr/bin/python3)",
+)
+def test_a_caddy_dir_the_deploy_user_cannot_make_names_setup() -> None:
+    """The deploy user (here: nobody) deploying with a caddy.data_dir in a dir only root may
+    write: the front's error says who makes it, before any Caddy starts."""
+    base = Path(tempfile.mkdtemp(prefix="shl-frontdir-", dir="/tmp"))  # pytest's tmp is 0700
+    os.chmod(base, 0o755)
+    try:
+        _refused_as_nobody(base)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _refused_as_nobody(tmp_path: Path) -> None:
+    code = (
+        "import json, sys\n"
+        "from pathlib import Path\n"
+        "from shiplane.agent import caddy\n"
+        "from shiplane.agent.errors import AgentError\n"
+        "from shiplane.agent.paths import Layout\n"
+        "spec = json.loads(sys.argv[1])\n"
+        "try:\n"
+        "    caddy.ensure(Layout(Path(sys.argv[2])), spec, lambda e: None)\n"
+        "except AgentError as exc:\n"
+        "    print(exc.kind, exc.message)\n"
+    )
+    spec = caddy_spec("blog", ["blog.example.com"], tmp_path / "caddy")
+    # the hosts' Python (the agent is stdlib-only), which nobody may run, unlike pyenv's in /root
+    src = str(Path(caddy.__file__).parents[2])
+    done = subprocess.run(
+        ["/usr/bin/python3", "-c", code, json.dumps(spec), "/nonexistent/blog"],
+        capture_output=True,
+        text=True,
+        user="nobody",
+        env={"PYTHONPATH": src, "PATH": "/usr/bin:/bin"},
+        cwd="/",
+        timeout=60,
+        check=False,
+    )
+    assert done.stdout.startswith("front cannot make the Caddy dir"), done.stdout + done.stderr
+    assert "shiplane setup makes it" in done.stdout
+    assert not (tmp_path / "caddy").exists()

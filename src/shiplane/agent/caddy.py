@@ -190,6 +190,12 @@ def _own_dir(data: Path) -> None:
         os.chmod(data, 0o700)
         (data / SITES).mkdir(exist_ok=True)
     except PermissionError:
+        if not os.path.isdir(data):  # (False, not an error, when a parent is closed to us)
+            raise AgentError(
+                f"cannot make the Caddy dir {data} (caddy.data_dir) as uid {os.geteuid()}: "
+                f"shiplane setup makes it for the deploy user",
+                kind="front",
+            ) from None
         raise AgentError(
             f"the Caddy dir {data} is not this user's (uid {os.geteuid()}; it belongs to uid "
             f"{_owner(data)}): the stages sharing a caddy.data_dir deploy as the same user",
