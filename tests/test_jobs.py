@@ -263,6 +263,32 @@ def test_a_run_never_overlaps_itself_and_ends_at_its_timeout(tmp_path: Path) -> 
     assert record["seconds"] < 15
 
 
+def test_a_runner_told_to_stop_ends_its_job_and_records_it(tmp_path: Path) -> None:
+    from shiplane.agent import pid_alive
+
+    layout = _root(tmp_path, "sleep 60")
+    runner = subprocess.Popen(
+        [sys.executable, "-m", "shiplane.agent", "run-job", str(layout.root), "tidy"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        pid = wait_for(
+            lambda: (jobs.read_record(layout, "tidy") or {}).get("pid"),
+            deadline=20,
+            what="the run's command started",
+        )
+        runner.terminate()  # a scheduler stopping, or systemctl stop
+        assert runner.wait(timeout=30) == 1
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+    record = jobs.read_record(layout, "tidy")
+    assert record is not None and record["state"] == "killed", record
+    assert not pid_alive(int(pid))
+    assert "job tidy killed" in jobs.log_path(layout, "tidy").read_text()
+
+
 def test_the_deploy_file_checks_schedules_and_the_primary_alone_gets_jobs(
     tmp_path: Path,
 ) -> None:

@@ -25,6 +25,7 @@ pytestmark = [pytest.mark.ssh, pytest.mark.slow]
 PORT = 8410
 STAGE = "fleet"
 ROOT = "stamps"
+JOB = '[jobs.stamp]\nschedule = "* * * * *"\ncommand = "echo ran on $(hostname) in $SHIPLANE_RELEASE"\n\n'
 
 
 @pytest.fixture
@@ -43,11 +44,7 @@ def job_app(ssh_hosts: TestHosts, tmp_path: Path) -> Iterator[App]:
         f'bind = "0.0.0.0"\nssh_config = "{hosts.ssh_config}"\n'
         f'roles = {{ primary = ["{hosts.hosts[1].name}"] }}\n'
     )
-    job = (
-        '[jobs.stamp]\nschedule = "* * * * *"\n'
-        'command = "echo ran on $(hostname) in $SHIPLANE_RELEASE"\n\n'
-    )
-    toml.write_text(text[: text.index("[stages.local]")] + job + stage)
+    toml.write_text(text[: text.index("[stages.local]")] + JOB + stage)
     app.commit("a job and the fleet stage")
     app.stage = STAGE
     try:
@@ -99,3 +96,23 @@ def test_a_job_runs_once_a_minute_on_the_primary_host_only(
         line.split("(")[1].split(")")[0] for line in log.splitlines() if "job stamp (" in line
     ]
     assert len(minutes) == len(set(minutes)) >= 1
+
+    # another primary: the job moves with it, and the old primary schedules nothing any more
+    toml = app.root / "shiplane.toml"
+    text = toml.read_text()
+    toml.write_text(text.replace(f'primary = ["{primary.name}"]', f'primary = ["{hosts[2].name}"]'))
+    app.commit("another primary")
+    app.deploy()
+    conf = Path(ROOT) / "run" / "programs" / "shiplane-jobs.conf"
+    assert (hosts[2].root / conf).exists()
+    assert not (primary.root / conf).exists() and not (hosts[0].root / conf).exists()
+    moved = app.json("status", "--stage", STAGE)
+    assert [h for h, r in moved["hosts"].items() if r.get("jobs")] == [hosts[2].name]
+
+    # a job removed from the deploy file is scheduled nowhere
+    toml.write_text(toml.read_text().replace(JOB, ""))
+    app.commit("no job")
+    app.deploy()
+    assert not any((h.root / conf).exists() for h in hosts)
+    gone = app.json("status", "--stage", STAGE)
+    assert not [h for h, r in gone["hosts"].items() if r.get("jobs")]

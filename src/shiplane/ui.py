@@ -626,6 +626,8 @@ def job_lines(jobs: Sequence[Mapping[str, Any]]) -> list[str]:
                 f"last {last.get('started_at')} {ended} {last.get('exit_code')} "
                 f"in {float(last.get('seconds') or 0):.1f}s"
             )
+        elif last.get("started_at"):  # its runner was killed before it could say how it ended
+            ran = f"last {last.get('started_at')} did not finish"
         else:
             ran = "not run yet"
         lines.append(

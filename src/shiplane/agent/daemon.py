@@ -51,6 +51,8 @@ DEAD_STATES = {"FATAL", "STOPPED", "UNKNOWN"}
 # gunicorn's own exit codes for a release that cannot serve (gunicorn/arbiter.py): retrying
 # the same code cannot help, so the switch fails now instead of after the health timeout
 FRONT_START_TIMEOUT = 15.0
+# past any worker's stop_timeout (at most 3600 s, config/schema.py): supervisord KILLs before
+WORKER_STOP_DEADLINE = 3600.0 + 60.0
 GUNICORN_GAVE_UP = {3: "a worker failed to boot", 4: "the app failed to load"}
 
 
@@ -391,7 +393,14 @@ class DaemonBackend:
             return None
         pid = int(info["pid"])
         started = time.monotonic()
-        self.sup.stop(name)
+        # polled, not one blocking RPC: a stop_timeout may be longer than the RPC's timeout
+        self.sup.stop_nowait(name)
+        deadline = started + WORKER_STOP_DEADLINE
+        while time.monotonic() < deadline:
+            info = self.sup.info(name)
+            if info is None or info["statename"] not in ("STOPPING", "RUNNING", "STARTING"):
+                break
+            time.sleep(0.1)  # poll interval while the worker drains
         seconds = round(time.monotonic() - started, 3)
         # supervisord logs exactly this line when stopwaitsecs ran out (supervisor/process.py)
         mark = f"killing '{name}' ({pid}) with SIGKILL"

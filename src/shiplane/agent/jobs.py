@@ -45,7 +45,7 @@ MINUTE_FORMAT = "%Y-%m-%dT%H:%M"
 class JobRecord(TypedDict, total=False):
     """``run/jobs/<name>.json``: the last run (``state`` running while it goes on)."""
 
-    state: str  # "running", "done", "timeout", "killed"
+    state: str  # "running", "done", "timeout", "killed", "failed" (could not start)
     minute: str  # the scheduled minute, local time "YYYY-mm-ddTHH:MM"
     release: str
     host: str
@@ -223,21 +223,26 @@ def _run(layout: Layout, name: str, job: JobSpec, minute: str, release: str) -> 
     started = time.monotonic()
     try:
         os.write(log, f"--- {record['started_at']} job {name} ({minute}) on {release}\n".encode())
-        child = subprocess.Popen(
-            ["/bin/sh", "-c", command],
-            cwd=layout.release(release),
-            env=runtime_env(layout, release),
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=log,
-            start_new_session=True,  # its own group: ended with whatever it started
-            **_run_as(layout),
-        )
-        record["pid"] = child.pid
-        _write_record(layout, name, record)
-        code, state = _wait(child, float(job.get("timeout") or 3600))
+        try:
+            child = subprocess.Popen(
+                ["/bin/sh", "-c", command],
+                cwd=layout.release(release),
+                env=runtime_env(layout, release),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                start_new_session=True,  # its own group: ended with whatever it started
+                **_run_as(layout),
+            )
+        except (OSError, AgentError) as exc:  # the release went (pruned), the user is gone
+            why = exc.message if isinstance(exc, AgentError) else str(exc)
+            code, state, tail = None, "failed", f"could not start: {why}"
+        else:
+            record["pid"] = child.pid
+            _write_record(layout, name, record)
+            code, state = _wait(child, float(job.get("timeout") or 3600))
+            tail = f"exited {code}" if state == "done" else f"{state} (exit {code})"
         seconds = round(time.monotonic() - started, 3)
-        tail = f"exited {code}" if state == "done" else f"{state} (exit {code})"
         os.write(log, f"--- {utc_now()} job {name} {tail} after {seconds:g} s\n".encode())
     finally:
         os.close(log)
@@ -252,24 +257,27 @@ def _wait(child: subprocess.Popen[bytes], timeout: float) -> tuple[int | None, s
     """The command's exit code and how the run ended: ``done``, ``timeout`` (it ran past the
     job's timeout) or ``killed`` (this runner was told to stop: a scheduler restart, a
     ``systemctl stop``); the last two end its process group, TERM then KILL."""
-    stopping: list[int] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not _STOPPING:
+        try:
+            return child.wait(timeout=0.5), "done"
+        except subprocess.TimeoutExpired:
+            continue
+    _end_group(child)
+    return child.returncode, "killed" if _STOPPING else "timeout"
 
+
+# the signals this runner got (TERM, INT): from the start, so one that comes before the command
+# starts still ends it, and the run is recorded
+_STOPPING: list[int] = []
+
+
+def _catch_stop() -> None:
     def stop(signum: int, _frame: object) -> None:
-        stopping.append(signum)
+        _STOPPING.append(signum)
 
-    previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and not stopping:
-            try:
-                return child.wait(timeout=0.5), "done"
-            except subprocess.TimeoutExpired:
-                continue
-        _end_group(child)
-        return child.returncode, "killed" if stopping else "timeout"
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, stop)
 
 
 def _end_group(child: subprocess.Popen[bytes]) -> None:
@@ -290,6 +298,7 @@ def main(argv: list[str]) -> int:
     if len(argv) not in (2, 3):
         sys.stderr.write("usage: agent run-job <root> <name> [YYYY-mm-ddTHH:MM]\n")
         return 2
+    _catch_stop()
     minute = argv[2] if len(argv) == 3 else None
     try:
         if minute is not None:

@@ -56,6 +56,8 @@ SYSTEM_UNIT_DIR = Path("/etc/systemd/system")
 # path length check holds), then replaced by the ``%i`` specifier
 INSTANCE = "SHIPLANE_INSTANCE_0000000"
 SYSTEMCTL_TIMEOUT = 600.0
+# past any worker's stop_timeout (at most 3600 s, config/schema.py): systemd KILLs before
+WORKER_STOP_DEADLINE = 3600.0 + 60.0
 UNIT_PREFIX_RE = re.compile(r"[^A-Za-z0-9_.-]")
 # home directories: ProtectHome= hides them, so a deploy root or an interpreter there needs them
 # read-only instead (ReadWritePaths= makes the deploy root writable again under them)
@@ -477,14 +479,16 @@ class SystemdBackend:
     def systemctl_argv(self, *args: str) -> list[str]:
         return ["systemctl", *(["--user"] if self.user else []), *args]
 
-    def systemctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    def systemctl(
+        self, *args: str, check: bool = True, timeout: float = SYSTEMCTL_TIMEOUT
+    ) -> subprocess.CompletedProcess[str]:
         argv = self.systemctl_argv(*args)
         try:
             done = subprocess.run(
                 argv,
                 capture_output=True,
                 text=True,
-                timeout=SYSTEMCTL_TIMEOUT,
+                timeout=timeout,
                 stdin=subprocess.DEVNULL,
                 check=False,
             )
@@ -628,7 +632,8 @@ class SystemdBackend:
         if props.get("ActiveState") not in ("active", "activating", "reloading"):
             return None
         started = time.monotonic()
-        self.systemctl("stop", unit)
+        # waits for its TimeoutStopSec, which may be longer than systemctl's usual wait
+        self.systemctl("stop", unit, timeout=WORKER_STOP_DEADLINE)
         result = self.show(unit, "Result").get("Result")
         if result == "timeout":  # TimeoutStopSec ran out: systemd sent SIGKILL
             emit(
