@@ -6,6 +6,11 @@ answering every name with the test host's address, validating HTTP-01 against th
 reaches; its certificates live 30 s and Caddy checks every second, so it renews each one about
 every 20 s, under whatever load a test runs.
 
+The tests: both apps served, each with its own certificate, HTTP redirected, ``status`` naming
+the routes; a deploy (a new name: a reload) and a rollback of one under load on the other; a
+renewal under load; both deploying at once (each reload keeps the other's site, and a reload
+ending the other's certificate order fails neither); a stop of one under load on the other.
+
 The HTTPS client connects to the host's address with the app's name as SNI and verifies the
 chain against pebble's root and the name. Load loops are bounded in count and time; every wait
 is a poll with a deadline. One host, one pebble and the two deploys serve the whole module.
