@@ -183,3 +183,8 @@ def test_package_access_reads_pip_and_uv_settings(tmp_path: Path) -> None:
     assert absolute_find_links("-f ./wheels", tmp_path) == f"-f {tmp_path.resolve() / 'wheels'}"
     assert absolute_find_links("--find-links=https://h/w", tmp_path) == "--find-links=https://h/w"
     assert repr(access).count("t0k") == 0
+    remote = PackageAccess.of(["--find-links https://me:pw@wheels.example/w/"])
+    assert (
+        remote.sources({})
+        == "the find-links folder https://wheels.example/w/ and the package index"
+    )

@@ -101,7 +101,9 @@ class PackageAccess:
         env = os.environ if environ is None else environ
         links = [m.group(3) for o in self.options if (m := _FIND_LINKS.match(o))]
         links += env.get("PIP_FIND_LINKS", "").split()
-        where = [f"the find-links folder {link}" for link in links]
+        where = [
+            f"the find-links folder {_shown_url(link) if '://' in link else link}" for link in links
+        ]
         why = self.offline(environ)
         if why is None:
             where.append("the package index")
