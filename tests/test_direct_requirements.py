@@ -69,6 +69,21 @@ def test_a_path_requirement_is_pinned_by_its_files(tmp_path: Path) -> None:
     assert wheelhouse_key(load_lock(tmp_path, ""), target, []) != before
 
 
+def test_a_vcs_requirement_at_a_tag_is_warned_of_and_at_a_commit_is_pinned(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "requirements.txt").write_text("greet @ git+https://e.org/g@v1\nflask==3.1.3\n")
+    lock = load_lock(tmp_path, "")
+    assert not pinned(lock, []) and lock.warning is not None
+    assert lock.warning.startswith("requirements.txt names 1 VCS requirement(s) by a tag or")
+    assert "name each one's commit" in lock.warning
+    (tmp_path / "requirements.txt").write_text(
+        f"greet @ git+https://e.org/g@{'0' * 40}\nflask==3.1.3\n"
+    )
+    lock = load_lock(tmp_path, "")
+    assert pinned(lock, []) and lock.warning is None
+
+
 def test_a_uv_lock_path_source_is_a_dependency_keyed_by_its_files(tmp_path: Path) -> None:
     """uv.lock's ``[tool.uv.sources]`` path (``uv export`` writes it ``./libs/mylib``): read
     as the requirements file's, its files key the caches too."""

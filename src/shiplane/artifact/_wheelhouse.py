@@ -138,10 +138,22 @@ def unpinned_warning(lock: Lock) -> str | None:
     if not loose:
         return None
     shown = ", ".join(loose[:5]) + (f" and {len(loose) - 5} more" if len(loose) > 5 else "")
+    # a VCS requirement at a tag or branch (_direct): its fix is a commit, not a resolver
+    moving = sorted(
+        {d.name for x in lock.lines if (d := direct_reference(x, lock.path.parent)) and d.name}
+        & set(loose)
+    )
+    if moving == loose:
+        return (
+            f"{lock.path.name} names {len(loose)} VCS requirement(s) by a tag or branch "
+            f"({shown}), which can move: two builds may ship different code; name each "
+            "one's commit (`...@<commit id>`)"
+        )
     return (
         f"{lock.path.name} does not pin {len(loose)} requirement(s) ({shown}): each build takes "
         f"their newest versions, so two builds may differ; pin them all, e.g. "
         f"`uv pip compile requirements.in -o {lock.path.name}`"
+        + (f" (and name the commit of {', '.join(moving)})" if moving else "")
     )
 
 
