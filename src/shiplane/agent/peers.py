@@ -51,6 +51,10 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
     blob_server: BlobServer
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """Quiet: a peer that goes away mid-blob says so itself (its fetch fails over to the
+        controller); a traceback on the agent's stderr would only reach the controller's log."""
+
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive: one connection per fetching host
@@ -118,7 +122,10 @@ class BlobServer:
             ) from None
         self._httpd.blob_server = self
         self.address, self.port = address, int(self._httpd.server_address[1])
-        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+        # a short poll: ``stop`` (shutdown) waits for the loop to see it, and a deploy for ``stop``
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
         self._thread.start()
         # bounded lifetime: a controller that never says stop (killed mid-deploy) leaves nothing
         self._timer = threading.Timer(min(max(ttl, 1.0), MAX_TTL), self.stop)

@@ -17,11 +17,10 @@ blobs itself; the events say so. ``stop`` ends every source's server once the pr
 
 from __future__ import annotations
 
-import secrets
+import os
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 from shiplane.events import Emit, Event
@@ -37,14 +36,14 @@ FATAL = ("lost", "timeout", "connect", "disk")  # the host itself is in trouble,
 Send = Callable[[str, AgentSession, list[str]], int]
 
 
-@dataclass
 class Moved:
     """Where one host's blobs came from, in bytes."""
 
-    from_controller: int = 0
-    from_peers: dict[str, int] = field(default_factory=dict)
-    blobs_from_controller: int = 0
-    blobs_from_peers: int = 0
+    def __init__(self) -> None:
+        self.from_controller = 0
+        self.from_peers: dict[str, int] = {}
+        self.blobs_from_controller = 0
+        self.blobs_from_peers = 0
 
 
 class Relay:
@@ -67,7 +66,7 @@ class Relay:
         self.emit = emit
         self.enabled = enabled
         self.ttl, self.port = ttl, port
-        self.token = secrets.token_hex(32)  # this deploy's only: given to the hosts, never shown
+        self.token = os.urandom(32).hex()  # this deploy's only: given to the hosts, never shown
         self._cond = threading.Condition()
         self._arrived: set[str] = set()
         self._gone: set[str] = set()  # left the chain before saying what they lack
