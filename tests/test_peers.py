@@ -114,6 +114,12 @@ def test_a_server_needs_an_address_and_a_real_token(source: Layout) -> None:
         peers.serve(source, [], "short", "127.0.0.1", 0, 60)
 
 
-def test_the_address_is_the_one_ssh_reached_the_host_at(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_address_is_the_one_ssh_reached_the_host_at(
+    monkeypatch: pytest.MonkeyPatch, source: Layout
+) -> None:
     monkeypatch.setenv("SSH_CONNECTION", "10.0.0.1 51234 10.0.0.5 22")
     assert peers.ssh_address() == "10.0.0.5"
+    # reached through a tunnel: the other hosts cannot come to this host's loopback
+    monkeypatch.setenv("SSH_CONNECTION", "127.0.0.1 51234 127.0.0.1 2222")
+    with pytest.raises(AgentError, match="no other host can reach"):
+        peers.serve(source, [], TOKEN, None, 0, 60)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import http.client
+import ipaddress
 import os
 import socket
 import threading
@@ -45,6 +46,13 @@ def ssh_address() -> str | None:
     client port, server ip, server port): the one its peers are asked to use too."""
     parts = os.environ.get("SSH_CONNECTION", "").split()
     return parts[2] if len(parts) == 4 else None
+
+
+def _loopback(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address.split("%")[0]).is_loopback
+    except ValueError:
+        return False
 
 
 class _Server(ThreadingHTTPServer):
@@ -162,6 +170,11 @@ def serve(
     if not where:
         raise AgentError(
             "serve_blobs: no address to serve on (not reached over SSH, and none given)",
+            kind="usage",
+        )
+    if address is None and _loopback(where):  # a tunnel: the other hosts would reach themselves
+        raise AgentError(
+            f"serve_blobs: reached over SSH at {where}, which no other host can reach",
             kind="usage",
         )
     held = [sha for sha in dict.fromkeys(shas) if layout.blob(sha).is_file()]
