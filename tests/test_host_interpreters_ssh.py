@@ -181,6 +181,19 @@ def test_plan_names_each_hosts_python_and_plans_the_same_artifact(
     assert all(h["same_artifact"] and h["venv_reused"] and not h["blobs"] for h in hosts.values())
 
 
+def test_doctor_checks_each_hosts_own_python(fleet: App, ssh_hosts: TestHosts) -> None:
+    done = fleet.shiplane("doctor", "--stage", "fleet", "--json")
+    hosts = json.loads(done.stdout)["result"]["hosts"]
+    said = {
+        name: next(c for c in info["checks"] if c["check"] == "python")
+        for name, info in hosts.items()
+    }
+    h1, h2, h3 = ssh_hosts.hosts
+    assert said[h1.name] == {"check": "python", "status": "ok", "detail": "3.11.2"}, said
+    for host in (h2, h3):
+        assert said[host.name]["detail"] == PY312[-1].name, said
+
+
 def test_a_lock_lacking_a_package_a_host_needs_fails_the_build_naming_it(
     fleet: App, ssh_hosts: TestHosts
 ) -> None:

@@ -443,6 +443,10 @@ class _Stage:
     def python(self) -> str:
         return self.stage.python or self.project.deploy.app.python
 
+    def python_on(self, host: str) -> str:
+        """The interpreter on ``host``: its own (a table in ``hosts``), else the stage's."""
+        return self.stage.python_of(host, self.project.deploy.app.python)
+
     @property
     def front(self) -> str:
         """The front's server binary the hosts need ("" for shiplane's own proxy)."""
@@ -673,7 +677,7 @@ def run_setup(
                 deploy_root=_q(st.root),
                 stage=_q(st.name),
                 pubkey=_q(f"{key} shiplane-{st.project.deploy.app.name}"),
-                python=_q(st.python),
+                python=_q(st.python_on(host)),
                 front=_q(st.front),
                 front_dir=_q(st.front_dir),
                 front_dir_setup=_FRONT_DIR_SETUP,
@@ -750,7 +754,7 @@ def run_doctor(
     script = _DOCTOR_SCRIPT.format(
         path=_q(_PATH),
         deploy_root=_q(st.root),
-        python=_q(st.python),
+        python="@@HOST_PYTHON@@",  # each host's own, below
         front=_q(st.front),
         front_dir=_q(st.front_dir),
         front_dir_doctor=_FRONT_DIR_DOCTOR,
@@ -771,8 +775,9 @@ def run_doctor(
 
     def one(host: str) -> HostDoctor:
         transport = transports[host]
+        own = script.replace("@@HOST_PYTHON@@", _q(st.python_on(host)), 1)
         code, out, err = _run(
-            transport, ["sh", "-s"], script, DOCTOR_TIMEOUT + st.stage.connect_timeout
+            transport, ["sh", "-s"], own, DOCTOR_TIMEOUT + st.stage.connect_timeout
         )
         rows = _parsed(out, "check")
         if not rows:
@@ -838,14 +843,14 @@ def _fix(st: _Stage, host: str, check: str, login: str, setup_able: bool) -> str
     setup = st.fix() if setup_able else f"set deploy_user in [stages.{st.name}], then {st.fix()}"
     if st.stage.is_local:
         setup = {
-            "python": f"install Python 3.9 or later with venv as {st.python}",
+            "python": f"install Python 3.9 or later with venv as {st.python_on(host)}",
             "root": f"mkdir -p {_q(st.root)}",
         }.get(check, setup)
     port = st.project.deploy.web_port(st.name)
     return {
         "python": setup
-        if st.python == "python3"
-        else f"install Python 3.9 or later with venv as {st.python} on {host}",
+        if st.python_on(host) == "python3"
+        else f"install Python 3.9 or later with venv as {st.python_on(host)} on {host}",
         "disk": f"free space under {st.root} on {host} (shiplane prune --stage {st.name} removes old releases)",
         "port": f"stop what listens on port {port} on {host} (ss -ltnp 'sport = :{port}'), or set port in [stages.{st.name}]"
         + (" to 1024 or above" if port is not None and port < 1024 else ""),
