@@ -90,7 +90,8 @@ def test_an_air_gapped_build_deploys_from_a_folder_of_the_locks_wheels(
         status, body = app.get("/")
         assert status == 200 and f"release {result['release']}" in body
 
-        (next(folder.glob("werkzeug-*.whl"))).unlink()
+        werkzeug = next((base / "cache" / "wheelhouse").glob("*/werkzeug-*.whl"))
+        (folder / werkzeug.name).unlink()
         edit(app, "requirements.txt", "flask==", "# again\nflask==")
         done = app.shiplane("build", env=offline)
         assert done.returncode == 1, done.stdout + done.stderr
@@ -99,6 +100,18 @@ def test_an_air_gapped_build_deploys_from_a_folder_of_the_locks_wheels(
         assert "werkzeug is a requirement of your lock (requirements.txt)" in out
         assert f"pip looked in the find-links folder {folder} (PIP_NO_INDEX=1: no index)" in out
         assert "supervisor" not in out and "Traceback" not in out
+
+        # a cold cache: the build backend's requirements are not in the folder, and are
+        # named as the app's [build-system] requires, not as the lock's
+        shutil.copy(werkzeug, folder)
+        cold = {**offline, "SHIPLANE_CACHE_DIR": str(base / "cold")}
+        edit(app, "requirements.txt", "flask==", "# cold\nflask==")  # a new app wheel too
+        done = app.shiplane("build", env=cold)
+        out = done.stdout + done.stderr
+        assert done.returncode == 1, out
+        assert "the app's build backend needs hatchling" in out
+        assert "[build-system] requires in pyproject.toml" in out
+        assert "put their wheels into the find-links folder" in out
     finally:
         app.stop()
 
