@@ -293,6 +293,7 @@ def test_the_deploy_file_checks_schedules_and_the_primary_alone_gets_jobs(
     tmp_path: Path,
 ) -> None:
     from shiplane.config import load_project
+    from shiplane.config.loader import with_overrides
     from shiplane.errors import ConfigError
 
     toml = tmp_path / "shiplane.toml"
@@ -311,6 +312,15 @@ def test_the_deploy_file_checks_schedules_and_the_primary_alone_gets_jobs(
     assert spec["jobs"]["cleanup"]["schedule"] == "*/5 * * * *"
     given_to = {h: host_services(spec, deploy, "prod", h)["jobs"] for h in ("h1", "h2", "h3")}
     assert [h for h, j in given_to.items() if j] == ["h2"]
+    # a run with --hosts cannot leave roles.primary out, so the jobs never move by it
+    with pytest.raises(ConfigError, match="role 'primary' names 'h2'"):
+        with_overrides(load_project(toml), "prod", "h1,h3", [])
+    # without roles.primary, the first host has them
+    toml.write_text(toml.read_text().replace('primary = ["h2"]', ""))
+    plain = load_project(toml).deploy
+    assert [h for h in ("h1", "h2", "h3") if host_services(spec, plain, "prod", h)["jobs"]] == [
+        "h1"
+    ]
 
 
 @pytest.mark.parametrize(
