@@ -216,6 +216,7 @@ class Gap:
 
     package: str
     why: str
+    conditional: bool = False  # a requirement with a marker that holds there (not everywhere)
 
 
 def check_wheelhouse(
@@ -293,11 +294,13 @@ def _missing(
         ):
             shown = f"; {marker}" if marker else ""
             has = f"{have.name} {have.version}" if have else f"no {req.name}"
+            holds = ", which holds there," if marker else ""
             gaps.append(
                 Gap(
                     req.name,
-                    f"{who} requires `{req.name}{req.specifier}{shown}`, which holds there, "
-                    f"and the lock has {has}",
+                    f"{who} requires `{req.name}{req.specifier}{shown}`{holds} and the lock "
+                    f"has {has}",
+                    conditional=marker is not None,
                 )
             )
         elif not set(req.extras) <= extras[name]:
@@ -322,9 +325,14 @@ def refuse_gaps(gaps: Sequence[Gap], label: str, hosts: Sequence[str], lock_name
     shown = "; ".join(f"{g.package}: {g.why}" for g in gaps[:5])
     more = f" (and {len(gaps) - 5} more)" if len(gaps) > 5 else ""
     where = ", ".join(hosts)
+    why = (
+        "The lock was resolved for another Python than theirs"
+        if any(g.conditional for g in gaps)
+        else "The lock is incomplete"
+    )
     raise UsageError(
         f"the lock {lock_name} lacks what {where} need{'s' if len(hosts) == 1 else ''} on "
-        f"{label}: {shown}{more}. The lock was resolved for another Python; nothing was sent.",
+        f"{label}: {shown}{more}. {why}; nothing was sent.",
         hint="lock for every Python the hosts run (e.g. `uv pip compile --universal "
         "requirements.in -o requirements.txt`, or `uv lock`), then deploy again",
     )
