@@ -312,6 +312,9 @@ def test_the_deploy_file_checks_schedules_and_the_primary_alone_gets_jobs(
     assert spec["jobs"]["cleanup"]["schedule"] == "*/5 * * * *"
     given_to = {h: host_services(spec, deploy, "prod", h)["jobs"] for h in ("h1", "h2", "h3")}
     assert [h for h, j in given_to.items() if j] == ["h2"]
+    from shiplane.commands.plan import _services
+
+    assert "job cleanup (*/5 * * * *: scheduled on the primary host only)" in _services(spec)
     # a run with --hosts cannot leave roles.primary out, so the jobs never move by it
     with pytest.raises(ConfigError, match="role 'primary' names 'h2'"):
         with_overrides(load_project(toml), "prod", "h1,h3", [])

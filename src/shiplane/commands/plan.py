@@ -289,6 +289,12 @@ def _services(spec: Mapping[str, object]) -> list[str]:
         f"{name} (restarted on the new release)"
         for name in (workers if isinstance(workers, dict) else {})
     ]
+    jobs = spec.get("jobs")
+    out += [
+        f"job {name} ({job.get('schedule')}: scheduled on the primary host only)"
+        for name, job in (jobs if isinstance(jobs, dict) else {}).items()
+        if isinstance(job, dict)
+    ]
     return out
 
 
