@@ -10,9 +10,11 @@ from pathlib import Path
 import pytest
 
 from deployhelp import edit, scaffold
+from pkgindex import make_wheel
 from shiplane.artifact._backend import _uv
 from shiplane.artifact._direct import direct_reference
 from shiplane.artifact._wheelhouse import load_lock, pinned, resolve_target, wheelhouse_key
+from shiplane.errors import OperationError
 
 GIT_ENV = {
     **os.environ,
@@ -37,7 +39,7 @@ def library(root: Path, name: str, body: str) -> Path:
 
 def test_lines_read_as_vcs_or_path_requirements(tmp_path: Path) -> None:
     app = tmp_path / "app"
-    app.mkdir()
+    (app / "libs" / "mylib").mkdir(parents=True)
     git = direct_reference("greet @ git+file:///srv/greet@v1.0 ; python_version >= '3.9'", app)
     assert git is not None and git.name == "greet" and not git.fixed and git.path is None
     assert git.line == 'greet @ git+file:///srv/greet@v1.0 ; python_version >= "3.9"'
@@ -52,6 +54,14 @@ def test_lines_read_as_vcs_or_path_requirements(tmp_path: Path) -> None:
         assert found is not None and found.is_app
     for line in ("flask==3.1.3", "--index-url https://u:p@example.org/simple", "-r base.txt"):
         assert direct_reference(line, app) is None
+    wheel = make_wheel(app, "Local_Pkg", "2.0", "X = 1\n")
+    found = direct_reference(f"./{wheel.name}", app)
+    assert found is not None and found.name == "local-pkg" and found.fixed
+    with pytest.raises(OperationError) as caught:
+        direct_reference("./libs/typo", app)
+    assert caught.value.message == (
+        f"the lock names the path ./libs/typo, which does not exist ({app / 'libs' / 'typo'})"
+    )
 
 
 def test_a_path_requirement_is_pinned_by_its_files(tmp_path: Path) -> None:

@@ -58,7 +58,9 @@ class Direct:
     def digest(self) -> bytes:
         """What the caches' key adds: the source, and a path's files and their bytes."""
         h = hashlib.sha256(self.source.encode())
-        if self.path is not None and not self.is_app:
+        if self.path is not None and self.path.is_file():  # a wheel or sdist file
+            h.update(b"\0" + self.path.read_bytes())
+        elif self.path is not None and not self.is_app:
             for file in _files(self.path):
                 h.update(f"\0{file.relative_to(self.path)}\0".encode() + file.read_bytes())
         return h.hexdigest().encode()
@@ -97,6 +99,13 @@ def direct_reference(line: str, base: Path) -> Direct | None:
 def _path(where: str, name: str | None, marker: str | None, base: Path) -> Direct:
     path = (base / where).resolve()
     is_app = path == base.resolve() or path in base.resolve().parents
+    if not is_app and not path.exists():
+        raise OperationError(
+            f"the lock names the path {where}, which does not exist ({path})",
+            hint="fix the path in the lock (it is read against the lock's own folder)",
+        )
+    if path.suffix == ".whl" and name is None:
+        name = canonicalize_name(parse_wheel_filename(path.name)[0])
     return Direct(str(path), name or _project_name(path), marker, path, is_app)
 
 
@@ -139,7 +148,8 @@ def wheel_directs(
     for i, direct in found:
         emit("wheelhouse", f"pip wheel {direct.name or direct.source} (from its source)")
         source = direct.source
-        if direct.path is not None:  # a copy: pip's build leaves build/ and *.egg-info behind
+        if direct.path is not None and direct.path.is_dir():
+            # a copy: pip's build leaves build/ and *.egg-info behind
             copy = work / "direct-src" / str(i)
             for file in _files(direct.path):
                 dest = copy / file.relative_to(direct.path)
