@@ -14,7 +14,7 @@ from pkgindex import make_wheel
 from shiplane.artifact._backend import _uv
 from shiplane.artifact._direct import direct_reference
 from shiplane.artifact._wheelhouse import load_lock, pinned, resolve_target, wheelhouse_key
-from shiplane.errors import OperationError
+from shiplane.errors import ConfigError
 
 GIT_ENV = {
     **os.environ,
@@ -57,7 +57,7 @@ def test_lines_read_as_vcs_or_path_requirements(tmp_path: Path) -> None:
     wheel = make_wheel(app, "Local_Pkg", "2.0", "X = 1\n")
     found = direct_reference(f"./{wheel.name}", app)
     assert found is not None and found.name == "local-pkg" and found.fixed
-    with pytest.raises(OperationError) as caught:
+    with pytest.raises(ConfigError) as caught:
         direct_reference("./libs/typo", app)
     assert caught.value.message == (
         f"the lock names the path ./libs/typo, which does not exist ({app / 'libs' / 'typo'})"

@@ -25,7 +25,7 @@ from pathlib import Path
 from packaging.requirements import InvalidRequirement, Requirement
 from packaging.utils import canonicalize_name, parse_wheel_filename
 
-from ..errors import OperationError
+from ..errors import ConfigError, OperationError
 from ._index import PackageAccess
 
 _VCS = ("git+", "hg+", "svn+", "bzr+")
@@ -99,8 +99,8 @@ def direct_reference(line: str, base: Path) -> Direct | None:
 def _path(where: str, name: str | None, marker: str | None, base: Path) -> Direct:
     path = (base / where).resolve()
     is_app = path == base.resolve() or path in base.resolve().parents
-    if not is_app and not path.exists():
-        raise OperationError(
+    if not is_app and not path.exists():  # bad input: exit 2, before anything is built
+        raise ConfigError(
             f"the lock names the path {where}, which does not exist ({path})",
             hint="fix the path in the lock (it is read against the lock's own folder)",
         )
