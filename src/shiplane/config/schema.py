@@ -574,7 +574,9 @@ class Service(Model):
         default=[], description="web: smoke checks a new release must pass."
     )
     stop_signal: Literal["TERM", "INT", "QUIT", "HUP", "USR1", "USR2", "KILL"] = Field(
-        default="TERM", description="Not web: the signal that stops the service."
+        default="TERM",
+        description="Not web: the signal that stops the service gracefully (Celery and RQ: "
+        "``TERM``, their warm shutdown; Dramatiq: ``TERM`` or ``INT``; docs/workers.md).",
     )
     stop_timeout: Annotated[
         float,
@@ -582,7 +584,8 @@ class Service(Model):
             gt=0,
             le=3600,
             description="Not web: seconds the service has to exit after "
-            "its stop signal before it is killed.",
+            "its stop signal before it is killed: longer than the longest job a worker "
+            "may be running (a deploy waits for it).",
         ),
     ] = 10
 
