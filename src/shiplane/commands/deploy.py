@@ -36,7 +36,12 @@ from shiplane.commands.deployment import (
     stop_if_any_failed,
     timeout,
 )
-from shiplane.commands.host_python import BuildHosts, assign_targets, interpreters_for_build
+from shiplane.commands.host_python import (
+    BuildHosts,
+    assign_targets,
+    hosts_interpreters,
+    interpreters_for_build,
+)
 from shiplane.commands.relay import Relay
 from shiplane.commands.release_phase import run_release
 from shiplane.commands.user_tasks import run_point
@@ -266,7 +271,13 @@ def _artifact_of(
     emit(
         Event("build", "start", detail=f"artifact {digest[:12]} is not in this clone: building it")
     )
-    built = build_for_deploy(d.ctx.project, emit, stage=d.ctx.stage)
+    # for the hosts' interpreters, as a deploy's build is (they are connected now); else for the
+    # deploy file's target, as `shiplane build` makes the artifact a --artifact deploy ships
+    built = build_for_deploy(
+        d.ctx.project, emit, stage=d.ctx.stage, hosts=lambda: hosts_interpreters(d.fleet)
+    )
+    if built.digest != digest:
+        built = build_for_deploy(d.ctx.project, emit, stage=d.ctx.stage)
     if built.digest != digest:
         raise UsageError(
             f"--retry-failed: the last deploy of stage {d.ctx.stage!r} shipped artifact "
