@@ -13,7 +13,7 @@ from shiplane.artifact import describe_packages
 from shiplane.artifact._index import PackageAccess, absolute_find_links, whose_requirement
 from shiplane.artifact._store import sha256_file
 from shiplane.artifact._tools import TOOLS, tool_wheels
-from shiplane.errors import OperationError
+from shiplane.errors import ConfigError, OperationError
 from shiplane.secret import Secret
 
 # Any HTTP(S) request through these fails at once: a build that tries the network is caught.
@@ -201,3 +201,16 @@ def test_package_access_reads_pip_and_uv_settings(tmp_path: Path) -> None:
         remote.sources({})
         == "the find-links folder https://wheels.example/w/ and the package index"
     )
+
+
+def test_a_variable_the_lock_uses_and_nothing_sets_is_refused() -> None:
+    """``${PYPI_TOKEN}`` in the lock with no such build secret nor variable: exit 2 naming it,
+    not the index's 401."""
+    lines = ["--extra-index-url https://me:${PYPI_TOKEN}@pypi.example/simple", "x==1"]
+    with pytest.raises(ConfigError) as caught:
+        PackageAccess().require_names(lines, "requirements.txt", {"OTHER": "1"})
+    assert caught.value.exit_code == 2
+    assert caught.value.message.startswith("requirements.txt uses ${PYPI_TOKEN}, which nothing")
+    assert caught.value.hint is not None and "[build] secrets" in caught.value.hint
+    PackageAccess().require_names(lines, "requirements.txt", {"PYPI_TOKEN": "t"})
+    PackageAccess.of(lines, [Secret("t", "PYPI_TOKEN")]).require_names(lines, "r.txt", {})

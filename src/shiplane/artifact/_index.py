@@ -19,6 +19,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import ConfigError
 from ..secret import Masker, Secret
 
 # The lines of a requirements file that say where packages come from (pip's own names).
@@ -27,6 +28,7 @@ _OPTION = re.compile(
 )
 _FIND_LINKS = re.compile(r"^(--find-links|-f)([\s=]+)(\S+)$")
 _TRUE = ("1", "true", "yes", "on")
+_VARIABLE = re.compile(r"\$\{([A-Z0-9_]+)\}")  # what pip expands in a requirements file
 
 
 def is_index_option(line: str) -> bool:
@@ -109,6 +111,27 @@ class PackageAccess:
             where.append("the package index")
         shown = " and ".join(where) if where else "no package source"
         return self.scrub(shown + (f" ({why}: no index)" if why else ""))
+
+    def require_names(
+        self, lines: Iterable[str], lock: str, environ: Mapping[str, str] | None = None
+    ) -> None:
+        """Refuse (exit 2) a ``${NAME}`` in the lock that pip would expand to nothing: neither a
+        build secret nor the environment sets it (pip would send the text itself to the index,
+        and say only that the index refused it)."""
+        env = os.environ if environ is None else environ
+        given = {s.name for s in self.secrets}
+        unset = sorted(
+            {m for line in lines for m in _VARIABLE.findall(line)}
+            - given
+            - {k for k in env if env[k]}
+        )
+        if unset:
+            shown = ", ".join(f"${{{name}}}" for name in unset)
+            raise ConfigError(
+                f"{lock} uses {shown}, which nothing sets: pip would send the text itself",
+                hint=f"name {', '.join(unset)} in [build] secrets (docs/dependencies.md, "
+                '"Private indexes"), or set it in the environment',
+            )
 
     def scrub(self, text: str) -> str:
         """``text`` without any build secret's value (pip masks passwords in URLs; not all)."""

@@ -332,6 +332,8 @@ def build_wheelhouse(
         work = out / ".work"
         work.mkdir()
         req_args: list[str] = []
+        if lock:
+            access.require_names(lock.lines, lock.path.name)
         # VCS and path requirements become wheels first, pinned by name and version (_direct)
         lines = wheel_directs(lock.lines, work, access, lock.hashed, emit) if lock else []
         if lock and lock.lines:
