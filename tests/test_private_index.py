@@ -5,6 +5,7 @@ artifact, the build's files and caches, nor on the host."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import secrets
@@ -14,6 +15,8 @@ import pytest
 
 from deployhelp import edit, scaffold
 from pkgindex import make_wheel, private_index
+from shiplane.artifact._index import PackageAccess
+from shiplane.artifact._wheelhouse import load_lock
 
 GREETING = "hello from the private index"
 
@@ -83,3 +86,36 @@ def test_a_private_index_with_its_token_as_a_build_secret(
             assert re.search(r"Looked in the environment\.", done.stdout + done.stderr)
     finally:
         app.stop()
+
+
+def test_a_pipfile_lock_names_its_private_index_for_pip(tmp_path: Path) -> None:
+    """Pipfile.lock's sources other than PyPI become --extra-index-url lines with their
+    ${NAME} kept (pip expands it from a build secret); an editable library path is a
+    dependency, the app's own path is not."""
+    (tmp_path / "libs" / "mylib").mkdir(parents=True)
+    private = "https://deploy:${PYPI_TOKEN}@pypi.example.com/simple"
+    (tmp_path / "Pipfile.lock").write_text(
+        json.dumps(
+            {
+                "_meta": {
+                    "sources": [
+                        {"name": "pypi", "url": "https://pypi.org/simple", "verify_ssl": True},
+                        {"name": "corp", "url": private, "verify_ssl": True},
+                    ]
+                },
+                "default": {
+                    "ourlib": {"version": "==2.4.0", "index": "corp"},
+                    "mylib": {"editable": True, "path": "./libs/mylib"},
+                    "app": {"editable": True, "path": "."},
+                },
+            }
+        )
+    )
+    lock = load_lock(tmp_path, "")
+    assert lock.lines == [
+        f"--extra-index-url {private}",
+        str(tmp_path.resolve() / "libs" / "mylib"),
+        "ourlib==2.4.0",
+    ]
+    assert PackageAccess.of(lock.lines).options == (f"--extra-index-url {private}",)
+    assert b"${PYPI_TOKEN}" in lock.data

@@ -516,8 +516,9 @@ def _pipenv(path: Path, raw: bytes) -> str:
     for name, entry in (data.get("default") or {}).items():  # "develop": the dev packages
         if not isinstance(entry, dict):
             continue
-        if entry.get("editable") or entry.get("path") in (".", "./"):
+        if entry.get("path") in (".", "./"):
             continue  # the app itself: it ships as the app, not as a dependency
+        # another editable path (./libs/x) is a library: built into a wheel (_direct)
         version = str(entry.get("version", "")).lstrip("=") or None
         pin = _Pin(name, version, hashes=tuple(entry.get("hashes", [])))
         if entry.get("git"):
@@ -532,4 +533,18 @@ def _pipenv(path: Path, raw: bytes) -> str:
         if pin.version is None and pin.url is None:
             raise OperationError(f"{path}: {name} has no version", hint="lock again: `pipenv lock`")
         pins.append(pin)
-    return _lines(pins)
+    return _pipenv_sources(data) + _lines(pins)
+
+
+def _pipenv_sources(data: dict[str, object]) -> str:
+    """The Pipfile's package indexes other than PyPI as ``--extra-index-url`` lines, their
+    ``${NAME}`` kept for pip to expand from a build secret (docs/dependencies.md, "Private
+    indexes"); PyPI itself is left to the user's pip configuration (a mirror, say)."""
+    meta = data.get("_meta")
+    sources = meta.get("sources") if isinstance(meta, dict) else None
+    lines = []
+    for source in sources if isinstance(sources, list) else []:
+        url = source.get("url") if isinstance(source, dict) else None
+        if isinstance(url, str) and url and "://pypi.org/" not in url + "/":
+            lines.append(f"--extra-index-url {url}\n")
+    return "".join(lines)
