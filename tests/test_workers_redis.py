@@ -104,6 +104,9 @@ stop_timeout = 180
 hosts = ["local"]
 deploy_to = "{deploy_to}"
 port = {port}
+# below the time the old worker takes to finish its job (over 15 s): the agent keeps the
+# switch alive while the worker drains
+command_timeout = 12
 """
 
 
