@@ -289,7 +289,7 @@ def test_two_apps_deploying_at_once_take_turns_at_the_shared_caddy(
     assert caddy_pid(test_host) == pid
 
 
-def test_stopping_one_app_leaves_the_other_served_by_the_same_caddy(
+def test_stopping_and_starting_one_app_leaves_the_other_served_by_the_same_caddy(
     host: tuple[TestHost, TestHosts], ca: Pebble, apps: dict[str, Project]
 ) -> None:
     test_host, _ = host
@@ -304,3 +304,10 @@ def test_stopping_one_app_leaves_the_other_served_by_the_same_caddy(
     # alpha's name is no longer served (no certificate for it in the TLS handshake)
     with pytest.raises((ssl.SSLError, OSError)):
         https_get(ca, "alpha.test", test_host.address)
+    # start brings alpha back into the same Caddy, beta served all along
+    load = Load(ca, test_host.address, "beta.test", b"<h1>beta")
+    started = load.during(lambda: alpha.shiplane("start", "--stage", STAGE))
+    assert started.returncode == 0, started.stdout[-3000:] + started.stderr
+    assert load.failures == [], load.failures[:5]
+    assert https_get(ca, "alpha.test", test_host.address)[0] == 200
+    assert caddy_pid(test_host) == pid

@@ -311,6 +311,10 @@ def start(
             ensure_front(layout, backend, spec, emit)
         elif name == "web":
             _start_web(layout, backend, spec, emit)
+            if not builtin_front(spec):
+                # a Caddy or nginx is no service of ours: the web's start puts its site back
+                # (a stop --all took it out) and starts the server if none runs
+                front_for(spec).ensure(layout, spec, emit)
     workers = [n for n in targets if n not in ("front", "web")]
     if workers:
         backend.restart_workers(spec, _require_live(layout), emit, only=set(workers))
