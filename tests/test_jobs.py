@@ -345,3 +345,37 @@ def test_worker_commands_are_execed_when_simple(command: str, execed: bool) -> N
     from shiplane.agent.backend import exec_form
 
     assert (exec_form(command) == f"exec {command}") is execed
+
+
+def test_a_jobs_log_is_rotated_past_its_size(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    layout = _root(tmp_path, "echo fresh")
+    log = jobs.log_path(layout, "tidy")
+    log.parent.mkdir(parents=True)
+    for index in range(1, jobs.LOG_BACKUPS + 1):
+        log.with_name(f"{log.name}.{index}").write_text(f"backup {index}\n")
+    log.write_text("x" * 64)
+    monkeypatch.setattr(jobs, "LOG_MAX", 32)
+    monkeypatch.setattr(jobs, "_run_as", lambda layout: {})
+    assert jobs.run_job(layout, "tidy", "2026-12-07T10:01") == 0
+    assert "fresh" in log.read_text() and "x" * 64 not in log.read_text()
+    assert log.with_name(f"{log.name}.1").read_text() == "x" * 64
+    assert log.with_name(f"{log.name}.2").read_text() == "backup 1\n"
+    assert (
+        log.with_name(f"{log.name}.{jobs.LOG_BACKUPS}").read_text()
+        == f"backup {jobs.LOG_BACKUPS - 1}\n"
+    )
+
+
+def test_a_service_cannot_take_a_name_shiplane_uses(tmp_path: Path) -> None:
+    from shiplane.config import load_project
+    from shiplane.errors import ConfigError
+
+    toml = tmp_path / "shiplane.toml"
+    toml.write_text(
+        '[app]\nname = "demo"\nwsgi = "app:app"\n[services.shiplane-jobs]\ncommand = "true"\n'
+        '[stages.prod]\nhosts = ["h1"]\ndeploy_to = "/srv/demo"\n'
+    )
+    with pytest.raises(ConfigError, match="the name is shiplane's own"):
+        load_project(toml)

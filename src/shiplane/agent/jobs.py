@@ -40,6 +40,8 @@ from .runtime import expand, placeholders, runtime_env
 # a run ended (timeout, or its runner told to stop) gets TERM, then KILL this much later
 KILL_GRACE = 10.0
 MINUTE_FORMAT = "%Y-%m-%dT%H:%M"
+LOG_MAX = 50 * 1024 * 1024  # a job's log is rotated past this size (the services' 50MB)
+LOG_BACKUPS = 5
 
 
 class JobRecord(TypedDict, total=False):
@@ -219,6 +221,7 @@ def _run(layout: Layout, name: str, job: JobSpec, minute: str, release: str) -> 
         "started_at": utc_now(),
     }
     layout.log.mkdir(parents=True, exist_ok=True)
+    _rotate(log_path(layout, name))
     log = os.open(log_path(layout, name), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
     started = time.monotonic()
     try:
@@ -251,6 +254,21 @@ def _run(layout: Layout, name: str, job: JobSpec, minute: str, release: str) -> 
     _write_record(layout, name, record)
     say(f"job {name} ({minute}) on {release}: {tail} after {seconds:g} s")
     return code if code is not None and code >= 0 else 1
+
+
+def _rotate(path: Path) -> None:
+    """Keep a job's log under LOG_MAX bytes, as supervisord keeps the services' (``.1`` the
+    newest of LOG_BACKUPS older files): a ``* * * * *`` job appends to it every minute."""
+    try:
+        if path.stat().st_size < LOG_MAX:
+            return
+    except OSError:
+        return
+    for index in range(LOG_BACKUPS - 1, 0, -1):
+        older = path.with_name(f"{path.name}.{index}")
+        if older.exists():
+            os.replace(older, path.with_name(f"{path.name}.{index + 1}"))
+    os.replace(path, path.with_name(f"{path.name}.1"))
 
 
 def _wait(child: subprocess.Popen[bytes], timeout: float) -> tuple[int | None, str]:

@@ -1183,6 +1183,12 @@ class DeployFile(Model):
         for name, service in self.services.items():
             if name != "web" and not service.command:
                 raise ValueError(f"services.{name} needs a command")
+            # the agent's own programs (agent/backend.py RESERVED) and web servers' names
+            if name in ("front", "supervisord", "shiplane-jobs") or name.startswith("web-"):
+                raise ValueError(
+                    f"services.{name}: the name is shiplane's own (the front, the process "
+                    "manager, the jobs' scheduler, the web servers): pick another"
+                )
         if web is not None and not (self.app.wsgi or self.app.asgi):
             raise ValueError("services.web needs app.wsgi or app.asgi to serve")
         for name, stage in self.stages.items():
