@@ -117,3 +117,14 @@ def test_a_stage_set_to_direct_relays_nothing(app: Path, hosts: FakeHosts) -> No
     got = moved(events)
     assert all(info["from_peers"] == 0 for info in got.values())
     assert len({info["from_controller"] for info in got.values()}) == 1
+
+
+def test_a_source_whose_own_copy_fails_leaves_nobody_waiting(app: Path, hosts: FakeHosts) -> None:
+    hosts["h1"].fail("receive", "disk", "no space left on the disk")
+    ok, events = deploy(app, hosts)
+    assert not ok  # h1 failed to prepare: nothing switches
+    got = moved(events)
+    assert "h1" not in got
+    for host in FLEET[1:]:
+        assert got[host]["from_peers"] == 0 and got[host]["peers"] == {}
+        assert "h1 serves nothing" in said(events, host)

@@ -254,7 +254,12 @@ class Relay:
                         "info",
                         host=host,
                         detail=f"served {served.get('served', 0)} blob(s), "
-                        f"{human_bytes(int(served.get('bytes') or 0))} to the other hosts",
+                        f"{human_bytes(int(served.get('bytes') or 0))} to the other hosts"
+                        + (
+                            f"; refused {served['refused']} request(s) without this deploy's proof"
+                            if served.get("refused")
+                            else ""
+                        ),
                         bytes=int(served.get("bytes") or 0),
                         data={"served_to_peers": int(served.get("bytes") or 0)},
                     )
