@@ -212,3 +212,18 @@ def test_a_lock_lacking_a_package_a_host_needs_fails_the_build_naming_it(
     # refused at the build: nothing was sent nor installed
     assert stored(h1) == before
     assert sorted(os.listdir(h1.root / "pyfleet" / "releases")) == releases
+
+    # the same lock built here (for this machine's 3.11.7, which needs no async-timeout) and
+    # shipped as it is: h1 is checked against the artifact's wheels and refused, naming the gap
+    done = fleet.shiplane("build", "--json")
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    built = json.loads(done.stdout.splitlines()[-1])["result"]
+    shipped = fleet.deploy(
+        "--skip-tests", "--artifact", built["digest"], "--hosts", h1.name, check=False
+    )
+    assert shipped.exit == 1, shipped.output[-3000:]
+    error = shipped.result["error"]
+    assert f"{h1.name} runs CPython 3.11.2 (cp311, linux_x86_64), and the artifact's" in error
+    assert "async-timeout" in error and "python_full_version" in error, error
+    assert "deploy without --artifact" in error, error
+    assert stored(h1) == before

@@ -21,7 +21,7 @@ from ._gate import check_entry, gate_env, run_gate
 from ._gitref import RefTree, check_ref, export_ref, resolve_ref
 from ._hostfit import host_misfit, platform_fits
 from ._index import describe_packages
-from ._interpreters import Interpreter, target_index
+from ._interpreters import Gap, Interpreter, check_wheelhouse, target_fits, target_index, target_of
 from ._locks import check_warnings, describe_lock
 from ._manifest import FileEntry, Manifest, canonical_json, dependency_digest
 from ._source import GitInfo, detect_source, git_info
@@ -34,6 +34,7 @@ __all__ = [
     "BuildSpec",
     "CompiledApp",
     "FileEntry",
+    "Gap",
     "GitInfo",
     "Interpreter",
     "Manifest",
@@ -45,6 +46,7 @@ __all__ = [
     "check_entry",
     "check_ref",
     "check_warnings",
+    "check_wheelhouse",
     "clean",
     "compile_app",
     "dependency_digest",
@@ -62,5 +64,7 @@ __all__ = [
     "resolve_ref",
     "resolve_target",
     "run_gate",
+    "target_fits",
     "target_index",
+    "target_of",
 ]

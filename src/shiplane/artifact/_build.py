@@ -29,7 +29,13 @@ from ._backend import app_wheel
 from ._cache import cache_root, cached_sha256
 from ._gitref import RefTree
 from ._index import PackageAccess
-from ._interpreters import Interpreter, checked_wheelhouse, distinct, target_of
+from ._interpreters import (
+    Interpreter,
+    checked_wheelhouse,
+    controller_interpreter,
+    distinct,
+    target_of,
+)
 from ._manifest import (
     FileEntry,
     Manifest,
@@ -213,12 +219,13 @@ def _select_config(project: Path, spec: BuildSpec) -> list[str]:
 def _targets(spec: BuildSpec, hosts: Hosts | None) -> list[tuple[Target, list[str]]]:
     """What the wheelhouse is resolved for: ``[build] python_version``/``platform`` when the
     deploy file sets them (one target, any patch release); else each distinct interpreter the
-    hosts run (their markers evaluated for its full version); else this controller's."""
-    if spec.python_version or spec.platform or hosts is None:
+    hosts run (their markers evaluated for its full version); else this controller's own (the
+    same artifact as a deploy to the local stage)."""
+    if spec.python_version or spec.platform:
         return [(resolve_target(spec.python_version, spec.platform), [])]
-    known = distinct(hosts())
-    if not known:
-        return [(resolve_target(None, None), [])]
+    known = distinct(hosts()) if hosts is not None else []
+    if not known:  # `shiplane build`: as a deploy to this machine's local stage builds it
+        return [(target_of(controller_interpreter()), [])]
     return [(target_of(interp), names) for interp, names in known]
 
 

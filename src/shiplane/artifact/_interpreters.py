@@ -90,6 +90,21 @@ def target_of(interp: Interpreter) -> Target:
     )
 
 
+def controller_interpreter() -> Interpreter:
+    """This machine's interpreter, as its own agent would report it (the ``local`` stage's)."""
+    from shiplane.agent.server import abi_tag, glibc_version
+
+    from ._wheelhouse import controller_platform
+
+    return Interpreter(
+        platform.python_version(),
+        sys.implementation.name,
+        abi_tag(),
+        controller_platform(),
+        glibc_version(),
+    )
+
+
 def distinct(hosts: Mapping[str, Interpreter]) -> list[tuple[Interpreter, list[str]]]:
     """The stage's distinct interpreters, each with its hosts, in the hosts' order."""
     out: dict[Interpreter, list[str]] = {}
@@ -149,8 +164,11 @@ class _Dist:
     wheel: str
 
 
-def _metadata(wheel: Path) -> _Dist:
-    name, version, _, _ = parse_wheel_filename(wheel.name)
+def _metadata(entry: Path | tuple[str, Path]) -> _Dist:
+    """A wheel's name, version and requirements; ``entry`` a wheel file, or (its file name, the
+    path it is stored at) for a blob of the build's store."""
+    filename, wheel = (entry.name, entry) if isinstance(entry, Path) else entry
+    name, version, _, _ = parse_wheel_filename(filename)
     requires: list[Requirement] = []
     requires_python = None
     with zipfile.ZipFile(wheel) as archive:
@@ -170,9 +188,7 @@ def _metadata(wheel: Path) -> _Dist:
                     requires.append(Requirement(line))
                 except InvalidRequirement:
                     continue
-    return _Dist(
-        str(canonicalize_name(name)), version, tuple(requires), requires_python, wheel.name
-    )
+    return _Dist(str(canonicalize_name(name)), version, tuple(requires), requires_python, filename)
 
 
 def marker_env(target: Mapping[str, str]) -> dict[str, str]:
@@ -220,7 +236,9 @@ class Gap:
 
 
 def check_wheelhouse(
-    wheels: Iterable[Path], target: Mapping[str, str], wanted: Iterable[Requirement] = ()
+    wheels: Iterable[Path | tuple[str, Path]],
+    target: Mapping[str, str],
+    wanted: Iterable[Requirement] = (),
 ) -> list[Gap]:
     """What keeps ``wheels`` from installing offline on ``target``'s interpreter: a requirement of
     a wheel (or of the lock, ``wanted``) whose marker holds there and that no wheel satisfies, a

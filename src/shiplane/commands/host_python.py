@@ -15,7 +15,17 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from typing import Any
 
-from shiplane.artifact import Interpreter, host_misfit, load_manifest, target_index
+from shiplane.artifact import (
+    BlobStore,
+    Gap,
+    Interpreter,
+    check_wheelhouse,
+    host_misfit,
+    load_manifest,
+    target_fits,
+    target_index,
+    target_of,
+)
 from shiplane.commands.deployment import Deployment
 from shiplane.errors import OperationError, UsageError
 from shiplane.fleet import Fleet, Outcome, local_ledger
@@ -93,10 +103,13 @@ def assign_targets(d: Deployment) -> None:
     targets = _targets(d.manifest)
     several = bool(d.manifest.get("targets"))
     misfits: dict[str, Mapping[str, Any]] = {}
+    gaps: dict[str, list[Gap]] = {}
     for host, session in d.fleet.sessions.items():
         if host not in d.hosts:
             continue
         index = target_index(targets, session.hello)
+        if index is None:
+            index, gaps[host] = _checked_fit(d, targets, session.hello)
         if index is None:
             misfits[host] = session.hello
         else:
@@ -105,12 +118,49 @@ def assign_targets(d: Deployment) -> None:
         return
     for host, hello in misfits.items():
         state = d.hosts[host]
-        state.phase, state.outcome, state.error = "connect", "failed", _why(targets, hello)
-    raise OperationError(_refusal(d, targets, misfits))
+        state.phase, state.outcome = "connect", "failed"
+        state.error = _why(targets, hello, gaps.get(host, []))
+    raise OperationError(_refusal(d, targets, misfits, gaps))
 
 
-def _why(targets: list[dict[str, str]], hello: Mapping[str, Any]) -> str:
-    """What about a host no target fits: the first target's differences in words."""
+def _checked_fit(
+    d: Deployment, targets: list[dict[str, str]], hello: Mapping[str, Any]
+) -> tuple[int | None, list[Gap]]:
+    """A host on another patch release (or glibc) than any target's, as when an artifact built
+    by `shiplane build` or for another stage ships with ``--artifact`` or ``promote``: the first
+    target of its minor version, ABI and platform whose wheels (read from this clone's store)
+    check clean for its exact interpreter; else None and what that target lacks there."""
+    interp = Interpreter.from_hello(hello)
+    if interp is None:
+        return None, []
+    store = BlobStore(d.ctx.project.root / ".shiplane" / "build" / "blobs")
+    several = d.manifest.get("targets") or []
+    lacking: list[Gap] = []
+    for index, target in enumerate(targets):
+        same_kind = {k: v for k, v in target.items() if k not in ("python", "glibc")}
+        if not target_fits(same_kind, hello):
+            continue
+        deps = (several[index] if several else d.manifest).get("dependencies") or []
+        wheels = [
+            (str(e["path"]), store.path(str(e["sha256"])))
+            for e in deps
+            if str(e.get("path", "")).endswith(".whl")
+        ]
+        if not all(path.is_file() for _, path in wheels):
+            continue  # not built in this clone: not checked, not taken
+        gaps = check_wheelhouse(wheels, target_of(interp).to_dict())
+        if not gaps:
+            return index, []
+        lacking = lacking or gaps
+    return None, lacking
+
+
+def _why(targets: list[dict[str, str]], hello: Mapping[str, Any], gaps: list[Gap]) -> str:
+    """What about a host no target fits: what the wheels lack there, else the first target's
+    differences in words."""
+    if gaps:
+        shown = "; ".join(f"{g.package}: {g.why}" for g in gaps[:3])
+        return f"the artifact's wheels lack what it needs: {shown}"
     reason = host_misfit(targets[0], hello)
     if reason:
         return reason
@@ -126,9 +176,16 @@ def _shown(target: Mapping[str, str]) -> str:
 
 
 def _refusal(
-    d: Deployment, targets: list[dict[str, str]], misfits: dict[str, Mapping[str, Any]]
+    d: Deployment,
+    targets: list[dict[str, str]],
+    misfits: dict[str, Mapping[str, Any]],
+    gaps: dict[str, list[Gap]],
 ) -> str:
-    listing = "; ".join(f"{h} runs {_host_label(s)}" for h, s in misfits.items())
+    listing = "; ".join(
+        f"{h} runs {_host_label(s, bool(gaps.get(h)))}"
+        + (f", and {_why(targets, s, gaps[h])}" if gaps.get(h) else "")
+        for h, s in misfits.items()
+    )
     built = ", ".join(_shown(t) for t in targets)
     build = d.ctx.project.deploy.build
     if build.python_version or build.platform:
@@ -148,7 +205,12 @@ def _refusal(
     )
 
 
-def _host_label(hello: Mapping[str, Any]) -> str:
+def _host_label(hello: Mapping[str, Any], exact: bool = False) -> str:
+    """``Python 3.11 on linux_x86_64``; ``exact``: its whole interpreter (the patch release
+    is what differs)."""
+    interp = Interpreter.from_hello(hello)
+    if exact and interp is not None:
+        return interp.label
     return f"Python {hello.get('python_version')} on {hello.get('platform')}"
 
 
