@@ -128,3 +128,16 @@ def test_a_source_whose_own_copy_fails_leaves_nobody_waiting(app: Path, hosts: F
     for host in FLEET[1:]:
         assert got[host]["from_peers"] == 0 and got[host]["peers"] == {}
         assert "h1 serves nothing" in said(events, host)
+
+
+def test_a_later_host_takes_over_from_a_source_that_could_not_serve(
+    app: Path, hosts: FakeHosts
+) -> None:
+    hosts["h1"].fail("serve_blobs", "usage", SERVE_FAILS)
+    ok, events = deploy(app, hosts, parallel=1)  # h2 is planned after h1 came to serve nothing
+    assert ok
+    got = moved(events)
+    big, _ = sizes(app)
+    assert got["h2"]["from_peers"] == 0 and got["h2"]["from_controller"] >= big
+    for host in ("h3", "h4"):
+        assert got[host]["peers"] == {"h2": big}, got

@@ -138,7 +138,12 @@ class Relay:
             for h, m in self._lacking.items()
             if h not in self._plans and any(peer_worthy(s, self.sizes) for s in m)
         }
-        sources = {h: p.holds for h, p in self._plans.items() if p.serves}
+        # sources already planned, but not one that came to serve nothing (failed, no address)
+        sources = {
+            h: p.holds
+            for h, p in self._plans.items()
+            if p.serves and h not in self._gone and self._endpoints.get(h, ("", 0)) is not None
+        }
         later = set(self.order) - self._arrived - self._gone
         plans = transfer_plan(
             self.order,
