@@ -55,8 +55,20 @@ from bench_local import load, machine
 
 from sshhosts import TestHost, TestHosts, ssh_available, start_hosts
 
-TOOLS = ("shiplane", "fabric", "pyinfra", "ansible", "make")
-PORTS = {"shiplane": 8301, "fabric": 8302, "pyinfra": 8303, "ansible": 8304, "make": 8305}
+STAGE = "peers"
+# shiplane again, with the key exchange paramiko (Fabric, pyinfra) makes, not OpenSSH 9.2's
+# post-quantum default: what that default costs the controller, measured, not changed
+X25519 = "shiplane-x25519"
+STAGES = {"shiplane": STAGE, X25519: "peers-x25519"}
+TOOLS = ("shiplane", "fabric", "pyinfra", "ansible", "make", X25519)
+PORTS = {
+    "shiplane": 8301,
+    "fabric": 8302,
+    "pyinfra": 8303,
+    "ansible": 8304,
+    "make": 8305,
+    X25519: 8306,
+}
 PINS = {"fabric": "3.2.3", "pyinfra": "3.10.0", "ansible-core": "2.19.14", "hatchling": "1.33.0"}
 VENV = Path.home() / ".cache" / "shiplane-bench-peers"
 PEERS = BENCH / "peers"
@@ -64,7 +76,6 @@ KINDS = ("cold", "warm", "rollback")
 SERVE_DEADLINE = 90.0  # seconds after a command until every host must serve its code
 COMMAND_TIMEOUT = 600.0
 HEADING = "## Against the peers"
-STAGE = "peers"
 
 
 def _say(msg: str) -> None:
@@ -183,16 +194,18 @@ class App:
         toml = app.root / "shiplane.toml"
         text = toml.read_text(encoding="utf-8")
         hosts = ", ".join(f'"shl-h{i}"' for i in range(1, n + 1))
-        toml.write_text(
-            text[: text.index("[stages.staging]")]
-            + f'[stages.{STAGE}]\nhosts = [{hosts}]\ndeploy_to = "/srv/peer-shiplane"\n'
-            f'port = {PORTS["shiplane"]}\nbind = "0.0.0.0"\n'
-            f'ssh_config = "{testhosts.ssh_config}"\n',
-            encoding="utf-8",
+        stages = "".join(
+            f'[stages.{stage}]\nhosts = [{hosts}]\ndeploy_to = "/srv/peer-{tool}"\n'
+            f'port = {PORTS[tool]}\nbind = "0.0.0.0"\nssh_config = "{testhosts.ssh_config}"\n'
+            + ('ssh_options = ["KexAlgorithms=curve25519-sha256"]\n' if tool == X25519 else "")
+            + "\n"
+            for tool, stage in STAGES.items()
         )
-        secrets = app.root / ".secrets" / f"{STAGE}.env"
-        secrets.write_text("SECRET_KEY=bench-peer-secret\n")
-        os.chmod(secrets, 0o600)
+        toml.write_text(text[: text.index("[stages.staging]")] + stages, encoding="utf-8")
+        for stage in STAGES.values():
+            secrets = app.root / ".secrets" / f"{stage}.env"
+            secrets.write_text("SECRET_KEY=bench-peer-secret\n")
+            os.chmod(secrets, 0o600)
         for argv in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "scaffold, peers stage"]):
             run([*GIT, *argv], app.root)
         return app
@@ -269,16 +282,16 @@ class Bench:
             ANSIBLE_SSH_CONTROL_PATH_DIR=str(self.work / "ansible-cp"),
             ANSIBLE_LOCAL_TEMP=str(self.work / "ansible-tmp"),
         )
-        if tool != "shiplane":  # its ssh control sockets need a short path: keep the usual /tmp
+        if tool not in STAGES:  # shiplane's ssh control sockets need a short path: the usual /tmp
             env["TMPDIR"] = str(self.work / "tmp")
         return env
 
     def argv(self, tool: str, kind: str) -> tuple[list[str], Path]:
         """The command (and its directory) that deploys (``cold``/``warm``) or rolls back."""
         back = kind == "rollback"
-        if tool == "shiplane":
+        if tool in STAGES:
             verb = ["rollback", "--yes"] if back else ["deploy", "--skip-tests"]
-            return [sys.executable, "-m", "shiplane", *verb, "--stage", STAGE], self.app.root
+            return [sys.executable, "-m", "shiplane", *verb, "--stage", STAGES[tool]], self.app.root
         if tool == "fabric":
             cfg = str(self.testhosts.ssh_config)
             task = "rollback" if back else "deploy"
@@ -369,9 +382,9 @@ class Bench:
         """Stop the tool's app server on every host (if this bench deployed it)."""
         if tool not in self.deployed:
             return
-        if tool == "shiplane":
+        if tool in STAGES:
             run(
-                [sys.executable, "-m", "shiplane", "stop", "--all", "--stage", STAGE],
+                [sys.executable, "-m", "shiplane", "stop", "--all", "--stage", STAGES[tool]],
                 self.app.root,
                 env=self.env(tool),
                 timeout=180,
@@ -507,7 +520,7 @@ def render(res: dict[str, Any]) -> str:
         "",
     ]
     base = {k: _med(_series(res, "shiplane", k, "served")) for k in KINDS}
-    peers = [t for t in tools if t != "shiplane"]
+    peers = [t for t in tools if t not in STAGES]
     if "shiplane" in tools and peers:
         spans = []
         for kind, what in zip(KINDS, ("a cold deploy", "a warm redeploy", "a rollback")):
@@ -558,6 +571,19 @@ def render(res: dict[str, Any]) -> str:
             "change), the new gunicorn started beside the old one and health- and smoke-checked "
             "before the front's socket moves to it: no request fails. A rollback is a health check "
             "and a rename (the previous server is kept as a standby)."
+        ),
+        *(
+            [
+                (
+                    f"- **{X25519}**: shiplane again (its own stage, deploy root and port), its "
+                    "SSH key exchange set to `curve25519-sha256` (`ssh_options`), the one paramiko "
+                    "makes for Fabric and pyinfra, instead of OpenSSH 9.2's default "
+                    "`sntrup761x25519-sha512` (post-quantum, and shiplane's default still): what "
+                    "that choice costs the controller, on its own line."
+                )
+            ]
+            if X25519 in tools
+            else []
         ),
         (
             "- **Fabric** (`fab deploy`, `bench/peers/fabfile.py`): a `ThreadingGroup` of the hosts; "
@@ -631,7 +657,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--hosts", type=int, default=3, help="test hosts (default 3)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds (default 3)")
-    parser.add_argument("--tools", default=",".join(TOOLS), help=f"default {','.join(TOOLS)}")
+    default = ",".join(t for t in TOOLS if t != X25519)
+    parser.add_argument(
+        "--tools",
+        default=default,
+        help=f"default {default}; also {X25519}: shiplane with "
+        "the key exchange paramiko makes (curve25519-sha256), to show what OpenSSH's default costs",
+    )
     parser.add_argument("--out", type=Path, help=f"write the '{HEADING}' section into this file")
     parser.add_argument("--raw", type=Path, help="write every measurement as JSON to this file")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (for debugging)")
@@ -658,7 +690,7 @@ def main(argv: list[str] | None = None) -> int:
     res.update(load=[], runs=[], machine=machine())
     res["command"] = (
         f"python bench/bench_peers.py --rounds {args.rounds} --hosts {args.hosts}"
-        + (f" --tools {','.join(tools)}" if tools != list(TOOLS) else "")
+        + (f" --tools {','.join(tools)}" if ",".join(tools) != default else "")
         + (f" --out {args.out}" if args.out else "")
     )
     work = Path(tempfile.mkdtemp(prefix="shiplane-peers-bench-"))
