@@ -169,3 +169,21 @@ def test_a_host_given_as_a_table_has_its_own_python() -> None:
         DeployFile.model_validate(
             tomllib.loads(BASE + 'hosts = ["h1"]\nhost_python = { h9 = "python3.12" }\n')
         )
+
+
+def test_hosts_given_on_the_command_line_keep_their_own_python(tmp_path: Path) -> None:
+    from shiplane.config import load_project
+    from shiplane.config.loader import with_overrides
+
+    toml = tmp_path / "shiplane.toml"
+    toml.write_text(
+        BASE.replace('[app]\nname = "x"\n', '[app]\nname = "x"\nsource = "none"\n')
+        + 'hosts = ["h1", { host = "h2", python = "/opt/py312/bin/python3" }]\n'
+    )
+    project = load_project(toml)
+    only_h2 = with_overrides(project, "prod", "h2", ()).deploy.stages["prod"]
+    assert (
+        only_h2.hosts == ["h2"] and only_h2.python_of("h2", "python3") == "/opt/py312/bin/python3"
+    )
+    only_h1 = with_overrides(project, "prod", "h1", ()).deploy.stages["prod"]
+    assert only_h1.hosts == ["h1"] and only_h1.host_python == {}
