@@ -181,6 +181,46 @@ def test_due_after_a_late_wake_runs_each_job_once() -> None:
     assert CATCH_UP >= 2
 
 
+def test_the_schedulers_ticks_with_a_fake_clock(tmp_path: Path) -> None:
+    from shiplane.agent.scheduler import Scheduler
+
+    layout = Layout(tmp_path / "root")
+    layout.run.mkdir(parents=True)
+    jobs_of = {
+        "every": {"schedule": "* * * * *", "command": "true", "timeout": 60},
+        "hourly": {"schedule": "@hourly", "command": "true", "timeout": 60},
+    }
+    (layout.run / "services.json").write_text(json.dumps({"jobs": jobs_of}))
+    started: list[tuple[str, dt.datetime]] = []
+
+    class Recording(Scheduler):
+        def start(self, name: str, minute: dt.datetime) -> None:
+            started.append((name, minute))
+
+    clock = Recording(layout, now=T0 + dt.timedelta(seconds=30))
+    assert clock.tick(T0 + dt.timedelta(seconds=59)) == {}  # the same minute: nothing
+    clock.tick(T0 + dt.timedelta(minutes=1, seconds=0.1))
+    clock.tick(T0 + dt.timedelta(minutes=1, seconds=40))  # woke again within the minute
+    assert started == [("every", T0 + dt.timedelta(minutes=1))]
+    # the hour: both, once each
+    clock.tick(T0 + dt.timedelta(minutes=59, seconds=1))
+    clock.tick(T0 + dt.timedelta(hours=1, seconds=1))
+    at_the_hour = T0 + dt.timedelta(hours=1)
+    assert started[-2:] == [("every", at_the_hour), ("hourly", at_the_hour)]
+    # a clock stepped back an hour runs nothing again; three hours, it starts over from there
+    count = len(started)
+    clock.tick(T0 + dt.timedelta(minutes=5, seconds=1))
+    assert len(started) == count
+    clock.tick(T0 - dt.timedelta(hours=3))
+    clock.tick(T0 - dt.timedelta(hours=3) + dt.timedelta(minutes=1, seconds=1))
+    assert started[-1] == ("every", T0 - dt.timedelta(hours=3) + dt.timedelta(minutes=1))
+    # a job gone from the saved spec is not started; a spec without jobs starts nothing
+    (layout.run / "services.json").write_text(json.dumps({"jobs": {}}))
+    count = len(started)
+    clock.tick(T0 + dt.timedelta(hours=5))
+    assert len(started) == count
+
+
 # --- one run on a deploy root made by hand -----------------------------------------------------
 
 RID = "20261207T100000000Z-abcdef12"

@@ -66,10 +66,11 @@ def schedules(layout: Layout) -> dict[str, Cron]:
 class Scheduler:
     """The loop: sleep to the next minute, start what is due, reap what ended."""
 
-    def __init__(self, layout: Layout) -> None:
+    def __init__(self, layout: Layout, now: dt.datetime | None = None) -> None:
         self.layout = layout
         self.stopping = threading.Event()
         self.running: dict[str, subprocess.Popen[bytes]] = {}
+        self.last = minute_of(now or dt.datetime.now())  # the minute the last tick reached
 
     def start(self, name: str, minute: dt.datetime) -> None:
         stamp = minute.strftime(MINUTE_FORMAT)
@@ -84,8 +85,20 @@ class Scheduler:
             if child.poll() is not None:
                 del self.running[key]
 
+    def tick(self, now: dt.datetime) -> dict[str, dt.datetime]:
+        """Start the jobs due when the clock reads ``now`` (none until a new minute); returns
+        them. A clock stepped back by more than CLOCK_BACK starts over from its new time."""
+        if now < self.last - CLOCK_BACK:
+            self.last = minute_of(now)
+        if minute_of(now) <= self.last:
+            return {}
+        started = due(schedules(self.layout), self.last, now)
+        for name, minute in sorted(started.items()):
+            self.start(name, minute)
+        self.last = minute_of(now)
+        return started
+
     def loop(self) -> None:
-        last = minute_of(dt.datetime.now())
         while not self.stopping.is_set():
             now = dt.datetime.now()
             wait = (minute_of(now) + dt.timedelta(minutes=1) - now).total_seconds()
@@ -93,14 +106,7 @@ class Scheduler:
             if self.stopping.wait(min(max(wait, 0.05), 5.0)):
                 break
             self.reap()
-            now = dt.datetime.now()
-            if now < last - CLOCK_BACK:
-                last = minute_of(now)
-            if minute_of(now) <= last:
-                continue
-            for name, minute in sorted(due(schedules(self.layout), last, now).items()):
-                self.start(name, minute)
-            last = minute_of(now)
+            self.tick(dt.datetime.now())
 
     def stop(self) -> None:
         """Each running job's runner is told to stop (it ends its job: TERM, then KILL)."""
