@@ -33,7 +33,15 @@ def deploy(root: Path, fakes: FakeHosts, **options: Any) -> tuple[bool, list[Eve
     events: list[Event] = []
     opts = DeployOptions(stage="fleet", skip_tests=True, as_json=True, **options)
     result = run_deploy(root / "shiplane.toml", opts, Masker(), events.append, transports=fakes)
-    return result.to_json()["outcome"] == "ok", events
+    summary = result.to_json()
+    for host, info in summary["hosts"].items():  # the result says what the events said
+        copied = [e.data for e in events if e.host == host and "from_controller" in e.data]
+        if copied:
+            assert (info["bytes"], info["peer_bytes"]) == (
+                copied[0]["from_controller"],
+                copied[0]["from_peers"],
+            )
+    return summary["outcome"] == "ok", events
 
 
 def moved(events: list[Event]) -> dict[str, dict[str, Any]]:

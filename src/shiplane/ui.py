@@ -579,7 +579,13 @@ def deploy_lines(result: DeployResult) -> list[str]:
         else:  # what the host serves now, which a failed deploy may have changed back
             left = f"serves {(state.release if state.switched else state.previous) or 'nothing'}"
         lines.append(
-            f"  {host:24} {state.outcome:10} {left}  sent {human_bytes(state.bytes_sent)}  [{phases}]"
+            f"  {host:24} {state.outcome:10} {left}  sent {human_bytes(state.bytes_sent)}"
+            + (
+                f" (+{human_bytes(state.bytes_from_peers)} from peers)"
+                if state.bytes_from_peers
+                else ""
+            )
+            + f"  [{phases}]"
         )
     if ok and result.serving_port:
         lines.append(f"serving at http://127.0.0.1:{result.serving_port}/")

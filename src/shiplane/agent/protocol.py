@@ -237,7 +237,8 @@ class HostOutcome(TypedDict, total=False):
 
     outcome: str
     release: str | None
-    bytes: int
+    bytes: int  # received from the controller
+    peer_bytes: int  # fetched from other hosts of the stage
     error: str | None
     phases: dict[str, float]
 

@@ -507,7 +507,7 @@ def _prepare(d: Deployment, rendered: Any) -> None:
                 lambda text: d.fleet.emit(Event("copy", "info", host=host, detail=text)),
             )
         total, peers = moved.from_controller, sum(moved.from_peers.values())
-        d.hosts[host].bytes_sent = total
+        d.hosts[host].bytes_sent, d.hosts[host].bytes_from_peers = total, peers
         fetched = "".join(
             f"; fetched {human_bytes(size)} from {source}"
             for source, size in moved.from_peers.items()
@@ -782,6 +782,7 @@ def _finalize(d: Deployment, outcome: str, error: str | None) -> DeployResult:
                 "outcome": s.outcome,
                 "release": s.release,
                 "bytes": s.bytes_sent,
+                "peer_bytes": s.bytes_from_peers,
                 "error": s.error,
                 "phases": fleet.timings.get(h, {}),
             }

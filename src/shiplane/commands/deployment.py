@@ -21,7 +21,8 @@ class HostSummary(TypedDict):
 
     outcome: str
     release: str | None
-    bytes: int
+    bytes: int  # received from the controller
+    peer_bytes: int  # fetched from other hosts of the stage (commands/relay.py)
     error: str | None
     phases: dict[str, float]
 
@@ -114,7 +115,8 @@ class HostState:
     outcome: str = "pending"
     release: str | None = None
     previous: str | None = None
-    bytes_sent: int = 0
+    bytes_sent: int = 0  # from the controller
+    bytes_from_peers: int = 0  # fetched from other hosts (commands/relay.py)
     error: str | None = None
     switched: bool = False
     # the artifact's ``targets`` entry this host installs (its Python's wheels); None: the
