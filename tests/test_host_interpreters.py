@@ -187,3 +187,28 @@ def test_hosts_given_on_the_command_line_keep_their_own_python(tmp_path: Path) -
     )
     only_h1 = with_overrides(project, "prod", "h1", ()).deploy.stages["prod"]
     assert only_h1.hosts == ["h1"] and only_h1.host_python == {}
+
+
+def test_an_artifact_shipped_as_it_is_is_checked_against_its_lock(tmp_path: Path) -> None:
+    from packaging.requirements import Requirement
+
+    from shiplane.artifact._interpreters import lock_requirements
+    from shiplane.artifact._wheelhouse import read_lock
+
+    lock = tmp_path / "requirements.txt"
+    lock.write_text(
+        "six==1.16.0 --hash=sha256:" + "a" * 64 + "\n"
+        'async-timeout==4.0.3 ; python_full_version <= "3.11.2"\n'
+        "private @ https://user:token@example.com/private-1.0.tar.gz\n"
+    )
+    recorded = lock_requirements(read_lock(lock))
+    assert recorded == ['async-timeout==4.0.3; python_full_version <= "3.11.2"', "six==1.16.0"]
+    # built on 3.11.7: no async-timeout; a 3.11.2 host needs it, by the lock's own line
+    house = [wheel(tmp_path / "house", "six", "1.16.0")]
+    wanted = [Requirement(r) for r in recorded]
+    gaps = check_wheelhouse(house, target_of(H1).to_dict(), wanted, "the artifact")
+    assert [g.why for g in gaps] == [
+        'the lock requires `async-timeout==4.0.3; python_full_version <= "3.11.2"`, which holds '
+        "there, and the artifact has no async-timeout"
+    ]
+    assert check_wheelhouse(house, target_of(H2).to_dict(), wanted, "the artifact") == []

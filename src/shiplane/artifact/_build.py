@@ -34,6 +34,7 @@ from ._interpreters import (
     checked_wheelhouse,
     controller_interpreter,
     distinct,
+    lock_requirements,
     target_of,
 )
 from ._manifest import (
@@ -395,6 +396,7 @@ def _pack(
         built_at=_source_date(plan),
         target=plan.target.to_dict(),
         targets=tuple(entries) if len(entries) > 1 else (),
+        requires=tuple(lock_requirements(plan.lock)),
     )
     write_manifest(layout.root / "artifacts", manifest)
     _record_inputs(layout, plan.inputs_digest, manifest.digest)

@@ -239,10 +239,12 @@ def check_wheelhouse(
     wheels: Iterable[Path | tuple[str, Path]],
     target: Mapping[str, str],
     wanted: Iterable[Requirement] = (),
+    holder: str = "the lock",
 ) -> list[Gap]:
     """What keeps ``wheels`` from installing offline on ``target``'s interpreter: a requirement of
     a wheel (or of the lock, ``wanted``) whose marker holds there and that no wheel satisfies, a
-    wheel whose tags do not run there, a wheel whose ``Requires-Python`` excludes it."""
+    wheel whose tags do not run there, a wheel whose ``Requires-Python`` excludes it. ``holder``
+    names what lacks the package in the gaps' words (the lock; at a deploy, the artifact)."""
     dists = {d.name: d for d in map(_metadata, wheels)}
     base = marker_env(target)
     # without the full version, a requirement counts when it holds on every patch release
@@ -272,7 +274,7 @@ def check_wheelhouse(
     # the host installs every wheel of its wheelhouse (agent/venvs.py): each one's requirements,
     # and those of the extras asked of it (by the lock or by another package), must be there
     extras: dict[str, set[str]] = {name: set() for name in dists}
-    _missing([("the lock", req, {""}) for req in wanted], dists, envs, extras, gaps)
+    _missing([("the lock", req, {""}) for req in wanted], dists, envs, extras, gaps, holder)
     grew = True
     while grew:  # each pass may ask new extras of a package: at most one pass per extra
         grew = _missing(
@@ -285,6 +287,7 @@ def check_wheelhouse(
             envs,
             extras,
             gaps,
+            holder,
         )
     return _unique(gaps)
 
@@ -295,6 +298,7 @@ def _missing(
     envs: Sequence[Mapping[str, str]],
     extras: dict[str, set[str]],
     gaps: list[Gap],
+    holder: str,
 ) -> bool:
     """One pass over the requirements ``asked`` (who asks, what, with which extras): unmet ones
     become gaps; extras newly asked of a package are recorded. True when any was new."""
@@ -316,7 +320,7 @@ def _missing(
             gaps.append(
                 Gap(
                     req.name,
-                    f"{who} requires `{req.name}{req.specifier}{shown}`{holds} and the lock "
+                    f"{who} requires `{req.name}{req.specifier}{shown}`{holds} and {holder} "
                     f"has {has}",
                     conditional=marker is not None,
                 )
@@ -325,6 +329,21 @@ def _missing(
             extras[name] |= set(req.extras)
             grew = True
     return grew
+
+
+def lock_requirements(lock: Lock | None) -> list[str]:
+    """The lock's requirements as the manifest records them (``requires``): name, extras,
+    version and marker, no URL (a VCS or index URL may carry a credential) and no hashes, so a
+    deploy can check the artifact for a host of another patch release as the build did."""
+    found: set[str] = set()
+    for line in lock.lines if lock else []:
+        try:
+            req = Requirement(line.split(" --")[0].strip())
+        except InvalidRequirement:
+            continue
+        if req.url is None:
+            found.add(str(req))
+    return sorted(found)
 
 
 def _unique(gaps: list[Gap]) -> list[Gap]:

@@ -116,13 +116,18 @@ class Manifest:
     # several interpreters (a mixed stage): one entry each, the first the same as ``target``,
     # ``dependencies`` and ``dependency_digest``; empty for one interpreter
     targets: tuple[TargetEntry, ...] = ()
+    # the lock's requirements with their markers (no URLs, no hashes): what a deploy checks the
+    # wheels of an artifact shipped as it is against, for a host of another patch release
+    requires: tuple[str, ...] = ()
     schema: int = SCHEMA
 
     def to_dict(self) -> dict[str, Any]:
         """The manifest as plain JSON-able data."""
         several = {"targets": [t.to_dict() for t in self.targets]} if self.targets else {}
+        requires = {"requires": list(self.requires)} if self.requires else {}
         return {
             **several,
+            **requires,
             "schema": self.schema,
             "app": {"name": self.app_name, "version": self.app_version, "source": self.source},
             "app_files": [e.to_dict() for e in self.app_files],
@@ -161,6 +166,7 @@ class Manifest:
             built_at=str(d["built_at"]),
             target={str(k): str(v) for k, v in d.get("target", {}).items()},
             targets=tuple(TargetEntry.from_dict(t) for t in d.get("targets", [])),
+            requires=tuple(str(r) for r in d.get("requires", [])),
         )
 
     @classmethod

@@ -15,6 +15,8 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from typing import Any
 
+from packaging.requirements import Requirement
+
 from shiplane.artifact import (
     BlobStore,
     Gap,
@@ -148,7 +150,8 @@ def _checked_fit(
         ]
         if not all(path.is_file() for _, path in wheels):
             continue  # not built in this clone: not checked, not taken
-        gaps = check_wheelhouse(wheels, target_of(interp).to_dict())
+        wanted = [Requirement(r) for r in d.manifest.get("requires") or []]
+        gaps = check_wheelhouse(wheels, target_of(interp).to_dict(), wanted, "the artifact")
         if not gaps:
             return index, []
         lacking = lacking or gaps
