@@ -18,8 +18,9 @@ import tomllib
 from shiplane.agent.paths import Layout
 from shiplane.agent.server import hello
 from shiplane.artifact import Interpreter, target_index
-from shiplane.artifact._interpreters import check_wheelhouse, refuse_gaps, target_of
+from shiplane.artifact._interpreters import target_of
 from shiplane.artifact._manifest import FileEntry, Manifest, TargetEntry
+from shiplane.artifact._wheelcheck import check_wheelhouse, refuse_gaps
 from shiplane.artifact._wheelhouse import Target, _for_target
 from shiplane.config.schema import DeployFile
 from shiplane.errors import UsageError
@@ -192,7 +193,7 @@ def test_hosts_given_on_the_command_line_keep_their_own_python(tmp_path: Path) -
 def test_an_artifact_shipped_as_it_is_is_checked_against_its_lock(tmp_path: Path) -> None:
     from packaging.requirements import Requirement
 
-    from shiplane.artifact._interpreters import lock_requirements
+    from shiplane.artifact._wheelcheck import lock_requirements
     from shiplane.artifact._wheelhouse import read_lock
 
     lock = tmp_path / "requirements.txt"
@@ -208,7 +209,9 @@ def test_an_artifact_shipped_as_it_is_is_checked_against_its_lock(tmp_path: Path
     wanted = [Requirement(r) for r in recorded]
     gaps = check_wheelhouse(house, target_of(H1).to_dict(), wanted, "the artifact")
     assert [g.why for g in gaps] == [
-        'the lock requires `async-timeout==4.0.3; python_full_version <= "3.11.2"`, which holds '
-        "there, and the artifact has no async-timeout"
+        (
+            'the lock requires `async-timeout==4.0.3; python_full_version <= "3.11.2"`, which '
+            "holds there, and the artifact has no async-timeout"
+        )
     ]
     assert check_wheelhouse(house, target_of(H2).to_dict(), wanted, "the artifact") == []

@@ -21,11 +21,12 @@ from ._gate import check_entry, gate_env, run_gate
 from ._gitref import RefTree, check_ref, export_ref, resolve_ref
 from ._hostfit import host_misfit, platform_fits
 from ._index import describe_packages
-from ._interpreters import Gap, Interpreter, check_wheelhouse, target_fits, target_index, target_of
+from ._interpreters import Interpreter, target_fits, target_index, target_of
 from ._locks import check_warnings, describe_lock
 from ._manifest import FileEntry, Manifest, canonical_json, dependency_digest
 from ._source import GitInfo, detect_source, git_info
 from ._store import BlobStore
+from ._wheelcheck import Gap, check_wheelhouse
 from ._wheelhouse import Target, resolve_target
 
 __all__ = [

@@ -34,7 +34,6 @@ from ._interpreters import (
     checked_wheelhouse,
     controller_interpreter,
     distinct,
-    lock_requirements,
     target_of,
 )
 from ._manifest import (
@@ -48,6 +47,7 @@ from ._manifest import (
 from ._source import GitInfo, detect_source, git_info, is_forbidden, list_source_files, matches
 from ._store import BlobStore, sha256_file
 from ._tools import TOOLS, tool_wheels
+from ._wheelcheck import lock_requirements
 from ._wheelhouse import (
     Lock,
     Target,
