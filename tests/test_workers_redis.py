@@ -110,9 +110,9 @@ command_timeout = 12
 """
 
 
-def redis(port: int, *args: str) -> object:
+def redis(port: int, *args: str, host: str = "127.0.0.1") -> object:
     """One command over RESP (the test has no Redis client library): its reply, decoded."""
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+    with socket.create_connection((host, port), timeout=5) as sock:
         sock.sendall(
             f"*{len(args)}\r\n".encode()
             + b"".join(f"${len(a.encode())}\r\n{a}\r\n".encode() for a in args)
