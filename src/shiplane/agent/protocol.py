@@ -773,8 +773,8 @@ OPS: dict[str, Op] = {
         Op("reload", "reload services", "{reloaded}", (_SERVICES,)),
         Op(
             "status",
-            "services, live release, backend",
-            "{live_release, current, backend, services, front?}",
+            "services, live release, backend, scheduled jobs",
+            "{live_release, current, backend, services, front?, jobs?}",
         ),
         Op("shutdown", "stop every service and the manager", "{stopped}"),
         Op(
