@@ -289,6 +289,9 @@ def test_a_run_never_overlaps_itself_and_ends_at_its_timeout(tmp_path: Path) -> 
         wait_for(lambda: jobs.is_running(layout, "tidy"), deadline=20, what="the first run")
         second = _run_job(layout, "2026-12-07T10:02")
         assert second.returncode == 0 and "skipped" in second.stdout
+        assert "job tidy (2026-12-07T10:02) skipped: the run of 2026-12-07T10:01 still goes on" in (
+            jobs.log_path(layout, "tidy").read_text()
+        )
         gate.touch()
         assert first.wait(timeout=30) == 0
     finally:

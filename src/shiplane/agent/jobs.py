@@ -56,7 +56,6 @@ class JobRecord(TypedDict, total=False):
     finished_at: str
     exit_code: int | None
     seconds: float
-    skipped_at: str  # the last run skipped because this one still ran
 
 
 class JobStatus(TypedDict):
@@ -192,11 +191,11 @@ def run_job(layout: Layout, name: str, minute: str | None = None) -> int:
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            record = read_record(layout, name) or {}
-            record["skipped_at"] = utc_now()
-            _write_record(layout, name, record)
-            say(f"job {name}: the run of {record.get('minute')} still goes on; {minute} skipped")
+        except OSError:  # the record is the running run's to write: the skip goes to the log
+            running = (read_record(layout, name) or {}).get("minute")
+            line = f"job {name} ({minute}) skipped: the run of {running} still goes on"
+            _append_log(layout, name, f"--- {utc_now()} {line}\n")
+            say(line)
             return 0
         last = read_record(layout, name) or {}
         if last.get("minute") == minute:
@@ -254,6 +253,15 @@ def _run(layout: Layout, name: str, job: JobSpec, minute: str, release: str) -> 
     _write_record(layout, name, record)
     say(f"job {name} ({minute}) on {release}: {tail} after {seconds:g} s")
     return code if code is not None and code >= 0 else 1
+
+
+def _append_log(layout: Layout, name: str, text: str) -> None:
+    layout.log.mkdir(parents=True, exist_ok=True)
+    fd = os.open(log_path(layout, name), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+    try:
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)
 
 
 def _rotate(path: Path) -> None:
