@@ -215,3 +215,21 @@ def test_an_artifact_shipped_as_it_is_is_checked_against_its_lock(tmp_path: Path
         )
     ]
     assert check_wheelhouse(house, target_of(H2).to_dict(), wanted, "the artifact") == []
+
+
+def test_check_lists_each_hosts_python_when_they_differ(tmp_path: Path) -> None:
+    from shiplane.commands.check import check_project
+    from shiplane.ui import check_lines
+
+    (tmp_path / "requirements.txt").write_text("six==1.16.0\n")
+    toml = tmp_path / "shiplane.toml"
+    toml.write_text(
+        BASE.replace('[app]\nname = "x"\n', '[app]\nname = "x"\nsource = "none"\n')
+        + 'hosts = ["h1", { host = "h2", python = "/opt/py312/bin/python3" }]\n'
+    )
+    checked = check_project(toml)
+    assert checked.report["stages"]["prod"]["python"] == {
+        "h1": "python3",
+        "h2": "/opt/py312/bin/python3",
+    }
+    assert "  python: h1 python3; h2 /opt/py312/bin/python3" in check_lines(checked)

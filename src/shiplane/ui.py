@@ -768,6 +768,9 @@ def check_lines(result: ProjectCheck) -> list[str]:
         where = "this machine" if facts.local else f"{count} host{'s' if count > 1 else ''}"
         files = ", ".join(stage["config_files"]) or "no files"
         lines.append(f"stage {name}: {where}, deploy_to {facts.deploy_to}, config from {files}")
+        pythons = stage["python"]
+        if len(set(pythons.values())) > 1:  # hosts on their own interpreters: say which
+            lines.append("  python: " + "; ".join(f"{h} {p}" for h, p in pythons.items()))
     return lines
 
 

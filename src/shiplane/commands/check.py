@@ -19,6 +19,9 @@ from shiplane.tasks import Task, TaskGraph
 class StageCheck(TypedDict):
     hosts: list[str]
     config_files: list[str]
+    # the interpreter each host runs the agent and its venvs with (the deploy resolves the
+    # wheelhouse for what it reports: docs/hosts.md, "Hosts on other Pythons")
+    python: dict[str, str]
 
 
 class CheckResult(TypedDict):
@@ -75,7 +78,11 @@ def check_project(file: Path | None) -> ProjectCheck:
         render_files(project, layered) if not deploy.config.secrets else None
         files = [str(p.relative_to(project.root)) for p in layer_files(project, name)]
         where[name] = StageWhere(local=stage.is_local, deploy_to=f"{stage.deploy_to}")
-        stages[name] = {"hosts": list(stage.hosts), "config_files": files}
+        stages[name] = {
+            "hosts": list(stage.hosts),
+            "config_files": files,
+            "python": {h: stage.python_of(h, deploy.app.python) for h in stage.hosts},
+        }
     report: CheckResult = {
         "ok": True,
         "file": str(project.path),
