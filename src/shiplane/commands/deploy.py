@@ -595,6 +595,7 @@ def _relay(d: Deployment, sizes: dict[str, int], send: Any) -> Relay:
         enabled=enabled,
         ttl=timeout(d) * 10,
         port=stage.transfer_port,
+        first=hosts[: max(1, d.fleet.parallel)],  # fleet.chain starts these at once
     )
 
 

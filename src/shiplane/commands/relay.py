@@ -59,6 +59,7 @@ class Relay:
         enabled: bool,
         ttl: float = 600,
         port: int = 0,
+        first: Sequence[str] = (),
     ) -> None:
         self.order = list(order)
         self.sizes = sizes  # the deploy's blobs (the caller adds uv's when it ships it)
@@ -68,7 +69,9 @@ class Relay:
         self.ttl, self.port = ttl, port
         self.token = os.urandom(32).hex()  # this deploy's only: given to the hosts, never shown
         self._cond = threading.Condition()
-        self._arrived: set[str] = set()
+        # hosts that started their chain, the first wave (``first``: as many as run at once)
+        # from the start, so the first plan waits for all of them whatever thread runs first
+        self._arrived: set[str] = set(first)
         self._gone: set[str] = set()  # left the chain before saying what they lack
         self._lacking: dict[str, list[str]] = {}  # every host that reported
         self._holding: dict[str, set[str]] = {}
