@@ -6,6 +6,7 @@ controller and from its peers is read from the copy events, as ``--json`` prints
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -150,3 +151,19 @@ def test_a_later_host_takes_over_from_a_source_that_could_not_serve(
     assert got["h2"]["from_peers"] == 0 and got["h2"]["from_controller"] >= big
     for host in ("h3", "h4"):
         assert got[host]["peers"] == {"h2": big}, got
+
+
+def test_the_deploys_token_reaches_the_hosts_only(app: Path, hosts: FakeHosts) -> None:
+    tokens: list[str] = []
+
+    def serve(op: str, args: dict[str, Any], payload: bytes) -> Any:
+        tokens.append(args["token"])
+        return hosts["h1"].default(op, args, payload)
+
+    hosts["h1"].on("serve_blobs", serve)
+    ok, events = deploy(app, hosts)
+    assert ok and len(tokens) == 1 and len(tokens[0]) == 64
+    printed = "\n".join(json.dumps(e.to_json()) for e in events)
+    ledger = (app / ".shiplane" / "history" / "fleet.jsonl").read_text()
+    assert tokens[0] not in printed and tokens[0] not in ledger
+    assert all(tokens[0] not in json.dumps(entry) for host in hosts for entry in host.ledger)
