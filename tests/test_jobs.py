@@ -332,6 +332,32 @@ def test_a_runner_told_to_stop_ends_its_job_and_records_it(tmp_path: Path) -> No
     assert "job tidy killed" in jobs.log_path(layout, "tidy").read_text()
 
 
+def test_stop_ends_the_runs_going_on(tmp_path: Path) -> None:
+    from shiplane.agent import pid_alive
+
+    layout = _root(tmp_path, "sleep 60")
+    runner = subprocess.Popen(
+        [sys.executable, "-m", "shiplane.agent", "run-job", str(layout.root), "tidy"],
+        stdout=subprocess.DEVNULL,
+        start_new_session=True,  # as the scheduler starts it: its own session
+    )
+    try:
+        pid = wait_for(
+            lambda: (jobs.read_record(layout, "tidy") or {}).get("pid"),
+            deadline=20,
+            what="the run's command started",
+        )
+        assert jobs.end_runs(layout) == ["tidy"]
+        assert runner.wait(timeout=30) == 1
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+    record = jobs.read_record(layout, "tidy")
+    assert record is not None and record["state"] == "killed" and "runner_pid" not in record
+    assert not pid_alive(int(pid))
+    assert jobs.end_runs(layout) == []  # nothing going on: nothing to end
+
+
 def test_the_deploy_file_checks_schedules_and_the_primary_alone_gets_jobs(
     tmp_path: Path,
 ) -> None:

@@ -122,15 +122,15 @@ def worker_conf(layout: Layout, name: str, worker: WorkerSpec | None, release_id
 
 
 def scheduler_conf(layout: Layout) -> str:
-    """The scheduler of the root's jobs (scheduler.py). Stopped, it tells each running job's
-    runner to end it (TERM, KILL 10 s later), so supervisord waits past that before its KILL."""
+    """The scheduler of the root's jobs (scheduler.py). Its runs are sessions of their own: a
+    restart of the scheduler leaves them to finish (services.stop ends them)."""
     options: dict[str, object] = {
         "autostart": True,
         "autorestart": True,
         "startsecs": 1,
         "startretries": 3,
         "stopsignal": "TERM",
-        "stopwaitsecs": 30,
+        "stopwaitsecs": 10,
         "stopasgroup": True,
         "killasgroup": True,
         **_log_options(layout, JOBS_PROGRAM),

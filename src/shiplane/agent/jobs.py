@@ -51,7 +51,8 @@ class JobRecord(TypedDict, total=False):
     minute: str  # the scheduled minute, local time "YYYY-mm-ddTHH:MM"
     release: str
     host: str
-    pid: int
+    pid: int  # the command's, while it runs
+    runner_pid: int  # this runner's, while it runs (end_runs signals it)
     started_at: str
     finished_at: str
     exit_code: int | None
@@ -241,6 +242,7 @@ def _run(layout: Layout, name: str, job: JobSpec, minute: str, release: str) -> 
             code, state, tail = None, "failed", f"could not start: {why}"
         else:
             record["pid"] = child.pid
+            record["runner_pid"] = os.getpid()
             _write_record(layout, name, record)
             code, state = _wait(child, float(job.get("timeout") or 3600))
             tail = f"exited {code}" if state == "done" else f"{state} (exit {code})"
@@ -250,9 +252,45 @@ def _run(layout: Layout, name: str, job: JobSpec, minute: str, release: str) -> 
         os.close(log)
     record.update({"state": state, "exit_code": code, "seconds": seconds, "finished_at": utc_now()})
     record.pop("pid", None)
+    record.pop("runner_pid", None)
     _write_record(layout, name, record)
     say(f"job {name} ({minute}) on {release}: {tail} after {seconds:g} s")
     return code if code is not None and code >= 0 else 1
+
+
+def end_runs(layout: Layout) -> list[str]:
+    """End the runs going on under this root (``shiplane stop``, ``stop --all``): each runner
+    gets TERM, ends its command's group (TERM, then KILL) and records the run ``killed``;
+    returns the jobs whose run was ended. A run whose job was only unscheduled (removed from
+    the deploy file, another primary, the scheduler restarted by a shiplane upgrade) is left
+    to finish."""
+    ended = []
+    try:
+        names = sorted(p.stem for p in jobs_dir(layout).glob("*.json"))
+    except OSError:
+        return []
+    for name in names:
+        runner = (read_record(layout, name) or {}).get("runner_pid")
+        if isinstance(runner, int) and is_running(layout, name) and _is_runner(runner, layout):
+            try:
+                os.kill(runner, signal.SIGTERM)
+            except OSError:
+                continue
+            ended.append(name)
+    deadline = time.monotonic() + KILL_GRACE + 10
+    while ended and time.monotonic() < deadline and any(is_running(layout, n) for n in ended):
+        time.sleep(0.1)  # poll interval while the runners end their commands
+    return ended
+
+
+def _is_runner(pid: int, layout: Layout) -> bool:
+    """Whether ``pid`` is a run-job of this root (not a pid reused by another process)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            argv = fh.read().split(b"\0")
+    except OSError:
+        return False
+    return b"run-job" in argv and str(layout.root).encode() in argv
 
 
 def _append_log(layout: Layout, name: str, text: str) -> None:

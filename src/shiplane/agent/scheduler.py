@@ -16,7 +16,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 
 from .cron import Cron, CronError, parse
 from .jobs import MINUTE_FORMAT, configured, say
@@ -27,7 +26,6 @@ from .paths import Layout, agent_command
 CATCH_UP = 5
 # the clock stepped back more than this: start again from the new time
 CLOCK_BACK = dt.timedelta(hours=2)
-STOP_GRACE = 15.0  # seconds the running jobs' runners get to end them when the scheduler stops
 
 
 def minute_of(when: dt.datetime) -> dt.datetime:
@@ -78,6 +76,9 @@ class Scheduler:
         self.running[f"{name} {stamp}"] = subprocess.Popen(
             [*agent_command(), "run-job", str(self.layout.root), name, stamp],
             stdin=subprocess.DEVNULL,
+            # its own session: a run outlives a restart of the scheduler (a shiplane upgrade)
+            # and finishes; `shiplane stop` ends runs itself (jobs.end_runs)
+            start_new_session=True,
         )
 
     def reap(self) -> None:
@@ -108,18 +109,6 @@ class Scheduler:
             self.reap()
             self.tick(dt.datetime.now())
 
-    def stop(self) -> None:
-        """Each running job's runner is told to stop (it ends its job: TERM, then KILL)."""
-        for child in self.running.values():
-            if child.poll() is None:
-                child.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + STOP_GRACE
-        for child in self.running.values():
-            try:
-                child.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                child.kill()
-
 
 def main(argv: list[str]) -> int:
     """``jobs <root>``: run the scheduler until TERM or INT."""
@@ -135,6 +124,5 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGINT, stop)
     say(f"scheduler for {argv[0]} started")
     scheduler.loop()
-    scheduler.stop()
-    say("scheduler stopped")
+    say(f"scheduler stopped; {len(scheduler.running)} run(s) going on finish by themselves")
     return 0

@@ -24,7 +24,7 @@ from .daemon import DaemonBackend
 from .errors import AgentError
 from .fronts import front_for
 from .health import tail_lines, wait_healthy
-from .jobs import JobStatus
+from .jobs import JobStatus, end_runs
 from .jobs import status as jobs_status
 from .paths import Layout
 from .protocol import Emit, FrontState, ServicesSpec, WebSpec
@@ -333,6 +333,8 @@ def stop(layout: Layout, names: list[str] | None, emit: Emit) -> Stopped:
     if not names and spec and spec.get("jobs"):  # everything: no job is scheduled until start
         backend.ensure_jobs({**spec, "jobs": {}}, emit)
         stopped.append("jobs")
+    if not names:  # and a run going on ends (an unscheduled job's run would finish)
+        stopped += [f"job.{name}" for name in end_runs(layout)]
     return {"stopped": stopped}
 
 
@@ -419,6 +421,7 @@ def shutdown(layout: Layout, emit: Emit) -> ShutDown:
     spec = load_spec(layout)
     if spec:  # its site leaves the front; what the stage alone used stops (a private nginx)
         result["stopped"] += front_for(spec).stop(layout, spec, emit)
+    result["stopped"] += [f"job.{name}" for name in end_runs(layout)]  # runs outlive the scheduler
     return result
 
 

@@ -92,7 +92,10 @@ def ensure(backend: SystemdBackend, spec: ServicesSpec, emit: Emit) -> list[str]
     ]
     for path in sorted(gone, key=lambda p: p.suffix != ".timer"):  # the timer first
         emit({"phase": "switch", "status": "jobs", "detail": f"removing {path.name}"})
-        backend.systemctl("disable", "--now", path.name, check=False)
+        # a run going on finishes (its service is not stopped): as under the daemon backend
+        backend.systemctl(
+            "disable", *(["--now"] if path.suffix == ".timer" else []), path.name, check=False
+        )
         unlink_quiet(path)
     changed = [name for name, text in units.items() if backend._write(name, text)]
     if changed or gone:
