@@ -96,6 +96,20 @@ def test_a_request_without_the_deploys_proof_or_for_an_unnamed_blob_gets_nothing
     assert server.stop()["refused"] == 3 + 1  # each blob asked with the wrong token, the path
 
 
+def test_a_connection_kept_alive_gets_nothing_once_the_server_stopped(
+    served: tuple[peers.BlobServer, list[str], list[bytes]],
+) -> None:
+    server, shas, _ = served
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
+    headers = {peers.AUTH_HEADER: peers.sign(TOKEN, shas[1])}
+    conn.request("GET", f"/blob/{shas[1]}", headers=headers)
+    assert conn.getresponse().read() == b"small"
+    server.stop()
+    conn.request("GET", f"/blob/{shas[1]}", headers=headers)
+    assert conn.getresponse().status == 410
+    conn.close()
+
+
 def test_a_source_that_cannot_be_reached_fails_nothing_but_says_why(
     served: tuple[peers.BlobServer, list[str], list[bytes]], fetcher: Layout
 ) -> None:

@@ -77,6 +77,10 @@ class _Handler(BaseHTTPRequestHandler):
             owner.count(refused=1)
             self._empty(403)
             return
+        if owner.stopped:  # a connection kept alive past the deploy's transfers gets nothing
+            self.close_connection = True
+            self._empty(410)
+            return
         if sha not in owner.shas:
             self._empty(404)
             return
@@ -121,6 +125,7 @@ class BlobServer:
         self.token = token
         self.stats = {"served": 0, "bytes": 0, "refused": 0}
         self._stats_lock = threading.Lock()
+        self.stopped = False
         try:
             self._httpd = _Server((address, port), _Handler)
         except OSError as exc:
@@ -139,7 +144,6 @@ class BlobServer:
         self._timer = threading.Timer(min(max(ttl, 1.0), MAX_TTL), self.stop)
         self._timer.daemon = True
         self._timer.start()
-        self._stopped = False
 
     def count(self, served: int = 0, sent: int = 0, refused: int = 0) -> None:
         with self._stats_lock:
@@ -148,9 +152,10 @@ class BlobServer:
             self.stats["refused"] += refused
 
     def stop(self) -> ServingStopped:
-        """Stop listening (idempotent); what it served."""
-        if not self._stopped:
-            self._stopped = True
+        """Stop listening (idempotent; the ttl's timer may call it too); what it served."""
+        with self._stats_lock:
+            first, self.stopped = not self.stopped, True
+        if first:
             self._timer.cancel()
             self._httpd.shutdown()
             self._httpd.server_close()
