@@ -381,6 +381,15 @@ def test_the_deploy_file_checks_schedules_and_the_primary_alone_gets_jobs(
     assert spec["jobs"]["cleanup"]["schedule"] == "*/5 * * * *"
     given_to = {h: host_services(spec, deploy, "prod", h)["jobs"] for h in ("h1", "h2", "h3")}
     assert [h for h, j in given_to.items() if j] == ["h2"]
+    # the primary moved: it waits for the end of the rollout when the old one switches later
+    from shiplane.plan import jobs_after_rollout
+
+    rollout = [["h1"], ["h2"], ["h3"]]
+    assert jobs_after_rollout(spec, deploy, "prod", rollout, {"h3"}) == "h2"
+    assert jobs_after_rollout(spec, deploy, "prod", rollout, {"h1"}) is None  # switched before
+    assert jobs_after_rollout(spec, deploy, "prod", rollout, {"h2"}) is None  # the same primary
+    assert jobs_after_rollout(spec, deploy, "prod", [["h1", "h2", "h3"]], {"h3"}) is None
+
     from shiplane.commands.plan import _services
 
     assert "job cleanup (*/5 * * * *: scheduled on the primary host only)" in _services(spec)

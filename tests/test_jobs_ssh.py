@@ -1,6 +1,7 @@
 """A scheduled job on a three-host SSH stage (issue 19 item 6, docs/workers.md): ``* * * * *``
-runs once a minute on the stage's primary alone (``roles.primary``: the second host, then the
-third), in the live release with its environment, its output in ``shiplane logs --service
+runs once a minute on the stage's primary alone (``roles.primary``: the third host, then the
+second, switched one host at a time: the new primary schedules the job only once the old one,
+switched after it, has unscheduled it), in the live release with its environment, its output in ``shiplane logs --service
 job.stamp`` and its last run in ``shiplane status``; no minute runs on two hosts, the other
 hosts have no scheduler, and a job removed from the deploy file is scheduled nowhere.
 
@@ -43,7 +44,7 @@ def job_app(ssh_hosts: TestHosts, tmp_path: Path) -> Iterator[App]:
     stage = (
         f'[stages.{STAGE}]\nhosts = [{names}]\ndeploy_to = "/srv/{ROOT}"\nport = {PORT}\n'
         f'bind = "0.0.0.0"\nssh_config = "{hosts.ssh_config}"\n'
-        f'roles = {{ primary = ["{hosts.hosts[1].name}"] }}\n'
+        f'roles = {{ primary = ["{hosts.hosts[2].name}"] }}\nrolling = {{ batch = 1 }}\n'
     )
     toml.write_text(text[: text.index("[stages.local]")] + JOB + stage)
     app.commit("a job and the fleet stage")
@@ -74,19 +75,28 @@ def test_a_job_runs_once_a_minute_on_the_primary_host_only(
     app, hosts = job_app, ssh_hosts.hosts
     conf = Path(ROOT) / "run" / "programs" / "shiplane-jobs.conf"
     app.deploy()
-    # only roles.primary (the second host) schedules it
-    assert [h.name for h in hosts if (h.root / conf).exists()] == [hosts[1].name]
+    # only roles.primary (the third host) schedules it
+    assert [h.name for h in hosts if (h.root / conf).exists()] == [hosts[2].name]
 
     # another primary: the job moves with it, and the old one schedules nothing any more
     toml = app.root / "shiplane.toml"
     text = toml.read_text()
     toml.write_text(
-        text.replace(f'primary = ["{hosts[1].name}"]', f'primary = ["{hosts[2].name}"]')
+        text.replace(f'primary = ["{hosts[2].name}"]', f'primary = ["{hosts[1].name}"]')
     )
     app.commit("another primary")
-    release = app.deploy().result["release"]
-    primary = hosts[2]
+    moving = app.deploy()
+    release = moving.result["release"]
+    primary = hosts[1]
     assert [h.name for h in hosts if (h.root / conf).exists()] == [primary.name]
+    # the second host switched before the third, which still scheduled the job: the second
+    # took it only after the third had let it go
+    said = [
+        (e.get("host"), e.get("detail", "")) for e in moving.events if e.get("status") == "jobs"
+    ]
+    let_go = said.index((hosts[2].name, "no jobs: scheduler removed"))
+    took = said.index((primary.name, "scheduling stamp"))
+    assert let_go < took, said
     log = wait_for(
         lambda: f"in {release}" in job_log(primary.root) and job_log(primary.root),
         deadline=75,
@@ -96,7 +106,7 @@ def test_a_job_runs_once_a_minute_on_the_primary_host_only(
     assert f"ran on {primary.name} in {release}" in log
     # each minute ran on one host: the first primary's minutes (before the move) and the new
     # one's never meet, and the third host never ran it
-    assert not set(minutes(primary.root)) & set(minutes(hosts[1].root))
+    assert not set(minutes(primary.root)) & set(minutes(hosts[2].root))
     assert len(minutes(primary.root)) == len(set(minutes(primary.root))) >= 1
     assert job_log(hosts[0].root) == "" and not (hosts[0].root / ROOT / "run" / "jobs").exists()
 

@@ -117,6 +117,27 @@ def host_services(spec: ServicesSpec, deploy: DeployFile, stage: str, host: str)
     return {**spec, "jobs": {}}
 
 
+def jobs_after_rollout(
+    spec: ServicesSpec,
+    deploy: DeployFile,
+    stage: str,
+    rollout: list[list[str]],
+    scheduling: set[str],
+) -> str | None:
+    """The primary host, when it must schedule the jobs only once the rollout is over: a host
+    that schedules them now (``scheduling``: the primary before ``roles.primary`` changed)
+    switches in a later batch, and until its switch unschedules them both would run each job.
+    None when the primary may take them at its own switch."""
+    if not spec["jobs"]:
+        return None
+    order = {host: index for index, batch in enumerate(rollout) for host in batch}
+    primary = next((h for h in order if host_services(spec, deploy, stage, h)["jobs"]), None)
+    if primary is None:
+        return None
+    later = [h for h in scheduling if h != primary and order.get(h, -1) > order[primary]]
+    return primary if later else None
+
+
 def _web_spec(deploy: DeployFile, stage: str, web: Service) -> WebSpec:
     """The web service's part of the services spec."""
     stage_cfg = deploy.stages[stage]

@@ -54,6 +54,7 @@ from shiplane.plan import (
     every_blob,
     host_services,
     install_request,
+    jobs_after_rollout,
     manifest_blobs,
     max_failures,
     release_id,
@@ -492,6 +493,7 @@ def _prepare(d: Deployment, rendered: Any) -> None:
             timeout=timeout(d),
         )
         d.hosts[host].previous = inventory.get("current")
+        d.hosts[host].schedules_jobs = bool((inventory.get("services") or {}).get("jobs"))
         if inventory.get("port_taken"):  # the switch would fail there: say so before sending a byte
             raise OperationError(
                 f"the stage's port is taken by another program ({inventory['port_taken']}), "
@@ -634,12 +636,19 @@ def _switch(d: Deployment) -> None:
     stage = deploy.stages[d.ctx.stage]
     spec = services_spec(deploy, d.ctx.stage)
     switched: list[str] = []
-    for batch in batches(d.fleet.hosts, stage.rolling.batch):
+    rollout = batches(d.fleet.hosts, stage.rolling.batch)
+    scheduling = {h for h, state in d.hosts.items() if state.schedules_jobs}
+    later = jobs_after_rollout(spec, deploy, d.ctx.stage, rollout, scheduling)
+    for batch in rollout:
 
         def switch(host: str, session: AgentSession) -> Any:
+            services = host_services(spec, deploy, d.ctx.stage, host)
             result = session.call(
                 "switch",
-                {"release_id": d.rid, "services": host_services(spec, deploy, d.ctx.stage, host)},
+                {
+                    "release_id": d.rid,
+                    "services": {**services, "jobs": {}} if host == later else services,
+                },
                 on_event=d.fleet.forward(host, "switch"),
                 timeout=timeout(d),
             )
@@ -665,6 +674,28 @@ def _switch(d: Deployment) -> None:
             raise OperationError(
                 f"switch failed on {len(bad)} host(s) ({listing}); {_left_with(d)}"
             )
+    if later is not None and d.hosts[later].switched:
+        _schedule_jobs(d, later, host_services(spec, deploy, d.ctx.stage, later))
+
+
+def _schedule_jobs(d: Deployment, host: str, services: ServicesSpec) -> None:
+    """The primary's jobs, once every host that scheduled them has switched (plan.py's
+    ``jobs_after_rollout``): the same switch again, which finds its release live and only
+    schedules them. A failure is the host's, the release stays live."""
+    outcomes = d.fleet.each(
+        "switch",
+        lambda h, s: s.call(
+            "switch",
+            {"release_id": d.rid, "services": services},
+            on_event=d.fleet.forward(h, "switch"),
+            timeout=timeout(d),
+        ),
+        hosts=[host],
+    )
+    for failed, error in failures(outcomes).items():
+        d.fleet.emit(
+            Event("switch", "warning", host=failed, detail=f"jobs not scheduled: {error.reason}")
+        )
 
 
 def _undo(d: Deployment, switched: list[str], spec: ServicesSpec) -> None:

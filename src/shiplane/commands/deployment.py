@@ -119,6 +119,7 @@ class HostState:
     bytes_from_peers: int = 0  # fetched from other hosts (commands/relay.py)
     error: str | None = None
     switched: bool = False
+    schedules_jobs: bool = False  # its inventory listed scheduled jobs (it was the primary)
     # the artifact's ``targets`` entry this host installs (its Python's wheels); None: the
     # artifact has one target
     target: int | None = None
