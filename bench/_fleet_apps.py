@@ -84,6 +84,7 @@ class Fleet:
     edits: int = 0
     deployed: set[str] = field(default_factory=set)
     uplink: Uplink | None = None  # counts (and may limit) what the controller sends
+    deploy_args: tuple[str, ...] = ()  # more `deploy` arguments (e.g. --set transfer=direct)
 
     workload = ""
     stage_prefix = "fleet"
@@ -173,7 +174,14 @@ class Fleet:
         busy0, ctl0, hosts0 = busy_jiffies(), children_cpu(), hosts_cpu(self.testhosts)
         sent0, received0 = (self.uplink.sent(), self.uplink.received()) if self.uplink else (0, {})
         done = self.shiplane(
-            "deploy", "--stage", stage, "--skip-tests", "--json", env=env, check=False
+            "deploy",
+            "--stage",
+            stage,
+            "--skip-tests",
+            "--json",
+            *self.deploy_args,
+            env=env,
+            check=False,
         )
         busy = (busy_jiffies() - busy0) / os.sysconf("SC_CLK_TCK")
         ctl = children_cpu() - ctl0 + watch.stop()

@@ -423,6 +423,12 @@ def _upload(res: dict[str, Any]) -> list[str]:
             "fetching a blob from another) is neither limited nor counted. *Sent* is the IFB "
             "device's transmit counter (IP bytes: SSH and TCP overhead included), *received* "
             "each host's veth counter (from the controller and from other hosts), medians."
+            + (
+                " Blob transfer: `direct` (`--transfer direct`: the controller sends every host "
+                "every blob, the fallback and the way before hosts fetched from each other)."
+                if res.get("transfer") == "direct"
+                else " Blob transfer: `auto` (hosts fetch large blobs from the host that got them)."
+            )
         ),
         "",
         "| deploy | what | " + " | ".join(_hosts(n) for n in sizes) + f" | {hi} / {lo} |",

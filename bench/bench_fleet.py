@@ -213,6 +213,13 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="the minimal app also deploys a dependency change after each cold deploy",
     )
+    parser.add_argument(
+        "--transfer",
+        choices=("auto", "direct"),
+        default="auto",
+        help="the stages' blob transfer: auto (hosts fetch from each other; the default) or "
+        "direct (the controller sends every host every blob)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (for debugging)")
     args = parser.parse_args(argv)
     sizes = tuple(sorted({int(x) for x in args.sizes.split(",")}))
@@ -232,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         **{w: new_results(sizes) for w in workloads},
     }
     res["machine"], res["runs"], res["pip_runs"] = machine(), args.runs, args.pip_runs
-    res["uplink"] = args.uplink
+    res["uplink"], res["transfer"] = args.uplink, args.transfer
     res["command"] = (
         f"python bench/bench_fleet.py --runs {args.runs}"
         + (f" --sizes {args.sizes}" if sizes != SIZES else "")
@@ -241,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         + (f" --workload {args.workload}" if args.workload != "both" else "")
         + (f" --uplink {args.uplink:g}" if args.uplink is not None else "")
         + (" --deps" if args.deps else "")
+        + (f" --transfer {args.transfer}" if args.transfer != "auto" else "")
         + (f" --out {args.out}" if args.out else "")
     )
     work = Path(tempfile.mkdtemp(prefix="shiplane-fleet-bench-"))
@@ -263,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
                 fleets[-1].commit_deps()  # the other lock's wheelhouse too, untimed
                 fleets[-1].shiplane("build")
             fleets[-1].uplink = uplink
+            if args.transfer != "auto":
+                fleets[-1].deploy_args = ("--set", f"transfer={args.transfer}")
         for i in range(args.runs):
             _say(f"round {i + 1}/{args.runs} (load {load():.2f})")
             for fleet in fleets:
