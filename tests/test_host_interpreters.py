@@ -13,7 +13,6 @@ import zipfile
 from pathlib import Path
 
 import pytest
-import tomllib
 
 from shiplane.agent.paths import Layout
 from shiplane.agent.server import hello
@@ -25,6 +24,11 @@ from shiplane.artifact._wheelhouse import Target, _for_target
 from shiplane.config.schema import DeployFile
 from shiplane.errors import UsageError
 from shiplane.plan import manifest_blobs
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
 
 H1 = Interpreter("3.11.2", "cpython", "cp311", "linux_x86_64", "2.36")
 H2 = Interpreter("3.12.1", "cpython", "cp312", "linux_x86_64", "2.36")
