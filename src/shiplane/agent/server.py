@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
 from . import AgentError, __version__, ledger, lock, protocol, prune, releases, store, utc_now
 from .hooks import Limits, run_hook
+from .interpreter import abi_tag, glibc_version
 from .paths import Layout, agent_command
 from .protocol import (
     Emit,
@@ -119,25 +120,6 @@ def hello(layout: Layout) -> Hello:
         "root": str(layout.root),
         "pid": os.getpid(),
     }
-
-
-def abi_tag() -> str:
-    """This interpreter's ABI tag as wheel names carry it (PEP 425): ``cp312``, ``cp313t``
-    (free-threaded), ``pypy39_pp73``; the controller resolves each host's wheels for it."""
-    soabi = sysconfig.get_config_var("SOABI") or ""
-    if sys.implementation.name == "cpython":
-        threaded = "t" if sysconfig.get_config_var("Py_GIL_DISABLED") else ""
-        debug = "d" if hasattr(sys, "gettotalrefcount") else ""
-        return "cp{}{}{}{}".format(*sys.version_info[:2], threaded, debug)
-    # PyPy and others: SOABI's first two parts ("pypy39-pp73-x86_64-linux-gnu")
-    return "_".join(soabi.split("-")[:2]).replace(".", "_") or sys.implementation.name
-
-
-def glibc_version() -> str | None:
-    """The C library's version when it is glibc ("2.36"): the newest manylinux wheels that run
-    here are ``manylinux_2_36``; None on musl or another OS."""
-    libc, version = platform.libc_ver()
-    return version if libc == "glibc" and version else None
 
 
 class Session:

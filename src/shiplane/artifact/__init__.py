@@ -21,7 +21,13 @@ from ._gate import check_entry, gate_env, run_gate
 from ._gitref import RefTree, check_ref, export_ref, resolve_ref
 from ._hostfit import host_misfit, platform_fits
 from ._index import describe_packages
-from ._interpreters import Interpreter, target_fits, target_index, target_of
+from ._interpreters import (
+    Interpreter,
+    controller_interpreter,
+    target_fits,
+    target_index,
+    target_of,
+)
 from ._locks import check_warnings, describe_lock
 from ._manifest import FileEntry, Manifest, canonical_json, dependency_digest
 from ._source import GitInfo, detect_source, git_info
@@ -50,6 +56,7 @@ __all__ = [
     "check_wheelhouse",
     "clean",
     "compile_app",
+    "controller_interpreter",
     "dependency_digest",
     "describe_lock",
     "describe_packages",

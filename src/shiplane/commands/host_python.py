@@ -11,6 +11,8 @@ the hosts that no target fits.
 from __future__ import annotations
 
 import json
+import os
+import sys
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from typing import Any
@@ -22,6 +24,7 @@ from shiplane.artifact import (
     Gap,
     Interpreter,
     check_wheelhouse,
+    controller_interpreter,
     host_misfit,
     load_manifest,
     target_fits,
@@ -31,6 +34,7 @@ from shiplane.artifact import (
 from shiplane.commands.deployment import Deployment
 from shiplane.errors import OperationError, UsageError
 from shiplane.fleet import Fleet, Outcome, local_ledger
+from shiplane.transport import on_controller
 
 Connected = Future[dict[str, Outcome]]
 BuildHosts = Callable[[], Mapping[str, Interpreter]]
@@ -45,10 +49,24 @@ def interpreters_for_build(d: Deployment, connected: Connected | None) -> BuildH
     def hosts() -> Mapping[str, Interpreter]:
         if connected is None:
             return _promoted(d)
+        own = _controllers_own(d.fleet)
+        if own is not None:  # nothing to wait for: the build overlaps the connection (~0.1 s)
+            return own
         connected.result()  # the hosts that could not be connected are told of after the build
         return hosts_interpreters(d.fleet)
 
     return hosts
+
+
+def _controllers_own(fleet: Fleet) -> dict[str, Interpreter] | None:
+    """The interpreters of a stage whose every host is this machine running its own Python (the
+    ``local`` stage, unless it names another ``python``): this process's, known without asking."""
+    own = os.path.realpath(sys.executable)
+    if not fleet.hosts or any(
+        not on_controller(host) or fleet.python_for(host) != own for host in fleet.hosts
+    ):
+        return None
+    return dict.fromkeys(fleet.hosts, controller_interpreter())
 
 
 def hosts_interpreters(fleet: Fleet) -> dict[str, Interpreter]:
