@@ -201,7 +201,20 @@ def test_rq_workers_roll_host_by_host_and_a_long_job_finishes(
     for index in range(6):
         done = wait_for(lambda i=index: result(f"b{i}"), deadline=60, what=f"job b{index}")
         assert str(done).startswith(second), done
-    status = app.json("status", "--stage", STAGE)
-    for host, found in status["hosts"].items():
-        [worker] = [s for s in found["services"] if s["name"] == "worker"]
-        assert worker["release"] == second and worker["state"] == "RUNNING", (host, worker)
+
+    def workers() -> dict[str, dict[str, Any]]:
+        status = app.json("status", "--stage", STAGE)
+        return {
+            host: next(s for s in found["services"] if s["name"] == "worker")
+            for host, found in status["hosts"].items()
+        }
+
+    # a worker just restarted is STARTING until supervisord's startsecs have passed, though it
+    # may take jobs meanwhile: each must come to RUNNING on the new release
+    def all_running() -> dict[str, dict[str, Any]] | None:
+        found = workers()
+        ok = all(w["release"] == second and w["state"] == "RUNNING" for w in found.values())
+        return found if ok else None
+
+    settled = wait_for(all_running, deadline=60, what="both workers RUNNING on the new release")
+    assert set(settled) == {h.name for h in hosts.hosts}
