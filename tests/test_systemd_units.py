@@ -220,17 +220,90 @@ def test_system_units_are_sandboxed_to_the_deploy_root(
     assert option(pyenv["demo-prod-front.service"], "ProtectHome") == "read-only"
 
 
-def test_user_units_have_no_user_and_only_unprivileged_hardening(tmp_path: Path) -> None:
+def test_user_units_have_no_user_and_only_unprivileged_hardening_without_user_namespaces(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(systemd, "user_namespaces", lambda: False)
     written = render_units(Layout(tmp_path / "srv"), spec(), RID, user=True)
     for name in ("demo-prod-web@.service", "demo-prod-jobs.service", "demo-prod-front.service"):
         text = written[name]
         assert "User=" not in text and "Group=" not in text
         assert option(text, "NoNewPrivileges") == "yes"
         assert option(text, "SystemCallFilter") == "@system-service"
-        # namespaces would need unprivileged user namespaces in a user manager
+        # the namespace options would fail the unit where no user namespace may be made
         assert "ProtectSystem=" not in text and "PrivateTmp=" not in text
+        assert "PrivateUsers=" not in text
     backend = SystemdBackend(Layout(tmp_path), spec(), unit_dir=tmp_path, user=True)
     assert backend.run_as is None
+    # and the deploy says so, once per prepare
+    monkeypatch.setattr(systemd, "systemd_running", lambda: True)
+    monkeypatch.setattr(backend, "systemctl", lambda *a, **k: None)
+    events: list[dict[str, Any]] = []
+    backend.prepare(spec(), events.append)
+    assert systemd.PARTIAL_SANDBOX_WARNING in [e.get("detail") for e in events]
+
+
+@needs_analyze
+def test_user_units_get_the_whole_sandbox_in_a_user_namespace_and_are_rated_ok(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The deploy user's path (``setup``, then deploys that run nothing as root): its ``--user``
+    units rated "OK" like root's system units (6.4 "MEDIUM" with seccomp alone)."""
+    monkeypatch.setattr(systemd, "user_namespaces", lambda: True)
+    root = tmp_path / "srv"
+    written = write_units(tmp_path / "units", render_units(Layout(root), spec(), RID, user=True))
+    for name in SERVICES:
+        text = (tmp_path / "units" / name).read_text()
+        assert "User=" not in text and "CapabilityBoundingSet" not in text
+        assert option(text, "PrivateUsers") == "yes"
+        assert option(text, "ProtectSystem") == "strict"
+        assert option(text, "ReadWritePaths") == str(root)
+        assert exposure(tmp_path / "units" / name) <= 4.9, name
+    assert "PrivateUsers=" not in written["demo-prod-front.socket"]
+    backend = SystemdBackend(Layout(root), spec(), unit_dir=tmp_path / "units", user=True)
+    monkeypatch.setattr(systemd, "systemd_running", lambda: True)
+    monkeypatch.setattr(backend, "systemctl", lambda *a, **k: None)
+    events: list[dict[str, Any]] = []
+    backend.prepare(spec(), events.append)
+    assert systemd.PARTIAL_SANDBOX_WARNING not in [e.get("detail") for e in events]
+
+
+@needs_root
+def test_user_namespaces_are_asked_of_the_kernel_as_the_unprivileged_user() -> None:
+    """The probe, run as ``nobody``: it agrees with util-linux's own verdict on this kernel."""
+    as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    probe = subprocess.run(
+        [
+            *as_nobody,
+            sys.executable,
+            "-c",
+            "from shiplane.agent.systemd import user_namespaces; print(user_namespaces())",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd="/",
+        env={**os.environ, "PYTHONPATH": str(Path(systemd.__file__).parents[2])},
+    )
+    assert probe.returncode == 0, probe.stderr
+    kernel = subprocess.run(
+        [
+            *as_nobody,
+            "unshare",
+            "--user",
+            "--map-root-user",
+            "--mount",
+            "--",
+            "sh",
+            "-c",
+            "mount -t tmpfs none /tmp",
+        ],
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert probe.stdout.strip() == str(kernel.returncode == 0)
 
 
 @needs_root

@@ -19,6 +19,7 @@ logout only with lingering (``loginctl enable-linger <user>``, reported by ``pre
 
 from __future__ import annotations
 
+import functools
 import grp
 import os
 import pwd
@@ -65,6 +66,13 @@ HOMES = ("/home", "/root", "/run/user")
 ROOT_APP_WARNING = (
     "the app runs as root: give the deploy root to an unprivileged user "
     "(shiplane setup) and its services run as that user"
+)
+
+PARTIAL_SANDBOX_WARNING = (
+    "the services run with a partial sandbox (no ProtectSystem=, PrivateTmp=...): this host "
+    "does not let an unprivileged user make a user namespace, which systemd --user units need "
+    "for them (Ubuntu 24.04: kernel.apparmor_restrict_unprivileged_userns=1); see "
+    "docs/hosts.md"
 )
 
 
@@ -151,6 +159,26 @@ def give_app_dirs(layout: Layout, app: AppUser | None) -> None:
                 continue
 
 
+@functools.lru_cache(maxsize=1)
+def user_namespaces() -> bool:
+    """Whether this user may make a user namespace and mount in it, as systemd's user manager
+    does for a ``--user`` unit's sandbox (``PrivateUsers=``). Off where the kernel says so
+    (``user.max_user_namespaces=0``, Debian's old ``kernel.unprivileged_userns_clone=0``) or
+    AppArmor does (Ubuntu 24.04's ``kernel.apparmor_restrict_unprivileged_userns=1``): there a
+    unit asking for one fails to start. Asked once per agent, of util-linux's ``unshare``."""
+    try:
+        done = subprocess.run(
+            ["unshare", "--user", "--map-root-user", "--mount", "--", "true"],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=10,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return done.returncode == 0
+
+
 def _under_home(path: Path | str) -> bool:
     text = os.path.realpath(str(path))
     return any(text == home or text.startswith(home + "/") for home in HOMES)
@@ -168,8 +196,11 @@ def hardening(
     /tmp and /dev, homes hidden (read-only when the deploy root, the agent's Python or the
     venv's interpreter, ``paths``, lie in one), the kernel and other users' processes out of
     reach, and only the system calls and socket families a Python web server uses.
-    ``--user`` units get what needs no privilege (seccomp, no new privileges): the namespace
-    options would need unprivileged user namespaces, off on some hosts, which fail the unit.
+    ``--user`` units get the same sandbox in a user namespace of their own (``PrivateUsers=``,
+    how a user manager applies the namespace options) where the host allows one
+    (:func:`user_namespaces`); elsewhere only what needs no privilege (seccomp, no new
+    privileges), since the namespace options would fail the unit. A user unit's process holds
+    no capabilities to bound.
 
     Not set: ``MemoryDenyWriteExecute`` (cffi and ctypes callbacks, gevent, numba and other JITs
     map writable code), ``ProcSubset=pid`` (metrics libraries read /proc/meminfo, /proc/stat),
@@ -178,10 +209,12 @@ def hardening(
     ``UMask=0027`` (nginx serves static and uploaded files as another user).
     """
     items: list[tuple[str, object]] = []
-    if not user:
+    if user and user_namespaces():
+        items.append(("PrivateUsers", "yes"))
+    elif run_as is not None:
+        items += [("User", run_as.name), ("Group", run_as.group)]
+    if not user or user_namespaces():
         homes = [layout.root, os.path.realpath(sys.executable), *paths]
-        if run_as is not None:
-            items += [("User", run_as.name), ("Group", run_as.group)]
         items += [
             ("ProtectSystem", "strict"),
             ("ReadWritePaths", _path_word(layout.root)),
@@ -195,9 +228,9 @@ def hardening(
             ("ProtectClock", "yes"),
             ("ProtectHostname", "yes"),
             ("ProtectProc", "invisible"),
-            ("CapabilityBoundingSet", ""),
-            ("AmbientCapabilities", ""),
         ]
+    if not user:
+        items += [("CapabilityBoundingSet", ""), ("AmbientCapabilities", "")]
     items += [
         ("NoNewPrivileges", "yes"),
         ("RestrictNamespaces", "yes"),
@@ -546,6 +579,8 @@ class SystemdBackend:
                 changed |= self._write(name, text)
         if changed:
             self.systemctl("daemon-reload")
+        if self.user and not user_namespaces():
+            emit({"phase": "services", "status": "warning", "detail": PARTIAL_SANDBOX_WARNING})
         if self.user:
             linger = Path("/var/lib/systemd/linger") / os.environ.get("USER", "")
             if not linger.exists():

@@ -390,6 +390,12 @@ if [ "$ME" != root ] && {{ [ "$SYSTEMD" = yes ] || {{ [ "$SYSTEMD" = auto ] && [
   else
     say linger missing "$ME does not linger: its systemd --user units stop when it logs out"
   fi
+  # the --user units' sandbox needs a user namespace (agent/systemd.py user_namespaces)
+  if unshare --user --map-root-user --mount -- true </dev/null >/dev/null 2>&1; then
+    say sandbox ok "$ME may make user namespaces: its units get the whole sandbox"
+  else
+    say sandbox info "$ME may not make user namespaces: its units run with a partial sandbox (docs/hosts.md)"
+  fi
 fi
 
 if [ -n "$PORT" ]; then
