@@ -58,13 +58,13 @@ def enqueue():
 """
 
 TASKS = """import os
-import time
 
 from redis import Redis
 
 
 def _conn():
-    return Redis.from_url(os.environ["REDIS_URL"])
+    # longer than the gate's wait: redis-py's own read timeout would fail a blocked BLPOP
+    return Redis.from_url(os.environ["REDIS_URL"], socket_timeout=300)
 
 
 def record(key):
@@ -74,10 +74,8 @@ def record(key):
 def wait_then_record(key, gate):
     conn = _conn()
     conn.set("started:" + key, os.environ["SHIPLANE_RELEASE"])
-    deadline = time.monotonic() + 240  # bounded: the test opens the gate long before
-    while not conn.exists(gate) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    how = "gate" if conn.exists(gate) else "deadline"
+    # blocks until the test pushes to the gate, bounded: it does so long before
+    how = "gate" if conn.blpop([gate], timeout=240) else "deadline"
     conn.set("result:" + key, os.environ["SHIPLANE_RELEASE"] + " " + how)
 """
 
@@ -223,9 +221,12 @@ def test_an_rq_worker_finishes_its_job_across_a_deploy(rq_app: App, redis_port: 
         end = time.monotonic() + 15
         while time.monotonic() < end and not moved_on():
             deploying.join(timeout=0.2)
-        assert not moved_on(), "the deploy went on while the old worker still ran its job"
+        assert not moved_on(), (
+            "the deploy went on while the old worker still ran its job: "
+            f"{redis(redis_port, 'SMEMBERS', 'rq:workers')}, {result('long')}, {outcome}"
+        )
     finally:
-        redis(redis_port, "SET", "go", "1")
+        redis(redis_port, "RPUSH", "go", "1")
         deploying.join(timeout=240)
     deployed = outcome["d"]
     assert getattr(deployed, "exit", 1) == 0, getattr(deployed, "output", "")[-4000:]

@@ -31,13 +31,13 @@ STAGE = "fleet"
 # test_workers_redis's tasks, with the host that ran each job
 TASKS = """import os
 import socket
-import time
 
 from redis import Redis
 
 
 def _conn():
-    return Redis.from_url(os.environ["REDIS_URL"])
+    # longer than the gate's wait: redis-py's own read timeout would fail a blocked BLPOP
+    return Redis.from_url(os.environ["REDIS_URL"], socket_timeout=300)
 
 
 def _who():
@@ -51,10 +51,8 @@ def record(key):
 def wait_then_record(key, gate):
     conn = _conn()
     conn.set("started:" + key, _who())
-    deadline = time.monotonic() + 240  # bounded: the test opens the gate long before
-    while not conn.exists(gate) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    how = "gate" if conn.exists(gate) else "deadline"
+    # blocks until the test pushes to the gate, bounded: it does so long before
+    how = "gate" if conn.blpop([gate], timeout=240) else "deadline"
     conn.set("result:" + key, _who() + " " + how)
 """
 
@@ -190,7 +188,7 @@ def test_rq_workers_roll_host_by_host_and_a_long_job_finishes(
         assert deploying.is_alive(), "the rollout did not wait for the worker's job"
         assert result("long") is None
     finally:
-        redis(REDIS_PORT, "SET", "go", "1", host=server)
+        redis(REDIS_PORT, "RPUSH", "go", "1", host=server)
         deploying.join(timeout=300)
     deployed = outcome["d"]
     assert deployed.exit == 0, deployed.output[-4000:]
