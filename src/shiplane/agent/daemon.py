@@ -69,18 +69,27 @@ def _log_options(layout: Layout, name: str) -> dict[str, object]:
     }
 
 
-def web_options(layout: Layout, web: WebSpec) -> dict[str, object]:
-    return {
+def _kept_running(
+    layout: Layout, log: str, stop_signal: str, stop_wait: int, *, stop_group: bool | None
+) -> dict[str, object]:
+    """A program supervisord starts and restarts, stopped with ``stop_signal`` (to its whole
+    group unless ``stop_group`` is False; None: to it alone, nothing said of the group), then
+    killed after ``stop_wait`` seconds, its output in ``log/<log>.log``."""
+    options: dict[str, object] = {
         "autostart": True,
         "autorestart": True,
         "startsecs": 1,
         "startretries": 3,
-        "stopsignal": "TERM",
-        "stopwaitsecs": graceful_timeout(web) + 5,
-        "stopasgroup": True,
-        "killasgroup": True,
-        **_log_options(layout, "web"),
+        "stopsignal": stop_signal,
+        "stopwaitsecs": stop_wait,
     }
+    if stop_group is not None:
+        options.update(stopasgroup=stop_group, killasgroup=True)
+    return {**options, **_log_options(layout, log)}
+
+
+def web_options(layout: Layout, web: WebSpec) -> dict[str, object]:
+    return _kept_running(layout, "web", "TERM", graceful_timeout(web) + 5, stop_group=True)
 
 
 def web_conf(layout: Layout, release_id: str, web: WebSpec) -> str:
@@ -101,20 +110,13 @@ def web_conf(layout: Layout, release_id: str, web: WebSpec) -> str:
 def worker_conf(layout: Layout, name: str, worker: WorkerSpec | None, release_id: str) -> str:
     """A worker program with its stop signal and grace period (then supervisord KILLs it)."""
     stop_signal, stop_timeout = check_worker(name, worker)
-    options: dict[str, object] = {
-        "autostart": True,
-        "autorestart": True,
-        "startsecs": 1,
-        "startretries": 3,
-        "stopsignal": stop_signal,
-        "stopwaitsecs": max(1, round(stop_timeout)),
-        # the stop signal to the worker alone when it is exec-ed (it drains its own children:
-        # RQ's work horse, Celery's pool), else to its whole group (the shell would not pass it
-        # on); whatever is left at the end of the grace period is killed, group and all
-        "stopasgroup": exec_form(worker["command"] if worker else "") is None,
-        "killasgroup": True,
-        **_log_options(layout, name),
-    }
+    # the stop signal to the worker alone when it is exec-ed (it drains its own children: RQ's
+    # work horse, Celery's pool), else to its whole group (the shell would not pass it on);
+    # whatever is left at the end of the grace period is killed, group and all
+    shell = exec_form(worker["command"] if worker else "") is None
+    options = _kept_running(
+        layout, name, stop_signal, max(1, round(stop_timeout)), stop_group=shell
+    )
     meta: sv.ProgramMeta = {"service": name, "kind": "worker", "release_id": release_id}
     return sv.program_conf(
         sv.check_name(name), worker_argv(layout, name, worker, release_id), options, meta
@@ -124,17 +126,7 @@ def worker_conf(layout: Layout, name: str, worker: WorkerSpec | None, release_id
 def scheduler_conf(layout: Layout) -> str:
     """The scheduler of the root's jobs (scheduler.py). Its runs are sessions of their own: a
     restart of the scheduler leaves them to finish (services.stop ends them)."""
-    options: dict[str, object] = {
-        "autostart": True,
-        "autorestart": True,
-        "startsecs": 1,
-        "startretries": 3,
-        "stopsignal": "TERM",
-        "stopwaitsecs": 10,
-        "stopasgroup": True,
-        "killasgroup": True,
-        **_log_options(layout, JOBS_PROGRAM),
-    }
+    options = _kept_running(layout, JOBS_PROGRAM, "TERM", 10, stop_group=True)
     meta: sv.ProgramMeta = {"service": "jobs", "kind": "scheduler"}
     return sv.program_conf(JOBS_PROGRAM, scheduler_argv(layout), options, meta)
 
@@ -143,15 +135,7 @@ def front_conf(layout: Layout, spec: ServicesSpec) -> str | None:
     """The builtin front proxy program, or None when the spec asks for another front."""
     if not builtin_front(spec):
         return None
-    options: dict[str, object] = {
-        "autostart": True,
-        "autorestart": True,
-        "startsecs": 1,
-        "startretries": 3,
-        "stopsignal": "TERM",
-        "stopwaitsecs": 15,
-        **_log_options(layout, "front"),
-    }
+    options = _kept_running(layout, "front", "TERM", 15, stop_group=None)
     return sv.program_conf(
         "front", front_argv(layout, spec), options, {"service": "front", "kind": "front"}
     )
