@@ -11,12 +11,14 @@ import subprocess
 import sys
 import time
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from deployhelp import wait_for
+from shiplane import agent_bundle
 from shiplane.agent import ledger
 from shiplane.agent.paths import Layout
 from shiplane.agent_bundle import BOOTSTRAP, agent_zip, bootstrap_argv
@@ -234,10 +236,15 @@ def test_bootstrap_can_be_single_quoted_for_a_remote_shell() -> None:
     compile(BOOTSTRAP, "<bootstrap>", "exec")
 
 
-def test_agent_zip_is_deterministic() -> None:
+def test_agent_zip_is_deterministic_and_made_once_for_every_thread() -> None:
     first = agent_zip()
-    agent_zip.cache_clear()
+    agent_bundle._agent_zip.cache_clear()
     assert agent_zip() == first
+    agent_bundle._agent_zip.cache_clear()
+    with ThreadPoolExecutor(max_workers=8) as pool:  # every host's session asks at once
+        made = list(pool.map(lambda _: agent_zip(), range(8)))
+    assert all(m is made[0] for m in made) and made[0] == first
+    assert agent_bundle._agent_zip.cache_info().misses == 1
     names = zipfile.ZipFile(io.BytesIO(first[0])).namelist()
     assert names == sorted(names)
     assert "__main__.py" in names and "shiplane_agent/server.py" in names

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import io
+import threading
 import zipfile
 from pathlib import Path
 
@@ -20,9 +21,18 @@ _EPOCH = (1980, 1, 1, 0, 0, 0)
 _ZIP_MAIN = f"import runpy\nrunpy.run_module({PACKAGE!r}, run_name='__main__', alter_sys=True)\n"
 
 
-@functools.lru_cache(maxsize=1)
+_ZIPPING = threading.Lock()
+
+
 def agent_zip() -> tuple[bytes, str]:
-    """The agent zipapp's bytes and their sha256 (hex); identical bytes for identical sources."""
+    """The agent zipapp's bytes and their sha256 (hex); identical bytes for identical sources.
+    Made once per process: every host's session asks for it at once, from its own thread."""
+    with _ZIPPING:
+        return _agent_zip()
+
+
+@functools.lru_cache(maxsize=1)
+def _agent_zip() -> tuple[bytes, str]:
     source_dir = Path(__file__).resolve().parent / "agent"
     entries = [("__main__.py", _ZIP_MAIN.encode("utf-8"))]
     for path in sorted(source_dir.glob("*.py")):

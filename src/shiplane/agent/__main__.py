@@ -24,9 +24,18 @@ def main(argv: list[str]) -> int:
         return 2
     cmd, rest = argv[0], argv[1:]
     if cmd == "serve" and len(rest) == 1:
+        import os
+
         from .server import serve
 
-        return serve(rest[0])
+        code = serve(rest[0])
+        # The session has ended and told the controller everything; its files are closed by
+        # their with blocks, its lock is an flock the kernel frees, its background threads were
+        # joined. Python's own teardown still took 50-110 ms after EOF, which the controller
+        # waited out at the end of every command (transport/session.py close): skip it.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
     if cmd == "exec-env" and len(rest) >= 4 and rest[2] == "--":
         from . import AgentError
         from .paths import Layout
