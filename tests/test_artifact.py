@@ -698,3 +698,57 @@ def test_wheelhouse_for_another_python_follows_the_targets_markers(tmp_path: Pat
     assert any(n.startswith("tomli-2.0.1") for n in names)
     assert not any(n.startswith("six-") for n in names)
     assert any(n.lower().startswith("markupsafe-3.0.2-cp310-cp310") for n in names), names
+
+
+PLATFORM_BACKEND = """\
+import base64, hashlib, os, sys, zipfile
+
+TAG = "cp%d%d-cp%d%d-linux_x86_64" % (sys.version_info[:2] * 2)
+NAME = "platapp-0.1.0-%s.whl" % TAG
+FILES = {
+    "platapp/__init__.py": b"",
+    "platapp-0.1.0.dist-info/METADATA": b"Metadata-Version: 2.1\\nName: platapp\\nVersion: 0.1.0\\n",
+    "platapp-0.1.0.dist-info/WHEEL": b"Wheel-Version: 1.0\\nRoot-Is-Purelib: false\\n"
+    + ("Tag: %s\\n" % TAG).encode(),
+}
+
+
+def build_wheel(wheel_directory, config_settings=None, metadata_directory=None):
+    record = []
+    with zipfile.ZipFile(os.path.join(wheel_directory, NAME), "w") as zf:
+        for name, data in FILES.items():
+            zf.writestr(name, data)
+            digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=")
+            record.append(f"{name},sha256={digest.decode()},{len(data)}")
+        record.append("platapp-0.1.0.dist-info/RECORD,,")
+        zf.writestr("platapp-0.1.0.dist-info/RECORD", "\\n".join(record) + "\\n")
+    return NAME
+"""
+
+
+def test_a_platform_specific_app_wheel_is_refused_for_hosts_of_another_python(
+    tmp_path: Path,
+) -> None:
+    """The app wheel is built while the hosts still answer, before their target is known: the
+    check that it can run there comes once it is (a wheel for this CPython, hosts on another)."""
+    root = tmp_path / "platapp"
+    write(
+        root,
+        "pyproject.toml",
+        '[build-system]\nrequires = []\nbuild-backend = "platbackend"\nbackend-path = ["_build"]\n'
+        '\n[project]\nname = "platapp"\nversion = "0.1.0"\n',
+    )
+    write(root, "_build/platbackend.py", PLATFORM_BACKEND)
+    write(root, "platapp/__init__.py", "")
+    write(root, "requirements.txt", "")
+    tag = "cp{0}{1}-cp{0}{1}-linux_x86_64".format(*sys.version_info[:2])
+    wheel = f"platapp-0.1.0-{tag}.whl"
+    other = "3.12" if sys.version_info[:2] != (3, 12) else "3.13"
+    spec = BuildSpec(root, "platapp", "package", "requirements.txt", python_version=other)
+    with pytest.raises(OperationError, match="platform-specific") as refused:
+        build(spec, build_dir=tmp_path / "build")
+    assert wheel in str(refused.value) and other in str(refused.value)
+    # the same wheel for this very interpreter is fine
+    native = BuildSpec(root, "platapp", "package", "requirements.txt")
+    manifest = build(native, build_dir=tmp_path / "build").manifest
+    assert [f.path for f in manifest.app_files] == [wheel]

@@ -14,7 +14,7 @@ import shutil
 import subprocess
 import time
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -230,7 +230,15 @@ def _targets(spec: BuildSpec, hosts: Hosts | None) -> list[tuple[Target, list[st
     return [(target_of(interp), names) for interp, names in known]
 
 
-def _plan(spec: BuildSpec, *, with_lock: bool = True, hosts: Hosts | None = None) -> _Plan:
+def _plan(
+    spec: BuildSpec,
+    *,
+    with_lock: bool = True,
+    hosts: Hosts | None = None,
+    files_read: Callable[[_Plan], None] | None = None,
+) -> _Plan:
+    """What to build; ``files_read(plan)`` is called once the project's files are read and
+    hashed, before the hosts' interpreters are asked for (which may wait for their hello)."""
     project = Path(spec.project).resolve()
     if not project.is_dir():
         raise OperationError(f"project directory {project} does not exist")
@@ -268,6 +276,8 @@ def _plan(spec: BuildSpec, *, with_lock: bool = True, hosts: Hosts | None = None
         config_root=checkout if tree is not None else None,
     )
     _hash_files(plan)  # while the deploy still connects to the hosts
+    if files_read is not None:
+        files_read(plan)
     plan.targets = _targets(spec, hosts)
     plan.target = plan.targets[0][0]
     plan.inputs_digest = _inputs_digest(spec, plan)
@@ -315,16 +325,22 @@ def _app_wheel(plan: _Plan, store: BlobStore, emit: EventSink) -> FileEntry:
     sources = [rel for rel in plan.files if not any(matches(x, rel) for x in SECRET_FILES)]
     # the build backend's requirements come from where the lock's do (its index options)
     access = PackageAccess.of(plan.lock.lines, plan.lock.secrets) if plan.lock else None
-    entry = app_wheel(plan.project, sources, plan.file_shas, store, emit, access)
-    tags = parse_wheel_filename(entry.path)[3]
-    if not plan.target.native and any(t.platform != "any" for t in tags):
-        raise OperationError(
-            f"the app wheel {entry.path} is platform-specific and cannot be "
-            f"built here for {plan.target.platform} / Python "
-            f"{plan.target.python_version}",
-            hint="build on a machine like the hosts",
-        )
-    return entry
+    return app_wheel(plan.project, sources, plan.file_shas, store, emit, access)
+
+
+def _check_app_platform(plan: _Plan, app: CompiledApp) -> None:
+    """A platform-specific app wheel runs only where it was built (known once the hosts are)."""
+    for entry in app.files:
+        if entry.kind != "wheel":
+            continue
+        tags = parse_wheel_filename(entry.path)[3]
+        if not plan.target.native and any(t.platform != "any" for t in tags):
+            raise OperationError(
+                f"the app wheel {entry.path} is platform-specific and cannot be "
+                f"built here for {plan.target.platform} / Python "
+                f"{plan.target.python_version}",
+                hint="build on a machine like the hosts",
+            )
 
 
 def _compile(plan: _Plan, store: BlobStore, emit: EventSink) -> CompiledApp:
@@ -350,11 +366,19 @@ def compile_app(
     spec: BuildSpec, *, build_dir: Path | None = None, on_event: EventSink | None = None
 ) -> CompiledApp:
     """The article's `make compile`: the app's wheel (package) or its tree files, stored."""
-    return _compile(_plan(spec, with_lock=False), _layout(spec, build_dir).store, on_event or _noop)
+    plan = _plan(spec, with_lock=False)
+    app = _compile(plan, _layout(spec, build_dir).store, on_event or _noop)
+    _check_app_platform(plan, app)
+    return app
 
 
 def _pack(
-    spec: BuildSpec, plan: _Plan, layout: _Layout, emit: EventSink, started: float
+    spec: BuildSpec,
+    plan: _Plan,
+    layout: _Layout,
+    emit: EventSink,
+    started: float,
+    app_job: Future[CompiledApp] | None = None,
 ) -> BuildResult:
     store = layout.store
     shared = cache_root()
@@ -365,7 +389,8 @@ def _pack(
     )
     # The app wheel and the tools do not wait for pip: on a cold cache each takes a core.
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="shiplane-build") as pool:
-        app_job = pool.submit(_compile, plan, store, emit)
+        if app_job is None:
+            app_job = pool.submit(_compile, plan, store, emit)
         tools_job = pool.submit(tool_wheels, shared / "tools", emit)
         # one wheelhouse per interpreter the hosts run, each checked before anything is sent
         houses = [
@@ -373,6 +398,7 @@ def _pack(
             for target, hosts in plan.targets
         ]
         app, tool_files = app_job.result(), tools_job.result()
+    _check_app_platform(plan, app)
     entries = [
         _dependencies(target, wheels, store, emit)
         for (target, _), wheels in zip(plan.targets, houses)
@@ -501,15 +527,25 @@ def build(
     started = time.monotonic()
     emit = on_event or _noop
     layout = _layout(spec, build_dir)
-    plan = _plan(spec, hosts=hosts)
-    _warn_lock(plan, emit)
-    manifest = _reuse(layout, plan.inputs_digest)
-    if manifest is not None:
-        emit("manifest", f"reused {manifest.digest}")
-        return BuildResult(
-            manifest, manifest.digest, True, time.monotonic() - started, layout.store
-        )
-    return _pack(spec, plan, layout, emit, started)
+    # The app (its wheel: a build backend's run, ~0.15 s) depends on its files alone: it is
+    # compiled while the hosts' hello, which names their interpreters, is still on its way.
+    # Keyed by content, it costs a lookup when the whole artifact turns out to be reused.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="shiplane-app") as early:
+        app_job: Future[CompiledApp] | None = None
+
+        def compile_early(plan: _Plan) -> None:
+            nonlocal app_job
+            app_job = early.submit(_compile, plan, layout.store, emit)
+
+        plan = _plan(spec, hosts=hosts, files_read=compile_early)
+        _warn_lock(plan, emit)
+        manifest = _reuse(layout, plan.inputs_digest)
+        if manifest is not None:
+            emit("manifest", f"reused {manifest.digest}")
+            return BuildResult(
+                manifest, manifest.digest, True, time.monotonic() - started, layout.store
+            )
+        return _pack(spec, plan, layout, emit, started, app_job)
 
 
 def clean(project: Path) -> list[Path]:
