@@ -27,6 +27,14 @@ def children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def machine_cpu() -> float:
+    """CPU seconds every process of the machine has spent since boot (``/proc/stat``'s busy
+    time): the test hosts share the controller's cores, so this holds both sides' work."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle, iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")  # guest time is in user already
+
+
 def _stat(pid: int) -> list[str] | None:
     """Fields of /proc/<pid>/stat after the command name (index 0 is the state), or None."""
     try:

@@ -49,7 +49,7 @@ sys.path.insert(0, str(BENCH))
 sys.path.insert(0, str(BENCH.parent / "tests"))
 
 from _benchlib import BenchError, Timed, clean_up, http_get, run
-from _fleet_cpu import children_cpu
+from _fleet_cpu import children_cpu, machine_cpu
 from _scenarios import EDITED_FILE, EDITED_TEXT, GIT
 from bench_local import load, machine
 
@@ -241,13 +241,15 @@ class App:
 
 @dataclass
 class Measured:
-    """One command: seconds until every host served its code, the command alone, its CPU."""
+    """One command: seconds until every host served its code, the command alone, its CPU, and
+    the whole machine's CPU (controller and hosts) until every host served it."""
 
     tool: str
     kind: str
     served: float
     command: float
     cpu: float
+    machine: float
 
 
 @dataclass
@@ -333,7 +335,7 @@ class Bench:
         self.deployed.add(tool)
         watch = MasterWatch(self.testhosts.ssh_config)
         watch.start()
-        cpu0 = children_cpu()
+        cpu0, machine0 = children_cpu(), machine_cpu()
         t0 = time.perf_counter()
         done: Timed | None = None
         try:
@@ -348,7 +350,8 @@ class Bench:
                 f"--- stdout (tail)\n{done.stdout[-3000:]}\n--- stderr (tail)\n{done.stderr[-3000:]}"
             )
         self.wait_serves(tool, marker, t0 + command + SERVE_DEADLINE)
-        return Measured(tool, kind, time.perf_counter() - t0, command, cpu)
+        served = time.perf_counter() - t0
+        return Measured(tool, kind, served, command, cpu, machine_cpu() - machine0)
 
     def wait_serves(self, tool: str, marker: str, deadline: float) -> None:
         """Poll each host's ``/`` on the tool's port until it answers 200 with ``marker``."""
@@ -470,11 +473,17 @@ def one_round(bench: Bench, tools: list[str], res: dict[str, Any]) -> None:
 
 
 def _series(res: dict[str, Any], tool: str, kind: str, key: str) -> list[float]:
-    return [r[key] for r in res["runs"] if r["tool"] == tool and r["kind"] == kind]
+    """One figure of every run of ``tool``'s ``kind`` (runs of an older raw file may lack it)."""
+    return [r[key] for r in res["runs"] if r["tool"] == tool and r["kind"] == kind and key in r]
 
 
 def _med(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
+
+
+def _cpu(values: list[float]) -> str:
+    """A median of CPU seconds, or a dash for runs that did not measure it."""
+    return f"{_med(values):.2f} CPU-s" if values else "–"
 
 
 def render(res: dict[str, Any]) -> str:
@@ -538,8 +547,11 @@ def render(res: dict[str, Any]) -> str:
         lines += [
             f"**{titles[kind]}**",
             "",
-            "| tool | until every host serves it | the command alone | controller CPU | / shiplane |",
-            "|---|---|---|---|---|",
+            (
+                "| tool | until every host serves it | the command alone | controller CPU "
+                "| machine CPU | / shiplane |"
+            ),
+            "|---|---|---|---|---|---|",
         ]
         for tool in tools:
             served = _series(res, tool, kind, "served")
@@ -554,7 +566,8 @@ def render(res: dict[str, Any]) -> str:
             lines.append(
                 f"| {tool} | {med:.2f} s ({min(served):.2f}–{max(served):.2f}) | "
                 f"{_med(_series(res, tool, kind, 'command')):.2f} s | "
-                f"{_med(_series(res, tool, kind, 'cpu')):.2f} CPU-s | {ratio} |"
+                f"{_med(_series(res, tool, kind, 'cpu')):.2f} CPU-s | "
+                f"{_cpu(_series(res, tool, kind, 'machine'))} | {ratio} |"
             )
         lines.append("")
     lines += [
@@ -634,6 +647,13 @@ def render(res: dict[str, Any]) -> str:
             "background (shiplane's, Ansible's), polled every 0.2 s. Fabric and pyinfra speak SSH "
             "in-process (paramiko). Ansible's masters are closed after every command, so no command "
             "starts with a connection open."
+        ),
+        (
+            "- Machine CPU: the busy time of every process on the machine (`/proc/stat`) from the "
+            "command's start until every host serves the new code: the controller's and the "
+            "hosts' work together (their SSH servers, pip, the app's servers starting), which share "
+            "the same cores. Work a tool leaves running after that (shiplane's hosts start the next "
+            "spare server, an old one drains) falls into the next tool's figure."
         ),
         "",
     ]
