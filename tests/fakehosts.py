@@ -76,13 +76,13 @@ class Gate:
         for host in hosts:
             host.notify()
 
-    def wait(self, host: FakeHost) -> None:
-        """Called by an op on ``host``: return once open; FakeError ``interrupted`` if the
-        controller cancels the op (or goes away) first."""
+    def wait(self, host: FakeHost, timeout: float | None = None) -> bool:
+        """Called by an op on ``host``: return once open (False after ``timeout``); FakeError
+        ``interrupted`` if the controller cancels the op (or goes away) first."""
         with self._mutex:
             self._hosts.add(host)
         self.reached.set()
-        host.wait_until(lambda: self.opened)
+        return host.wait_until(lambda: self.opened, timeout)
 
 
 class _Call:
