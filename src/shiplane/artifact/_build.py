@@ -527,15 +527,17 @@ def build(
     started = time.monotonic()
     emit = on_event or _noop
     layout = _layout(spec, build_dir)
-    # The app (its wheel: a build backend's run, ~0.15 s) depends on its files alone: it is
-    # compiled while the hosts' hello, which names their interpreters, is still on its way.
-    # Keyed by content, it costs a lookup when the whole artifact turns out to be reused.
+    # The app wheel (a build backend's run, ~0.15 s) depends on the app's files alone: it is
+    # built while the hosts' hello, which names their interpreters, is still on its way. Keyed
+    # by content, it costs a lookup when the whole artifact turns out to be reused. A tree app
+    # is left to _pack: storing its files early would hash them all again on a reuse.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="shiplane-app") as early:
         app_job: Future[CompiledApp] | None = None
 
         def compile_early(plan: _Plan) -> None:
             nonlocal app_job
-            app_job = early.submit(_compile, plan, layout.store, emit)
+            if plan.source == "package":
+                app_job = early.submit(_compile, plan, layout.store, emit)
 
         plan = _plan(spec, hosts=hosts, files_read=compile_early)
         _warn_lock(plan, emit)
