@@ -10,6 +10,7 @@ packages, a tenth of the time. A backend that asks for more requirements at buil
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -26,6 +27,7 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 from ..errors import OperationError
+from . import _wheelpatch as wheelpatch
 from ._cache import cache_root, digest_of
 from ._index import PackageAccess
 from ._manifest import FileEntry
@@ -308,12 +310,50 @@ def app_wheel(
             return FileEntry(name, known, int(length), "wheel")
     except (OSError, ValueError):
         pass
+    system_key = digest_of(SOURCE_DATE_EPOCH, system.env_key, system.backend, *system.backend_path)
+    last_path = store.root.parent / "app-wheels" / "last.json"
     with tempfile.TemporaryDirectory(prefix="shiplane-wheel-") as tmp:
-        wheel = _build_wheel(project, sources, Path(tmp), system, emit, access or PackageAccess())
-        sha, size = store.put_file(wheel)
+        wheel = _patched(project, file_shas, store, system_key, sources, last_path, Path(tmp))
+        if wheel is not None:
+            emit("wheel", f"{wheel.name} (the last one, patched: a code-only change)")
+            sha, size = store.put_file(wheel)
+        else:
+            wheel = _build_wheel(
+                project, sources, Path(tmp), system, emit, access or PackageAccess()
+            )
+            sha, size = store.put_file(wheel)
+            if wheelpatch.plain_build(project, system.backend, sources):
+                last = wheelpatch.record_last(wheel, system_key, sources, file_shas, sha)
+                wheelpatch.save_last(last_path, last)
+            emit("wheel", wheel.name)
     index.parent.mkdir(parents=True, exist_ok=True)
     tmp_index = index.with_name(f".{key}.tmp-{os.getpid()}")
     tmp_index.write_text(f"{wheel.name} {sha} {size}\n")
     os.replace(tmp_index, index)
-    emit("wheel", wheel.name)
     return FileEntry(wheel.name, sha, size, "wheel")
+
+
+def _patched(
+    project: Path,
+    file_shas: Mapping[str, str],
+    store: BlobStore,
+    system_key: str,
+    sources: Sequence[str],
+    last_path: Path,
+    out: Path,
+) -> Path | None:
+    """The last backend-built wheel with the changed modules in it, when that is what the
+    backend would make (``_wheelpatch``); None when the backend must run."""
+    last = wheelpatch.LastWheel.load(last_path)
+    if last is None or not store.has(last.sha256):
+        return None
+    members = wheelpatch.changes(last, system_key, sources, file_shas)
+    if members is None:
+        return None
+    replaced = {}
+    for member, rel in members.items():
+        data = (project / rel).read_bytes()
+        if hashlib.sha256(data).hexdigest() != file_shas[rel]:  # changed since it was hashed
+            return None
+        replaced[member] = data
+    return wheelpatch.patch(last, store, replaced, out)
