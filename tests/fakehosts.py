@@ -66,6 +66,7 @@ class Gate:
     def __init__(self) -> None:
         self.reached = threading.Event()
         self.opened = False
+        self.late = False  # set by a test whose op stopped waiting at its timeout
         self._mutex = threading.Lock()
         self._hosts: set[FakeHost] = set()
 

@@ -13,7 +13,10 @@ import json
 import shutil
 import signal
 import subprocess
+import sys
 import threading
+import time
+import traceback
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -585,17 +588,24 @@ def test_a_maintenance_lock_refuses_the_deploy_naming_why(
 # --- Ctrl-C ----------------------------------------------------------------------------------------
 
 
-def interrupt_in(hosts: FakeHosts, host: str, command: str) -> Gate:
+def interrupt_in(hosts: FakeHosts, host: str, command: str, *, to_main: bool = True) -> Gate:
     """Ctrl-C while ``command`` (a hook) runs on ``host``: SIGINT reaches the controller's main
     thread, the hook waits at a gate nobody opens (only the controller's cancel ends it).
 
     Pressed again every 2 s (10 times at most) until the cancel comes, as a user would: a
     signal that lands while the interpreter runs a finalizer raises its KeyboardInterrupt there,
-    where Python reports it as ignored (once in a full CI run the deploy then waited forever)."""
+    where Python reports it as ignored (once in a full CI run the deploy then waited forever).
+    ``to_main=False``: pressed once, and taken by the thread running the hook, as Linux does
+    when the main thread already has a signal pending; the hook then waits 10 s at most."""
     gate = Gate()
 
     def hook(op: str, args: dict[str, Any], payload: bytes) -> Any:
         if args.get("command") == command:
+            if not to_main:
+                waiting_for_hosts(threading.main_thread())
+                signal.pthread_kill(threading.get_ident(), signal.SIGINT)
+                gate.late = not gate.wait(hosts[host], timeout=5.0)  # not cancelled in time
+                return hosts[host].default(op, args, payload)
             main = threading.main_thread().ident
             assert main is not None
             for _ in range(10):
@@ -606,6 +616,20 @@ def interrupt_in(hosts: FakeHosts, host: str, command: str) -> Gate:
 
     hosts[host].on("hook", hook)
     return gate
+
+
+def waiting_for_hosts(main: threading.Thread, deadline: float = 10.0) -> None:
+    """Return once ``main`` waits for the hosts' answers in ``Fleet._map`` (not still starting
+    its pool's threads): where an untimed wait would not see a signal taken by another thread."""
+    ident = main.ident
+    assert ident is not None
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        names = [f.f_code.co_name for f, _ in traceback.walk_stack(sys._current_frames()[ident])]
+        if "_map" in names and not {"submit", "start"} & set(names):
+            return
+        time.sleep(0.01)  # polling another thread's stack, bounded by the deadline
+    raise AssertionError("the controller's main thread never waited for the hosts")
 
 
 def test_ctrl_c_during_an_after_deploy_hook_returns_every_host_and_frees_the_locks(
@@ -626,6 +650,22 @@ def test_ctrl_c_during_an_after_deploy_hook_returns_every_host_and_frees_the_loc
     assert all(hosts[h].state(result["release"]) == "bad" for h in FLEET)
     assert all(hosts[h].ledger[-1]["outcome"] == "interrupted" for h in FLEET)
     assert local_ledger(app)[-1]["outcome"] == "interrupted"
+
+
+def test_a_ctrl_c_taken_by_another_thread_than_the_main_one_still_interrupts_the_deploy(
+    app: Path, hosts: FakeHosts, artifact: str
+) -> None:
+    old = deploy(app, hosts, artifact=artifact)["release"]
+    toml = app / "shiplane.toml"
+    toml.write_text(
+        toml.read_text().replace("[hooks]\n", '[hooks]\nafter_deploy = ["notify-chat"]\n', 1)
+    )
+    gate = interrupt_in(hosts, "h2", "notify-chat", to_main=False)
+    result = deploy(app, hosts, artifact=artifact)
+    assert gate.reached.is_set() and not gate.late, "the hook waited 5 s: nobody cancelled it"
+    assert result["outcome"] == "interrupted"
+    assert {hosts[h].current for h in FLEET} == {old}
+    assert all(hosts[h].lock is None for h in FLEET)
 
 
 def test_ctrl_c_during_the_release_hook_of_a_first_deploy_leaves_every_host_serving_nothing(

@@ -10,7 +10,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -23,6 +23,21 @@ from shiplane.transport import ConnectSettings, Transport, cleanup, connect, on_
 from shiplane.transport.session import AgentSession, HostError
 
 T = TypeVar("T")
+
+# How long the main thread waits at most before it looks at signals again (see ``results``).
+SIGNAL_SLICE = 0.25
+
+
+def results(futures: Sequence[Future[T]]) -> list[T]:
+    """Each future's result, in order, the main thread waiting in slices. Linux hands a Ctrl-C
+    to another thread when the main thread already has a signal pending; Python then runs the
+    handler only once the main thread runs Python code again, which an untimed wait never does
+    while the hosts wait for us (a hook at a gate): the interrupt would be lost until then."""
+    pending: set[Future[T]] = set(futures)
+    while pending:
+        pending = wait(pending, timeout=SIGNAL_SLICE).not_done
+    return [future.result() for future in futures]
+
 
 # How a Fleet reaches a host: its transport, by host name (tests give fake hosts, tests/fakehosts.py)
 TransportFactory = Callable[[str], Transport]
@@ -209,7 +224,7 @@ class Fleet:
         pool = ThreadPoolExecutor(max_workers=max(1, min(self.parallel, len(targets))))
         self._pools.append(pool)
         try:
-            return list(pool.map(fn, targets))
+            return results([pool.submit(fn, target) for target in targets])
         except KeyboardInterrupt:
             self.cancel()  # the shutdown below waits for what runs: hooks end now, not at their timeout
             raise

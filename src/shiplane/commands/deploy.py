@@ -48,7 +48,7 @@ from shiplane.commands.user_tasks import run_point
 from shiplane.config.layers import render_files
 from shiplane.errors import OperationError, UsageError
 from shiplane.events import Emit, Event
-from shiplane.fleet import Fleet, Outcome, TransportFactory, failures, local_ledger
+from shiplane.fleet import Fleet, Outcome, TransportFactory, failures, local_ledger, results
 from shiplane.plan import (
     batches,
     every_blob,
@@ -106,13 +106,15 @@ def run_deploy(
         connected = connecting.submit(fleet.connect) if early else None
         try:
             if options.retry_failed:  # what to retry is read from the hosts: connect first
-                note(deployment, "connect", connected.result() if connected else fleet.connect())
+                note(
+                    deployment, "connect", results([connected])[0] if connected else fleet.connect()
+                )
                 _resume_failed(deployment, emit)
             else:
                 tasks_before("gate")
                 if connected is not None and _gate_runs(deployment):
                     # the gate takes seconds: a host that cannot be reached stops us before it
-                    _stop_if_unreachable(deployment, connected.result())
+                    _stop_if_unreachable(deployment, results([connected])[0])
                 _gate(deployment, emit)
                 tasks_before("build")
                 # nothing ran since the source check (no gate, no task): its answer still holds
@@ -122,7 +124,9 @@ def run_deploy(
                 _build(deployment, emit, None if ran else source_git, hosts)
                 _check_promotion(deployment)
                 deployment.rid = release_id(deployment.digest)
-                note(deployment, "connect", connected.result() if connected else fleet.connect())
+                note(
+                    deployment, "connect", results([connected])[0] if connected else fleet.connect()
+                )
             assign_targets(deployment)  # each host's Python has its wheels, or nothing is sent
             tasks_before("lock")
             _prepare(deployment, rendered)

@@ -33,7 +33,7 @@ from shiplane.artifact import (
 )
 from shiplane.commands.deployment import Deployment
 from shiplane.errors import OperationError, UsageError
-from shiplane.fleet import Fleet, Outcome, local_ledger
+from shiplane.fleet import Fleet, Outcome, local_ledger, results
 from shiplane.transport import on_controller
 
 Connected = Future[dict[str, Outcome]]
@@ -52,7 +52,7 @@ def interpreters_for_build(d: Deployment, connected: Connected | None) -> BuildH
         own = _controllers_own(d.fleet)
         if own is not None:  # nothing to wait for: the build overlaps the connection (~0.1 s)
             return own
-        connected.result()  # the hosts that could not be connected are told of after the build
+        results([connected])  # the hosts that could not be connected are told of after the build
         return hosts_interpreters(d.fleet)
 
     return hosts
