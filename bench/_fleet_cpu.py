@@ -91,6 +91,8 @@ PROGRAMS = [
     # a release's server started early, or the spare for the next deploy (preboot.py)
     (b"preboot.py", "gunicorn (the app's server)"),
     (b"alembic", "alembic (the hooks)"),
+    # an agent session: its bootstrap (agent_bundle.BOOTSTRAP) names compileall too
+    (b'run_module("shiplane_agent"', "the agent"),
     (b"compileall", "byte-compiling (compileall)"),
     (b"/uv", "uv"),
     (b"pip", "pip"),
