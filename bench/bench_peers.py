@@ -75,6 +75,11 @@ PEERS = BENCH / "peers"
 KINDS = ("cold", "warm", "rollback")
 SERVE_DEADLINE = 90.0  # seconds after a command until every host must serve its code
 COMMAND_TIMEOUT = 600.0
+# Each command starts on a quiet machine: under this share of one core busy (every process,
+# /proc/stat) over a window, or after the deadline. What a command leaves running once its
+# hosts serve (shiplane's hosts start the next spare server, an old one drains, a peer's pip
+# cache writes) would otherwise fall into the next tool's figures.
+QUIET_CORES, QUIET_WINDOW, QUIET_DEADLINE = 0.15, 0.25, 20.0
 HEADING = "## Against the peers"
 
 
@@ -330,9 +335,11 @@ class Bench:
         raise BenchError(f"unknown tool {tool!r}")
 
     def measure(self, tool: str, kind: str, marker: str) -> Measured:
-        """Run the tool's command, then poll until every host serves ``marker``."""
+        """Once the machine is quiet, run the tool's command, then poll until every host
+        serves ``marker``."""
         argv, cwd = self.argv(tool, kind)
         self.deployed.add(tool)
+        wait_quiet()
         watch = MasterWatch(self.testhosts.ssh_config)
         watch.start()
         cpu0, machine0 = children_cpu(), machine_cpu()
@@ -425,6 +432,17 @@ class Bench:
         self.close_masters()
         if errors:
             raise BenchError("; ".join(errors))
+
+
+def wait_quiet() -> float:
+    """Wait (at most ``QUIET_DEADLINE``) until the whole machine is idle; the seconds waited."""
+    start = time.perf_counter()
+    while time.perf_counter() - start < QUIET_DEADLINE:
+        before = machine_cpu()
+        time.sleep(QUIET_WINDOW)  # a sampling window, bounded by the deadline
+        if (machine_cpu() - before) / QUIET_WINDOW < QUIET_CORES:
+            break
+    return time.perf_counter() - start
 
 
 def stop_gunicorn(root: Path, remote_root: str, timeout: float = 30.0) -> None:
@@ -664,8 +682,10 @@ def render(res: dict[str, Any]) -> str:
             "- Machine CPU: the busy time of every process on the machine (`/proc/stat`) from the "
             "command's start until every host serves the new code: the controller's and the "
             "hosts' work together (their SSH servers, pip, the app's servers starting), which share "
-            "the same cores. Work a tool leaves running after that (shiplane's hosts start the next "
-            "spare server, an old one drains) falls into the next tool's figure."
+            "the same cores. Every command starts on a quiet machine (the bench waits, 20 s at "
+            "most, until every process together keeps under 0.15 of a core busy over 0.25 s): work "
+            "a tool leaves running once its hosts serve (shiplane's hosts start the next spare "
+            "server, an old one drains) does not fall into the next tool's figures."
         ),
         "",
     ]
