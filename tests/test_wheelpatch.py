@@ -177,3 +177,22 @@ def test_a_build_hook_in_the_project_is_never_patched(tmp_path: Path) -> None:
     assert builder.member(entry, "shop/stamp.txt") == str(
         len((root / "src/shop/views.py").read_text())
     )
+
+
+def test_a_script_shipped_in_the_wheels_data_directory_is_never_patched(tmp_path: Path) -> None:
+    root = make_project(tmp_path / "shop", "hatchling")
+    pyproject = root / "pyproject.toml"
+    pyproject.write_text(
+        pyproject.read_text()
+        + '\n[tool.hatch.build.targets.wheel.shared-scripts]\n"bin/shop-admin" = "shop-admin"\n'
+    )
+    (root / "bin").mkdir()
+    (root / "bin/shop-admin").write_text("#!/usr/bin/env python3\nprint('old')\n")
+    builder = Builder(root, tmp_path / "store")
+    builder.build()
+    (root / "bin/shop-admin").write_text("#!/usr/bin/env python3\nprint('new')\n")
+
+    entry = builder.build()
+
+    assert not builder.patched, "an installer or the backend may rewrite a script's first line"
+    assert "print('new')" in builder.member(entry, "shop-1.0.0.data/scripts/shop-admin")

@@ -14,7 +14,8 @@ patch is taken only when every one of these is true, and the backend runs otherw
   pdm-backend, setuptools, poetry-core), with no build hooks or build script in the project and
   nothing in ``[project] dynamic`` (a version read from a module would go stale);
 - every changed file was in the last wheel byte for byte, at the path it has in the project or
-  a suffix of it (``src/app/views.py`` as ``app/views.py``), and is not a build file
+  a suffix of it (``src/app/views.py`` as ``app/views.py``), outside ``.dist-info`` and
+  ``.data`` (whose scripts a backend may rewrite), and is not a build file
   (pyproject.toml, setup.py, setup.cfg, a readme: those make the metadata).
 
 The members keep their order, names, dates and compression, so the patched wheel is the one
@@ -132,6 +133,18 @@ def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def _plain_member(info: zipfile.ZipInfo) -> bool:
+    """A member that can be a source file's bytes: not the metadata, not a ``.data`` directory
+    (an installer, or the backend, may rewrite a script's first line there), and a name that
+    RECORD holds without CSV quoting."""
+    top = info.filename.split("/", 1)[0]
+    return (
+        not info.is_dir()
+        and not top.endswith((".dist-info", ".data"))
+        and not any(c in info.filename for c in ',"\r\n')
+    )
+
+
 def _is_suffix(member: str, rel: str) -> bool:
     m, r = member.split("/"), rel.split("/")
     return len(m) <= len(r) and r[len(r) - len(m) :] == m
@@ -144,7 +157,7 @@ def record_last(
     by_sha: dict[str, list[str]] = {}
     with zipfile.ZipFile(wheel) as zf:
         for info in zf.infolist():
-            if not info.is_dir() and ".dist-info/" not in info.filename:
+            if _plain_member(info):
                 by_sha.setdefault(_sha(zf.read(info)), []).append(info.filename)
     verbatim = {}
     for rel in sources:
