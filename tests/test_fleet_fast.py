@@ -632,14 +632,20 @@ def waiting_for_hosts(main: threading.Thread, deadline: float = 10.0) -> None:
     raise AssertionError("the controller's main thread never waited for the hosts")
 
 
-def test_ctrl_c_during_an_after_deploy_hook_returns_every_host_and_frees_the_locks(
-    app: Path, hosts: FakeHosts, artifact: str
-) -> None:
+def deploy_with_an_after_deploy_hook(app: Path, hosts: FakeHosts, artifact: str) -> str:
+    """A first deploy, then ``after_deploy = ["notify-chat"]`` in the deploy file; the release."""
     old = deploy(app, hosts, artifact=artifact)["release"]
     toml = app / "shiplane.toml"
     toml.write_text(
         toml.read_text().replace("[hooks]\n", '[hooks]\nafter_deploy = ["notify-chat"]\n', 1)
     )
+    return str(old)
+
+
+def test_ctrl_c_during_an_after_deploy_hook_returns_every_host_and_frees_the_locks(
+    app: Path, hosts: FakeHosts, artifact: str
+) -> None:
+    old = deploy_with_an_after_deploy_hook(app, hosts, artifact)
     gate = interrupt_in(hosts, "h3", "notify-chat")
     result = deploy(app, hosts, artifact=artifact)
     assert gate.reached.is_set() and not gate.opened
@@ -655,11 +661,7 @@ def test_ctrl_c_during_an_after_deploy_hook_returns_every_host_and_frees_the_loc
 def test_a_ctrl_c_taken_by_another_thread_than_the_main_one_still_interrupts_the_deploy(
     app: Path, hosts: FakeHosts, artifact: str
 ) -> None:
-    old = deploy(app, hosts, artifact=artifact)["release"]
-    toml = app / "shiplane.toml"
-    toml.write_text(
-        toml.read_text().replace("[hooks]\n", '[hooks]\nafter_deploy = ["notify-chat"]\n', 1)
-    )
+    old = deploy_with_an_after_deploy_hook(app, hosts, artifact)
     gate = interrupt_in(hosts, "h2", "notify-chat", to_main=False)
     result = deploy(app, hosts, artifact=artifact)
     assert gate.reached.is_set() and not gate.late, "the hook waited 5 s: nobody cancelled it"
