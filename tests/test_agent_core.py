@@ -487,6 +487,36 @@ def test_a_gzipped_uv_is_unpacked_checked_and_run(client: AgentClient, root: Pat
     assert binary.read_bytes() == fake_uv and os.access(binary, os.X_OK)
 
 
+@pytest.mark.slow
+def test_a_shipped_uv_named_at_inventory_is_unpacked_as_soon_as_its_blob_is_stored(
+    client: AgentClient, root: Path
+) -> None:
+    """inventory's uv hint: the host unpacks uv while the deploy's other blobs still arrive, and
+    install_uv answers with that work; a wrong binary is still refused."""
+    import gzip
+
+    fake_uv = b"#!/bin/sh\necho 'uv 0.0.0 (fake)'\n"
+    packed = gzip.compress(fake_uv, mtime=0)
+    hint = {"sha256": sha(packed), "binary_sha256": sha(fake_uv)}
+    assert client.request("inventory", {"blobs": [sha(packed)], "uv": hint}).ok
+    assert client.send_blobs([packed]).ok
+    binary = wait_for(
+        lambda: next(iter((root / "tools").glob("uv-*/uv")), None),
+        30,
+        "uv unpacked before install_uv is asked",
+    )
+    done = client.request("install_uv", hint)
+    assert done.ok, done.error
+    assert Path(done.result["path"]) == binary and binary.read_bytes() == fake_uv
+
+    other = gzip.compress(b"#!/bin/sh\nexit 0\n", mtime=0)
+    wrong = {"sha256": sha(other), "binary_sha256": sha(b"not what is inside")}
+    assert client.request("inventory", {"blobs": [sha(other)], "uv": wrong}).ok
+    assert client.send_blobs([other]).ok
+    refused = client.request("install_uv", wrong)
+    assert not refused.ok and refused.error["kind"] == "install"
+
+
 def test_a_broken_dependency_fails_the_install_with_the_installers_words(
     client: AgentClient, root: Path
 ) -> None:

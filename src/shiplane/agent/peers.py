@@ -24,6 +24,7 @@ import ipaddress
 import os
 import socket
 import threading
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -195,8 +196,10 @@ def fetch(
     blobs: list[BlobRef],
     connect_timeout: float,
     emit: Emit,
+    stored: Callable[[str], None] = lambda sha: None,
 ) -> FetchResult:
-    """Fetch ``blobs`` from a peer's ``BlobServer`` into the store, each verified by its sha256.
+    """Fetch ``blobs`` from a peer's ``BlobServer`` into the store, each verified by its sha256
+    (``stored(sha)`` as each one is in place).
 
     Never fails for the peer's sake: what could not be had is listed in ``failed`` (with
     ``error`` saying why), blobs that arrived with other bytes than their hash in ``bad``."""
@@ -242,6 +245,7 @@ def fetch(
                 if store.store_one(layout, sha, size, response):
                     received += 1
                     done += size
+                    stored(sha)
                 else:
                     bad.append(sha)
                 response.read()  # the end of the response: the connection is reused

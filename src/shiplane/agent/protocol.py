@@ -210,6 +210,14 @@ class Holder(TypedDict, total=False):
     reason: str
 
 
+class UvHint(TypedDict):
+    """``inventory``'s ``uv``: the controller's uv the deploy ships (``install_uv``'s args),
+    unpacked as soon as its blob is in the store."""
+
+    sha256: str
+    binary_sha256: str | None
+
+
 class VenvHint(TypedDict, total=False):
     """``inventory``'s ``venv``: the venv a deploy will need, made while its blobs arrive."""
 
@@ -502,6 +510,7 @@ class InventoryArgs(TypedDict):
     blobs: list[str]
     venv: VenvHint | None
     port: PortSpec | None
+    uv: UvHint | None
 
 
 class ReceiveArgs(TypedDict):
@@ -691,6 +700,11 @@ OPS: dict[str, Op] = {
                     "port",
                     "object|null",
                     "{bind, port}: say in port_taken if another program holds it",
+                ),
+                Field(
+                    "uv",
+                    "object|null",
+                    "{sha256, binary_sha256}: the shipped uv, unpacked once its blob is stored",
                 ),
             ),
         ),

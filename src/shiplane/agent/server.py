@@ -82,7 +82,7 @@ from .protocol import (
     WithdrawArgs,
 )
 from .runtime import valid_release_id
-from .venvs import VenvShells, find_uv, install_uv, list_venvs
+from .venvs import EarlyUv, VenvShells, find_uv, install_uv, list_venvs
 
 if TYPE_CHECKING:  # imported by the ops that need it (it loads the backends)
     from .peers import BlobServer
@@ -138,6 +138,7 @@ class Session:
         self.prebooted: str | None = None
         # the venvs ``inventory`` started making, for this session's ``install`` to wait for
         self.venv_shells = VenvShells()
+        self.early_uv: EarlyUv | None = None  # the shipped uv, unpacked as soon as it is stored
         # this deploy's blobs served to peer hosts (serve_blobs), stopped with the session at last
         self.blob_server: BlobServer | None = None
         self._write_lock = threading.Lock()
@@ -332,6 +333,9 @@ def _op_inventory(s: Session, args: InventoryArgs, emit: Emit) -> Inventory:
             hint.get("python") or sys.executable,
             user_cache=hint.get("uv_cache") == "user",
         )
+    uv = args.get("uv")
+    if isinstance(uv, dict):
+        s.early_uv = EarlyUv(s.layout, str(uv.get("sha256")), uv.get("binary_sha256"))
     result = inventory(s.layout, list(args.get("blobs") or []))
     port = args.get("port")
     if isinstance(port, dict):
@@ -361,8 +365,14 @@ def port_taken(bind: str, port: int, services: object) -> str | None:
     return None
 
 
+def _stored(s: Session) -> Callable[[str], None]:
+    """What to do as each blob is in the store: start unpacking the shipped uv."""
+    early = s.early_uv
+    return early.stored if early is not None else (lambda sha: None)
+
+
 def _op_receive(s: Session, args: ReceiveArgs, emit: Emit) -> ReceiveResult:
-    return store.receive(s.layout, args["blobs"], s.stdin, emit)
+    return store.receive(s.layout, args["blobs"], s.stdin, emit, _stored(s))
 
 
 def _op_hook(s: Session, args: HookArgs, emit: Emit) -> HookResult:
@@ -443,6 +453,11 @@ def _op_verify(s: Session, args: VerifyArgs, emit: Emit) -> VerifyResult:
 
 
 def _op_install_uv(s: Session, args: InstallUvArgs, emit: Emit) -> UvInstalled:
+    early = s.early_uv
+    if early is not None and early.matches(args["sha256"], args["binary_sha256"]):
+        done = early.result()  # unpacked while the other blobs arrived (inventory's uv hint)
+        if done is not None:
+            return done
     return install_uv(s.layout, args["sha256"], args["binary_sha256"])
 
 
@@ -467,6 +482,7 @@ def _op_fetch_blobs(s: Session, args: FetchBlobsArgs, emit: Emit) -> FetchResult
         args["blobs"],
         args["connect_timeout"],
         emit,
+        _stored(s),
     )
 
 

@@ -15,7 +15,7 @@ import re
 import shutil
 import stat
 import zipfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
@@ -48,8 +48,15 @@ def missing(layout: Layout, shas: Iterable[str]) -> list[str]:
     return out
 
 
-def receive(layout: Layout, blobs: list[BlobRef], stream: BinaryIO, emit: Emit) -> ReceiveResult:
-    """Read each blob's bytes from ``stream`` (back to back, sizes as listed) into the store.
+def receive(
+    layout: Layout,
+    blobs: list[BlobRef],
+    stream: BinaryIO,
+    emit: Emit,
+    stored: Callable[[str], None] = lambda sha: None,
+) -> ReceiveResult:
+    """Read each blob's bytes from ``stream`` (back to back, sizes as listed) into the store;
+    ``stored(sha)`` as each one is in place.
 
     Every listed byte is consumed even when a blob is bad, so the session stays in sync; a blob
     whose bytes do not hash to its sha256 is discarded and the op fails naming it (``integrity``).
@@ -85,6 +92,7 @@ def receive(layout: Layout, blobs: list[BlobRef], stream: BinaryIO, emit: Emit) 
         done += size
         if ok:
             received += 1
+            stored(str(sha))
         else:
             bad.append(str(sha))
         if done - last_report >= PROGRESS_EVERY or done == total:

@@ -113,6 +113,54 @@ def install_uv(layout: Layout, sha256: object, binary_sha256: object = None) -> 
     return {"path": str(target)}
 
 
+class EarlyUv:
+    """``install_uv`` started as soon as the shipped uv's blob is in the store (``inventory``'s
+    ``uv`` hint), in a thread: its unpacking (~0.2 s of CPU for the gzipped binary) overlaps
+    the rest of the deploy's blobs arriving, instead of following them. ``result()`` is what
+    ``install_uv`` returns or raises; the ``install_uv`` op waits for it."""
+
+    def __init__(self, layout: Layout, sha256: str, binary_sha256: str | None) -> None:
+        if not valid_sha(sha256) or (binary_sha256 is not None and not valid_sha(binary_sha256)):
+            raise AgentError(f"inventory: uv: not a sha256: {sha256!r}", kind="usage")
+        self.layout, self.sha256, self.binary_sha256 = layout, sha256, binary_sha256
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._outcome: UvInstalled | AgentError | None = None
+        if layout.blob(sha256).is_file():  # the host has it from an earlier deploy
+            self.stored(sha256)
+
+    def matches(self, sha256: object, binary_sha256: object) -> bool:
+        return sha256 == self.sha256 and binary_sha256 == self.binary_sha256
+
+    def stored(self, sha256: str) -> None:
+        """A blob is in the store: start unpacking if it is uv's (once)."""
+        with self._lock:
+            if sha256 != self.sha256 or self._thread is not None:
+                return
+            self._thread = threading.Thread(target=self._run, name="early-uv", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._outcome = install_uv(self.layout, self.sha256, self.binary_sha256)
+        except AgentError as exc:
+            self._outcome = exc
+        except OSError as exc:
+            self._outcome = AgentError(f"the shipped uv could not be placed: {exc}", kind="install")
+
+    def result(self) -> UvInstalled | None:
+        """``install_uv``'s answer once the thread ended; None when it never started (the
+        blob did not arrive: the op then does the work itself)."""
+        with self._lock:
+            thread = self._thread
+        if thread is None:
+            return None
+        thread.join()
+        if isinstance(self._outcome, AgentError):
+            raise self._outcome
+        return self._outcome
+
+
 def _gunzip_checked(source: Path, target: Path, sha256: str) -> None:
     digest = hashlib.sha256()
     with gzip.open(source, "rb") as src, open(target, "wb") as out:

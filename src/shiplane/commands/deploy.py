@@ -490,10 +490,12 @@ def _prepare(d: Deployment, rendered: Any) -> None:
         uv = uv_blob(session)
         if uv is not None:
             shipped[uv.sha256], sizes[uv.sha256] = uv.path, uv.size
-        wanted = [sha for sha, _ in own[host]] + ([uv.sha256] if uv else [])
+        # uv first: the host unpacks it while the other blobs arrive (inventory's uv hint)
+        wanted = ([uv.sha256] if uv else []) + [sha for sha, _ in own[host]]
+        hint = {"sha256": uv.sha256, "binary_sha256": uv.binary_sha256} if uv else None
         inventory = session.call(
             "inventory",
-            {"blobs": wanted, "venv": venv_hint(host), "port": front_port},
+            {"blobs": wanted, "venv": venv_hint(host), "port": front_port, "uv": hint},
             timeout=timeout(d),
         )
         d.hosts[host].previous = inventory.get("current")
