@@ -313,19 +313,16 @@ def app_wheel(
     system_key = digest_of(SOURCE_DATE_EPOCH, system.env_key, system.backend, *system.backend_path)
     last_path = store.root.parent / "app-wheels" / "last.json"
     with tempfile.TemporaryDirectory(prefix="shiplane-wheel-") as tmp:
-        wheel = _patched(project, file_shas, store, system_key, sources, last_path, Path(tmp))
-        if wheel is not None:
-            emit("wheel", f"{wheel.name} (the last one, patched: a code-only change)")
-            sha, size = store.put_file(wheel)
-        else:
-            wheel = _build_wheel(
-                project, sources, Path(tmp), system, emit, access or PackageAccess()
-            )
-            sha, size = store.put_file(wheel)
-            if wheelpatch.plain_build(project, system.backend, sources):
-                last = wheelpatch.record_last(wheel, system_key, sources, file_shas, sha)
-                wheelpatch.save_last(last_path, last)
-            emit("wheel", wheel.name)
+        patched = _patched(project, file_shas, store, system_key, sources, last_path, Path(tmp))
+        wheel = patched or _build_wheel(
+            project, sources, Path(tmp), system, emit, access or PackageAccess()
+        )
+        sha, size = store.put_file(wheel)
+        if patched is None and wheelpatch.plain_build(project, system.backend, sources):
+            last = wheelpatch.record_last(wheel, system_key, sources, file_shas, sha)
+            wheelpatch.save_last(last_path, last)
+    how = " (the last one, patched: a code-only change)" if patched else ""
+    emit("wheel", wheel.name + how)
     index.parent.mkdir(parents=True, exist_ok=True)
     tmp_index = index.with_name(f".{key}.tmp-{os.getpid()}")
     tmp_index.write_text(f"{wheel.name} {sha} {size}\n")

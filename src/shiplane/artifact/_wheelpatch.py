@@ -31,7 +31,7 @@ import os
 import sys
 import zipfile
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 if sys.version_info >= (3, 11):
@@ -70,7 +70,7 @@ class LastWheel:
     size: int
 
     def to_json(self) -> str:
-        return json.dumps(self.__dict__, sort_keys=True)
+        return json.dumps(asdict(self), sort_keys=True)
 
     @classmethod
     def load(cls, path: Path) -> LastWheel | None:
@@ -116,8 +116,8 @@ def plain_build(project: Path, backend: str, sources: Sequence[str]) -> bool:
 def _metadata_file(rel: str) -> bool:
     """A file the metadata is made from: a readme or a license (``[project] readme`` as a
     table is refused by plain_build; as a string it names a file like these)."""
-    name = Path(rel).name.lower()
-    return Path(rel).name in BUILD_FILES or name.startswith(
+    name = Path(rel).name
+    return name in BUILD_FILES or name.lower().startswith(
         ("readme", "license", "licence", "copying")
     )
 

@@ -104,11 +104,14 @@ def run_deploy(
         connecting = ThreadPoolExecutor(max_workers=1)
         early = not ctx.project.deploy.stages[ctx.stage].promote_from
         connected = connecting.submit(fleet.connect) if early else None
+
+        def connected_now() -> dict[str, Outcome]:
+            """The hosts' connections: the early ones once made, else made now."""
+            return results([connected])[0] if connected else fleet.connect()
+
         try:
             if options.retry_failed:  # what to retry is read from the hosts: connect first
-                note(
-                    deployment, "connect", results([connected])[0] if connected else fleet.connect()
-                )
+                note(deployment, "connect", connected_now())
                 _resume_failed(deployment, emit)
             else:
                 tasks_before("gate")
@@ -124,9 +127,7 @@ def run_deploy(
                 _build(deployment, emit, None if ran else source_git, hosts)
                 _check_promotion(deployment)
                 deployment.rid = release_id(deployment.digest)
-                note(
-                    deployment, "connect", results([connected])[0] if connected else fleet.connect()
-                )
+                note(deployment, "connect", connected_now())
             assign_targets(deployment)  # each host's Python has its wheels, or nothing is sent
             tasks_before("lock")
             _prepare(deployment, rendered)
