@@ -121,16 +121,45 @@ def ssh_processes(config: Path) -> list[int]:
     return pids
 
 
-def prewarmed_masters(config: Path) -> list[int]:
-    """The control masters the CLI started before its imports (``ssh ... -N``)."""
-    found = []
+def listening_masters(config: Path) -> list[int]:
+    """Our ssh processes that listen on a control socket: the masters, each a host's connection
+    that persists for the next command (``ssh_persist``)."""
+    listening = set()  # the inodes of listening unix sockets (state 01: SS_UNCONNECTED, ACC)
+    for line in Path("/proc/net/unix").read_text().splitlines()[1:]:
+        fields = line.split()
+        if len(fields) >= 8 and fields[3] == "00010000":  # the __SO_ACCEPTCON flag
+            listening.add(f"socket:[{fields[6]}]")
+    masters = []
     for pid in ssh_processes(config):
         try:
-            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            fds = {os.readlink(fd) for fd in Path(f"/proc/{pid}/fd").iterdir()}
         except OSError:
             continue
-        if b"-N" in argv and b"ControlMaster=yes" in argv:
-            found.append(pid)
+        if fds & listening:
+            masters.append(pid)
+    return masters
+
+
+def leftover_ssh(config: Path) -> list[int]:
+    """Our ssh processes other than the masters that persist: sessions or clients left behind."""
+    return sorted(set(ssh_processes(config)) - set(listening_masters(config)))
+
+
+def logins(host: TestHost) -> int:
+    """How many times the host's sshd has let someone log in (a new SSH connection)."""
+    return host.sshd_log().count("Accepted publickey")
+
+
+def sessions_of(pid: int, config: Path) -> list[int]:
+    """The ssh clients of process ``pid`` (its sessions on the hosts)."""
+    found = []
+    for child in ssh_processes(config):
+        try:
+            stat = Path(f"/proc/{child}/stat").read_text()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            found.append(child)
     return found
 
 
@@ -172,9 +201,52 @@ def test_deploy_to_three_hosts_serves_the_release_on_each(
         assert f"release {release}" in body and "stage fleet" in body
         assert current(host) == release
         assert result["hosts"][host.name]["outcome"] == "ok"
-    assert ssh_processes(ssh_hosts.ssh_config) == [], (
-        "control masters left running after the deploy"
-    )
+    assert leftover_ssh(ssh_hosts.ssh_config) == [], "ssh sessions left after the deploy"
+    assert len(listening_masters(ssh_hosts.ssh_config)) == len(ssh_hosts.hosts)
+
+
+def test_the_next_command_reuses_each_hosts_connection_without_logging_in_again(
+    app: Project, ssh_hosts: TestHosts
+) -> None:
+    assert app.shiplane("status", "--stage", "fleet").returncode == 0
+    before = {host.name: logins(host) for host in ssh_hosts.hosts}
+    for _ in range(2):
+        done = app.shiplane("status", "--stage", "fleet")
+        assert done.returncode == 0, done.stderr
+    assert {host.name: logins(host) for host in ssh_hosts.hosts} == before
+    assert leftover_ssh(ssh_hosts.ssh_config) == []
+
+
+def test_other_ssh_settings_or_ssh_persist_0_never_borrow_a_connection(
+    app: Project, ssh_hosts: TestHosts
+) -> None:
+    assert app.shiplane("status", "--stage", "fleet").returncode == 0
+    toml = app.root / "shiplane.toml"
+    original = toml.read_text()
+    first = ssh_hosts.hosts[0]
+    try:
+        # another ssh option: a connection of its own, logged in anew
+        toml.write_text(
+            original.replace(
+                "[stages.fleet]\n", "[stages.fleet]\nssh_options = ['ServerAliveInterval=7']\n", 1
+            )
+        )
+        before = logins(first)
+        assert app.shiplane("status", "--stage", "fleet").returncode == 0
+        assert logins(first) == before + 1
+        # ssh_persist = 0: every command logs in, and leaves no ssh process behind
+        toml.write_text(
+            original.replace("[stages.fleet]\n", "[stages.fleet]\nssh_persist = 0\n", 1)
+        )
+        for _ in range(2):
+            before = logins(first)
+            assert app.shiplane("status", "--stage", "fleet").returncode == 0
+            assert logins(first) == before + 1
+    finally:
+        toml.write_text(original)
+    # no session left, and the persisting connections: the stage's and the other option's
+    assert leftover_ssh(ssh_hosts.ssh_config) == []
+    assert len(listening_masters(ssh_hosts.ssh_config)) <= 2 * len(ssh_hosts.hosts)
 
 
 def test_logs_follow_prints_every_hosts_new_lines_prefixed_by_host(
@@ -207,11 +279,11 @@ def test_logs_follow_prints_every_hosts_new_lines_prefixed_by_host(
     )
     reader.start()
     try:
-        # the sessions multiplex over the masters the CLI started before its imports (ssh -N)
+        # each host's session: an ssh client of the CLI's, over that host's connection
         assert wait_for(
-            lambda: len(prewarmed_masters(ssh_hosts.ssh_config)) == len(ssh_hosts.hosts),
+            lambda: len(sessions_of(follow.pid, ssh_hosts.ssh_config)) == len(ssh_hosts.hosts),
             20,
-            "a pre-warmed master per host",
+            "a session per host",
         )
         edit(app, "<footer>", "<footer>followed ")
         release = deploy(app, "fleet")["release"]
@@ -227,10 +299,10 @@ def test_logs_follow_prints_every_hosts_new_lines_prefixed_by_host(
         follow.send_signal(signal.SIGINT)
         follow.wait(timeout=30)
     assert follow.returncode == 130 and "interrupted" in follow.stderr.read()  # Ctrl-C, as tail -f
-    assert ssh_processes(ssh_hosts.ssh_config) == [], "logs --follow left ssh connections behind"
+    assert leftover_ssh(ssh_hosts.ssh_config) == [], "logs --follow left ssh connections behind"
 
 
-def test_a_command_refused_after_its_hosts_were_prewarmed_exits_2_and_leaves_no_ssh(
+def test_a_command_refused_after_its_hosts_were_prewarmed_exits_2_and_leaves_no_session(
     app: Project, ssh_hosts: TestHosts
 ) -> None:
     # valid TOML (so the CLI pre-warms the stage's hosts) that the schema refuses
@@ -240,8 +312,9 @@ def test_a_command_refused_after_its_hosts_were_prewarmed_exits_2_and_leaves_no_
     )
     done = app.shiplane("-f", str(bad), "status", "--stage", "fleet")
     assert done.returncode == 2 and "not_a_key" in done.stderr
-    # the masters started for it (connected or still connecting) are gone with it
-    assert wait_for(lambda: ssh_processes(ssh_hosts.ssh_config) == [], 10, "no ssh left")
+    # the masters started for it that had not connected are gone with it; the connected ones
+    # persist for the next command, one per host
+    assert wait_for(lambda: leftover_ssh(ssh_hosts.ssh_config) == [], 10, "no ssh left")
 
 
 def test_code_only_redeploy_sends_one_wheel_and_installs_nothing(
@@ -455,6 +528,7 @@ def test_retry_failed_finishes_the_same_deploy_on_the_host_that_was_down(
     edit(app, "</footer>", " retried</footer>")
     lost = ssh_hosts.hosts[2]
     lost.stop_sshd()
+    _kill_sshd_sessions(lost)  # down: its connection too (it persisted from the last deploy)
     try:
         failed = deploy(app, "fleet", check=False)
     finally:

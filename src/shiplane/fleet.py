@@ -93,6 +93,7 @@ class Fleet:
             identity_file=stage.identity_file,
             ssh_options=tuple(stage.ssh_options),
             connect_timeout=stage.connect_timeout,
+            ssh_persist=stage.ssh_persist,
             user=stage.deploy_user,
         )
 

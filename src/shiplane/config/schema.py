@@ -950,6 +950,17 @@ class Stage(Model):
     connect_timeout: Annotated[
         float, Field(gt=0, le=600, description="Seconds to connect to a host.")
     ] = 10
+    ssh_persist: Annotated[
+        int,
+        Field(
+            ge=0,
+            le=3600,
+            description="Seconds a host's SSH connection stays open, idle, after a command, for "
+            "the next command to reuse (OpenSSH ``ControlPersist``; its socket in a 0700 dir of "
+            "the user's): a redeploy, ``status`` or ``logs`` within that time skips the "
+            "handshake. ``0``: each command closes its connections.",
+        ),
+    ] = 60
     transfer: Literal["auto", "direct"] = Field(
         default="auto",
         description="How blobs reach the hosts: ``auto`` sends each blob the hosts lack once, to "

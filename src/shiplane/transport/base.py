@@ -37,9 +37,10 @@ class Prewarming(Protocol):
 
     host: str
 
-    def prewarm(self, stderr: BinaryIO) -> subprocess.Popen[bytes]:
+    def prewarm(self, stderr: BinaryIO) -> subprocess.Popen[bytes] | None:
         """Start connecting now, running nothing on the host; the process exits once connected
-        (0) or failed (its reason in ``stderr``)."""
+        (0) or failed (its reason in ``stderr``). None: already connected (an earlier command's
+        connection persists)."""
         ...
 
     def close(self) -> None: ...
@@ -54,6 +55,7 @@ class ConnectSettings:
     identity_file: str | None = None
     ssh_options: tuple[str, ...] = ()
     connect_timeout: float = 10
+    ssh_persist: int = 60  # seconds an idle SSH connection outlives its command; 0: it does not
     user: str | None = None  # the login for a host that names none (``deploy_user``); None: ssh's
 
 

@@ -41,7 +41,9 @@ def start(argv: Sequence[str], env: Mapping[str, str], cwd: Path) -> None:
     for host, transport in targets(argv, env, cwd).items():
         try:
             with tempfile.TemporaryFile() as stderr:  # the process keeps its own descriptor
-                _started[host] = (transport, transport.prewarm(stderr), os.dup(stderr.fileno()))
+                process = transport.prewarm(stderr)
+                if process is not None:  # else an earlier command's connection is there
+                    _started[host] = (transport, process, os.dup(stderr.fileno()))
         except OSError:  # no ssh client: the session says so
             return
 
@@ -107,6 +109,7 @@ def targets(argv: Sequence[str], env: Mapping[str, str], cwd: Path) -> dict[str,
             identity_file=stage.get("identity_file"),
             ssh_options=tuple(stage.get("ssh_options", [])),
             connect_timeout=float(stage.get("connect_timeout", 10)),
+            ssh_persist=int(stage.get("ssh_persist", 60)),
             user=stage.get("deploy_user"),
         )
         # every host's transport, as its session will make it: one that refuses its host or its

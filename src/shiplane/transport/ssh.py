@@ -1,13 +1,23 @@
 """SSH through the system's OpenSSH client, so ~/.ssh/config, agents, ProxyJump and known_hosts
-work as everywhere else. One multiplexed connection per host (ControlMaster), sockets in a private
-0700 directory, strict host-key checking always."""
+work as everywhere else. One multiplexed connection per host (ControlMaster), strict host-key
+checking always.
+
+A host's connection outlives its command by ``ssh_persist`` seconds of idleness (ControlPersist,
+as Ansible's), so the next command within that time multiplexes over it instead of paying the
+handshake again: the sockets live in the user's own 0700 dir, each named by a digest of
+everything that decides what the connection is (the destination, every ssh option and config
+file, the known_hosts files' states), so a command with other settings never borrows another's
+connection. ``ssh_persist = 0``, or a shared dir that is not safely the user's, gives a private
+per-command dir whose masters are stopped when the command ends (docs/DESIGN.md, "Connections")."""
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import re
 import shlex
+import stat
 import subprocess
 import tempfile
 from collections.abc import Sequence
@@ -38,17 +48,46 @@ _FORBIDDEN = (
 def remove_control_dir() -> None:
     """Remove this process's control-socket dir once every connection is closed (if empty)."""
     try:
-        os.rmdir(Path(tempfile.gettempdir()) / f"shiplane-ssh-{os.getuid()}-{os.getpid()}")
+        os.rmdir(_private_dir_path())
     except OSError:
         pass
 
 
+def _private_dir_path() -> Path:
+    return Path(tempfile.gettempdir()) / f"shiplane-ssh-{os.getuid()}-{os.getpid()}"
+
+
 def _control_dir() -> Path:
     """A private directory for control sockets, one per controller process."""
-    path = Path(tempfile.gettempdir()) / f"shiplane-ssh-{os.getuid()}-{os.getpid()}"
+    path = _private_dir_path()
     path.mkdir(mode=0o700, exist_ok=True)
     os.chmod(path, 0o700)
     return path
+
+
+def shared_control_dir() -> Path | None:
+    """The user's dir for connections that outlive their command, or None when it is not safely
+    the user's alone: a real directory (not a link), owned by this uid, mode 0700. Another user
+    of a shared /tmp may have made the path first; then nothing persists."""
+    path = Path(tempfile.gettempdir()) / f"shiplane-ssh-{os.getuid()}"
+    try:
+        path.mkdir(mode=0o700, exist_ok=True)
+        info = os.lstat(path)
+    except OSError:
+        return None
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
+        return None
+    return path
+
+
+def _file_state(path: str) -> str:
+    """What a config or known_hosts file is now (its inode, size and mtime): a connection made
+    before it changed is not reused after."""
+    try:
+        info = os.stat(os.path.expanduser(path))
+    except OSError:
+        return "-"
+    return f"{info.st_ino}:{info.st_size}:{info.st_mtime_ns}"
 
 
 class SSHTransport:
@@ -68,6 +107,7 @@ class SSHTransport:
             identity_file=settings.identity_file,
             options=settings.ssh_options,
             connect_timeout=settings.connect_timeout,
+            ssh_persist=settings.ssh_persist,
             user=settings.user,
         )
 
@@ -83,6 +123,7 @@ class SSHTransport:
         identity_file: str | None = None,
         options: Sequence[str] = (),
         connect_timeout: float = 10,
+        ssh_persist: int = 60,
         user: str | None = None,
     ) -> None:
         match = HOST.match(host)
@@ -92,6 +133,8 @@ class SSHTransport:
             raise ConfigError(
                 f"connect_timeout {connect_timeout!r}: expected seconds between 0 and 600"
             )
+        if not 0 <= ssh_persist <= 3600:
+            raise ConfigError(f"ssh_persist {ssh_persist!r}: expected seconds between 0 and 3600")
         for option in options:
             if not _OPTION.match(option):
                 raise ConfigError(
@@ -109,7 +152,6 @@ class SSHTransport:
         self._target = f"{login}@{match['host']}" if login else str(match["host"])
         self._address = str(match["host"]).strip("[]")
         self._port = match["port"]
-        self._control = _control_dir()
         base = ["ssh"]
         if ssh_config:
             base += ["-F", ssh_config]
@@ -128,15 +170,23 @@ class SSHTransport:
             "ServerAliveInterval=5",
             "-o",
             "ServerAliveCountMax=3",
-            "-o",
-            "ControlMaster=auto",
-            "-o",
-            f"ControlPath={self._control}/%C",
-            "-o",
-            "ControlPersist=60",
-            *(word for option in options for word in ("-o", option)),
         ]
-        self._base = base
+        own = [word for option in options for word in ("-o", option)]
+        shared = shared_control_dir() if ssh_persist else None
+        self.persists = shared is not None
+        self._socket: Path | None = None  # a persisting connection's socket
+        if shared is not None:
+            # the socket's name is everything that decides what the connection is: the digest
+            # of the argv (destination, options, -F/-i files) and of the files ssh reads
+            files = [ssh_config or "~/.ssh/config", "~/.ssh/known_hosts", "/etc/ssh/ssh_config"]
+            what = "\0".join([*base, *own, self._target, *map(_file_state, files)])
+            self._socket = shared / hashlib.sha256(what.encode()).hexdigest()[:24]
+            control = [f"ControlPath={self._socket}", f"ControlPersist={ssh_persist}"]
+        else:  # within the command only: its close stops the master
+            control = [f"ControlPath={_control_dir()}/%C", "ControlPersist=60"]
+        # before the user's options: ssh takes the first value of each, so these are ours
+        control = ["ControlMaster=auto", *control]
+        self._base = [*base, *(word for c in control for word in ("-o", c)), *own]
 
     def spawn(self, argv: list[str]) -> subprocess.Popen[bytes]:
         return subprocess.Popen(
@@ -159,10 +209,14 @@ class SSHTransport:
         # destination: nothing after it is read as an option of ssh's
         return [*self._base, *flags, "--", self._target, shlex.join(argv)]
 
-    def prewarm(self, stderr: BinaryIO) -> subprocess.Popen[bytes]:
+    def prewarm(self, stderr: BinaryIO) -> subprocess.Popen[bytes] | None:
         """Start this host's control master now, running nothing on the host (``-N``); with
         ControlPersist it goes to the background once connected, so the process exits then
-        (0, or ssh's 255 and its reason in ``stderr``: a file, as the background master keeps it)."""
+        (0, or ssh's 255 and its reason in ``stderr``: a file, as the background master keeps it).
+        None when an earlier command's master is there to reuse (a dead one's socket is the
+        session's to replace: ssh unlinks a socket nobody listens on)."""
+        if self._socket is not None and self._socket.is_socket():
+            return None
         argv = [
             "ControlMaster=yes" if word == "ControlMaster=auto" else word for word in self._base
         ]
@@ -240,8 +294,11 @@ class SSHTransport:
         ]
 
     def close(self) -> None:
-        """Stop this host's control master (the private dir goes with ``remove_control_dir``,
-        once every host is closed: removing it here would race other hosts still connecting)."""
+        """Stop this host's control master, unless it persists for the next command (the private
+        dir goes with ``remove_control_dir``, once every host is closed: removing it here would
+        race other hosts still connecting)."""
+        if self.persists:
+            return
         try:
             subprocess.run(
                 [*self._base, "-O", "exit", "--", self._target],
