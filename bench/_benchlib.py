@@ -14,6 +14,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -23,6 +24,24 @@ from pathlib import Path
 from typing import Any
 
 POLL_INTERVAL = 0.01  # a tight poll, so the floor (e) is not inflated by the poller
+
+
+def close_masters(folder: Path) -> None:
+    """Close the ssh control masters whose sockets are in ``folder`` (``ssh -O exit``)."""
+    for sock in sorted(folder.iterdir()) if folder.is_dir() else []:
+        subprocess.run(
+            ["ssh", "-F", "/dev/null", "-o", f"ControlPath={sock}", "-O", "exit", "x"],
+            capture_output=True,
+            timeout=10,
+            check=False,
+        )
+
+
+def close_shiplane_connections() -> None:
+    """Close the SSH connections shiplane keeps open for its next command (``ssh_persist``, in
+    the user's dir that docs/DESIGN.md names): the next command starts without one, as the
+    first command of the day does."""
+    close_masters(Path(tempfile.gettempdir()) / f"shiplane-ssh-{os.getuid()}")
 
 
 class BenchError(RuntimeError):

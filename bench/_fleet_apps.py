@@ -18,7 +18,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from _benchlib import BenchError, Timed, http_get, json_lines, result_of, run
+from _benchlib import (
+    BenchError,
+    Timed,
+    close_shiplane_connections,
+    http_get,
+    json_lines,
+    result_of,
+    run,
+)
 from _fleet_cpu import MasterWatch, ProgramSampler, busy_jiffies, children_cpu, hosts_cpu
 from _scenarios import EDITED_FILE, EDITED_TEXT, GIT, DeployRun
 from _uplink import Uplink
@@ -160,10 +168,18 @@ class Fleet:
         return next(int(f["size"]) for f in manifest["app_files"] if f["kind"] == "wheel")
 
     def deploy(
-        self, n: int, env: dict[str, str] | None = None, by_program: bool = False
+        self,
+        n: int,
+        env: dict[str, str] | None = None,
+        by_program: bool = False,
+        reuse: bool = False,
     ) -> Measured:
         """``deploy --stage <stage> --json``, timed; ``by_program`` also samples the hosts' CPU
-        by program (the sampler's own polling costs some CPU: not for the timed rounds)."""
+        by program (the sampler's own polling costs some CPU: not for the timed rounds). It
+        starts without an SSH connection open, unless ``reuse``: then over those the last
+        command left open (``ssh_persist``)."""
+        if not reuse:
+            close_shiplane_connections()
         stage = self.stage(n)
         self.deployed.add(stage)
         watch = MasterWatch(self.testhosts.ssh_config)

@@ -160,32 +160,40 @@ def _is_shiplane(pid: int) -> bool:
 
 class MasterWatch(threading.Thread):
     """Polls the CPU time of the ssh control masters (``ControlPersist`` puts them in the
-    background, out of ``shiplane``'s process tree and so out of ``RUSAGE_CHILDREN``)."""
+    background, out of ``shiplane``'s process tree and so out of ``RUSAGE_CHILDREN``): what they
+    used from the watch's start to its stop (a master that persists from an earlier command
+    counts from its CPU at the start)."""
 
     def __init__(self, ssh_config: Path) -> None:
         super().__init__(daemon=True)
         self.mark = str(ssh_config).encode()
+        self.before = self._masters()
         self.seen: dict[int, float] = {}
         self.done = threading.Event()
 
+    def _masters(self) -> dict[int, float]:
+        """pid -> CPU seconds of each master forked into the background."""
+        found = {}
+        for pid in _pids():
+            try:
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if not (argv[0].endswith(b"ssh") and self.mark in argv):
+                continue
+            if b"ControlMaster=auto" in argv or b"-N" in argv:  # a session's, a pre-warmed one
+                fields = _stat(pid)
+                # a master forked into the background (the clients are shiplane's children)
+                if fields and not _is_shiplane(int(fields[1])):
+                    found[pid] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return found
+
     def run(self) -> None:
-        while not self.done.wait(
-            0.2
-        ):  # poll interval; what a master used in its last 0.2 s is missed
-            for pid in _pids():
-                try:
-                    argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-                except OSError:
-                    continue
-                if argv[0].endswith(b"ssh") and self.mark in argv and b"ControlMaster=auto" in argv:
-                    fields = _stat(pid)
-                    # a master forked into the background (the clients are shiplane's children)
-                    if fields and not _is_shiplane(int(fields[1])):
-                        self.seen[pid] = (int(fields[11]) + int(fields[12])) / os.sysconf(
-                            "SC_CLK_TCK"
-                        )
+        while not self.done.wait(0.2):  # poll interval; the stop polls once more
+            self.seen.update(self._masters())
 
     def stop(self) -> float:
         self.done.set()
         self.join(timeout=5)
-        return sum(self.seen.values())
+        self.seen.update(self._masters())
+        return sum(cpu - self.before.get(pid, 0.0) for pid, cpu in self.seen.items())

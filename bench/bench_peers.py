@@ -22,8 +22,9 @@ The figure is the time from the command's start until every host serves the new 
 that returns before its server is up (``gunicorn --daemon``) is not credited for it; the command
 alone is reported too. The controller's CPU per command is ``getrusage(RUSAGE_CHILDREN)`` of the
 tool and its children, plus the ssh control masters ``ControlPersist`` puts in the background
-(shiplane's and Ansible's), polled. Ansible's masters are closed after each command, so every
-command of every tool starts without a connection. Everything started is stopped on the way out,
+(shiplane's and Ansible's), polled. The masters that shiplane and Ansible keep open for their
+next command are closed before each command, so every command of every tool starts without a
+connection, except those of ``shiplane-reused``, which measures the reuse. Everything started is stopped on the way out,
 on failure too.
 """
 
@@ -48,19 +49,32 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 sys.path.insert(0, str(BENCH.parent / "tests"))
 
-from _benchlib import BenchError, clean_up, http_get, run
+from _benchlib import (
+    BenchError,
+    clean_up,
+    close_masters,
+    close_shiplane_connections,
+    http_get,
+    run,
+)
 from _fleet_cpu import children_cpu, machine_cpu
 from _scenarios import EDITED_FILE, EDITED_TEXT, GIT
 from bench_local import load, machine
 
+from shiplane.transport import ConnectSettings, connect
+from shiplane.transport.base import Prewarming
 from sshhosts import TestHost, TestHosts, ssh_available, start_hosts
 
 STAGE = "peers"
 # shiplane again, with the key exchange paramiko (Fabric, pyinfra) makes, not OpenSSH 9.2's
 # post-quantum default: what that default costs the controller, measured, not changed
 X25519 = "shiplane-x25519"
-STAGES = {"shiplane": STAGE, X25519: "peers-x25519"}
-TOOLS = ("shiplane", "fabric", "pyinfra", "ansible", "make", X25519)
+# shiplane again, each command within ssh_persist (60 s) of the stage's last one, whose SSH
+# connections are still open (every other command, of every tool, starts without one)
+REUSED = "shiplane-reused"
+STAGES = {"shiplane": STAGE, X25519: "peers-x25519", REUSED: "peers-reused"}
+VARIANTS = (X25519, REUSED)
+TOOLS = ("shiplane", "fabric", "pyinfra", "ansible", "make", X25519, REUSED)
 PORTS = {
     "shiplane": 8301,
     "fabric": 8302,
@@ -68,6 +82,7 @@ PORTS = {
     "ansible": 8304,
     "make": 8305,
     X25519: 8306,
+    REUSED: 8307,
 }
 PINS = {"fabric": "3.2.3", "pyinfra": "3.10.0", "ansible-core": "2.19.14", "hatchling": "1.33.0"}
 VENV = Path.home() / ".cache" / "shiplane-bench-peers"
@@ -149,37 +164,46 @@ def _ours(pid: int) -> bool:
 
 class MasterWatch(threading.Thread):
     """Polls the CPU seconds of ssh control masters forked into the background (out of the tool's
-    process tree, so out of RUSAGE_CHILDREN): ssh processes naming the session's ssh_config."""
+    process tree, so out of RUSAGE_CHILDREN): ssh processes naming the session's ssh_config. What
+    they used from the watch's start to its stop: a master already open at the start (the
+    reused variant's) counts from its CPU then."""
 
     def __init__(self, ssh_config: Path) -> None:
         super().__init__(daemon=True)
         self.mark = str(ssh_config).encode()
+        self.before = self._masters()
         self.seen: dict[int, float] = {}
         self.done = threading.Event()
 
-    def run(self) -> None:
+    def _masters(self) -> dict[int, float]:
         tick = os.sysconf("SC_CLK_TCK")
-        while not self.done.wait(0.2):  # poll interval; a master's last 0.2 s may be missed
-            for entry in Path("/proc").iterdir():
-                if not entry.name.isdigit():
-                    continue
-                try:
-                    argv = (entry / "cmdline").read_bytes().split(b"\0")
-                    stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-                except (OSError, IndexError):
-                    continue
-                if not argv[0].endswith(b"ssh") or self.mark not in argv:
-                    continue
-                if b"ControlMaster=auto" not in argv and b"-N" not in argv:
-                    continue
-                pid = int(entry.name)
-                if not _ours(pid):
-                    self.seen[pid] = (int(stat[11]) + int(stat[12])) / tick
+        found = {}
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                argv = (entry / "cmdline").read_bytes().split(b"\0")
+                stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            if not argv[0].endswith(b"ssh") or self.mark not in argv:
+                continue
+            if b"ControlMaster=auto" not in argv and b"-N" not in argv:
+                continue
+            pid = int(entry.name)
+            if not _ours(pid):
+                found[pid] = (int(stat[11]) + int(stat[12])) / tick
+        return found
+
+    def run(self) -> None:
+        while not self.done.wait(0.2):  # poll interval; the stop polls once more
+            self.seen.update(self._masters())
 
     def stop(self) -> float:
         self.done.set()
         self.join(timeout=5)
-        return sum(self.seen.values())
+        self.seen.update(self._masters())
+        return sum(cpu - self.before.get(pid, 0.0) for pid, cpu in self.seen.items())
 
 
 # --- the app -----------------------------------------------------------------------------------
@@ -339,6 +363,10 @@ class Bench:
         serves ``marker``."""
         argv, cwd = self.argv(tool, kind)
         self.deployed.add(tool)
+        close_shiplane_connections()
+        close_masters(self.work / "ansible-cp")
+        if tool == REUSED:
+            self.open_connections()
         wait_quiet()
         watch = MasterWatch(self.testhosts.ssh_config)
         watch.start()
@@ -352,7 +380,6 @@ class Bench:
             served, machine = time.perf_counter() - t0, machine_cpu() - machine0
         finally:
             cpu = children_cpu() - cpu0 + watch.stop()
-            self.close_masters()
         if done.returncode != 0:
             raise BenchError(
                 f"{tool} {kind}: exit {done.returncode}: {' '.join(argv)}\n"
@@ -389,16 +416,18 @@ class Bench:
         if errors:
             raise BenchError("; ".join(errors))
 
-    def close_masters(self) -> None:
-        """Close the ssh control masters Ansible left behind (``ControlPersist``)."""
-        cp = self.work / "ansible-cp"
-        for sock in sorted(cp.glob("*")) if cp.exists() else []:
-            subprocess.run(
-                ["ssh", "-F", "/dev/null", "-o", f"ControlPath={sock}", "-O", "exit", "x"],
-                capture_output=True,
-                timeout=10,
-                check=False,
-            )
+    def open_connections(self) -> None:
+        """Each host's SSH connection, as the reused variant's stage's last command left it open
+        (``ssh_persist``): a master with the stage's settings, running nothing on the host."""
+        settings = ConnectSettings(ssh_config=str(self.testhosts.ssh_config))
+        for host in self.hosts:
+            transport = connect(host.name, settings)
+            assert isinstance(transport, Prewarming)  # an SSH host
+            with tempfile.TemporaryFile() as err:
+                process = transport.prewarm(err)
+                if process is not None and process.wait(timeout=60) != 0:
+                    err.seek(0)
+                    raise BenchError(f"{host.name}: no SSH connection: {err.read().decode()}")
 
     def stop(self, tool: str) -> None:
         """Stop the tool's app server on every host (if this bench deployed it)."""
@@ -429,7 +458,8 @@ class Bench:
                 self.stop(tool)
             except BenchError as exc:
                 errors.append(str(exc))
-        self.close_masters()
+        close_shiplane_connections()
+        close_masters(self.work / "ansible-cp")
         if errors:
             raise BenchError("; ".join(errors))
 
@@ -573,6 +603,19 @@ def render(res: dict[str, Any]) -> str:
             ),
             "",
         ]
+        if _series(res, REUSED, "warm", "served"):
+            reused = _med(_series(res, REUSED, "warm", "served"))
+            ratios = [_med(_series(res, t, "warm", "served")) / reused for t in peers]
+            cpu = _med(_series(res, REUSED, "warm", "cpu"))
+            lines += [
+                (
+                    f"Within a minute of the stage's last command ({REUSED}: its SSH connections "
+                    f"still open), shiplane's warm redeploy took {reused:.2f} s and "
+                    f"{cpu:.2f} CPU-s of the controller: the peers took "
+                    f"{min(ratios):.1f}–{max(ratios):.1f}× that time."
+                ),
+                "",
+            ]
     for kind in KINDS:
         lines += [
             f"**{titles[kind]}**",
@@ -628,6 +671,21 @@ def render(res: dict[str, Any]) -> str:
             if X25519 in tools
             else []
         ),
+        *(
+            [
+                (
+                    f"- **{REUSED}**: shiplane again (its own stage, deploy root and port), each "
+                    "command within a minute of the stage's last one: the SSH connections that "
+                    "command left open (`ssh_persist`, 60 s by default, as Ansible's "
+                    "`ControlPersist=60s`) are there (the bench opens them, untimed, with the "
+                    "stage's settings), so its sessions multiplex over them instead of paying "
+                    "each host's handshake. Every other command of every tool starts without a "
+                    "connection."
+                )
+            ]
+            if REUSED in tools
+            else []
+        ),
         (
             "- **Fabric** (`fab deploy`, `bench/peers/fabfile.py`): a `ThreadingGroup` of the hosts; "
             "`git archive` of the commit and every wheel `put` over SFTP, unpacked, `pip install -r` "
@@ -675,8 +733,9 @@ def render(res: dict[str, Any]) -> str:
             "- Controller CPU: `getrusage(RUSAGE_CHILDREN)` over the command (the tool, its ssh/scp "
             "clients, git, the wheel build), plus the ssh control masters forked into the "
             "background (shiplane's, Ansible's), polled every 0.2 s. Fabric and pyinfra speak SSH "
-            "in-process (paramiko). Ansible's masters are closed after every command, so no command "
-            "starts with a connection open."
+            "in-process (paramiko). The masters shiplane and Ansible keep open for their next "
+            "command are closed before each command, so none starts with a connection open "
+            f"(but {REUSED}'s)."
         ),
         (
             "- Machine CPU: the busy time of every process on the machine (`/proc/stat`) from the "
@@ -709,12 +768,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--hosts", type=int, default=3, help="test hosts (default 3)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds (default 3)")
-    default = ",".join(t for t in TOOLS if t != X25519)
+    default = ",".join(t for t in TOOLS if t not in VARIANTS)
     parser.add_argument(
         "--tools",
         default=default,
         help=f"default {default}; also {X25519}: shiplane with "
-        "the key exchange paramiko makes (curve25519-sha256), to show what OpenSSH's default costs",
+        "the key exchange paramiko makes (curve25519-sha256), to show what OpenSSH's default "
+        f"costs; {REUSED}: shiplane with the connections its last command left open",
     )
     parser.add_argument("--out", type=Path, help=f"write the '{HEADING}' section into this file")
     parser.add_argument("--raw", type=Path, help="write every measurement as JSON to this file")
