@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from shiplane.agent import services, systemd
+from shiplane.agent import caddy, caddyunit, services, systemd
 from shiplane.agent.errors import AgentError
 from shiplane.agent.paths import Layout
 from shiplane.agent.systemd import (
@@ -573,3 +573,86 @@ def test_scheduled_jobs_are_a_timer_and_a_oneshot_service_each(
     assert option(service, "TimeoutStartSec") == "150"  # its timeout, then the runner's grace
     done = verify(tmp_path / "units", *sorted(written))
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+# --- the caddy front under systemd ------------------------------------------------------------
+
+
+needs_caddy = pytest.mark.skipif(shutil.which("caddy") is None, reason="needs caddy")
+
+
+@needs_analyze
+@needs_caddy
+@pytest.mark.parametrize("user", [False, True])
+def test_the_caddy_unit_passes_systemd_analyze_verify_and_starts_at_boot(
+    tmp_path: Path, short_root: Path, user: bool
+) -> None:
+    data = short_root / "caddy"
+    data.mkdir(parents=True)
+    (data / "Caddyfile").write_text("{\n\tadmin unix//x\n}\n")
+    name = caddyunit.unit_name(data)
+    text = caddyunit.unit_text(data, data / "Caddyfile", user)
+    (tmp_path / name).write_text(text)
+    done = verify(tmp_path, name)
+    assert done.returncode == 0, done.stdout + done.stderr
+    # the very command the daemon backend runs, with the same dir, environment and output
+    assert exec_argv(text) == caddyunit.caddy_argv(data, data / "Caddyfile")
+    assert option(text, "WorkingDirectory") == str(data).replace("%", "%%")
+    assert option(text, "WantedBy") == ("default.target" if user else "multi-user.target")
+    assert option(text, "Restart") == "on-failure"
+    if not user:  # only its dir writable, and no capability but binding ports 80 and 443
+        assert option(text, "ProtectSystem") == "strict"
+        assert option(text, "CapabilityBoundingSet") == "CAP_NET_BIND_SERVICE"
+
+
+FAKE_SYSTEMCTL = """#!/bin/sh
+# systemd cannot run as PID 1 here: record what the agent asks of systemctl
+echo "$*" >> "$SYSTEMCTL_LOG"
+"""
+
+
+@needs_caddy
+def test_under_systemd_the_caddy_front_is_an_enabled_unit_that_stop_disables_and_removes(
+    tmp_path: Path, short_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bin_dir, log = tmp_path / "bin", tmp_path / "systemctl.log"
+    bin_dir.mkdir()
+    (bin_dir / "systemctl").write_text(FAKE_SYSTEMCTL)
+    (bin_dir / "systemctl").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    monkeypatch.setenv("SYSTEMCTL_LOG", str(log))
+    monkeypatch.setattr(systemd, "SYSTEM_UNIT_DIR", tmp_path / "system")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    data = short_root / "caddy"
+    data.mkdir(parents=True)
+    name = caddyunit.unit_name(data)
+
+    assert caddyunit.start(data, data / "Caddyfile", user=False) == name
+    assert (tmp_path / "system" / name).exists() and caddyunit.installed(data) is False
+    assert log.read_text().splitlines() == [
+        "daemon-reload",
+        f"reset-failed {name}",
+        f"enable --now {name}",  # enabled: it comes back after a reboot
+    ]
+    log.write_text("")
+    caddyunit.start(data, data / "Caddyfile", user=False)  # the same unit: no daemon-reload
+    assert log.read_text().splitlines() == [f"reset-failed {name}", f"enable --now {name}"]
+
+    log.write_text("")
+    assert caddy.stop_caddy(data, lambda event: None) is None  # no pid file: nothing ran
+    assert log.read_text().splitlines() == [f"disable --now {name}", "daemon-reload"]
+    assert caddyunit.installed(data) is None and not (tmp_path / "system" / name).exists()
+    assert caddyunit.stop(data) is False  # the daemon backend's Caddy: stop_caddy signals it
+
+    caddyunit.start(data, data / "Caddyfile", user=True)  # an unprivileged agent's
+    assert (tmp_path / "home/.config/systemd/user" / name).exists()
+    assert caddyunit.installed(data) is True
+    assert log.read_text().splitlines()[-1] == f"--user enable --now {name}"
+
+
+def test_the_caddy_front_is_a_unit_only_under_the_systemd_backend() -> None:
+    assert caddy.units_user(spec(front="caddy", backend="daemon")) is None
+    assert caddy.units_user(spec(front="caddy", backend="systemd")) is (os.geteuid() != 0)
+    assert caddy.units_user(spec(front="caddy", backend="auto")) == (
+        None if not systemd_running() else os.geteuid() != 0
+    )

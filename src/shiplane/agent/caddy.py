@@ -32,7 +32,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from . import atomic_write, frontshare, pid_alive
+from . import atomic_write, caddyunit, frontshare, pid_alive
 from .caddycerts import wait_certificates
 from .caddyfile import SITES, data_dir, main_settings, main_text, settings, site_path, site_text
 from .errors import AgentError
@@ -103,30 +103,42 @@ def _tail(path: Path, size: int = LOG_TAIL) -> str:
         return ""
 
 
-def _start(data: Path, conf: Path, emit: Emit) -> None:
-    """``caddy run`` detached (its own session), then wait until its admin API answers."""
+def units_user(spec: ServicesSpec) -> bool | None:
+    """How the stage's Caddy is supervised: None under the daemon backend (the agent starts it,
+    detached), else under systemd, whether as a ``--user`` unit (an unprivileged agent)."""
+    from .services import choose_backend  # services imports the fronts
+
+    return None if choose_backend(spec) != "systemd" else os.geteuid() != 0
+
+
+def _start(data: Path, conf: Path, emit: Emit, units: bool | None) -> None:
+    """Start Caddy: as a systemd unit (``units`` not None: agent/caddyunit.py), else ``caddy
+    run`` detached (its own session); then wait until its admin API answers."""
     emit({"phase": "switch", "status": "front", "detail": f"starting caddy ({conf})"})
     stderr = data / "caddy.stderr"
-    argv = ["caddy", "run", "--config", str(conf), "--adapter", "caddyfile"]
-    argv += ["--pidfile", str(data / "caddy.pid")]
+    argv = caddyunit.caddy_argv(data, conf)
+    proc = None
     try:
-        with open(stderr, "wb") as err:
-            proc = subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=err,
-                stderr=err,
-                cwd=str(data),
-                env=_env(data),
-                start_new_session=True,
-            )
+        with open(stderr, "wb") as err:  # a unit appends to it
+            if units is None:
+                proc = subprocess.Popen(
+                    argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=err,
+                    stderr=err,
+                    cwd=str(data),
+                    env=_env(data),
+                    start_new_session=True,
+                )
     except OSError as exc:
         raise AgentError(
             f"caddy could not start: {exc} (install Debian's caddy package)", kind="front"
         ) from None
+    if units is not None:
+        caddyunit.start(data, conf, units)
     deadline = time.monotonic() + START_TIMEOUT
     while time.monotonic() < deadline:
-        if proc.poll() is not None:
+        if proc.poll() is not None if proc is not None else caddyunit.failed(data):
             tail = _tail(stderr).strip()
             hint = ""
             if "address already in use" in tail:
@@ -141,10 +153,8 @@ def _start(data: Path, conf: Path, emit: Emit) -> None:
                     "\nbinding ports below 1024 needs root or the capability: "
                     "setcap cap_net_bind_service=+ep /usr/bin/caddy"
                 )
-            raise AgentError(
-                f"caddy exited at start (code {proc.returncode}):\n{tail[-1500:]}{hint}",
-                kind="front",
-            )
+            code = f"code {proc.returncode}" if proc is not None else caddyunit.unit_name(data)
+            raise AgentError(f"caddy exited at start ({code}):\n{tail[-1500:]}{hint}", kind="front")
         if _admin_answers(data):
             return
         time.sleep(POLL)  # poll interval while caddy loads its config
@@ -230,10 +240,10 @@ def _refuse_other_settings(main: Path, text: str, others: dict[Path, FrontRoute]
     )
 
 
-def _apply(data: Path, main: Path, emit: Emit, running: bool) -> None:
+def _apply(data: Path, main: Path, emit: Emit, running: bool, units: bool | None) -> None:
     """Start Caddy with the dir's config, or reload it (graceful)."""
     if not running:
-        _start(data, main, emit)
+        _start(data, main, emit, units)
         return
     emit({"phase": "switch", "status": "front", "detail": f"reloading caddy ({main})"})
     done = _run(["caddy", "reload", "--config", str(main), "--adapter", "caddyfile"], data)
@@ -272,15 +282,16 @@ def ensure(layout: Layout, spec: ServicesSpec, emit: Emit) -> bool:
         if changed or not running:
             atomic_write(main, main_new, mode=0o600)
             atomic_write(site, site_new, mode=0o600)
+            units = units_user(spec)
             try:
-                _apply(data, main, emit, running)
+                _apply(data, main, emit, running, units)
             except AgentError:
                 _restore(main, main_old)
                 _restore(site, site_old)
                 if not running and _others(data, site):
                     # the others' sites were not served either: Caddy starts for them
                     with contextlib.suppress(AgentError):
-                        _start(data, main, emit)
+                        _start(data, main, emit, units)
                 raise
     try:
         wait_certificates(layout, spec, offset, emit)
@@ -318,7 +329,7 @@ def withdraw_site(layout: Layout, spec: ServicesSpec, emit: Emit) -> list[str]:
                     "detail": f"caddy: {site.name} removed; it keeps serving {names}",
                 }
             )
-            _apply(data, data / "Caddyfile", emit, running=True)
+            _apply(data, data / "Caddyfile", emit, running=True, units=None)
     return []
 
 
@@ -326,6 +337,10 @@ def stop_caddy(data: Path, emit: Emit, timeout: float = STOP_TIMEOUT) -> int | N
     """Stop the Caddy of dir ``data`` (SIGTERM: Caddy's graceful shutdown), waiting for its
     exit. Returns its pid, or None when none ran."""
     pid = running_pid(data)
+    if caddyunit.stop(data):  # under systemd: its unit goes too, not to start at boot
+        if pid is not None:
+            emit({"phase": "services", "status": "stop", "detail": f"caddy (pid {pid})"})
+        return pid
     if pid is None:
         return None
     emit({"phase": "services", "status": "stop", "detail": f"caddy (pid {pid})"})

@@ -217,7 +217,7 @@ def hardening(
         homes = [layout.root, os.path.realpath(sys.executable), *paths]
         items += [
             ("ProtectSystem", "strict"),
-            ("ReadWritePaths", _path_word(layout.root)),
+            ("ReadWritePaths", path_word(layout.root)),
             ("ProtectHome", "read-only" if any(_under_home(p) for p in homes) else "yes"),
             ("PrivateTmp", "yes"),
             ("PrivateDevices", "yes"),
@@ -263,22 +263,22 @@ def exec_line(argv: list[str]) -> str:
     return " ".join(_quote(a) for a in argv).replace(INSTANCE, "%i")
 
 
-def _path_value(path: Path | str) -> str:
+def path_value(path: Path | str) -> str:
     text = str(path)
     if any(ch in text for ch in "\n\r\0"):
         raise AgentError(f"path not allowed in a systemd unit: {text!r}", kind="usage")
     return text.replace("%", "%%")
 
 
-def _path_word(path: Path) -> str:
+def path_word(path: Path) -> str:
     """A path as one word of a space-separated list of paths (``ReadWritePaths=``)."""
-    text = _path_value(path)
+    text = path_value(path)
     if '"' in text or "\\" in text:
         raise AgentError(f"path not allowed in a systemd unit: {text!r}", kind="usage")
     return f'"{text}"' if re.search(r"\s", text) else text
 
 
-def _unit(sections: list[tuple[str, list[tuple[str, object]]]]) -> str:
+def unit_file(sections: list[tuple[str, list[tuple[str, object]]]]) -> str:
     lines = ["# written by shiplane: changed at every deploy, do not edit"]
     for title, items in sections:
         lines += ["", f"[{title}]"] + [f"{k}={v}" for k, v in items]
@@ -324,7 +324,7 @@ def _web_unit(
     run_as: AppUser | None = None,
 ) -> str:
     argv = web_argv(layout, INSTANCE, web, version_of)
-    return _unit(
+    return unit_file(
         [
             (
                 "Unit",
@@ -338,7 +338,7 @@ def _web_unit(
                 [
                     ("Type", "simple"),
                     ("ExecStart", exec_line(argv)),
-                    ("WorkingDirectory", _path_value(layout.root)),
+                    ("WorkingDirectory", path_value(layout.root)),
                     # TERM to gunicorn's master only (its graceful shutdown), KILL to all after the grace
                     ("KillMode", "mixed"),
                     ("KillSignal", "SIGTERM"),
@@ -358,7 +358,7 @@ def _web_unit(
 
 def front_socket_unit(spec: ServicesSpec | None, user: bool = False) -> str:
     """``<app>-<stage>-front.socket``: holds the public port for the front proxy."""
-    return _unit(
+    return unit_file(
         [
             ("Unit", [("Description", f"{unit_prefix(spec)} public port")]),
             (
@@ -375,7 +375,7 @@ def front_service_unit(
 ) -> str:
     """``<app>-<stage>-front.service``: the builtin proxy, reading its socket from ``LISTEN_FDS``."""
     prefix = unit_prefix(spec)
-    return _unit(
+    return unit_file(
         [
             (
                 "Unit",
@@ -390,7 +390,7 @@ def front_service_unit(
                 [
                     ("Type", "simple"),
                     ("ExecStart", exec_line(front_argv(layout, spec))),
-                    ("WorkingDirectory", _path_value(layout.root)),
+                    ("WorkingDirectory", path_value(layout.root)),
                     ("Restart", "on-failure"),
                     ("RestartSec", "1"),
                     ("TimeoutStopSec", "15"),
@@ -417,7 +417,7 @@ def worker_unit(
     """``<app>-<name>.service``: a worker on ``release_id``, its stop signal and grace period."""
     stop_signal, stop_timeout = check_worker(name, worker)
     prefix = unit_prefix(spec)
-    return _unit(
+    return unit_file(
         [
             (
                 "Unit",
@@ -431,7 +431,7 @@ def worker_unit(
                 [
                     ("Type", "simple"),
                     ("ExecStart", exec_line(worker_argv(layout, name, worker, release_id))),
-                    ("WorkingDirectory", _path_value(layout.release(release_id))),
+                    ("WorkingDirectory", path_value(layout.release(release_id))),
                     # the stop signal to the worker alone when it is exec-ed (it drains its own
                     # children), else to every process; SIGKILL to all after the grace period
                     (
@@ -482,6 +482,48 @@ def _workers(spec: ServicesSpec | None) -> dict[str, WorkerSpec]:
     return (spec.get("workers") if spec else None) or {}
 
 
+# --- systemctl -------------------------------------------------------------------------------
+
+
+def unit_dir_of(user: bool) -> Path:
+    """Where the units go: the system's (root), else the user's."""
+    return Path.home() / ".config/systemd/user" if user else SYSTEM_UNIT_DIR
+
+
+def systemctl_argv(user: bool, *args: str) -> list[str]:
+    return ["systemctl", *(["--user"] if user else []), *args]
+
+
+def systemctl(
+    user: bool, *args: str, check: bool = True, timeout: float = SYSTEMCTL_TIMEOUT
+) -> subprocess.CompletedProcess[str]:
+    """Run ``systemctl`` (``--user`` for ``user``); AgentError when ``check`` and it fails."""
+    argv = systemctl_argv(user, *args)
+    try:
+        done = subprocess.run(
+            argv,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise AgentError(f"{' '.join(argv)}: {exc}", kind="service") from None
+    if check and done.returncode != 0:
+        raise AgentError(
+            f"{' '.join(argv)} exited {done.returncode}: {(done.stderr or done.stdout).strip()}",
+            kind="service",
+        )
+    return done
+
+
+def show(user: bool, unit: str, *props: str) -> dict[str, str]:
+    """Properties of ``unit`` (``systemctl show``)."""
+    out = systemctl(user, "show", unit, "--property=" + ",".join(props), check=False).stdout
+    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+
 # --- the backend -----------------------------------------------------------------------------
 
 
@@ -500,9 +542,7 @@ class SystemdBackend:
         self.layout = layout
         self.spec: ServicesSpec | None = spec or None
         self.user = os.geteuid() != 0 if user is None else user
-        if unit_dir is None:
-            unit_dir = (Path.home() / ".config/systemd/user") if self.user else SYSTEM_UNIT_DIR
-        self.unit_dir = unit_dir
+        self.unit_dir = unit_dir_of(self.user) if unit_dir is None else unit_dir
         self.prefix = unit_prefix(self.spec)
         # system units run the app as the deploy root's owner (app_user); --user units as us
         self.run_as = None if self.user else app_user(layout)
@@ -510,34 +550,15 @@ class SystemdBackend:
     # systemctl ---------------------------------------------------------------------------------
 
     def systemctl_argv(self, *args: str) -> list[str]:
-        return ["systemctl", *(["--user"] if self.user else []), *args]
+        return systemctl_argv(self.user, *args)
 
     def systemctl(
         self, *args: str, check: bool = True, timeout: float = SYSTEMCTL_TIMEOUT
     ) -> subprocess.CompletedProcess[str]:
-        argv = self.systemctl_argv(*args)
-        try:
-            done = subprocess.run(
-                argv,
-                capture_output=True,
-                text=True,
-                timeout=timeout,
-                stdin=subprocess.DEVNULL,
-                check=False,
-            )
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            raise AgentError(f"{' '.join(argv)}: {exc}", kind="service") from None
-        if check and done.returncode != 0:
-            raise AgentError(
-                f"{' '.join(argv)} exited {done.returncode}: "
-                f"{(done.stderr or done.stdout).strip()}",
-                kind="service",
-            )
-        return done
+        return systemctl(self.user, *args, check=check, timeout=timeout)
 
     def show(self, unit: str, *props: str) -> dict[str, str]:
-        out = self.systemctl("show", unit, "--property=" + ",".join(props), check=False).stdout
-        return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+        return show(self.user, unit, *props)
 
     def web_unit_name(self, release_id: str) -> str:
         return f"{self.prefix}-web@{release_id}.service"

@@ -29,14 +29,14 @@ def unit_base(prefix: str, name: str) -> str:
 
 def job_units(backend: SystemdBackend, spec: ServicesSpec) -> dict[str, str]:
     """``{file name: text}`` of every job's timer and service."""
-    from .systemd import _path_value, _unit, exec_line, hardening, unit_prefix
+    from .systemd import exec_line, hardening, path_value, unit_file, unit_prefix
 
     prefix = unit_prefix(spec)
     layout = backend.layout
     units: dict[str, str] = {}
     for name, job in sorted(job_specs(spec).items()):
         base = unit_base(prefix, name)
-        units[f"{base}.service"] = _unit(
+        units[f"{base}.service"] = unit_file(
             [
                 ("Unit", [("Description", f"{prefix} scheduled job {name}")]),
                 (
@@ -44,7 +44,7 @@ def job_units(backend: SystemdBackend, spec: ServicesSpec) -> dict[str, str]:
                     [
                         ("Type", "oneshot"),
                         ("ExecStart", exec_line(run_job_argv(layout, name))),
-                        ("WorkingDirectory", _path_value(layout.root)),
+                        ("WorkingDirectory", path_value(layout.root)),
                         ("TimeoutStartSec", f"{_timeout(job) + RUNNER_GRACE:g}"),
                         ("KillMode", "control-group"),
                         ("StandardOutput", "journal"),
@@ -56,7 +56,7 @@ def job_units(backend: SystemdBackend, spec: ServicesSpec) -> dict[str, str]:
             ]
         )
         calendar = on_calendar(parse(job["schedule"]))
-        units[f"{base}.timer"] = _unit(
+        units[f"{base}.timer"] = unit_file(
             [
                 ("Unit", [("Description", f"{prefix} schedule of job {name}: {job['schedule']}")]),
                 (
