@@ -273,6 +273,9 @@ class FakeTransport:
     def close(self) -> None:
         pass
 
+    def drop_stale(self) -> bool:
+        return False
+
 
 # the fake hosts serving blobs right now (serve_blobs), by their fake address
 _SERVING: dict[str, tuple[FakeHost, str, set[str]]] = {}

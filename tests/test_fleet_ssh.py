@@ -6,6 +6,7 @@ Stages of the one project: ``fleet`` (all three hosts), ``staging`` (shl-h1) and
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -432,17 +433,49 @@ def test_host_lost_during_prepare_aborts_with_nothing_switched(
             (host.root / name).unlink(missing_ok=True)
 
 
-def _kill_sshd_sessions(host: TestHost) -> None:
-    """What a crashed server does to open connections: every sshd of that host dies (by pid)."""
+def _sshd_pids(host: TestHost) -> list[int]:
+    """Every sshd of that host: its listener and its connections' processes."""
     listed = subprocess.run(
         ["ip", "netns", "pids", host.netns], capture_output=True, text=True, check=True
     )
+    found = []
     for pid in map(int, listed.stdout.split()):
         try:
             if os.path.realpath(f"/proc/{pid}/exe") == "/usr/sbin/sshd":
-                os.kill(pid, signal.SIGKILL)
-        except (OSError, ProcessLookupError):
+                found.append(pid)
+        except OSError:
             pass
+    return found
+
+
+def _kill_sshd_sessions(host: TestHost, sig: int = signal.SIGKILL) -> None:
+    """What a crashed server does to open connections: every sshd of that host dies (by pid)."""
+    for pid in _sshd_pids(host):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+
+
+def test_a_connection_left_open_that_no_longer_answers_is_replaced_by_a_new_one(
+    app: Project, ssh_hosts: TestHosts
+) -> None:
+    host = ssh_hosts.hosts[0]
+    assert app.shiplane("status", "--stage", "staging").returncode == 0  # leaves it open
+    before = logins(host)
+    # the host's end of every open connection freezes (a host gone without closing them): the
+    # connection left open takes the next session's request and never answers it
+    frozen = [pid for pid in _sshd_pids(host) if pid != host.sshd_pid]
+    assert frozen
+    for pid in frozen:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        done = app.shiplane("status", "--stage", "staging", timeout=90)
+    finally:
+        for pid in frozen:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    # ssh gave the frozen connection up (ServerAlive*), and the session connected anew
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert logins(host) == before + 1
 
 
 def test_unknown_host_key_is_refused_with_how_to_trust_it(

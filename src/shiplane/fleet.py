@@ -126,16 +126,27 @@ class Fleet:
             )  # its SSH master, if the CLI started one
             if failed is not None:
                 raise HostError(host, transport.explain_failure(*failed), "connect")
-            session = AgentSession(
-                transport,
-                self.root_for(host),
-                self.python_for(host),
-                connect_timeout=stage.connect_timeout + 20,
-            )
+            try:
+                session = self._session(transport, host)
+            except HostError as error:
+                # through a connection an earlier command left open that no longer works (the
+                # host rebooted, the network changed): once more, over a new one
+                if error.kind != "connect" or not transport.drop_stale():
+                    raise
+                session = self._session(self._transport(host), host)
             self.sessions[host] = session
             return session
 
         return self.each("connect", lambda host, _: one(host), hosts=hosts, need_session=False)
+
+    def _session(self, transport: Transport, host: str) -> AgentSession:
+        stage = self.project.deploy.stages[self.stage]
+        return AgentSession(
+            transport,
+            self.root_for(host),
+            self.python_for(host),
+            connect_timeout=stage.connect_timeout + 20,
+        )
 
     def each(
         self,

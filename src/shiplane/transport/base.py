@@ -30,6 +30,12 @@ class Transport(Protocol):
         """Release connections (the SSH control master)."""
         ...
 
+    def drop_stale(self) -> bool:
+        """After its session could not connect: close the connection an earlier command left
+        open, if the session went through one, so that a new attempt connects afresh (the host
+        rebooted, the network changed). False when there was none: the failure is the host's."""
+        ...
+
 
 @runtime_checkable
 class Prewarming(Protocol):

@@ -43,3 +43,6 @@ class LocalTransport:
 
     def close(self) -> None:
         pass
+
+    def drop_stale(self) -> bool:
+        return False

@@ -65,6 +65,11 @@ def _control_dir() -> Path:
     return path
 
 
+# the sockets of the masters this process started: a session over any other one found in the
+# shared dir goes through a connection an earlier command left open
+_opened: set[Path] = set()
+
+
 def shared_control_dir() -> Path | None:
     """The user's dir for connections that outlive their command, or None when it is not safely
     the user's alone: a real directory (not a link), owned by this uid, mode 0700. Another user
@@ -175,6 +180,7 @@ class SSHTransport:
         shared = shared_control_dir() if ssh_persist else None
         self.persists = shared is not None
         self._socket: Path | None = None  # a persisting connection's socket
+        self._borrowed = False  # the last spawn went through an earlier command's connection
         if shared is not None:
             # the socket's name is everything that decides what the connection is: the digest
             # of the argv (destination, options, -F/-i files) and of the files ssh reads
@@ -189,6 +195,9 @@ class SSHTransport:
         self._base = [*base, *(word for c in control for word in ("-o", c)), *own]
 
     def spawn(self, argv: list[str]) -> subprocess.Popen[bytes]:
+        self._borrowed = (
+            self._socket is not None and self._socket not in _opened and self._socket.is_socket()
+        )
         return subprocess.Popen(
             self._command(argv),
             stdin=subprocess.PIPE,
@@ -217,6 +226,8 @@ class SSHTransport:
         session's to replace: ssh unlinks a socket nobody listens on)."""
         if self._socket is not None and self._socket.is_socket():
             return None
+        if self._socket is not None:
+            _opened.add(self._socket)
         argv = [
             "ControlMaster=yes" if word == "ControlMaster=auto" else word for word in self._base
         ]
@@ -297,8 +308,19 @@ class SSHTransport:
         """Stop this host's control master, unless it persists for the next command (the private
         dir goes with ``remove_control_dir``, once every host is closed: removing it here would
         race other hosts still connecting)."""
-        if self.persists:
-            return
+        if not self.persists:
+            self._exit_master()
+
+    def drop_stale(self) -> bool:
+        if not self._borrowed:
+            return False
+        self._borrowed = False
+        self._exit_master()
+        if self._socket is not None:  # a master too stuck to exit: the next ssh starts anew
+            self._socket.unlink(missing_ok=True)
+        return True
+
+    def _exit_master(self) -> None:
         try:
             subprocess.run(
                 [*self._base, "-O", "exit", "--", self._target],
