@@ -13,7 +13,9 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -215,6 +217,35 @@ def test_the_next_command_reuses_each_hosts_connection_without_logging_in_again(
         done = app.shiplane("status", "--stage", "fleet")
         assert done.returncode == 0, done.stderr
     assert {host.name: logins(host) for host in ssh_hosts.hosts} == before
+    assert leftover_ssh(ssh_hosts.ssh_config) == []
+
+
+def close_connections() -> None:
+    """Close every connection shiplane keeps open in this user's dir (docs/DESIGN.md)."""
+    shared = Path(tempfile.gettempdir()) / f"shiplane-ssh-{os.getuid()}"
+    for sock in shared.iterdir() if shared.is_dir() else []:
+        subprocess.run(
+            ["ssh", "-o", f"ControlPath={sock}", "-O", "exit", "x"],
+            capture_output=True,
+            check=False,
+        )
+
+
+def test_two_commands_connecting_to_the_same_hosts_at_once_neither_waits_for_the_other(
+    app: Project, ssh_hosts: TestHosts
+) -> None:
+    close_connections()
+    argv = [sys.executable, "-m", "shiplane", "status", "--stage", "fleet"]
+    started = time.monotonic()
+    both = [
+        subprocess.Popen(argv, cwd=app.root, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        for _ in range(2)
+    ]
+    outputs = [proc.communicate(timeout=60) for proc in both]
+    # each pre-warms the same masters: the one whose master is second gives it up for the
+    # first's (before, it stayed connected until its connect timeout, 10 s + 5)
+    assert time.monotonic() - started < 8
+    assert [proc.returncode for proc in both] == [0, 0], outputs
     assert leftover_ssh(ssh_hosts.ssh_config) == []
 
 

@@ -16,6 +16,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -31,6 +32,9 @@ from .base import ConnectSettings, Prewarming
 
 VERBS = CONNECTING_VERBS  # shiplane/verbs.py
 MOST = 16  # hosts pre-warmed at once: deploy's default --parallel
+POLL = 0.05  # seconds between looks at a master still connecting
+# what ssh says when the control socket appeared while it connected (another command's master)
+LOST_RACE = b"disabling multiplexing"
 
 _started: dict[str, tuple[Prewarming, subprocess.Popen[bytes], int]] = {}  # + its stderr
 _taken: set[str] = set()  # hosts whose session took the master over (its close stops it)
@@ -58,15 +62,29 @@ def wait(host: str, seconds: float) -> tuple[int, str] | None:
         return None
     _taken.add(host)
     _, process, err = started
-    try:
-        code = process.wait(timeout=seconds)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        return None
+    deadline = time.monotonic() + seconds
+    while (code := _exited(process, POLL)) is None:
+        # another command connected to the host at the same moment and made the master this
+        # one meant to: this one would stay connected in the foreground for nothing, and the
+        # session multiplexes over the other's
+        if time.monotonic() > deadline or LOST_RACE in _stderr(err):
+            process.kill()
+            return None
     if code == 0:
         return None
+    return code, _stderr(err).decode(errors="replace")
+
+
+def _exited(process: subprocess.Popen[bytes], seconds: float) -> int | None:
+    try:
+        return process.wait(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        return None
+
+
+def _stderr(err: int) -> bytes:
     os.lseek(err, 0, os.SEEK_SET)
-    return code, os.read(err, 1 << 16).decode(errors="replace")
+    return os.read(err, 1 << 16)
 
 
 def stop_unused() -> None:

@@ -223,16 +223,15 @@ class SSHTransport:
         ControlPersist it goes to the background once connected, so the process exits then
         (0, or ssh's 255 and its reason in ``stderr``: a file, as the background master keeps it).
         None when an earlier command's master is there to reuse (a dead one's socket is the
-        session's to replace: ssh unlinks a socket nobody listens on)."""
+        session's to replace: ssh unlinks a socket nobody listens on). ``ControlMaster=auto``:
+        a master another command made meanwhile is used (the process exits at once); two that
+        connect at the same moment are sorted out by ``prewarm.wait``."""
         if self._socket is not None and self._socket.is_socket():
             return None
         if self._socket is not None:
             _opened.add(self._socket)
-        argv = [
-            "ControlMaster=yes" if word == "ControlMaster=auto" else word for word in self._base
-        ]
         return subprocess.Popen(
-            [*argv, "-N", "--", self._target],
+            [*self._base, "-N", "--", self._target],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=stderr,
