@@ -89,7 +89,8 @@ def _stderr(err: int) -> bytes:
 
 def stop_unused() -> None:
     """At the command's end: stop the masters no session took over (a command refused before
-    connecting); a session's own close has already stopped the others."""
+    connecting) that are still connecting, and those connected unless they persist for the next
+    command (``ssh_persist``); a session's own close has already done the same for the others."""
     untaken = [started for host, started in _started.items() if host not in _taken]
     for transport, process, _ in untaken:
         if process.poll() is None:
