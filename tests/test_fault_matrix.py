@@ -439,7 +439,8 @@ def small_disk(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
 
 
 def test_local_disk_full(small_disk: Target) -> None:
-    """The disk fills up during the copy: it fails at once, naming the path and the free space,
+    """The disk has no room for the copy: it is refused before a byte is written (the running
+    release keeps serving: the deploy never fills its disk), naming the path and the free space,
     leaves no temp file, and the next deploy (after space is freed) goes on."""
     target = small_disk
     filler = target.root / "filler"

@@ -96,12 +96,20 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
 
 
 @pytest.mark.slow
-def test_a_full_disk_fails_the_copy_at_once_and_keeps_nothing(small_disk: Path) -> None:
+@pytest.mark.parametrize("filled_meanwhile", [False, True])
+def test_a_full_disk_fails_the_copy_at_once_and_keeps_nothing(
+    small_disk: Path, filled_meanwhile: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Blobs that would not fit (with room kept for the live release) are refused before a byte
+    is written; a disk that fills up anyway while they arrive (another writer: the check let
+    them through) fails the same way, at once."""
     import io
 
     from shiplane.agent import AgentError, store
     from shiplane.agent.paths import Layout
 
+    if filled_meanwhile:
+        monkeypatch.setattr(store, "RESERVE", -(8 << 20))  # the check sees room for them
     fits, too_big = b"a" * 1000, os.urandom(3 << 20)
     blobs = [{"sha256": hashlib.sha256(b).hexdigest(), "size": len(b)} for b in (too_big, fits)]
     stream = io.BytesIO(too_big + fits + b"next request")

@@ -209,6 +209,7 @@ def fetch(
     bad: list[str] = []
     error: str | None = None
     total = sum(int(b["size"]) for b in blobs)
+    store.check_room(layout, total)
     conn = http.client.HTTPConnection(address, port, timeout=connect_timeout)
     try:
         conn.connect()

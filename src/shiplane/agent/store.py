@@ -26,6 +26,9 @@ from .protocol import BlobRef, Emit, ReceiveResult, VerifyResult
 SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 CHUNK = 1 << 20
 PROGRESS_EVERY = 8 << 20
+# what blobs leave free at least on the store's disk, which the live release shares: its logs,
+# its database and its uploads keep room while a deploy is refused (docs/RELIABILITY.md)
+RESERVE = 16 << 20
 
 
 def valid_sha(sha: object) -> bool:
@@ -70,6 +73,11 @@ def receive(
         sizes.append(size)
     total = sum(sizes)
     layout.store.mkdir(parents=True, exist_ok=True)
+    try:
+        check_room(layout, total)
+    except AgentError:
+        _skip(stream, total)  # the session stays in step
+        raise
     done = 0
     last_report = 0
     received = 0
@@ -159,11 +167,32 @@ def _read(stream: BinaryIO, size: int) -> bytes:
         ) from None
 
 
-def _write_error(layout: Layout, path: Path, exc: OSError, size: int) -> AgentError:
+def check_room(layout: Layout, size: int) -> None:
+    """Refuse ``size`` bytes of blobs, before any is written, when they would leave less than
+    ``RESERVE`` free on the store's disk: a deploy never fills the disk the live release
+    writes to. Kind ``disk``, naming the path and the free space."""
+    free = _free(layout)
+    if free < 0 or size + RESERVE <= free:
+        return
+    raise AgentError(
+        f"no space left on the disk of {layout.store} for this deploy "
+        f"({free / (1 << 20):.1f} MiB free there; {size / (1 << 20):.1f} MiB of blobs to "
+        f"arrive, and {RESERVE >> 20} MiB are kept free for the running release); nothing "
+        "was written. Free some space (`shiplane prune` removes old releases) and deploy again",
+        kind="disk",
+    )
+
+
+def _free(layout: Layout) -> int:
+    """Bytes free on the store's disk (for an unprivileged user), -1 when unknown."""
     try:
-        free = shutil.disk_usage(layout.store).free
+        return shutil.disk_usage(layout.store).free
     except OSError:
-        free = -1
+        return -1
+
+
+def _write_error(layout: Layout, path: Path, exc: OSError, size: int) -> AgentError:
+    free = _free(layout)
     room = f"{free / (1 << 20):.1f} MiB free there" if free >= 0 else "free space unknown"
     if exc.errno == errno.ENOSPC:
         return AgentError(
