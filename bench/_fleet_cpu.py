@@ -151,18 +151,25 @@ class ProgramSampler(threading.Thread):
         return out
 
 
-def _is_shiplane(pid: int) -> bool:
-    try:
-        return b"shiplane" in Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return False
+def _ours(pid: int) -> bool:
+    """True when ``pid`` descends from this process (its CPU reaches RUSAGE_CHILDREN): a tool's
+    ssh client, not a control master forked into the background."""
+    me = os.getpid()
+    for _ in range(64):  # bounded walk up the tree
+        fields = _stat(pid)
+        pid = int(fields[1]) if fields else 0
+        if pid == me:
+            return True
+        if pid <= 1:
+            return False
+    return False
 
 
 class MasterWatch(threading.Thread):
-    """Polls the CPU time of the ssh control masters (``ControlPersist`` puts them in the
-    background, out of ``shiplane``'s process tree and so out of ``RUSAGE_CHILDREN``): what they
-    used from the watch's start to its stop (a master that persists from an earlier command
-    counts from its CPU at the start)."""
+    """Polls the CPU time of the ssh control masters naming ``ssh_config`` (``ControlPersist``
+    puts them in the background, out of the tool's process tree and so out of
+    ``RUSAGE_CHILDREN``; shiplane's and Ansible's): what they used from the watch's start to its
+    stop (a master already open at the start counts from its CPU then)."""
 
     def __init__(self, ssh_config: Path) -> None:
         super().__init__(daemon=True)
@@ -183,8 +190,7 @@ class MasterWatch(threading.Thread):
                 continue
             if b"ControlMaster=auto" in argv or b"-N" in argv:  # a session's, a pre-warmed one
                 fields = _stat(pid)
-                # a master forked into the background (the clients are shiplane's children)
-                if fields and not _is_shiplane(int(fields[1])):
+                if fields and not _ours(pid):  # forked into the background
                     found[pid] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
         return found
 

@@ -57,7 +57,7 @@ from _benchlib import (
     http_get,
     run,
 )
-from _fleet_cpu import children_cpu, machine_cpu
+from _fleet_cpu import MasterWatch, children_cpu, machine_cpu
 from _scenarios import EDITED_FILE, EDITED_TEXT, GIT
 from bench_local import load, machine
 
@@ -138,72 +138,6 @@ def ensure_venv() -> dict[str, str]:
     if still:
         raise BenchError(f"the peers' venv lacks {still}")
     return {n: have[n] for n in (*PINS, "paramiko") if n in have}
-
-
-# --- the controller's ssh control masters ------------------------------------------------------
-
-
-def _ppid(pid: int) -> int:
-    try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-    except (OSError, IndexError, ValueError):
-        return 0
-
-
-def _ours(pid: int) -> bool:
-    """True when ``pid`` descends from this process (its CPU reaches RUSAGE_CHILDREN)."""
-    me = os.getpid()
-    for _ in range(64):  # bounded walk up the tree
-        pid = _ppid(pid)
-        if pid == me:
-            return True
-        if pid <= 1:
-            return False
-    return False
-
-
-class MasterWatch(threading.Thread):
-    """Polls the CPU seconds of ssh control masters forked into the background (out of the tool's
-    process tree, so out of RUSAGE_CHILDREN): ssh processes naming the session's ssh_config. What
-    they used from the watch's start to its stop: a master already open at the start (the
-    reused variant's) counts from its CPU then."""
-
-    def __init__(self, ssh_config: Path) -> None:
-        super().__init__(daemon=True)
-        self.mark = str(ssh_config).encode()
-        self.before = self._masters()
-        self.seen: dict[int, float] = {}
-        self.done = threading.Event()
-
-    def _masters(self) -> dict[int, float]:
-        tick = os.sysconf("SC_CLK_TCK")
-        found = {}
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                argv = (entry / "cmdline").read_bytes().split(b"\0")
-                stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except (OSError, IndexError):
-                continue
-            if not argv[0].endswith(b"ssh") or self.mark not in argv:
-                continue
-            if b"ControlMaster=auto" not in argv and b"-N" not in argv:
-                continue
-            pid = int(entry.name)
-            if not _ours(pid):
-                found[pid] = (int(stat[11]) + int(stat[12])) / tick
-        return found
-
-    def run(self) -> None:
-        while not self.done.wait(0.2):  # poll interval; the stop polls once more
-            self.seen.update(self._masters())
-
-    def stop(self) -> float:
-        self.done.set()
-        self.join(timeout=5)
-        self.seen.update(self._masters())
-        return sum(cpu - self.before.get(pid, 0.0) for pid, cpu in self.seen.items())
 
 
 # --- the app -----------------------------------------------------------------------------------

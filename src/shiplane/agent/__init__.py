@@ -1,15 +1,17 @@
 """The host agent: stdlib only, shipped to hosts as a zipapp (package ``shiplane_agent``).
 
 Modules here use relative imports only and import nothing from the rest of shiplane.
-This file holds the two things every agent module shares: the error type that becomes a
-protocol error line, and crash-safe file writes.
+This file holds what every agent module shares: the error type that becomes a protocol error
+line, crash-safe file writes, and running a host tool (systemctl, nginx, caddy).
 """
 
 from __future__ import annotations
 
 import os
+import subprocess
 import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -38,6 +40,26 @@ class AgentError(Exception):
         out["message"] = self.message
         out["kind"] = self.kind
         return out
+
+
+def run_tool(
+    argv: list[str], *, timeout: float, kind: str, env: Mapping[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run a host tool to its end, no stdin, its output captured as text; one that cannot start
+    or outlives ``timeout`` is an AgentError of ``kind`` naming its command (its exit code is
+    the caller's to judge)."""
+    try:
+        return subprocess.run(
+            argv,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise AgentError(f"{' '.join(argv)}: {exc}", kind=kind) from None
 
 
 def fsync_dir(path: str | os.PathLike[str]) -> None:

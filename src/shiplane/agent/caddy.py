@@ -32,7 +32,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from . import atomic_write, caddyunit, frontshare, pid_alive
+from . import atomic_write, caddyunit, frontshare, pid_alive, run_tool
 from .caddycerts import wait_certificates
 from .caddyfile import SITES, data_dir, main_settings, main_text, settings, site_path, site_text
 from .errors import AgentError
@@ -47,28 +47,11 @@ LOG_TAIL = 4000
 
 
 def _env(data: Path) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        HOME=str(data),
-        XDG_DATA_HOME=str(data / "data"),
-        XDG_CONFIG_HOME=str(data / "config"),
-    )
-    return env
+    return {**os.environ, **caddyunit.caddy_environment(data)}
 
 
 def _run(argv: list[str], data: Path) -> subprocess.CompletedProcess[str]:
-    try:
-        return subprocess.run(
-            argv,
-            capture_output=True,
-            text=True,
-            timeout=CADDY_TIMEOUT,
-            stdin=subprocess.DEVNULL,
-            env=_env(data),
-            check=False,
-        )
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise AgentError(f"{argv[0]}: {exc}", kind="front") from None
+    return run_tool(argv, timeout=CADDY_TIMEOUT, kind="front", env=_env(data))
 
 
 def running_pid(data: Path) -> int | None:
@@ -136,9 +119,13 @@ def _start(data: Path, conf: Path, emit: Emit, units: bool | None) -> None:
         ) from None
     if units is not None:
         caddyunit.start(data, conf, units)
+
+    def exited() -> bool:
+        return caddyunit.failed(data) if proc is None else proc.poll() is not None
+
     deadline = time.monotonic() + START_TIMEOUT
     while time.monotonic() < deadline:
-        if proc.poll() is not None if proc is not None else caddyunit.failed(data):
+        if exited():
             tail = _tail(stderr).strip()
             hint = ""
             if "address already in use" in tail:
@@ -337,13 +324,10 @@ def stop_caddy(data: Path, emit: Emit, timeout: float = STOP_TIMEOUT) -> int | N
     """Stop the Caddy of dir ``data`` (SIGTERM: Caddy's graceful shutdown), waiting for its
     exit. Returns its pid, or None when none ran."""
     pid = running_pid(data)
-    if caddyunit.stop(data):  # under systemd: its unit goes too, not to start at boot
-        if pid is not None:
-            emit({"phase": "services", "status": "stop", "detail": f"caddy (pid {pid})"})
+    if pid is not None:
+        emit({"phase": "services", "status": "stop", "detail": f"caddy (pid {pid})"})
+    if caddyunit.stop(data) or pid is None:  # under systemd its unit goes too: not at boot
         return pid
-    if pid is None:
-        return None
-    emit({"phase": "services", "status": "stop", "detail": f"caddy (pid {pid})"})
     try:
         os.kill(pid, signal.SIGTERM)
     except ProcessLookupError:

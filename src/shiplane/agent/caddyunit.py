@@ -32,10 +32,17 @@ def caddy_argv(data: Path, conf: Path) -> list[str]:
     caddy = shutil.which("caddy")
     if caddy is None:
         raise AgentError("caddy is not installed (install Debian's caddy package)", kind="front")
-    return [caddy, "run", "--config", str(conf), "--adapter", "caddyfile"] + [
-        "--pidfile",
-        str(data / "caddy.pid"),
-    ]
+    conf_args = ["--config", str(conf), "--adapter", "caddyfile"]
+    return [caddy, "run", *conf_args, "--pidfile", str(data / "caddy.pid")]
+
+
+def caddy_environment(data: Path) -> dict[str, str]:
+    """What a Caddy of dir ``data`` runs with, however started: its state and config there."""
+    return {
+        "HOME": str(data),
+        "XDG_DATA_HOME": str(data / "data"),
+        "XDG_CONFIG_HOME": str(data / "config"),
+    }
 
 
 def unit_text(data: Path, conf: Path, user: bool) -> str:
@@ -50,9 +57,10 @@ def unit_text(data: Path, conf: Path, user: bool) -> str:
         ("Type", "notify"),
         ("ExecStart", exec_line(caddy_argv(data, conf))),
         ("WorkingDirectory", path_value(data)),
-        ("Environment", f'"HOME={path_value(data)}"'),
-        ("Environment", f'"XDG_DATA_HOME={path_value(data / "data")}"'),
-        ("Environment", f'"XDG_CONFIG_HOME={path_value(data / "config")}"'),
+        *(
+            ("Environment", f'"{key}={path_value(value)}"')
+            for key, value in caddy_environment(data).items()
+        ),
         ("StandardOutput", output),
         ("StandardError", output),
         ("Restart", "on-failure"),

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import TypedDict
 
-from . import atomic_write, frontshare, pid_alive
+from . import atomic_write, frontshare, pid_alive, run_tool
 from .backend import front_listen
 from .errors import AgentError
 from .paths import Layout
@@ -144,17 +144,7 @@ def nginx_argv(spec: ServicesSpec, *args: str) -> list[str]:
 
 
 def _run(argv: list[str]) -> subprocess.CompletedProcess[str]:
-    try:
-        return subprocess.run(
-            argv,
-            capture_output=True,
-            text=True,
-            timeout=NGINX_TIMEOUT,
-            stdin=subprocess.DEVNULL,
-            check=False,
-        )
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise AgentError(f"{argv[0]}: {exc}", kind="front") from None
+    return run_tool(argv, timeout=NGINX_TIMEOUT, kind="front")
 
 
 def master_pid(spec: ServicesSpec) -> int | None:

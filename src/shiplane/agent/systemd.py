@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 from typing import NamedTuple
 
+from . import run_tool
 from .backend import (
     Killed,
     ManagerState,
@@ -499,17 +500,7 @@ def systemctl(
 ) -> subprocess.CompletedProcess[str]:
     """Run ``systemctl`` (``--user`` for ``user``); AgentError when ``check`` and it fails."""
     argv = systemctl_argv(user, *args)
-    try:
-        done = subprocess.run(
-            argv,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            stdin=subprocess.DEVNULL,
-            check=False,
-        )
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise AgentError(f"{' '.join(argv)}: {exc}", kind="service") from None
+    done = run_tool(argv, timeout=timeout, kind="service")
     if check and done.returncode != 0:
         raise AgentError(
             f"{' '.join(argv)} exited {done.returncode}: {(done.stderr or done.stdout).strip()}",

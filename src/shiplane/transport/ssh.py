@@ -178,7 +178,6 @@ class SSHTransport:
         ]
         own = [word for option in options for word in ("-o", option)]
         shared = shared_control_dir() if ssh_persist else None
-        self.persists = shared is not None
         self._socket: Path | None = None  # a persisting connection's socket
         self._borrowed = False  # the last spawn went through an earlier command's connection
         if shared is not None:
@@ -307,7 +306,7 @@ class SSHTransport:
         """Stop this host's control master, unless it persists for the next command (the private
         dir goes with ``remove_control_dir``, once every host is closed: removing it here would
         race other hosts still connecting)."""
-        if not self.persists:
+        if self._socket is None:
             self._exit_master()
 
     def drop_stale(self) -> bool:
