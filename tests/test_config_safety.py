@@ -383,6 +383,13 @@ DANGEROUS: list[tuple[str, Edit, str, str, str]] = [
         "finite",
     ),
     (
+        "ssh-persist-negative",
+        sub("connect_timeout = 10", "connect_timeout = 10\nssh_persist = -1"),
+        "stages.prod.ssh_persist",
+        "connect_timeout+1",
+        "0",
+    ),
+    (
         "ssh-option-flag",
         sub("connect_timeout = 10", 'ssh_options = ["-oProxyCommand=touch /tmp/shl-pwned"]'),
         "stages.prod.ssh_options",
