@@ -349,6 +349,49 @@ def test_a_command_refused_after_its_hosts_were_prewarmed_exits_2_and_leaves_no_
     assert wait_for(lambda: leftover_ssh(ssh_hosts.ssh_config) == [], 10, "no ssh left")
 
 
+# The hosts' Python as the stage names it: logs the last word of each command line it runs (the
+# agent's sha, or "early" for a session the CLI started before reading its deploy file)
+SPY_PYTHON = """#!/bin/sh
+for last; do :; done
+echo "$last" >> /srv/spy-python.log
+exec python3 "$@"
+"""
+
+
+def test_each_host_runs_one_agent_per_command_started_early_and_a_refused_one_makes_nothing(
+    app: Project, ssh_hosts: TestHosts
+) -> None:
+    for host in ssh_hosts.hosts:
+        spy = host.root / "spy-python"
+        spy.write_text(SPY_PYTHON)
+        spy.chmod(0o755)
+        (host.root / "spy-python.log").unlink(missing_ok=True)
+    names = ", ".join(f'"{h.name}"' for h in ssh_hosts.hosts)
+    stage = (
+        f'\n[stages.spy]\nhosts = [{names}]\ndeploy_to = "/srv/demo-spy"\n'
+        f'python = "/srv/spy-python"\nssh_config = "{ssh_hosts.ssh_config}"\n'
+    )
+    spied = app.root / "spy.toml"
+    spied.write_text((app.root / "shiplane.toml").read_text() + stage)
+    done = app.shiplane("-f", str(spied), "status", "--stage", "spy")
+    assert done.returncode == 0, done.stdout + done.stderr
+    for host in ssh_hosts.hosts:  # the agent started while the CLI loaded was the session's
+        assert (host.root / "spy-python.log").read_text().split() == ["early"], host.name
+    # refused by the schema after its hosts' agents were started early: they end having made
+    # nothing (the stage's deploy root never appears) and no agent is left running
+    bad = app.root / "bad-spy.toml"
+    bad.write_text(
+        spied.read_text()
+        .replace("[app]\n", "[app]\nnot_a_key = 1\n", 1)
+        .replace("/srv/demo-spy", "/srv/never-made")
+    )
+    refused = app.shiplane("-f", str(bad), "status", "--stage", "spy")
+    assert refused.returncode == 2 and "not_a_key" in refused.stderr
+    for host in ssh_hosts.hosts:
+        assert wait_for(lambda host=host: _agent_pids(host) == [], 10, "no agent left")
+        assert not (host.root / "never-made").exists()
+
+
 def test_code_only_redeploy_sends_one_wheel_and_installs_nothing(
     app: Project, ssh_hosts: TestHosts
 ) -> None:
@@ -623,7 +666,9 @@ def _agent_pids(host: TestHost) -> list[int]:
         except OSError:
             continue
         words = [a for a in argv if a]
-        # `python3 -S -c <bootstrap> <root> <agent sha>`: the agent's session process
+        # `python3 -S -c <bootstrap> <root> <agent sha> [early]`: the agent's session process
+        if words[-1:] == [b"early"]:
+            words.pop()
         if (
             len(words) >= 5
             and words[1:3] == [b"-S", b"-c"]

@@ -63,8 +63,10 @@ def test_a_connecting_verb_prewarms_the_stages_ssh_hosts(project: Path) -> None:
 
 
 def test_the_prewarmed_master_uses_the_sessions_ssh_options(project: Path) -> None:
-    transport = prewarm.targets(["deploy", "--stage", "fleet"], {}, project)["deploy@web1"]
-    argv = transport._base
+    transport = prewarm.targets(["deploy", "--stage", "fleet"], {}, project)[
+        "deploy@web1"
+    ].transport
+    argv = transport._base  # type: ignore[attr-defined]
     assert argv[argv.index("-F") + 1] == str(project / "ssh" / "config")
     assert "ServerAliveInterval=9" in argv and "StrictHostKeyChecking=yes" in argv
 
@@ -90,3 +92,33 @@ def test_nothing_is_prewarmed_outside_a_project_or_from_a_broken_file(project: P
     assert hosts("deploy --stage fleet", Path("/")) == []
     (project / "shiplane.toml").write_text("[stages.fleet\nhosts = [")
     assert hosts("deploy --stage fleet", project) == []
+
+
+def early_agent(project: Path, extra: str = "", app_python: str = "") -> set[tuple[object, object]]:
+    """(interpreter, deploy root) each fleet host's early agent session is started with."""
+    text = TOML.replace(
+        'hosts = ["deploy@web1", "web2:2222"]\n', f'hosts = ["deploy@web1", "web2:2222"]\n{extra}'
+    )
+    (project / "shiplane.toml").write_text(
+        text.replace('name = "demo"\n', f'name = "demo"\n{app_python}')
+    )
+    found = prewarm.targets(["deploy", "--stage", "fleet"], {}, project)
+    return {(target.python, target.root) for target in found.values()}
+
+
+def test_the_early_agent_uses_the_interpreter_and_root_its_session_will(project: Path) -> None:
+    assert early_agent(project) == {("python3", "/srv/demo")}
+    assert early_agent(project, app_python='python = "python3.12"\n') == {
+        ("python3.12", "/srv/demo")
+    }
+    assert early_agent(project, 'python = "/opt/py/bin/python3"\n', 'python = "python3.12"\n') == {
+        ("/opt/py/bin/python3", "/srv/demo")
+    }
+
+
+@pytest.mark.parametrize("python", ["-Werror", "python3; rm -rf /", "py thon", ""])
+def test_no_agent_starts_early_with_an_interpreter_the_deploy_file_may_not_name(
+    project: Path, python: str
+) -> None:
+    # the schema refuses them all: nothing may run them
+    assert early_agent(project, f'python = "{python}"\n') == {(None, None)}

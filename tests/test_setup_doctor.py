@@ -241,7 +241,7 @@ def test_the_prewarmed_master_logs_in_as_deploy_user(tmp_path: Path) -> None:
         'deploy_to = "/srv/demo"\ndeploy_user = "deploy"\n'
     )
     found = prewarm.targets(["deploy", "--stage", "prod"], {}, tmp_path)
-    targets = {h: t.command_argv(["true"], tty=False)[-2] for h, t in found.items()}
+    targets = {h: t.transport.spawn_argv(["true"])[-2] for h, t in found.items()}
     assert targets == {"web1": "deploy@web1", "ops@web2": "ops@web2"}
 
 

@@ -10,11 +10,15 @@ from __future__ import annotations
 import functools
 import hashlib
 import io
+import re
 import threading
 import zipfile
 from pathlib import Path
 
 PACKAGE = "shiplane_agent"
+# What a host's Python may be called in the deploy file (``python``, ``host_python``): the
+# interpreter that runs BOOTSTRAP, a program path or name, never an option or a shell word
+INTERPRETER = re.compile(r"^[A-Za-z0-9_./~+][A-Za-z0-9_./~+-]*$")
 # Any fixed date works; 1980-01-01 is the earliest a zip can record.
 _EPOCH = (1980, 1, 1, 0, 0, 0)
 
@@ -53,12 +57,22 @@ def _agent_zip() -> tuple[bytes, str]:
 # unpacked into ``agent-<sha>/`` and byte-compiled by the host's own Python, once: run from a zip,
 # every agent process (the session, exec-env before each gunicorn, the front proxy) compiled its
 # modules again, ~0.1 s of CPU each. The directory appears by one rename, so it is complete.
+#
+# ``early`` (a third argument): started while the controller still validates the deploy file
+# (transport/prewarm.py), the bootstrap creates nothing and runs nothing of the agent's until a
+# ``go`` line comes (EOF: it exits); meanwhile it only imports the agent, if it is there.
 BOOTSTRAP = r"""import hashlib,os,sys,runpy
 r=os.path.abspath(os.path.expanduser(sys.argv[1]));s=sys.argv[2]
 if len(s)!=64 or s.strip("0123456789abcdef"):sys.stderr.write("shiplane: bad agent sha\n");sys.exit(2)
 d=os.path.join(r,".shiplane")
-if not os.path.isdir(d):os.makedirs(d)
 p=os.path.join(d,"agent-%s"%s)
+if sys.argv[3:]==["early"]:
+ if os.path.isdir(p):
+  sys.path.insert(0,p)
+  try:import shiplane_agent.server,shiplane_agent.services
+  except Exception:pass
+ if sys.stdin.buffer.readline()!=b"go\n":sys.exit(0)
+if not os.path.isdir(d):os.makedirs(d)
 if not os.path.isdir(p):
  import io,shutil,zipfile,compileall
  sys.stdout.write("NEED\n");sys.stdout.flush()
@@ -76,11 +90,13 @@ if not os.path.isdir(p):
  except OSError:
   if not os.path.isdir(p):raise
   shutil.rmtree(t)
-os.environ["SHIPLANE_AGENT_DIR"]=p;sys.path.insert(0,p);sys.argv=[p,"serve",r]
+os.environ["SHIPLANE_AGENT_DIR"]=p;p in sys.path or sys.path.insert(0,p);sys.argv=[p,"serve",r]
 runpy.run_module("shiplane_agent",run_name="__main__",alter_sys=True)
 """
 
 
-def bootstrap_argv(python: str, root: str, sha: str) -> list[str]:
-    """The argv that starts an agent session for ``root`` (send the zip if it answers ``NEED``)."""
-    return [python, "-S", "-c", BOOTSTRAP, root, sha]  # -S: stdlib only, no site to load
+def bootstrap_argv(python: str, root: str, sha: str, *, early: bool = False) -> list[str]:
+    """The argv that starts an agent session for ``root`` (send the zip if it answers ``NEED``);
+    ``early``: it waits for a ``go`` line first (see BOOTSTRAP)."""
+    # -S: stdlib only, no site to load
+    return [python, "-S", "-c", BOOTSTRAP, root, sha, *(["early"] if early else [])]

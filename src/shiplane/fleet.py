@@ -7,6 +7,7 @@ returns what every host answered, or the HostError it raised. It never stops oth
 from __future__ import annotations
 
 import os
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from shiplane.agent.protocol import Event as AgentEvent
+from shiplane.agent_bundle import agent_zip, bootstrap_argv
 from shiplane.config import Project
 from shiplane.errors import OperationError
 from shiplane.events import Emit, Event
@@ -126,8 +128,13 @@ class Fleet:
             )  # its SSH master, if the CLI started one
             if failed is not None:
                 raise HostError(host, transport.explain_failure(*failed), "connect")
+            # its agent too, if the CLI started it as this session would have
+            remote = bootstrap_argv(
+                self.python_for(host), self.root_for(host), agent_zip()[1], early=True
+            )
+            early = prewarm.adopt(host, transport, remote)
             try:
-                session = self._session(transport, host)
+                session = self._session(transport, host, early)
             except HostError as error:
                 # through a connection an earlier command left open that no longer works (the
                 # host rebooted, the network changed): once more, over a new one
@@ -139,13 +146,16 @@ class Fleet:
 
         return self.each("connect", lambda host, _: one(host), hosts=hosts, need_session=False)
 
-    def _session(self, transport: Transport, host: str) -> AgentSession:
+    def _session(
+        self, transport: Transport, host: str, early: subprocess.Popen[bytes] | None = None
+    ) -> AgentSession:
         stage = self.project.deploy.stages[self.stage]
         return AgentSession(
             transport,
             self.root_for(host),
             self.python_for(host),
             connect_timeout=stage.connect_timeout + 20,
+            early=early,
         )
 
     def each(

@@ -411,13 +411,18 @@ class DaemonBackend:
                 gone = self._stop_worker(name, emit)
                 killed += [gone] if gone else []
                 self.sup.remove(name)
+        changed = False
         for name, text in confs.items():
             if sv.write_program(self.layout, name, text):
+                changed = True
                 # stopped here, not inside update(), so a kill after the grace period is seen
                 emit({"phase": "switch", "status": "worker", "detail": f"{name} on {release_id}"})
                 gone = self._stop_worker(name, emit)
                 killed += [gone] if gone else []
-        self.sup.update()
+        # supervisord re-reads every program's file (its CPU, while the deploy waits): only
+        # when a worker's changed or it does not run one yet
+        if changed or any(self.sup.info(name) is None for name in workers):
+            self.sup.update()
         for name in workers:
             if only is not None and name not in only:
                 continue

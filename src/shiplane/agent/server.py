@@ -141,6 +141,9 @@ class Session:
         self.early_uv: EarlyUv | None = None  # the shipped uv, unpacked as soon as it is stored
         # this deploy's blobs served to peer hosts (serve_blobs), stopped with the session at last
         self.blob_server: BlobServer | None = None
+        # the last switch's after-switch (its argv) and the switch lock it will hold, started
+        # when the session ends (start_after_switch)
+        self.after_switch: tuple[list[str], int] | None = None
         self._write_lock = threading.Lock()
         self.reader_gone = threading.Event()  # a write to the controller failed: nobody listens
         # Serialises lock changes of this session. Reentrant: the signal handler runs on the main
@@ -432,6 +435,7 @@ def _op_shutdown(s: Session, args: ShutdownArgs, emit: Emit) -> ShutDown:
 def _op_withdraw(s: Session, args: WithdrawArgs, emit: Emit) -> Withdrawn:
     from . import services
 
+    start_after_switch(s)  # it takes the switch lock this session holds after a switch
     return services.withdraw(s.layout, valid_release_id(args["release_id"]), emit)
 
 
@@ -579,32 +583,47 @@ def _op_switch(s: Session, args: SwitchArgs, emit: Emit) -> SwitchResult:
         raise AgentError("switch: services spec missing", kind="usage")
     # Waits while the previous switch's after-switch still runs: a switch right after another
     # (a second rollback) may target the server that one is stopping.
+    start_after_switch(s)
     held = services.hold_switch_lock(s.layout)
     try:
         result = services.switch(s.layout, rid, spec, emit, forget_later=True)
         releases.mark(s.layout, rid, "live")  # the one that was live becomes "previous"
-        if not result.get("unchanged"):
-            s.unrecorded = {"release": rid, "from": result.get("previous"), "at": utc_now()}
-        s.prebooted = None if s.prebooted == rid else s.prebooted
-        # A process of its own, detached, so no deploy waits for an old server's exit or a
-        # spare's start; it inherits the lock and holds it until it is done.
+    except BaseException:
+        os.close(held)
+        raise
+    if not result.get("unchanged"):
+        s.unrecorded = {"release": rid, "from": result.get("previous"), "at": utc_now()}
+    s.prebooted = None if s.prebooted == rid else s.prebooted
+    argv = [*agent_command(), "after-switch", str(s.layout.root), rid, *result.get("stopping", [])]
+    s.after_switch = (argv, held)
+    return result
+
+
+def start_after_switch(s: Session) -> None:
+    """Start the housekeeping of this session's last switch (``after-switch``: the old server's
+    exit, a spare for the next release), holding the switch lock the session held since. Run
+    when the session ends (or switches again): started at the switch, its processes competed
+    for the host's CPU with the rest of the deploy (the prune, the unlock, another host's
+    switch on a shared machine), which waited for none of them. A process of its own,
+    detached, so no command waits for it either; it inherits the lock and holds it until it is
+    done."""
+    if s.after_switch is None:
+        return
+    argv, held = s.after_switch
+    s.after_switch = None
+    try:
         subprocess.Popen(
-            [
-                *agent_command(),
-                "after-switch",
-                str(s.layout.root),
-                rid,
-                *result.get("stopping", []),
-            ],
+            argv,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             start_new_session=True,
             pass_fds=(held,),
         )
+    except OSError:  # best effort: the next switch stops what this one left running
+        pass
     finally:
         os.close(held)
-    return result
 
 
 def _op_lock(s: Session, args: LockArgs, emit: Emit) -> LockTaken | LockRecord:
@@ -686,6 +705,7 @@ def settle_orphans(s: Session) -> None:
     if s.prebooted is not None:
         _discard(s, s.prebooted, lambda event: None)
         s.prebooted = None
+    start_after_switch(s)
 
 
 def _op_history(s: Session, args: HistoryArgs, emit: Emit) -> HistoryResult:

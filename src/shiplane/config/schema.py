@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from shiplane.agent_bundle import INTERPRETER
 from shiplane.config.paths import PLACEHOLDERS, deploy_root, project_path
 
 NAME = r"^[A-Za-z_][A-Za-z0-9_-]*$"
@@ -30,7 +31,7 @@ SSH_OPTIONS_FORBIDDEN = (
     "globalknownhostsfile=/dev/null",
 )
 # an interpreter on the hosts: a command name or path, one word, not an option
-PYTHON = r"^[A-Za-z0-9_./~+][A-Za-z0-9_./~+-]*$"
+PYTHON = INTERPRETER.pattern
 # a Unix login name (deploy_user, setup_user): nothing a shell or ssh could read otherwise
 LOGIN = r"^[a-z_][a-z0-9_-]{0,31}$"
 SECONDS = 86400.0  # the longest timeout a deploy file may set (one day)

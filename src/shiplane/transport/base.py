@@ -49,6 +49,13 @@ class Prewarming(Protocol):
         connection persists)."""
         ...
 
+    def spawn(self, argv: list[str]) -> subprocess.Popen[bytes]: ...
+
+    def spawn_argv(self, argv: list[str]) -> list[str]:
+        """The local argv ``spawn(argv)`` runs: two transports that give the same one start the
+        same session (an early agent session is taken only then)."""
+        ...
+
     def close(self) -> None: ...
 
 

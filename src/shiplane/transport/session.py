@@ -42,14 +42,22 @@ class AgentSession:
     """A live agent on one host. ``call`` is one round trip: a request, its events, its result."""
 
     def __init__(
-        self, transport: Transport, root: str, python: str, *, connect_timeout: float = 30
+        self,
+        transport: Transport,
+        root: str,
+        python: str,
+        *,
+        connect_timeout: float = 30,
+        early: subprocess.Popen[bytes] | None = None,
     ) -> None:
+        """``early``: the agent the CLI started for this session before the deploy file was
+        read (transport/prewarm.py), waiting for its ``go``."""
         self.transport = transport
         self.host = transport.host
         self.root = root
         payload, sha = agent_zip()
         try:
-            self._process = transport.spawn(bootstrap_argv(python, root, sha))
+            self._process = early or transport.spawn(bootstrap_argv(python, root, sha))
         except OSError as exc:  # the local stage runs the interpreter itself
             raise HostError(
                 self.host,
@@ -68,6 +76,8 @@ class AgentSession:
         self._stderr_reader = threading.Thread(target=self._read_stderr, daemon=True)
         self._stderr_reader.start()
         try:
+            if early is not None:
+                self._write(b"go\n")
             first = self._next_line(connect_timeout, "connect")
             if first == {"need": True}:
                 self._write(f"{len(payload)}\n".encode() + payload)

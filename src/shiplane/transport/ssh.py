@@ -179,7 +179,6 @@ class SSHTransport:
         own = [word for option in options for word in ("-o", option)]
         shared = shared_control_dir() if ssh_persist else None
         self._socket: Path | None = None  # a persisting connection's socket
-        self._borrowed = False  # the last spawn went through an earlier command's connection
         if shared is not None:
             # the socket's name is everything that decides what the connection is: the digest
             # of the argv (destination, options, -F/-i files) and of the files ssh reads
@@ -194,9 +193,8 @@ class SSHTransport:
         self._base = [*base, *(word for c in control for word in ("-o", c)), *own]
 
     def spawn(self, argv: list[str]) -> subprocess.Popen[bytes]:
-        self._borrowed = (
-            self._socket is not None and self._socket not in _opened and self._socket.is_socket()
-        )
+        if self._socket is not None and not self._socket.is_socket():
+            _opened.add(self._socket)  # no connection to reuse: this session makes its own
         return subprocess.Popen(
             self._command(argv),
             stdin=subprocess.PIPE,
@@ -204,6 +202,9 @@ class SSHTransport:
             stderr=subprocess.PIPE,
             start_new_session=True,
         )
+
+    def spawn_argv(self, argv: list[str]) -> list[str]:
+        return self._command(argv)
 
     def command_argv(self, argv: list[str], *, tty: bool) -> list[str]:
         """The local argv that runs ``argv`` on the host for a caller who starts it with its own
@@ -310,9 +311,10 @@ class SSHTransport:
             self._exit_master()
 
     def drop_stale(self) -> bool:
-        if not self._borrowed:
+        # whether the session went through an earlier command's connection: a socket this
+        # process did not open (prewarm's masters and sessions that found none are in _opened)
+        if self._socket is None or self._socket in _opened or not self._socket.is_socket():
             return False
-        self._borrowed = False
         self._exit_master()
         if self._socket is not None:  # a master too stuck to exit: the next ssh starts anew
             self._socket.unlink(missing_ok=True)
