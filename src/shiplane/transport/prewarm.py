@@ -97,14 +97,14 @@ def _warm(warming: _Warming) -> None:
     target = warming.target
     if warming.failed is not None or target.python is None or target.root is None:
         return
-    remote = bootstrap_argv(target.python, target.root, agent_zip()[1], early=True)
-    if _closing.is_set():
-        return
     try:
-        warming.agent = target.transport.spawn(remote)
-        warming.agent_argv = target.transport.spawn_argv(remote)
-    except OSError:
-        return
+        remote = bootstrap_argv(target.python, target.root, agent_zip()[1], early=True)
+        argv = target.transport.spawn_argv(remote)
+        if not _closing.is_set():
+            warming.agent_argv = argv  # before the agent: adopt() reads them in that order
+            warming.agent = target.transport.spawn(remote)
+    except Exception:  # noqa: BLE001, S110 - best effort: the session starts its own agent
+        pass
 
 
 def _settle(process: subprocess.Popen[bytes], err: int, seconds: float) -> tuple[int, str] | None:
