@@ -77,7 +77,10 @@ class AgentSession:
         self._stderr_reader.start()
         try:
             if early is not None:
-                self._write(b"go\n")
+                try:
+                    self._write(b"go\n")
+                except HostError as exc:  # it died since it was started: a failed connect
+                    raise HostError(self.host, exc.reason, "connect") from None
             first = self._next_line(connect_timeout, "connect")
             if first == {"need": True}:
                 self._write(f"{len(payload)}\n".encode() + payload)
