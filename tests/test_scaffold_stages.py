@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -82,7 +83,9 @@ def run(project: Project, *args: str, check: bool = True) -> dict[str, Any]:
 def deploy_until(
     project: Project, stage: str, trigger: tuple[str, str, str], act: Any
 ) -> dict[str, Any]:
-    """A deploy with --json that calls ``act()`` when its event (phase, status, host) comes."""
+    """A deploy with --json that calls ``act()`` when its event (phase, status, host) comes, the
+    controller stopped meanwhile (SIGSTOP, then SIGCONT): what it would do next on the hosts
+    waits for ``act()``, whatever either takes."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "shiplane", "deploy", "--stage", stage, "--skip-tests", "--json"],
         cwd=project.root,
@@ -97,7 +100,11 @@ def deploy_until(
         output.append(line)
         message = json.loads(line)
         if (message.get("phase"), message.get("status"), message.get("host")) == trigger:
-            act()
+            os.kill(proc.pid, signal.SIGSTOP)
+            try:
+                act()
+            finally:
+                os.kill(proc.pid, signal.SIGCONT)
         result = message.get("result", message.get("error", result))
     proc.wait(timeout=300)
     result["exit"], result["output"] = (
