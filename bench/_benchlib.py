@@ -42,6 +42,40 @@ def close_shiplane_connections() -> None:
     the user's dir that docs/DESIGN.md names): the next command starts without one, as the
     first command of the day does."""
     close_masters(Path(tempfile.gettempdir()) / f"shiplane-ssh-{os.getuid()}")
+    stop_command_servers()
+
+
+def _command_servers() -> list[int]:
+    """The pids of shiplane's command servers (src/shiplane/cliserver.py) running now."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and b"shiplane.cliserver" in (entry / "cmdline").read_bytes():
+                pids.append(int(entry.name))
+        except OSError:
+            continue
+    return pids
+
+
+def command_servers_cpu() -> float:
+    """CPU seconds of the command servers and the forks they reaped (each command they ran)."""
+    ticks = 0
+    for pid in _command_servers():
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        ticks += sum(int(x) for x in fields[11:15])  # utime, stime, cutime, cstime
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def stop_command_servers() -> None:
+    """End shiplane's command servers: the next command starts without one."""
+    for pid in _command_servers():
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
 
 
 class BenchError(RuntimeError):

@@ -54,6 +54,7 @@ from _benchlib import (
     clean_up,
     close_masters,
     close_shiplane_connections,
+    command_servers_cpu,
     http_get,
     run,
 )
@@ -72,9 +73,17 @@ X25519 = "shiplane-x25519"
 # shiplane again, each command within ssh_persist (60 s) of the stage's last one, whose SSH
 # connections are still open (every other command, of every tool, starts without one)
 REUSED = "shiplane-reused"
-STAGES = {"shiplane": STAGE, X25519: "peers-x25519", REUSED: "peers-reused"}
-VARIANTS = (X25519, REUSED)
-TOOLS = ("shiplane", "fabric", "pyinfra", "ansible", "make", X25519, REUSED)
+# shiplane-reused, and the command server its last command started (SHIPLANE_SERVER=1): the
+# CLI's imports done once, each command forked from them (src/shiplane/cliserver.py)
+SERVER = "shiplane-server"
+STAGES = {
+    "shiplane": STAGE,
+    X25519: "peers-x25519",
+    REUSED: "peers-reused",
+    SERVER: "peers-server",
+}
+VARIANTS = (X25519, REUSED, SERVER)
+TOOLS = ("shiplane", "fabric", "pyinfra", "ansible", "make", X25519, REUSED, SERVER)
 PORTS = {
     "shiplane": 8301,
     "fabric": 8302,
@@ -83,6 +92,7 @@ PORTS = {
     "make": 8305,
     X25519: 8306,
     REUSED: 8307,
+    SERVER: 8308,
 }
 PINS = {"fabric": "3.2.3", "pyinfra": "3.10.0", "ansible-core": "2.19.14", "hatchling": "1.33.0"}
 VENV = Path.home() / ".cache" / "shiplane-bench-peers"
@@ -249,6 +259,8 @@ class Bench:
         )
         if tool not in STAGES:  # shiplane's ssh control sockets need a short path: the usual /tmp
             env["TMPDIR"] = str(self.work / "tmp")
+        if tool == SERVER:
+            env["SHIPLANE_SERVER"] = "1"
         return env
 
     def argv(self, tool: str, kind: str) -> tuple[list[str], Path]:
@@ -299,12 +311,14 @@ class Bench:
         self.deployed.add(tool)
         close_shiplane_connections()
         close_masters(self.work / "ansible-cp")
-        if tool == REUSED:
+        if tool in (REUSED, SERVER):
             self.open_connections()
+        if tool == SERVER:
+            self.start_server()
         wait_quiet()
         watch = MasterWatch(self.testhosts.ssh_config)
         watch.start()
-        cpu0, machine0 = children_cpu(), machine_cpu()
+        cpu0, machine0 = children_cpu() + command_servers_cpu(), machine_cpu()
         t0 = time.perf_counter()
         try:
             done = run(argv, cwd, env=self.env(tool), timeout=COMMAND_TIMEOUT, check=False)
@@ -313,7 +327,7 @@ class Bench:
                 self.wait_serves(tool, marker, t0 + command + SERVE_DEADLINE)
             served, machine = time.perf_counter() - t0, machine_cpu() - machine0
         finally:
-            cpu = children_cpu() - cpu0 + watch.stop()
+            cpu = children_cpu() + command_servers_cpu() - cpu0 + watch.stop()
         if done.returncode != 0:
             raise BenchError(
                 f"{tool} {kind}: exit {done.returncode}: {' '.join(argv)}\n"
@@ -362,6 +376,16 @@ class Bench:
                 if process is not None and process.wait(timeout=60) != 0:
                     err.seek(0)
                     raise BenchError(f"{host.name}: no SSH connection: {err.read().decode()}")
+
+    def start_server(self) -> None:
+        """The command server an earlier command of the stage left (untimed): ``check`` starts
+        one when none runs; it is ready once its socket is there."""
+        run([sys.executable, "-m", "shiplane", "check"], self.app.root, env=self.env(SERVER))
+        deadline = time.monotonic() + 30
+        while not list(Path(tempfile.gettempdir()).glob(f"shiplane-cli-{os.getuid()}/*.sock")):
+            if time.monotonic() > deadline:
+                raise BenchError("shiplane check started no command server within 30 s")
+            time.sleep(0.05)  # bounded by the deadline
 
     def stop(self, tool: str) -> None:
         """Stop the tool's app server on every host (if this bench deployed it)."""
@@ -537,19 +561,23 @@ def render(res: dict[str, Any]) -> str:
             ),
             "",
         ]
-        if _series(res, REUSED, "warm", "served"):
-            reused = _med(_series(res, REUSED, "warm", "served"))
-            ratios = [_med(_series(res, t, "warm", "served")) / reused for t in peers]
-            cpu = _med(_series(res, REUSED, "warm", "cpu"))
-            lines += [
-                (
-                    f"Within a minute of the stage's last command ({REUSED}: its SSH connections "
-                    f"still open), shiplane's warm redeploy took {reused:.2f} s and "
-                    f"{cpu:.2f} CPU-s of the controller: the peers took "
-                    f"{min(ratios):.1f}–{max(ratios):.1f}× that time."
-                ),
-                "",
-            ]
+        for variant, how in (
+            (REUSED, "its SSH connections still open"),
+            (SERVER, "its SSH connections and the opt-in command server still there"),
+        ):
+            if _series(res, variant, "warm", "served"):
+                reused = _med(_series(res, variant, "warm", "served"))
+                ratios = [_med(_series(res, t, "warm", "served")) / reused for t in peers]
+                cpu = _med(_series(res, variant, "warm", "cpu"))
+                lines += [
+                    (
+                        f"Within a minute of the stage's last command ({variant}: {how}), "
+                        f"shiplane's warm redeploy took {reused:.2f} s and {cpu:.2f} CPU-s of "
+                        f"the controller: the peers took {min(ratios):.1f}–{max(ratios):.1f}× "
+                        "that time."
+                    ),
+                    "",
+                ]
     for kind in KINDS:
         lines += [
             f"**{titles[kind]}**",
@@ -603,6 +631,20 @@ def render(res: dict[str, Any]) -> str:
                 )
             ]
             if X25519 in tools
+            else []
+        ),
+        *(
+            [
+                (
+                    f"- **{SERVER}**: {REUSED} with the opt-in command server "
+                    "(`SHIPLANE_SERVER=1`): the stage's last command (`check`, untimed) left one "
+                    "running, so the command's own process only hands its argv, environment and "
+                    "stdio to it, and a fork of it, with the CLI's modules already imported, runs "
+                    "the command. The server's CPU for the command (its fork's, reaped) is in "
+                    "the controller's."
+                )
+            ]
+            if SERVER in tools
             else []
         ),
         *(
@@ -708,7 +750,8 @@ def main(argv: list[str] | None = None) -> int:
         default=default,
         help=f"default {default}; also {X25519}: shiplane with "
         "the key exchange paramiko makes (curve25519-sha256), to show what OpenSSH's default "
-        f"costs; {REUSED}: shiplane with the connections its last command left open",
+        f"costs; {REUSED}: shiplane with the connections its last command left open; {SERVER}: "
+        "those and the opt-in command server",
     )
     parser.add_argument("--out", type=Path, help=f"write the '{HEADING}' section into this file")
     parser.add_argument("--raw", type=Path, help="write every measurement as JSON to this file")

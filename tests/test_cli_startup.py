@@ -12,14 +12,14 @@ from shiplane.transport import prewarm
 # runs the console entry point and reports, as it exits, whether the transports were imported
 _PROBE = """
 import os, sys
-from shiplane import cli
+from shiplane import launch
 exit_ = os._exit
 def report(code):
     print("TRANSPORT", "shiplane.transport" in sys.modules, flush=True)
     exit_(code)
 os._exit = report
 sys.argv = ["shiplane", *sys.argv[1:]]
-cli.entry()
+launch.entry()
 """
 
 

@@ -1,3 +1,3 @@
-from shiplane.cli import entry
+from shiplane.launch import entry
 
 entry()

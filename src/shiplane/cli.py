@@ -106,14 +106,8 @@ def _json_error(ctx: click.Context, masker: Masker, kind: str, message: str, cod
         click.echo(masker(json.dumps({"error": error, "v": JSON_VERSION})))
 
 
-def entry() -> None:
-    """The console entry point: the CLI, then an exit that skips the interpreter's teardown.
-
-    Tearing down the modules (pydantic's, rich's) costs ~0.08 s of CPU after the last line is
-    printed, on every command. Nothing needs it: each command closes its own processes,
-    connections and temp dirs before it returns.
-    """
-    argv = sys.argv[1:]
+def run_command(argv: list[str]) -> int:
+    """The command ``argv`` in this process; its exit code. Everything it started is closed."""
     # The transports (~10 ms of imports) only for a verb that connects: `--help`, `check`,
     # `build`... never pre-warm anything (issue 21)
     connecting = any(word in CONNECTING_VERBS for word in argv)
@@ -123,7 +117,7 @@ def entry() -> None:
         if prewarm.enabled(os.environ):  # the hosts' SSH handshakes overlap the imports below
             prewarm.start(argv, os.environ, Path.cwd())
     try:
-        main.main(prog_name="shiplane")  # click's standalone mode always ends in SystemExit
+        main.main(args=argv, prog_name="shiplane")  # standalone mode always ends in SystemExit
         code = 0
     except SystemExit as exc:
         if exc.code is None or isinstance(exc.code, int):
@@ -141,7 +135,18 @@ def entry() -> None:
         sys.stderr.flush()
     except OSError:  # a closed pipe (`shiplane releases | head`)
         code = code or 1
-    os._exit(code)
+    return code
+
+
+def command_lost() -> int:
+    """The command server's fork running the command was killed: say so, as a failure."""
+    click.echo(
+        "error: the command ended without an exit code: the process of the command server "
+        "(SHIPLANE_SERVER=1) that ran it was killed. `shiplane status` shows what the hosts "
+        "run now.",
+        err=True,
+    )
+    return 1
 
 
 @click.group(cls=ShiplaneGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -17,7 +17,6 @@ import math
 import os
 import re
 import shlex
-import stat
 import subprocess
 import tempfile
 from collections.abc import Sequence
@@ -25,6 +24,7 @@ from pathlib import Path
 from typing import BinaryIO, ClassVar
 
 from shiplane.errors import ConfigError
+from shiplane.userdir import private_dir
 
 from .base import ConnectSettings
 
@@ -71,18 +71,8 @@ _opened: set[Path] = set()
 
 
 def shared_control_dir() -> Path | None:
-    """The user's dir for connections that outlive their command, or None when it is not safely
-    the user's alone: a real directory (not a link), owned by this uid, mode 0700. Another user
-    of a shared /tmp may have made the path first; then nothing persists."""
-    path = Path(tempfile.gettempdir()) / f"shiplane-ssh-{os.getuid()}"
-    try:
-        path.mkdir(mode=0o700, exist_ok=True)
-        info = os.lstat(path)
-    except OSError:
-        return None
-    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
-        return None
-    return path
+    """The user's dir for connections that outlive their command (None: nothing persists)."""
+    return private_dir("ssh")
 
 
 def _file_state(path: str) -> str:
