@@ -256,7 +256,17 @@ def test_a_killed_fork_is_a_failure_that_says_so(workspace: Workspace) -> None:
     proc = _connecting(workspace, sleep, served=True)
     (fork,) = set(workspace.servers()) - {server}
     os.kill(fork, signal.SIGKILL)
-    out, err = proc.communicate(timeout=30)
+    _, err = proc.communicate(timeout=30)
     assert proc.returncode == 1
     assert "the command ended without an exit code" in err
     assert "Traceback" not in err
+
+
+def test_the_server_keeps_no_callers_secrets(workspace: Workspace) -> None:
+    secret = "s3cr3t-from-the-first-command"
+    env = {**workspace.env, "SECRET_KEY": secret}
+    first = workspace.shiplane("check", env=env)
+    assert first.returncode == 0, first.stderr
+    _poll("a server listening", lambda: len(workspace.sockets) == 1)
+    (server,) = workspace.servers()
+    assert secret.encode() not in Path(f"/proc/{server}/environ").read_bytes()

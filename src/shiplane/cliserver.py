@@ -36,6 +36,7 @@ ENV = "SHIPLANE_SERVER"
 IDLE_SECONDS = 60.0
 _HEADER = struct.Struct("!12sQ")  # magic, then the request's length
 _MAGIC = b"shiplane-cli"
+_FORK_TIMEOUT = 10.0
 _SUN_PATH = 108  # Linux's limit on a socket's path, its final NUL included
 _FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGCONT)
 
@@ -64,6 +65,8 @@ SERVED_VERBS = frozenset(
         "reload",
     }
 )
+
+_SERVER_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TMPDIR", "PYTHONUTF8", "PYTHONHOME")
 
 # imported once by the server, before its first fork
 _PRELOADED = (
@@ -137,6 +140,9 @@ def call(argv: Sequence[str], path: Path) -> int | None:
     (then nothing of the command ran, and the caller runs it itself). ``Lost`` if it ran but
     its process ended without a code."""
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    # A server that does not fork within this (stopped, overloaded) is not waited for: the
+    # fork's first write then fails and it ends before running anything; this process runs it.
+    conn.settimeout(_FORK_TIMEOUT)
     try:
         conn.connect(str(path))
         umask = os.umask(0)
@@ -160,6 +166,7 @@ def call(argv: Sequence[str], path: Path) -> int | None:
         return None
     if not first:
         return None  # the server refused it (another uid) or ended before forking
+    conn.settimeout(None)
     pid = int(json.loads(first)["pid"])
     previous = _forward_signals(pid)
     try:
@@ -201,9 +208,13 @@ def spawn(path: Path) -> None:
         "from shiplane.cliserver import serve\n"
         "serve(sys.argv[2])\n"
     )
+    # Only what the imports may read: the server outlives this command, and this command's
+    # environment may hold secrets (each command's own reaches only its fork).
+    env = {name: os.environ[name] for name in _SERVER_ENV if name in os.environ}
     try:
         subprocess.Popen(
             [sys.executable, "-c", code, json.dumps(sys.path), str(path)],
+            env=env,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
