@@ -3,6 +3,9 @@ will certainly connect to, with the options the session will use; nothing when i
 
 from __future__ import annotations
 
+import os
+import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -122,3 +125,39 @@ def test_no_agent_starts_early_with_an_interpreter_the_deploy_file_may_not_name(
 ) -> None:
     # the schema refuses them all: nothing may run them
     assert early_agent(project, f'python = "{python}"\n') == {(None, None)}
+
+
+def test_an_interrupt_stops_a_master_still_connecting(tmp_path: Path) -> None:
+    """Ctrl-C (the fleet's cancel) while a host's handshake hangs: the session waiting for the
+    master fails at once, not at its connect timeout, and nothing is left connecting."""
+    marker = f"hang-{os.getpid()}-{time.monotonic_ns()}"
+    (tmp_path / "ssh_config").write_text(
+        f'Host hang\n  ProxyCommand sh -c "cat >/dev/null" {marker}\n'
+    )
+    (tmp_path / "shiplane.toml").write_text(
+        '[app]\nname = "demo"\n\n[stages.hang]\nhosts = ["hang"]\ndeploy_to = "/srv/demo"\n'
+        'ssh_config = "ssh_config"\nssh_persist = 0\n'
+    )
+
+    def proxies() -> int:
+        found = subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True, check=False)
+        return len(found.stdout.split())
+
+    prewarm.start(["status", "--stage", "hang"], {}, tmp_path)
+    try:
+        deadline = time.monotonic() + 30
+        while proxies() == 0:  # the master is connecting
+            assert time.monotonic() < deadline, "no master started"
+            time.sleep(0.05)  # polling, bounded by the deadline
+        started = time.monotonic()
+        prewarm.abort()
+        failed = prewarm.wait("hang", 30)
+        assert failed is not None  # the session's connect error, not a hang
+        assert time.monotonic() - started < 3
+    finally:
+        prewarm.stop_unused()
+        remove_control_dir()
+    deadline = time.monotonic() + 10
+    while proxies():  # the proxy reads until its ssh is gone
+        assert time.monotonic() < deadline, "the proxy command outlived its master"
+        time.sleep(0.05)  # polling, bounded by the deadline

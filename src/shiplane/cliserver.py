@@ -389,10 +389,11 @@ def _become_caller(request: dict[str, Any], fds: list[int]) -> None:
 
 
 def _end_with_caller(conn: socket.socket) -> None:
-    """A caller that is gone (killed, its terminal closed) ends its command, as it would have."""
+    """A caller that is gone (killed, its terminal closed) ends its command, as Ctrl-C does: what
+    the command started is stopped, a deploy undone (docs/RELIABILITY.md)."""
     try:
         while conn.recv(1):
             pass
     except OSError:
         pass
-    os.kill(os.getpid(), signal.SIGTERM)
+    os.kill(os.getpid(), signal.SIGINT)

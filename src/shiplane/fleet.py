@@ -156,6 +156,7 @@ class Fleet:
             self.python_for(host),
             connect_timeout=stage.connect_timeout + 20,
             early=early,
+            stopping=self._stopping,
         )
 
     def each(
@@ -258,6 +259,7 @@ class Fleet:
         """Ask every host's op in flight to end now where it can (a running hook); see
         ``AgentSession.cancel``; a host's chain of steps starts no next step."""
         self._stopping.set()
+        prewarm.abort()  # the hosts still connecting: no handshake is waited for
         for session in list(self.sessions.values()):
             session.cancel()
 

@@ -172,6 +172,16 @@ def _stderr(err: int) -> bytes:
     return os.read(err, 1 << 16)
 
 
+def abort() -> None:
+    """The command is interrupted: stop the masters still connecting (a session waiting for one
+    then fails at once instead of at its connect timeout) and start no more early agents; the
+    command's end (``stop_unused``) does the rest."""
+    _closing.set()
+    for warming in list(_warming.values()):
+        if warming.master is not None and warming.master.poll() is None:
+            warming.master.kill()
+
+
 def stop_unused() -> None:
     """At the command's end: end the early agents no session took; stop the masters no session
     took over (a command refused before connecting) that are still connecting, and those

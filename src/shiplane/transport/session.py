@@ -33,6 +33,7 @@ class HostError(OperationError):
 
 
 _EOF = object()
+_LOOK = 0.1  # seconds between looks at ``stopping`` while an answer is awaited
 # ops that end early on a cancel line (agent/hooks.py reads it while a hook runs, agent/lock.py
 # while it waits for a held lock)
 CANCELLABLE = frozenset({"hook", "lock"})
@@ -49,9 +50,11 @@ class AgentSession:
         *,
         connect_timeout: float = 30,
         early: subprocess.Popen[bytes] | None = None,
+        stopping: threading.Event | None = None,
     ) -> None:
         """``early``: the agent the CLI started for this session before the deploy file was
-        read (transport/prewarm.py), waiting for its ``go``."""
+        read (transport/prewarm.py), waiting for its ``go``. ``stopping``: once set (Ctrl-C),
+        a session still connecting gives up at once rather than at ``connect_timeout``."""
         self.transport = transport
         self.host = transport.host
         self.root = root
@@ -81,10 +84,10 @@ class AgentSession:
                     self._write(b"go\n")
                 except HostError as exc:  # it died since it was started: a failed connect
                     raise HostError(self.host, exc.reason, "connect") from None
-            first = self._next_line(connect_timeout, "connect")
+            first = self._next_line(connect_timeout, "connect", stopping)
             if first == {"need": True}:
                 self._write(f"{len(payload)}\n".encode() + payload)
-                first = self._next_line(connect_timeout, "connect")
+                first = self._next_line(connect_timeout, "connect", stopping)
             if not isinstance(first, dict) or "hello" not in first:
                 raise HostError(
                     self.host, f"unexpected greeting from the agent: {str(first)[:200]}", "protocol"
@@ -124,14 +127,21 @@ class AgentSession:
         reason = self.transport.explain_failure(code, "".join(self._stderr))
         return HostError(self.host, reason, "connect" if what == "connect" else "lost")
 
-    def _next_line(self, timeout: float, what: str) -> Any:
-        try:
-            item = self._lines.get(timeout=timeout)
-        except queue.Empty:
-            self.kill()
-            raise HostError(
-                self.host, f"no answer within {timeout:.0f} s during {what}", "timeout"
-            ) from None
+    def _next_line(self, timeout: float, what: str, stopping: threading.Event | None = None) -> Any:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                item = self._lines.get(timeout=max(0.0, min(deadline - time.monotonic(), _LOOK)))
+                break
+            except queue.Empty:
+                if stopping is not None and stopping.is_set():
+                    self.kill()
+                    raise HostError(self.host, f"interrupted during {what}", what) from None
+                if time.monotonic() >= deadline:
+                    self.kill()
+                    raise HostError(
+                        self.host, f"no answer within {timeout:.0f} s during {what}", "timeout"
+                    ) from None
         if item is _EOF:
             raise self._died(what)
         return item
