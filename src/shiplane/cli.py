@@ -138,6 +138,12 @@ def run_command(argv: list[str]) -> int:
     return code
 
 
+def interrupted() -> int:
+    """Ctrl-C before the command started (while it was handed to the command server)."""
+    click.echo("interrupted", err=True)
+    return 130
+
+
 def command_lost() -> int:
     """The command server's fork running the command was killed: say so, as a failure."""
     click.echo(

@@ -31,6 +31,10 @@ def entry() -> None:
                 from shiplane.cli import command_lost
 
                 code = command_lost()
+            except KeyboardInterrupt:  # before the fork's pid came: it ends on its own (EOF)
+                from shiplane.cli import interrupted
+
+                code = interrupted()
             if code is not None:
                 os._exit(code)
     from shiplane.cli import run_command
