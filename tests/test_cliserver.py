@@ -245,7 +245,7 @@ def test_a_killed_caller_ends_its_command(workspace: Workspace) -> None:
     forks = len(workspace.servers())
     proc = _connecting(workspace, sleep, served=True)
     proc.kill()
-    proc.wait(timeout=30)
+    proc.communicate(timeout=30)
     _poll("the fork ended", lambda: len(workspace.servers()) == forks, seconds=5)
     _poll("its connection ended", lambda: not _running(sleep))
     assert len(workspace.sockets) == 1  # the server itself runs on
