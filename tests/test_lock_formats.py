@@ -245,7 +245,7 @@ def test_no_lock_stops_the_build_before_anything_is_built(tmp_path: Path) -> Non
     toml = root / "shiplane.toml"
     toml.write_text(re.sub(r"(?m)^requirements = .*\n", "", toml.read_text()))
     text = (root / "pyproject.toml").read_text()
-    (root / "pyproject.toml").write_text(re.sub(r"(?s)dependencies = \[.*?\]\n", "", text, 1))
+    (root / "pyproject.toml").write_text(re.sub(r"(?s)dependencies = \[.*?\]\n", "", text, count=1))
     done = subprocess.run(
         [sys.executable, "-m", "shiplane", "build"],
         check=False,
