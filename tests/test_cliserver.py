@@ -77,6 +77,19 @@ class Workspace:
             check=False,
         )
 
+    def init(self, parent: Path, *argv: str) -> None:
+        """``shiplane init`` (run in its own process) of an app in ``parent``."""
+        done = subprocess.run(
+            [sys.executable, "-m", "shiplane", "init", *argv],
+            cwd=parent,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+
     def started(self) -> None:
         """A first command, run in its own process, leaves a server; wait until it listens."""
         done = self.shiplane("check")
@@ -88,16 +101,7 @@ class Workspace:
 @pytest.fixture
 def workspace(tmp_path: Path) -> Iterator[Workspace]:
     ws = Workspace(tmp_path, Path(tempfile.mkdtemp(prefix="cs-", dir="/tmp")))
-    init = subprocess.run(
-        [sys.executable, "-m", "shiplane", "init", "demo"],
-        cwd=tmp_path,
-        env=ws.env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert init.returncode == 0, init.stderr
+    ws.init(tmp_path, "demo")
     try:
         yield ws
     finally:
@@ -142,16 +146,7 @@ def test_the_command_sees_the_callers_directory_and_environment(workspace: Works
     workspace.started()
     other = workspace.root / "elsewhere"
     other.mkdir()
-    init = subprocess.run(
-        [sys.executable, "-m", "shiplane", "init", "site", "--name", "othersite"],
-        cwd=other,
-        env=workspace.env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert init.returncode == 0, init.stderr
+    workspace.init(other, "site", "--name", "othersite")
     here = workspace.shiplane("check", cwd=other / "site")
     assert _served(here)
     assert "app othersite" in here.stdout

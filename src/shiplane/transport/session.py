@@ -129,9 +129,10 @@ class AgentSession:
 
     def _next_line(self, timeout: float, what: str, stopping: threading.Event | None = None) -> Any:
         deadline = time.monotonic() + timeout
+        look = timeout if stopping is None else _LOOK  # one wait, unless something may stop it
         while True:
             try:
-                item = self._lines.get(timeout=max(0.0, min(deadline - time.monotonic(), _LOOK)))
+                item = self._lines.get(timeout=max(0.0, min(deadline - time.monotonic(), look)))
                 break
             except queue.Empty:
                 if stopping is not None and stopping.is_set():
